@@ -1,0 +1,407 @@
+"""Fused linear log-probs and sequential KL: no [tokens x vocab] logits in memory.
+
+    logp_n = log_softmax(softcap(h_n @ W^T + b))[y_n]                  softcap(z) = c tanh(z / c)
+    KL_n   = sum_v q_nv (log q_nv - log p_nv),  q = softmax(softcap(h_ref_n @ W_ref^T)),  p likewise for the policy
+
+Tokens are processed in chunks of C rows: one GEMM writes a chunk's [C, V] logits, a Triton row kernel
+reduces them (softcap, online logsumexp, the label's logit) and, in the backward, overwrites them with
+dL/dlogits, which two GEMMs turn into grad_hidden and grad_weight. Memory: O(C x V), independent of N.
+Saved for backward: the inputs (already alive in the caller) and one logsumexp per token.
+The upstream gradient may differ per token (preference losses weight each sequence differently),
+so the backward recomputes a chunk's logits rather than folding the gradient into the forward.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from ._dispatch import FLOAT_DTYPES, interpreter_on, use_triton
+
+__all__ = ["fused_linear_logprobs", "fused_linear_kl", "logprobs_fwd", "logprobs_bwd", "kl_fwd", "kl_bwd",
+           "FusedLinearLogprobsFunction", "FusedLinearKLFunction", "default_chunk_size"]
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (exp(2x) + 1): saturates to +-1 without overflow, and runs under the interpreter.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _softcap_logits(z, CAP: tl.constexpr, HAS_CAP: tl.constexpr):
+    if HAS_CAP:
+        z = CAP * _tanh(z / CAP)
+    return z
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits,   # [C, V] one chunk's raw logits (any float dtype), row stride V
+    labels,   # [C] int64; ignore_index rows are skipped
+    lse,      # [C] fp32 out: logsumexp of the softcapped logits
+    logp,     # [C] fp32 out: log-prob of the label, 0 on ignored rows
+    V, ignore_index,
+    CAP: tl.constexpr, HAS_CAP: tl.constexpr, BV: tl.constexpr,
+):
+    """lse = logsumexp_v softcap(z_v) with an online max; logp = softcap(z_y) - lse."""
+    i_n = tl.program_id(0).to(tl.int64)
+    p_row = logits + i_n * V
+    b_m = -float("inf")
+    b_s = 0.0
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        m_v = o_v < V
+        b_z = _softcap_logits(tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32), CAP, HAS_CAP)
+        b_z = tl.where(m_v, b_z, -float("inf"))  # after the softcap, which would map -inf to -CAP
+        b_mnew = tl.maximum(b_m, tl.max(b_z, 0))
+        b_s = b_s * tl.exp(b_m - b_mnew) + tl.sum(tl.exp(b_z - b_mnew), 0)
+        b_m = b_mnew
+    b_lse = b_m + tl.log(b_s)
+    y = tl.load(labels + i_n)
+    ok = y != ignore_index
+    b_zy = _softcap_logits(tl.load(p_row + tl.where(ok, y, 0)).to(tl.float32), CAP, HAS_CAP)
+    tl.store(lse + i_n, b_lse)
+    tl.store(logp + i_n, tl.where(ok, b_zy - b_lse, 0.0))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits,   # [C, V] raw logits in; dL/dlogits out (in place, same dtype)
+    labels,   # [C] int64
+    lse,      # [C] fp32 saved logsumexp
+    grad,     # [C] fp32 upstream dL/dlogp
+    V, ignore_index,
+    CAP: tl.constexpr, HAS_CAP: tl.constexpr, BV: tl.constexpr,
+):
+    """dL/dz_v = g * ([v == y] - softmax_v) * softcap'(z_v), softcap'(z) = 1 - tanh(z / c)^2."""
+    i_n = tl.program_id(0).to(tl.int64)
+    p_row = logits + i_n * V
+    y = tl.load(labels + i_n)
+    b_g = tl.where(y != ignore_index, tl.load(grad + i_n), 0.0)
+    b_lse = tl.load(lse + i_n)
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        m_v = o_v < V
+        b_raw = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32)
+        if HAS_CAP:
+            b_t = _tanh(b_raw / CAP)
+            b_z = CAP * b_t
+        else:
+            b_z = b_raw
+        b_dz = b_g * (tl.where(o_v == y, 1.0, 0.0) - tl.exp(b_z - b_lse))
+        if HAS_CAP:
+            b_dz = b_dz * (1.0 - b_t * b_t)
+        tl.store(p_row + o_v, b_dz.to(logits.dtype.element_ty), mask=m_v)
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    logits,      # [C, V] policy raw logits
+    ref_logits,  # [C, V] reference raw logits
+    valid,       # [C] int8: positions that count
+    lse,         # [C] fp32 out: policy logsumexp
+    ref_lse,     # [C] fp32 out: reference logsumexp
+    kl,          # [C] fp32 out
+    V,
+    CAP: tl.constexpr, HAS_CAP: tl.constexpr, BV: tl.constexpr,
+):
+    """KL = sum_v e^{r_v - lse_r} (r_v - t_v) - lse_r + lse_t, all three sums online in one pass."""
+    i_n = tl.program_id(0).to(tl.int64)
+    b_mt = -float("inf")
+    b_st = 0.0
+    b_mr = -float("inf")
+    b_sr = 0.0
+    b_a = 0.0   # sum_v e^{r_v - m_r} (r_v - t_v)
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        m_v = o_v < V
+        b_t = _softcap_logits(tl.load(logits + i_n * V + o_v, mask=m_v, other=0.0).to(tl.float32), CAP, HAS_CAP)
+        b_r = _softcap_logits(tl.load(ref_logits + i_n * V + o_v, mask=m_v, other=0.0).to(tl.float32), CAP, HAS_CAP)
+        b_diff = b_r - b_t
+        b_t = tl.where(m_v, b_t, -float("inf"))  # after the softcap, which would map -inf to -CAP
+        b_r = tl.where(m_v, b_r, -float("inf"))
+        b_mtn = tl.maximum(b_mt, tl.max(b_t, 0))
+        b_st = b_st * tl.exp(b_mt - b_mtn) + tl.sum(tl.exp(b_t - b_mtn), 0)
+        b_mt = b_mtn
+        b_mrn = tl.maximum(b_mr, tl.max(b_r, 0))
+        b_scale = tl.exp(b_mr - b_mrn)
+        b_er = tl.exp(b_r - b_mrn)
+        b_sr = b_sr * b_scale + tl.sum(b_er, 0)
+        b_a = b_a * b_scale + tl.sum(tl.where(m_v, b_er * b_diff, 0.0), 0)
+        b_mr = b_mrn
+    b_lt = b_mt + tl.log(b_st)
+    b_lr = b_mr + tl.log(b_sr)
+    ok = tl.load(valid + i_n) != 0
+    tl.store(lse + i_n, b_lt)
+    tl.store(ref_lse + i_n, b_lr)
+    tl.store(kl + i_n, tl.where(ok, b_a / b_sr - b_lr + b_lt, 0.0))
+
+
+@triton.jit
+def _kl_bwd_kernel(
+    logits,      # [C, V] policy raw logits in; dL/dlogits out (in place)
+    ref_logits,  # [C, V] reference raw logits
+    valid,       # [C] int8
+    lse,         # [C] fp32
+    ref_lse,     # [C] fp32
+    grad,        # [C] fp32 upstream dL/dKL
+    V,
+    CAP: tl.constexpr, HAS_CAP: tl.constexpr, BV: tl.constexpr,
+):
+    """dKL/dz_v = g * (softmax(t)_v - softmax(r)_v) * softcap'(z_v)."""
+    i_n = tl.program_id(0).to(tl.int64)
+    b_g = tl.where(tl.load(valid + i_n) != 0, tl.load(grad + i_n), 0.0)
+    b_lt = tl.load(lse + i_n)
+    b_lr = tl.load(ref_lse + i_n)
+    for v0 in range(0, V, BV):
+        o_v = v0 + tl.arange(0, BV)
+        m_v = o_v < V
+        b_raw = tl.load(logits + i_n * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_r = _softcap_logits(tl.load(ref_logits + i_n * V + o_v, mask=m_v, other=0.0).to(tl.float32), CAP, HAS_CAP)
+        if HAS_CAP:
+            b_th = _tanh(b_raw / CAP)
+            b_t = CAP * b_th
+        else:
+            b_t = b_raw
+        b_dz = b_g * (tl.exp(b_t - b_lt) - tl.exp(b_r - b_lr))
+        if HAS_CAP:
+            b_dz = b_dz * (1.0 - b_th * b_th)
+        tl.store(logits + i_n * V + o_v, b_dz.to(logits.dtype.element_ty), mask=m_v)
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------------
+def default_chunk_size(V: int) -> int:
+    """Tokens per chunk: about 2^26 logits (128 MB in bf16) at a time, a power of two in [16, 4096]."""
+    c = 1 << max(4, ((1 << 26) // max(V, 1)).bit_length() - 1)
+    return min(c, 4096)
+
+
+def _bv(V):
+    return min(1024 if not interpreter_on() else 256, triton.next_power_of_2(V))
+
+
+def _cap_args(softcap):
+    return dict(CAP=float(softcap) if softcap is not None else 1.0, HAS_CAP=softcap is not None)
+
+
+def _chunk_logits(h, weight, bias):
+    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+
+
+def logprobs_fwd(hidden, weight, labels, bias=None, softcap=None, ignore_index=-100, chunk_size=None):
+    """(logp [N] fp32, lse [N] fp32)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    C = chunk_size or default_chunk_size(V)
+    logp = torch.empty(N, device=hidden.device, dtype=torch.float32)
+    lse = torch.empty(N, device=hidden.device, dtype=torch.float32)
+    for s in range(0, N, C):
+        e = min(s + C, N)
+        z = _chunk_logits(hidden[s:e], weight, bias).contiguous()   # [C, V]
+        _logprobs_fwd_kernel[(e - s,)](z, labels[s:e], lse[s:e], logp[s:e], V, ignore_index,
+                                       BV=_bv(V), **_cap_args(softcap))
+    return logp, lse
+
+
+def logprobs_bwd(grad_logp, hidden, weight, labels, lse, bias=None, softcap=None, ignore_index=-100,
+                 chunk_size=None, need_hidden=True, need_weight=True, need_bias=True):
+    """(grad_hidden, grad_weight, grad_bias), each None when not needed."""
+    N, V = hidden.shape[0], weight.shape[0]
+    C = chunk_size or default_chunk_size(V)
+    gh = torch.empty_like(hidden) if need_hidden else None
+    gw = torch.zeros_like(weight) if need_weight else None
+    gb = torch.zeros(V, device=hidden.device, dtype=torch.float32) if (need_bias and bias is not None) else None
+    grad_logp = grad_logp.float().contiguous()
+    for s in range(0, N, C):
+        e = min(s + C, N)
+        z = _chunk_logits(hidden[s:e], weight, bias).contiguous()
+        _logprobs_bwd_kernel[(e - s,)](z, labels[s:e], lse[s:e], grad_logp[s:e], V, ignore_index,
+                                       BV=_bv(V), **_cap_args(softcap))
+        if gh is not None:
+            torch.mm(z, weight, out=gh[s:e])
+        if gw is not None:
+            gw.addmm_(z.t(), hidden[s:e])
+        if gb is not None:
+            gb += z.float().sum(0)
+    return gh, gw, (gb.to(bias.dtype) if gb is not None else None)
+
+
+def kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap=None, chunk_size=None):
+    """(kl [N] fp32, lse [N], ref_lse [N])."""
+    N, V = hidden.shape[0], weight.shape[0]
+    C = chunk_size or default_chunk_size(V)
+    kl = torch.empty(N, device=hidden.device, dtype=torch.float32)
+    lse = torch.empty_like(kl)
+    ref_lse = torch.empty_like(kl)
+    for s in range(0, N, C):
+        e = min(s + C, N)
+        z = (hidden[s:e] @ weight.t()).contiguous()
+        zr = (ref_hidden[s:e] @ ref_weight.t()).contiguous()
+        _kl_fwd_kernel[(e - s,)](z, zr, valid8[s:e], lse[s:e], ref_lse[s:e], kl[s:e], V,
+                                 BV=_bv(V), **_cap_args(softcap))
+    return kl, lse, ref_lse
+
+
+def kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse, softcap=None,
+           chunk_size=None, need_hidden=True, need_weight=True):
+    N, V = hidden.shape[0], weight.shape[0]
+    C = chunk_size or default_chunk_size(V)
+    gh = torch.empty_like(hidden) if need_hidden else None
+    gw = torch.zeros_like(weight) if need_weight else None
+    grad_kl = grad_kl.float().contiguous()
+    for s in range(0, N, C):
+        e = min(s + C, N)
+        z = (hidden[s:e] @ weight.t()).contiguous()
+        zr = (ref_hidden[s:e] @ ref_weight.t()).contiguous()
+        _kl_bwd_kernel[(e - s,)](z, zr, valid8[s:e], lse[s:e], ref_lse[s:e], grad_kl[s:e], V,
+                                 BV=_bv(V), **_cap_args(softcap))
+        if gh is not None:
+            torch.mm(z, weight, out=gh[s:e])
+        if gw is not None:
+            gw.addmm_(z.t(), hidden[s:e])
+    return gh, gw
+
+
+# ------------------------------------------------------------------------------------------------
+# autograd
+# ------------------------------------------------------------------------------------------------
+class FusedLinearLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, softcap, ignore_index, chunk_size):
+        logp, lse = logprobs_fwd(hidden, weight, labels, bias, softcap, ignore_index, chunk_size)
+        ctx.save_for_backward(hidden, weight, labels, bias, lse)
+        ctx.args = (softcap, ignore_index, chunk_size)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        hidden, weight, labels, bias, lse = ctx.saved_tensors
+        softcap, ignore_index, chunk_size = ctx.args
+        gh, gw, gb = logprobs_bwd(grad_logp, hidden, weight, labels, lse, bias, softcap, ignore_index, chunk_size,
+                                  *ctx.needs_input_grad[:2], ctx.needs_input_grad[3])
+        return (
+            gh,    # hidden
+            gw,    # weight
+            None,  # labels
+            gb,    # bias
+            None,  # softcap
+            None,  # ignore_index
+            None,  # chunk_size
+        )
+
+
+class FusedLinearKLFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, ref_hidden, ref_weight, valid8, softcap, chunk_size):
+        kl, lse, ref_lse = kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap, chunk_size)
+        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse)
+        ctx.args = (softcap, chunk_size)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse = ctx.saved_tensors
+        softcap, chunk_size = ctx.args
+        gh, gw = kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse, softcap, chunk_size,
+                        *ctx.needs_input_grad[:2])
+        return (
+            gh,    # hidden
+            gw,    # weight
+            None,  # ref_hidden (the reference is frozen)
+            None,  # ref_weight
+            None,  # valid mask
+            None,  # softcap
+            None,  # chunk_size
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# public ops
+# ------------------------------------------------------------------------------------------------
+def _check_linear(hidden, weight, hname="hidden", wname="weight"):
+    if not torch.is_tensor(hidden) or hidden.dim() != 2:
+        raise ValueError(f"{hname} must be [N, d], got {getattr(hidden, 'shape', type(hidden))}")
+    if not torch.is_tensor(weight) or weight.dim() != 2:
+        raise ValueError(f"{wname} must be [V, d], got {getattr(weight, 'shape', type(weight))}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"{hname} has d={hidden.shape[1]} but {wname} has d={weight.shape[1]}")
+    if hidden.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise ValueError(f"{hname} must be bf16, fp16 or fp32, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"{wname} dtype {weight.dtype} differs from {hname} dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{wname} is on {weight.device} but {hname} is on {hidden.device}")
+
+
+def _check_softcap(softcap):
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
+
+
+def fused_linear_logprobs(hidden, weight, labels, softcap=None, ignore_index=-100, bias=None,
+                          chunk_size=None, check_inputs=True) -> torch.Tensor:
+    """Per-token log-probs log_softmax(softcap(hidden @ weight.T + bias))[labels] without [N, V] logits.
+
+    hidden [N, d], weight [V, d] (the lm head), labels [N] integer in [0, V) or ignore_index, bias [V] or None,
+    softcap: Gemma-2's final logit softcap c (z -> c tanh(z / c)) or None; chunk_size: tokens per chunk
+    (default: about 2^26 logits). Returns [N] float32, 0 where labels == ignore_index.
+    Differentiable in hidden, weight and bias. check_inputs=False skips the label range check (a sync).
+    """
+    _check_linear(hidden, weight)
+    _check_softcap(softcap)
+    N, V = hidden.shape[0], weight.shape[0]
+    if not torch.is_tensor(labels) or tuple(labels.shape) != (N,):
+        raise ValueError(f"labels must be [N] = [{N}], got {getattr(labels, 'shape', type(labels))}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
+    if bias is not None and (not torch.is_tensor(bias) or tuple(bias.shape) != (V,) or bias.device != hidden.device):
+        raise ValueError(f"bias must be a [V] = [{V}] tensor on {hidden.device}")
+    if check_inputs:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bad.any():
+            i = bad.nonzero()[0].item()
+            raise ValueError(f"labels[{i}] = {labels[i].item()} is outside [0, {V}) and is not ignore_index={ignore_index}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if N == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    if not use_triton(hidden) or hidden.dtype == torch.float64:
+        return reference.fused_linear_logprobs_ref(hidden, weight, labels, softcap, ignore_index, bias).float()
+    if bias is not None:
+        bias = bias.to(hidden.dtype)
+    return FusedLinearLogprobsFunction.apply(hidden, weight, labels.long().contiguous(), bias, softcap,
+                                             ignore_index, chunk_size)
+
+
+def fused_linear_kl(hidden, weight, ref_hidden, ref_weight, mask, softcap=None, chunk_size=None) -> torch.Tensor:
+    """Per-position KL(pi_ref || pi_theta) over the whole vocabulary without [N, V] logits.
+
+    hidden [N, d] / weight [V, d]: the policy's final hidden states and lm head (differentiable);
+    ref_hidden [N, d_ref] / ref_weight [V, d_ref]: the reference's (treated as constants);
+    mask [N] bool or 0/1: positions that count (0 elsewhere); softcap as in fused_linear_logprobs.
+    Returns [N] float32, >= 0 up to rounding.
+    """
+    _check_linear(hidden, weight)
+    _check_linear(ref_hidden, ref_weight, "ref_hidden", "ref_weight")
+    _check_softcap(softcap)
+    N, V = hidden.shape[0], weight.shape[0]
+    if ref_hidden.shape[0] != N:
+        raise ValueError(f"ref_hidden has {ref_hidden.shape[0]} rows but hidden has {N}")
+    if ref_weight.shape[0] != V:
+        raise ValueError(f"ref_weight has vocabulary {ref_weight.shape[0]} but weight has {V}")
+    if ref_hidden.device != hidden.device:
+        raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
+    if not torch.is_tensor(mask) or tuple(mask.shape) != (N,) or mask.device != hidden.device:
+        raise ValueError(f"mask must be an [N] = [{N}] tensor on {hidden.device}")
+    if N == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    if not use_triton(hidden) or hidden.dtype == torch.float64:
+        return reference.fused_linear_kl_ref(hidden, weight, ref_hidden.detach(), ref_weight.detach(), mask, softcap).float()
+    return FusedLinearKLFunction.apply(hidden, weight, ref_hidden.detach().to(hidden.dtype),
+                                       ref_weight.detach().to(hidden.dtype), mask.to(torch.int8).contiguous(),
+                                       softcap, chunk_size)

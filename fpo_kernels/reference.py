@@ -1,0 +1,103 @@
+"""Plain-PyTorch implementations of every op: the test oracle, a benchmark provider and the CPU fallback.
+
+Each computes in float32 (float64 when given float64 inputs) and is differentiable by autograd.
+They materialise what the fused kernels avoid ([B, T, m] features, [N, V] logits): that is their job.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "jumprelu_ref", "sae_encode_ref", "sae_pooled_features_ref", "sae_feature_mse_ref",
+    "fused_linear_logprobs_ref", "fused_linear_kl_ref", "pack_topk_ref",
+]
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def jumprelu_ref(z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """z where z > threshold, else 0; NaN stays NaN (a NaN must never become a finite answer)."""
+    return torch.where((z > threshold) | torch.isnan(z), z, torch.zeros_like(z))
+
+
+def sae_encode_ref(hidden: torch.Tensor, sae) -> torch.Tensor:
+    """[..., d] -> [..., m] JumpReLU features."""
+    dt = _acc_dtype(hidden)
+    x = hidden.to(dt)
+    if sae.apply_b_dec_to_input:
+        x = x - sae.b_dec.to(dt)
+    z = x @ sae.W_enc_t.to(dt).t() + sae.b_enc.to(dt)
+    return jumprelu_ref(z, sae.threshold.to(dt))
+
+
+def sae_pooled_features_ref(hidden: torch.Tensor, mask: torch.Tensor, sae) -> torch.Tensor:
+    """[B, T, d], [B, T] -> [B, m]: masked mean over response tokens of the JumpReLU features."""
+    f = sae_encode_ref(hidden, sae)  # [B, T, m]
+    keep = mask.bool().unsqueeze(-1)
+    n = mask.bool().sum(1, keepdim=True).to(f.dtype)
+    return torch.where(keep, f, torch.zeros_like(f)).sum(1) / n
+
+
+def _dense_reference(ref_indices, ref_values, width, dtype):
+    """[B, K] sparse (index, value) with -1 for empty slots -> [B, m] dense, 0 where absent."""
+    valid = ref_indices >= 0
+    dense = torch.zeros(ref_indices.shape[0], width, dtype=dtype, device=ref_values.device)
+    vals = torch.where(valid, ref_values.to(dtype), torch.zeros((), dtype=dtype, device=ref_values.device))
+    return dense.scatter_add_(1, ref_indices.long().clamp(min=0), vals)
+
+
+def sae_feature_mse_ref(hidden, mask, sae, ref_indices, ref_values, k=50, select="policy", feature_weights=None):
+    """[B] FPO feature constraint D(y) = (1/k) sum_{i in I} w_i (p_i - p_ref_i)^2 (DESIGN.md section 1)."""
+    pooled = sae_pooled_features_ref(hidden, mask, sae)  # [B, m]
+    dt = pooled.dtype
+    if select == "policy":
+        idx = pooled.detach().topk(k, dim=1).indices
+        ref = _dense_reference(ref_indices, ref_values, sae.width, dt).gather(1, idx)
+    elif select == "reference":
+        idx = ref_indices[:, :k].long()
+        ref = ref_values[:, :k].to(dt)
+    else:
+        raise ValueError(f"select must be 'policy' or 'reference', got {select!r}")
+    p = pooled.gather(1, idx)
+    sq = (p - ref) ** 2
+    if feature_weights is not None:
+        sq = sq * feature_weights.to(dt)[idx]
+    return sq.sum(1) / k
+
+
+def _softcap(z, softcap):
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def fused_linear_logprobs_ref(hidden, weight, labels, softcap=None, ignore_index=-100, bias=None):
+    """[N, d], [V, d], [N] -> [N]: log_softmax(softcap(hidden @ weight.T + bias))[label]; 0 where ignored."""
+    dt = _acc_dtype(hidden)
+    logits = hidden.to(dt) @ weight.to(dt).t()
+    if bias is not None:
+        logits = logits + bias.to(dt)
+    logp = torch.log_softmax(_softcap(logits, softcap), dim=-1)
+    ignored = labels == ignore_index
+    out = logp.gather(1, torch.where(ignored, 0, labels).long().unsqueeze(1)).squeeze(1)
+    return torch.where(ignored, torch.zeros_like(out), out)
+
+
+def fused_linear_kl_ref(hidden, weight, ref_hidden, ref_weight, mask, softcap=None):
+    """[N] KL(pi_ref || pi_theta) per position over the vocabulary; 0 where mask is false."""
+    dt = _acc_dtype(hidden)
+    logp = torch.log_softmax(_softcap(hidden.to(dt) @ weight.to(dt).t(), softcap), -1)
+    logq = torch.log_softmax(_softcap(ref_hidden.to(dt) @ ref_weight.to(dt).t(), softcap), -1)
+    kl = (logq.exp() * (logq - logp)).sum(-1)
+    return torch.where(mask.bool(), kl, torch.zeros_like(kl))
+
+
+def pack_topk_ref(pooled: torch.Tensor, K: int):
+    """[B, m] -> (indices [B, K] int64, values [B, K] float32), by descending value, -1/0 past the width."""
+    B, m = pooled.shape
+    kk = min(K, m)
+    vals, idx = pooled.float().topk(kk, dim=1)
+    if kk < K:
+        idx = torch.cat([idx, idx.new_full((B, K - kk), -1)], 1)
+        vals = torch.cat([vals, vals.new_zeros(B, K - kk)], 1)
+    return idx, vals

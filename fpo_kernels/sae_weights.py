@@ -1,0 +1,181 @@
+"""The frozen encoder side of a sparse autoencoder, laid out once for the kernels."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["SAEWeights"]
+
+
+@dataclass(eq=False)
+class SAEWeights:
+    """Encoder of a JumpReLU (or plain ReLU) sparse autoencoder: f = JumpReLU(W_enc^T (h - b_dec) + b_enc; theta).
+
+    The SAE is frozen during FPO training: nothing here needs or carries gradients.
+
+    Fields (all float32, on one device):
+        W_enc_t   [m, d]  W_enc transposed and contiguous, so that one feature's column is one
+                          contiguous row: the "reference" select mode and the backward gather rows.
+        b_enc     [m]
+        threshold [m]     the JumpReLU threshold, clamped at 0: sae-lens computes ReLU(z) * (z > theta),
+                          which is z * (z > max(theta, 0)). A standard ReLU SAE has threshold 0.
+        b_dec     [d] or None, subtracted from the input when apply_b_dec_to_input is true.
+        bias      [m]     b_enc - b_dec @ W_enc (or b_enc): the kernels' single fused bias.
+    """
+
+    W_enc_t: torch.Tensor
+    b_enc: torch.Tensor
+    threshold: torch.Tensor
+    b_dec: torch.Tensor | None = None
+    apply_b_dec_to_input: bool = False
+    name: str = "sae"
+    bias: torch.Tensor = field(init=False)
+    _cast: dict = field(init=False, default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        m, d = self.W_enc_t.shape if self.W_enc_t.dim() == 2 else (None, None)
+        if m is None:
+            raise ValueError(f"W_enc must be 2-D [d, m], got shape {tuple(self.W_enc_t.shape)}")
+        for arg, t, n in (("b_enc", self.b_enc, m), ("threshold", self.threshold, m)):
+            if t.shape != (n,):
+                raise ValueError(f"{arg} must have shape [{n}] (the SAE width), got {tuple(t.shape)}")
+        if self.b_dec is not None and self.b_dec.shape != (d,):
+            raise ValueError(f"b_dec must have shape [{d}] (the SAE input size), got {tuple(self.b_dec.shape)}")
+        if self.apply_b_dec_to_input and self.b_dec is None:
+            raise ValueError("apply_b_dec_to_input=True needs b_dec")
+        dev = self.W_enc_t.device
+        for arg, t in (("b_enc", self.b_enc), ("threshold", self.threshold), ("b_dec", self.b_dec)):
+            if t is not None and t.device != dev:
+                raise ValueError(f"{arg} is on {t.device} but W_enc is on {dev}")
+        with torch.no_grad():
+            self.W_enc_t = self.W_enc_t.detach().float().contiguous()
+            self.b_enc = self.b_enc.detach().float().contiguous()
+            self.threshold = self.threshold.detach().float().clamp(min=0).contiguous()
+            if self.b_dec is not None:
+                self.b_dec = self.b_dec.detach().float().contiguous()
+            bias = self.b_enc.clone()
+            if self.apply_b_dec_to_input:
+                bias -= self.W_enc_t.double() @ self.b_dec.double()
+            self.bias = bias.float().contiguous()
+        if not torch.isfinite(self.W_enc_t).all() or not torch.isfinite(self.bias).all():
+            raise ValueError(f"SAE '{self.name}' has non-finite encoder weights or biases")
+
+    # ---- shape and device -------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.W_enc_t.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.W_enc_t.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc_t.device
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """[d, m] view (not a copy) of the encoder matrix."""
+        return self.W_enc_t.t()
+
+    def to(self, device) -> "SAEWeights":
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return SAEWeights(
+            self.W_enc_t.to(device), self.b_enc.to(device), self.threshold.to(device),
+            None if self.b_dec is None else self.b_dec.to(device),
+            self.apply_b_dec_to_input, self.name,
+        )
+
+    def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """W_enc_t [m, d] in the dtype of the hidden states (tl.dot wants equal operand types); cached."""
+        if dtype == torch.float32:
+            return self.W_enc_t
+        if dtype not in self._cast:
+            self._cast[dtype] = self.W_enc_t.to(dtype).contiguous()
+        return self._cast[dtype]
+
+    def fingerprint(self) -> str:
+        """sha256 over the encoder tensors: identifies the SAE a cache was built with."""
+        h = hashlib.sha256()
+        for t in (self.W_enc_t, self.b_enc, self.threshold, self.bias):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # ---- constructors -----------------------------------------------------------------------
+    @classmethod
+    def from_tensors(cls, W_enc, b_enc, threshold=None, b_dec=None, apply_b_dec_to_input=False, name="sae"):
+        """W_enc [d, m], b_enc [m], threshold [m] (None: a plain ReLU SAE), b_dec [d] or None."""
+        if not torch.is_tensor(W_enc) or W_enc.dim() != 2:
+            raise ValueError("W_enc must be a 2-D tensor [d, m]")
+        if threshold is None:
+            threshold = torch.zeros(W_enc.shape[1], device=W_enc.device)
+        return cls(W_enc.t(), b_enc, threshold, b_dec, bool(apply_b_dec_to_input), name)
+
+    @classmethod
+    def from_sae_lens(cls, sae, name: str | None = None):
+        """From a loaded sae-lens SAE: JumpReLU (its threshold) or standard ReLU (threshold 0)."""
+        cfg = sae.cfg
+        arch = cfg.architecture() if callable(getattr(cfg, "architecture", None)) else getattr(cfg, "architecture", "")
+        if arch not in ("jumprelu", "standard"):
+            raise ValueError(f"sae: architecture '{arch}' is not supported (jumprelu or standard only)")
+        if getattr(cfg, "normalize_activations", "none") not in ("none", None):
+            raise ValueError(f"sae: normalize_activations='{cfg.normalize_activations}' is not supported")
+        threshold = getattr(sae, "threshold", None) if arch == "jumprelu" else None
+        meta = getattr(cfg, "metadata", None)
+        if name is None:
+            name = getattr(meta, "hook_name", None) or "sae"
+        return cls.from_tensors(sae.W_enc.detach(), sae.b_enc.detach(), None if threshold is None else threshold.detach(),
+                                sae.b_dec.detach(), bool(cfg.apply_b_dec_to_input), name)
+
+    @classmethod
+    def from_file(cls, path: str, device="cpu"):
+        """From disk: a sae-lens directory (cfg.json + sae_weights.safetensors), a .safetensors file
+        (keys W_enc, b_enc, threshold, b_dec), or a Gemma Scope params.npz (b_dec not applied to the input)."""
+        path = os.fspath(path)
+        apply_b_dec = None
+        if os.path.isdir(path):
+            cfg_path = os.path.join(path, "cfg.json")
+            weights = os.path.join(path, "sae_weights.safetensors")
+            if not os.path.exists(weights):
+                npz = os.path.join(path, "params.npz")
+                if os.path.exists(npz):
+                    return cls.from_file(npz, device)
+                raise ValueError(f"sae path {path} has neither sae_weights.safetensors nor params.npz")
+            if os.path.exists(cfg_path):
+                with open(cfg_path) as f:
+                    cfg = json.load(f)
+                if cfg.get("architecture", "jumprelu") not in ("jumprelu", "standard"):
+                    raise ValueError(f"sae: architecture '{cfg['architecture']}' in {cfg_path} is not supported")
+                if cfg.get("normalize_activations", "none") not in ("none", None):
+                    raise ValueError(f"sae: normalize_activations in {cfg_path} is not supported")
+                apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
+            path = weights
+        if not os.path.exists(path):
+            raise ValueError(f"sae path {path} does not exist")
+        if path.endswith(".npz"):
+            import numpy as np
+            try:
+                with np.load(path) as z:
+                    sd = {k: torch.from_numpy(z[k].copy()) for k in z.files}
+            except Exception as e:  # zipfile / pickle errors on a truncated file
+                raise ValueError(f"sae file {path} could not be read ({e})") from e
+            apply_b_dec = False if apply_b_dec is None else apply_b_dec  # Gemma Scope encodes h @ W_enc + b_enc
+        else:
+            from safetensors.torch import load_file
+            try:
+                sd = load_file(path)
+            except Exception as e:
+                raise ValueError(f"sae file {path} could not be read ({e})") from e
+            apply_b_dec = True if apply_b_dec is None else apply_b_dec
+        missing = [k for k in ("W_enc", "b_enc") if k not in sd]
+        if missing:
+            raise ValueError(f"sae file {path} lacks {missing}")
+        name = os.path.basename(os.path.dirname(path)) or os.path.basename(path)
+        return cls.from_tensors(sd["W_enc"].float(), sd["b_enc"].float(), sd.get("threshold"),
+                                sd.get("b_dec"), apply_b_dec and "b_dec" in sd, name).to(device)

@@ -1,0 +1,41 @@
+"""Per-token values -> per-sequence statistics over response tokens, shared by every loss."""
+from __future__ import annotations
+
+import torch
+
+from .logprobs import fused_linear_logprobs
+
+__all__ = ["masked_sum", "masked_mean", "sequence_logprobs"]
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T], [B, T] -> [B] float32 sum over positions where mask is true."""
+    if values.shape != mask.shape:
+        raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must have one shape")
+    return torch.where(mask.bool(), values.float(), 0.0).sum(-1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T], [B, T] -> [B] float32 mean over positions where mask is true (NaN for an empty row)."""
+    return masked_sum(values, mask) / mask.bool().sum(-1).float()
+
+
+def sequence_logprobs(hidden, weight, input_ids, response_mask, softcap=None, bias=None, chunk_size=None):
+    """Summed and length-normalised log-probs of each sequence's response tokens.
+
+    hidden [B, T, d] final hidden states (position t predicts token t + 1), weight [V, d] lm head,
+    input_ids [B, T], response_mask [B, T] (1 on response tokens). Only rows that predict a response
+    token go through the lm head. Returns (sum [B], mean [B], count [B]) float32.
+    """
+    B, T, d = hidden.shape
+    if input_ids.shape != (B, T) or response_mask.shape != (B, T):
+        raise ValueError(f"input_ids and response_mask must be [B, T] = {[B, T]}")
+    target = response_mask[:, 1:].bool()                       # [B, T-1] positions predicting a response token
+    rows = target.nonzero(as_tuple=True)
+    h = hidden[:, :-1][rows]                                   # [n, d]
+    labels = input_ids[:, 1:][rows]
+    lp = fused_linear_logprobs(h, weight, labels, softcap=softcap, bias=bias, chunk_size=chunk_size,
+                               check_inputs=False)
+    total = torch.zeros(B, device=hidden.device, dtype=torch.float32).index_add(0, rows[0], lp)
+    count = target.sum(1).float()
+    return total, total / count.clamp(min=1), count

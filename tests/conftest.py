@@ -1,0 +1,40 @@
+"""Test setup: without a GPU, kernels run through the Triton interpreter (set before triton is imported)."""
+import os
+
+import pytest
+
+try:
+    import torch
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+DEVICE = "cuda" if _HAS_CUDA else "cpu"
+
+# One tolerance table per dtype, for outputs compared with a float64 reference: (atol, rtol).
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-2), torch.bfloat16: (2e-2, 5e-2)}
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not _HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    # fresh random inputs every run; the seed is printed on failure so a failure can be replayed
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"torch seed {seed}")  # shown with a failure's captured output
+    yield seed

@@ -1,0 +1,149 @@
+"""Fused linear log-probs and KL vs the float64 reference (CPU: Triton interpreter)."""
+import pytest
+import torch
+
+import fpo_kernels.logprobs as lpmod
+from fpo_kernels import fused_linear_kl, fused_linear_logprobs, reference, sequence_logprobs
+from helpers import poison
+
+
+def _rel_rms(got, want):
+    return ((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt().clamp(min=1e-30)).item()
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("N,d,V,chunk", [(37, 24, 300, 16), (50, 33, 257, 64), (5, 16, 1000, None)])
+@pytest.mark.parametrize("softcap", [None, 4.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_logprobs_forward_backward(N, d, V, chunk, softcap, with_bias, dtype, monkeypatch, device):
+    poison(monkeypatch, lpmod)
+    hidden = torch.randn(N, d, device=device).to(dtype)
+    weight = (torch.randn(V, d, device=device) * 0.4).to(dtype)
+    bias = (torch.randn(V, device=device) * 0.5).to(dtype) if with_bias else None
+    labels = torch.randint(0, V, (N,), device=device)
+    labels[torch.rand(N, device=device) < 0.2] = -100
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_() if with_bias else None
+    got = fused_linear_logprobs(h, w, labels, softcap=softcap, bias=b, chunk_size=chunk)
+    g = torch.randn(N, device=device)
+    got.backward(g)
+    hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    br = bias.double().requires_grad_() if with_bias else None
+    want = reference.fused_linear_logprobs_ref(hr, wr, labels, softcap, -100, br)
+    want.backward(g.double())
+    assert got.dtype == torch.float32 and got.shape == (N,)
+    assert (got[labels == -100] == 0).all()
+    tol = TOL[dtype]
+    assert _rel_rms(got, want) < tol
+    assert _rel_rms(h.grad, hr.grad) < 3 * tol and h.grad.dtype == dtype
+    assert _rel_rms(w.grad, wr.grad) < 3 * tol
+    if with_bias:
+        assert _rel_rms(b.grad, br.grad) < 3 * tol
+
+
+def test_all_ignored_gives_zeros(device):
+    h = torch.randn(6, 16, device=device, requires_grad=True)
+    w = torch.randn(40, 16, device=device, requires_grad=True)
+    labels = torch.full((6,), -100, device=device)
+    out = fused_linear_logprobs(h, w, labels)
+    assert torch.equal(out, torch.zeros(6, device=device))
+    out.sum().backward()
+    assert (h.grad == 0).all() and (w.grad == 0).all()
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("chunk", [8, None])
+def test_kl_forward_backward(softcap, chunk, monkeypatch, device):
+    poison(monkeypatch, lpmod)
+    N, d, dr, V = 29, 20, 12, 301
+    h = torch.randn(N, d, device=device, requires_grad=True)
+    w = (torch.randn(V, d, device=device) * 0.5).requires_grad_()
+    rh, rw = torch.randn(N, dr, device=device), torch.randn(V, dr, device=device) * 0.5
+    mask = torch.rand(N, device=device) > 0.3
+    got = fused_linear_kl(h, w, rh, rw, mask, softcap=softcap, chunk_size=chunk)
+    g = torch.randn(N, device=device)
+    got.backward(g)
+    hr, wr = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = reference.fused_linear_kl_ref(hr, wr, rh.double(), rw.double(), mask, softcap)
+    want.backward(g.double())
+    assert (got >= -1e-6).all() and (got[~mask] == 0).all()
+    assert _rel_rms(got, want) < 1e-5
+    assert _rel_rms(h.grad, hr.grad) < 3e-5 and _rel_rms(w.grad, wr.grad) < 3e-5
+
+
+def test_kl_zero_for_same_model(device):
+    h = torch.randn(17, 24, device=device)
+    w = torch.randn(99, 24, device=device)
+    kl = fused_linear_kl(h, w, h, w, torch.ones(17, dtype=torch.bool, device=device), softcap=10.0)
+    assert kl.abs().max() < 1e-5
+
+
+def test_sequence_logprobs_matches_masked_sums(device):
+    B, T, d, V = 3, 12, 16, 50
+    hidden = torch.randn(B, T, d, device=device)
+    weight = torch.randn(V, d, device=device)
+    ids = torch.randint(0, V, (B, T), device=device)
+    resp = torch.zeros(B, T, dtype=torch.bool, device=device)
+    resp[0, 4:9] = True
+    resp[1, 1:] = True
+    resp[2, 11] = True
+    total, mean, count = sequence_logprobs(hidden, weight, ids, resp)
+    logp = torch.log_softmax(hidden.double() @ weight.double().t(), -1)[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2)
+    want = (logp * resp[:, 1:]).sum(1)
+    assert torch.allclose(total.double(), want, atol=1e-4)
+    assert torch.equal(count, resp[:, 1:].sum(1).float())
+    assert torch.allclose(mean.double(), want / count.double(), atol=1e-5)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("d", "d="), ("labels_shape", "labels must be"), ("label_range", r"labels\[2\]"), ("dtype", "dtype"),
+    ("softcap", "softcap"), ("labels_float", "integer"), ("bias", "bias"),
+])
+def test_bad_input(case, match):
+    h, w, y = torch.randn(4, 8), torch.randn(20, 8), torch.randint(0, 20, (4,))
+    kw = {}
+    if case == "d":
+        w = torch.randn(20, 9)
+    elif case == "labels_shape":
+        y = y[:3]
+    elif case == "label_range":
+        y[2] = 20
+    elif case == "dtype":
+        w = w.half()
+    elif case == "softcap":
+        kw["softcap"] = 0.0
+    elif case == "labels_float":
+        y = y.float()
+    elif case == "bias":
+        kw["bias"] = torch.randn(19)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_logprobs(h, w, y, **kw)
+
+
+def test_kl_bad_input():
+    h, w = torch.randn(4, 8), torch.randn(20, 8)
+    with pytest.raises(ValueError, match="ref_weight has vocabulary"):
+        fused_linear_kl(h, w, torch.randn(4, 6), torch.randn(21, 6), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask"):
+        fused_linear_kl(h, w, h, w, torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_bf16_on_gpu(softcap):
+    N, d, V = 1000, 256, 32001
+    hidden = torch.randn(N, d, device="cuda").bfloat16()
+    weight = (torch.randn(V, d, device="cuda") * 0.05).bfloat16()
+    labels = torch.randint(0, V, (N,), device="cuda")
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    got = fused_linear_logprobs(h, w, labels, softcap=softcap)
+    g = torch.randn(N, device="cuda")
+    got.backward(g)
+    hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    want = reference.fused_linear_logprobs_ref(hr, wr, labels, softcap)
+    want.backward(g.double())
+    assert _rel_rms(got, want) < 1e-2
+    assert _rel_rms(h.grad, hr.grad) < 3e-2 and _rel_rms(w.grad, wr.grad) < 3e-2

@@ -1,0 +1,316 @@
+"""Fused SAE constraint vs the float64 reference and vs sae-lens' own encoder (CPU: Triton interpreter)."""
+import pytest
+import torch
+
+import fpo_kernels.sae_constraint as sc
+from fpo_kernels import SAEWeights, pack_topk, reference, sae_feature_mse, sae_pooled_features
+from helpers import poison, random_mask, random_sae
+
+from conftest import TOL
+
+SHAPES = [  # B, T, d, m: odd sizes, T = 63, d not a multiple of 16, m not a power of two
+    (3, 63, 60, 150),
+    (4, 17, 24, 97),
+]
+
+
+def _ref_cache(hidden, mask, sae, K, noise=0.05):
+    """A reference cache near the policy: pooled features of perturbed hidden states, packed."""
+    pooled = reference.sae_pooled_features_ref(hidden.double() + noise * torch.randn_like(hidden.double()), mask, sae)
+    return pack_topk(pooled.float(), K)
+
+
+def _assert_close(got, want, dtype, what):
+    atol, rtol = TOL[dtype]
+    err = (got.double() - want.double()).abs()
+    bound = atol + rtol * want.double().abs()
+    assert torch.isfinite(got).all(), f"{what}: non-finite output"
+    assert (err <= bound).all(), f"{what}: max abs err {err.max().item():.3g}"
+
+
+def _rel_rms(got, want):
+    return ((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("B,T,d,m", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b_dec", [True, False])
+def test_pooled_features_match_reference(B, T, d, m, dtype, b_dec, monkeypatch, device):
+    poison(monkeypatch, sc)
+    sae = random_sae(d, m, device, b_dec=b_dec, dtype=dtype)
+    hidden = torch.randn(B, T, d, device=device).to(dtype)
+    mask = random_mask(B, T, device)
+    got = sae_pooled_features(hidden, mask, sae)
+    want = reference.sae_pooled_features_ref(hidden.double(), mask, sae)
+    assert got.shape == (B, m) and got.dtype == torch.float32
+    _assert_close(got, want, dtype, "pooled")
+
+
+def _sae_lens_jumprelu(sae: SAEWeights):
+    """sae-lens' JumpReLUSAE in float64 with our encoder weights (decoder random: unused)."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+    cfg = JumpReLUSAEConfig(d_in=sae.d_in, d_sae=sae.width, dtype="float64", device="cpu",
+                            apply_b_dec_to_input=sae.apply_b_dec_to_input)
+    model = JumpReLUSAE(cfg)
+    with torch.no_grad():
+        model.W_enc.copy_(sae.W_enc.double().cpu())
+        model.b_enc.copy_(sae.b_enc.double().cpu())
+        model.threshold.copy_(sae.threshold.double().cpu())
+        if sae.b_dec is not None:
+            model.b_dec.copy_(sae.b_dec.double().cpu())
+    return model
+
+
+@pytest.mark.parametrize("select", ["policy", "reference"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_constraint_matches_sae_lens_written_out(select, weighted, device):
+    """D(y) against sae-lens' JumpReLUSAE.encode, then masked mean, top-k, MSE, written out plainly."""
+    B, T, d, m, k = 3, 63, 60, 150, 7
+    sae = random_sae(d, m, device)
+    hidden = torch.randn(B, T, d, device=device)
+    mask = random_mask(B, T, device)
+    ref_idx, ref_val = _ref_cache(hidden, mask, sae, K=32)
+    fw = torch.rand(m, device=device) * 2 if weighted else None
+    got = sae_feature_mse(hidden, mask, sae, ref_idx, ref_val, k=k, select=select, feature_weights=fw)
+
+    lens = _sae_lens_jumprelu(sae)
+    for b in range(B):
+        feats = lens.encode(hidden[b].double().cpu())                 # [T, m]
+        sel = mask[b].cpu()
+        p = feats[sel].mean(0)                                        # masked mean over the response
+        rdense = torch.zeros(m, dtype=torch.float64)
+        for i, v in zip(ref_idx[b].tolist(), ref_val[b].double().tolist()):
+            if i >= 0:
+                rdense[i] = v
+        if select == "policy":
+            chosen = p.topk(k).indices
+        else:
+            chosen = ref_idx[b, :k].long().cpu()
+        w = fw.double().cpu()[chosen] if weighted else torch.ones(k, dtype=torch.float64)
+        want = (w * (p[chosen] - rdense[chosen]) ** 2).sum() / k
+        assert abs(got[b].item() - want.item()) <= 1e-5 * (1 + abs(want.item())), (b, got[b].item(), want.item())
+
+
+@pytest.mark.parametrize("B,T,d,m", SHAPES)
+@pytest.mark.parametrize("select", ["policy", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_constraint_forward_backward_match_reference(B, T, d, m, select, dtype, monkeypatch, device):
+    poison(monkeypatch, sc)
+    sae = random_sae(d, m, device, dtype=dtype)
+    hidden = torch.randn(B, T, d, device=device).to(dtype)
+    mask = random_mask(B, T, device)
+    ref_idx, ref_val = _ref_cache(hidden.float(), mask, sae, K=40)
+    fw = torch.rand(m, device=device) + 0.5
+    for k in (1, 13):
+        h = hidden.clone().requires_grad_()
+        got = sae_feature_mse(h, mask, sae, ref_idx, ref_val, k=k, select=select, feature_weights=fw)
+        g = torch.randn(B, device=device)
+        got.backward(g)
+        href = hidden.double().requires_grad_()
+        want = reference.sae_feature_mse_ref(href, mask, sae, ref_idx, ref_val, k, select, fw)
+        want.backward(g.double())
+        _assert_close(got, want, dtype, f"D (k={k})")
+        assert h.grad.dtype == dtype
+        # the gradient is proportional to p - p_ref, a difference that cancels in fp32: 1e-4, not 1e-6
+        assert _rel_rms(h.grad, href.grad) < (1e-4 if dtype == torch.float32 else 5e-3), f"grad k={k}"
+        # gradient only on response tokens
+        assert (h.grad[~mask] == 0).all()
+
+
+def test_k_equals_width_and_single_token(device):
+    B, T, d, m = 2, 9, 20, 33
+    sae = random_sae(d, m, device)
+    hidden = torch.randn(B, T, d, device=device)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    mask[0, 4] = True
+    mask[1, 2:9] = True
+    ref_idx, ref_val = _ref_cache(hidden, mask, sae, K=m)
+    for select in ("policy", "reference"):
+        h = hidden.clone().requires_grad_()
+        got = sae_feature_mse(h, mask, sae, ref_idx, ref_val, k=m, select=select)
+        got.sum().backward()
+        href = hidden.double().requires_grad_()
+        want = reference.sae_feature_mse_ref(href, mask, sae, ref_idx, ref_val, m, select)
+        want.sum().backward()
+        _assert_close(got, want, torch.float32, select)
+        assert _rel_rms(h.grad, href.grad) < 1e-4
+
+
+def test_policy_topk_properties(device):
+    """Gradient reaches hidden only through the k selected features: scaling a non-selected feature's
+    reference value changes nothing; the selection is the policy's top-k."""
+    B, T, d, m, k = 2, 15, 24, 64, 5
+    sae = random_sae(d, m, device)
+    hidden = torch.randn(B, T, d, device=device)
+    mask = random_mask(B, T, device)
+    pooled = sae_pooled_features(hidden, mask, sae)
+    top = pooled.topk(k, dim=1)
+    assert (top.values[:, :-1] >= top.values[:, 1:]).all()
+    assert torch.equal(pooled.gather(1, top.indices), top.values)
+    ref_idx, ref_val = pack_topk(pooled, m)
+    d0 = sae_feature_mse(hidden, mask, sae, ref_idx, ref_val, k=k)
+    bf16_err = ((top.values - top.values.bfloat16().float()) ** 2).mean(1)   # cache values are stored in bf16
+    assert torch.allclose(d0, bf16_err, rtol=1e-3, atol=1e-9)
+    ref_val2 = ref_val.clone()
+    ref_val2[:, k:] += 1.0                                        # only non-selected features moved
+    d1 = sae_feature_mse(hidden, mask, sae, ref_idx, ref_val2, k=k)
+    assert torch.allclose(d0, d1, atol=1e-6)
+
+
+def test_nan_propagates(device):
+    B, T, d, m = 2, 8, 16, 32
+    sae = random_sae(d, m, device)
+    hidden = torch.randn(B, T, d, device=device)
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    hidden[1, 3, 5] = float("nan")
+    pooled = sae_pooled_features(hidden, mask, sae)
+    assert torch.isfinite(pooled[0]).all() and torch.isnan(pooled[1]).any()
+    ref_idx, ref_val = pack_topk(pooled[:1].expand(B, m), 16)
+    for select in ("policy", "reference"):
+        D = sae_feature_mse(hidden, mask, sae, ref_idx, ref_val, k=4, select=select)
+        assert torch.isfinite(D[0]) and torch.isnan(D[1]), select
+
+
+def test_dispatch_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    sae = random_sae(16, 40)
+    hidden = torch.randn(2, 6, 16)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    got = sae_pooled_features(hidden, mask, sae)
+    assert torch.allclose(got.double(), reference.sae_pooled_features_ref(hidden.double(), mask, sae), atol=1e-5)
+
+
+def test_launcher_equals_function_equals_public(device):
+    B, T, d, m, k = 2, 11, 24, 50, 6
+    sae = random_sae(d, m, device)
+    hidden = torch.randn(B, T, d, device=device)
+    mask = random_mask(B, T, device)
+    ref_idx, ref_val = _ref_cache(hidden, mask, sae, K=16)
+    m8, span, inv_n = sc._prepare(hidden, mask)
+    pooled = sc.sae_pool_fwd(hidden, m8, span, inv_n, sae)
+    assert torch.equal(pooled, sae_pooled_features(hidden, mask, sae))
+    gathered = sc.sae_pool_fwd(hidden, m8, span, inv_n, sae, ref_idx[:, :k].long())
+    assert torch.allclose(gathered, pooled.gather(1, ref_idx[:, :k].long()), atol=1e-6)
+    a = sc.SAEFeatureMSEFunction.apply(hidden, mask, sae, ref_idx, ref_val, k, "reference", None)
+    b = sae_feature_mse(hidden, mask, sae, ref_idx, ref_val, k=k, select="reference")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("select", ["policy", "reference"])
+def test_bf16_on_gpu(select):
+    B, T, d, m, k = 4, 300, 256, 4096, 50
+    sae = random_sae(d, m, "cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(B, T, d, device="cuda").bfloat16()
+    mask = random_mask(B, T, "cuda")
+    ref_idx, ref_val = _ref_cache(hidden.float(), mask, sae, K=256)
+    h = hidden.clone().requires_grad_()
+    got = sae_feature_mse(h, mask, sae, ref_idx, ref_val, k=k, select=select)
+    g = torch.randn(B, device="cuda")
+    got.backward(g)
+    href = hidden.double().requires_grad_()
+    want = reference.sae_feature_mse_ref(href, mask, sae, ref_idx, ref_val, k, select)
+    want.backward(g.double())
+    assert _rel_rms(got, want) < 2e-2
+    assert _rel_rms(h.grad, href.grad) < 3e-2
+    pooled = sae_pooled_features(hidden, mask, sae)
+    assert _rel_rms(pooled, reference.sae_pooled_features_ref(hidden.double(), mask, sae)) < 1e-2
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def _valid(device="cpu"):
+    sae = random_sae(16, 40, device)
+    hidden = torch.randn(2, 6, 16, device=device)
+    mask = torch.ones(2, 6, dtype=torch.bool, device=device)
+    idx, val = pack_topk(sae_pooled_features(hidden, mask, sae), 20)
+    return sae, hidden, mask, idx, val
+
+
+@pytest.mark.parametrize("case,match", [
+    ("hidden_2d", "hidden"), ("d_mismatch", "d_in"), ("mask_shape", "mask"), ("k0", "k must"),
+    ("k_big", "k must"), ("empty_row", "mask row 1"), ("idx_range", "ref_indices row 0"),
+    ("idx_low", "outside"), ("ref_short", "fewer than k"), ("fw_len", "feature_weights"),
+    ("fw_neg", "feature_weights"), ("val_shape", "ref_values"), ("select", "select"),
+    ("idx_float", "integer"), ("not_sae", "SAEWeights"), ("ref_rows", "ref_indices"),
+])
+def test_bad_input(case, match):
+    sae, hidden, mask, idx, val = _valid()
+    kw = dict(k=4, select="policy", feature_weights=None)
+    args = [hidden, mask, sae, idx, val]
+    if case == "hidden_2d":
+        args[0] = hidden[0]
+    elif case == "d_mismatch":
+        args[0] = torch.randn(2, 6, 17)
+    elif case == "mask_shape":
+        args[1] = mask[:, :5]
+    elif case == "k0":
+        kw["k"] = 0
+    elif case == "k_big":
+        kw["k"] = 41
+    elif case == "empty_row":
+        args[1] = mask.clone()
+        args[1][1] = False
+    elif case == "idx_range":
+        args[3] = idx.clone()
+        args[3][0, 2] = 40
+    elif case == "idx_low":
+        args[3] = idx.clone()
+        args[3][1, 0] = -2
+    elif case == "ref_short":
+        args[3] = idx.clone()
+        args[3][1, 2] = -1
+        kw["select"] = "reference"
+    elif case == "fw_len":
+        kw["feature_weights"] = torch.ones(39)
+    elif case == "fw_neg":
+        kw["feature_weights"] = -torch.ones(40)
+    elif case == "val_shape":
+        args[4] = val[:, :3]
+    elif case == "select":
+        kw["select"] = "both"
+    elif case == "idx_float":
+        args[3] = idx.float()
+    elif case == "not_sae":
+        args[2] = object()
+    elif case == "ref_rows":
+        args[3], args[4] = idx[:1], val[:1]
+    with pytest.raises(ValueError, match=match):
+        sae_feature_mse(*args, **kw)
+
+
+def test_sae_weights_from_files(tmp_path):
+    """from_file: sae-lens directory, bare safetensors and a Gemma Scope params.npz all give one encoder."""
+    import json
+
+    import numpy as np
+    from safetensors.torch import save_file
+    d, m = 12, 30
+    W, b, th, bd = torch.randn(d, m), torch.randn(m), torch.rand(m), torch.randn(d)
+    (tmp_path / "lens").mkdir()
+    save_file({"W_enc": W, "b_enc": b, "threshold": th, "b_dec": bd, "W_dec": W.t().contiguous()},
+              str(tmp_path / "lens" / "sae_weights.safetensors"))
+    (tmp_path / "lens" / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "apply_b_dec_to_input": True}))
+    a = SAEWeights.from_file(tmp_path / "lens")
+    assert a.apply_b_dec_to_input and torch.equal(a.W_enc, W)
+    np.savez(tmp_path / "params.npz", W_enc=W.numpy(), b_enc=b.numpy(), threshold=th.numpy(), b_dec=bd.numpy())
+    g = SAEWeights.from_file(tmp_path / "params.npz")
+    assert not g.apply_b_dec_to_input and torch.equal(g.threshold, th)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00")
+    with pytest.raises(ValueError, match="could not be read"):
+        SAEWeights.from_file(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="b_enc must have shape"):
+        SAEWeights.from_tensors(W, b[:5], th)
+
+
+def test_sae_weights_from_sae_lens_and_shipped_sae():
+    import os
+
+    from sae_lens import SAE
+    path = os.path.join(os.path.dirname(__file__), "..", "fpo", "data", "sae-smollm2-135m-layer15")
+    lens = SAE.load_from_disk(path)
+    ours = SAEWeights.from_sae_lens(lens)
+    disk = SAEWeights.from_file(path)
+    assert torch.equal(ours.W_enc_t, disk.W_enc_t) and ours.fingerprint() == disk.fingerprint()
+    x = torch.randn(5, 576)
+    with torch.no_grad():
+        assert torch.allclose(reference.sae_encode_ref(x, ours), lens.encode(x), atol=1e-4)
