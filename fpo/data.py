@@ -1,0 +1,211 @@
+"""Preference pairs: loading (local json/jsonl/parquet or a saved dataset), tokenisation with response
+masks, and batching chosen and rejected together.
+
+Truncation policy (documented, as in the CLI help): a prompt longer than max_prompt_length keeps its LAST
+max_prompt_length tokens (the end of a conversation is what the response answers); the response then keeps
+its FIRST max_length - len(prompt) tokens. max_prompt_length < max_length is required, so every kept
+response has at least one token.
+
+Rows that cannot be used (a missing column, an empty chosen or rejected response) are bad rows: an error
+naming the row, or skipped with a report (bad_rows="skip"). Pairs whose chosen and rejected responses are
+identical carry no preference: they are always dropped and reported.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Pair", "TokenizedPair", "load_pairs", "tokenize_pairs", "collate_pairs", "BadRowError",
+           "dataset_fingerprint", "tokenizer_fingerprint"]
+
+
+class BadRowError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: int                     # row index in the source dataset: the key of the reference cache
+    prompt: object              # str, or a list of chat messages ending before the assistant turn
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    id: int
+    prompt_ids: tuple
+    chosen_ids: tuple           # response tokens only
+    rejected_ids: tuple
+    row_hash: int               # hash of the token ids: ties a cache row to this exact tokenisation
+
+    @property
+    def lengths(self):
+        return len(self.prompt_ids) + len(self.chosen_ids), len(self.prompt_ids) + len(self.rejected_ids)
+
+
+def _load_dataset(path: str):
+    import datasets
+    datasets.disable_progress_bars()
+    if os.path.isdir(path) and (os.path.exists(os.path.join(path, "dataset_info.json"))
+                                or os.path.exists(os.path.join(path, "dataset_dict.json"))):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        return ds
+    if not os.path.exists(path):
+        raise ValueError(f"dataset {path} does not exist (a local .json/.jsonl/.parquet file or a saved dataset)")
+    ext = os.path.splitext(path)[1].lower()
+    kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(ext)
+    if kind is None:
+        raise ValueError(f"dataset {path}: unsupported file type {ext!r} (use .json, .jsonl, .parquet or a saved dataset)")
+    return datasets.load_dataset(kind, data_files=path, split="train")
+
+
+def _as_response(value, row, col):
+    """A response given as a string, or as a chat message list whose last message is the assistant's."""
+    if isinstance(value, list):
+        if not value or not isinstance(value[-1], dict) or "content" not in value[-1]:
+            raise BadRowError(f"row {row}: column '{col}' is a list but not chat messages")
+        value = value[-1]["content"]
+    if not isinstance(value, str):
+        raise BadRowError(f"row {row}: column '{col}' must be a string or chat messages, got {type(value).__name__}")
+    if not value.strip():
+        raise BadRowError(f"row {row}: column '{col}' is an empty response")
+    return value
+
+
+def _as_prompt(rec, row):
+    prompt = rec.get("prompt")
+    chosen = rec.get("chosen")
+    if prompt is None and isinstance(chosen, list) and len(chosen) >= 2:
+        prompt = chosen[:-1]  # UltraFeedback-binarized style: the conversation before the assistant's answer
+    if prompt is None:
+        raise BadRowError(f"row {row}: missing column 'prompt'")
+    if isinstance(prompt, list):
+        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+            raise BadRowError(f"row {row}: column 'prompt' is a list but not chat messages")
+    elif not isinstance(prompt, str):
+        raise BadRowError(f"row {row}: column 'prompt' must be a string or chat messages")
+    return prompt
+
+
+def load_pairs(path: str, max_pairs: int | None = None, bad_rows: str = "error", log=print) -> list[Pair]:
+    """Read preference pairs; columns prompt / chosen / rejected as strings or chat message lists."""
+    if bad_rows not in ("error", "skip"):
+        raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
+    ds = _load_dataset(os.fspath(path))
+    pairs, skipped, identical = [], [], []
+    for row, rec in enumerate(ds):
+        if max_pairs is not None and len(pairs) >= max_pairs:
+            break
+        try:
+            for col in ("chosen", "rejected"):
+                if rec.get(col) is None:
+                    raise BadRowError(f"row {row}: missing column '{col}'")
+            pair = Pair(row, _as_prompt(rec, row), _as_response(rec["chosen"], row, "chosen"),
+                        _as_response(rec["rejected"], row, "rejected"))
+        except BadRowError as e:
+            if bad_rows == "error":
+                raise BadRowError(f"{path}: {e} (pass bad_rows='skip' / --bad-rows skip to skip such rows)") from None
+            skipped.append(row)
+            continue
+        if pair.chosen == pair.rejected:
+            identical.append(row)
+            continue
+        pairs.append(pair)
+    if identical:
+        log(f"[fpo] {path}: dropped {len(identical)} pairs whose chosen and rejected are identical (rows {identical[:10]})")
+    if skipped:
+        log(f"[fpo] {path}: skipped {len(skipped)} bad rows {skipped[:10]}")
+    if not pairs:
+        raise ValueError(f"dataset {path} has no usable pairs")
+    return pairs
+
+
+def _prompt_ids(tok, prompt):
+    if getattr(tok, "chat_template", None):
+        msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    return tok(text, add_special_tokens=True)["input_ids"]
+
+
+def _response_ids(tok, text):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if tok.eos_token_id is not None:
+        ids = ids + [tok.eos_token_id]  # the end-of-turn token is part of what the model must produce
+    return ids
+
+
+def _hash_ids(*seqs) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    for s in seqs:
+        h.update(torch.tensor(s, dtype=torch.int64).numpy().tobytes())
+        h.update(b"|")
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def tokenize_pairs(pairs, tok, max_length: int = 512, max_prompt_length: int = 256) -> list[TokenizedPair]:
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length}): "
+                         "otherwise a prompt could leave no room for the response")
+    out = []
+    for p in pairs:
+        prompt = _prompt_ids(tok, p.prompt)[-max_prompt_length:]
+        room = max_length - len(prompt)
+        chosen = _response_ids(tok, p.chosen)[:room]
+        rejected = _response_ids(tok, p.rejected)[:room]
+        if not chosen or not rejected:
+            raise BadRowError(f"row {p.id}: a response tokenises to nothing")
+        out.append(TokenizedPair(p.id, tuple(prompt), tuple(chosen), tuple(rejected), _hash_ids(prompt, chosen, rejected)))
+    return out
+
+
+def collate_pairs(items: list[TokenizedPair], pad_id: int):
+    """P pairs -> one batch of 2P sequences, chosen first then rejected, right-padded.
+
+    Returns dict: input_ids, attention_mask, response_mask [2P, T]; ids [P]; row_hash [P]."""
+    seqs, resp = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for it in items:
+            r = getattr(it, side)
+            seqs.append(list(it.prompt_ids) + list(r))
+            resp.append([0] * len(it.prompt_ids) + [1] * len(r))
+    T = max(len(s) for s in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, T), pad_id, dtype=torch.long)
+    attn = torch.zeros(n, T, dtype=torch.long)
+    rmask = torch.zeros(n, T, dtype=torch.bool)
+    for i, (s, r) in enumerate(zip(seqs, resp)):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        attn[i, :len(s)] = 1
+        rmask[i, :len(s)] = torch.tensor(r, dtype=torch.bool)
+    return {
+        "input_ids": input_ids, "attention_mask": attn, "response_mask": rmask,
+        "ids": torch.tensor([it.id for it in items], dtype=torch.long),
+        "row_hash": torch.tensor([it.row_hash for it in items], dtype=torch.long),
+    }
+
+
+def dataset_fingerprint(items: list[TokenizedPair]) -> str:
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.id}:{it.row_hash};".encode())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tok) -> str:
+    h = hashlib.sha256()
+    h.update(str(len(tok)).encode())
+    h.update(str(getattr(tok, "chat_template", "") or "").encode())
+    probe = "Hello world! The quick brown fox, 123 résumé <|im_end|>"
+    h.update(str(tok(probe, add_special_tokens=True)["input_ids"]).encode())
+    h.update(str((tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,124 @@
+"""Loading causal LMs and reading what FPO needs from them: the residual stream after a decoder block
+(through a forward hook), the final hidden states from the model body (never full logits), the lm head
+weight and the final logit softcap."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+from torch import nn
+
+__all__ = ["load_model", "load_tokenizer", "decoder_layers", "lm_head", "final_softcap", "model_fingerprint",
+           "ResidualCapture", "run_body"]
+
+
+def _gguf_split(path):
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    return path, None
+
+
+def _strip_gguf_quantizer(model):
+    # GGUF weights are dequantized on load; dropping the quantizer record makes the model a plain one
+    # (trainable and savable with save_pretrained).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+    folder, gguf = _gguf_split(os.fspath(name_or_path))
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
+    except OSError as e:
+        raise ValueError(f"tokenizer '{name_or_path}' could not be loaded: a local folder, a .gguf file, "
+                         f"or a hub name on a machine that can reach the hub ({e})") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, dtype=torch.float32, device="cpu"):
+    """AutoModelForCausalLM from a local folder, a .gguf file (dequantized), or a hub name when online."""
+    from transformers import AutoModelForCausalLM
+    folder, gguf = _gguf_split(os.fspath(name_or_path))
+    try:
+        if gguf:
+            model = _strip_gguf_quantizer(AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except OSError as e:
+        raise ValueError(f"model '{name_or_path}' could not be loaded: a local folder, a .gguf file, "
+                         f"or a hub name on a machine that can reach the hub ({e})") from e
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(body, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(f"could not find the decoder layers of {type(model).__name__}")
+
+
+def lm_head(model):
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (lm head)")
+    return head.weight, getattr(head, "bias", None)
+
+
+def final_softcap(model):
+    c = getattr(model.config, "final_logit_softcapping", None)
+    return float(c) if c else None
+
+
+def model_fingerprint(model, name: str) -> dict:
+    """Name, a config hash and a weights hash (a strided sample of every tensor: cheap and content-bound)."""
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "torch_dtype", "dtype", "transformers_version", "use_cache", "_attn_implementation_autoset"):
+        cfg.pop(k, None)
+    h = hashlib.sha256()
+    for pname, p in sorted(model.state_dict().items()):
+        flat = p.detach().flatten()
+        step = max(1, flat.numel() // 4096)
+        h.update(pname.encode())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return {"name": name, "config": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
+            "weights": h.hexdigest()[:16]}
+
+
+class ResidualCapture:
+    """Forward hook that keeps the output of decoder block `layer` (the residual stream after it)."""
+
+    def __init__(self, model, layer: int):
+        layers = decoder_layers(model)
+        if not isinstance(layer, int) or not 0 <= layer < len(layers):
+            raise ValueError(f"sae layer {layer} is outside the model's {len(layers)} decoder layers [0, {len(layers)})")
+        self.value = None
+        self._h = layers[layer].register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        self.value = out[0] if isinstance(out, (tuple, list)) else out
+
+    def pop(self):
+        v, self.value = self.value, None
+        if v is None:
+            raise RuntimeError("the SAE layer's hook did not fire")
+        return v
+
+    def remove(self):
+        self._h.remove()
+
+
+def run_body(model, input_ids, attention_mask):
+    """Final hidden states [B, T, d] (after the final norm) from the model body: no logits."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -1,0 +1,188 @@
+"""Offline reference precompute: run the frozen reference model once over the dataset and cache, for each
+chosen and rejected response, its summed and mean log-probs, its length and its top-K pooled SAE features.
+Training then needs no reference model (FPO, DPO)."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import torch
+
+from fpo_kernels import SAEWeights, index_dtype_for, pack_topk, sae_pooled_features, sequence_logprobs
+
+from . import distributed as dist_utils
+from .cache import FORMAT_VERSION, atomic_write_json, shard_name, write_shard, _sha256
+from .data import collate_pairs, dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
+from .model import (ResidualCapture, decoder_layers, final_softcap, lm_head, load_model, load_tokenizer,
+                    model_fingerprint, run_body)
+from .sae import load_sae
+
+__all__ = ["precompute", "reference_stats", "default_device"]
+
+
+def default_device():
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def check_sae_fits(model, sae: SAEWeights, layer):
+    hidden = model.config.hidden_size
+    if sae.d_in != hidden:
+        raise ValueError(f"the SAE reads d_in={sae.d_in} but the model's hidden size is {hidden}: "
+                         "pick the SAE trained on this model")
+    n = len(decoder_layers(model))
+    if layer is None:
+        raise ValueError("the SAE layer is unknown: pass sae_layer (--sae-layer), the decoder block whose output the SAE reads")
+    if not 0 <= layer < n:
+        raise ValueError(f"sae_layer {layer} is outside the model's {n} decoder layers [0, {n})")
+
+
+@torch.no_grad()
+def reference_stats(model, batch, sae=None, layer=None, K=256, device="cpu"):
+    """Reference statistics of one collated batch (2P sequences, chosen first)."""
+    cap = ResidualCapture(model, layer) if sae is not None else None
+    try:
+        ids = batch["input_ids"].to(device)
+        resp = batch["response_mask"].to(device)
+        hidden = run_body(model, ids, batch["attention_mask"].to(device))
+        w, b = lm_head(model)
+        total, mean, count = sequence_logprobs(hidden, w, ids, resp, softcap=final_softcap(model), bias=b)
+        out = {"logp_sum": total, "logp_mean": mean, "len": count}
+        if sae is not None:
+            pooled = sae_pooled_features(cap.pop(), resp, sae, check_inputs=False)
+            out["idx"], out["val"] = pack_topk(pooled, K)
+    finally:
+        if cap is not None:
+            cap.remove()
+    P = batch["ids"].shape[0]
+    res = {}
+    for side, sl in (("chosen", slice(0, P)), ("rejected", slice(P, 2 * P))):
+        for k, v in out.items():
+            res[f"{side}_{k}"] = v[sl].cpu()
+    return res
+
+
+def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_length: int = 512,
+               max_prompt_length: int = 256, batch_pairs: int = 4, max_pairs=None, shard_rows: int = 256,
+               device=None, dtype=None, bad_rows: str = "error", overwrite: bool = False, tokenizer=None,
+               model_name=None, log=print, progress: bool = True) -> dict:
+    """Build the reference cache in directory `out`; returns the summary it prints.
+
+    model: a path / hub name / .gguf, or a loaded model (then pass tokenizer and model_name);
+    dataset: a local .json/.jsonl/.parquet file or saved dataset; sae: an SAE spec (see fpo.sae.load_sae)
+    or SAEWeights or None (log-probs only, enough for DPO); sae_layer: the decoder block the SAE reads
+    (default: from the SAE's hook name). A run that stops part-way resumes where it stopped when started
+    again with the same arguments. Under torchrun each rank computes its share of the shards."""
+    rank, world, dist_dev = dist_utils.init()
+    device = torch.device(device) if device is not None else (dist_dev or default_device())
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not isinstance(K, int) or K < 1:
+        raise ValueError(f"K must be a positive integer, got {K!r}")
+    if shard_rows < 1 or batch_pairs < 1:
+        raise ValueError("shard_rows and batch_pairs must be >= 1")
+    say = log if rank == 0 else (lambda *a, **k: None)
+
+    if isinstance(model, (str, os.PathLike)):
+        model_name = model_name or os.fspath(model)
+        tokenizer = tokenizer or load_tokenizer(model)
+        model = load_model(model, dtype=dtype, device=device)
+    elif tokenizer is None:
+        raise ValueError("a loaded model needs its tokenizer (tokenizer=...)")
+    model.eval()
+    layer = sae_layer
+    sae_name = None
+    if sae is not None:
+        if not isinstance(sae, SAEWeights):
+            sae_name = os.fspath(sae)
+            sae, spec_layer = load_sae(sae, device)
+            layer = spec_layer if layer is None else layer
+        sae = sae.to(device)
+        check_sae_fits(model, sae, layer)
+
+    items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=say), tokenizer, max_length, max_prompt_length)
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "model": model_fingerprint(model, model_name or type(model).__name__),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "dataset": dataset_fingerprint(items), "dataset_path": os.fspath(dataset), "rows": len(items),
+        "max_length": max_length, "max_prompt_length": max_prompt_length, "shard_rows": shard_rows,
+        "sae": sae.fingerprint() if sae is not None else None, "sae_name": sae_name or (sae.name if sae else None),
+        "sae_width": sae.width if sae is not None else None, "layer": layer if sae is not None else None,
+        "K": K if sae is not None else None,
+        "index_dtype": str(index_dtype_for(sae.width)).replace("torch.", "") if sae is not None else None,
+        "value_dtype": "bfloat16" if sae is not None else None,
+        "reference_dtype": str(dtype).replace("torch.", ""),
+    }
+    out = os.fspath(out)
+    settings_path = os.path.join(out, "settings.json")
+    if rank == 0:
+        if os.path.exists(settings_path):
+            import json
+            with open(settings_path) as f:
+                old = json.load(f)
+            if old != settings:
+                if not overwrite:
+                    diff = next(k for k in settings if old.get(k) != settings[k])
+                    raise ValueError(f"{out} holds a cache built with other settings ({diff}: {old.get(diff)!r} "
+                                     f"vs {settings[diff]!r}): use another directory or overwrite=True (--overwrite)")
+                shutil.rmtree(out)
+        elif os.path.exists(out) and os.listdir(out):
+            if not overwrite:
+                raise ValueError(f"{out} exists and is not a cache directory: use another directory or --overwrite")
+            shutil.rmtree(out)
+        os.makedirs(out, exist_ok=True)
+        if not os.path.exists(settings_path):
+            atomic_write_json(settings_path, settings)
+    dist_utils.barrier()
+
+    n = len(items)
+    shards = [(s, min(s + shard_rows, n)) for s in range(0, n, shard_rows)]
+    mine = [sh for j, sh in enumerate(shards) if j % world == rank]
+    todo = [sh for sh in mine if not os.path.exists(os.path.join(out, shard_name(*sh)))]
+    if len(todo) < len(mine):
+        say(f"[fpo] resuming: {len(mine) - len(todo)} of {len(mine)} shards already complete")
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(e - s for s, e in todo) * world, desc="precompute", unit="pair")
+    t0 = time.time()
+    pad = tokenizer.pad_token_id
+    for s, e in todo:
+        parts = []
+        for b in range(s, e, batch_pairs):
+            chunk = items[b:min(b + batch_pairs, e)]
+            parts.append(reference_stats(model, collate_pairs(chunk, pad), sae, layer, K, device))
+            if bar is not None:
+                bar.update(len(chunk) * world)
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        tensors["ids"] = torch.tensor([it.id for it in items[s:e]], dtype=torch.long)
+        tensors["row_hash"] = torch.tensor([it.row_hash for it in items[s:e]], dtype=torch.long)
+        write_shard(out, s, e, tensors)
+    if bar is not None:
+        bar.close()
+    dist_utils.barrier()
+
+    summary = {"rows": n, "path": out}
+    if rank == 0:
+        meta = dict(settings)
+        meta["shards"] = []
+        total = 0
+        for s, e in shards:
+            p = os.path.join(out, shard_name(s, e))
+            if not os.path.exists(p):
+                raise RuntimeError(f"shard {p} is missing after every rank finished")
+            size = os.path.getsize(p)
+            total += size
+            meta["shards"].append({"file": shard_name(s, e), "start": s, "end": e, "bytes": size, "sha256": _sha256(p)})
+        meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        atomic_write_json(os.path.join(out, "meta.json"), meta)
+        dense = n * 2 * sae.width * 4 if sae is not None else 0
+        summary.update(bytes=total, bytes_per_example=total / max(n, 1), dense_fp32_bytes=dense,
+                       seconds=time.time() - t0)
+        msg = f"[fpo] cache {out}: {n} pairs, {total / 1e6:.2f} MB, {total / max(n, 1):.0f} bytes per pair"
+        if sae is not None:
+            msg += (f"; a dense fp32 pooled cache would need {dense / 1e6:.1f} MB "
+                    f"({dense / max(total, 1):.0f}x more)")
+        say(msg)
+    dist_utils.barrier()
+    return summary

@@ -1,0 +1,47 @@
+"""Loading the SAE for training and precompute: a sae-lens directory or file, a Gemma Scope params.npz,
+or a sae-lens release/id pair when a hub is reachable. Returns the kernels' SAEWeights and the decoder
+layer the SAE reads (from its hook name, e.g. model.layers.15 or blocks.12.hook_resid_post)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from fpo_kernels import SAEWeights
+
+__all__ = ["load_sae", "layer_from_hook_name"]
+
+
+def layer_from_hook_name(hook_name: str | None):
+    if not hook_name:
+        return None
+    m = re.search(r"(?:layers|blocks|h)\.(\d+)", hook_name)
+    return int(m.group(1)) if m else None
+
+
+def load_sae(spec: str, device="cpu"):
+    """spec: a path (sae-lens dir, .safetensors, params.npz) or 'release:sae_id' (sae-lens, needs a hub).
+    Returns (SAEWeights, layer or None)."""
+    spec = os.fspath(spec)
+    if os.path.exists(spec):
+        sae = SAEWeights.from_file(spec, device)
+        layer = None
+        cfg = os.path.join(spec, "cfg.json") if os.path.isdir(spec) else None
+        if cfg and os.path.exists(cfg):
+            with open(cfg) as f:
+                c = json.load(f)
+            layer = layer_from_hook_name(c.get("hook_name") or (c.get("metadata") or {}).get("hook_name"))
+        return sae, layer
+    if ":" in spec:
+        release, sae_id = spec.split(":", 1)
+        try:
+            from sae_lens import SAE
+            lens = SAE.from_pretrained(release, sae_id, device=str(device))
+            lens = lens[0] if isinstance(lens, tuple) else lens
+        except Exception as e:
+            raise ValueError(f"sae '{spec}' could not be loaded from sae-lens (release:id; needs a hub): {e}") from e
+        meta = getattr(lens.cfg, "metadata", None)
+        hook = getattr(meta, "hook_name", None) if meta is not None else None
+        weights = SAEWeights.from_sae_lens(lens, name=spec).to(device)
+        return weights, layer_from_hook_name(hook)
+    raise ValueError(f"sae '{spec}' is neither an existing path nor a sae-lens 'release:id'")

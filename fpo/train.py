@@ -1,0 +1,418 @@
+"""The thin training loop: FPO, DPO, SimPO, TDPO1 and TDPO2 on the fused kernels, one GPU or many.
+
+Per optimizer step and per micro-batch of P pairs: one policy forward over the 2P chosen and rejected
+sequences; the residual stream after block L_sae from a hook; the final hidden states from the model body
+(no logits); fused_linear_logprobs with the lm head; sae_feature_mse against the cached reference features
+(fpo); fused_linear_kl against the online reference (tdpo); the loss; backward. Metrics stay on the device
+and are read once per log step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+
+import torch
+from torch import nn
+
+from fpo_kernels import fused_linear_kl, sae_feature_mse, sequence_logprobs
+
+from . import distributed as dist_utils
+from .cache import ReferenceCache
+from .config import TrainConfig, config_from_dict
+from .data import collate_pairs, load_pairs, tokenize_pairs, tokenizer_fingerprint
+from .losses import LOSSES
+from .model import (ResidualCapture, final_softcap, lm_head, load_model, load_tokenizer, model_fingerprint,
+                    run_body)
+from .precompute import check_sae_fits
+from .sae import load_sae
+
+__all__ = ["train", "PolicyStats", "Trainer", "NonFiniteLossError"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class PolicyStats(nn.Module):
+    """Wraps the policy so that everything touching its weights (body, lm head) runs inside forward:
+    DDP and FSDP2 see one forward. Returns per-sequence statistics for 2P sequences."""
+
+    def __init__(self, model, sae=None, layer=None, k=50, select="policy"):
+        super().__init__()
+        self.model = model
+        self.sae, self.k, self.select = sae, k, select
+        self.capture = ResidualCapture(model, layer) if sae is not None else None
+        self.softcap = final_softcap(model)
+
+    def forward(self, input_ids, attention_mask, response_mask, ref_idx=None, ref_val=None,
+                ref_hidden=None, ref_weight=None):
+        hidden = run_body(self.model, input_ids, attention_mask)              # [2P, T, d]
+        w, b = lm_head(self.model)
+        total, mean, count = sequence_logprobs(hidden, w, input_ids, response_mask, self.softcap, b)
+        out = {"logp_sum": total, "logp_mean": mean, "len": count}
+        if self.sae is not None:
+            resid = self.capture.pop()
+            out["d"] = sae_feature_mse(resid, response_mask, self.sae, ref_idx, ref_val, self.k, self.select,
+                                       check_inputs=False)
+        if ref_hidden is not None:
+            rows = response_mask[:, 1:].nonzero(as_tuple=True)                 # positions predicting response tokens
+            kl = fused_linear_kl(hidden[:, :-1][rows], w, ref_hidden[:, :-1][rows], ref_weight,
+                                 torch.ones(rows[0].numel(), dtype=torch.bool, device=hidden.device), self.softcap)
+            out["kl"] = torch.zeros(hidden.shape[0], device=hidden.device).index_add(0, rows[0], kl)
+        return out
+
+
+def _split(t, P):
+    return t[:P], t[P:]
+
+
+def compute_loss(cfg: TrainConfig, stats: dict, ref: dict | None, P: int):
+    """(losses [P], metrics) for one micro-batch from policy statistics and reference values."""
+    beta = cfg.beta_value
+    sw, sl = _split(stats["logp_sum"], P)
+    aw, al = _split(stats["logp_mean"], P)
+    m = cfg.method
+    if m == "simpo":
+        return LOSSES[m](aw, al, beta, cfg.gamma)
+    if m == "dpo":
+        return LOSSES[m](sw, sl, ref["chosen_logp_sum"], ref["rejected_logp_sum"], beta)
+    if m == "fpo":
+        dw, dl = _split(stats["d"], P)
+        return LOSSES[m](aw, al, ref["chosen_logp_mean"], ref["rejected_logp_mean"], dw, dl, beta, cfg.alpha)
+    kw, kl = _split(stats["kl"], P)
+    return LOSSES[m](sw, sl, ref["chosen_logp_sum"], ref["rejected_logp_sum"], kw, kl, beta, cfg.alpha,
+                     variant=1 if m == "tdpo1" else 2)
+
+
+class Trainer:
+    """Holds everything a run needs; `fit()` runs it. Built by `train(cfg)`."""
+
+    def __init__(self, cfg: TrainConfig, log=print):
+        self.cfg = cfg
+        self.rank, self.world, dist_dev = dist_utils.init()
+        self.device = torch.device(cfg.device) if cfg.device else (dist_dev or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if dist_dev is not None and self.device.type == "cuda":
+            self.device = dist_dev
+        self.dtype = _DTYPES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        per_step = cfg.micro_batch_size * self.world
+        if cfg.batch_size % per_step:
+            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size x ranks = {per_step}")
+        self.accum = cfg.batch_size // per_step
+        torch.manual_seed(cfg.seed)
+
+        self.tokenizer = load_tokenizer(cfg.model)
+        model = load_model(cfg.model, dtype=self.dtype, device=self.device)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        self.model = model
+
+        # the reference side
+        self.cache = None
+        if cfg.cache:
+            self.cache = ReferenceCache(cfg.cache)
+        elif cfg.method in ("fpo", "dpo"):
+            raise ValueError(f"method {cfg.method} needs a reference cache (cache=...)")
+        self.sae, layer = None, cfg.sae_layer
+        if cfg.method == "fpo":
+            self.sae, sae_layer = load_sae(cfg.sae, self.device)
+            layer = layer if layer is not None else (sae_layer if sae_layer is not None else self.cache.meta.get("layer"))
+            check_sae_fits(model, self.sae, layer)
+            if not self.cache.has_features:
+                raise ValueError(f"cache {cfg.cache} holds no SAE features: build it with --sae for method fpo")
+            if cfg.select == "reference" and cfg.k > self.cache.K:
+                raise ValueError(f"select='reference' needs k ({cfg.k}) <= the cache's K ({self.cache.K})")
+        self.layer = layer
+        self.ref_model = None
+        if cfg.method.startswith("tdpo"):
+            self.ref_model = load_model(cfg.reference_model or cfg.model, dtype=self.dtype, device=self.device).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+
+        pairs = load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=self.log)
+        self.items = tokenize_pairs(pairs, self.tokenizer, cfg.max_length, cfg.max_prompt_length)
+        if self.cache is not None:
+            self.cache.verify(
+                model={"config": model_fingerprint(model, "")["config"]},
+                tokenizer=tokenizer_fingerprint(self.tokenizer),
+                sae=self.sae.fingerprint() if cfg.method == "fpo" else None,
+                layer=layer if cfg.method == "fpo" else None,
+                max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+            missing = [it.id for it in self.items if it.id not in self.cache._row_of]
+            if missing:
+                raise ValueError(f"cache {cfg.cache} lacks {len(missing)} of the dataset's examples (ids {missing[:5]}): "
+                                 "it was built for another dataset or fewer pairs; rebuild it")
+        self.steps_per_epoch = len(self.items) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {len(self.items)} usable pairs, fewer than batch_size {cfg.batch_size}")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+        self.policy = PolicyStats(model, self.sae, layer, cfg.k, cfg.select)
+        self.wrapped = self._wrap(self.policy)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.RMSprop
+        self.optimizer = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warm = cfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.step = 0
+        self.history = []
+        if cfg.resume:
+            self._load_checkpoint(cfg.resume)
+
+    # ---- distributed wrapping -------------------------------------------------------------------
+    def _wrap(self, module):
+        if self.world == 1:
+            return module
+        if self.cfg.fsdp:
+            from torch.distributed.fsdp import fully_shard
+            from .model import decoder_layers
+            for layer in decoder_layers(module.model):
+                fully_shard(layer)
+            return fully_shard(module)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # ---- data -----------------------------------------------------------------------------------
+    def micro_batches(self, step):
+        """The micro-batches this rank runs at optimizer step `step`: a deterministic function of the step."""
+        cfg = self.cfg
+        epoch, within = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(cfg.seed * 1000003 + epoch)
+        perm = torch.randperm(len(self.items), generator=g)
+        batch = perm[within * cfg.batch_size:(within + 1) * cfg.batch_size].tolist()
+        mb = cfg.micro_batch_size
+        for j in range(self.accum):
+            start = (j * self.world + self.rank) * mb
+            yield [self.items[i] for i in batch[start:start + mb]]
+
+    # ---- one step -------------------------------------------------------------------------------
+    def _reference(self, batch, P):
+        dev = self.device
+        ref = {}
+        if self.cache is not None:
+            ref = self.cache.lookup(batch["ids"], batch["row_hash"], dev)
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ids = batch["input_ids"].to(dev)
+                rh = run_body(self.ref_model, ids, batch["attention_mask"].to(dev))
+                rw, rb = lm_head(self.ref_model)
+                s, _, _ = sequence_logprobs(rh, rw, ids, batch["response_mask"].to(dev), final_softcap(self.ref_model), rb)
+            ref.update(chosen_logp_sum=s[:P], rejected_logp_sum=s[P:], _hidden=rh, _weight=rw)
+        return ref
+
+    def train_step(self, step):
+        cfg, dev = self.cfg, self.device
+        sums, tokens = {}, 0
+        mbs = list(self.micro_batches(step))
+        for j, items in enumerate(mbs):
+            batch = collate_pairs(items, self.tokenizer.pad_token_id)
+            P = len(items)
+            ref = self._reference(batch, P)
+            kw = {}
+            if cfg.method == "fpo":
+                kw = dict(ref_idx=torch.cat([ref["chosen_idx"], ref["rejected_idx"]]),
+                          ref_val=torch.cat([ref["chosen_val"], ref["rejected_val"]]))
+            if self.ref_model is not None:
+                kw = dict(ref_hidden=ref.pop("_hidden"), ref_weight=ref.pop("_weight"))
+            sync = j == len(mbs) - 1
+            ctx = self.wrapped.no_sync() if (hasattr(self.wrapped, "no_sync") and not sync) else _null()
+            with ctx:
+                stats = self.wrapped(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                                     batch["response_mask"].to(dev), **kw)
+                losses, metrics = compute_loss(cfg, stats, ref, P)
+                (losses.mean() / self.accum).backward()
+            metrics["loss"] = losses.detach()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + v.float().mean() / self.accum
+            tokens += int(batch["attention_mask"].sum())
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return sums, tokens
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def _state_dicts(self):
+        if self.cfg.fsdp and self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            msd, osd = get_state_dict(self.policy, self.optimizer, options=opts)
+            return {k.removeprefix("model."): v for k, v in msd.items()}, osd
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def save_checkpoint(self, name=None):
+        """output_dir/checkpoint-<step>: the model (save_pretrained) and trainer_state.pt (optimizer,
+        scheduler, RNG, step). Written under a temporary name and renamed: never half a checkpoint."""
+        msd, osd = self._state_dicts()
+        path = os.path.join(self.cfg.output_dir, name or f"checkpoint-{self.step:06d}")
+        if dist_utils.is_main():
+            tmp = path + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(tmp, state_dict=msd)
+            self.tokenizer.save_pretrained(tmp)
+            torch.save({
+                "step": self.step, "optimizer": osd, "scheduler": self.scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "history": self.history, "config": self.cfg.__dict__,
+            }, os.path.join(tmp, "trainer_state.pt"))
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        dist_utils.barrier()
+        return path
+
+    def _load_checkpoint(self, where):
+        if where == "latest":
+            d = self.cfg.output_dir
+            found = sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and not n.endswith(".tmp")) if os.path.isdir(d) else []
+            if not found:
+                raise ValueError(f"resume='latest' but {d} holds no checkpoint-* folder")
+            where = os.path.join(d, found[-1])
+        state_path = os.path.join(where, "trainer_state.pt")
+        if not os.path.exists(state_path):
+            raise ValueError(f"resume: {where} is not a checkpoint (no trainer_state.pt)")
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        from safetensors.torch import load_file
+        weights = {}
+        for n in sorted(os.listdir(where)):
+            if n.endswith(".safetensors"):
+                weights.update(load_file(os.path.join(where, n)))
+        if self.cfg.fsdp and self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            set_state_dict(self.policy, self.optimizer, model_state_dict={"model." + k: v for k, v in weights.items()},
+                           optim_state_dict=state["optimizer"], options=opts)
+        else:
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+            tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
+            if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+                raise ValueError(f"resume: checkpoint {where} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step = state["step"]
+        self.history = state["history"]
+        self.log(f"[fpo] resumed from {where} at step {self.step}")
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _peak_memory_mb(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS on Linux
+
+    def _flush(self, pending, t_start, tokens, metrics_file, bar):
+        """Read the pending steps' device metrics once, check them, write them."""
+        if not pending:
+            return
+        keys = sorted(pending[0][1])
+        stacked = torch.stack([torch.stack([dist_utils.all_reduce_mean(m[k]) for k in keys]) for _, m in pending]).cpu()
+        elapsed = time.time() - t_start
+        for (step, _), row in zip(pending, stacked.tolist()):
+            rec = {"step": step, **dict(zip(keys, row))}
+            if not all(math.isfinite(v) for v in row):
+                bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
+                last = sorted(n for n in os.listdir(self.cfg.output_dir) if n.startswith("checkpoint-")) if os.path.isdir(self.cfg.output_dir) else []
+                raise NonFiniteLossError(
+                    f"non-finite {bad} at step {step}: training stopped. The last good checkpoint is "
+                    f"{os.path.join(self.cfg.output_dir, last[-1]) if last else 'none (no checkpoint was saved)'}; "
+                    "lower lr, check the data, or use float32.")
+            rec.update(lr=self.scheduler.get_last_lr()[0], tokens_per_s=tokens * self.world / max(elapsed, 1e-9),
+                       step_time_s=elapsed / len(pending), peak_memory_mb=self._peak_memory_mb())
+            self.history.append(rec)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(rec) + "\n")
+        if metrics_file is not None:
+            metrics_file.flush()
+        if bar is not None:
+            last = self.history[-1]
+            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}")
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        main = dist_utils.is_main()
+        metrics_file = None
+        if main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a" if cfg.resume else "w")
+        bar = None
+        if cfg.progress and main:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}", unit="step")
+        pending, tokens, t0 = [], 0, time.time()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            while self.step < self.total_steps:
+                metrics, n = self.train_step(self.step)
+                self.step += 1
+                pending.append((self.step, metrics))
+                tokens += n
+                if bar is not None:
+                    bar.update(1)
+                last = self.step == self.total_steps
+                save = cfg.save_every and self.step % cfg.save_every == 0
+                if self.step % cfg.log_every == 0 or last or save:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    self._flush(pending, t0, tokens, metrics_file, bar)
+                    pending, tokens, t0 = [], 0, time.time()
+                if save:  # metrics were checked just above: a checkpoint never holds a diverged model
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics_file is not None:
+                metrics_file.close()
+        final = self.save_checkpoint("final")
+        summary = {"method": cfg.method, "steps": self.step, "final": final,
+                   "last": self.history[-1] if self.history else None}
+        if main:
+            with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+            if self.history:
+                h = self.history[-1]
+                self.log(f"[fpo] {cfg.method}: {self.step} steps, final loss {h['loss']:.4f}, "
+                         f"reward accuracy {h['accuracy']:.2f}, {h['tokens_per_s']:.0f} tokens/s, "
+                         f"peak memory {h['peak_memory_mb']:.0f} MB; saved {final}")
+        return summary
+
+    def close(self):
+        if self.policy.capture is not None:
+            self.policy.capture.remove()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train(config: TrainConfig | dict | None = None, log=print, **overrides) -> dict:
+    """Train with a TrainConfig (or a dict of its fields) plus keyword overrides; returns the summary."""
+    if config is None:
+        config = {}
+    if isinstance(config, dict):
+        config = config_from_dict({**config, **overrides})
+    elif overrides:
+        config = config.replace(**overrides)
+    trainer = Trainer(config, log=log)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
