@@ -1,0 +1,147 @@
+"""The `fpo` command: precompute, train, eval, bench, demo."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from .config import METHODS, TrainConfig
+
+
+def _add_train_flags(p):
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        base = next((t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)), str)
+        if base is bool:
+            p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction)
+        else:
+            p.add_argument(flag, dest=f.name, type=base, default=None,
+                           help=f"default {f.default!r}" if f.default is not dataclasses.MISSING else None)
+
+
+def _load_train_config(args):
+    from .config import config_from_dict
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    base = {}
+    if args.config:
+        if args.config.endswith(".json"):
+            with open(args.config) as fh:
+                base = json.load(fh)
+        else:
+            import yaml
+            with open(args.config) as fh:
+                base = yaml.safe_load(fh) or {}
+    return config_from_dict({**base, **overrides})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="fpo", description="FPO and its baselines on fused Triton kernels")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("precompute", help="run the reference model once and write the reference cache")
+    p.add_argument("--model", required=True, help="local folder, .gguf file, or hub name when online")
+    p.add_argument("--dataset", required=True, help="local .json/.jsonl/.parquet file or saved dataset")
+    p.add_argument("--out", required=True, help="cache directory")
+    p.add_argument("--sae", default=None, help="sae-lens dir/file, params.npz or release:id (omit for log-probs only)")
+    p.add_argument("--sae-layer", type=int, default=None, help="decoder block the SAE reads (default: from the SAE)")
+    p.add_argument("--K", type=int, default=256, help="top-K pooled features cached per response")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-prompt-length", type=int, default=256,
+                   help="longer prompts keep their last tokens; responses are cut to fit max-length")
+    p.add_argument("--batch-pairs", type=int, default=4)
+    p.add_argument("--max-pairs", type=int, default=None)
+    p.add_argument("--shard-rows", type=int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--bad-rows", choices=["error", "skip"], default="error",
+                   help="a row with a missing column or an empty response: stop (error) or skip it and report")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("train", help="train with fpo, dpo, simpo, tdpo1 or tdpo2")
+    p.add_argument("--config", default=None, help="YAML (or JSON) file of TrainConfig keys; flags override it")
+    _add_train_flags(p)
+
+    p = sub.add_parser("eval", help="held-out accuracy, KL to the reference, FPO constraint, sample entropy")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--cache", default=None)
+    p.add_argument("--sae", default=None)
+    p.add_argument("--sae-layer", type=int, default=None)
+    p.add_argument("--reference-model", default=None, help="for the KL column")
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--select", choices=["policy", "reference"], default="policy")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("--max-pairs", type=int, default=None)
+    p.add_argument("--entropy-samples", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="also write the metrics here")
+
+    p = sub.add_parser("bench", help="benchmarks: sae | logprobs | step (CPU sizes without a GPU)")
+    p.add_argument("which", choices=["sae", "logprobs", "step"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+
+    p = sub.add_parser("demo", help="SmolLM2-135M + its SAE + UltraFeedback: FPO vs SimPO vs TDPO2, end to end")
+    p.add_argument("--methods", default="fpo,simpo,tdpo2", help=f"comma-separated, from {','.join(METHODS)}")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--pairs", type=int, default=None, help="training pairs")
+    p.add_argument("--eval-pairs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--entropy-samples", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--no-progress", action="store_true")
+
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, RuntimeError, FloatingPointError) as e:
+        sys.exit(f"fpo {args.cmd}: error: {e}")
+
+
+def _run(args):
+    if args.cmd == "precompute":
+        from .precompute import precompute
+        precompute(args.model, args.dataset, args.out, sae=args.sae, sae_layer=args.sae_layer, K=args.K,
+                   max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_pairs=args.batch_pairs,
+                   max_pairs=args.max_pairs, shard_rows=args.shard_rows, device=args.device, bad_rows=args.bad_rows,
+                   overwrite=args.overwrite, progress=not args.no_progress)
+    elif args.cmd == "train":
+        from .train import train
+        train(_load_train_config(args))
+    elif args.cmd == "eval":
+        from .evaluate import evaluate, format_table
+        res = evaluate(args.model, args.dataset, cache=args.cache, sae=args.sae, sae_layer=args.sae_layer,
+                       reference_model=args.reference_model, k=args.k, select=args.select, max_length=args.max_length,
+                       max_prompt_length=args.max_prompt_length, max_pairs=args.max_pairs,
+                       entropy_samples=args.entropy_samples, max_new_tokens=args.max_new_tokens, device=args.device)
+        print(format_table([res], [(k, k, ".4f" if isinstance(v, float) else "") for k, v in res.items()]))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+    elif args.cmd == "bench":
+        import importlib
+        mod = importlib.import_module({"sae": "benchmarks.bench_sae_constraint", "logprobs": "benchmarks.bench_logprobs",
+                                       "step": "benchmarks.bench_step"}[args.which])
+        mod.main(args.rest)
+    elif args.cmd == "demo":
+        from .demo import demo
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"--methods: unknown {bad}; choose from {METHODS}")
+        demo(methods, steps=args.steps, train_pairs=args.pairs, eval_pairs=args.eval_pairs, device=args.device,
+             output_dir=args.output_dir, lr=args.lr, max_length=args.max_length, batch_size=args.batch_size,
+             entropy_samples=args.entropy_samples, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

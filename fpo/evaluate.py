@@ -1,0 +1,120 @@
+"""Held-out evaluation: preference accuracy, sequential KL to the reference, the FPO constraint, and the
+mean per-token entropy of sampled responses (the FPO paper's diversity measure)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fpo_kernels import fused_linear_kl, sae_feature_mse, sequence_logprobs
+
+from .cache import ReferenceCache
+from .data import collate_pairs, load_pairs, tokenize_pairs
+from .model import ResidualCapture, final_softcap, lm_head, load_model, load_tokenizer, run_body
+from .sae import load_sae
+
+__all__ = ["evaluate", "format_table"]
+
+
+@torch.no_grad()
+def _sample_entropy(model, tok, items, n, max_new_tokens, device, seed):
+    """Mean entropy (nats) of the policy's next-token distribution along its own sampled responses."""
+    if n <= 0:
+        return None
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    total, count = 0.0, 0
+    for it in items[:n]:
+        ids = torch.tensor([it.prompt_ids], device=device)
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+                             output_logits=True, pad_token_id=tok.pad_token_id)
+        for step_logits in out.logits:  # one [1, V] per generated token; generation stops at EOS
+            logp = torch.log_softmax(step_logits.float(), -1)
+            total += float(-(logp.exp() * logp).sum())
+            count += 1
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_model=None, k=50, select="policy",
+             max_length=512, max_prompt_length=256, max_pairs=None, batch_pairs=4, entropy_samples=0,
+             max_new_tokens=32, device=None, dtype=None, tokenizer=None, seed=0, log=print) -> dict:
+    """Metrics on held-out pairs.
+
+    accuracy_logp: fraction of pairs whose chosen response has the higher mean log-prob (needs nothing else);
+    accuracy_reward: fraction whose implicit reward a - a_ref is higher for chosen (needs the cache; ties
+    count half, so an untrained policy scores 0.5); kl: mean sequential KL(pi_ref || pi) per response (needs
+    reference_model); d: mean FPO constraint over chosen and rejected (needs sae and a cache with features);
+    entropy: mean per-token entropy of sampled responses (entropy_samples > 0)."""
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if isinstance(model, str):
+        tokenizer = tokenizer or load_tokenizer(model)
+        model = load_model(model, dtype=dtype, device=device)
+    model.eval()
+    ref_model = load_model(reference_model, dtype=dtype, device=device).eval() if isinstance(reference_model, str) else reference_model
+    ref_cache = ReferenceCache(cache) if isinstance(cache, str) else cache
+    sae_w, layer = (None, sae_layer)
+    if sae is not None:
+        sae_w, l2 = load_sae(sae, device) if isinstance(sae, str) else (sae, None)
+        layer = layer if layer is not None else (l2 if l2 is not None else (ref_cache.meta.get("layer") if ref_cache else None))
+    items = tokenize_pairs(load_pairs(dataset, max_pairs, "skip", log=lambda *a: None), tokenizer, max_length, max_prompt_length)
+    cap = ResidualCapture(model, layer) if (sae_w is not None and ref_cache is not None and ref_cache.has_features) else None
+    acc_logp, acc_reward, kls, ds = [], [], [], []
+    try:
+        for b in range(0, len(items), batch_pairs):
+            chunk = items[b:b + batch_pairs]
+            P = len(chunk)
+            batch = collate_pairs(chunk, tokenizer.pad_token_id)
+            ids, resp = batch["input_ids"].to(device), batch["response_mask"].to(device)
+            hidden = run_body(model, ids, batch["attention_mask"].to(device))
+            w, bias = lm_head(model)
+            _, mean, _ = sequence_logprobs(hidden, w, ids, resp, final_softcap(model), bias)
+            acc_logp.append((mean[:P] > mean[P:]).float())
+            if ref_cache is not None:
+                ref = ref_cache.lookup(batch["ids"], batch["row_hash"], device)
+                rw_, rl_ = mean[:P] - ref["chosen_logp_mean"], mean[P:] - ref["rejected_logp_mean"]
+                acc_reward.append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())
+                if cap is not None:
+                    d = sae_feature_mse(cap.pop(), resp, sae_w, torch.cat([ref["chosen_idx"], ref["rejected_idx"]]),
+                                        torch.cat([ref["chosen_val"], ref["rejected_val"]]), k, select)
+                    ds.append(d)
+            elif cap is not None:
+                cap.pop()
+            if ref_model is not None:
+                rh = run_body(ref_model, ids, batch["attention_mask"].to(device))
+                rows = resp[:, 1:].nonzero(as_tuple=True)
+                kl = fused_linear_kl(hidden[:, :-1][rows], w, rh[:, :-1][rows], lm_head(ref_model)[0],
+                                     torch.ones(rows[0].numel(), dtype=torch.bool, device=device), final_softcap(model))
+                kls.append(torch.zeros(2 * P, device=device).index_add(0, rows[0], kl))
+    finally:
+        if cap is not None:
+            cap.remove()
+
+    def mean_of(xs):
+        return float(torch.cat(xs).mean()) if xs else None
+
+    return {
+        "pairs": len(items),
+        "accuracy_logp": mean_of(acc_logp),
+        "accuracy_reward": mean_of(acc_reward),
+        "kl": mean_of(kls),
+        "d": mean_of(ds),
+        "entropy": _sample_entropy(model, tokenizer, items, entropy_samples, max_new_tokens, device, seed),
+    }
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """rows of dicts -> a plain text table; columns: (key, header, format)."""
+    def cell(r, key, fmt):
+        v = r.get(key)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        return format(v, fmt) if fmt else str(v)
+    body = [[cell(r, k, f) for k, _, f in columns] for r in rows]
+    heads = [h for _, h, _ in columns]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(heads)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(b) for b in body])
+
