@@ -181,7 +181,8 @@ def default_chunk_size(V: int) -> int:
 
 
 def _bv(V):
-    return min(1024 if not interpreter_on() else 256, triton.next_power_of_2(V))
+    # The interpreter pays per operation, not per element: wide tiles keep it fast.
+    return min(1024 if not interpreter_on() else 4096, triton.next_power_of_2(V))
 
 
 def _cap_args(softcap):

@@ -38,3 +38,23 @@ def _fresh_seed():
     torch.manual_seed(seed)
     print(f"torch seed {seed}")  # shown with a failure's captured output
     yield seed
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Paths of a tiny model, a second tiny model (other weights), a tiny SAE and 16 pairs, built once."""
+    import tiny as t
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "model": t.make_model(str(root / "model")),
+        "model_b": t.make_model(str(root / "model_b"), seed=1),
+        "sae": t.make_sae(str(root / "sae")),
+        "pairs": t.make_pairs(str(root / "pairs.jsonl")),
+        "root": root,
+    }
+
+
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    """CPU tensors take the plain-PyTorch path (the kernels are tested on their own): fast model tests."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")

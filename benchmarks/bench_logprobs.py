@@ -1,0 +1,118 @@
+"""Fused linear log-probs and KL vs materialised logits, forward and forward+backward.
+
+Providers, log-probs: fused (fpo_kernels.fused_linear_logprobs), naive (logits = h @ W.T, .float(),
+softcap, log_softmax, gather: what TRL does), liger (LigerFusedLinearCrossEntropyLoss with reduction
+"none", when liger-kernel is installed; no softcap). KL: fused (fpo_kernels.fused_linear_kl) vs the TDPO
+authors' formulation (softmax of both models' logits, .log(), the product, summed).
+
+FLOPs: 2 N d V per logits GEMM; the fused backward recomputes the chunk's logits (one GEMM more than naive).
+Bytes: naive holds [N, V] logits in the model dtype plus fp32 copies (8.4 GB per copy at N 8192, V 256000).
+Targets (H100, 8k tokens): peak extra memory <= 1/8 of naive; fwd+bwd within 1.2x of naive; KL <= 1/8 naive memory.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import bench, environment, peak_extra_mb, write_results
+from fpo_kernels import fused_linear_kl, fused_linear_logprobs
+
+HEADS_GPU = [("gemma2-2b", 2304, 256000, 30.0), ("llama3", 4096, 128256, None)]
+TOKENS_GPU = [2048, 8192, 32768]
+HEADS_CPU = [("cpu-small", 128, 4000, 30.0)]
+TOKENS_CPU = [256]
+
+
+def naive_logprobs(h, W, labels, softcap):
+    z = (h @ W.t()).float()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return torch.log_softmax(z, -1).gather(1, labels[:, None]).squeeze(1)
+
+
+def naive_kl_tdpo(h, W, rh, rW, softcap):
+    """As the TDPO authors compute it: softmax of both, .log(), product, sum over the vocabulary."""
+    z, zr = (h @ W.t()).float(), (rh @ rW.t()).float()
+    if softcap:
+        z, zr = softcap * torch.tanh(z / softcap), softcap * torch.tanh(zr / softcap)
+    p, q = z.softmax(-1), zr.softmax(-1)
+    return (q * (q.log() - p.log())).sum(-1)
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        return LigerFusedLinearCrossEntropyLoss(reduction="none")
+    except Exception:
+        return None
+
+
+def run(heads, tokens, dtype=torch.bfloat16):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        dtype = torch.float32
+    liger = _liger()
+    rows = []
+    for label, d, V, cap in heads:
+        torch.manual_seed(0)
+        W = (torch.randn(V, d, device=dev) * d ** -0.5).to(dtype).requires_grad_()
+        rW = W.detach().clone()
+        for N in tokens:
+            h0 = torch.randn(N, d, device=dev, dtype=dtype)
+            rh = h0 + 0.1 * torch.randn_like(h0)
+            labels = torch.randint(0, V, (N,), device=dev)
+            g = torch.randn(N, device=dev)
+            providers = {
+                "logprobs/fused": lambda h: fused_linear_logprobs(h, W, labels, softcap=cap, check_inputs=False),
+                "logprobs/naive": lambda h: naive_logprobs(h, W, labels, cap),
+                "kl/fused": lambda h: fused_linear_kl(h, W, rh, rW, torch.ones(N, dtype=torch.bool, device=dev), softcap=cap),
+                "kl/naive-tdpo": lambda h: naive_kl_tdpo(h, W, rh, rW, cap),
+            }
+            if liger is not None and cap is None:
+                providers["logprobs/liger"] = lambda h: -liger(W, h, labels)
+            for mode in ("forward", "full"):
+                res = {}
+                for name, fn in providers.items():
+                    h = h0.clone().requires_grad_(mode == "full")
+
+                    def step():
+                        if mode == "full":
+                            h.grad, W.grad = None, None
+                            fn(h).backward(g)
+                        else:
+                            with torch.no_grad():
+                                fn(h)
+                    try:
+                        res[name] = (bench(step), peak_extra_mb(step))
+                    except torch.OutOfMemoryError:
+                        torch.cuda.empty_cache()
+                        res[name] = (float("nan"), float("nan"))
+                for name, (ms, mem) in res.items():
+                    kind = name.split("/")[0]
+                    f_ms, f_mem = res[f"{kind}/fused"]
+                    gemms = (2 if kind == "kl" else 1) * (1 if mode == "forward" else 3)
+                    rows.append({"head": label, "d": d, "V": V, "softcap": cap, "tokens": N, "mode": mode, "provider": name,
+                                 "ms": ms, "tflops": 2 * N * d * V * gemms / ms / 1e9 if ms == ms else None,
+                                 "peak_extra_mb": mem,
+                                 "time_vs_fused": ms / f_ms if not name.endswith("fused") else None,
+                                 "fused_mem_ratio": f_mem / mem if (mem and f_mem is not None and not name.endswith("fused")) else None})
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tokens", type=int, nargs="*", default=None)
+    args = ap.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    rows = run(HEADS_GPU if gpu else HEADS_CPU, args.tokens or (TOKENS_GPU if gpu else TOKENS_CPU))
+    notes = "time_vs_fused = provider ms / fused ms; fused_mem_ratio = fused peak extra / provider peak extra."
+    if not gpu:
+        notes += " CPU: 'fused' is the plain-PyTorch fallback (no GPU): a smoke run of the harness, not a measurement."
+    write_results("bench_logprobs", rows, environment(), args.out, notes)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

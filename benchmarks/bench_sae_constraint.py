@@ -1,0 +1,119 @@
+"""Fused SAE feature constraint vs the naive PyTorch formulation, forward and forward+backward.
+
+Providers: fused (fpo_kernels.sae_feature_mse), naive (full encode [N, m] in the model dtype, JumpReLU,
+masked mean, top-k, gather, MSE, autograd: what the FPO authors' code does), naive under torch.compile,
+and a bare torch.matmul [N, d] x [d, m] in bf16 as the floor of the policy-mode forward.
+
+FLOPs and bytes, N tokens, d model width, m SAE width, k selected features:
+    policy forward:    2 N d m FLOPs; reads N d + d m, writes B m (naive also writes and rereads N m fp32)
+    reference forward: 2 N d k FLOPs (~m/k fewer)
+    backward:          4 N d k FLOPs (recompute k pre-activations, multiply back), writes N d
+Targets (H100): fwd+bwd >= 4x naive and >= 2x compiled naive; peak extra memory <= 1/50 of naive;
+policy forward within 1.3x of the bare matmul; reference mode >= 50x faster than policy mode.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import bench, environment, peak_extra_mb, write_results
+from fpo_kernels import SAEWeights, pack_topk, sae_feature_mse
+
+SHAPES_GPU = [  # (label, d, m, sequences, tokens per sequence)
+    ("gemma2-2b", 2304, 16384, 4, 1024), ("gemma2-2b", 2304, 16384, 8, 1024), ("gemma2-2b", 2304, 16384, 8, 4096),
+    ("gemma2-9b", 3584, 16384, 8, 1024), ("gemma2-9b", 3584, 131072, 4, 1024),
+]
+SHAPES_CPU = [("cpu-small", 256, 2048, 2, 128)]
+
+
+def naive_sae_feature_mse(hidden, mask, W_enc, b_enc, threshold, ref_dense, k, select, ref_idx):
+    """The unfused formulation: [N, m] features in memory, kept by autograd for the backward."""
+    z = (hidden @ W_enc).float() + b_enc                       # [B, T, m]
+    f = torch.where(z > threshold, z, torch.zeros_like(z))
+    m = mask.unsqueeze(-1).float()
+    pooled = (f * m).sum(1) / m.sum(1)                         # [B, m]
+    idx = pooled.detach().topk(k, dim=1).indices if select == "policy" else ref_idx
+    p = pooled.gather(1, idx)
+    return ((p - ref_dense.gather(1, idx)) ** 2).mean(1)
+
+
+def run(shapes, k=50, dtype=torch.bfloat16, modes=("forward", "full"), compile_naive=True):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        dtype = torch.float32
+    rows = []
+    for label, d, m, B, T in shapes:
+        torch.manual_seed(0)
+        sae = SAEWeights.from_tensors(torch.randn(d, m, device=dev) / d ** 0.5, torch.randn(m, device=dev) * 0.1,
+                                      torch.rand(m, device=dev) * 0.3 + 0.1, torch.randn(d, device=dev) * 0.1, False)
+        W = sae.weight_as(dtype).t()
+        hidden = torch.randn(B, T, d, device=dev, dtype=dtype)
+        mask = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        mask[:, T // 4:] = True                                        # a prompt, then the response
+        pooled = torch.rand(B, m, device=dev) * (torch.rand(B, m, device=dev) < 0.05)
+        ref_idx, ref_val = pack_topk(pooled, 256)
+        ref_dense = torch.zeros(B, m, device=dev).scatter_(1, ref_idx.long(), ref_val.float())
+        N = B * T
+        naive_c = torch.compile(naive_sae_feature_mse) if compile_naive else None
+        mm_ms = bench(lambda: hidden.view(N, d) @ W)
+        for select in ("policy", "reference"):
+            providers = {
+                "fused": lambda h: sae_feature_mse(h, mask, sae, ref_idx, ref_val, k=k, select=select, check_inputs=False),
+                "naive": lambda h: naive_sae_feature_mse(h, mask, W, sae.bias, sae.threshold, ref_dense, k, select, ref_idx[:, :k].long()),
+            }
+            if naive_c is not None:
+                providers["naive+compile"] = lambda h: naive_c(h, mask, W, sae.bias, sae.threshold, ref_dense, k, select, ref_idx[:, :k].long())
+            for mode in modes:
+                res = {}
+                for name, fn in providers.items():
+                    h = hidden.clone().requires_grad_(mode == "full")
+                    g = torch.ones(B, device=dev)
+
+                    def step():
+                        if mode == "full":
+                            h.grad = None
+                            fn(h).backward(g)
+                        else:
+                            with torch.no_grad():
+                                fn(h)
+                    try:
+                        ms = bench(step)
+                        mem = peak_extra_mb(step)
+                    except torch.OutOfMemoryError:
+                        ms, mem = float("nan"), float("nan")
+                        torch.cuda.empty_cache()
+                    res[name] = (ms, mem)
+                flops = 2 * N * d * (m if select == "policy" else k) + (4 * N * d * k if mode == "full" else 0)
+                f_ms, f_mem = res["fused"]
+                for name, (ms, mem) in res.items():
+                    rows.append({
+                        "shape": label, "d": d, "m": m, "tokens": N, "select": select, "mode": mode, "provider": name,
+                        "ms": ms, "tflops": flops / ms / 1e9 if ms == ms else None, "peak_extra_mb": mem,
+                        "fused_speedup": ms / f_ms if name != "fused" else None,
+                        "fused_mem_ratio": (f_mem / mem) if (mem and f_mem is not None and name != "fused") else None,
+                        "vs_bare_matmul": ms / mm_ms if name == "fused" else None,
+                    })
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="write <out>/bench_sae_constraint.{json,md}")
+    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="first two GPU shapes only")
+    args = ap.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    shapes = (SHAPES_GPU[:2] if args.quick else SHAPES_GPU) if gpu else SHAPES_CPU
+    rows = run(shapes, k=args.k, compile_naive=not args.no_compile and gpu)
+    notes = ("fused_speedup = provider ms / fused ms; fused_mem_ratio = fused peak extra / provider peak extra; "
+             "vs_bare_matmul = fused ms / bf16 torch.matmul of [N, d] x [d, m].")
+    if not gpu:
+        notes += " CPU: 'fused' is the plain-PyTorch fallback (no GPU): a smoke run of the harness, not a measurement."
+    write_results("bench_sae_constraint", rows, environment(), args.out, notes)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Shared benchmark helpers: environment record, timing, peak memory, result files."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+
+
+def environment() -> dict:
+    import triton
+    env = {"torch": torch.__version__, "triton": triton.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                           cwd=os.path.dirname(__file__)).stdout.strip() or None
+    except OSError:
+        env["git_commit"] = None
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True).stdout.strip()
+        except OSError:
+            env["driver"] = None
+    else:
+        env["device"] = "cpu"
+        env["driver"] = None
+    return env
+
+
+def bench(fn, warmup=3, rep=10) -> float:
+    """Median milliseconds: triton.testing.do_bench on CUDA, wall-clock median on the CPU."""
+    if torch.cuda.is_available():
+        import triton
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_mb(fn) -> float | None:
+    """Peak memory allocated during fn beyond what was allocated before it (CUDA only)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def write_results(name: str, rows: list[dict], env: dict, out_dir: str | None, notes: str = "", columns=None):
+    """rows -> stdout table, and <out_dir>/<name>.json + .md when out_dir is given."""
+    from fpo.evaluate import format_table
+    def fmt(key):
+        return ".3g" if any(isinstance(r.get(key), float) for r in rows) else ""
+    cols = columns or [(k, k, fmt(k)) for k in rows[0]]
+    table = format_table(rows, cols)
+    header = f"{name}: {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env.get('git_commit')}, {env['date']}"
+    print(header)
+    print(table)
+    if notes:
+        print(notes)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            json.dump({"environment": env, "rows": rows, "notes": notes}, f, indent=1)
+        with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+            f.write(f"# {name}\n\n{header}\n\n```\n{table}\n```\n\n{notes}\n")
+    return table

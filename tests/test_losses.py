@@ -1,0 +1,79 @@
+"""Losses against hand-computed values and the formulas as their authors state them."""
+import math
+
+import pytest
+import torch
+
+from fpo.losses import LOSSES, dpo_loss, fpo_loss, simpo_loss, tdpo_loss
+
+
+def nls(u):  # -log sigmoid(u)
+    return math.log1p(math.exp(-u))
+
+
+def t(*v):
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def test_dpo_hand_computed():
+    loss, m = dpo_loss(t(-10.0), t(-14.0), t(-11.0), t(-12.0), beta=0.1)
+    # u = 0.1 * ((-10 + 11) - (-14 + 12)) = 0.3
+    assert loss.item() == pytest.approx(nls(0.3), rel=1e-6)
+    assert m["reward_chosen"].item() == pytest.approx(0.1) and m["reward_rejected"].item() == pytest.approx(-0.2)
+    assert m["accuracy"].item() == 1.0 and m["margin"].item() == pytest.approx(0.3)
+
+
+def test_simpo_hand_computed_and_gamma_beta_ratio():
+    loss, _ = simpo_loss(t(-1.2), t(-1.5), beta=2.0, gamma=0.5)
+    # u = 2 * -1.2 - 2 * -1.5 - 0.5 = 0.1
+    assert loss.item() == pytest.approx(nls(0.1), rel=1e-5)
+    # the official code's gamma_beta_ratio = gamma / beta: 0.25 * 2.0 is gamma 0.5
+    ratio_form = -torch.nn.functional.logsigmoid(2.0 * (t(-1.2) - t(-1.5) - 0.25))
+    assert torch.allclose(loss, ratio_form)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_tdpo_hand_computed_and_gradient(variant):
+    sw, sl = t(-10.0).requires_grad_(), t(-14.0).requires_grad_()
+    kw, kl = t(0.4).requires_grad_(), t(0.9).requires_grad_()
+    loss, m = tdpo_loss(sw, sl, t(-11.0), t(-12.0), kw, kl, beta=0.1, alpha=0.5, variant=variant)
+    pref = 0.1 * ((-10 + 11) - (-14 + 12))
+    u = pref - 0.1 * (0.9 - 0.4) if variant == 1 else pref - 0.5 * 0.1 * (0.9 - 0.4)
+    assert loss.item() == pytest.approx(nls(u), rel=1e-6)
+    loss.backward()
+    s = 1 / (1 + math.exp(u))  # -dL/du
+    assert kl.grad.item() == pytest.approx(s * 0.1 * (1 if variant == 1 else 0.5), rel=1e-5)
+    # TDPO2 stops the gradient through the chosen KL; TDPO1 does not
+    if variant == 1:
+        assert kw.grad.item() == pytest.approx(-s * 0.1, rel=1e-5)
+    else:
+        assert kw.grad is None                                     # no gradient reaches it at all
+    assert m["kl_chosen"].item() == pytest.approx(0.4)
+
+
+def test_fpo_hand_computed_and_stopgrad():
+    aw, al = t(-1.0).requires_grad_(), t(-1.6).requires_grad_()
+    dw, dl = t(0.02).requires_grad_(), t(0.05).requires_grad_()
+    loss, m = fpo_loss(aw, al, t(-1.1), t(-1.4), dw, dl, beta=0.1, alpha=0.5)
+    # u = beta ((aw - al) - (ref_w - ref_l) - alpha (dl - dw)) = 0.1 (0.6 - 0.3 - 0.5 * 0.03)
+    u = 0.1 * (0.6 - 0.3 - 0.5 * 0.03)
+    assert loss.item() == pytest.approx(nls(u), rel=1e-5)
+    loss.backward()
+    s = 1 / (1 + math.exp(u))
+    assert dw.grad is None                                         # stopgrad(D(y_w))
+    assert dl.grad.item() == pytest.approx(s * 0.1 * 0.5, rel=1e-5)
+    assert aw.grad.item() == pytest.approx(-s * 0.1, rel=1e-5)
+    assert m["d_rejected"].item() == pytest.approx(0.05)
+
+
+def test_fpo_alpha_zero_is_length_normalised_dpo():
+    aw, al, rw, rl = t(-1.0, -2.0), t(-1.6, -1.5), t(-1.1, -1.9), t(-1.4, -1.6)
+    loss, _ = fpo_loss(aw, al, rw, rl, t(0.3, 0.1), t(0.9, 0.2), beta=0.1, alpha=0.0)
+    want = -torch.nn.functional.logsigmoid(0.1 * ((aw - al) - (rw - rl)))
+    assert torch.allclose(loss, want)
+
+
+def test_registry():
+    assert set(LOSSES) == {"dpo", "simpo", "tdpo1", "tdpo2", "fpo"}
+    with pytest.raises(ValueError, match="variant"):
+        tdpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), t(0.0), t(0.0), variant=3)

@@ -1,0 +1,199 @@
+"""The training loop on a tiny model: every method, fused == reference, exact resume, ranks, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fpo.config import TrainConfig, config_from_dict, load_config
+from fpo.data import collate_pairs, load_pairs, tokenize_pairs
+from fpo.model import load_model, load_tokenizer
+from fpo.precompute import precompute
+from fpo.train import NonFiniteLossError, PolicyStats, Trainer, train
+from fpo_kernels import SAEWeights, sequence_logprobs
+
+LEN = dict(max_length=64, max_prompt_length=32)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cache") / "c")
+    os.environ["TRITON_INTERPRET"], old = "0", os.environ.get("TRITON_INTERPRET")
+    try:
+        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], K=32, progress=False, **LEN)
+    finally:
+        os.environ["TRITON_INTERPRET"] = old or "0"
+    return out
+
+
+def _cfg(tiny, cache, tmp_path, method="fpo", **kw):
+    base = dict(method=method, model=tiny["model"], dataset=tiny["pairs"], cache=cache if method in ("fpo", "dpo") else None,
+                sae=tiny["sae"] if method == "fpo" else None, batch_size=4, micro_batch_size=2, max_steps=2, lr=1e-3,
+                warmup_steps=0, output_dir=str(tmp_path / method), log_every=1, progress=False, **LEN)
+    base.update(kw)
+    return base
+
+
+@pytest.mark.usefixtures("no_interpreter")
+@pytest.mark.parametrize("method", ["fpo", "dpo", "simpo", "tdpo1", "tdpo2"])
+def test_every_method_trains(tiny, cache, tmp_path, method):
+    before = load_model(tiny["model"]).state_dict()
+    out = train(_cfg(tiny, cache, tmp_path, method), log=lambda *a: None)
+    hist = [json.loads(line) for line in open(tmp_path / method / "metrics.jsonl")]
+    assert len(hist) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+    after = load_model(out["final"]).state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2
+    assert {"fpo": "d_chosen", "tdpo1": "kl_chosen", "tdpo2": "kl_rejected"}.get(method, "accuracy") in hist[0]
+
+
+@pytest.mark.parametrize("select,softcap", [("policy", None), ("reference", 20.0)])
+def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, softcap):
+    """PolicyStats through the Triton kernels (interpreter) vs the plain-PyTorch path: outputs and gradients."""
+    import tiny as t
+    model_dir = tiny["model"] if softcap is None else t.make_model(str(tmp_path / "gemma"), softcap=softcap)
+    tok = load_tokenizer(model_dir)
+    sae = SAEWeights.from_file(tiny["sae"])
+    items = tokenize_pairs(load_pairs(tiny["pairs"], max_pairs=2), tok, 40, 20)
+    batch = collate_pairs(items, tok.pad_token_id)
+    g = torch.Generator().manual_seed(0)
+    ref_idx = torch.stack([torch.randperm(sae.width, generator=g)[:16] for _ in range(4)])
+    ref_val = torch.rand(4, 16, generator=g).to(torch.bfloat16)
+    ref_model = load_model(model_dir)
+    with torch.no_grad():
+        ref_hidden = ref_model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    results = []
+    for interp in ("1", "0"):
+        monkeypatch.setenv("TRITON_INTERPRET", interp)
+        torch.manual_seed(0)
+        model = load_model(model_dir)
+        with torch.no_grad():  # move the policy off the reference so the KL is not zero
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        ps = PolicyStats(model, sae, 2, k=5, select=select)
+        out = ps(batch["input_ids"], batch["attention_mask"], batch["response_mask"], ref_idx, ref_val,
+                 ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight.detach())
+        (out["logp_sum"].sum() * 0.01 + out["d"].sum() * 10 + out["kl"].sum() * 0.1).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: v.detach() for k, v in out.items()}, grads))
+        ps.capture.remove()
+    (fo, fg), (ro, rg) = results
+    for k in ro:
+        assert torch.allclose(fo[k], ro[k], rtol=1e-4, atol=1e-5), k
+    assert fg.keys() == rg.keys()
+    for n in rg:
+        rel = (fg[n] - rg[n]).norm() / rg[n].norm().clamp(min=1e-12)
+        assert rel < 1e-3, (n, rel.item())
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_resume_reproduces_the_uninterrupted_run(tiny, cache, tmp_path):
+    full = train(_cfg(tiny, cache, tmp_path, max_steps=4, save_every=2, output_dir=str(tmp_path / "full")), log=lambda *a: None)
+    train(_cfg(tiny, cache, tmp_path, max_steps=2, save_every=2, output_dir=str(tmp_path / "part")), log=lambda *a: None)
+    train(_cfg(tiny, cache, tmp_path, max_steps=4, save_every=2, output_dir=str(tmp_path / "part"), resume="latest"),
+          log=lambda *a: None)
+    a = [json.loads(line)["loss"] for line in open(tmp_path / "full" / "metrics.jsonl")]
+    b = [json.loads(line)["loss"] for line in open(tmp_path / "part" / "metrics.jsonl")]
+    assert len(a) == len(b) == 4
+    assert a == b  # exactly
+    wa = load_model(full["final"]).state_dict()
+    wb = load_model(str(tmp_path / "part" / "final")).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _torchrun(args, nproc=2, port=29621):
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(port), os.path.join(os.path.dirname(__file__), "dist_driver.py"),
+                           json.dumps(dict(kind="train", **args))], env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.dist
+@pytest.mark.usefixtures("no_interpreter")
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny, cache, tmp_path, fsdp):
+    one = _cfg(tiny, cache, tmp_path, max_steps=3, micro_batch_size=4, output_dir=str(tmp_path / "one"))
+    train(one, log=lambda *a: None)
+    two = dict(one, micro_batch_size=2, output_dir=str(tmp_path / "two"), fsdp=fsdp)
+    r = _torchrun(two, port=29631 + fsdp)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a = [json.loads(line)["loss"] for line in open(tmp_path / "one" / "metrics.jsonl")]
+    b = [json.loads(line)["loss"] for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert len(a) == len(b) == 3
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    wa = load_model(str(tmp_path / "one" / "final")).state_dict()
+    wb = load_model(str(tmp_path / "two" / "final")).state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_alpha_zero_fpo_gradient_is_length_normalised_dpo(tiny, cache, tmp_path):
+    """With alpha = 0, FPO's gradient equals that of -log sigmoid(beta ((a_w - a_l) - g_ref)) with the cached margin."""
+    trainer = Trainer(config_from_dict(_cfg(tiny, cache, tmp_path, alpha=0.0, max_grad_norm=None)), log=lambda *a: None)
+    items = next(iter(trainer.micro_batches(0)))
+    batch = collate_pairs(items, trainer.tokenizer.pad_token_id)
+    from fpo.train import compute_loss
+    ref = trainer.cache.lookup(batch["ids"], batch["row_hash"])
+    stats = trainer.policy(batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                           torch.cat([ref["chosen_idx"], ref["rejected_idx"]]), torch.cat([ref["chosen_val"], ref["rejected_val"]]))
+    loss, _ = compute_loss(trainer.cfg, stats, ref, 2)
+    loss.mean().backward()
+    g_fpo = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    trainer.model.zero_grad()
+    w, b = trainer.model.lm_head.weight, None
+    hidden = trainer.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    _, mean, _ = sequence_logprobs(hidden, w, batch["input_ids"], batch["response_mask"])
+    g_ref = ref["chosen_logp_mean"] - ref["rejected_logp_mean"]
+    want = -torch.nn.functional.logsigmoid(0.1 * ((mean[:2] - mean[2:]) - g_ref))
+    want.mean().backward()
+    for n, p in trainer.model.named_parameters():
+        assert torch.allclose(g_fpo[n], p.grad, rtol=1e-4, atol=1e-7), n
+    trainer.close()
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny, cache, tmp_path, monkeypatch):
+    import fpo.train as tr
+    real = tr.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(cfg, stats, ref, P):
+        calls["n"] += 1
+        losses, m = real(cfg, stats, ref, P)
+        if calls["n"] > 4:  # from step 3 on (two micro-batches per step)
+            losses = losses * float("nan")
+        return losses, m
+
+    monkeypatch.setattr(tr, "compute_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 3.*checkpoint-000002"):
+        train(_cfg(tiny, cache, tmp_path, method="simpo", batch_size=4, micro_batch_size=2, max_steps=4, save_every=2),
+              log=lambda *a: None)
+    ckpt = tmp_path / "simpo" / "checkpoint-000002"
+    assert ckpt.exists() and not (tmp_path / "simpo" / "checkpoint-000004").exists()
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_bad_configs(tiny, cache, tmp_path):
+    with pytest.raises(ValueError, match="unknown config keys"):
+        config_from_dict(dict(_cfg(tiny, cache, tmp_path), learning_rate=1.0))
+    with pytest.raises(ValueError, match="lr must be float"):
+        config_from_dict(dict(_cfg(tiny, cache, tmp_path), lr="fast"))
+    with pytest.raises(ValueError, match="needs a reference cache"):
+        config_from_dict(dict(_cfg(tiny, cache, tmp_path), cache=None))
+    with pytest.raises(ValueError, match="method must be"):
+        config_from_dict(dict(_cfg(tiny, cache, tmp_path), method="ppo"))
+    with pytest.raises(ValueError, match="model is required"):
+        TrainConfig(dataset="x", method="simpo")
+    with pytest.raises(ValueError, match="batch_size 6 must be a multiple"):
+        train(_cfg(tiny, cache, tmp_path, method="simpo", batch_size=6, micro_batch_size=4), log=lambda *a: None)
+    with pytest.raises(ValueError, match="sae_layer 7 is outside"):
+        train(_cfg(tiny, cache, tmp_path, sae_layer=7), log=lambda *a: None)
+    with pytest.raises(ValueError, match="another model"):  # a cache made for another architecture
+        import tiny as t
+        other = t.make_model(str(tmp_path / "gem"), softcap=10.0)
+        train(_cfg(tiny, cache, tmp_path, model=other), log=lambda *a: None)
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text("method: simpo\nmodel: m\ndataset: d\nlr: 1e-6\n")
+    assert load_config(str(yaml_path), beta=3.0).lr == 1e-6
