@@ -7,7 +7,8 @@ Layout of a cache directory:
 
 Each shard holds, for its n rows: ids [n] int64, row_hash [n] int64 (hash of the row's token ids),
 {chosen,rejected}_logp_sum / _logp_mean / _len [n] float32, and when an SAE is used
-{chosen,rejected}_idx [n, K] int16 (width <= 32768) or int32 and {chosen,rejected}_val [n, K] bf16.
+{chosen,rejected}_idx [n, K] int16 (width <= 32768) or int32 and {chosen,rejected}_val [n, K] float16
+(or the value_dtype precompute was given).
 A shard is written to a temporary name and renamed when complete, so a directory never holds half a shard.
 """
 from __future__ import annotations

@@ -52,6 +52,8 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--max-prompt-length", type=int, default=256,
                    help="longer prompts keep their last tokens; responses are cut to fit max-length")
+    p.add_argument("--value-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="storage of the cached feature values (see the fidelity table in the README)")
     p.add_argument("--batch-pairs", type=int, default=4)
     p.add_argument("--max-pairs", type=int, default=None)
     p.add_argument("--shard-rows", type=int, default=256)
@@ -112,7 +114,7 @@ def _run(args):
         precompute(args.model, args.dataset, args.out, sae=args.sae, sae_layer=args.sae_layer, K=args.K,
                    max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_pairs=args.batch_pairs,
                    max_pairs=args.max_pairs, shard_rows=args.shard_rows, device=args.device, bad_rows=args.bad_rows,
-                   overwrite=args.overwrite, progress=not args.no_progress)
+                   overwrite=args.overwrite, value_dtype=args.value_dtype, progress=not args.no_progress)
     elif args.cmd == "train":
         from .train import train
         train(_load_train_config(args))

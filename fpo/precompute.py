@@ -10,6 +10,7 @@ import time
 import torch
 
 from fpo_kernels import SAEWeights, index_dtype_for, pack_topk, sae_pooled_features, sequence_logprobs
+from fpo_kernels.cache import VALUE_DTYPES
 
 from . import distributed as dist_utils
 from .cache import FORMAT_VERSION, atomic_write_json, shard_name, write_shard, _sha256
@@ -38,7 +39,7 @@ def check_sae_fits(model, sae: SAEWeights, layer):
 
 
 @torch.no_grad()
-def reference_stats(model, batch, sae=None, layer=None, K=256, device="cpu"):
+def reference_stats(model, batch, sae=None, layer=None, K=256, device="cpu", value_dtype=torch.float16):
     """Reference statistics of one collated batch (2P sequences, chosen first)."""
     cap = ResidualCapture(model, layer) if sae is not None else None
     try:
@@ -50,7 +51,7 @@ def reference_stats(model, batch, sae=None, layer=None, K=256, device="cpu"):
         out = {"logp_sum": total, "logp_mean": mean, "len": count}
         if sae is not None:
             pooled = sae_pooled_features(cap.pop(), resp, sae, check_inputs=False)
-            out["idx"], out["val"] = pack_topk(pooled, K)
+            out["idx"], out["val"] = pack_topk(pooled, K, value_dtype)
     finally:
         if cap is not None:
             cap.remove()
@@ -65,19 +66,22 @@ def reference_stats(model, batch, sae=None, layer=None, K=256, device="cpu"):
 def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_length: int = 512,
                max_prompt_length: int = 256, batch_pairs: int = 4, max_pairs=None, shard_rows: int = 256,
                device=None, dtype=None, bad_rows: str = "error", overwrite: bool = False, tokenizer=None,
-               model_name=None, log=print, progress: bool = True) -> dict:
+               model_name=None, value_dtype: str = "float16", log=print, progress: bool = True) -> dict:
     """Build the reference cache in directory `out`; returns the summary it prints.
 
     model: a path / hub name / .gguf, or a loaded model (then pass tokenizer and model_name);
     dataset: a local .json/.jsonl/.parquet file or saved dataset; sae: an SAE spec (see fpo.sae.load_sae)
     or SAEWeights or None (log-probs only, enough for DPO); sae_layer: the decoder block the SAE reads
-    (default: from the SAE's hook name). A run that stops part-way resumes where it stopped when started
+    (default: from the SAE's hook name); value_dtype: how feature values are stored (float16, bfloat16 or
+    float32; see the fidelity table in the README). A run that stops part-way resumes where it stopped when started
     again with the same arguments. Under torchrun each rank computes its share of the shards."""
     rank, world, dist_dev = dist_utils.init()
     device = torch.device(device) if device is not None else (dist_dev or default_device())
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be a positive integer, got {K!r}")
+    if value_dtype not in VALUE_DTYPES:
+        raise ValueError(f"value_dtype must be one of {list(VALUE_DTYPES)}, got {value_dtype!r}")
     if shard_rows < 1 or batch_pairs < 1:
         raise ValueError("shard_rows and batch_pairs must be >= 1")
     say = log if rank == 0 else (lambda *a, **k: None)
@@ -110,7 +114,7 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
         "sae_width": sae.width if sae is not None else None, "layer": layer if sae is not None else None,
         "K": K if sae is not None else None,
         "index_dtype": str(index_dtype_for(sae.width)).replace("torch.", "") if sae is not None else None,
-        "value_dtype": "bfloat16" if sae is not None else None,
+        "value_dtype": value_dtype if sae is not None else None,
         "reference_dtype": str(dtype).replace("torch.", ""),
     }
     out = os.fspath(out)
@@ -151,7 +155,7 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
         parts = []
         for b in range(s, e, batch_pairs):
             chunk = items[b:min(b + batch_pairs, e)]
-            parts.append(reference_stats(model, collate_pairs(chunk, pad), sae, layer, K, device))
+            parts.append(reference_stats(model, collate_pairs(chunk, pad), sae, layer, K, device, VALUE_DTYPES[value_dtype]))
             if bar is not None:
                 bar.update(len(chunk) * world)
         tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -18,6 +18,7 @@ import time
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from fpo_kernels import fused_linear_kl, sae_feature_mse, sequence_logprobs
 
@@ -55,17 +56,20 @@ class PolicyStats(nn.Module):
                 ref_hidden=None, ref_weight=None):
         hidden = run_body(self.model, input_ids, attention_mask)              # [2P, T, d]
         w, b = lm_head(self.model)
-        total, mean, count = sequence_logprobs(hidden, w, input_ids, response_mask, self.softcap, b)
+        with record_function("fpo::logprobs"):
+            total, mean, count = sequence_logprobs(hidden, w, input_ids, response_mask, self.softcap, b)
         out = {"logp_sum": total, "logp_mean": mean, "len": count}
         if self.sae is not None:
             resid = self.capture.pop()
-            out["d"] = sae_feature_mse(resid, response_mask, self.sae, ref_idx, ref_val, self.k, self.select,
-                                       check_inputs=False)
+            with record_function("fpo::sae_constraint"):
+                out["d"] = sae_feature_mse(resid, response_mask, self.sae, ref_idx, ref_val, self.k, self.select,
+                                           check_inputs=False)
         if ref_hidden is not None:
-            rows = response_mask[:, 1:].nonzero(as_tuple=True)                 # positions predicting response tokens
-            kl = fused_linear_kl(hidden[:, :-1][rows], w, ref_hidden[:, :-1][rows], ref_weight,
-                                 torch.ones(rows[0].numel(), dtype=torch.bool, device=hidden.device), self.softcap)
-            out["kl"] = torch.zeros(hidden.shape[0], device=hidden.device).index_add(0, rows[0], kl)
+            with record_function("fpo::kl"):
+                rows = response_mask[:, 1:].nonzero(as_tuple=True)             # positions predicting response tokens
+                kl = fused_linear_kl(hidden[:, :-1][rows], w, ref_hidden[:, :-1][rows], ref_weight,
+                                     torch.ones(rows[0].numel(), dtype=torch.bool, device=hidden.device), self.softcap)
+                out["kl"] = torch.zeros(hidden.shape[0], device=hidden.device).index_add(0, rows[0], kl)
         return out
 
 

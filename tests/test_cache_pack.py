@@ -11,10 +11,10 @@ def test_pack_dtypes_and_round_trip(m, dtype):
     B, K = 3, 64
     pooled = torch.rand(B, m)
     idx, val = pack_topk(pooled, K)
-    assert idx.dtype == dtype == index_dtype_for(m) and val.dtype == torch.bfloat16
+    assert idx.dtype == dtype == index_dtype_for(m) and val.dtype == torch.float16
     ridx, rval = pack_topk_ref(pooled, K)
     assert torch.equal(idx.long(), ridx)                          # exact indices, including the top of the range
-    assert torch.equal(val, rval.bfloat16())                      # values within bf16 rounding
+    assert torch.equal(val, rval.half())                          # values: exactly the reference rounded once
     assert (val[:, :-1] >= val[:, 1:]).all()
     dense = unpack_topk(idx, val, m)
     assert torch.equal(dense.gather(1, idx.long()), val.float())
@@ -31,7 +31,17 @@ def test_k_larger_than_width_pads():
     assert sorted(idx[0, :5].tolist()) == list(range(5))
 
 
+@pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_value_dtypes(value_dtype):
+    pooled = torch.rand(2, 50) * 10
+    idx, val = pack_topk(pooled, 8, value_dtype)
+    assert val.dtype == value_dtype
+    assert torch.equal(val, pooled.gather(1, idx.long()).to(value_dtype))
+
+
 def test_bad_input():
+    with pytest.raises(ValueError, match="float16's range"):
+        pack_topk(torch.full((1, 4), 7e4), 2)
     with pytest.raises(ValueError, match="pooled row 1"):
         p = torch.rand(2, 10)
         p[1, 3] = float("nan")

@@ -1,0 +1,278 @@
+"""One full training step (forward, backward, optimizer) per method, on a model built from a config with
+random weights (memory and time do not depend on the weights).
+
+Methods:
+  fpo              ours: offline cache, fused kernels, select="policy"
+  fpo-ref          ours, select="reference" (only k columns of W_enc)
+  fpo-authors      as the FPO authors run it: reference model online every step, full logits, SAE on full [tokens, width]
+  tdpo1/2-authors  as the TDPO authors run them: full logits of both models, softmax().log() KL over the vocabulary
+  tdpo1/2-lean     our TDPO: online reference, fused log-probs, fused_linear_kl
+  simpo, dpo       fused log-probs (dpo with the cached reference log-probs)
+  dpo-full-logits  materialised logits + log_softmax
+
+Memory floor (every method): weights + gradients + Adam states = 8 bytes per parameter in bf16.
+TDPO adds the reference model (2 bytes per parameter) and one reference forward per step; as its authors
+run it, several [tokens x vocab] fp32 tensors (log_softmax, softmax, log, the product) on top.
+FPO's floor is SimPO's: the policy step plus one SAE GEMM of [tokens, d] x [d, m].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import environment, write_results
+from fpo.losses import LOSSES
+from fpo.model import ResidualCapture, final_softcap, lm_head, run_body
+from fpo.train import PolicyStats
+from fpo_kernels import SAEWeights, pack_topk, sequence_logprobs
+
+PRESETS = {
+    "gemma2-2b": dict(arch="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                      num_key_value_heads=4, head_dim=256, vocab_size=256000, final_logit_softcapping=30.0,
+                      attn_logit_softcapping=50.0, sae_layer=12, sae_width=16384),
+    "llama3-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, sae_layer=16, sae_width=65536),
+    "tiny": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, sae_layer=2, sae_width=256),
+}
+METHODS = ["simpo", "dpo", "dpo-full-logits", "fpo", "fpo-ref", "tdpo1-lean", "tdpo2-lean", "tdpo1-authors",
+           "tdpo2-authors", "fpo-authors"]
+NEEDS_REF = {"tdpo1-lean", "tdpo2-lean", "tdpo1-authors", "tdpo2-authors", "fpo-authors"}
+
+
+def build_model(preset, device, dtype):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+    p = {k: v for k, v in PRESETS[preset].items() if k not in ("arch", "sae_layer", "sae_width")}
+    arch = PRESETS[preset]["arch"]
+    cfg = Gemma2Config(**p) if arch == "gemma2" else LlamaConfig(**p)
+    cfg.use_cache = False
+    with torch.device(device):
+        model = (Gemma2ForCausalLM if arch == "gemma2" else LlamaForCausalLM)(cfg).to(dtype)
+    return model
+
+
+class Step:
+    """The per-method step closures over one shared policy (and a reference model when a method needs one)."""
+
+    def __init__(self, preset, pairs, seq_len, device, dtype, k=50, K=256, grad_ckpt=False):
+        pr = PRESETS[preset]
+        self.device, self.dtype, self.k, self.layer = device, dtype, k, pr["sae_layer"]
+        self.policy = build_model(preset, device, dtype)
+        if grad_ckpt:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.policy.train()
+        self.preset, self.ref = preset, None
+        d, m, V = pr["hidden_size"], pr["sae_width"], pr["vocab_size"]
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.sae = SAEWeights.from_tensors(torch.randn(d, m, generator=g) / d ** 0.5, torch.randn(m, generator=g) * 0.1,
+                                           torch.rand(m, generator=g) * 0.2, torch.randn(d, generator=g) * 0.1, True).to(device)
+        B, T = 2 * pairs, seq_len
+        self.P = pairs
+        self.ids = torch.randint(0, V, (B, T), generator=g).to(device)
+        self.attn = torch.ones(B, T, dtype=torch.long, device=device)
+        self.resp = torch.zeros(B, T, dtype=torch.bool, device=device)
+        self.resp[:, T // 4:] = True                                   # a quarter prompt, the rest response
+        pooled = torch.rand(B, m, generator=g) * (torch.rand(B, m, generator=g) < 0.02)
+        idx, val = pack_topk(pooled.to(device), K)
+        self.cache = {"chosen_idx": idx[:pairs], "rejected_idx": idx[pairs:], "chosen_val": val[:pairs],
+                      "rejected_val": val[pairs:], "chosen_logp_sum": -torch.rand(pairs, device=device) * 500,
+                      "rejected_logp_sum": -torch.rand(pairs, device=device) * 500,
+                      "chosen_logp_mean": -torch.rand(pairs, device=device), "rejected_logp_mean": -torch.rand(pairs, device=device)}
+        self.tokens = int(self.attn.sum())
+        self.stats = None
+
+    def load_reference(self):
+        if self.ref is None:
+            self.ref = build_model(self.preset, self.device, self.dtype).eval().requires_grad_(False)
+
+    def drop_reference(self):
+        self.ref = None
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- the losses of one step ---------------------------------------------------------------
+    def _ours(self, method):
+        c, P = self.cache, self.P
+        if method.startswith("fpo"):
+            self.stats = self.stats or PolicyStats(self.policy, self.sae, self.layer, self.k, "policy")
+            self.stats.select = "reference" if method == "fpo-ref" else "policy"
+            s = self.stats(self.ids, self.attn, self.resp, torch.cat([c["chosen_idx"], c["rejected_idx"]]),
+                           torch.cat([c["chosen_val"], c["rejected_val"]]))
+            return LOSSES["fpo"](s["logp_mean"][:P], s["logp_mean"][P:], c["chosen_logp_mean"], c["rejected_logp_mean"],
+                                 s["d"][:P], s["d"][P:])[0]
+        plain = PolicyStats(self.policy)
+        if method.startswith("tdpo"):
+            with torch.no_grad():
+                rh = run_body(self.ref, self.ids, self.attn)
+                rs, _, _ = sequence_logprobs(rh, lm_head(self.ref)[0], self.ids, self.resp, final_softcap(self.ref))
+            s = plain(self.ids, self.attn, self.resp, ref_hidden=rh, ref_weight=lm_head(self.ref)[0])
+            return LOSSES["tdpo1"](s["logp_sum"][:P], s["logp_sum"][P:], rs[:P], rs[P:], s["kl"][:P], s["kl"][P:],
+                                   variant=1 if method.startswith("tdpo1") else 2)[0]
+        s = plain(self.ids, self.attn, self.resp)
+        if method == "simpo":
+            return LOSSES["simpo"](s["logp_mean"][:P], s["logp_mean"][P:])[0]
+        return LOSSES["dpo"](s["logp_sum"][:P], s["logp_sum"][P:], c["chosen_logp_sum"], c["rejected_logp_sum"])[0]
+
+    def _full_logits(self, model, capture=None):
+        """[B, T-1] per-token log-probs via materialised logits (the HF forward applies Gemma-2's softcap)."""
+        logits = model(input_ids=self.ids, attention_mask=self.attn).logits[:, :-1].float()
+        return logits, torch.log_softmax(logits, -1).gather(2, self.ids[:, 1:, None]).squeeze(2)
+
+    def _naive_pooled(self, resid):
+        z = (resid @ self.sae.weight_as(resid.dtype).t()).float() + self.sae.bias
+        f = torch.where(z > self.sae.threshold, z, torch.zeros_like(z))
+        m = self.resp.unsqueeze(-1).float()
+        return (f * m).sum(1) / m.sum(1)
+
+    def _authors(self, method):
+        P, tgt = self.P, self.resp[:, 1:].float()
+        if method == "dpo-full-logits":
+            _, lp = self._full_logits(self.policy)
+            s = (lp * tgt).sum(1)
+            return LOSSES["dpo"](s[:P], s[P:], self.cache["chosen_logp_sum"], self.cache["rejected_logp_sum"])[0]
+        cap_p = ResidualCapture(self.policy, self.layer) if method == "fpo-authors" else None
+        cap_r = ResidualCapture(self.ref, self.layer) if method == "fpo-authors" else None
+        try:
+            with torch.no_grad():
+                r_logits, r_lp = self._full_logits(self.ref)
+            logits, lp = self._full_logits(self.policy)
+            if method == "fpo-authors":
+                with torch.no_grad():
+                    ref_pooled = self._naive_pooled(cap_r.pop())
+                pooled = self._naive_pooled(cap_p.pop())
+                idx = pooled.detach().topk(self.k, dim=1).indices
+                d = ((pooled.gather(1, idx) - ref_pooled.gather(1, idx)) ** 2).mean(1)
+                n = tgt.sum(1)
+                a, ra = (lp * tgt).sum(1) / n, (r_lp * tgt).sum(1) / n
+                return LOSSES["fpo"](a[:P], a[P:], ra[:P], ra[P:], d[:P], d[P:])[0]
+            # TDPO authors: softmax of both models, .log(), the product summed over the vocabulary
+            p, q = logits.softmax(-1), r_logits.softmax(-1)
+            kl = ((q * (q.log() - p.log())).sum(-1) * tgt).sum(1)
+            s, rs = (lp * tgt).sum(1), (r_lp * tgt).sum(1)
+            return LOSSES["tdpo1"](s[:P], s[P:], rs[:P], rs[P:], kl[:P], kl[P:], variant=1 if method.startswith("tdpo1") else 2)[0]
+        finally:
+            for cap in (cap_p, cap_r):
+                if cap is not None:
+                    cap.remove()
+
+    def loss(self, method):
+        """The scalar training loss (mean over pairs) of one step of `method`."""
+        if method.endswith("-authors") or method == "dpo-full-logits":
+            return self._authors(method).mean()
+        return self._ours(method).mean()
+
+
+def run(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, warmup=2, steps=5, grad_ckpt=False, log=print):
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    bench = Step(preset, pairs, seq_len, device, dtype, grad_ckpt=grad_ckpt)
+    n_params = sum(p.numel() for p in bench.policy.parameters())
+    order = [m for m in methods if m not in NEEDS_REF] + [m for m in methods if m in NEEDS_REF]
+    rows = []
+    for method in order:
+        if method in NEEDS_REF:
+            bench.load_reference()
+        opt = torch.optim.Adam(bench.policy.parameters(), lr=1e-7)
+        times = []
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            for i in range(warmup + steps):
+                t = time.perf_counter()
+                bench.loss(method).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - t) * 1e3)
+            ms = statistics.median(times[warmup:])
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        except torch.OutOfMemoryError:
+            ms, peak = float("nan"), float("nan")
+        del opt
+        bench.policy.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.empty_cache()
+        static = n_params * 8 / 2**30 + (n_params * 2 / 2**30 if method in NEEDS_REF else 0)
+        rows.append({"method": method, "step_ms": ms, "tokens_per_s": bench.tokens / ms * 1e3 if ms == ms else None,
+                     "peak_gb": peak, "floor_gb_estimate": static})
+        log(f"[bench_step] {method}: {ms:.1f} ms, peak {peak if peak is None else round(peak, 2)} GB")
+    bench.drop_reference()
+    by = {r["method"]: r for r in rows}
+    ratios = {}
+    for a, b in (("fpo", "tdpo2-authors"), ("fpo", "tdpo2-lean"), ("fpo", "simpo"), ("fpo-ref", "simpo"),
+                 ("fpo", "fpo-authors"), ("tdpo2-lean", "tdpo2-authors")):
+        if a in by and b in by:
+            for key in ("peak_gb", "step_ms"):
+                x, y = by[a][key], by[b][key]
+                if x is not None and y:
+                    ratios[f"{a}/{b} {key}"] = x / y
+    return rows, ratios, {"preset": preset, "pairs": pairs, "seq_len": seq_len, "params": n_params, "tokens": bench.tokens}
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [r["method"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=120)
+    for ax, key, label in ((axes[0], "step_ms", "step time (ms)"), (axes[1], "peak_gb", "peak memory (GB)")):
+        vals = [r[key] if r[key] is not None else 0 for r in rows]
+        colors = ["tab:green" if n.startswith("fpo") and "authors" not in n else "tab:gray" for n in names]
+        ax.barh(names, vals, color=colors)
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=list(PRESETS), default=None, help="default gemma2-2b on a GPU, tiny on the CPU")
+    ap.add_argument("--pairs", type=int, nargs="*", default=None, help="pairs per step (a sweep)")
+    ap.add_argument("--seq-len", type=int, nargs="*", default=None, help="tokens per sequence (a sweep)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--out", default=None, help="write bench_step_<preset>.{json,md,png} here")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    preset = args.preset or ("gemma2-2b" if cuda else "tiny")
+    all_rows, all_ratios = [], {}
+    env = environment()
+    for pairs in args.pairs or [2]:
+        for T in args.seq_len or ([1024] if cuda else [64]):
+            rows, ratios, info = run(preset, pairs, T, [m.strip() for m in args.methods.split(",")], steps=args.steps,
+                                     grad_ckpt=args.gradient_checkpointing)
+            for r in rows:
+                r.update(pairs=pairs, seq_len=T)
+            all_rows += rows
+            all_ratios[f"{pairs}x{T}"] = ratios
+            notes = "ratios measured in this run: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items())
+            notes += (f"\nmodel: {preset}, {info['params'] / 1e9:.2f}B parameters; {info['tokens']} tokens per step. "
+                      "floor_gb_estimate = weights + grads + Adam states (8 B/param) + reference weights (2 B/param) where used.")
+            if not cuda:
+                notes += "\nCPU: a smoke run of the harness at a tiny size, not a measurement."
+            name = f"bench_step_{preset}_{pairs}x{T}"
+            write_results(name, rows, env, args.out, notes)
+            if args.out:
+                plot(rows, os.path.join(args.out, f"{name}.png"), f"{preset}, {pairs} pairs x {T} tokens, {env['device']}")
+    if args.out:
+        with open(os.path.join(args.out, f"bench_step_{preset}_ratios.json"), "w") as f:
+            json.dump({"environment": env, "ratios": all_ratios}, f, indent=1)
+    return all_rows, all_ratios
+
+
+if __name__ == "__main__":
+    main()
