@@ -1,0 +1,52 @@
+"""The benchmark harnesses at CPU sizes: smoke runs, and pytest-benchmark entries for a training step."""
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _reference_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def test_kernel_benchmarks_run(capsys):
+    from benchmarks import bench_logprobs, bench_sae_constraint
+    rows = bench_sae_constraint.main([])
+    assert {r["provider"] for r in rows} == {"fused", "naive"}
+    assert all(r["ms"] > 0 for r in rows)
+    rows = bench_logprobs.main([])
+    assert {"logprobs/fused", "kl/naive-tdpo"} <= {r["provider"] for r in rows}
+    assert "smoke run" in capsys.readouterr().out
+
+
+def test_step_benchmark_ratios(tmp_path):
+    from benchmarks import bench_step
+    rows, ratios = bench_step.main(["--steps", "2", "--out", str(tmp_path)])
+    assert {r["method"] for r in rows} == set(bench_step.METHODS)
+    assert all(r["step_ms"] > 0 for r in rows)
+    assert "fpo/tdpo2-authors step_ms" in ratios["2x64"]
+    assert (tmp_path / "bench_step_tiny_2x64.png").exists()
+
+
+def test_every_step_method_gives_a_finite_scalar_loss():
+    from benchmarks.bench_step import Step
+    s = Step("tiny", 1, 32, "cpu", torch.float32)
+    for method in ("simpo", "dpo-full-logits", "fpo", "tdpo2-lean", "tdpo2-authors"):
+        if "tdpo" in method:
+            s.load_reference()
+        loss = s.loss(method)
+        assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("method", ["fpo", "simpo", "tdpo2-lean"])
+def test_step_benchmark_entry(benchmark, method):
+    from benchmarks.bench_step import Step
+    s = Step("tiny", 1, 32, "cpu", torch.float32)
+    if method in ("tdpo2-lean",):
+        s.load_reference()
+    opt = torch.optim.Adam(s.policy.parameters(), lr=1e-6)
+
+    def step():
+        s.loss(method).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)

@@ -1,0 +1,27 @@
+"""`fpo demo` at its smallest setting, end to end on the real shipped model and SAE."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_smallest_setting(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, TRITON_INTERPRET="0")  # the real model on the CPU path; kernels are tested on their own
+    r = subprocess.run([sys.executable, "-m", "fpo.cli", "demo", "--pairs", "2", "--eval-pairs", "2", "--steps", "2",
+                        "--batch-size", "2", "--max-length", "48", "--entropy-samples", "1", "--no-progress",
+                        "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "not alignment quality" in r.stdout
+    for method in ("fpo", "simpo", "tdpo2"):
+        assert any(line.startswith(method) for line in r.stdout.splitlines()), r.stdout
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    result = json.loads((out / "demo.json").read_text())
+    assert [row["method"] for row in result["table"]] == ["fpo", "simpo", "tdpo2"]
+    for row in result["table"]:
+        assert row["final_loss"] == row["final_loss"] and row["acc_after"] is not None
+    fpo = next(r for r in result["table"] if r["method"] == "fpo")
+    assert fpo["d"] is not None and fpo["kl"] is not None
