@@ -1,0 +1,5 @@
+"""fpo: the training side of fpo-kernels: offline reference precompute, the training loop (FPO, DPO,
+SimPO, TDPO1, TDPO2), evaluation and the demo. Entry points: `from fpo.precompute import precompute`,
+`from fpo.train import train`, `from fpo.evaluate import evaluate`, and the `fpo` command (fpo.cli)."""
+
+__version__ = "0.1.0"
