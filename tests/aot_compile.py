@@ -1,0 +1,53 @@
+"""Compile every kernel variant for an H100 (CUDA sm_90) ahead of time, without a GPU: Triton's own
+compiler and ptxas check what the interpreter cannot (types, layouts, shared memory).
+Run with TRITON_INTERPRET=0; prints one line per variant and exits non-zero on any failure."""
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import fpo_kernels.logprobs as lp
+import fpo_kernels.sae_constraint as sc
+
+SAE_FWD = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "inv_n": "*fp32", "w": "*{dt}", "bias": "*fp32", "theta": "*fp32",
+           "idx": "*i32", "out": "*fp32", "T": "i32", "D": "i32", "F": "i32", "stride_hb": "i32", "stride_ht": "i32"}
+SAE_BWD = {"h": "*{dt}", "mask": "*i8", "w": "*{dt}", "bias": "*fp32", "theta": "*fp32", "idx": "*i32", "coef": "*fp32",
+           "dh": "*fp32", "T": "i32", "D": "i32", "K": "i32", "stride_hb": "i32", "stride_ht": "i32"}
+LP = {"logits": "*{dt}", "labels": "*i64", "lse": "*fp32", "logp": "*fp32", "V": "i32", "ignore_index": "i32"}
+LP_BWD = {"logits": "*{dt}", "labels": "*i64", "lse": "*fp32", "grad": "*fp32", "V": "i32", "ignore_index": "i32"}
+KL = {"logits": "*{dt}", "ref_logits": "*{dt}", "valid": "*i8", "lse": "*fp32", "ref_lse": "*fp32", "kl": "*fp32", "V": "i32"}
+KL_BWD = {"logits": "*{dt}", "ref_logits": "*{dt}", "valid": "*i8", "lse": "*fp32", "ref_lse": "*fp32", "grad": "*fp32", "V": "i32"}
+
+
+def variants():
+    for dt in ("bf16", "fp16", "fp32"):
+        prec = "ieee" if dt == "fp32" else None
+        for gather in (False, True):
+            yield sc._sae_pool_fwd_kernel, SAE_FWD, dt, dict(GATHER=gather, BT=64, BF=128, BD=64, PRECISION=prec)
+        yield sc._sae_constraint_bwd_kernel, SAE_BWD, dt, dict(BT=64, BK=64, BD=64, PRECISION=prec)
+        for cap in (False, True):
+            c = dict(CAP=30.0, HAS_CAP=cap, BV=1024)
+            for fn, sig in ((lp._logprobs_fwd_kernel, LP), (lp._logprobs_bwd_kernel, LP_BWD),
+                            (lp._kl_fwd_kernel, KL), (lp._kl_bwd_kernel, KL_BWD)):
+                yield fn, sig, dt, c
+
+
+def main():
+    target = GPUTarget("cuda", 90, 32)
+    failures = 0
+    for fn, sig, dt, const in variants():
+        signature = {k: v.format(dt=dt) for k, v in sig.items()}
+        signature.update({k: "constexpr" for k in const})
+        try:
+            k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=const), target=target)
+            print(f"ok   {fn.__name__} {dt} {const} shared={k.metadata.shared}")
+        except Exception as e:  # report every failing variant, then fail
+            failures += 1
+            print(f"FAIL {fn.__name__} {dt} {const}: {type(e).__name__}: {str(e)[:2000]}")
+    print(f"triton {triton.__version__}: {failures} failures")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
