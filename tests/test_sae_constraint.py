@@ -314,3 +314,17 @@ def test_sae_weights_from_sae_lens_and_shipped_sae():
     x = torch.randn(5, 576)
     with torch.no_grad():
         assert torch.allclose(reference.sae_encode_ref(x, ours), lens.encode(x), atol=1e-4)
+
+
+def test_sae_weights_from_sae_lens_standard_relu():
+    """A standard (ReLU) sae-lens SAE is a JumpReLU with threshold 0."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    lens = StandardSAE(StandardSAEConfig(d_in=16, d_sae=40, dtype="float32", device="cpu", apply_b_dec_to_input=True))
+    with torch.no_grad():
+        for p in (lens.W_enc, lens.b_enc, lens.b_dec):
+            p.normal_()
+    ours = SAEWeights.from_sae_lens(lens)
+    assert (ours.threshold == 0).all() and ours.apply_b_dec_to_input
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.allclose(reference.sae_encode_ref(x, ours), lens.encode(x), atol=1e-5)
