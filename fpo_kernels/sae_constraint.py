@@ -24,6 +24,23 @@ __all__ = ["sae_pooled_features", "sae_feature_mse", "sae_pool_fwd", "sae_constr
 # ------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------
+def _configs(gpu, interpreted):
+    """A few tile shapes for the GPU; one under the interpreter (it would run them all)."""
+    if interpreter_on():
+        return [triton.Config(interpreted, num_warps=1, num_stages=1)]
+    return [triton.Config(c, num_warps=w, num_stages=st) for c, w, st in gpu]
+
+
+_POOL_CONFIGS = _configs(
+    [(dict(BT=64, BF=128, BD=64), 4, 3), (dict(BT=128, BF=128, BD=64), 8, 3), (dict(BT=64, BF=256, BD=64), 8, 3),
+     (dict(BT=128, BF=64, BD=64), 4, 3), (dict(BT=64, BF=64, BD=64), 4, 3)],
+    dict(BT=16, BF=32, BD=32))
+_BWD_CONFIGS = _configs(
+    [(dict(BT=64, BD=64), 4, 3), (dict(BT=128, BD=64), 8, 3), (dict(BT=64, BD=128), 4, 3)],
+    dict(BT=16, BD=32))
+
+
+@triton.autotune(configs=_POOL_CONFIGS, key=["D", "F", "GATHER"])
 @triton.jit(do_not_specialize=["T"])
 def _sae_pool_fwd_kernel(
     h,        # [B, T, D] hidden states (row stride stride_ht, batch stride stride_hb, unit stride over D)
@@ -71,6 +88,9 @@ def _sae_pool_fwd_kernel(
     tl.store(out + i_b * F + o_f, b_acc * tl.load(inv_n + i_b), mask=m_f)
 
 
+# Autotuning reruns the kernel: safe, as the first k block stores (never accumulates) and tiles
+# without a response token leave the zeros the launcher allocated.
+@triton.autotune(configs=_BWD_CONFIGS, key=["D", "K"])
 @triton.jit(do_not_specialize=["T"])
 def _sae_constraint_bwd_kernel(
     h,        # [B, T, D] hidden states
@@ -120,11 +140,6 @@ def _sae_constraint_bwd_kernel(
                 tl.store(p_dh, b_dh, mask=m_dh)
 
 
-def _blocks(interpreting: bool):
-    # One config under the interpreter (it is slow); tensor-core friendly tiles on the GPU.
-    return (16, 32, 32) if interpreting else (64, 128, 64)
-
-
 # ------------------------------------------------------------------------------------------------
 # launchers (no autograd)
 # ------------------------------------------------------------------------------------------------
@@ -149,13 +164,11 @@ def sae_pool_fwd(hidden, mask8, span, inv_n, sae: SAEWeights, idx=None):
         hidden = hidden.contiguous()
     F = sae.width if idx is None else idx.shape[1]
     out = torch.empty(B, F, device=hidden.device, dtype=torch.float32)
-    BT, BF, BD = _blocks(interpreter_on())
     idx32 = idx.to(torch.int32).contiguous() if idx is not None else span  # unused placeholder when dense
-    grid = (triton.cdiv(F, BF), B)
-    _sae_pool_fwd_kernel[grid](
+    _sae_pool_fwd_kernel[lambda meta: (triton.cdiv(F, meta["BF"]), B)](
         hidden, mask8, span, inv_n, sae.weight_as(hidden.dtype), sae.bias, sae.threshold, idx32, out,
         T, D, F, hidden.stride(0), hidden.stride(1),
-        GATHER=idx is not None, BT=BT, BF=BF, BD=BD, PRECISION=dot_precision(hidden.dtype),
+        GATHER=idx is not None, PRECISION=dot_precision(hidden.dtype),
     )
     return out
 
@@ -167,13 +180,13 @@ def sae_constraint_bwd(hidden, mask8, sae: SAEWeights, idx, coef):
         hidden = hidden.contiguous()
     K = idx.shape[1]
     dh = torch.zeros(B, T, D, device=hidden.device, dtype=torch.float32)
-    BT, BK, BD = _blocks(interpreter_on())
-    BK = min(BK, max(16, triton.next_power_of_2(K)))
-    _sae_constraint_bwd_kernel[(triton.cdiv(T, BT), B)](
+    # one k block holds k <= 64 (the usual k = 50): the gate is computed once per token tile
+    BK = min(32 if interpreter_on() else 64, max(16, triton.next_power_of_2(K)))
+    _sae_constraint_bwd_kernel[lambda meta: (triton.cdiv(T, meta["BT"]), B)](
         hidden, mask8, sae.weight_as(hidden.dtype), sae.bias, sae.threshold,
         idx.to(torch.int32).contiguous(), coef.float().contiguous(), dh,
         T, D, K, hidden.stride(0), hidden.stride(1),
-        BT=BT, BK=BK, BD=BD, PRECISION=dot_precision(hidden.dtype),
+        BK=BK, PRECISION=dot_precision(hidden.dtype),
     )
     return dh.to(hidden.dtype)
 

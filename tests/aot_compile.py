@@ -6,6 +6,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
 
 import fpo_kernels.logprobs as lp
 import fpo_kernels.sae_constraint as sc
@@ -21,30 +22,37 @@ KL_BWD = {"logits": "*{dt}", "ref_logits": "*{dt}", "valid": "*i8", "lse": "*fp3
 
 
 def variants():
+    """(kernel, signature, dtype, constexprs, options): every GPU autotune config of the SAE kernels."""
     for dt in ("bf16", "fp16", "fp32"):
         prec = "ieee" if dt == "fp32" else None
         for gather in (False, True):
-            yield sc._sae_pool_fwd_kernel, SAE_FWD, dt, dict(GATHER=gather, BT=64, BF=128, BD=64, PRECISION=prec)
-        yield sc._sae_constraint_bwd_kernel, SAE_BWD, dt, dict(BT=64, BK=64, BD=64, PRECISION=prec)
+            for cfg in sc._POOL_CONFIGS:
+                yield (sc._sae_pool_fwd_kernel, SAE_FWD, dt, dict(GATHER=gather, PRECISION=prec, **cfg.kwargs),
+                       dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        for cfg in sc._BWD_CONFIGS:
+            yield (sc._sae_constraint_bwd_kernel, SAE_BWD, dt, dict(BK=64, PRECISION=prec, **cfg.kwargs),
+                   dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         for cap in (False, True):
             c = dict(CAP=30.0, HAS_CAP=cap, BV=1024)
             for fn, sig in ((lp._logprobs_fwd_kernel, LP), (lp._logprobs_bwd_kernel, LP_BWD),
                             (lp._kl_fwd_kernel, KL), (lp._kl_bwd_kernel, KL_BWD)):
-                yield fn, sig, dt, c
+                yield fn, sig, dt, c, {}
 
 
 def main():
     target = GPUTarget("cuda", 90, 32)
     failures = 0
-    for fn, sig, dt, const in variants():
+    for fn, sig, dt, const, options in variants():
+        fn_name = (fn.fn if isinstance(fn, Autotuner) else fn).__name__
         signature = {k: v.format(dt=dt) for k, v in sig.items()}
         signature.update({k: "constexpr" for k in const})
         try:
-            k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=const), target=target)
-            print(f"ok   {fn.__name__} {dt} {const} shared={k.metadata.shared}")
+            jit = fn.fn if isinstance(fn, Autotuner) else fn  # an autotuned kernel wraps its JITFunction
+            k = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=const), target=target, options=options)
+            print(f"ok   {fn_name} {dt} {const} {options} shared={k.metadata.shared}")
         except Exception as e:  # report every failing variant, then fail
             failures += 1
-            print(f"FAIL {fn.__name__} {dt} {const}: {type(e).__name__}: {str(e)[:2000]}")
+            print(f"FAIL {fn_name} {dt} {const}: {type(e).__name__}: {str(e)[:2000]}")
     print(f"triton {triton.__version__}: {failures} failures")
     sys.exit(1 if failures else 0)
 

@@ -41,3 +41,11 @@ def test_cli_errors_are_one_clear_line(tiny, tmp_path):
     bad.write_text("method: simpo\nmodel: m\ndataset: d\nlearning_rate: 1\n")
     r = _fpo("train", "--config", str(bad), check=False)
     assert "unknown config keys ['learning_rate']" in r.stderr
+
+
+def test_bench_subcommand_runs_from_anywhere(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-m", "fpo.cli", "bench", "step", "--steps", "1", "--methods", "fpo,simpo"],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "fpo/simpo step_ms" in r.stdout

@@ -197,3 +197,15 @@ def test_bad_configs(tiny, cache, tmp_path):
     yaml_path = tmp_path / "c.yaml"
     yaml_path.write_text("method: simpo\nmodel: m\ndataset: d\nlr: 1e-6\n")
     assert load_config(str(yaml_path), beta=3.0).lr == 1e-6
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_gradient_checkpointing_gives_the_same_losses(tiny, cache, tmp_path):
+    """Checkpointing recomputes block outputs (the residual hook fires again in backward): same numbers."""
+    a = train(_cfg(tiny, cache, tmp_path, max_steps=2, output_dir=str(tmp_path / "plain")), log=lambda *a: None)
+    b = train(_cfg(tiny, cache, tmp_path, max_steps=2, gradient_checkpointing=True, output_dir=str(tmp_path / "ckpt")),
+              log=lambda *a: None)
+    la = [h["loss"] for h in (json.loads(x) for x in open(tmp_path / "plain" / "metrics.jsonl"))]
+    lb = [h["loss"] for h in (json.loads(x) for x in open(tmp_path / "ckpt" / "metrics.jsonl"))]
+    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    assert a["last"]["d_chosen"] == pytest.approx(b["last"]["d_chosen"], rel=1e-4)
