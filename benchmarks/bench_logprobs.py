@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import bench, environment, peak_extra_mb, write_results
+from benchmarks.common import CPU_NOTE, bench, environment, peak_extra_mb, write_results
 from fpo_kernels import fused_linear_kl, fused_linear_logprobs
 
 HEADS_GPU = [("gemma2-2b", 2304, 256000, 30.0), ("llama3", 4096, 128256, None)]
@@ -109,7 +109,7 @@ def main(argv=None):
     rows = run(HEADS_GPU if gpu else HEADS_CPU, args.tokens or (TOKENS_GPU if gpu else TOKENS_CPU))
     notes = "time_vs_fused = provider ms / fused ms; fused_mem_ratio = fused peak extra / provider peak extra."
     if not gpu:
-        notes += " CPU: 'fused' is the plain-PyTorch fallback (no GPU): a smoke run of the harness, not a measurement."
+        notes += CPU_NOTE
     write_results("bench_logprobs", rows, environment(), args.out, notes)
     return rows
 

@@ -17,7 +17,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import bench, environment, peak_extra_mb, write_results
+from benchmarks.common import CPU_NOTE, bench, environment, peak_extra_mb, write_results
 from fpo_kernels import SAEWeights, pack_topk, sae_feature_mse
 
 SHAPES_GPU = [  # (label, d, m, sequences, tokens per sequence)
@@ -110,7 +110,7 @@ def main(argv=None):
     notes = ("fused_speedup = provider ms / fused ms; fused_mem_ratio = fused peak extra / provider peak extra; "
              "vs_bare_matmul = fused ms / bf16 torch.matmul of [N, d] x [d, m].")
     if not gpu:
-        notes += " CPU: 'fused' is the plain-PyTorch fallback (no GPU): a smoke run of the harness, not a measurement."
+        notes += CPU_NOTE
     write_results("bench_sae_constraint", rows, environment(), args.out, notes)
     return rows
 

@@ -11,6 +11,9 @@ import time
 import torch
 
 
+CPU_NOTE = " CPU: 'fused' is the plain-PyTorch fallback (no GPU): a smoke run of the harness, not a measurement."
+
+
 def environment() -> dict:
     import triton
     env = {"torch": torch.__version__, "triton": triton.__version__,
