@@ -126,8 +126,8 @@ def _run(args):
                        entropy_samples=args.entropy_samples, max_new_tokens=args.max_new_tokens, device=args.device)
         print(format_table([res], [(k, k, ".4f" if isinstance(v, float) else "") for k, v in res.items()]))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
+            from .cache import atomic_write_json
+            atomic_write_json(args.json, res)
     elif args.cmd == "bench":
         import importlib
         mod = importlib.import_module({"sae": "benchmarks.bench_sae_constraint", "logprobs": "benchmarks.bench_logprobs",

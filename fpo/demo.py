@@ -16,6 +16,7 @@ import time
 import torch
 
 from . import assets
+from .cache import atomic_write_json
 from .evaluate import evaluate, format_table
 from .precompute import precompute
 
@@ -132,8 +133,7 @@ def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_p
     result = {"settings": d, "device": str(device), "methods": list(methods), "before": before, "runs": runs,
               "table": rows, "seconds": time.time() - t_start,
               "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}}
-    with open(os.path.join(output_dir, "demo.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    atomic_write_json(os.path.join(output_dir, "demo.json"), result)
     log("")
     log(table)
     log("")

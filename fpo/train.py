@@ -23,7 +23,7 @@ from torch.profiler import record_function
 from fpo_kernels import fused_linear_kl, sae_feature_mse, sequence_logprobs
 
 from . import distributed as dist_utils
-from .cache import ReferenceCache
+from .cache import ReferenceCache, atomic_write_json
 from .config import TrainConfig, config_from_dict
 from .data import collate_pairs, load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .losses import LOSSES
@@ -351,7 +351,13 @@ class Trainer:
         metrics_file = None
         if main:
             os.makedirs(cfg.output_dir, exist_ok=True)
-            metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a" if cfg.resume else "w")
+            path = os.path.join(cfg.output_dir, "metrics.jsonl")
+            # on resume, the checkpoint's history is the truth: lines logged after it (or torn by a kill) go
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(rec) + "\n" for rec in self.history)
+            os.replace(tmp, path)
+            metrics_file = open(path, "a")
         bar = None
         if cfg.progress and main:
             from tqdm.auto import tqdm
@@ -385,8 +391,7 @@ class Trainer:
         summary = {"method": cfg.method, "steps": self.step, "final": final,
                    "last": self.history[-1] if self.history else None}
         if main:
-            with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=1)
+            atomic_write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
             if self.history:
                 h = self.history[-1]
                 self.log(f"[fpo] {cfg.method}: {self.step} steps, final loss {h['loss']:.4f}, "

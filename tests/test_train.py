@@ -98,6 +98,13 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, cache, tmp_path):
     b = [json.loads(line)["loss"] for line in open(tmp_path / "part" / "metrics.jsonl")]
     assert len(a) == len(b) == 4
     assert a == b  # exactly
+    # a run killed after logging step 3 (past its last checkpoint) resumes without a duplicate step 3
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.1}\n{"step": 6, "lo')      # a logged step and a torn line
+    train(_cfg(tiny, cache, tmp_path, max_steps=4, output_dir=str(tmp_path / "part"),
+               resume=str(tmp_path / "part" / "checkpoint-000004")), log=lambda *a: None)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "part" / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]
     wa = load_model(full["final"]).state_dict()
     wb = load_model(str(tmp_path / "part" / "final")).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
