@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the GPU test cases (bf16, full sizes), then every benchmark, into one folder.
-# Usage: OUT=benchmarks/results/h100-$(date +%Y%m%d) bash benchmarks/run_gpu.sh
+# On a CUDA machine: correctness on the GPU (every kernel test case, compiled, plus the bf16 cases), then the
+# benchmarks, into one folder. Parts fit a 10-minute call each: tests | kernels | step | all (default).
+# Usage: OUT=benchmarks/results/h100-$(date +%Y%m%d) bash benchmarks/run_gpu.sh [part]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}
+PART=${1:-all}
 mkdir -p "$OUT"
-export PYTHONPATH=${PYTHONPATH:-}:$(pwd)
+export PYTHONPATH=${PYTHONPATH:-}:$(pwd) PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python -m pytest -q -m gpu -p no:cacheprovider tests/test_sae_constraint.py tests/test_logprobs.py 2>&1 | tee "$OUT/gpu_tests.txt"
-python -m benchmarks.bench_sae_constraint --out "$OUT" 2>&1 | tee "$OUT/bench_sae_constraint.log"
-python -m benchmarks.bench_logprobs --out "$OUT" 2>&1 | tee "$OUT/bench_logprobs.log"
-python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 2>&1 | tee "$OUT/bench_step.log"
-python -m benchmarks.profile_step --out "$OUT" 2>&1 | tail -40 > "$OUT/profile_step.log"
+python -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" > "$OUT/versions.txt"
+if [ "$PART" = tests ] || [ "$PART" = all ]; then
+  # sae-lens is not needed on the GPU: its two comparison tests run in CI
+  python -m pytest -q -p no:cacheprovider tests/test_sae_constraint.py tests/test_logprobs.py tests/test_cache_pack.py \
+    -k "not sae_lens and not shipped_sae" 2>&1 | tee "$OUT/gpu_tests.txt"
+fi
+if [ "$PART" = kernels ] || [ "$PART" = all ]; then
+  python -m benchmarks.bench_sae_constraint --out "$OUT" 2>&1 | tee "$OUT/bench_sae_constraint.log"
+  python -m benchmarks.bench_logprobs --out "$OUT" 2>&1 | tee "$OUT/bench_logprobs.log"
+fi
+if [ "$PART" = step ] || [ "$PART" = all ]; then
+  python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 2>&1 | tee "$OUT/bench_step.log"
+  python -m benchmarks.profile_step --out "$OUT" > "$OUT/profile_step.log" 2>&1
+fi
