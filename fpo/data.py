@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fpo_kernels import prediction_rows
+
 __all__ = ["Pair", "TokenizedPair", "load_pairs", "tokenize_pairs", "collate_pairs", "BadRowError",
            "dataset_fingerprint", "tokenizer_fingerprint"]
 
@@ -171,7 +173,8 @@ def tokenize_pairs(pairs, tok, max_length: int = 512, max_prompt_length: int = 2
 def collate_pairs(items: list[TokenizedPair], pad_id: int):
     """P pairs -> one batch of 2P sequences, chosen first then rejected, right-padded.
 
-    Returns dict: input_ids, attention_mask, response_mask [2P, T]; ids [P]; row_hash [P]."""
+    Returns dict: input_ids, attention_mask, response_mask [2P, T]; ids [P]; row_hash [P];
+    rows [n, 2]: the positions predicting a response token, found here on the host (no device sync later)."""
     seqs, resp = [], []
     for side in ("chosen_ids", "rejected_ids"):
         for it in items:
@@ -191,6 +194,7 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int):
         "input_ids": input_ids, "attention_mask": attn, "response_mask": rmask,
         "ids": torch.tensor([it.id for it in items], dtype=torch.long),
         "row_hash": torch.tensor([it.row_hash for it in items], dtype=torch.long),
+        "rows": prediction_rows(rmask),
     }
 
 

@@ -68,9 +68,10 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
             P = len(chunk)
             batch = collate_pairs(chunk, tokenizer.pad_token_id)
             ids, resp = batch["input_ids"].to(device), batch["response_mask"].to(device)
+            rows = batch["rows"].to(device)
             hidden = run_body(model, ids, batch["attention_mask"].to(device))
             w, bias = lm_head(model)
-            _, mean, _ = sequence_logprobs(hidden, w, ids, resp, final_softcap(model), bias)
+            _, mean, _ = sequence_logprobs(hidden, w, ids, resp, final_softcap(model), bias, rows=rows)
             acc_logp.append((mean[:P] > mean[P:]).float())
             if ref_cache is not None:
                 ref = ref_cache.lookup(batch["ids"], batch["row_hash"], device)
@@ -84,10 +85,10 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
                 cap.pop()
             if ref_model is not None:
                 rh = run_body(ref_model, ids, batch["attention_mask"].to(device))
-                rows = resp[:, 1:].nonzero(as_tuple=True)
-                kl = fused_linear_kl(hidden[:, :-1][rows], w, rh[:, :-1][rows], lm_head(ref_model)[0],
-                                     torch.ones(rows[0].numel(), dtype=torch.bool, device=device), final_softcap(model))
-                kls.append(torch.zeros(2 * P, device=device).index_add(0, rows[0], kl))
+                seq, pos = rows.t()
+                kl = fused_linear_kl(hidden[seq, pos], w, rh[seq, pos], lm_head(ref_model)[0],
+                                     torch.ones(seq.numel(), dtype=torch.bool, device=device), final_softcap(model))
+                kls.append(torch.zeros(2 * P, device=device).index_add(0, seq, kl))
     finally:
         if cap is not None:
             cap.remove()

@@ -47,7 +47,8 @@ def reference_stats(model, batch, sae=None, layer=None, K=256, device="cpu", val
         resp = batch["response_mask"].to(device)
         hidden = run_body(model, ids, batch["attention_mask"].to(device))
         w, b = lm_head(model)
-        total, mean, count = sequence_logprobs(hidden, w, ids, resp, softcap=final_softcap(model), bias=b)
+        total, mean, count = sequence_logprobs(hidden, w, ids, resp, softcap=final_softcap(model), bias=b,
+                                               rows=batch["rows"].to(device))
         out = {"logp_sum": total, "logp_mean": mean, "len": count}
         if sae is not None:
             pooled = sae_pooled_features(cap.pop(), resp, sae, check_inputs=False)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from fpo_kernels import fused_linear_kl, sae_feature_mse, sequence_logprobs
+from fpo_kernels import fused_linear_kl, prediction_rows, sae_feature_mse, sequence_logprobs
 
 from . import distributed as dist_utils
 from .cache import ReferenceCache, atomic_write_json
@@ -53,11 +53,14 @@ class PolicyStats(nn.Module):
         self.softcap = final_softcap(model)
 
     def forward(self, input_ids, attention_mask, response_mask, ref_idx=None, ref_val=None,
-                ref_hidden=None, ref_weight=None):
+                ref_hidden=None, ref_weight=None, rows=None):
+        """rows: fpo_kernels.prediction_rows(response_mask), found by the data loader (else a device sync here)."""
         hidden = run_body(self.model, input_ids, attention_mask)              # [2P, T, d]
         w, b = lm_head(self.model)
+        if rows is None:
+            rows = prediction_rows(response_mask)
         with record_function("fpo::logprobs"):
-            total, mean, count = sequence_logprobs(hidden, w, input_ids, response_mask, self.softcap, b)
+            total, mean, count = sequence_logprobs(hidden, w, input_ids, response_mask, self.softcap, b, rows=rows)
         out = {"logp_sum": total, "logp_mean": mean, "len": count}
         if self.sae is not None:
             resid = self.capture.pop()
@@ -66,10 +69,10 @@ class PolicyStats(nn.Module):
                                            check_inputs=False)
         if ref_hidden is not None:
             with record_function("fpo::kl"):
-                rows = response_mask[:, 1:].nonzero(as_tuple=True)             # positions predicting response tokens
-                kl = fused_linear_kl(hidden[:, :-1][rows], w, ref_hidden[:, :-1][rows], ref_weight,
-                                     torch.ones(rows[0].numel(), dtype=torch.bool, device=hidden.device), self.softcap)
-                out["kl"] = torch.zeros(hidden.shape[0], device=hidden.device).index_add(0, rows[0], kl)
+                seq, pos = rows.t()                                             # positions predicting response tokens
+                kl = fused_linear_kl(hidden[seq, pos], w, ref_hidden[seq, pos], ref_weight,
+                                     torch.ones(seq.numel(), dtype=torch.bool, device=hidden.device), self.softcap)
+                out["kl"] = torch.zeros(hidden.shape[0], device=hidden.device).index_add(0, seq, kl)
         return out
 
 
@@ -232,7 +235,7 @@ class Trainer:
             ctx = self.wrapped.no_sync() if (hasattr(self.wrapped, "no_sync") and not sync) else _null()
             with ctx:
                 stats = self.wrapped(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                                     batch["response_mask"].to(dev), **kw)
+                                     batch["response_mask"].to(dev), rows=batch["rows"].to(dev), **kw)
                 losses, metrics = compute_loss(cfg, stats, ref, P)
                 (losses.mean() / self.accum).backward()
             metrics["loss"] = losses.detach()

@@ -7,10 +7,10 @@ from .cache import pack_topk, unpack_topk, index_dtype_for
 from .logprobs import fused_linear_kl, fused_linear_logprobs
 from .sae_constraint import sae_feature_mse, sae_pooled_features
 from .sae_weights import SAEWeights
-from .sequence import masked_mean, masked_sum, sequence_logprobs
+from .sequence import masked_mean, masked_sum, prediction_rows, sequence_logprobs
 
 __all__ = [
     "SAEWeights", "sae_pooled_features", "sae_feature_mse", "fused_linear_logprobs", "fused_linear_kl",
-    "pack_topk", "unpack_topk", "index_dtype_for", "masked_sum", "masked_mean", "sequence_logprobs",
+    "pack_topk", "unpack_topk", "index_dtype_for", "masked_sum", "masked_mean", "sequence_logprobs", "prediction_rows",
 ]
 __version__ = "0.1.0"

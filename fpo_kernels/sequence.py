@@ -5,7 +5,7 @@ import torch
 
 from .logprobs import fused_linear_logprobs
 
-__all__ = ["masked_sum", "masked_mean", "sequence_logprobs"]
+__all__ = ["masked_sum", "masked_mean", "sequence_logprobs", "prediction_rows"]
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -20,18 +20,25 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_sum(values, mask) / mask.bool().sum(-1).float()
 
 
-def sequence_logprobs(hidden, weight, input_ids, response_mask, softcap=None, bias=None, chunk_size=None):
+def prediction_rows(response_mask: torch.Tensor) -> torch.Tensor:
+    """[n, 2] (sequence, position) of the positions t whose next token t + 1 is a response token.
+    Compute it where the mask lives on the host (a data loader): on a GPU tensor it is a device sync."""
+    return response_mask[:, 1:].bool().nonzero()
+
+
+def sequence_logprobs(hidden, weight, input_ids, response_mask, softcap=None, bias=None, chunk_size=None, rows=None):
     """Summed and length-normalised log-probs of each sequence's response tokens.
 
     hidden [B, T, d] final hidden states (position t predicts token t + 1), weight [V, d] lm head,
-    input_ids [B, T], response_mask [B, T] (1 on response tokens). Only rows that predict a response
-    token go through the lm head. Returns (sum [B], mean [B], count [B]) float32.
+    input_ids [B, T], response_mask [B, T] (1 on response tokens), rows: prediction_rows(response_mask)
+    on hidden's device, or None to compute it here (a device sync on a GPU). Only rows that predict a
+    response token go through the lm head. Returns (sum [B], mean [B], count [B]) float32.
     """
     B, T, d = hidden.shape
     if input_ids.shape != (B, T) or response_mask.shape != (B, T):
         raise ValueError(f"input_ids and response_mask must be [B, T] = {[B, T]}")
     target = response_mask[:, 1:].bool()                       # [B, T-1] positions predicting a response token
-    rows = target.nonzero(as_tuple=True)
+    rows = tuple((prediction_rows(response_mask) if rows is None else rows).t())
     h = hidden[:, :-1][rows]                                   # [n, d]
     labels = input_ids[:, 1:][rows]
     lp = fused_linear_logprobs(h, weight, labels, softcap=softcap, bias=bias, chunk_size=chunk_size,
