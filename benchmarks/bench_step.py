@@ -24,7 +24,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.common import environment, write_results
 from fpo.losses import LOSSES

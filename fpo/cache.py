@@ -22,7 +22,6 @@ import torch
 __all__ = ["ReferenceCache", "CacheMismatchError", "FORMAT_VERSION", "write_shard", "shard_name", "atomic_write_json"]
 
 FORMAT_VERSION = 1
-_FIELDS = ("logp_sum", "logp_mean", "len")
 
 
 class CacheMismatchError(ValueError):

@@ -4,7 +4,6 @@ Notation: s = summed response log-prob, a = s / |y| (length-normalised), w = cho
 All: L = -log sigmoid(u)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 __all__ = ["dpo_loss", "simpo_loss", "tdpo_loss", "fpo_loss", "LOSSES"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 import os
 import random
 import resource
@@ -232,7 +233,7 @@ class Trainer:
             if self.ref_model is not None:
                 kw = dict(ref_hidden=ref.pop("_hidden"), ref_weight=ref.pop("_weight"))
             sync = j == len(mbs) - 1
-            ctx = self.wrapped.no_sync() if (hasattr(self.wrapped, "no_sync") and not sync) else _null()
+            ctx = self.wrapped.no_sync() if (hasattr(self.wrapped, "no_sync") and not sync) else nullcontext()
             with ctx:
                 stats = self.wrapped(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
                                      batch["response_mask"].to(dev), rows=batch["rows"].to(dev), **kw)
@@ -405,14 +406,6 @@ class Trainer:
     def close(self):
         if self.policy.capture is not None:
             self.policy.capture.remove()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def train(config: TrainConfig | dict | None = None, log=print, **overrides) -> dict:

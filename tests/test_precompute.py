@@ -10,7 +10,7 @@ import torch
 import fpo.cache as cache_mod
 from fpo.cache import CacheMismatchError, ReferenceCache
 from fpo.data import BadRowError, collate_pairs, load_pairs, tokenize_pairs
-from fpo.model import ResidualCapture, load_model, load_tokenizer, run_body
+from fpo.model import ResidualCapture, load_model, load_tokenizer
 from fpo.precompute import precompute
 from fpo_kernels import SAEWeights, reference
 

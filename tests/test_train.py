@@ -149,7 +149,7 @@ def test_alpha_zero_fpo_gradient_is_length_normalised_dpo(tiny, cache, tmp_path)
     loss.mean().backward()
     g_fpo = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
     trainer.model.zero_grad()
-    w, b = trainer.model.lm_head.weight, None
+    w = trainer.model.lm_head.weight
     hidden = trainer.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     _, mean, _ = sequence_logprobs(hidden, w, batch["input_ids"], batch["response_mask"])
     g_ref = ref["chosen_logp_mean"] - ref["rejected_logp_mean"]
