@@ -86,6 +86,12 @@ class Step:
         self.tokens = int(self.attn.sum())
         self.stats = None
 
+    def release_fpo(self):
+        """Remove the FPO residual hook: left in place it would pin an activation during other methods' steps."""
+        if self.stats is not None:
+            self.stats.capture.remove()
+            self.stats = None
+
     def load_reference(self):
         if self.ref is None:
             self.ref = build_model(self.preset, self.device, self.dtype).eval().requires_grad_(False)
@@ -197,6 +203,7 @@ def run(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, warmup=2, st
         except torch.OutOfMemoryError:
             ms, peak = float("nan"), float("nan")
         del opt
+        bench.release_fpo()
         bench.policy.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.empty_cache()

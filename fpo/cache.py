@@ -105,6 +105,9 @@ class ReferenceCache:
     def __len__(self):
         return len(self._row_of)
 
+    def __contains__(self, example_id) -> bool:
+        return int(example_id) in self._row_of
+
     @property
     def K(self):
         return self.meta.get("K")

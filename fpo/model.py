@@ -10,7 +10,7 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["load_model", "load_tokenizer", "decoder_layers", "lm_head", "final_softcap", "model_fingerprint",
+__all__ = ["load_model", "load_tokenizer", "decoder_layers", "lm_head", "final_softcap", "config_fingerprint", "model_fingerprint",
            "ResidualCapture", "run_body"]
 
 
@@ -79,19 +79,23 @@ def final_softcap(model):
     return float(c) if c else None
 
 
-def model_fingerprint(model, name: str) -> dict:
-    """Name, a config hash and a weights hash (a strided sample of every tensor: cheap and content-bound)."""
+def config_fingerprint(model) -> str:
+    """Hash of the model config, less the keys that do not change the function (path, dtype, cache)."""
     cfg = model.config.to_dict()
     for k in ("_name_or_path", "torch_dtype", "dtype", "transformers_version", "use_cache", "_attn_implementation_autoset"):
         cfg.pop(k, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model, name: str) -> dict:
+    """Name, a config hash and a weights hash (a strided sample of every tensor: cheap and content-bound)."""
     h = hashlib.sha256()
     for pname, p in sorted(model.state_dict().items()):
         flat = p.detach().flatten()
         step = max(1, flat.numel() // 4096)
         h.update(pname.encode())
         h.update(flat[::step].float().cpu().numpy().tobytes())
-    return {"name": name, "config": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "weights": h.hexdigest()[:16]}
+    return {"name": name, "config": config_fingerprint(model), "weights": h.hexdigest()[:16]}
 
 
 class ResidualCapture:

@@ -28,7 +28,7 @@ from .cache import ReferenceCache, atomic_write_json
 from .config import TrainConfig, config_from_dict
 from .data import collate_pairs, load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .losses import LOSSES
-from .model import (ResidualCapture, final_softcap, lm_head, load_model, load_tokenizer, model_fingerprint,
+from .model import (ResidualCapture, final_softcap, lm_head, load_model, load_tokenizer, config_fingerprint,
                     run_body)
 from .precompute import check_sae_fits
 from .sae import load_sae
@@ -125,10 +125,8 @@ class Trainer:
 
         # the reference side
         self.cache = None
-        if cfg.cache:
+        if cfg.cache:  # TrainConfig requires one for fpo and dpo
             self.cache = ReferenceCache(cfg.cache)
-        elif cfg.method in ("fpo", "dpo"):
-            raise ValueError(f"method {cfg.method} needs a reference cache (cache=...)")
         self.sae, layer = None, cfg.sae_layer
         if cfg.method == "fpo":
             self.sae, sae_layer = load_sae(cfg.sae, self.device)
@@ -149,12 +147,12 @@ class Trainer:
         self.items = tokenize_pairs(pairs, self.tokenizer, cfg.max_length, cfg.max_prompt_length)
         if self.cache is not None:
             self.cache.verify(
-                model={"config": model_fingerprint(model, "")["config"]},
+                model={"config": config_fingerprint(model)},
                 tokenizer=tokenizer_fingerprint(self.tokenizer),
                 sae=self.sae.fingerprint() if cfg.method == "fpo" else None,
                 layer=layer if cfg.method == "fpo" else None,
                 max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-            missing = [it.id for it in self.items if it.id not in self.cache._row_of]
+            missing = [it.id for it in self.items if it.id not in self.cache]
             if missing:
                 raise ValueError(f"cache {cfg.cache} lacks {len(missing)} of the dataset's examples (ids {missing[:5]}): "
                                  "it was built for another dataset or fewer pairs; rebuild it")
@@ -327,7 +325,7 @@ class Trainer:
         if not pending:
             return
         keys = sorted(pending[0][1])
-        stacked = torch.stack([torch.stack([dist_utils.all_reduce_mean(m[k]) for k in keys]) for _, m in pending]).cpu()
+        stacked = dist_utils.all_reduce_mean(torch.stack([torch.stack([m[k] for k in keys]) for _, m in pending])).cpu()
         elapsed = time.time() - t_start
         for (step, _), row in zip(pending, stacked.tolist()):
             rec = {"step": step, **dict(zip(keys, row))}
