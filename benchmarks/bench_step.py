@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.common import environment, write_results
 from fpo.losses import LOSSES
-from fpo.model import ResidualCapture, final_softcap, lm_head, run_body
+from fpo.model import ResidualCapture, enable_activation_checkpointing, final_softcap, lm_head, run_body
 from fpo.train import PolicyStats
 from fpo_kernels import SAEWeights, pack_topk, sequence_logprobs
 
@@ -51,9 +51,18 @@ def build_model(preset, device, dtype):
     arch = PRESETS[preset]["arch"]
     cfg = Gemma2Config(**p) if arch == "gemma2" else LlamaConfig(**p)
     cfg.use_cache = False
-    with torch.device(device):
-        model = (Gemma2ForCausalLM if arch == "gemma2" else LlamaForCausalLM)(cfg).to(dtype)
-    return model
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)       # built in its dtype: no fp32 copy first (and fake tensors can't be cast in place)
+    try:
+        with torch.device(device):
+            return (Gemma2ForCausalLM if arch == "gemma2" else LlamaForCausalLM)(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def make_optimizer(model):
+    # foreach, as Adam picks by default on CUDA: named so that a CPU estimate of the step takes the same path
+    return torch.optim.Adam(model.parameters(), lr=1e-7, foreach=True)
 
 
 class Step:
@@ -64,7 +73,7 @@ class Step:
         self.device, self.dtype, self.k, self.layer = device, dtype, k, pr["sae_layer"]
         self.policy = build_model(preset, device, dtype)
         if grad_ckpt:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.policy)
         self.policy.train()
         self.preset, self.ref = preset, None
         d, m, V = pr["hidden_size"], pr["sae_width"], pr["vocab_size"]
@@ -77,13 +86,16 @@ class Step:
         self.attn = torch.ones(B, T, dtype=torch.long, device=device)
         self.resp = torch.zeros(B, T, dtype=torch.bool, device=device)
         self.resp[:, T // 4:] = True                                   # a quarter prompt, the rest response
+        # prediction_rows(resp), written out: found on the host as the data loader does (no device sync)
+        pos = torch.arange(T // 4 - 1, T - 1)
+        self.rows = torch.stack([torch.arange(B).repeat_interleave(len(pos)), pos.repeat(B)], 1).to(device)
         pooled = torch.rand(B, m, generator=g) * (torch.rand(B, m, generator=g) < 0.02)
         idx, val = pack_topk(pooled.to(device), K)
         self.cache = {"chosen_idx": idx[:pairs], "rejected_idx": idx[pairs:], "chosen_val": val[:pairs],
                       "rejected_val": val[pairs:], "chosen_logp_sum": -torch.rand(pairs, device=device) * 500,
                       "rejected_logp_sum": -torch.rand(pairs, device=device) * 500,
                       "chosen_logp_mean": -torch.rand(pairs, device=device), "rejected_logp_mean": -torch.rand(pairs, device=device)}
-        self.tokens = int(self.attn.sum())
+        self.tokens = B * T                                            # no padding
         self.stats = None
 
     def release_fpo(self):
@@ -108,18 +120,19 @@ class Step:
             self.stats = self.stats or PolicyStats(self.policy, self.sae, self.layer, self.k, "policy")
             self.stats.select = "reference" if method == "fpo-ref" else "policy"
             s = self.stats(self.ids, self.attn, self.resp, torch.cat([c["chosen_idx"], c["rejected_idx"]]),
-                           torch.cat([c["chosen_val"], c["rejected_val"]]))
+                           torch.cat([c["chosen_val"], c["rejected_val"]]), rows=self.rows)
             return LOSSES["fpo"](s["logp_mean"][:P], s["logp_mean"][P:], c["chosen_logp_mean"], c["rejected_logp_mean"],
                                  s["d"][:P], s["d"][P:])[0]
         plain = PolicyStats(self.policy)
         if method.startswith("tdpo"):
             with torch.no_grad():
                 rh = run_body(self.ref, self.ids, self.attn)
-                rs, _, _ = sequence_logprobs(rh, lm_head(self.ref)[0], self.ids, self.resp, final_softcap(self.ref))
-            s = plain(self.ids, self.attn, self.resp, ref_hidden=rh, ref_weight=lm_head(self.ref)[0])
+                rs, _, _ = sequence_logprobs(rh, lm_head(self.ref)[0], self.ids, self.resp, final_softcap(self.ref),
+                                             rows=self.rows)
+            s = plain(self.ids, self.attn, self.resp, ref_hidden=rh, ref_weight=lm_head(self.ref)[0], rows=self.rows)
             return LOSSES["tdpo1"](s["logp_sum"][:P], s["logp_sum"][P:], rs[:P], rs[P:], s["kl"][:P], s["kl"][P:],
                                    variant=1 if method.startswith("tdpo1") else 2)[0]
-        s = plain(self.ids, self.attn, self.resp)
+        s = plain(self.ids, self.attn, self.resp, rows=self.rows)
         if method == "simpo":
             return LOSSES["simpo"](s["logp_mean"][:P], s["logp_mean"][P:])[0]
         return LOSSES["dpo"](s["logp_sum"][:P], s["logp_sum"][P:], c["chosen_logp_sum"], c["rejected_logp_sum"])[0]
@@ -183,7 +196,7 @@ def run(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, warmup=2, st
     for method in order:
         if method in NEEDS_REF:
             bench.load_reference()
-        opt = torch.optim.Adam(bench.policy.parameters(), lr=1e-7)
+        opt = make_optimizer(bench.policy)
         times = []
         if cuda:
             torch.cuda.synchronize()
@@ -222,6 +235,24 @@ def run(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, warmup=2, st
                 if x is not None and y:
                     ratios[f"{a}/{b} {key}"] = x / y
     return rows, ratios, {"preset": preset, "pairs": pairs, "seq_len": seq_len, "params": n_params, "tokens": bench.tokens}
+
+
+ESTIMATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "estimates")
+
+
+def attach_estimates(rows, preset, pairs, seq_len, grad_ckpt):
+    """Put estimate_step.py's predictions for this shape (committed under results/estimates) beside the
+    measurements: peak_gb_est and step_ms_est. Returns the estimate file's path, or None when there is none."""
+    path = os.path.join(ESTIMATES, f"estimate_step_{preset}_{pairs}x{seq_len}{'_ckpt' if grad_ckpt else ''}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        est = {r["method"]: r for r in json.load(f)["rows"]}
+    for r in rows:
+        e = est.get(r["method"])
+        r["peak_gb_est"] = e["peak_gb_estimate"] if e else None
+        r["step_ms_est"] = e["step_ms_estimate"] if e else None
+    return path
 
 
 def plot(rows, path, title):
@@ -263,19 +294,24 @@ def main(argv=None):
                                      grad_ckpt=args.gradient_checkpointing)
             for r in rows:
                 r.update(pairs=pairs, seq_len=T)
+            est = attach_estimates(rows, preset, pairs, T, args.gradient_checkpointing)
             all_rows += rows
             all_ratios[f"{pairs}x{T}"] = ratios
             notes = "ratios measured in this run: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items())
             notes += (f"\nmodel: {preset}, {info['params'] / 1e9:.2f}B parameters; {info['tokens']} tokens per step. "
                       "floor_gb_estimate = weights + grads + Adam states (8 B/param) + reference weights (2 B/param) where used.")
+            if est:
+                notes += (f"\npeak_gb_est, step_ms_est: predicted on the CPU by benchmarks/estimate_step.py "
+                          f"({os.path.relpath(est, os.path.dirname(ESTIMATES))}), for an H100 SXM.")
             if not cuda:
                 notes += "\nCPU: a smoke run of the harness at a tiny size, not a measurement."
-            name = f"bench_step_{preset}_{pairs}x{T}"
+            name = f"bench_step_{preset}_{pairs}x{T}{'_ckpt' if args.gradient_checkpointing else ''}"
             write_results(name, rows, env, args.out, notes)
             if args.out:
                 plot(rows, os.path.join(args.out, f"{name}.png"), f"{preset}, {pairs} pairs x {T} tokens, {env['device']}")
     if args.out:
-        with open(os.path.join(args.out, f"bench_step_{preset}_ratios.json"), "w") as f:
+        ckpt = "_ckpt" if args.gradient_checkpointing else ""
+        with open(os.path.join(args.out, f"bench_step_{preset}{ckpt}_ratios.json"), "w") as f:
             json.dump({"environment": env, "ratios": all_ratios}, f, indent=1)
     return all_rows, all_ratios
 

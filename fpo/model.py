@@ -74,6 +74,15 @@ def lm_head(model):
     return head.weight, getattr(head, "bias", None)
 
 
+def enable_activation_checkpointing(model):
+    """Recompute each decoder layer in the backward (non-reentrant). transformers 5.2x renamed the method."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def final_softcap(model):
     c = getattr(model.config, "final_logit_softcapping", None)
     return float(c) if c else None

@@ -28,8 +28,8 @@ from .cache import ReferenceCache, atomic_write_json
 from .config import TrainConfig, config_from_dict
 from .data import collate_pairs, load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .losses import LOSSES
-from .model import (ResidualCapture, final_softcap, lm_head, load_model, load_tokenizer, config_fingerprint,
-                    run_body)
+from .model import (ResidualCapture, config_fingerprint, enable_activation_checkpointing, final_softcap, lm_head,
+                    load_model, load_tokenizer, run_body)
 from .precompute import check_sae_fits
 from .sae import load_sae
 
@@ -119,7 +119,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         model = load_model(cfg.model, dtype=self.dtype, device=self.device)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         model.train()
         self.model = model
 

@@ -1,20 +1,59 @@
 """Where an op runs: CUDA tensors take the Triton kernels; CPU tensors take the reference, unless the
-Triton interpreter is on (TRITON_INTERPRET=1), which runs the kernels themselves on the CPU."""
+Triton interpreter is on (TRITON_INTERPRET=1), which runs the kernels themselves on the CPU.
+
+Fake tensors (torch._subclasses.FakeTensorMode) take the kernel path too, with every launch skipped:
+the ops then allocate exactly what they allocate on a GPU, so memory planners and step estimators see
+their true footprint without a GPU. Observers registered with `on_fake_launch` hear of each skipped launch."""
 import os
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_fake_launch_observers = []
 
 
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
+
+
 def use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or interpreter_on()
+    return t.is_cuda or interpreter_on() or is_fake(t)
 
 
 def dot_precision(dtype: torch.dtype):
     """fp32 operands: full-precision products ("ieee"), not TF32, so fp32 inputs give fp32 answers."""
     return "ieee" if dtype == torch.float32 else None
+
+
+def kernel_name(kernel) -> str:
+    while not hasattr(kernel, "__name__") and hasattr(kernel, "fn"):   # Autotuner -> JITFunction -> function
+        kernel = kernel.fn
+    return getattr(kernel, "__name__", type(kernel).__name__)
+
+
+def launch(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta), or, on fake tensors, a report to the observers instead."""
+    if any(is_fake(a) for a in args if torch.is_tensor(a)):
+        for observer in _fake_launch_observers:
+            observer(kernel_name(kernel), args, meta)
+        return
+    kernel[grid](*args, **meta)
+
+
+class on_fake_launch:
+    """Context manager: observer(name, args, meta) is called for every launch skipped on fake tensors."""
+
+    def __init__(self, observer):
+        self.observer = observer
+
+    def __enter__(self):
+        _fake_launch_observers.append(self.observer)
+        return self
+
+    def __exit__(self, *exc):
+        _fake_launch_observers.remove(self.observer)

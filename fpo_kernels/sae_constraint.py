@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._dispatch import FLOAT_DTYPES, dot_precision, interpreter_on, use_triton
+from ._dispatch import FLOAT_DTYPES, dot_precision, interpreter_on, is_fake, launch, use_triton
 from .sae_weights import SAEWeights
 
 __all__ = ["sae_pooled_features", "sae_feature_mse", "sae_pool_fwd", "sae_constraint_bwd", "SAEFeatureMSEFunction"]
@@ -165,7 +165,8 @@ def sae_pool_fwd(hidden, mask8, span, inv_n, sae: SAEWeights, idx=None):
     F = sae.width if idx is None else idx.shape[1]
     out = torch.empty(B, F, device=hidden.device, dtype=torch.float32)
     idx32 = idx.to(torch.int32).contiguous() if idx is not None else span  # unused placeholder when dense
-    _sae_pool_fwd_kernel[lambda meta: (triton.cdiv(F, meta["BF"]), B)](
+    launch(
+        _sae_pool_fwd_kernel, lambda meta: (triton.cdiv(F, meta["BF"]), B),
         hidden, mask8, span, inv_n, sae.weight_as(hidden.dtype), sae.bias, sae.threshold, idx32, out,
         T, D, F, hidden.stride(0), hidden.stride(1),
         GATHER=idx is not None, PRECISION=dot_precision(hidden.dtype),
@@ -182,7 +183,8 @@ def sae_constraint_bwd(hidden, mask8, sae: SAEWeights, idx, coef):
     dh = torch.zeros(B, T, D, device=hidden.device, dtype=torch.float32)
     # one k block holds k <= 64 (the usual k = 50): the gate is computed once per token tile
     BK = min(32 if interpreter_on() else 64, max(16, triton.next_power_of_2(K)))
-    _sae_constraint_bwd_kernel[lambda meta: (triton.cdiv(T, meta["BT"]), B)](
+    launch(
+        _sae_constraint_bwd_kernel, lambda meta: (triton.cdiv(T, meta["BT"]), B),
         hidden, mask8, sae.weight_as(hidden.dtype), sae.bias, sae.threshold,
         idx.to(torch.int32).contiguous(), coef.float().contiguous(), dh,
         T, D, K, hidden.stride(0), hidden.stride(1),
@@ -268,7 +270,7 @@ def sae_pooled_features(hidden, mask, sae: SAEWeights, check_inputs: bool = True
     sae_feature_mse, which has its own sparse backward); the result is detached.
     check_inputs=False skips the checks that read values (empty rows): for callers that validated their batch.
     """
-    _check_hidden_mask(hidden, mask, sae, check_inputs)
+    _check_hidden_mask(hidden, mask, sae, check_inputs and not is_fake(hidden))
     with torch.no_grad():
         if not use_triton(hidden) or hidden.dtype == torch.float64:
             return reference.sae_pooled_features_ref(hidden, mask, sae).float()
@@ -288,6 +290,7 @@ def sae_feature_mse(hidden, mask, sae: SAEWeights, ref_indices, ref_values, k: i
     Differentiable in hidden only. check_inputs=False skips the checks that read tensor values
     (empty rows, index range, valid slots), for callers that validated their batch once.
     """
+    check_inputs = check_inputs and not is_fake(hidden)   # fake tensors have no values to check
     _check_hidden_mask(hidden, mask, sae, check_inputs)
     B = hidden.shape[0]
     m = sae.width

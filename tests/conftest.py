@@ -33,8 +33,8 @@ def device():
 
 @pytest.fixture(autouse=True)
 def _fresh_seed():
-    # fresh random inputs every run; the seed is printed on failure so a failure can be replayed
-    seed = int.from_bytes(os.urandom(4), "little")
+    # fresh random inputs every run; the seed is printed on failure, and FPO_TEST_SEED=<seed> replays it
+    seed = int(os.environ.get("FPO_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     torch.manual_seed(seed)
     print(f"torch seed {seed}")  # shown with a failure's captured output
     yield seed

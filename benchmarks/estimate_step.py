@@ -1,0 +1,268 @@
+"""Predicted peak memory and step time of bench_step's methods on an H100, worked out on the CPU.
+
+Each method's training step runs on fake tensors (torch FakeTensorMode): real shapes, dtypes and
+allocations, no values, no GPU. The fused ops take their GPU path with the Triton launches skipped
+(fpo_kernels reports each skipped launch), so every allocation the GPU would make is made here too.
+
+Peak memory: the peak of live tensor storage over two steps (Adam's states appear in the first), counted
+from the parameters, inputs and caches already resident, as torch.cuda.max_memory_allocated counts it
+(less the caching allocator's rounding to 512-byte blocks and the cuBLAS workspace).
+
+Step time: a roofline sum over the second step's operations. Each op costs
+    max(FLOPs / attainable FLOP/s, bytes read and written / attainable bandwidth, a per-kernel floor),
+with bf16/fp16 matmuls on the tensor cores and fp32 ones on the CUDA cores (PyTorch leaves TF32 off).
+The skipped Triton kernels are costed from their arguments: the SAE pooling kernel as a tiled GEMM that
+streams W_enc once per token tile and the hidden states once per feature tile, the backward from its k
+gathered features, the log-prob row kernels from their logits chunk (read, and in the backward rewritten).
+Not modelled: CPU launch overhead beyond the floor (a step of this size keeps the GPU fed), L2 reuse,
+attention kernels' own efficiency (costed from their FLOPs and bytes like any op).
+
+A prediction, not a measurement: bench_step.py on an H100 measures; this says what to expect and why.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import weakref
+from collections import defaultdict
+from functools import partial
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import fpo.train
+import fpo_kernels.logprobs as _lp
+import fpo_kernels.sae_constraint as _sae
+from benchmarks.bench_step import METHODS, NEEDS_REF, PRESETS, Step, make_optimizer
+from fpo_kernels._dispatch import on_fake_launch
+
+# NVIDIA H100 SXM5 80GB datasheet: dense bf16 tensor-core FLOP/s, fp32 FLOP/s, HBM3 bandwidth.
+H100_SXM = {"name": "NVIDIA H100 80GB HBM3 (SXM5)", "tensor_flops": 989e12, "fp32_flops": 67e12, "bandwidth": 3.35e12}
+GEMM_EFFICIENCY = 0.70      # large bf16 cuBLAS GEMMs reach about 70% of the dense peak
+BANDWIDTH_EFFICIENCY = 0.85
+KERNEL_FLOOR_S = 3e-6       # the shortest a kernel takes, launch included
+_FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_to_copy_meta",
+         "_local_scalar_dense", "set_", "new_empty", "new_empty_strided", "resize_", "sym_size", "sym_stride"}
+
+
+class StepTracer(TorchDispatchMode):
+    """Live tensor bytes (now, peak) and a roofline time per phase, for every op dispatched inside it."""
+
+    def __init__(self, spec=H100_SXM):
+        super().__init__()
+        self.spec = spec
+        self.live = {}
+        self.now = self.peak = 0
+        self.seconds = defaultdict(float)
+        self.by_op = defaultdict(float)
+        self.flops = 0.0
+        self.phase = "model"
+        self.timing = False
+
+    # ---- memory -----------------------------------------------------------------------------
+    def hold(self, tensors):
+        """Count tensors that exist before the step (weights, inputs, caches)."""
+        for t in tensors:
+            self._alloc(t)
+
+    def _alloc(self, t):
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.live:
+            return
+        n = st.nbytes()
+        self.live[key] = (weakref.ref(st, partial(self._free, key)), n)
+        self.now += n
+        self.peak = max(self.peak, self.now)
+
+    def _free(self, key, _ref):
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            self.now -= entry[1]
+
+    # ---- time -------------------------------------------------------------------------------
+    def cost(self, name, flops, nbytes, dtype):
+        rate = self.spec["tensor_flops"] if dtype in (torch.bfloat16, torch.float16) else self.spec["fp32_flops"]
+        t = max(flops / (rate * GEMM_EFFICIENCY), nbytes / (self.spec["bandwidth"] * BANDWIDTH_EFFICIENCY),
+                KERNEL_FLOOR_S)
+        if self.timing:
+            self.seconds[self.phase] += t
+            self.by_op[name] += t
+            self.flops += flops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils.flop_counter import flop_registry
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        for t in outs:
+            self._alloc(t)
+        name = func._overloadpacket.__name__
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        # views and metadata ops move no data: outputs that alias an input, from an op that writes nothing
+        aliases = {t.untyped_storage()._cdata for t in ins}
+        moves_nothing = func.is_view or (not func._schema.is_mutable and outs and
+                                         all(t.untyped_storage()._cdata in aliases for t in outs))
+        if func.namespace == "aten" and not moves_nothing and name not in _FREE:
+            nbytes = sum(t.numel() * t.element_size() for t in ins + outs)
+            counter = flop_registry.get(func._overloadpacket)
+            flops = counter(*args, **kwargs, out_val=out) if counter is not None else 0
+            self.cost(name, flops, nbytes, ins[0].dtype if ins else torch.float32)
+        return out
+
+    def triton_launch(self, name, args, meta):
+        """Cost of a Triton kernel skipped on fake tensors, from its arguments."""
+        tensors = [a for a in args if torch.is_tensor(a)]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        flops, dtype = 0, tensors[0].dtype
+        if name == "_sae_pool_fwd_kernel":
+            hidden, w, out = args[0], args[4], args[8]
+            B, T, D = hidden.shape
+            F = out.shape[1]
+            flops = 2 * B * T * D * F
+            BT, BF = 64, 128          # the first autotune config: W_enc streamed once per token tile
+            if F == w.shape[0]:       # dense: every feature; gathered rows are few and stay in L2
+                nbytes += B * (-(-T // BT)) * w.numel() * w.element_size() + (-(-F // BF)) * hidden.numel() * hidden.element_size()
+        elif name == "_sae_constraint_bwd_kernel":
+            hidden, idx = args[0], args[5]
+            B, T, D = hidden.shape
+            flops = 4 * B * T * D * idx.shape[1]   # recompute the k pre-activations, then dh
+        elif name in ("_logprobs_bwd_kernel", "_kl_bwd_kernel"):
+            nbytes += tensors[0].numel() * tensors[0].element_size()   # dlogits written over the logits
+        self.cost(name, flops, nbytes, dtype)
+
+
+@contextlib.contextmanager
+def _phase(tracer, name, owners):
+    """Attribute the ops of the named functions to a phase while they run."""
+    saved = []
+
+    def wrap(fn):
+        def inner(*a, **k):
+            prev, tracer.phase = tracer.phase, name
+            try:
+                return fn(*a, **k)
+            finally:
+                tracer.phase = prev
+        return inner
+
+    for owner, attr in owners:
+        saved.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, wrap(getattr(owner, attr)))
+    try:
+        yield
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+
+
+def _resident(bench):
+    """Every tensor alive before a step: weights and buffers of both models, inputs, the cache, the SAE."""
+    out = []
+    for model in (bench.policy, bench.ref):
+        if model is not None:
+            out += list(model.parameters()) + list(model.buffers())
+    out += [bench.ids, bench.attn, bench.resp, bench.rows] + list(bench.cache.values())
+    sae = bench.sae
+    out += [t for t in (sae.W_enc_t, sae.b_enc, sae.threshold, sae.b_dec, sae.bias) if t is not None]
+    return out
+
+
+def estimate(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, grad_ckpt=False, spec=H100_SXM, log=print):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    rows = []
+    with fake:
+        bench = Step(preset, pairs, seq_len, "cpu", torch.bfloat16, grad_ckpt=grad_ckpt)
+        n_params = sum(p.numel() for p in bench.policy.parameters())
+        for method in methods:
+            if method in NEEDS_REF:
+                bench.load_reference()
+            else:
+                bench.ref = None
+            bench.sae._cast.clear()      # the bf16 copy of W_enc is made inside the step it serves
+            tracer = StepTracer(spec)
+            opt = make_optimizer(bench.policy)
+            phases = [("sae", [(fpo.train, "sae_feature_mse"), (_sae, "sae_constraint_bwd"), (Step, "_naive_pooled")]),
+                      ("lm head", [(_lp, "logprobs_fwd"), (_lp, "logprobs_bwd"), (_lp, "kl_fwd"), (_lp, "kl_bwd")]),
+                      ("optimizer", [(opt, "step")])]
+            with contextlib.ExitStack() as stack:
+                for name, owners in phases:
+                    stack.enter_context(_phase(tracer, name, owners))
+                stack.enter_context(on_fake_launch(tracer.triton_launch))
+                tracer.hold(_resident(bench))
+                with tracer:
+                    for i in range(2):
+                        tracer.timing = i == 1
+                        bench.loss(method).backward()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+            bench.release_fpo()
+            del opt
+            ms = sum(tracer.seconds.values()) * 1e3
+            row = {"method": method, "step_ms_estimate": ms, "peak_gb_estimate": tracer.peak / 2**30,
+                   "tflop": tracer.flops / 1e12,
+                   "phases_ms": {k: v * 1e3 for k, v in sorted(tracer.seconds.items())},
+                   "top_ops_ms": {k: v * 1e3 for k, v in sorted(tracer.by_op.items(), key=lambda kv: -kv[1])[:12]}}
+            rows.append(row)
+            log(f"[estimate_step] {method}: {ms:.1f} ms, peak {row['peak_gb_estimate']:.2f} GB, {row['tflop']:.1f} TFLOP")
+    by = {r["method"]: r for r in rows}
+    ratios = {}
+    for a, b in (("fpo", "tdpo2-authors"), ("fpo", "tdpo2-lean"), ("fpo", "simpo"), ("fpo-ref", "simpo"),
+                 ("fpo", "fpo-authors"), ("tdpo2-lean", "tdpo2-authors")):
+        if a in by and b in by:
+            for key in ("peak_gb_estimate", "step_ms_estimate"):
+                ratios[f"{a}/{b} {key}"] = by[a][key] / by[b][key]
+    for m in ("fpo", "fpo-ref"):
+        if m in by:
+            ratios[f"{m} sae share of step"] = by[m]["phases_ms"].get("sae", 0.0) / by[m]["step_ms_estimate"]
+    info = {"preset": preset, "pairs": pairs, "seq_len": seq_len, "params": n_params, "tokens": 2 * pairs * seq_len,
+            "gradient_checkpointing": grad_ckpt,
+            "device_model": spec, "gemm_efficiency": GEMM_EFFICIENCY, "bandwidth_efficiency": BANDWIDTH_EFFICIENCY,
+            "kernel_floor_s": KERNEL_FLOOR_S}
+    return rows, ratios, info
+
+
+def format_markdown(rows, ratios, info):
+    lines = [f"Predicted on the CPU (fake tensors + roofline) for {info['device_model']['name']}: "
+             f"{info['preset']}, {info['pairs']} pairs x {info['seq_len']} tokens, bf16 weights and Adam states"
+             + (", gradient checkpointing." if info["gradient_checkpointing"] else "."), "",
+             "| method | peak GB (est.) | step ms (est.) | TFLOP | sae ms | lm head ms | optimizer ms |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        p = r["phases_ms"]
+        lines.append(f"| {r['method']} | {r['peak_gb_estimate']:.2f} | {r['step_ms_estimate']:.1f} | {r['tflop']:.1f} | "
+                     f"{p.get('sae', 0):.2f} | {p.get('lm head', 0):.2f} | {p.get('optimizer', 0):.2f} |")
+    lines += ["", "Ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items())]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=list(PRESETS), default="gemma2-2b")
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--out", default=None, help="write estimate_step_<preset>_<pairs>x<seq>.{json,md} here")
+    args = ap.parse_args(argv)
+    rows, ratios, info = estimate(args.preset, args.pairs, args.seq_len, [m.strip() for m in args.methods.split(",")],
+                                  args.gradient_checkpointing)
+    md = format_markdown(rows, ratios, info)
+    print(md)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        ckpt = "_ckpt" if args.gradient_checkpointing else ""
+        name = os.path.join(args.out, f"estimate_step_{args.preset}_{args.pairs}x{args.seq_len}{ckpt}")
+        with open(name + ".json", "w") as f:
+            json.dump({"info": info, "rows": rows, "ratios": ratios}, f, indent=1)
+        with open(name + ".md", "w") as f:
+            f.write(md + "\n")
+    return rows, ratios, info
+
+
+if __name__ == "__main__":
+    main()
