@@ -3,7 +3,8 @@
 Providers, log-probs: fused (fpo_kernels.fused_linear_logprobs), naive (logits = h @ W.T, .float(),
 softcap, log_softmax, gather: what TRL does), liger (LigerFusedLinearCrossEntropyLoss with reduction
 "none", when liger-kernel is installed; no softcap). KL: fused (fpo_kernels.fused_linear_kl) vs the TDPO
-authors' formulation (softmax of both models' logits, .log(), the product, summed).
+authors' formulation (softmax of both models' logits, .log(), the product, summed). TDPO's three terms
+(policy and reference log-probs, KL): fused_linear_logprobs_kl in one pass vs the separate ops.
 
 FLOPs: 2 N d V per logits GEMM; the fused backward recomputes the chunk's logits (one GEMM more than naive).
 Bytes: naive holds [N, V] logits in the model dtype plus fp32 copies (8.4 GB per copy at N 8192, V 256000).
@@ -16,7 +17,7 @@ import argparse
 import torch
 
 from benchmarks.common import CPU_NOTE, bench, environment, peak_extra_mb, write_results
-from fpo_kernels import fused_linear_kl, fused_linear_logprobs
+from fpo_kernels import fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl
 
 HEADS_GPU = [("gemma2-2b", 2304, 256000, 30.0), ("llama3", 4096, 128256, None)]
 TOKENS_GPU = [2048, 8192, 32768]
@@ -68,6 +69,12 @@ def run(heads, tokens, dtype=torch.bfloat16):
                 "logprobs/naive": lambda h: naive_logprobs(h, W, labels, cap),
                 "kl/fused": lambda h: fused_linear_kl(h, W, rh, rW, torch.ones(N, dtype=torch.bool, device=dev), softcap=cap),
                 "kl/naive-tdpo": lambda h: naive_kl_tdpo(h, W, rh, rW, cap),
+                # TDPO's three terms: one pass (logprobs_kl) against the log-prob op twice plus the KL op
+                "tdpo-terms/fused": lambda h: _sum_terms(fused_linear_logprobs_kl(h, W, labels, rh, rW, cap, check_inputs=False)),
+                "tdpo-terms/separate": lambda h: _sum_terms((
+                    fused_linear_logprobs(h, W, labels, softcap=cap, check_inputs=False),
+                    fused_linear_logprobs(rh, rW, labels, softcap=cap, check_inputs=False),
+                    fused_linear_kl(h, W, rh, rW, torch.ones(N, dtype=torch.bool, device=dev), softcap=cap))),
             }
             if liger is not None and cap is None:
                 providers["logprobs/liger"] = lambda h: -liger(W, h, labels)
@@ -91,13 +98,18 @@ def run(heads, tokens, dtype=torch.bfloat16):
                 for name, (ms, mem) in res.items():
                     kind = name.split("/")[0]
                     f_ms, f_mem = res[f"{kind}/fused"]
-                    gemms = (2 if kind == "kl" else 1) * (1 if mode == "forward" else 3)
+                    gemms = {"kl": 2, "tdpo-terms": 2}.get(kind, 1) * (1 if mode == "forward" else 3)   # at the minimum
                     rows.append({"head": label, "d": d, "V": V, "softcap": cap, "tokens": N, "mode": mode, "provider": name,
                                  "ms": ms, "tflops": 2 * N * d * V * gemms / ms / 1e9 if ms == ms else None,
                                  "peak_extra_mb": mem,
                                  "time_vs_fused": ms / f_ms if not name.endswith("fused") else None,
                                  "fused_mem_ratio": f_mem / mem if (mem and f_mem is not None and not name.endswith("fused")) else None})
     return rows
+
+
+def _sum_terms(terms):
+    """logp + ref_logp + kl per token: one tensor to time forward and backward through."""
+    return terms[0] + terms[1] + terms[2]
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@ Methods:
   fpo-ref          ours, select="reference" (only k columns of W_enc)
   fpo-authors      as the FPO authors run it: reference model online every step, full logits, SAE on full [tokens, width]
   tdpo1/2-authors  as the TDPO authors run them: full logits of both models, softmax().log() KL over the vocabulary
-  tdpo1/2-lean     our TDPO: online reference, fused log-probs, fused_linear_kl
+  tdpo1/2-lean     our TDPO: online reference body, then fused_linear_logprobs_kl (both log-probs and the KL, one pass)
   simpo, dpo       fused log-probs (dpo with the cached reference log-probs)
   dpo-full-logits  materialised logits + log_softmax
 
@@ -27,9 +27,9 @@ import torch
 
 from benchmarks.common import environment, write_results
 from fpo.losses import LOSSES
-from fpo.model import ResidualCapture, enable_activation_checkpointing, final_softcap, lm_head, run_body
+from fpo.model import ResidualCapture, enable_activation_checkpointing, lm_head, run_body
 from fpo.train import PolicyStats
-from fpo_kernels import SAEWeights, pack_topk, sequence_logprobs
+from fpo_kernels import SAEWeights, pack_topk
 
 PRESETS = {
     "gemma2-2b": dict(arch="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
@@ -127,9 +127,8 @@ class Step:
         if method.startswith("tdpo"):
             with torch.no_grad():
                 rh = run_body(self.ref, self.ids, self.attn)
-                rs, _, _ = sequence_logprobs(rh, lm_head(self.ref)[0], self.ids, self.resp, final_softcap(self.ref),
-                                             rows=self.rows)
             s = plain(self.ids, self.attn, self.resp, ref_hidden=rh, ref_weight=lm_head(self.ref)[0], rows=self.rows)
+            rs = s["ref_logp_sum"]
             return LOSSES["tdpo1"](s["logp_sum"][:P], s["logp_sum"][P:], rs[:P], rs[P:], s["kl"][:P], s["kl"][P:],
                                    variant=1 if method.startswith("tdpo1") else 2)[0]
         s = plain(self.ids, self.attn, self.resp, rows=self.rows)

@@ -3,7 +3,8 @@
 Per optimizer step and per micro-batch of P pairs: one policy forward over the 2P chosen and rejected
 sequences; the residual stream after block L_sae from a hook; the final hidden states from the model body
 (no logits); fused_linear_logprobs with the lm head; sae_feature_mse against the cached reference features
-(fpo); fused_linear_kl against the online reference (tdpo); the loss; backward. Metrics stay on the device
+(fpo); for tdpo, fused_linear_logprobs_kl instead: both models' log-probs and the KL against the online
+reference from one pass over the logits; the loss; backward. Metrics stay on the device
 and are read once per log step.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from fpo_kernels import fused_linear_kl, prediction_rows, sae_feature_mse, sequence_logprobs
+from fpo_kernels import prediction_rows, sae_feature_mse, sequence_logprobs, sequence_logprobs_kl
 
 from . import distributed as dist_utils
 from .cache import ReferenceCache, atomic_write_json
@@ -54,26 +55,27 @@ class PolicyStats(nn.Module):
         self.softcap = final_softcap(model)
 
     def forward(self, input_ids, attention_mask, response_mask, ref_idx=None, ref_val=None,
-                ref_hidden=None, ref_weight=None, rows=None):
-        """rows: fpo_kernels.prediction_rows(response_mask), found by the data loader (else a device sync here)."""
+                ref_hidden=None, ref_weight=None, ref_bias=None, rows=None):
+        """rows: fpo_kernels.prediction_rows(response_mask), found by the data loader (else a device sync here).
+        With ref_hidden (TDPO), the reference's log-probs and the KL come from the same pass over the logits."""
         hidden = run_body(self.model, input_ids, attention_mask)              # [2P, T, d]
         w, b = lm_head(self.model)
         if rows is None:
             rows = prediction_rows(response_mask)
-        with record_function("fpo::logprobs"):
-            total, mean, count = sequence_logprobs(hidden, w, input_ids, response_mask, self.softcap, b, rows=rows)
-        out = {"logp_sum": total, "logp_mean": mean, "len": count}
+        if ref_hidden is not None:
+            with record_function("fpo::logprobs_kl"):
+                total, mean, count, ref_total, kl = sequence_logprobs_kl(
+                    hidden, w, input_ids, response_mask, ref_hidden, ref_weight, self.softcap, b, ref_bias, rows=rows)
+            out = {"logp_sum": total, "logp_mean": mean, "len": count, "ref_logp_sum": ref_total, "kl": kl}
+        else:
+            with record_function("fpo::logprobs"):
+                total, mean, count = sequence_logprobs(hidden, w, input_ids, response_mask, self.softcap, b, rows=rows)
+            out = {"logp_sum": total, "logp_mean": mean, "len": count}
         if self.sae is not None:
             resid = self.capture.pop()
             with record_function("fpo::sae_constraint"):
                 out["d"] = sae_feature_mse(resid, response_mask, self.sae, ref_idx, ref_val, self.k, self.select,
                                            check_inputs=False)
-        if ref_hidden is not None:
-            with record_function("fpo::kl"):
-                seq, pos = rows.t()                                             # positions predicting response tokens
-                kl = fused_linear_kl(hidden[seq, pos], w, ref_hidden[seq, pos], ref_weight,
-                                     torch.ones(seq.numel(), dtype=torch.bool, device=hidden.device), self.softcap)
-                out["kl"] = torch.zeros(hidden.shape[0], device=hidden.device).index_add(0, seq, kl)
         return out
 
 
@@ -142,6 +144,9 @@ class Trainer:
             self.ref_model = load_model(cfg.reference_model or cfg.model, dtype=self.dtype, device=self.device).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
+            if final_softcap(self.ref_model) != final_softcap(model):
+                raise ValueError(f"reference_model's final logit softcap {final_softcap(self.ref_model)} differs from "
+                                 f"the policy's {final_softcap(model)}: TDPO's fused KL applies one softcap to both")
 
         pairs = load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=self.log)
         self.items = tokenize_pairs(pairs, self.tokenizer, cfg.max_length, cfg.max_prompt_length)
@@ -208,12 +213,11 @@ class Trainer:
         if self.cache is not None:
             ref = self.cache.lookup(batch["ids"], batch["row_hash"], dev)
         if self.ref_model is not None:
+            # the reference body only: its log-probs come with the KL, from one pass over both models' logits
             with torch.no_grad():
-                ids = batch["input_ids"].to(dev)
-                rh = run_body(self.ref_model, ids, batch["attention_mask"].to(dev))
-                rw, rb = lm_head(self.ref_model)
-                s, _, _ = sequence_logprobs(rh, rw, ids, batch["response_mask"].to(dev), final_softcap(self.ref_model), rb)
-            ref.update(chosen_logp_sum=s[:P], rejected_logp_sum=s[P:], _hidden=rh, _weight=rw)
+                rh = run_body(self.ref_model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+            rw, rb = lm_head(self.ref_model)
+            ref.update(_hidden=rh, _weight=rw.detach(), _bias=None if rb is None else rb.detach())
         return ref
 
     def train_step(self, step):
@@ -229,12 +233,14 @@ class Trainer:
                 kw = dict(ref_idx=torch.cat([ref["chosen_idx"], ref["rejected_idx"]]),
                           ref_val=torch.cat([ref["chosen_val"], ref["rejected_val"]]))
             if self.ref_model is not None:
-                kw = dict(ref_hidden=ref.pop("_hidden"), ref_weight=ref.pop("_weight"))
+                kw = dict(ref_hidden=ref.pop("_hidden"), ref_weight=ref.pop("_weight"), ref_bias=ref.pop("_bias"))
             sync = j == len(mbs) - 1
             ctx = self.wrapped.no_sync() if (hasattr(self.wrapped, "no_sync") and not sync) else nullcontext()
             with ctx:
                 stats = self.wrapped(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
                                      batch["response_mask"].to(dev), rows=batch["rows"].to(dev), **kw)
+                if "ref_logp_sum" in stats:
+                    ref.update(zip(("chosen_logp_sum", "rejected_logp_sum"), _split(stats["ref_logp_sum"], P)))
                 losses, metrics = compute_loss(cfg, stats, ref, P)
                 (losses.mean() / self.accum).backward()
             metrics["loss"] = losses.detach()

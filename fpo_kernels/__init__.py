@@ -4,13 +4,14 @@ Depends on torch and triton (and safetensors/numpy to read SAE files). CUDA tens
 kernels; CPU tensors run the plain-PyTorch references in fpo_kernels.reference, unless TRITON_INTERPRET=1.
 """
 from .cache import pack_topk, unpack_topk, index_dtype_for
-from .logprobs import fused_linear_kl, fused_linear_logprobs
+from .logprobs import fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl
 from .sae_constraint import sae_feature_mse, sae_pooled_features
 from .sae_weights import SAEWeights
-from .sequence import masked_mean, masked_sum, prediction_rows, sequence_logprobs
+from .sequence import masked_mean, masked_sum, prediction_rows, sequence_logprobs, sequence_logprobs_kl
 
 __all__ = [
-    "SAEWeights", "sae_pooled_features", "sae_feature_mse", "fused_linear_logprobs", "fused_linear_kl",
-    "pack_topk", "unpack_topk", "index_dtype_for", "masked_sum", "masked_mean", "sequence_logprobs", "prediction_rows",
+    "SAEWeights", "sae_pooled_features", "sae_feature_mse", "fused_linear_logprobs", "fused_linear_kl", "fused_linear_logprobs_kl",
+    "pack_topk", "unpack_topk", "index_dtype_for", "masked_sum", "masked_mean", "sequence_logprobs",
+    "sequence_logprobs_kl", "prediction_rows",
 ]
 __version__ = "0.1.0"

@@ -19,7 +19,7 @@ import triton.language as tl
 from . import reference
 from ._dispatch import FLOAT_DTYPES, interpreter_on, is_fake, launch, use_triton
 
-__all__ = ["fused_linear_logprobs", "fused_linear_kl", "logprobs_fwd", "logprobs_bwd", "kl_fwd", "kl_bwd",
+__all__ = ["fused_linear_logprobs", "fused_linear_kl", "fused_linear_logprobs_kl", "logprobs_fwd", "logprobs_bwd", "kl_fwd", "kl_bwd",
            "FusedLinearLogprobsFunction", "FusedLinearKLFunction", "default_chunk_size"]
 
 
@@ -101,13 +101,17 @@ def _kl_fwd_kernel(
     logits,      # [C, V] policy raw logits
     ref_logits,  # [C, V] reference raw logits
     valid,       # [C] int8: positions that count
+    labels,      # [C] int64 (HAS_LABELS): the tokens whose log-probs are wanted too
     lse,         # [C] fp32 out: policy logsumexp
     ref_lse,     # [C] fp32 out: reference logsumexp
     kl,          # [C] fp32 out
+    logp,        # [C] fp32 out (HAS_LABELS): policy log-prob of the label
+    ref_logp,    # [C] fp32 out (HAS_LABELS): reference log-prob of the label
     V,
-    CAP: tl.constexpr, HAS_CAP: tl.constexpr, BV: tl.constexpr,
+    CAP: tl.constexpr, HAS_CAP: tl.constexpr, HAS_LABELS: tl.constexpr, BV: tl.constexpr,
 ):
-    """KL = sum_v e^{r_v - lse_r} (r_v - t_v) - lse_r + lse_t, all three sums online in one pass."""
+    """KL = sum_v e^{r_v - lse_r} (r_v - t_v) - lse_r + lse_t, all three sums online in one pass;
+    with labels, both models' log-probs of the label from the same pass."""
     i_n = tl.program_id(0).to(tl.int64)
     b_mt = -float("inf")
     b_st = 0.0
@@ -137,6 +141,12 @@ def _kl_fwd_kernel(
     tl.store(lse + i_n, b_lt)
     tl.store(ref_lse + i_n, b_lr)
     tl.store(kl + i_n, tl.where(ok, b_a / b_sr - b_lr + b_lt, 0.0))
+    if HAS_LABELS:
+        y = tl.where(ok, tl.load(labels + i_n), 0)
+        b_ty = _softcap_logits(tl.load(logits + i_n * V + y).to(tl.float32), CAP, HAS_CAP)
+        b_ry = _softcap_logits(tl.load(ref_logits + i_n * V + y).to(tl.float32), CAP, HAS_CAP)
+        tl.store(logp + i_n, tl.where(ok, b_ty - b_lt, 0.0))
+        tl.store(ref_logp + i_n, tl.where(ok, b_ry - b_lr, 0.0))
 
 
 @triton.jit
@@ -144,17 +154,23 @@ def _kl_bwd_kernel(
     logits,      # [C, V] policy raw logits in; dL/dlogits out (in place)
     ref_logits,  # [C, V] reference raw logits
     valid,       # [C] int8
+    labels,      # [C] int64 (HAS_LABELS)
     lse,         # [C] fp32
     ref_lse,     # [C] fp32
     grad,        # [C] fp32 upstream dL/dKL
+    grad_logp,   # [C] fp32 upstream dL/dlogp (HAS_LABELS)
     V,
-    CAP: tl.constexpr, HAS_CAP: tl.constexpr, BV: tl.constexpr,
+    CAP: tl.constexpr, HAS_CAP: tl.constexpr, HAS_LABELS: tl.constexpr, BV: tl.constexpr,
 ):
-    """dKL/dz_v = g * (softmax(t)_v - softmax(r)_v) * softcap'(z_v)."""
+    """dL/dz_v = (g_kl (softmax(t)_v - softmax(r)_v) + g_logp ([v == y] - softmax(t)_v)) * softcap'(z_v)."""
     i_n = tl.program_id(0).to(tl.int64)
-    b_g = tl.where(tl.load(valid + i_n) != 0, tl.load(grad + i_n), 0.0)
+    ok = tl.load(valid + i_n) != 0
+    b_g = tl.where(ok, tl.load(grad + i_n), 0.0)
     b_lt = tl.load(lse + i_n)
     b_lr = tl.load(ref_lse + i_n)
+    if HAS_LABELS:
+        b_gl = tl.where(ok, tl.load(grad_logp + i_n), 0.0)
+        y = tl.load(labels + i_n)
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
         m_v = o_v < V
@@ -165,7 +181,10 @@ def _kl_bwd_kernel(
             b_t = CAP * b_th
         else:
             b_t = b_raw
-        b_dz = b_g * (tl.exp(b_t - b_lt) - tl.exp(b_r - b_lr))
+        b_p = tl.exp(b_t - b_lt)
+        b_dz = b_g * (b_p - tl.exp(b_r - b_lr))
+        if HAS_LABELS:
+            b_dz += b_gl * (tl.where(o_v == y, 1.0, 0.0) - b_p)
         if HAS_CAP:
             b_dz = b_dz * (1.0 - b_th * b_th)
         tl.store(logits + i_n * V + o_v, b_dz.to(logits.dtype.element_ty), mask=m_v)
@@ -230,40 +249,59 @@ def logprobs_bwd(grad_logp, hidden, weight, labels, lse, bias=None, softcap=None
     return gh, gw, (gb.to(bias.dtype) if gb is not None else None)
 
 
-def kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap=None, chunk_size=None):
-    """(kl [N] fp32, lse [N], ref_lse [N])."""
+def kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap=None, chunk_size=None, labels=None,
+           bias=None, ref_bias=None):
+    """(kl [N] fp32, lse [N], ref_lse [N], logp [N] or None, ref_logp [N] or None): logp and ref_logp,
+    the label's log-prob under each model, come with labels."""
     N, V = hidden.shape[0], weight.shape[0]
     C = chunk_size or default_chunk_size(V)
     kl = torch.empty(N, device=hidden.device, dtype=torch.float32)
     lse = torch.empty_like(kl)
     ref_lse = torch.empty_like(kl)
+    logp = torch.empty_like(kl) if labels is not None else None
+    ref_logp = torch.empty_like(kl) if labels is not None else None
     for s in range(0, N, C):
         e = min(s + C, N)
-        z = (hidden[s:e] @ weight.t()).contiguous()
-        zr = (ref_hidden[s:e] @ ref_weight.t()).contiguous()
-        launch(_kl_fwd_kernel, (e - s,), z, zr, valid8[s:e], lse[s:e], ref_lse[s:e], kl[s:e], V,
-               BV=_bv(V), **_cap_args(softcap))
-    return kl, lse, ref_lse
+        z = _chunk_logits(hidden[s:e], weight, bias).contiguous()
+        zr = _chunk_logits(ref_hidden[s:e], ref_weight, ref_bias).contiguous()
+        launch(_kl_fwd_kernel, (e - s,), z, zr, valid8[s:e], _rows(labels, valid8, s, e), lse[s:e], ref_lse[s:e],
+               kl[s:e], _rows(logp, kl, s, e), _rows(ref_logp, kl, s, e), V,
+               BV=_bv(V), HAS_LABELS=labels is not None, **_cap_args(softcap))
+    return kl, lse, ref_lse, logp, ref_logp
 
 
 def kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse, softcap=None,
-           chunk_size=None, need_hidden=True, need_weight=True):
+           chunk_size=None, need_hidden=True, need_weight=True, labels=None, grad_logp=None,
+           bias=None, ref_bias=None, need_bias=True):
+    """(grad_hidden, grad_weight, grad_bias), each None when not needed; through the KL and, with labels
+    and grad_logp, the label's log-prob as well: one pass over the logits for both."""
     N, V = hidden.shape[0], weight.shape[0]
     C = chunk_size or default_chunk_size(V)
     gh = torch.empty_like(hidden) if need_hidden else None
     gw = torch.zeros_like(weight) if need_weight else None
+    gb = torch.zeros(V, device=hidden.device, dtype=torch.float32) if (need_bias and bias is not None) else None
     grad_kl = grad_kl.float().contiguous()
+    if grad_logp is not None:
+        grad_logp = grad_logp.float().contiguous()
     for s in range(0, N, C):
         e = min(s + C, N)
-        z = (hidden[s:e] @ weight.t()).contiguous()
-        zr = (ref_hidden[s:e] @ ref_weight.t()).contiguous()
-        launch(_kl_bwd_kernel, (e - s,), z, zr, valid8[s:e], lse[s:e], ref_lse[s:e], grad_kl[s:e], V,
-               BV=_bv(V), **_cap_args(softcap))
+        z = _chunk_logits(hidden[s:e], weight, bias).contiguous()
+        zr = _chunk_logits(ref_hidden[s:e], ref_weight, ref_bias).contiguous()
+        launch(_kl_bwd_kernel, (e - s,), z, zr, valid8[s:e], _rows(labels, valid8, s, e), lse[s:e], ref_lse[s:e],
+               grad_kl[s:e], _rows(grad_logp, grad_kl, s, e), V,
+               BV=_bv(V), HAS_LABELS=labels is not None, **_cap_args(softcap))
         if gh is not None:
             torch.mm(z, weight, out=gh[s:e])
         if gw is not None:
             gw.addmm_(z.t(), hidden[s:e])
-    return gh, gw
+        if gb is not None:
+            gb += z.float().sum(0)
+    return gh, gw, (gb.to(bias.dtype) if gb is not None else None)
+
+
+def _rows(t, placeholder, s, e):
+    """t[s:e], or a placeholder pointer for a kernel argument its constexpr flag leaves unread."""
+    return (t if t is not None else placeholder)[s:e]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,25 +333,36 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
 
 
 class FusedLinearKLFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, ref_hidden, ref_weight, valid8, softcap, chunk_size):
-        kl, lse, ref_lse = kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap, chunk_size)
-        ctx.save_for_backward(hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse)
-        ctx.args = (softcap, chunk_size)
-        return kl
+    """KL(reference || policy) per position; with labels, both models' log-probs of the labels from the same
+    pass (the reference's is a constant)."""
 
     @staticmethod
-    def backward(ctx, grad_kl):
-        hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse = ctx.saved_tensors
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid8, labels, softcap, chunk_size):
+        kl, lse, ref_lse, logp, ref_logp = kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap, chunk_size,
+                                                  labels, bias, ref_bias)
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid8, labels, lse, ref_lse)
+        ctx.args = (softcap, chunk_size)
+        if labels is None:
+            return kl
+        ctx.mark_non_differentiable(ref_logp)
+        return kl, logp, ref_logp
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_logp=None, grad_ref_logp=None):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid8, labels, lse, ref_lse = ctx.saved_tensors
         softcap, chunk_size = ctx.args
-        gh, gw = kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse, softcap, chunk_size,
-                        *ctx.needs_input_grad[:2])
+        need = ctx.needs_input_grad
+        gh, gw, gb = kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse, softcap, chunk_size,
+                            need[0], need[1], labels, grad_logp, bias, ref_bias, need[2])
         return (
             gh,    # hidden
             gw,    # weight
+            gb,    # bias
             None,  # ref_hidden (the reference is frozen)
             None,  # ref_weight
+            None,  # ref_bias
             None,  # valid mask
+            None,  # labels
             None,  # softcap
             None,  # chunk_size
         )
@@ -342,6 +391,43 @@ def _check_softcap(softcap):
         raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
 
 
+def _check_labels(labels, hidden, V, ignore_index, check_values):
+    N = hidden.shape[0]
+    if not torch.is_tensor(labels) or tuple(labels.shape) != (N,):
+        raise ValueError(f"labels must be [N] = [{N}], got {getattr(labels, 'shape', type(labels))}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
+    if check_values and not is_fake(labels):   # fake tensors have no values to check
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bad.any():
+            i = bad.nonzero()[0].item()
+            raise ValueError(f"labels[{i}] = {labels[i].item()} is outside [0, {V}) and is not ignore_index={ignore_index}")
+
+
+def _check_bias(bias, hidden, V, name="bias"):
+    if bias is not None and (not torch.is_tensor(bias) or tuple(bias.shape) != (V,) or bias.device != hidden.device):
+        raise ValueError(f"{name} must be a [V] = [{V}] tensor on {hidden.device}")
+
+
+def _check_chunk_size(chunk_size):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+
+def _check_pair(hidden, weight, ref_hidden, ref_weight):
+    _check_linear(hidden, weight)
+    _check_linear(ref_hidden, ref_weight, "ref_hidden", "ref_weight")
+    N, V = hidden.shape[0], weight.shape[0]
+    if ref_hidden.shape[0] != N:
+        raise ValueError(f"ref_hidden has {ref_hidden.shape[0]} rows but hidden has {N}")
+    if ref_weight.shape[0] != V:
+        raise ValueError(f"ref_weight has vocabulary {ref_weight.shape[0]} but weight has {V}")
+    if ref_hidden.device != hidden.device:
+        raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
+
+
 def fused_linear_logprobs(hidden, weight, labels, softcap=None, ignore_index=-100, bias=None,
                           chunk_size=None, check_inputs=True) -> torch.Tensor:
     """Per-token log-probs log_softmax(softcap(hidden @ weight.T + bias))[labels] without [N, V] logits.
@@ -354,21 +440,9 @@ def fused_linear_logprobs(hidden, weight, labels, softcap=None, ignore_index=-10
     _check_linear(hidden, weight)
     _check_softcap(softcap)
     N, V = hidden.shape[0], weight.shape[0]
-    if not torch.is_tensor(labels) or tuple(labels.shape) != (N,):
-        raise ValueError(f"labels must be [N] = [{N}], got {getattr(labels, 'shape', type(labels))}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.device != hidden.device:
-        raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
-    if bias is not None and (not torch.is_tensor(bias) or tuple(bias.shape) != (V,) or bias.device != hidden.device):
-        raise ValueError(f"bias must be a [V] = [{V}] tensor on {hidden.device}")
-    if check_inputs and not is_fake(labels):   # fake tensors have no values to check
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-        if bad.any():
-            i = bad.nonzero()[0].item()
-            raise ValueError(f"labels[{i}] = {labels[i].item()} is outside [0, {V}) and is not ignore_index={ignore_index}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    _check_labels(labels, hidden, V, ignore_index, check_inputs)
+    _check_bias(bias, hidden, V)
+    _check_chunk_size(chunk_size)
     if N == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     if not use_triton(hidden) or hidden.dtype == torch.float64:
@@ -387,22 +461,50 @@ def fused_linear_kl(hidden, weight, ref_hidden, ref_weight, mask, softcap=None, 
     mask [N] bool or 0/1: positions that count (0 elsewhere); softcap as in fused_linear_logprobs.
     Returns [N] float32, >= 0 up to rounding.
     """
-    _check_linear(hidden, weight)
-    _check_linear(ref_hidden, ref_weight, "ref_hidden", "ref_weight")
+    _check_pair(hidden, weight, ref_hidden, ref_weight)
     _check_softcap(softcap)
-    N, V = hidden.shape[0], weight.shape[0]
-    if ref_hidden.shape[0] != N:
-        raise ValueError(f"ref_hidden has {ref_hidden.shape[0]} rows but hidden has {N}")
-    if ref_weight.shape[0] != V:
-        raise ValueError(f"ref_weight has vocabulary {ref_weight.shape[0]} but weight has {V}")
-    if ref_hidden.device != hidden.device:
-        raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
+    _check_chunk_size(chunk_size)
+    N = hidden.shape[0]
     if not torch.is_tensor(mask) or tuple(mask.shape) != (N,) or mask.device != hidden.device:
         raise ValueError(f"mask must be an [N] = [{N}] tensor on {hidden.device}")
     if N == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
     if not use_triton(hidden) or hidden.dtype == torch.float64:
         return reference.fused_linear_kl_ref(hidden, weight, ref_hidden.detach(), ref_weight.detach(), mask, softcap).float()
-    return FusedLinearKLFunction.apply(hidden, weight, ref_hidden.detach().to(hidden.dtype),
-                                       ref_weight.detach().to(hidden.dtype), mask.to(torch.int8).contiguous(),
-                                       softcap, chunk_size)
+    return FusedLinearKLFunction.apply(hidden, weight, None, ref_hidden.detach().to(hidden.dtype),
+                                       ref_weight.detach().to(hidden.dtype), None, mask.to(torch.int8).contiguous(),
+                                       None, softcap, chunk_size)
+
+
+def fused_linear_logprobs_kl(hidden, weight, labels, ref_hidden, ref_weight, softcap=None, bias=None, ref_bias=None,
+                             ignore_index=-100, chunk_size=None, check_inputs=True):
+    """TDPO's per-token terms in one pass over both models' logits, without [N, V] logits:
+    (logp [N], ref_logp [N], kl [N]) float32 = the label's log-prob under the policy and under the reference,
+    and KL(pi_ref || pi_theta) over the vocabulary; all three 0 where labels == ignore_index.
+
+    hidden [N, d], weight [V, d], bias [V] or None: the policy's (differentiable through logp and kl);
+    ref_hidden [N, d_ref], ref_weight [V, d_ref], ref_bias: the reference's (constants); softcap as in
+    fused_linear_logprobs, shared by both models. Against fused_linear_logprobs twice plus fused_linear_kl, this
+    computes each model's logits once in the forward and the policy's gradient in one backward pass.
+    """
+    _check_pair(hidden, weight, ref_hidden, ref_weight)
+    _check_softcap(softcap)
+    _check_chunk_size(chunk_size)
+    N, V = hidden.shape[0], weight.shape[0]
+    _check_labels(labels, hidden, V, ignore_index, check_inputs)
+    _check_bias(bias, hidden, V)
+    _check_bias(ref_bias, hidden, V, "ref_bias")
+    if N == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty.clone(), empty.clone()
+    if not use_triton(hidden) or hidden.dtype == torch.float64:
+        logp, ref_logp, kl = reference.fused_linear_logprobs_kl_ref(hidden, weight, labels, ref_hidden.detach(),
+                                                                    ref_weight.detach(), softcap, bias, ref_bias,
+                                                                    ignore_index)
+        return logp.float(), ref_logp.float(), kl.float()
+    cast = lambda t: None if t is None else t.detach().to(hidden.dtype)
+    valid8 = (labels != ignore_index).to(torch.int8).contiguous()
+    kl, logp, ref_logp = FusedLinearKLFunction.apply(
+        hidden, weight, None if bias is None else bias.to(hidden.dtype), cast(ref_hidden), cast(ref_weight),
+        cast(ref_bias), valid8, labels.long().contiguous(), softcap, chunk_size)
+    return logp, ref_logp, kl

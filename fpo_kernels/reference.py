@@ -9,7 +9,7 @@ import torch
 
 __all__ = [
     "jumprelu_ref", "sae_encode_ref", "sae_pooled_features_ref", "sae_feature_mse_ref",
-    "fused_linear_logprobs_ref", "fused_linear_kl_ref", "pack_topk_ref",
+    "fused_linear_logprobs_ref", "fused_linear_kl_ref", "fused_linear_logprobs_kl_ref", "pack_topk_ref",
 ]
 
 
@@ -90,6 +90,20 @@ def fused_linear_kl_ref(hidden, weight, ref_hidden, ref_weight, mask, softcap=No
     logq = torch.log_softmax(_softcap(ref_hidden.to(dt) @ ref_weight.to(dt).t(), softcap), -1)
     kl = (logq.exp() * (logq - logp)).sum(-1)
     return torch.where(mask.bool(), kl, torch.zeros_like(kl))
+
+
+def fused_linear_logprobs_kl_ref(hidden, weight, labels, ref_hidden, ref_weight, softcap=None, bias=None,
+                                 ref_bias=None, ignore_index=-100):
+    """(logp, ref_logp, kl), each [N]: both models' log-probs of the labels and KL(pi_ref || pi_theta); 0 where ignored."""
+    dt = _acc_dtype(hidden)
+    logits = [h.to(dt) @ w.to(dt).t() + (0 if b is None else b.to(dt))
+              for h, w, b in ((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias))]
+    logp, logq = (torch.log_softmax(_softcap(z, softcap), -1) for z in logits)
+    ignored = labels == ignore_index
+    y = torch.where(ignored, 0, labels).long().unsqueeze(1)
+    zero = torch.zeros(labels.shape, dtype=dt, device=hidden.device)
+    kl = (logq.exp() * (logq - logp)).sum(-1)
+    return tuple(torch.where(ignored, zero, t) for t in (logp.gather(1, y).squeeze(1), logq.gather(1, y).squeeze(1), kl))
 
 
 def pack_topk_ref(pooled: torch.Tensor, K: int):

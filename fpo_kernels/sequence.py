@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .logprobs import fused_linear_logprobs
+from .logprobs import fused_linear_logprobs, fused_linear_logprobs_kl
 
-__all__ = ["masked_sum", "masked_mean", "sequence_logprobs", "prediction_rows"]
+__all__ = ["masked_sum", "masked_mean", "sequence_logprobs", "sequence_logprobs_kl", "prediction_rows"]
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -46,3 +46,26 @@ def sequence_logprobs(hidden, weight, input_ids, response_mask, softcap=None, bi
     total = torch.zeros(B, device=hidden.device, dtype=torch.float32).index_add(0, rows[0], lp)
     count = target.sum(1).float()
     return total, total / count.clamp(min=1), count
+
+
+def sequence_logprobs_kl(hidden, weight, input_ids, response_mask, ref_hidden, ref_weight, softcap=None, bias=None,
+                         ref_bias=None, chunk_size=None, rows=None):
+    """TDPO's per-sequence terms over response tokens, from one pass over both models' logits
+    (fused_linear_logprobs_kl): (sum, mean, count, ref_sum, kl_sum), each [B] float32, where sum and mean are
+    the policy's log-probs as in sequence_logprobs, ref_sum the reference's summed log-probs (a constant) and
+    kl_sum the summed KL(pi_ref || pi_theta). ref_hidden [B, T, d_ref], ref_weight [V, d_ref], ref_bias: the
+    reference's final hidden states and lm head; the other arguments as in sequence_logprobs."""
+    B, T, d = hidden.shape
+    if input_ids.shape != (B, T) or response_mask.shape != (B, T):
+        raise ValueError(f"input_ids and response_mask must be [B, T] = {[B, T]}")
+    if ref_hidden.shape[:2] != (B, T):
+        raise ValueError(f"ref_hidden must be [B, T, d_ref] with [B, T] = {[B, T]}, got {tuple(ref_hidden.shape)}")
+    rows = tuple((prediction_rows(response_mask) if rows is None else rows).t())
+    labels = input_ids[:, 1:][rows]
+    logp, ref_logp, kl = fused_linear_logprobs_kl(hidden[:, :-1][rows], weight, labels, ref_hidden[:, :-1][rows],
+                                                  ref_weight, softcap, bias, ref_bias, chunk_size=chunk_size,
+                                                  check_inputs=False)
+    zeros = torch.zeros(B, device=hidden.device, dtype=torch.float32)
+    total, ref_total, kl_total = (zeros.index_add(0, rows[0], t) for t in (logp, ref_logp, kl))
+    count = response_mask[:, 1:].bool().sum(1).float()
+    return total, total / count.clamp(min=1), count, ref_total, kl_total

@@ -17,8 +17,10 @@ SAE_BWD = {"h": "*{dt}", "mask": "*i8", "w": "*{dt}", "bias": "*fp32", "theta": 
            "dh": "*fp32", "T": "i32", "D": "i32", "K": "i32", "stride_hb": "i32", "stride_ht": "i32"}
 LP = {"logits": "*{dt}", "labels": "*i64", "lse": "*fp32", "logp": "*fp32", "V": "i32", "ignore_index": "i32"}
 LP_BWD = {"logits": "*{dt}", "labels": "*i64", "lse": "*fp32", "grad": "*fp32", "V": "i32", "ignore_index": "i32"}
-KL = {"logits": "*{dt}", "ref_logits": "*{dt}", "valid": "*i8", "lse": "*fp32", "ref_lse": "*fp32", "kl": "*fp32", "V": "i32"}
-KL_BWD = {"logits": "*{dt}", "ref_logits": "*{dt}", "valid": "*i8", "lse": "*fp32", "ref_lse": "*fp32", "grad": "*fp32", "V": "i32"}
+KL = {"logits": "*{dt}", "ref_logits": "*{dt}", "valid": "*i8", "labels": "*i64", "lse": "*fp32", "ref_lse": "*fp32",
+      "kl": "*fp32", "logp": "*fp32", "ref_logp": "*fp32", "V": "i32"}
+KL_BWD = {"logits": "*{dt}", "ref_logits": "*{dt}", "valid": "*i8", "labels": "*i64", "lse": "*fp32", "ref_lse": "*fp32",
+          "grad": "*fp32", "grad_logp": "*fp32", "V": "i32"}
 
 
 def variants():
@@ -34,9 +36,11 @@ def variants():
                    dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         for cap in (False, True):
             c = dict(CAP=30.0, HAS_CAP=cap, BV=1024)
-            for fn, sig in ((lp._logprobs_fwd_kernel, LP), (lp._logprobs_bwd_kernel, LP_BWD),
-                            (lp._kl_fwd_kernel, KL), (lp._kl_bwd_kernel, KL_BWD)):
+            for fn, sig in ((lp._logprobs_fwd_kernel, LP), (lp._logprobs_bwd_kernel, LP_BWD)):
                 yield fn, sig, dt, c, {}
+            for labels in (False, True):   # KL alone, and KL with both models' log-probs
+                for fn, sig in ((lp._kl_fwd_kernel, KL), (lp._kl_bwd_kernel, KL_BWD)):
+                    yield fn, sig, dt, dict(c, HAS_LABELS=labels), {}
 
 
 def main():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fpo_kernels.logprobs as lpmod
-from fpo_kernels import fused_linear_kl, fused_linear_logprobs, reference, sequence_logprobs
+from fpo_kernels import fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl, reference, sequence_logprobs
 from helpers import poison
 
 
@@ -74,6 +74,56 @@ def test_kl_forward_backward(softcap, chunk, monkeypatch, device):
     assert _rel_rms(h.grad, hr.grad) < 3e-5 and _rel_rms(w.grad, wr.grad) < 3e-5
 
 
+@pytest.mark.parametrize("N,V,chunk", [(29, 301, 8), (9, 5000, None)])  # 5000: two vocabulary tiles under the interpreter
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_logprobs_kl_forward_backward(N, V, chunk, softcap, with_bias, dtype, monkeypatch, device):
+    """TDPO's three per-token terms in one pass, against the float64 reference, under a weighted sum of
+    logp and kl (the gradient of both flows through one rewrite of the logits)."""
+    poison(monkeypatch, lpmod)
+    d, dr = 20, 12
+    hidden = torch.randn(N, d, device=device).to(dtype)
+    weight = (torch.randn(V, d, device=device) * 0.5).to(dtype)
+    bias = (torch.randn(V, device=device) * 0.5).to(dtype) if with_bias else None
+    rh, rw = torch.randn(N, dr, device=device).to(dtype), (torch.randn(V, dr, device=device) * 0.5).to(dtype)
+    rb = (torch.randn(V, device=device) * 0.5).to(dtype) if with_bias else None
+    labels = torch.randint(0, V, (N,), device=device)
+    labels[torch.rand(N, device=device) < 0.25] = -100
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_() if with_bias else None
+    got = fused_linear_logprobs_kl(h, w, labels, rh, rw, softcap, b, rb, chunk_size=chunk)
+    g_lp, g_kl = torch.randn(N, device=device), torch.randn(N, device=device)
+    (got[0] * g_lp + got[2] * g_kl).sum().backward()
+    hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    br = bias.double().requires_grad_() if with_bias else None
+    want = reference.fused_linear_logprobs_kl_ref(hr, wr, labels, rh.double(), rw.double(), softcap, br,
+                                                  None if rb is None else rb.double())
+    (want[0] * g_lp.double() + want[2] * g_kl.double()).sum().backward()
+    ignored = labels == -100
+    tol = TOL[dtype]
+    for name, x, y in zip(("logp", "ref_logp", "kl"), got, want):
+        assert x.dtype == torch.float32 and x.shape == (N,), name
+        assert (x[ignored] == 0).all(), name
+        assert _rel_rms(x, y) < tol, name
+    assert not got[1].requires_grad
+    assert _rel_rms(h.grad, hr.grad) < 3 * tol and h.grad.dtype == dtype
+    assert _rel_rms(w.grad, wr.grad) < 3 * tol
+    if with_bias:
+        assert _rel_rms(b.grad, br.grad) < 3 * tol
+
+
+def test_logprobs_kl_agrees_with_the_separate_ops(device):
+    N, d, V = 21, 16, 700
+    h, w = torch.randn(N, d, device=device), torch.randn(V, d, device=device) * 0.3
+    rh, rw = torch.randn(N, d, device=device), torch.randn(V, d, device=device) * 0.3
+    y = torch.randint(0, V, (N,), device=device)
+    logp, ref_logp, kl = fused_linear_logprobs_kl(h, w, y, rh, rw, softcap=5.0)
+    assert torch.allclose(logp, fused_linear_logprobs(h, w, y, softcap=5.0), atol=1e-5)
+    assert torch.allclose(ref_logp, fused_linear_logprobs(rh, rw, y, softcap=5.0), atol=1e-5)
+    assert torch.allclose(kl, fused_linear_kl(h, w, rh, rw, torch.ones(N, dtype=torch.bool, device=device), 5.0), atol=1e-5)
+
+
 def test_kl_zero_for_same_model(device):
     h = torch.randn(17, 24, device=device)
     w = torch.randn(99, 24, device=device)
@@ -129,6 +179,15 @@ def test_kl_bad_input():
         fused_linear_kl(h, w, torch.randn(4, 6), torch.randn(21, 6), torch.ones(4, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask"):
         fused_linear_kl(h, w, h, w, torch.ones(3, dtype=torch.bool))
+    y = torch.randint(0, 20, (4,))
+    with pytest.raises(ValueError, match="ref_hidden has 3 rows"):
+        fused_linear_logprobs_kl(h, w, y, torch.randn(3, 8), w)
+    with pytest.raises(ValueError, match="ref_bias"):
+        fused_linear_logprobs_kl(h, w, y, h, w, ref_bias=torch.randn(19))
+    with pytest.raises(ValueError, match=r"labels\[1\]"):
+        fused_linear_logprobs_kl(h, w, torch.tensor([0, 20, 1, 2]), h, w)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_logprobs_kl(h, w, y, h, w, chunk_size=0)
 
 
 @pytest.mark.gpu
@@ -146,4 +205,24 @@ def test_bf16_on_gpu(softcap):
     want = reference.fused_linear_logprobs_ref(hr, wr, labels, softcap)
     want.backward(g.double())
     assert _rel_rms(got, want) < 1e-2
+    assert _rel_rms(h.grad, hr.grad) < 3e-2 and _rel_rms(w.grad, wr.grad) < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_logprobs_kl_bf16_on_gpu(softcap):
+    N, d, V = 600, 256, 32001
+    hidden = torch.randn(N, d, device="cuda").bfloat16()
+    weight = (torch.randn(V, d, device="cuda") * 0.05).bfloat16()
+    rh = (hidden.float() + 0.5 * torch.randn(N, d, device="cuda")).bfloat16()
+    labels = torch.randint(0, V, (N,), device="cuda")
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    got = fused_linear_logprobs_kl(h, w, labels, rh, weight, softcap)
+    g_lp, g_kl = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
+    (got[0] * g_lp + got[2] * g_kl).sum().backward()
+    hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    want = reference.fused_linear_logprobs_kl_ref(hr, wr, labels, rh.double(), weight.double(), softcap)
+    (want[0] * g_lp.double() + want[2] * g_kl.double()).sum().backward()
+    for x, y in zip(got, want):
+        assert _rel_rms(x, y) < 3e-2
     assert _rel_rms(h.grad, hr.grad) < 3e-2 and _rel_rms(w.grad, wr.grad) < 3e-2

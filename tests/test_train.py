@@ -82,6 +82,10 @@ def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, s
     (fo, fg), (ro, rg) = results
     for k in ro:
         assert torch.allclose(fo[k], ro[k], rtol=1e-4, atol=1e-5), k
+    # the reference's log-probs that come with the KL are the reference model's own
+    ref_sum = sequence_logprobs(ref_hidden, ref_model.lm_head.weight.detach(), batch["input_ids"], batch["response_mask"],
+                                softcap)[0]
+    assert torch.allclose(fo["ref_logp_sum"], ref_sum, rtol=1e-4, atol=1e-4)
     assert fg.keys() == rg.keys()
     for n in rg:
         rel = (fg[n] - rg[n]).norm() / rg[n].norm().clamp(min=1e-12)
