@@ -50,3 +50,20 @@ def test_step_benchmark_entry(benchmark, method):
         opt.step()
         opt.zero_grad(set_to_none=True)
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+
+
+def test_step_estimate_on_fake_tensors(tmp_path, monkeypatch):
+    """estimate_step at a tiny size: every method runs on fake tensors; bench_step finds the estimate."""
+    from benchmarks import bench_step, estimate_step
+    rows, ratios, info = estimate_step.main(["--preset", "tiny", "--seq-len", "32", "--methods",
+                                             "simpo,fpo,fpo-ref,tdpo2-lean,tdpo2-authors", "--out", str(tmp_path)])
+    by = {r["method"]: r for r in rows}
+    assert by["fpo"]["phases_ms"]["sae"] > by["fpo-ref"]["phases_ms"]["sae"] > 0
+    assert by["tdpo2-lean"]["tflop"] > by["simpo"]["tflop"] > 0          # the reference forward
+    for m in ("tdpo2-lean", "tdpo2-authors"):                            # the reference weights
+        assert by[m]["peak_gb_estimate"] > by["simpo"]["peak_gb_estimate"]
+    assert 0 < ratios["fpo sae share of step"] < 1
+    monkeypatch.setattr(bench_step, "ESTIMATES", str(tmp_path))
+    measured = [{"method": "fpo"}, {"method": "dpo"}]
+    assert bench_step.attach_estimates(measured, "tiny", 2, 32, False)
+    assert measured[0]["peak_gb_est"] == by["fpo"]["peak_gb_estimate"] and measured[1]["step_ms_est"] is None
