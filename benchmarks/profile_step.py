@@ -2,7 +2,7 @@
 step spent in the SAE constraint and in the log-prob / KL kernels (forward and backward).
 
 Names matched: the Triton kernels (_sae_*, _logprobs_*, _kl_*) and the GEMMs launched inside the
-record_function ranges fpo::sae_constraint, fpo::logprobs and fpo::kl of fpo.train.PolicyStats.
+record_function ranges fpo::sae_constraint, fpo::logprobs and fpo::logprobs_kl (TDPO) of fpo.train.PolicyStats.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def profile_method(bench, method, steps=3, trace_dir=None):
         [e for e in ev if e.key.startswith("aten::") or e.key.startswith("_")]
     step_total = sum(getattr(e, attr) for e in kernels)
     ranges = {name: next((getattr(e, attr) for e in ev if e.key == name), 0.0)
-              for name in ("fpo::sae_constraint", "fpo::logprobs", "fpo::kl")}
+              for name in ("fpo::sae_constraint", "fpo::logprobs", "fpo::logprobs_kl")}
     triton_sae = sum(getattr(e, attr) for e in ev if e.key.startswith("_sae_"))
     triton_lp = sum(getattr(e, attr) for e in ev if e.key.startswith(("_logprobs_", "_kl_")))
     lines = [f"## {method}", f"total {'device' if cuda else 'CPU'} time over {steps} steps: {step_total / 1e3:.2f} ms",
