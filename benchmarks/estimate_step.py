@@ -37,6 +37,7 @@ import fpo.train
 import fpo_kernels.logprobs as _lp
 import fpo_kernels.sae_constraint as _sae
 from benchmarks.bench_step import METHODS, NEEDS_REF, PRESETS, Step, make_optimizer
+from benchmarks.common import environment
 from fpo_kernels._dispatch import on_fake_launch
 
 # NVIDIA H100 SXM5 80GB datasheet: dense bf16 tensor-core FLOP/s, fp32 FLOP/s, HBM3 bandwidth.
@@ -208,7 +209,7 @@ def estimate(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, grad_ck
                    "phases_ms": {k: v * 1e3 for k, v in sorted(tracer.seconds.items())},
                    "top_ops_ms": {k: v * 1e3 for k, v in sorted(tracer.by_op.items(), key=lambda kv: -kv[1])[:12]}}
             rows.append(row)
-            log(f"[estimate_step] {method}: {ms:.1f} ms, peak {row['peak_gb_estimate']:.2f} GB, {row['tflop']:.1f} TFLOP")
+            log(f"[estimate_step] {method}: {ms:.1f} ms, peak {row['peak_gb_estimate']:.2f} GiB, {row['tflop']:.1f} TFLOP")
     by = {r["method"]: r for r in rows}
     ratios = {}
     for a, b in (("fpo", "tdpo2-authors"), ("fpo", "tdpo2-lean"), ("fpo", "simpo"), ("fpo-ref", "simpo"),
@@ -230,7 +231,7 @@ def format_markdown(rows, ratios, info):
     lines = [f"Predicted on the CPU (fake tensors + roofline) for {info['device_model']['name']}: "
              f"{info['preset']}, {info['pairs']} pairs x {info['seq_len']} tokens, bf16 weights and Adam states"
              + (", gradient checkpointing." if info["gradient_checkpointing"] else "."), "",
-             "| method | peak GB (est.) | step ms (est.) | TFLOP | sae ms | lm head ms | optimizer ms |",
+             "| method | peak GiB (est.) | step ms (est.) | TFLOP | sae ms | lm head ms | optimizer ms |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         p = r["phases_ms"]
@@ -258,7 +259,7 @@ def main(argv=None):
         ckpt = "_ckpt" if args.gradient_checkpointing else ""
         name = os.path.join(args.out, f"estimate_step_{args.preset}_{args.pairs}x{args.seq_len}{ckpt}")
         with open(name + ".json", "w") as f:
-            json.dump({"info": info, "rows": rows, "ratios": ratios}, f, indent=1)
+            json.dump({"environment": environment(), "info": info, "rows": rows, "ratios": ratios}, f, indent=1)
         with open(name + ".md", "w") as f:
             f.write(md + "\n")
     return rows, ratios, info
