@@ -60,6 +60,23 @@ def build_model(preset, device, dtype):
         torch.set_default_dtype(prev)
 
 
+RATIO_PAIRS = (("fpo", "tdpo2-authors"), ("fpo", "tdpo2-lean"), ("fpo", "simpo"), ("fpo-ref", "simpo"),
+               ("fpo", "fpo-authors"), ("tdpo2-lean", "tdpo2-authors"))
+
+
+def method_ratios(rows, keys):
+    """{"a/b key": a's value / b's value} for the method pairs the targets are stated in, from one run's rows."""
+    by = {r["method"]: r for r in rows}
+    ratios = {}
+    for a, b in RATIO_PAIRS:
+        if a in by and b in by:
+            for key in keys:
+                x, y = by[a][key], by[b][key]
+                if x is not None and y:
+                    ratios[f"{a}/{b} {key}"] = x / y
+    return ratios
+
+
 def make_optimizer(model):
     # foreach, as Adam picks by default on CUDA: named so that a CPU estimate of the step takes the same path
     return torch.optim.Adam(model.parameters(), lr=1e-7, foreach=True)
@@ -224,16 +241,7 @@ def run(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, warmup=2, st
                      "peak_gb": peak, "floor_gb_estimate": static})
         log(f"[bench_step] {method}: {ms:.1f} ms, peak {peak if peak is None else round(peak, 2)} GB")
     bench.drop_reference()
-    by = {r["method"]: r for r in rows}
-    ratios = {}
-    for a, b in (("fpo", "tdpo2-authors"), ("fpo", "tdpo2-lean"), ("fpo", "simpo"), ("fpo-ref", "simpo"),
-                 ("fpo", "fpo-authors"), ("tdpo2-lean", "tdpo2-authors")):
-        if a in by and b in by:
-            for key in ("peak_gb", "step_ms"):
-                x, y = by[a][key], by[b][key]
-                if x is not None and y:
-                    ratios[f"{a}/{b} {key}"] = x / y
-    return rows, ratios, {"preset": preset, "pairs": pairs, "seq_len": seq_len, "params": n_params, "tokens": bench.tokens}
+    return rows, method_ratios(rows, ("peak_gb", "step_ms")), {"preset": preset, "pairs": pairs, "seq_len": seq_len, "params": n_params, "tokens": bench.tokens}
 
 
 ESTIMATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "estimates")

@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten
 import fpo.train
 import fpo_kernels.logprobs as _lp
 import fpo_kernels.sae_constraint as _sae
-from benchmarks.bench_step import METHODS, NEEDS_REF, PRESETS, Step, make_optimizer
+from benchmarks.bench_step import METHODS, NEEDS_REF, PRESETS, Step, make_optimizer, method_ratios
 from benchmarks.common import environment
 from fpo_kernels._dispatch import on_fake_launch
 
@@ -211,12 +211,7 @@ def estimate(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, grad_ck
             rows.append(row)
             log(f"[estimate_step] {method}: {ms:.1f} ms, peak {row['peak_gb_estimate']:.2f} GiB, {row['tflop']:.1f} TFLOP")
     by = {r["method"]: r for r in rows}
-    ratios = {}
-    for a, b in (("fpo", "tdpo2-authors"), ("fpo", "tdpo2-lean"), ("fpo", "simpo"), ("fpo-ref", "simpo"),
-                 ("fpo", "fpo-authors"), ("tdpo2-lean", "tdpo2-authors")):
-        if a in by and b in by:
-            for key in ("peak_gb_estimate", "step_ms_estimate"):
-                ratios[f"{a}/{b} {key}"] = by[a][key] / by[b][key]
+    ratios = method_ratios(rows, ("peak_gb_estimate", "step_ms_estimate"))
     for m in ("fpo", "fpo-ref"):
         if m in by:
             ratios[f"{m} sae share of step"] = by[m]["phases_ms"].get("sae", 0.0) / by[m]["step_ms_estimate"]
