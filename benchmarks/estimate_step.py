@@ -32,6 +32,7 @@ from functools import partial
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
 
 import fpo.train
 import fpo_kernels.logprobs as _lp
@@ -45,8 +46,8 @@ H100_SXM = {"name": "NVIDIA H100 80GB HBM3 (SXM5)", "tensor_flops": 989e12, "fp3
 GEMM_EFFICIENCY = 0.70      # large bf16 cuBLAS GEMMs reach about 70% of the dense peak
 BANDWIDTH_EFFICIENCY = 0.85
 KERNEL_FLOOR_S = 3e-6       # the shortest a kernel takes, launch included
-_FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_to_copy_meta",
-         "_local_scalar_dense", "set_", "new_empty", "new_empty_strided", "resize_", "sym_size", "sym_stride"}
+_FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_local_scalar_dense", "set_",
+         "new_empty", "new_empty_strided", "resize_", "sym_size", "sym_stride"}
 
 
 class StepTracer(TorchDispatchMode):
@@ -95,7 +96,6 @@ class StepTracer(TorchDispatchMode):
             self.flops += flops
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch.utils.flop_counter import flop_registry
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]

@@ -240,13 +240,18 @@ def logprobs_bwd(grad_logp, hidden, weight, labels, lse, bias=None, softcap=None
         z = _chunk_logits(hidden[s:e], weight, bias).contiguous()
         launch(_logprobs_bwd_kernel, (e - s,), z, labels[s:e], lse[s:e], grad_logp[s:e], V, ignore_index,
                BV=_bv(V), **_cap_args(softcap))
-        if gh is not None:
-            torch.mm(z, weight, out=gh[s:e])
-        if gw is not None:
-            gw.addmm_(z.t(), hidden[s:e])
-        if gb is not None:
-            gb += z.float().sum(0)
+        _chunk_grads(z, weight, hidden[s:e], None if gh is None else gh[s:e], gw, gb)
     return gh, gw, (gb.to(bias.dtype) if gb is not None else None)
+
+
+def _chunk_grads(dz, weight, h, gh, gw, gb):
+    """One chunk's dL/dlogits [C, V] -> its rows of grad_hidden (gh), added into grad_weight and grad_bias."""
+    if gh is not None:
+        torch.mm(dz, weight, out=gh)
+    if gw is not None:
+        gw.addmm_(dz.t(), h)
+    if gb is not None:
+        gb += dz.float().sum(0)
 
 
 def kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap=None, chunk_size=None, labels=None,
@@ -290,12 +295,7 @@ def kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse
         launch(_kl_bwd_kernel, (e - s,), z, zr, valid8[s:e], _rows(labels, valid8, s, e), lse[s:e], ref_lse[s:e],
                grad_kl[s:e], _rows(grad_logp, grad_kl, s, e), V,
                BV=_bv(V), HAS_LABELS=labels is not None, **_cap_args(softcap))
-        if gh is not None:
-            torch.mm(z, weight, out=gh[s:e])
-        if gw is not None:
-            gw.addmm_(z.t(), hidden[s:e])
-        if gb is not None:
-            gb += z.float().sum(0)
+        _chunk_grads(z, weight, hidden[s:e], None if gh is None else gh[s:e], gw, gb)
     return gh, gw, (gb.to(bias.dtype) if gb is not None else None)
 
 
