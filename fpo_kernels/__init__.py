@@ -5,13 +5,15 @@ kernels; CPU tensors run the plain-PyTorch references in fpo_kernels.reference, 
 """
 from .cache import pack_topk, unpack_topk, index_dtype_for
 from .logprobs import fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl
-from .sae_constraint import sae_feature_mse, sae_pooled_features
+from .sae_constraint import sae_feature_mse, sae_feature_mse_varlen, sae_pooled_features, sae_pooled_features_varlen
 from .sae_weights import SAEWeights
-from .sequence import masked_mean, masked_sum, prediction_rows, sequence_logprobs, sequence_logprobs_kl
+from .sequence import (masked_mean, masked_sum, prediction_rows, sequence_logprobs, sequence_logprobs_kl,
+                       sequence_logprobs_kl_varlen, sequence_logprobs_varlen)
 
 __all__ = [
-    "SAEWeights", "sae_pooled_features", "sae_feature_mse", "fused_linear_logprobs", "fused_linear_kl", "fused_linear_logprobs_kl",
+    "SAEWeights", "sae_pooled_features", "sae_feature_mse", "sae_pooled_features_varlen", "sae_feature_mse_varlen",
+    "fused_linear_logprobs", "fused_linear_kl", "fused_linear_logprobs_kl",
     "pack_topk", "unpack_topk", "index_dtype_for", "masked_sum", "masked_mean", "sequence_logprobs",
-    "sequence_logprobs_kl", "prediction_rows",
+    "sequence_logprobs_kl", "prediction_rows", "sequence_logprobs_varlen", "sequence_logprobs_kl_varlen",
 ]
 __version__ = "0.1.0"

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "jumprelu_ref", "sae_encode_ref", "sae_pooled_features_ref", "sae_feature_mse_ref",
+    "jumprelu_ref", "sae_encode_ref", "sae_pooled_features_ref", "sae_feature_mse_ref", "span_rows",
+    "sae_pooled_features_varlen_ref", "sae_feature_mse_varlen_ref",
     "fused_linear_logprobs_ref", "fused_linear_kl_ref", "fused_linear_logprobs_kl_ref", "pack_topk_ref",
 ]
 
@@ -48,9 +49,25 @@ def _dense_reference(ref_indices, ref_values, width, dtype):
     return dense.scatter_add_(1, ref_indices.long().clamp(min=0), vals)
 
 
-def sae_feature_mse_ref(hidden, mask, sae, ref_indices, ref_values, k=50, select="policy", feature_weights=None):
-    """[B] FPO feature constraint D(y) = (1/k) sum_{i in I} w_i (p_i - p_ref_i)^2 (DESIGN.md section 1)."""
-    pooled = sae_pooled_features_ref(hidden, mask, sae)  # [B, m]
+def span_rows(spans: torch.Tensor):
+    """[S, 2] (start, end) spans -> (rows [n], seq [n]): every row of every span and the span it belongs to."""
+    starts, ends = spans[:, 0].long(), spans[:, 1].long()
+    lengths = (ends - starts).clamp(min=0)
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=spans.device), lengths)
+    offset = torch.arange(seq.numel(), device=spans.device) - (lengths.cumsum(0) - lengths)[seq]
+    return starts[seq] + offset, seq
+
+
+def sae_pooled_features_varlen_ref(hidden: torch.Tensor, spans: torch.Tensor, sae) -> torch.Tensor:
+    """[N, d], [S, 2] -> [S, m]: mean over each span's rows of the JumpReLU features."""
+    rows, seq = span_rows(spans)
+    f = sae_encode_ref(hidden[rows], sae)  # [n, m]: only the response rows
+    pooled = torch.zeros(spans.shape[0], sae.width, dtype=f.dtype, device=f.device).index_add(0, seq, f)
+    return pooled / (spans[:, 1] - spans[:, 0]).to(f.dtype)[:, None]
+
+
+def _constraint(pooled, sae, ref_indices, ref_values, k, select, feature_weights):
+    """D from pooled features [S, m]: top-k (or the cached reference's first k), then the weighted MSE."""
     dt = pooled.dtype
     if select == "policy":
         idx = pooled.detach().topk(k, dim=1).indices
@@ -65,6 +82,19 @@ def sae_feature_mse_ref(hidden, mask, sae, ref_indices, ref_values, k=50, select
     if feature_weights is not None:
         sq = sq * feature_weights.to(dt)[idx]
     return sq.sum(1) / k
+
+
+def sae_feature_mse_ref(hidden, mask, sae, ref_indices, ref_values, k=50, select="policy", feature_weights=None):
+    """[B] FPO feature constraint D(y) = (1/k) sum_{i in I} w_i (p_i - p_ref_i)^2 (DESIGN.md section 1)."""
+    return _constraint(sae_pooled_features_ref(hidden, mask, sae), sae, ref_indices, ref_values, k, select,
+                       feature_weights)
+
+
+def sae_feature_mse_varlen_ref(hidden, spans, sae, ref_indices, ref_values, k=50, select="policy",
+                               feature_weights=None):
+    """[S] D(y) of each span of flat hidden rows [N, d]."""
+    return _constraint(sae_pooled_features_varlen_ref(hidden, spans, sae), sae, ref_indices, ref_values, k, select,
+                       feature_weights)
 
 
 def _softcap(z, softcap):

@@ -12,9 +12,9 @@ import fpo_kernels.logprobs as lp
 import fpo_kernels.sae_constraint as sc
 
 SAE_FWD = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "inv_n": "*fp32", "w": "*{dt}", "bias": "*fp32", "theta": "*fp32",
-           "idx": "*i32", "out": "*fp32", "T": "i32", "D": "i32", "F": "i32", "stride_hb": "i32", "stride_ht": "i32"}
-SAE_BWD = {"h": "*{dt}", "mask": "*i8", "w": "*{dt}", "bias": "*fp32", "theta": "*fp32", "idx": "*i32", "coef": "*fp32",
-           "dh": "*fp32", "T": "i32", "D": "i32", "K": "i32", "stride_hb": "i32", "stride_ht": "i32"}
+           "idx": "*i32", "out": "*fp32", "D": "i32", "F": "i32", "stride_h": "i32"}
+SAE_BWD = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "w": "*{dt}", "bias": "*fp32", "theta": "*fp32", "idx": "*i32",
+           "coef": "*fp32", "dh": "*fp32", "D": "i32", "K": "i32", "stride_h": "i32"}
 LP = {"logits": "*{dt}", "labels": "*i64", "lse": "*fp32", "logp": "*fp32", "V": "i32", "ignore_index": "i32"}
 LP_BWD = {"logits": "*{dt}", "labels": "*i64", "lse": "*fp32", "grad": "*fp32", "V": "i32", "ignore_index": "i32"}
 KL = {"logits": "*{dt}", "ref_logits": "*{dt}", "valid": "*i8", "labels": "*i64", "lse": "*fp32", "ref_lse": "*fp32",
@@ -27,13 +27,15 @@ def variants():
     """(kernel, signature, dtype, constexprs, options): every GPU autotune config of the SAE kernels."""
     for dt in ("bf16", "fp16", "fp32"):
         prec = "ieee" if dt == "fp32" else None
-        for gather in (False, True):
-            for cfg in sc._POOL_CONFIGS:
-                yield (sc._sae_pool_fwd_kernel, SAE_FWD, dt, dict(GATHER=gather, PRECISION=prec, **cfg.kwargs),
+        for has_mask in (False, True):   # packed spans, padded mask
+            for gather in (False, True):
+                for cfg in sc._POOL_CONFIGS:
+                    yield (sc._sae_pool_fwd_kernel, SAE_FWD, dt,
+                           dict(HAS_MASK=has_mask, GATHER=gather, PRECISION=prec, **cfg.kwargs),
+                           dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            for cfg in sc._BWD_CONFIGS:
+                yield (sc._sae_constraint_bwd_kernel, SAE_BWD, dt, dict(HAS_MASK=has_mask, BK=64, PRECISION=prec, **cfg.kwargs),
                        dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-        for cfg in sc._BWD_CONFIGS:
-            yield (sc._sae_constraint_bwd_kernel, SAE_BWD, dt, dict(BK=64, PRECISION=prec, **cfg.kwargs),
-                   dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
         for cap in (False, True):
             c = dict(CAP=30.0, HAS_CAP=cap, BV=1024)
             for fn, sig in ((lp._logprobs_fwd_kernel, LP), (lp._logprobs_bwd_kernel, LP_BWD)):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import fpo_kernels.logprobs as lpmod
-from fpo_kernels import fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl, reference, sequence_logprobs
+from fpo_kernels import (fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl, reference, sequence_logprobs,
+                         sequence_logprobs_kl, sequence_logprobs_kl_varlen, sequence_logprobs_varlen)
 from helpers import poison
 
 
@@ -146,6 +147,60 @@ def test_sequence_logprobs_matches_masked_sums(device):
     assert torch.allclose(total.double(), want, atol=1e-4)
     assert torch.equal(count, resp[:, 1:].sum(1).float())
     assert torch.allclose(mean.double(), want / count.double(), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])   # the kernels, and the reference path
+def test_varlen_shared_prompt_equals_padded(dtype, device):
+    """A pair as one stream [prompt, chosen, rejected]: the last prompt row predicts both first response
+    tokens (a repeated row); sums, means, reference sums, KL and gradients equal the padded [2, T] layout."""
+    d, V, Lp, Lc, Lr = 20, 300, 5, 7, 4
+    N = Lp + Lc + Lr
+    stream = torch.randn(N, d, device=device, dtype=dtype)
+    ref_stream = torch.randn(N, d, device=device, dtype=dtype)
+    ids = torch.randint(0, V, (N,), device=device)
+    weight = torch.randn(V, d, device=device, dtype=dtype) * 0.3
+    chosen = list(range(Lp)) + list(range(Lp, Lp + Lc))             # stream rows of each unshared sequence
+    rejected = list(range(Lp)) + list(range(Lp + Lc, N))
+    rows = torch.tensor(chosen[Lp - 1:-1] + rejected[Lp - 1:-1], device=device)
+    labels = ids[torch.tensor(chosen[Lp:] + rejected[Lp:], device=device)]
+    seq_ids = torch.tensor([0] * Lc + [1] * Lr, device=device)
+    T = Lp + max(Lc, Lr)
+    padded = torch.zeros(2, T, d, device=device, dtype=dtype)
+    ref_padded = torch.zeros_like(padded)
+    pids = torch.zeros(2, T, dtype=torch.long, device=device)
+    resp = torch.zeros(2, T, dtype=torch.bool, device=device)
+    for b, seq in enumerate((chosen, rejected)):
+        padded[b, :len(seq)], ref_padded[b, :len(seq)] = stream[seq], ref_stream[seq]
+        pids[b, :len(seq)] = ids[seq]
+        resp[b, Lp:len(seq)] = True
+    h = stream.clone().requires_grad_()
+    hp = padded.clone().requires_grad_()
+    got = sequence_logprobs_varlen(h, weight, rows, labels, seq_ids, 2, softcap=5.0)
+    want = sequence_logprobs(hp, weight, pids, resp, softcap=5.0)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert got[2].tolist() == [Lc, Lr]
+    (got[0] * torch.tensor([0.3, -1.1], device=device, dtype=dtype)).sum().backward()
+    (want[0] * torch.tensor([0.3, -1.1], device=device, dtype=dtype)).sum().backward()
+    expect = torch.zeros_like(stream)
+    for b, seq in enumerate((chosen, rejected)):
+        expect.index_add_(0, torch.tensor(seq, device=device), hp.grad[b, :len(seq)])
+    assert torch.allclose(h.grad, expect, rtol=1e-5, atol=1e-7)
+    got_kl = sequence_logprobs_kl_varlen(stream, weight, rows, labels, seq_ids, 2, ref_stream, weight * 1.1)
+    want_kl = sequence_logprobs_kl(padded, weight, pids, resp, ref_padded, weight * 1.1)
+    for a, b in zip(got_kl, want_kl):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_varlen_bad_input(device):
+    h, w = torch.randn(6, 8, device=device), torch.randn(20, 8, device=device)
+    rows, labels, seq = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([0, 0, 1])
+    with pytest.raises(ValueError, match="labels must be a 1-D"):
+        sequence_logprobs_varlen(h, w, rows, labels[:2], seq, 2)
+    with pytest.raises(ValueError, match="seq_ids must be an integer"):
+        sequence_logprobs_varlen(h, w, rows, labels, seq.float(), 2)
+    with pytest.raises(ValueError, match="hidden must be"):
+        sequence_logprobs_varlen(h[None], w, rows, labels, seq, 2)
 
 
 @pytest.mark.parametrize("case,match", [

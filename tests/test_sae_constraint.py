@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import fpo_kernels.sae_constraint as sc
-from fpo_kernels import SAEWeights, pack_topk, reference, sae_feature_mse, sae_pooled_features
+from fpo_kernels import (SAEWeights, pack_topk, reference, sae_feature_mse, sae_feature_mse_varlen, sae_pooled_features,
+                         sae_pooled_features_varlen)
 from helpers import poison, random_mask, random_sae
 
 from conftest import TOL
@@ -186,14 +187,95 @@ def test_launcher_equals_function_equals_public(device):
     hidden = torch.randn(B, T, d, device=device)
     mask = random_mask(B, T, device)
     ref_idx, ref_val = _ref_cache(hidden, mask, sae, K=16)
-    m8, span, inv_n = sc._prepare(hidden, mask)
-    pooled = sc.sae_pool_fwd(hidden, m8, span, inv_n, sae)
+    spans = sc.Spans.from_mask(mask)
+    flat = hidden.reshape(B * T, d)
+    pooled = sc.sae_pool_fwd(flat, spans, sae)
     assert torch.equal(pooled, sae_pooled_features(hidden, mask, sae))
-    gathered = sc.sae_pool_fwd(hidden, m8, span, inv_n, sae, ref_idx[:, :k].long())
+    gathered = sc.sae_pool_fwd(flat, spans, sae, ref_idx[:, :k].long())
     assert torch.allclose(gathered, pooled.gather(1, ref_idx[:, :k].long()), atol=1e-6)
-    a = sc.SAEFeatureMSEFunction.apply(hidden, mask, sae, ref_idx, ref_val, k, "reference", None)
+    a = sc.SAEFeatureMSEFunction.apply(flat, spans, sae, ref_idx, ref_val, k, "reference", None)
     b = sae_feature_mse(hidden, mask, sae, ref_idx, ref_val, k=k, select="reference")
     assert torch.equal(a, b)
+
+
+def _stream(S, d, device, dtype, max_len=40):
+    """S responses of random lengths (one a single token) laid end to end in one flat stream, with 0-5
+    non-response rows (prompts) before each: (hidden [N, d], spans [S, 2], padded hidden [S, T, d], mask [S, T])."""
+    lengths = [1] + torch.randint(1, max_len, (S - 1,)).tolist()
+    gaps = torch.randint(0, 6, (S,)).tolist()
+    spans, pos = [], 0
+    for n, g in zip(lengths, gaps):
+        spans.append((pos + g, pos + g + n))
+        pos += g + n
+    hidden = torch.randn(pos + 3, d, device=device).to(dtype)
+    T = max(lengths)
+    padded = torch.zeros(S, T, d, device=device, dtype=dtype)
+    mask = torch.zeros(S, T, dtype=torch.bool, device=device)
+    for i, (a, b) in enumerate(spans):
+        padded[i, :b - a] = hidden[a:b]
+        mask[i, :b - a] = True
+    return hidden, torch.tensor(spans, device=device), padded, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("select", ["policy", "reference"])
+def test_varlen_matches_padded_and_reference(dtype, select, monkeypatch, device):
+    """Flat rows + spans (a packed stream) give what the padded op gives on the same sequences, and match the
+    float64 reference; rows outside every span get exactly zero gradient."""
+    poison(monkeypatch, sc)
+    S, d, m, k = 5, 36, 120, 9
+    sae = random_sae(d, m, device, dtype=dtype)
+    hidden, spans, padded, mask = _stream(S, d, device, dtype)
+    pooled = sae_pooled_features_varlen(hidden, spans, sae)
+    _assert_close(pooled, reference.sae_pooled_features_varlen_ref(hidden.double(), spans, sae), dtype, "pooled")
+    assert torch.allclose(pooled, sae_pooled_features(padded, mask, sae), rtol=1e-5, atol=1e-6)
+    ref_idx, ref_val = _ref_cache(padded.float(), mask, sae, K=32)
+    h = hidden.clone().requires_grad_()
+    got = sae_feature_mse_varlen(h, spans, sae, ref_idx, ref_val, k=k, select=select)
+    g = torch.randn(S, device=device)
+    got.backward(g)
+    href = hidden.double().requires_grad_()
+    want = reference.sae_feature_mse_varlen_ref(href, spans, sae, ref_idx, ref_val, k, select)
+    want.backward(g.double())
+    _assert_close(got, want, dtype, "D")
+    assert _rel_rms(h.grad, href.grad) < (1e-4 if dtype == torch.float32 else 5e-3)
+    inside = torch.zeros(hidden.shape[0], dtype=torch.bool, device=device)
+    for a, b in spans.tolist():
+        inside[a:b] = True
+    assert (h.grad[~inside] == 0).all()
+    hp = padded.clone().requires_grad_()
+    sae_feature_mse(hp, mask, sae, ref_idx, ref_val, k=k, select=select).backward(g)
+    assert torch.allclose(got, sae_feature_mse(padded, mask, sae, ref_idx, ref_val, k=k, select=select), rtol=1e-5, atol=1e-7)
+    for i, (a, b) in enumerate(spans.tolist()):
+        assert torch.allclose(h.grad[a:b].float(), hp.grad[i, :b - a].float(), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("float", "integer"), ("shape", r"\[S, 2\]"), ("outside", "outside"), ("empty", "empty"),
+    ("overlap", "overlap"), ("max_len", "max_len"), ("rows", "ref_indices"),
+])
+def test_varlen_bad_spans(case, match):
+    sae = random_sae(16, 40)
+    hidden = torch.randn(20, 16)
+    spans = torch.tensor([[2, 6], [8, 15]])
+    idx, val = pack_topk(sae_pooled_features_varlen(hidden, spans, sae), 20)
+    kw = {}
+    if case == "float":
+        spans = spans.float()
+    elif case == "shape":
+        spans = spans[:, :1]
+    elif case == "outside":
+        spans = torch.tensor([[2, 6], [8, 21]])
+    elif case == "empty":
+        spans = torch.tensor([[2, 2], [8, 15]])
+    elif case == "overlap":
+        spans = torch.tensor([[2, 9], [8, 15]])
+    elif case == "max_len":
+        kw["max_len"] = 3
+    elif case == "rows":
+        idx, val = idx[:1], val[:1]
+    with pytest.raises(ValueError, match=match):
+        sae_feature_mse_varlen(hidden, spans, sae, idx, val, k=4, **kw)
 
 
 @pytest.mark.gpu
