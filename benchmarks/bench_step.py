@@ -103,9 +103,16 @@ class Step:
         self.attn = torch.ones(B, T, dtype=torch.long, device=device)
         self.resp = torch.zeros(B, T, dtype=torch.bool, device=device)
         self.resp[:, T // 4:] = True                                   # a quarter prompt, the rest response
-        # prediction_rows(resp), written out: found on the host as the data loader does (no device sync)
-        pos = torch.arange(T // 4 - 1, T - 1)
-        self.rows = torch.stack([torch.arange(B).repeat_interleave(len(pos)), pos.repeat(B)], 1).to(device)
+        # fpo.packing.from_padded(ids, attn, resp), written out (it reads values, which fake tensors lack):
+        # the rows predicting response tokens and the response spans, as the data loader finds them on the host
+        p0 = T // 4
+        seq = torch.arange(B).repeat_interleave(T - p0)
+        pos = torch.arange(p0, T).repeat(B)
+        base = torch.arange(B) * T
+        self.batch = {"layout": "off", "input_ids": self.ids, "attention_mask": self.attn, "position_ids": None,
+                      "pred_rows": (seq * T + pos - 1).to(device), "labels": self.ids[seq.to(device), pos.to(device)],
+                      "seq_ids": seq.to(device), "spans": torch.stack([base + p0, base + T], 1).to(device),
+                      "max_span": T - p0, "num_seqs": B}
         pooled = torch.rand(B, m, generator=g) * (torch.rand(B, m, generator=g) < 0.02)
         idx, val = pack_topk(pooled.to(device), K)
         self.cache = {"chosen_idx": idx[:pairs], "rejected_idx": idx[pairs:], "chosen_val": val[:pairs],
@@ -136,19 +143,19 @@ class Step:
         if method.startswith("fpo"):
             self.stats = self.stats or PolicyStats(self.policy, self.sae, self.layer, self.k, "policy")
             self.stats.select = "reference" if method == "fpo-ref" else "policy"
-            s = self.stats(self.ids, self.attn, self.resp, torch.cat([c["chosen_idx"], c["rejected_idx"]]),
-                           torch.cat([c["chosen_val"], c["rejected_val"]]), rows=self.rows)
+            s = self.stats(self.batch, torch.cat([c["chosen_idx"], c["rejected_idx"]]),
+                           torch.cat([c["chosen_val"], c["rejected_val"]]))
             return LOSSES["fpo"](s["logp_mean"][:P], s["logp_mean"][P:], c["chosen_logp_mean"], c["rejected_logp_mean"],
                                  s["d"][:P], s["d"][P:])[0]
         plain = PolicyStats(self.policy)
         if method.startswith("tdpo"):
             with torch.no_grad():
                 rh = run_body(self.ref, self.ids, self.attn)
-            s = plain(self.ids, self.attn, self.resp, ref_hidden=rh, ref_weight=lm_head(self.ref)[0], rows=self.rows)
+            s = plain(self.batch, ref_hidden=rh.reshape(-1, rh.shape[-1]), ref_weight=lm_head(self.ref)[0])
             rs = s["ref_logp_sum"]
             return LOSSES["tdpo1"](s["logp_sum"][:P], s["logp_sum"][P:], rs[:P], rs[P:], s["kl"][:P], s["kl"][P:],
                                    variant=1 if method.startswith("tdpo1") else 2)[0]
-        s = plain(self.ids, self.attn, self.resp, rows=self.rows)
+        s = plain(self.batch)
         if method == "simpo":
             return LOSSES["simpo"](s["logp_mean"][:P], s["logp_mean"][P:])[0]
         return LOSSES["dpo"](s["logp_sum"][:P], s["logp_sum"][P:], c["chosen_logp_sum"], c["rejected_logp_sum"])[0]

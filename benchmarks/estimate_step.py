@@ -120,17 +120,16 @@ class StepTracer(TorchDispatchMode):
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         flops, dtype = 0, tensors[0].dtype
         if name == "_sae_pool_fwd_kernel":
-            hidden, w, out = args[0], args[4], args[8]
-            B, T, D = hidden.shape
-            F = out.shape[1]
-            flops = 2 * B * T * D * F
+            hidden, w, out = args[0], args[4], args[8]   # flat rows [N, D]; out [S, F]
+            (N, D), (S, F) = hidden.shape, out.shape
+            flops = 2 * N * D * F     # every row costed as a response row (an upper bound: prompt tiles are skipped)
             BT, BF = 64, 128          # the first autotune config: W_enc streamed once per token tile
             if F == w.shape[0]:       # dense: every feature; gathered rows are few and stay in L2
-                nbytes += B * (-(-T // BT)) * w.numel() * w.element_size() + (-(-F // BF)) * hidden.numel() * hidden.element_size()
+                nbytes += S * (-(-(N // S) // BT)) * w.numel() * w.element_size() + (-(-F // BF)) * hidden.numel() * hidden.element_size()
         elif name == "_sae_constraint_bwd_kernel":
-            hidden, idx = args[0], args[5]
-            B, T, D = hidden.shape
-            flops = 4 * B * T * D * idx.shape[1]   # recompute the k pre-activations, then dh
+            hidden, idx = args[0], args[6]
+            N, D = hidden.shape
+            flops = 4 * N * D * idx.shape[1]   # recompute the k pre-activations, then dh
         elif name in ("_logprobs_bwd_kernel", "_kl_bwd_kernel"):
             nbytes += tensors[0].numel() * tensors[0].element_size()   # dlogits written over the logits
         self.cost(name, flops, nbytes, dtype)
@@ -166,7 +165,8 @@ def _resident(bench):
     for model in (bench.policy, bench.ref):
         if model is not None:
             out += list(model.parameters()) + list(model.buffers())
-    out += [bench.ids, bench.attn, bench.resp, bench.rows] + list(bench.cache.values())
+    out += [bench.ids, bench.attn, bench.resp] + [v for v in bench.batch.values() if torch.is_tensor(v)]
+    out += list(bench.cache.values())
     sae = bench.sae
     out += [t for t in (sae.W_enc_t, sae.b_enc, sae.threshold, sae.b_dec, sae.bias) if t is not None]
     return out
@@ -187,7 +187,7 @@ def estimate(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, grad_ck
             bench.sae._cast.clear()      # the bf16 copy of W_enc is made inside the step it serves
             tracer = StepTracer(spec)
             opt = make_optimizer(bench.policy)
-            phases = [("sae", [(fpo.train, "sae_feature_mse"), (_sae, "sae_constraint_bwd"), (Step, "_naive_pooled")]),
+            phases = [("sae", [(fpo.train, "sae_feature_mse_varlen"), (_sae, "sae_constraint_bwd"), (Step, "_naive_pooled")]),
                       ("lm head", [(_lp, "logprobs_fwd"), (_lp, "logprobs_bwd"), (_lp, "kl_fwd"), (_lp, "kl_bwd")]),
                       ("optimizer", [(opt, "step")])]
             with contextlib.ExitStack() as stack:

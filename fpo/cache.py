@@ -129,6 +129,20 @@ class ReferenceCache:
                 raise CacheMismatchError(f"cache {self.path} was built for another {key}: {have!r} in the cache, "
                                          f"{want!r} now. Rebuild it with `fpo precompute`.")
 
+    def check_rows(self, items):
+        """Every tokenised pair (fpo.data.TokenizedPair) must have its row in the cache, built from the same
+        token ids: checked once at start-up, so a mismatch stops a run before its first step."""
+        missing = [it.id for it in items if int(it.id) not in self._row_of]
+        if missing:
+            raise CacheMismatchError(f"cache {self.path} lacks {len(missing)} of the dataset's examples (ids {missing[:5]}): "
+                                     "it was built for another dataset or fewer pairs; rebuild it")
+        have = self.data["row_hash"][[self._row_of[int(it.id)] for it in items]].tolist()
+        differ = [it.id for it, h in zip(items, have) if h != it.row_hash]
+        if differ:
+            raise CacheMismatchError(f"cache {self.path}: {len(differ)} examples (ids {differ[:5]}) were tokenised "
+                                     "differently when it was built (other text, tokenizer, max_length, "
+                                     "max_prompt_length or max_tokens truncation): rebuild it")
+
     def lookup(self, ids, row_hash=None, device="cpu") -> dict:
         """Rows for example ids [P] -> dict of tensors on device (chosen_* / rejected_*)."""
         rows = []

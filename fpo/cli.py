@@ -7,7 +7,8 @@ import json
 import sys
 import typing
 
-from .config import METHODS, TrainConfig
+from .config import ATTENTION, METHODS, TrainConfig
+from .packing import LAYOUTS
 
 
 def _add_train_flags(p):
@@ -55,6 +56,12 @@ def main(argv=None):
     p.add_argument("--value-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="storage of the cached feature values (see the fidelity table in the README)")
     p.add_argument("--batch-pairs", type=int, default=4)
+    p.add_argument("--packing", choices=list(LAYOUTS), default="share-prompt",
+                   help="micro-batch layout (the cache does not depend on it beyond rounding)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="token budget per forward instead of --batch-pairs; caps each sequence at max-tokens/2 "
+                        "as `fpo train --max-tokens` does")
+    p.add_argument("--attn-implementation", choices=list(ATTENTION), default=None)
     p.add_argument("--max-pairs", type=int, default=None)
     p.add_argument("--shard-rows", type=int, default=256)
     p.add_argument("--device", default=None)
@@ -79,6 +86,7 @@ def main(argv=None):
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--max-prompt-length", type=int, default=256)
     p.add_argument("--max-pairs", type=int, default=None)
+    p.add_argument("--packing", choices=list(LAYOUTS), default="share-prompt")
     p.add_argument("--entropy-samples", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default=None)
@@ -114,7 +122,9 @@ def _run(args):
         precompute(args.model, args.dataset, args.out, sae=args.sae, sae_layer=args.sae_layer, K=args.K,
                    max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_pairs=args.batch_pairs,
                    max_pairs=args.max_pairs, shard_rows=args.shard_rows, device=args.device, bad_rows=args.bad_rows,
-                   overwrite=args.overwrite, value_dtype=args.value_dtype, progress=not args.no_progress)
+                   overwrite=args.overwrite, value_dtype=args.value_dtype, packing=args.packing,
+                   max_tokens=args.max_tokens, attn_implementation=args.attn_implementation,
+                   progress=not args.no_progress)
     elif args.cmd == "train":
         from .train import train
         train(_load_train_config(args))
@@ -123,7 +133,8 @@ def _run(args):
         res = evaluate(args.model, args.dataset, cache=args.cache, sae=args.sae, sae_layer=args.sae_layer,
                        reference_model=args.reference_model, k=args.k, select=args.select, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, max_pairs=args.max_pairs,
-                       entropy_samples=args.entropy_samples, max_new_tokens=args.max_new_tokens, device=args.device)
+                       entropy_samples=args.entropy_samples, max_new_tokens=args.max_new_tokens, device=args.device,
+                       packing=args.packing)
         print(format_table([res], [(k, k, ".4f" if isinstance(v, float) else "") for k, v in res.items()]))
         if args.json:
             from .cache import atomic_write_json

@@ -6,9 +6,12 @@ import dataclasses
 import typing
 from dataclasses import dataclass, fields
 
-__all__ = ["TrainConfig", "load_config", "METHODS", "config_from_dict"]
+__all__ = ["TrainConfig", "load_config", "METHODS", "ATTENTION", "config_from_dict"]
+
+from .packing import LAYOUTS
 
 METHODS = ("fpo", "dpo", "simpo", "tdpo1", "tdpo2")
+ATTENTION = ("sdpa", "eager", "flex_attention")
 _DEFAULT_BETA = {"fpo": 0.1, "dpo": 0.1, "simpo": 2.0, "tdpo1": 0.1, "tdpo2": 0.1}
 
 
@@ -35,7 +38,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 10.0
     batch_size: int = 32                # pairs per optimizer step, all ranks together
-    micro_batch_size: int = 2           # pairs per forward on one rank
+    micro_batch_size: int = 2           # pairs per forward on one rank (unless max_tokens is set)
+    max_tokens: int | None = None       # token budget per forward instead: pairs packed up to it
+    packing: str = "share-prompt"       # off | pack | share-prompt (fpo.packing)
     epochs: int = 1
     max_steps: int | None = None
     # data
@@ -46,6 +51,7 @@ class TrainConfig:
     # runtime
     device: str | None = None           # default cuda if available
     dtype: str | None = None            # default bfloat16 on cuda, float32 on cpu
+    attn_implementation: str | None = None  # sdpa | eager | flex_attention; default: the model's own
     gradient_checkpointing: bool = False
     fsdp: bool = False                  # under torchrun: FSDP2 instead of DDP
     seed: int = 0
@@ -73,6 +79,13 @@ class TrainConfig:
             raise ValueError(f"select must be 'policy' or 'reference', got {self.select!r}")
         if self.optimizer not in ("adam", "rmsprop"):
             raise ValueError(f"optimizer must be 'adam' or 'rmsprop', got {self.optimizer!r}")
+        if self.packing not in LAYOUTS:
+            raise ValueError(f"packing must be one of {LAYOUTS}, got {self.packing!r}")
+        if self.attn_implementation not in (None,) + ATTENTION:
+            raise ValueError(f"attn_implementation must be one of {ATTENTION}, got {self.attn_implementation!r}")
+        if self.max_tokens is not None and self.max_tokens // 2 <= self.max_prompt_length:
+            raise ValueError(f"max_tokens ({self.max_tokens}) must exceed 2 x max_prompt_length "
+                             f"({2 * self.max_prompt_length}): every pair must fit one micro-batch with room for its responses")
         if self.bad_rows not in ("error", "skip"):
             raise ValueError(f"bad_rows must be 'error' or 'skip', got {self.bad_rows!r}")
         for name in ("batch_size", "micro_batch_size", "epochs", "k", "max_length", "max_prompt_length", "log_every"):

@@ -154,48 +154,48 @@ def _hash_ids(*seqs) -> int:
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
-def tokenize_pairs(pairs, tok, max_length: int = 512, max_prompt_length: int = 256) -> list[TokenizedPair]:
+def tokenize_pairs(pairs, tok, max_length: int = 512, max_prompt_length: int = 256, max_tokens: int | None = None,
+                   log=None) -> list[TokenizedPair]:
+    """Token ids of each pair under the truncation rule (module docstring). With a token budget per
+    micro-batch (max_tokens), the rule runs with max_length capped at max_tokens // 2, so that every pair
+    fits one micro-batch in every layout (padded included) and is never split; the pairs this cuts further
+    are reported through log."""
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length}): "
                          "otherwise a prompt could leave no room for the response")
-    out = []
+    cap = max_length if max_tokens is None else min(max_length, max_tokens // 2)
+    if cap <= max_prompt_length:
+        raise ValueError(f"max_tokens ({max_tokens}) must exceed 2 x max_prompt_length ({2 * max_prompt_length})")
+    out, cut = [], []
     for p in pairs:
         prompt = _prompt_ids(tok, p.prompt)[-max_prompt_length:]
         room = max_length - len(prompt)
         chosen = _response_ids(tok, p.chosen)[:room]
         rejected = _response_ids(tok, p.rejected)[:room]
+        if len(prompt) + max(len(chosen), len(rejected)) > cap:
+            cut.append(p.id)
+            chosen, rejected = chosen[:cap - len(prompt)], rejected[:cap - len(prompt)]
         if not chosen or not rejected:
             raise BadRowError(f"row {p.id}: a response tokenises to nothing")
         out.append(TokenizedPair(p.id, tuple(prompt), tuple(chosen), tuple(rejected), _hash_ids(prompt, chosen, rejected)))
+    if cut and log is not None:
+        log(f"[fpo] max_tokens {max_tokens}: {len(cut)} pairs truncated to {cap} tokens per sequence so that each "
+            f"fits one micro-batch (rows {cut[:10]})")
     return out
 
 
 def collate_pairs(items: list[TokenizedPair], pad_id: int):
-    """P pairs -> one batch of 2P sequences, chosen first then rejected, right-padded.
-
-    Returns dict: input_ids, attention_mask, response_mask [2P, T]; ids [P]; row_hash [P];
-    rows [n, 2]: the positions predicting a response token, found here on the host (no device sync later)."""
-    seqs, resp = [], []
-    for side in ("chosen_ids", "rejected_ids"):
-        for it in items:
-            r = getattr(it, side)
-            seqs.append(list(it.prompt_ids) + list(r))
-            resp.append([0] * len(it.prompt_ids) + [1] * len(r))
-    T = max(len(s) for s in seqs)
-    n = len(seqs)
-    input_ids = torch.full((n, T), pad_id, dtype=torch.long)
-    attn = torch.zeros(n, T, dtype=torch.long)
+    """P pairs -> one padded batch of 2P sequences, chosen first then rejected (fpo.packing.collate's "off"
+    layout), plus the [2P, T] response_mask and rows [n, 2] = prediction_rows(response_mask) of the padded API."""
+    from .packing import collate
+    batch = collate(items, "off", pad_id)
+    n, T = batch["input_ids"].shape
     rmask = torch.zeros(n, T, dtype=torch.bool)
-    for i, (s, r) in enumerate(zip(seqs, resp)):
-        input_ids[i, :len(s)] = torch.tensor(s)
-        attn[i, :len(s)] = 1
-        rmask[i, :len(s)] = torch.tensor(r, dtype=torch.bool)
-    return {
-        "input_ids": input_ids, "attention_mask": attn, "response_mask": rmask,
-        "ids": torch.tensor([it.id for it in items], dtype=torch.long),
-        "row_hash": torch.tensor([it.row_hash for it in items], dtype=torch.long),
-        "rows": prediction_rows(rmask),
-    }
+    for s, (a, e) in enumerate(batch["spans"].tolist()):
+        rmask[s, a - s * T:e - s * T] = True
+    batch["response_mask"] = rmask
+    batch["rows"] = prediction_rows(rmask)
+    return batch
 
 
 def dataset_fingerprint(items: list[TokenizedPair]) -> str:

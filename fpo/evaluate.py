@@ -6,11 +6,12 @@ import math
 
 import torch
 
-from fpo_kernels import fused_linear_kl, sae_feature_mse, sequence_logprobs
+from fpo_kernels import fused_linear_kl, sae_feature_mse_varlen, sequence_logprobs_varlen
 
 from .cache import ReferenceCache
-from .data import collate_pairs, load_pairs, tokenize_pairs
-from .model import ResidualCapture, final_softcap, lm_head, load_model, load_tokenizer, run_body
+from .data import load_pairs, tokenize_pairs
+from .model import ResidualCapture, final_softcap, lm_head, load_model_for_layout, load_tokenizer
+from .packing import body_hidden, collate
 from .sae import load_sae
 
 __all__ = ["evaluate", "format_table"]
@@ -39,21 +40,25 @@ def _sample_entropy(model, tok, items, n, max_new_tokens, device, seed):
 @torch.no_grad()
 def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_model=None, k=50, select="policy",
              max_length=512, max_prompt_length=256, max_pairs=None, batch_pairs=4, entropy_samples=0,
-             max_new_tokens=32, device=None, dtype=None, tokenizer=None, seed=0, log=print) -> dict:
+             max_new_tokens=32, device=None, dtype=None, tokenizer=None, seed=0, packing="share-prompt",
+             log=print) -> dict:
     """Metrics on held-out pairs.
 
     accuracy_logp: fraction of pairs whose chosen response has the higher mean log-prob (needs nothing else);
     accuracy_reward: fraction whose implicit reward a - a_ref is higher for chosen (needs the cache; ties
     count half, so an untrained policy scores 0.5); kl: mean sequential KL(pi_ref || pi) per response (needs
     reference_model); d: mean FPO constraint over chosen and rejected (needs sae and a cache with features);
-    entropy: mean per-token entropy of sampled responses (entropy_samples > 0)."""
+    entropy: mean per-token entropy of sampled responses (entropy_samples > 0). packing: the layout of the
+    forward passes (fpo.packing); the metrics do not depend on it beyond rounding."""
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if isinstance(model, str):
         tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model, dtype=dtype, device=device)
+        model = load_model_for_layout(model, dtype, device, packing)
     model.eval()
-    ref_model = load_model(reference_model, dtype=dtype, device=device).eval() if isinstance(reference_model, str) else reference_model
+    ref_model = reference_model
+    if isinstance(reference_model, str):
+        ref_model = load_model_for_layout(reference_model, dtype, device, packing, model.config._attn_implementation).eval()
     ref_cache = ReferenceCache(cache) if isinstance(cache, str) else cache
     sae_w, layer = (None, sae_layer)
     if sae is not None:
@@ -66,28 +71,29 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
         for b in range(0, len(items), batch_pairs):
             chunk = items[b:b + batch_pairs]
             P = len(chunk)
-            batch = collate_pairs(chunk, tokenizer.pad_token_id)
-            ids, resp = batch["input_ids"].to(device), batch["response_mask"].to(device)
-            rows = batch["rows"].to(device)
-            hidden = run_body(model, ids, batch["attention_mask"].to(device))
+            batch = collate(chunk, packing, tokenizer.pad_token_id)
+            rows, labels, seq = (batch[k].to(device) for k in ("pred_rows", "labels", "seq_ids"))
+            hidden = body_hidden(model, batch, device)
             w, bias = lm_head(model)
-            _, mean, _ = sequence_logprobs(hidden, w, ids, resp, final_softcap(model), bias, rows=rows)
+            _, mean, _ = sequence_logprobs_varlen(hidden, w, rows, labels, seq, 2 * P, final_softcap(model), bias)
             acc_logp.append((mean[:P] > mean[P:]).float())
             if ref_cache is not None:
                 ref = ref_cache.lookup(batch["ids"], batch["row_hash"], device)
                 rw_, rl_ = mean[:P] - ref["chosen_logp_mean"], mean[P:] - ref["rejected_logp_mean"]
                 acc_reward.append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())
                 if cap is not None:
-                    d = sae_feature_mse(cap.pop(), resp, sae_w, torch.cat([ref["chosen_idx"], ref["rejected_idx"]]),
-                                        torch.cat([ref["chosen_val"], ref["rejected_val"]]), k, select)
+                    resid = cap.pop()
+                    d = sae_feature_mse_varlen(resid.reshape(-1, resid.shape[-1]), batch["spans"].to(device), sae_w,
+                                               torch.cat([ref["chosen_idx"], ref["rejected_idx"]]),
+                                               torch.cat([ref["chosen_val"], ref["rejected_val"]]), k, select,
+                                               max_len=batch["max_span"])
                     ds.append(d)
             elif cap is not None:
                 cap.pop()
             if ref_model is not None:
-                rh = run_body(ref_model, ids, batch["attention_mask"].to(device))
-                seq, pos = rows.t()
-                kl = fused_linear_kl(hidden[seq, pos], w, rh[seq, pos], lm_head(ref_model)[0],
-                                     torch.ones(seq.numel(), dtype=torch.bool, device=device), final_softcap(model))
+                rh = body_hidden(ref_model, batch, device)
+                kl = fused_linear_kl(hidden[rows], w, rh[rows], lm_head(ref_model)[0],
+                                     torch.ones(rows.numel(), dtype=torch.bool, device=device), final_softcap(model))
                 kls.append(torch.zeros(2 * P, device=device).index_add(0, seq, kl))
     finally:
         if cap is not None:

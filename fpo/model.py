@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 __all__ = ["load_model", "load_tokenizer", "decoder_layers", "lm_head", "final_softcap", "config_fingerprint", "model_fingerprint",
-           "ResidualCapture", "run_body"]
+           "ResidualCapture", "run_body", "load_model_for_layout"]
 
 
 def _gguf_split(path):
@@ -42,20 +42,53 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def load_model(name_or_path: str, dtype=torch.float32, device="cpu"):
-    """AutoModelForCausalLM from a local folder, a .gguf file (dequantized), or a hub name when online."""
+def load_model(name_or_path: str, dtype=torch.float32, device="cpu", attn_implementation=None):
+    """AutoModelForCausalLM from a local folder, a .gguf file (dequantized), or a hub name when online.
+    attn_implementation: None (the model's default), "sdpa", "eager" or "flex_attention"."""
     from transformers import AutoModelForCausalLM
     folder, gguf = _gguf_split(os.fspath(name_or_path))
+    kw = dict(dtype=dtype)
+    if attn_implementation is not None:
+        kw["attn_implementation"] = attn_implementation
     try:
         if gguf:
-            model = _strip_gguf_quantizer(AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype))
+            model = _strip_gguf_quantizer(AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kw))
         else:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(folder, **kw)
     except OSError as e:
         raise ValueError(f"model '{name_or_path}' could not be loaded: a local folder, a .gguf file, "
                          f"or a hub name on a machine that can reach the hub ({e})") from e
+    except ValueError as e:
+        if attn_implementation is None:
+            raise
+        raise ValueError(f"attn_implementation={attn_implementation!r} is not available for '{name_or_path}': {e}") from e
     model.config.use_cache = False
     return model.to(device)
+
+
+def default_attention(device, packing: str, model_path=None):
+    """The attention implementation a run uses when none is asked for: FlexAttention for packed layouts on
+    CUDA (block-sparse: masked-out blocks are skipped), the model's own default otherwise (sdpa or eager,
+    which take the packed layout's dense mask)."""
+    if packing == "off" or torch.device(device).type != "cuda":
+        return None
+    from torch.nn.attention import flex_attention  # noqa: F401  (torch >= 2.5)
+    return "flex_attention"
+
+
+def load_model_for_layout(name_or_path, dtype, device, packing: str, attn_implementation=None, log=print):
+    """load_model with the attention implementation a layout needs: the one asked for, else
+    default_attention's choice, falling back to the model's own default where that is not available."""
+    if attn_implementation is not None:
+        return load_model(name_or_path, dtype, device, attn_implementation)
+    choice = default_attention(device, packing)
+    if choice is None:
+        return load_model(name_or_path, dtype, device)
+    try:
+        return load_model(name_or_path, dtype, device, choice)
+    except ValueError as e:
+        log(f"[fpo] {choice} is not available for this model ({e}); using its default attention")
+        return load_model(name_or_path, dtype, device)
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -130,8 +163,10 @@ class ResidualCapture:
         self._h.remove()
 
 
-def run_body(model, input_ids, attention_mask):
-    """Final hidden states [B, T, d] (after the final norm) from the model body: no logits."""
+def run_body(model, input_ids, attention_mask=None, position_ids=None):
+    """Final hidden states [B, T, d] (after the final norm) from the model body: no logits.
+    attention_mask: a [B, T] padding mask, or a prepared 4-D mask / BlockMask / {layer kind: mask} for a
+    packed stream (fpo.packing.attention_mask_for), with its position_ids [B, T]."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

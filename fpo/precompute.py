@@ -9,14 +9,15 @@ import time
 
 import torch
 
-from fpo_kernels import SAEWeights, index_dtype_for, pack_topk, sae_pooled_features, sequence_logprobs
+from fpo_kernels import SAEWeights, index_dtype_for, pack_topk, sae_pooled_features_varlen, sequence_logprobs_varlen
 from fpo_kernels.cache import VALUE_DTYPES
 
 from . import distributed as dist_utils
 from .cache import FORMAT_VERSION, atomic_write_json, shard_name, write_shard, _sha256
-from .data import collate_pairs, dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
-from .model import (ResidualCapture, decoder_layers, final_softcap, lm_head, load_model, load_tokenizer,
-                    model_fingerprint, run_body)
+from .data import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
+from .model import (ResidualCapture, decoder_layers, final_softcap, lm_head, load_model_for_layout, load_tokenizer,
+                    model_fingerprint)
+from .packing import LAYOUTS, body_hidden, collate, plan_micro_batches
 from .sae import load_sae
 
 __all__ = ["precompute", "reference_stats", "default_device"]
@@ -40,18 +41,20 @@ def check_sae_fits(model, sae: SAEWeights, layer):
 
 @torch.no_grad()
 def reference_stats(model, batch, sae=None, layer=None, K=256, device="cpu", value_dtype=torch.float16):
-    """Reference statistics of one collated batch (2P sequences, chosen first)."""
+    """Reference statistics of one collated micro-batch (fpo.packing.collate, any layout; 2P sequences,
+    chosen first)."""
     cap = ResidualCapture(model, layer) if sae is not None else None
     try:
-        ids = batch["input_ids"].to(device)
-        resp = batch["response_mask"].to(device)
-        hidden = run_body(model, ids, batch["attention_mask"].to(device))
+        hidden = body_hidden(model, batch, device)
         w, b = lm_head(model)
-        total, mean, count = sequence_logprobs(hidden, w, ids, resp, softcap=final_softcap(model), bias=b,
-                                               rows=batch["rows"].to(device))
+        rows, labels, seq = (batch[k].to(device) for k in ("pred_rows", "labels", "seq_ids"))
+        total, mean, count = sequence_logprobs_varlen(hidden, w, rows, labels, seq, batch["num_seqs"],
+                                                      softcap=final_softcap(model), bias=b)
         out = {"logp_sum": total, "logp_mean": mean, "len": count}
         if sae is not None:
-            pooled = sae_pooled_features(cap.pop(), resp, sae, check_inputs=False)
+            resid = cap.pop()
+            pooled = sae_pooled_features_varlen(resid.reshape(-1, resid.shape[-1]), batch["spans"].to(device), sae,
+                                                max_len=batch["max_span"], check_inputs=False)
             out["idx"], out["val"] = pack_topk(pooled, K, value_dtype)
     finally:
         if cap is not None:
@@ -67,15 +70,19 @@ def reference_stats(model, batch, sae=None, layer=None, K=256, device="cpu", val
 def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_length: int = 512,
                max_prompt_length: int = 256, batch_pairs: int = 4, max_pairs=None, shard_rows: int = 256,
                device=None, dtype=None, bad_rows: str = "error", overwrite: bool = False, tokenizer=None,
-               model_name=None, value_dtype: str = "float16", log=print, progress: bool = True) -> dict:
+               model_name=None, value_dtype: str = "float16", packing: str = "share-prompt", max_tokens=None,
+               attn_implementation=None, log=print, progress: bool = True) -> dict:
     """Build the reference cache in directory `out`; returns the summary it prints.
 
     model: a path / hub name / .gguf, or a loaded model (then pass tokenizer and model_name);
     dataset: a local .json/.jsonl/.parquet file or saved dataset; sae: an SAE spec (see fpo.sae.load_sae)
     or SAEWeights or None (log-probs only, enough for DPO); sae_layer: the decoder block the SAE reads
     (default: from the SAE's hook name); value_dtype: how feature values are stored (float16, bfloat16 or
-    float32; see the fidelity table in the README). A run that stops part-way resumes where it stopped when started
-    again with the same arguments. Under torchrun each rank computes its share of the shards."""
+    float32; see the fidelity table in the README); packing: the micro-batch layout (fpo.packing; the values
+    do not depend on it beyond rounding); max_tokens: a token budget per forward instead of batch_pairs pairs,
+    which also caps each sequence at max_tokens // 2 tokens exactly as training with the same max_tokens does.
+    A run that stops part-way resumes where it stopped when started again with the same arguments. Under
+    torchrun each rank computes its share of the shards."""
     rank, world, dist_dev = dist_utils.init()
     device = torch.device(device) if device is not None else (dist_dev or default_device())
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -85,12 +92,14 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
         raise ValueError(f"value_dtype must be one of {list(VALUE_DTYPES)}, got {value_dtype!r}")
     if shard_rows < 1 or batch_pairs < 1:
         raise ValueError("shard_rows and batch_pairs must be >= 1")
+    if packing not in LAYOUTS:
+        raise ValueError(f"packing must be one of {LAYOUTS}, got {packing!r}")
     say = log if rank == 0 else (lambda *a, **k: None)
 
     if isinstance(model, (str, os.PathLike)):
         model_name = model_name or os.fspath(model)
         tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model(model, dtype=dtype, device=device)
+        model = load_model_for_layout(model, dtype, device, packing, attn_implementation, say)
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer (tokenizer=...)")
     model.eval()
@@ -104,7 +113,8 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
         sae = sae.to(device)
         check_sae_fits(model, sae, layer)
 
-    items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=say), tokenizer, max_length, max_prompt_length)
+    items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=say), tokenizer, max_length, max_prompt_length,
+                           max_tokens, log=say)
     settings = {
         "format_version": FORMAT_VERSION,
         "model": model_fingerprint(model, model_name or type(model).__name__),
@@ -153,13 +163,19 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
     t0 = time.time()
     pad = tokenizer.pad_token_id
     for s, e in todo:
-        parts = []
-        for b in range(s, e, batch_pairs):
-            chunk = items[b:min(b + batch_pairs, e)]
-            parts.append(reference_stats(model, collate_pairs(chunk, pad), sae, layer, K, device, VALUE_DTYPES[value_dtype]))
+        parts, order = [], []
+        chunks = ([items[b:min(b + batch_pairs, e)] for b in range(s, e, batch_pairs)] if max_tokens is None
+                  else plan_micro_batches(items[s:e], packing, max_tokens))
+        for chunk in chunks:
+            parts.append(reference_stats(model, collate(chunk, packing, pad), sae, layer, K, device,
+                                         VALUE_DTYPES[value_dtype]))
+            order += [it.id for it in chunk]
             if bar is not None:
                 bar.update(len(chunk) * world)
-        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        # rows in dataset order whatever the micro-batches were
+        where = {i: r for r, i in enumerate(order)}
+        perm = torch.tensor([where[it.id] for it in items[s:e]], dtype=torch.long)
+        tensors = {k: torch.cat([p[k] for p in parts])[perm] for k in parts[0]}
         tensors["ids"] = torch.tensor([it.id for it in items[s:e]], dtype=torch.long)
         tensors["row_hash"] = torch.tensor([it.row_hash for it in items[s:e]], dtype=torch.long)
         write_shard(out, s, e, tensors)

@@ -1,11 +1,13 @@
 """The thin training loop: FPO, DPO, SimPO, TDPO1 and TDPO2 on the fused kernels, one GPU or many.
 
-Per optimizer step and per micro-batch of P pairs: one policy forward over the 2P chosen and rejected
-sequences; the residual stream after block L_sae from a hook; the final hidden states from the model body
-(no logits); fused_linear_logprobs with the lm head; sae_feature_mse against the cached reference features
-(fpo); for tdpo, fused_linear_logprobs_kl instead: both models' log-probs and the KL against the online
-reference from one pass over the logits; the loss; backward. Metrics stay on the device
-and are read once per log step.
+Per optimizer step and per micro-batch of P pairs (a fixed number, or as many as fit max_tokens): one
+policy forward over the 2P chosen and rejected sequences in the micro-batch's layout (fpo.packing: padded,
+packed, or packed with each prompt shared by its chosen and rejected response); the residual stream after
+block L_sae from a hook; the final hidden states from the model body (no logits); the varlen fused
+log-probs with the lm head; sae_feature_mse_varlen against the cached reference features (fpo); for tdpo,
+the reference body on the same layout and sequence_logprobs_kl_varlen instead: both models' log-probs and
+the KL from one pass over the logits; the loss; backward. Metrics stay on the device and are read once per
+log step.
 """
 from __future__ import annotations
 
@@ -22,15 +24,16 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from fpo_kernels import prediction_rows, sae_feature_mse, sequence_logprobs, sequence_logprobs_kl
+from fpo_kernels import sae_feature_mse_varlen, sequence_logprobs_kl_varlen, sequence_logprobs_varlen
 
 from . import distributed as dist_utils
 from .cache import ReferenceCache, atomic_write_json
 from .config import TrainConfig, config_from_dict
-from .data import collate_pairs, load_pairs, tokenize_pairs, tokenizer_fingerprint
+from .data import load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .losses import LOSSES
 from .model import (ResidualCapture, config_fingerprint, enable_activation_checkpointing, final_softcap, lm_head,
-                    load_model, load_tokenizer, run_body)
+                    load_model_for_layout, load_tokenizer)
+from .packing import body_hidden, collate, micro_batch_tokens, plan_micro_batches
 from .precompute import check_sae_fits
 from .sae import load_sae
 
@@ -45,7 +48,7 @@ class NonFiniteLossError(FloatingPointError):
 
 class PolicyStats(nn.Module):
     """Wraps the policy so that everything touching its weights (body, lm head) runs inside forward:
-    DDP and FSDP2 see one forward. Returns per-sequence statistics for 2P sequences."""
+    DDP and FSDP2 see one forward. Returns per-sequence statistics for the 2P sequences of a micro-batch."""
 
     def __init__(self, model, sae=None, layer=None, k=50, select="policy"):
         super().__init__()
@@ -54,28 +57,30 @@ class PolicyStats(nn.Module):
         self.capture = ResidualCapture(model, layer) if sae is not None else None
         self.softcap = final_softcap(model)
 
-    def forward(self, input_ids, attention_mask, response_mask, ref_idx=None, ref_val=None,
-                ref_hidden=None, ref_weight=None, ref_bias=None, rows=None):
-        """rows: fpo_kernels.prediction_rows(response_mask), found by the data loader (else a device sync here).
-        With ref_hidden (TDPO), the reference's log-probs and the KL come from the same pass over the logits."""
-        hidden = run_body(self.model, input_ids, attention_mask)              # [2P, T, d]
+    def forward(self, batch, ref_idx=None, ref_val=None, ref_hidden=None, ref_weight=None, ref_bias=None):
+        """batch: fpo.packing.collate's micro-batch (any layout). With ref_hidden (TDPO: the reference's final
+        hidden states on the same layout, flat [N, d_ref]), the reference's log-probs and the KL come from the
+        same pass over the logits."""
+        dev = next(self.model.parameters()).device
+        hidden = body_hidden(self.model, batch, dev)                         # [N, d] flat rows
         w, b = lm_head(self.model)
-        if rows is None:
-            rows = prediction_rows(response_mask)
+        rows, labels, seq = (batch[k].to(dev) for k in ("pred_rows", "labels", "seq_ids"))
+        S = batch["num_seqs"]
         if ref_hidden is not None:
             with record_function("fpo::logprobs_kl"):
-                total, mean, count, ref_total, kl = sequence_logprobs_kl(
-                    hidden, w, input_ids, response_mask, ref_hidden, ref_weight, self.softcap, b, ref_bias, rows=rows)
+                total, mean, count, ref_total, kl = sequence_logprobs_kl_varlen(
+                    hidden, w, rows, labels, seq, S, ref_hidden, ref_weight, self.softcap, b, ref_bias)
             out = {"logp_sum": total, "logp_mean": mean, "len": count, "ref_logp_sum": ref_total, "kl": kl}
         else:
             with record_function("fpo::logprobs"):
-                total, mean, count = sequence_logprobs(hidden, w, input_ids, response_mask, self.softcap, b, rows=rows)
+                total, mean, count = sequence_logprobs_varlen(hidden, w, rows, labels, seq, S, self.softcap, b)
             out = {"logp_sum": total, "logp_mean": mean, "len": count}
         if self.sae is not None:
             resid = self.capture.pop()
             with record_function("fpo::sae_constraint"):
-                out["d"] = sae_feature_mse(resid, response_mask, self.sae, ref_idx, ref_val, self.k, self.select,
-                                           check_inputs=False)
+                out["d"] = sae_feature_mse_varlen(resid.reshape(-1, resid.shape[-1]), batch["spans"].to(dev), self.sae,
+                                                  ref_idx, ref_val, self.k, self.select, max_len=batch["max_span"],
+                                                  check_inputs=False)
         return out
 
 
@@ -112,14 +117,16 @@ class Trainer:
             self.device = dist_dev
         self.dtype = _DTYPES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
-        per_step = cfg.micro_batch_size * self.world
+        per_step = (cfg.micro_batch_size if cfg.max_tokens is None else 1) * self.world
         if cfg.batch_size % per_step:
-            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size x ranks = {per_step}")
-        self.accum = cfg.batch_size // per_step
+            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of "
+                             f"{'micro_batch_size x ' if cfg.max_tokens is None else ''}ranks = {per_step}")
+        self.accum = cfg.batch_size // per_step   # micro-batches per step with a fixed micro_batch_size
+        self.pairs_per_rank = cfg.batch_size // self.world
         torch.manual_seed(cfg.seed)
 
         self.tokenizer = load_tokenizer(cfg.model)
-        model = load_model(cfg.model, dtype=self.dtype, device=self.device)
+        model = load_model_for_layout(cfg.model, self.dtype, self.device, cfg.packing, cfg.attn_implementation, self.log)
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
         model.train()
@@ -141,7 +148,8 @@ class Trainer:
         self.layer = layer
         self.ref_model = None
         if cfg.method.startswith("tdpo"):
-            self.ref_model = load_model(cfg.reference_model or cfg.model, dtype=self.dtype, device=self.device).eval()
+            self.ref_model = load_model_for_layout(cfg.reference_model or cfg.model, self.dtype, self.device, cfg.packing,
+                                                   model.config._attn_implementation, self.log).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
             if final_softcap(self.ref_model) != final_softcap(model):
@@ -149,7 +157,8 @@ class Trainer:
                                  f"the policy's {final_softcap(model)}: TDPO's fused KL applies one softcap to both")
 
         pairs = load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=self.log)
-        self.items = tokenize_pairs(pairs, self.tokenizer, cfg.max_length, cfg.max_prompt_length)
+        self.items = tokenize_pairs(pairs, self.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.max_tokens,
+                                    log=self.log)
         if self.cache is not None:
             self.cache.verify(
                 model={"config": config_fingerprint(model)},
@@ -157,10 +166,7 @@ class Trainer:
                 sae=self.sae.fingerprint() if cfg.method == "fpo" else None,
                 layer=layer if cfg.method == "fpo" else None,
                 max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
-            missing = [it.id for it in self.items if it.id not in self.cache]
-            if missing:
-                raise ValueError(f"cache {cfg.cache} lacks {len(missing)} of the dataset's examples (ids {missing[:5]}): "
-                                 "it was built for another dataset or fewer pairs; rebuild it")
+            self.cache.check_rows(self.items)
         self.steps_per_epoch = len(self.items) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"the dataset has {len(self.items)} usable pairs, fewer than batch_size {cfg.batch_size}")
@@ -179,6 +185,7 @@ class Trainer:
         self.history = []
         if cfg.resume:
             self._load_checkpoint(cfg.resume)
+        self._log_packing()
 
     # ---- distributed wrapping -------------------------------------------------------------------
     def _wrap(self, module):
@@ -194,40 +201,67 @@ class Trainer:
         return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ---- data -----------------------------------------------------------------------------------
-    def micro_batches(self, step):
-        """The micro-batches this rank runs at optimizer step `step`: a deterministic function of the step."""
+    def micro_batches(self, step, rank=None):
+        """The micro-batches a rank runs at optimizer step `step`: a deterministic function of the step.
+        With max_tokens, each rank packs its share of the step's pairs into micro-batches of at most
+        max_tokens tokens, and every rank runs as many micro-batches as the rank that needs the most
+        (FSDP's collectives need equal counts): the others split their largest micro-batches."""
         cfg = self.cfg
+        rank = self.rank if rank is None else rank
         epoch, within = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(cfg.seed * 1000003 + epoch)
         perm = torch.randperm(len(self.items), generator=g)
         batch = perm[within * cfg.batch_size:(within + 1) * cfg.batch_size].tolist()
-        mb = cfg.micro_batch_size
-        for j in range(self.accum):
-            start = (j * self.world + self.rank) * mb
-            yield [self.items[i] for i in batch[start:start + mb]]
+        if cfg.max_tokens is None:
+            mb = cfg.micro_batch_size
+            return [[self.items[i] for i in batch[(j * self.world + r) * mb:(j * self.world + r + 1) * mb]]
+                    for r in (rank,) for j in range(self.accum)]
+        n = self.pairs_per_rank
+        plans = [plan_micro_batches([self.items[i] for i in batch[r * n:(r + 1) * n]], cfg.packing, cfg.max_tokens)
+                 for r in range(self.world)]
+        mine, target = plans[rank], max(len(p) for p in plans)
+        while len(mine) < target:
+            j = max(range(len(mine)), key=lambda i: len(mine[i]))
+            mine[j:j + 1] = [mine[j][:len(mine[j]) // 2], mine[j][len(mine[j]) // 2:]]
+        return mine
+
+    def _log_packing(self):
+        """Tokens one epoch sends through the model body in this run's layout, against the real tokens and the
+        padded layout's count, logged once."""
+        if self.rank != 0:
+            return
+        cfg = self.cfg
+        steps = range(min(self.steps_per_epoch, self.total_steps))
+        mbs = [mb for s in steps for r in range(self.world) for mb in self.micro_batches(s, r)]
+        body = sum(micro_batch_tokens(mb, cfg.packing) for mb in mbs)
+        padded = sum(micro_batch_tokens(mb, "off") for mb in mbs)
+        real = sum(len(it.prompt_ids) + len(it.chosen_ids) + len(it.rejected_ids) for mb in mbs for it in mb)
+        self.log(f"[fpo] packing {cfg.packing}: {body} tokens per epoch through the model body ({len(mbs)} forwards), "
+                 f"{real / max(body, 1):.0%} of them distinct; {body / max(padded, 1):.2f}x the padded layout's {padded}")
 
     # ---- one step -------------------------------------------------------------------------------
-    def _reference(self, batch, P):
-        dev = self.device
+    def _reference(self, batch):
         ref = {}
         if self.cache is not None:
-            ref = self.cache.lookup(batch["ids"], batch["row_hash"], dev)
+            ref = self.cache.lookup(batch["ids"], batch["row_hash"], self.device)
         if self.ref_model is not None:
-            # the reference body only: its log-probs come with the KL, from one pass over both models' logits
+            # the reference body only, on the same layout: its log-probs come with the KL, from one pass over
+            # both models' logits
             with torch.no_grad():
-                rh = run_body(self.ref_model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+                rh = body_hidden(self.ref_model, batch, self.device)
             rw, rb = lm_head(self.ref_model)
             ref.update(_hidden=rh, _weight=rw.detach(), _bias=None if rb is None else rb.detach())
         return ref
 
     def train_step(self, step):
-        cfg, dev = self.cfg, self.device
-        sums, tokens = {}, 0
-        mbs = list(self.micro_batches(step))
+        cfg = self.cfg
+        sums = {}
+        tokens = {"tokens_processed": 0, "response_tokens": 0}
+        mbs = self.micro_batches(step)
         for j, items in enumerate(mbs):
-            batch = collate_pairs(items, self.tokenizer.pad_token_id)
+            batch = collate(items, cfg.packing, self.tokenizer.pad_token_id)
             P = len(items)
-            ref = self._reference(batch, P)
+            ref = self._reference(batch)
             kw = {}
             if cfg.method == "fpo":
                 kw = dict(ref_idx=torch.cat([ref["chosen_idx"], ref["rejected_idx"]]),
@@ -237,22 +271,25 @@ class Trainer:
             sync = j == len(mbs) - 1
             ctx = self.wrapped.no_sync() if (hasattr(self.wrapped, "no_sync") and not sync) else nullcontext()
             with ctx:
-                stats = self.wrapped(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                                     batch["response_mask"].to(dev), rows=batch["rows"].to(dev), **kw)
+                stats = self.wrapped(batch, **kw)
                 if "ref_logp_sum" in stats:
                     ref.update(zip(("chosen_logp_sum", "rejected_logp_sum"), _split(stats["ref_logp_sum"], P)))
                 losses, metrics = compute_loss(cfg, stats, ref, P)
-                (losses.mean() / self.accum).backward()
+                # weighted by pairs, so micro-batches of different sizes (max_tokens) average correctly
+                (losses.sum() / self.pairs_per_rank).backward()
             metrics["loss"] = losses.detach()
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + v.float().mean() / self.accum
-            tokens += int(batch["attention_mask"].sum())
+                sums[k] = sums.get(k, 0) + v.float().sum() / self.pairs_per_rank
+            tokens["tokens_processed"] += batch["tokens"]
+            tokens["response_tokens"] += batch["response_tokens"]
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return sums, tokens
+        for k, v in tokens.items():
+            sums[k] = torch.tensor(float(v), device=self.device)
+        return sums, tokens["tokens_processed"]
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _state_dicts(self):
@@ -335,6 +372,8 @@ class Trainer:
         elapsed = time.time() - t_start
         for (step, _), row in zip(pending, stacked.tolist()):
             rec = {"step": step, **dict(zip(keys, row))}
+            for k in ("tokens_processed", "response_tokens"):   # totals over ranks, not means
+                rec[k] = round(rec[k] * self.world)
             if not all(math.isfinite(v) for v in row):
                 bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
                 last = sorted(n for n in os.listdir(self.cfg.output_dir) if n.startswith("checkpoint-")) if os.path.isdir(self.cfg.output_dir) else []

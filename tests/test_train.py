@@ -12,7 +12,8 @@ from fpo.data import collate_pairs, load_pairs, tokenize_pairs
 from fpo.model import load_model, load_tokenizer
 from fpo.precompute import precompute
 from fpo.train import NonFiniteLossError, PolicyStats, Trainer, train
-from fpo_kernels import SAEWeights, sequence_logprobs
+from fpo.packing import body_hidden, collate
+from fpo_kernels import SAEWeights, sequence_logprobs, sequence_logprobs_varlen
 
 LEN = dict(max_length=64, max_prompt_length=32)
 
@@ -49,21 +50,21 @@ def test_every_method_trains(tiny, cache, tmp_path, method):
     assert {"fpo": "d_chosen", "tdpo1": "kl_chosen", "tdpo2": "kl_rejected"}.get(method, "accuracy") in hist[0]
 
 
-@pytest.mark.parametrize("select,softcap", [("policy", None), ("reference", 20.0)])
-def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, softcap):
+@pytest.mark.parametrize("select,softcap,layout", [("policy", None, "off"), ("reference", 20.0, "share-prompt")])
+def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, softcap, layout):
     """PolicyStats through the Triton kernels (interpreter) vs the plain-PyTorch path: outputs and gradients."""
     import tiny as t
     model_dir = tiny["model"] if softcap is None else t.make_model(str(tmp_path / "gemma"), softcap=softcap)
     tok = load_tokenizer(model_dir)
     sae = SAEWeights.from_file(tiny["sae"])
     items = tokenize_pairs(load_pairs(tiny["pairs"], max_pairs=2), tok, 40, 20)
-    batch = collate_pairs(items, tok.pad_token_id)
+    batch = collate(items, layout, tok.pad_token_id)
     g = torch.Generator().manual_seed(0)
     ref_idx = torch.stack([torch.randperm(sae.width, generator=g)[:16] for _ in range(4)])
     ref_val = torch.rand(4, 16, generator=g).to(torch.bfloat16)
     ref_model = load_model(model_dir)
     with torch.no_grad():
-        ref_hidden = ref_model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        ref_hidden = body_hidden(ref_model, batch, "cpu")
     results = []
     for interp in ("1", "0"):
         monkeypatch.setenv("TRITON_INTERPRET", interp)
@@ -73,8 +74,7 @@ def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, s
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
         ps = PolicyStats(model, sae, 2, k=5, select=select)
-        out = ps(batch["input_ids"], batch["attention_mask"], batch["response_mask"], ref_idx, ref_val,
-                 ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight.detach())
+        out = ps(batch, ref_idx, ref_val, ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight.detach())
         (out["logp_sum"].sum() * 0.01 + out["d"].sum() * 10 + out["kl"].sum() * 0.1).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append(({k: v.detach() for k, v in out.items()}, grads))
@@ -83,8 +83,8 @@ def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, s
     for k in ro:
         assert torch.allclose(fo[k], ro[k], rtol=1e-4, atol=1e-5), k
     # the reference's log-probs that come with the KL are the reference model's own
-    ref_sum = sequence_logprobs(ref_hidden, ref_model.lm_head.weight.detach(), batch["input_ids"], batch["response_mask"],
-                                softcap)[0]
+    ref_sum = sequence_logprobs_varlen(ref_hidden, ref_model.lm_head.weight.detach(), batch["pred_rows"], batch["labels"],
+                                       batch["seq_ids"], 4, softcap)[0]
     assert torch.allclose(fo["ref_logp_sum"], ref_sum, rtol=1e-4, atol=1e-4)
     assert fg.keys() == rg.keys()
     for n in rg:
@@ -147,8 +147,8 @@ def test_alpha_zero_fpo_gradient_is_length_normalised_dpo(tiny, cache, tmp_path)
     batch = collate_pairs(items, trainer.tokenizer.pad_token_id)
     from fpo.train import compute_loss
     ref = trainer.cache.lookup(batch["ids"], batch["row_hash"])
-    stats = trainer.policy(batch["input_ids"], batch["attention_mask"], batch["response_mask"],
-                           torch.cat([ref["chosen_idx"], ref["rejected_idx"]]), torch.cat([ref["chosen_val"], ref["rejected_val"]]))
+    stats = trainer.policy(batch, torch.cat([ref["chosen_idx"], ref["rejected_idx"]]),
+                           torch.cat([ref["chosen_val"], ref["rejected_val"]]))
     loss, _ = compute_loss(trainer.cfg, stats, ref, 2)
     loss.mean().backward()
     g_fpo = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}

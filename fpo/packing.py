@@ -1,0 +1,255 @@
+"""Micro-batch layouts for preference pairs, and the attention masks that go with them.
+
+    off           padded [2P, T]: chosen sequences then rejected, each [prompt, response, padding]
+    pack          one token stream [1, N]: [prompt, chosen] and [prompt, rejected] as separate segments
+    share-prompt  one token stream [1, N]: each pair as [prompt, chosen, rejected]; chosen and rejected see
+                  the prompt and their own earlier tokens, never each other; the rejected tokens' positions
+                  continue from the prompt's end, exactly as in the unshared sequence
+
+Every layout hands the model body input_ids (plus a 2-D padding mask, or position ids and the per-token
+segment/branch ids the packed mask is built from) and hands the losses the same flat description:
+pred_rows [n] (the hidden row predicting each response token; the last prompt token of a shared prompt
+predicts two), labels [n], seq_ids [n] (chosen p -> p, rejected p -> P + p) and response spans [2P, 2]
+over the flattened hidden rows. So the losses never see the layout.
+
+Micro-batches by token budget (max_tokens): the pairs are placed first-fit in order of decreasing size
+(ties by position), a deterministic function of the pairs, so runs stay reproducible and resumable.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["LAYOUTS", "pair_tokens", "micro_batch_tokens", "plan_micro_batches", "collate", "attention_mask_for",
+           "body_hidden", "from_padded", "PACKED_ATTENTION"]
+
+LAYOUTS = ("off", "pack", "share-prompt")
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")   # attention implementations that take our mask
+
+
+def _check_layout(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"packing must be one of {LAYOUTS}, got {layout!r}")
+
+
+def _lengths(item):
+    return len(item.prompt_ids), len(item.chosen_ids), len(item.rejected_ids)
+
+
+def pair_tokens(item, layout: str) -> int:
+    """Tokens one pair occupies in a layout (for off: alone in its micro-batch, padding included)."""
+    _check_layout(layout)
+    lp, lc, lr = _lengths(item)
+    return {"off": 2 * (lp + max(lc, lr)), "pack": 2 * lp + lc + lr, "share-prompt": lp + lc + lr}[layout]
+
+
+def micro_batch_tokens(items, layout: str) -> int:
+    """Tokens through the model body for one micro-batch, padding included."""
+    _check_layout(layout)
+    if not items:
+        return 0
+    if layout == "off":
+        return 2 * len(items) * max(lp + max(lc, lr) for lp, lc, lr in map(_lengths, items))
+    return sum(pair_tokens(it, layout) for it in items)
+
+
+def plan_micro_batches(items, layout: str, max_tokens: int) -> list[list]:
+    """Split pairs into micro-batches of at most max_tokens tokens each (first-fit decreasing; a pair is
+    never split, so a pair larger than the budget, which truncation rules out, would sit alone).
+    Within a micro-batch the pairs keep their given order."""
+    _check_layout(layout)
+    order = sorted(range(len(items)), key=lambda i: (-pair_tokens(items[i], layout), i))
+    bins, sizes = [], []
+    for i in order:
+        for b, members in enumerate(bins):
+            if micro_batch_tokens([items[j] for j in members] + [items[i]], layout) <= max_tokens:
+                members.append(i)
+                break
+        else:
+            bins.append([i])
+    return [[items[j] for j in sorted(members)] for members in bins]
+
+
+def collate(items, layout: str, pad_id: int) -> dict:
+    """P tokenised pairs -> one micro-batch in the layout; every tensor on the host (no device sync later).
+
+    Returns input_ids [R, L]; attention_mask [R, L] (off) or None; position_ids [1, N], segment [N] and
+    branch [N] (0 prompt, 1 chosen, 2 rejected; packed layouts) or None; pred_rows, labels, seq_ids [n];
+    spans [2P, 2] and max_span; num_seqs = 2P; ids, row_hash [P]; tokens (through the body, padding
+    included) and response_tokens (ints); layout."""
+    _check_layout(layout)
+    if not items:
+        raise ValueError("collate needs at least one pair")
+    P = len(items)
+    pred_rows, labels, seq_ids, spans = [], [], [], [None] * (2 * P)
+
+    def response(seq, first_pred, start, tokens):
+        """Rows predicting `tokens`, which sit at rows [start, start + len): the first from first_pred."""
+        pred_rows.extend([first_pred] + list(range(start, start + len(tokens) - 1)))
+        labels.extend(tokens)
+        seq_ids.extend([seq] * len(tokens))
+        spans[seq] = (start, start + len(tokens))
+
+    if layout == "off":
+        T = max(lp + max(lc, lr) for lp, lc, lr in map(_lengths, items))
+        input_ids = torch.full((2 * P, T), pad_id, dtype=torch.long)
+        attn = torch.zeros(2 * P, T, dtype=torch.long)
+        for side, name in enumerate(("chosen_ids", "rejected_ids")):
+            for p, it in enumerate(items):
+                b = side * P + p
+                seq = list(it.prompt_ids) + list(getattr(it, name))
+                input_ids[b, :len(seq)] = torch.tensor(seq)
+                attn[b, :len(seq)] = 1
+                lp = len(it.prompt_ids)
+                response(b, b * T + lp - 1, b * T + lp, list(getattr(it, name)))
+        position_ids = segment = branch = None
+    else:
+        ids, pos, seg, br = [], [], [], []
+
+        def put(tokens, positions, segment_id, branch_id):
+            start = len(ids)
+            ids.extend(tokens)
+            pos.extend(positions)
+            seg.extend([segment_id] * len(tokens))
+            br.extend([branch_id] * len(tokens))
+            return start
+
+        for p, it in enumerate(items):
+            prompt, lp = list(it.prompt_ids), len(it.prompt_ids)
+            if layout == "share-prompt":
+                last_prompt = put(prompt, range(lp), p, 0) + lp - 1
+                for side, name in ((0, "chosen_ids"), (1, "rejected_ids")):
+                    r = list(getattr(it, name))
+                    response(side * P + p, last_prompt, put(r, range(lp, lp + len(r)), p, side + 1), r)
+            else:
+                for side, name in ((0, "chosen_ids"), (1, "rejected_ids")):
+                    r = list(getattr(it, name))
+                    last_prompt = put(prompt, range(lp), 2 * p + side, 0) + lp - 1
+                    response(side * P + p, last_prompt, put(r, range(lp, lp + len(r)), 2 * p + side, side + 1), r)
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        attn = None
+        position_ids = torch.tensor([pos], dtype=torch.long)
+        segment = torch.tensor(seg, dtype=torch.int32)
+        branch = torch.tensor(br, dtype=torch.int8)
+    span_t = torch.tensor(spans, dtype=torch.long)
+    return {
+        "layout": layout, "input_ids": input_ids, "attention_mask": attn, "position_ids": position_ids,
+        "segment": segment, "branch": branch,
+        "pred_rows": torch.tensor(pred_rows, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
+        "seq_ids": torch.tensor(seq_ids, dtype=torch.long), "spans": span_t,
+        "max_span": int((span_t[:, 1] - span_t[:, 0]).max()), "num_seqs": 2 * P,
+        "ids": torch.tensor([it.id for it in items], dtype=torch.long),
+        "row_hash": torch.tensor([it.row_hash for it in items], dtype=torch.long),
+        "tokens": input_ids.numel(), "response_tokens": len(labels),
+    }
+
+
+def from_padded(input_ids, attention_mask, response_mask) -> dict:
+    """A micro-batch in the "off" layout from padded tensors a caller already has: input_ids,
+    attention_mask, response_mask [2P, T] (chosen rows first, one contiguous response per row, after at
+    least one prompt token). Run it where the tensors live on the host: on a GPU it is a device sync."""
+    B, T = input_ids.shape
+    if B % 2 or attention_mask.shape != (B, T) or response_mask.shape != (B, T):
+        raise ValueError(f"input_ids, attention_mask and response_mask must be [2P, T]; got {tuple(input_ids.shape)}, "
+                         f"{tuple(attention_mask.shape)}, {tuple(response_mask.shape)}")
+    resp = response_mask.bool()
+    n = resp.sum(1)
+    pos = torch.arange(T, device=resp.device)
+    first = torch.where(resp, pos, T).amin(1)
+    if (n == 0).any() or (first == 0).any() or ((torch.where(resp, pos + 1, 0).amax(1) - first) != n).any():
+        raise ValueError("response_mask: every row needs one contiguous, non-empty response after at least one "
+                         "prompt token")
+    seq, t = resp.nonzero(as_tuple=True)
+    spans = torch.stack([first, first + n], 1) + (torch.arange(B, device=resp.device) * T)[:, None]
+    return {
+        "layout": "off", "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": None,
+        "segment": None, "branch": None, "pred_rows": seq * T + t - 1, "labels": input_ids[seq, t], "seq_ids": seq,
+        "spans": spans, "max_span": int(n.max()), "num_seqs": B, "ids": None, "row_hash": None,
+        "tokens": B * T, "response_tokens": int(n.sum()),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# attention over a packed stream
+# ------------------------------------------------------------------------------------------------
+def _mask_windows(config):
+    """{layer kind: sliding window or None} for the kinds of attention layer a model has."""
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None)
+    if not kinds:
+        sliding = window is not None and getattr(config, "use_sliding_window", True) is not False
+        kinds = ["sliding_attention" if sliding else "full_attention"]
+    out = {}
+    for kind in set(kinds):
+        if kind == "full_attention":
+            out[kind] = None
+        elif kind == "sliding_attention":
+            if not window:
+                raise ValueError("the model has sliding_attention layers but no sliding_window in its config")
+            out[kind] = int(window)
+        else:
+            raise ValueError(f"packing: attention layers of kind {kind!r} are not supported (full_attention and "
+                             "sliding_attention are); use --packing off")
+    return out
+
+
+def _visible(segment, branch, position, window):
+    """[N, N] bool: query i may attend key j (same segment, j not after i, j in the prompt or in i's own
+    response, and within the sliding window measured in positions, as in the unshared sequence)."""
+    n = segment.shape[0]
+    order = torch.arange(n, device=segment.device)
+    keep = (segment[:, None] == segment[None, :]) & (order[None, :] <= order[:, None])
+    keep &= (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
+    if window is not None:
+        keep &= (position[:, None] - position[None, :]) < window
+    return keep
+
+
+def _block_mask(segment, branch, position, window):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, kv):
+        keep = (segment[q] == segment[kv]) & (kv <= q) & ((branch[kv] == 0) | (branch[kv] == branch[q]))
+        if window is not None:
+            keep = keep & ((position[q] - position[kv]) < window)
+        return keep
+
+    n = segment.shape[0]
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=segment.device)
+
+
+def attention_mask_for(model, segment, branch, position_ids):
+    """The attention mask a packed stream needs, in the form the model's attention implementation takes:
+    a [1, 1, N, N] bool mask (sdpa), an additive float mask (eager), or a FlexAttention BlockMask
+    (flex_attention); one per layer kind ({kind: mask}) when the model mixes full and sliding-window layers.
+    Any other implementation cannot take the mask: a ValueError naming it."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in PACKED_ATTENTION:
+        raise ValueError(f"packing needs an attention implementation that takes a custom mask {PACKED_ATTENTION}; "
+                         f"the model uses {impl!r}: load it with attn_implementation='sdpa' (or eager / "
+                         "flex_attention), or train with --packing off")
+    position = position_ids.reshape(-1)
+    segment, branch = segment.to(position.device), branch.to(position.device)
+    masks = {}
+    for kind, window in _mask_windows(model.config).items():
+        if impl == "flex_attention":
+            masks[kind] = _block_mask(segment, branch, position, window)
+            continue
+        keep = _visible(segment, branch, position, window)[None, None]
+        if impl == "eager":
+            dtype = next(model.parameters()).dtype
+            keep = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
+        masks[kind] = keep
+    return masks if len(masks) > 1 else next(iter(masks.values()))
+
+
+def body_hidden(model, batch: dict, device) -> torch.Tensor:
+    """Final hidden states of a collated micro-batch as flat rows [R * L, d], in the layout's row order
+    (what pred_rows and spans index)."""
+    from .model import run_body
+    ids = batch["input_ids"].to(device)
+    if batch["layout"] == "off":
+        hidden = run_body(model, ids, batch["attention_mask"].to(device))
+    else:
+        pos = batch["position_ids"].to(device)
+        hidden = run_body(model, ids, attention_mask_for(model, batch["segment"], batch["branch"], pos), pos)
+    return hidden.reshape(-1, hidden.shape[-1])

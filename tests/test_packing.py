@@ -1,0 +1,251 @@
+"""Packed micro-batches: the layouts themselves, and exactness against the padded path on the demo model
+(Llama) and a tiny Gemma-2 (attention softcap 50, a sliding window shorter than the sequences)."""
+import pytest
+import torch
+
+from fpo import assets
+from fpo.data import load_pairs, tokenize_pairs
+from fpo.losses import LOSSES
+from fpo.model import load_model, load_tokenizer
+from fpo.packing import (LAYOUTS, attention_mask_for, body_hidden, collate, micro_batch_tokens, pair_tokens,
+                         plan_micro_batches)
+from fpo.train import PolicyStats, compute_loss
+from fpo.config import TrainConfig
+from fpo_kernels import SAEWeights, pack_topk, sae_pooled_features_varlen
+
+pytestmark = pytest.mark.usefixtures("no_interpreter")
+
+
+def _items(tok, n=3, max_length=64, max_prompt_length=32, max_tokens=None):
+    return tokenize_pairs(load_pairs(assets.TRAIN_PAIRS, max_pairs=n), tok, max_length, max_prompt_length, max_tokens)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(assets.ensure_demo_model())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_rows_labels_and_spans(tok, layout):
+    """Each response's tokens sit at its span; each label is predicted by the row holding the token before it
+    in the unshared sequence (for a shared prompt, the last prompt token predicts both first tokens)."""
+    items = _items(tok, 4)
+    b = collate(items, layout, tok.pad_token_id)
+    flat = b["input_ids"].reshape(-1)
+    P = len(items)
+    for p, it in enumerate(items):
+        for side, resp in ((0, it.chosen_ids), (1, it.rejected_ids)):
+            s = side * P + p
+            a, e = b["spans"][s].tolist()
+            assert flat[a:e].tolist() == list(resp)
+            mine = b["seq_ids"] == s
+            assert b["labels"][mine].tolist() == list(resp)
+            before = flat[b["pred_rows"][mine]].tolist()
+            assert before == [it.prompt_ids[-1]] + list(resp[:-1])
+            if b["position_ids"] is not None:   # positions continue from the prompt's end, as unshared
+                pos = b["position_ids"][0]
+                assert pos[a:e].tolist() == list(range(len(it.prompt_ids), len(it.prompt_ids) + len(resp)))
+    assert b["tokens"] == micro_batch_tokens(items, layout) == b["input_ids"].numel()
+    assert b["response_tokens"] == sum(len(it.chosen_ids) + len(it.rejected_ids) for it in items)
+    if layout != "off":
+        assert b["tokens"] == sum(pair_tokens(it, layout) for it in items)
+
+
+def test_share_prompt_mask_by_hand():
+    """One pair [p p c c r]: rejected sees the prompt and itself, never chosen; nothing crosses pairs."""
+    from fpo.packing import _visible
+    seg = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
+    br = torch.tensor([0, 0, 1, 1, 2, 0, 1, 2])
+    pos = torch.tensor([0, 1, 2, 3, 2, 0, 1, 1])
+    want = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 1, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(_visible(seg, br, pos, None), want)
+    # a window of 2 positions: the rejected token at position 2 no longer sees position 0
+    windowed = want.clone()
+    windowed[2, 0] = windowed[3, 0] = windowed[3, 1] = windowed[4, 0] = False
+    assert torch.equal(_visible(seg, br, pos, 2), windowed)
+
+
+def test_plan_is_deterministic_and_respects_the_budget(tok):
+    items = _items(tok, 12, max_length=96, max_prompt_length=48, max_tokens=256)
+    for layout in LAYOUTS:
+        plan = plan_micro_batches(items, layout, 256)
+        assert plan == plan_micro_batches(items, layout, 256)
+        assert sorted(it.id for mb in plan for it in mb) == sorted(it.id for it in items)
+        assert all(micro_batch_tokens(mb, layout) <= 256 for mb in plan)
+        order = {it.id: i for i, it in enumerate(items)}
+        assert all([order[it.id] for it in mb] == sorted(order[it.id] for it in mb) for mb in plan)
+
+
+def test_pairs_longer_than_the_budget_are_truncated_and_reported(tok):
+    said = []
+    pairs = load_pairs(assets.TRAIN_PAIRS, max_pairs=6)
+    full = tokenize_pairs(pairs, tok, 200, 40)
+    cut = tokenize_pairs(pairs, tok, 200, 40, max_tokens=120, log=said.append)
+    assert len(cut) == len(full)                                       # never dropped
+    long = [a.id for a in full if len(a.prompt_ids) + max(len(a.chosen_ids), len(a.rejected_ids)) > 60]
+    assert long and str(len(long)) in said[0] and "truncated" in said[0]
+    for a, b in zip(full, cut):
+        assert b.prompt_ids == a.prompt_ids                            # the prompt keeps its tokens
+        assert b.chosen_ids == a.chosen_ids[:60 - len(a.prompt_ids)]   # responses keep their first tokens
+        assert max(pair_tokens(b, layout) for layout in LAYOUTS) <= 120
+    with pytest.raises(ValueError, match="max_tokens"):
+        tokenize_pairs(pairs, tok, 200, 40, max_tokens=80)
+
+
+def test_attention_that_cannot_take_the_mask_is_refused(tok):
+    model = load_model(assets.ensure_demo_model())
+    b = collate(_items(tok, 1), "share-prompt", tok.pad_token_id)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        body_hidden(model, b, "cpu")
+    with pytest.raises(ValueError, match="packing must be"):
+        collate(_items(tok, 1), "padded", tok.pad_token_id)
+
+
+# ---- exactness against the padded layout ----------------------------------------------------------
+def _gemma2(tmp_path):
+    import tiny as t
+    return t.make_model(str(tmp_path / "gemma2"), softcap=30.0, sliding_window=8)
+
+
+def _all_method_stats(model_dir, ref_dir, sae, layer, layout, items, pad_id, ref_idx, ref_val):
+    """Every method's per-sequence statistics, losses and the gradients of a few parameters, in one layout."""
+    torch.manual_seed(0)
+    policy = load_model(model_dir)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.01)     # the policy moved off the reference: non-zero KL and margins
+    ref_model = load_model(ref_dir).eval()
+    batch = collate(items, layout, pad_id)
+    P = len(items)
+    with torch.no_grad():
+        ref_hidden = body_hidden(ref_model, batch, "cpu")
+    ps = PolicyStats(policy, sae, layer, k=8, select="policy")
+    stats = ps(batch, ref_idx, ref_val, ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight.detach())
+    ps.capture.remove()
+    cache = {"chosen_logp_sum": stats["ref_logp_sum"][:P].detach(), "rejected_logp_sum": stats["ref_logp_sum"][P:].detach(),
+             "chosen_logp_mean": (stats["ref_logp_sum"] / stats["len"])[:P].detach(),
+             "rejected_logp_mean": (stats["ref_logp_sum"] / stats["len"])[P:].detach()}
+    named = dict(policy.named_parameters())
+    watch = [n for n in named if n.endswith(("layers.0.self_attn.q_proj.weight", "layers.1.mlp.down_proj.weight",
+                                             "norm.weight", "embed_tokens.weight"))]
+    out = {"stats": {k: v.detach() for k, v in stats.items()}, "loss": {}, "grad": {}}
+    for method in ("fpo", "dpo", "simpo", "tdpo1", "tdpo2"):
+        cfg = TrainConfig(method=method, model="m", dataset="d", cache="c", sae="s", alpha=50.0 if method == "fpo" else 0.5)
+        losses, _ = compute_loss(cfg, stats, cache, P)
+        grads = torch.autograd.grad(losses.mean(), [named[n] for n in watch], retain_graph=True)
+        out["loss"][method] = losses.detach()
+        out["grad"][method] = dict(zip(watch, grads))
+    return out
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["demo", "gemma2"])
+def test_packed_layouts_equal_the_padded_layout(model, tok, tiny, tmp_path):
+    """Per-sequence summed and mean log-probs, D, KL and every method's loss to 1e-5 relative in fp32, and the
+    gradients of a few parameter tensors to 1e-4, for both packed layouts."""
+    if model == "demo":
+        model_dir, sae, layer = assets.ensure_demo_model(), SAEWeights.from_file(assets.DEMO_SAE), 15
+        ref_dir = model_dir
+    else:
+        import tiny as t
+        model_dir, sae, layer = _gemma2(tmp_path), SAEWeights.from_file(tiny["sae"]), t.SAE_LAYER
+        ref_dir = model_dir
+        assert load_model(model_dir).config._attn_implementation == "eager"   # Gemma-2's softcap needs eager here
+    items = _items(tok, 3, max_length=48, max_prompt_length=24)
+    assert max(len(it.prompt_ids) + len(it.chosen_ids) for it in items) > 8     # longer than the sliding window
+    g = torch.Generator().manual_seed(1)
+    ref_idx, ref_val = pack_topk(torch.rand(6, sae.width, generator=g) * (torch.rand(6, sae.width, generator=g) < 0.2), 32)
+    runs = {lay: _all_method_stats(model_dir, ref_dir, sae, layer, lay, items, tok.pad_token_id, ref_idx, ref_val)
+            for lay in LAYOUTS}
+    want = runs["off"]
+    assert want["stats"]["kl"].abs().min() > 0 and want["stats"]["d"].abs().min() > 0
+    for lay in ("pack", "share-prompt"):
+        got = runs[lay]
+        for k in ("logp_sum", "logp_mean", "len", "ref_logp_sum", "kl", "d"):
+            assert _rel(got["stats"][k], want["stats"][k]) < 1e-5, (lay, k)
+        for method in want["loss"]:
+            assert _rel(got["loss"][method], want["loss"][method]) < 1e-5, (lay, method)
+            for n, gw in want["grad"][method].items():
+                assert _rel(got["grad"][method][n], gw) < 1e-4, (lay, method, n)
+
+
+@pytest.mark.slow
+def test_flex_attention_block_mask_equals_dense_mask(tok, tiny):
+    """The FlexAttention path (a BlockMask; what CUDA runs by default) gives the dense mask's hidden states,
+    on both packed layouts. On the CPU it is compiled by inductor, forward only: torch has no CPU backward
+    for FlexAttention (the GPU test run covers training with it)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    items = _items(tok, 2, max_length=40, max_prompt_length=20)
+    sdpa = load_model(tiny["model"], attn_implementation="sdpa")
+    flex = load_model(tiny["model"], attn_implementation="flex_attention")
+    for layout in ("pack", "share-prompt"):
+        b = collate(items, layout, tok.pad_token_id)
+        with torch.no_grad():
+            assert _rel(body_hidden(flex, b, "cpu"), body_hidden(sdpa, b, "cpu")) < 1e-5, layout
+
+
+def test_precompute_packed_equals_padded(tiny, tmp_path):
+    """The cache written from packed micro-batches equals the padded one's up to the values' rounding, in
+    dataset order, with a token budget too."""
+    from fpo.cache import ReferenceCache
+    from fpo.precompute import precompute
+    caches = {}
+    for name, kw in (("off", dict(packing="off")), ("share", dict(packing="share-prompt")),
+                     ("budget", dict(packing="pack", max_tokens=300))):
+        out = str(tmp_path / name)
+        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], K=32, max_length=64, max_prompt_length=32,
+                   shard_rows=7, batch_pairs=3, progress=False, **kw)
+        caches[name] = ReferenceCache(out).data
+    want = caches["off"]
+    for name in ("share", "budget"):
+        got = caches[name]
+        assert torch.equal(got["ids"], want["ids"]) and torch.equal(got["row_hash"], want["row_hash"])
+        for k in want:
+            if k.endswith(("logp_sum", "logp_mean", "len")):
+                assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-5), (name, k)
+            elif k.endswith("_idx"):
+                assert torch.equal(got[k], want[k]), (name, k)
+            elif k.endswith("_val"):
+                assert torch.allclose(got[k].float(), want[k].float(), rtol=2e-3, atol=1e-6), (name, k)
+
+
+def test_varlen_pooling_of_a_packed_stream_equals_padded(tok, tiny):
+    """The residual stream of a shared-prompt micro-batch, pooled over its spans, equals the padded one."""
+    from fpo.model import ResidualCapture
+    model = load_model(tiny["model"])
+    sae = SAEWeights.from_file(tiny["sae"])
+    items = _items(tok, 3)
+    pooled = []
+    for layout in ("off", "share-prompt"):
+        b = collate(items, layout, tok.pad_token_id)
+        cap = ResidualCapture(model, 2)
+        with torch.no_grad():
+            body_hidden(model, b, "cpu")
+        resid = cap.pop()
+        cap.remove()
+        pooled.append(sae_pooled_features_varlen(resid.reshape(-1, resid.shape[-1]), b["spans"], sae))
+    assert torch.allclose(pooled[0], pooled[1], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_mask_kinds_for_gemma2(tok, tmp_path):
+    """A model mixing full and sliding-window layers gets one mask per layer kind."""
+    model = load_model(_gemma2(tmp_path))
+    b = collate(_items(tok, 1), "share-prompt", tok.pad_token_id)
+    masks = attention_mask_for(model, b["segment"], b["branch"], b["position_ids"])
+    assert set(masks) == {"full_attention", "sliding_attention"}
+    assert masks["full_attention"].dtype == torch.float32                       # eager: additive
+    assert (masks["sliding_attention"] < 0).sum() > (masks["full_attention"] < 0).sum()
