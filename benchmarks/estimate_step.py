@@ -222,6 +222,27 @@ def estimate(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, grad_ck
     return rows, ratios, info
 
 
+def epoch_prediction(rows, info, dataset, log=print):
+    """Predicted hours per epoch of a real dataset, per method and layout: each method's predicted step time per
+    body token times the tokens an epoch sends through the body in each layout (benchmarks.bench_packing at
+    the estimate's pairs per micro-batch and max_length = seq_len, the demo tokenizer standing in for the
+    preset's). Assumes step time linear in tokens: attention's N^2 share is not rescaled."""
+    from benchmarks.bench_packing import epoch_tokens
+    from fpo import assets
+    from fpo.data import load_pairs, tokenize_pairs
+    from fpo.model import load_tokenizer
+    from fpo.packing import LAYOUTS
+    tok = load_tokenizer(assets.ensure_demo_model())
+    L = info["seq_len"]
+    items = tokenize_pairs(load_pairs(dataset, bad_rows="skip", log=log), tok, L, L // 2)
+    tokens = {lay: epoch_tokens(items, lay, info["pairs"])[0] for lay in LAYOUTS}
+    out = {"dataset": os.path.basename(dataset), "pairs": len(items), "epoch_tokens": tokens, "hours": {}}
+    for r in rows:
+        per_token_s = r["step_ms_estimate"] / 1e3 / info["tokens"]
+        out["hours"][r["method"]] = {lay: per_token_s * n / 3600 for lay, n in tokens.items()}
+    return out
+
+
 def format_markdown(rows, ratios, info):
     lines = [f"Predicted on the CPU (fake tensors + roofline) for {info['device_model']['name']}: "
              f"{info['preset']}, {info['pairs']} pairs x {info['seq_len']} tokens, bf16 weights and Adam states"
@@ -233,6 +254,15 @@ def format_markdown(rows, ratios, info):
         lines.append(f"| {r['method']} | {r['peak_gb_estimate']:.2f} | {r['step_ms_estimate']:.1f} | {r['tflop']:.1f} | "
                      f"{p.get('sae', 0):.2f} | {p.get('lm head', 0):.2f} | {p.get('optimizer', 0):.2f} |")
     lines += ["", "Ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items())]
+    ep = info.get("epoch")
+    if ep:
+        lays = list(ep["epoch_tokens"])
+        lines += ["", f"One epoch of {ep['dataset']} ({ep['pairs']} pairs, {info['pairs']} pairs per micro-batch): "
+                  "predicted hours per layout (step time scaled by the tokens through the body: "
+                  + ", ".join(f"{lay} {ep['epoch_tokens'][lay]}" for lay in lays) + ").", "",
+                  "| method | " + " | ".join(lays) + " |", "|---|" + "---:|" * len(lays)]
+        for m, h in ep["hours"].items():
+            lines.append(f"| {m} | " + " | ".join(f"{h[lay]:.3f}" for lay in lays) + " |")
     return "\n".join(lines)
 
 
@@ -243,10 +273,14 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--dataset", default=None,
+                    help="also predict one epoch of this dataset (.jsonl of pairs) per packing layout")
     ap.add_argument("--out", default=None, help="write estimate_step_<preset>_<pairs>x<seq>.{json,md} here")
     args = ap.parse_args(argv)
     rows, ratios, info = estimate(args.preset, args.pairs, args.seq_len, [m.strip() for m in args.methods.split(",")],
                                   args.gradient_checkpointing)
+    if args.dataset:
+        info["epoch"] = epoch_prediction(rows, info, args.dataset)
     md = format_markdown(rows, ratios, info)
     print(md)
     if args.out:

@@ -11,7 +11,7 @@ from fpo_kernels import fused_linear_kl, sae_feature_mse_varlen, sequence_logpro
 from .cache import ReferenceCache
 from .data import load_pairs, tokenize_pairs
 from .model import ResidualCapture, final_softcap, lm_head, load_model_for_layout, load_tokenizer
-from .packing import body_hidden, collate
+from .packing import attention_length_scale, body_hidden, collate
 from .sae import load_sae
 
 __all__ = ["evaluate", "format_table"]
@@ -71,7 +71,7 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
         for b in range(0, len(items), batch_pairs):
             chunk = items[b:b + batch_pairs]
             P = len(chunk)
-            batch = collate(chunk, packing, tokenizer.pad_token_id)
+            batch = collate(chunk, packing, tokenizer.pad_token_id, attention_length_scale(model))
             rows, labels, seq = (batch[k].to(device) for k in ("pred_rows", "labels", "seq_ids"))
             hidden = body_hidden(model, batch, device)
             w, bias = lm_head(model)

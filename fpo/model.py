@@ -29,6 +29,13 @@ def _strip_gguf_quantizer(model):
     return model
 
 
+def _quiet_library_bars():
+    """transformers draws a bar for every load and save (a dozen in one demo, one long \\r line each in a
+    log file); fpo draws its own for the long work."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
     folder, gguf = _gguf_split(os.fspath(name_or_path))
@@ -46,6 +53,7 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu", attn_implem
     """AutoModelForCausalLM from a local folder, a .gguf file (dequantized), or a hub name when online.
     attn_implementation: None (the model's default), "sdpa", "eager" or "flex_attention"."""
     from transformers import AutoModelForCausalLM
+    _quiet_library_bars()
     folder, gguf = _gguf_split(os.fspath(name_or_path))
     kw = dict(dtype=dtype)
     if attn_implementation is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["LAYOUTS", "pair_tokens", "micro_batch_tokens", "plan_micro_batches", "collate", "attention_mask_for",
-           "body_hidden", "from_padded", "PACKED_ATTENTION"]
+           "body_hidden", "from_padded", "attention_length_scale", "PACKED_ATTENTION"]
 
 LAYOUTS = ("off", "pack", "share-prompt")
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")   # attention implementations that take our mask
@@ -35,33 +35,90 @@ def _lengths(item):
     return len(item.prompt_ids), len(item.chosen_ids), len(item.rejected_ids)
 
 
+def _units(item, layout):
+    """The unit lengths one pair brings to a packed row: the pair itself (share-prompt), or its two
+    [prompt, response] segments (pack)."""
+    lp, lc, lr = _lengths(item)
+    return [lp + lc + lr] if layout == "share-prompt" else [lp + lc, lp + lr]
+
+
+def _rows_of(lengths, cap):
+    """First-fit decreasing of units into rows of at most cap tokens (ties by position)."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r in range(len(rows)):
+            if room[r] >= lengths[i]:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(cap - lengths[i])
+    return [sorted(r) for r in rows]
+
+
+def _place(lengths, attention_scale):
+    """Rows of unit indices. attention_scale None: every unit in one row (a stream: FlexAttention skips the
+    masked blocks). A length L0: dense masks (sdpa, eager) pay for every block, so a batch of R rows of L
+    tokens costs about R (L + L^2 / L0) (linear layers, then attention; L0 = attention_length_scale of the
+    model); the rows are first-fit decreasing into the capacity, among the longest unit times 1, 2, 4, ...
+    and the whole stream, that costs least."""
+    if attention_scale is None or len(lengths) < 2:
+        return [list(range(len(lengths)))]
+    total, cap, best = sum(lengths), max(lengths), None
+    while True:
+        rows = _rows_of(lengths, min(cap, total))
+        L = max(sum(lengths[i] for i in r) for r in rows)
+        cost = len(rows) * (L + L * L / attention_scale)
+        if best is None or cost < best[0]:
+            best = (cost, rows)
+        if cap >= total:
+            return best[1]
+        cap *= 2
+
+
+def attention_length_scale(model) -> float | None:
+    """L0 such that a row of L tokens costs about L + L^2 / L0 in units of one token through the body's linear
+    layers: (6 x body parameters) per token against (12 x hidden size x layers) per attended pair, forward and
+    backward. None for FlexAttention, whose block sparsity makes one stream the cheapest layout."""
+    if getattr(model.config, "_attn_implementation", None) == "flex_attention":
+        return None
+    from .model import decoder_layers
+    layers = decoder_layers(model)
+    body = sum(p.numel() for p in layers.parameters())
+    return body / (2 * model.config.hidden_size * len(layers))
+
+
 def pair_tokens(item, layout: str) -> int:
     """Tokens one pair occupies in a layout (for off: alone in its micro-batch, padding included)."""
     _check_layout(layout)
     lp, lc, lr = _lengths(item)
-    return {"off": 2 * (lp + max(lc, lr)), "pack": 2 * lp + lc + lr, "share-prompt": lp + lc + lr}[layout]
+    return 2 * (lp + max(lc, lr)) if layout == "off" else sum(_units(item, layout))
 
 
-def micro_batch_tokens(items, layout: str) -> int:
-    """Tokens through the model body for one micro-batch, padding included."""
+def micro_batch_tokens(items, layout: str, attention_scale=None) -> int:
+    """Tokens through the model body for one micro-batch, padding included; attention_scale: how packed
+    layouts are split into rows (_place; None: one stream)."""
     _check_layout(layout)
     if not items:
         return 0
     if layout == "off":
         return 2 * len(items) * max(lp + max(lc, lr) for lp, lc, lr in map(_lengths, items))
-    return sum(pair_tokens(it, layout) for it in items)
+    lengths = [n for it in items for n in _units(it, layout)]
+    rows = _place(lengths, attention_scale)
+    return len(rows) * max(sum(lengths[i] for i in r) for r in rows)
 
 
-def plan_micro_batches(items, layout: str, max_tokens: int) -> list[list]:
+def plan_micro_batches(items, layout: str, max_tokens: int, attention_scale=None) -> list[list]:
     """Split pairs into micro-batches of at most max_tokens tokens each (first-fit decreasing; a pair is
     never split, so a pair larger than the budget, which truncation rules out, would sit alone).
     Within a micro-batch the pairs keep their given order."""
     _check_layout(layout)
     order = sorted(range(len(items)), key=lambda i: (-pair_tokens(items[i], layout), i))
-    bins, sizes = [], []
+    bins = []
     for i in order:
-        for b, members in enumerate(bins):
-            if micro_batch_tokens([items[j] for j in members] + [items[i]], layout) <= max_tokens:
+        for members in bins:
+            if micro_batch_tokens([items[j] for j in members] + [items[i]], layout, attention_scale) <= max_tokens:
                 members.append(i)
                 break
         else:
@@ -69,13 +126,16 @@ def plan_micro_batches(items, layout: str, max_tokens: int) -> list[list]:
     return [[items[j] for j in sorted(members)] for members in bins]
 
 
-def collate(items, layout: str, pad_id: int) -> dict:
+def collate(items, layout: str, pad_id: int, attention_scale=None) -> dict:
     """P tokenised pairs -> one micro-batch in the layout; every tensor on the host (no device sync later).
 
-    Returns input_ids [R, L]; attention_mask [R, L] (off) or None; position_ids [1, N], segment [N] and
-    branch [N] (0 prompt, 1 chosen, 2 rejected; packed layouts) or None; pred_rows, labels, seq_ids [n];
-    spans [2P, 2] and max_span; num_seqs = 2P; ids, row_hash [P]; tokens (through the body, padding
-    included) and response_tokens (ints); layout."""
+    attention_scale (packed layouts): None for one row [1, N] (FlexAttention skips the masked blocks), or
+    the model's attention_length_scale: rows, padded, in the split that costs dense masks (sdpa, eager) least.
+    Returns input_ids [R, L]; attention_mask [R, L] (off) or None; position_ids [R, L], segment [R*L] and
+    branch [R*L] (0 prompt, 1 chosen, 2 rejected; padding its own segment; packed layouts) or None;
+    pred_rows, labels, seq_ids [n] (rows of the flattened [R*L] hidden states); spans [2P, 2] and max_span;
+    num_seqs = 2P; ids, row_hash [P]; tokens (through the body, padding included) and response_tokens (ints);
+    layout."""
     _check_layout(layout)
     if not items:
         raise ValueError("collate needs at least one pair")
@@ -103,33 +163,38 @@ def collate(items, layout: str, pad_id: int) -> dict:
                 response(b, b * T + lp - 1, b * T + lp, list(getattr(it, name)))
         position_ids = segment = branch = None
     else:
-        ids, pos, seg, br = [], [], [], []
-
-        def put(tokens, positions, segment_id, branch_id):
-            start = len(ids)
-            ids.extend(tokens)
-            pos.extend(positions)
-            seg.extend([segment_id] * len(tokens))
-            br.extend([branch_id] * len(tokens))
-            return start
-
-        for p, it in enumerate(items):
-            prompt, lp = list(it.prompt_ids), len(it.prompt_ids)
-            if layout == "share-prompt":
-                last_prompt = put(prompt, range(lp), p, 0) + lp - 1
-                for side, name in ((0, "chosen_ids"), (1, "rejected_ids")):
-                    r = list(getattr(it, name))
-                    response(side * P + p, last_prompt, put(r, range(lp, lp + len(r)), p, side + 1), r)
-            else:
-                for side, name in ((0, "chosen_ids"), (1, "rejected_ids")):
-                    r = list(getattr(it, name))
-                    last_prompt = put(prompt, range(lp), 2 * p + side, 0) + lp - 1
-                    response(side * P + p, last_prompt, put(r, range(lp, lp + len(r)), 2 * p + side, side + 1), r)
-        input_ids = torch.tensor([ids], dtype=torch.long)
-        attn = None
-        position_ids = torch.tensor([pos], dtype=torch.long)
-        segment = torch.tensor(seg, dtype=torch.int32)
-        branch = torch.tensor(br, dtype=torch.int8)
+        # units: (pair, sides) with sides the responses the unit holds after its prompt
+        units = [(p, (0, 1)) for p in range(P)] if layout == "share-prompt" else \
+                [(p, (side,)) for p in range(P) for side in (0, 1)]
+        lengths = [n for it in items for n in _units(it, layout)]
+        rows = _place(lengths, attention_scale)
+        L = max(sum(lengths[u] for u in r) for r in rows)
+        ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+        pos = torch.zeros(len(rows), L, dtype=torch.long)
+        seg = torch.empty(len(rows), L, dtype=torch.int32)
+        br = torch.zeros(len(rows), L, dtype=torch.int8)
+        for r, members in enumerate(rows):
+            col = 0
+            for u in members:
+                p, sides = units[u]
+                it = items[p]
+                lp = len(it.prompt_ids)
+                base = r * L + col
+                ids[r, col:col + lp] = torch.tensor(it.prompt_ids)
+                pos[r, col:col + lp] = torch.arange(lp)
+                seg[r, col:col + lengths[u]] = u
+                col += lp
+                for side in sides:
+                    resp = list((it.chosen_ids, it.rejected_ids)[side])
+                    ids[r, col:col + len(resp)] = torch.tensor(resp)
+                    pos[r, col:col + len(resp)] = torch.arange(lp, lp + len(resp))
+                    br[r, col:col + len(resp)] = side + 1
+                    response(side * P + p, base + lp - 1, r * L + col, resp)
+                    col += len(resp)
+            seg[r, col:] = -1 - r            # padding: a segment of its own (it attends to itself only)
+            pos[r, col:] = torch.arange(L - col)
+        input_ids, attn, position_ids = ids, None, pos
+        segment, branch = seg.reshape(-1), br.reshape(-1)
     span_t = torch.tensor(spans, dtype=torch.long)
     return {
         "layout": layout, "input_ids": input_ids, "attention_mask": attn, "position_ids": position_ids,
@@ -193,48 +258,53 @@ def _mask_windows(config):
 
 
 def _visible(segment, branch, position, window):
-    """[N, N] bool: query i may attend key j (same segment, j not after i, j in the prompt or in i's own
-    response, and within the sliding window measured in positions, as in the unshared sequence)."""
-    n = segment.shape[0]
+    """[R, L, L] bool, per row: query i may attend key j (same segment, j not after i, j in the prompt or in
+    i's own response, and within the sliding window measured in positions, as in the unshared sequence)."""
+    n = segment.shape[-1]
     order = torch.arange(n, device=segment.device)
-    keep = (segment[:, None] == segment[None, :]) & (order[None, :] <= order[:, None])
-    keep &= (branch[None, :] == 0) | (branch[None, :] == branch[:, None])
+    keep = (segment[:, :, None] == segment[:, None, :]) & (order[None, None, :] <= order[None, :, None])
+    keep &= (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
     if window is not None:
-        keep &= (position[:, None] - position[None, :]) < window
+        keep &= (position[:, :, None] - position[:, None, :]) < window
     return keep
 
 
 def _block_mask(segment, branch, position, window):
     from torch.nn.attention.flex_attention import create_block_mask
 
+    R, n = segment.shape
+    seg, br, pos = segment.reshape(-1), branch.reshape(-1), position.reshape(-1)   # flat: 1-D gathers compile everywhere
+
     def mask_mod(b, h, q, kv):
-        keep = (segment[q] == segment[kv]) & (kv <= q) & ((branch[kv] == 0) | (branch[kv] == branch[q]))
+        i, j = b * n + q, b * n + kv
+        keep = (seg[i] == seg[j]) & (kv <= q) & ((br[j] == 0) | (br[j] == br[i]))
         if window is not None:
-            keep = keep & ((position[q] - position[kv]) < window)
+            keep = keep & ((pos[i] - pos[j]) < window)
         return keep
 
-    n = segment.shape[0]
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device=segment.device)
+    return create_block_mask(mask_mod, B=R, H=None, Q_LEN=n, KV_LEN=n, device=segment.device)
 
 
 def attention_mask_for(model, segment, branch, position_ids):
-    """The attention mask a packed stream needs, in the form the model's attention implementation takes:
-    a [1, 1, N, N] bool mask (sdpa), an additive float mask (eager), or a FlexAttention BlockMask
-    (flex_attention); one per layer kind ({kind: mask}) when the model mixes full and sliding-window layers.
-    Any other implementation cannot take the mask: a ValueError naming it."""
+    """The attention mask a packed micro-batch (rows [R, L]; segment and branch flat or [R, L]) needs, in
+    the form the model's attention implementation takes: an [R, 1, L, L] bool mask (sdpa), an additive
+    float mask (eager), or a FlexAttention BlockMask (flex_attention); one per layer kind ({kind: mask})
+    when the model mixes full and sliding-window layers. Any other implementation cannot take the mask:
+    a ValueError naming it."""
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in PACKED_ATTENTION:
         raise ValueError(f"packing needs an attention implementation that takes a custom mask {PACKED_ATTENTION}; "
                          f"the model uses {impl!r}: load it with attn_implementation='sdpa' (or eager / "
                          "flex_attention), or train with --packing off")
-    position = position_ids.reshape(-1)
-    segment, branch = segment.to(position.device), branch.to(position.device)
+    position = position_ids
+    segment = segment.to(position.device).reshape(position.shape)
+    branch = branch.to(position.device).reshape(position.shape)
     masks = {}
     for kind, window in _mask_windows(model.config).items():
         if impl == "flex_attention":
             masks[kind] = _block_mask(segment, branch, position, window)
             continue
-        keep = _visible(segment, branch, position, window)[None, None]
+        keep = _visible(segment, branch, position, window)[:, None]
         if impl == "eager":
             dtype = next(model.parameters()).dtype
             keep = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)

@@ -17,7 +17,7 @@ from .cache import FORMAT_VERSION, atomic_write_json, shard_name, write_shard, _
 from .data import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .model import (ResidualCapture, decoder_layers, final_softcap, lm_head, load_model_for_layout, load_tokenizer,
                     model_fingerprint)
-from .packing import LAYOUTS, body_hidden, collate, plan_micro_batches
+from .packing import LAYOUTS, attention_length_scale, body_hidden, collate, plan_micro_batches
 from .sae import load_sae
 
 __all__ = ["precompute", "reference_stats", "default_device"]
@@ -162,12 +162,13 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
         bar = tqdm(total=sum(e - s for s, e in todo) * world, desc="precompute", unit="pair")
     t0 = time.time()
     pad = tokenizer.pad_token_id
+    scale = attention_length_scale(model)
     for s, e in todo:
         parts, order = [], []
         chunks = ([items[b:min(b + batch_pairs, e)] for b in range(s, e, batch_pairs)] if max_tokens is None
-                  else plan_micro_batches(items[s:e], packing, max_tokens))
+                  else plan_micro_batches(items[s:e], packing, max_tokens, scale))
         for chunk in chunks:
-            parts.append(reference_stats(model, collate(chunk, packing, pad), sae, layer, K, device,
+            parts.append(reference_stats(model, collate(chunk, packing, pad, scale), sae, layer, K, device,
                                          VALUE_DTYPES[value_dtype]))
             order += [it.id for it in chunk]
             if bar is not None:

@@ -33,7 +33,7 @@ from .data import load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .losses import LOSSES
 from .model import (ResidualCapture, config_fingerprint, enable_activation_checkpointing, final_softcap, lm_head,
                     load_model_for_layout, load_tokenizer)
-from .packing import body_hidden, collate, micro_batch_tokens, plan_micro_batches
+from .packing import attention_length_scale, body_hidden, collate, micro_batch_tokens, plan_micro_batches
 from .precompute import check_sae_fits
 from .sae import load_sae
 
@@ -131,6 +131,7 @@ class Trainer:
             enable_activation_checkpointing(model)
         model.train()
         self.model = model
+        self.row_scale = attention_length_scale(model)   # packed micro-batches as one stream (FlexAttention) or rows
 
         # the reference side
         self.cache = None
@@ -217,8 +218,8 @@ class Trainer:
             return [[self.items[i] for i in batch[(j * self.world + r) * mb:(j * self.world + r + 1) * mb]]
                     for r in (rank,) for j in range(self.accum)]
         n = self.pairs_per_rank
-        plans = [plan_micro_batches([self.items[i] for i in batch[r * n:(r + 1) * n]], cfg.packing, cfg.max_tokens)
-                 for r in range(self.world)]
+        plans = [plan_micro_batches([self.items[i] for i in batch[r * n:(r + 1) * n]], cfg.packing, cfg.max_tokens,
+                                    self.row_scale) for r in range(self.world)]
         mine, target = plans[rank], max(len(p) for p in plans)
         while len(mine) < target:
             j = max(range(len(mine)), key=lambda i: len(mine[i]))
@@ -233,10 +234,12 @@ class Trainer:
         cfg = self.cfg
         steps = range(min(self.steps_per_epoch, self.total_steps))
         mbs = [mb for s in steps for r in range(self.world) for mb in self.micro_batches(s, r)]
-        body = sum(micro_batch_tokens(mb, cfg.packing) for mb in mbs)
+        body = sum(micro_batch_tokens(mb, cfg.packing, self.row_scale) for mb in mbs)
         padded = sum(micro_batch_tokens(mb, "off") for mb in mbs)
         real = sum(len(it.prompt_ids) + len(it.chosen_ids) + len(it.rejected_ids) for mb in mbs for it in mb)
-        self.log(f"[fpo] packing {cfg.packing}: {body} tokens per epoch through the model body ({len(mbs)} forwards), "
+        how = "" if cfg.packing == "off" else \
+            f" ({'one stream' if self.row_scale is None else 'rows'} for {self.model.config._attn_implementation} attention)"
+        self.log(f"[fpo] packing {cfg.packing}{how}: {body} tokens per epoch through the model body ({len(mbs)} forwards), "
                  f"{real / max(body, 1):.0%} of them distinct; {body / max(padded, 1):.2f}x the padded layout's {padded}")
 
     # ---- one step -------------------------------------------------------------------------------
@@ -259,7 +262,7 @@ class Trainer:
         tokens = {"tokens_processed": 0, "response_tokens": 0}
         mbs = self.micro_batches(step)
         for j, items in enumerate(mbs):
-            batch = collate(items, cfg.packing, self.tokenizer.pad_token_id)
+            batch = collate(items, cfg.packing, self.tokenizer.pad_token_id, self.row_scale)
             P = len(items)
             ref = self._reference(batch)
             kw = {}

@@ -55,8 +55,12 @@ def test_step_benchmark_entry(benchmark, method):
 def test_step_estimate_on_fake_tensors(tmp_path, monkeypatch):
     """estimate_step at a tiny size: every method runs on fake tensors; bench_step finds the estimate."""
     from benchmarks import bench_step, estimate_step
+    from fpo import assets
     rows, ratios, info = estimate_step.main(["--preset", "tiny", "--seq-len", "32", "--methods",
-                                             "simpo,fpo,fpo-ref,tdpo2-lean,tdpo2-authors", "--out", str(tmp_path)])
+                                             "simpo,fpo,fpo-ref,tdpo2-lean,tdpo2-authors", "--out", str(tmp_path),
+                                             "--dataset", assets.EVAL_PAIRS])
+    hours = info["epoch"]["hours"]["fpo"]
+    assert 0 < hours["share-prompt"] < hours["pack"] < hours["off"]
     by = {r["method"]: r for r in rows}
     assert by["fpo"]["phases_ms"]["sae"] > by["fpo-ref"]["phases_ms"]["sae"] > 0
     assert by["tdpo2-lean"]["tflop"] > by["simpo"]["tflop"] > 0          # the reference forward
@@ -67,3 +71,20 @@ def test_step_estimate_on_fake_tensors(tmp_path, monkeypatch):
     measured = [{"method": "fpo"}, {"method": "dpo"}]
     assert bench_step.attach_estimates(measured, "tiny", 2, 32, False)
     assert measured[0]["peak_gb_est"] == by["fpo"]["peak_gb_estimate"] and measured[1]["step_ms_est"] is None
+
+
+@pytest.mark.slow
+def test_packing_benchmark_runs(tmp_path):
+    """bench_packing at a toy size: the token table (share-prompt never more tokens than pack, pack never more
+    than off) and the timed FPO runs of every layout on the demo model."""
+    from benchmarks import bench_packing
+    from fpo import assets
+    rows, time_rows = bench_packing.main(["--dataset", assets.EVAL_PAIRS, "--max-lengths", "64", "--pairs-per-mb", "2",
+                                          "--time-steps", "2", "--time-max-length", "64", "--out", str(tmp_path)])
+    by = {r["layout"]: r["tokens"] for r in rows}
+    for how in ("stream", "rows"):
+        assert by[f"share-prompt {how}"] <= by[f"pack {how}"] <= by["off"] and by[f"share-prompt {how}"] < by["off"]
+    assert [r["layout"] for r in time_rows][:3] == ["off", "pack", "share-prompt"]
+    assert all(r["step_s"] > 0 and r["peak_rss_mb"] > 0 for r in time_rows)
+    assert time_rows[2]["tokens_per_step"] < time_rows[0]["tokens_per_step"]
+    assert (tmp_path / "bench_packing_time.md").exists()

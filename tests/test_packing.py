@@ -26,11 +26,12 @@ def tok():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_rows_labels_and_spans(tok, layout):
+@pytest.mark.parametrize("scale", [None, 30.0])   # one stream; rows (attention dear enough to split)
+def test_layout_rows_labels_and_spans(tok, layout, scale):
     """Each response's tokens sit at its span; each label is predicted by the row holding the token before it
     in the unshared sequence (for a shared prompt, the last prompt token predicts both first tokens)."""
     items = _items(tok, 4)
-    b = collate(items, layout, tok.pad_token_id)
+    b = collate(items, layout, tok.pad_token_id, scale)
     flat = b["input_ids"].reshape(-1)
     P = len(items)
     for p, it in enumerate(items):
@@ -43,12 +44,30 @@ def test_layout_rows_labels_and_spans(tok, layout):
             before = flat[b["pred_rows"][mine]].tolist()
             assert before == [it.prompt_ids[-1]] + list(resp[:-1])
             if b["position_ids"] is not None:   # positions continue from the prompt's end, as unshared
-                pos = b["position_ids"][0]
+                pos = b["position_ids"].reshape(-1)
                 assert pos[a:e].tolist() == list(range(len(it.prompt_ids), len(it.prompt_ids) + len(resp)))
-    assert b["tokens"] == micro_batch_tokens(items, layout) == b["input_ids"].numel()
+    assert b["tokens"] == micro_batch_tokens(items, layout, scale) == b["input_ids"].numel()
     assert b["response_tokens"] == sum(len(it.chosen_ids) + len(it.rejected_ids) for it in items)
-    if layout != "off":
-        assert b["tokens"] == sum(pair_tokens(it, layout) for it in items)
+    if layout != "off" and scale is None:
+        assert b["input_ids"].shape[0] == 1 and b["tokens"] == sum(pair_tokens(it, layout) for it in items)
+    if layout != "off" and scale is not None:
+        assert b["input_ids"].shape[0] > 1
+
+
+def test_rows_cost_no_more_than_a_stream_or_one_unit_per_row():
+    from fpo.packing import _place
+    g = torch.Generator().manual_seed(0)
+    for scale in (50.0, 500.0, 5000.0):
+        for _ in range(20):
+            lengths = (torch.randint(5, 400, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g)).tolist()
+            rows = _place(lengths, scale)
+            assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+
+            def cost(rows):
+                L = max(sum(lengths[i] for i in r) for r in rows)
+                return len(rows) * (L + L * L / scale)
+            assert cost(rows) <= min(cost([list(range(len(lengths)))]), cost([[i] for i in range(len(lengths))]))
+    assert _place([10, 20, 30], None) == [[0, 1, 2]]
 
 
 def test_share_prompt_mask_by_hand():
@@ -67,11 +86,11 @@ def test_share_prompt_mask_by_hand():
         [0, 0, 0, 0, 0, 1, 1, 0],
         [0, 0, 0, 0, 0, 1, 0, 1],
     ], dtype=torch.bool)
-    assert torch.equal(_visible(seg, br, pos, None), want)
+    assert torch.equal(_visible(seg[None], br[None], pos[None], None)[0], want)
     # a window of 2 positions: the rejected token at position 2 no longer sees position 0
     windowed = want.clone()
     windowed[2, 0] = windowed[3, 0] = windowed[3, 1] = windowed[4, 0] = False
-    assert torch.equal(_visible(seg, br, pos, 2), windowed)
+    assert torch.equal(_visible(seg[None], br[None], pos[None], 2)[0], windowed)
 
 
 def test_plan_is_deterministic_and_respects_the_budget(tok):
@@ -193,9 +212,10 @@ def test_flex_attention_block_mask_equals_dense_mask(tok, tiny):
     sdpa = load_model(tiny["model"], attn_implementation="sdpa")
     flex = load_model(tiny["model"], attn_implementation="flex_attention")
     for layout in ("pack", "share-prompt"):
-        b = collate(items, layout, tok.pad_token_id)
-        with torch.no_grad():
-            assert _rel(body_hidden(flex, b, "cpu"), body_hidden(sdpa, b, "cpu")) < 1e-5, layout
+        for scale in (None, 30.0):   # one stream, and rows
+            b = collate(items, layout, tok.pad_token_id, scale)
+            with torch.no_grad():
+                assert _rel(body_hidden(flex, b, "cpu"), body_hidden(sdpa, b, "cpu")) < 1e-5, (layout, scale)
 
 
 def test_precompute_packed_equals_padded(tiny, tmp_path):

@@ -123,12 +123,14 @@ def _torchrun(args, nproc=2, port=29621):
 
 @pytest.mark.dist
 @pytest.mark.usefixtures("no_interpreter")
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny, cache, tmp_path, fsdp):
+@pytest.mark.parametrize("fsdp,max_tokens", [(False, None), (True, None), (True, 130)])
+def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny, cache, tmp_path, fsdp, max_tokens):
+    """DDP and FSDP2 on two gloo ranks; with a token budget each rank packs its own share of the step's
+    pairs, and the ranks run equal numbers of micro-batches."""
     one = _cfg(tiny, cache, tmp_path, max_steps=3, micro_batch_size=4, output_dir=str(tmp_path / "one"))
     train(one, log=lambda *a: None)
-    two = dict(one, micro_batch_size=2, output_dir=str(tmp_path / "two"), fsdp=fsdp)
-    r = _torchrun(two, port=29631 + fsdp)
+    two = dict(one, micro_batch_size=2, output_dir=str(tmp_path / "two"), fsdp=fsdp, max_tokens=max_tokens)
+    r = _torchrun(two, port=29631 + fsdp + (max_tokens is not None))
     assert r.returncode == 0, r.stderr[-4000:]
     a = [json.loads(line)["loss"] for line in open(tmp_path / "one" / "metrics.jsonl")]
     b = [json.loads(line)["loss"] for line in open(tmp_path / "two" / "metrics.jsonl")]
@@ -137,6 +139,25 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny, cache, tmp_path, fs
     wa = load_model(str(tmp_path / "one" / "final")).state_dict()
     wb = load_model(str(tmp_path / "two" / "final")).state_dict()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.mark.usefixtures("no_interpreter")
+@pytest.mark.parametrize("method", ["fpo", "tdpo2"])
+def test_layouts_and_token_budgets_train_alike(tiny, cache, tmp_path, method):
+    """The whole loop (reference side included) in every layout, and with a token budget instead of a fixed
+    number of pairs per micro-batch: the same losses; metrics.jsonl records the tokens through the model body."""
+    runs = {}
+    for name, kw in (("off", dict(packing="off")), ("pack", dict(packing="pack")), ("share", {}),
+                     ("budget", dict(max_tokens=130, batch_size=8, micro_batch_size=1))):
+        base = dict(batch_size=8, micro_batch_size=4) if name != "budget" else {}
+        train(_cfg(tiny, cache, tmp_path, method, output_dir=str(tmp_path / name), **{**base, **kw}), log=lambda *a: None)
+        runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    want = [h["loss"] for h in runs["off"]]
+    for name in ("pack", "share", "budget"):
+        assert [h["loss"] for h in runs[name]] == pytest.approx(want, rel=1e-5), name
+    tok = {name: runs[name][0]["tokens_processed"] for name in runs}
+    assert tok["share"] < tok["pack"] <= tok["off"]
+    assert runs["share"][0]["response_tokens"] == runs["off"][0]["response_tokens"] == runs["budget"][0]["response_tokens"]
 
 
 @pytest.mark.usefixtures("no_interpreter")
