@@ -4,6 +4,7 @@ Layout of a cache directory:
     meta.json                              written last, by rank 0, once every shard exists
     settings.json                          written first: what the cache is being built for (resume check)
     shard-<start>-<end>.safetensors        rows [start, end) of the tokenised dataset, in order
+    shard-<start>-<end>.safetensors.sha256 its checksum, recorded when it was written (resume checks it)
 
 Each shard holds, for its n rows: ids [n] int64, row_hash [n] int64 (hash of the row's token ids),
 {chosen,rejected}_logp_sum / _logp_mean / _len [n] float32, and when an SAE is used
@@ -19,7 +20,8 @@ import os
 
 import torch
 
-__all__ = ["ReferenceCache", "CacheMismatchError", "FORMAT_VERSION", "write_shard", "shard_name", "atomic_write_json"]
+__all__ = ["ReferenceCache", "CacheMismatchError", "FORMAT_VERSION", "write_shard", "shard_name", "atomic_write_json",
+           "atomic_write_text", "recorded_checksum"]
 
 FORMAT_VERSION = 1
 
@@ -40,24 +42,44 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def atomic_write_json(path, obj):
+def atomic_write_text(path, text: str):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
 def write_shard(directory, start, end, tensors: dict):
+    """Write a shard under a temporary name, record its checksum beside it (<shard>.sha256), then rename:
+    a resumed precompute checks every existing shard against the checksum recorded when it was written."""
     from safetensors.torch import save_file
     final = os.path.join(directory, shard_name(start, end))
     tmp = final + f".tmp{os.getpid()}"
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"format": str(FORMAT_VERSION)})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    atomic_write_text(final + ".sha256", _sha256(tmp))
     os.replace(tmp, final)
     return final
+
+
+def recorded_checksum(directory, name, meta=None):
+    """The checksum recorded for a shard when it was written: its .sha256 file, else meta.json's (caches
+    written before the .sha256 files); None if neither."""
+    path = os.path.join(directory, name + ".sha256")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    for shard in (meta or {}).get("shards", []):
+        if shard["file"] == name:
+            return shard["sha256"]
+    return None
 
 
 class ReferenceCache:
@@ -111,6 +133,20 @@ class ReferenceCache:
     @property
     def K(self):
         return self.meta.get("K")
+
+    def feature_scale(self, k: int) -> float:
+        """The reference's mean squared top-k pooled feature value on this data, recorded by `fpo precompute`:
+        what constraint_norm "ref" divides D by."""
+        scale = self.meta.get("feature_scale")
+        if not scale:
+            raise ValueError(f"cache {self.path} has no recorded feature scale (it was built before `fpo precompute` "
+                             "recorded one, or without an SAE): re-run `fpo precompute` to use constraint_norm 'ref'")
+        if not 1 <= k <= len(scale):
+            raise ValueError(f"k ({k}) is outside the cache's 1..K ({len(scale)})")
+        if not scale[k - 1] > 0:
+            raise ValueError(f"cache {self.path}: the recorded feature scale at k={k} is {scale[k - 1]}; "
+                             "constraint_norm 'ref' needs a positive scale")
+        return scale[k - 1]
 
     def verify(self, **expected):
         """Raise CacheMismatchError naming the first field whose value differs from meta.json.

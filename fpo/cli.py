@@ -12,16 +12,21 @@ from .packing import LAYOUTS
 
 
 def _add_train_flags(p):
+    """One flag per TrainConfig key, with its help text, its choices and its default."""
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         base = next((t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)), str)
+        text = f.metadata.get("help", "")
+        if f.default not in ("", None) and "default" not in text:
+            text += f" (default {f.default})"
         if base is bool:
-            p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction)
+            p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text)
         else:
-            p.add_argument(flag, dest=f.name, type=base, default=None,
-                           help=f"default {f.default!r}" if f.default is not dataclasses.MISSING else None)
+            choices = f.metadata.get("choices")
+            p.add_argument(flag, dest=f.name, type=base, default=None, help=text,
+                           choices=list(choices) if choices else None, metavar=None if choices else f.name.upper())
 
 
 def _load_train_config(args):
@@ -39,77 +44,124 @@ def _load_train_config(args):
     return config_from_dict({**base, **overrides})
 
 
-def main(argv=None):
+BENCHMARKS = {
+    "sae": ("benchmarks.bench_sae_constraint", "the fused SAE constraint against the naive path"),
+    "logprobs": ("benchmarks.bench_logprobs", "fused log-probs and KL against full logits"),
+    "step": ("benchmarks.bench_step", "one training step per method: FPO, TDPO, SimPO, DPO"),
+    "packing": ("benchmarks.bench_packing", "tokens and time per layout: padded, packed, shared prompt"),
+}
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows every default (except absent ones)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _bench(argv):
+    """`fpo bench WHICH [args]`: the benchmark's own flags (`fpo bench WHICH --help`)."""
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
+        lines = [f"  {name:9s} {text}" for name, (_, text) in BENCHMARKS.items()]
+        print("usage: fpo bench {" + ",".join(BENCHMARKS) + "} [args]\n\nbenchmarks (CPU sizes without a GPU; "
+              "`fpo bench NAME --help` lists each one's flags):\n" + "\n".join(lines))
+        if not argv or argv[0] not in ("-h", "--help"):   # a usage error, as argparse reports one
+            print("fpo bench: error: " + (f"unknown benchmark {argv[0]!r}" if argv else "name a benchmark"),
+                  file=sys.stderr)
+            sys.exit(2)
+        return 0
+    import importlib
+    sys.argv[0] = f"fpo bench {argv[0]}"   # the benchmark's usage line names the command that ran it
+    importlib.import_module(BENCHMARKS[argv[0]][0]).main(argv[1:])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fpo", description="FPO and its baselines on fused Triton kernels")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("precompute", help="run the reference model once and write the reference cache")
-    p.add_argument("--model", required=True, help="local folder, .gguf file, or hub name when online")
+    p = sub.add_parser("precompute", help="run the reference model once and write the reference cache",
+                       formatter_class=_Help)
+    p.add_argument("--model", required=True, help="the reference: local folder, .gguf file, or hub name when online")
     p.add_argument("--dataset", required=True, help="local .json/.jsonl/.parquet file or saved dataset")
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--sae", default=None, help="sae-lens dir/file, params.npz or release:id (omit for log-probs only)")
     p.add_argument("--sae-layer", type=int, default=None, help="decoder block the SAE reads (default: from the SAE)")
     p.add_argument("--K", type=int, default=256, help="top-K pooled features cached per response")
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-length", type=int, default=512, help="tokens per sequence (prompt + response)")
     p.add_argument("--max-prompt-length", type=int, default=256,
                    help="longer prompts keep their last tokens; responses are cut to fit max-length")
     p.add_argument("--value-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="storage of the cached feature values (see the fidelity table in the README)")
-    p.add_argument("--batch-pairs", type=int, default=4)
+    p.add_argument("--batch-pairs", type=int, default=4, help="pairs per forward")
     p.add_argument("--packing", choices=list(LAYOUTS), default="share-prompt",
                    help="micro-batch layout (the cache does not depend on it beyond rounding)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="token budget per forward instead of --batch-pairs; caps each sequence at max-tokens/2 "
                         "as `fpo train --max-tokens` does")
-    p.add_argument("--attn-implementation", choices=list(ATTENTION), default=None)
-    p.add_argument("--max-pairs", type=int, default=None)
-    p.add_argument("--shard-rows", type=int, default=256)
-    p.add_argument("--device", default=None)
+    p.add_argument("--attn-implementation", choices=list(ATTENTION), default=None,
+                   help="attention (default: flex_attention for packed layouts on cuda, else the model's own)")
+    p.add_argument("--max-pairs", type=int, default=None, help="only the first pairs of the dataset")
+    p.add_argument("--shard-rows", type=int, default=256, help="pairs per cache shard (the unit of resume)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--bad-rows", choices=["error", "skip"], default="error",
                    help="a row with a missing column or an empty response: stop (error) or skip it and report")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("train", help="train with fpo, dpo, simpo, tdpo1 or tdpo2")
     p.add_argument("--config", default=None, help="YAML (or JSON) file of TrainConfig keys; flags override it")
     _add_train_flags(p)
 
-    p = sub.add_parser("eval", help="held-out accuracy, KL to the reference, FPO constraint, sample entropy")
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--cache", default=None)
-    p.add_argument("--sae", default=None)
-    p.add_argument("--sae-layer", type=int, default=None)
-    p.add_argument("--reference-model", default=None, help="for the KL column")
-    p.add_argument("--k", type=int, default=50)
-    p.add_argument("--select", choices=["policy", "reference"], default="policy")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-prompt-length", type=int, default=256)
-    p.add_argument("--max-pairs", type=int, default=None)
-    p.add_argument("--packing", choices=list(LAYOUTS), default="share-prompt")
-    p.add_argument("--entropy-samples", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--device", default=None)
+    p = sub.add_parser("eval", help="held-out accuracy, KL to the reference, FPO constraint, sample entropy",
+                       formatter_class=_Help)
+    p.add_argument("--model", required=True, help="the trained policy (e.g. OUT/final)")
+    p.add_argument("--dataset", required=True, help="held-out pairs: local .json/.jsonl/.parquet or saved dataset")
+    p.add_argument("--cache", default=None, help="reference cache of the held-out pairs (reward accuracy, D)")
+    p.add_argument("--sae", default=None, help="the SAE, for the FPO constraint D")
+    p.add_argument("--sae-layer", type=int, default=None, help="decoder block the SAE reads (default: from the SAE)")
+    p.add_argument("--reference-model", default=None, help="the reference model, for the KL column")
+    p.add_argument("--k", type=int, default=50, help="features in the constraint")
+    p.add_argument("--select", choices=["policy", "reference"], default="policy", help="how the k features are chosen")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per sequence (prompt + response)")
+    p.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept (the last ones)")
+    p.add_argument("--max-pairs", type=int, default=None, help="only the first pairs of the dataset")
+    p.add_argument("--packing", choices=list(LAYOUTS), default="share-prompt", help="micro-batch layout")
+    p.add_argument("--bad-rows", choices=["error", "skip"], default="error",
+                   help="a row with a missing column or an empty response: stop (error) or skip it and report")
+    p.add_argument("--entropy-samples", type=int, default=0, help="prompts to sample from, for the entropy column")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per sampled response")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--json", default=None, help="also write the metrics here")
 
-    p = sub.add_parser("bench", help="benchmarks: sae | logprobs | step (CPU sizes without a GPU)")
-    p.add_argument("which", choices=["sae", "logprobs", "step"])
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    sub.add_parser("bench", help="benchmarks: " + " | ".join(BENCHMARKS) + " (`fpo bench --help`)", add_help=False)
 
-    p = sub.add_parser("demo", help="SmolLM2-135M + its SAE + UltraFeedback: FPO vs SimPO vs TDPO2, end to end")
+    p = sub.add_parser("demo", help="SmolLM2-135M + its SAE + UltraFeedback: FPO vs SimPO vs TDPO2, end to end",
+                       formatter_class=_Help)
     p.add_argument("--methods", default="fpo,simpo,tdpo2", help=f"comma-separated, from {','.join(METHODS)}")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--pairs", type=int, default=None, help="training pairs")
-    p.add_argument("--eval-pairs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--entropy-samples", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--steps", type=int, default=None, help="training steps per method (default: 10 on cpu, 60 on cuda)")
+    p.add_argument("--pairs", type=int, default=None, help="training pairs (default: 20 on cpu, 1000 on cuda)")
+    p.add_argument("--eval-pairs", type=int, default=None, help="held-out pairs (default: 12 on cpu, 200 on cuda)")
+    p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: 2 on cpu, 16 on cuda)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: 96 on cpu, 512 on cuda)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-5 on cpu, 1e-6 on cuda)")
+    p.add_argument("--entropy-samples", type=int, default=None,
+                   help="held-out prompts sampled for the entropy column (default: 2 on cpu, 32 on cuda)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--output-dir", default="runs/demo", help="where the table, plot and metrics go")
+    p.add_argument("--keep-models", action="store_true",
+                   help="keep each method's final model (about 540 MB each); by default only metrics and the plot stay")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    args = build_parser().parse_args(argv)
     try:
         return _run(args)
     except (ValueError, RuntimeError, FloatingPointError) as e:
@@ -134,16 +186,11 @@ def _run(args):
                        reference_model=args.reference_model, k=args.k, select=args.select, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, max_pairs=args.max_pairs,
                        entropy_samples=args.entropy_samples, max_new_tokens=args.max_new_tokens, device=args.device,
-                       packing=args.packing)
+                       packing=args.packing, bad_rows=args.bad_rows)
         print(format_table([res], [(k, k, ".4f" if isinstance(v, float) else "") for k, v in res.items()]))
         if args.json:
             from .cache import atomic_write_json
             atomic_write_json(args.json, res)
-    elif args.cmd == "bench":
-        import importlib
-        mod = importlib.import_module({"sae": "benchmarks.bench_sae_constraint", "logprobs": "benchmarks.bench_logprobs",
-                                       "step": "benchmarks.bench_step"}[args.which])
-        mod.main(args.rest)
     elif args.cmd == "demo":
         from .demo import demo
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
@@ -152,7 +199,7 @@ def _run(args):
             raise ValueError(f"--methods: unknown {bad}; choose from {METHODS}")
         demo(methods, steps=args.steps, train_pairs=args.pairs, eval_pairs=args.eval_pairs, device=args.device,
              output_dir=args.output_dir, lr=args.lr, max_length=args.max_length, batch_size=args.batch_size,
-             entropy_samples=args.entropy_samples, progress=not args.no_progress)
+             entropy_samples=args.entropy_samples, progress=not args.no_progress, keep_models=args.keep_models)
     return 0
 
 

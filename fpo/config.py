@@ -1,72 +1,90 @@
 """Training configuration: a frozen dataclass, validated on creation, loaded from YAML and/or overrides.
-Unknown keys are errors; values are type-checked."""
+Unknown keys are errors; values are type-checked and range-checked (every key carries its help text, its
+choices or its range: the CLI shows them)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
-from dataclasses import dataclass, fields
-
-__all__ = ["TrainConfig", "load_config", "METHODS", "ATTENTION", "config_from_dict"]
+from dataclasses import dataclass, field, fields
 
 from .packing import LAYOUTS
+
+__all__ = ["TrainConfig", "load_config", "METHODS", "ATTENTION", "RESUMABLE_CHANGES", "config_from_dict"]
 
 METHODS = ("fpo", "dpo", "simpo", "tdpo1", "tdpo2")
 ATTENTION = ("sdpa", "eager", "flex_attention")
 _DEFAULT_BETA = {"fpo": 0.1, "dpo": 0.1, "simpo": 2.0, "tdpo1": 0.1, "tdpo2": 0.1}
 
 
+def _key(default, help, choices=None, low=None, low_open=False, high=None):
+    """A config key: its default, its help text (shown by `fpo train --help`), its allowed values or range."""
+    return field(default=default, metadata=dict(help=help, choices=choices, low=low, low_open=low_open, high=high))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train
-    method: str = "fpo"                 # fpo | dpo | simpo | tdpo1 | tdpo2
-    model: str = ""                     # local folder, .gguf file, or hub name when online
-    dataset: str = ""                   # local .json/.jsonl/.parquet or a saved dataset
-    cache: str | None = None            # reference cache from `fpo precompute` (fpo, dpo)
-    reference_model: str | None = None  # tdpo: the online reference (default: model)
-    sae: str | None = None              # fpo: sae-lens dir/file, params.npz, or release:id
-    sae_layer: int | None = None        # decoder block the SAE reads (default: from the SAE / cache)
+    method: str = _key("fpo", "training method", METHODS)
+    model: str = _key("", "the policy: a local folder, a .gguf file, or a hub name when online (required)")
+    dataset: str = _key("", "preference pairs: a local .json/.jsonl/.parquet file or a saved dataset (required)")
+    cache: str | None = _key(None, "reference cache from `fpo precompute` (required for fpo and dpo)")
+    reference_model: str | None = _key(None, "tdpo: the online reference model (default: --model)")
+    sae: str | None = _key(None, "fpo: sae-lens folder or file, Gemma Scope params.npz, or release:id")
+    sae_layer: int | None = _key(None, "decoder block the SAE reads (default: from the SAE, else the cache)", low=0)
     # loss
-    beta: float | None = None           # default 0.1 (2.0 for simpo)
-    alpha: float = 0.5                  # fpo / tdpo2 constraint weight
-    gamma: float = 0.5                  # simpo target margin (absolute; gamma_beta_ratio = gamma / beta)
-    k: int = 50                         # fpo: features in the constraint
-    select: str = "policy"              # fpo: policy | reference
+    beta: float | None = _key(None, "loss temperature (default by method: 0.1; simpo 2.0)", low=0, low_open=True)
+    alpha: float = _key(0.5, "fpo / tdpo2: weight of the constraint (D for fpo, KL for tdpo2)", low=0)
+    gamma: float = _key(0.5, "simpo: target margin, absolute (the official code's gamma_beta_ratio is gamma / beta)")
+    k: int = _key(50, "fpo: SAE features in the constraint", low=1)
+    constraint_norm: str = _key("none", "fpo: D as in the paper (none), or divided by the reference's mean squared "
+                                "top-k feature value recorded by `fpo precompute` (ref), so one alpha means the "
+                                "same across SAEs and models", ("none", "ref"))
+    select: str = _key("policy", "fpo: the k features: policy's top-k, or the cached reference's first k",
+                       ("policy", "reference"))
     # optimisation (paper defaults)
-    lr: float = 5e-7
-    warmup_steps: int = 150
-    optimizer: str = "adam"             # adam | rmsprop
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 10.0
-    batch_size: int = 32                # pairs per optimizer step, all ranks together
-    micro_batch_size: int = 2           # pairs per forward on one rank (unless max_tokens is set)
-    max_tokens: int | None = None       # token budget per forward instead: pairs packed up to it
-    packing: str = "share-prompt"       # off | pack | share-prompt (fpo.packing)
-    epochs: int = 1
-    max_steps: int | None = None
+    lr: float = _key(5e-7, "learning rate", low=0, low_open=True)
+    warmup_steps: int = _key(150, "linear warmup steps, then constant", low=0)
+    optimizer: str = _key("adam", "optimizer", ("adam", "rmsprop"))
+    weight_decay: float = _key(0.0, "weight decay", low=0)
+    max_grad_norm: float | None = _key(10.0, "clip the gradient norm to this (none: no clipping)", low=0, low_open=True)
+    batch_size: int = _key(32, "pairs per optimizer step, all ranks together", low=1)
+    micro_batch_size: int = _key(2, "pairs per forward on one rank (unless --max-tokens is set)", low=1)
+    max_tokens: int | None = _key(None, "token budget per forward instead of --micro-batch-size: whole pairs packed "
+                                  "up to it; also caps each sequence at max_tokens / 2", low=1)
+    packing: str = _key("share-prompt", "micro-batch layout: padded (off), [prompt, response] segments (pack), or "
+                        "[prompt, chosen, rejected] with the prompt once (share-prompt)", LAYOUTS)
+    epochs: int = _key(1, "passes over the dataset", low=1)
+    max_steps: int | None = _key(None, "stop after this many optimizer steps (default: the epochs' steps)", low=1)
     # data
-    max_length: int = 512
-    max_prompt_length: int = 256
-    max_pairs: int | None = None
-    bad_rows: str = "error"             # error | skip
+    max_length: int = _key(512, "tokens per sequence (prompt + response)", low=2)
+    max_prompt_length: int = _key(256, "prompt tokens kept (the last ones); responses are cut to fit max_length", low=1)
+    max_pairs: int | None = _key(None, "use only the first pairs of the dataset", low=1)
+    bad_rows: str = _key("error", "a row with a missing column or an empty response: stop, or skip it and report",
+                         ("error", "skip"))
     # runtime
-    device: str | None = None           # default cuda if available
-    dtype: str | None = None            # default bfloat16 on cuda, float32 on cpu
-    attn_implementation: str | None = None  # sdpa | eager | flex_attention; default: the model's own
-    gradient_checkpointing: bool = False
-    fsdp: bool = False                  # under torchrun: FSDP2 instead of DDP
-    seed: int = 0
-    output_dir: str = "runs/fpo"
-    log_every: int = 10
-    save_every: int = 0                 # 0: no intermediate checkpoints
-    resume: str | None = None           # a checkpoint folder, or "latest" in output_dir
-    progress: bool = True
+    device: str | None = _key(None, "default: cuda when available, else cpu")
+    dtype: str | None = _key(None, "model dtype (default: bfloat16 on cuda, float32 on cpu)",
+                             ("float32", "bfloat16", "float16"))
+    attn_implementation: str | None = _key(None, "attention: default flex_attention for packed layouts on cuda, "
+                                           "else the model's own", ATTENTION)
+    gradient_checkpointing: bool = _key(False, "recompute each decoder layer in the backward")
+    fsdp: bool = _key(False, "under torchrun: FSDP2 instead of DDP")
+    seed: int = _key(0, "seed of the data order and the run")
+    output_dir: str = _key("runs/fpo", "where metrics, checkpoints and the final model go")
+    overwrite: bool = _key(False, "replace a finished or different run in output_dir")
+    log_every: int = _key(10, "optimizer steps between metric lines", low=1)
+    save_every: int = _key(0, "optimizer steps between checkpoints (0: only the final model)", low=0)
+    save_optimizer: bool = _key(True, "store optimizer, scheduler and RNG beside the final model (resumable)")
+    resume: str | None = _key(None, "a checkpoint folder, or 'latest' in output_dir")
+    progress: bool = _key(True, "progress bar (plain lines when stdout is not a terminal)")
 
     def __post_init__(self):
         hints = typing.get_type_hints(TrainConfig)
         for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), hints[f.name])
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            value = getattr(self, f.name)
+            _check_type(f.name, value, hints[f.name])
+            _check_value(f, value)
         if not self.model:
             raise ValueError("model is required (a local folder, a .gguf file or a hub name)")
         if not self.dataset:
@@ -75,31 +93,11 @@ class TrainConfig:
             raise ValueError(f"method {self.method} needs a reference cache: build one with `fpo precompute` and pass cache=")
         if self.method == "fpo" and not self.sae:
             raise ValueError("method fpo needs an SAE (sae=...)")
-        if self.select not in ("policy", "reference"):
-            raise ValueError(f"select must be 'policy' or 'reference', got {self.select!r}")
-        if self.optimizer not in ("adam", "rmsprop"):
-            raise ValueError(f"optimizer must be 'adam' or 'rmsprop', got {self.optimizer!r}")
-        if self.packing not in LAYOUTS:
-            raise ValueError(f"packing must be one of {LAYOUTS}, got {self.packing!r}")
-        if self.attn_implementation not in (None,) + ATTENTION:
-            raise ValueError(f"attn_implementation must be one of {ATTENTION}, got {self.attn_implementation!r}")
         if self.max_tokens is not None and self.max_tokens // 2 <= self.max_prompt_length:
             raise ValueError(f"max_tokens ({self.max_tokens}) must exceed 2 x max_prompt_length "
                              f"({2 * self.max_prompt_length}): every pair must fit one micro-batch with room for its responses")
-        if self.bad_rows not in ("error", "skip"):
-            raise ValueError(f"bad_rows must be 'error' or 'skip', got {self.bad_rows!r}")
-        for name in ("batch_size", "micro_batch_size", "epochs", "k", "max_length", "max_prompt_length", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
-        if self.dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
     @property
     def beta_value(self) -> float:
@@ -107,6 +105,29 @@ class TrainConfig:
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
+
+
+# What may differ between a checkpoint's config and the run that resumes it; any other difference is an error.
+RESUMABLE_CHANGES = ("max_steps", "epochs", "save_every", "log_every", "progress", "resume", "overwrite",
+                     "save_optimizer", "device")
+
+
+def _check_value(f, value):
+    """Finite numbers inside the key's range; strings among its choices."""
+    m = f.metadata
+    if value is None:
+        return
+    if m.get("choices") is not None and value not in m["choices"]:
+        raise ValueError(f"{f.name} must be one of {tuple(m['choices'])}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+    low, high = m.get("low"), m.get("high")
+    if low is not None and (value <= low if m.get("low_open") else value < low):
+        raise ValueError(f"{f.name} must be {'>' if m.get('low_open') else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{f.name} must be <= {high}, got {value!r}")
 
 
 def _check_type(name, value, hint):

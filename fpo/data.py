@@ -1,6 +1,10 @@
 """Preference pairs: loading (local json/jsonl/parquet or a saved dataset), tokenisation with response
 masks, and batching chosen and rejected together.
 
+Formats: prompt / chosen / rejected as strings or chat message lists (UltraFeedback-binarized style, where
+chosen may hold the whole conversation), and Anthropic HH-RLHF transcripts ('\\n\\nHuman: ...
+\\n\\nAssistant: ...'), which become chat turns so that chat templates apply.
+
 Truncation policy (documented, as in the CLI help): a prompt longer than max_prompt_length keeps its LAST
 max_prompt_length tokens (the end of a conversation is what the response answers); the response then keeps
 its FIRST max_length - len(prompt) tokens. max_prompt_length < max_length is required, so every kept
@@ -13,7 +17,9 @@ identical carry no preference: they are always dropped and reported.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +55,43 @@ class TokenizedPair:
         return len(self.prompt_ids) + len(self.chosen_ids), len(self.prompt_ids) + len(self.rejected_ids)
 
 
+def _read_json(path: str, ext: str) -> list:
+    """Rows of a .jsonl file (one object per line) or a .json file (a list of objects, or columns), with
+    an error naming the line of any malformed row."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        if ext == ".jsonl":
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"dataset {path} line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"dataset {path} line {n} is not a JSON object")
+                rows.append(rec)
+        else:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"dataset {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+            if isinstance(data, dict):   # columns: {"prompt": [...], "chosen": [...], ...}
+                if not all(isinstance(v, list) for v in data.values()) or len({len(v) for v in data.values()}) > 1:
+                    raise ValueError(f"dataset {path}: a JSON object must map column names to equal-length lists")
+                data = [dict(zip(data, vals)) for vals in zip(*data.values())]
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise ValueError(f"dataset {path} must hold a list of objects (or one object of columns)")
+            rows = data
+    return rows
+
+
 def _load_dataset(path: str):
+    if not os.path.exists(path):
+        raise ValueError(f"dataset {path} does not exist (a local .json/.jsonl/.parquet file or a saved dataset)")
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isfile(path) and ext in (".json", ".jsonl"):
+        return _read_json(path, ext)
     import datasets
     datasets.disable_progress_bars()
     if os.path.isdir(path) and (os.path.exists(os.path.join(path, "dataset_info.json"))
@@ -58,13 +100,12 @@ def _load_dataset(path: str):
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
         return ds
-    if not os.path.exists(path):
-        raise ValueError(f"dataset {path} does not exist (a local .json/.jsonl/.parquet file or a saved dataset)")
-    ext = os.path.splitext(path)[1].lower()
-    kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(ext)
-    if kind is None:
+    if ext != ".parquet":
         raise ValueError(f"dataset {path}: unsupported file type {ext!r} (use .json, .jsonl, .parquet or a saved dataset)")
-    return datasets.load_dataset(kind, data_files=path, split="train")
+    try:
+        return datasets.load_dataset("parquet", data_files=path, split="train")
+    except Exception as e:
+        raise ValueError(f"dataset {path} could not be read as parquet ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def _as_response(value, row, col):
@@ -78,6 +119,41 @@ def _as_response(value, row, col):
     if not value.strip():
         raise BadRowError(f"row {row}: column '{col}' is an empty response")
     return value
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def _is_transcript(text) -> bool:
+    return isinstance(text, str) and text.lstrip("\n").startswith("Human:") and "\n\nAssistant:" in text
+
+
+def _hh_messages(text: str) -> list[dict]:
+    """'\\n\\nHuman: ... \\n\\nAssistant: ...' -> chat messages; a trailing empty 'Assistant:' (the turn to
+    answer) is dropped."""
+    text = "\n\n" + text.lstrip("\n")
+    parts = _HH_TURN.split(text)[1:]                # [speaker, content, speaker, content, ...]
+    msgs = [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+            for who, body in zip(parts[::2], parts[1::2])]
+    if msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]:
+        msgs.pop()
+    return msgs
+
+
+def _from_transcripts(rec, row):
+    """Anthropic HH-RLHF style rows as chat turns: prompt/chosen/rejected transcripts, or chosen and
+    rejected holding the whole conversation (the shared part up to the last 'Assistant:' is the prompt)."""
+    chosen, rejected, prompt = rec.get("chosen"), rec.get("rejected"), rec.get("prompt")
+    if prompt is None and _is_transcript(chosen) and _is_transcript(rejected):
+        cut = chosen.rfind("\n\nAssistant:") + len("\n\nAssistant:")
+        head = chosen[:cut]
+        if not rejected.startswith(head):
+            raise BadRowError(f"row {row}: chosen and rejected transcripts differ before their last assistant turn")
+        return dict(rec, prompt=_hh_messages(head), chosen=chosen[cut:].strip(), rejected=rejected[cut:].strip())
+    if _is_transcript(prompt):
+        return dict(rec, prompt=_hh_messages(prompt),
+                    **{k: rec[k].strip() for k in ("chosen", "rejected") if isinstance(rec.get(k), str)})
+    return rec
 
 
 def _as_prompt(rec, row):
@@ -100,6 +176,8 @@ def load_pairs(path: str, max_pairs: int | None = None, bad_rows: str = "error",
     if bad_rows not in ("error", "skip"):
         raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
     ds = _load_dataset(os.fspath(path))
+    if len(ds) == 0:
+        raise ValueError(f"dataset {path} is empty")
     pairs, skipped, identical = [], [], []
     for row, rec in enumerate(ds):
         if max_pairs is not None and len(pairs) >= max_pairs:
@@ -108,6 +186,7 @@ def load_pairs(path: str, max_pairs: int | None = None, bad_rows: str = "error",
             for col in ("chosen", "rejected"):
                 if rec.get(col) is None:
                     raise BadRowError(f"row {row}: missing column '{col}'")
+            rec = _from_transcripts(rec, row)
             pair = Pair(row, _as_prompt(rec, row), _as_response(rec["chosen"], row, "chosen"),
                         _as_response(rec["rejected"], row, "rejected"))
         except BadRowError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,18 +40,41 @@ def _write_jsonl_subset(src, dst, n):
             g.write(line)
 
 
-def _plot(histories: dict, path: str):
+def _plot(runs: dict, before: dict, path: str):
+    """One panel per quantity: training loss (each method's own scale: SimPO's beta 2.0 and margin put its
+    loss far above FPO's and TDPO's, so each is drawn against its first value), the batch implicit-reward
+    accuracy, and held-out accuracy, D and KL before and after training."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
-    for method, hist in histories.items():
-        ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], marker="o", ms=3, label=method)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_title("fpo demo: SmolLM2-135M-Instruct on UltraFeedback pairs")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), dpi=110)
+    for method, r in runs.items():
+        hist = r["history"]
+        steps = [h["step"] for h in hist]
+        axes[0].plot(steps, [h["loss"] / hist[0]["loss"] for h in hist], marker="o", ms=3, label=method)
+        axes[1].plot(steps, [h["accuracy"] for h in hist], marker="o", ms=3, label=method)
+    axes[0].set_title("training loss / its first value")
+    axes[1].set_title("batch reward accuracy")
+    methods = list(runs)
+    x = range(len(methods))
+    axes[2].bar(x, [runs[m]["after"]["accuracy_logp"] for m in methods], color="tab:blue", label="after")
+    axes[2].axhline(before["accuracy_logp"], color="k", ls="--", lw=1, label="before")
+    axes[2].set_title("held-out accuracy")
+    d = [runs[m]["after"]["d"] or 0 for m in methods]
+    kl = [runs[m]["after"]["kl"] or 0 for m in methods]
+    axes[3].bar([i - 0.2 for i in x], d, width=0.4, label="mean D (SAE)")
+    ax2 = axes[3].twinx()
+    ax2.bar([i + 0.2 for i in x], kl, width=0.4, color="tab:orange", label="mean KL")
+    axes[3].set_title("held-out D (left) and KL (right)")
+    for ax in axes[2:]:
+        ax.set_xticks(list(x), methods)
+    for ax in axes[:2]:
+        ax.set_xlabel("optimizer step")
+        ax.legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[2].legend()
+    fig.suptitle("fpo demo: SmolLM2-135M-Instruct on UltraFeedback pairs")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -58,7 +82,7 @@ def _plot(histories: dict, path: str):
 
 def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_pairs=None, device=None,
          output_dir="runs/demo", lr=None, max_length=None, batch_size=None, seed=0, progress=True,
-         entropy_samples=None, log=print) -> dict:
+         entropy_samples=None, keep_models=False, log=print) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     d = dict(DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"])
     for key, val in dict(steps=steps, train_pairs=train_pairs, eval_pairs=eval_pairs, lr=lr, max_length=max_length,
@@ -79,7 +103,9 @@ def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_p
     _write_jsonl_subset(assets.EVAL_PAIRS, eval_file, d["eval_pairs"] + 4)
     lengths = dict(max_length=d["max_length"], max_prompt_length=d["max_prompt_length"])
 
-    log(f"[fpo demo] 1/4 reference cache for {d['train_pairs']} training and {d['eval_pairs']} held-out pairs")
+    stages = 2 + 2 * len(methods)
+    stage = iter(range(1, stages + 1))
+    log(f"[fpo demo] {next(stage)}/{stages} reference cache for {d['train_pairs']} training and {d['eval_pairs']} held-out pairs")
     caches = {}
     for name, f, n in (("train", train_file, d["train_pairs"]), ("eval", eval_file, d["eval_pairs"])):
         caches[name] = os.path.join(output_dir, f"cache-{name}")
@@ -89,27 +115,30 @@ def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_p
     eval_kw = dict(dataset=eval_file, cache=caches["eval"], sae=assets.DEMO_SAE, max_pairs=d["eval_pairs"],
                    device=device, entropy_samples=d["entropy_samples"], max_new_tokens=d["max_new_tokens"],
                    seed=seed, **lengths)
-    log("[fpo demo] 2/4 held-out evaluation of the starting model")
+    log(f"[fpo demo] {next(stage)}/{stages} held-out evaluation of the starting model")
     before = evaluate(model_dir, **eval_kw)
 
     runs = {}
     for i, method in enumerate(methods):
-        log(f"[fpo demo] 3/4 training {method} ({i + 1}/{len(methods)}), {d['steps']} steps")
+        log(f"[fpo demo] {next(stage)}/{stages} training {method}, {d['steps']} steps")
         out = os.path.join(output_dir, method)
         cfg = dict(method=method, model=model_dir, dataset=train_file, max_pairs=d["train_pairs"],
                    cache=caches["train"] if method in ("fpo", "dpo") else None,
                    sae=assets.DEMO_SAE if method == "fpo" else None, batch_size=d["batch_size"],
                    micro_batch_size=min(2, d["batch_size"]), max_steps=d["steps"], epochs=1000, lr=d["lr"],
-                   warmup_steps=2, seed=seed, output_dir=out, log_every=1, progress=progress, device=device, **lengths)
+                   warmup_steps=2, seed=seed, output_dir=out, overwrite=True, log_every=1, progress=progress,
+                   device=device, save_optimizer=False, **lengths)
         cfg_path = os.path.join(output_dir, f"{method}.json")
         with open(cfg_path, "w") as f:
             json.dump(cfg, f)
         # its own process: a clean start from the same weights, and its own peak memory
         subprocess.run([sys.executable, "-m", "fpo.cli", "train", "--config", cfg_path], check=True)
         hist = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-        log(f"[fpo demo] 4/4 held-out evaluation after {method}")
+        log(f"[fpo demo] {next(stage)}/{stages} held-out evaluation after {method}")
         after = evaluate(os.path.join(out, "final"), reference_model=model_dir, **eval_kw)
         runs[method] = {"history": hist, "after": after}
+        if not keep_models:   # the demo keeps metrics and the plot; --keep-models keeps the 540 MB model too
+            shutil.rmtree(os.path.join(out, "final"), ignore_errors=True)
 
     rows = []
     for method, r in runs.items():
@@ -125,11 +154,11 @@ def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_p
     mem = "peak MB (GPU alloc)" if str(device).startswith("cuda") else "peak MB (RSS)"
     table = format_table(rows, [
         ("method", "method", ""), ("final_loss", "final loss", ".4f"), ("acc_before", "held-out acc before", ".3f"),
-        ("acc_after", "after", ".3f"), ("reward_acc", "reward acc", ".3f"), ("d", "mean D (SAE)", ".3g"),
+        ("acc_after", "after", ".3f"), ("reward_acc", "held-out reward acc", ".3f"), ("d", "mean D (SAE)", ".3g"),
         ("kl", "mean KL", ".3g"), ("entropy", "entropy", ".3f"), ("step_s", "step s", ".2f"), ("peak_mb", mem, ".0f"),
     ])
-    png = os.path.join(output_dir, "loss_curves.png")
-    _plot({m: r["history"] for m, r in runs.items()}, png)
+    png = os.path.join(output_dir, "demo.png")
+    _plot(runs, before, png)
     result = {"settings": d, "device": str(device), "methods": list(methods), "before": before, "runs": runs,
               "table": rows, "seconds": time.time() - t_start,
               "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}}
@@ -137,7 +166,7 @@ def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_p
     log("")
     log(table)
     log("")
-    log("held-out acc: fraction of held-out pairs whose chosen response has the higher mean log-prob; reward acc: "
+    log("held-out acc: fraction of held-out pairs whose chosen response has the higher mean log-prob; held-out reward acc: "
         "same with the implicit reward a - a_ref; mean D: FPO's SAE feature constraint; mean KL: sequential "
         "KL(pi_ref || pi) per response; entropy: per token, of sampled responses.")
     log(f"A few dozen steps on {device} show the mechanics and the costs, not alignment quality. "

@@ -41,7 +41,7 @@ def _sample_entropy(model, tok, items, n, max_new_tokens, device, seed):
 def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_model=None, k=50, select="policy",
              max_length=512, max_prompt_length=256, max_pairs=None, batch_pairs=4, entropy_samples=0,
              max_new_tokens=32, device=None, dtype=None, tokenizer=None, seed=0, packing="share-prompt",
-             log=print) -> dict:
+             bad_rows="error", log=print) -> dict:
     """Metrics on held-out pairs.
 
     accuracy_logp: fraction of pairs whose chosen response has the higher mean log-prob (needs nothing else);
@@ -49,7 +49,8 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
     count half, so an untrained policy scores 0.5); kl: mean sequential KL(pi_ref || pi) per response (needs
     reference_model); d: mean FPO constraint over chosen and rejected (needs sae and a cache with features);
     entropy: mean per-token entropy of sampled responses (entropy_samples > 0). packing: the layout of the
-    forward passes (fpo.packing); the metrics do not depend on it beyond rounding."""
+    forward passes (fpo.packing); the metrics do not depend on it beyond rounding. bad_rows: as for training
+    ("error" stops at a bad row, "skip" skips and reports it)."""
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if isinstance(model, str):
@@ -64,7 +65,7 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
     if sae is not None:
         sae_w, l2 = load_sae(sae, device) if isinstance(sae, str) else (sae, None)
         layer = layer if layer is not None else (l2 if l2 is not None else (ref_cache.meta.get("layer") if ref_cache else None))
-    items = tokenize_pairs(load_pairs(dataset, max_pairs, "skip", log=lambda *a: None), tokenizer, max_length, max_prompt_length)
+    items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=log), tokenizer, max_length, max_prompt_length)
     cap = ResidualCapture(model, layer) if (sae_w is not None and ref_cache is not None and ref_cache.has_features) else None
     acc_logp, acc_reward, kls, ds = [], [], [], []
     try:
@@ -102,12 +103,17 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
     def mean_of(xs):
         return float(torch.cat(xs).mean()) if xs else None
 
+    d = mean_of(ds)
+    scale = None
+    if d is not None and ref_cache.meta.get("feature_scale") and k <= len(ref_cache.meta["feature_scale"]):
+        scale = ref_cache.feature_scale(k)
     return {
         "pairs": len(items),
         "accuracy_logp": mean_of(acc_logp),
         "accuracy_reward": mean_of(acc_reward),
         "kl": mean_of(kls),
-        "d": mean_of(ds),
+        "d": d,
+        "d_over_scale": None if scale is None else d / scale,   # D under constraint_norm "ref"
         "entropy": _sample_entropy(model, tokenizer, items, entropy_samples, max_new_tokens, device, seed),
     }
 

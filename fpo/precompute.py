@@ -13,11 +13,12 @@ from fpo_kernels import SAEWeights, index_dtype_for, pack_topk, sae_pooled_featu
 from fpo_kernels.cache import VALUE_DTYPES
 
 from . import distributed as dist_utils
-from .cache import FORMAT_VERSION, atomic_write_json, shard_name, write_shard, _sha256
+from .cache import FORMAT_VERSION, _sha256, atomic_write_json, recorded_checksum, shard_name, write_shard
 from .data import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .model import (ResidualCapture, decoder_layers, final_softcap, lm_head, load_model_for_layout, load_tokenizer,
                     model_fingerprint)
 from .packing import LAYOUTS, attention_length_scale, body_hidden, collate, plan_micro_batches
+from .progress import progress_bar
 from .sae import load_sae
 
 __all__ = ["precompute", "reference_stats", "default_device"]
@@ -65,6 +66,41 @@ def reference_stats(model, batch, sae=None, layer=None, K=256, device="cpu", val
         for k, v in out.items():
             res[f"{side}_{k}"] = v[sl].cpu()
     return res
+
+
+def _feature_scale(out, shards):
+    """The reference's pooled-feature scale on this data, for each k = 1..K: the mean over responses of the mean
+    squared top-k cached value. D is a mean squared difference of such values, so D / scale[k - 1] is
+    comparable across SAEs and models (constraint_norm "ref")."""
+    from safetensors.torch import load_file
+    total, n = None, 0
+    for s, e in shards:
+        t = load_file(os.path.join(out, shard_name(s, e)))
+        for side in ("chosen", "rejected"):
+            v = t[f"{side}_val"].double().clamp(min=0)          # sorted descending; empty slots hold 0
+            cum = (v * v).cumsum(1) / torch.arange(1, v.shape[1] + 1, dtype=torch.float64)
+            total = cum.sum(0) if total is None else total + cum.sum(0)
+            n += v.shape[0]
+    return [float(x) for x in (total / max(n, 1))]
+
+
+def _shard_is_sound(out, name, say):
+    """A shard counts as done only if it matches the checksum recorded when it was written; one that does
+    not (or has none) is removed, to be rebuilt."""
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        return False
+    meta = None
+    if os.path.exists(os.path.join(out, "meta.json")):
+        import json
+        with open(os.path.join(out, "meta.json")) as f:
+            meta = json.load(f)
+    want = recorded_checksum(out, name, meta)
+    if want is not None and _sha256(path) == want:
+        return True
+    say(f"[fpo] {name} {'fails its recorded checksum' if want else 'has no recorded checksum'}: rebuilding it")
+    os.remove(path)
+    return False
 
 
 def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_length: int = 512,
@@ -148,18 +184,20 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
         os.makedirs(out, exist_ok=True)
         if not os.path.exists(settings_path):
             atomic_write_json(settings_path, settings)
+        for n in os.listdir(out):   # what a killed run left half-written
+            if ".tmp" in n:
+                os.remove(os.path.join(out, n))
     dist_utils.barrier()
 
     n = len(items)
     shards = [(s, min(s + shard_rows, n)) for s in range(0, n, shard_rows)]
     mine = [sh for j, sh in enumerate(shards) if j % world == rank]
-    todo = [sh for sh in mine if not os.path.exists(os.path.join(out, shard_name(*sh)))]
+    todo = [sh for sh in mine if not _shard_is_sound(out, shard_name(*sh), say)]
     if len(todo) < len(mine):
         say(f"[fpo] resuming: {len(mine) - len(todo)} of {len(mine)} shards already complete")
     bar = None
     if progress and rank == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=sum(e - s for s, e in todo) * world, desc="precompute", unit="pair")
+        bar = progress_bar(sum(e - s for s, e in todo) * world, desc="precompute", unit="pair")
     t0 = time.time()
     pad = tokenizer.pad_token_id
     scale = attention_length_scale(model)
@@ -196,6 +234,8 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
             size = os.path.getsize(p)
             total += size
             meta["shards"].append({"file": shard_name(s, e), "start": s, "end": e, "bytes": size, "sha256": _sha256(p)})
+        if sae is not None:
+            meta["feature_scale"] = _feature_scale(out, shards)
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         atomic_write_json(os.path.join(out, "meta.json"), meta)
         dense = n * 2 * sae.width * 4 if sae is not None else 0

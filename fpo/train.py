@@ -11,10 +11,12 @@ log step.
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import math
-from contextlib import nullcontext
 import os
+from contextlib import nullcontext
 import random
 import resource
 import shutil
@@ -28,18 +30,20 @@ from fpo_kernels import sae_feature_mse_varlen, sequence_logprobs_kl_varlen, seq
 
 from . import distributed as dist_utils
 from .cache import ReferenceCache, atomic_write_json
-from .config import TrainConfig, config_from_dict
+from .config import RESUMABLE_CHANGES, TrainConfig, config_from_dict
 from .data import load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .losses import LOSSES
 from .model import (ResidualCapture, config_fingerprint, enable_activation_checkpointing, final_softcap, lm_head,
                     load_model_for_layout, load_tokenizer)
 from .packing import attention_length_scale, body_hidden, collate, micro_batch_tokens, plan_micro_batches
 from .precompute import check_sae_fits
+from .progress import progress_bar
 from .sae import load_sae
 
 __all__ = ["train", "PolicyStats", "Trainer", "NonFiniteLossError"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RUN_FILES = ("metrics.jsonl", "summary.json", "final")   # with checkpoint-*: what marks a directory as a run
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -88,8 +92,9 @@ def _split(t, P):
     return t[:P], t[P:]
 
 
-def compute_loss(cfg: TrainConfig, stats: dict, ref: dict | None, P: int):
-    """(losses [P], metrics) for one micro-batch from policy statistics and reference values."""
+def compute_loss(cfg: TrainConfig, stats: dict, ref: dict | None, P: int, d_scale: float = 1.0):
+    """(losses [P], metrics) for one micro-batch from policy statistics and reference values; d_scale: what
+    D is divided by (the cache's recorded feature scale under constraint_norm "ref", else 1)."""
     beta = cfg.beta_value
     sw, sl = _split(stats["logp_sum"], P)
     aw, al = _split(stats["logp_mean"], P)
@@ -99,7 +104,7 @@ def compute_loss(cfg: TrainConfig, stats: dict, ref: dict | None, P: int):
     if m == "dpo":
         return LOSSES[m](sw, sl, ref["chosen_logp_sum"], ref["rejected_logp_sum"], beta)
     if m == "fpo":
-        dw, dl = _split(stats["d"], P)
+        dw, dl = _split(stats["d"] / d_scale, P)
         return LOSSES[m](aw, al, ref["chosen_logp_mean"], ref["rejected_logp_mean"], dw, dl, beta, cfg.alpha)
     kw, kl = _split(stats["kl"], P)
     return LOSSES[m](sw, sl, ref["chosen_logp_sum"], ref["rejected_logp_sum"], kw, kl, beta, cfg.alpha,
@@ -117,6 +122,12 @@ class Trainer:
             self.device = dist_dev
         self.dtype = _DTYPES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        self._resume_from, self._resume_state = None, None
+        self._claim_output_dir()          # before any model loads: a bad directory fails in a second
+        if cfg.resume:
+            self._resume_from = self._find_checkpoint(cfg.resume)
+            self._resume_state = self._read_state(self._resume_from)
+            self._check_resumable(self._resume_state.get("config", {}))
         per_step = (cfg.micro_batch_size if cfg.max_tokens is None else 1) * self.world
         if cfg.batch_size % per_step:
             raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of "
@@ -135,6 +146,7 @@ class Trainer:
 
         # the reference side
         self.cache = None
+        self.d_scale = 1.0
         if cfg.cache:  # TrainConfig requires one for fpo and dpo
             self.cache = ReferenceCache(cfg.cache)
         self.sae, layer = None, cfg.sae_layer
@@ -144,9 +156,15 @@ class Trainer:
             check_sae_fits(model, self.sae, layer)
             if not self.cache.has_features:
                 raise ValueError(f"cache {cfg.cache} holds no SAE features: build it with --sae for method fpo")
-            if cfg.select == "reference" and cfg.k > self.cache.K:
-                raise ValueError(f"select='reference' needs k ({cfg.k}) <= the cache's K ({self.cache.K})")
+            if cfg.constraint_norm == "ref":
+                self.d_scale = self.cache.feature_scale(cfg.k)
+            if cfg.k > self.cache.K:
+                raise ValueError(f"k ({cfg.k}) exceeds the cache's K ({self.cache.K}): " + (
+                    "select='reference' needs k cached features" if cfg.select == "reference" else
+                    "selected features outside the cached top-K would count as 0 for the reference and inflate D "
+                    "many times over") + f"; rebuild the cache with --K >= {cfg.k} or lower k")
         self.layer = layer
+        self._share_checked = False
         self.ref_model = None
         if cfg.method.startswith("tdpo"):
             self.ref_model = load_model_for_layout(cfg.reference_model or cfg.model, self.dtype, self.device, cfg.packing,
@@ -184,8 +202,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.step = 0
         self.history = []
-        if cfg.resume:
-            self._load_checkpoint(cfg.resume)
+        if self._resume_from is not None:
+            self._load_checkpoint(self._resume_from, self._resume_state)
+            self._resume_state = None
         self._log_packing()
 
     # ---- distributed wrapping -------------------------------------------------------------------
@@ -256,28 +275,34 @@ class Trainer:
             ref.update(_hidden=rh, _weight=rw.detach(), _bias=None if rb is None else rb.detach())
         return ref
 
+    def _losses(self, items):
+        """(losses [P], metrics, batch) of one micro-batch: the policy forward and the reference side."""
+        cfg = self.cfg
+        batch = collate(items, cfg.packing, self.tokenizer.pad_token_id, self.row_scale)
+        P = len(items)
+        ref = self._reference(batch)
+        kw = {}
+        if cfg.method == "fpo":
+            kw = dict(ref_idx=torch.cat([ref["chosen_idx"], ref["rejected_idx"]]),
+                      ref_val=torch.cat([ref["chosen_val"], ref["rejected_val"]]))
+        if self.ref_model is not None:
+            kw = dict(ref_hidden=ref.pop("_hidden"), ref_weight=ref.pop("_weight"), ref_bias=ref.pop("_bias"))
+        stats = self.wrapped(batch, **kw)
+        if "ref_logp_sum" in stats:
+            ref.update(zip(("chosen_logp_sum", "rejected_logp_sum"), _split(stats["ref_logp_sum"], P)))
+        losses, metrics = compute_loss(cfg, stats, ref, P, self.d_scale)
+        return losses, metrics, batch
+
     def train_step(self, step):
         cfg = self.cfg
         sums = {}
         tokens = {"tokens_processed": 0, "response_tokens": 0}
         mbs = self.micro_batches(step)
         for j, items in enumerate(mbs):
-            batch = collate(items, cfg.packing, self.tokenizer.pad_token_id, self.row_scale)
-            P = len(items)
-            ref = self._reference(batch)
-            kw = {}
-            if cfg.method == "fpo":
-                kw = dict(ref_idx=torch.cat([ref["chosen_idx"], ref["rejected_idx"]]),
-                          ref_val=torch.cat([ref["chosen_val"], ref["rejected_val"]]))
-            if self.ref_model is not None:
-                kw = dict(ref_hidden=ref.pop("_hidden"), ref_weight=ref.pop("_weight"), ref_bias=ref.pop("_bias"))
             sync = j == len(mbs) - 1
             ctx = self.wrapped.no_sync() if (hasattr(self.wrapped, "no_sync") and not sync) else nullcontext()
             with ctx:
-                stats = self.wrapped(batch, **kw)
-                if "ref_logp_sum" in stats:
-                    ref.update(zip(("chosen_logp_sum", "rejected_logp_sum"), _split(stats["ref_logp_sum"], P)))
-                losses, metrics = compute_loss(cfg, stats, ref, P)
+                losses, metrics, batch = self._losses(items)
                 # weighted by pairs, so micro-batches of different sizes (max_tokens) average correctly
                 (losses.sum() / self.pairs_per_rank).backward()
             metrics["loss"] = losses.detach()
@@ -294,6 +319,22 @@ class Trainer:
             sums[k] = torch.tensor(float(v), device=self.device)
         return sums, tokens["tokens_processed"]
 
+    @torch.no_grad()
+    def weights_are_sound(self) -> bool:
+        """Finite parameters and a finite loss on the next step's first micro-batch, on every rank: what a
+        checkpoint must hold (a step can leave finite weights whose next loss is already NaN). The RNG is
+        restored, so the check changes nothing in the run."""
+        rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+        try:
+            ok = torch.stack([p.isfinite().all() for p in self.policy.parameters()]).all()
+            losses, _, _ = self._losses(self.micro_batches(self.step % self.total_steps)[0])
+            ok = (ok & losses.isfinite().all()).float()
+        finally:
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state_all(rng[1])
+        return dist_utils.all_reduce_mean(ok).item() == 1.0
+
     # ---- checkpoints ----------------------------------------------------------------------------
     def _state_dicts(self):
         if self.cfg.fsdp and self.world > 1:
@@ -303,38 +344,100 @@ class Trainer:
             return {k.removeprefix("model."): v for k, v in msd.items()}, osd
         return self.model.state_dict(), self.optimizer.state_dict()
 
-    def save_checkpoint(self, name=None):
-        """output_dir/checkpoint-<step>: the model (save_pretrained) and trainer_state.pt (optimizer,
-        scheduler, RNG, step). Written under a temporary name and renamed: never half a checkpoint."""
-        msd, osd = self._state_dicts()
-        path = os.path.join(self.cfg.output_dir, name or f"checkpoint-{self.step:06d}")
-        if dist_utils.is_main():
-            tmp = path + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.model.save_pretrained(tmp, state_dict=msd)
-            self.tokenizer.save_pretrained(tmp)
-            torch.save({
-                "step": self.step, "optimizer": osd, "scheduler": self.scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                "history": self.history, "config": self.cfg.__dict__,
-            }, os.path.join(tmp, "trainer_state.pt"))
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-        dist_utils.barrier()
-        return path
+    def _claim_output_dir(self):
+        """output_dir must be writable, and must not hold another run unless this run resumes it or was told
+        to replace it (overwrite). Checked before any model loads."""
+        cfg, d = self.cfg, self.cfg.output_dir
+        if not dist_utils.is_main():
+            return
+        try:
+            os.makedirs(d, exist_ok=True)
+            probe = os.path.join(d, f".write-test-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise ValueError(f"output_dir {d} is not writable ({e.strerror}): choose another --output-dir") from None
+        held = sorted(n for n in os.listdir(d) if n in RUN_FILES or n.startswith("checkpoint-"))
+        if not held or cfg.resume:
+            return
+        if not cfg.overwrite:
+            raise ValueError(f"output_dir {d} holds another run ({', '.join(held[:4])}): pass --resume latest to "
+                             "continue it, --overwrite to replace it, or choose another --output-dir")
+        for n in held:
+            path = os.path.join(d, n)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        self.log(f"[fpo] overwrite: removed the previous run in {d}")
 
-    def _load_checkpoint(self, where):
+    def _find_checkpoint(self, where):
         if where == "latest":
             d = self.cfg.output_dir
             found = sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and not n.endswith(".tmp")) if os.path.isdir(d) else []
             if not found:
                 raise ValueError(f"resume='latest' but {d} holds no checkpoint-* folder")
             where = os.path.join(d, found[-1])
+        return where
+
+    def _read_state(self, where):
+        """trainer_state.pt through torch.load(weights_only=True): tensors, numbers, strings and containers
+        only, so a crafted file cannot run code."""
         state_path = os.path.join(where, "trainer_state.pt")
         if not os.path.exists(state_path):
             raise ValueError(f"resume: {where} is not a checkpoint (no trainer_state.pt)")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"resume: {state_path} holds objects outside the safe set (tensors, numbers, strings, "
+                             f"containers); not loading it, since unpickling them could run code ({type(e).__name__})") from None
+        if "optimizer" not in state:
+            raise ValueError(f"resume: {where} was saved without its optimizer state (save_optimizer false): "
+                             "it holds the model only and cannot be resumed")
+        return state
+
+    def _check_resumable(self, saved: dict):
+        """The resumed run must be the saved run: every key but RESUMABLE_CHANGES equal."""
+        now = dataclasses.asdict(self.cfg)
+        for key, value in now.items():
+            if key in RESUMABLE_CHANGES or key not in saved:   # a key newer than the checkpoint: nothing to compare
+                continue
+            if saved[key] != value:
+                raise ValueError(f"resume: {key} is {value!r} but the checkpoint's run used {saved[key]!r}; only "
+                                 f"{', '.join(RESUMABLE_CHANGES)} may change on resume (start a new run in another "
+                                 "--output-dir to change it)")
+
+    def save_checkpoint(self, name=None, with_state=True):
+        """output_dir/checkpoint-<step>: the model (save_pretrained) and trainer_state.pt (optimizer,
+        scheduler, RNG, step; with_state False: step, history and config only). Written under a temporary
+        name and renamed: never half a checkpoint; a full disk leaves the previous one intact."""
+        msd, osd = self._state_dicts()
+        path = os.path.join(self.cfg.output_dir, name or f"checkpoint-{self.step:06d}")
+        if dist_utils.is_main():
+            tmp = path + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            state = {"step": self.step, "history": self.history, "config": dataclasses.asdict(self.cfg)}
+            if with_state:
+                state.update(optimizer=osd, scheduler=self.scheduler.state_dict(),
+                             rng={"torch": torch.get_rng_state(), "python": random.getstate(),
+                                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+            try:
+                self.model.save_pretrained(tmp, state_dict=msd)
+                self.tokenizer.save_pretrained(tmp)
+                torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+            except (OSError, RuntimeError) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                previous = sorted(n for n in os.listdir(self.cfg.output_dir) if n.startswith("checkpoint-")
+                                  and not n.endswith(".tmp"))
+                full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "enforce fail" in str(e) or "No space" in str(e)
+                raise RuntimeError(f"{'the disk is full' if full else 'writing failed'} while saving {path} "
+                                   f"({str(e).splitlines()[0][:200]}); nothing half-written was kept, and "
+                                   + (f"the previous checkpoint {previous[-1]} is intact: free space and resume "
+                                      "with --resume latest" if previous else "no earlier checkpoint exists")) from None
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        dist_utils.barrier()
+        return path
+
+    def _load_checkpoint(self, where, state):
         from safetensors.torch import load_file
         weights = {}
         for n in sorted(os.listdir(where)):
@@ -377,13 +480,11 @@ class Trainer:
             rec = {"step": step, **dict(zip(keys, row))}
             for k in ("tokens_processed", "response_tokens"):   # totals over ranks, not means
                 rec[k] = round(rec[k] * self.world)
+            if "constraint_abs" in rec:
+                rec["constraint_share"] = rec["constraint_abs"] / max(rec["margin_abs"], 1e-30)
             if not all(math.isfinite(v) for v in row):
                 bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
-                last = sorted(n for n in os.listdir(self.cfg.output_dir) if n.startswith("checkpoint-")) if os.path.isdir(self.cfg.output_dir) else []
-                raise NonFiniteLossError(
-                    f"non-finite {bad} at step {step}: training stopped. The last good checkpoint is "
-                    f"{os.path.join(self.cfg.output_dir, last[-1]) if last else 'none (no checkpoint was saved)'}; "
-                    "lower lr, check the data, or use float32.")
+                self._stop_diverged(f"non-finite {bad} at step {step}")
             rec.update(lr=self.scheduler.get_last_lr()[0], tokens_per_s=tokens * self.world / max(elapsed, 1e-9),
                        step_time_s=elapsed / len(pending), peak_memory_mb=self._peak_memory_mb())
             self.history.append(rec)
@@ -391,9 +492,34 @@ class Trainer:
                 metrics_file.write(json.dumps(rec) + "\n")
         if metrics_file is not None:
             metrics_file.flush()
+        last = self.history[-1]
+        if not self._share_checked and "constraint_share" in last:
+            self._share_checked = True
+            self._warn_if_constraint_is_negligible(last["constraint_share"])
         if bar is not None:
-            last = self.history[-1]
-            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            extra = {"share": f"{last['constraint_share']:.1%}"} if "constraint_share" in last else {}
+            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}", **extra,
+                            tok_s=f"{last['tokens_per_s']:.0f}")
+
+    def _warn_if_constraint_is_negligible(self, share):
+        """At the first log step: a constraint below 1% of the margin term changes next to nothing."""
+        if share >= 0.01:
+            return
+        cfg = self.cfg
+        knob = "--alpha" + (" or --constraint-norm ref (D divided by the reference's feature scale)"
+                            if cfg.method == "fpo" and cfg.constraint_norm == "none" else "")
+        self.log(f"[fpo] warning: the {'feature' if cfg.method == 'fpo' else 'KL'} constraint is {share:.2%} of the "
+                 f"margin term (mean |constraint term| / mean |beta x margin|): at alpha {cfg.alpha} it changes "
+                 f"almost nothing; raise {knob} (alpha x {0.1 / max(share, 1e-12):.3g} would make it about 10%)")
+
+    def _stop_diverged(self, what):
+        d = self.cfg.output_dir
+        last = sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and not n.endswith(".tmp")) \
+            if os.path.isdir(d) else []
+        raise NonFiniteLossError(
+            f"{what}: training stopped. The last good checkpoint is "
+            f"{os.path.join(d, last[-1]) if last else 'none (no checkpoint was saved)'}; "
+            "lower lr, check the data, or use float32.")
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -410,8 +536,7 @@ class Trainer:
             metrics_file = open(path, "a")
         bar = None
         if cfg.progress and main:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.method}", unit="step")
+            bar = progress_bar(self.total_steps, self.step, f"train {cfg.method}", "step")
         pending, tokens, t0 = [], 0, time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -430,14 +555,16 @@ class Trainer:
                         torch.cuda.synchronize(self.device)
                     self._flush(pending, t0, tokens, metrics_file, bar)
                     pending, tokens, t0 = [], 0, time.time()
-                if save:  # metrics were checked just above: a checkpoint never holds a diverged model
+                if save:  # never a diverged checkpoint: this step's metrics were checked above, the next loss here
+                    if not self.weights_are_sound():
+                        self._stop_diverged(f"after step {self.step} the weights give a non-finite loss")
                     self.save_checkpoint()
         finally:
             if bar is not None:
                 bar.close()
             if metrics_file is not None:
                 metrics_file.close()
-        final = self.save_checkpoint("final")
+        final = self.save_checkpoint("final", with_state=cfg.save_optimizer)
         summary = {"method": cfg.method, "steps": self.step, "final": final,
                    "last": self.history[-1] if self.history else None}
         if main:
@@ -445,7 +572,7 @@ class Trainer:
             if self.history:
                 h = self.history[-1]
                 self.log(f"[fpo] {cfg.method}: {self.step} steps, final loss {h['loss']:.4f}, "
-                         f"reward accuracy {h['accuracy']:.2f}, {h['tokens_per_s']:.0f} tokens/s, "
+                         f"last batch's reward accuracy {h['accuracy']:.2f}, {h['tokens_per_s']:.0f} tokens/s, "
                          f"peak memory {h['peak_memory_mb']:.0f} MB; saved {final}")
         return summary
 

@@ -77,3 +77,20 @@ def test_registry():
     assert set(LOSSES) == {"dpo", "simpo", "tdpo1", "tdpo2", "fpo"}
     with pytest.raises(ValueError, match="variant"):
         tdpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), t(0.0), t(0.0), variant=3)
+
+
+def test_constraint_share_by_hand():
+    """FPO and TDPO report |constraint term| and |beta x margin| per pair; the trainer's constraint_share is
+    the ratio of their means over the pairs."""
+    aw, al, rw, rl = t(-1.0, -2.0), t(-1.5, -1.0), t(-1.2, -1.8), t(-1.4, -1.1)
+    dw, dl = t(0.02, 0.01), t(0.05, 0.03)
+    _, m = fpo_loss(aw, al, rw, rl, dw, dl, beta=0.1, alpha=0.5)
+    margin = [0.1 * ((-1.0 + 1.2) - (-1.5 + 1.4)), 0.1 * ((-2.0 + 1.8) - (-1.0 + 1.1))]   # 0.03, -0.03
+    term = [0.1 * 0.5 * (0.05 - 0.02), 0.1 * 0.5 * (0.03 - 0.01)]                         # 0.0015, 0.001
+    assert m["margin_abs"].tolist() == pytest.approx([abs(x) for x in margin], rel=1e-5)
+    assert m["constraint_abs"].tolist() == pytest.approx(term, rel=1e-5)
+    share = m["constraint_abs"].mean() / m["margin_abs"].mean()
+    assert share.item() == pytest.approx((0.0015 + 0.001) / 0.06, rel=1e-5)
+    _, m = tdpo_loss(t(-10.0), t(-14.0), t(-11.0), t(-12.0), t(0.4), t(0.9), beta=0.1, alpha=0.5, variant=2)
+    assert m["constraint_abs"].item() == pytest.approx(0.5 * 0.1 * 0.5, rel=1e-5)
+    assert m["margin_abs"].item() == pytest.approx(0.3, rel=1e-5)

@@ -72,7 +72,7 @@ def test_killed_run_resumes_to_the_same_cache(tiny, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         precompute(tiny["model"], tiny["pairs"], part, sae=tiny["sae"], **KW)
     names = sorted(os.listdir(part))
-    assert "meta.json" not in names and sum(n.startswith("shard-") for n in names) == 2
+    assert "meta.json" not in names and sum(n.startswith("shard-") and n.endswith(".safetensors") for n in names) == 2
     assert not any(".tmp" in n for n in names)  # only complete shards
     with pytest.raises(ValueError, match="incomplete"):
         ReferenceCache(part)
@@ -162,7 +162,7 @@ def test_truncation_policy(tiny, tmp_path):
 def test_truncated_and_corrupted_shards(tiny, tmp_path):
     out = str(tmp_path / "c")
     precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], **KW)
-    shard = os.path.join(out, sorted(n for n in os.listdir(out) if n.startswith("shard-"))[1])
+    shard = os.path.join(out, sorted(n for n in os.listdir(out) if n.startswith("shard-") and n.endswith(".safetensors"))[1])
     data = open(shard, "rb").read()
     with open(shard, "wb") as f:
         f.write(data[:-7])

@@ -32,7 +32,7 @@ def cache(tiny, tmp_path_factory):
 def _cfg(tiny, cache, tmp_path, method="fpo", **kw):
     base = dict(method=method, model=tiny["model"], dataset=tiny["pairs"], cache=cache if method in ("fpo", "dpo") else None,
                 sae=tiny["sae"] if method == "fpo" else None, batch_size=4, micro_batch_size=2, max_steps=2, lr=1e-3,
-                warmup_steps=0, output_dir=str(tmp_path / method), log_every=1, progress=False, **LEN)
+                warmup_steps=0, k=16, output_dir=str(tmp_path / method), log_every=1, progress=False, **LEN)
     base.update(kw)
     return base
 
@@ -138,7 +138,10 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny, cache, tmp_path, fs
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     wa = load_model(str(tmp_path / "one" / "final")).state_dict()
     wb = load_model(str(tmp_path / "two" / "final")).state_dict()
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    # Adam turns rounding in near-zero gradients (rare embedding rows) into up to lr-sized moves: 1e-4 is a
+    # tenth of one step's update, far below what a wrongly weighted or missing micro-batch would change
+    worst = max(((wa[k] - wb[k]).abs().max().item(), k) for k in wa)
+    assert worst[0] < 1e-4, worst
 
 
 @pytest.mark.usefixtures("no_interpreter")
@@ -187,18 +190,22 @@ def test_alpha_zero_fpo_gradient_is_length_normalised_dpo(tiny, cache, tmp_path)
 
 @pytest.mark.usefixtures("no_interpreter")
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny, cache, tmp_path, monkeypatch):
+    """Losses turn NaN once checkpoint-000002 is written: the run stops at step 3 naming that checkpoint."""
     import fpo.train as tr
-    real = tr.compute_loss
-    calls = {"n": 0}
+    real_loss, real_save = tr.compute_loss, tr.Trainer.save_checkpoint
+    armed = {"on": False}
 
-    def poisoned(cfg, stats, ref, P):
-        calls["n"] += 1
-        losses, m = real(cfg, stats, ref, P)
-        if calls["n"] > 4:  # from step 3 on (two micro-batches per step)
-            losses = losses * float("nan")
-        return losses, m
+    def poisoned(*a, **k):
+        losses, m = real_loss(*a, **k)
+        return (losses * float("nan") if armed["on"] else losses), m
+
+    def save_then_arm(self, *a, **k):
+        path = real_save(self, *a, **k)
+        armed["on"] = True
+        return path
 
     monkeypatch.setattr(tr, "compute_loss", poisoned)
+    monkeypatch.setattr(tr.Trainer, "save_checkpoint", save_then_arm)
     with pytest.raises(NonFiniteLossError, match=r"step 3.*checkpoint-000002"):
         train(_cfg(tiny, cache, tmp_path, method="simpo", batch_size=4, micro_batch_size=2, max_steps=4, save_every=2),
               log=lambda *a: None)
@@ -241,3 +248,63 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny, cache, tmp_path):
     lb = [h["loss"] for h in (json.loads(x) for x in open(tmp_path / "ckpt" / "metrics.jsonl"))]
     assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
     assert a["last"]["d_chosen"] == pytest.approx(b["last"]["d_chosen"], rel=1e-4)
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_constraint_norm_ref_divides_d_by_the_recorded_scale(tiny, cache, tmp_path):
+    """constraint_norm 'ref': D / scale in the loss (values and gradients); alpha 0 gives the same loss either
+    way; the share is reported per step; a cache without the recorded scale is refused with the fix."""
+    from fpo.cache import ReferenceCache
+    from fpo.train import compute_loss
+    c = ReferenceCache(cache)
+    scale = c.feature_scale(16)
+    vals = torch.cat([c.data["chosen_val"], c.data["rejected_val"]]).double()[:, :16]
+    assert scale == pytest.approx((vals ** 2).mean().item(), rel=1e-6)      # the mean squared top-16 value
+    stats = {k: torch.randn(4, dtype=torch.float64) for k in ("logp_sum", "logp_mean")}
+    ref = {k: torch.randn(2, dtype=torch.float64) for k in ("chosen_logp_mean", "rejected_logp_mean")}
+    for alpha in (0.0, 3.0):
+        cfg = TrainConfig(**_cfg(tiny, cache, tmp_path, alpha=alpha))
+        d = (torch.rand(4, dtype=torch.float64) * 0.01).requires_grad_()
+        plain, _ = compute_loss(cfg, dict(stats, d=d / scale), ref, 2)
+        (g_plain,) = torch.autograd.grad(plain.sum(), d)
+        normed, m = compute_loss(cfg.replace(constraint_norm="ref"), dict(stats, d=d), ref, 2, scale)
+        (g_normed,) = torch.autograd.grad(normed.sum(), d)
+        assert torch.allclose(plain, normed) and torch.allclose(g_plain, g_normed)
+        if alpha == 0.0:
+            base, _ = compute_loss(cfg, dict(stats, d=d), ref, 2)
+            assert torch.equal(base, normed)
+    out = train(_cfg(tiny, cache, tmp_path, constraint_norm="ref", alpha=2.0), log=lambda *a: None)
+    assert out["last"]["constraint_share"] == pytest.approx(out["last"]["constraint_abs"] / out["last"]["margin_abs"])
+    import shutil
+    old = str(tmp_path / "old-cache")
+    shutil.copytree(cache, old)
+    meta = json.load(open(os.path.join(old, "meta.json")))
+    del meta["feature_scale"]
+    json.dump(meta, open(os.path.join(old, "meta.json"), "w"))
+    with pytest.raises(ValueError, match="re-run `fpo precompute`"):
+        train(_cfg(tiny, old, tmp_path, constraint_norm="ref", output_dir=str(tmp_path / "o2")), log=lambda *a: None)
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_a_large_alpha_holds_d_down_more_than_alpha_zero(tiny, cache, tmp_path):
+    """Two steps on one batch: the policy starts at the reference, where D is at its minimum (only the cache's
+    rounding), so every update raises it; with a large alpha the rejected responses' D rises far less than with
+    alpha 0 (the constraint acts on D_l; D_w is stop-gradient)."""
+    from fpo.train import Trainer
+    drops = {}
+    for alpha in (0.0, 3e4):
+        tr = Trainer(TrainConfig(**_cfg(tiny, cache, tmp_path, alpha=alpha, batch_size=2, max_steps=2, lr=1e-4,
+                                        output_dir=str(tmp_path / f"a{alpha}"))), log=lambda *a: None)
+        items = tr.micro_batches(0)[0]
+        with torch.no_grad():
+            before = tr._losses(items)[1]["d_rejected"].mean().item()
+        for _ in range(2):
+            losses, _, _ = tr._losses(items)
+            losses.mean().backward()
+            tr.optimizer.step()
+            tr.optimizer.zero_grad()
+        with torch.no_grad():
+            after = tr._losses(items)[1]["d_rejected"].mean().item()
+        drops[alpha] = before - after
+        tr.close()
+    assert drops[0.0] < 0 and drops[3e4] > 0.5 * drops[0.0]

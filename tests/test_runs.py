@@ -1,0 +1,214 @@
+"""Trustworthy runs: what a new user's mistakes and a hostile or broken disk must never do silently."""
+import errno
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fpo.cache import ReferenceCache
+from fpo.config import TrainConfig
+from fpo.data import load_pairs, tokenize_pairs
+from fpo.model import load_model, load_tokenizer
+from fpo.precompute import precompute
+from fpo.train import NonFiniteLossError, Trainer, train
+
+pytestmark = pytest.mark.usefixtures("no_interpreter")
+LEN = dict(max_length=64, max_prompt_length=32)
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cache") / "c")
+    precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], K=32, progress=False, **LEN)
+    return out
+
+
+def _cfg(tiny, cache, out, method="simpo", **kw):
+    base = dict(method=method, model=tiny["model"], dataset=tiny["pairs"], cache=cache if method in ("fpo", "dpo") else None,
+                sae=tiny["sae"] if method == "fpo" else None, batch_size=4, micro_batch_size=2, max_steps=2, lr=1e-3,
+                warmup_steps=0, k=16, output_dir=str(out), log_every=1, progress=False, **LEN)
+    base.update(kw)
+    return base
+
+
+# ---- resume ---------------------------------------------------------------------------------------
+class _Exploit:
+    """Unpickling this runs a command: what a crafted trainer_state.pt could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_never_unpickles_code(tiny, tmp_path):
+    train(_cfg(tiny, None, tmp_path / "run", save_every=2), **QUIET)
+    state = tmp_path / "run" / "checkpoint-000002" / "trainer_state.pt"
+    marker = tmp_path / "pwned"
+    good = torch.load(state, weights_only=True)          # what we write loads safely
+    assert "optimizer" in good and "rng" in good
+    good["history"].append({"note": _Exploit(marker)})
+    with open(state, "wb") as f:
+        pickle.dump(good, f)
+    with pytest.raises(ValueError, match="safe set"):
+        train(_cfg(tiny, None, tmp_path / "run", max_steps=4, resume="latest"), **QUIET)
+    assert not marker.exists()
+
+
+def test_a_run_never_continues_or_overwrites_another(tiny, cache, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny, cache, out, "fpo", save_every=2), **QUIET)
+    final = (out / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="holds another run"):         # a plain run into a finished run's directory
+        train(_cfg(tiny, cache, out), **QUIET)
+    assert (out / "metrics.jsonl").read_text() == final
+    with pytest.raises(ValueError, match="method is 'simpo'.*'fpo'"):   # resuming another method's checkpoint
+        train(_cfg(tiny, cache, out, resume="latest", max_steps=4), **QUIET)
+    with pytest.raises(ValueError, match="lr is 0.01"):                # a changed learning rate is not ignored
+        train(_cfg(tiny, cache, out, "fpo", resume="latest", max_steps=4, lr=1e-2), **QUIET)
+    train(_cfg(tiny, cache, out, "fpo", resume="latest", max_steps=3, log_every=2), **QUIET)   # allowed changes
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    train(_cfg(tiny, cache, out, overwrite=True), **QUIET)              # asked: replaced
+    assert json.loads((out / "summary.json").read_text())["method"] == "simpo"
+    assert not any(n.startswith("checkpoint-") for n in os.listdir(out))
+
+
+def test_a_diverged_model_is_never_checkpointed(tiny, tmp_path):
+    """lr 1e10 leaves finite but huge weights whose next loss is NaN: no checkpoint may hold them."""
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="after step 1.*none \\(no checkpoint"):
+        train(_cfg(tiny, None, out, lr=1e10, save_every=1, max_steps=3), **QUIET)
+    assert not any(n.startswith("checkpoint-") for n in os.listdir(out))
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    import fpo.train as tr
+    out = tmp_path / "run"
+    real = tr.torch.save
+    calls = {"n": 0}
+
+    def save(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:   # the second checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(tr.torch, "save", save)
+    with pytest.raises(RuntimeError, match="disk is full.*checkpoint-000001 is intact"):
+        train(_cfg(tiny, None, out, save_every=1, max_steps=3), **QUIET)
+    assert sorted(os.listdir(out)) == ["checkpoint-000001", "metrics.jsonl"]
+
+
+# ---- precompute -----------------------------------------------------------------------------------
+def test_precompute_rebuilds_a_corrupted_shard_and_cleans_leftovers(tiny, tmp_path):
+    out = tmp_path / "c"
+    kw = dict(sae=tiny["sae"], K=16, shard_rows=5, progress=False, **LEN)
+    precompute(tiny["model"], tiny["pairs"], str(out), **kw)
+    want = ReferenceCache(str(out)).data
+    shard = sorted(out.glob("shard-*.safetensors"))[1]
+    raw = bytearray(shard.read_bytes())
+    raw[-8:] = b"\x7f" * 8                                         # corrupt some values in place
+    shard.write_bytes(bytes(raw))
+    (out / "shard-000000099-000000100.safetensors.tmp123").write_bytes(b"half")   # a killed run's leftover
+    said = []
+    precompute(tiny["model"], tiny["pairs"], str(out), log=said.append, **kw)
+    assert any("fails its recorded checksum" in s for s in said)
+    assert not list(out.glob("*.tmp*"))
+    got = ReferenceCache(str(out)).data
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_dataset_and_cache_mismatch_is_found_at_start(tiny, cache, tmp_path):
+    rows = [json.loads(line) for line in open(tiny["pairs"])]
+    rows[5]["chosen"] = "Edited: " + rows[5]["chosen"]
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(**_cfg(tiny, cache, tmp_path / "run", "dpo", dataset=str(edited)))
+    with pytest.raises(ValueError, match="ids \\[5\\]\) were tokenised differently"):
+        Trainer(cfg, **QUIET)                                          # before any step
+
+
+# ---- bad values and bad files -----------------------------------------------------------------------
+@pytest.mark.parametrize("key,value", [("max_grad_norm", -1.0), ("beta", -1.0), ("alpha", -5.0), ("max_steps", -3),
+                                       ("max_steps", 0), ("gamma", float("nan")), ("lr", float("inf")),
+                                       ("weight_decay", -0.1), ("k", 0), ("max_tokens", 0)])
+def test_config_values_out_of_range(key, value):
+    with pytest.raises(ValueError, match=key):
+        TrainConfig(method="simpo", model="m", dataset="d", **{key: value})
+
+
+def test_k_above_the_cache_K_is_refused(tiny, cache, tmp_path):
+    with pytest.raises(ValueError, match="exceeds the cache's K"):
+        Trainer(TrainConfig(**_cfg(tiny, cache, tmp_path / "run", "fpo", k=33)), **QUIET)
+
+
+def test_bad_files_give_sentences(tiny, cache, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = open(tiny["pairs"]).read().splitlines()
+    bad.write_text("\n".join(lines[:3] + ['{"prompt": "x", "chosen": "y"'] + lines[3:]) + "\n")
+    with pytest.raises(ValueError, match="line 4 is not valid JSON"):
+        load_pairs(str(bad))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        load_pairs(str(tmp_path / "empty.jsonl"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="not writable"):
+        Trainer(TrainConfig(**_cfg(tiny, cache, blocker / "run")), **QUIET)
+
+
+def test_eval_stops_at_bad_rows_like_train(tiny, tmp_path):
+    from fpo.evaluate import evaluate
+    rows = [json.loads(line) for line in open(tiny["pairs"])][:4]
+    rows[2]["rejected"] = ""
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="row 2"):
+        evaluate(tiny["model"], str(path), **LEN, **QUIET)
+    said = []
+    assert evaluate(tiny["model"], str(path), bad_rows="skip", log=said.append, **LEN)["pairs"] == 3
+    assert any("skipped 1 bad rows" in s for s in said)
+
+
+def test_hh_rlhf_transcripts_become_chat_turns(tiny, tmp_path):
+    path = tmp_path / "hh.jsonl"
+    rows = [
+        {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: 6.",
+         "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: Seven."},
+        {"prompt": "\n\nHuman: Name a colour.\n\nAssistant:", "chosen": " Blue.", "rejected": " No."},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = load_pairs(str(path))
+    assert pairs[0].prompt == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
+                               {"role": "user", "content": "And 3+3?"}]
+    assert (pairs[0].chosen, pairs[0].rejected) == ("6.", "Seven.")
+    assert pairs[1].prompt == [{"role": "user", "content": "Name a colour."}] and pairs[1].chosen == "Blue."
+    tok = load_tokenizer(tiny["model"])
+    text = tok.decode(tokenize_pairs(pairs, tok, 128, 64)[0].prompt_ids)
+    assert "Human:" not in text and text.count("<|im_start|>user") == 2 and text.rstrip().endswith("assistant")
+
+
+# ---- the command line --------------------------------------------------------------------------------
+def test_every_flag_has_help_choices_and_defaults():
+    import argparse
+
+    from fpo import cli
+    subs = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in subs.choices.items():
+        for action in parser._actions:
+            if action.dest in ("help",) or name == "bench":
+                continue
+            assert action.help, (name, action.dest)
+    train_help = subprocess.run([sys.executable, "-m", "fpo.cli", "train", "--help"], capture_output=True, text=True).stdout
+    assert "{fpo,dpo,simpo,tdpo1,tdpo2}" in train_help and "{off,pack,share-prompt}" in train_help
+    assert "(default 0.5)" in train_help and "by method" in train_help
+    r = subprocess.run([sys.executable, "-m", "fpo.cli", "bench"], capture_output=True, text=True)
+    assert r.returncode == 2 and "packing" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "fpo.cli", "bench", "sae", "--help"], capture_output=True, text=True)
+    assert r.stdout.startswith("usage: fpo bench sae")
