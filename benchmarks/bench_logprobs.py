@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from benchmarks.common import CPU_NOTE, bench, environment, peak_extra_mb, write_results
+from benchmarks.common import CPU_NOTE, environment, peak_extra_mb, timing, write_results
 from fpo_kernels import fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl
 
 HEADS_GPU = [("gemma2-2b", 2304, 256000, 30.0), ("llama3", 4096, 128256, None)]
@@ -91,16 +91,16 @@ def run(heads, tokens, dtype=torch.bfloat16):
                             with torch.no_grad():
                                 fn(h)
                     try:
-                        res[name] = (bench(step), peak_extra_mb(step))
+                        res[name] = (*timing(step), peak_extra_mb(step))
                     except torch.OutOfMemoryError:
                         torch.cuda.empty_cache()
-                        res[name] = (float("nan"), float("nan"))
-                for name, (ms, mem) in res.items():
+                        res[name] = (float("nan"), float("nan"), float("nan"))
+                for name, (ms, spread, mem) in res.items():
                     kind = name.split("/")[0]
-                    f_ms, f_mem = res[f"{kind}/fused"]
+                    f_ms, _, f_mem = res[f"{kind}/fused"]
                     gemms = {"kl": 2, "tdpo-terms": 2}.get(kind, 1) * (1 if mode == "forward" else 3)   # at the minimum
                     rows.append({"head": label, "d": d, "V": V, "softcap": cap, "tokens": N, "mode": mode, "provider": name,
-                                 "ms": ms, "tflops": 2 * N * d * V * gemms / ms / 1e9 if ms == ms else None,
+                                 "ms": ms, "spread": spread, "tflops": 2 * N * d * V * gemms / ms / 1e9 if ms == ms else None,
                                  "peak_extra_mb": mem,
                                  "time_vs_fused": ms / f_ms if not name.endswith("fused") else None,
                                  "fused_mem_ratio": f_mem / mem if (mem and f_mem is not None and not name.endswith("fused")) else None})
@@ -119,7 +119,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
     rows = run(HEADS_GPU if gpu else HEADS_CPU, args.tokens or (TOKENS_GPU if gpu else TOKENS_CPU))
-    notes = "time_vs_fused = provider ms / fused ms; fused_mem_ratio = fused peak extra / provider peak extra."
+    notes = ("time_vs_fused = provider ms / fused ms; fused_mem_ratio = fused peak extra / provider peak extra; "
+             "spread = (p80 - p20) / median.")
     if not gpu:
         notes += CPU_NOTE
     write_results("bench_logprobs", rows, environment(), args.out, notes)

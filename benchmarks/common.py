@@ -36,11 +36,13 @@ def environment() -> dict:
     return env
 
 
-def bench(fn, warmup=3, rep=10) -> float:
-    """Median milliseconds: triton.testing.do_bench on CUDA, wall-clock median on the CPU."""
+def timing(fn, warmup=3, rep=15) -> tuple[float, float]:
+    """(median ms, spread): triton.testing.do_bench on CUDA, wall clock on the CPU; spread = (80th - 20th
+    percentile) / median, so a ratio between two rows is worth quoting only when both spreads are small."""
     if torch.cuda.is_available():
         import triton
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        p20, p50, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+        return p50, (p80 - p20) / p50
     for _ in range(warmup):
         fn()
     times = []
@@ -48,7 +50,14 @@ def bench(fn, warmup=3, rep=10) -> float:
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    q = statistics.quantiles(times, n=10)
+    med = statistics.median(times)
+    return med, (q[7] - q[1]) / med
+
+
+def bench(fn, warmup=3, rep=15) -> float:
+    """Median milliseconds (timing's first value)."""
+    return timing(fn, warmup, rep)[0]
 
 
 def peak_extra_mb(fn) -> float | None:

@@ -11,7 +11,8 @@ def _reference_path(monkeypatch):
 def test_kernel_benchmarks_run(capsys):
     from benchmarks import bench_logprobs, bench_sae_constraint
     rows = bench_sae_constraint.main([])
-    assert {r["provider"] for r in rows} == {"fused", "naive"}
+    assert {r["provider"] for r in rows} == {"fused", "fused, 25% prompt", "naive"}
+    assert all(r["spread"] >= 0 for r in rows) and all("time_vs_fused" in r for r in rows)
     assert all(r["ms"] > 0 for r in rows)
     rows = bench_logprobs.main([])
     assert {"logprobs/fused", "kl/naive-tdpo"} <= {r["provider"] for r in rows}

@@ -112,8 +112,15 @@ def test_constraint_forward_backward_match_reference(B, T, d, m, select, dtype, 
         want.backward(g.double())
         _assert_close(got, want, dtype, f"D (k={k})")
         assert h.grad.dtype == dtype
-        # the gradient is proportional to p - p_ref, a difference that cancels in fp32: 1e-4, not 1e-6
-        assert _rel_rms(h.grad, href.grad) < (1e-4 if dtype == torch.float32 else 5e-3), f"grad k={k}"
+        # the gradient is proportional to p - p_ref, a difference that cancels in fp32: its relative error grows
+        # with |p| / |p - p_ref| (the condition number), 1e-4 at this test's usual values
+        pooled = reference.sae_pooled_features_ref(hidden.double(), mask, sae)
+        idx = pooled.topk(k, 1).indices if select == "policy" else ref_idx[:, :k].long()
+        p = pooled.gather(1, idx)
+        diff = p - reference._dense_reference(ref_idx, ref_val, m, torch.float64).gather(1, idx)
+        cond = (p.abs().max() / diff.pow(2).mean().sqrt()).item()
+        tol = max(1e-4, 2e-6 * cond) if dtype == torch.float32 else 5e-3
+        assert _rel_rms(h.grad, href.grad) < tol, f"grad k={k}, condition {cond:.3g}"
         # gradient only on response tokens
         assert (h.grad[~mask] == 0).all()
 
