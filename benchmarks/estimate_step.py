@@ -110,7 +110,10 @@ class StepTracer(TorchDispatchMode):
         if func.namespace == "aten" and not moves_nothing and name not in _FREE:
             nbytes = sum(t.numel() * t.element_size() for t in ins + outs)
             counter = flop_registry.get(func._overloadpacket)
-            flops = counter(*args, **kwargs, out_val=out) if counter is not None else 0
+            # mm/addmm with an fp32 output: the counters know the plain signature (no out_dtype, no out=)
+            plain_args = args[:-1] if func._overloadname in ("dtype", "dtype_out") else args
+            plain = {k: v for k, v in kwargs.items() if k not in ("out", "out_dtype")}
+            flops = counter(*plain_args, **plain, out_val=out) if counter is not None else 0
             self.cost(name, flops, nbytes, ins[0].dtype if ins else torch.float32)
         return out
 
@@ -130,8 +133,6 @@ class StepTracer(TorchDispatchMode):
             hidden, idx = args[0], args[6]
             N, D = hidden.shape
             flops = 4 * N * D * idx.shape[1]   # recompute the k pre-activations, then dh
-        elif name in ("_logprobs_bwd_kernel", "_kl_bwd_kernel"):
-            nbytes += tensors[0].numel() * tensors[0].element_size()   # dlogits written over the logits
         self.cost(name, flops, nbytes, dtype)
 
 

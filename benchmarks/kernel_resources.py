@@ -30,15 +30,17 @@ H100 = dict(regs=65536, smem=228 * 1024, smem_reserved=1024, warps=64, blocks=32
 SHAPES = dict(D=2304, F=16384, M=16384, K=50, V=256000)   # Gemma-2-2B with a 16k SAE, k = 50
 
 SAE_FWD = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "inv_n": "*fp32", "w": "*{dt}", "bias": "*fp32", "theta": "*fp32",
-           "idx": "*i32", "out": "*fp32", "D": "i32", "F": "i32", "stride_h": "i32"}
+           "idx": "*i32", "out": "*fp32", "D": "i32", "F": "i32", "M": "i32", "stride_h": "i32"}
 SAE_BWD = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "w": "*{dt}", "bias": "*fp32", "theta": "*fp32", "idx": "*i32",
-           "coef": "*fp32", "dh": "*fp32", "D": "i32", "K": "i32", "stride_h": "i32"}
-LP = {"logits": "*{dt}", "labels": "*i64", "lse": "*fp32", "logp": "*fp32", "V": "i32", "ignore_index": "i32"}
-LP_BWD = {"logits": "*{dt}", "labels": "*i64", "lse": "*fp32", "grad": "*fp32", "V": "i32", "ignore_index": "i32"}
-KL = {"logits": "*{dt}", "ref_logits": "*{dt}", "valid": "*i8", "labels": "*i64", "lse": "*fp32", "ref_lse": "*fp32",
+           "coef": "*fp32", "dh": "*fp32", "D": "i32", "K": "i32", "M": "i32", "stride_h": "i32"}
+# the lm-head row kernels read fp32 logits; the backward writes dL/dlogits in the weight's dtype ({dt})
+LP = {"logits": "*fp32", "labels": "*i64", "lse": "*fp32", "logp": "*fp32", "V": "i32", "ignore_index": "i32"}
+LP_BWD = {"logits": "*fp32", "dlogits": "*{dt}", "labels": "*i64", "lse": "*fp32", "grad": "*fp32", "V": "i32",
+          "ignore_index": "i32"}
+KL = {"logits": "*fp32", "ref_logits": "*fp32", "valid": "*i8", "labels": "*i64", "lse": "*fp32", "ref_lse": "*fp32",
       "kl": "*fp32", "logp": "*fp32", "ref_logp": "*fp32", "V": "i32"}
-KL_BWD = {"logits": "*{dt}", "ref_logits": "*{dt}", "valid": "*i8", "labels": "*i64", "lse": "*fp32", "ref_lse": "*fp32",
-          "grad": "*fp32", "grad_logp": "*fp32", "V": "i32"}
+KL_BWD = {"logits": "*fp32", "dlogits": "*{dt}", "ref_logits": "*fp32", "valid": "*i8", "labels": "*i64",
+          "lse": "*fp32", "ref_lse": "*fp32", "grad": "*fp32", "grad_logp": "*fp32", "V": "i32"}
 # integer arguments at the shapes above: the values a launch would see (F is the gathered k in GATHER variants)
 INT_VALUES = {"D": SHAPES["D"], "stride_h": SHAPES["D"], "K": SHAPES["K"], "V": SHAPES["V"], "ignore_index": -100}
 

@@ -15,6 +15,8 @@ def init() -> tuple[int, int, torch.device | None]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        from fpo_kernels import pin_autotune
+        pin_autotune()   # every rank runs the same tiles: bitwise-equal features, equal top-k choices
     if dist.is_initialized():
         dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         return dist.get_rank(), dist.get_world_size(), dev

@@ -3,9 +3,10 @@
     logp_n = log_softmax(softcap(h_n @ W^T + b))[y_n]                  softcap(z) = c tanh(z / c)
     KL_n   = sum_v q_nv (log q_nv - log p_nv),  q = softmax(softcap(h_ref_n @ W_ref^T)),  p likewise for the policy
 
-Tokens are processed in chunks of C rows: one GEMM writes a chunk's [C, V] logits, a Triton row kernel
-reduces them (softcap, online logsumexp, the label's logit) and, in the backward, overwrites them with
-dL/dlogits, which two GEMMs turn into grad_hidden and grad_weight. Memory: O(C x V), independent of N.
+Tokens are processed in chunks of C rows: one GEMM writes a chunk's [C, V] logits in fp32, a Triton row
+kernel reduces them (softcap, online logsumexp, the label's logit) and, in the backward, writes dL/dlogits
+in the weight's dtype, which two GEMMs turn into grad_hidden and grad_weight (accumulated in fp32 across
+chunks for a half-precision head). Memory: O(C x V), independent of N.
 Saved for backward: the inputs (already alive in the caller) and one logsumexp per token.
 The upstream gradient may differ per token (preference losses weight each sequence differently),
 so the backward recomputes a chunk's logits rather than folding the gradient into the forward.
@@ -29,6 +30,10 @@ def _tanh(x):
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
 
 
+# a lane's running max before it has seen a logit: finite, so that exp(_LOW - _LOW) = 1 never meets -inf - -inf
+_LOW: tl.constexpr = -1.0e30
+
+
 @triton.jit
 def _softcap_logits(z, CAP: tl.constexpr, HAS_CAP: tl.constexpr):
     if HAS_CAP:
@@ -45,30 +50,36 @@ def _logprobs_fwd_kernel(
     V, ignore_index,
     CAP: tl.constexpr, HAS_CAP: tl.constexpr, BV: tl.constexpr,
 ):
-    """lse = logsumexp_v softcap(z_v) with an online max; logp = softcap(z_y) - lse."""
+    """lse = logsumexp_v softcap(z_v) with an online max; logp = softcap(z_y) - lse. Each lane keeps its own
+    running max and sum, reduced across lanes once at the end: no block-wide reduction per tile."""
     i_n = tl.program_id(0).to(tl.int64)
     p_row = logits + i_n * V
-    b_m = -float("inf")
-    b_s = 0.0
+    b_m = tl.full([BV], _LOW, tl.float32)   # per lane: running max and sum of exp(z - max)
+    b_s = tl.zeros([BV], dtype=tl.float32)
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
         m_v = o_v < V
         b_z = _softcap_logits(tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32), CAP, HAS_CAP)
         b_z = tl.where(m_v, b_z, -float("inf"))  # after the softcap, which would map -inf to -CAP
-        b_mnew = tl.maximum(b_m, tl.max(b_z, 0))
-        b_s = b_s * tl.exp(b_m - b_mnew) + tl.sum(tl.exp(b_z - b_mnew), 0)
+        b_mnew = tl.maximum(b_m, b_z)
+        b_s = b_s * tl.exp(b_m - b_mnew) + tl.exp(b_z - b_mnew)
         b_m = b_mnew
+    b_max = tl.max(b_m, 0)
+    b_s = tl.sum(b_s * tl.exp(b_m - b_max), 0)
+    b_m = b_max
     b_lse = b_m + tl.log(b_s)
     y = tl.load(labels + i_n)
     ok = y != ignore_index
-    b_zy = _softcap_logits(tl.load(p_row + tl.where(ok, y, 0)).to(tl.float32), CAP, HAS_CAP)
+    inside = (y >= 0) & (y < V)   # a label outside the vocabulary is never read: NaN shows it
+    b_zy = _softcap_logits(tl.load(p_row + tl.where(ok & inside, y, 0)).to(tl.float32), CAP, HAS_CAP)
     tl.store(lse + i_n, b_lse)
-    tl.store(logp + i_n, tl.where(ok, b_zy - b_lse, 0.0))
+    tl.store(logp + i_n, tl.where(ok, tl.where(inside, b_zy - b_lse, float("nan")), 0.0))
 
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    logits,   # [C, V] raw logits in; dL/dlogits out (in place, same dtype)
+    logits,   # [C, V] raw logits (fp32)
+    dlogits,  # [C, V] out: dL/dlogits in the weight's dtype (may be logits itself)
     labels,   # [C] int64
     lse,      # [C] fp32 saved logsumexp
     grad,     # [C] fp32 upstream dL/dlogp
@@ -79,7 +90,7 @@ def _logprobs_bwd_kernel(
     i_n = tl.program_id(0).to(tl.int64)
     p_row = logits + i_n * V
     y = tl.load(labels + i_n)
-    b_g = tl.where(y != ignore_index, tl.load(grad + i_n), 0.0)
+    b_g = tl.where((y != ignore_index) & (y >= 0) & (y < V), tl.load(grad + i_n), 0.0)
     b_lse = tl.load(lse + i_n)
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
@@ -93,7 +104,7 @@ def _logprobs_bwd_kernel(
         b_dz = b_g * (tl.where(o_v == y, 1.0, 0.0) - tl.exp(b_z - b_lse))
         if HAS_CAP:
             b_dz = b_dz * (1.0 - b_t * b_t)
-        tl.store(p_row + o_v, b_dz.to(logits.dtype.element_ty), mask=m_v)
+        tl.store(dlogits + i_n * V + o_v, b_dz.to(dlogits.dtype.element_ty), mask=m_v)
 
 
 @triton.jit
@@ -110,31 +121,39 @@ def _kl_fwd_kernel(
     V,
     CAP: tl.constexpr, HAS_CAP: tl.constexpr, HAS_LABELS: tl.constexpr, BV: tl.constexpr,
 ):
-    """KL = sum_v e^{r_v - lse_r} (r_v - t_v) - lse_r + lse_t, all three sums online in one pass;
-    with labels, both models' log-probs of the label from the same pass."""
+    """KL = sum_v e^{r_v - lse_r} (r_v - t_v) - lse_r + lse_t, all three sums online in one pass, per lane,
+    reduced across lanes once at the end; with labels, both models' log-probs of the label from the same pass."""
     i_n = tl.program_id(0).to(tl.int64)
-    b_mt = -float("inf")
-    b_st = 0.0
-    b_mr = -float("inf")
-    b_sr = 0.0
-    b_a = 0.0   # sum_v e^{r_v - m_r} (r_v - t_v)
+    b_mt = tl.full([BV], _LOW, tl.float32)
+    b_st = tl.zeros([BV], dtype=tl.float32)
+    b_mr = tl.full([BV], _LOW, tl.float32)
+    b_sr = tl.zeros([BV], dtype=tl.float32)
+    b_a = tl.zeros([BV], dtype=tl.float32)   # per lane: sum_v e^{r_v - m_r} (r_v - t_v)
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
         m_v = o_v < V
         b_t = _softcap_logits(tl.load(logits + i_n * V + o_v, mask=m_v, other=0.0).to(tl.float32), CAP, HAS_CAP)
         b_r = _softcap_logits(tl.load(ref_logits + i_n * V + o_v, mask=m_v, other=0.0).to(tl.float32), CAP, HAS_CAP)
-        b_diff = b_r - b_t
+        b_diff = tl.where(m_v, b_r - b_t, 0.0)
         b_t = tl.where(m_v, b_t, -float("inf"))  # after the softcap, which would map -inf to -CAP
         b_r = tl.where(m_v, b_r, -float("inf"))
-        b_mtn = tl.maximum(b_mt, tl.max(b_t, 0))
-        b_st = b_st * tl.exp(b_mt - b_mtn) + tl.sum(tl.exp(b_t - b_mtn), 0)
+        b_mtn = tl.maximum(b_mt, b_t)
+        b_st = b_st * tl.exp(b_mt - b_mtn) + tl.exp(b_t - b_mtn)
         b_mt = b_mtn
-        b_mrn = tl.maximum(b_mr, tl.max(b_r, 0))
+        b_mrn = tl.maximum(b_mr, b_r)
         b_scale = tl.exp(b_mr - b_mrn)
         b_er = tl.exp(b_r - b_mrn)
-        b_sr = b_sr * b_scale + tl.sum(b_er, 0)
-        b_a = b_a * b_scale + tl.sum(tl.where(m_v, b_er * b_diff, 0.0), 0)
+        b_sr = b_sr * b_scale + b_er
+        b_a = b_a * b_scale + b_er * b_diff
         b_mr = b_mrn
+    b_max = tl.max(b_mt, 0)
+    b_st = tl.sum(b_st * tl.exp(b_mt - b_max), 0)
+    b_mt = b_max
+    b_max = tl.max(b_mr, 0)
+    b_lane = tl.exp(b_mr - b_max)
+    b_sr = tl.sum(b_sr * b_lane, 0)
+    b_a = tl.sum(b_a * b_lane, 0)
+    b_mr = b_max
     b_lt = b_mt + tl.log(b_st)
     b_lr = b_mr + tl.log(b_sr)
     ok = tl.load(valid + i_n) != 0
@@ -143,15 +162,18 @@ def _kl_fwd_kernel(
     tl.store(kl + i_n, tl.where(ok, b_a / b_sr - b_lr + b_lt, 0.0))
     if HAS_LABELS:
         y = tl.where(ok, tl.load(labels + i_n), 0)
+        inside = (y >= 0) & (y < V)   # a label outside the vocabulary is never read: NaN shows it
+        y = tl.where(inside, y, 0)
         b_ty = _softcap_logits(tl.load(logits + i_n * V + y).to(tl.float32), CAP, HAS_CAP)
         b_ry = _softcap_logits(tl.load(ref_logits + i_n * V + y).to(tl.float32), CAP, HAS_CAP)
-        tl.store(logp + i_n, tl.where(ok, b_ty - b_lt, 0.0))
-        tl.store(ref_logp + i_n, tl.where(ok, b_ry - b_lr, 0.0))
+        tl.store(logp + i_n, tl.where(ok, tl.where(inside, b_ty - b_lt, float("nan")), 0.0))
+        tl.store(ref_logp + i_n, tl.where(ok, tl.where(inside, b_ry - b_lr, float("nan")), 0.0))
 
 
 @triton.jit
 def _kl_bwd_kernel(
-    logits,      # [C, V] policy raw logits in; dL/dlogits out (in place)
+    logits,      # [C, V] policy raw logits (fp32)
+    dlogits,     # [C, V] out: dL/dlogits in the weight's dtype (may be logits itself)
     ref_logits,  # [C, V] reference raw logits
     valid,       # [C] int8
     labels,      # [C] int64 (HAS_LABELS)
@@ -169,8 +191,8 @@ def _kl_bwd_kernel(
     b_lt = tl.load(lse + i_n)
     b_lr = tl.load(ref_lse + i_n)
     if HAS_LABELS:
-        b_gl = tl.where(ok, tl.load(grad_logp + i_n), 0.0)
         y = tl.load(labels + i_n)
+        b_gl = tl.where(ok & (y >= 0) & (y < V), tl.load(grad_logp + i_n), 0.0)
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
         m_v = o_v < V
@@ -187,16 +209,43 @@ def _kl_bwd_kernel(
             b_dz += b_gl * (tl.where(o_v == y, 1.0, 0.0) - b_p)
         if HAS_CAP:
             b_dz = b_dz * (1.0 - b_th * b_th)
-        tl.store(logits + i_n * V + o_v, b_dz.to(logits.dtype.element_ty), mask=m_v)
+        tl.store(dlogits + i_n * V + o_v, b_dz.to(dlogits.dtype.element_ty), mask=m_v)
 
 
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
-def default_chunk_size(V: int) -> int:
-    """Tokens per chunk: about 2^26 logits (128 MB in bf16) at a time, a power of two in [16, 4096]."""
-    c = 1 << max(4, ((1 << 26) // max(V, 1)).bit_length() - 1)
-    return min(c, 4096)
+CHUNK_BYTES = 3 << 29   # ~1.5 GiB of chunk buffers: [C, d] x [d, V] is then compute-bound on an H100
+
+
+def default_chunk_size(V: int, bytes_per_logit: int = 6) -> int:
+    """Tokens per chunk: a power of two in [16, 8192] whose buffers (fp32 logits plus dL/dlogits in the
+    weight's dtype: 6 bytes a logit; 10 with a reference's logits too) stay within CHUNK_BYTES. At Gemma-2's
+    256k vocabulary: 1024 rows for log-probs, 512 with the KL; the lm head is read N / C times a pass."""
+    c = 1 << max(4, (CHUNK_BYTES // max(V * bytes_per_logit, 1)).bit_length() - 1)
+    return min(c, 8192)
+
+
+def _half(t) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16)
+
+
+def _mm_fp32(a, b):
+    """a @ b with fp32 output: cuBLAS writes fp32 from half-precision operands on CUDA (and fake tensors
+    plan it so); elsewhere, the operands are upcast."""
+    if not _half(a):
+        return a @ b
+    if a.is_cuda or is_fake(a):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
+def _addmm_fp32_(acc, a, b):
+    """acc (fp32) += a @ b for half-precision a, b, with no half-precision rounding of the product."""
+    if a.is_cuda or is_fake(a):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
 
 
 def _bv(V):
@@ -209,7 +258,22 @@ def _cap_args(softcap):
 
 
 def _chunk_logits(h, weight, bias):
-    return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+    """A chunk's logits [C, V] in fp32: half-precision logits would carry 0.125 of rounding at |z| ~ 20."""
+    z = _mm_fp32(h, weight.t())
+    return z if bias is None else z.add_(bias.float())
+
+
+def _dlogits_buffer(z, weight):
+    """Where the backward kernels write dL/dlogits: over the fp32 logits for fp32 weights, else a buffer in
+    the weight's dtype, which the two gradient GEMMs read."""
+    return z if weight.dtype == torch.float32 else torch.empty(z.shape, dtype=weight.dtype, device=z.device)
+
+
+def _grad_weight_buffer(weight, N, C):
+    """grad_weight accumulates in fp32 when a half-precision head sees more than one chunk (16 bf16 additions
+    would round away small per-chunk contributions); one chunk's GEMM already sums in fp32."""
+    dtype = torch.float32 if (_half(weight) and N > C) else weight.dtype
+    return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
 
 
 def logprobs_fwd(hidden, weight, labels, bias=None, softcap=None, ignore_index=-100, chunk_size=None):
@@ -220,7 +284,7 @@ def logprobs_fwd(hidden, weight, labels, bias=None, softcap=None, ignore_index=-
     lse = torch.empty(N, device=hidden.device, dtype=torch.float32)
     for s in range(0, N, C):
         e = min(s + C, N)
-        z = _chunk_logits(hidden[s:e], weight, bias).contiguous()   # [C, V]
+        z = _chunk_logits(hidden[s:e], weight, bias)   # [C, V] fp32
         launch(_logprobs_fwd_kernel, (e - s,), z, labels[s:e], lse[s:e], logp[s:e], V, ignore_index,
                BV=_bv(V), **_cap_args(softcap))
     return logp, lse
@@ -232,24 +296,30 @@ def logprobs_bwd(grad_logp, hidden, weight, labels, lse, bias=None, softcap=None
     N, V = hidden.shape[0], weight.shape[0]
     C = chunk_size or default_chunk_size(V)
     gh = torch.empty_like(hidden) if need_hidden else None
-    gw = torch.zeros_like(weight) if need_weight else None
+    gw = _grad_weight_buffer(weight, N, C) if need_weight else None
     gb = torch.zeros(V, device=hidden.device, dtype=torch.float32) if (need_bias and bias is not None) else None
     grad_logp = grad_logp.float().contiguous()
     for s in range(0, N, C):
         e = min(s + C, N)
-        z = _chunk_logits(hidden[s:e], weight, bias).contiguous()
-        launch(_logprobs_bwd_kernel, (e - s,), z, labels[s:e], lse[s:e], grad_logp[s:e], V, ignore_index,
+        z = _chunk_logits(hidden[s:e], weight, bias)
+        dz = _dlogits_buffer(z, weight)
+        launch(_logprobs_bwd_kernel, (e - s,), z, dz, labels[s:e], lse[s:e], grad_logp[s:e], V, ignore_index,
                BV=_bv(V), **_cap_args(softcap))
-        _chunk_grads(z, weight, hidden[s:e], None if gh is None else gh[s:e], gw, gb)
-    return gh, gw, (gb.to(bias.dtype) if gb is not None else None)
+        del z
+        _chunk_grads(dz, weight, hidden[s:e], None if gh is None else gh[s:e], gw, gb)
+    return gh, (gw.to(weight.dtype) if gw is not None else None), (gb.to(bias.dtype) if gb is not None else None)
 
 
 def _chunk_grads(dz, weight, h, gh, gw, gb):
-    """One chunk's dL/dlogits [C, V] -> its rows of grad_hidden (gh), added into grad_weight and grad_bias."""
+    """One chunk's dL/dlogits [C, V] (the weight's dtype) -> its rows of grad_hidden (gh), added into
+    grad_weight (fp32 or the weight's dtype) and grad_bias (fp32)."""
     if gh is not None:
         torch.mm(dz, weight, out=gh)
     if gw is not None:
-        gw.addmm_(dz.t(), h)
+        if gw.dtype == dz.dtype:
+            gw.addmm_(dz.t(), h)
+        else:
+            _addmm_fp32_(gw, dz.t(), h)
     if gb is not None:
         gb += dz.float().sum(0)
 
@@ -259,7 +329,7 @@ def kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap=None, chunk_s
     """(kl [N] fp32, lse [N], ref_lse [N], logp [N] or None, ref_logp [N] or None): logp and ref_logp,
     the label's log-prob under each model, come with labels."""
     N, V = hidden.shape[0], weight.shape[0]
-    C = chunk_size or default_chunk_size(V)
+    C = chunk_size or default_chunk_size(V, 10)
     kl = torch.empty(N, device=hidden.device, dtype=torch.float32)
     lse = torch.empty_like(kl)
     ref_lse = torch.empty_like(kl)
@@ -267,8 +337,8 @@ def kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap=None, chunk_s
     ref_logp = torch.empty_like(kl) if labels is not None else None
     for s in range(0, N, C):
         e = min(s + C, N)
-        z = _chunk_logits(hidden[s:e], weight, bias).contiguous()
-        zr = _chunk_logits(ref_hidden[s:e], ref_weight, ref_bias).contiguous()
+        z = _chunk_logits(hidden[s:e], weight, bias)
+        zr = _chunk_logits(ref_hidden[s:e], ref_weight, ref_bias)
         launch(_kl_fwd_kernel, (e - s,), z, zr, valid8[s:e], _rows(labels, valid8, s, e), lse[s:e], ref_lse[s:e],
                kl[s:e], _rows(logp, kl, s, e), _rows(ref_logp, kl, s, e), V,
                BV=_bv(V), HAS_LABELS=labels is not None, **_cap_args(softcap))
@@ -281,22 +351,24 @@ def kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse
     """(grad_hidden, grad_weight, grad_bias), each None when not needed; through the KL and, with labels
     and grad_logp, the label's log-prob as well: one pass over the logits for both."""
     N, V = hidden.shape[0], weight.shape[0]
-    C = chunk_size or default_chunk_size(V)
+    C = chunk_size or default_chunk_size(V, 10)
     gh = torch.empty_like(hidden) if need_hidden else None
-    gw = torch.zeros_like(weight) if need_weight else None
+    gw = _grad_weight_buffer(weight, N, C) if need_weight else None
     gb = torch.zeros(V, device=hidden.device, dtype=torch.float32) if (need_bias and bias is not None) else None
     grad_kl = grad_kl.float().contiguous()
     if grad_logp is not None:
         grad_logp = grad_logp.float().contiguous()
     for s in range(0, N, C):
         e = min(s + C, N)
-        z = _chunk_logits(hidden[s:e], weight, bias).contiguous()
-        zr = _chunk_logits(ref_hidden[s:e], ref_weight, ref_bias).contiguous()
-        launch(_kl_bwd_kernel, (e - s,), z, zr, valid8[s:e], _rows(labels, valid8, s, e), lse[s:e], ref_lse[s:e],
-               grad_kl[s:e], _rows(grad_logp, grad_kl, s, e), V,
+        z = _chunk_logits(hidden[s:e], weight, bias)
+        zr = _chunk_logits(ref_hidden[s:e], ref_weight, ref_bias)
+        dz = _dlogits_buffer(z, weight)
+        launch(_kl_bwd_kernel, (e - s,), z, dz, zr, valid8[s:e], _rows(labels, valid8, s, e), lse[s:e],
+               ref_lse[s:e], grad_kl[s:e], _rows(grad_logp, grad_kl, s, e), V,
                BV=_bv(V), HAS_LABELS=labels is not None, **_cap_args(softcap))
-        _chunk_grads(z, weight, hidden[s:e], None if gh is None else gh[s:e], gw, gb)
-    return gh, gw, (gb.to(bias.dtype) if gb is not None else None)
+        del z, zr
+        _chunk_grads(dz, weight, hidden[s:e], None if gh is None else gh[s:e], gw, gb)
+    return gh, (gw.to(weight.dtype) if gw is not None else None), (gb.to(bias.dtype) if gb is not None else None)
 
 
 def _rows(t, placeholder, s, e):

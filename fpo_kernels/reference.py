@@ -42,11 +42,15 @@ def sae_pooled_features_ref(hidden: torch.Tensor, mask: torch.Tensor, sae) -> to
 
 
 def _dense_reference(ref_indices, ref_values, width, dtype):
-    """[B, K] sparse (index, value) with -1 for empty slots -> [B, m] dense, 0 where absent."""
-    valid = ref_indices >= 0
+    """[B, K] sparse (index, value) with -1 for empty slots -> [B, m] dense, 0 where absent. A row holding an
+    index outside [-1, width) (a wrong cache, unchecked) is all NaN rather than an out-of-bounds scatter."""
+    idx = ref_indices.long()
+    valid = (idx >= 0) & (idx < width)
+    broken = ((idx < -1) | (idx >= width)).any(1)
     dense = torch.zeros(ref_indices.shape[0], width, dtype=dtype, device=ref_values.device)
     vals = torch.where(valid, ref_values.to(dtype), torch.zeros((), dtype=dtype, device=ref_values.device))
-    return dense.scatter_add_(1, ref_indices.long().clamp(min=0), vals)
+    dense.scatter_add_(1, torch.where(valid, idx, 0), vals)
+    return torch.where(broken[:, None], torch.full_like(dense, float("nan")), dense)
 
 
 def span_rows(spans: torch.Tensor):

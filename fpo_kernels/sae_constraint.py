@@ -56,18 +56,21 @@ def _sae_pool_fwd_kernel(
     theta,    # [M] fp32 JumpReLU threshold
     idx,      # [S, F] int32 feature ids when GATHER, else unused
     out,      # [S, F] fp32 pooled features
-    D, F, stride_h,
+    D, F, M, stride_h,
     HAS_MASK: tl.constexpr, GATHER: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """out[s, j] = inv_n[s] * sum_{t in span s} mask[t] * JumpReLU(h[t] @ w[f_j] + bias[f_j]; theta[f_j]),
-    f_j = idx[s, j] (GATHER) or j."""
+    f_j = idx[s, j] (GATHER) or j. A gathered id outside [0, M) is never read: its output is NaN."""
     i_f = tl.program_id(0)
     i_s = tl.program_id(1).to(tl.int64)
     o_f = i_f * BF + tl.arange(0, BF)
-    m_f = o_f < F
+    m_out = o_f < F
+    m_f = m_out
     if GATHER:
         feat = tl.load(idx + i_s * F + o_f, mask=m_f, other=0).to(tl.int64)
+        m_f = m_f & (feat >= 0) & (feat < M)
+        feat = tl.where(m_f, feat, 0)
     else:
         feat = o_f.to(tl.int64)
     b_bias = tl.load(bias + feat, mask=m_f, other=0.0)     # [BF]
@@ -92,7 +95,7 @@ def _sae_pool_fwd_kernel(
             b_z += b_bias[None, :]
             b_fire = (b_z > b_theta[None, :]) | (b_z != b_z)   # NaN passes through
             b_acc += tl.sum(tl.where(b_fire & m_t[:, None], b_z, 0.0), 0)
-    tl.store(out + i_s * F + o_f, b_acc * tl.load(inv_n + i_s), mask=m_f)
+    tl.store(out + i_s * F + o_f, tl.where(m_f, b_acc * tl.load(inv_n + i_s), float("nan")), mask=m_out)
 
 
 # Autotuning reruns the kernel: safe, as the first k block stores (never accumulates) and rows outside
@@ -109,11 +112,11 @@ def _sae_constraint_bwd_kernel(
     idx,      # [S, K] int32 selected features
     coef,     # [S, K] fp32: dL/dD_s * 2/k * w_i * (p_si - p_ref_si) / n_s
     dh,       # [N, D] fp32 gradient of the hidden rows
-    D, K, stride_h,
+    D, K, M, stride_h,
     HAS_MASK: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dh[t] = mask[t] * sum_j coef[s, j] * [z[t, j] > theta] * w[idx[s, j]] for t in span s, recomputing z
-    for the k selected features only."""
+    for the k selected features only; an id outside [0, M) is never read (it adds nothing)."""
     i_t = tl.program_id(0)
     i_s = tl.program_id(1).to(tl.int64)
     lo = tl.load(span + i_s * 2)
@@ -128,6 +131,8 @@ def _sae_constraint_bwd_kernel(
             o_k = k0 + tl.arange(0, BK)
             m_k = o_k < K
             feat = tl.load(idx + i_s * K + o_k, mask=m_k, other=0).to(tl.int64)
+            m_k = m_k & (feat >= 0) & (feat < M)
+            feat = tl.where(m_k, feat, 0)
             b_z = tl.zeros([BT, BK], dtype=tl.float32)
             for d0 in range(0, D, BD):
                 o_d = d0 + tl.arange(0, BD)
@@ -206,7 +211,7 @@ def sae_pool_fwd(hidden, spans: Spans, sae: SAEWeights, idx=None):
     launch(
         _sae_pool_fwd_kernel, lambda meta: (triton.cdiv(F, meta["BF"]), S),
         hidden, spans.mask8 if has_mask else spans.span, spans.span, spans.inv_n, sae.weight_as(hidden.dtype),
-        sae.bias, sae.threshold, idx32, out, D, F, hidden.stride(0),
+        sae.bias, sae.threshold, idx32, out, D, F, sae.width, hidden.stride(0),
         HAS_MASK=has_mask, GATHER=idx is not None, PRECISION=dot_precision(hidden.dtype),
     )
     return out
@@ -225,7 +230,7 @@ def sae_constraint_bwd(hidden, spans: Spans, sae: SAEWeights, idx, coef):
     launch(
         _sae_constraint_bwd_kernel, lambda meta: (triton.cdiv(spans.max_len, meta["BT"]), spans.count),
         hidden, spans.mask8 if has_mask else spans.span, spans.span, sae.weight_as(hidden.dtype), sae.bias,
-        sae.threshold, idx.to(torch.int32).contiguous(), coef.float().contiguous(), dh, D, K, hidden.stride(0),
+        sae.threshold, idx.to(torch.int32).contiguous(), coef.float().contiguous(), dh, D, K, sae.width, hidden.stride(0),
         HAS_MASK=has_mask, BK=BK, PRECISION=dot_precision(hidden.dtype),
     )
     return dh.to(hidden.dtype)

@@ -281,3 +281,19 @@ def test_logprobs_kl_bf16_on_gpu(softcap):
     for x, y in zip(got, want):
         assert _rel_rms(x, y) < 3e-2
     assert _rel_rms(h.grad, hr.grad) < 3e-2 and _rel_rms(w.grad, wr.grad) < 3e-2
+
+
+def test_unchecked_out_of_range_labels_are_never_read(device):
+    """check_inputs=False skips the label check; the kernels still never read outside the vocabulary: such a
+    label's log-prob is NaN (loud), the other rows are exact."""
+    N, d, V = 6, 16, 40
+    hidden, weight = torch.randn(N, d, device=device), torch.randn(V, d, device=device)
+    labels = torch.randint(0, V, (N,), device=device)
+    labels[2], labels[4] = V + 1000, -5
+    got = fused_linear_logprobs(hidden, weight, labels, check_inputs=False)
+    assert torch.isnan(got[2]) and torch.isnan(got[4])
+    ok = torch.tensor([0, 1, 3, 5])
+    want = reference.fused_linear_logprobs_ref(hidden[ok].double(), weight.double(), labels[ok])
+    assert torch.allclose(got[ok].double(), want, atol=1e-5)
+    logp, ref_logp, kl = fused_linear_logprobs_kl(hidden, weight, labels, hidden * 0.5, weight, check_inputs=False)
+    assert torch.isnan(logp[2]) and torch.isnan(ref_logp[4]) and torch.isfinite(kl).all()

@@ -437,3 +437,19 @@ def test_backward_keeps_tiny_gradients(dtype, device):
     assert href.grad.abs().max() < (1e-4 if dtype == torch.float32 else 1e-2)  # the regime under test (seen: 3e-8, 2e-3)
     # p - p_ref is tiny here (the reference is the policy plus 0.2% noise): fp32 cancellation sets 1e-3
     assert _rel_rms(h.grad, href.grad) < (1e-3 if dtype == torch.float32 else 5e-3)
+
+
+def test_unchecked_out_of_range_cache_indices_are_never_read(device):
+    """check_inputs=False skips the index check; the kernels still never read outside the SAE: a row with a
+    wrong cached index gets NaN (loud), the others are exact."""
+    S, d, m, k = 3, 16, 40, 4
+    sae = random_sae(d, m, device)
+    hidden, spans, padded, mask = _stream(S, d, device, torch.float32)
+    idx, val = pack_topk(sae_pooled_features_varlen(hidden, spans, sae), 8)
+    idx = idx.int()
+    idx[1, 2] = m + 7
+    for select in ("reference", "policy"):
+        got = sae_feature_mse_varlen(hidden, spans, sae, idx, val, k=k, select=select, check_inputs=False)
+        assert torch.isnan(got[1]) and torch.isfinite(got[[0, 2]]).all(), select
+        want = reference.sae_feature_mse_varlen_ref(hidden.double(), spans, sae, idx.clamp(max=m - 1), val, k, select)
+        assert torch.allclose(got[[0, 2]].double(), want[[0, 2]], atol=1e-6), select
