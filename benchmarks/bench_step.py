@@ -111,8 +111,8 @@ class Step:
         base = torch.arange(B) * T
         self.batch = {"layout": "off", "input_ids": self.ids, "attention_mask": self.attn, "position_ids": None,
                       "pred_rows": (seq * T + pos - 1).to(device), "labels": self.ids[seq.to(device), pos.to(device)],
-                      "seq_ids": seq.to(device), "spans": torch.stack([base + p0, base + T], 1).to(device),
-                      "max_span": T - p0, "num_seqs": B}
+                      "seq_ids": seq.to(device), "spans": torch.stack([base + p0, base + T], 1),   # on the host
+                      "num_seqs": B}
         pooled = torch.rand(B, m, generator=g) * (torch.rand(B, m, generator=g) < 0.02)
         idx, val = pack_topk(pooled.to(device), K)
         self.cache = {"chosen_idx": idx[:pairs], "rejected_idx": idx[pairs:], "chosen_val": val[:pairs],

@@ -11,11 +11,13 @@ from the parameters, inputs and caches already resident, as torch.cuda.max_memor
 Step time: a roofline sum over the second step's operations. Each op costs
     max(FLOPs / attainable FLOP/s, bytes read and written / attainable bandwidth, a per-kernel floor),
 with bf16/fp16 matmuls on the tensor cores and fp32 ones on the CUDA cores (PyTorch leaves TF32 off).
-The skipped Triton kernels are costed from their arguments: the SAE pooling kernel as a tiled GEMM that
-streams W_enc once per token tile and the hidden states once per feature tile, the backward from its k
-gathered features, the log-prob row kernels from their logits chunk (read, and in the backward rewritten).
-Not modelled: CPU launch overhead beyond the floor (a step of this size keeps the GPU fed), L2 reuse,
-attention kernels' own efficiency (costed from their FLOPs and bytes like any op).
+The skipped Triton kernels are costed from their arguments: the SAE pooling kernel as a tiled GEMM whose
+grouped program order reads the hidden rows once and W_enc once per group of row tiles (SAE_TRAFFIC, L2
+holding one group's slices), select="reference" from its gathered k columns over every row tile, the
+backward's two passes from their k gathered features, the log-prob row kernels from their fp32 logits
+chunk (read) and dL/dlogits (written). Not modelled: CPU launch overhead beyond the floor (a step of this
+size keeps the GPU fed), L2 reuse elsewhere, attention kernels' own efficiency (costed from their FLOPs and
+bytes like any op).
 
 A prediction, not a measurement: bench_step.py on an H100 measures; this says what to expect and why.
 """
@@ -46,6 +48,10 @@ H100_SXM = {"name": "NVIDIA H100 80GB HBM3 (SXM5)", "tensor_flops": 989e12, "fp3
 GEMM_EFFICIENCY = 0.70      # large bf16 cuBLAS GEMMs reach about 70% of the dense peak
 BANDWIDTH_EFFICIENCY = 0.85
 KERNEL_FLOOR_S = 3e-6       # the shortest a kernel takes, launch included
+SAE_GROUP = 16              # row tiles per program group in the SAE pooling forward (its first config)
+SAE_TRAFFIC = ("SAE pooling forward: the hidden rows are read once (a group's rows stay in L2 while its programs "
+               f"walk the feature tiles) and W_enc once per group of {SAE_GROUP} row tiles of 128 rows; partial "
+               "sums [tiles, m] fp32 written and read once")
 _FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_local_scalar_dense", "set_",
          "new_empty", "new_empty_strided", "resize_", "sym_size", "sym_stride"}
 
@@ -123,16 +129,16 @@ class StepTracer(TorchDispatchMode):
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         flops, dtype = 0, tensors[0].dtype
         if name == "_sae_pool_fwd_kernel":
-            hidden, w, out = args[0], args[4], args[8]   # flat rows [N, D]; out [S, F]
-            (N, D), (S, F) = hidden.shape, out.shape
+            hidden, w, part = args[0], args[4], args[8]   # flat rows [N, D]; part [n_tiles, F]
+            (N, D), (n_tiles, F) = hidden.shape, part.shape
             flops = 2 * N * D * F     # every row costed as a response row (an upper bound: prompt tiles are skipped)
-            BT, BF = 64, 128          # the first autotune config: W_enc streamed once per token tile
-            if F == w.shape[0]:       # dense: every feature; gathered rows are few and stay in L2
-                nbytes += S * (-(-(N // S) // BT)) * w.numel() * w.element_size() + (-(-F // BF)) * hidden.numel() * hidden.element_size()
-        elif name == "_sae_constraint_bwd_kernel":
-            hidden, idx = args[0], args[6]
-            N, D = hidden.shape
-            flops = 4 * N * D * idx.shape[1]   # recompute the k pre-activations, then dh
+            if F == w.shape[0]:       # dense: see SAE_TRAFFIC; gathered rows are few and stay in L2
+                nbytes += (-(-n_tiles // SAE_GROUP) - 1) * w.numel() * w.element_size()
+        elif name in ("_sae_gate_kernel", "_sae_dh_kernel"):
+            g = args[9] if name == "_sae_gate_kernel" else args[0]   # [N, k]
+            N, K = g.shape
+            D = args[0].shape[1] if name == "_sae_gate_kernel" else args[4].shape[1]
+            flops = 2 * N * D * K     # the k pre-activations again, then dh
         self.cost(name, flops, nbytes, dtype)
 
 
@@ -219,7 +225,7 @@ def estimate(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, grad_ck
     info = {"preset": preset, "pairs": pairs, "seq_len": seq_len, "params": n_params, "tokens": 2 * pairs * seq_len,
             "gradient_checkpointing": grad_ckpt,
             "device_model": spec, "gemm_efficiency": GEMM_EFFICIENCY, "bandwidth_efficiency": BANDWIDTH_EFFICIENCY,
-            "kernel_floor_s": KERNEL_FLOOR_S}
+            "kernel_floor_s": KERNEL_FLOOR_S, "sae_traffic": SAE_TRAFFIC}
     return rows, ratios, info
 
 

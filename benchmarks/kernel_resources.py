@@ -29,10 +29,14 @@ import fpo_kernels.sae_constraint as sc
 H100 = dict(regs=65536, smem=228 * 1024, smem_reserved=1024, warps=64, blocks=32, max_regs_per_thread=255)
 SHAPES = dict(D=2304, F=16384, M=16384, K=50, V=256000)   # Gemma-2-2B with a 16k SAE, k = 50
 
-SAE_FWD = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "inv_n": "*fp32", "w": "*{dt}", "bias": "*fp32", "theta": "*fp32",
-           "idx": "*i32", "out": "*fp32", "D": "i32", "F": "i32", "M": "i32", "stride_h": "i32"}
-SAE_BWD = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "w": "*{dt}", "bias": "*fp32", "theta": "*fp32", "idx": "*i32",
-           "coef": "*fp32", "dh": "*fp32", "D": "i32", "K": "i32", "M": "i32", "stride_h": "i32"}
+SAE_FWD = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "tiles": "*i32", "w": "*{dt}", "bias": "*fp32",
+           "theta": "*fp32", "idx": "*i32", "part": "*fp32", "D": "i32", "F": "i32", "M": "i32", "stride_h": "i32",
+           "n_tiles": "i32"}
+SAE_REDUCE = {"part": "*fp32", "tile_start": "*i32", "inv_n": "*fp32", "out": "*fp32", "F": "i32"}
+SAE_GATE = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "tiles": "*i32", "w": "*{dt}", "bias": "*fp32",
+            "theta": "*fp32", "idx": "*i32", "coef": "*fp32", "g": "*{dt}", "D": "i32", "K": "i32", "M": "i32",
+            "stride_h": "i32"}
+SAE_DH = {"g": "*{dt}", "tiles": "*i32", "w": "*{dt}", "idx": "*i32", "dh": "*{dt}", "D": "i32", "K": "i32", "M": "i32"}
 # the lm-head row kernels read fp32 logits; the backward writes dL/dlogits in the weight's dtype ({dt})
 LP = {"logits": "*fp32", "labels": "*i64", "lse": "*fp32", "logp": "*fp32", "V": "i32", "ignore_index": "i32"}
 LP_BWD = {"logits": "*fp32", "dlogits": "*{dt}", "labels": "*i64", "lse": "*fp32", "grad": "*fp32", "V": "i32",
@@ -42,23 +46,27 @@ KL = {"logits": "*fp32", "ref_logits": "*fp32", "valid": "*i8", "labels": "*i64"
 KL_BWD = {"logits": "*fp32", "dlogits": "*{dt}", "ref_logits": "*fp32", "valid": "*i8", "labels": "*i64",
           "lse": "*fp32", "ref_lse": "*fp32", "grad": "*fp32", "grad_logp": "*fp32", "V": "i32"}
 # integer arguments at the shapes above: the values a launch would see (F is the gathered k in GATHER variants)
-INT_VALUES = {"D": SHAPES["D"], "stride_h": SHAPES["D"], "K": SHAPES["K"], "V": SHAPES["V"], "ignore_index": -100}
+INT_VALUES = {"D": SHAPES["D"], "stride_h": SHAPES["D"], "K": SHAPES["K"], "V": SHAPES["V"], "ignore_index": -100,
+              "n_tiles": 67}   # 8192 response rows in 128-row tiles, plus the sequences' partial tiles
 
 
 def variants():
     """(kernel, signature, dtype, constexprs, options): every GPU autotune config of every kernel."""
     for dt in ("bf16", "fp16", "fp32"):
         prec = "ieee" if dt == "fp32" else None
+        opt = lambda cfg: dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         for has_mask in (False, True):   # packed spans, padded mask
             for gather in (False, True):
                 for cfg in sc._POOL_CONFIGS:
-                    yield (sc._sae_pool_fwd_kernel, SAE_FWD, dt,
-                           dict(HAS_MASK=has_mask, GATHER=gather, PRECISION=prec, **cfg.kwargs),
-                           dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-            for cfg in sc._BWD_CONFIGS:
-                yield (sc._sae_constraint_bwd_kernel, SAE_BWD, dt,
-                       dict(HAS_MASK=has_mask, BK=64, PRECISION=prec, **cfg.kwargs),
-                       dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                    yield (sc._sae_pool_fwd_kernel, SAE_FWD, dt, dict(HAS_MASK=has_mask, GATHER=gather, BT=128,
+                                                                       PRECISION=prec, **cfg.kwargs), opt(cfg))
+            for cfg in sc._GATE_CONFIGS:
+                yield (sc._sae_gate_kernel, SAE_GATE, dt, dict(HAS_MASK=has_mask, BT=64, BK=64, PRECISION=prec,
+                                                               **cfg.kwargs), opt(cfg))
+        for cfg in sc._DH_CONFIGS:
+            yield sc._sae_dh_kernel, SAE_DH, dt, dict(BT=64, BK=64, PRECISION=prec, **cfg.kwargs), opt(cfg)
+        if dt == "fp32":   # the reduction reads fp32 partial sums whatever the hidden dtype
+            yield sc._sae_pool_reduce_kernel, SAE_REDUCE, dt, dict(BF=1024), {}
         for cap in (False, True):
             c = dict(CAP=30.0, HAS_CAP=cap, BV=1024)
             for fn, sig in ((lp._logprobs_fwd_kernel, LP), (lp._logprobs_bwd_kernel, LP_BWD)):

@@ -84,10 +84,9 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
                 acc_reward.append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())
                 if cap is not None:
                     resid = cap.pop()
-                    d = sae_feature_mse_varlen(resid.reshape(-1, resid.shape[-1]), batch["spans"].to(device), sae_w,
+                    d = sae_feature_mse_varlen(resid.reshape(-1, resid.shape[-1]), batch["spans"].cpu(), sae_w,
                                                torch.cat([ref["chosen_idx"], ref["rejected_idx"]]),
-                                               torch.cat([ref["chosen_val"], ref["rejected_val"]]), k, select,
-                                               max_len=batch["max_span"])
+                                               torch.cat([ref["chosen_val"], ref["rejected_val"]]), k, select)
                     ds.append(d)
             elif cap is not None:
                 cap.pop()

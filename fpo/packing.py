@@ -133,7 +133,7 @@ def collate(items, layout: str, pad_id: int, attention_scale=None) -> dict:
     the model's attention_length_scale: rows, padded, in the split that costs dense masks (sdpa, eager) least.
     Returns input_ids [R, L]; attention_mask [R, L] (off) or None; position_ids [R, L], segment [R*L] and
     branch [R*L] (0 prompt, 1 chosen, 2 rejected; padding its own segment; packed layouts) or None;
-    pred_rows, labels, seq_ids [n] (rows of the flattened [R*L] hidden states); spans [2P, 2] and max_span;
+    pred_rows, labels, seq_ids [n] (rows of the flattened [R*L] hidden states); spans [2P, 2];
     num_seqs = 2P; ids, row_hash [P]; tokens (through the body, padding included) and response_tokens (ints);
     layout."""
     _check_layout(layout)
@@ -201,7 +201,7 @@ def collate(items, layout: str, pad_id: int, attention_scale=None) -> dict:
         "segment": segment, "branch": branch,
         "pred_rows": torch.tensor(pred_rows, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
         "seq_ids": torch.tensor(seq_ids, dtype=torch.long), "spans": span_t,
-        "max_span": int((span_t[:, 1] - span_t[:, 0]).max()), "num_seqs": 2 * P,
+        "num_seqs": 2 * P,
         "ids": torch.tensor([it.id for it in items], dtype=torch.long),
         "row_hash": torch.tensor([it.row_hash for it in items], dtype=torch.long),
         "tokens": input_ids.numel(), "response_tokens": len(labels),
@@ -228,7 +228,7 @@ def from_padded(input_ids, attention_mask, response_mask) -> dict:
     return {
         "layout": "off", "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": None,
         "segment": None, "branch": None, "pred_rows": seq * T + t - 1, "labels": input_ids[seq, t], "seq_ids": seq,
-        "spans": spans, "max_span": int(n.max()), "num_seqs": B, "ids": None, "row_hash": None,
+        "spans": spans, "num_seqs": B, "ids": None, "row_hash": None,
         "tokens": B * T, "response_tokens": int(n.sum()),
     }
 

@@ -54,8 +54,8 @@ def reference_stats(model, batch, sae=None, layer=None, K=256, device="cpu", val
         out = {"logp_sum": total, "logp_mean": mean, "len": count}
         if sae is not None:
             resid = cap.pop()
-            pooled = sae_pooled_features_varlen(resid.reshape(-1, resid.shape[-1]), batch["spans"].to(device), sae,
-                                                max_len=batch["max_span"], check_inputs=False)
+            pooled = sae_pooled_features_varlen(resid.reshape(-1, resid.shape[-1]), batch["spans"].cpu(), sae,
+                                                check_inputs=False)
             out["idx"], out["val"] = pack_topk(pooled, K, value_dtype)
     finally:
         if cap is not None:

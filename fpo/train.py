@@ -44,6 +44,7 @@ __all__ = ["train", "PolicyStats", "Trainer", "NonFiniteLossError"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUN_FILES = ("metrics.jsonl", "summary.json", "final")   # with checkpoint-*: what marks a directory as a run
+SHARE_CHECK_STEP = 10   # when the constraint's share of the loss is first judged (mean over the logged steps so far)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -82,9 +83,9 @@ class PolicyStats(nn.Module):
         if self.sae is not None:
             resid = self.capture.pop()
             with record_function("fpo::sae_constraint"):
-                out["d"] = sae_feature_mse_varlen(resid.reshape(-1, resid.shape[-1]), batch["spans"].to(dev), self.sae,
-                                                  ref_idx, ref_val, self.k, self.select, max_len=batch["max_span"],
-                                                  check_inputs=False)
+                # spans stay on the host: the kernels lay out their row tiles from them with no device sync
+                out["d"] = sae_feature_mse_varlen(resid.reshape(-1, resid.shape[-1]), batch["spans"].cpu(), self.sae,
+                                                  ref_idx, ref_val, self.k, self.select, check_inputs=False)
         return out
 
 
@@ -493,23 +494,27 @@ class Trainer:
         if metrics_file is not None:
             metrics_file.flush()
         last = self.history[-1]
-        if not self._share_checked and "constraint_share" in last:
+        # the policy starts at the reference, where D (and TDPO's KL) is 0: judge the share once it has moved
+        if not self._share_checked and "constraint_share" in last and \
+                (last["step"] >= SHARE_CHECK_STEP or last["step"] == self.total_steps):
             self._share_checked = True
-            self._warn_if_constraint_is_negligible(last["constraint_share"])
+            recent = [h["constraint_share"] for h in self.history[-SHARE_CHECK_STEP:]]
+            self._warn_if_constraint_is_negligible(sum(recent) / len(recent), last["step"])
         if bar is not None:
             extra = {"share": f"{last['constraint_share']:.1%}"} if "constraint_share" in last else {}
             bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}", **extra,
                             tok_s=f"{last['tokens_per_s']:.0f}")
 
-    def _warn_if_constraint_is_negligible(self, share):
-        """At the first log step: a constraint below 1% of the margin term changes next to nothing."""
+    def _warn_if_constraint_is_negligible(self, share, step):
+        """Once, at the first log step from step SHARE_CHECK_STEP: a constraint below 1% of the margin term
+        changes next to nothing."""
         if share >= 0.01:
             return
         cfg = self.cfg
         knob = "--alpha" + (" or --constraint-norm ref (D divided by the reference's feature scale)"
                             if cfg.method == "fpo" and cfg.constraint_norm == "none" else "")
-        self.log(f"[fpo] warning: the {'feature' if cfg.method == 'fpo' else 'KL'} constraint is {share:.2%} of the "
-                 f"margin term (mean |constraint term| / mean |beta x margin|): at alpha {cfg.alpha} it changes "
+        self.log(f"[fpo] warning: at step {step} the {'feature' if cfg.method == 'fpo' else 'KL'} constraint is "
+                 f"{share:.2%} of the margin term (mean |constraint term| / mean |beta x margin|): at alpha {cfg.alpha} it changes "
                  f"almost nothing; raise {knob} (alpha x {0.1 / max(share, 1e-12):.3g} would make it about 10%)")
 
     def _stop_diverged(self, what):

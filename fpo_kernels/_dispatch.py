@@ -63,6 +63,10 @@ def pin_autotune():
     """Every autotuned kernel keeps only its first configuration. Ranks that autotune independently may pick
     different tiles, and different tiles sum in different orders: bitwise different pooled features, so
     top-k ties could break differently on each rank. Data-parallel runs call this (fpo.distributed.init)."""
-    from . import sae_constraint
-    for kernel in (sae_constraint._sae_pool_fwd_kernel, sae_constraint._sae_constraint_bwd_kernel):
-        kernel.configs = kernel.configs[:1]
+    from triton.runtime.autotuner import Autotuner
+
+    from . import logprobs, sae_constraint
+    for module in (sae_constraint, logprobs):
+        for kernel in vars(module).values():
+            if isinstance(kernel, Autotuner):
+                kernel.configs = kernel.configs[:1]

@@ -31,7 +31,7 @@ def _tanh(x):
 
 
 # a lane's running max before it has seen a logit: finite, so that exp(_LOW - _LOW) = 1 never meets -inf - -inf
-_LOW: tl.constexpr = -1.0e30
+_LOW = tl.constexpr(-1.0e30)
 
 
 @triton.jit

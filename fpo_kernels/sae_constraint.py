@@ -5,10 +5,19 @@
 
 The kernels work on flat hidden rows [N, d] and one row span [start, end) per sequence, so padded
 batches ([B, T, d] plus a mask: spans b*T + [first, last], the mask marking holes) and packed token
-streams (one span per response, no mask) share them. The forward never writes [N, m]: one program owns a
-tile of features of one sequence, walks that sequence's span tile by tile, and keeps only the pooled sum;
-masked tiles with no response token are skipped. The backward touches only the k selected features:
-    dh_t = [t in response(s)] / n_s * sum_{i in I_s} g_si [z_ti > theta_i] W_enc[:, i],   g_si = dL/dD_s * 2/k w_i (p_si - p_ref_si)
+streams (one span per response, no mask) share them. Work is laid out as a table of row tiles: BT rows of
+one sequence each (tiles with no response row are skipped).
+
+Forward: one program per (row tile, feature tile), ordered in groups of GROUP row tiles so that the
+programs running together share a slice of W_enc and of the hidden rows small enough for L2 (W_enc is read
+about N / (GROUP BT) times, not once per row tile); each writes the tile's partial sum over its rows, and a
+second kernel adds each sequence's partials in a fixed order: deterministic, no atomics, never [N, m].
+Backward, through the k selected features only, in two passes over the row tiles:
+    g_ti  = [t in response(s)] coef_si [z_ti > theta_i],   coef_si = dL/dD_s * 2/k w_i (p_si - p_ref_si) / n_s
+    dh_t  = sum_{i in I_s} g_ti W_enc[:, i]
+the first recomputes the k pre-activations of each row and writes g [N, k]; the second, over (row tile,
+d tile) for more programs, accumulates dh on chip across all k and writes it once, in the hidden states'
+dtype, with explicit zeros on rows outside every response.
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ from ._dispatch import FLOAT_DTYPES, dot_precision, interpreter_on, is_fake, lau
 from .sae_weights import SAEWeights
 
 __all__ = ["sae_pooled_features", "sae_feature_mse", "sae_pooled_features_varlen", "sae_feature_mse_varlen",
-           "sae_pool_fwd", "sae_constraint_bwd", "SAEFeatureMSEFunction"]
+           "sae_pool_fwd", "sae_constraint_bwd", "SAEFeatureMSEFunction", "Spans"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -34,14 +43,36 @@ def _configs(gpu, interpreted):
     return [triton.Config(c, num_warps=w, num_stages=st) for c, w, st in gpu]
 
 
+def _rows_per_tile(pass_: str) -> int:
+    """Row-tile heights, fixed per pass (the tile table is laid out on the host for them)."""
+    if interpreter_on():
+        return 16
+    return {"pool": 128, "grad": 64}[pass_]
+
+
 _POOL_CONFIGS = _configs(
-    [(dict(BT=64, BF=128, BD=64), 4, 3), (dict(BT=128, BF=128, BD=64), 8, 3), (dict(BT=64, BF=256, BD=64), 8, 3),
-     (dict(BT=128, BF=64, BD=64), 4, 3), (dict(BT=64, BF=64, BD=64), 4, 3)],
-    dict(BT=16, BF=32, BD=32))
-# no BD=128 tile: at 4 warps it needs 255 registers and spills ~100 B (benchmarks/kernel_resources.py)
-_BWD_CONFIGS = _configs(
-    [(dict(BT=64, BD=64), 4, 3), (dict(BT=128, BD=64), 8, 3)],
-    dict(BT=16, BD=32))
+    [(dict(BF=128, BD=64, GROUP=16), 8, 3), (dict(BF=64, BD=64, GROUP=16), 4, 3),
+     (dict(BF=128, BD=64, GROUP=8), 8, 4), (dict(BF=256, BD=32, GROUP=16), 8, 3)],
+    dict(BF=32, BD=32, GROUP=2))
+_GATE_CONFIGS = _configs([(dict(BD=64), 4, 3), (dict(BD=128), 8, 3)], dict(BD=32))
+_DH_CONFIGS = _configs([(dict(BD=64), 4, 3), (dict(BD=128), 8, 3)], dict(BD=32))
+
+
+@triton.jit
+def _tile_rows(tiles, span, mask, i_t, BT: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(sequence, rows [BT], rows that are response tokens [BT], rows inside the tile's own range [BT]) of
+    row tile i_t: tiles[i_t] = (sequence or -1 for a tile that only holds zeros, first row, end of range)."""
+    i_s = tl.load(tiles + i_t * 3).to(tl.int64)
+    r0 = tl.load(tiles + i_t * 3 + 1)
+    r1 = tl.load(tiles + i_t * 3 + 2)
+    o_t = r0 + tl.arange(0, BT)
+    m_own = o_t < r1
+    lo = tl.load(span + tl.maximum(i_s, 0) * 2)
+    hi = tl.load(span + tl.maximum(i_s, 0) * 2 + 1)
+    m_t = m_own & (o_t >= lo) & (o_t < hi) & ((o_t * 0 + i_s) >= 0)   # a zero tile (-1) has no response row
+    if HAS_MASK:
+        m_t = m_t & (tl.load(mask + o_t, mask=m_t, other=0) != 0)
+    return i_s, o_t, m_t, m_own
 
 
 @triton.autotune(configs=_POOL_CONFIGS, key=["D", "F", "GATHER", "HAS_MASK"])
@@ -50,83 +81,95 @@ def _sae_pool_fwd_kernel(
     h,        # [N, D] hidden rows (row stride stride_h, unit stride over D)
     mask,     # [N] int8, 1 on response rows (HAS_MASK); unread otherwise
     span,     # [S, 2] int32: first row of each sequence's response, one past its last
-    inv_n,    # [S] fp32: 1 / number of response rows
+    tiles,    # [n_tiles, 3] int32: (sequence, first row, end of range) of each row tile
     w,        # [M, D] W_enc transposed, same dtype as h
     bias,     # [M] fp32: b_enc - b_dec @ W_enc
     theta,    # [M] fp32 JumpReLU threshold
     idx,      # [S, F] int32 feature ids when GATHER, else unused
-    out,      # [S, F] fp32 pooled features
-    D, F, M, stride_h,
+    part,     # [n_tiles, F] fp32 out: each row tile's sum of JumpReLU features over its response rows
+    D, F, M, stride_h, n_tiles,
     HAS_MASK: tl.constexpr, GATHER: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
-    PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """out[s, j] = inv_n[s] * sum_{t in span s} mask[t] * JumpReLU(h[t] @ w[f_j] + bias[f_j]; theta[f_j]),
-    f_j = idx[s, j] (GATHER) or j. A gathered id outside [0, M) is never read: its output is NaN."""
-    i_f = tl.program_id(0)
-    i_s = tl.program_id(1).to(tl.int64)
+    """part[t, j] = sum_{rows r of tile t in its response} JumpReLU(h[r] @ w[f_j] + bias[f_j]; theta[f_j]),
+    f_j = idx[s, j] (GATHER) or j. A gathered id outside [0, M) is never read: its sum is NaN."""
+    # grouped order: consecutive programs walk GROUP row tiles, then the next feature tile
+    pid = tl.program_id(0)
+    n_f = tl.cdiv(F, BF)
+    per_group = GROUP * n_f
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(n_tiles - first, GROUP)
+    i_t = (first + (pid % per_group) % size).to(tl.int64)
+    i_f = (pid % per_group) // size
+    i_s, o_t, m_t, m_own = _tile_rows(tiles, span, mask, i_t, BT, HAS_MASK)
     o_f = i_f * BF + tl.arange(0, BF)
     m_out = o_f < F
     m_f = m_out
     if GATHER:
-        feat = tl.load(idx + i_s * F + o_f, mask=m_f, other=0).to(tl.int64)
+        feat = tl.load(idx + tl.maximum(i_s, 0) * F + o_f, mask=m_f, other=0).to(tl.int64)
         m_f = m_f & (feat >= 0) & (feat < M)
         feat = tl.where(m_f, feat, 0)
     else:
         feat = o_f.to(tl.int64)
-    b_bias = tl.load(bias + feat, mask=m_f, other=0.0)     # [BF]
-    b_theta = tl.load(theta + feat, mask=m_f, other=0.0)   # [BF]
-    lo = tl.load(span + i_s * 2)
-    hi = tl.load(span + i_s * 2 + 1)
     b_acc = tl.zeros([BF], dtype=tl.float32)
-    for t0 in range(lo, hi, BT):
-        o_t = t0 + tl.arange(0, BT)
-        m_t = o_t < hi                                                          # [BT]
-        if HAS_MASK:
-            m_t = m_t & (tl.load(mask + o_t, mask=m_t, other=0) != 0)
-        if tl.max(m_t.to(tl.int32), 0) > 0:  # skip tiles with no response token
-            b_z = tl.zeros([BT, BF], dtype=tl.float32)
-            for d0 in range(0, D, BD):
-                o_d = d0 + tl.arange(0, BD)
-                m_d = o_d < D
-                p_h = h + o_t[:, None].to(tl.int64) * stride_h + o_d[None, :]
-                b_h = tl.load(p_h, mask=m_t[:, None] & m_d[None, :], other=0.0)                # [BT, BD]
-                b_w = tl.load(w + feat[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_f[None, :], other=0.0)  # [BD, BF]
-                b_z += tl.dot(b_h, b_w, input_precision=PRECISION)
-            b_z += b_bias[None, :]
-            b_fire = (b_z > b_theta[None, :]) | (b_z != b_z)   # NaN passes through
-            b_acc += tl.sum(tl.where(b_fire & m_t[:, None], b_z, 0.0), 0)
-    tl.store(out + i_s * F + o_f, tl.where(m_f, b_acc * tl.load(inv_n + i_s), float("nan")), mask=m_out)
+    if tl.max(m_t.to(tl.int32), 0) > 0:  # skip tiles with no response token
+        b_z = tl.zeros([BT, BF], dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            o_d = d0 + tl.arange(0, BD)
+            m_d = o_d < D
+            p_h = h + o_t[:, None].to(tl.int64) * stride_h + o_d[None, :]
+            b_h = tl.load(p_h, mask=m_t[:, None] & m_d[None, :], other=0.0)                # [BT, BD]
+            b_w = tl.load(w + feat[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_f[None, :], other=0.0)  # [BD, BF]
+            b_z += tl.dot(b_h, b_w, input_precision=PRECISION)
+        b_z += tl.load(bias + feat, mask=m_f, other=0.0)[None, :]
+        b_fire = (b_z > tl.load(theta + feat, mask=m_f, other=0.0)[None, :]) | (b_z != b_z)   # NaN passes through
+        b_acc = tl.sum(tl.where(b_fire & m_t[:, None], b_z, 0.0), 0)
+    tl.store(part + i_t * F + o_f, tl.where(m_f, b_acc, float("nan")), mask=m_out)
 
 
-# Autotuning reruns the kernel: safe, as the first k block stores (never accumulates) and rows outside
-# every span keep the zeros the launcher allocated.
-@triton.autotune(configs=_BWD_CONFIGS, key=["D", "K", "HAS_MASK"])
 @triton.jit
-def _sae_constraint_bwd_kernel(
+def _sae_pool_reduce_kernel(
+    part,        # [n_tiles, F] fp32 partial sums; a sequence's tiles are consecutive
+    tile_start,  # [S + 1] int32: sequence s owns tiles [tile_start[s], tile_start[s + 1])
+    inv_n,       # [S] fp32: 1 / number of response rows
+    out,         # [S, F] fp32 pooled features
+    F,
+    BF: tl.constexpr,
+):
+    """out[s] = inv_n[s] * sum of its tiles' partials, added in tile order: the same bits every run."""
+    i_s = tl.program_id(0).to(tl.int64)
+    o_f = tl.program_id(1) * BF + tl.arange(0, BF)
+    m_f = o_f < F
+    t0 = tl.load(tile_start + i_s)
+    p_part = part + t0.to(tl.int64) * F + o_f
+    b_acc = tl.zeros([BF], dtype=tl.float32)
+    for _ in range(t0, tl.load(tile_start + i_s + 1)):
+        b_acc += tl.load(p_part, mask=m_f, other=0.0)
+        p_part += F
+    tl.store(out + i_s * F + o_f, b_acc * tl.load(inv_n + i_s), mask=m_f)
+
+
+@triton.autotune(configs=_GATE_CONFIGS, key=["D", "K", "HAS_MASK"])
+@triton.jit
+def _sae_gate_kernel(
     h,        # [N, D] hidden rows (row stride stride_h)
     mask,     # [N] int8 (HAS_MASK)
     span,     # [S, 2] int32
+    tiles,    # [n_tiles, 3] int32: (sequence or -1, first row, end of range)
     w,        # [M, D] W_enc transposed, same dtype as h
     bias,     # [M] fp32
     theta,    # [M] fp32
     idx,      # [S, K] int32 selected features
     coef,     # [S, K] fp32: dL/dD_s * 2/k * w_i * (p_si - p_ref_si) / n_s
-    dh,       # [N, D] fp32 gradient of the hidden rows
+    g,        # [N, K] out, h's dtype: dL/dz of the selected pre-activations (rows of zero tiles unwritten)
     D, K, M, stride_h,
     HAS_MASK: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dh[t] = mask[t] * sum_j coef[s, j] * [z[t, j] > theta] * w[idx[s, j]] for t in span s, recomputing z
-    for the k selected features only; an id outside [0, M) is never read (it adds nothing)."""
-    i_t = tl.program_id(0)
-    i_s = tl.program_id(1).to(tl.int64)
-    lo = tl.load(span + i_s * 2)
-    hi = tl.load(span + i_s * 2 + 1)
-    o_t = lo + i_t * BT + tl.arange(0, BT)
-    m_row = o_t < hi                                                            # [BT] rows this program owns
-    m_t = m_row
-    if HAS_MASK:
-        m_t = m_t & (tl.load(mask + o_t, mask=m_row, other=0) != 0)
-    if tl.max(m_row.to(tl.int32), 0) > 0:
+    """g[r, j] = [r a response row] * coef[s, j] * [h[r] @ w[idx[s, j]] + bias > theta], every row of the tile
+    (0 outside the response); ids outside [0, M) are never read (their g is 0)."""
+    i_t = tl.program_id(0).to(tl.int64)
+    i_s, o_t, m_t, m_own = _tile_rows(tiles, span, mask, i_t, BT, HAS_MASK)
+    if i_s >= 0:
         for k0 in range(0, K, BK):
             o_k = k0 + tl.arange(0, BK)
             m_k = o_k < K
@@ -134,28 +177,56 @@ def _sae_constraint_bwd_kernel(
             m_k = m_k & (feat >= 0) & (feat < M)
             feat = tl.where(m_k, feat, 0)
             b_z = tl.zeros([BT, BK], dtype=tl.float32)
-            for d0 in range(0, D, BD):
-                o_d = d0 + tl.arange(0, BD)
-                m_d = o_d < D
-                p_h = h + o_t[:, None].to(tl.int64) * stride_h + o_d[None, :]
-                b_h = tl.load(p_h, mask=m_t[:, None] & m_d[None, :], other=0.0)                           # [BT, BD]
-                b_w = tl.load(w + feat[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, BK]
-                b_z += tl.dot(b_h, b_w, input_precision=PRECISION)
+            if tl.max(m_t.to(tl.int32), 0) > 0:
+                for d0 in range(0, D, BD):
+                    o_d = d0 + tl.arange(0, BD)
+                    m_d = o_d < D
+                    p_h = h + o_t[:, None].to(tl.int64) * stride_h + o_d[None, :]
+                    b_h = tl.load(p_h, mask=m_t[:, None] & m_d[None, :], other=0.0)                           # [BT, BD]
+                    b_w = tl.load(w + feat[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, BK]
+                    b_z += tl.dot(b_h, b_w, input_precision=PRECISION)
             b_z += tl.load(bias + feat, mask=m_k, other=0.0)[None, :]
             b_fire = (b_z > tl.load(theta + feat, mask=m_k, other=0.0)[None, :]) | (b_z != b_z)
             b_c = tl.load(coef + i_s * K + o_k, mask=m_k, other=0.0)
-            b_g = tl.where(b_fire & m_t[:, None] & m_k[None, :], b_c[None, :], 0.0)   # [BT, BK] dL/dz
-            b_g = b_g.to(h.dtype.element_ty)
-            for d0 in range(0, D, BD):
-                o_d = d0 + tl.arange(0, BD)
-                m_d = o_d < D
-                b_w = tl.load(w + feat[:, None] * D + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BK, BD]
-                p_dh = dh + o_t[:, None].to(tl.int64) * D + o_d[None, :]
-                m_dh = m_row[:, None] & m_d[None, :]
-                b_dh = tl.dot(b_g, b_w, input_precision=PRECISION)
-                if k0 > 0:
-                    b_dh += tl.load(p_dh, mask=m_dh, other=0.0)
-                tl.store(p_dh, b_dh, mask=m_dh)
+            b_g = tl.where(b_fire & m_t[:, None] & m_k[None, :], b_c[None, :], 0.0)   # [BT, BK]
+            tl.store(g + o_t[:, None].to(tl.int64) * K + o_k[None, :], b_g.to(g.dtype.element_ty),
+                     mask=m_own[:, None] & (o_k < K)[None, :])
+
+
+@triton.autotune(configs=_DH_CONFIGS, key=["D", "K"])
+@triton.jit
+def _sae_dh_kernel(
+    g,        # [N, K] dL/dz of the selected pre-activations, h's dtype
+    tiles,    # [n_tiles, 3] int32
+    w,        # [M, D] W_enc transposed, h's dtype
+    idx,      # [S, K] int32 selected features
+    dh,       # [N, D] out, h's dtype: written on every row of every tile, zeros where no feature contributes
+    D, K, M,
+    BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dh[r, d-tile] = sum_j g[r, j] * w[idx[s, j], d-tile], accumulated on chip over every k block."""
+    i_t = tl.program_id(0).to(tl.int64)
+    o_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    i_s = tl.load(tiles + i_t * 3).to(tl.int64)
+    r0 = tl.load(tiles + i_t * 3 + 1)
+    r1 = tl.load(tiles + i_t * 3 + 2)
+    o_t = r0 + tl.arange(0, BT)
+    m_own = o_t < r1
+    b_dh = tl.zeros([BT, BD], dtype=tl.float32)
+    if i_s >= 0:
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            feat = tl.load(idx + i_s * K + o_k, mask=m_k, other=0).to(tl.int64)
+            m_k = m_k & (feat >= 0) & (feat < M)
+            feat = tl.where(m_k, feat, 0)
+            b_g = tl.load(g + o_t[:, None].to(tl.int64) * K + o_k[None, :], mask=m_own[:, None] & m_k[None, :],
+                          other=0.0)                                                                          # [BT, BK]
+            b_w = tl.load(w + feat[:, None] * D + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BK, BD]
+            b_dh += tl.dot(b_g, b_w, input_precision=PRECISION)
+    tl.store(dh + o_t[:, None].to(tl.int64) * D + o_d[None, :], b_dh.to(dh.dtype.element_ty),
+             mask=m_own[:, None] & m_d[None, :])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,11 +234,13 @@ def _sae_constraint_bwd_kernel(
 # ------------------------------------------------------------------------------------------------
 class Spans:
     """Where each sequence's response lies in the flat hidden rows, computed once per call:
-    span [S, 2] int32 (start, end), inv_n [S] fp32, mask8 [N] int8 or None (rows inside a span that are not
-    response tokens: holes of a padded mask), max_len (the longest span: the backward's grid)."""
+    span [S, 2] int32 (start, end) on the device, inv_n [S] fp32, mask8 [N] int8 or None (rows inside a span
+    that are not response tokens: holes of a padded mask), and the row-tile tables the kernels walk, laid
+    out on the host (from the host's copy of the spans, or, for a padded batch, from its shape alone)."""
 
-    def __init__(self, span, inv_n, mask8, max_len):
-        self.span, self.inv_n, self.mask8, self.max_len = span, inv_n, mask8, int(max_len)
+    def __init__(self, span, inv_n, mask8, n_rows, host_spans=None, padded=None):
+        self.span, self.inv_n, self.mask8, self.n_rows = span, inv_n, mask8, n_rows
+        self._host, self._padded, self._tables = host_spans, padded, {}
 
     @classmethod
     def from_mask(cls, mask):
@@ -181,20 +254,48 @@ class Spans:
         base = torch.arange(B, device=mask.device) * T
         span = torch.stack([base + first, base + last], 1).to(torch.int32).contiguous()
         inv_n = (1.0 / on.sum(1).clamp(min=1).float()).contiguous()
-        return cls(span, inv_n, m8.reshape(-1), T)
+        return cls(span, inv_n, m8.reshape(-1), B * T, padded=(B, T))
 
     @classmethod
-    def from_spans(cls, spans, max_len=None):
-        """Response spans [S, 2] (start, end) over flat rows: every row of a span is a response token."""
-        span = spans.to(torch.int32).contiguous()
+    def from_spans(cls, spans, n_rows, device):
+        """Response spans [S, 2] (start, end) over n_rows flat rows, every row of a span a response token;
+        spans on the host or the device (a host copy is what the tile table needs: a sync if on the GPU)."""
+        host = spans.detach().to("cpu", torch.int64) if not is_fake(spans) else None
+        span = spans.to(device=device, dtype=torch.int32).contiguous()
         n = (span[:, 1] - span[:, 0]).clamp(min=1)
-        if max_len is None:
-            max_len = int(n.max()) if n.numel() else 1   # a device sync on a GPU: pass max_len to avoid it
-        return cls(span, (1.0 / n.float()).contiguous(), None, max(int(max_len), 1))
+        return cls(span, (1.0 / n.float()).contiguous(), None, n_rows, host_spans=host)
 
     @property
     def count(self):
         return self.span.shape[0]
+
+    def tiles(self, BT):
+        """(tiles [n, 3] int32 on the device, tile_start [S + 1] int32, number of tiles): the sequence's row
+        tiles in order, then zero tiles over the rows no span covers (the backward writes zeros there)."""
+        if BT not in self._tables:
+            rows, starts = [], [0]
+            if self._padded is not None:            # every row of every sequence, whatever its mask
+                B, T = self._padded
+                for b in range(B):
+                    rows += [(b, r, b * T + T) for r in range(b * T, b * T + T, BT)]
+                    starts.append(len(rows))
+            elif self._host is not None:
+                covered = []
+                for s, (lo, hi) in enumerate(self._host.tolist()):
+                    rows += [(s, r, hi) for r in range(lo, hi, BT)]
+                    starts.append(len(rows))
+                    covered.append((lo, hi))
+                pos = 0
+                for lo, hi in sorted(covered) + [(self.n_rows, self.n_rows)]:
+                    rows += [(-1, r, lo) for r in range(pos, lo, BT)]
+                    pos = max(pos, hi)
+            else:                                   # fake tensors: shapes only (one tile per BT rows)
+                rows = [(0, r, self.n_rows) for r in range(0, self.n_rows, BT)]
+                starts += [len(rows)] * self.count
+            dev = self.span.device
+            self._tables[BT] = (torch.tensor(rows or [(-1, 0, 0)], dtype=torch.int32, device=dev),
+                                torch.tensor(starts, dtype=torch.int32, device=dev), len(rows))
+        return self._tables[BT]
 
 
 def sae_pool_fwd(hidden, spans: Spans, sae: SAEWeights, idx=None):
@@ -205,35 +306,50 @@ def sae_pool_fwd(hidden, spans: Spans, sae: SAEWeights, idx=None):
         hidden = hidden.contiguous()
     S = spans.count
     F = sae.width if idx is None else idx.shape[1]
+    BT = _rows_per_tile("pool")
+    tiles, tile_start, n_tiles = spans.tiles(BT)
+    part = torch.empty(max(n_tiles, 1), F, device=hidden.device, dtype=torch.float32)
     out = torch.empty(S, F, device=hidden.device, dtype=torch.float32)
     idx32 = idx.to(torch.int32).contiguous() if idx is not None else spans.span  # unused placeholder when dense
     has_mask = spans.mask8 is not None
     launch(
-        _sae_pool_fwd_kernel, lambda meta: (triton.cdiv(F, meta["BF"]), S),
-        hidden, spans.mask8 if has_mask else spans.span, spans.span, spans.inv_n, sae.weight_as(hidden.dtype),
-        sae.bias, sae.threshold, idx32, out, D, F, sae.width, hidden.stride(0),
-        HAS_MASK=has_mask, GATHER=idx is not None, PRECISION=dot_precision(hidden.dtype),
+        _sae_pool_fwd_kernel, lambda meta: (max(n_tiles, 1) * triton.cdiv(F, meta["BF"]),),
+        hidden, spans.mask8 if has_mask else spans.span, spans.span, tiles, sae.weight_as(hidden.dtype),
+        sae.bias, sae.threshold, idx32, part, D, F, sae.width, hidden.stride(0), max(n_tiles, 1),
+        HAS_MASK=has_mask, GATHER=idx is not None, BT=BT, PRECISION=dot_precision(hidden.dtype),
     )
+    BF = 1024 if not interpreter_on() else 256
+    launch(_sae_pool_reduce_kernel, (S, triton.cdiv(F, BF)), part, tile_start, spans.inv_n, out, F, BF=BF)
     return out
 
 
 def sae_constraint_bwd(hidden, spans: Spans, sae: SAEWeights, idx, coef):
-    """dL/dhidden [N, d] in hidden's dtype, through the k selected features idx [S, k] only; zero outside the spans."""
+    """dL/dhidden [N, d] in hidden's dtype, through the k selected features idx [S, k] only; zero outside the
+    spans. Two passes: the gate g [N, k], then dh accumulated on chip over all k."""
     N, D = hidden.shape
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     K = idx.shape[1]
-    dh = torch.zeros(N, D, device=hidden.device, dtype=torch.float32)
-    # one k block holds k <= 64 (the usual k = 50): the gate is computed once per token tile
+    BT = _rows_per_tile("grad")
+    tiles, _, n_tiles = spans.tiles(BT)
+    w = sae.weight_as(hidden.dtype)
+    idx32 = idx.to(torch.int32).contiguous()
+    g = torch.empty(N, K, device=hidden.device, dtype=hidden.dtype)
+    dh = torch.empty(N, D, device=hidden.device, dtype=hidden.dtype)
+    # one k block holds k <= 64 (the usual k = 50): the gate is computed once per row tile
     BK = min(32 if interpreter_on() else 64, max(16, triton.next_power_of_2(K)))
     has_mask = spans.mask8 is not None
     launch(
-        _sae_constraint_bwd_kernel, lambda meta: (triton.cdiv(spans.max_len, meta["BT"]), spans.count),
-        hidden, spans.mask8 if has_mask else spans.span, spans.span, sae.weight_as(hidden.dtype), sae.bias,
-        sae.threshold, idx.to(torch.int32).contiguous(), coef.float().contiguous(), dh, D, K, sae.width, hidden.stride(0),
-        HAS_MASK=has_mask, BK=BK, PRECISION=dot_precision(hidden.dtype),
+        _sae_gate_kernel, (max(n_tiles, 1),),
+        hidden, spans.mask8 if has_mask else spans.span, spans.span, tiles, w, sae.bias, sae.threshold, idx32,
+        coef.float().contiguous(), g, D, K, sae.width, hidden.stride(0),
+        HAS_MASK=has_mask, BT=BT, BK=BK, PRECISION=dot_precision(hidden.dtype),
     )
-    return dh.to(hidden.dtype)
+    launch(
+        _sae_dh_kernel, lambda meta: (max(n_tiles, 1), triton.cdiv(D, meta["BD"])),
+        g, tiles, w, idx32, dh, D, K, sae.width, BT=BT, BK=BK, PRECISION=dot_precision(hidden.dtype),
+    )
+    return dh
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,16 +424,14 @@ def _check_mask(hidden, mask, check_values):
             raise ValueError(f"mask row {empty[0].item()} has no response token (an empty response is bad data)")
 
 
-def _check_spans(hidden, spans, max_len, check_values):
+def _check_spans(hidden, spans, check_values):
     N = hidden.shape[0]
     if not torch.is_tensor(spans) or spans.dim() != 2 or spans.shape[1] != 2:
         raise ValueError(f"spans must be an [S, 2] tensor of (start, end) rows, got {getattr(spans, 'shape', type(spans))}")
     if spans.dtype.is_floating_point or spans.dtype == torch.bool:
         raise ValueError(f"spans must be an integer tensor, got {spans.dtype}")
-    if spans.device != hidden.device:
-        raise ValueError(f"spans is on {spans.device} but hidden is on {hidden.device}")
-    if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1):
-        raise ValueError(f"max_len must be a positive integer (the longest span), got {max_len!r}")
+    if spans.device != hidden.device and spans.device.type != "cpu":
+        raise ValueError(f"spans is on {spans.device}: it must be on hidden's device ({hidden.device}) or the host")
     if not check_values or spans.shape[0] == 0:
         return
     s, e = spans[:, 0].long(), spans[:, 1].long()
@@ -329,8 +443,6 @@ def _check_spans(hidden, spans, max_len, check_values):
     if empty.numel():
         i = empty[0].item()
         raise ValueError(f"spans row {i} = {spans[i].tolist()} is empty (an empty response is bad data)")
-    if max_len is not None and (e - s).max().item() > max_len:
-        raise ValueError(f"max_len={max_len} is shorter than the longest span ({(e - s).max().item()})")
     order = s.argsort()
     overlap = (e[order][:-1] > s[order][1:]).nonzero().flatten()
     if overlap.numel():
@@ -396,17 +508,18 @@ def sae_pooled_features(hidden, mask, sae: SAEWeights, check_inputs: bool = True
         return sae_pool_fwd(hidden.detach().reshape(B * T, d), Spans.from_mask(mask), sae)
 
 
-def sae_pooled_features_varlen(hidden, spans, sae: SAEWeights, max_len=None, check_inputs: bool = True) -> torch.Tensor:
+def sae_pooled_features_varlen(hidden, spans, sae: SAEWeights, check_inputs: bool = True) -> torch.Tensor:
     """sae_pooled_features on flat hidden rows: hidden [N, d] (a packed token stream), spans [S, 2] integer
-    (start, end) rows of each sequence's response, non-overlapping and non-empty; max_len: the longest
-    span, if the caller knows it. Returns [S, m] float32, detached."""
+    (start, end) rows of each sequence's response, non-overlapping and non-empty, on hidden's device or on
+    the host (better: the kernels lay out their row tiles from a host copy, which a GPU tensor costs a sync).
+    Returns [S, m] float32, detached."""
     check_inputs = check_inputs and not is_fake(hidden)
     _check_sae_hidden(hidden, sae, 2, "[N, d]")
-    _check_spans(hidden, spans, max_len, check_inputs)
+    _check_spans(hidden, spans, check_inputs)
     with torch.no_grad():
         if not use_triton(hidden) or hidden.dtype == torch.float64:
-            return reference.sae_pooled_features_varlen_ref(hidden, spans, sae).float()
-        return sae_pool_fwd(hidden.detach(), Spans.from_spans(spans, max_len), sae)
+            return reference.sae_pooled_features_varlen_ref(hidden, spans.to(hidden.device), sae).float()
+        return sae_pool_fwd(hidden.detach(), Spans.from_spans(spans, hidden.shape[0], hidden.device), sae)
 
 
 def sae_feature_mse(hidden, mask, sae: SAEWeights, ref_indices, ref_values, k: int = 50, select: str = "policy",
@@ -435,19 +548,18 @@ def sae_feature_mse(hidden, mask, sae: SAEWeights, ref_indices, ref_values, k: i
 
 
 def sae_feature_mse_varlen(hidden, spans, sae: SAEWeights, ref_indices, ref_values, k: int = 50,
-                           select: str = "policy", feature_weights=None, max_len=None,
-                           check_inputs: bool = True) -> torch.Tensor:
+                           select: str = "policy", feature_weights=None, check_inputs: bool = True) -> torch.Tensor:
     """sae_feature_mse on flat hidden rows: hidden [N, d] (a packed token stream), spans [S, 2] integer
-    (start, end) rows of each sequence's response (non-overlapping, non-empty), ref_indices / ref_values
-    [S, K]; max_len: the longest span if the caller knows it (else read from spans: a device sync on a GPU).
+    (start, end) rows of each sequence's response (non-overlapping, non-empty; on hidden's device or, better,
+    the host: see sae_pooled_features_varlen), ref_indices / ref_values [S, K].
     Returns [S] float32; rows outside every span get zero gradient."""
     check_inputs = check_inputs and not is_fake(hidden)
     _check_sae_hidden(hidden, sae, 2, "[N, d]")
-    _check_spans(hidden, spans, max_len, check_inputs)
+    _check_spans(hidden, spans, check_inputs)
     _check_reference(spans.shape[0], sae.width, ref_indices, ref_values, k, select, feature_weights, hidden.device,
                      check_inputs)
     if not use_triton(hidden) or hidden.dtype == torch.float64:
-        return reference.sae_feature_mse_varlen_ref(hidden, spans, sae, ref_indices, ref_values, k, select,
-                                                    feature_weights).float()
-    return SAEFeatureMSEFunction.apply(hidden, Spans.from_spans(spans, max_len), sae, ref_indices, ref_values, k,
-                                       select, feature_weights)
+        return reference.sae_feature_mse_varlen_ref(hidden, spans.to(hidden.device), sae, ref_indices, ref_values, k,
+                                                    select, feature_weights).float()
+    return SAEFeatureMSEFunction.apply(hidden, Spans.from_spans(spans, hidden.shape[0], hidden.device), sae,
+                                       ref_indices, ref_values, k, select, feature_weights)
