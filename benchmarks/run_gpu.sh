@@ -14,8 +14,11 @@ if [ "$PART" = tests ] || [ "$PART" = all ]; then
   # sae-lens is not needed on the GPU: its two comparison tests run in CI
   python -m pytest -q -p no:cacheprovider tests/test_sae_constraint.py tests/test_logprobs.py tests/test_cache_pack.py \
     -k "not sae_lens and not shipped_sae" 2>&1 | tee "$OUT/gpu_tests.txt"
+  # FlexAttention over packed micro-batches, forward and backward (a random model: no downloads)
+  python -m pytest -q -p no:cacheprovider tests/test_packing.py -m gpu 2>&1 | tee -a "$OUT/gpu_tests.txt"
 fi
 if [ "$PART" = kernels ] || [ "$PART" = all ]; then
+  python -m benchmarks.kernel_resources --out "$OUT" > "$OUT/kernel_resources.log" 2>&1
   python -m benchmarks.bench_sae_constraint --out "$OUT" 2>&1 | tee "$OUT/bench_sae_constraint.log"
   python -m benchmarks.bench_logprobs --out "$OUT" 2>&1 | tee "$OUT/bench_logprobs.log"
 fi

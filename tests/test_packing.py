@@ -269,3 +269,36 @@ def test_attention_mask_kinds_for_gemma2(tok, tmp_path):
     assert set(masks) == {"full_attention", "sliding_attention"}
     assert masks["full_attention"].dtype == torch.float32                       # eager: additive
     assert (masks["sliding_attention"] < 0).sum() > (masks["full_attention"] < 0).sum()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_attention_trains_like_the_dense_mask_on_gpu(dtype):
+    """On CUDA the packed layouts default to FlexAttention: its hidden states and gradients (torch has no CPU
+    backward for it) equal the dense-mask sdpa path on a random Llama and synthetic pairs (no downloads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fpo.data import TokenizedPair
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return tuple(torch.randint(5, 1000, (n,), generator=g).tolist())
+    items = [TokenizedPair(i, ids(lp), ids(lc), ids(lr), i) for i, (lp, lc, lr) in enumerate([(40, 90, 33), (7, 150, 200),
+                                                                                             (120, 5, 61)])]
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512)
+    outs = {}
+    for impl in ("sdpa", "flex_attention"):
+        torch.manual_seed(0)
+        cfg._attn_implementation = impl
+        model = LlamaForCausalLM(cfg).to("cuda", dtype)
+        for layout in ("pack", "share-prompt"):
+            b = collate(items, layout, 0, None)
+            h = body_hidden(model, b, "cuda")
+            h.float().pow(2).mean().backward()
+            outs[impl, layout] = (h.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.float().clone())
+            model.zero_grad()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for layout in ("pack", "share-prompt"):
+        (h_d, g_d), (h_f, g_f) = outs["sdpa", layout], outs["flex_attention", layout]
+        assert _rel(h_f, h_d) < tol and _rel(g_f, g_d) < tol, layout

@@ -3,11 +3,12 @@ import os
 import re
 
 
-def test_readme_python_example_runs(monkeypatch):
+def test_readme_python_examples_run(monkeypatch):
     text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    section = text.split("## Python API", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {})
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
 
 
 def test_readme_starts_with_the_two_commands():
