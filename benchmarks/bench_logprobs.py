@@ -4,7 +4,9 @@ Providers, log-probs: fused (fpo_kernels.fused_linear_logprobs), naive (logits =
 softcap, log_softmax, gather: what TRL does), liger (LigerFusedLinearCrossEntropyLoss with reduction
 "none", when liger-kernel is installed; no softcap). KL: fused (fpo_kernels.fused_linear_kl) vs the TDPO
 authors' formulation (softmax of both models' logits, .log(), the product, summed). TDPO's three terms
-(policy and reference log-probs, KL): fused_linear_logprobs_kl in one pass vs the separate ops.
+(policy and reference log-probs, KL): fused_linear_logprobs_kl in one pass vs the separate ops. The whole
+SimPO loss module (2 pairs, a quarter of each row prompt): fpo_kernels.FusedLinearSimPOLoss vs Liger's
+LigerFusedLinearSimPOLoss (when installed; heads without softcap, as Liger has none).
 
 FLOPs: 2 N d V per logits GEMM; the fused backward recomputes the chunk's logits (one GEMM more than naive).
 Bytes: naive holds [N, V] logits in the model dtype plus fp32 copies (8.4 GB per copy at N 8192, V 256000).
@@ -17,7 +19,7 @@ import argparse
 import torch
 
 from benchmarks.common import CPU_NOTE, environment, peak_extra_mb, timing, write_results
-from fpo_kernels import fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl
+from fpo_kernels import FusedLinearSimPOLoss, fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl
 
 HEADS_GPU = [("gemma2-2b", 2304, 256000, 30.0), ("llama3", 4096, 128256, None)]
 TOKENS_GPU = [2048, 8192, 32768]
@@ -49,11 +51,28 @@ def _liger():
         return None
 
 
+def _liger_simpo():
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+        return LigerFusedLinearSimPOLoss(beta=2.0, gamma=0.5, compute_nll_loss=False,
+                                         compiled=torch.cuda.is_available())   # its torch.compile is for the GPU
+    except Exception:
+        return None
+
+
+def _as_pairs(h, labels, P=2):
+    """[N, d] tokens as P pairs [2P, T, d] with shifted labels, the first quarter of each row a prompt."""
+    T = h.shape[0] // (2 * P)
+    target = labels[:2 * P * T].reshape(2 * P, T).clone()
+    target[:, :T // 4] = -100
+    return h[:2 * P * T].reshape(2 * P, T, -1), target
+
+
 def run(heads, tokens, dtype=torch.bfloat16):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu":
         dtype = torch.float32
-    liger = _liger()
+    liger, liger_simpo = _liger(), _liger_simpo()
     rows = []
     for label, d, V, cap in heads:
         torch.manual_seed(0)
@@ -78,6 +97,10 @@ def run(heads, tokens, dtype=torch.bfloat16):
             }
             if liger is not None and cap is None:
                 providers["logprobs/liger"] = lambda h: -liger(W, h, labels)
+            if liger_simpo is not None and cap is None:   # the whole SimPO loss module, ours against Liger's
+                ours = FusedLinearSimPOLoss(beta=2.0, gamma=0.5)
+                providers["simpo-loss/fused"] = lambda h: ours(W, *_as_pairs(h, labels))[0].expand(N) / N
+                providers["simpo-loss/liger"] = lambda h: liger_simpo(W, *_as_pairs(h, labels))[0].expand(N) / N
             for mode in ("forward", "full"):
                 res = {}
                 for name, fn in providers.items():

@@ -45,6 +45,15 @@ METHODS = ["simpo", "dpo", "dpo-full-logits", "fpo", "fpo-ref", "tdpo1-lean", "t
 NEEDS_REF = {"tdpo1-lean", "tdpo2-lean", "tdpo1-authors", "tdpo2-authors", "fpo-authors"}
 
 
+def liger_methods() -> list:
+    """SimPO through Liger-Kernel's LigerFusedLinearSimPOLoss, beside ours, when liger-kernel is installed."""
+    try:
+        import liger_kernel.chunked_loss  # noqa: F401
+        return ["simpo-liger"]
+    except ImportError:
+        return []
+
+
 def build_model(preset, device, dtype):
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
     p = {k: v for k, v in PRESETS[preset].items() if k not in ("arch", "sae_layer", "sae_width")}
@@ -61,7 +70,7 @@ def build_model(preset, device, dtype):
 
 
 RATIO_PAIRS = (("fpo", "tdpo2-authors"), ("fpo", "tdpo2-lean"), ("fpo", "simpo"), ("fpo-ref", "simpo"),
-               ("fpo", "fpo-authors"), ("tdpo2-lean", "tdpo2-authors"))
+               ("fpo", "fpo-authors"), ("tdpo2-lean", "tdpo2-authors"), ("simpo", "simpo-liger"))
 
 
 def method_ratios(rows, keys):
@@ -202,8 +211,21 @@ class Step:
                 if cap is not None:
                     cap.remove()
 
+    def _liger_simpo(self):
+        """Liger's fused SimPO module on the response positions only (equal work: ours skips the prompt rows;
+        no final-logit softcap, which Liger lacks)."""
+        from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+        if getattr(self, "_liger", None) is None:
+            self._liger = LigerFusedLinearSimPOLoss(beta=2.0, gamma=0.5, compute_nll_loss=False,
+                                                    compiled=torch.cuda.is_available())   # torch.compile: GPU only
+        hidden = run_body(self.policy, self.ids, self.attn)
+        p0 = self.ids.shape[1] // 4
+        return self._liger(lm_head(self.policy)[0], hidden[:, p0 - 1:-1], self.ids[:, p0:])[0]
+
     def loss(self, method):
         """The scalar training loss (mean over pairs) of one step of `method`."""
+        if method == "simpo-liger":
+            return self._liger_simpo()
         if method.endswith("-authors") or method == "dpo-full-logits":
             return self._authors(method).mean()
         return self._ours(method).mean()
@@ -293,7 +315,7 @@ def main(argv=None):
     ap.add_argument("--preset", choices=list(PRESETS), default=None, help="default gemma2-2b on a GPU, tiny on the CPU")
     ap.add_argument("--pairs", type=int, nargs="*", default=None, help="pairs per step (a sweep)")
     ap.add_argument("--seq-len", type=int, nargs="*", default=None, help="tokens per sequence (a sweep)")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS + liger_methods()))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--out", default=None, help="write bench_step_<preset>.{json,md,png} here")

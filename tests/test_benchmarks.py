@@ -22,7 +22,7 @@ def test_kernel_benchmarks_run(capsys):
 def test_step_benchmark_ratios(tmp_path):
     from benchmarks import bench_step
     rows, ratios = bench_step.main(["--steps", "2", "--out", str(tmp_path)])
-    assert {r["method"] for r in rows} == set(bench_step.METHODS)
+    assert {r["method"] for r in rows} == set(bench_step.METHODS + bench_step.liger_methods())
     assert all(r["step_ms"] > 0 for r in rows)
     assert "fpo/tdpo2-authors step_ms" in ratios["2x64"]
     assert (tmp_path / "bench_step_tiny_2x64.png").exists()
