@@ -120,7 +120,10 @@ class StepTracer(TorchDispatchMode):
             plain_args = args[:-1] if func._overloadname in ("dtype", "dtype_out") else args
             plain = {k: v for k, v in kwargs.items() if k not in ("out", "out_dtype")}
             flops = counter(*plain_args, **plain, out_val=out) if counter is not None else 0
-            self.cost(name, flops, nbytes, ins[0].dtype if ins else torch.float32)
+            # the operands' precision sets the rate: a half-precision GEMM into an fp32 accumulator (addmm's
+            # first input, or out_dtype) still runs on the tensor cores
+            half = [t.dtype for t in ins if t.dtype in (torch.bfloat16, torch.float16)]
+            self.cost(name, flops, nbytes, half[0] if half and counter is not None else (ins[0].dtype if ins else torch.float32))
         return out
 
     def triton_launch(self, name, args, meta):
