@@ -39,15 +39,16 @@ SAE_GATE = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "tiles": "*i32", "w": "
 SAE_DH = {"g": "*{dt}", "tiles": "*i32", "w": "*{dt}", "idx": "*i32", "dh": "*{dt}", "D": "i32", "K": "i32", "M": "i32"}
 # the lm-head row kernels read fp32 logits; the backward writes dL/dlogits in the weight's dtype ({dt})
 LP = {"logits": "*fp32", "labels": "*i64", "lse": "*fp32", "logp": "*fp32", "V": "i32", "ignore_index": "i32"}
-LP_BWD = {"logits": "*fp32", "dlogits": "*{dt}", "labels": "*i64", "lse": "*fp32", "grad": "*fp32", "V": "i32",
-          "ignore_index": "i32"}
+LP_BWD = {"logits": "*fp32", "dlogits": "*{dt}", "labels": "*i64", "lse": "*fp32", "grad": "*fp32", "VB": "i32",
+          "v_off": "i32", "V": "i32", "ignore_index": "i32"}
 KL = {"logits": "*fp32", "ref_logits": "*fp32", "valid": "*i8", "labels": "*i64", "lse": "*fp32", "ref_lse": "*fp32",
       "kl": "*fp32", "logp": "*fp32", "ref_logp": "*fp32", "V": "i32"}
 KL_BWD = {"logits": "*fp32", "dlogits": "*{dt}", "ref_logits": "*fp32", "valid": "*i8", "labels": "*i64",
-          "lse": "*fp32", "ref_lse": "*fp32", "grad": "*fp32", "grad_logp": "*fp32", "V": "i32"}
+          "lse": "*fp32", "ref_lse": "*fp32", "grad": "*fp32", "grad_logp": "*fp32", "VB": "i32", "v_off": "i32",
+          "V": "i32"}
 # integer arguments at the shapes above: the values a launch would see (F is the gathered k in GATHER variants)
 INT_VALUES = {"D": SHAPES["D"], "stride_h": SHAPES["D"], "K": SHAPES["K"], "V": SHAPES["V"], "ignore_index": -100,
-              "n_tiles": 67}   # 8192 response rows in 128-row tiles, plus the sequences' partial tiles
+              "n_tiles": 67, "VB": 21760, "v_off": 21760}   # a backward vocabulary block of 4096 rows   # 8192 response rows in 128-row tiles, plus the sequences' partial tiles
 
 
 def variants():

@@ -3,10 +3,12 @@
     logp_n = log_softmax(softcap(h_n @ W^T + b))[y_n]                  softcap(z) = c tanh(z / c)
     KL_n   = sum_v q_nv (log q_nv - log p_nv),  q = softmax(softcap(h_ref_n @ W_ref^T)),  p likewise for the policy
 
-Tokens are processed in chunks of C rows: one GEMM writes a chunk's [C, V] logits in fp32, a Triton row
-kernel reduces them (softcap, online logsumexp, the label's logit) and, in the backward, writes dL/dlogits
-in the weight's dtype, which two GEMMs turn into grad_hidden and grad_weight (accumulated in fp32 across
-chunks for a half-precision head). Memory: O(C x V), independent of N.
+Forward: tokens in chunks of C rows; one GEMM writes a chunk's [C, V] logits in fp32 and a Triton row kernel
+reduces them (softcap, a per-lane online logsumexp, the label's logit). Backward: the saved logsumexps make
+every (token chunk, vocabulary block) independent, so it walks vocabulary blocks outer and token chunks inner:
+a block's fp32 logits, a row kernel writing dL/dlogits in the weight's dtype, two GEMMs into grad_hidden
+(fp32 across blocks) and the block's grad_weight (fp32 across chunks, written once). Memory: O(C x V) and
+O(C x VB), independent of N beyond the gradients themselves.
 Saved for backward: the inputs (already alive in the caller) and one logsumexp per token.
 The upstream gradient may differ per token (preference losses weight each sequence differently),
 so the backward recomputes a chunk's logits rather than folding the gradient into the forward.
@@ -78,33 +80,34 @@ def _logprobs_fwd_kernel(
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    logits,   # [C, V] raw logits (fp32)
-    dlogits,  # [C, V] out: dL/dlogits in the weight's dtype (may be logits itself)
+    logits,   # [C, VB] raw logits of one vocabulary block (fp32)
+    dlogits,  # [C, VB] out: dL/dlogits in the weight's dtype (may be logits itself)
     labels,   # [C] int64
-    lse,      # [C] fp32 saved logsumexp
+    lse,      # [C] fp32 saved logsumexp (of the whole vocabulary)
     grad,     # [C] fp32 upstream dL/dlogp
-    V, ignore_index,
+    VB, v_off, V, ignore_index,   # block width, its first vocabulary id, the vocabulary size
     CAP: tl.constexpr, HAS_CAP: tl.constexpr, BV: tl.constexpr,
 ):
-    """dL/dz_v = g * ([v == y] - softmax_v) * softcap'(z_v), softcap'(z) = 1 - tanh(z / c)^2."""
+    """dL/dz_v = g * ([v == y] - softmax_v) * softcap'(z_v), softcap'(z) = 1 - tanh(z / c)^2, for the block's
+    columns v = v_off + j: softmax needs only the saved logsumexp, so blocks are independent."""
     i_n = tl.program_id(0).to(tl.int64)
-    p_row = logits + i_n * V
+    p_row = logits + i_n * VB
     y = tl.load(labels + i_n)
     b_g = tl.where((y != ignore_index) & (y >= 0) & (y < V), tl.load(grad + i_n), 0.0)
     b_lse = tl.load(lse + i_n)
-    for v0 in range(0, V, BV):
+    for v0 in range(0, VB, BV):
         o_v = v0 + tl.arange(0, BV)
-        m_v = o_v < V
+        m_v = o_v < VB
         b_raw = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32)
         if HAS_CAP:
             b_t = _tanh(b_raw / CAP)
             b_z = CAP * b_t
         else:
             b_z = b_raw
-        b_dz = b_g * (tl.where(o_v == y, 1.0, 0.0) - tl.exp(b_z - b_lse))
+        b_dz = b_g * (tl.where(o_v + v_off == y, 1.0, 0.0) - tl.exp(b_z - b_lse))
         if HAS_CAP:
             b_dz = b_dz * (1.0 - b_t * b_t)
-        tl.store(dlogits + i_n * V + o_v, b_dz.to(dlogits.dtype.element_ty), mask=m_v)
+        tl.store(dlogits + i_n * VB + o_v, b_dz.to(dlogits.dtype.element_ty), mask=m_v)
 
 
 @triton.jit
@@ -172,19 +175,20 @@ def _kl_fwd_kernel(
 
 @triton.jit
 def _kl_bwd_kernel(
-    logits,      # [C, V] policy raw logits (fp32)
-    dlogits,     # [C, V] out: dL/dlogits in the weight's dtype (may be logits itself)
-    ref_logits,  # [C, V] reference raw logits
+    logits,      # [C, VB] policy raw logits of one vocabulary block (fp32)
+    dlogits,     # [C, VB] out: dL/dlogits in the weight's dtype (may be logits itself)
+    ref_logits,  # [C, VB] reference raw logits of the same block
     valid,       # [C] int8
     labels,      # [C] int64 (HAS_LABELS)
     lse,         # [C] fp32
     ref_lse,     # [C] fp32
     grad,        # [C] fp32 upstream dL/dKL
     grad_logp,   # [C] fp32 upstream dL/dlogp (HAS_LABELS)
-    V,
+    VB, v_off, V,   # block width, its first vocabulary id, the vocabulary size
     CAP: tl.constexpr, HAS_CAP: tl.constexpr, HAS_LABELS: tl.constexpr, BV: tl.constexpr,
 ):
-    """dL/dz_v = (g_kl (softmax(t)_v - softmax(r)_v) + g_logp ([v == y] - softmax(t)_v)) * softcap'(z_v)."""
+    """dL/dz_v = (g_kl (softmax(t)_v - softmax(r)_v) + g_logp ([v == y] - softmax(t)_v)) * softcap'(z_v), for the
+    block's columns v = v_off + j (the saved logsumexps make blocks independent)."""
     i_n = tl.program_id(0).to(tl.int64)
     ok = tl.load(valid + i_n) != 0
     b_g = tl.where(ok, tl.load(grad + i_n), 0.0)
@@ -193,11 +197,11 @@ def _kl_bwd_kernel(
     if HAS_LABELS:
         y = tl.load(labels + i_n)
         b_gl = tl.where(ok & (y >= 0) & (y < V), tl.load(grad_logp + i_n), 0.0)
-    for v0 in range(0, V, BV):
+    for v0 in range(0, VB, BV):
         o_v = v0 + tl.arange(0, BV)
-        m_v = o_v < V
-        b_raw = tl.load(logits + i_n * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_r = _softcap_logits(tl.load(ref_logits + i_n * V + o_v, mask=m_v, other=0.0).to(tl.float32), CAP, HAS_CAP)
+        m_v = o_v < VB
+        b_raw = tl.load(logits + i_n * VB + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_r = _softcap_logits(tl.load(ref_logits + i_n * VB + o_v, mask=m_v, other=0.0).to(tl.float32), CAP, HAS_CAP)
         if HAS_CAP:
             b_th = _tanh(b_raw / CAP)
             b_t = CAP * b_th
@@ -206,24 +210,35 @@ def _kl_bwd_kernel(
         b_p = tl.exp(b_t - b_lt)
         b_dz = b_g * (b_p - tl.exp(b_r - b_lr))
         if HAS_LABELS:
-            b_dz += b_gl * (tl.where(o_v == y, 1.0, 0.0) - b_p)
+            b_dz += b_gl * (tl.where(o_v + v_off == y, 1.0, 0.0) - b_p)
         if HAS_CAP:
             b_dz = b_dz * (1.0 - b_th * b_th)
-        tl.store(dlogits + i_n * V + o_v, b_dz.to(dlogits.dtype.element_ty), mask=m_v)
+        tl.store(dlogits + i_n * VB + o_v, b_dz.to(dlogits.dtype.element_ty), mask=m_v)
 
 
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
-CHUNK_BYTES = 3 << 29   # ~1.5 GiB of chunk buffers: [C, d] x [d, V] is then compute-bound on an H100
+FORWARD_BYTES = 1 << 29    # 512 MiB of fp32 logits per forward chunk: [C, d] x [d, V] is compute-bound on an H100
+BACKWARD_BYTES = 1 << 29   # 512 MiB of logits and dL/dlogits per backward block
 
 
-def default_chunk_size(V: int, bytes_per_logit: int = 6) -> int:
-    """Tokens per chunk: a power of two in [16, 8192] whose buffers (fp32 logits plus dL/dlogits in the
-    weight's dtype: 6 bytes a logit; 10 with a reference's logits too) stay within CHUNK_BYTES. At Gemma-2's
-    256k vocabulary: 1024 rows for log-probs, 512 with the KL; the lm head is read N / C times a pass."""
-    c = 1 << max(4, (CHUNK_BYTES // max(V * bytes_per_logit, 1)).bit_length() - 1)
+def default_chunk_size(V: int, bytes_per_logit: int = 4) -> int:
+    """Forward tokens per chunk: a power of two in [16, 8192] whose fp32 logits (4 bytes a logit; 8 with a
+    reference's logits too) stay within FORWARD_BYTES. At Gemma-2's 256k vocabulary: 512 rows for log-probs,
+    256 with the KL. Each row needs the whole vocabulary for its logsumexp."""
+    c = 1 << max(4, (FORWARD_BYTES // max(V * bytes_per_logit, 1)).bit_length() - 1)
     return min(c, 8192)
+
+
+def backward_blocks(N: int, V: int, bytes_per_logit: int = 6, chunk_size=None):
+    """(rows C, vocabulary columns VB) of a backward block. Given the saved logsumexps, dL/dlogits of a block
+    needs only the block's own logits, so the backward walks vocabulary blocks (outer) and token chunks (inner):
+    grad_weight's block is complete (and fp32-accumulated) when its vocabulary block is, grad_hidden
+    accumulates in fp32 across blocks, and at up to 4096 rows a block the head weight is read N / 4096 times."""
+    C = min(N, chunk_size or 4096)
+    VB = BACKWARD_BYTES // max(C * bytes_per_logit, 1)
+    return C, (V if VB >= V else max(128, VB // 128 * 128))
 
 
 def _half(t) -> bool:
@@ -269,13 +284,6 @@ def _dlogits_buffer(z, weight):
     return z if weight.dtype == torch.float32 else torch.empty(z.shape, dtype=weight.dtype, device=z.device)
 
 
-def _grad_weight_buffer(weight, N, C):
-    """grad_weight accumulates in fp32 when a half-precision head sees more than one chunk (16 bf16 additions
-    would round away small per-chunk contributions); one chunk's GEMM already sums in fp32."""
-    dtype = torch.float32 if (_half(weight) and N > C) else weight.dtype
-    return torch.zeros(weight.shape, dtype=dtype, device=weight.device)
-
-
 def logprobs_fwd(hidden, weight, labels, bias=None, softcap=None, ignore_index=-100, chunk_size=None):
     """(logp [N] fp32, lse [N] fp32)."""
     N, V = hidden.shape[0], weight.shape[0]
@@ -294,34 +302,67 @@ def logprobs_bwd(grad_logp, hidden, weight, labels, lse, bias=None, softcap=None
                  chunk_size=None, need_hidden=True, need_weight=True, need_bias=True):
     """(grad_hidden, grad_weight, grad_bias), each None when not needed."""
     N, V = hidden.shape[0], weight.shape[0]
-    C = chunk_size or default_chunk_size(V)
-    gh = torch.empty_like(hidden) if need_hidden else None
-    gw = _grad_weight_buffer(weight, N, C) if need_weight else None
-    gb = torch.zeros(V, device=hidden.device, dtype=torch.float32) if (need_bias and bias is not None) else None
     grad_logp = grad_logp.float().contiguous()
-    for s in range(0, N, C):
-        e = min(s + C, N)
-        z = _chunk_logits(hidden[s:e], weight, bias)
-        dz = _dlogits_buffer(z, weight)
-        launch(_logprobs_bwd_kernel, (e - s,), z, dz, labels[s:e], lse[s:e], grad_logp[s:e], V, ignore_index,
-               BV=_bv(V), **_cap_args(softcap))
-        del z
-        _chunk_grads(dz, weight, hidden[s:e], None if gh is None else gh[s:e], gw, gb)
-    return gh, (gw.to(weight.dtype) if gw is not None else None), (gb.to(bias.dtype) if gb is not None else None)
+
+    def block(z, dz, s, e, v0, v1):
+        launch(_logprobs_bwd_kernel, (e - s,), z, dz, labels[s:e], lse[s:e], grad_logp[s:e], v1 - v0, v0, V,
+               ignore_index, BV=_bv(v1 - v0), **_cap_args(softcap))
+
+    return _blocked_backward(hidden, weight, bias, block, backward_blocks(N, V, 4 + weight.element_size(), chunk_size),
+                             need_hidden, need_weight, need_bias)
 
 
-def _chunk_grads(dz, weight, h, gh, gw, gb):
-    """One chunk's dL/dlogits [C, V] (the weight's dtype) -> its rows of grad_hidden (gh), added into
-    grad_weight (fp32 or the weight's dtype) and grad_bias (fp32)."""
-    if gh is not None:
-        torch.mm(dz, weight, out=gh)
-    if gw is not None:
-        if gw.dtype == dz.dtype:
-            gw.addmm_(dz.t(), h)
-        else:
-            _addmm_fp32_(gw, dz.t(), h)
-    if gb is not None:
-        gb += dz.float().sum(0)
+def _accumulate(acc, a, b, first):
+    """acc (+)= a @ b: written by the first product, then accumulated (fp32 accumulators take half-precision
+    operands without rounding the product)."""
+    if first and acc.dtype == a.dtype:
+        torch.mm(a, b, out=acc)
+    elif acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    else:
+        if first:
+            acc.zero_()
+        _addmm_fp32_(acc, a, b)
+
+
+def _blocked_backward(hidden, weight, bias, block, blocks, need_hidden, need_weight, need_bias):
+    """The backward's loop over (vocabulary block, token chunk): the block's logits (fp32), the kernel's
+    dL/dlogits (block(z, dz, s, e, v0, v1)), then grad_hidden (fp32 across vocabulary blocks), grad_weight
+    (fp32 across token chunks within a block, written once per block) and grad_bias."""
+    N, d = hidden.shape
+    V = weight.shape[0]
+    C, VB = blocks
+    many_vb, many_tc = V > VB, N > C
+    gh = None
+    if need_hidden:
+        gh = torch.empty(N, d, device=hidden.device,
+                         dtype=torch.float32 if (many_vb and _half(hidden)) else hidden.dtype)
+    gw = torch.empty_like(weight) if need_weight else None
+    gb = torch.empty(V, device=hidden.device, dtype=torch.float32) if (need_bias and bias is not None) else None
+    for v0 in range(0, V, VB):
+        v1 = min(v0 + VB, V)
+        w_blk = weight[v0:v1]
+        gw_blk, own_gw = None, many_tc and _half(weight)   # own_gw: an fp32 accumulator, copied in after the block
+        if gw is not None:
+            gw_blk = torch.empty(v1 - v0, d, device=weight.device, dtype=torch.float32) if own_gw else gw[v0:v1]
+        for s in range(0, N, C):
+            e = min(s + C, N)
+            z = _chunk_logits(hidden[s:e], w_blk, None if bias is None else bias[v0:v1])   # [C, VB] fp32
+            dz = _dlogits_buffer(z, weight)
+            block(z, dz, s, e, v0, v1)
+            del z
+            if gh is not None:
+                _accumulate(gh[s:e], dz, w_blk, first=v0 == 0)
+            if gw_blk is not None:
+                _accumulate(gw_blk, dz.t(), hidden[s:e], first=s == 0)
+            if gb is not None:
+                part = dz.float().sum(0)
+                gb[v0:v1] = part if s == 0 else gb[v0:v1] + part
+            del dz   # before the next block's logits: one block alive at a time
+        if gw_blk is not None and own_gw:
+            gw[v0:v1] = gw_blk
+    return (None if gh is None else gh.to(hidden.dtype), gw,
+            None if gb is None else gb.to(bias.dtype))
 
 
 def kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap=None, chunk_size=None, labels=None,
@@ -329,7 +370,7 @@ def kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap=None, chunk_s
     """(kl [N] fp32, lse [N], ref_lse [N], logp [N] or None, ref_logp [N] or None): logp and ref_logp,
     the label's log-prob under each model, come with labels."""
     N, V = hidden.shape[0], weight.shape[0]
-    C = chunk_size or default_chunk_size(V, 10)
+    C = chunk_size or default_chunk_size(V, 8)
     kl = torch.empty(N, device=hidden.device, dtype=torch.float32)
     lse = torch.empty_like(kl)
     ref_lse = torch.empty_like(kl)
@@ -351,24 +392,18 @@ def kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse
     """(grad_hidden, grad_weight, grad_bias), each None when not needed; through the KL and, with labels
     and grad_logp, the label's log-prob as well: one pass over the logits for both."""
     N, V = hidden.shape[0], weight.shape[0]
-    C = chunk_size or default_chunk_size(V, 10)
-    gh = torch.empty_like(hidden) if need_hidden else None
-    gw = _grad_weight_buffer(weight, N, C) if need_weight else None
-    gb = torch.zeros(V, device=hidden.device, dtype=torch.float32) if (need_bias and bias is not None) else None
     grad_kl = grad_kl.float().contiguous()
     if grad_logp is not None:
         grad_logp = grad_logp.float().contiguous()
-    for s in range(0, N, C):
-        e = min(s + C, N)
-        z = _chunk_logits(hidden[s:e], weight, bias)
-        zr = _chunk_logits(ref_hidden[s:e], ref_weight, ref_bias)
-        dz = _dlogits_buffer(z, weight)
+
+    def block(z, dz, s, e, v0, v1):
+        zr = _chunk_logits(ref_hidden[s:e], ref_weight[v0:v1], None if ref_bias is None else ref_bias[v0:v1])
         launch(_kl_bwd_kernel, (e - s,), z, dz, zr, valid8[s:e], _rows(labels, valid8, s, e), lse[s:e],
-               ref_lse[s:e], grad_kl[s:e], _rows(grad_logp, grad_kl, s, e), V,
-               BV=_bv(V), HAS_LABELS=labels is not None, **_cap_args(softcap))
-        del z, zr
-        _chunk_grads(dz, weight, hidden[s:e], None if gh is None else gh[s:e], gw, gb)
-    return gh, (gw.to(weight.dtype) if gw is not None else None), (gb.to(bias.dtype) if gb is not None else None)
+               ref_lse[s:e], grad_kl[s:e], _rows(grad_logp, grad_kl, s, e), v1 - v0, v0, V,
+               BV=_bv(v1 - v0), HAS_LABELS=labels is not None, **_cap_args(softcap))
+
+    return _blocked_backward(hidden, weight, bias, block, backward_blocks(N, V, 8 + weight.element_size(), chunk_size),
+                             need_hidden, need_weight, need_bias)
 
 
 def _rows(t, placeholder, s, e):

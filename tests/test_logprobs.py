@@ -297,3 +297,40 @@ def test_unchecked_out_of_range_labels_are_never_read(device):
     assert torch.allclose(got[ok].double(), want, atol=1e-5)
     logp, ref_logp, kl = fused_linear_logprobs_kl(hidden, weight, labels, hidden * 0.5, weight, check_inputs=False)
     assert torch.isnan(logp[2]) and torch.isnan(ref_logp[4]) and torch.isfinite(kl).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("op", ["logprobs", "logprobs_kl"])
+def test_backward_in_vocabulary_blocks(dtype, op, monkeypatch, device):
+    """The backward walks (vocabulary block, token chunk) pairs: with blocks far smaller than the vocabulary
+    and several chunks, gradients (fp32-accumulated across blocks and chunks) match the float64 reference."""
+    poison(monkeypatch, lpmod)
+    monkeypatch.setattr(lpmod, "BACKWARD_BYTES", 16 * 300 * 6)      # 16-row chunks x 300-column blocks
+    N, d, V = 45, 24, 1000
+    assert lpmod.backward_blocks(N, V, 6, 16) == (16, 256)
+    hidden = torch.randn(N, d, device=device).to(dtype)
+    weight = (torch.randn(V, d, device=device) * 0.4).to(dtype)
+    bias = (torch.randn(V, device=device) * 0.3).to(dtype)
+    labels = torch.randint(0, V, (N,), device=device)
+    labels[::7] = -100
+    ref_h = hidden.float() + 0.2 * torch.randn(N, d, device=device)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    if op == "logprobs":
+        got = fused_linear_logprobs(h, w, labels, softcap=6.0, bias=b, chunk_size=16)
+    else:
+        got = sum(fused_linear_logprobs_kl(h, w, labels, ref_h.to(dtype), w.detach() * 0.9, 6.0, b, chunk_size=16)[i]
+                  for i in (0, 2))
+    g = torch.randn(N, device=device)
+    got.backward(g)
+    hr, wr, br = (t.double().requires_grad_() for t in (hidden, weight, bias))
+    if op == "logprobs":
+        want = reference.fused_linear_logprobs_ref(hr, wr, labels, 6.0, -100, br)
+    else:
+        lp, _, kl = reference.fused_linear_logprobs_kl_ref(hr, wr, labels, ref_h.to(dtype).double(),
+                                                           wr.detach() * 0.9, 6.0, br)
+        want = lp + kl
+    want.backward(g.double())
+    tol = TOL[dtype]
+    assert _rel_rms(got, want) < tol
+    for a, b_ in ((h.grad, hr.grad), (w.grad, wr.grad), (b.grad, br.grad)):
+        assert a.dtype == dtype and _rel_rms(a, b_) < tol
