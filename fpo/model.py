@@ -74,13 +74,16 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu", attn_implem
     return model.to(device)
 
 
-def default_attention(device, packing: str, model_path=None):
+def default_attention(device, packing: str):
     """The attention implementation a run uses when none is asked for: FlexAttention for packed layouts on
     CUDA (block-sparse: masked-out blocks are skipped), the model's own default otherwise (sdpa or eager,
     which take the packed layout's dense mask)."""
     if packing == "off" or torch.device(device).type != "cuda":
         return None
-    from torch.nn.attention import flex_attention  # noqa: F401  (torch >= 2.5)
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401  (torch >= 2.5)
+    except ImportError:
+        return None
     return "flex_attention"
 
 

@@ -5,7 +5,6 @@ import torch
 
 from fpo import assets
 from fpo.data import load_pairs, tokenize_pairs
-from fpo.losses import LOSSES
 from fpo.model import load_model, load_tokenizer
 from fpo.packing import (LAYOUTS, attention_mask_for, body_hidden, collate, micro_batch_tokens, pair_tokens,
                          plan_micro_batches)

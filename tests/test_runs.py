@@ -12,7 +12,7 @@ import torch
 from fpo.cache import ReferenceCache
 from fpo.config import TrainConfig
 from fpo.data import load_pairs, tokenize_pairs
-from fpo.model import load_model, load_tokenizer
+from fpo.model import load_tokenizer
 from fpo.precompute import precompute
 from fpo.train import NonFiniteLossError, Trainer, train
 
