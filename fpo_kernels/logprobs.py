@@ -23,7 +23,7 @@ from . import reference
 from ._dispatch import FLOAT_DTYPES, interpreter_on, is_fake, launch, use_triton
 
 __all__ = ["fused_linear_logprobs", "fused_linear_kl", "fused_linear_logprobs_kl", "logprobs_fwd", "logprobs_bwd", "kl_fwd", "kl_bwd",
-           "FusedLinearLogprobsFunction", "FusedLinearKLFunction", "default_chunk_size"]
+           "FusedLinearLogprobsFunction", "FusedLinearKLFunction", "default_chunk_size", "backward_blocks"]
 
 
 @triton.jit
@@ -540,8 +540,8 @@ def fused_linear_logprobs(hidden, weight, labels, softcap=None, ignore_index=-10
     """Per-token log-probs log_softmax(softcap(hidden @ weight.T + bias))[labels] without [N, V] logits.
 
     hidden [N, d], weight [V, d] (the lm head), labels [N] integer in [0, V) or ignore_index, bias [V] or None,
-    softcap: Gemma-2's final logit softcap c (z -> c tanh(z / c)) or None; chunk_size: tokens per chunk
-    (default: about 2^26 logits). Returns [N] float32, 0 where labels == ignore_index.
+    softcap: Gemma-2's final logit softcap c (z -> c tanh(z / c)) or None; chunk_size: tokens per forward chunk
+    and per backward block (default: default_chunk_size, 512 MiB of fp32 logits, and backward_blocks). Returns [N] float32, 0 where labels == ignore_index.
     Differentiable in hidden, weight and bias. check_inputs=False skips the label range check (a sync).
     """
     _check_linear(hidden, weight)
