@@ -2,7 +2,6 @@
 loss code on the same tokens, TRL's precomputed reference column against our fused log-probs, and the version
 pin. Skipped, with the reason, where TRL is not installed (CI installs it)."""
 import json
-import os
 
 import pytest
 import torch
