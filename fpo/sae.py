@@ -1,6 +1,8 @@
-"""Loading the SAE for training and precompute: a sae-lens directory or file, a Gemma Scope params.npz,
-or a sae-lens release/id pair when a hub is reachable. Returns the kernels' SAEWeights and the decoder
-layer the SAE reads (from its hook name, e.g. model.layers.15 or blocks.12.hook_resid_post)."""
+"""Loading the SAE for training and precompute: a sae-lens directory or file (JumpReLU, standard, TopK,
+BatchTopK, Matryoshka-BatchTopK), an EleutherAI sparsify directory, a Gemma Scope params.npz, or a sae-lens
+release/id pair when a hub is reachable (sae-lens 6: SAE.from_pretrained returns the SAE). Returns the kernels'
+SAEWeights and the decoder layer the SAE reads (from its hook name, e.g. model.layers.15 or
+blocks.12.hook_resid_post, or a sparsify folder's name, layers.23)."""
 from __future__ import annotations
 
 import json
@@ -31,6 +33,8 @@ def load_sae(spec: str, device="cpu"):
             with open(cfg) as f:
                 c = json.load(f)
             layer = layer_from_hook_name(c.get("hook_name") or (c.get("metadata") or {}).get("hook_name"))
+        if layer is None and os.path.isdir(spec):   # sparsify names each SAE's folder after its hookpoint: layers.23
+            layer = layer_from_hook_name(os.path.basename(os.path.normpath(spec)))
         return sae, layer
     if ":" in spec:
         release, sae_id = spec.split(":", 1)

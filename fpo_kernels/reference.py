@@ -24,12 +24,16 @@ def jumprelu_ref(z: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 
 def sae_encode_ref(hidden: torch.Tensor, sae) -> torch.Tensor:
-    """[..., d] -> [..., m] JumpReLU features."""
+    """[..., d] -> [..., m] SAE features: JumpReLU (ReLU and BatchTopK are JumpReLUs), or TopK: ReLU of each
+    token's k largest pre-activations (torch.topk), 0 elsewhere."""
     dt = _acc_dtype(hidden)
     x = hidden.to(dt)
     if sae.apply_b_dec_to_input:
         x = x - sae.b_dec.to(dt)
     z = x @ sae.W_enc_t.to(dt).t() + sae.b_enc.to(dt)
+    if getattr(sae, "activation", "jumprelu") == "topk":
+        vals, ids = torch.topk(z, sae.k, dim=-1)
+        return torch.zeros_like(z).scatter(-1, ids, vals.clamp(min=0))
     return jumprelu_ref(z, sae.threshold.to(dt))
 
 

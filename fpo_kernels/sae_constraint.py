@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import reference
+from . import reference, sae_topk
 from ._dispatch import FLOAT_DTYPES, dot_precision, interpreter_on, is_fake, launch, use_triton
 from .sae_weights import SAEWeights
 
@@ -487,6 +487,17 @@ def _check_reference(S, m, ref_indices, ref_values, k, select, feature_weights, 
             raise ValueError("feature_weights must be >= 0")
 
 
+def _topk_rows(mask=None, spans=None, T=None):
+    """(rows [n], seq [n], inv_n [S]) of the response tokens, for the TopK path (sae_topk), from a padded mask
+    [B, T] or spans [S, 2]."""
+    if mask is not None:
+        seq, t = mask.bool().nonzero(as_tuple=True)
+        n = mask.bool().sum(1)
+        return seq * T + t, seq, 1.0 / n.clamp(min=1).float()
+    rows, seq = reference.span_rows(spans)
+    return rows, seq, 1.0 / (spans[:, 1] - spans[:, 0]).clamp(min=1).float()
+
+
 # ------------------------------------------------------------------------------------------------
 # public ops
 # ------------------------------------------------------------------------------------------------
@@ -505,6 +516,9 @@ def sae_pooled_features(hidden, mask, sae: SAEWeights, check_inputs: bool = True
         if not use_triton(hidden) or hidden.dtype == torch.float64:
             return reference.sae_pooled_features_ref(hidden, mask, sae).float()
         B, T, d = hidden.shape
+        if sae.activation == "topk":
+            rows, seq, inv_n = _topk_rows(mask=mask, T=T)
+            return sae_topk.topk_pool_fwd(hidden.detach().reshape(B * T, d), rows, seq, B, inv_n, sae)[0].float()
         return sae_pool_fwd(hidden.detach().reshape(B * T, d), Spans.from_mask(mask), sae)
 
 
@@ -519,6 +533,9 @@ def sae_pooled_features_varlen(hidden, spans, sae: SAEWeights, check_inputs: boo
     with torch.no_grad():
         if not use_triton(hidden) or hidden.dtype == torch.float64:
             return reference.sae_pooled_features_varlen_ref(hidden, spans.to(hidden.device), sae).float()
+        if sae.activation == "topk":
+            rows, seq, inv_n = _topk_rows(spans=spans.to(hidden.device))
+            return sae_topk.topk_pool_fwd(hidden.detach(), rows, seq, spans.shape[0], inv_n, sae)[0].float()
         return sae_pool_fwd(hidden.detach(), Spans.from_spans(spans, hidden.shape[0], hidden.device), sae)
 
 
@@ -543,6 +560,10 @@ def sae_feature_mse(hidden, mask, sae: SAEWeights, ref_indices, ref_values, k: i
         return reference.sae_feature_mse_ref(hidden, mask, sae, ref_indices, ref_values, k, select,
                                              feature_weights).float()
     B, T, d = hidden.shape
+    if sae.activation == "topk":
+        rows, seq, inv_n = _topk_rows(mask=mask, T=T)
+        return sae_topk.TopKFeatureMSEFunction.apply(hidden.reshape(B * T, d), rows, seq, inv_n, sae, ref_indices,
+                                                     ref_values, k, select, feature_weights)
     return SAEFeatureMSEFunction.apply(hidden.reshape(B * T, d), Spans.from_mask(mask), sae, ref_indices, ref_values,
                                        k, select, feature_weights)
 
@@ -561,5 +582,9 @@ def sae_feature_mse_varlen(hidden, spans, sae: SAEWeights, ref_indices, ref_valu
     if not use_triton(hidden) or hidden.dtype == torch.float64:
         return reference.sae_feature_mse_varlen_ref(hidden, spans.to(hidden.device), sae, ref_indices, ref_values, k,
                                                     select, feature_weights).float()
+    if sae.activation == "topk":
+        rows, seq, inv_n = _topk_rows(spans=spans.to(hidden.device))
+        return sae_topk.TopKFeatureMSEFunction.apply(hidden, rows, seq, inv_n, sae, ref_indices, ref_values, k, select,
+                                                     feature_weights)
     return SAEFeatureMSEFunction.apply(hidden, Spans.from_spans(spans, hidden.shape[0], hidden.device), sae,
                                        ref_indices, ref_values, k, select, feature_weights)

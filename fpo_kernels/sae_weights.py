@@ -13,9 +13,18 @@ from ._dispatch import is_fake
 __all__ = ["SAEWeights"]
 
 
+ACTIVATIONS = ("jumprelu", "relu", "topk", "batchtopk")
+
+
 @dataclass(eq=False)
 class SAEWeights:
-    """Encoder of a JumpReLU (or plain ReLU) sparse autoencoder: f = JumpReLU(W_enc^T (h - b_dec) + b_enc; theta).
+    """Encoder of a sparse autoencoder: z = W_enc^T (h - b_dec) + b_enc, then its activation:
+        jumprelu   f = z [z > theta]                     (Gemma Scope, sae-lens "jumprelu")
+        relu       f = ReLU(z): a JumpReLU with theta 0  (sae-lens "standard")
+        topk       f = ReLU(z) on each token's k largest pre-activations, 0 elsewhere (sae-lens "topk",
+                   EleutherAI's sparsify); exactly k per token, ties as torch.topk breaks them
+        batchtopk  f = z [z > theta] with one threshold for every feature: the inference form of sae-lens'
+                   BatchTopK and Matryoshka-BatchTopK SAEs
 
     The SAE is frozen during FPO training: nothing here needs or carries gradients.
 
@@ -35,6 +44,8 @@ class SAEWeights:
     b_dec: torch.Tensor | None = None
     apply_b_dec_to_input: bool = False
     name: str = "sae"
+    activation: str = "jumprelu"
+    k: int | None = None                 # topk: features kept per token
     bias: torch.Tensor = field(init=False)
     _cast: dict = field(init=False, default_factory=dict, repr=False)
 
@@ -42,6 +53,13 @@ class SAEWeights:
         m, d = self.W_enc_t.shape if self.W_enc_t.dim() == 2 else (None, None)
         if m is None:
             raise ValueError(f"W_enc must be 2-D [d, m], got shape {tuple(self.W_enc_t.shape)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"sae activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.activation == "topk":
+            if not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= m:
+                raise ValueError(f"a topk SAE needs k in [1, {m}] (its width), got {self.k!r}")
+        elif self.k is not None:
+            raise ValueError(f"k is for topk SAEs; this one is {self.activation}")
         for arg, t, n in (("b_enc", self.b_enc, m), ("threshold", self.threshold, m)):
             if t.shape != (n,):
                 raise ValueError(f"{arg} must have shape [{n}] (the SAE width), got {tuple(t.shape)}")
@@ -93,7 +111,7 @@ class SAEWeights:
         return SAEWeights(
             self.W_enc_t.to(device), self.b_enc.to(device), self.threshold.to(device),
             None if self.b_dec is None else self.b_dec.to(device),
-            self.apply_b_dec_to_input, self.name,
+            self.apply_b_dec_to_input, self.name, self.activation, self.k,
         )
 
     def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
@@ -105,59 +123,98 @@ class SAEWeights:
         return self._cast[dtype]
 
     def fingerprint(self) -> str:
-        """sha256 over the encoder tensors: identifies the SAE a cache was built with."""
+        """sha256 over the encoder tensors, the activation and k: identifies the SAE a cache was built with."""
         h = hashlib.sha256()
         for t in (self.W_enc_t, self.b_enc, self.threshold, self.bias):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        if self.activation not in ("jumprelu", "relu") or self.k is not None:   # older caches: JumpReLU/ReLU only
+            h.update(f"{self.activation}:{self.k}".encode())
         return h.hexdigest()[:16]
 
     # ---- constructors -----------------------------------------------------------------------
     @classmethod
-    def from_tensors(cls, W_enc, b_enc, threshold=None, b_dec=None, apply_b_dec_to_input=False, name="sae"):
-        """W_enc [d, m], b_enc [m], threshold [m] (None: a plain ReLU SAE), b_dec [d] or None."""
+    def from_tensors(cls, W_enc, b_enc, threshold=None, b_dec=None, apply_b_dec_to_input=False, name="sae", topk=None,
+                     activation=None):
+        """W_enc [d, m], b_enc [m], threshold [m] (None: a plain ReLU SAE), b_dec [d] or None; topk=k: a TopK SAE
+        (its threshold, if any, is ignored); activation: "batchtopk" with a one-element or [m] threshold."""
         if not torch.is_tensor(W_enc) or W_enc.dim() != 2:
             raise ValueError("W_enc must be a 2-D tensor [d, m]")
-        if threshold is None:
-            threshold = torch.zeros(W_enc.shape[1], device=W_enc.device)
-        return cls(W_enc.t(), b_enc, threshold, b_dec, bool(apply_b_dec_to_input), name)
+        m = W_enc.shape[1]
+        if activation is None:
+            activation = "topk" if topk is not None else ("relu" if threshold is None else "jumprelu")
+        if activation in ("topk", "relu") or threshold is None:
+            threshold = torch.zeros(m, device=W_enc.device)
+        elif activation == "batchtopk" and threshold.numel() == 1:
+            threshold = threshold.reshape(()).expand(m).clone()
+        return cls(W_enc.t(), b_enc, threshold, b_dec, bool(apply_b_dec_to_input), name, activation,
+                   topk if activation == "topk" else None)
 
     @classmethod
     def from_sae_lens(cls, sae, name: str | None = None):
-        """From a loaded sae-lens SAE: JumpReLU (its threshold) or standard ReLU (threshold 0)."""
+        """From a loaded sae-lens SAE: JumpReLU, standard (ReLU), TopK (a decoder-norm rescaling of the
+        pre-activations is folded into the encoder), BatchTopK and Matryoshka-BatchTopK (their inference
+        threshold)."""
         cfg = sae.cfg
         arch = cfg.architecture() if callable(getattr(cfg, "architecture", None)) else getattr(cfg, "architecture", "")
-        if arch not in ("jumprelu", "standard"):
-            raise ValueError(f"sae: architecture '{arch}' is not supported (jumprelu or standard only)")
+        if arch not in SAE_LENS_ARCHITECTURES:
+            raise ValueError(f"sae: architecture '{arch}' is not supported (one of {SAE_LENS_ARCHITECTURES})")
         if getattr(cfg, "normalize_activations", "none") not in ("none", None):
             raise ValueError(f"sae: normalize_activations='{cfg.normalize_activations}' is not supported")
-        threshold = getattr(sae, "threshold", None) if arch == "jumprelu" else None
         meta = getattr(cfg, "metadata", None)
         if name is None:
             name = getattr(meta, "hook_name", None) or "sae"
-        return cls.from_tensors(sae.W_enc.detach(), sae.b_enc.detach(), None if threshold is None else threshold.detach(),
-                                sae.b_dec.detach(), bool(cfg.apply_b_dec_to_input), name)
+        W, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
+        threshold, topk, activation = None, None, SAE_LENS_ARCHITECTURES[arch]
+        if getattr(cfg, "rescale_acts_by_decoder_norm", False):   # hidden_pre * |W_dec_i|: fold into the encoder
+            scale = sae.W_dec.detach().norm(dim=-1)
+            W, b_enc = W * scale, b_enc * scale
+        if activation == "topk":
+            topk = int(cfg.k)
+        elif activation in ("jumprelu", "batchtopk"):
+            threshold = getattr(sae, "threshold", None)
+            if threshold is None:
+                threshold = getattr(sae, "topk_threshold", None)
+            if threshold is None:
+                raise ValueError(f"sae: a {arch} SAE without a threshold (save it for inference first)")
+            threshold = threshold.detach()
+        return cls.from_tensors(W, b_enc, threshold, sae.b_dec.detach(), bool(cfg.apply_b_dec_to_input), name,
+                                topk=topk, activation=activation)
 
     @classmethod
     def from_file(cls, path: str, device="cpu"):
-        """From disk: a sae-lens directory (cfg.json + sae_weights.safetensors), a .safetensors file
-        (keys W_enc, b_enc, threshold, b_dec), or a Gemma Scope params.npz (b_dec not applied to the input)."""
+        """From disk: a sae-lens directory (cfg.json + sae_weights.safetensors; jumprelu, standard, topk,
+        batchtopk, matryoshka_batchtopk), an EleutherAI sparsify directory (cfg.json with k + sae.safetensors:
+        encoder.weight [m, d], encoder.bias, b_dec, subtracted from the input; its decoder-side normalize_decoder
+        option does not change the encoder), a .safetensors file (keys W_enc, b_enc, threshold, b_dec), or a
+        Gemma Scope params.npz (b_dec not applied to the input)."""
         path = os.fspath(path)
-        apply_b_dec = None
+        apply_b_dec, activation, topk, rescale = None, None, None, False
         if os.path.isdir(path):
+            if os.path.exists(os.path.join(path, "sae.safetensors")):
+                return cls._from_sparsify(path, device)
             cfg_path = os.path.join(path, "cfg.json")
             weights = os.path.join(path, "sae_weights.safetensors")
             if not os.path.exists(weights):
                 npz = os.path.join(path, "params.npz")
                 if os.path.exists(npz):
                     return cls.from_file(npz, device)
-                raise ValueError(f"sae path {path} has neither sae_weights.safetensors nor params.npz")
+                raise ValueError(f"sae path {path} has none of sae_weights.safetensors (sae-lens), sae.safetensors "
+                                 "(sparsify) or params.npz (Gemma Scope)")
             if os.path.exists(cfg_path):
                 with open(cfg_path) as f:
                     cfg = json.load(f)
-                if cfg.get("architecture", "jumprelu") not in ("jumprelu", "standard"):
-                    raise ValueError(f"sae: architecture '{cfg['architecture']}' in {cfg_path} is not supported")
+                arch = cfg.get("architecture", "jumprelu")
+                if arch not in SAE_LENS_ARCHITECTURES:
+                    raise ValueError(f"sae: architecture '{arch}' in {cfg_path} is not supported "
+                                     f"(one of {SAE_LENS_ARCHITECTURES})")
                 if cfg.get("normalize_activations", "none") not in ("none", None):
                     raise ValueError(f"sae: normalize_activations in {cfg_path} is not supported")
+                activation = SAE_LENS_ARCHITECTURES[arch]
+                if activation == "topk":
+                    if cfg.get("k") is None:
+                        raise ValueError(f"sae: a topk SAE's {cfg_path} has no k")
+                    topk = int(cfg["k"])
+                    rescale = bool(cfg.get("rescale_acts_by_decoder_norm", False))
                 apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
             path = weights
         if not os.path.exists(path):
@@ -171,15 +228,50 @@ class SAEWeights:
                 raise ValueError(f"sae file {path} could not be read ({e})") from e
             apply_b_dec = False if apply_b_dec is None else apply_b_dec  # Gemma Scope encodes h @ W_enc + b_enc
         else:
-            from safetensors.torch import load_file
-            try:
-                sd = load_file(path)
-            except Exception as e:
-                raise ValueError(f"sae file {path} could not be read ({e})") from e
+            sd = _load_safetensors(path)
             apply_b_dec = True if apply_b_dec is None else apply_b_dec
-        missing = [k for k in ("W_enc", "b_enc") if k not in sd]
+        missing = [k for k in ("W_enc", "b_enc") + (("W_dec",) if rescale else ()) if k not in sd]
         if missing:
             raise ValueError(f"sae file {path} lacks {missing}")
+        if rescale:   # TopK on hidden_pre * |W_dec_i|: fold the decoder norms into the encoder
+            scale = sd["W_dec"].float().norm(dim=-1)
+            sd["W_enc"], sd["b_enc"] = sd["W_enc"].float() * scale, sd["b_enc"].float() * scale
+        threshold = sd.get("threshold")
+        if threshold is None and "topk_threshold" in sd:   # BatchTopK saved with its training threshold
+            threshold, activation = sd["topk_threshold"].float(), activation or "batchtopk"
+        if activation in ("jumprelu", "batchtopk") and threshold is None:
+            raise ValueError(f"sae file {path}: a {activation} SAE without a threshold")
         name = os.path.basename(os.path.dirname(path)) or os.path.basename(path)
-        return cls.from_tensors(sd["W_enc"].float(), sd["b_enc"].float(), sd.get("threshold"),
-                                sd.get("b_dec"), apply_b_dec and "b_dec" in sd, name).to(device)
+        return cls.from_tensors(sd["W_enc"].float(), sd["b_enc"].float(), threshold, sd.get("b_dec"),
+                                apply_b_dec and "b_dec" in sd, name, topk=topk, activation=activation).to(device)
+
+    @classmethod
+    def _from_sparsify(cls, path, device):
+        cfg_path = os.path.join(path, "cfg.json")
+        if not os.path.exists(cfg_path):
+            raise ValueError(f"sae path {path}: a sparsify folder needs cfg.json (with k)")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        if cfg.get("k") is None:
+            raise ValueError(f"sae: sparsify's {cfg_path} has no k (sparsify SAEs are TopK)")
+        if cfg.get("activation", "topk") not in ("topk",):
+            raise ValueError(f"sae: sparsify activation '{cfg['activation']}' in {cfg_path} is not supported (topk)")
+        sd = _load_safetensors(os.path.join(path, "sae.safetensors"))
+        missing = [k for k in ("encoder.weight", "encoder.bias", "b_dec") if k not in sd]
+        if missing:
+            raise ValueError(f"sae file {path}/sae.safetensors lacks {missing}")
+        return cls.from_tensors(sd["encoder.weight"].float().t(), sd["encoder.bias"].float(), None, sd["b_dec"].float(),
+                                True, os.path.basename(os.path.normpath(path)), topk=int(cfg["k"])).to(device)
+
+
+# sae-lens architecture -> the activation we fuse
+SAE_LENS_ARCHITECTURES = {"jumprelu": "jumprelu", "standard": "relu", "topk": "topk", "batchtopk": "batchtopk",
+                          "matryoshka_batchtopk": "batchtopk"}
+
+
+def _load_safetensors(path):
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except Exception as e:
+        raise ValueError(f"sae file {path} could not be read ({e})") from e

@@ -1,0 +1,124 @@
+"""The SAE feature constraint for TopK SAEs: each token keeps its k largest pre-activations (ReLU'd), exactly k,
+ties broken as torch.topk breaks them (what sae-lens and sparsify do).
+
+    z_t   = W_enc^T (h_t - b_dec) + b_enc                       the pre-activations of one response token
+    f_t   = ReLU(z_t) on topk(z_t, k), 0 elsewhere             [m]
+    p_s   = (1/n_s) sum_{t in response(s)} f_t                  [S, m]
+    D_s   = (1/k_D) sum_{i in I_s} w_i (p_si - p_ref_si)^2
+
+The selection is data-dependent per token, so the forward runs the response rows in chunks of C: one GEMM for
+a chunk's [C, m] pre-activations (fp32 out), torch.topk on it, the kept values summed per sequence (a
+matmul with the chunk's one-hot sequence matrix: deterministic, no atomics). Memory: O(C x m), never [N, m];
+the chunk is sized by CHUNK_BYTES. Saved for the backward: each response row's k kept feature ids [n, k]
+int32. The backward touches only the k_D constrained features, per sequence:
+    dh_t = sum_{i in I_s} g_si [i kept at t] [z_ti > 0] W_enc[:, i],   g_si = dL/dD_s * 2/k_D w_i (p_si - p_ref_si) / n_s
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .sae_weights import SAEWeights
+
+__all__ = ["topk_pool_fwd", "topk_constraint_bwd", "TopKFeatureMSEFunction", "CHUNK_BYTES"]
+
+CHUNK_BYTES = 1 << 29   # 512 MiB of fp32 pre-activations per chunk
+
+
+def _chunk_rows(m: int) -> int:
+    return max(16, min(8192, CHUNK_BYTES // (4 * m)))
+
+
+def _preacts(h, sae: SAEWeights, feats=None):
+    """[C, d] rows -> fp32 pre-activations [C, m] (or [C, F] for the columns feats): a GEMM in the rows' dtype
+    with an fp32 output."""
+    w = sae.weight_as(h.dtype) if feats is None else sae.weight_as(h.dtype)[feats]
+    b = sae.bias if feats is None else sae.bias[feats]
+    if h.dtype in (torch.float16, torch.bfloat16) and h.is_cuda:
+        z = torch.mm(h, w.t(), out_dtype=torch.float32)
+    else:
+        z = h.float() @ w.float().t() if h.dtype != torch.float64 else h @ w.double().t()
+    return z + b.to(z.dtype)
+
+
+def topk_pool_fwd(hidden, rows, seq, n_seqs, inv_n, sae: SAEWeights):
+    """Pooled TopK features [S, m] fp32 of the response rows `rows` [n] of flat hidden [N, d] (sequence ids
+    `seq` [n], 1 / response length inv_n [S]), and each row's kept feature ids [n, k] int32."""
+    m, k = sae.width, sae.k
+    dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    pooled = torch.zeros(n_seqs, m, device=hidden.device, dtype=dt)
+    kept = torch.empty(rows.shape[0], k, device=hidden.device, dtype=torch.int32)
+    C = _chunk_rows(m)
+    for a in range(0, rows.shape[0], C):
+        b = min(a + C, rows.shape[0])
+        z = _preacts(hidden[rows[a:b]], sae)                              # [c, m] fp32
+        vals, ids = torch.topk(z, k, dim=1, sorted=False)
+        kept[a:b] = ids.to(torch.int32)
+        acts = torch.zeros_like(z).scatter_(1, ids, vals.clamp(min=0))   # ReLU of the kept, 0 elsewhere
+        del z
+        onehot = torch.zeros(n_seqs, b - a, device=hidden.device, dtype=acts.dtype)
+        onehot[seq[a:b], torch.arange(b - a, device=hidden.device)] = 1
+        pooled += onehot @ acts
+    return (pooled * inv_n[:, None].to(dt)).to(dt), kept
+
+
+def topk_constraint_bwd(hidden, rows, seq, kept, sae: SAEWeights, idx, coef):
+    """dL/dhidden [N, d] in hidden's dtype, through the constrained features idx [S, k_D] (coef [S, k_D] per
+    feature, the 1/n_s included), gated by each row's kept set and ReLU; zero outside the response rows."""
+    dh = torch.zeros_like(hidden)
+    for s in range(idx.shape[0]):
+        r = (seq == s).nonzero().flatten()
+        if r.numel() == 0:
+            continue
+        feats = idx[s].long()
+        h = hidden[rows[r]]
+        z = _preacts(h, sae, feats)                                                  # [n_s, k_D]
+        chosen = (kept[r].long()[:, :, None] == feats[None, None, :]).any(1)        # [n_s, k_D] kept at that row
+        g = torch.where(chosen & (z > 0), coef[s][None, :].to(z.dtype), torch.zeros((), dtype=z.dtype,
+                                                                                     device=z.device))
+        w = sae.weight_as(hidden.dtype)[feats]                                       # [k_D, d]
+        dh[rows[r]] = (g @ w.to(g.dtype)).to(hidden.dtype)
+    return dh
+
+
+class TopKFeatureMSEFunction(torch.autograd.Function):
+    """D(y) per sequence for a TopK SAE, from flat hidden rows; saves the hidden rows, each response row's kept
+    ids [n, k] and one coefficient per constrained feature."""
+
+    @staticmethod
+    def forward(ctx, hidden, rows, seq, inv_n, sae, ref_indices, ref_values, k, select, feature_weights):
+        pooled, kept = topk_pool_fwd(hidden, rows, seq, ref_indices.shape[0], inv_n, sae)
+        pooled = pooled.float()
+        if select == "policy":
+            p, idx = pooled.topk(k, dim=1)
+            ref = reference._dense_reference(ref_indices, ref_values, sae.width, torch.float32).gather(1, idx)
+        else:
+            idx = ref_indices[:, :k].long()
+            p = pooled.gather(1, idx.clamp(0, sae.width - 1))
+            p = torch.where((idx >= 0) & (idx < sae.width), p, torch.full_like(p, float("nan")))
+            ref = ref_values[:, :k].float()
+        w = torch.ones_like(p) if feature_weights is None else feature_weights.float()[idx.clamp(0, sae.width - 1)]
+        diff = p - ref
+        ctx.save_for_backward(hidden, rows, seq, kept, idx, 2.0 / k * w * diff * inv_n[:, None])
+        ctx.sae = sae
+        return (w * diff * diff).sum(1) / k
+
+    @staticmethod
+    def backward(ctx, grad_d):
+        hidden, rows, seq, kept, idx, coef = ctx.saved_tensors
+        grad_hidden = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = topk_constraint_bwd(hidden, rows, seq, kept, ctx.sae, idx.clamp(0, ctx.sae.width - 1),
+                                              grad_d.float()[:, None] * coef)
+        return (
+            grad_hidden,  # hidden
+            None,         # rows
+            None,         # seq
+            None,         # inv_n
+            None,         # sae (frozen)
+            None,         # ref_indices
+            None,         # ref_values (cached reference: a constant)
+            None,         # k
+            None,         # select
+            None,         # feature_weights (not learned)
+        )
