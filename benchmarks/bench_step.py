@@ -134,7 +134,7 @@ class Step:
     def release_fpo(self):
         """Remove the FPO residual hook: left in place it would pin an activation during other methods' steps."""
         if self.stats is not None:
-            self.stats.capture.remove()
+            self.stats.remove_hooks()
             self.stats = None
 
     def load_reference(self):

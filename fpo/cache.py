@@ -134,10 +134,31 @@ class ReferenceCache:
     def K(self):
         return self.meta.get("K")
 
-    def feature_scale(self, k: int) -> float:
-        """The reference's mean squared top-k pooled feature value on this data, recorded by `fpo precompute`:
-        what constraint_norm "ref" divides D by."""
-        scale = self.meta.get("feature_scale")
+    @property
+    def saes(self) -> list:
+        """The SAEs whose features the cache holds: [{name, layer, fingerprint, width, key, feature_scale}], key
+        being the suffix of their tensors (chosen_idx<key>, ...). Single-SAE caches hold one, keyed ''."""
+        if self.meta.get("saes"):
+            return self.meta["saes"]
+        if not self.has_features:
+            return []
+        return [{"name": self.meta.get("sae_name"), "layer": self.meta.get("layer"), "fingerprint": self.meta.get("sae"),
+                 "width": self.meta.get("sae_width"), "key": "", "feature_scale": self.meta.get("feature_scale")}]
+
+    def find_sae(self, fingerprint: str, layer, name: str = "sae") -> dict:
+        """The cache's entry for the SAE with this fingerprint at this layer, or an error naming it."""
+        for entry in self.saes:
+            if entry["fingerprint"] == fingerprint and entry["layer"] == layer:
+                return entry
+        held = ", ".join(f"'{e['name']}' at layer {e['layer']}" for e in self.saes) or "none"
+        raise CacheMismatchError(f"cache {self.path} has no features for SAE '{name}' at layer {layer} (it holds: "
+                                 f"{held}): rebuild it with `fpo precompute --sae` for every SAE the run uses")
+
+    def feature_scale(self, k: int, key: str = "") -> float:
+        """The reference's mean squared top-k pooled feature value on this data, recorded by `fpo precompute`
+        (for the SAE whose tensors carry `key`): what constraint_norm "ref" divides D by."""
+        entry = next((e for e in self.saes if e["key"] == key), None)
+        scale = entry.get("feature_scale") if entry else None
         if not scale:
             raise ValueError(f"cache {self.path} has no recorded feature scale (it was built before `fpo precompute` "
                              "recorded one, or without an SAE): re-run `fpo precompute` to use constraint_norm 'ref'")

@@ -17,7 +17,8 @@ def _add_train_flags(p):
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        base = next((t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)), str)
+        kinds = typing.get_args(hint) or (hint,)
+        base = next((t for t in kinds if t not in (type(None), list)), str)
         text = f.metadata.get("help", "")
         if f.default not in ("", None) and "default" not in text:
             text += f" (default {f.default})"
@@ -26,12 +27,15 @@ def _add_train_flags(p):
         else:
             choices = f.metadata.get("choices")
             p.add_argument(flag, dest=f.name, type=base, default=None, help=text,
+                           action="append" if list in kinds else "store",   # repeatable: several SAEs
                            choices=list(choices) if choices else None, metavar=None if choices else f.name.upper())
 
 
 def _load_train_config(args):
     from .config import config_from_dict
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    # a repeatable flag given once is the plain value (the config a run saves then matches a YAML's)
+    overrides = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in overrides.items()}
     base = {}
     if args.config:
         if args.config.endswith(".json"):

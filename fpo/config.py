@@ -30,8 +30,11 @@ class TrainConfig:
     dataset: str = _key("", "preference pairs: a local .json/.jsonl/.parquet file or a saved dataset (required)")
     cache: str | None = _key(None, "reference cache from `fpo precompute` (required for fpo and dpo)")
     reference_model: str | None = _key(None, "tdpo: the online reference model (default: --model)")
-    sae: str | None = _key(None, "fpo: sae-lens folder or file, Gemma Scope params.npz, or release:id")
-    sae_layer: int | None = _key(None, "decoder block the SAE reads (default: from the SAE, else the cache)", low=0)
+    sae: str | list | None = _key(None, "fpo: sae-lens or sparsify folder, safetensors file, Gemma Scope params.npz, "
+                                  "or release:id; repeat --sae for several SAEs (D = sum of sae_weight x D_sae)")
+    sae_layer: int | list | None = _key(None, "decoder block each SAE reads, in --sae order (default: from the SAE, "
+                                        "else the cache)", low=0)
+    sae_weight: float | list | None = _key(None, "each SAE's weight in D, in --sae order (default 1)", low=0)
     # loss
     beta: float | None = _key(None, "loss temperature (default by method: 0.1; simpo 2.0)", low=0, low_open=True)
     alpha: float = _key(0.5, "fpo / tdpo2: weight of the constraint (D for fpo, KL for tdpo2)", low=0)
@@ -93,6 +96,11 @@ class TrainConfig:
             raise ValueError(f"method {self.method} needs a reference cache: build one with `fpo precompute` and pass cache=")
         if self.method == "fpo" and not self.sae:
             raise ValueError("method fpo needs an SAE (sae=...)")
+        n_sae = len(_as_list(self.sae))
+        for name in ("sae_layer", "sae_weight"):
+            n = len(_as_list(getattr(self, name)))
+            if n > 1 and n != n_sae:
+                raise ValueError(f"{name} gives {n} values for {n_sae} SAEs: give one per --sae, or one for all")
         if self.max_tokens is not None and self.max_tokens // 2 <= self.max_prompt_length:
             raise ValueError(f"max_tokens ({self.max_tokens}) must exceed 2 x max_prompt_length "
                              f"({2 * self.max_prompt_length}): every pair must fit one micro-batch with room for its responses")
@@ -106,6 +114,19 @@ class TrainConfig:
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
 
+    @property
+    def sae_specs(self) -> list:
+        """[(spec, layer or None, weight)] for every SAE, in --sae order."""
+        specs = _as_list(self.sae)
+        layers = _as_list(self.sae_layer) or [None]
+        weights = _as_list(self.sae_weight) or [1.0]
+        return [(spec, layers[i] if len(layers) > 1 else layers[0], float(weights[i] if len(weights) > 1 else weights[0]))
+                for i, spec in enumerate(specs)]
+
+
+def _as_list(value) -> list:
+    return [] if value is None else (list(value) if isinstance(value, list) else [value])
+
 
 # What may differ between a checkpoint's config and the run that resumes it; any other difference is an error.
 RESUMABLE_CHANGES = ("max_steps", "epochs", "save_every", "log_every", "progress", "resume", "overwrite",
@@ -116,6 +137,10 @@ def _check_value(f, value):
     """Finite numbers inside the key's range; strings among its choices."""
     m = f.metadata
     if value is None:
+        return
+    if isinstance(value, list):
+        for v in value:
+            _check_value(f, v)
         return
     if m.get("choices") is not None and value not in m["choices"]:
         raise ValueError(f"{f.name} must be one of {tuple(m['choices'])}, got {value!r}")
@@ -133,6 +158,13 @@ def _check_value(f, value):
 def _check_type(name, value, hint):
     args = typing.get_args(hint)
     allowed = args if args else (hint,)
+    if isinstance(value, list) and list in allowed:   # a list of the key's scalar type (several SAEs)
+        if not value:
+            raise ValueError(f"config value {name} is an empty list")
+        scalar = tuple(t for t in allowed if t not in (list, type(None)))
+        for v in value:
+            _check_type(name, v, typing.Union[scalar] if len(scalar) > 1 else scalar[0])
+        return
     if value is None:
         if type(None) in allowed:
             return

@@ -66,7 +66,10 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
         sae_w, l2 = load_sae(sae, device) if isinstance(sae, str) else (sae, None)
         layer = layer if layer is not None else (l2 if l2 is not None else (ref_cache.meta.get("layer") if ref_cache else None))
     items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=log), tokenizer, max_length, max_prompt_length)
-    cap = ResidualCapture(model, layer) if (sae_w is not None and ref_cache is not None and ref_cache.has_features) else None
+    cap, key = None, ""
+    if sae_w is not None and ref_cache is not None and ref_cache.has_features:
+        key = ref_cache.find_sae(sae_w.fingerprint(), layer, sae_w.name)["key"]   # its tensors in the cache
+        cap = ResidualCapture(model, layer)
     acc_logp, acc_reward, kls, ds = [], [], [], []
     try:
         for b in range(0, len(items), batch_pairs):
@@ -85,8 +88,9 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
                 if cap is not None:
                     resid = cap.pop()
                     d = sae_feature_mse_varlen(resid.reshape(-1, resid.shape[-1]), batch["spans"].cpu(), sae_w,
-                                               torch.cat([ref["chosen_idx"], ref["rejected_idx"]]),
-                                               torch.cat([ref["chosen_val"], ref["rejected_val"]]), k, select)
+                                               torch.cat([ref["chosen_idx" + key], ref["rejected_idx" + key]]),
+                                               torch.cat([ref["chosen_val" + key], ref["rejected_val" + key]]), k,
+                                               select)
                     ds.append(d)
             elif cap is not None:
                 cap.pop()
@@ -104,8 +108,9 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
 
     d = mean_of(ds)
     scale = None
-    if d is not None and ref_cache.meta.get("feature_scale") and k <= len(ref_cache.meta["feature_scale"]):
-        scale = ref_cache.feature_scale(k)
+    entry = next((e for e in ref_cache.saes if e["key"] == key), None) if d is not None else None
+    if entry and entry.get("feature_scale") and k <= len(entry["feature_scale"]):
+        scale = ref_cache.feature_scale(k, key)
     return {
         "pairs": len(items),
         "accuracy_logp": mean_of(acc_logp),

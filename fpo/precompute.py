@@ -19,7 +19,7 @@ from .model import (ResidualCapture, decoder_layers, final_softcap, lm_head, loa
                     model_fingerprint)
 from .packing import LAYOUTS, attention_length_scale, body_hidden, collate, plan_micro_batches
 from .progress import progress_bar
-from .sae import load_sae
+from .sae import load_saes
 
 __all__ = ["precompute", "reference_stats", "default_device"]
 
@@ -40,11 +40,19 @@ def check_sae_fits(model, sae: SAEWeights, layer):
         raise ValueError(f"sae_layer {layer} is outside the model's {n} decoder layers [0, {n})")
 
 
+def feature_key(index: int, spec) -> str:
+    """The suffix of an SAE's tensors in a cache: none for the first SAE (the layout of single-SAE caches),
+    '@name@layer' for the others."""
+    return "" if index == 0 else f"@{spec.name}@{spec.layer}"
+
+
 @torch.no_grad()
-def reference_stats(model, batch, sae=None, layer=None, K=256, device="cpu", value_dtype=torch.float16):
+def reference_stats(model, batch, saes=(), K=256, device="cpu", value_dtype=torch.float16):
     """Reference statistics of one collated micro-batch (fpo.packing.collate, any layout; 2P sequences,
-    chosen first)."""
-    cap = ResidualCapture(model, layer) if sae is not None else None
+    chosen first): log-prob sums and means, lengths, and each SAE's top-K pooled features (saes: SAESpecs,
+    one hook per layer, one forward)."""
+    layers = sorted({s.layer for s in saes})
+    caps = {layer: ResidualCapture(model, layer) for layer in layers}
     try:
         hidden = body_hidden(model, batch, device)
         w, b = lm_head(model)
@@ -52,13 +60,15 @@ def reference_stats(model, batch, sae=None, layer=None, K=256, device="cpu", val
         total, mean, count = sequence_logprobs_varlen(hidden, w, rows, labels, seq, batch["num_seqs"],
                                                       softcap=final_softcap(model), bias=b)
         out = {"logp_sum": total, "logp_mean": mean, "len": count}
-        if sae is not None:
-            resid = cap.pop()
-            pooled = sae_pooled_features_varlen(resid.reshape(-1, resid.shape[-1]), batch["spans"].cpu(), sae,
+        resid = {layer: cap.pop() for layer, cap in caps.items()}
+        for i, spec in enumerate(saes):
+            r = resid[spec.layer]
+            pooled = sae_pooled_features_varlen(r.reshape(-1, r.shape[-1]), batch["spans"].cpu(), spec.sae,
                                                 check_inputs=False)
-            out["idx"], out["val"] = pack_topk(pooled, K, value_dtype)
+            key = feature_key(i, spec)
+            out["idx" + key], out["val" + key] = pack_topk(pooled, K, value_dtype)
     finally:
-        if cap is not None:
+        for cap in caps.values():
             cap.remove()
     P = batch["ids"].shape[0]
     res = {}
@@ -68,7 +78,7 @@ def reference_stats(model, batch, sae=None, layer=None, K=256, device="cpu", val
     return res
 
 
-def _feature_scale(out, shards):
+def _feature_scale(out, shards, key=""):
     """The reference's pooled-feature scale on this data, for each k = 1..K: the mean over responses of the mean
     squared top-k cached value. D is a mean squared difference of such values, so D / scale[k - 1] is
     comparable across SAEs and models (constraint_norm "ref")."""
@@ -77,7 +87,7 @@ def _feature_scale(out, shards):
     for s, e in shards:
         t = load_file(os.path.join(out, shard_name(s, e)))
         for side in ("chosen", "rejected"):
-            v = t[f"{side}_val"].double().clamp(min=0)          # sorted descending; empty slots hold 0
+            v = t[f"{side}_val{key}"].double().clamp(min=0)      # sorted descending; empty slots hold 0
             cum = (v * v).cumsum(1) / torch.arange(1, v.shape[1] + 1, dtype=torch.float64)
             total = cum.sum(0) if total is None else total + cum.sum(0)
             n += v.shape[0]
@@ -112,8 +122,9 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
 
     model: a path / hub name / .gguf, or a loaded model (then pass tokenizer and model_name);
     dataset: a local .json/.jsonl/.parquet file or saved dataset; sae: an SAE spec (see fpo.sae.load_sae)
-    or SAEWeights or None (log-probs only, enough for DPO); sae_layer: the decoder block the SAE reads
-    (default: from the SAE's hook name); value_dtype: how feature values are stored (float16, bfloat16 or
+    or SAEWeights, a list of them (each SAE's top-K cached under its own name, one forward for all), or None
+    (log-probs only, enough for DPO); sae_layer: the decoder block the SAE reads, or a list (default: from the
+    SAE's hook name); value_dtype: how feature values are stored (float16, bfloat16 or
     float32; see the fidelity table in the README); packing: the micro-batch layout (fpo.packing; the values
     do not depend on it beyond rounding); max_tokens: a token budget per forward instead of batch_pairs pairs,
     which also caps each sequence at max_tokens // 2 tokens exactly as training with the same max_tokens does.
@@ -139,15 +150,15 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer (tokenizer=...)")
     model.eval()
-    layer = sae_layer
-    sae_name = None
-    if sae is not None:
-        if not isinstance(sae, SAEWeights):
-            sae_name = os.fspath(sae)
-            sae, spec_layer = load_sae(sae, device)
-            layer = spec_layer if layer is None else layer
-        sae = sae.to(device)
-        check_sae_fits(model, sae, layer)
+    sae_list = [] if sae is None else (list(sae) if isinstance(sae, (list, tuple)) else [sae])
+    layers = sae_layer if isinstance(sae_layer, (list, tuple)) else [sae_layer] * len(sae_list)
+    if len(layers) != len(sae_list):
+        raise ValueError(f"sae_layer gives {len(layers)} layers for {len(sae_list)} SAEs: one per SAE")
+    saes = load_saes([(x if isinstance(x, SAEWeights) else os.fspath(x), layer, 1.0)
+                      for x, layer in zip(sae_list, layers)], device)
+    for spec in saes:
+        check_sae_fits(model, spec.sae, spec.layer)
+    first = saes[0] if saes else None
 
     items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=say), tokenizer, max_length, max_prompt_length,
                            max_tokens, log=say)
@@ -157,11 +168,15 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "dataset": dataset_fingerprint(items), "dataset_path": os.fspath(dataset), "rows": len(items),
         "max_length": max_length, "max_prompt_length": max_prompt_length, "shard_rows": shard_rows,
-        "sae": sae.fingerprint() if sae is not None else None, "sae_name": sae_name or (sae.name if sae else None),
-        "sae_width": sae.width if sae is not None else None, "layer": layer if sae is not None else None,
-        "K": K if sae is not None else None,
-        "index_dtype": str(index_dtype_for(sae.width)).replace("torch.", "") if sae is not None else None,
-        "value_dtype": value_dtype if sae is not None else None,
+        # the first SAE at the top level (the single-SAE layout), every SAE in "saes"
+        "sae": first.sae.fingerprint() if first else None, "sae_name": first.name if first else None,
+        "sae_width": first.sae.width if first else None, "layer": first.layer if first else None,
+        "K": K if first else None,
+        "index_dtype": str(index_dtype_for(first.sae.width)).replace("torch.", "") if first else None,
+        "value_dtype": value_dtype if first else None,
+        "saes": [{"name": x.name, "layer": x.layer, "fingerprint": x.sae.fingerprint(), "width": x.sae.width,
+                  "activation": x.sae.activation, "key": feature_key(i, x),
+                  "index_dtype": str(index_dtype_for(x.sae.width)).replace("torch.", "")} for i, x in enumerate(saes)],
         "reference_dtype": str(dtype).replace("torch.", ""),
     }
     out = os.fspath(out)
@@ -206,7 +221,7 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
         chunks = ([items[b:min(b + batch_pairs, e)] for b in range(s, e, batch_pairs)] if max_tokens is None
                   else plan_micro_batches(items[s:e], packing, max_tokens, scale))
         for chunk in chunks:
-            parts.append(reference_stats(model, collate(chunk, packing, pad, scale), sae, layer, K, device,
+            parts.append(reference_stats(model, collate(chunk, packing, pad, scale), saes, K, device,
                                          VALUE_DTYPES[value_dtype]))
             order += [it.id for it in chunk]
             if bar is not None:
@@ -234,15 +249,17 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
             size = os.path.getsize(p)
             total += size
             meta["shards"].append({"file": shard_name(s, e), "start": s, "end": e, "bytes": size, "sha256": _sha256(p)})
-        if sae is not None:
-            meta["feature_scale"] = _feature_scale(out, shards)
+        for entry in meta["saes"]:
+            entry["feature_scale"] = _feature_scale(out, shards, entry["key"])
+        if saes:
+            meta["feature_scale"] = meta["saes"][0]["feature_scale"]
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         atomic_write_json(os.path.join(out, "meta.json"), meta)
-        dense = n * 2 * sae.width * 4 if sae is not None else 0
+        dense = n * 2 * sum(x.sae.width for x in saes) * 4
         summary.update(bytes=total, bytes_per_example=total / max(n, 1), dense_fp32_bytes=dense,
                        seconds=time.time() - t0)
         msg = f"[fpo] cache {out}: {n} pairs, {total / 1e6:.2f} MB, {total / max(n, 1):.0f} bytes per pair"
-        if sae is not None:
+        if saes:
             msg += (f"; a dense fp32 pooled cache would need {dense / 1e6:.1f} MB "
                     f"({dense / max(total, 1):.0f}x more)")
         say(msg)

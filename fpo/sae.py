@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 
 from fpo_kernels import SAEWeights
 
-__all__ = ["load_sae", "layer_from_hook_name"]
+__all__ = ["load_sae", "load_saes", "layer_from_hook_name", "SAESpec"]
 
 
 def layer_from_hook_name(hook_name: str | None):
@@ -49,3 +50,33 @@ def load_sae(spec: str, device="cpu"):
         weights = SAEWeights.from_sae_lens(lens, name=spec).to(device)
         return weights, layer_from_hook_name(hook)
     raise ValueError(f"sae '{spec}' is neither an existing path nor a sae-lens 'release:id'")
+
+
+@dataclass
+class SAESpec:
+    """One SAE of a run: its encoder, the decoder block it reads, its weight in D, and the name its cached
+    features go by (unique within a cache)."""
+    sae: SAEWeights
+    layer: int | None
+    weight: float
+    name: str
+
+
+def load_saes(specs, device="cpu") -> list:
+    """[(spec or SAEWeights, layer or None, weight)] -> [SAESpec]. A layer given wins over the SAE's own; two
+    SAEs with one name on one layer are an error (their cached features could not be told apart)."""
+    out = []
+    for spec, layer, weight in specs:
+        if isinstance(spec, SAEWeights):
+            sae, own = spec.to(device), None
+        else:
+            sae, own = load_sae(spec, device)
+        layer = layer if layer is not None else own
+        out.append(SAESpec(sae, layer, float(weight), sae.name))
+    seen = {}
+    for s in out:
+        key = (s.name, s.layer)
+        if key in seen:
+            raise ValueError(f"two SAEs named '{s.name}' read layer {s.layer}: give them different layers or names")
+        seen[key] = s
+    return out

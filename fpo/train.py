@@ -38,7 +38,7 @@ from .model import (ResidualCapture, config_fingerprint, enable_activation_check
 from .packing import attention_length_scale, body_hidden, collate, micro_batch_tokens, plan_micro_batches
 from .precompute import check_sae_fits
 from .progress import progress_bar
-from .sae import load_sae
+from .sae import load_saes
 
 __all__ = ["train", "PolicyStats", "Trainer", "NonFiniteLossError"]
 
@@ -53,19 +53,28 @@ class NonFiniteLossError(FloatingPointError):
 
 class PolicyStats(nn.Module):
     """Wraps the policy so that everything touching its weights (body, lm head) runs inside forward:
-    DDP and FSDP2 see one forward. Returns per-sequence statistics for the 2P sequences of a micro-batch."""
+    DDP and FSDP2 see one forward. Returns per-sequence statistics for the 2P sequences of a micro-batch.
+    SAEs: one (sae at layer), or saes = [(SAEWeights, layer, weight, scale)]: D = sum of weight x D_sae / scale,
+    one forward hook per layer."""
 
-    def __init__(self, model, sae=None, layer=None, k=50, select="policy"):
+    def __init__(self, model, sae=None, layer=None, k=50, select="policy", saes=None):
         super().__init__()
         self.model = model
-        self.sae, self.k, self.select = sae, k, select
-        self.capture = ResidualCapture(model, layer) if sae is not None else None
+        self.k, self.select = k, select
+        self.saes = list(saes) if saes is not None else ([] if sae is None else [(sae, layer, 1.0, 1.0)])
+        self.captures = {L: ResidualCapture(model, L) for L in sorted({x[1] for x in self.saes})}
         self.softcap = final_softcap(model)
 
-    def forward(self, batch, ref_idx=None, ref_val=None, ref_hidden=None, ref_weight=None, ref_bias=None):
-        """batch: fpo.packing.collate's micro-batch (any layout). With ref_hidden (TDPO: the reference's final
-        hidden states on the same layout, flat [N, d_ref]), the reference's log-probs and the KL come from the
-        same pass over the logits."""
+    def remove_hooks(self):
+        for cap in self.captures.values():
+            cap.remove()
+
+    def forward(self, batch, ref_idx=None, ref_val=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+                ref_features=None):
+        """batch: fpo.packing.collate's micro-batch (any layout). ref_features: [(ref_idx, ref_val)] per SAE, in
+        order (or ref_idx, ref_val for one SAE). With ref_hidden (TDPO: the reference's final hidden states on
+        the same layout, flat [N, d_ref]), the reference's log-probs and the KL come from the same pass over
+        the logits."""
         dev = next(self.model.parameters()).device
         hidden = body_hidden(self.model, batch, dev)                         # [N, d] flat rows
         w, b = lm_head(self.model)
@@ -80,12 +89,16 @@ class PolicyStats(nn.Module):
             with record_function("fpo::logprobs"):
                 total, mean, count = sequence_logprobs_varlen(hidden, w, rows, labels, seq, S, self.softcap, b)
             out = {"logp_sum": total, "logp_mean": mean, "len": count}
-        if self.sae is not None:
-            resid = self.capture.pop()
+        if self.saes:
+            resid = {L: cap.pop() for L, cap in self.captures.items()}
+            refs = ref_features if ref_features is not None else [(ref_idx, ref_val)]
             with record_function("fpo::sae_constraint"):
-                # spans stay on the host: the kernels lay out their row tiles from them with no device sync
-                out["d"] = sae_feature_mse_varlen(resid.reshape(-1, resid.shape[-1]), batch["spans"].cpu(), self.sae,
-                                                  ref_idx, ref_val, self.k, self.select, check_inputs=False)
+                for (sae, layer, weight, scale), (idx, val) in zip(self.saes, refs):
+                    r = resid[layer]
+                    # spans stay on the host: the kernels lay out their row tiles from them with no device sync
+                    d = sae_feature_mse_varlen(r.reshape(-1, r.shape[-1]), batch["spans"].cpu(), sae, idx, val,
+                                               self.k, self.select, check_inputs=False) * (weight / scale)
+                    out["d"] = d if "d" not in out else out["d"] + d
         return out
 
 
@@ -147,23 +160,26 @@ class Trainer:
 
         # the reference side
         self.cache = None
-        self.d_scale = 1.0
         if cfg.cache:  # TrainConfig requires one for fpo and dpo
             self.cache = ReferenceCache(cfg.cache)
-        self.sae, layer = None, cfg.sae_layer
+        self.saes, self.sae_keys = [], []    # SAESpecs, and the suffix of each one's tensors in the cache
         if cfg.method == "fpo":
-            self.sae, sae_layer = load_sae(cfg.sae, self.device)
-            layer = layer if layer is not None else (sae_layer if sae_layer is not None else self.cache.meta.get("layer"))
-            check_sae_fits(model, self.sae, layer)
             if not self.cache.has_features:
                 raise ValueError(f"cache {cfg.cache} holds no SAE features: build it with --sae for method fpo")
-            if cfg.constraint_norm == "ref":
-                self.d_scale = self.cache.feature_scale(cfg.k)
+            self.saes = load_saes(cfg.sae_specs, self.device)
+            if len(self.saes) == 1 and self.saes[0].layer is None:   # one SAE, its layer from the cache
+                self.saes[0].layer = self.cache.meta.get("layer")
+            for spec in self.saes:
+                check_sae_fits(model, spec.sae, spec.layer)
+                self.sae_keys.append(self.cache.find_sae(spec.sae.fingerprint(), spec.layer, spec.name)["key"])
             if cfg.k > self.cache.K:
                 raise ValueError(f"k ({cfg.k}) exceeds the cache's K ({self.cache.K}): " + (
                     "select='reference' needs k cached features" if cfg.select == "reference" else
                     "selected features outside the cached top-K would count as 0 for the reference and inflate D "
                     "many times over") + f"; rebuild the cache with --K >= {cfg.k} or lower k")
+        # constraint_norm "ref": each SAE's D divided by its recorded reference feature scale
+        scales = [self.cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" else 1.0 for key in self.sae_keys]
+        layer = self.saes[0].layer if self.saes else None
         self.layer = layer
         self._share_checked = False
         self.ref_model = None
@@ -183,8 +199,6 @@ class Trainer:
             self.cache.verify(
                 model={"config": config_fingerprint(model)},
                 tokenizer=tokenizer_fingerprint(self.tokenizer),
-                sae=self.sae.fingerprint() if cfg.method == "fpo" else None,
-                layer=layer if cfg.method == "fpo" else None,
                 max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
             self.cache.check_rows(self.items)
         self.steps_per_epoch = len(self.items) // cfg.batch_size
@@ -194,7 +208,8 @@ class Trainer:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
-        self.policy = PolicyStats(model, self.sae, layer, cfg.k, cfg.select)
+        self.policy = PolicyStats(model, k=cfg.k, select=cfg.select,
+                                  saes=[(x.sae, x.layer, x.weight, sc) for x, sc in zip(self.saes, scales)])
         self.wrapped = self._wrap(self.policy)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.RMSprop
@@ -284,14 +299,15 @@ class Trainer:
         ref = self._reference(batch)
         kw = {}
         if cfg.method == "fpo":
-            kw = dict(ref_idx=torch.cat([ref["chosen_idx"], ref["rejected_idx"]]),
-                      ref_val=torch.cat([ref["chosen_val"], ref["rejected_val"]]))
+            kw = dict(ref_features=[(torch.cat([ref["chosen_idx" + key], ref["rejected_idx" + key]]),
+                                     torch.cat([ref["chosen_val" + key], ref["rejected_val" + key]]))
+                                    for key in self.sae_keys])
         if self.ref_model is not None:
             kw = dict(ref_hidden=ref.pop("_hidden"), ref_weight=ref.pop("_weight"), ref_bias=ref.pop("_bias"))
         stats = self.wrapped(batch, **kw)
         if "ref_logp_sum" in stats:
             ref.update(zip(("chosen_logp_sum", "rejected_logp_sum"), _split(stats["ref_logp_sum"], P)))
-        losses, metrics = compute_loss(cfg, stats, ref, P, self.d_scale)
+        losses, metrics = compute_loss(cfg, stats, ref, P)
         return losses, metrics, batch
 
     def train_step(self, step):
@@ -582,8 +598,7 @@ class Trainer:
         return summary
 
     def close(self):
-        if self.policy.capture is not None:
-            self.policy.capture.remove()
+        self.policy.remove_hooks()
 
 
 def train(config: TrainConfig | dict | None = None, log=print, **overrides) -> dict:

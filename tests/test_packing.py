@@ -149,7 +149,7 @@ def _all_method_stats(model_dir, ref_dir, sae, layer, layout, items, pad_id, ref
         ref_hidden = body_hidden(ref_model, batch, "cpu")
     ps = PolicyStats(policy, sae, layer, k=8, select="policy")
     stats = ps(batch, ref_idx, ref_val, ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight.detach())
-    ps.capture.remove()
+    ps.remove_hooks()
     cache = {"chosen_logp_sum": stats["ref_logp_sum"][:P].detach(), "rejected_logp_sum": stats["ref_logp_sum"][P:].detach(),
              "chosen_logp_mean": (stats["ref_logp_sum"] / stats["len"])[:P].detach(),
              "rejected_logp_mean": (stats["ref_logp_sum"] / stats["len"])[P:].detach()}

@@ -130,7 +130,7 @@ def test_dataset_and_cache_mismatch_is_found_at_start(tiny, cache, tmp_path):
     edited = tmp_path / "edited.jsonl"
     edited.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = TrainConfig(**_cfg(tiny, cache, tmp_path / "run", "dpo", dataset=str(edited)))
-    with pytest.raises(ValueError, match="ids \\[5\\]\) were tokenised differently"):
+    with pytest.raises(ValueError, match=r"ids \[5\]\) were tokenised differently"):
         Trainer(cfg, **QUIET)                                          # before any step
 
 

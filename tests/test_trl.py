@@ -51,7 +51,7 @@ def test_fpo_in_trl_equals_our_loss(tmp_path):
         stats = PolicyStats(model, sae, 15, k=16)
         with torch.no_grad():
             s = stats(b, ref_idx, ref_val)
-        stats.capture.remove()
+        stats.remove_hooks()
         ref_mean = ref_sum / s["len"]
         loss, _ = fpo_loss(s["logp_mean"][:2], s["logp_mean"][2:], ref_mean[:2], ref_mean[2:], s["d"][:2],
                            s["d"][2:], 0.1, 200.0)
