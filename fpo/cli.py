@@ -91,8 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the reference: local folder, .gguf file, or hub name when online")
     p.add_argument("--dataset", required=True, help="local .json/.jsonl/.parquet file or saved dataset")
     p.add_argument("--out", required=True, help="cache directory")
-    p.add_argument("--sae", default=None, help="sae-lens dir/file, params.npz or release:id (omit for log-probs only)")
-    p.add_argument("--sae-layer", type=int, default=None, help="decoder block the SAE reads (default: from the SAE)")
+    p.add_argument("--sae", action="append", default=None,
+                   help="sae-lens or sparsify dir, .safetensors, params.npz or release:id; repeat for several SAEs, "
+                        "cached under their own names (omit for log-probs only)")
+    p.add_argument("--sae-layer", type=int, action="append", default=None,
+                   help="decoder block each SAE reads, in --sae order (default: from the SAE)")
     p.add_argument("--K", type=int, default=256, help="top-K pooled features cached per response")
     p.add_argument("--max-length", type=int, default=512, help="tokens per sequence (prompt + response)")
     p.add_argument("--max-prompt-length", type=int, default=256,
@@ -175,7 +178,10 @@ def main(argv=None):
 def _run(args):
     if args.cmd == "precompute":
         from .precompute import precompute
-        precompute(args.model, args.dataset, args.out, sae=args.sae, sae_layer=args.sae_layer, K=args.K,
+        saes, layers = args.sae or [], args.sae_layer or [None] * len(args.sae or [])
+        if len(layers) != len(saes):
+            raise ValueError(f"--sae-layer given {len(layers)} times for {len(saes)} --sae: give it once per --sae")
+        precompute(args.model, args.dataset, args.out, sae=saes or None, sae_layer=layers, K=args.K,
                    max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_pairs=args.batch_pairs,
                    max_pairs=args.max_pairs, shard_rows=args.shard_rows, device=args.device, bad_rows=args.bad_rows,
                    overwrite=args.overwrite, value_dtype=args.value_dtype, packing=args.packing,
