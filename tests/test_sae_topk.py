@@ -188,3 +188,26 @@ def test_bad_sae_checkpoints(tmp_path):
         SAEWeights.from_file(folder)
     a = SAEWeights.from_tensors(W, b, topk=5)
     assert a.fingerprint() != SAEWeights.from_tensors(W, b, topk=6).fingerprint() != SAEWeights.from_tensors(W, b).fingerprint()
+
+
+@pytest.mark.parametrize("tuple_form", [False, True])
+def test_load_sae_release_id_follows_sae_lens_6(monkeypatch, tuple_form):
+    """`release:id` goes through SAE.from_pretrained, which returns the SAE alone in sae-lens 6 (the older tuple
+    form is still read); the layer comes from the hook name. The hub is replaced by a local SAE here."""
+    import sae_lens
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from fpo.sae import load_sae
+    lens = _fill(TopKSAE(TopKSAEConfig(d_in=D, d_sae=M, k=3, dtype="float32", device="cpu",
+                                       metadata=sae_lens.saes.sae.SAEMetadata(hook_name="blocks.9.hook_resid_post"))))
+    asked = []
+
+    def from_pretrained(release, sae_id, device="cpu"):
+        asked.append((release, sae_id))
+        return (lens, {}, None) if tuple_form else lens
+    monkeypatch.setattr(sae_lens.SAE, "from_pretrained", staticmethod(from_pretrained))
+    sae, layer = load_sae("some_release:blocks.9.hook_resid_post__trainer_0")
+    assert asked == [("some_release", "blocks.9.hook_resid_post__trainer_0")]
+    assert layer == 9 and sae.activation == "topk" and sae.k == 3
+    x = torch.randn(5, D)
+    with torch.no_grad():
+        assert torch.allclose(reference.sae_encode_ref(x, sae), lens.encode(x), atol=1e-5)
