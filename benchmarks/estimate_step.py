@@ -52,6 +52,8 @@ SAE_GROUP = 16              # row tiles per program group in the SAE pooling for
 SAE_TRAFFIC = ("SAE pooling forward: the hidden rows are read once (a group's rows stay in L2 while its programs "
                f"walk the feature tiles) and W_enc once per group of {SAE_GROUP} row tiles of 128 rows; partial "
                "sums [tiles, m] fp32 written and read once")
+_SPARSE_WRITES = {"scatter_", "scatter_add_", "index_put_", "index_add_"}   # in place, at indices only
+_WRITE_ONLY = {"zero_", "fill_", "zeros", "ones", "full"}
 _FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_local_scalar_dense", "set_",
          "new_empty", "new_empty_strided", "resize_", "sym_size", "sym_stride"}
 
@@ -115,6 +117,10 @@ class StepTracer(TorchDispatchMode):
                                          all(t.untyped_storage()._cdata in aliases for t in outs))
         if func.namespace == "aten" and not moves_nothing and name not in _FREE:
             nbytes = sum(t.numel() * t.element_size() for t in ins + outs)
+            if name in _SPARSE_WRITES:     # touches only the indexed elements: read index and source, write as many
+                nbytes = 2 * sum(t.numel() * t.element_size() for t in ins[1:])
+            elif name in _WRITE_ONLY:
+                nbytes = sum(t.numel() * t.element_size() for t in outs)
             counter = flop_registry.get(func._overloadpacket)
             # mm/addmm with an fp32 output: the counters know the plain signature (no out_dtype, no out=)
             plain_args = args[:-1] if func._overloadname in ("dtype", "dtype_out") else args

@@ -8,7 +8,8 @@ ties broken as torch.topk breaks them (what sae-lens and sparsify do).
 
 The selection is data-dependent per token, so the forward runs the response rows in chunks of C: one GEMM for
 a chunk's [C, m] pre-activations (fp32 out), torch.topk on it, the kept values summed per sequence (a
-matmul with the chunk's one-hot sequence matrix: deterministic, no atomics). Memory: O(C x m), never [N, m];
+matmul with the chunk's one-hot sequence matrix: deterministic, no atomics). Memory: one [C, m] fp32 buffer
+(the pre-activations, then the kept activations in place), never [N, m];
 the chunk is sized by CHUNK_BYTES. Saved for the backward: each response row's k kept feature ids [n, k]
 int32. The backward touches only the k_D constrained features, per sequence:
     dh_t = sum_{i in I_s} g_si [i kept at t] [z_ti > 0] W_enc[:, i],   g_si = dL/dD_s * 2/k_D w_i (p_si - p_ref_si) / n_s
@@ -18,15 +19,17 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._dispatch import is_fake
 from .sae_weights import SAEWeights
 
-__all__ = ["topk_pool_fwd", "topk_constraint_bwd", "TopKFeatureMSEFunction", "CHUNK_BYTES"]
+__all__ = ["topk_pool_fwd", "topk_constraint_bwd", "TopKFeatureMSEFunction", "CHUNK_BYTES", "MIN_CHUNK_ROWS"]
 
-CHUNK_BYTES = 1 << 29   # 512 MiB of fp32 pre-activations per chunk
+CHUNK_BYTES = 1 << 26   # 64 MiB of fp32 pre-activations per chunk (the one [C, m] buffer of the forward)
+MIN_CHUNK_ROWS = 256    # below this, a chunk's GEMM streams W_enc for too few rows (< 256 FLOPs per byte)
 
 
 def _chunk_rows(m: int) -> int:
-    return max(16, min(8192, CHUNK_BYTES // (4 * m)))
+    return max(MIN_CHUNK_ROWS, min(8192, CHUNK_BYTES // (4 * m)))
 
 
 def _preacts(h, sae: SAEWeights, feats=None):
@@ -34,31 +37,32 @@ def _preacts(h, sae: SAEWeights, feats=None):
     with an fp32 output."""
     w = sae.weight_as(h.dtype) if feats is None else sae.weight_as(h.dtype)[feats]
     b = sae.bias if feats is None else sae.bias[feats]
-    if h.dtype in (torch.float16, torch.bfloat16) and h.is_cuda:
+    if h.dtype in (torch.float16, torch.bfloat16) and (h.is_cuda or is_fake(h)):   # fake: what a GPU would run
         z = torch.mm(h, w.t(), out_dtype=torch.float32)
     else:
         z = h.float() @ w.float().t() if h.dtype != torch.float64 else h @ w.double().t()
-    return z + b.to(z.dtype)
+    return z.add_(b.to(z.dtype))          # in place: one [C, m] buffer
 
 
-def topk_pool_fwd(hidden, rows, seq, n_seqs, inv_n, sae: SAEWeights):
+def topk_pool_fwd(hidden, rows, seq, n_seqs, inv_n, sae: SAEWeights, chunk_rows: int | None = None):
     """Pooled TopK features [S, m] fp32 of the response rows `rows` [n] of flat hidden [N, d] (sequence ids
-    `seq` [n], 1 / response length inv_n [S]), and each row's kept feature ids [n, k] int32."""
+    `seq` [n], 1 / response length inv_n [S]), and each row's kept feature ids [n, k] int32; chunk_rows
+    overrides the chunking (tests)."""
     m, k = sae.width, sae.k
     dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     pooled = torch.zeros(n_seqs, m, device=hidden.device, dtype=dt)
     kept = torch.empty(rows.shape[0], k, device=hidden.device, dtype=torch.int32)
-    C = _chunk_rows(m)
+    C = chunk_rows or _chunk_rows(m)
     for a in range(0, rows.shape[0], C):
         b = min(a + C, rows.shape[0])
         z = _preacts(hidden[rows[a:b]], sae)                              # [c, m] fp32
         vals, ids = torch.topk(z, k, dim=1, sorted=False)
         kept[a:b] = ids.to(torch.int32)
-        acts = torch.zeros_like(z).scatter_(1, ids, vals.clamp(min=0))   # ReLU of the kept, 0 elsewhere
-        del z
+        acts = z.zero_().scatter_(1, ids, vals.clamp(min=0))   # ReLU of the kept, 0 elsewhere: z's buffer reused
         onehot = torch.zeros(n_seqs, b - a, device=hidden.device, dtype=acts.dtype)
         onehot[seq[a:b], torch.arange(b - a, device=hidden.device)] = 1
         pooled += onehot @ acts
+        del z, acts
     return (pooled * inv_n[:, None].to(dt)).to(dt), kept
 
 

@@ -14,6 +14,8 @@ def test_kernel_benchmarks_run(capsys):
     assert {r["provider"] for r in rows} == {"fused", "fused, 25% prompt", "naive"}
     assert all(r["spread"] >= 0 for r in rows) and all("time_vs_fused" in r for r in rows)
     assert all(r["ms"] > 0 for r in rows)
+    rows = bench_sae_constraint.main(["--activation", "topk"])
+    assert {r["provider"] for r in rows} == {"fused", "fused jumprelu", "naive"} and all(r["ms"] > 0 for r in rows)
     rows = bench_logprobs.main([])
     assert {"logprobs/fused", "kl/naive-tdpo"} <= {r["provider"] for r in rows}
     assert "smoke run" in capsys.readouterr().out
@@ -89,3 +91,16 @@ def test_packing_benchmark_runs(tmp_path):
     assert all(r["step_s"] > 0 and r["peak_rss_mb"] > 0 for r in time_rows)
     assert time_rows[2]["tokens_per_step"] < time_rows[0]["tokens_per_step"]
     assert (tmp_path / "bench_packing_time.md").exists()
+
+
+def test_topk_estimate_holds_one_chunk():
+    """The TopK prediction on fake tensors: the fused forward holds one [C, m] fp32 chunk, naive [N, m] several
+    times over; both take time."""
+    from benchmarks import estimate_sae_topk
+    from fpo_kernels.sae_topk import MIN_CHUNK_ROWS
+    m, N = 8192, 4 * 1024
+    rows = {r["provider"]: r for r in estimate_sae_topk.estimate([("t", 512, m, 4, 1024)], (16,))}
+    chunk_mib = max(MIN_CHUNK_ROWS, (1 << 26) // (4 * m)) * m * 4 / 2**20
+    assert chunk_mib <= rows["fused"]["peak_extra_mib"] <= 1.2 * chunk_mib
+    assert rows["naive"]["peak_extra_mib"] >= 2 * N * m * 4 / 2**20
+    assert all(r["predicted_ms"] > 0 for r in rows.values())

@@ -82,6 +82,10 @@ def test_topk_varlen_equals_padded_and_ties_keep_exactly_k(device):
                                 torch.arange(3, device=device).repeat_interleave(9), 3, torch.full((3,), 1 / 9),
                                 sae)[1], None
     assert kept.shape == (27, k) and all(len(set(r.tolist())) == k for r in kept)
+    # chunks of 5 rows (chunks split sequences) pool as one chunk does
+    args = (hidden.reshape(-1, D), torch.arange(27, device=device), torch.arange(3, device=device).repeat_interleave(9),
+            3, torch.full((3,), 1 / 9, device=device), sae)
+    assert torch.allclose(stk.topk_pool_fwd(*args)[0], stk.topk_pool_fwd(*args, chunk_rows=5)[0], atol=1e-6)
     padded = sae_pooled_features(hidden, mask, sae)
     # the tied group shares its total whichever copies torch.topk keeps
     want = (feats * mask[..., None]).sum(1) / 9
