@@ -69,6 +69,9 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
     cap, key = None, ""
     if sae_w is not None and ref_cache is not None and ref_cache.has_features:
         key = ref_cache.find_sae(sae_w.fingerprint(), layer, sae_w.name)["key"]   # its tensors in the cache
+        if k > ref_cache.K:
+            raise ValueError(f"k ({k}) exceeds the cache's K ({ref_cache.K}): features outside the cached top-K would "
+                             f"count as 0 for the reference and inflate D; pass --k <= {ref_cache.K}")
         cap = ResidualCapture(model, layer)
     acc_logp, acc_reward, kls, ds = [], [], [], []
     try:

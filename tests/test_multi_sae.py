@@ -129,6 +129,11 @@ def test_bad_multi_sae_input(assets_dir, tmp_path):
     with pytest.raises(ValueError, match="sae_layer gives 1 layers for 2 SAEs"):
         precompute(assets_dir["model"], assets_dir["pairs"], str(tmp_path / "c"),
                    sae=[assets_dir["sae_a"], assets_dir["sae_b"]], sae_layer=[3], progress=False, **LEN)
+    # eval refuses k above the cache's K, as train does
+    from fpo.evaluate import evaluate
+    with pytest.raises(ValueError, match=r"k \(50\) exceeds the cache's K \(32\)"):
+        evaluate(assets_dir["model"], assets_dir["pairs"], cache=assets_dir["cache_both"], sae=assets_dir["sae_b"],
+                 k=50, device="cpu", log=lambda *a: None, **LEN)
     # the command line: --sae repeats, --sae-layer once per --sae
     r = subprocess.run([sys.executable, "-m", "fpo.cli", "precompute", "--model", assets_dir["model"], "--dataset",
                         assets_dir["pairs"], "--out", str(tmp_path / "c"), "--sae", assets_dir["sae_a"], "--sae",
