@@ -127,8 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the trained policy (e.g. OUT/final)")
     p.add_argument("--dataset", required=True, help="held-out pairs: local .json/.jsonl/.parquet or saved dataset")
     p.add_argument("--cache", default=None, help="reference cache of the held-out pairs (reward accuracy, D)")
-    p.add_argument("--sae", default=None, help="the SAE, for the FPO constraint D")
-    p.add_argument("--sae-layer", type=int, default=None, help="decoder block the SAE reads (default: from the SAE)")
+    p.add_argument("--sae", action="append", default=None,
+                   help="the SAE, for the FPO constraint D; repeat for several (d = sum of weight x d_sae, as in training)")
+    p.add_argument("--sae-layer", type=int, action="append", default=None,
+                   help="decoder block each SAE reads, in --sae order (default: from the SAE)")
+    p.add_argument("--sae-weight", type=float, action="append", default=None,
+                   help="each SAE's weight in d, in --sae order (default 1)")
     p.add_argument("--reference-model", default=None, help="the reference model, for the KL column")
     p.add_argument("--k", type=int, default=50, help="features in the constraint")
     p.add_argument("--select", choices=["policy", "reference"], default="policy", help="how the k features are chosen")
@@ -193,6 +197,7 @@ def _run(args):
     elif args.cmd == "eval":
         from .evaluate import evaluate, format_table
         res = evaluate(args.model, args.dataset, cache=args.cache, sae=args.sae, sae_layer=args.sae_layer,
+                       sae_weight=args.sae_weight,
                        reference_model=args.reference_model, k=args.k, select=args.select, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, max_pairs=args.max_pairs,
                        entropy_samples=args.entropy_samples, max_new_tokens=args.max_new_tokens, device=args.device,

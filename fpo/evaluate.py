@@ -12,7 +12,8 @@ from .cache import ReferenceCache
 from .data import load_pairs, tokenize_pairs
 from .model import ResidualCapture, final_softcap, lm_head, load_model_for_layout, load_tokenizer
 from .packing import attention_length_scale, body_hidden, collate
-from .sae import load_sae
+from .precompute import check_sae_fits
+from .sae import load_saes
 
 __all__ = ["evaluate", "format_table"]
 
@@ -41,13 +42,15 @@ def _sample_entropy(model, tok, items, n, max_new_tokens, device, seed):
 def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_model=None, k=50, select="policy",
              max_length=512, max_prompt_length=256, max_pairs=None, batch_pairs=4, entropy_samples=0,
              max_new_tokens=32, device=None, dtype=None, tokenizer=None, seed=0, packing="share-prompt",
-             bad_rows="error", log=print) -> dict:
+             bad_rows="error", sae_weight=None, log=print) -> dict:
     """Metrics on held-out pairs.
 
     accuracy_logp: fraction of pairs whose chosen response has the higher mean log-prob (needs nothing else);
     accuracy_reward: fraction whose implicit reward a - a_ref is higher for chosen (needs the cache; ties
     count half, so an untrained policy scores 0.5); kl: mean sequential KL(pi_ref || pi) per response (needs
-    reference_model); d: mean FPO constraint over chosen and rejected (needs sae and a cache with features);
+    reference_model); d: mean FPO constraint over chosen and rejected (needs sae and a cache with features;
+    several SAEs: sae, sae_layer and sae_weight as lists, d = sum of weight x d_sae as in training, and each
+    SAE's own d as d[name@layer]);
     entropy: mean per-token entropy of sampled responses (entropy_samples > 0). packing: the layout of the
     forward passes (fpo.packing); the metrics do not depend on it beyond rounding. bad_rows: as for training
     ("error" stops at a bad row, "skip" skips and reports it)."""
@@ -61,19 +64,21 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
     if isinstance(reference_model, str):
         ref_model = load_model_for_layout(reference_model, dtype, device, packing, model.config._attn_implementation).eval()
     ref_cache = ReferenceCache(cache) if isinstance(cache, str) else cache
-    sae_w, layer = (None, sae_layer)
-    if sae is not None:
-        sae_w, l2 = load_sae(sae, device) if isinstance(sae, str) else (sae, None)
-        layer = layer if layer is not None else (l2 if l2 is not None else (ref_cache.meta.get("layer") if ref_cache else None))
+    saes = load_saes(_sae_specs(sae, sae_layer, sae_weight), device)
+    if len(saes) == 1 and saes[0].layer is None and ref_cache is not None:   # one SAE, its layer from the cache
+        saes[0].layer = ref_cache.meta.get("layer")
     items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=log), tokenizer, max_length, max_prompt_length)
-    cap, key = None, ""
-    if sae_w is not None and ref_cache is not None and ref_cache.has_features:
-        key = ref_cache.find_sae(sae_w.fingerprint(), layer, sae_w.name)["key"]   # its tensors in the cache
+    keys, caps = [], {}
+    if saes and ref_cache is not None and ref_cache.has_features:
+        for spec in saes:
+            check_sae_fits(model, spec.sae, spec.layer)
+        keys = [ref_cache.find_sae(s.sae.fingerprint(), s.layer, s.name)["key"] for s in saes]  # tensors in the cache
         if k > ref_cache.K:
             raise ValueError(f"k ({k}) exceeds the cache's K ({ref_cache.K}): features outside the cached top-K would "
                              f"count as 0 for the reference and inflate D; pass --k <= {ref_cache.K}")
-        cap = ResidualCapture(model, layer)
-    acc_logp, acc_reward, kls, ds = [], [], [], []
+        caps = {layer: ResidualCapture(model, layer) for layer in sorted({s.layer for s in saes})}
+    ds = [[] for _ in keys]
+    acc_logp, acc_reward, kls = [], [], []
     try:
         for b in range(0, len(items), batch_pairs):
             chunk = items[b:b + batch_pairs]
@@ -88,41 +93,55 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
                 ref = ref_cache.lookup(batch["ids"], batch["row_hash"], device)
                 rw_, rl_ = mean[:P] - ref["chosen_logp_mean"], mean[P:] - ref["rejected_logp_mean"]
                 acc_reward.append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())
-                if cap is not None:
-                    resid = cap.pop()
-                    d = sae_feature_mse_varlen(resid.reshape(-1, resid.shape[-1]), batch["spans"].cpu(), sae_w,
-                                               torch.cat([ref["chosen_idx" + key], ref["rejected_idx" + key]]),
-                                               torch.cat([ref["chosen_val" + key], ref["rejected_val" + key]]), k,
-                                               select)
-                    ds.append(d)
-            elif cap is not None:
-                cap.pop()
+                resid = {layer: cap.pop() for layer, cap in caps.items()}
+                for spec, key, out in zip(saes, keys, ds):
+                    r = resid[spec.layer]
+                    out.append(sae_feature_mse_varlen(r.reshape(-1, r.shape[-1]), batch["spans"].cpu(), spec.sae,
+                                                      torch.cat([ref["chosen_idx" + key], ref["rejected_idx" + key]]),
+                                                      torch.cat([ref["chosen_val" + key], ref["rejected_val" + key]]),
+                                                      k, select))
             if ref_model is not None:
                 rh = body_hidden(ref_model, batch, device)
                 kl = fused_linear_kl(hidden[rows], w, rh[rows], lm_head(ref_model)[0],
                                      torch.ones(rows.numel(), dtype=torch.bool, device=device), final_softcap(model))
                 kls.append(torch.zeros(2 * P, device=device).index_add(0, seq, kl))
     finally:
-        if cap is not None:
+        for cap in caps.values():
             cap.remove()
 
     def mean_of(xs):
         return float(torch.cat(xs).mean()) if xs else None
 
-    d = mean_of(ds)
-    scale = None
-    entry = next((e for e in ref_cache.saes if e["key"] == key), None) if d is not None else None
-    if entry and entry.get("feature_scale") and k <= len(entry["feature_scale"]):
-        scale = ref_cache.feature_scale(k, key)
+    per_sae = [mean_of(x) for x in ds]
+    d = sum(s.weight * v for s, v in zip(saes, per_sae)) if per_sae and None not in per_sae else None
+    # under constraint_norm "ref" each SAE's D is divided by its recorded feature scale
+    scales = [next((e.get("feature_scale") for e in ref_cache.saes if e["key"] == key), None) for key in keys]
+    d_over_scale = None
+    if d is not None and all(sc and k <= len(sc) for sc in scales):
+        d_over_scale = sum(s.weight * v / ref_cache.feature_scale(k, key) for s, v, key in zip(saes, per_sae, keys))
+    each = {f"d[{s.name}@{s.layer}]": v for s, v in zip(saes, per_sae)} if len(per_sae) > 1 else {}
     return {
         "pairs": len(items),
         "accuracy_logp": mean_of(acc_logp),
         "accuracy_reward": mean_of(acc_reward),
         "kl": mean_of(kls),
         "d": d,
-        "d_over_scale": None if scale is None else d / scale,   # D under constraint_norm "ref"
+        "d_over_scale": d_over_scale,
+        **each,
         "entropy": _sample_entropy(model, tokenizer, items, entropy_samples, max_new_tokens, device, seed),
     }
+
+
+def _sae_specs(sae, layer, weight) -> list:
+    """[(spec, layer or None, weight)] from one SAE or lists of them (layers and weights: one each, or one for
+    all)."""
+    as_list = lambda v: [] if v is None else (list(v) if isinstance(v, (list, tuple)) else [v])
+    saes, layers, weights = as_list(sae), as_list(layer) or [None], as_list(weight) or [1.0]
+    for name, values in (("sae_layer", layers), ("sae_weight", weights)):
+        if len(values) not in (1, len(saes)) and saes:
+            raise ValueError(f"{name} gives {len(values)} values for {len(saes)} SAEs: give one per --sae, or one for all")
+    pick = lambda values, i: values[i] if len(values) > 1 else values[0]
+    return [(x, pick(layers, i), pick(weights, i)) for i, x in enumerate(saes)]
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -105,6 +105,16 @@ def test_two_saes_train_and_d_is_the_weighted_sum(assets_dir, tmp_path):
     assert parts[0].min() > 0 and parts[1].min() > 0
     assert torch.allclose(d, weights[0] * parts[0] + weights[1] * parts[1], rtol=1e-5, atol=1e-9)
 
+    # fpo eval with both SAEs reports the same weighted sum, and each SAE's own d
+    from fpo.evaluate import evaluate
+    kw = dict(cache=assets_dir["cache_both"], k=16, device="cpu", max_pairs=3, log=lambda *a: None, **LEN)
+    both = evaluate(out["final"], assets_dir["pairs"], sae=[assets_dir["sae_a"], assets_dir["sae_b"]],
+                    sae_weight=list(weights), **kw)
+    alone = [evaluate(out["final"], assets_dir["pairs"], sae=x, **kw)["d"] for x in (assets_dir["sae_a"], assets_dir["sae_b"])]
+    assert both["d"] == pytest.approx(weights[0] * alone[0] + weights[1] * alone[1], rel=1e-5)
+    assert both[f"d[layers.{LAYER_B}@{LAYER_B}]"] == pytest.approx(alone[1], rel=1e-6)
+    assert both["d"] == pytest.approx(float((weights[0] * parts[0] + weights[1] * parts[1]).mean()), rel=1e-4)
+
     # the second SAE changes the run: the first SAE alone trains other weights
     alone = train({**cfg, "cache": assets_dir["cache_a"], "sae": assets_dir["sae_a"], "sae_weight": None},
                   output_dir=str(tmp_path / "a"), log=lambda *a: None)
