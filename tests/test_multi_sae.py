@@ -11,6 +11,7 @@ import torch
 
 from fpo import assets
 from fpo.cache import CacheMismatchError, ReferenceCache
+from fpo.config import TrainConfig
 from fpo.data import load_pairs, tokenize_pairs
 from fpo.model import load_model, load_tokenizer
 from fpo.packing import collate
@@ -114,6 +115,18 @@ def test_two_saes_train_and_d_is_the_weighted_sum(assets_dir, tmp_path):
     assert both["d"] == pytest.approx(weights[0] * alone[0] + weights[1] * alone[1], rel=1e-5)
     assert both[f"d[layers.{LAYER_B}@{LAYER_B}]"] == pytest.approx(alone[1], rel=1e-6)
     assert both["d"] == pytest.approx(float((weights[0] * parts[0] + weights[1] * parts[1]).mean()), rel=1e-4)
+
+    # constraint_norm "ref": each SAE's D divided by its own recorded scale
+    from fpo.train import Trainer
+    trainer = Trainer(TrainConfig(**{**cfg, "constraint_norm": "ref", "output_dir": str(tmp_path / "ref")}),
+                      log=lambda *a: None)
+    try:
+        cache = ReferenceCache(assets_dir["cache_both"])
+        assert [(x[2], x[3]) for x in trainer.policy.saes] == [(weights[0], cache.feature_scale(16)),
+                                                               (weights[1], cache.feature_scale(16, key))]
+        assert cache.feature_scale(16) != cache.feature_scale(16, key)
+    finally:
+        trainer.close()
 
     # the second SAE changes the run: the first SAE alone trains other weights
     alone = train({**cfg, "cache": assets_dir["cache_a"], "sae": assets_dir["sae_a"], "sae_weight": None},
