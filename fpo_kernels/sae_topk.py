@@ -7,10 +7,11 @@ ties broken as torch.topk breaks them (what sae-lens and sparsify do).
     D_s   = (1/k_D) sum_{i in I_s} w_i (p_si - p_ref_si)^2
 
 The selection is data-dependent per token, so the forward runs the response rows in chunks of C: one GEMM for
-a chunk's [C, m] pre-activations (fp32 out), torch.topk on it, the kept values summed per sequence (a
-matmul with the chunk's one-hot sequence matrix: deterministic, no atomics). Memory: one [C, m] fp32 buffer
-(the pre-activations, then the kept activations in place), never [N, m];
-the chunk is sized by CHUNK_BYTES. Saved for the backward: each response row's k kept feature ids [n, k]
+a chunk's [C, m] pre-activations (fp32 out, the bias added in place), torch.topk on it, each row's k kept
+ids and ReLU'd values stored. Memory: one [C, m] fp32 buffer, never [N, m]; the chunk is sized by CHUNK_BYTES.
+The pooling then works on the [n, k] kept pairs only (_pool_kept): sorted by (sequence, feature), summed by
+float64 prefix sums, each (sequence, feature) total written once, so it is deterministic without any [C, m]
+pass. Saved for the backward: each response row's k kept feature ids [n, k]
 int32. The backward touches only the k_D constrained features, per sequence:
     dh_t = sum_{i in I_s} g_si [i kept at t] [z_ti > 0] W_enc[:, i],   g_si = dL/dD_s * 2/k_D w_i (p_si - p_ref_si) / n_s
 """
@@ -50,20 +51,37 @@ def topk_pool_fwd(hidden, rows, seq, n_seqs, inv_n, sae: SAEWeights, chunk_rows:
     overrides the chunking (tests)."""
     m, k = sae.width, sae.k
     dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    pooled = torch.zeros(n_seqs, m, device=hidden.device, dtype=dt)
-    kept = torch.empty(rows.shape[0], k, device=hidden.device, dtype=torch.int32)
+    n = rows.shape[0]
+    kept = torch.empty(n, k, device=hidden.device, dtype=torch.int32)
+    vals = torch.empty(n, k, device=hidden.device, dtype=dt)
     C = chunk_rows or _chunk_rows(m)
-    for a in range(0, rows.shape[0], C):
-        b = min(a + C, rows.shape[0])
+    for a in range(0, n, C):
+        b = min(a + C, n)
         z = _preacts(hidden[rows[a:b]], sae)                              # [c, m] fp32
-        vals, ids = torch.topk(z, k, dim=1, sorted=False)
+        v, ids = torch.topk(z, k, dim=1, sorted=False)
+        del z
         kept[a:b] = ids.to(torch.int32)
-        acts = z.zero_().scatter_(1, ids, vals.clamp(min=0))   # ReLU of the kept, 0 elsewhere: z's buffer reused
-        onehot = torch.zeros(n_seqs, b - a, device=hidden.device, dtype=acts.dtype)
-        onehot[seq[a:b], torch.arange(b - a, device=hidden.device)] = 1
-        pooled += onehot @ acts
-        del z, acts
-    return (pooled * inv_n[:, None].to(dt)).to(dt), kept
+        vals[a:b] = v.clamp(min=0)                                        # ReLU of the kept
+    return _pool_kept(kept, vals, seq, n_seqs, m) * inv_n[:, None].to(dt), kept
+
+
+def _pool_kept(kept, vals, seq, n_seqs: int, m: int):
+    """sum_{rows r of sequence s} vals[r, j] at feature kept[r, j], as [S, m]. The (sequence, feature) keys are
+    sorted (stably); vals >= 0, so float64 prefix sums are nondecreasing and each key's total is its last
+    prefix minus the previous key's last prefix (a running max). Every destination gets one nonzero addend
+    and exact zeros, so the scatter's result does not depend on its order."""
+    pooled = torch.zeros(n_seqs * m, device=vals.device, dtype=vals.dtype)
+    keys = (seq.long()[:, None] * m + kept.long()).flatten()
+    if keys.numel() == 0:
+        return pooled.view(n_seqs, m)
+    keys, order = torch.sort(keys, stable=True)
+    prefix = vals.flatten()[order].double().cumsum(0)
+    last = torch.ones_like(keys, dtype=torch.bool)
+    last[:-1] = keys[1:] != keys[:-1]
+    ends = torch.where(last, prefix, torch.zeros((), dtype=prefix.dtype, device=prefix.device))
+    before = torch.cat([ends.new_zeros(1), ends.cummax(0).values[:-1]])    # the previous key's last prefix
+    totals = torch.where(last, prefix - before, torch.zeros((), dtype=prefix.dtype, device=prefix.device))
+    return pooled.scatter_add_(0, keys, totals.to(vals.dtype)).view(n_seqs, m)
 
 
 def topk_constraint_bwd(hidden, rows, seq, kept, sae: SAEWeights, idx, coef):

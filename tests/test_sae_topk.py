@@ -215,3 +215,21 @@ def test_load_sae_release_id_follows_sae_lens_6(monkeypatch, tuple_form):
     x = torch.randn(5, D)
     with torch.no_grad():
         assert torch.allclose(reference.sae_encode_ref(x, sae), lens.encode(x), atol=1e-5)
+
+
+def test_pooling_of_kept_pairs_matches_a_dense_sum(device):
+    """The sort-and-prefix-sum pooling against a float64 dense accumulation written out here; no rows, no pooled
+    features."""
+    n, k, m, S = 60, 5, 9, 4
+    kept = torch.stack([torch.randperm(m)[:k] for _ in range(n)]).int().to(device)
+    vals = torch.rand(n, k, device=device) * (torch.rand(n, k, device=device) > 0.3)   # some kept values ReLU'd to 0
+    seq = torch.sort(torch.randint(0, S - 1, (n,))).values.to(device)               # the last sequence has no rows
+    want = torch.zeros(S, m, dtype=torch.float64)
+    for r in range(n):
+        for j in range(k):
+            want[seq[r], kept[r, j]] += vals[r, j].double().cpu()
+    got = stk._pool_kept(kept, vals, seq, S, m)
+    assert got.dtype == vals.dtype and torch.allclose(got.double().cpu(), want, rtol=1e-6, atol=1e-6)
+    assert (got[S - 1] == 0).all()
+    empty = stk._pool_kept(kept[:0], vals[:0], seq[:0], 2, m)
+    assert empty.shape == (2, m) and (empty == 0).all()
