@@ -11,8 +11,8 @@ a chunk's [C, m] pre-activations (fp32 out, the bias added in place), torch.topk
 ids and ReLU'd values stored. Memory: one [C, m] fp32 buffer, never [N, m]; the chunk is sized by CHUNK_BYTES.
 The pooling then works on the [n, k] kept pairs only (_pool_kept): sorted by (sequence, feature), summed by
 float64 prefix sums, each (sequence, feature) total written once, so it is deterministic without any [C, m]
-pass. Saved for the backward: each response row's k kept feature ids [n, k]
-int32. The backward touches only the k_D constrained features, per sequence:
+pass. Saved for the backward: each response row's k kept feature ids [n, k] int32. The backward touches only
+the k_D constrained features, per sequence:
     dh_t = sum_{i in I_s} g_si [i kept at t] [z_ti > 0] W_enc[:, i],   g_si = dL/dD_s * 2/k_D w_i (p_si - p_ref_si) / n_s
 """
 from __future__ import annotations
