@@ -487,15 +487,21 @@ def _check_reference(S, m, ref_indices, ref_values, k, select, feature_weights, 
             raise ValueError("feature_weights must be >= 0")
 
 
-def _topk_rows(mask=None, spans=None, T=None):
-    """(rows [n], seq [n], inv_n [S]) of the response tokens, for the TopK path (sae_topk), from a padded mask
-    [B, T] or spans [S, 2]."""
+def _topk_rows(device, mask=None, spans=None, T=None):
+    """For the TopK path (sae_topk), from a padded mask [B, T] or spans [S, 2]: the response rows [n], their
+    sequence [n] and 1 / response length [S] on device, and where each sequence's rows start in them (a host
+    list of S + 1 offsets, rows being grouped by sequence). Laid out on the host, as the JumpReLU path's tile
+    tables are: host spans cost no device sync (a device mask, one copy)."""
     if mask is not None:
-        seq, t = mask.bool().nonzero(as_tuple=True)
-        n = mask.bool().sum(1)
-        return seq * T + t, seq, 1.0 / n.clamp(min=1).float()
-    rows, seq = reference.span_rows(spans)
-    return rows, seq, 1.0 / (spans[:, 1] - spans[:, 0]).clamp(min=1).float()
+        seq, t = mask.detach().bool().cpu().nonzero(as_tuple=True)
+        rows, counts = seq * T + t, torch.bincount(seq, minlength=mask.shape[0])
+    else:
+        spans = spans.detach().to("cpu", torch.int64)
+        rows, seq = reference.span_rows(spans)
+        counts = (spans[:, 1] - spans[:, 0]).clamp(min=0)
+    offsets = [0] + counts.cumsum(0).tolist()
+    inv_n = 1.0 / counts.clamp(min=1).float()
+    return rows.to(device), seq.to(device), inv_n.to(device), offsets
 
 
 # ------------------------------------------------------------------------------------------------
@@ -517,7 +523,7 @@ def sae_pooled_features(hidden, mask, sae: SAEWeights, check_inputs: bool = True
             return reference.sae_pooled_features_ref(hidden, mask, sae).float()
         B, T, d = hidden.shape
         if sae.activation == "topk":
-            rows, seq, inv_n = _topk_rows(mask=mask, T=T)
+            rows, seq, inv_n, _ = _topk_rows(hidden.device, mask=mask, T=T)
             return sae_topk.topk_pool_fwd(hidden.detach().reshape(B * T, d), rows, seq, B, inv_n, sae)[0].float()
         return sae_pool_fwd(hidden.detach().reshape(B * T, d), Spans.from_mask(mask), sae)
 
@@ -534,7 +540,7 @@ def sae_pooled_features_varlen(hidden, spans, sae: SAEWeights, check_inputs: boo
         if not use_triton(hidden) or hidden.dtype == torch.float64:
             return reference.sae_pooled_features_varlen_ref(hidden, spans.to(hidden.device), sae).float()
         if sae.activation == "topk":
-            rows, seq, inv_n = _topk_rows(spans=spans.to(hidden.device))
+            rows, seq, inv_n, _ = _topk_rows(hidden.device, spans=spans)
             return sae_topk.topk_pool_fwd(hidden.detach(), rows, seq, spans.shape[0], inv_n, sae)[0].float()
         return sae_pool_fwd(hidden.detach(), Spans.from_spans(spans, hidden.shape[0], hidden.device), sae)
 
@@ -561,9 +567,9 @@ def sae_feature_mse(hidden, mask, sae: SAEWeights, ref_indices, ref_values, k: i
                                              feature_weights).float()
     B, T, d = hidden.shape
     if sae.activation == "topk":
-        rows, seq, inv_n = _topk_rows(mask=mask, T=T)
-        return sae_topk.TopKFeatureMSEFunction.apply(hidden.reshape(B * T, d), rows, seq, inv_n, sae, ref_indices,
-                                                     ref_values, k, select, feature_weights)
+        rows, seq, inv_n, offsets = _topk_rows(hidden.device, mask=mask, T=T)
+        return sae_topk.TopKFeatureMSEFunction.apply(hidden.reshape(B * T, d), rows, seq, offsets, inv_n, sae,
+                                                     ref_indices, ref_values, k, select, feature_weights)
     return SAEFeatureMSEFunction.apply(hidden.reshape(B * T, d), Spans.from_mask(mask), sae, ref_indices, ref_values,
                                        k, select, feature_weights)
 
@@ -583,8 +589,8 @@ def sae_feature_mse_varlen(hidden, spans, sae: SAEWeights, ref_indices, ref_valu
         return reference.sae_feature_mse_varlen_ref(hidden, spans.to(hidden.device), sae, ref_indices, ref_values, k,
                                                     select, feature_weights).float()
     if sae.activation == "topk":
-        rows, seq, inv_n = _topk_rows(spans=spans.to(hidden.device))
-        return sae_topk.TopKFeatureMSEFunction.apply(hidden, rows, seq, inv_n, sae, ref_indices, ref_values, k, select,
-                                                     feature_weights)
+        rows, seq, inv_n, offsets = _topk_rows(hidden.device, spans=spans)
+        return sae_topk.TopKFeatureMSEFunction.apply(hidden, rows, seq, offsets, inv_n, sae, ref_indices, ref_values, k,
+                                                     select, feature_weights)
     return SAEFeatureMSEFunction.apply(hidden, Spans.from_spans(spans, hidden.shape[0], hidden.device), sae,
                                        ref_indices, ref_values, k, select, feature_weights)

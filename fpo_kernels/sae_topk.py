@@ -84,13 +84,14 @@ def _pool_kept(kept, vals, seq, n_seqs: int, m: int):
     return pooled.scatter_add_(0, keys, totals.to(vals.dtype)).view(n_seqs, m)
 
 
-def topk_constraint_bwd(hidden, rows, seq, kept, sae: SAEWeights, idx, coef):
+def topk_constraint_bwd(hidden, rows, offsets, kept, sae: SAEWeights, idx, coef):
     """dL/dhidden [N, d] in hidden's dtype, through the constrained features idx [S, k_D] (coef [S, k_D] per
-    feature, the 1/n_s included), gated by each row's kept set and ReLU; zero outside the response rows."""
+    feature, the 1/n_s included), gated by each row's kept set and ReLU; zero outside the response rows.
+    Sequence s owns rows[offsets[s]:offsets[s + 1]] (offsets: a host list, so no device sync per sequence)."""
     dh = torch.zeros_like(hidden)
     for s in range(idx.shape[0]):
-        r = (seq == s).nonzero().flatten()
-        if r.numel() == 0:
+        r = slice(offsets[s], offsets[s + 1])
+        if r.start == r.stop:
             continue
         feats = idx[s].long()
         h = hidden[rows[r]]
@@ -108,7 +109,7 @@ class TopKFeatureMSEFunction(torch.autograd.Function):
     ids [n, k] and one coefficient per constrained feature."""
 
     @staticmethod
-    def forward(ctx, hidden, rows, seq, inv_n, sae, ref_indices, ref_values, k, select, feature_weights):
+    def forward(ctx, hidden, rows, seq, offsets, inv_n, sae, ref_indices, ref_values, k, select, feature_weights):
         pooled, kept = topk_pool_fwd(hidden, rows, seq, ref_indices.shape[0], inv_n, sae)
         pooled = pooled.float()
         if select == "policy":
@@ -121,21 +122,22 @@ class TopKFeatureMSEFunction(torch.autograd.Function):
             ref = ref_values[:, :k].float()
         w = torch.ones_like(p) if feature_weights is None else feature_weights.float()[idx.clamp(0, sae.width - 1)]
         diff = p - ref
-        ctx.save_for_backward(hidden, rows, seq, kept, idx, 2.0 / k * w * diff * inv_n[:, None])
-        ctx.sae = sae
+        ctx.save_for_backward(hidden, rows, kept, idx, 2.0 / k * w * diff * inv_n[:, None])
+        ctx.sae, ctx.offsets = sae, offsets
         return (w * diff * diff).sum(1) / k
 
     @staticmethod
     def backward(ctx, grad_d):
-        hidden, rows, seq, kept, idx, coef = ctx.saved_tensors
+        hidden, rows, kept, idx, coef = ctx.saved_tensors
         grad_hidden = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = topk_constraint_bwd(hidden, rows, seq, kept, ctx.sae, idx.clamp(0, ctx.sae.width - 1),
+            grad_hidden = topk_constraint_bwd(hidden, rows, ctx.offsets, kept, ctx.sae, idx.clamp(0, ctx.sae.width - 1),
                                               grad_d.float()[:, None] * coef)
         return (
             grad_hidden,  # hidden
             None,         # rows
             None,         # seq
+            None,         # offsets
             None,         # inv_n
             None,         # sae (frozen)
             None,         # ref_indices
