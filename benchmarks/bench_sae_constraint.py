@@ -58,6 +58,11 @@ def naive_topk_feature_mse(hidden, mask, W_enc, b_enc, b_dec, sae_k, ref_dense, 
     return ((p - ref_dense.gather(1, idx)) ** 2).mean(1)
 
 
+def _device_dtype(dtype):
+    """CUDA in the given dtype when present; else the CPU in fp32 (the CPU has no fast half-precision GEMM)."""
+    return ("cuda", dtype) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
 def _measure(providers, hidden, modes, B, dev):
     """{mode: {provider: (ms, spread, peak extra MB)}}, each provider on its own copy of hidden."""
     out = {}
@@ -87,9 +92,7 @@ def _measure(providers, hidden, modes, B, dev):
 
 def run_topk(shapes, sae_ks, k=50, dtype=torch.bfloat16, modes=("forward", "full"), compile_naive=True):
     """TopK SAEs: fused vs naive (and its compile) vs the fused JumpReLU op on the same weights."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu":
-        dtype = torch.float32
+    dev, dtype = _device_dtype(dtype)
     rows = []
     for label, d, m, B, T in shapes:
         torch.manual_seed(0)
@@ -127,9 +130,7 @@ def run_topk(shapes, sae_ks, k=50, dtype=torch.bfloat16, modes=("forward", "full
 
 
 def run(shapes, k=50, dtype=torch.bfloat16, modes=("forward", "full"), compile_naive=True):
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cpu":
-        dtype = torch.float32
+    dev, dtype = _device_dtype(dtype)
     rows = []
     for label, d, m, B, T in shapes:
         torch.manual_seed(0)
