@@ -75,6 +75,24 @@ def _tile_rows(tiles, span, mask, i_t, BT: tl.constexpr, HAS_MASK: tl.constexpr)
     return i_s, o_t, m_t, m_own
 
 
+@triton.jit
+def _jumprelu_tile(h, w, bias, theta, o_t, m_t, feat, m_f, D, stride_h,
+                   BT: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+    """Pre-activations z [BT, BF] fp32 of the rows o_t (m_t) of h at the features feat (m_f; ids already in
+    range), and whether each fires (z > theta; NaN passes through): shared by the pooling and the gate."""
+    b_z = tl.zeros([BT, BF], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        p_h = h + o_t[:, None].to(tl.int64) * stride_h + o_d[None, :]
+        b_h = tl.load(p_h, mask=m_t[:, None] & m_d[None, :], other=0.0)                                   # [BT, BD]
+        b_w = tl.load(w + feat[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_f[None, :], other=0.0)  # [BD, BF]
+        b_z += tl.dot(b_h, b_w, input_precision=PRECISION)
+    b_z += tl.load(bias + feat, mask=m_f, other=0.0)[None, :]
+    b_fire = (b_z > tl.load(theta + feat, mask=m_f, other=0.0)[None, :]) | (b_z != b_z)
+    return b_z, b_fire
+
+
 @triton.autotune(configs=_POOL_CONFIGS, key=["D", "F", "GATHER", "HAS_MASK"])
 @triton.jit
 def _sae_pool_fwd_kernel(
@@ -113,16 +131,7 @@ def _sae_pool_fwd_kernel(
         feat = o_f.to(tl.int64)
     b_acc = tl.zeros([BF], dtype=tl.float32)
     if tl.max(m_t.to(tl.int32), 0) > 0:  # skip tiles with no response token
-        b_z = tl.zeros([BT, BF], dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            o_d = d0 + tl.arange(0, BD)
-            m_d = o_d < D
-            p_h = h + o_t[:, None].to(tl.int64) * stride_h + o_d[None, :]
-            b_h = tl.load(p_h, mask=m_t[:, None] & m_d[None, :], other=0.0)                # [BT, BD]
-            b_w = tl.load(w + feat[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_f[None, :], other=0.0)  # [BD, BF]
-            b_z += tl.dot(b_h, b_w, input_precision=PRECISION)
-        b_z += tl.load(bias + feat, mask=m_f, other=0.0)[None, :]
-        b_fire = (b_z > tl.load(theta + feat, mask=m_f, other=0.0)[None, :]) | (b_z != b_z)   # NaN passes through
+        b_z, b_fire = _jumprelu_tile(h, w, bias, theta, o_t, m_t, feat, m_f, D, stride_h, BT, BF, BD, PRECISION)
         b_acc = tl.sum(tl.where(b_fire & m_t[:, None], b_z, 0.0), 0)
     tl.store(part + i_t * F + o_f, tl.where(m_f, b_acc, float("nan")), mask=m_out)
 
@@ -176,19 +185,11 @@ def _sae_gate_kernel(
             feat = tl.load(idx + i_s * K + o_k, mask=m_k, other=0).to(tl.int64)
             m_k = m_k & (feat >= 0) & (feat < M)
             feat = tl.where(m_k, feat, 0)
-            b_z = tl.zeros([BT, BK], dtype=tl.float32)
+            b_g = tl.zeros([BT, BK], dtype=tl.float32)
             if tl.max(m_t.to(tl.int32), 0) > 0:
-                for d0 in range(0, D, BD):
-                    o_d = d0 + tl.arange(0, BD)
-                    m_d = o_d < D
-                    p_h = h + o_t[:, None].to(tl.int64) * stride_h + o_d[None, :]
-                    b_h = tl.load(p_h, mask=m_t[:, None] & m_d[None, :], other=0.0)                           # [BT, BD]
-                    b_w = tl.load(w + feat[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_k[None, :], other=0.0)  # [BD, BK]
-                    b_z += tl.dot(b_h, b_w, input_precision=PRECISION)
-            b_z += tl.load(bias + feat, mask=m_k, other=0.0)[None, :]
-            b_fire = (b_z > tl.load(theta + feat, mask=m_k, other=0.0)[None, :]) | (b_z != b_z)
-            b_c = tl.load(coef + i_s * K + o_k, mask=m_k, other=0.0)
-            b_g = tl.where(b_fire & m_t[:, None] & m_k[None, :], b_c[None, :], 0.0)   # [BT, BK]
+                b_z, b_fire = _jumprelu_tile(h, w, bias, theta, o_t, m_t, feat, m_k, D, stride_h, BT, BK, BD, PRECISION)
+                b_c = tl.load(coef + i_s * K + o_k, mask=m_k, other=0.0)
+                b_g = tl.where(b_fire & m_t[:, None] & m_k[None, :], b_c[None, :], 0.0)   # [BT, BK]
             tl.store(g + o_t[:, None].to(tl.int64) * K + o_k[None, :], b_g.to(g.dtype.element_ty),
                      mask=m_own[:, None] & (o_k < K)[None, :])
 
