@@ -96,11 +96,7 @@ class TrainConfig:
             raise ValueError(f"method {self.method} needs a reference cache: build one with `fpo precompute` and pass cache=")
         if self.method == "fpo" and not self.sae:
             raise ValueError("method fpo needs an SAE (sae=...)")
-        n_sae = len(_as_list(self.sae))
-        for name in ("sae_layer", "sae_weight"):
-            n = len(_as_list(getattr(self, name)))
-            if n > 1 and n != n_sae:
-                raise ValueError(f"{name} gives {n} values for {n_sae} SAEs: give one per --sae, or one for all")
+        sae_specs(self.sae, self.sae_layer, self.sae_weight)   # one layer and weight per SAE, or one for all
         if self.max_tokens is not None and self.max_tokens // 2 <= self.max_prompt_length:
             raise ValueError(f"max_tokens ({self.max_tokens}) must exceed 2 x max_prompt_length "
                              f"({2 * self.max_prompt_length}): every pair must fit one micro-batch with room for its responses")
@@ -117,15 +113,22 @@ class TrainConfig:
     @property
     def sae_specs(self) -> list:
         """[(spec, layer or None, weight)] for every SAE, in --sae order."""
-        specs = _as_list(self.sae)
-        layers = _as_list(self.sae_layer) or [None]
-        weights = _as_list(self.sae_weight) or [1.0]
-        return [(spec, layers[i] if len(layers) > 1 else layers[0], float(weights[i] if len(weights) > 1 else weights[0]))
-                for i, spec in enumerate(specs)]
+        return sae_specs(self.sae, self.sae_layer, self.sae_weight)
+
+
+def sae_specs(sae, sae_layer=None, sae_weight=None) -> list:
+    """[(spec, layer or None, weight)] from one SAE or a list of them; sae_layer and sae_weight give one value
+    per SAE, or one for all (weight default 1)."""
+    specs, layers, weights = _as_list(sae), _as_list(sae_layer) or [None], _as_list(sae_weight) or [1.0]
+    for name, values in (("sae_layer", layers), ("sae_weight", weights)):
+        if len(values) > 1 and len(values) != len(specs):
+            raise ValueError(f"{name} gives {len(values)} values for {len(specs)} SAEs: give one per --sae, or one for all")
+    pick = lambda values, i: values[i] if len(values) > 1 else values[0]
+    return [(spec, pick(layers, i), float(pick(weights, i))) for i, spec in enumerate(specs)]
 
 
 def _as_list(value) -> list:
-    return [] if value is None else (list(value) if isinstance(value, list) else [value])
+    return [] if value is None else (list(value) if isinstance(value, (list, tuple)) else [value])
 
 
 # What may differ between a checkpoint's config and the run that resumes it; any other difference is an error.

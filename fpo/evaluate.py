@@ -9,6 +9,7 @@ import torch
 from fpo_kernels import fused_linear_kl, sae_feature_mse_varlen, sequence_logprobs_varlen
 
 from .cache import ReferenceCache
+from .config import sae_specs
 from .data import load_pairs, tokenize_pairs
 from .model import ResidualCapture, final_softcap, lm_head, load_model_for_layout, load_tokenizer
 from .packing import attention_length_scale, body_hidden, collate
@@ -64,7 +65,7 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
     if isinstance(reference_model, str):
         ref_model = load_model_for_layout(reference_model, dtype, device, packing, model.config._attn_implementation).eval()
     ref_cache = ReferenceCache(cache) if isinstance(cache, str) else cache
-    saes = load_saes(_sae_specs(sae, sae_layer, sae_weight), device)
+    saes = load_saes(sae_specs(sae, sae_layer, sae_weight), device)
     if len(saes) == 1 and saes[0].layer is None and ref_cache is not None:   # one SAE, its layer from the cache
         saes[0].layer = ref_cache.meta.get("layer")
     items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=log), tokenizer, max_length, max_prompt_length)
@@ -130,18 +131,6 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
         **each,
         "entropy": _sample_entropy(model, tokenizer, items, entropy_samples, max_new_tokens, device, seed),
     }
-
-
-def _sae_specs(sae, layer, weight) -> list:
-    """[(spec, layer or None, weight)] from one SAE or lists of them (layers and weights: one each, or one for
-    all)."""
-    as_list = lambda v: [] if v is None else (list(v) if isinstance(v, (list, tuple)) else [v])
-    saes, layers, weights = as_list(sae), as_list(layer) or [None], as_list(weight) or [1.0]
-    for name, values in (("sae_layer", layers), ("sae_weight", weights)):
-        if len(values) not in (1, len(saes)) and saes:
-            raise ValueError(f"{name} gives {len(values)} values for {len(saes)} SAEs: give one per --sae, or one for all")
-    pick = lambda values, i: values[i] if len(values) > 1 else values[0]
-    return [(x, pick(layers, i), pick(weights, i)) for i, x in enumerate(saes)]
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -179,8 +179,6 @@ class Trainer:
                     "many times over") + f"; rebuild the cache with --K >= {cfg.k} or lower k")
         # constraint_norm "ref": each SAE's D divided by its recorded reference feature scale
         scales = [self.cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" else 1.0 for key in self.sae_keys]
-        layer = self.saes[0].layer if self.saes else None
-        self.layer = layer
         self._share_checked = False
         self.ref_model = None
         if cfg.method.startswith("tdpo"):
