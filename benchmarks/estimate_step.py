@@ -53,7 +53,7 @@ SAE_TRAFFIC = ("SAE pooling forward: the hidden rows are read once (a group's ro
                f"walk the feature tiles) and W_enc once per group of {SAE_GROUP} row tiles of 128 rows; partial "
                "sums [tiles, m] fp32 written and read once")
 _SPARSE_WRITES = {"scatter_", "scatter_add_", "index_put_", "index_add_"}   # in place, at indices only
-_WRITE_ONLY = {"zero_", "fill_", "zeros", "ones", "full"}
+_WRITE_ONLY = {"zero_", "fill_"}                     # in place: a write, not a read and a write
 _FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_local_scalar_dense", "set_",
          "new_empty", "new_empty_strided", "resize_", "sym_size", "sym_stride"}
 
