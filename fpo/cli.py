@@ -9,7 +9,10 @@ import typing
 
 from .config import ATTENTION, METHODS, TrainConfig
 from .packing import LAYOUTS
+from .precision import PRECISIONS
 
+FROZEN_PRECISION_HELP = ("the forward's precision policy, as `fpo train --precision` names it (auto: bf16-mixed on "
+                         "cuda, fp32 on cpu); the model is frozen, so its weights are bf16 under any bf16 policy")
 
 def _add_train_flags(p):
     """One flag per TrainConfig key, with its help text, its choices and its default."""
@@ -113,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pairs", type=int, default=None, help="only the first pairs of the dataset")
     p.add_argument("--shard-rows", type=int, default=256, help="pairs per cache shard (the unit of resume)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto", help=FROZEN_PRECISION_HELP)
     p.add_argument("--bad-rows", choices=["error", "skip"], default="error",
                    help="a row with a missing column or an empty response: stop (error) or skip it and report")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
@@ -145,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entropy-samples", type=int, default=0, help="prompts to sample from, for the entropy column")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per sampled response")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto", help=FROZEN_PRECISION_HELP)
     p.add_argument("--json", default=None, help="also write the metrics here")
 
     sub.add_parser("bench", help="benchmarks: " + " | ".join(BENCHMARKS) + " (`fpo bench --help`)", add_help=False)
@@ -190,7 +195,7 @@ def _run(args):
                    max_pairs=args.max_pairs, shard_rows=args.shard_rows, device=args.device, bad_rows=args.bad_rows,
                    overwrite=args.overwrite, value_dtype=args.value_dtype, packing=args.packing,
                    max_tokens=args.max_tokens, attn_implementation=args.attn_implementation,
-                   progress=not args.no_progress)
+                   precision=args.precision, progress=not args.no_progress)
     elif args.cmd == "train":
         from .train import train
         train(_load_train_config(args))
@@ -201,7 +206,7 @@ def _run(args):
                        reference_model=args.reference_model, k=args.k, select=args.select, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, max_pairs=args.max_pairs,
                        entropy_samples=args.entropy_samples, max_new_tokens=args.max_new_tokens, device=args.device,
-                       packing=args.packing, bad_rows=args.bad_rows)
+                       packing=args.packing, bad_rows=args.bad_rows, precision=args.precision)
         print(format_table([res], [(k, k, ".4f" if isinstance(v, float) else "") for k, v in res.items()]))
         if args.json:
             from .cache import atomic_write_json

@@ -9,6 +9,7 @@ import typing
 from dataclasses import dataclass, field, fields
 
 from .packing import LAYOUTS
+from .precision import OPTIMIZERS, PRECISIONS, SAVE_DTYPES
 
 __all__ = ["TrainConfig", "load_config", "METHODS", "ATTENTION", "RESUMABLE_CHANGES", "config_from_dict"]
 
@@ -48,8 +49,12 @@ class TrainConfig:
     # optimisation (paper defaults)
     lr: float = _key(5e-7, "learning rate", low=0, low_open=True)
     warmup_steps: int = _key(150, "linear warmup steps, then constant", low=0)
-    optimizer: str = _key("adam", "optimizer", ("adam", "rmsprop"))
-    weight_decay: float = _key(0.0, "weight decay", low=0)
+    optimizer: str = _key("adam", "optimizer: Adam (the paper's), AdamW (decoupled weight decay; the authors' code: "
+                          "betas 0.9, 0.95, weight decay 1e-4, clip 1.0) or RMSprop; fused on CUDA", OPTIMIZERS)
+    adam_beta1: float = _key(0.9, "adam / adamw: beta1", low=0, high=1)
+    adam_beta2: float = _key(0.999, "adam / adamw: beta2", low=0, high=1)
+    adam_eps: float = _key(1e-8, "adam / adamw / rmsprop: epsilon", low=0, low_open=True)
+    weight_decay: float = _key(0.0, "weight decay (adam and rmsprop: L2; adamw: decoupled)", low=0)
     max_grad_norm: float | None = _key(10.0, "clip the gradient norm to this (none: no clipping)", low=0, low_open=True)
     batch_size: int = _key(32, "pairs per optimizer step, all ranks together", low=1)
     micro_batch_size: int = _key(2, "pairs per forward on one rank (unless --max-tokens is set)", low=1)
@@ -67,8 +72,10 @@ class TrainConfig:
                          ("error", "skip"))
     # runtime
     device: str | None = _key(None, "default: cuda when available, else cpu")
-    dtype: str | None = _key(None, "model dtype (default: bfloat16 on cuda, float32 on cpu)",
-                             ("float32", "bfloat16", "float16"))
+    precision: str = _key("auto", "fp32; bf16-mixed (fp32 weights, gradients and Adam states, forward under bf16 "
+                          "autocast); bf16-compensated (bf16 weights and states, Kahan-summed updates: less memory, "
+                          "no update lost); bf16-pure (bf16 weights under plain Adam: small updates round away); "
+                          "auto: bf16-mixed on cuda, fp32 on cpu", PRECISIONS)
     attn_implementation: str | None = _key(None, "attention: default flex_attention for packed layouts on cuda, "
                                            "else the model's own", ATTENTION)
     gradient_checkpointing: bool = _key(False, "recompute each decoder layer in the backward")
@@ -79,6 +86,9 @@ class TrainConfig:
     log_every: int = _key(10, "optimizer steps between metric lines", low=1)
     save_every: int = _key(0, "optimizer steps between checkpoints (0: only the final model)", low=0)
     save_optimizer: bool = _key(True, "store optimizer, scheduler and RNG beside the final model (resumable)")
+    save_dtype: str = _key("auto", "dtype of the final model's weights: auto keeps the trained weights' own (float32 "
+                           "under bf16-mixed); another makes the final model a copy that cannot be resumed",
+                           ("auto",) + tuple(SAVE_DTYPES))
     resume: str | None = _key(None, "a checkpoint folder, or 'latest' in output_dir")
     progress: bool = _key(True, "progress bar (plain lines when stdout is not a terminal)")
 
@@ -133,7 +143,10 @@ def _as_list(value) -> list:
 
 # What may differ between a checkpoint's config and the run that resumes it; any other difference is an error.
 RESUMABLE_CHANGES = ("max_steps", "epochs", "save_every", "log_every", "progress", "resume", "overwrite",
-                     "save_optimizer", "device")
+                     "save_optimizer", "save_dtype", "device")
+# Keys that were replaced, with what replaces them: a config that still uses one is refused with this sentence.
+REPLACED_KEYS = {"dtype": "dtype was replaced by precision: bf16-mixed (fp32 weights under bf16 autocast, the cuda "
+                          "default), bf16-pure (bf16 weights: what dtype bfloat16 did), bf16-compensated, or fp32"}
 
 
 def _check_value(f, value):
@@ -187,6 +200,8 @@ def _check_type(name, value, hint):
 
 def config_from_dict(d: dict) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
+    for key in sorted(set(d) & set(REPLACED_KEYS)):
+        raise ValueError(f"config key {key!r}: {REPLACED_KEYS[key]}")
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")

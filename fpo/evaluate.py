@@ -13,6 +13,7 @@ from .config import sae_specs
 from .data import load_pairs, tokenize_pairs
 from .model import ResidualCapture, final_softcap, lm_head, load_model_for_layout, load_tokenizer
 from .packing import attention_length_scale, body_hidden, collate
+from .precision import resolve_precision
 from .precompute import check_sae_fits
 from .sae import load_saes
 
@@ -42,7 +43,7 @@ def _sample_entropy(model, tok, items, n, max_new_tokens, device, seed):
 @torch.no_grad()
 def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_model=None, k=50, select="policy",
              max_length=512, max_prompt_length=256, max_pairs=None, batch_pairs=4, entropy_samples=0,
-             max_new_tokens=32, device=None, dtype=None, tokenizer=None, seed=0, packing="share-prompt",
+             max_new_tokens=32, device=None, precision="auto", tokenizer=None, seed=0, packing="share-prompt",
              bad_rows="error", sae_weight=None, log=print) -> dict:
     """Metrics on held-out pairs.
 
@@ -54,9 +55,11 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
     SAE's own d as d[name@layer]);
     entropy: mean per-token entropy of sampled responses (entropy_samples > 0). packing: the layout of the
     forward passes (fpo.packing); the metrics do not depend on it beyond rounding. bad_rows: as for training
-    ("error" stops at a bad row, "skip" skips and reports it)."""
+    ("error" stops at a bad row, "skip" skips and reports it). precision: the forward's policy (fpo.precision),
+    with bf16 weights under any bf16 policy: an evaluated model is frozen."""
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    prec = resolve_precision(precision, device)
+    dtype = prec.frozen_dtype
     if isinstance(model, str):
         tokenizer = tokenizer or load_tokenizer(model)
         model = load_model_for_layout(model, dtype, device, packing)
@@ -81,31 +84,32 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
     ds = [[] for _ in keys]
     acc_logp, acc_reward, kls = [], [], []
     try:
-        for b in range(0, len(items), batch_pairs):
-            chunk = items[b:b + batch_pairs]
-            P = len(chunk)
-            batch = collate(chunk, packing, tokenizer.pad_token_id, attention_length_scale(model))
-            rows, labels, seq = (batch[k].to(device) for k in ("pred_rows", "labels", "seq_ids"))
-            hidden = body_hidden(model, batch, device)
-            w, bias = lm_head(model)
-            _, mean, _ = sequence_logprobs_varlen(hidden, w, rows, labels, seq, 2 * P, final_softcap(model), bias)
-            acc_logp.append((mean[:P] > mean[P:]).float())
-            if ref_cache is not None:
-                ref = ref_cache.lookup(batch["ids"], batch["row_hash"], device)
-                rw_, rl_ = mean[:P] - ref["chosen_logp_mean"], mean[P:] - ref["rejected_logp_mean"]
-                acc_reward.append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())
-                resid = {layer: cap.pop() for layer, cap in caps.items()}
-                for spec, key, out in zip(saes, keys, ds):
-                    r = resid[spec.layer]
-                    out.append(sae_feature_mse_varlen(r.reshape(-1, r.shape[-1]), batch["spans"].cpu(), spec.sae,
-                                                      torch.cat([ref["chosen_idx" + key], ref["rejected_idx" + key]]),
-                                                      torch.cat([ref["chosen_val" + key], ref["rejected_val" + key]]),
-                                                      k, select))
-            if ref_model is not None:
-                rh = body_hidden(ref_model, batch, device)
-                kl = fused_linear_kl(hidden[rows], w, rh[rows], lm_head(ref_model)[0],
-                                     torch.ones(rows.numel(), dtype=torch.bool, device=device), final_softcap(model))
-                kls.append(torch.zeros(2 * P, device=device).index_add(0, seq, kl))
+        with prec.autocast(device):
+            for b in range(0, len(items), batch_pairs):
+                chunk = items[b:b + batch_pairs]
+                P = len(chunk)
+                batch = collate(chunk, packing, tokenizer.pad_token_id, attention_length_scale(model))
+                rows, labels, seq = (batch[k].to(device) for k in ("pred_rows", "labels", "seq_ids"))
+                hidden = body_hidden(model, batch, device)
+                w, bias = lm_head(model)
+                _, mean, _ = sequence_logprobs_varlen(hidden, w, rows, labels, seq, 2 * P, final_softcap(model), bias)
+                acc_logp.append((mean[:P] > mean[P:]).float())
+                if ref_cache is not None:
+                    ref = ref_cache.lookup(batch["ids"], batch["row_hash"], device)
+                    rw_, rl_ = mean[:P] - ref["chosen_logp_mean"], mean[P:] - ref["rejected_logp_mean"]
+                    acc_reward.append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())
+                    resid = {layer: cap.pop() for layer, cap in caps.items()}
+                    for spec, key, out in zip(saes, keys, ds):
+                        r = resid[spec.layer]
+                        out.append(sae_feature_mse_varlen(r.reshape(-1, r.shape[-1]), batch["spans"].cpu(), spec.sae,
+                                                          torch.cat([ref["chosen_idx" + key], ref["rejected_idx" + key]]),
+                                                          torch.cat([ref["chosen_val" + key], ref["rejected_val" + key]]),
+                                                          k, select))
+                if ref_model is not None:
+                    rh = body_hidden(ref_model, batch, device)
+                    kl = fused_linear_kl(hidden[rows], w, rh[rows], lm_head(ref_model)[0],
+                                         torch.ones(rows.numel(), dtype=torch.bool, device=device), final_softcap(model))
+                    kls.append(torch.zeros(2 * P, device=device).index_add(0, seq, kl))
     finally:
         for cap in caps.values():
             cap.remove()

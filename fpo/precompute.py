@@ -18,6 +18,7 @@ from .data import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fin
 from .model import (ResidualCapture, decoder_layers, final_softcap, lm_head, load_model_for_layout, load_tokenizer,
                     model_fingerprint)
 from .packing import LAYOUTS, attention_length_scale, body_hidden, collate, plan_micro_batches
+from .precision import resolve_precision
 from .progress import progress_bar
 from .sae import load_saes
 
@@ -115,7 +116,7 @@ def _shard_is_sound(out, name, say):
 
 def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_length: int = 512,
                max_prompt_length: int = 256, batch_pairs: int = 4, max_pairs=None, shard_rows: int = 256,
-               device=None, dtype=None, bad_rows: str = "error", overwrite: bool = False, tokenizer=None,
+               device=None, precision: str = "auto", bad_rows: str = "error", overwrite: bool = False, tokenizer=None,
                model_name=None, value_dtype: str = "float16", packing: str = "share-prompt", max_tokens=None,
                attn_implementation=None, log=print, progress: bool = True) -> dict:
     """Build the reference cache in directory `out`; returns the summary it prints.
@@ -124,7 +125,9 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
     dataset: a local .json/.jsonl/.parquet file or saved dataset; sae: an SAE spec (see fpo.sae.load_sae)
     or SAEWeights, a list of them (each SAE's top-K cached under its own name, one forward for all), or None
     (log-probs only, enough for DPO); sae_layer: the decoder block the SAE reads, or a list (default: from the
-    SAE's hook name); value_dtype: how feature values are stored (float16, bfloat16 or
+    SAE's hook name); precision: the forward's policy (fpo.precision; auto: bf16-mixed on cuda, fp32 on cpu),
+    as training runs it, with bf16 weights under any bf16 policy (a frozen model needs no master copy);
+    value_dtype: how feature values are stored (float16, bfloat16 or
     float32; see the fidelity table in the README); packing: the micro-batch layout (fpo.packing; the values
     do not depend on it beyond rounding); max_tokens: a token budget per forward instead of batch_pairs pairs,
     which also caps each sequence at max_tokens // 2 tokens exactly as training with the same max_tokens does.
@@ -132,7 +135,7 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
     torchrun each rank computes its share of the shards."""
     rank, world, dist_dev = dist_utils.init()
     device = torch.device(device) if device is not None else (dist_dev or default_device())
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    prec = resolve_precision(precision, device)
     if not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be a positive integer, got {K!r}")
     if value_dtype not in VALUE_DTYPES:
@@ -146,7 +149,7 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
     if isinstance(model, (str, os.PathLike)):
         model_name = model_name or os.fspath(model)
         tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model_for_layout(model, dtype, device, packing, attn_implementation, say)
+        model = load_model_for_layout(model, prec.frozen_dtype, device, packing, attn_implementation, say)
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer (tokenizer=...)")
     model.eval()
@@ -177,7 +180,7 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
         "saes": [{"name": x.name, "layer": x.layer, "fingerprint": x.sae.fingerprint(), "width": x.sae.width,
                   "activation": x.sae.activation, "key": feature_key(i, x),
                   "index_dtype": str(index_dtype_for(x.sae.width)).replace("torch.", "")} for i, x in enumerate(saes)],
-        "reference_dtype": str(dtype).replace("torch.", ""),
+        "reference_dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "precision": prec.name,
     }
     out = os.fspath(out)
     settings_path = os.path.join(out, "settings.json")
@@ -221,8 +224,9 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
         chunks = ([items[b:min(b + batch_pairs, e)] for b in range(s, e, batch_pairs)] if max_tokens is None
                   else plan_micro_batches(items[s:e], packing, max_tokens, scale))
         for chunk in chunks:
-            parts.append(reference_stats(model, collate(chunk, packing, pad, scale), saes, K, device,
-                                         VALUE_DTYPES[value_dtype]))
+            with prec.autocast(device):
+                parts.append(reference_stats(model, collate(chunk, packing, pad, scale), saes, K, device,
+                                             VALUE_DTYPES[value_dtype]))
             order += [it.id for it in chunk]
             if bar is not None:
                 bar.update(len(chunk) * world)

@@ -36,13 +36,13 @@ from .losses import LOSSES
 from .model import (ResidualCapture, config_fingerprint, enable_activation_checkpointing, final_softcap, lm_head,
                     load_model_for_layout, load_tokenizer)
 from .packing import attention_length_scale, body_hidden, collate, micro_batch_tokens, plan_micro_batches
+from .precision import SAVE_DTYPES, make_optimizer, resolve_precision, updates_round_away
 from .precompute import check_sae_fits
 from .progress import progress_bar
 from .sae import load_saes
 
 __all__ = ["train", "PolicyStats", "Trainer", "NonFiniteLossError"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUN_FILES = ("metrics.jsonl", "summary.json", "final")   # with checkpoint-*: what marks a directory as a run
 SHARE_CHECK_STEP = 10   # when the constraint's share of the loss is first judged (mean over the logged steps so far)
 
@@ -57,9 +57,10 @@ class PolicyStats(nn.Module):
     SAEs: one (sae at layer), or saes = [(SAEWeights, layer, weight, scale)]: D = sum of weight x D_sae / scale,
     one forward hook per layer."""
 
-    def __init__(self, model, sae=None, layer=None, k=50, select="policy", saes=None):
+    def __init__(self, model, sae=None, layer=None, k=50, select="policy", saes=None, autocast=None):
         super().__init__()
         self.model = model
+        self.autocast = autocast or (lambda device: nullcontext())   # the precision policy's forward context
         self.k, self.select = k, select
         self.saes = list(saes) if saes is not None else ([] if sae is None else [(sae, layer, 1.0, 1.0)])
         self.captures = {L: ResidualCapture(model, L) for L in sorted({x[1] for x in self.saes})}
@@ -76,6 +77,10 @@ class PolicyStats(nn.Module):
         the same layout, flat [N, d_ref]), the reference's log-probs and the KL come from the same pass over
         the logits."""
         dev = next(self.model.parameters()).device
+        with self.autocast(dev):
+            return self._stats(batch, dev, ref_idx, ref_val, ref_hidden, ref_weight, ref_bias, ref_features)
+
+    def _stats(self, batch, dev, ref_idx, ref_val, ref_hidden, ref_weight, ref_bias, ref_features):
         hidden = body_hidden(self.model, batch, dev)                         # [N, d] flat rows
         w, b = lm_head(self.model)
         rows, labels, seq = (batch[k].to(dev) for k in ("pred_rows", "labels", "seq_ids"))
@@ -134,7 +139,7 @@ class Trainer:
         self.device = torch.device(cfg.device) if cfg.device else (dist_dev or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         if dist_dev is not None and self.device.type == "cuda":
             self.device = dist_dev
-        self.dtype = _DTYPES[cfg.dtype] if cfg.dtype else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.precision = resolve_precision(cfg.precision, self.device)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self._resume_from, self._resume_state = None, None
         self._claim_output_dir()          # before any model loads: a bad directory fails in a second
@@ -151,7 +156,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.tokenizer = load_tokenizer(cfg.model)
-        model = load_model_for_layout(cfg.model, self.dtype, self.device, cfg.packing, cfg.attn_implementation, self.log)
+        model = load_model_for_layout(cfg.model, self.precision.param_dtype, self.device, cfg.packing,
+                                      cfg.attn_implementation, self.log)
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
         model.train()
@@ -182,8 +188,10 @@ class Trainer:
         self._share_checked = False
         self.ref_model = None
         if cfg.method.startswith("tdpo"):
-            self.ref_model = load_model_for_layout(cfg.reference_model or cfg.model, self.dtype, self.device, cfg.packing,
-                                                   model.config._attn_implementation, self.log).eval()
+            # frozen: bf16 weights under any bf16 policy (no master copy), the forward under the run's autocast
+            self.ref_model = load_model_for_layout(cfg.reference_model or cfg.model, self.precision.frozen_dtype,
+                                                   self.device, cfg.packing, model.config._attn_implementation,
+                                                   self.log).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
             if final_softcap(self.ref_model) != final_softcap(model):
@@ -207,11 +215,13 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
         self.policy = PolicyStats(model, k=cfg.k, select=cfg.select,
-                                  saes=[(x.sae, x.layer, x.weight, sc) for x, sc in zip(self.saes, scales)])
+                                  saes=[(x.sae, x.layer, x.weight, sc) for x, sc in zip(self.saes, scales)],
+                                  autocast=self.precision.autocast)
         self.wrapped = self._wrap(self.policy)
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.RMSprop
-        self.optimizer = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(params, self.precision, cfg.optimizer, cfg.lr, cfg.weight_decay,
+                                        (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, self.device)
+        self._warn_if_updates_round_away(params)
         warm = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.step = 0
@@ -221,16 +231,38 @@ class Trainer:
             self._resume_state = None
         self._log_packing()
 
+    def _warn_if_updates_round_away(self, params):
+        """Say once what the precision policy costs a parameter; under bf16-pure, warn when the learning rate is
+        below the bf16 resolution of the typical weight (most updates would round away)."""
+        cfg, prec = self.cfg, self.precision
+        n = sum(p.numel() for p in params)
+        per = prec.bytes_per_parameter(cfg.optimizer)
+        self.log(f"[fpo] precision {prec.name}: {str(prec.param_dtype).removeprefix('torch.')} weights, gradients and "
+                 f"optimizer states{' with a Kahan compensation' if prec.name == 'bf16-compensated' else ''}"
+                 f"{', forward under bf16 autocast' if prec.autocast_dtype else ''}: {per} bytes x {n / 1e6:.1f}M "
+                 f"parameters = {per * n / 2**30:.2f} GiB before activations")
+        if prec.name != "bf16-pure":
+            return
+        low, median = updates_round_away(params, cfg.lr)
+        if low:
+            self.log(f"[fpo] warning: precision bf16-pure at lr {cfg.lr:g}: a bf16 weight of the median size "
+                     f"{median:.3g} moves only in steps of about {median * 2 ** -8:.2g} (2^-8 of it), so most Adam "
+                     "updates round away and the policy barely trains; use --precision bf16-mixed (fp32 master "
+                     "weights) or bf16-compensated (bf16 weights with Kahan-summed updates)")
+
     # ---- distributed wrapping -------------------------------------------------------------------
     def _wrap(self, module):
         if self.world == 1:
             return module
         if self.cfg.fsdp:
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             from .model import decoder_layers
+            # bf16-mixed: fp32 shards (what the optimizer updates), gathered in bf16, gradients reduced in fp32
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if self.precision.name == "bf16-mixed" else MixedPrecisionPolicy()
             for layer in decoder_layers(module.model):
-                fully_shard(layer)
-            return fully_shard(module)
+                fully_shard(layer, mp_policy=mp)
+            return fully_shard(module, mp_policy=mp)
         from torch.nn.parallel import DistributedDataParallel as DDP
         return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
@@ -283,7 +315,7 @@ class Trainer:
         if self.ref_model is not None:
             # the reference body only, on the same layout: its log-probs come with the KL, from one pass over
             # both models' logits
-            with torch.no_grad():
+            with torch.no_grad(), self.precision.autocast(self.device):
                 rh = body_hidden(self.ref_model, batch, self.device)
             rw, rb = lm_head(self.ref_model)
             ref.update(_hidden=rh, _weight=rw.detach(), _bias=None if rb is None else rb.detach())
@@ -405,8 +437,12 @@ class Trainer:
             raise ValueError(f"resume: {state_path} holds objects outside the safe set (tensors, numbers, strings, "
                              f"containers); not loading it, since unpickling them could run code ({type(e).__name__})") from None
         if "optimizer" not in state:
-            raise ValueError(f"resume: {where} was saved without its optimizer state (save_optimizer false): "
-                             "it holds the model only and cannot be resumed")
+            raise ValueError(f"resume: {where} was saved without its optimizer state (save_optimizer false, or "
+                             "save_dtype other than the trained weights'): it holds the model only and cannot be resumed")
+        saved = state.get("precision")
+        if saved is not None and saved != self.precision.name:
+            raise ValueError(f"resume: {where} was trained under precision {saved}, this run resolves to "
+                             f"{self.precision.name} (on {self.device.type}): pass --precision {saved}")
         return state
 
     def _check_resumable(self, saved: dict):
@@ -420,22 +456,30 @@ class Trainer:
                                  f"{', '.join(RESUMABLE_CHANGES)} may change on resume (start a new run in another "
                                  "--output-dir to change it)")
 
-    def save_checkpoint(self, name=None, with_state=True):
+    def save_checkpoint(self, name=None, with_state=True, dtype=None):
         """output_dir/checkpoint-<step>: the model (save_pretrained) and trainer_state.pt (optimizer,
         scheduler, RNG, step; with_state False: step, history and config only). Written under a temporary
-        name and renamed: never half a checkpoint; a full disk leaves the previous one intact."""
+        name and renamed: never half a checkpoint; a full disk leaves the previous one intact.
+        dtype: the saved weights' dtype when it is not the trained weights' own (then never resumable)."""
         msd, osd = self._state_dicts()
+        cast = dtype is not None and dtype != self.precision.param_dtype
+        if cast:
+            msd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in msd.items()}
+            with_state = False
         path = os.path.join(self.cfg.output_dir, name or f"checkpoint-{self.step:06d}")
         if dist_utils.is_main():
             tmp = path + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            state = {"step": self.step, "history": self.history, "config": dataclasses.asdict(self.cfg)}
+            state = {"step": self.step, "history": self.history, "config": dataclasses.asdict(self.cfg),
+                     "precision": self.precision.name}
             if with_state:
                 state.update(optimizer=osd, scheduler=self.scheduler.state_dict(),
                              rng={"torch": torch.get_rng_state(), "python": random.getstate(),
                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
             try:
                 self.model.save_pretrained(tmp, state_dict=msd)
+                if cast:   # save_pretrained records the live model's dtype
+                    _set_config_dtype(os.path.join(tmp, "config.json"), dtype)
                 self.tokenizer.save_pretrained(tmp)
                 torch.save(state, os.path.join(tmp, "trainer_state.pt"))
             except (OSError, RuntimeError) as e:
@@ -538,7 +582,7 @@ class Trainer:
         raise NonFiniteLossError(
             f"{what}: training stopped. The last good checkpoint is "
             f"{os.path.join(d, last[-1]) if last else 'none (no checkpoint was saved)'}; "
-            "lower lr, check the data, or use float32.")
+            "lower lr, check the data, or use --precision fp32 or bf16-mixed.")
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -583,7 +627,11 @@ class Trainer:
                 bar.close()
             if metrics_file is not None:
                 metrics_file.close()
-        final = self.save_checkpoint("final", with_state=cfg.save_optimizer)
+        save_dtype = None if cfg.save_dtype == "auto" else SAVE_DTYPES[cfg.save_dtype]
+        final = self.save_checkpoint("final", with_state=cfg.save_optimizer, dtype=save_dtype)
+        if save_dtype is not None and save_dtype != self.precision.param_dtype:
+            self.log(f"[fpo] final model saved in {cfg.save_dtype} (trained in "
+                     f"{str(self.precision.param_dtype).removeprefix('torch.')}): a copy for inference, not resumable")
         summary = {"method": cfg.method, "steps": self.step, "final": final,
                    "last": self.history[-1] if self.history else None}
         if main:
@@ -597,6 +645,14 @@ class Trainer:
 
     def close(self):
         self.policy.remove_hooks()
+
+
+def _set_config_dtype(path, dtype):
+    with open(path) as f:
+        config = json.load(f)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    atomic_write_json(path, config)
 
 
 def train(config: TrainConfig | dict | None = None, log=print, **overrides) -> dict:

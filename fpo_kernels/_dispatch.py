@@ -4,7 +4,9 @@ Triton interpreter is on (TRITON_INTERPRET=1), which runs the kernels themselves
 Fake tensors (torch._subclasses.FakeTensorMode) take the kernel path too, with every launch skipped:
 the ops then allocate exactly what they allocate on a GPU, so memory planners and step estimators see
 their true footprint without a GPU. Observers registered with `on_fake_launch` hear of each skipped launch."""
+import functools
 import os
+from contextlib import nullcontext
 
 import torch
 
@@ -23,6 +25,37 @@ def is_fake(t: torch.Tensor) -> bool:
 
 def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or interpreter_on() or is_fake(t)
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype an op's products run in, given its activations t: autocast's where autocast is on for t's
+    device (what an nn.Linear there would run in), else t's own. Weights follow the activations (an fp32 lm
+    head or SAE encoder with bf16 activations runs in bf16, fp32 accumulation); activations are never upcast.
+    float64 stays float64 (autocast leaves it alone too)."""
+    dev = t.device.type
+    if t.dtype in FLOAT_DTYPES and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return t.dtype
+
+
+def no_autocast(t: torch.Tensor):
+    """Autocast off on t's device: an op casts its operands to compute_dtype itself, and its float32 sums
+    (log-sum-exp, pooling, the loss) must stay float32."""
+    return torch.autocast(t.device.type, enabled=False) if torch.amp.is_autocast_available(t.device.type) else nullcontext()
+
+
+def in_compute_dtype(op):
+    """op(hidden, ...) with hidden cast to compute_dtype(hidden) and autocast off inside: the op's GEMMs run in
+    the dtype an nn.Linear would, its sums stay fp32. The cast is differentiable (hidden's gradient comes back
+    in hidden's own dtype)."""
+    @functools.wraps(op)
+    def wrapper(hidden, *args, **kwargs):
+        if not torch.is_tensor(hidden):   # the op's own check names the argument
+            return op(hidden, *args, **kwargs)
+        dtype = compute_dtype(hidden)
+        with no_autocast(hidden):
+            return op(hidden.to(dtype), *args, **kwargs)
+    return wrapper
 
 
 def dot_precision(dtype: torch.dtype):

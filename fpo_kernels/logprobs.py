@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._dispatch import FLOAT_DTYPES, interpreter_on, is_fake, launch, use_triton
+from ._dispatch import FLOAT_DTYPES, compute_dtype, interpreter_on, is_fake, launch, no_autocast, use_triton
 
 __all__ = ["fused_linear_logprobs", "fused_linear_kl", "fused_linear_logprobs_kl", "logprobs_fwd", "logprobs_bwd", "kl_fwd", "kl_bwd",
            "FusedLinearLogprobsFunction", "FusedLinearKLFunction", "default_chunk_size", "backward_blocks"]
@@ -299,8 +299,9 @@ def logprobs_fwd(hidden, weight, labels, bias=None, softcap=None, ignore_index=-
 
 
 def logprobs_bwd(grad_logp, hidden, weight, labels, lse, bias=None, softcap=None, ignore_index=-100,
-                 chunk_size=None, need_hidden=True, need_weight=True, need_bias=True):
-    """(grad_hidden, grad_weight, grad_bias), each None when not needed."""
+                 chunk_size=None, need_hidden=True, need_weight=True, need_bias=True, grad_dtypes=None):
+    """(grad_hidden, grad_weight, grad_bias), each None when not needed; grad_dtypes: (grad_hidden's,
+    grad_weight's) dtype when they differ from the operands' (fp32 master weights, bf16 operands)."""
     N, V = hidden.shape[0], weight.shape[0]
     grad_logp = grad_logp.float().contiguous()
 
@@ -309,7 +310,7 @@ def logprobs_bwd(grad_logp, hidden, weight, labels, lse, bias=None, softcap=None
                ignore_index, BV=_bv(v1 - v0), **_cap_args(softcap))
 
     return _blocked_backward(hidden, weight, bias, block, backward_blocks(N, V, 4 + weight.element_size(), chunk_size),
-                             need_hidden, need_weight, need_bias)
+                             need_hidden, need_weight, need_bias, grad_dtypes)
 
 
 def _accumulate(acc, a, b, first):
@@ -325,24 +326,26 @@ def _accumulate(acc, a, b, first):
         _addmm_fp32_(acc, a, b)
 
 
-def _blocked_backward(hidden, weight, bias, block, blocks, need_hidden, need_weight, need_bias):
+def _blocked_backward(hidden, weight, bias, block, blocks, need_hidden, need_weight, need_bias, grad_dtypes=None):
     """The backward's loop over (vocabulary block, token chunk): the block's logits (fp32), the kernel's
     dL/dlogits (block(z, dz, s, e, v0, v1)), then grad_hidden (fp32 across vocabulary blocks), grad_weight
-    (fp32 across token chunks within a block, written once per block) and grad_bias."""
+    (fp32 across token chunks within a block, written once per block) and grad_bias. grad_dtypes: the dtypes
+    of grad_hidden and grad_weight (default: the operands'); an fp32 one is accumulated in place."""
     N, d = hidden.shape
     V = weight.shape[0]
     C, VB = blocks
     many_vb, many_tc = V > VB, N > C
+    h_dtype, w_dtype = grad_dtypes or (hidden.dtype, weight.dtype)
+    half = (torch.float16, torch.bfloat16)
     gh = None
     if need_hidden:
-        gh = torch.empty(N, d, device=hidden.device,
-                         dtype=torch.float32 if (many_vb and _half(hidden)) else hidden.dtype)
-    gw = torch.empty_like(weight) if need_weight else None
+        gh = torch.empty(N, d, device=hidden.device, dtype=torch.float32 if (many_vb and h_dtype in half) else h_dtype)
+    gw = torch.empty(V, d, device=weight.device, dtype=w_dtype) if need_weight else None
     gb = torch.empty(V, device=hidden.device, dtype=torch.float32) if (need_bias and bias is not None) else None
     for v0 in range(0, V, VB):
         v1 = min(v0 + VB, V)
         w_blk = weight[v0:v1]
-        gw_blk, own_gw = None, many_tc and _half(weight)   # own_gw: an fp32 accumulator, copied in after the block
+        gw_blk, own_gw = None, many_tc and w_dtype in half   # own_gw: an fp32 accumulator, copied in after the block
         if gw is not None:
             gw_blk = torch.empty(v1 - v0, d, device=weight.device, dtype=torch.float32) if own_gw else gw[v0:v1]
         for s in range(0, N, C):
@@ -361,7 +364,7 @@ def _blocked_backward(hidden, weight, bias, block, blocks, need_hidden, need_wei
             del dz   # before the next block's logits: one block alive at a time
         if gw_blk is not None and own_gw:
             gw[v0:v1] = gw_blk
-    return (None if gh is None else gh.to(hidden.dtype), gw,
+    return (None if gh is None else gh.to(h_dtype), gw,
             None if gb is None else gb.to(bias.dtype))
 
 
@@ -388,9 +391,10 @@ def kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap=None, chunk_s
 
 def kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse, softcap=None,
            chunk_size=None, need_hidden=True, need_weight=True, labels=None, grad_logp=None,
-           bias=None, ref_bias=None, need_bias=True):
+           bias=None, ref_bias=None, need_bias=True, grad_dtypes=None):
     """(grad_hidden, grad_weight, grad_bias), each None when not needed; through the KL and, with labels
-    and grad_logp, the label's log-prob as well: one pass over the logits for both."""
+    and grad_logp, the label's log-prob as well: one pass over the logits for both. grad_dtypes as in
+    logprobs_bwd."""
     N, V = hidden.shape[0], weight.shape[0]
     grad_kl = grad_kl.float().contiguous()
     if grad_logp is not None:
@@ -403,7 +407,7 @@ def kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse
                BV=_bv(v1 - v0), HAS_LABELS=labels is not None, **_cap_args(softcap))
 
     return _blocked_backward(hidden, weight, bias, block, backward_blocks(N, V, 8 + weight.element_size(), chunk_size),
-                             need_hidden, need_weight, need_bias)
+                             need_hidden, need_weight, need_bias, grad_dtypes)
 
 
 def _rows(t, placeholder, s, e):
@@ -414,20 +418,32 @@ def _rows(t, placeholder, s, e):
 # ------------------------------------------------------------------------------------------------
 # autograd
 # ------------------------------------------------------------------------------------------------
+def _as_compute(dtype, *tensors):
+    """The operands in the compute dtype: a copy only where the dtype differs (an fp32 lm head under bf16
+    autocast: V x d x 2 bytes, made in the forward and again in the backward, never kept between them)."""
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
 class FusedLinearLogprobsFunction(torch.autograd.Function):
+    """hidden and weight as given (saved as given); the GEMMs run in dtype, the gradients come back in the
+    inputs' own dtypes."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, softcap, ignore_index, chunk_size):
-        logp, lse = logprobs_fwd(hidden, weight, labels, bias, softcap, ignore_index, chunk_size)
+    def forward(ctx, hidden, weight, labels, bias, softcap, ignore_index, chunk_size, dtype):
+        hc, wc = _as_compute(dtype, hidden, weight)
+        logp, lse = logprobs_fwd(hc, wc, labels, bias, softcap, ignore_index, chunk_size)
         ctx.save_for_backward(hidden, weight, labels, bias, lse)
-        ctx.args = (softcap, ignore_index, chunk_size)
+        ctx.args = (softcap, ignore_index, chunk_size, dtype)
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
         hidden, weight, labels, bias, lse = ctx.saved_tensors
-        softcap, ignore_index, chunk_size = ctx.args
-        gh, gw, gb = logprobs_bwd(grad_logp, hidden, weight, labels, lse, bias, softcap, ignore_index, chunk_size,
-                                  *ctx.needs_input_grad[:2], ctx.needs_input_grad[3])
+        softcap, ignore_index, chunk_size, dtype = ctx.args
+        with no_autocast(hidden):   # a backward called inside an autocast region
+            hc, wc = _as_compute(dtype, hidden, weight)
+            gh, gw, gb = logprobs_bwd(grad_logp, hc, wc, labels, lse, bias, softcap, ignore_index, chunk_size,
+                                      *ctx.needs_input_grad[:2], ctx.needs_input_grad[3], (hidden.dtype, weight.dtype))
         return (
             gh,    # hidden
             gw,    # weight
@@ -436,6 +452,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
             None,  # softcap
             None,  # ignore_index
             None,  # chunk_size
+            None,  # dtype
         )
 
 
@@ -444,11 +461,12 @@ class FusedLinearKLFunction(torch.autograd.Function):
     pass (the reference's is a constant)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid8, labels, softcap, chunk_size):
-        kl, lse, ref_lse, logp, ref_logp = kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap, chunk_size,
-                                                  labels, bias, ref_bias)
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid8, labels, softcap, chunk_size, dtype):
+        hc, wc, rhc, rwc = _as_compute(dtype, hidden, weight, ref_hidden, ref_weight)
+        kl, lse, ref_lse, logp, ref_logp = kl_fwd(hc, wc, rhc, rwc, valid8, softcap, chunk_size, labels, bias, ref_bias)
+        del hc, wc, rhc, rwc
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid8, labels, lse, ref_lse)
-        ctx.args = (softcap, chunk_size)
+        ctx.args = (softcap, chunk_size, dtype)
         if labels is None:
             return kl
         ctx.mark_non_differentiable(ref_logp)
@@ -457,10 +475,12 @@ class FusedLinearKLFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_kl, grad_logp=None, grad_ref_logp=None):
         hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid8, labels, lse, ref_lse = ctx.saved_tensors
-        softcap, chunk_size = ctx.args
+        softcap, chunk_size, dtype = ctx.args
         need = ctx.needs_input_grad
-        gh, gw, gb = kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse, softcap, chunk_size,
-                            need[0], need[1], labels, grad_logp, bias, ref_bias, need[2])
+        with no_autocast(hidden):
+            hc, wc, rhc, rwc = _as_compute(dtype, hidden, weight, ref_hidden, ref_weight)
+            gh, gw, gb = kl_bwd(grad_kl, hc, wc, rhc, rwc, valid8, lse, ref_lse, softcap, chunk_size,
+                                need[0], need[1], labels, grad_logp, bias, ref_bias, need[2], (hidden.dtype, weight.dtype))
         return (
             gh,    # hidden
             gw,    # weight
@@ -472,6 +492,7 @@ class FusedLinearKLFunction(torch.autograd.Function):
             None,  # labels
             None,  # softcap
             None,  # chunk_size
+            None,  # dtype
         )
 
 
@@ -487,8 +508,8 @@ def _check_linear(hidden, weight, hname="hidden", wname="weight"):
         raise ValueError(f"{hname} has d={hidden.shape[1]} but {wname} has d={weight.shape[1]}")
     if hidden.dtype not in FLOAT_DTYPES + (torch.float64,):
         raise ValueError(f"{hname} must be bf16, fp16 or fp32, got {hidden.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"{wname} dtype {weight.dtype} differs from {hname} dtype {hidden.dtype}")
+    if weight.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise ValueError(f"{wname} must be bf16, fp16 or fp32, got {weight.dtype}")
     if weight.device != hidden.device:
         raise ValueError(f"{wname} is on {weight.device} but {hname} is on {hidden.device}")
 
@@ -543,6 +564,9 @@ def fused_linear_logprobs(hidden, weight, labels, softcap=None, ignore_index=-10
     softcap: Gemma-2's final logit softcap c (z -> c tanh(z / c)) or None; chunk_size: tokens per forward chunk
     and per backward block (default: default_chunk_size, 512 MiB of fp32 logits, and backward_blocks). Returns [N] float32, 0 where labels == ignore_index.
     Differentiable in hidden, weight and bias. check_inputs=False skips the label range check (a sync).
+    Precision: the GEMMs run in compute_dtype(hidden) (autocast's dtype under autocast, else hidden's), with
+    fp32 logits, sums and gradient accumulators; a weight in another dtype (fp32 master weights) is cast
+    to it inside the op and gets its gradient in its own dtype.
     """
     _check_linear(hidden, weight)
     _check_softcap(softcap)
@@ -552,12 +576,13 @@ def fused_linear_logprobs(hidden, weight, labels, softcap=None, ignore_index=-10
     _check_chunk_size(chunk_size)
     if N == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    if not use_triton(hidden) or hidden.dtype == torch.float64:
-        return reference.fused_linear_logprobs_ref(hidden, weight, labels, softcap, ignore_index, bias).float()
-    if bias is not None:
-        bias = bias.to(hidden.dtype)
-    return FusedLinearLogprobsFunction.apply(hidden, weight, labels.long().contiguous(), bias, softcap,
-                                             ignore_index, chunk_size)
+    dtype = compute_dtype(hidden)
+    with no_autocast(hidden):
+        if not use_triton(hidden) or dtype == torch.float64:
+            return reference.fused_linear_logprobs_ref(hidden.to(dtype), weight.to(dtype), labels, softcap,
+                                                       ignore_index, bias).float()
+        return FusedLinearLogprobsFunction.apply(hidden, weight, labels.long().contiguous(), bias, softcap,
+                                                 ignore_index, chunk_size, dtype)
 
 
 def fused_linear_kl(hidden, weight, ref_hidden, ref_weight, mask, softcap=None, chunk_size=None) -> torch.Tensor:
@@ -566,7 +591,8 @@ def fused_linear_kl(hidden, weight, ref_hidden, ref_weight, mask, softcap=None, 
     hidden [N, d] / weight [V, d]: the policy's final hidden states and lm head (differentiable);
     ref_hidden [N, d_ref] / ref_weight [V, d_ref]: the reference's (treated as constants);
     mask [N] bool or 0/1: positions that count (0 elsewhere); softcap as in fused_linear_logprobs.
-    Returns [N] float32, >= 0 up to rounding.
+    Returns [N] float32, >= 0 up to rounding. Precision as in fused_linear_logprobs: both models' GEMMs run
+    in compute_dtype(hidden).
     """
     _check_pair(hidden, weight, ref_hidden, ref_weight)
     _check_softcap(softcap)
@@ -576,11 +602,13 @@ def fused_linear_kl(hidden, weight, ref_hidden, ref_weight, mask, softcap=None, 
         raise ValueError(f"mask must be an [N] = [{N}] tensor on {hidden.device}")
     if N == 0:
         return hidden.new_zeros(0, dtype=torch.float32)
-    if not use_triton(hidden) or hidden.dtype == torch.float64:
-        return reference.fused_linear_kl_ref(hidden, weight, ref_hidden.detach(), ref_weight.detach(), mask, softcap).float()
-    return FusedLinearKLFunction.apply(hidden, weight, None, ref_hidden.detach().to(hidden.dtype),
-                                       ref_weight.detach().to(hidden.dtype), None, mask.to(torch.int8).contiguous(),
-                                       None, softcap, chunk_size)
+    dtype = compute_dtype(hidden)
+    with no_autocast(hidden):
+        if not use_triton(hidden) or dtype == torch.float64:
+            h, w, rh, rw = (t.to(dtype) for t in (hidden, weight, ref_hidden.detach(), ref_weight.detach()))
+            return reference.fused_linear_kl_ref(h, w, rh, rw, mask, softcap).float()
+        return FusedLinearKLFunction.apply(hidden, weight, None, ref_hidden.detach(), ref_weight.detach(), None,
+                                           mask.to(torch.int8).contiguous(), None, softcap, chunk_size, dtype)
 
 
 def fused_linear_logprobs_kl(hidden, weight, labels, ref_hidden, ref_weight, softcap=None, bias=None, ref_bias=None,
@@ -604,14 +632,17 @@ def fused_linear_logprobs_kl(hidden, weight, labels, ref_hidden, ref_weight, sof
     if N == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return empty, empty.clone(), empty.clone()
-    if not use_triton(hidden) or hidden.dtype == torch.float64:
-        logp, ref_logp, kl = reference.fused_linear_logprobs_kl_ref(hidden, weight, labels, ref_hidden.detach(),
-                                                                    ref_weight.detach(), softcap, bias, ref_bias,
-                                                                    ignore_index)
-        return logp.float(), ref_logp.float(), kl.float()
-    cast = lambda t: None if t is None else t.detach().to(hidden.dtype)
-    valid8 = (labels != ignore_index).to(torch.int8).contiguous()
-    kl, logp, ref_logp = FusedLinearKLFunction.apply(
-        hidden, weight, None if bias is None else bias.to(hidden.dtype), cast(ref_hidden), cast(ref_weight),
-        cast(ref_bias), valid8, labels.long().contiguous(), softcap, chunk_size)
+    dtype = compute_dtype(hidden)
+    with no_autocast(hidden):
+        if not use_triton(hidden) or dtype == torch.float64:
+            h, w, rh, rw = (t.to(dtype) for t in (hidden, weight, ref_hidden.detach(), ref_weight.detach()))
+            logp, ref_logp, kl = reference.fused_linear_logprobs_kl_ref(h, w, labels, rh, rw, softcap, bias,
+                                                                        None if ref_bias is None else ref_bias.detach(),
+                                                                        ignore_index)
+            return logp.float(), ref_logp.float(), kl.float()
+        valid8 = (labels != ignore_index).to(torch.int8).contiguous()
+        kl, logp, ref_logp = FusedLinearKLFunction.apply(
+            hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(),
+            None if ref_bias is None else ref_bias.detach(), valid8, labels.long().contiguous(), softcap, chunk_size,
+            dtype)
     return logp, ref_logp, kl

@@ -18,6 +18,9 @@ Backward, through the k selected features only, in two passes over the row tiles
 the first recomputes the k pre-activations of each row and writes g [N, k]; the second, over (row tile,
 d tile) for more programs, accumulates dh on chip across all k and writes it once, in the hidden states'
 dtype, with explicit zeros on rows outside every response.
+Precision: the hidden rows are taken in compute_dtype (autocast's dtype under autocast: an fp32 residual
+stream under bf16 autocast is encoded in bf16, as an nn.Linear there would be), W_enc in the same dtype
+(SAEWeights.weight_as), fp32 accumulation and pooling.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import reference, sae_topk
-from ._dispatch import FLOAT_DTYPES, dot_precision, interpreter_on, is_fake, launch, use_triton
+from ._dispatch import FLOAT_DTYPES, dot_precision, in_compute_dtype, interpreter_on, is_fake, launch, no_autocast, use_triton
 from .sae_weights import SAEWeights
 
 __all__ = ["sae_pooled_features", "sae_feature_mse", "sae_pooled_features_varlen", "sae_feature_mse_varlen",
@@ -382,7 +385,8 @@ class SAEFeatureMSEFunction(torch.autograd.Function):
         hidden, idx, coef = ctx.saved_tensors
         grad_hidden = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = sae_constraint_bwd(hidden, ctx.spans, ctx.sae, idx, grad_d.float()[:, None] * coef)
+            with no_autocast(hidden):   # a backward called inside an autocast region
+                grad_hidden = sae_constraint_bwd(hidden, ctx.spans, ctx.sae, idx, grad_d.float()[:, None] * coef)
         return (
             grad_hidden,  # hidden
             None,         # spans
@@ -508,6 +512,7 @@ def _topk_rows(device, mask=None, spans=None, T=None):
 # ------------------------------------------------------------------------------------------------
 # public ops
 # ------------------------------------------------------------------------------------------------
+@in_compute_dtype
 def sae_pooled_features(hidden, mask, sae: SAEWeights, check_inputs: bool = True) -> torch.Tensor:
     """Masked mean of the JumpReLU SAE features over each sequence's response tokens.
 
@@ -529,6 +534,7 @@ def sae_pooled_features(hidden, mask, sae: SAEWeights, check_inputs: bool = True
         return sae_pool_fwd(hidden.detach().reshape(B * T, d), Spans.from_mask(mask), sae)
 
 
+@in_compute_dtype
 def sae_pooled_features_varlen(hidden, spans, sae: SAEWeights, check_inputs: bool = True) -> torch.Tensor:
     """sae_pooled_features on flat hidden rows: hidden [N, d] (a packed token stream), spans [S, 2] integer
     (start, end) rows of each sequence's response, non-overlapping and non-empty, on hidden's device or on
@@ -546,6 +552,7 @@ def sae_pooled_features_varlen(hidden, spans, sae: SAEWeights, check_inputs: boo
         return sae_pool_fwd(hidden.detach(), Spans.from_spans(spans, hidden.shape[0], hidden.device), sae)
 
 
+@in_compute_dtype
 def sae_feature_mse(hidden, mask, sae: SAEWeights, ref_indices, ref_values, k: int = 50, select: str = "policy",
                     feature_weights=None, check_inputs: bool = True) -> torch.Tensor:
     """FPO feature constraint D(y) = (1/k) sum_{i in I} w_i (p_i - p_ref_i)^2 per sequence, [B] float32.
@@ -575,6 +582,7 @@ def sae_feature_mse(hidden, mask, sae: SAEWeights, ref_indices, ref_values, k: i
                                        k, select, feature_weights)
 
 
+@in_compute_dtype
 def sae_feature_mse_varlen(hidden, spans, sae: SAEWeights, ref_indices, ref_values, k: int = 50,
                            select: str = "policy", feature_weights=None, check_inputs: bool = True) -> torch.Tensor:
     """sae_feature_mse on flat hidden rows: hidden [N, d] (a packed token stream), spans [S, 2] integer

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._dispatch import is_fake
+from ._dispatch import is_fake, no_autocast
 from .sae_weights import SAEWeights
 
 __all__ = ["topk_pool_fwd", "topk_constraint_bwd", "TopKFeatureMSEFunction", "CHUNK_BYTES", "MIN_CHUNK_ROWS"]
@@ -131,8 +131,9 @@ class TopKFeatureMSEFunction(torch.autograd.Function):
         hidden, rows, kept, idx, coef = ctx.saved_tensors
         grad_hidden = None
         if ctx.needs_input_grad[0]:
-            grad_hidden = topk_constraint_bwd(hidden, rows, ctx.offsets, kept, ctx.sae, idx.clamp(0, ctx.sae.width - 1),
-                                              grad_d.float()[:, None] * coef)
+            with no_autocast(hidden):   # a backward called inside an autocast region
+                grad_hidden = topk_constraint_bwd(hidden, rows, ctx.offsets, kept, ctx.sae,
+                                                  idx.clamp(0, ctx.sae.width - 1), grad_d.float()[:, None] * coef)
         return (
             grad_hidden,  # hidden
             None,         # rows

@@ -204,7 +204,7 @@ def test_varlen_bad_input(device):
 
 
 @pytest.mark.parametrize("case,match", [
-    ("d", "d="), ("labels_shape", "labels must be"), ("label_range", r"labels\[2\]"), ("dtype", "dtype"),
+    ("d", "d="), ("labels_shape", "labels must be"), ("label_range", r"labels\[2\]"), ("dtype", "weight must be bf16"),
     ("softcap", "softcap"), ("labels_float", "integer"), ("bias", "bias"),
 ])
 def test_bad_input(case, match):
@@ -216,8 +216,8 @@ def test_bad_input(case, match):
         y = y[:3]
     elif case == "label_range":
         y[2] = 20
-    elif case == "dtype":
-        w = w.half()
+    elif case == "dtype":   # another float dtype is a mixed entry (tested above); an integer weight is refused
+        w = w.long()
     elif case == "softcap":
         kw["softcap"] = 0.0
     elif case == "labels_float":

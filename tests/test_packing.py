@@ -202,11 +202,15 @@ def test_packed_layouts_equal_the_padded_layout(model, tok, tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_flex_attention_block_mask_equals_dense_mask(tok, tiny):
+def test_flex_attention_block_mask_equals_dense_mask(tok, tiny, monkeypatch):
     """The FlexAttention path (a BlockMask; what CUDA runs by default) gives the dense mask's hidden states,
-    on both packed layouts. On the CPU it is compiled by inductor, forward only: torch has no CPU backward
-    for FlexAttention (the GPU test run covers training with it)."""
-    pytest.importorskip("torch.nn.attention.flex_attention")
+    on both packed layouts. What is checked is our BlockMask, so flex_attention runs eagerly (torch's own
+    reference, which applies the mask_mod as written) rather than through transformers' torch.compile:
+    inductor's CPU kernel for it returns NaN rows on AVX2-only CPUs with torch 2.13. Forward only: torch
+    has no CPU backward for FlexAttention (the GPU test run covers the compiled kernel and training)."""
+    flex_mod = pytest.importorskip("torch.nn.attention.flex_attention")
+    import transformers.integrations.flex_attention as hf_flex
+    monkeypatch.setattr(hf_flex.WrappedFlexAttention, "__call__", lambda self: flex_mod.flex_attention)
     items = _items(tok, 2, max_length=40, max_prompt_length=20)
     sdpa = load_model(tiny["model"], attn_implementation="sdpa")
     flex = load_model(tiny["model"], attn_implementation="flex_attention")

@@ -12,17 +12,21 @@ D_MODEL, LAYERS, SAE_LAYER, SAE_WIDTH = 64, 4, 2, 200
 TRAIN_PAIRS = assets.TRAIN_PAIRS
 
 
-def make_model(out, seed=0, softcap=None, sliding_window=None):
+def make_model(out, seed=0, softcap=None, sliding_window=None, layers=LAYERS, bf16_grid=False):
+    """bf16_grid: weights rounded to bf16 (then saved in fp32), so that a bf16 load and an fp32 load start
+    from the same values."""
     from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(assets.ensure_demo_model())
-    common = dict(hidden_size=D_MODEL, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+    common = dict(hidden_size=D_MODEL, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True, max_position_embeddings=256)
     if softcap:  # a Gemma-2 body: final logit softcap, attention softcap 50, every other layer sliding-window
         extra = {} if sliding_window is None else {"sliding_window": sliding_window}
         model = Gemma2ForCausalLM(Gemma2Config(head_dim=16, final_logit_softcapping=softcap, **extra, **common))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
+    if bf16_grid:
+        model = model.to(torch.bfloat16).float()
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
