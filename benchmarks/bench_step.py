@@ -10,9 +10,14 @@ Methods:
   simpo, dpo       fused log-probs (dpo with the cached reference log-probs)
   dpo-full-logits  materialised logits + log_softmax
 
-Memory floor (every method): weights + gradients + Adam states = 8 bytes per parameter in bf16.
-TDPO adds the reference model (2 bytes per parameter) and one reference forward per step; as its authors
-run it, several [tokens x vocab] fp32 tensors (log_softmax, softmax, log, the product) on top.
+Every method runs under one precision policy (fpo.precision; bf16-mixed on a GPU, what a real run uses), and
+a few rows are repeated under another: bf16-compensated (the memory-lean policy that keeps every update) and
+bf16-pure (bf16 weights under plain Adam, as code that trains that way runs; updates at lr 5e-7 round away),
+labelled method@policy. Memory floor (every method): weights + gradients + Adam states, 16 bytes per
+parameter under bf16-mixed (fp32), 10 under bf16-compensated, 8 under bf16-pure; bf16-mixed adds autocast's
+bf16 copy of the weights (2 bytes) while the forward's activations hold it. TDPO adds the reference model
+(bf16 weights: 2 bytes per parameter) and one reference forward per step; as its authors run it, several
+[tokens x vocab] fp32 tensors (log_softmax, softmax, log, the product) on top.
 FPO's floor is SimPO's: the policy step plus one SAE GEMM of [tokens, d] x [d, m].
 """
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 from benchmarks.common import environment, write_results
 from fpo.losses import LOSSES
 from fpo.model import ResidualCapture, enable_activation_checkpointing, lm_head, run_body
+from fpo.precision import Precision, make_optimizer as _make_optimizer, resolve_precision
 from fpo.train import PolicyStats
 from fpo_kernels import SAEWeights, pack_topk
 
@@ -43,6 +49,8 @@ PRESETS = {
 METHODS = ["simpo", "dpo", "dpo-full-logits", "fpo", "fpo-ref", "tdpo1-lean", "tdpo2-lean", "tdpo1-authors",
            "tdpo2-authors", "fpo-authors"]
 NEEDS_REF = {"tdpo1-lean", "tdpo2-lean", "tdpo1-authors", "tdpo2-authors", "fpo-authors"}
+# Rows repeated under another policy than the run's, beside it (method@policy)
+OTHER_POLICIES = {"bf16-compensated": ["fpo", "simpo"], "bf16-pure": ["fpo", "tdpo2-authors", "fpo-authors"]}
 
 
 def liger_methods() -> list:
@@ -70,7 +78,9 @@ def build_model(preset, device, dtype):
 
 
 RATIO_PAIRS = (("fpo", "tdpo2-authors"), ("fpo", "tdpo2-lean"), ("fpo", "simpo"), ("fpo-ref", "simpo"),
-               ("fpo", "fpo-authors"), ("tdpo2-lean", "tdpo2-authors"), ("simpo", "simpo-liger"))
+               ("fpo", "fpo-authors"), ("tdpo2-lean", "tdpo2-authors"), ("simpo", "simpo-liger"),
+               ("fpo@bf16-compensated", "fpo"), ("fpo@bf16-pure", "fpo"), ("fpo", "tdpo2-authors@bf16-pure"),
+               ("fpo", "fpo-authors@bf16-pure"))
 
 
 def method_ratios(rows, keys):
@@ -86,18 +96,24 @@ def method_ratios(rows, keys):
     return ratios
 
 
-def make_optimizer(model):
-    # foreach, as Adam picks by default on CUDA: named so that a CPU estimate of the step takes the same path
-    return torch.optim.Adam(model.parameters(), lr=1e-7, foreach=True)
+def make_optimizer(model, precision: Precision, device):
+    """The optimizer `fpo train` makes under this policy (Adam; Kahan-summed under bf16-compensated)."""
+    return _make_optimizer(model.parameters(), precision, "adam", 1e-7, device=device)
+
+
+def static_gb(n_params, precision: Precision, reference: bool) -> float:
+    """Weights + gradients + optimizer states (+ a bf16 reference model), before activations."""
+    return n_params * (precision.bytes_per_parameter("adam") + (precision.frozen_dtype.itemsize if reference else 0)) / 2**30
 
 
 class Step:
     """The per-method step closures over one shared policy (and a reference model when a method needs one)."""
 
-    def __init__(self, preset, pairs, seq_len, device, dtype, k=50, K=256, grad_ckpt=False):
+    def __init__(self, preset, pairs, seq_len, device, precision="fp32", k=50, K=256, grad_ckpt=False):
         pr = PRESETS[preset]
-        self.device, self.dtype, self.k, self.layer = device, dtype, k, pr["sae_layer"]
-        self.policy = build_model(preset, device, dtype)
+        self.precision = precision if isinstance(precision, Precision) else resolve_precision(precision, device)
+        self.device, self.k, self.layer = device, k, pr["sae_layer"]
+        self.policy = build_model(preset, device, self.precision.param_dtype)
         if grad_ckpt:
             enable_activation_checkpointing(self.policy)
         self.policy.train()
@@ -128,6 +144,7 @@ class Step:
                       "rejected_val": val[pairs:], "chosen_logp_sum": -torch.rand(pairs, device=device) * 500,
                       "rejected_logp_sum": -torch.rand(pairs, device=device) * 500,
                       "chosen_logp_mean": -torch.rand(pairs, device=device), "rejected_logp_mean": -torch.rand(pairs, device=device)}
+        self.ref_idx, self.ref_val = idx, val          # [2P, K], chosen first: what the trainer passes the op
         self.tokens = B * T                                            # no padding
         self.stats = None
 
@@ -139,7 +156,7 @@ class Step:
 
     def load_reference(self):
         if self.ref is None:
-            self.ref = build_model(self.preset, self.device, self.dtype).eval().requires_grad_(False)
+            self.ref = build_model(self.preset, self.device, self.precision.frozen_dtype).eval().requires_grad_(False)
 
     def drop_reference(self):
         self.ref = None
@@ -152,8 +169,7 @@ class Step:
         if method.startswith("fpo"):
             self.stats = self.stats or PolicyStats(self.policy, self.sae, self.layer, self.k, "policy")
             self.stats.select = "reference" if method == "fpo-ref" else "policy"
-            s = self.stats(self.batch, torch.cat([c["chosen_idx"], c["rejected_idx"]]),
-                           torch.cat([c["chosen_val"], c["rejected_val"]]))
+            s = self.stats(self.batch, self.ref_idx, self.ref_val)
             return LOSSES["fpo"](s["logp_mean"][:P], s["logp_mean"][P:], c["chosen_logp_mean"], c["rejected_logp_mean"],
                                  s["d"][:P], s["d"][P:])[0]
         plain = PolicyStats(self.policy)
@@ -223,25 +239,41 @@ class Step:
         return self._liger(lm_head(self.policy)[0], hidden[:, p0 - 1:-1], self.ids[:, p0:])[0]
 
     def loss(self, method):
-        """The scalar training loss (mean over pairs) of one step of `method`."""
-        if method == "simpo-liger":
-            return self._liger_simpo()
-        if method.endswith("-authors") or method == "dpo-full-logits":
-            return self._authors(method).mean()
-        return self._ours(method).mean()
+        """The scalar training loss (mean over pairs) of one step of `method`, its forward under the policy's
+        autocast (the backward runs outside it)."""
+        with self.precision.autocast(self.device):
+            if method == "simpo-liger":
+                return self._liger_simpo()
+            if method.endswith("-authors") or method == "dpo-full-logits":
+                return self._authors(method).mean()
+            return self._ours(method).mean()
 
 
-def run(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, warmup=2, steps=5, grad_ckpt=False, log=print):
+def run(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, warmup=2, steps=5, grad_ckpt=False,
+        precision="auto", others=OTHER_POLICIES, log=print):
+    """Every method under `precision`, then the `others` rows (policy -> methods) as method@policy."""
     cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    bench = Step(preset, pairs, seq_len, device, dtype, grad_ckpt=grad_ckpt)
+    device = "cuda" if cuda else "cpu"
+    main = resolve_precision(precision, device)
+    rows = []
+    for prec, names in [(main, methods)] + [(resolve_precision(p, device), [m for m in ms if m in methods])
+                                             for p, ms in (others or {}).items() if p != main.name]:
+        if names:
+            info = _run_policy(preset, pairs, seq_len, names, warmup, steps, grad_ckpt, prec, prec is not main, rows, log)
+    info["precision"] = main.name
+    return rows, method_ratios(rows, ("peak_gb", "step_ms")), info
+
+
+def _run_policy(preset, pairs, seq_len, methods, warmup, steps, grad_ckpt, precision, label, rows, log):
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    bench = Step(preset, pairs, seq_len, device, precision, grad_ckpt=grad_ckpt)
     n_params = sum(p.numel() for p in bench.policy.parameters())
     order = [m for m in methods if m not in NEEDS_REF] + [m for m in methods if m in NEEDS_REF]
-    rows = []
     for method in order:
         if method in NEEDS_REF:
             bench.load_reference()
-        opt = make_optimizer(bench.policy)
+        opt = make_optimizer(bench.policy, precision, device)
         times = []
         if cuda:
             torch.cuda.synchronize()
@@ -265,12 +297,18 @@ def run(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, warmup=2, st
         bench.policy.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.empty_cache()
-        static = n_params * 8 / 2**30 + (n_params * 2 / 2**30 if method in NEEDS_REF else 0)
-        rows.append({"method": method, "step_ms": ms, "tokens_per_s": bench.tokens / ms * 1e3 if ms == ms else None,
-                     "peak_gb": peak, "floor_gb_estimate": static})
-        log(f"[bench_step] {method}: {ms:.1f} ms, peak {peak if peak is None else round(peak, 2)} GB")
+        name = f"{method}@{precision.name}" if label else method
+        spread = (min(times[warmup:]), max(times[warmup:])) if ms == ms else (None, None)
+        rows.append({"method": name, "precision": precision.name, "step_ms": ms, "step_ms_min": spread[0],
+                     "step_ms_max": spread[1], "tokens_per_s": bench.tokens / ms * 1e3 if ms == ms else None,
+                     "peak_gb": peak, "floor_gb_estimate": static_gb(n_params, precision, method in NEEDS_REF),
+                     "bytes_per_param": precision.bytes_per_parameter("adam")})
+        log(f"[bench_step] {name}: {ms:.1f} ms, peak {peak if peak is None else round(peak, 2)} GB")
     bench.drop_reference()
-    return rows, method_ratios(rows, ("peak_gb", "step_ms")), {"preset": preset, "pairs": pairs, "seq_len": seq_len, "params": n_params, "tokens": bench.tokens}
+    del bench
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"preset": preset, "pairs": pairs, "seq_len": seq_len, "params": n_params, "tokens": 2 * pairs * seq_len}
 
 
 ESTIMATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "estimates")
@@ -318,6 +356,11 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS + liger_methods()))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16-compensated", "bf16-pure"],
+                    help="the policy every method runs under (auto: bf16-mixed on a GPU, fp32 on the CPU)")
+    ap.add_argument("--no-other-policies", action="store_true",
+                    help="skip the rows repeated under other policies (" + "; ".join(
+                        f"{p}: {', '.join(ms)}" for p, ms in OTHER_POLICIES.items()) + ")")
     ap.add_argument("--out", default=None, help="write bench_step_<preset>.{json,md,png} here")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -327,15 +370,18 @@ def main(argv=None):
     for pairs in args.pairs or [2]:
         for T in args.seq_len or ([1024] if cuda else [64]):
             rows, ratios, info = run(preset, pairs, T, [m.strip() for m in args.methods.split(",")], steps=args.steps,
-                                     grad_ckpt=args.gradient_checkpointing)
+                                     grad_ckpt=args.gradient_checkpointing, precision=args.precision,
+                                     others=None if args.no_other_policies else OTHER_POLICIES)
             for r in rows:
                 r.update(pairs=pairs, seq_len=T)
             est = attach_estimates(rows, preset, pairs, T, args.gradient_checkpointing)
             all_rows += rows
             all_ratios[f"{pairs}x{T}"] = ratios
             notes = "ratios measured in this run: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items())
-            notes += (f"\nmodel: {preset}, {info['params'] / 1e9:.2f}B parameters; {info['tokens']} tokens per step. "
-                      "floor_gb_estimate = weights + grads + Adam states (8 B/param) + reference weights (2 B/param) where used.")
+            notes += (f"\nmodel: {preset}, {info['params'] / 1e9:.2f}B parameters; {info['tokens']} tokens per step; "
+                      f"precision {info['precision']} (rows named method@policy run under that policy instead). "
+                      "floor_gb_estimate = weights + grads + optimizer states (bytes_per_param) + a bf16 reference "
+                      "model (2 B/param) where used.")
             if est:
                 notes += (f"\npeak_gb_est, step_ms_est: predicted on the CPU by benchmarks/estimate_step.py "
                           f"({os.path.relpath(est, os.path.dirname(ESTIMATES))}), for an H100 SXM.")

@@ -39,7 +39,8 @@ from torch.utils.flop_counter import flop_registry
 import fpo.train
 import fpo_kernels.logprobs as _lp
 import fpo_kernels.sae_constraint as _sae
-from benchmarks.bench_step import METHODS, NEEDS_REF, PRESETS, Step, make_optimizer, method_ratios
+from benchmarks.bench_step import METHODS, NEEDS_REF, OTHER_POLICIES, PRESETS, Step, make_optimizer, method_ratios
+from fpo.precision import PRECISIONS, resolve_precision
 from benchmarks.common import environment
 from fpo_kernels._dispatch import on_fake_launch
 
@@ -188,12 +189,26 @@ def _resident(bench):
     return out
 
 
-def estimate(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, grad_ckpt=False, spec=H100_SXM, log=print):
+def estimate(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, grad_ckpt=False, spec=H100_SXM,
+             precision="bf16-mixed", others=OTHER_POLICIES, log=print):
+    """Every method under `precision` (a GPU run's policy), then the `others` rows (policy -> methods) as
+    method@policy. The fake tensors live on the CPU: the policy's autocast is the CPU's, whose bf16 op lists
+    match CUDA's for what a step runs (matmuls in bf16, reductions and norms in fp32)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    main = resolve_precision(precision, "cuda")
+    rows = []
+    for prec, names in [(main, methods)] + [(resolve_precision(p, "cuda"), [m for m in ms if m in methods])
+                                             for p, ms in (others or {}).items() if p != main.name]:
+        if names:
+            n_params = _estimate_policy(preset, pairs, seq_len, names, grad_ckpt, spec, prec, prec is not main, rows, log)
+    return rows, *_summary(rows, preset, pairs, seq_len, n_params, grad_ckpt, spec, main)
+
+
+def _estimate_policy(preset, pairs, seq_len, methods, grad_ckpt, spec, precision, label, rows, log):
     from torch._subclasses.fake_tensor import FakeTensorMode
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    rows = []
     with fake:
-        bench = Step(preset, pairs, seq_len, "cpu", torch.bfloat16, grad_ckpt=grad_ckpt)
+        bench = Step(preset, pairs, seq_len, "cpu", precision, grad_ckpt=grad_ckpt)
         n_params = sum(p.numel() for p in bench.policy.parameters())
         for method in methods:
             if method in NEEDS_REF:
@@ -202,7 +217,7 @@ def estimate(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, grad_ck
                 bench.ref = None
             bench.sae._cast.clear()      # the bf16 copy of W_enc is made inside the step it serves
             tracer = StepTracer(spec)
-            opt = make_optimizer(bench.policy)
+            opt = make_optimizer(bench.policy, precision, "cpu")
             phases = [("sae", [(fpo.train, "sae_feature_mse_varlen"), (_sae, "sae_constraint_bwd"), (Step, "_naive_pooled")]),
                       ("lm head", [(_lp, "logprobs_fwd"), (_lp, "logprobs_bwd"), (_lp, "kl_fwd"), (_lp, "kl_bwd")]),
                       ("optimizer", [(opt, "step")])]
@@ -220,22 +235,27 @@ def estimate(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, grad_ck
             bench.release_fpo()
             del opt
             ms = sum(tracer.seconds.values()) * 1e3
-            row = {"method": method, "step_ms_estimate": ms, "peak_gb_estimate": tracer.peak / 2**30,
-                   "tflop": tracer.flops / 1e12,
+            name = f"{method}@{precision.name}" if label else method
+            row = {"method": name, "precision": precision.name, "bytes_per_param": precision.bytes_per_parameter("adam"),
+                   "step_ms_estimate": ms, "peak_gb_estimate": tracer.peak / 2**30, "tflop": tracer.flops / 1e12,
                    "phases_ms": {k: v * 1e3 for k, v in sorted(tracer.seconds.items())},
                    "top_ops_ms": {k: v * 1e3 for k, v in sorted(tracer.by_op.items(), key=lambda kv: -kv[1])[:12]}}
             rows.append(row)
-            log(f"[estimate_step] {method}: {ms:.1f} ms, peak {row['peak_gb_estimate']:.2f} GiB, {row['tflop']:.1f} TFLOP")
+            log(f"[estimate_step] {name}: {ms:.1f} ms, peak {row['peak_gb_estimate']:.2f} GiB, {row['tflop']:.1f} TFLOP")
+    return n_params
+
+
+def _summary(rows, preset, pairs, seq_len, n_params, grad_ckpt, spec, precision):
     by = {r["method"]: r for r in rows}
     ratios = method_ratios(rows, ("peak_gb_estimate", "step_ms_estimate"))
     for m in ("fpo", "fpo-ref"):
         if m in by:
             ratios[f"{m} sae share of step"] = by[m]["phases_ms"].get("sae", 0.0) / by[m]["step_ms_estimate"]
     info = {"preset": preset, "pairs": pairs, "seq_len": seq_len, "params": n_params, "tokens": 2 * pairs * seq_len,
-            "gradient_checkpointing": grad_ckpt,
+            "gradient_checkpointing": grad_ckpt, "precision": precision.name,
             "device_model": spec, "gemm_efficiency": GEMM_EFFICIENCY, "bandwidth_efficiency": BANDWIDTH_EFFICIENCY,
             "kernel_floor_s": KERNEL_FLOOR_S, "sae_traffic": SAE_TRAFFIC}
-    return rows, ratios, info
+    return ratios, info
 
 
 def epoch_prediction(rows, info, dataset, log=print):
@@ -261,14 +281,15 @@ def epoch_prediction(rows, info, dataset, log=print):
 
 def format_markdown(rows, ratios, info):
     lines = [f"Predicted on the CPU (fake tensors + roofline) for {info['device_model']['name']}: "
-             f"{info['preset']}, {info['pairs']} pairs x {info['seq_len']} tokens, bf16 weights and Adam states"
+             f"{info['preset']}, {info['pairs']} pairs x {info['seq_len']} tokens, precision {info['precision']} "
+             "(rows named method@policy: under that policy instead)"
              + (", gradient checkpointing." if info["gradient_checkpointing"] else "."), "",
-             "| method | peak GiB (est.) | step ms (est.) | TFLOP | sae ms | lm head ms | optimizer ms |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | B/param (weights, grads, optimizer) | peak GiB (est.) | step ms (est.) | TFLOP | sae ms | lm head ms | optimizer ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         p = r["phases_ms"]
-        lines.append(f"| {r['method']} | {r['peak_gb_estimate']:.2f} | {r['step_ms_estimate']:.1f} | {r['tflop']:.1f} | "
-                     f"{p.get('sae', 0):.2f} | {p.get('lm head', 0):.2f} | {p.get('optimizer', 0):.2f} |")
+        lines.append(f"| {r['method']} | {r['bytes_per_param']} | {r['peak_gb_estimate']:.2f} | {r['step_ms_estimate']:.1f} | "
+                     f"{r['tflop']:.1f} | {p.get('sae', 0):.2f} | {p.get('lm head', 0):.2f} | {p.get('optimizer', 0):.2f} |")
     lines += ["", "Ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items())]
     ep = info.get("epoch")
     if ep:
@@ -289,12 +310,16 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--precision", default="bf16-mixed", choices=[p for p in PRECISIONS if p != "auto"],
+                    help="the policy every method runs under (a GPU run's default: bf16-mixed)")
+    ap.add_argument("--no-other-policies", action="store_true", help="skip the rows repeated under other policies")
     ap.add_argument("--dataset", default=None,
                     help="also predict one epoch of this dataset (.jsonl of pairs) per packing layout")
     ap.add_argument("--out", default=None, help="write estimate_step_<preset>_<pairs>x<seq>.{json,md} here")
     args = ap.parse_args(argv)
     rows, ratios, info = estimate(args.preset, args.pairs, args.seq_len, [m.strip() for m in args.methods.split(",")],
-                                  args.gradient_checkpointing)
+                                  args.gradient_checkpointing, precision=args.precision,
+                                  others=None if args.no_other_policies else OTHER_POLICIES)
     if args.dataset:
         info["epoch"] = epoch_prediction(rows, info, args.dataset)
     md = format_markdown(rows, ratios, info)

@@ -12,7 +12,7 @@ import os
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_step import NEEDS_REF, Step
+from benchmarks.bench_step import NEEDS_REF, Step, make_optimizer
 from benchmarks.common import environment
 
 
@@ -23,7 +23,7 @@ def _share(events, attr, pattern):
 
 def profile_method(bench, method, steps=3, trace_dir=None):
     cuda = torch.cuda.is_available()
-    opt = torch.optim.Adam(bench.policy.parameters(), lr=1e-7)
+    opt = make_optimizer(bench.policy, bench.precision, bench.device)
     for _ in range(2):  # warm up (autotuning, compilation)
         bench.loss(method).backward()
         opt.step()
@@ -64,13 +64,14 @@ def main(argv=None):
     ap.add_argument("--methods", default="fpo,fpo-ref,simpo,tdpo2-lean,tdpo2-authors")
     ap.add_argument("--out", default=None, help="write profile_step_<preset>.txt (and traces with --trace) here")
     ap.add_argument("--trace", action="store_true", help="also write chrome traces")
+    ap.add_argument("--precision", default="auto", help="fpo.precision policy (auto: bf16-mixed on a GPU, fp32 on the CPU)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     preset = args.preset or ("gemma2-2b" if cuda else "tiny")
     T = args.seq_len or (1024 if cuda else 64)
-    bench = Step(preset, args.pairs, T, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else torch.float32)
+    bench = Step(preset, args.pairs, T, "cuda" if cuda else "cpu", args.precision)
     env = environment()
-    parts = [f"# profile_step {preset} {args.pairs}x{T}: {env['device']}, torch {env['torch']}, triton {env['triton']}, "
+    parts = [f"# profile_step {preset} {args.pairs}x{T}, precision {bench.precision.name}: {env['device']}, torch {env['torch']}, triton {env['triton']}, "
              f"commit {env['git_commit']}, {env['date']}"]
     methods = [m.strip() for m in args.methods.split(",")]
     for m in [m for m in methods if m not in NEEDS_REF] + [m for m in methods if m in NEEDS_REF]:

@@ -24,15 +24,17 @@ def test_kernel_benchmarks_run(capsys):
 def test_step_benchmark_ratios(tmp_path):
     from benchmarks import bench_step
     rows, ratios = bench_step.main(["--steps", "2", "--out", str(tmp_path)])
-    assert {r["method"] for r in rows} == set(bench_step.METHODS + bench_step.liger_methods())
+    others = {f"{m}@{p}" for p, ms in bench_step.OTHER_POLICIES.items() for m in ms}
+    assert {r["method"] for r in rows} == set(bench_step.METHODS + bench_step.liger_methods()) | others
     assert all(r["step_ms"] > 0 for r in rows)
-    assert "fpo/tdpo2-authors step_ms" in ratios["2x64"]
+    assert {r["precision"] for r in rows} == {"fp32", "bf16-compensated", "bf16-pure"}   # the CPU's run: fp32
+    assert "fpo/tdpo2-authors step_ms" in ratios["2x64"] and "fpo@bf16-compensated/fpo step_ms" in ratios["2x64"]
     assert (tmp_path / "bench_step_tiny_2x64.png").exists()
 
 
 def test_every_step_method_gives_a_finite_scalar_loss():
     from benchmarks.bench_step import Step
-    s = Step("tiny", 1, 32, "cpu", torch.float32)
+    s = Step("tiny", 1, 32, "cpu", "fp32")
     for method in ("simpo", "dpo-full-logits", "fpo", "tdpo2-lean", "tdpo2-authors"):
         if "tdpo" in method:
             s.load_reference()
@@ -43,7 +45,7 @@ def test_every_step_method_gives_a_finite_scalar_loss():
 @pytest.mark.parametrize("method", ["fpo", "simpo", "tdpo2-lean"])
 def test_step_benchmark_entry(benchmark, method):
     from benchmarks.bench_step import Step
-    s = Step("tiny", 1, 32, "cpu", torch.float32)
+    s = Step("tiny", 1, 32, "cpu", "fp32")
     if method in ("tdpo2-lean",):
         s.load_reference()
     opt = torch.optim.Adam(s.policy.parameters(), lr=1e-6)
@@ -70,6 +72,12 @@ def test_step_estimate_on_fake_tensors(tmp_path, monkeypatch):
     for m in ("tdpo2-lean", "tdpo2-authors"):                            # the reference weights
         assert by[m]["peak_gb_estimate"] > by["simpo"]["peak_gb_estimate"]
     assert 0 < ratios["fpo sae share of step"] < 1
+    # one policy for every method (bf16-mixed: fp32 weights, grads and Adam states), a few rows under others
+    assert info["precision"] == "bf16-mixed" and by["fpo"]["bytes_per_param"] == 16
+    comp, pure = by["fpo@bf16-compensated"], by["fpo@bf16-pure"]
+    assert (comp["bytes_per_param"], pure["bytes_per_param"]) == (10, 8)
+    assert pure["peak_gb_estimate"] < comp["peak_gb_estimate"] < by["fpo"]["peak_gb_estimate"]
+    assert "fpo@bf16-compensated/fpo peak_gb_estimate" in ratios
     monkeypatch.setattr(bench_step, "ESTIMATES", str(tmp_path))
     measured = [{"method": "fpo"}, {"method": "dpo"}]
     assert bench_step.attach_estimates(measured, "tiny", 2, 32, False)
