@@ -53,6 +53,19 @@ NEEDS_REF = {"tdpo1-lean", "tdpo2-lean", "tdpo1-authors", "tdpo2-authors", "fpo-
 OTHER_POLICIES = {"bf16-compensated": ["fpo", "simpo"], "bf16-pure": ["fpo", "tdpo2-authors", "fpo-authors"]}
 
 
+def other_policies(others=None, log=print) -> dict:
+    """OTHER_POLICIES less what this machine cannot run: bf16-compensated needs torch-optimi (a pure-Python
+    wheel: `pip install torch-optimi`)."""
+    out = dict(OTHER_POLICIES if others is None else others)
+    if "bf16-compensated" in out:
+        try:
+            import optimi  # noqa: F401
+        except ImportError:
+            log("[bench] torch-optimi is not installed: no bf16-compensated rows (pip install torch-optimi)")
+            del out["bf16-compensated"]
+    return out
+
+
 def liger_methods() -> list:
     """SimPO through Liger-Kernel's LigerFusedLinearSimPOLoss, beside ours, when liger-kernel is installed."""
     try:
@@ -367,11 +380,15 @@ def main(argv=None):
     preset = args.preset or ("gemma2-2b" if cuda else "tiny")
     all_rows, all_ratios = [], {}
     env = environment()
+    methods = [m.strip() for m in args.methods.split(",")]
+    if "simpo-liger" in methods and not liger_methods():
+        print("[bench_step] liger-kernel is not installed: no simpo-liger row")
+        methods.remove("simpo-liger")
     for pairs in args.pairs or [2]:
         for T in args.seq_len or ([1024] if cuda else [64]):
-            rows, ratios, info = run(preset, pairs, T, [m.strip() for m in args.methods.split(",")], steps=args.steps,
+            rows, ratios, info = run(preset, pairs, T, methods, steps=args.steps,
                                      grad_ckpt=args.gradient_checkpointing, precision=args.precision,
-                                     others=None if args.no_other_policies else OTHER_POLICIES)
+                                     others=None if args.no_other_policies else other_policies())
             for r in rows:
                 r.update(pairs=pairs, seq_len=T)
             est = attach_estimates(rows, preset, pairs, T, args.gradient_checkpointing)

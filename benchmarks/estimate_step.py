@@ -39,7 +39,7 @@ from torch.utils.flop_counter import flop_registry
 import fpo.train
 import fpo_kernels.logprobs as _lp
 import fpo_kernels.sae_constraint as _sae
-from benchmarks.bench_step import METHODS, NEEDS_REF, OTHER_POLICIES, PRESETS, Step, make_optimizer, method_ratios
+from benchmarks.bench_step import METHODS, NEEDS_REF, OTHER_POLICIES, PRESETS, Step, make_optimizer, method_ratios, other_policies
 from fpo.precision import PRECISIONS, resolve_precision
 from benchmarks.common import environment
 from fpo_kernels._dispatch import on_fake_launch
@@ -319,7 +319,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rows, ratios, info = estimate(args.preset, args.pairs, args.seq_len, [m.strip() for m in args.methods.split(",")],
                                   args.gradient_checkpointing, precision=args.precision,
-                                  others=None if args.no_other_policies else OTHER_POLICIES)
+                                  others=None if args.no_other_policies else other_policies())
     if args.dataset:
         info["epoch"] = epoch_prediction(rows, info, args.dataset)
     md = format_markdown(rows, ratios, info)

@@ -1,13 +1,60 @@
 #!/usr/bin/env bash
 # On a CUDA machine: correctness on the GPU (every kernel test case, compiled, plus the bf16 cases), then the
-# benchmarks, into one folder. Parts fit a 10-minute call each: tests | kernels | topk | step | all (default).
+# benchmarks, into one folder. Parts fit a 10-minute call each: tests | kernels | topk | step | all (default);
+# quick: the four stages below in at most 8 minutes, each result written the moment it is measured.
 # Usage: OUT=benchmarks/results/h100-$(date +%Y%m%d) bash benchmarks/run_gpu.sh [part]
+#        DRY_RUN=1 bash benchmarks/run_gpu.sh quick     (CPU: lists each stage; every command imports and parses)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}
 PART=${1:-all}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd) PYTHONUNBUFFERED=1
+# Pure-Python wheels the GPU image lacks (torch-optimi, for the bf16-compensated rows), downloaded beforehand
+# with `pip download --no-deps -d .wheels torch-optimi` and carried along: installed when present.
+if ls .wheels/*.whl > /dev/null 2>&1; then pip install -q --no-deps --no-index .wheels/*.whl > "$OUT/wheels.log" 2>&1; fi
+DRY_FAILED=""
+stage() {   # stage NAME SECONDS CMD...: CMD (pytest ... or python -m MODULE ...) under a time limit; DRY_RUN: checked only
+  local name=$1 limit=$2; shift 2
+  echo "[quick] $name (at most ${limit}s): $*" | tee -a "$OUT/quick.log"
+  if [ -n "${DRY_RUN:-}" ]; then
+    if [ "$1" = pytest ]; then shift; python -m pytest --collect-only -q -p no:cacheprovider "$@" > "$OUT/collect.txt" 2>&1
+    else shift 2; python -m benchmarks.dry_run "$@" > "$OUT/collect.txt" 2>&1; fi || DRY_FAILED="$DRY_FAILED $name"
+    grep -v "^$" "$OUT/collect.txt" | tail -1
+    return
+  fi
+  timeout "$limit" "$@"
+}
+if [ "$PART" = quick ]; then
+  export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+  [ -n "${DRY_RUN:-}" ] || {
+    nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+    python -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'driver', torch.version.cuda, 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" > "$OUT/versions.txt"
+  }
+  # 1. correctness: every kernel test case on CUDA (bf16 included), the precision entry, packed FlexAttention
+  for f in test_sae_constraint test_sae_topk test_logprobs test_cache_pack test_precision test_packing; do
+    case $f in
+      test_precision) sel=(-k "mixed_entry or under_autocast") ;;
+      test_packing) sel=(-m gpu) ;;
+      *) sel=(-k "not sae_lens and not shipped_sae and not release_id") ;;
+    esac
+    stage "tests $f" 40 pytest -q -p no:cacheprovider "tests/$f.py" "${sel[@]}" > "$OUT/tests_$f.txt" 2>&1
+    echo "$f: $(grep -v "^$" "$OUT/tests_$f.txt" | tail -1)" | tee -a "$OUT/gpu_tests_summary.txt"
+  done
+  # 2. one training step per method, Gemma-2-2B config, 2 pairs x 1024 tokens, bf16-mixed (+ rows under other policies)
+  stage step 180 python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 --precision bf16-mixed \
+    --methods fpo,fpo-ref,simpo,dpo,tdpo2-lean,tdpo2-authors,fpo-authors,simpo-liger 2>&1 | tee "$OUT/bench_step.log"
+  # 3. kernels: SAE pooling forward and backward vs naive and its compile, the TopK path, the lm head
+  stage sae 45 python -m benchmarks.bench_sae_constraint --out "$OUT" --quick 2>&1 | tee "$OUT/bench_sae_constraint.log"
+  stage topk 30 python -m benchmarks.bench_sae_constraint --out "$OUT/topk" --quick --activation topk --no-compile 2>&1 \
+    | tee "$OUT/bench_sae_topk.log"
+  stage logprobs 30 python -m benchmarks.bench_logprobs --out "$OUT" --tokens 4096 2>&1 | tee "$OUT/bench_logprobs.log"
+  # 4. where the step's time goes
+  stage profile 45 python -m benchmarks.profile_step --out "$OUT" --methods fpo,simpo,tdpo2-lean --precision bf16-mixed \
+    > "$OUT/profile_step.log" 2>&1
+  [ -z "${DRY_FAILED:-}" ] || { echo "[quick] dry run: failed:$DRY_FAILED"; exit 1; }
+  exit 0
+fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" > "$OUT/versions.txt"
 if [ "$PART" = tests ] || [ "$PART" = all ]; then

@@ -1,4 +1,6 @@
 """The benchmark harnesses at CPU sizes: smoke runs, and pytest-benchmark entries for a training step."""
+import os
+
 import pytest
 import torch
 
@@ -112,3 +114,23 @@ def test_topk_estimate_holds_one_chunk():
     assert chunk_mib <= rows["fused"]["peak_extra_mib"] <= 1.2 * chunk_mib
     assert rows["naive"]["peak_extra_mib"] >= 2 * N * m * 4 / 2**20
     assert all(r["predicted_ms"] > 0 for r in rows.values())
+
+
+def test_run_gpu_quick_dry_run(tmp_path):
+    """`run_gpu.sh quick` on the CPU (DRY_RUN=1): every stage is listed, every test file it would run collects and
+    every benchmark it would run imports and parses its arguments, so the script cannot rot without a GPU."""
+    import subprocess
+    import sys
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    r = subprocess.run(["bash", "benchmarks/run_gpu.sh", "quick"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (tmp_path / "quick.log").read_text()
+    stages = [line.split(" (at most")[0] for line in log.splitlines() if line.startswith("[quick] ")]
+    assert stages == [f"[quick] tests {f}" for f in ("test_sae_constraint", "test_sae_topk", "test_logprobs",
+                                                      "test_cache_pack", "test_precision", "test_packing")] + \
+        [f"[quick] {s}" for s in ("step", "sae", "topk", "logprobs", "profile")]
+    summary = (tmp_path / "gpu_tests_summary.txt").read_text().splitlines()
+    assert len(summary) == 6 and all(line.split(": ")[-1].isdigit() for line in summary)   # tests collected per file
