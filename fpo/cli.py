@@ -7,7 +7,7 @@ import json
 import sys
 import typing
 
-from .config import ATTENTION, METHODS, TrainConfig
+from .config import ATTENTION, METHODS, REPLACED_KEYS, TrainConfig
 from .packing import LAYOUTS
 from .precision import PRECISIONS
 
@@ -17,6 +17,8 @@ FROZEN_PRECISION_HELP = ("the forward's precision policy, as `fpo train --precis
 def _add_train_flags(p):
     """One flag per TrainConfig key, with its help text, its choices and its default."""
     hints = typing.get_type_hints(TrainConfig)
+    for key in REPLACED_KEYS:   # accepted by the parser only to be refused with the sentence that names the successor
+        p.add_argument("--" + key.replace("_", "-"), dest="replaced_" + key, default=None, help=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
@@ -36,6 +38,9 @@ def _add_train_flags(p):
 
 def _load_train_config(args):
     from .config import config_from_dict
+    for key in REPLACED_KEYS:
+        if getattr(args, "replaced_" + key, None) is not None:
+            raise ValueError(f"--{key.replace('_', '-')}: {REPLACED_KEYS[key]}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     # a repeatable flag given once is the plain value (the config a run saves then matches a YAML's)
     overrides = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in overrides.items()}

@@ -221,7 +221,7 @@ class Trainer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, self.precision, cfg.optimizer, cfg.lr, cfg.weight_decay,
                                         (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, self.device)
-        self._warn_if_updates_round_away(params)
+        self._log_precision(params)
         warm = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.step = 0
@@ -231,10 +231,12 @@ class Trainer:
             self._resume_state = None
         self._log_packing()
 
-    def _warn_if_updates_round_away(self, params):
+    def _log_precision(self, params):
         """Say once what the precision policy costs a parameter; under bf16-pure, warn when the learning rate is
-        below the bf16 resolution of the typical weight (most updates would round away)."""
+        below the bf16 resolution of the typical weight (most updates would round away). Under FSDP: this rank's
+        shards."""
         cfg, prec = self.cfg, self.precision
+        params = [p.to_local() if hasattr(p, "to_local") else p for p in params]
         n = sum(p.numel() for p in params)
         per = prec.bytes_per_parameter(cfg.optimizer)
         self.log(f"[fpo] precision {prec.name}: {str(prec.param_dtype).removeprefix('torch.')} weights, gradients and "

@@ -144,6 +144,10 @@ def test_dtype_key_is_replaced_by_precision(small, tmp_path):
         config_from_dict(dict(method="simpo", model=small["model"], dataset=small["pairs"], dtype="bfloat16"))
     with pytest.raises(ValueError, match="precision must be one of"):
         _cfg(small, tmp_path, precision="fp16")
+    from fpo.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--method", "simpo", "--model", small["model"], "--dataset", small["pairs"], "--dtype", "bfloat16"])
+    assert "--dtype: dtype was replaced by precision" in str(e.value)
 
 
 def test_optimizers(tmp_path):
