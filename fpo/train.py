@@ -27,6 +27,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from fpo_kernels import sae_feature_mse_varlen, sequence_logprobs_kl_varlen, sequence_logprobs_varlen
+from fpo_kernels.losses import constraint_share
 
 from . import distributed as dist_utils
 from .cache import ReferenceCache, atomic_write_json
@@ -541,8 +542,9 @@ class Trainer:
             rec = {"step": step, **dict(zip(keys, row))}
             for k in ("tokens_processed", "response_tokens"):   # totals over ranks, not means
                 rec[k] = round(rec[k] * self.world)
-            if "constraint_abs" in rec:
-                rec["constraint_share"] = rec["constraint_abs"] / max(rec["margin_abs"], 1e-30)
+            share = constraint_share(rec["constraint_abs"], rec["margin_abs"]) if "constraint_abs" in rec else None
+            if share is not None:    # not logged while the margin is ~0 (the first step)
+                rec["constraint_share"] = share
             if not all(math.isfinite(v) for v in row):
                 bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
                 self._stop_diverged(f"non-finite {bad} at step {step}")
@@ -555,11 +557,13 @@ class Trainer:
             metrics_file.flush()
         last = self.history[-1]
         # the policy starts at the reference, where D (and TDPO's KL) is 0: judge the share once it has moved
-        if not self._share_checked and "constraint_share" in last and \
+        if not self._share_checked and "constraint_abs" in last and \
                 (last["step"] >= SHARE_CHECK_STEP or last["step"] == self.total_steps):
-            self._share_checked = True
-            recent = [h["constraint_share"] for h in self.history[-SHARE_CHECK_STEP:]]
-            self._warn_if_constraint_is_negligible(sum(recent) / len(recent), last["step"])
+            recent = self.history[-SHARE_CHECK_STEP:]
+            share = constraint_share(sum(h["constraint_abs"] for h in recent), sum(h["margin_abs"] for h in recent))
+            if share is not None:
+                self._share_checked = True
+                self._warn_if_constraint_is_negligible(share, last["step"])
         if bar is not None:
             extra = {"share": f"{last['constraint_share']:.1%}"} if "constraint_share" in last else {}
             bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}", **extra,

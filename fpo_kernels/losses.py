@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-__all__ = ["dpo_loss", "simpo_loss", "tdpo_loss", "fpo_loss", "LOSSES"]
+__all__ = ["dpo_loss", "simpo_loss", "tdpo_loss", "fpo_loss", "LOSSES", "constraint_share", "MARGIN_FLOOR"]
 
 
 def _metrics(reward_w, reward_l, **extra):
@@ -14,6 +14,16 @@ def _metrics(reward_w, reward_l, **extra):
          "margin": (reward_w - reward_l).detach(), "accuracy": (reward_w > reward_l).float().detach()}
     m.update({k: v.detach() for k, v in extra.items()})
     return m
+
+
+MARGIN_FLOOR = 1e-6   # mean |beta x margin| below this is rounding noise (a policy at its reference): no share
+
+
+def constraint_share(constraint_abs: float, margin_abs: float):
+    """mean |constraint term| / mean |beta x margin| (means over pairs, or over steps), or None where the margin
+    term is below MARGIN_FLOOR: at the start the policy is the reference, the margin is 0 up to rounding, and
+    the ratio would read 1e21."""
+    return None if not margin_abs > MARGIN_FLOOR else constraint_abs / margin_abs
 
 
 def _share(margin, constraint):

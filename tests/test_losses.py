@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fpo.losses import LOSSES, dpo_loss, fpo_loss, simpo_loss, tdpo_loss
+from fpo_kernels.losses import MARGIN_FLOOR, constraint_share
 
 
 def nls(u):  # -log sigmoid(u)
@@ -89,8 +90,11 @@ def test_constraint_share_by_hand():
     term = [0.1 * 0.5 * (0.05 - 0.02), 0.1 * 0.5 * (0.03 - 0.01)]                         # 0.0015, 0.001
     assert m["margin_abs"].tolist() == pytest.approx([abs(x) for x in margin], rel=1e-5)
     assert m["constraint_abs"].tolist() == pytest.approx(term, rel=1e-5)
-    share = m["constraint_abs"].mean() / m["margin_abs"].mean()
-    assert share.item() == pytest.approx((0.0015 + 0.001) / 0.06, rel=1e-5)
+    share = constraint_share(m["constraint_abs"].mean().item(), m["margin_abs"].mean().item())
+    assert share == pytest.approx((0.0015 + 0.001) / 0.06, rel=1e-5)
+    # at the start the policy is the reference: a margin of rounding noise gives no ratio, not 1e21
+    assert constraint_share(1e-9, 3e-8) is None and constraint_share(0.0, 0.0) is None
+    assert constraint_share(1e-9, 2 * MARGIN_FLOOR) == pytest.approx(1e-9 / (2 * MARGIN_FLOOR))
     _, m = tdpo_loss(t(-10.0), t(-14.0), t(-11.0), t(-12.0), t(0.4), t(0.9), beta=0.1, alpha=0.5, variant=2)
     assert m["constraint_abs"].item() == pytest.approx(0.5 * 0.1 * 0.5, rel=1e-5)
     assert m["margin_abs"].item() == pytest.approx(0.3, rel=1e-5)

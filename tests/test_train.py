@@ -310,3 +310,17 @@ def test_a_large_alpha_holds_d_down_more_than_alpha_zero(tiny, cache, tmp_path):
         drops[alpha] = before - after
         tr.close()
     assert drops[0.0] < 0 and drops[3e4] > 0.5 * drops[0.0]
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_negligible_constraint_warns_and_step_one_logs_no_share(tiny, cache, tmp_path):
+    """At the first step the policy is the reference and the margin is rounding noise: no share is logged there
+    (it read 1e21). At the default log_every 10 the < 1% warning then fires once, judged on the ratio of the
+    recent steps' summed terms."""
+    lines = []
+    train(_cfg(tiny, cache, tmp_path, alpha=1e-6, max_steps=10, log_every=10, lr=1e-4, batch_size=2, epochs=2),
+          log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    hist = [json.loads(line) for line in open(tmp_path / "fpo" / "metrics.jsonl")]
+    assert "constraint_share" not in hist[0] and all(h["constraint_share"] < 0.01 for h in hist[1:])
+    warned = [line for line in lines if "feature constraint is" in line]
+    assert len(warned) == 1 and "at step 10" in warned[0] and "raise --alpha" in warned[0]

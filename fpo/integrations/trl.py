@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from fpo_kernels import SAEWeights, pack_topk, sae_feature_mse, sae_pooled_features, sequence_logprobs_kl
-from fpo_kernels.losses import fpo_loss, tdpo_loss
+from fpo_kernels.losses import constraint_share, fpo_loss, tdpo_loss
 
 from ..model import ResidualCapture, decoder_layers, final_softcap, lm_head, run_body
 
@@ -145,8 +145,10 @@ class FPOTrainer(_base()):
                            ("logps/chosen", mean[:P].detach()), ("logps/rejected", mean[P:].detach()),
                            ("fpo/d_chosen", m["d_chosen"]), ("fpo/d_rejected", m["d_rejected"])):
             self._metrics[mode][key].append(gather(value.detach().float()).mean().item())
-        share = gather(m["constraint_abs"].float()).mean() / gather(m["margin_abs"].float()).mean().clamp(min=1e-30)
-        self._metrics[mode]["fpo/constraint_share"].append(share.item())
+        share = constraint_share(gather(m["constraint_abs"].float()).mean().item(),
+                                 gather(m["margin_abs"].float()).mean().item())
+        if share is not None:   # not while the margin is ~0 (the policy still at the reference)
+            self._metrics[mode]["fpo/constraint_share"].append(share)
         return (loss, outputs) if return_outputs else loss
 
 
