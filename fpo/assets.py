@@ -45,17 +45,24 @@ def ensure_demo_model(log=print) -> str:
         return out
     import torch
 
+    from .cache import temp_dir
     from .model import load_model, load_tokenizer
     gguf = _gguf_path()
     log(f"[fpo] converting {GGUF_NAME} to {out} (once; about half a minute)")
     tok = load_tokenizer(gguf)
     model = load_model(gguf, dtype=torch.float32)
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    os.replace(tmp, out)  # the folder appears whole or not at all
+    tmp = temp_dir(out)   # this process's own: two first-time conversions at once never share one
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)  # the folder appears whole or not at all
+        except OSError:
+            if not os.path.exists(os.path.join(out, "config.json")):   # not another conversion that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

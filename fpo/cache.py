@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 
 import torch
 
 __all__ = ["ReferenceCache", "CacheMismatchError", "FORMAT_VERSION", "write_shard", "shard_name", "atomic_write_json",
-           "atomic_write_text", "recorded_checksum"]
+           "atomic_write_text", "recorded_checksum", "temp_file", "temp_dir", "is_cache_file"]
 
 FORMAT_VERSION = 1
 
@@ -42,13 +43,38 @@ def _sha256(path):
     return h.hexdigest()
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def temp_file(path):
+    """(fd, name) of a new empty file beside `path` under an unpredictable name (path.tmpXXXXXXXX), created
+    with O_EXCL: a file or symlink planted at a guessable temporary name cannot redirect the write. Names
+    holding ".tmp" are temporary everywhere in fpo (a killed run's are removed, never read)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)
+    return fd, tmp
+
+
+def temp_dir(path):
+    """A new directory beside `path` under an unpredictable name (path.tmpXXXXXXXX), as temp_file."""
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".tmp")
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    return tmp
+
+
 def atomic_write_text(path, text: str):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = temp_file(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def atomic_write_json(path, obj):
@@ -60,13 +86,21 @@ def write_shard(directory, start, end, tensors: dict):
     a resumed precompute checks every existing shard against the checksum recorded when it was written."""
     from safetensors.torch import save_file
     final = os.path.join(directory, shard_name(start, end))
-    tmp = final + f".tmp{os.getpid()}"
+    fd, tmp = temp_file(final)
+    os.close(fd)
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"format": str(FORMAT_VERSION)})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     atomic_write_text(final + ".sha256", _sha256(tmp))
     os.replace(tmp, final)
     return final
+
+
+def is_cache_file(name: str) -> bool:
+    """What precompute writes into a cache directory (and only that is ever removed from one)."""
+    base = name.split(".tmp", 1)[0]   # a temporary of one of them: <name>.tmpXXXXXXXX
+    return base in ("meta.json", "settings.json") or \
+        (base.startswith("shard-") and base.endswith((".safetensors", ".safetensors.sha256")))
 
 
 def recorded_checksum(directory, name, meta=None):

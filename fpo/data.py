@@ -108,14 +108,36 @@ def _load_dataset(path: str):
         raise ValueError(f"dataset {path} could not be read as parquet ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+def _check_text(text, row, col):
+    """Text a tokenizer can take: a string of valid Unicode (a lone surrogate, as a broken JSON escape leaves,
+    cannot be encoded)."""
+    if not isinstance(text, str):
+        raise BadRowError(f"row {row}: column '{col}' holds a {type(text).__name__} where text belongs")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRowError(f"row {row}: column '{col}' holds a character that is not valid Unicode "
+                          f"({e.reason} at position {e.start})") from None
+    return text
+
+
+def _check_messages(messages, row, col):
+    if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise BadRowError(f"row {row}: column '{col}' is a list but not chat messages")
+    for m in messages:
+        _check_text(m["content"], row, f"{col}' message '{m['role']}")
+    return messages
+
+
 def _as_response(value, row, col):
     """A response given as a string, or as a chat message list whose last message is the assistant's."""
     if isinstance(value, list):
         if not value or not isinstance(value[-1], dict) or "content" not in value[-1]:
             raise BadRowError(f"row {row}: column '{col}' is a list but not chat messages")
-        value = value[-1]["content"]
+        value = _check_messages(value, row, col)[-1]["content"]
     if not isinstance(value, str):
         raise BadRowError(f"row {row}: column '{col}' must be a string or chat messages, got {type(value).__name__}")
+    _check_text(value, row, col)
     if not value.strip():
         raise BadRowError(f"row {row}: column '{col}' is an empty response")
     return value
@@ -158,16 +180,22 @@ def _from_transcripts(rec, row):
 
 def _as_prompt(rec, row):
     prompt = rec.get("prompt")
-    chosen = rec.get("chosen")
+    chosen, rejected = rec.get("chosen"), rec.get("rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list) and len(chosen) >= 2 and len(rejected) >= 2 \
+            and chosen[:-1] != rejected[:-1]:
+        # one prompt is trained for both: a rejected answer to another conversation would be trained as this one's
+        raise BadRowError(f"row {row}: the chosen and rejected conversations differ before their last message "
+                          "(different prompts); a pair must answer one prompt")
     if prompt is None and isinstance(chosen, list) and len(chosen) >= 2:
         prompt = chosen[:-1]  # UltraFeedback-binarized style: the conversation before the assistant's answer
     if prompt is None:
         raise BadRowError(f"row {row}: missing column 'prompt'")
     if isinstance(prompt, list):
-        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-            raise BadRowError(f"row {row}: column 'prompt' is a list but not chat messages")
+        _check_messages(prompt, row, "prompt")
     elif not isinstance(prompt, str):
         raise BadRowError(f"row {row}: column 'prompt' must be a string or chat messages")
+    else:
+        _check_text(prompt, row, "prompt")
     return prompt
 
 

@@ -141,14 +141,18 @@ def config_fingerprint(model) -> str:
 
 
 def model_fingerprint(model, name: str) -> dict:
-    """Name, a config hash and a weights hash (a strided sample of every tensor: cheap and content-bound)."""
-    h = hashlib.sha256()
+    """Name, a config hash and weights hashes (a strided sample of every tensor: cheap and content-bound).
+    weights_bf16 hashes the sample rounded to bf16, so a model loaded in bf16 (a frozen reference) and the same
+    checkpoint loaded in fp32 (the policy's master weights) agree; weights hashes it as loaded."""
+    h, hb = hashlib.sha256(), hashlib.sha256()
     for pname, p in sorted(model.state_dict().items()):
         flat = p.detach().flatten()
-        step = max(1, flat.numel() // 4096)
-        h.update(pname.encode())
-        h.update(flat[::step].float().cpu().numpy().tobytes())
-    return {"name": name, "config": config_fingerprint(model), "weights": h.hexdigest()[:16]}
+        sample = flat[::max(1, flat.numel() // 4096)]
+        for hasher, values in ((h, sample.float()), (hb, sample.to(torch.bfloat16).float())):
+            hasher.update(pname.encode())
+            hasher.update(values.cpu().numpy().tobytes())
+    return {"name": name, "config": config_fingerprint(model), "weights": h.hexdigest()[:16],
+            "weights_bf16": hb.hexdigest()[:16]}
 
 
 class ResidualCapture:

@@ -4,7 +4,6 @@ Training then needs no reference model (FPO, DPO)."""
 from __future__ import annotations
 
 import os
-import shutil
 import time
 
 import torch
@@ -13,7 +12,9 @@ from fpo_kernels import SAEWeights, index_dtype_for, pack_topk, sae_pooled_featu
 from fpo_kernels.cache import VALUE_DTYPES
 
 from . import distributed as dist_utils
-from .cache import FORMAT_VERSION, _sha256, atomic_write_json, recorded_checksum, shard_name, write_shard
+from .cache import (FORMAT_VERSION, _sha256, atomic_write_json, is_cache_file, recorded_checksum, shard_name,
+                    write_shard)
+from .locking import LOCK_NAME, DirectoryLock
 from .data import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .model import (ResidualCapture, decoder_layers, final_softcap, lm_head, load_model_for_layout, load_tokenizer,
                     model_fingerprint)
@@ -114,6 +115,18 @@ def _shard_is_sound(out, name, say):
     return False
 
 
+def _read_settings(path) -> dict:
+    import json
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} could not be read ({e}): the cache is damaged; rebuild it with --overwrite") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{path} is not a settings object: the cache is damaged; rebuild it with --overwrite")
+    return old
+
+
 def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_length: int = 512,
                max_prompt_length: int = 256, batch_pairs: int = 4, max_pairs=None, shard_rows: int = 256,
                device=None, precision: str = "auto", bad_rows: str = "error", overwrite: bool = False, tokenizer=None,
@@ -184,88 +197,99 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
     }
     out = os.fspath(out)
     settings_path = os.path.join(out, "settings.json")
+    lock = None
     if rank == 0:
+        if os.path.lexists(out) and not os.path.isdir(out):
+            raise ValueError(f"out {out} is {'a broken symlink' if os.path.islink(out) else 'a file'}, not a "
+                             "directory: choose a directory path")
+        os.makedirs(out, exist_ok=True)
+        lock = DirectoryLock(out, "cache")   # one precompute per cache directory at a time
+        theirs = [n for n in os.listdir(out) if not is_cache_file(n) and n != LOCK_NAME]
         if os.path.exists(settings_path):
-            import json
-            with open(settings_path) as f:
-                old = json.load(f)
+            old = _read_settings(settings_path)
             if old != settings:
                 if not overwrite:
                     diff = next(k for k in settings if old.get(k) != settings[k])
                     raise ValueError(f"{out} holds a cache built with other settings ({diff}: {old.get(diff)!r} "
                                      f"vs {settings[diff]!r}): use another directory or overwrite=True (--overwrite)")
-                shutil.rmtree(out)
-        elif os.path.exists(out) and os.listdir(out):
-            if not overwrite:
-                raise ValueError(f"{out} exists and is not a cache directory: use another directory or --overwrite")
-            shutil.rmtree(out)
-        os.makedirs(out, exist_ok=True)
+                for n in os.listdir(out):   # only what precompute wrote; anything else stays
+                    if is_cache_file(n):
+                        os.remove(os.path.join(out, n))
+                say(f"[fpo] overwrite: removed the cache in {out}" + (f" (kept {len(theirs)} other entries)" if theirs else ""))
+        elif theirs:
+            raise ValueError(f"{out} is not empty and holds no cache ({', '.join(sorted(theirs)[:3])}"
+                             f"{', ...' if len(theirs) > 3 else ''}): choose an empty or new directory. --overwrite "
+                             "only ever replaces a cache, never other files")
         if not os.path.exists(settings_path):
             atomic_write_json(settings_path, settings)
         for n in os.listdir(out):   # what a killed run left half-written
-            if ".tmp" in n:
+            if ".tmp" in n and is_cache_file(n):
                 os.remove(os.path.join(out, n))
     dist_utils.barrier()
+    try:
 
-    n = len(items)
-    shards = [(s, min(s + shard_rows, n)) for s in range(0, n, shard_rows)]
-    mine = [sh for j, sh in enumerate(shards) if j % world == rank]
-    todo = [sh for sh in mine if not _shard_is_sound(out, shard_name(*sh), say)]
-    if len(todo) < len(mine):
-        say(f"[fpo] resuming: {len(mine) - len(todo)} of {len(mine)} shards already complete")
-    bar = None
-    if progress and rank == 0:
-        bar = progress_bar(sum(e - s for s, e in todo) * world, desc="precompute", unit="pair")
-    t0 = time.time()
-    pad = tokenizer.pad_token_id
-    scale = attention_length_scale(model)
-    for s, e in todo:
-        parts, order = [], []
-        chunks = ([items[b:min(b + batch_pairs, e)] for b in range(s, e, batch_pairs)] if max_tokens is None
-                  else plan_micro_batches(items[s:e], packing, max_tokens, scale))
-        for chunk in chunks:
-            with prec.autocast(device):
-                parts.append(reference_stats(model, collate(chunk, packing, pad, scale), saes, K, device,
-                                             VALUE_DTYPES[value_dtype]))
-            order += [it.id for it in chunk]
-            if bar is not None:
-                bar.update(len(chunk) * world)
-        # rows in dataset order whatever the micro-batches were
-        where = {i: r for r, i in enumerate(order)}
-        perm = torch.tensor([where[it.id] for it in items[s:e]], dtype=torch.long)
-        tensors = {k: torch.cat([p[k] for p in parts])[perm] for k in parts[0]}
-        tensors["ids"] = torch.tensor([it.id for it in items[s:e]], dtype=torch.long)
-        tensors["row_hash"] = torch.tensor([it.row_hash for it in items[s:e]], dtype=torch.long)
-        write_shard(out, s, e, tensors)
-    if bar is not None:
-        bar.close()
-    dist_utils.barrier()
+        n = len(items)
+        shards = [(s, min(s + shard_rows, n)) for s in range(0, n, shard_rows)]
+        mine = [sh for j, sh in enumerate(shards) if j % world == rank]
+        todo = [sh for sh in mine if not _shard_is_sound(out, shard_name(*sh), say)]
+        if len(todo) < len(mine):
+            say(f"[fpo] resuming: {len(mine) - len(todo)} of {len(mine)} shards already complete")
+        bar = None
+        if progress and rank == 0:
+            bar = progress_bar(sum(e - s for s, e in todo) * world, desc="precompute", unit="pair")
+        t0 = time.time()
+        pad = tokenizer.pad_token_id
+        scale = attention_length_scale(model)
+        for s, e in todo:
+            parts, order = [], []
+            chunks = ([items[b:min(b + batch_pairs, e)] for b in range(s, e, batch_pairs)] if max_tokens is None
+                      else plan_micro_batches(items[s:e], packing, max_tokens, scale))
+            for chunk in chunks:
+                with prec.autocast(device):
+                    parts.append(reference_stats(model, collate(chunk, packing, pad, scale), saes, K, device,
+                                                 VALUE_DTYPES[value_dtype]))
+                order += [it.id for it in chunk]
+                if bar is not None:
+                    bar.update(len(chunk) * world)
+            # rows in dataset order whatever the micro-batches were
+            where = {i: r for r, i in enumerate(order)}
+            perm = torch.tensor([where[it.id] for it in items[s:e]], dtype=torch.long)
+            tensors = {k: torch.cat([p[k] for p in parts])[perm] for k in parts[0]}
+            tensors["ids"] = torch.tensor([it.id for it in items[s:e]], dtype=torch.long)
+            tensors["row_hash"] = torch.tensor([it.row_hash for it in items[s:e]], dtype=torch.long)
+            write_shard(out, s, e, tensors)
+        if bar is not None:
+            bar.close()
+        dist_utils.barrier()
 
-    summary = {"rows": n, "path": out}
-    if rank == 0:
-        meta = dict(settings)
-        meta["shards"] = []
-        total = 0
-        for s, e in shards:
-            p = os.path.join(out, shard_name(s, e))
-            if not os.path.exists(p):
-                raise RuntimeError(f"shard {p} is missing after every rank finished")
-            size = os.path.getsize(p)
-            total += size
-            meta["shards"].append({"file": shard_name(s, e), "start": s, "end": e, "bytes": size, "sha256": _sha256(p)})
-        for entry in meta["saes"]:
-            entry["feature_scale"] = _feature_scale(out, shards, entry["key"])
-        if saes:
-            meta["feature_scale"] = meta["saes"][0]["feature_scale"]
-        meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        atomic_write_json(os.path.join(out, "meta.json"), meta)
-        dense = n * 2 * sum(x.sae.width for x in saes) * 4
-        summary.update(bytes=total, bytes_per_example=total / max(n, 1), dense_fp32_bytes=dense,
-                       seconds=time.time() - t0)
-        msg = f"[fpo] cache {out}: {n} pairs, {total / 1e6:.2f} MB, {total / max(n, 1):.0f} bytes per pair"
-        if saes:
-            msg += (f"; a dense fp32 pooled cache would need {dense / 1e6:.1f} MB "
-                    f"({dense / max(total, 1):.0f}x more)")
-        say(msg)
-    dist_utils.barrier()
-    return summary
+        summary = {"rows": n, "path": out}
+        if rank == 0:
+            meta = dict(settings)
+            meta["shards"] = []
+            total = 0
+            for s, e in shards:
+                p = os.path.join(out, shard_name(s, e))
+                if not os.path.exists(p):
+                    raise RuntimeError(f"shard {p} is missing after every rank finished")
+                size = os.path.getsize(p)
+                total += size
+                meta["shards"].append({"file": shard_name(s, e), "start": s, "end": e, "bytes": size, "sha256": _sha256(p)})
+            for entry in meta["saes"]:
+                entry["feature_scale"] = _feature_scale(out, shards, entry["key"])
+            if saes:
+                meta["feature_scale"] = meta["saes"][0]["feature_scale"]
+            meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            atomic_write_json(os.path.join(out, "meta.json"), meta)
+            dense = n * 2 * sum(x.sae.width for x in saes) * 4
+            summary.update(bytes=total, bytes_per_example=total / max(n, 1), dense_fp32_bytes=dense,
+                           seconds=time.time() - t0)
+            msg = f"[fpo] cache {out}: {n} pairs, {total / 1e6:.2f} MB, {total / max(n, 1):.0f} bytes per pair"
+            if saes:
+                msg += (f"; a dense fp32 pooled cache would need {dense / 1e6:.1f} MB "
+                        f"({dense / max(total, 1):.0f}x more)")
+            say(msg)
+        dist_utils.barrier()
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()

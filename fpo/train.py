@@ -30,12 +30,13 @@ from fpo_kernels import sae_feature_mse_varlen, sequence_logprobs_kl_varlen, seq
 from fpo_kernels.losses import constraint_share
 
 from . import distributed as dist_utils
-from .cache import ReferenceCache, atomic_write_json
+from .cache import ReferenceCache, atomic_write_json, atomic_write_text, temp_dir
+from .locking import DirectoryLock
 from .config import RESUMABLE_CHANGES, TrainConfig, config_from_dict
 from .data import load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .losses import LOSSES
 from .model import (ResidualCapture, config_fingerprint, enable_activation_checkpointing, final_softcap, lm_head,
-                    load_model_for_layout, load_tokenizer)
+                    load_model_for_layout, load_tokenizer, model_fingerprint)
 from .packing import attention_length_scale, body_hidden, collate, micro_batch_tokens, plan_micro_batches
 from .precision import SAVE_DTYPES, make_optimizer, resolve_precision, updates_round_away
 from .precompute import check_sae_fits
@@ -135,6 +136,14 @@ class Trainer:
     """Holds everything a run needs; `fit()` runs it. Built by `train(cfg)`."""
 
     def __init__(self, cfg: TrainConfig, log=print):
+        self._lock = None
+        try:
+            self._build(cfg, log)
+        except BaseException:
+            self._release_lock()   # a run that fails to start leaves its directory free
+            raise
+
+    def _build(self, cfg: TrainConfig, log):
         self.cfg = cfg
         self.rank, self.world, dist_dev = dist_utils.init()
         self.device = torch.device(cfg.device) if cfg.device else (dist_dev or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -203,8 +212,9 @@ class Trainer:
         self.items = tokenize_pairs(pairs, self.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.max_tokens,
                                     log=self.log)
         if self.cache is not None:
+            # the cache must come from this model's weights, not only its architecture
             self.cache.verify(
-                model={"config": config_fingerprint(model)},
+                model={"config": config_fingerprint(model), "weights_bf16": model_fingerprint(model, "")["weights_bf16"]},
                 tokenizer=tokenizer_fingerprint(self.tokenizer),
                 max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
             self.cache.check_rows(self.items)
@@ -376,7 +386,8 @@ class Trainer:
         restored, so the check changes nothing in the run."""
         rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         try:
-            ok = torch.stack([p.isfinite().all() for p in self.policy.parameters()]).all()
+            local = [p.to_local() if hasattr(p, "to_local") else p for p in self.policy.parameters()]   # FSDP: shards
+            ok = torch.stack([p.isfinite().all() for p in local]).all()
             losses, _, _ = self._losses(self.micro_batches(self.step % self.total_steps)[0])
             ok = (ok & losses.isfinite().all()).float()
         finally:
@@ -400,14 +411,19 @@ class Trainer:
         cfg, d = self.cfg, self.cfg.output_dir
         if not dist_utils.is_main():
             return
+        if os.path.lexists(d) and not os.path.isdir(d):
+            raise ValueError(f"output_dir {d} is {'a broken symlink' if os.path.islink(d) else 'a file'}, not a "
+                             "directory: choose another --output-dir")
         try:
             os.makedirs(d, exist_ok=True)
-            probe = os.path.join(d, f".write-test-{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
+            self._lock = DirectoryLock(d, "output_dir")   # one run per directory at a time
         except OSError as e:
             raise ValueError(f"output_dir {d} is not writable ({e.strerror}): choose another --output-dir") from None
+        for n in os.listdir(d):   # what a killed run left half-written: temporaries of its own names
+            if ".tmp" in n and n.split(".tmp", 1)[0] in RUN_FILES + ("metrics.jsonl",) or \
+                    (n.startswith("checkpoint-") and ".tmp" in n):
+                path = os.path.join(d, n)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         held = sorted(n for n in os.listdir(d) if n in RUN_FILES or n.startswith("checkpoint-"))
         if not held or cfg.resume:
             return
@@ -422,7 +438,7 @@ class Trainer:
     def _find_checkpoint(self, where):
         if where == "latest":
             d = self.cfg.output_dir
-            found = sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and not n.endswith(".tmp")) if os.path.isdir(d) else []
+            found = sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and ".tmp" not in n) if os.path.isdir(d) else []
             if not found:
                 raise ValueError(f"resume='latest' but {d} holds no checkpoint-* folder")
             where = os.path.join(d, found[-1])
@@ -430,10 +446,12 @@ class Trainer:
 
     def _read_state(self, where):
         """trainer_state.pt through torch.load(weights_only=True): tensors, numbers, strings and containers
-        only, so a crafted file cannot run code."""
+        only, so a crafted file cannot run code. Every file is checked against the checksums recorded when the
+        checkpoint was written first."""
         state_path = os.path.join(where, "trainer_state.pt")
         if not os.path.exists(state_path):
             raise ValueError(f"resume: {where} is not a checkpoint (no trainer_state.pt)")
+        _verify_checksums(where)
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -471,8 +489,7 @@ class Trainer:
             with_state = False
         path = os.path.join(self.cfg.output_dir, name or f"checkpoint-{self.step:06d}")
         if dist_utils.is_main():
-            tmp = path + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = temp_dir(path)   # a fresh, unpredictable name: nothing planted there is written through
             state = {"step": self.step, "history": self.history, "config": dataclasses.asdict(self.cfg),
                      "precision": self.precision.name}
             if with_state:
@@ -485,15 +502,18 @@ class Trainer:
                     _set_config_dtype(os.path.join(tmp, "config.json"), dtype)
                 self.tokenizer.save_pretrained(tmp)
                 torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+                _write_checksums(tmp)
             except (OSError, RuntimeError) as e:
                 shutil.rmtree(tmp, ignore_errors=True)
                 previous = sorted(n for n in os.listdir(self.cfg.output_dir) if n.startswith("checkpoint-")
-                                  and not n.endswith(".tmp"))
+                                  and ".tmp" not in n)
                 full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "enforce fail" in str(e) or "No space" in str(e)
                 raise RuntimeError(f"{'the disk is full' if full else 'writing failed'} while saving {path} "
                                    f"({str(e).splitlines()[0][:200]}); nothing half-written was kept, and "
                                    + (f"the previous checkpoint {previous[-1]} is intact: free space and resume "
                                       "with --resume latest" if previous else "no earlier checkpoint exists")) from None
+            if os.path.islink(path):   # a planted link is removed, never written through
+                os.remove(path)
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
         dist_utils.barrier()
@@ -583,7 +603,7 @@ class Trainer:
 
     def _stop_diverged(self, what):
         d = self.cfg.output_dir
-        last = sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and not n.endswith(".tmp")) \
+        last = sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and ".tmp" not in n) \
             if os.path.isdir(d) else []
         raise NonFiniteLossError(
             f"{what}: training stopped. The last good checkpoint is "
@@ -598,10 +618,7 @@ class Trainer:
             os.makedirs(cfg.output_dir, exist_ok=True)
             path = os.path.join(cfg.output_dir, "metrics.jsonl")
             # on resume, the checkpoint's history is the truth: lines logged after it (or torn by a kill) go
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(rec) + "\n" for rec in self.history)
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in self.history))
             metrics_file = open(path, "a")
         bar = None
         if cfg.progress and main:
@@ -634,6 +651,8 @@ class Trainer:
             if metrics_file is not None:
                 metrics_file.close()
         save_dtype = None if cfg.save_dtype == "auto" else SAVE_DTYPES[cfg.save_dtype]
+        if not self.weights_are_sound():   # the final model gets the check every checkpoint gets
+            self._stop_diverged(f"after step {self.step} the weights give a non-finite loss (or are not finite)")
         final = self.save_checkpoint("final", with_state=cfg.save_optimizer, dtype=save_dtype)
         if save_dtype is not None and save_dtype != self.precision.param_dtype:
             self.log(f"[fpo] final model saved in {cfg.save_dtype} (trained in "
@@ -651,6 +670,45 @@ class Trainer:
 
     def close(self):
         self.policy.remove_hooks()
+        self._release_lock()
+
+    def _release_lock(self):
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+CHECKSUMS = "checksums.json"
+
+
+def _write_checksums(folder):
+    """sha256 of every file of a checkpoint, recorded beside them (checked before a resume)."""
+    from .cache import _sha256
+    sums = {n: _sha256(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, n)) and n != CHECKSUMS}
+    atomic_write_json(os.path.join(folder, CHECKSUMS), sums)
+
+
+def _verify_checksums(folder):
+    """Every file checksums.json lists must be there and match (checkpoints written before checksums.json
+    existed are read as they are)."""
+    from .cache import _sha256
+    path = os.path.join(folder, CHECKSUMS)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            sums = json.load(f)
+        assert isinstance(sums, dict)
+    except (OSError, ValueError, AssertionError):
+        raise ValueError(f"resume: {path} is damaged: the checkpoint cannot be verified; resume from another one") from None
+    for name, want in sums.items():
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            raise ValueError(f"resume: checkpoint {folder} lacks {name} (truncated or partly deleted); resume from another checkpoint")
+        if _sha256(file) != want:
+            raise ValueError(f"resume: {file} does not match the checksum recorded when it was written (the file is "
+                             "corrupted); resume from another checkpoint")
 
 
 def _set_config_dtype(path, dtype):

@@ -85,6 +85,12 @@ class SAEWeights:
             return
         if not torch.isfinite(self.W_enc_t).all() or not torch.isfinite(self.bias).all():
             raise ValueError(f"SAE '{self.name}' has non-finite encoder weights or biases")
+        if not torch.isfinite(self.threshold).all():
+            raise ValueError(f"SAE '{self.name}' has non-finite thresholds (NaN or inf): those features could never "
+                             "fire, and D would be 0 whatever the policy does")
+        if not self.W_enc_t.any():
+            raise ValueError(f"SAE '{self.name}' has an all-zero encoder (W_enc): no feature depends on the input, "
+                             "so D could never change; is this the right file?")
 
     # ---- shape and device -------------------------------------------------------------------
     @property
@@ -201,8 +207,7 @@ class SAEWeights:
                 raise ValueError(f"sae path {path} has none of sae_weights.safetensors (sae-lens), sae.safetensors "
                                  "(sparsify) or params.npz (Gemma Scope)")
             if os.path.exists(cfg_path):
-                with open(cfg_path) as f:
-                    cfg = json.load(f)
+                cfg = _read_cfg(cfg_path)
                 arch = cfg.get("architecture", "jumprelu")
                 if arch not in SAE_LENS_ARCHITECTURES:
                     raise ValueError(f"sae: architecture '{arch}' in {cfg_path} is not supported "
@@ -211,9 +216,7 @@ class SAEWeights:
                     raise ValueError(f"sae: normalize_activations in {cfg_path} is not supported")
                 activation = SAE_LENS_ARCHITECTURES[arch]
                 if activation == "topk":
-                    if cfg.get("k") is None:
-                        raise ValueError(f"sae: a topk SAE's {cfg_path} has no k")
-                    topk = int(cfg["k"])
+                    topk = _config_k(cfg, cfg_path)
                     rescale = bool(cfg.get("rescale_acts_by_decoder_norm", False))
                 apply_b_dec = bool(cfg.get("apply_b_dec_to_input", True))
             path = weights
@@ -250,10 +253,8 @@ class SAEWeights:
         cfg_path = os.path.join(path, "cfg.json")
         if not os.path.exists(cfg_path):
             raise ValueError(f"sae path {path}: a sparsify folder needs cfg.json (with k)")
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        if cfg.get("k") is None:
-            raise ValueError(f"sae: sparsify's {cfg_path} has no k (sparsify SAEs are TopK)")
+        cfg = _read_cfg(cfg_path)
+        k = _config_k(cfg, cfg_path)
         if cfg.get("activation", "topk") not in ("topk",):
             raise ValueError(f"sae: sparsify activation '{cfg['activation']}' in {cfg_path} is not supported (topk)")
         sd = _load_safetensors(os.path.join(path, "sae.safetensors"))
@@ -261,7 +262,29 @@ class SAEWeights:
         if missing:
             raise ValueError(f"sae file {path}/sae.safetensors lacks {missing}")
         return cls.from_tensors(sd["encoder.weight"].float().t(), sd["encoder.bias"].float(), None, sd["b_dec"].float(),
-                                True, os.path.basename(os.path.normpath(path)), topk=int(cfg["k"])).to(device)
+                                True, os.path.basename(os.path.normpath(path)), topk=k).to(device)
+
+
+def _read_cfg(cfg_path) -> dict:
+    """An SAE's cfg.json: a JSON object, or a ValueError naming the file."""
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"sae: {cfg_path} could not be read as JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"sae: {cfg_path} must hold a JSON object of settings, got a {type(cfg).__name__}")
+    return cfg
+
+
+def _config_k(cfg: dict, cfg_path) -> int:
+    """A TopK SAE's k from its cfg.json: a positive whole number (5.0 is 5; 5.9, true or "5" are refused)."""
+    k = cfg.get("k")
+    if k is None:
+        raise ValueError(f"sae: a topk SAE's {cfg_path} has no k")
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or k != int(k) or k < 1:
+        raise ValueError(f"sae: k in {cfg_path} must be a positive whole number, got {k!r}")
+    return int(k)
 
 
 # sae-lens architecture -> the activation we fuse

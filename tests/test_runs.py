@@ -56,6 +56,10 @@ def test_resume_never_unpickles_code(tiny, tmp_path):
     good["history"].append({"note": _Exploit(marker)})
     with open(state, "wb") as f:
         pickle.dump(good, f)
+    with pytest.raises(ValueError, match="does not match the checksum"):   # the recorded checksum catches it first
+        train(_cfg(tiny, None, tmp_path / "run", max_steps=4, resume="latest"), **QUIET)
+    from fpo.train import _write_checksums
+    _write_checksums(str(state.parent))                 # an attacker rewrites checksums.json too: the load is safe
     with pytest.raises(ValueError, match="safe set"):
         train(_cfg(tiny, None, tmp_path / "run", max_steps=4, resume="latest"), **QUIET)
     assert not marker.exists()
@@ -102,7 +106,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(tr.torch, "save", save)
     with pytest.raises(RuntimeError, match="disk is full.*checkpoint-000001 is intact"):
         train(_cfg(tiny, None, out, save_every=1, max_steps=3), **QUIET)
-    assert sorted(os.listdir(out)) == ["checkpoint-000001", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".fpo.lock", "checkpoint-000001", "metrics.jsonl"]   # the lock: see below
 
 
 # ---- precompute -----------------------------------------------------------------------------------
@@ -212,3 +216,197 @@ def test_every_flag_has_help_choices_and_defaults():
     assert r.returncode == 2 and "packing" in r.stdout
     r = subprocess.run([sys.executable, "-m", "fpo.cli", "bench", "sae", "--help"], capture_output=True, text=True)
     assert r.stdout.startswith("usage: fpo bench sae")
+
+
+# ---- second round: data never lost, nothing silently wrong --------------------------------------------
+def test_overwrite_only_removes_what_precompute_wrote(tiny, tmp_path):
+    """A user's folder that is not a cache is refused even with --overwrite (it used to be deleted whole); a
+    cache with other settings is replaced file by file, leaving everything else in its folder."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    (notes / "src").mkdir()
+    with pytest.raises(ValueError, match="holds no cache.*todo.txt.*only ever replaces a cache"):
+        precompute(tiny["model"], tiny["pairs"], str(notes), K=8, overwrite=True, progress=False, **LEN)
+    assert (notes / "todo.txt").read_text() == "mine" and (notes / "src").is_dir()
+    out = tmp_path / "c"
+    precompute(tiny["model"], tiny["pairs"], str(out), sae=tiny["sae"], K=8, progress=False, **LEN)
+    (out / "README.txt").write_text("what this cache is for")
+    precompute(tiny["model"], tiny["pairs"], str(out), sae=tiny["sae"], K=16, overwrite=True, progress=False, **LEN)
+    assert (out / "README.txt").read_text() == "what this cache is for" and ReferenceCache(str(out)).K == 16
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        precompute(tiny["model"], tiny["pairs"], str(tmp_path / "file"), K=8, progress=False, **LEN)
+
+
+def test_one_process_per_run_directory_and_cache(tiny, cache, tmp_path):
+    """A second run on a directory in use stops before touching it, naming the holder; the lock goes with the
+    process (and with a run that fails to start)."""
+    from fpo.locking import DirectoryLock
+    out = tmp_path / "run"
+    out.mkdir()
+    held = DirectoryLock(str(out), "output_dir")         # what a running `fpo train` holds
+    with pytest.raises(ValueError, match=f"in use by another process \\(pid {os.getpid()}\\)"):
+        train(_cfg(tiny, cache, out), **QUIET)
+    assert os.listdir(out) == [".fpo.lock"]
+    held.release()
+    with pytest.raises(ValueError, match="batch_size"):   # fails to start: leaves the directory free
+        train(_cfg(tiny, cache, out, batch_size=3), **QUIET)
+    train(_cfg(tiny, cache, out), **QUIET)
+    c = tmp_path / "c"
+    c.mkdir()
+    held = DirectoryLock(str(c), "cache")
+    with pytest.raises(ValueError, match="cache .* is in use by another process"):
+        precompute(tiny["model"], tiny["pairs"], str(c), K=8, progress=False, **LEN)
+    held.release()
+
+
+def test_temporary_files_never_follow_a_planted_link(tiny, cache, tmp_path):
+    """Symlinks planted at the names temporaries used to have (metrics.jsonl.tmp, checkpoint-*.tmp, final) are
+    never written through: the victim file outside the run is untouched."""
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    victim_dir = tmp_path / "victim_dir"
+    victim_dir.mkdir()
+    for name in ("metrics.jsonl.tmp", f"metrics.jsonl.tmp{os.getpid()}"):
+        os.symlink(victim, out / name)
+    os.symlink(victim_dir, out / "checkpoint-000002.tmp")
+    train(_cfg(tiny, cache, out, save_every=2), **QUIET)
+    assert victim.read_text() == "precious" and not os.listdir(victim_dir)
+    assert (out / "checkpoint-000002" / "trainer_state.pt").exists()
+    assert not [n for n in os.listdir(out) if ".tmp" in n]           # leftovers of the run's own names removed
+
+
+def test_a_final_model_gets_the_soundness_check(tiny, cache, tmp_path, monkeypatch):
+    """A last step that leaves non-finite weights stops with the error a checkpoint would get; no final model
+    holds NaN weights."""
+    import fpo.train as tr
+    real = tr.Trainer.train_step
+
+    def poisoned(self, step):
+        out = real(self, step)
+        if self.step == self.total_steps - 1:   # the last step corrupts one weight
+            with torch.no_grad():
+                next(self.model.parameters()).view(-1)[0] = float("nan")
+        return out
+    monkeypatch.setattr(tr.Trainer, "train_step", poisoned)
+    with pytest.raises(NonFiniteLossError, match="after step 2"):
+        train(_cfg(tiny, cache, tmp_path / "run", max_steps=2, log_every=5), **QUIET)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_saes_that_can_never_fire_or_bad_configs_are_refused(tmp_path):
+    from fpo_kernels import SAEWeights
+    d, m = 8, 16
+    W, b = torch.randn(d, m), torch.zeros(m)
+    for bad in (float("nan"), float("inf")):
+        theta = torch.rand(m)
+        theta[3] = bad
+        with pytest.raises(ValueError, match="non-finite thresholds"):
+            SAEWeights.from_tensors(W, b, theta)
+    with pytest.raises(ValueError, match="all-zero encoder"):
+        SAEWeights.from_tensors(torch.zeros(d, m), b, torch.rand(m))
+    from safetensors.torch import save_file
+    folder = tmp_path / "sparsify"
+    folder.mkdir()
+    save_file({"encoder.weight": torch.randn(m, d), "encoder.bias": torch.zeros(m), "b_dec": torch.zeros(d)},
+              str(folder / "sae.safetensors"))
+    for k, msg in ((5.9, "positive whole number, got 5.9"), (True, "got True"), ("5", "got '5'"), (0, "got 0")):
+        (folder / "cfg.json").write_text(json.dumps({"k": k}))
+        with pytest.raises(ValueError, match=msg):
+            SAEWeights.from_file(str(folder))
+    (folder / "cfg.json").write_text(json.dumps({"k": 5.0}))
+    assert SAEWeights.from_file(str(folder)).k == 5
+    (folder / "cfg.json").write_text(json.dumps([{"k": 5}]))
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        SAEWeights.from_file(str(folder))
+
+
+def test_rows_that_would_train_silently_wrong_are_refused(tmp_path):
+    """Chat rows whose chosen and rejected conversations have different prompts (the rejected answer would be
+    trained as an answer to the chosen's prompt), non-text chat content, and text that is not valid Unicode:
+    each a BadRowError naming the row, or skipped and reported with --bad-rows skip."""
+    from fpo.data import BadRowError
+    user = lambda text: {"role": "user", "content": text}
+    bot = lambda text: {"role": "assistant", "content": text}
+    rows = [
+        {"chosen": [user("What is 2+2?"), bot("4")], "rejected": [user("Name a colour."), bot("5")]},
+        {"prompt": "Hi", "chosen": [user("Hi"), bot(7)], "rejected": "Hello"},
+        {"prompt": "Hi \ud800 there", "chosen": "a", "rejected": "b"},
+        {"chosen": [user("What is 2+2?"), bot("4")], "rejected": [user("What is 2+2?"), bot("5")]},
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for r, msg in ((0, "differ before their last message"), (1, "holds a int where text belongs"),
+                   (2, "not valid Unicode")):
+        one = tmp_path / f"row{r}.jsonl"
+        one.write_text(json.dumps(rows[r]) + "\n" + json.dumps(rows[3]) + "\n")
+        with pytest.raises(BadRowError, match=f"row 0: .*{msg}"):
+            load_pairs(str(one))
+    said = []
+    pairs = load_pairs(str(path), bad_rows="skip", log=said.append)
+    assert [p.id for p in pairs] == [3] and any("3" in s and "skipped" in s for s in said)
+
+
+def test_a_cache_from_other_weights_is_refused(tiny, cache, tmp_path):
+    """Same architecture, other weights: the cache's reference is not this policy's start; refused by name."""
+    from fpo.cache import CacheMismatchError
+    with pytest.raises(CacheMismatchError, match="model.weights_bf16"):
+        train(_cfg(tiny, cache, tmp_path / "run", "fpo", model=tiny["model_b"]), **QUIET)
+
+
+def test_a_corrupted_checkpoint_is_not_resumed(tiny, tmp_path):
+    """Flipped bits in a checkpoint's weights (it used to resume and 'finish' at loss 1e34), or a file gone:
+    resume stops, naming the file."""
+    out = tmp_path / "run"
+    train(_cfg(tiny, None, out, save_every=2, max_steps=2), **QUIET)
+    ckpt = out / "checkpoint-000002"
+    weights = next(ckpt.glob("model*.safetensors"))
+    raw = bytearray(weights.read_bytes())
+    raw[-100] ^= 0x40
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{weights.name} does not match the checksum"):
+        train(_cfg(tiny, None, out, max_steps=4, resume="latest"), **QUIET)
+    weights.unlink()
+    with pytest.raises(ValueError, match=f"lacks {weights.name}"):
+        train(_cfg(tiny, None, out, max_steps=4, resume="latest"), **QUIET)
+
+
+def test_two_first_time_conversions_at_once(tiny, tmp_path, monkeypatch):
+    """Two processes converting the demo model for the first time each write their own temporary folder; the
+    second to finish finds the first's model and leaves nothing behind (they used to share one folder)."""
+    import threading
+
+    import fpo.assets as assets
+    import fpo.model as fm
+    monkeypatch.setenv("FPO_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(assets, "_gguf_path", lambda: "unused.gguf")
+    barrier, loading = threading.Barrier(2), threading.Lock()
+    real_model, real_tok = fm.load_model, fm.load_tokenizer
+
+    def load_model(path, dtype=None):
+        with loading:                   # transformers' loading is not thread-safe; the conversions' writes are
+            model = real_model(tiny["model"])
+        barrier.wait(timeout=60)        # both conversions are under way before either writes
+        return model
+    monkeypatch.setattr(fm, "load_model", load_model)
+    monkeypatch.setattr(fm, "load_tokenizer", lambda path: real_tok(tiny["model"]))
+    results, errors = [], []
+    runs = [threading.Thread(target=lambda: _collect(assets.ensure_demo_model, results, errors)) for _ in range(2)]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert not errors and len(results) == 2 and results[0] == results[1]
+    out = results[0]
+    assert os.path.exists(os.path.join(out, "config.json"))
+    assert not [n for n in os.listdir(os.path.dirname(out)) if ".tmp" in n]
+
+
+def _collect(fn, results, errors):
+    try:
+        results.append(fn(log=lambda *a: None))
+    except Exception as e:   # noqa: BLE001 - reported by the test
+        errors.append(e)
