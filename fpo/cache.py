@@ -88,11 +88,16 @@ def write_shard(directory, start, end, tensors: dict):
     final = os.path.join(directory, shard_name(start, end))
     fd, tmp = temp_file(final)
     os.close(fd)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"format": str(FORMAT_VERSION)})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    atomic_write_text(final + ".sha256", _sha256(tmp))
-    os.replace(tmp, final)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"format": str(FORMAT_VERSION)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        atomic_write_text(final + ".sha256", _sha256(tmp))
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):   # never half a shard on disk
+            os.remove(tmp)
+        raise
     return final
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 
@@ -46,13 +47,22 @@ def _load_train_config(args):
     overrides = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in overrides.items()}
     base = {}
     if args.config:
-        if args.config.endswith(".json"):
+        try:
             with open(args.config) as fh:
-                base = json.load(fh)
-        else:
-            import yaml
-            with open(args.config) as fh:
-                base = yaml.safe_load(fh) or {}
+                if args.config.endswith(".json"):
+                    base = json.load(fh)
+                else:
+                    import yaml
+                    base = yaml.safe_load(fh) or {}
+        except OSError as e:
+            raise ValueError(f"--config {args.config}: cannot be read ({e.strerror})") from None
+        except Exception as e:   # JSON / YAML syntax, or a YAML tag that safe_load refuses (e.g. !!python/object)
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"--config {args.config} is not valid {'JSON' if args.config.endswith('.json') else 'YAML'} "
+                             f"config ({first}); only plain keys and values are read") from None
+        if not isinstance(base, dict):
+            raise ValueError(f"--config {args.config} must hold a mapping of config keys to values, "
+                             f"got a {type(base).__name__}")
     return config_from_dict({**base, **overrides})
 
 
@@ -217,6 +227,8 @@ def _run(args):
         print(format_table([res], [(k, k, ".4f" if isinstance(v, float) else "") for k, v in res.items()]))
         if args.json:
             from .cache import atomic_write_json
+            folder = os.path.dirname(os.path.abspath(args.json))
+            os.makedirs(folder, exist_ok=True)
             atomic_write_json(args.json, res)
     elif args.cmd == "demo":
         from .demo import DEMO_METHODS, demo

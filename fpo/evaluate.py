@@ -11,7 +11,7 @@ from fpo_kernels import fused_linear_kl, sae_feature_mse_varlen, sequence_logpro
 from .cache import ReferenceCache
 from .config import sae_specs
 from .data import load_pairs, tokenize_pairs
-from .model import ResidualCapture, final_softcap, lm_head, load_model_for_layout, load_tokenizer
+from .model import ResidualCapture, final_softcap, lm_head, load_model_for_layout, load_tokenizer, resolve_device
 from .packing import attention_length_scale, body_hidden, collate
 from .precision import resolve_precision
 from .precompute import check_sae_fits
@@ -57,7 +57,7 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
     forward passes (fpo.packing); the metrics do not depend on it beyond rounding. bad_rows: as for training
     ("error" stops at a bad row, "skip" skips and reports it). precision: the forward's policy (fpo.precision),
     with bf16 weights under any bf16 policy: an evaluated model is frozen."""
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device or None)
     prec = resolve_precision(precision, device)
     dtype = prec.frozen_dtype
     if isinstance(model, str):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 __all__ = ["load_model", "load_tokenizer", "decoder_layers", "lm_head", "final_softcap", "config_fingerprint", "model_fingerprint",
-           "ResidualCapture", "run_body", "load_model_for_layout"]
+           "ResidualCapture", "run_body", "load_model_for_layout", "resolve_device"]
 
 
 def _gguf_split(path):
@@ -72,6 +72,25 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu", attn_implem
         raise ValueError(f"attn_implementation={attn_implementation!r} is not available for '{name_or_path}': {e}") from e
     model.config.use_cache = False
     return model.to(device)
+
+
+def resolve_device(device=None) -> torch.device:
+    """The device a command runs on: the one asked for, checked, else cuda when available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} was asked for, but this machine has no CUDA device (or this torch "
+                             "was built without CUDA): use --device cpu, or leave --device out")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "meta"):
+        raise ValueError(f"device {device!r}: fpo runs on cpu or cuda")
+    return dev
 
 
 def default_attention(device, packing: str):

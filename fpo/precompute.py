@@ -3,6 +3,7 @@ chosen and rejected response, its summed and mean log-probs, its length and its 
 Training then needs no reference model (FPO, DPO)."""
 from __future__ import annotations
 
+import errno
 import os
 import time
 
@@ -17,7 +18,7 @@ from .cache import (FORMAT_VERSION, _sha256, atomic_write_json, is_cache_file, r
 from .locking import LOCK_NAME, DirectoryLock
 from .data import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .model import (ResidualCapture, decoder_layers, final_softcap, lm_head, load_model_for_layout, load_tokenizer,
-                    model_fingerprint)
+                    model_fingerprint, resolve_device)
 from .packing import LAYOUTS, attention_length_scale, body_hidden, collate, plan_micro_batches
 from .precision import resolve_precision
 from .progress import progress_bar
@@ -147,7 +148,7 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
     A run that stops part-way resumes where it stopped when started again with the same arguments. Under
     torchrun each rank computes its share of the shards."""
     rank, world, dist_dev = dist_utils.init()
-    device = torch.device(device) if device is not None else (dist_dev or default_device())
+    device = resolve_device(device) if device is not None else (dist_dev or default_device())
     prec = resolve_precision(precision, device)
     if not isinstance(K, int) or K < 1:
         raise ValueError(f"K must be a positive integer, got {K!r}")
@@ -257,7 +258,15 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
             tensors = {k: torch.cat([p[k] for p in parts])[perm] for k in parts[0]}
             tensors["ids"] = torch.tensor([it.id for it in items[s:e]], dtype=torch.long)
             tensors["row_hash"] = torch.tensor([it.row_hash for it in items[s:e]], dtype=torch.long)
-            write_shard(out, s, e, tensors)
+            try:
+                write_shard(out, s, e, tensors)
+            except Exception as err:   # a full disk, a read-only folder (safetensors raises its own error type)
+                full = getattr(err, "errno", None) == errno.ENOSPC or "No space" in str(err)
+                why = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0][:200]
+                raise RuntimeError(f"{'the disk is full' if full else 'writing failed'} while writing "
+                                   f"{shard_name(s, e)} into {out} ({why}): the shards already written are "
+                                   f"complete and kept; {'free space and ' if full else ''}run the same command "
+                                   "again to resume") from None
         if bar is not None:
             bar.close()
         dist_utils.barrier()

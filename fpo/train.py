@@ -36,7 +36,7 @@ from .config import RESUMABLE_CHANGES, TrainConfig, config_from_dict
 from .data import load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .losses import LOSSES
 from .model import (ResidualCapture, config_fingerprint, enable_activation_checkpointing, final_softcap, lm_head,
-                    load_model_for_layout, load_tokenizer, model_fingerprint)
+                    load_model_for_layout, load_tokenizer, model_fingerprint, resolve_device)
 from .packing import attention_length_scale, body_hidden, collate, micro_batch_tokens, plan_micro_batches
 from .precision import SAVE_DTYPES, make_optimizer, resolve_precision, updates_round_away
 from .precompute import check_sae_fits
@@ -146,7 +146,7 @@ class Trainer:
     def _build(self, cfg: TrainConfig, log):
         self.cfg = cfg
         self.rank, self.world, dist_dev = dist_utils.init()
-        self.device = torch.device(cfg.device) if cfg.device else (dist_dev or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(cfg.device) if cfg.device else (dist_dev or resolve_device())
         if dist_dev is not None and self.device.type == "cuda":
             self.device = dist_dev
         self.precision = resolve_precision(cfg.precision, self.device)
@@ -428,6 +428,10 @@ class Trainer:
         if not held or cfg.resume:
             return
         if not cfg.overwrite:
+            if not any(n.startswith("checkpoint-") or n == "final" for n in held):   # stopped before its first save
+                raise ValueError(f"output_dir {d} holds a run that stopped before saving any checkpoint "
+                                 f"({', '.join(held[:4])}): nothing to resume; pass --overwrite to start it again, "
+                                 "or choose another --output-dir")
             raise ValueError(f"output_dir {d} holds another run ({', '.join(held[:4])}): pass --resume latest to "
                              "continue it, --overwrite to replace it, or choose another --output-dir")
         for n in held:
@@ -440,7 +444,8 @@ class Trainer:
             d = self.cfg.output_dir
             found = sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and ".tmp" not in n) if os.path.isdir(d) else []
             if not found:
-                raise ValueError(f"resume='latest' but {d} holds no checkpoint-* folder")
+                raise ValueError(f"resume='latest' but {d} holds no checkpoint-* folder: nothing to resume (a run "
+                                 "stopped before its first save starts again with --overwrite instead of --resume)")
             where = os.path.join(d, found[-1])
         return where
 
@@ -457,6 +462,11 @@ class Trainer:
         except Exception as e:
             raise ValueError(f"resume: {state_path} holds objects outside the safe set (tensors, numbers, strings, "
                              f"containers); not loading it, since unpickling them could run code ({type(e).__name__})") from None
+        if not isinstance(state, dict) or not {"step", "history", "config"} <= set(state):
+            raise ValueError(f"resume: {state_path} lacks the trainer state (step, history, config): not a checkpoint "
+                             "this trainer wrote, or a damaged one; resume from another checkpoint")
+        if "optimizer" in state and not {"scheduler", "rng"} <= set(state):
+            raise ValueError(f"resume: {state_path} lacks its scheduler or RNG state (damaged); resume from another checkpoint")
         if "optimizer" not in state:
             raise ValueError(f"resume: {where} was saved without its optimizer state (save_optimizer false, or "
                              "save_dtype other than the trained weights'): it holds the model only and cannot be resumed")

@@ -410,3 +410,49 @@ def _collect(fn, results, errors):
         results.append(fn(log=lambda *a: None))
     except Exception as e:   # noqa: BLE001 - reported by the test
         errors.append(e)
+
+
+def test_more_mistakes_get_sentences(tiny, cache, tmp_path, monkeypatch):
+    """A YAML config that is a list or carries a Python tag, a CUDA device that is not there, a trainer state
+    missing keys, a full disk during precompute, `eval --json` into a new folder, and a run stopped before its
+    first save: each a sentence that names the way out, never a traceback."""
+    from fpo.cli import main
+    for text, msg in (("- method: simpo\n", "must hold a mapping"),
+                      ("method: !!python/object/apply:os.system ['true']\n", "not valid YAML")):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(text)
+        with pytest.raises(SystemExit, match=msg):
+            main(["train", "--config", str(cfg)])
+    with pytest.raises(ValueError, match="cuda:99"):
+        train(_cfg(tiny, cache, tmp_path / "dev", device="cuda:99"), **QUIET)
+    out = tmp_path / "run"
+    train(_cfg(tiny, None, out, save_every=2), **QUIET)
+    ckpt = out / "checkpoint-000002"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    del state["scheduler"]
+    torch.save(state, ckpt / "trainer_state.pt")
+    from fpo.train import _write_checksums
+    _write_checksums(str(ckpt))
+    with pytest.raises(ValueError, match="lacks its scheduler or RNG state"):
+        train(_cfg(tiny, None, out, max_steps=4, resume="latest"), **QUIET)
+    import safetensors.torch as st
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(st, "save_file", full)
+    c = tmp_path / "cache-full"
+    with pytest.raises(RuntimeError, match="disk is full while writing shard-.*run the same command again"):
+        precompute(tiny["model"], tiny["pairs"], str(c), K=8, progress=False, **LEN)
+    assert not [n for n in os.listdir(c) if ".tmp" in n]
+    monkeypatch.undo()
+    target = tmp_path / "new" / "folder" / "eval.json"
+    assert main(["eval", "--model", tiny["model"], "--dataset", tiny["pairs"], "--max-pairs", "2", "--max-length", "48",
+                 "--max-prompt-length", "24", "--json", str(target)]) == 0
+    assert json.loads(target.read_text())["pairs"] == 2
+    stopped = tmp_path / "stopped"            # killed while saving its first checkpoint: metrics only
+    stopped.mkdir()
+    (stopped / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    with pytest.raises(ValueError, match="stopped before saving any checkpoint.*--overwrite"):
+        train(_cfg(tiny, cache, stopped), **QUIET)
+    with pytest.raises(ValueError, match="no checkpoint-\\* folder.*--overwrite"):
+        train(_cfg(tiny, cache, stopped, resume="latest"), **QUIET)
