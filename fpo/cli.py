@@ -12,6 +12,8 @@ from .config import ATTENTION, METHODS, REPLACED_KEYS, TrainConfig
 from .packing import LAYOUTS
 from .precision import PRECISIONS
 
+SPLIT_HELP = ("the split of a saved DatasetDict or of a folder of one file per split (default: train, or the only "
+              "split; several and none named train is an error that lists them)")
 FROZEN_PRECISION_HELP = ("the forward's precision policy, as `fpo train --precision` names it (auto: bf16-mixed on "
                          "cuda, fp32 on cpu); the model is frozen, so its weights are bf16 under any bf16 policy")
 
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Help)
     p.add_argument("--model", required=True, help="the reference: local folder, .gguf file, or hub name when online")
     p.add_argument("--dataset", required=True, help="local .json/.jsonl/.parquet file or saved dataset")
+    p.add_argument("--split", default=None, help=SPLIT_HELP)
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--sae", action="append", default=None,
                    help="sae-lens or sparsify dir, .safetensors, params.npz or release:id; repeat for several SAEs, "
@@ -145,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Help)
     p.add_argument("--model", required=True, help="the trained policy (e.g. OUT/final)")
     p.add_argument("--dataset", required=True, help="held-out pairs: local .json/.jsonl/.parquet or saved dataset")
+    p.add_argument("--split", default=None, help=SPLIT_HELP)
     p.add_argument("--cache", default=None, help="reference cache of the held-out pairs (reward accuracy, D)")
     p.add_argument("--sae", action="append", default=None,
                    help="the SAE, for the FPO constraint D; repeat for several (d = sum of weight x d_sae, as in training)")
@@ -212,7 +216,7 @@ def _run(args):
                    max_pairs=args.max_pairs, shard_rows=args.shard_rows, device=args.device, bad_rows=args.bad_rows,
                    overwrite=args.overwrite, value_dtype=args.value_dtype, packing=args.packing,
                    max_tokens=args.max_tokens, attn_implementation=args.attn_implementation,
-                   precision=args.precision, progress=not args.no_progress)
+                   precision=args.precision, progress=not args.no_progress, split=args.split)
     elif args.cmd == "train":
         from .train import train
         train(_load_train_config(args))
@@ -223,7 +227,7 @@ def _run(args):
                        reference_model=args.reference_model, k=args.k, select=args.select, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, max_pairs=args.max_pairs,
                        entropy_samples=args.entropy_samples, max_new_tokens=args.max_new_tokens, device=args.device,
-                       packing=args.packing, bad_rows=args.bad_rows, precision=args.precision)
+                       packing=args.packing, bad_rows=args.bad_rows, precision=args.precision, split=args.split)
         print(format_table([res], [(k, k, ".4f" if isinstance(v, float) else "") for k, v in res.items()]))
         if args.json:
             from .cache import atomic_write_json

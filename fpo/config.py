@@ -28,7 +28,10 @@ class TrainConfig:
     # what to train
     method: str = _key("fpo", "training method", METHODS)
     model: str = _key("", "the policy: a local folder, a .gguf file, or a hub name when online (required)")
-    dataset: str = _key("", "preference pairs: a local .json/.jsonl/.parquet file or a saved dataset (required)")
+    dataset: str = _key("", "preference pairs: a local .json/.jsonl/.parquet file, a saved dataset, or a folder of "
+                        "one such file per split (required)")
+    split: str | None = _key(None, "the split to read from a saved DatasetDict or a folder of split files (default: "
+                             "train, or the only split; several and none named train is an error)")
     cache: str | None = _key(None, "reference cache from `fpo precompute` (required for fpo and dpo)")
     reference_model: str | None = _key(None, "tdpo: the online reference model (default: --model)")
     sae: str | list | None = _key(None, "fpo: sae-lens or sparsify folder, safetensors file, Gemma Scope params.npz, "
@@ -48,7 +51,9 @@ class TrainConfig:
                        ("policy", "reference"))
     # optimisation (paper defaults)
     lr: float = _key(5e-7, "learning rate", low=0, low_open=True)
-    warmup_steps: int = _key(150, "linear warmup steps, then constant", low=0)
+    warmup_steps: int = _key(150, "linear warmup steps, then the schedule", low=0)
+    lr_scheduler: str = _key("constant", "after the warmup: constant (the paper's), or linear or cosine decay to 0 at "
+                             "the last step (transformers' schedules)", ("constant", "linear", "cosine"))
     optimizer: str = _key("adam", "optimizer: Adam (the paper's), AdamW (decoupled weight decay; the authors' code: "
                           "betas 0.9, 0.95, weight decay 1e-4, clip 1.0) or RMSprop; fused on CUDA", OPTIMIZERS)
     adam_beta1: float = _key(0.9, "adam / adamw: beta1", low=0, high=1)

@@ -86,10 +86,31 @@ def _read_json(path: str, ext: str) -> list:
     return rows
 
 
-def _load_dataset(path: str):
+DATA_EXTENSIONS = (".json", ".jsonl", ".parquet")
+
+
+def pick_split(path, splits, split=None) -> str:
+    """The split to read from a dataset with these splits: the one asked for, else 'train', else the only one;
+    several splits and none named train is ambiguous (it used to read the first, e.g. test_prefs)."""
+    splits = list(splits)
+    if split is not None:
+        if split not in splits:
+            raise ValueError(f"dataset {path} has no split {split!r}; its splits: {splits}")
+        return split
+    if "train" in splits:
+        return "train"
+    if len(splits) == 1:
+        return splits[0]
+    raise ValueError(f"dataset {path} has several splits and none named train: {splits}; pass --split NAME")
+
+
+def _load_dataset(path: str, split=None):
     if not os.path.exists(path):
         raise ValueError(f"dataset {path} does not exist (a local .json/.jsonl/.parquet file or a saved dataset)")
     ext = os.path.splitext(path)[1].lower()
+    if os.path.isfile(path) and split is not None:
+        raise ValueError(f"dataset {path} is one file, with no splits: --split is for a saved DatasetDict or a "
+                         "folder of one file per split (train.jsonl, test.jsonl, ...)")
     if os.path.isfile(path) and ext in (".json", ".jsonl"):
         return _read_json(path, ext)
     import datasets
@@ -98,8 +119,16 @@ def _load_dataset(path: str):
                                 or os.path.exists(os.path.join(path, "dataset_dict.json"))):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+            ds = ds[pick_split(path, ds, split)]
+        elif split is not None:
+            raise ValueError(f"dataset {path} is a single saved split: --split is for a DatasetDict")
         return ds
+    if os.path.isdir(path):   # a folder of one data file per split: train.jsonl, test_prefs.parquet, ...
+        files = {os.path.splitext(n)[0]: n for n in sorted(os.listdir(path))
+                 if os.path.splitext(n)[1].lower() in DATA_EXTENSIONS}
+        if not files:
+            raise ValueError(f"dataset {path} is a folder with no saved dataset and no .json/.jsonl/.parquet files")
+        return _load_dataset(os.path.join(path, files[pick_split(path, files, split)]))
     if ext != ".parquet":
         raise ValueError(f"dataset {path}: unsupported file type {ext!r} (use .json, .jsonl, .parquet or a saved dataset)")
     try:
@@ -199,11 +228,12 @@ def _as_prompt(rec, row):
     return prompt
 
 
-def load_pairs(path: str, max_pairs: int | None = None, bad_rows: str = "error", log=print) -> list[Pair]:
-    """Read preference pairs; columns prompt / chosen / rejected as strings or chat message lists."""
+def load_pairs(path: str, max_pairs: int | None = None, bad_rows: str = "error", log=print, split=None) -> list[Pair]:
+    """Read preference pairs; columns prompt / chosen / rejected as strings or chat message lists. split: for a
+    saved DatasetDict or a folder of one file per split (default: train, or the only split)."""
     if bad_rows not in ("error", "skip"):
         raise ValueError(f"bad_rows must be 'error' or 'skip', got {bad_rows!r}")
-    ds = _load_dataset(os.fspath(path))
+    ds = _load_dataset(os.fspath(path), split)
     if len(ds) == 0:
         raise ValueError(f"dataset {path} is empty")
     pairs, skipped, identical = [], [], []

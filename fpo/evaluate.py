@@ -44,7 +44,7 @@ def _sample_entropy(model, tok, items, n, max_new_tokens, device, seed):
 def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_model=None, k=50, select="policy",
              max_length=512, max_prompt_length=256, max_pairs=None, batch_pairs=4, entropy_samples=0,
              max_new_tokens=32, device=None, precision="auto", tokenizer=None, seed=0, packing="share-prompt",
-             bad_rows="error", sae_weight=None, log=print) -> dict:
+             bad_rows="error", sae_weight=None, log=print, split=None) -> dict:
     """Metrics on held-out pairs.
 
     accuracy_logp: fraction of pairs whose chosen response has the higher mean log-prob (needs nothing else);
@@ -71,7 +71,8 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
     saes = load_saes(sae_specs(sae, sae_layer, sae_weight), device)
     if len(saes) == 1 and saes[0].layer is None and ref_cache is not None:   # one SAE, its layer from the cache
         saes[0].layer = ref_cache.meta.get("layer")
-    items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=log), tokenizer, max_length, max_prompt_length)
+    items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=log, split=split), tokenizer, max_length,
+                           max_prompt_length)
     keys, caps = [], {}
     if saes and ref_cache is not None and ref_cache.has_features:
         for spec in saes:

@@ -132,7 +132,7 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
                max_prompt_length: int = 256, batch_pairs: int = 4, max_pairs=None, shard_rows: int = 256,
                device=None, precision: str = "auto", bad_rows: str = "error", overwrite: bool = False, tokenizer=None,
                model_name=None, value_dtype: str = "float16", packing: str = "share-prompt", max_tokens=None,
-               attn_implementation=None, log=print, progress: bool = True) -> dict:
+               attn_implementation=None, log=print, progress: bool = True, split=None) -> dict:
     """Build the reference cache in directory `out`; returns the summary it prints.
 
     model: a path / hub name / .gguf, or a loaded model (then pass tokenizer and model_name);
@@ -177,7 +177,7 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
         check_sae_fits(model, spec.sae, spec.layer)
     first = saes[0] if saes else None
 
-    items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=say), tokenizer, max_length, max_prompt_length,
+    items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=say, split=split), tokenizer, max_length, max_prompt_length,
                            max_tokens, log=say)
     settings = {
         "format_version": FORMAT_VERSION,

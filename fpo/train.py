@@ -208,7 +208,7 @@ class Trainer:
                 raise ValueError(f"reference_model's final logit softcap {final_softcap(self.ref_model)} differs from "
                                  f"the policy's {final_softcap(model)}: TDPO's fused KL applies one softcap to both")
 
-        pairs = load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=self.log)
+        pairs = load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=self.log, split=cfg.split)
         self.items = tokenize_pairs(pairs, self.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.max_tokens,
                                     log=self.log)
         if self.cache is not None:
@@ -233,8 +233,7 @@ class Trainer:
         self.optimizer = make_optimizer(params, self.precision, cfg.optimizer, cfg.lr, cfg.weight_decay,
                                         (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, self.device)
         self._log_precision(params)
-        warm = cfg.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
         self.step = 0
         self.history = []
         if self._resume_from is not None:
@@ -676,6 +675,7 @@ class Trainer:
                 self.log(f"[fpo] {cfg.method}: {self.step} steps, final loss {h['loss']:.4f}, "
                          f"last batch's reward accuracy {h['accuracy']:.2f}, {h['tokens_per_s']:.0f} tokens/s, "
                          f"peak memory {h['peak_memory_mb']:.0f} MB; saved {final}")
+            self.log(_written(final, cfg.output_dir))
         return summary
 
     def close(self):
@@ -727,6 +727,38 @@ def _set_config_dtype(path, dtype):
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     atomic_write_json(path, config)
+
+
+def _size(*paths) -> str:
+    n = sum(os.path.getsize(os.path.join(r, f)) for p in paths for r, _, fs in os.walk(p) for f in fs) + \
+        sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+def _written(final, output_dir) -> str:
+    """Where a finished run's files are, and their sizes."""
+    weights = [os.path.join(final, n) for n in os.listdir(final) if n.endswith(".safetensors")]
+    state = os.path.join(final, "trainer_state.pt")
+    lines = [f"[fpo] written: the model {final} (weights {_size(*weights)})"]
+    if os.path.exists(state):
+        lines.append(f"  optimizer, scheduler and RNG state {state} ({_size(state)}; --no-save-optimizer leaves it "
+                     "out, and the run is then not resumable)")
+    for name in ("metrics.jsonl", "summary.json"):
+        path = os.path.join(output_dir, name)
+        if os.path.exists(path):
+            lines.append(f"  {name}: {path} ({_size(path)})")
+    return "\n".join(lines)
+
+
+def make_scheduler(optimizer, name: str, warmup: int, total_steps: int):
+    """Linear warmup over `warmup` steps (step s runs at (s + 1) / warmup of lr), then constant, or
+    transformers' linear or cosine decay, evaluated one step ahead so that its warmup is the same and its
+    last step's lr is not 0."""
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    from transformers import get_scheduler
+    decay = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps + 1).lr_lambdas[0]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: decay(s + 1))
 
 
 def train(config: TrainConfig | dict | None = None, log=print, **overrides) -> dict:

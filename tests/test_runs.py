@@ -456,3 +456,56 @@ def test_more_mistakes_get_sentences(tiny, cache, tmp_path, monkeypatch):
         train(_cfg(tiny, cache, stopped), **QUIET)
     with pytest.raises(ValueError, match="no checkpoint-\\* folder.*--overwrite"):
         train(_cfg(tiny, cache, stopped, resume="latest"), **QUIET)
+
+
+def test_split_is_chosen_or_refused(tmp_path):
+    """A DatasetDict or a folder of split files: --split picks one; without it train, or the only split; several
+    and none named train stops with the list (it used to train on the first, test_prefs); a single file has none."""
+    import datasets
+    from fpo.data import load_pairs
+    row = lambda tag: {"prompt": f"p {tag}", "chosen": f"c {tag}", "rejected": f"r {tag}"}
+    dd = datasets.DatasetDict({"test_prefs": datasets.Dataset.from_list([row("test")]),
+                               "train_prefs": datasets.Dataset.from_list([row("train"), row("train2")])})
+    saved = tmp_path / "dd"
+    dd.save_to_disk(str(saved))
+    with pytest.raises(ValueError, match=r"several splits and none named train: \['test_prefs', 'train_prefs'\]; pass --split"):
+        load_pairs(str(saved))
+    assert [p.prompt for p in load_pairs(str(saved), split="train_prefs")] == ["p train", "p train2"]
+    with pytest.raises(ValueError, match="no split 'valid'.*test_prefs"):
+        load_pairs(str(saved), split="valid")
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for name, tag in (("train", "train"), ("test", "test")):
+        (folder / f"{name}.jsonl").write_text(json.dumps(row(tag)) + "\n")
+    assert [p.prompt for p in load_pairs(str(folder))] == ["p train"]
+    assert [p.prompt for p in load_pairs(str(folder), split="test")] == ["p test"]
+    with pytest.raises(ValueError, match="one file, with no splits"):
+        load_pairs(str(folder / "train.jsonl"), split="train")
+
+
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
+def test_lr_schedules(name):
+    """Warmup: step s runs at (s + 1) / warmup of lr; then constant, or transformers' linear / cosine decay,
+    taken one step ahead, so the last step's lr is not 0."""
+    import math
+    from fpo.train import make_scheduler
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    warm, total = 3, 10
+    sched = make_scheduler(opt, name, warm, total)
+    got = []
+    for _ in range(total):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for s, lr in enumerate(got):
+        x = s + 1
+        if x < warm:
+            want = x / warm
+        elif name == "constant":
+            want = 1.0
+        else:
+            progress = (x - warm) / (total + 1 - warm)
+            want = 1 - progress if name == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        assert lr == pytest.approx(want, abs=1e-9), (s, lr, want)
+    assert got[-1] > 0

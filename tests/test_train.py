@@ -324,3 +324,15 @@ def test_negligible_constraint_warns_and_step_one_logs_no_share(tiny, cache, tmp
     assert "constraint_share" not in hist[0] and all(h["constraint_share"] < 0.01 for h in hist[1:])
     warned = [line for line in lines if "feature constraint is" in line]
     assert len(warned) == 1 and "at step 10" in warned[0] and "raise --alpha" in warned[0]
+
+
+@pytest.mark.usefixtures("no_interpreter")
+def test_end_of_run_says_where_things_are_and_their_sizes(tiny, cache, tmp_path):
+    lines = []
+    train(_cfg(tiny, cache, tmp_path, lr_scheduler="cosine", warmup_steps=1, max_steps=2),
+          log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    said = "\n".join(lines)
+    assert "written: the model" in said and "(weights " in said and "trainer_state.pt (" in said
+    assert "--no-save-optimizer leaves it out" in said and "metrics.jsonl: " in said
+    hist = [json.loads(line) for line in open(tmp_path / "fpo" / "metrics.jsonl")]
+    assert hist[0]["lr"] < 1e-3 * 0.999 and hist[1]["lr"] < hist[0]["lr"]   # cosine decay after a 1-step warmup
