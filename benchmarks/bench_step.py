@@ -265,16 +265,21 @@ class Step:
 def run(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, warmup=2, steps=5, grad_ckpt=False,
         precision="auto", others=OTHER_POLICIES, log=print):
     """Every method under `precision`, then the `others` rows (policy -> methods) as method@policy."""
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     main = resolve_precision(precision, device)
     rows = []
-    for prec, names in [(main, methods)] + [(resolve_precision(p, device), [m for m in ms if m in methods])
-                                             for p, ms in (others or {}).items() if p != main.name]:
-        if names:
-            info = _run_policy(preset, pairs, seq_len, names, warmup, steps, grad_ckpt, prec, prec is not main, rows, log)
+    for prec, names in policy_plan(main, methods, others, device):
+        info = _run_policy(preset, pairs, seq_len, names, warmup, steps, grad_ckpt, prec, prec is not main, rows, log)
     info["precision"] = main.name
     return rows, method_ratios(rows, ("peak_gb", "step_ms")), info
+
+
+def policy_plan(main: Precision, methods, others, device) -> list:
+    """[(policy, methods)]: every method under the main policy, then each other policy's listed methods that
+    this run includes (rows named method@policy)."""
+    plan = [(main, list(methods))] + [(resolve_precision(p, device), [m for m in ms if m in methods])
+                                      for p, ms in (others or {}).items() if p != main.name]
+    return [(prec, names) for prec, names in plan if names]
 
 
 def _run_policy(preset, pairs, seq_len, methods, warmup, steps, grad_ckpt, precision, label, rows, log):

@@ -39,7 +39,8 @@ from torch.utils.flop_counter import flop_registry
 import fpo.train
 import fpo_kernels.logprobs as _lp
 import fpo_kernels.sae_constraint as _sae
-from benchmarks.bench_step import METHODS, NEEDS_REF, OTHER_POLICIES, PRESETS, Step, make_optimizer, method_ratios, other_policies
+from benchmarks.bench_step import (METHODS, NEEDS_REF, OTHER_POLICIES, PRESETS, Step, make_optimizer, method_ratios,
+                                   other_policies, policy_plan)
 from fpo.precision import PRECISIONS, resolve_precision
 from benchmarks.common import environment
 from fpo_kernels._dispatch import on_fake_launch
@@ -194,13 +195,10 @@ def estimate(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, grad_ck
     """Every method under `precision` (a GPU run's policy), then the `others` rows (policy -> methods) as
     method@policy. The fake tensors live on the CPU: the policy's autocast is the CPU's, whose bf16 op lists
     match CUDA's for what a step runs (matmuls in bf16, reductions and norms in fp32)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     main = resolve_precision(precision, "cuda")
     rows = []
-    for prec, names in [(main, methods)] + [(resolve_precision(p, "cuda"), [m for m in ms if m in methods])
-                                             for p, ms in (others or {}).items() if p != main.name]:
-        if names:
-            n_params = _estimate_policy(preset, pairs, seq_len, names, grad_ckpt, spec, prec, prec is not main, rows, log)
+    for prec, names in policy_plan(main, methods, others, "cuda"):
+        n_params = _estimate_policy(preset, pairs, seq_len, names, grad_ckpt, spec, prec, prec is not main, rows, log)
     return rows, *_summary(rows, preset, pairs, seq_len, n_params, grad_ckpt, spec, main)
 
 

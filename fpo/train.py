@@ -419,8 +419,7 @@ class Trainer:
         except OSError as e:
             raise ValueError(f"output_dir {d} is not writable ({e.strerror}): choose another --output-dir") from None
         for n in os.listdir(d):   # what a killed run left half-written: temporaries of its own names
-            if ".tmp" in n and n.split(".tmp", 1)[0] in RUN_FILES + ("metrics.jsonl",) or \
-                    (n.startswith("checkpoint-") and ".tmp" in n):
+            if ".tmp" in n and (n.split(".tmp", 1)[0] in RUN_FILES or n.startswith("checkpoint-")):
                 path = os.path.join(d, n)
                 shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         held = sorted(n for n in os.listdir(d) if n in RUN_FILES or n.startswith("checkpoint-"))
