@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from .packing import LAYOUTS
 from .precision import OPTIMIZERS, PRECISIONS, SAVE_DTYPES
+from .trackers import TRACKERS, tracker_names
 
 __all__ = ["TrainConfig", "load_config", "METHODS", "ATTENTION", "RESUMABLE_CHANGES", "config_from_dict"]
 
@@ -69,6 +70,17 @@ class TrainConfig:
                         "[prompt, chosen, rejected] with the prompt once (share-prompt)", LAYOUTS)
     epochs: int = _key(1, "passes over the dataset", low=1)
     max_steps: int | None = _key(None, "stop after this many optimizer steps (default: the epochs' steps)", low=1)
+    # LoRA (peft): adapters on the policy's linear layers instead of full fine-tuning
+    lora_r: int | None = _key(None, "LoRA rank: train adapters of this rank (peft) instead of every weight; the "
+                              "base weights stay frozen (bf16 under a bf16 policy); none: full fine-tuning", low=1)
+    lora_alpha: float | None = _key(None, "LoRA scaling numerator (adapter scale lora_alpha / lora_r; default "
+                                    "2 x lora_r)", low=0, low_open=True)
+    lora_dropout: float = _key(0.0, "dropout on the LoRA adapters' input", low=0, high=1)
+    lora_target_modules: str | list = _key("all-linear", "modules that get adapters: all-linear (every linear "
+                                           "layer of the decoder, not the lm head), or module names (repeatable: "
+                                           "--lora-target-modules q_proj --lora-target-modules v_proj)")
+    merge_lora: bool = _key(False, "also save the adapters merged into the base weights (in fp32, or save_dtype) "
+                            "as OUTPUT_DIR/final-merged, a plain model")
     # data
     max_length: int = _key(512, "tokens per sequence (prompt + response)", low=2)
     max_prompt_length: int = _key(256, "prompt tokens kept (the last ones); responses are cut to fit max_length", low=1)
@@ -96,6 +108,11 @@ class TrainConfig:
                            ("auto",) + tuple(SAVE_DTYPES))
     resume: str | None = _key(None, "a checkpoint folder, or 'latest' in output_dir")
     progress: bool = _key(True, "progress bar (plain lines when stdout is not a terminal)")
+    report_to: str | list = _key("none", "experiment trackers that get every metric line and the config "
+                                 "(repeatable); each works offline: tensorboard (OUTPUT_DIR/tensorboard), wandb "
+                                 "(offline unless WANDB_MODE says otherwise), trackio (its local store), mlflow "
+                                 "(MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db)", TRACKERS)
+    run_name: str | None = _key(None, "the run's name in the trackers (default: output_dir's folder name)")
 
     def __post_init__(self):
         hints = typing.get_type_hints(TrainConfig)
@@ -115,6 +132,10 @@ class TrainConfig:
         if self.max_tokens is not None and self.max_tokens // 2 <= self.max_prompt_length:
             raise ValueError(f"max_tokens ({self.max_tokens}) must exceed 2 x max_prompt_length "
                              f"({2 * self.max_prompt_length}): every pair must fit one micro-batch with room for its responses")
+        tracker_names(self.report_to)   # none alone, or trackers
+        if self.lora_r is None and (self.merge_lora or self.lora_alpha is not None):
+            raise ValueError(f"{'merge_lora' if self.merge_lora else 'lora_alpha'} is set but lora_r is not: pass "
+                             "--lora-r to train LoRA adapters")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
 
@@ -124,6 +145,10 @@ class TrainConfig:
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def lora_alpha_value(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
 
     @property
     def sae_specs(self) -> list:
@@ -148,7 +173,7 @@ def _as_list(value) -> list:
 
 # What may differ between a checkpoint's config and the run that resumes it; any other difference is an error.
 RESUMABLE_CHANGES = ("max_steps", "epochs", "save_every", "log_every", "progress", "resume", "overwrite",
-                     "save_optimizer", "save_dtype", "device")
+                     "save_optimizer", "save_dtype", "device", "report_to", "run_name", "merge_lora")
 # Keys that were replaced, with what replaces them: a config that still uses one is refused with this sentence.
 REPLACED_KEYS = {"dtype": "dtype was replaced by precision: bf16-mixed (fp32 weights under bf16 autocast, the cuda "
                           "default), bf16-pure (bf16 weights: what dtype bfloat16 did), bf16-compensated, or fp32"}

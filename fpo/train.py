@@ -41,11 +41,13 @@ from .packing import attention_length_scale, body_hidden, collate, micro_batch_t
 from .precision import SAVE_DTYPES, make_optimizer, resolve_precision, updates_round_away
 from .precompute import check_sae_fits
 from .progress import progress_bar
+from .lora import ADAPTER_WEIGHTS, add_adapters, adapter_weights, load_adapter_weights, merged_weights, save_adapter_config
 from .sae import load_saes
+from .trackers import open_trackers
 
 __all__ = ["train", "PolicyStats", "Trainer", "NonFiniteLossError"]
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "final")   # with checkpoint-*: what marks a directory as a run
+RUN_FILES = ("metrics.jsonl", "summary.json", "final", "final-merged", "tensorboard")   # with checkpoint-*: what marks a directory as a run
 SHARE_CHECK_STEP = 10   # when the constraint's share of the loss is first judged (mean over the logged steps so far)
 
 
@@ -59,9 +61,11 @@ class PolicyStats(nn.Module):
     SAEs: one (sae at layer), or saes = [(SAEWeights, layer, weight, scale)]: D = sum of weight x D_sae / scale,
     one forward hook per layer."""
 
-    def __init__(self, model, sae=None, layer=None, k=50, select="policy", saes=None, autocast=None):
+    def __init__(self, model, sae=None, layer=None, k=50, select="policy", saes=None, autocast=None,
+                 adapters_off=None):
         super().__init__()
         self.model = model
+        self.adapters_off = adapters_off   # LoRA: a context in which the model is the frozen base (TDPO's reference)
         self.autocast = autocast or (lambda device: nullcontext())   # the precision policy's forward context
         self.k, self.select = k, select
         self.saes = list(saes) if saes is not None else ([] if sae is None else [(sae, layer, 1.0, 1.0)])
@@ -73,13 +77,20 @@ class PolicyStats(nn.Module):
             cap.remove()
 
     def forward(self, batch, ref_idx=None, ref_val=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                ref_features=None):
+                ref_features=None, reference_without_adapters=False):
         """batch: fpo.packing.collate's micro-batch (any layout). ref_features: [(ref_idx, ref_val)] per SAE, in
         order (or ref_idx, ref_val for one SAE). With ref_hidden (TDPO: the reference's final hidden states on
         the same layout, flat [N, d_ref]), the reference's log-probs and the KL come from the same pass over
-        the logits."""
+        the logits. reference_without_adapters (LoRA TDPO): the reference is this model with its adapters off,
+        run here, inside the one forward DDP and FSDP see."""
         dev = next(self.model.parameters()).device
         with self.autocast(dev):
+            if reference_without_adapters:
+                with torch.no_grad(), self.adapters_off():
+                    ref_hidden = body_hidden(self.model, batch, dev)
+                for cap in self.captures.values():   # the reference pass is not the policy's residual stream
+                    cap.value = None
+                ref_weight, ref_bias = (None if t is None else t.detach() for t in lm_head(self.model))
             return self._stats(batch, dev, ref_idx, ref_val, ref_hidden, ref_weight, ref_bias, ref_features)
 
     def _stats(self, batch, dev, ref_idx, ref_val, ref_hidden, ref_weight, ref_bias, ref_features):
@@ -166,10 +177,17 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.tokenizer = load_tokenizer(cfg.model)
-        model = load_model_for_layout(cfg.model, self.precision.param_dtype, self.device, cfg.packing,
-                                      cfg.attn_implementation, self.log)
+        # LoRA: the base weights are frozen (bf16 under any bf16 policy); the adapters get the trained dtype
+        model = load_model_for_layout(cfg.model, self.precision.frozen_dtype if cfg.lora_r else self.precision.param_dtype,
+                                      self.device, cfg.packing, cfg.attn_implementation, self.log)
+        # what the cache was built from: the base weights, before any adapter
+        self._weights_bf16 = model_fingerprint(model, "")["weights_bf16"] if cfg.cache else None
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
+        self.peft_model = None
+        if cfg.lora_r:
+            self.peft_model = add_adapters(model, cfg.lora_r, cfg.lora_alpha_value, cfg.lora_dropout,
+                                           cfg.lora_target_modules, self.precision.param_dtype)
         model.train()
         self.model = model
         self.row_scale = attention_length_scale(model)   # packed micro-batches as one stream (FlexAttention) or rows
@@ -197,7 +215,10 @@ class Trainer:
         scales = [self.cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" else 1.0 for key in self.sae_keys]
         self._share_checked = False
         self.ref_model = None
-        if cfg.method.startswith("tdpo"):
+        self.reference_is_base = cfg.method.startswith("tdpo") and not cfg.reference_model and self.peft_model is not None
+        if self.reference_is_base:
+            self.log("[fpo] LoRA: TDPO's reference is the policy with its adapters off (no second model)")
+        elif cfg.method.startswith("tdpo"):
             # frozen: bf16 weights under any bf16 policy (no master copy), the forward under the run's autocast
             self.ref_model = load_model_for_layout(cfg.reference_model or cfg.model, self.precision.frozen_dtype,
                                                    self.device, cfg.packing, model.config._attn_implementation,
@@ -214,7 +235,7 @@ class Trainer:
         if self.cache is not None:
             # the cache must come from this model's weights, not only its architecture
             self.cache.verify(
-                model={"config": config_fingerprint(model), "weights_bf16": model_fingerprint(model, "")["weights_bf16"]},
+                model={"config": config_fingerprint(model), "weights_bf16": self._weights_bf16},
                 tokenizer=tokenizer_fingerprint(self.tokenizer),
                 max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
             self.cache.check_rows(self.items)
@@ -227,7 +248,10 @@ class Trainer:
 
         self.policy = PolicyStats(model, k=cfg.k, select=cfg.select,
                                   saes=[(x.sae, x.layer, x.weight, sc) for x, sc in zip(self.saes, scales)],
-                                  autocast=self.precision.autocast)
+                                  autocast=self.precision.autocast,
+                                  adapters_off=self.peft_model.disable_adapter if self.peft_model is not None else None)
+        if self._resume_from is not None and self.peft_model is not None:   # before any sharding: plain tensors
+            self._load_adapters(self._resume_from)
         self.wrapped = self._wrap(self.policy)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, self.precision, cfg.optimizer, cfg.lr, cfg.weight_decay,
@@ -249,10 +273,16 @@ class Trainer:
         params = [p.to_local() if hasattr(p, "to_local") else p for p in params]
         n = sum(p.numel() for p in params)
         per = prec.bytes_per_parameter(cfg.optimizer)
+        if self.peft_model is not None:
+            total = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.model.parameters())
+            self.log(f"[fpo] LoRA r={cfg.lora_r}, alpha {cfg.lora_alpha_value:g} on {cfg.lora_target_modules}: "
+                     f"{n / 1e6:.2f}M trainable of {total / 1e6:.1f}M parameters ({n / total:.2%}); the base weights "
+                     f"are frozen in {str(prec.frozen_dtype).removeprefix('torch.')}")
         self.log(f"[fpo] precision {prec.name}: {str(prec.param_dtype).removeprefix('torch.')} weights, gradients and "
                  f"optimizer states{' with a Kahan compensation' if prec.name == 'bf16-compensated' else ''}"
-                 f"{', forward under bf16 autocast' if prec.autocast_dtype else ''}: {per} bytes x {n / 1e6:.1f}M "
-                 f"parameters = {per * n / 2**30:.2f} GiB before activations")
+                 f"{', forward under bf16 autocast' if prec.autocast_dtype else ''}: {per} bytes x {n / 1e6:.{1 if n >= 1e6 else 3}f}M "
+                 f"{'trained ' if self.peft_model is not None else ''}parameters = {per * n / 2**30:.{2 if per * n >= 2**28 else 4}f} "
+                 "GiB before activations")
         if prec.name != "bf16-pure":
             return
         low, median = updates_round_away(params, cfg.lr)
@@ -346,6 +376,8 @@ class Trainer:
                                     for key in self.sae_keys])
         if self.ref_model is not None:
             kw = dict(ref_hidden=ref.pop("_hidden"), ref_weight=ref.pop("_weight"), ref_bias=ref.pop("_bias"))
+        if self.reference_is_base:
+            kw = dict(reference_without_adapters=True)
         stats = self.wrapped(batch, **kw)
         if "ref_logp_sum" in stats:
             ref.update(zip(("chosen_logp_sum", "rejected_logp_sum"), _split(stats["ref_logp_sum"], P)))
@@ -491,7 +523,9 @@ class Trainer:
         name and renamed: never half a checkpoint; a full disk leaves the previous one intact.
         dtype: the saved weights' dtype when it is not the trained weights' own (then never resumable)."""
         msd, osd = self._state_dicts()
-        cast = dtype is not None and dtype != self.precision.param_dtype
+        cast = dtype is not None and dtype != self.precision.param_dtype and self.peft_model is None
+        if self.peft_model is not None:   # the adapters only (the base is the run's --model)
+            msd = adapter_weights(msd)
         if cast:
             msd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in msd.items()}
             with_state = False
@@ -505,7 +539,13 @@ class Trainer:
                              rng={"torch": torch.get_rng_state(), "python": random.getstate(),
                                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
             try:
-                self.model.save_pretrained(tmp, state_dict=msd)
+                if self.peft_model is not None:
+                    from safetensors.torch import save_file
+                    save_file({k: v.contiguous() for k, v in msd.items()}, os.path.join(tmp, ADAPTER_WEIGHTS),
+                              metadata={"format": "pt"})
+                    save_adapter_config(self.peft_model, tmp, self.cfg.model)
+                else:
+                    self.model.save_pretrained(tmp, state_dict=msd)
                 if cast:   # save_pretrained records the live model's dtype
                     _set_config_dtype(os.path.join(tmp, "config.json"), dtype)
                 self.tokenizer.save_pretrained(tmp)
@@ -527,13 +567,57 @@ class Trainer:
         dist_utils.barrier()
         return path
 
+    def save_merged(self, dtype):
+        """output_dir/final-merged: the adapters merged into the base weights (computed in fp32), saved in
+        `dtype` as a plain model; written under a temporary name and renamed."""
+        msd, _ = self._state_dicts()
+        merged = merged_weights(msd, self.cfg.lora_alpha_value / self.cfg.lora_r, dtype)
+        path = os.path.join(self.cfg.output_dir, "final-merged")
+        if dist_utils.is_main():
+            tmp = temp_dir(path)
+            try:
+                self.peft_model.get_base_model().save_pretrained(tmp, state_dict=merged)
+                _set_config_dtype(os.path.join(tmp, "config.json"), dtype)
+                self.tokenizer.save_pretrained(tmp)
+                _write_checksums(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if os.path.islink(path):
+                os.remove(path)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+            self.log(f"[fpo] LoRA adapters merged into the base weights in {str(dtype).removeprefix('torch.')}: "
+                     f"{path} (a plain model)")
+        dist_utils.barrier()
+        return path
+
+    def _load_adapters(self, where):
+        from safetensors.torch import load_file
+        path = os.path.join(where, ADAPTER_WEIGHTS)
+        if not os.path.exists(path):
+            raise ValueError(f"resume: {where} holds no {ADAPTER_WEIGHTS}: it was not saved by a LoRA run "
+                             "(resume it without --lora-r)")
+        load_adapter_weights(self.model, load_file(path), where)
+
     def _load_checkpoint(self, where, state):
         from safetensors.torch import load_file
-        weights = {}
-        for n in sorted(os.listdir(where)):
-            if n.endswith(".safetensors"):
-                weights.update(load_file(os.path.join(where, n)))
-        if self.cfg.fsdp and self.world > 1:
+        if self.peft_model is not None:   # the adapters were loaded before wrapping; the optimizer state here
+            if self.cfg.fsdp and self.world > 1:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+                set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+            weights = None
+        else:
+            weights = {}
+            for n in sorted(os.listdir(where)):
+                if n.endswith(".safetensors"):
+                    weights.update(load_file(os.path.join(where, n)))
+        if weights is None:
+            pass
+        elif self.cfg.fsdp and self.world > 1:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             set_state_dict(self.policy, self.optimizer, model_state_dict={"model." + k: v for k, v in weights.items()},
@@ -559,7 +643,7 @@ class Trainer:
             return torch.cuda.max_memory_allocated(self.device) / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS on Linux
 
-    def _flush(self, pending, t_start, tokens, metrics_file, bar):
+    def _flush(self, pending, t_start, tokens, metrics_file, bar, trackers=None):
         """Read the pending steps' device metrics once, check them, write them."""
         if not pending:
             return
@@ -581,6 +665,8 @@ class Trainer:
             self.history.append(rec)
             if metrics_file is not None:
                 metrics_file.write(json.dumps(rec) + "\n")
+            if trackers is not None:
+                trackers.log(rec, step)
         if metrics_file is not None:
             metrics_file.flush()
         last = self.history[-1]
@@ -628,6 +714,11 @@ class Trainer:
             # on resume, the checkpoint's history is the truth: lines logged after it (or torn by a kill) go
             atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in self.history))
             metrics_file = open(path, "a")
+        trackers = None
+        if main:
+            trackers = open_trackers(cfg.report_to, cfg.output_dir,
+                                     cfg.run_name or os.path.basename(os.path.abspath(cfg.output_dir)),
+                                     dataclasses.asdict(cfg))
         bar = None
         if cfg.progress and main:
             bar = progress_bar(self.total_steps, self.step, f"train {cfg.method}", "step")
@@ -647,7 +738,7 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or last or save:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
-                    self._flush(pending, t0, tokens, metrics_file, bar)
+                    self._flush(pending, t0, tokens, metrics_file, bar, trackers)
                     pending, tokens, t0 = [], 0, time.time()
                 if save:  # never a diverged checkpoint: this step's metrics were checked above, the next loss here
                     if not self.weights_are_sound():
@@ -658,11 +749,15 @@ class Trainer:
                 bar.close()
             if metrics_file is not None:
                 metrics_file.close()
+            if trackers is not None:
+                trackers.close()
         save_dtype = None if cfg.save_dtype == "auto" else SAVE_DTYPES[cfg.save_dtype]
         if not self.weights_are_sound():   # the final model gets the check every checkpoint gets
             self._stop_diverged(f"after step {self.step} the weights give a non-finite loss (or are not finite)")
         final = self.save_checkpoint("final", with_state=cfg.save_optimizer, dtype=save_dtype)
-        if save_dtype is not None and save_dtype != self.precision.param_dtype:
+        if self.peft_model is not None and cfg.merge_lora:
+            self.save_merged(save_dtype or torch.float32)
+        elif save_dtype is not None and save_dtype != self.precision.param_dtype:
             self.log(f"[fpo] final model saved in {cfg.save_dtype} (trained in "
                      f"{str(self.precision.param_dtype).removeprefix('torch.')}): a copy for inference, not resumable")
         summary = {"method": cfg.method, "steps": self.step, "final": final,
@@ -738,7 +833,12 @@ def _written(final, output_dir) -> str:
     """Where a finished run's files are, and their sizes."""
     weights = [os.path.join(final, n) for n in os.listdir(final) if n.endswith(".safetensors")]
     state = os.path.join(final, "trainer_state.pt")
-    lines = [f"[fpo] written: the model {final} (weights {_size(*weights)})"]
+    adapters = os.path.exists(os.path.join(final, ADAPTER_WEIGHTS))
+    lines = [f"[fpo] written: the {'LoRA adapters (peft format)' if adapters else 'model'} {final} "
+             f"({'adapters' if adapters else 'weights'} {_size(*weights)})"]
+    merged = os.path.join(output_dir, "final-merged")
+    if adapters and os.path.isdir(merged):
+        lines.append(f"  the adapters merged into the base weights, a plain model: {merged} ({_size(merged)})")
     if os.path.exists(state):
         lines.append(f"  optimizer, scheduler and RNG state {state} ({_size(state)}; --no-save-optimizer leaves it "
                      "out, and the run is then not resumable)")

@@ -1,0 +1,107 @@
+"""LoRA adapters (peft) on the policy: the base model's weights stay frozen and only the adapters train.
+
+peft injects its layers into the model in place, so everything that reads the model (the residual hook of the
+SAE constraint, the model body, the lm head) sees the adapters with no change. TDPO's reference is the same
+model with the adapters switched off: no second model. Checkpoints hold the adapters only, in peft's own
+format (adapter_config.json + adapter_model.safetensors: they load with peft's AutoPeftModelForCausalLM);
+merged weights are computed here from a state dict, in fp32, so small adapter updates are not rounded into a
+bf16 base weight.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+__all__ = ["add_adapters", "adapter_weights", "load_adapter_weights", "merged_weights", "save_adapter_config",
+           "ADAPTER_WEIGHTS"]
+
+ADAPTER = "default"                              # peft's adapter name
+ADAPTER_WEIGHTS = "adapter_model.safetensors"    # peft's file names
+_PEFT_PREFIX = "base_model.model."
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ValueError('lora_r: LoRA needs the peft package; pip install "fpo-kernels[lora]" (or pip install peft)') from None
+    return peft
+
+
+def add_adapters(model, r: int, alpha: float, dropout: float, target_modules, dtype: torch.dtype):
+    """Inject LoRA adapters of rank r into `model` (in place) and return the PeftModel around it. Every base
+    weight is frozen; the adapters are created in `dtype` (the precision policy's trained dtype)."""
+    peft = _peft()
+    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                             task_type="CAUSAL_LM", bias="none")
+    try:
+        with warnings.catch_warnings():   # peft asks transformers by a name it deprecated
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
+    except ValueError as e:   # peft: no module matched the names given
+        raise ValueError(f"lora_target_modules {target_modules!r}: {str(e).splitlines()[0]}") from None
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            p.data = p.data.to(dtype)
+    return wrapped
+
+
+def _is_adapter_key(key: str) -> bool:
+    return f".lora_A.{ADAPTER}." in key or f".lora_B.{ADAPTER}." in key
+
+
+def adapter_weights(state_dict: dict) -> dict:
+    """The adapters of a (full) state dict of the injected model, under peft's saved names: what
+    adapter_model.safetensors holds."""
+    return {_PEFT_PREFIX + k.replace(f".{ADAPTER}.", "."): v for k, v in state_dict.items() if _is_adapter_key(k)}
+
+
+def load_adapter_weights(model, weights: dict, where: str):
+    """Load adapter_model.safetensors' tensors into the injected model; every adapter must be there."""
+    renamed = {}
+    for k, v in weights.items():
+        if not k.startswith(_PEFT_PREFIX) or not (".lora_A." in k or ".lora_B." in k):
+            raise ValueError(f"resume: {where} holds {k!r}, not a LoRA adapter of this run")
+        k = k.removeprefix(_PEFT_PREFIX)
+        for ab in ("lora_A", "lora_B"):
+            k = k.replace(f".{ab}.", f".{ab}.{ADAPTER}.")
+        renamed[k] = v
+    want = {k for k in model.state_dict() if _is_adapter_key(k)}
+    missing, extra = sorted(want - set(renamed)), sorted(set(renamed) - want)
+    if missing or extra:
+        raise ValueError(f"resume: the adapters in {where} do not match this run's (lora_r and lora_target_modules "
+                         f"must be the saved run's): missing {missing[:2]}, unexpected {extra[:2]}")
+    model.load_state_dict(renamed, strict=False)
+
+
+def merged_weights(state_dict: dict, scale: float, dtype: torch.dtype = torch.float32) -> dict:
+    """The plain model's state dict with every adapter merged: W + scale x B A, computed in fp32 and
+    returned in `dtype`. Names lose peft's ".base_layer"; adapter tensors are dropped."""
+    out = {}
+    for k, v in state_dict.items():
+        if ".lora_" in k:
+            continue
+        if ".base_layer." in k:
+            prefix, leaf = k.split(".base_layer.")
+            if leaf == "weight":
+                a = state_dict[f"{prefix}.lora_A.{ADAPTER}.weight"].float()
+                b = state_dict[f"{prefix}.lora_B.{ADAPTER}.weight"].float()
+                v = v.float() + scale * (b @ a)
+            k = f"{prefix}.{leaf}"
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def save_adapter_config(peft_model, folder: str, base: str):
+    """adapter_config.json, naming the base model by its absolute path when it is a local folder (so that
+    AutoPeftModelForCausalLM finds it from anywhere)."""
+    config = peft_model.peft_config[ADAPTER]
+    saved = config.base_model_name_or_path
+    config.base_model_name_or_path = os.path.abspath(base) if os.path.exists(base) else base
+    try:
+        config.save_pretrained(folder)
+    finally:
+        config.base_model_name_or_path = saved

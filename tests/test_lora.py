@@ -1,0 +1,148 @@
+"""LoRA through peft: only the adapters train, the saved adapters reload to the same logits (peft's own loader),
+the merge equals peft's, TDPO's reference is the base model with the adapters off (no second model), resume is
+exact, two ranks equal one."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from fpo.config import config_from_dict
+from fpo.model import load_model
+from fpo.packing import body_hidden, collate
+from fpo.precompute import precompute
+from fpo.train import Trainer, train
+from fpo_kernels import sequence_logprobs_varlen
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_train import LEN, _cfg, _torchrun  # noqa: E402
+
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.usefixtures("no_interpreter")
+QUIET = dict(log=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("cache") / "c")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")   # CPU tensors on the plain-PyTorch path: fast
+        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], K=32, progress=False, **LEN)
+    return out
+
+
+def _lora(tiny, cache, tmp_path, method="fpo", **kw):
+    return _cfg(tiny, cache, tmp_path, method, lora_r=4, lr=1e-2, **kw)
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model.eval()(x).logits
+
+
+def test_lora_trains_the_adapters_only_and_they_reload_to_the_same_logits(tiny, cache, tmp_path):
+    trainer = Trainer(config_from_dict(_lora(tiny, cache, tmp_path, merge_lora=True)), **QUIET)
+    try:
+        base_before = {k: v.clone() for k, v in trainer.model.state_dict().items() if ".lora_" not in k}
+        summary = trainer.fit()
+        x = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+        live = _logits(trainer.model, x)
+        after = trainer.model.state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in base_before.items())          # the base is frozen
+        assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in after.items() if ".lora_B." in k)  # adapters moved
+    finally:
+        trainer.close()
+    final = summary["final"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(final))
+    assert not any(n.startswith("model") for n in os.listdir(final))                # no copy of the base
+    reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(final)                  # peft's own loader
+    torch.testing.assert_close(_logits(reloaded, x), live, rtol=0, atol=1e-5)
+    merged = load_model(os.path.join(os.path.dirname(final), "final-merged"))       # a plain model
+    assert not any(".lora_" in k or "base_layer" in k for k in merged.state_dict())
+    torch.testing.assert_close(_logits(merged, x), live, rtol=0, atol=1e-4)
+    # the merge equals peft's own merge_and_unload of the same adapters
+    theirs = peft.AutoPeftModelForCausalLM.from_pretrained(final).merge_and_unload().state_dict()
+    ours = merged.state_dict()
+    assert set(theirs) <= set(ours) and all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in theirs)
+
+
+def test_lora_tdpo_reference_is_the_base_model_without_a_second_model(tiny, tmp_path, monkeypatch):
+    import fpo.train as train_module
+    loads = []
+    real = train_module.load_model_for_layout
+    monkeypatch.setattr(train_module, "load_model_for_layout", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    trainer = Trainer(config_from_dict(_lora(tiny, None, tmp_path, "tdpo2", max_steps=2)), **QUIET)
+    try:
+        assert trainer.ref_model is None and loads == [tiny["model"]]                 # one model loaded
+        trainer.fit()                                                                  # the adapters have moved
+        items = trainer.micro_batches(0)[0]
+        batch = collate(items, trainer.cfg.packing, trainer.tokenizer.pad_token_id, trainer.row_scale)
+        with torch.no_grad():
+            stats = trainer.wrapped(batch, reference_without_adapters=True)
+        base = load_model(tiny["model"])                                               # the reference, loaded apart
+        with torch.no_grad():
+            hidden = body_hidden(base, batch, "cpu")
+            ref_sum, _, _ = sequence_logprobs_varlen(hidden, base.lm_head.weight, batch["pred_rows"], batch["labels"],
+                                                     batch["seq_ids"], batch["num_seqs"])
+        torch.testing.assert_close(stats["ref_logp_sum"], ref_sum, rtol=1e-5, atol=1e-4)
+        assert not torch.allclose(stats["logp_sum"], ref_sum, atol=1e-3)              # the policy is not the base
+        assert (stats["kl"] > 0).all()
+    finally:
+        trainer.close()
+
+
+def test_lora_tdpo_first_step_equals_full_tdpo_with_a_reference_model(tiny, tmp_path):
+    """At step 1 the adapters are zero (peft's B = 0), so the policy is the base: LoRA TDPO's first loss is the
+    full-fine-tuning run's with its reference loaded as a second model."""
+    a = train(_lora(tiny, None, tmp_path, "tdpo2", max_steps=1, output_dir=str(tmp_path / "lora")), **QUIET)
+    b = train(_cfg(tiny, None, tmp_path, "tdpo2", max_steps=1, output_dir=str(tmp_path / "full")), **QUIET)
+    assert a["last"]["loss"] == pytest.approx(b["last"]["loss"], rel=1e-5)
+    assert a["last"]["kl_chosen"] == pytest.approx(0, abs=1e-6)
+
+
+def test_lora_resume_reproduces_the_uninterrupted_run(tiny, cache, tmp_path):
+    full = train(_lora(tiny, cache, tmp_path, max_steps=4, save_every=2, output_dir=str(tmp_path / "full")), **QUIET)
+    train(_lora(tiny, cache, tmp_path, max_steps=2, save_every=2, output_dir=str(tmp_path / "part")), **QUIET)
+    part = train(_lora(tiny, cache, tmp_path, max_steps=4, save_every=2, output_dir=str(tmp_path / "part"),
+                       resume="latest"), **QUIET)
+    a = [json.loads(line)["loss"] for line in open(tmp_path / "full" / "metrics.jsonl")]
+    b = [json.loads(line)["loss"] for line in open(tmp_path / "part" / "metrics.jsonl")]
+    assert a == b and len(a) == 4
+    from safetensors.torch import load_file
+    wa, wb = (load_file(os.path.join(s["final"], "adapter_model.safetensors")) for s in (full, part))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # a full-fine-tuning resume of a LoRA checkpoint is refused by name
+    with pytest.raises(ValueError, match="lora_r"):
+        train(_cfg(tiny, cache, tmp_path, lr=1e-2, max_steps=6, output_dir=str(tmp_path / "part"), resume="latest"),
+              **QUIET)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("fsdp,method", [(False, "fpo"), (True, "tdpo2")])
+def test_lora_two_ranks_equal_one_rank_with_twice_the_batch(tiny, cache, tmp_path, fsdp, method):
+    """DDP, and FSDP2 with TDPO's reference (the adapters off) run inside the sharded forward."""
+    one = _lora(tiny, cache, tmp_path, method, max_steps=2, micro_batch_size=4, output_dir=str(tmp_path / "one"))
+    train(one, **QUIET)
+    two = dict(one, micro_batch_size=2, output_dir=str(tmp_path / "two"), fsdp=fsdp)
+    r = _torchrun(two, port=29661 + fsdp)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a = [json.loads(line)["loss"] for line in open(tmp_path / "one" / "metrics.jsonl")]
+    b = [json.loads(line)["loss"] for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    from safetensors.torch import load_file
+    wa, wb = (load_file(str(tmp_path / d / "final" / "adapter_model.safetensors")) for d in ("one", "two"))
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_lora_bad_settings_are_refused_by_name(tiny, cache, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="merge_lora is set but lora_r is not"):
+        config_from_dict(_cfg(tiny, cache, tmp_path, merge_lora=True))
+    with pytest.raises(ValueError, match="lora_r must be >= 1"):
+        config_from_dict(_cfg(tiny, cache, tmp_path, lora_r=0))
+    with pytest.raises(ValueError, match="lora_target_modules"):
+        train(_lora(tiny, cache, tmp_path, lora_target_modules="no_such_proj"), **QUIET)
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(ValueError, match=r"fpo-kernels\[lora\]"):
+        train(_lora(tiny, cache, tmp_path, output_dir=str(tmp_path / "nopeft")), **QUIET)
