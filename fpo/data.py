@@ -8,7 +8,8 @@ chosen may hold the whole conversation), and Anthropic HH-RLHF transcripts ('\\n
 Truncation policy (documented, as in the CLI help): a prompt longer than max_prompt_length keeps its LAST
 max_prompt_length tokens (the end of a conversation is what the response answers); the response then keeps
 its FIRST max_length - len(prompt) tokens. max_prompt_length < max_length is required, so every kept
-response has at least one token.
+response has at least one token. A text far longer than what it keeps is cut before it is tokenised
+(see _bounded), with the same kept tokens.
 
 Rows that cannot be used (a missing column, an empty chosen or rejected response) are bad rows: an error
 naming the row, or skipped with a report (bad_rows="skip"). Pairs whose chosen and rejected responses are
@@ -265,7 +266,33 @@ def load_pairs(path: str, max_pairs: int | None = None, bad_rows: str = "error",
     return pairs
 
 
-def _prompt_ids(tok, prompt):
+# Bounded tokenisation: a text far longer than the tokens kept from it is cut before it is tokenised (a 20 MB
+# response would otherwise be tokenised whole, in gigabytes). The cut keeps CHARS_PER_TOKEN characters per kept
+# token plus a margin, and is taken only when what it keeps still tokenises to TOKEN_MARGIN tokens more than are
+# kept: the kept tokens then lie well away from the cut, where they are the whole text's own tokens. Otherwise (a
+# text of unusually long tokens) the whole text is tokenised, as before.
+CHARS_PER_TOKEN = 32
+TOKEN_MARGIN = 16
+
+
+def _bounded(tok, text: str, keep: int, tail: bool) -> str:
+    """text, or the part of it (its first or, with tail, its last characters) that yields the same `keep`
+    first (last) tokens."""
+    budget = (keep + TOKEN_MARGIN) * CHARS_PER_TOKEN
+    if len(text) <= budget:
+        return text
+    part = text[-budget:] if tail else text[:budget]
+    return part if len(tok(part, add_special_tokens=False)["input_ids"]) >= keep + TOKEN_MARGIN else text
+
+
+def _prompt_ids(tok, prompt, keep: int | None = None):
+    """The prompt's token ids (chat template applied when the tokenizer has one); with keep, only its last keep
+    tokens are guaranteed, and a message far longer than that is cut first."""
+    if keep is not None:
+        if isinstance(prompt, str):
+            prompt = _bounded(tok, prompt, keep, tail=True)
+        else:
+            prompt = [dict(m, content=_bounded(tok, m["content"], keep, tail=True)) for m in prompt]
     if getattr(tok, "chat_template", None):
         msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
@@ -276,7 +303,10 @@ def _prompt_ids(tok, prompt):
     return tok(text, add_special_tokens=True)["input_ids"]
 
 
-def _response_ids(tok, text):
+def _response_ids(tok, text, keep: int | None = None):
+    """The response's token ids and the end-of-turn token; with keep, only the first keep are guaranteed."""
+    if keep is not None:
+        text = _bounded(tok, text, keep, tail=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if tok.eos_token_id is not None:
         ids = ids + [tok.eos_token_id]  # the end-of-turn token is part of what the model must produce
@@ -305,10 +335,10 @@ def tokenize_pairs(pairs, tok, max_length: int = 512, max_prompt_length: int = 2
         raise ValueError(f"max_tokens ({max_tokens}) must exceed 2 x max_prompt_length ({2 * max_prompt_length})")
     out, cut = [], []
     for p in pairs:
-        prompt = _prompt_ids(tok, p.prompt)[-max_prompt_length:]
+        prompt = _prompt_ids(tok, p.prompt, max_prompt_length)[-max_prompt_length:]
         room = max_length - len(prompt)
-        chosen = _response_ids(tok, p.chosen)[:room]
-        rejected = _response_ids(tok, p.rejected)[:room]
+        chosen = _response_ids(tok, p.chosen, room)[:room]
+        rejected = _response_ids(tok, p.rejected, room)[:room]
         if len(prompt) + max(len(chosen), len(rejected)) > cap:
             cut.append(p.id)
             chosen, rejected = chosen[:cap - len(prompt)], rejected[:cap - len(prompt)]

@@ -509,3 +509,49 @@ def test_lr_schedules(name):
             want = 1 - progress if name == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
         assert lr == pytest.approx(want, abs=1e-9), (s, lr, want)
     assert got[-1] > 0
+
+
+def test_huge_rows_are_tokenised_within_a_bound_and_exactly(tmp_path):
+    """A text far longer than what is kept is cut before tokenisation (a 20 MB line used to take gigabytes),
+    and the kept tokens equal those of tokenising the whole text: string and chat prompts (their last tokens),
+    responses (their first), and a text of very long tokens, where the cut would not be safe and the whole
+    text is tokenised instead."""
+    import random
+    from fpo import assets
+    from fpo.data import CHARS_PER_TOKEN, TOKEN_MARGIN, Pair, _prompt_ids, _response_ids
+    tok = load_tokenizer(assets.ensure_demo_model(log=lambda *a: None))
+    rng = random.Random(0)
+    words = ["alpha", "beta", "résumé", "42", "don't", "\n", "  ", "x" * 7, "—", "日本"]
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))
+    long_a, long_b, long_c = text(60_000), text(60_000), text(60_000)      # ~400 KB each
+    spaces = "word" + " " * 200_000 + "end"                                # few, very long tokens
+    pairs = [Pair(0, long_a, long_b, long_c),
+             Pair(1, [{"role": "user", "content": long_c}, {"role": "assistant", "content": "ok"},
+                      {"role": "user", "content": long_a}], long_b, "short"),
+             Pair(2, "Hi", spaces, long_a)]
+    seen = []
+
+    class Recording:
+        """The tokenizer, recording the longest text it is given."""
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, text, **kw):
+            seen.append(len(text))
+            return tok(text, **kw)
+
+        def apply_chat_template(self, msgs, **kw):
+            seen.append(sum(len(m["content"]) for m in msgs))
+            return tok.apply_chat_template(msgs, **kw)
+
+    L, PL = 256, 96
+    got = tokenize_pairs(pairs, Recording(), max_length=L, max_prompt_length=PL)
+    for p, g in zip(pairs, got):   # the whole texts, tokenised whole
+        prompt = _prompt_ids(tok, p.prompt)[-PL:]
+        room = L - len(prompt)
+        assert g.prompt_ids == tuple(prompt)
+        assert g.chosen_ids == tuple(_response_ids(tok, p.chosen)[:room])
+        assert g.rejected_ids == tuple(_response_ids(tok, p.rejected)[:room])
+    bound = 2 * (L + TOKEN_MARGIN) * CHARS_PER_TOKEN + 10
+    assert sorted(seen)[-2] < bound < len(long_a)       # only the text of long tokens went in whole
+    assert max(seen) == len(spaces)
