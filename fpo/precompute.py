@@ -116,6 +116,21 @@ def _shard_is_sound(out, name, say):
     return False
 
 
+def _complete_cache(out, settings) -> dict | None:
+    """meta.json when `out` holds a finished cache of exactly these settings, every shard it lists present and
+    matching its recorded checksum; else None. Reads only."""
+    import json
+    try:
+        with open(os.path.join(out, "meta.json")) as f:
+            meta = json.load(f)
+        saes = [{k: v for k, v in x.items() if k != "feature_scale"} for x in meta["saes"]]   # added when finished
+        if any((saes if k == "saes" else meta.get(k)) != v for k, v in settings.items()):
+            return None
+        return meta if all(_sha256(os.path.join(out, x["file"])) == x["sha256"] for x in meta["shards"]) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _read_settings(path) -> dict:
     import json
     try:
@@ -198,6 +213,13 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
     }
     out = os.fspath(out)
     settings_path = os.path.join(out, "settings.json")
+    done = _complete_cache(out, settings)
+    if done is not None:   # nothing to write: a complete cache is read, never written (it may be read-only)
+        total = sum(x["bytes"] for x in done["shards"])
+        say(f"[fpo] cache {out} is complete for these settings ({len(items)} pairs, {total / 1e6:.2f} MB, every "
+            "shard matching its checksum): nothing to do")
+        return {"rows": len(items), "path": out, "bytes": total, "bytes_per_example": total / max(len(items), 1),
+                "dense_fp32_bytes": len(items) * 2 * sum(x.sae.width for x in saes) * 4, "seconds": 0.0}
     lock = None
     if rank == 0:
         if os.path.lexists(out) and not os.path.isdir(out):

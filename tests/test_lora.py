@@ -53,11 +53,16 @@ def test_lora_trains_the_adapters_only_and_they_reload_to_the_same_logits(tiny, 
         assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in after.items() if ".lora_B." in k)  # adapters moved
     finally:
         trainer.close()
+    # the SAE hook reads the residual stream with the adapters on: D is 0 while they are zero (step 1), then not
+    hist = [json.loads(line) for line in open(tmp_path / "fpo" / "metrics.jsonl")]
+    assert hist[0]["d_chosen"] < 1e-7 and hist[1]["d_chosen"] > 100 * max(hist[0]["d_chosen"], 1e-9)  # step 1: fp16 rounding
     final = summary["final"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(final))
     assert not any(n.startswith("model") for n in os.listdir(final))                # no copy of the base
     reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(final)                  # peft's own loader
     torch.testing.assert_close(_logits(reloaded, x), live, rtol=0, atol=1e-5)
+    # what `fpo eval --model OUT/final` loads: transformers reads the adapter folder through peft
+    torch.testing.assert_close(_logits(load_model(final), x), live, rtol=0, atol=1e-5)
     merged = load_model(os.path.join(os.path.dirname(final), "final-merged"))       # a plain model
     assert not any(".lora_" in k or "base_layer" in k for k in merged.state_dict())
     torch.testing.assert_close(_logits(merged, x), live, rtol=0, atol=1e-4)

@@ -555,3 +555,31 @@ def test_huge_rows_are_tokenised_within_a_bound_and_exactly(tmp_path):
     bound = 2 * (L + TOKEN_MARGIN) * CHARS_PER_TOKEN + 10
     assert sorted(seen)[-2] < bound < len(long_a)       # only the text of long tokens went in whole
     assert max(seen) == len(spaces)
+
+
+def test_precompute_on_a_complete_cache_writes_nothing(tiny, tmp_path, monkeypatch):
+    """Re-running precompute on a finished cache of the same settings (a read-only mount, say) only reads it;
+    an incomplete cache in a folder that cannot be written to gets a sentence."""
+    import errno as errno_
+    import fpo.locking
+    import fpo.precompute as pre
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = str(tmp_path / "cache")
+    kw = dict(sae=tiny["sae"], K=16, max_length=64, max_prompt_length=32, progress=False, shard_rows=8)
+    precompute(tiny["model"], tiny["pairs"], out, log=lambda *a: None, **kw)
+    before = {n: (tmp_path / "cache" / n).read_bytes() for n in os.listdir(out)}
+
+    def read_only(*a, **k):
+        raise OSError(errno_.EROFS, "Read-only file system")
+    monkeypatch.setattr(fpo.locking.os, "open", read_only)
+    monkeypatch.setattr(pre, "atomic_write_json", read_only)
+    monkeypatch.setattr(pre, "write_shard", read_only)
+    said = []
+    summary = precompute(tiny["model"], tiny["pairs"], out, log=said.append, **kw)
+    assert summary["rows"] == 16 and any("nothing to do" in s for s in said)
+    assert {n: (tmp_path / "cache" / n).read_bytes() for n in os.listdir(out)} == before
+    # a shard damaged (or missing): the cache is not complete, and the read-only folder is named
+    shard = next(n for n in os.listdir(out) if n.endswith(".safetensors"))
+    os.remove(os.path.join(out, shard))
+    with pytest.raises(ValueError, match="cannot create its lock file .*Read-only"):
+        precompute(tiny["model"], tiny["pairs"], out, log=lambda *a: None, **kw)
