@@ -34,7 +34,7 @@ from benchmarks.common import environment, write_results
 from fpo.losses import LOSSES
 from fpo.model import ResidualCapture, enable_activation_checkpointing, lm_head, run_body
 from fpo.precision import Precision, make_optimizer as _make_optimizer, resolve_precision
-from fpo.train import PolicyStats
+from fpo.step import PolicyStats
 from fpo_kernels import SAEWeights, pack_topk
 
 PRESETS = {

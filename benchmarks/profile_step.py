@@ -2,7 +2,7 @@
 step spent in the SAE constraint and in the log-prob / KL kernels (forward and backward).
 
 Names matched: the Triton kernels (_sae_*, _logprobs_*, _kl_*) and the GEMMs launched inside the
-record_function ranges fpo::sae_constraint, fpo::logprobs and fpo::logprobs_kl (TDPO) of fpo.train.PolicyStats.
+record_function ranges fpo::sae_constraint, fpo::logprobs and fpo::logprobs_kl (TDPO) of fpo.step.PolicyStats.
 """
 from __future__ import annotations
 

@@ -8,139 +8,42 @@ log-probs with the lm head; sae_feature_mse_varlen against the cached reference 
 the reference body on the same layout and sequence_logprobs_kl_varlen instead: both models' log-probs and
 the KL from one pass over the logits; the loss; backward. Metrics stay on the device and are read once per
 log step.
+
+Here: building a run (model, LoRA, reference side, data, optimizer), its micro-batches, the step and the loop.
+Beside it: fpo.step (the policy's statistics and the loss), fpo.run_dir (the output directory, checkpoints,
+resume), fpo.run_log (metrics, trackers, the progress bar and the constraint-share warning).
 """
 from __future__ import annotations
 
 import dataclasses
-import errno
-import json
-import math
 import os
-from contextlib import nullcontext
 import random
-import resource
-import shutil
 import time
+from contextlib import nullcontext
 
 import torch
-from torch import nn
-from torch.profiler import record_function
-
-from fpo_kernels import sae_feature_mse_varlen, sequence_logprobs_kl_varlen, sequence_logprobs_varlen
-from fpo_kernels.losses import constraint_share
 
 from . import distributed as dist_utils
-from .cache import ReferenceCache, atomic_write_json, atomic_write_text, temp_dir
-from .locking import DirectoryLock
-from .config import RESUMABLE_CHANGES, TrainConfig, config_from_dict
+from .cache import ReferenceCache, atomic_write_json
+from .config import TrainConfig, config_from_dict
 from .data import load_pairs, tokenize_pairs, tokenizer_fingerprint
-from .losses import LOSSES
-from .model import (ResidualCapture, config_fingerprint, enable_activation_checkpointing, final_softcap, lm_head,
+from .lora import ADAPTER_WEIGHTS, add_adapters, adapter_weights, load_adapter_weights, merged_weights, save_adapter_config
+from .model import (config_fingerprint, enable_activation_checkpointing, final_softcap, lm_head,
                     load_model_for_layout, load_tokenizer, model_fingerprint, resolve_device)
 from .packing import attention_length_scale, body_hidden, collate, micro_batch_tokens, plan_micro_batches
 from .precision import SAVE_DTYPES, make_optimizer, resolve_precision, updates_round_away
 from .precompute import check_sae_fits
-from .progress import progress_bar
-from .lora import ADAPTER_WEIGHTS, add_adapters, adapter_weights, load_adapter_weights, merged_weights, save_adapter_config
+from .run_dir import (check_resumable, checkpoints, claim_output_dir, find_checkpoint, read_state, set_config_dtype,
+                      write_folder, written)
+from .run_log import RunLog
 from .sae import load_saes
-from .trackers import open_trackers
+from .step import PolicyStats, _split, compute_loss
 
 __all__ = ["train", "PolicyStats", "Trainer", "NonFiniteLossError"]
-
-RUN_FILES = ("metrics.jsonl", "summary.json", "final", "final-merged", "tensorboard")   # with checkpoint-*: what marks a directory as a run
-SHARE_CHECK_STEP = 10   # when the constraint's share of the loss is first judged (mean over the logged steps so far)
 
 
 class NonFiniteLossError(FloatingPointError):
     pass
-
-
-class PolicyStats(nn.Module):
-    """Wraps the policy so that everything touching its weights (body, lm head) runs inside forward:
-    DDP and FSDP2 see one forward. Returns per-sequence statistics for the 2P sequences of a micro-batch.
-    SAEs: one (sae at layer), or saes = [(SAEWeights, layer, weight, scale)]: D = sum of weight x D_sae / scale,
-    one forward hook per layer."""
-
-    def __init__(self, model, sae=None, layer=None, k=50, select="policy", saes=None, autocast=None,
-                 adapters_off=None):
-        super().__init__()
-        self.model = model
-        self.adapters_off = adapters_off   # LoRA: a context in which the model is the frozen base (TDPO's reference)
-        self.autocast = autocast or (lambda device: nullcontext())   # the precision policy's forward context
-        self.k, self.select = k, select
-        self.saes = list(saes) if saes is not None else ([] if sae is None else [(sae, layer, 1.0, 1.0)])
-        self.captures = {L: ResidualCapture(model, L) for L in sorted({x[1] for x in self.saes})}
-        self.softcap = final_softcap(model)
-
-    def remove_hooks(self):
-        for cap in self.captures.values():
-            cap.remove()
-
-    def forward(self, batch, ref_idx=None, ref_val=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                ref_features=None, reference_without_adapters=False):
-        """batch: fpo.packing.collate's micro-batch (any layout). ref_features: [(ref_idx, ref_val)] per SAE, in
-        order (or ref_idx, ref_val for one SAE). With ref_hidden (TDPO: the reference's final hidden states on
-        the same layout, flat [N, d_ref]), the reference's log-probs and the KL come from the same pass over
-        the logits. reference_without_adapters (LoRA TDPO): the reference is this model with its adapters off,
-        run here, inside the one forward DDP and FSDP see."""
-        dev = next(self.model.parameters()).device
-        with self.autocast(dev):
-            if reference_without_adapters:
-                with torch.no_grad(), self.adapters_off():
-                    ref_hidden = body_hidden(self.model, batch, dev)
-                for cap in self.captures.values():   # the reference pass is not the policy's residual stream
-                    cap.value = None
-                ref_weight, ref_bias = (None if t is None else t.detach() for t in lm_head(self.model))
-            return self._stats(batch, dev, ref_idx, ref_val, ref_hidden, ref_weight, ref_bias, ref_features)
-
-    def _stats(self, batch, dev, ref_idx, ref_val, ref_hidden, ref_weight, ref_bias, ref_features):
-        hidden = body_hidden(self.model, batch, dev)                         # [N, d] flat rows
-        w, b = lm_head(self.model)
-        rows, labels, seq = (batch[k].to(dev) for k in ("pred_rows", "labels", "seq_ids"))
-        S = batch["num_seqs"]
-        if ref_hidden is not None:
-            with record_function("fpo::logprobs_kl"):
-                total, mean, count, ref_total, kl = sequence_logprobs_kl_varlen(
-                    hidden, w, rows, labels, seq, S, ref_hidden, ref_weight, self.softcap, b, ref_bias)
-            out = {"logp_sum": total, "logp_mean": mean, "len": count, "ref_logp_sum": ref_total, "kl": kl}
-        else:
-            with record_function("fpo::logprobs"):
-                total, mean, count = sequence_logprobs_varlen(hidden, w, rows, labels, seq, S, self.softcap, b)
-            out = {"logp_sum": total, "logp_mean": mean, "len": count}
-        if self.saes:
-            resid = {L: cap.pop() for L, cap in self.captures.items()}
-            refs = ref_features if ref_features is not None else [(ref_idx, ref_val)]
-            with record_function("fpo::sae_constraint"):
-                for (sae, layer, weight, scale), (idx, val) in zip(self.saes, refs):
-                    r = resid[layer]
-                    # spans stay on the host: the kernels lay out their row tiles from them with no device sync
-                    d = sae_feature_mse_varlen(r.reshape(-1, r.shape[-1]), batch["spans"].cpu(), sae, idx, val,
-                                               self.k, self.select, check_inputs=False) * (weight / scale)
-                    out["d"] = d if "d" not in out else out["d"] + d
-        return out
-
-
-def _split(t, P):
-    return t[:P], t[P:]
-
-
-def compute_loss(cfg: TrainConfig, stats: dict, ref: dict | None, P: int, d_scale: float = 1.0):
-    """(losses [P], metrics) for one micro-batch from policy statistics and reference values; d_scale: what
-    D is divided by (the cache's recorded feature scale under constraint_norm "ref", else 1)."""
-    beta = cfg.beta_value
-    sw, sl = _split(stats["logp_sum"], P)
-    aw, al = _split(stats["logp_mean"], P)
-    m = cfg.method
-    if m == "simpo":
-        return LOSSES[m](aw, al, beta, cfg.gamma)
-    if m == "dpo":
-        return LOSSES[m](sw, sl, ref["chosen_logp_sum"], ref["rejected_logp_sum"], beta)
-    if m == "fpo":
-        dw, dl = _split(stats["d"] / d_scale, P)
-        return LOSSES[m](aw, al, ref["chosen_logp_mean"], ref["rejected_logp_mean"], dw, dl, beta, cfg.alpha)
-    kw, kl = _split(stats["kl"], P)
-    return LOSSES[m](sw, sl, ref["chosen_logp_sum"], ref["rejected_logp_sum"], kw, kl, beta, cfg.alpha,
-                     variant=1 if m == "tdpo1" else 2)
 
 
 class Trainer:
@@ -163,11 +66,12 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self._resume_from, self._resume_state = None, None
-        self._claim_output_dir()          # before any model loads: a bad directory fails in a second
+        if dist_utils.is_main():          # before any model loads: a bad directory fails in a second
+            self._lock = claim_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, self.log)
         if cfg.resume:
-            self._resume_from = self._find_checkpoint(cfg.resume)
-            self._resume_state = self._read_state(self._resume_from)
-            self._check_resumable(self._resume_state.get("config", {}))
+            self._resume_from = find_checkpoint(cfg.output_dir, cfg.resume)
+            self._resume_state = read_state(self._resume_from, self.precision.name, self.device.type)
+            check_resumable(cfg, self._resume_state.get("config", {}))
         per_step = (cfg.micro_batch_size if cfg.max_tokens is None else 1) * self.world
         if cfg.batch_size % per_step:
             raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of "
@@ -213,7 +117,6 @@ class Trainer:
                     "many times over") + f"; rebuild the cache with --K >= {cfg.k} or lower k")
         # constraint_norm "ref": each SAE's D divided by its recorded reference feature scale
         scales = [self.cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" else 1.0 for key in self.sae_keys]
-        self._share_checked = False
         self.ref_model = None
         self.reference_is_base = cfg.method.startswith("tdpo") and not cfg.reference_model and self.peft_model is not None
         if self.reference_is_base:
@@ -436,87 +339,6 @@ class Trainer:
             return {k.removeprefix("model."): v for k, v in msd.items()}, osd
         return self.model.state_dict(), self.optimizer.state_dict()
 
-    def _claim_output_dir(self):
-        """output_dir must be writable, and must not hold another run unless this run resumes it or was told
-        to replace it (overwrite). Checked before any model loads."""
-        cfg, d = self.cfg, self.cfg.output_dir
-        if not dist_utils.is_main():
-            return
-        if os.path.lexists(d) and not os.path.isdir(d):
-            raise ValueError(f"output_dir {d} is {'a broken symlink' if os.path.islink(d) else 'a file'}, not a "
-                             "directory: choose another --output-dir")
-        try:
-            os.makedirs(d, exist_ok=True)
-            self._lock = DirectoryLock(d, "output_dir")   # one run per directory at a time
-        except OSError as e:
-            raise ValueError(f"output_dir {d} is not writable ({e.strerror}): choose another --output-dir") from None
-        for n in os.listdir(d):   # what a killed run left half-written: temporaries of its own names
-            if ".tmp" in n and (n.split(".tmp", 1)[0] in RUN_FILES or n.startswith("checkpoint-")):
-                path = os.path.join(d, n)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-        held = sorted(n for n in os.listdir(d) if n in RUN_FILES or n.startswith("checkpoint-"))
-        if not held or cfg.resume:
-            return
-        if not cfg.overwrite:
-            if not any(n.startswith("checkpoint-") or n == "final" for n in held):   # stopped before its first save
-                raise ValueError(f"output_dir {d} holds a run that stopped before saving any checkpoint "
-                                 f"({', '.join(held[:4])}): nothing to resume; pass --overwrite to start it again, "
-                                 "or choose another --output-dir")
-            raise ValueError(f"output_dir {d} holds another run ({', '.join(held[:4])}): pass --resume latest to "
-                             "continue it, --overwrite to replace it, or choose another --output-dir")
-        for n in held:
-            path = os.path.join(d, n)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        self.log(f"[fpo] overwrite: removed the previous run in {d}")
-
-    def _find_checkpoint(self, where):
-        if where == "latest":
-            d = self.cfg.output_dir
-            found = sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and ".tmp" not in n) if os.path.isdir(d) else []
-            if not found:
-                raise ValueError(f"resume='latest' but {d} holds no checkpoint-* folder: nothing to resume (a run "
-                                 "stopped before its first save starts again with --overwrite instead of --resume)")
-            where = os.path.join(d, found[-1])
-        return where
-
-    def _read_state(self, where):
-        """trainer_state.pt through torch.load(weights_only=True): tensors, numbers, strings and containers
-        only, so a crafted file cannot run code. Every file is checked against the checksums recorded when the
-        checkpoint was written first."""
-        state_path = os.path.join(where, "trainer_state.pt")
-        if not os.path.exists(state_path):
-            raise ValueError(f"resume: {where} is not a checkpoint (no trainer_state.pt)")
-        _verify_checksums(where)
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"resume: {state_path} holds objects outside the safe set (tensors, numbers, strings, "
-                             f"containers); not loading it, since unpickling them could run code ({type(e).__name__})") from None
-        if not isinstance(state, dict) or not {"step", "history", "config"} <= set(state):
-            raise ValueError(f"resume: {state_path} lacks the trainer state (step, history, config): not a checkpoint "
-                             "this trainer wrote, or a damaged one; resume from another checkpoint")
-        if "optimizer" in state and not {"scheduler", "rng"} <= set(state):
-            raise ValueError(f"resume: {state_path} lacks its scheduler or RNG state (damaged); resume from another checkpoint")
-        if "optimizer" not in state:
-            raise ValueError(f"resume: {where} was saved without its optimizer state (save_optimizer false, or "
-                             "save_dtype other than the trained weights'): it holds the model only and cannot be resumed")
-        saved = state.get("precision")
-        if saved is not None and saved != self.precision.name:
-            raise ValueError(f"resume: {where} was trained under precision {saved}, this run resolves to "
-                             f"{self.precision.name} (on {self.device.type}): pass --precision {saved}")
-        return state
-
-    def _check_resumable(self, saved: dict):
-        """The resumed run must be the saved run: every key but RESUMABLE_CHANGES equal."""
-        now = dataclasses.asdict(self.cfg)
-        for key, value in now.items():
-            if key in RESUMABLE_CHANGES or key not in saved:   # a key newer than the checkpoint: nothing to compare
-                continue
-            if saved[key] != value:
-                raise ValueError(f"resume: {key} is {value!r} but the checkpoint's run used {saved[key]!r}; only "
-                                 f"{', '.join(RESUMABLE_CHANGES)} may change on resume (start a new run in another "
-                                 "--output-dir to change it)")
-
     def save_checkpoint(self, name=None, with_state=True, dtype=None):
         """output_dir/checkpoint-<step>: the model (save_pretrained) and trainer_state.pt (optimizer,
         scheduler, RNG, step; with_state False: step, history and config only). Written under a temporary
@@ -530,40 +352,27 @@ class Trainer:
             msd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in msd.items()}
             with_state = False
         path = os.path.join(self.cfg.output_dir, name or f"checkpoint-{self.step:06d}")
+        state = {"step": self.step, "history": self.history, "config": dataclasses.asdict(self.cfg),
+                 "precision": self.precision.name}
+        if with_state:
+            state.update(optimizer=osd, scheduler=self.scheduler.state_dict(),
+                         rng={"torch": torch.get_rng_state(), "python": random.getstate(),
+                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+
+        def write(tmp):
+            if self.peft_model is not None:
+                from safetensors.torch import save_file
+                save_file({k: v.contiguous() for k, v in msd.items()}, os.path.join(tmp, ADAPTER_WEIGHTS),
+                          metadata={"format": "pt"})
+                save_adapter_config(self.peft_model, tmp, self.cfg.model)
+            else:
+                self.model.save_pretrained(tmp, state_dict=msd)
+            if cast:
+                set_config_dtype(os.path.join(tmp, "config.json"), dtype)
+            self.tokenizer.save_pretrained(tmp)
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
         if dist_utils.is_main():
-            tmp = temp_dir(path)   # a fresh, unpredictable name: nothing planted there is written through
-            state = {"step": self.step, "history": self.history, "config": dataclasses.asdict(self.cfg),
-                     "precision": self.precision.name}
-            if with_state:
-                state.update(optimizer=osd, scheduler=self.scheduler.state_dict(),
-                             rng={"torch": torch.get_rng_state(), "python": random.getstate(),
-                                  "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
-            try:
-                if self.peft_model is not None:
-                    from safetensors.torch import save_file
-                    save_file({k: v.contiguous() for k, v in msd.items()}, os.path.join(tmp, ADAPTER_WEIGHTS),
-                              metadata={"format": "pt"})
-                    save_adapter_config(self.peft_model, tmp, self.cfg.model)
-                else:
-                    self.model.save_pretrained(tmp, state_dict=msd)
-                if cast:   # save_pretrained records the live model's dtype
-                    _set_config_dtype(os.path.join(tmp, "config.json"), dtype)
-                self.tokenizer.save_pretrained(tmp)
-                torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-                _write_checksums(tmp)
-            except (OSError, RuntimeError) as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                previous = sorted(n for n in os.listdir(self.cfg.output_dir) if n.startswith("checkpoint-")
-                                  and ".tmp" not in n)
-                full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "enforce fail" in str(e) or "No space" in str(e)
-                raise RuntimeError(f"{'the disk is full' if full else 'writing failed'} while saving {path} "
-                                   f"({str(e).splitlines()[0][:200]}); nothing half-written was kept, and "
-                                   + (f"the previous checkpoint {previous[-1]} is intact: free space and resume "
-                                      "with --resume latest" if previous else "no earlier checkpoint exists")) from None
-            if os.path.islink(path):   # a planted link is removed, never written through
-                os.remove(path)
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
+            write_folder(path, write, self.cfg.output_dir)
         dist_utils.barrier()
         return path
 
@@ -573,20 +382,13 @@ class Trainer:
         msd, _ = self._state_dicts()
         merged = merged_weights(msd, self.cfg.lora_alpha_value / self.cfg.lora_r, dtype)
         path = os.path.join(self.cfg.output_dir, "final-merged")
+
+        def write(tmp):
+            self.peft_model.get_base_model().save_pretrained(tmp, state_dict=merged)
+            set_config_dtype(os.path.join(tmp, "config.json"), dtype)
+            self.tokenizer.save_pretrained(tmp)
         if dist_utils.is_main():
-            tmp = temp_dir(path)
-            try:
-                self.peft_model.get_base_model().save_pretrained(tmp, state_dict=merged)
-                _set_config_dtype(os.path.join(tmp, "config.json"), dtype)
-                self.tokenizer.save_pretrained(tmp)
-                _write_checksums(tmp)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            if os.path.islink(path):
-                os.remove(path)
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
+            write_folder(path, write, self.cfg.output_dir)
             self.log(f"[fpo] LoRA adapters merged into the base weights in {str(dtype).removeprefix('torch.')}: "
                      f"{path} (a plain model)")
         dist_utils.barrier()
@@ -638,67 +440,9 @@ class Trainer:
         self.log(f"[fpo] resumed from {where} at step {self.step}")
 
     # ---- the loop -------------------------------------------------------------------------------
-    def _peak_memory_mb(self):
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS on Linux
-
-    def _flush(self, pending, t_start, tokens, metrics_file, bar, trackers=None):
-        """Read the pending steps' device metrics once, check them, write them."""
-        if not pending:
-            return
-        keys = sorted(pending[0][1])
-        stacked = dist_utils.all_reduce_mean(torch.stack([torch.stack([m[k] for k in keys]) for _, m in pending])).cpu()
-        elapsed = time.time() - t_start
-        for (step, _), row in zip(pending, stacked.tolist()):
-            rec = {"step": step, **dict(zip(keys, row))}
-            for k in ("tokens_processed", "response_tokens"):   # totals over ranks, not means
-                rec[k] = round(rec[k] * self.world)
-            share = constraint_share(rec["constraint_abs"], rec["margin_abs"]) if "constraint_abs" in rec else None
-            if share is not None:    # not logged while the margin is ~0 (the first step)
-                rec["constraint_share"] = share
-            if not all(math.isfinite(v) for v in row):
-                bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
-                self._stop_diverged(f"non-finite {bad} at step {step}")
-            rec.update(lr=self.scheduler.get_last_lr()[0], tokens_per_s=tokens * self.world / max(elapsed, 1e-9),
-                       step_time_s=elapsed / len(pending), peak_memory_mb=self._peak_memory_mb())
-            self.history.append(rec)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(rec) + "\n")
-            if trackers is not None:
-                trackers.log(rec, step)
-        if metrics_file is not None:
-            metrics_file.flush()
-        last = self.history[-1]
-        # the policy starts at the reference, where D (and TDPO's KL) is 0: judge the share once it has moved
-        if not self._share_checked and "constraint_abs" in last and \
-                (last["step"] >= SHARE_CHECK_STEP or last["step"] == self.total_steps):
-            recent = self.history[-SHARE_CHECK_STEP:]
-            share = constraint_share(sum(h["constraint_abs"] for h in recent), sum(h["margin_abs"] for h in recent))
-            if share is not None:
-                self._share_checked = True
-                self._warn_if_constraint_is_negligible(share, last["step"])
-        if bar is not None:
-            extra = {"share": f"{last['constraint_share']:.1%}"} if "constraint_share" in last else {}
-            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}", **extra,
-                            tok_s=f"{last['tokens_per_s']:.0f}")
-
-    def _warn_if_constraint_is_negligible(self, share, step):
-        """Once, at the first log step from step SHARE_CHECK_STEP: a constraint below 1% of the margin term
-        changes next to nothing."""
-        if share >= 0.01:
-            return
-        cfg = self.cfg
-        knob = "--alpha" + (" or --constraint-norm ref (D divided by the reference's feature scale)"
-                            if cfg.method == "fpo" and cfg.constraint_norm == "none" else "")
-        self.log(f"[fpo] warning: at step {step} the {'feature' if cfg.method == 'fpo' else 'KL'} constraint is "
-                 f"{share:.2%} of the margin term (mean |constraint term| / mean |beta x margin|): at alpha {cfg.alpha} it changes "
-                 f"almost nothing; raise {knob} (alpha x {0.1 / max(share, 1e-12):.3g} would make it about 10%)")
-
     def _stop_diverged(self, what):
         d = self.cfg.output_dir
-        last = sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and ".tmp" not in n) \
-            if os.path.isdir(d) else []
+        last = checkpoints(d)
         raise NonFiniteLossError(
             f"{what}: training stopped. The last good checkpoint is "
             f"{os.path.join(d, last[-1]) if last else 'none (no checkpoint was saved)'}; "
@@ -707,21 +451,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         main = dist_utils.is_main()
-        metrics_file = None
-        if main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            path = os.path.join(cfg.output_dir, "metrics.jsonl")
-            # on resume, the checkpoint's history is the truth: lines logged after it (or torn by a kill) go
-            atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in self.history))
-            metrics_file = open(path, "a")
-        trackers = None
-        if main:
-            trackers = open_trackers(cfg.report_to, cfg.output_dir,
-                                     cfg.run_name or os.path.basename(os.path.abspath(cfg.output_dir)),
-                                     dataclasses.asdict(cfg))
-        bar = None
-        if cfg.progress and main:
-            bar = progress_bar(self.total_steps, self.step, f"train {cfg.method}", "step")
+        report = RunLog(cfg, self.history, self.step, self.total_steps, self.world, self.device, self.log)
         pending, tokens, t0 = [], 0, time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -731,26 +461,20 @@ class Trainer:
                 self.step += 1
                 pending.append((self.step, metrics))
                 tokens += n
-                if bar is not None:
-                    bar.update(1)
+                report.step_done()
                 last = self.step == self.total_steps
                 save = cfg.save_every and self.step % cfg.save_every == 0
                 if self.step % cfg.log_every == 0 or last or save:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
-                    self._flush(pending, t0, tokens, metrics_file, bar, trackers)
+                    report.flush(pending, t0, tokens, self.scheduler.get_last_lr()[0], self._stop_diverged)
                     pending, tokens, t0 = [], 0, time.time()
                 if save:  # never a diverged checkpoint: this step's metrics were checked above, the next loss here
                     if not self.weights_are_sound():
                         self._stop_diverged(f"after step {self.step} the weights give a non-finite loss")
                     self.save_checkpoint()
         finally:
-            if bar is not None:
-                bar.close()
-            if metrics_file is not None:
-                metrics_file.close()
-            if trackers is not None:
-                trackers.close()
+            report.close()
         save_dtype = None if cfg.save_dtype == "auto" else SAVE_DTYPES[cfg.save_dtype]
         if not self.weights_are_sound():   # the final model gets the check every checkpoint gets
             self._stop_diverged(f"after step {self.step} the weights give a non-finite loss (or are not finite)")
@@ -769,7 +493,7 @@ class Trainer:
                 self.log(f"[fpo] {cfg.method}: {self.step} steps, final loss {h['loss']:.4f}, "
                          f"last batch's reward accuracy {h['accuracy']:.2f}, {h['tokens_per_s']:.0f} tokens/s, "
                          f"peak memory {h['peak_memory_mb']:.0f} MB; saved {final}")
-            self.log(_written(final, cfg.output_dir))
+            self.log(written(final, cfg.output_dir))
         return summary
 
     def close(self):
@@ -780,73 +504,6 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
-
-
-CHECKSUMS = "checksums.json"
-
-
-def _write_checksums(folder):
-    """sha256 of every file of a checkpoint, recorded beside them (checked before a resume)."""
-    from .cache import _sha256
-    sums = {n: _sha256(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
-            if os.path.isfile(os.path.join(folder, n)) and n != CHECKSUMS}
-    atomic_write_json(os.path.join(folder, CHECKSUMS), sums)
-
-
-def _verify_checksums(folder):
-    """Every file checksums.json lists must be there and match (checkpoints written before checksums.json
-    existed are read as they are)."""
-    from .cache import _sha256
-    path = os.path.join(folder, CHECKSUMS)
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            sums = json.load(f)
-        assert isinstance(sums, dict)
-    except (OSError, ValueError, AssertionError):
-        raise ValueError(f"resume: {path} is damaged: the checkpoint cannot be verified; resume from another one") from None
-    for name, want in sums.items():
-        file = os.path.join(folder, name)
-        if not os.path.isfile(file):
-            raise ValueError(f"resume: checkpoint {folder} lacks {name} (truncated or partly deleted); resume from another checkpoint")
-        if _sha256(file) != want:
-            raise ValueError(f"resume: {file} does not match the checksum recorded when it was written (the file is "
-                             "corrupted); resume from another checkpoint")
-
-
-def _set_config_dtype(path, dtype):
-    with open(path) as f:
-        config = json.load(f)
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)
-    atomic_write_json(path, config)
-
-
-def _size(*paths) -> str:
-    n = sum(os.path.getsize(os.path.join(r, f)) for p in paths for r, _, fs in os.walk(p) for f in fs) + \
-        sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
-    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
-
-
-def _written(final, output_dir) -> str:
-    """Where a finished run's files are, and their sizes."""
-    weights = [os.path.join(final, n) for n in os.listdir(final) if n.endswith(".safetensors")]
-    state = os.path.join(final, "trainer_state.pt")
-    adapters = os.path.exists(os.path.join(final, ADAPTER_WEIGHTS))
-    lines = [f"[fpo] written: the {'LoRA adapters (peft format)' if adapters else 'model'} {final} "
-             f"({'adapters' if adapters else 'weights'} {_size(*weights)})"]
-    merged = os.path.join(output_dir, "final-merged")
-    if adapters and os.path.isdir(merged):
-        lines.append(f"  the adapters merged into the base weights, a plain model: {merged} ({_size(merged)})")
-    if os.path.exists(state):
-        lines.append(f"  optimizer, scheduler and RNG state {state} ({_size(state)}; --no-save-optimizer leaves it "
-                     "out, and the run is then not resumable)")
-    for name in ("metrics.jsonl", "summary.json"):
-        path = os.path.join(output_dir, name)
-        if os.path.exists(path):
-            lines.append(f"  {name}: {path} ({_size(path)})")
-    return "\n".join(lines)
 
 
 def make_scheduler(optimizer, name: str, warmup: int, total_steps: int):

@@ -151,3 +151,14 @@ def test_lora_bad_settings_are_refused_by_name(tiny, cache, tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(ValueError, match=r"fpo-kernels\[lora\]"):
         train(_lora(tiny, cache, tmp_path, output_dir=str(tmp_path / "nopeft")), **QUIET)
+
+
+def test_cli_lora_flags(tiny):
+    from fpo.cli import _load_train_config, build_parser
+    args = build_parser().parse_args(["train", "--method", "simpo", "--model", tiny["model"], "--dataset", tiny["pairs"],
+                                      "--lora-r", "8", "--lora-alpha", "32", "--lora-dropout", "0.1",
+                                      "--lora-target-modules", "q_proj", "--lora-target-modules", "v_proj", "--merge-lora"])
+    cfg = _load_train_config(args)
+    assert (cfg.lora_r, cfg.lora_alpha_value, cfg.lora_dropout, cfg.lora_target_modules, cfg.merge_lora) == \
+        (8, 32.0, 0.1, ["q_proj", "v_proj"], True)
+    assert config_from_dict(dict(method="simpo", model="m", dataset="d", lora_r=4)).lora_alpha_value == 8.0

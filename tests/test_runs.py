@@ -58,8 +58,8 @@ def test_resume_never_unpickles_code(tiny, tmp_path):
         pickle.dump(good, f)
     with pytest.raises(ValueError, match="does not match the checksum"):   # the recorded checksum catches it first
         train(_cfg(tiny, None, tmp_path / "run", max_steps=4, resume="latest"), **QUIET)
-    from fpo.train import _write_checksums
-    _write_checksums(str(state.parent))                 # an attacker rewrites checksums.json too: the load is safe
+    from fpo.run_dir import write_checksums
+    write_checksums(str(state.parent))                 # an attacker rewrites checksums.json too: the load is safe
     with pytest.raises(ValueError, match="safe set"):
         train(_cfg(tiny, None, tmp_path / "run", max_steps=4, resume="latest"), **QUIET)
     assert not marker.exists()
@@ -431,8 +431,8 @@ def test_more_mistakes_get_sentences(tiny, cache, tmp_path, monkeypatch):
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
     del state["scheduler"]
     torch.save(state, ckpt / "trainer_state.pt")
-    from fpo.train import _write_checksums
-    _write_checksums(str(ckpt))
+    from fpo.run_dir import write_checksums
+    write_checksums(str(ckpt))
     with pytest.raises(ValueError, match="lacks its scheduler or RNG state"):
         train(_cfg(tiny, None, out, max_steps=4, resume="latest"), **QUIET)
     import safetensors.torch as st

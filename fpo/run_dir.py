@@ -1,0 +1,202 @@
+"""A run's directory: claiming it (one run per directory, never another run's files), its checkpoints
+(written whole or not at all, with checksums) and reading one back to resume (only safe types, only the same
+run)."""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+
+import torch
+
+from .cache import _sha256, atomic_write_json, temp_dir
+from .config import RESUMABLE_CHANGES
+from .locking import DirectoryLock
+from .lora import ADAPTER_WEIGHTS
+
+__all__ = ["RUN_FILES", "CHECKSUMS", "claim_output_dir", "checkpoints", "find_checkpoint", "read_state",
+           "check_resumable", "write_folder", "write_checksums", "verify_checksums", "set_config_dtype", "written"]
+
+RUN_FILES = ("metrics.jsonl", "summary.json", "final", "final-merged", "tensorboard")   # with checkpoint-*: a run's own
+CHECKSUMS = "checksums.json"
+
+
+def checkpoints(d) -> list[str]:
+    """The finished checkpoint-* folders in d, oldest first."""
+    return sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and ".tmp" not in n) if os.path.isdir(d) else []
+
+
+def claim_output_dir(d, resume, overwrite, log) -> DirectoryLock:
+    """output_dir must be writable, and must not hold another run unless this run resumes it or was told to
+    replace it (overwrite, which removes only a run's own files). Returns the directory's lock, held for the run."""
+    if os.path.lexists(d) and not os.path.isdir(d):
+        raise ValueError(f"output_dir {d} is {'a broken symlink' if os.path.islink(d) else 'a file'}, not a "
+                         "directory: choose another --output-dir")
+    try:
+        os.makedirs(d, exist_ok=True)
+        lock = DirectoryLock(d, "output_dir")   # one run per directory at a time
+    except OSError as e:
+        raise ValueError(f"output_dir {d} is not writable ({e.strerror}): choose another --output-dir") from None
+    try:
+        for n in os.listdir(d):   # what a killed run left half-written: temporaries of its own names
+            if ".tmp" in n and (n.split(".tmp", 1)[0] in RUN_FILES or n.startswith("checkpoint-")):
+                path = os.path.join(d, n)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        held = sorted(n for n in os.listdir(d) if n in RUN_FILES or n.startswith("checkpoint-"))
+        if not held or resume:
+            return lock
+        if not overwrite:
+            if not any(n.startswith("checkpoint-") or n == "final" for n in held):   # stopped before its first save
+                raise ValueError(f"output_dir {d} holds a run that stopped before saving any checkpoint "
+                                 f"({', '.join(held[:4])}): nothing to resume; pass --overwrite to start it again, "
+                                 "or choose another --output-dir")
+            raise ValueError(f"output_dir {d} holds another run ({', '.join(held[:4])}): pass --resume latest to "
+                             "continue it, --overwrite to replace it, or choose another --output-dir")
+        for n in held:
+            path = os.path.join(d, n)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        log(f"[fpo] overwrite: removed the previous run in {d}")
+        return lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def find_checkpoint(output_dir, where) -> str:
+    """The checkpoint folder `where` names: a path, or 'latest' in output_dir."""
+    if where != "latest":
+        return where
+    found = checkpoints(output_dir)
+    if not found:
+        raise ValueError(f"resume='latest' but {output_dir} holds no checkpoint-* folder: nothing to resume (a run "
+                         "stopped before its first save starts again with --overwrite instead of --resume)")
+    return os.path.join(output_dir, found[-1])
+
+
+def read_state(where, precision, device_type) -> dict:
+    """trainer_state.pt through torch.load(weights_only=True): tensors, numbers, strings and containers
+    only, so a crafted file cannot run code. Every file is checked against the checksums recorded when the
+    checkpoint was written first; the checkpoint must have been trained under `precision`."""
+    state_path = os.path.join(where, "trainer_state.pt")
+    if not os.path.exists(state_path):
+        raise ValueError(f"resume: {where} is not a checkpoint (no trainer_state.pt)")
+    verify_checksums(where)
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"resume: {state_path} holds objects outside the safe set (tensors, numbers, strings, "
+                         f"containers); not loading it, since unpickling them could run code ({type(e).__name__})") from None
+    if not isinstance(state, dict) or not {"step", "history", "config"} <= set(state):
+        raise ValueError(f"resume: {state_path} lacks the trainer state (step, history, config): not a checkpoint "
+                         "this trainer wrote, or a damaged one; resume from another checkpoint")
+    if "optimizer" in state and not {"scheduler", "rng"} <= set(state):
+        raise ValueError(f"resume: {state_path} lacks its scheduler or RNG state (damaged); resume from another checkpoint")
+    if "optimizer" not in state:
+        raise ValueError(f"resume: {where} was saved without its optimizer state (save_optimizer false, or "
+                         "save_dtype other than the trained weights'): it holds the model only and cannot be resumed")
+    saved = state.get("precision")
+    if saved is not None and saved != precision:
+        raise ValueError(f"resume: {where} was trained under precision {saved}, this run resolves to "
+                         f"{precision} (on {device_type}): pass --precision {saved}")
+    return state
+
+
+def check_resumable(cfg, saved: dict):
+    """The resumed run must be the saved run: every key but RESUMABLE_CHANGES equal."""
+    for key, value in dataclasses.asdict(cfg).items():
+        if key in RESUMABLE_CHANGES or key not in saved:   # a key newer than the checkpoint: nothing to compare
+            continue
+        if saved[key] != value:
+            raise ValueError(f"resume: {key} is {value!r} but the checkpoint's run used {saved[key]!r}; only "
+                             f"{', '.join(RESUMABLE_CHANGES)} may change on resume (start a new run in another "
+                             "--output-dir to change it)")
+
+
+def write_folder(path, write, output_dir):
+    """Write a model folder at `path` whole or not at all: `write(tmp)` fills a fresh temporary folder (an
+    unpredictable name, so nothing planted there is written through), checksums are recorded, and it is renamed
+    into place. A failure (a full disk) removes the temporary and names the previous checkpoint, still intact."""
+    tmp = temp_dir(path)
+    try:
+        write(tmp)
+        write_checksums(tmp)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = checkpoints(output_dir)
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "enforce fail" in str(e) or "No space" in str(e)
+        raise RuntimeError(f"{'the disk is full' if full else 'writing failed'} while saving {path} "
+                           f"({str(e).splitlines()[0][:200]}); nothing half-written was kept, and "
+                           + (f"the previous checkpoint {previous[-1]} is intact: free space and resume "
+                              "with --resume latest" if previous else "no earlier checkpoint exists")) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.islink(path):   # a planted link is removed, never written through
+        os.remove(path)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def write_checksums(folder):
+    """sha256 of every file of a checkpoint, recorded beside them (checked before a resume)."""
+    sums = {n: _sha256(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, n)) and n != CHECKSUMS}
+    atomic_write_json(os.path.join(folder, CHECKSUMS), sums)
+
+
+def verify_checksums(folder):
+    """Every file checksums.json lists must be there and match (checkpoints written before checksums.json
+    existed are read as they are)."""
+    path = os.path.join(folder, CHECKSUMS)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            sums = json.load(f)
+        assert isinstance(sums, dict)
+    except (OSError, ValueError, AssertionError):
+        raise ValueError(f"resume: {path} is damaged: the checkpoint cannot be verified; resume from another one") from None
+    for name, want in sums.items():
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            raise ValueError(f"resume: checkpoint {folder} lacks {name} (truncated or partly deleted); resume from another checkpoint")
+        if _sha256(file) != want:
+            raise ValueError(f"resume: {file} does not match the checksum recorded when it was written (the file is "
+                             "corrupted); resume from another checkpoint")
+
+
+def set_config_dtype(path, dtype):
+    """config.json's dtype set to the saved weights' (save_pretrained records the live model's)."""
+    with open(path) as f:
+        config = json.load(f)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    atomic_write_json(path, config)
+
+
+def _size(*paths) -> str:
+    n = sum(os.path.getsize(os.path.join(r, f)) for p in paths for r, _, fs in os.walk(p) for f in fs) + \
+        sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+def written(final, output_dir) -> str:
+    """Where a finished run's files are, and their sizes."""
+    weights = [os.path.join(final, n) for n in os.listdir(final) if n.endswith(".safetensors")]
+    state = os.path.join(final, "trainer_state.pt")
+    adapters = os.path.exists(os.path.join(final, ADAPTER_WEIGHTS))
+    lines = [f"[fpo] written: the {'LoRA adapters (peft format)' if adapters else 'model'} {final} "
+             f"({'adapters' if adapters else 'weights'} {_size(*weights)})"]
+    merged = os.path.join(output_dir, "final-merged")
+    if adapters and os.path.isdir(merged):
+        lines.append(f"  the adapters merged into the base weights, a plain model: {merged} ({_size(merged)})")
+    if os.path.exists(state):
+        lines.append(f"  optimizer, scheduler and RNG state {state} ({_size(state)}; --no-save-optimizer leaves it "
+                     "out, and the run is then not resumable)")
+    for name in ("metrics.jsonl", "summary.json"):
+        path = os.path.join(output_dir, name)
+        if os.path.exists(path):
+            lines.append(f"  {name}: {path} ({_size(path)})")
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""What a run reports as it goes: each logged step's metrics, read from the device once per log step and
+checked, into OUTPUT_DIR/metrics.jsonl, the trackers (--report-to) and the progress bar; and, once, whether the
+constraint is large enough to matter."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import time
+
+import torch
+
+from fpo_kernels.losses import constraint_share
+
+from . import distributed as dist_utils
+from .cache import atomic_write_text
+from .progress import progress_bar
+from .trackers import open_trackers
+
+__all__ = ["RunLog", "peak_memory_mb", "SHARE_CHECK_STEP"]
+
+SHARE_CHECK_STEP = 10   # when the constraint's share of the loss is first judged (mean over the logged steps so far)
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS on Linux
+
+
+class RunLog:
+    """history: the run's list of metric records (a resumed run's, from its checkpoint), appended to in place.
+    Only the main rank writes; every rank takes part in the metrics' all-reduce."""
+
+    def __init__(self, cfg, history: list, step: int, total_steps: int, world: int, device, log):
+        self.cfg, self.history, self.total_steps, self.world, self.device, self.log = \
+            cfg, history, total_steps, world, device, log
+        self.file = self.trackers = self.bar = None
+        self._share_checked = False
+        if not dist_utils.is_main():
+            return
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        # on resume, the checkpoint's history is the truth: lines logged after it (or torn by a kill) go
+        atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in history))
+        self.file = open(path, "a")
+        try:
+            self.trackers = open_trackers(cfg.report_to, cfg.output_dir,
+                                          cfg.run_name or os.path.basename(os.path.abspath(cfg.output_dir)),
+                                          dataclasses.asdict(cfg))
+        except BaseException:
+            self.file.close()
+            raise
+        if cfg.progress:
+            self.bar = progress_bar(total_steps, step, f"train {cfg.method}", "step")
+
+    def step_done(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def flush(self, pending, t_start, tokens, lr, on_nonfinite):
+        """Read the pending steps' device metrics [(step, {name: tensor})] once, check them (on_nonfinite(what)
+        raises), write them."""
+        if not pending:
+            return
+        keys = sorted(pending[0][1])
+        stacked = dist_utils.all_reduce_mean(torch.stack([torch.stack([m[k] for k in keys]) for _, m in pending])).cpu()
+        elapsed = time.time() - t_start
+        for (step, _), row in zip(pending, stacked.tolist()):
+            rec = {"step": step, **dict(zip(keys, row))}
+            for k in ("tokens_processed", "response_tokens"):   # totals over ranks, not means
+                rec[k] = round(rec[k] * self.world)
+            share = constraint_share(rec["constraint_abs"], rec["margin_abs"]) if "constraint_abs" in rec else None
+            if share is not None:    # not logged while the margin is ~0 (the first step)
+                rec["constraint_share"] = share
+            if not all(math.isfinite(v) for v in row):
+                bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
+                on_nonfinite(f"non-finite {bad} at step {step}")
+            rec.update(lr=lr, tokens_per_s=tokens * self.world / max(elapsed, 1e-9),
+                       step_time_s=elapsed / len(pending), peak_memory_mb=peak_memory_mb(self.device))
+            self.history.append(rec)
+            if self.file is not None:
+                self.file.write(json.dumps(rec) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(rec, step)
+        if self.file is not None:
+            self.file.flush()
+        last = self.history[-1]
+        # the policy starts at the reference, where D (and TDPO's KL) is 0: judge the share once it has moved
+        if not self._share_checked and "constraint_abs" in last and \
+                (last["step"] >= SHARE_CHECK_STEP or last["step"] == self.total_steps):
+            recent = self.history[-SHARE_CHECK_STEP:]
+            share = constraint_share(sum(h["constraint_abs"] for h in recent), sum(h["margin_abs"] for h in recent))
+            if share is not None:
+                self._share_checked = True
+                self._warn_if_constraint_is_negligible(share, last["step"])
+        if self.bar is not None:
+            extra = {"share": f"{last['constraint_share']:.1%}"} if "constraint_share" in last else {}
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}", **extra,
+                                 tok_s=f"{last['tokens_per_s']:.0f}")
+
+    def _warn_if_constraint_is_negligible(self, share, step):
+        """Once, at the first log step from step SHARE_CHECK_STEP: a constraint below 1% of the margin term
+        changes next to nothing."""
+        if share >= 0.01:
+            return
+        cfg = self.cfg
+        knob = "--alpha" + (" or --constraint-norm ref (D divided by the reference's feature scale)"
+                            if cfg.method == "fpo" and cfg.constraint_norm == "none" else "")
+        self.log(f"[fpo] warning: at step {step} the {'feature' if cfg.method == 'fpo' else 'KL'} constraint is "
+                 f"{share:.2%} of the margin term (mean |constraint term| / mean |beta x margin|): at alpha {cfg.alpha} it changes "
+                 f"almost nothing; raise {knob} (alpha x {0.1 / max(share, 1e-12):.3g} would make it about 10%)")
+
+    def close(self):
+        for thing in (self.bar, self.file, self.trackers):
+            if thing is not None:
+                thing.close()
+        self.bar = self.file = self.trackers = None

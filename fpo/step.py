@@ -1,0 +1,110 @@
+"""One training step's statistics and loss, shared by the trainer and the tools that measure it.
+
+PolicyStats wraps the policy so that everything touching its weights (body, lm head, SAE constraint, and TDPO's
+reference when it is the policy with its LoRA adapters off) runs inside one forward, as DDP and FSDP need;
+compute_loss maps a method to its loss on those statistics and the reference side.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from torch.profiler import record_function
+
+from fpo_kernels import sae_feature_mse_varlen, sequence_logprobs_kl_varlen, sequence_logprobs_varlen
+
+from .config import TrainConfig
+from .losses import LOSSES
+from .model import ResidualCapture, final_softcap, lm_head
+from .packing import body_hidden
+
+__all__ = ["PolicyStats", "compute_loss"]
+
+
+class PolicyStats(nn.Module):
+    """Wraps the policy so that everything touching its weights (body, lm head) runs inside forward:
+    DDP and FSDP2 see one forward. Returns per-sequence statistics for the 2P sequences of a micro-batch.
+    SAEs: one (sae at layer), or saes = [(SAEWeights, layer, weight, scale)]: D = sum of weight x D_sae / scale,
+    one forward hook per layer."""
+
+    def __init__(self, model, sae=None, layer=None, k=50, select="policy", saes=None, autocast=None,
+                 adapters_off=None):
+        super().__init__()
+        self.model = model
+        self.adapters_off = adapters_off   # LoRA: a context in which the model is the frozen base (TDPO's reference)
+        self.autocast = autocast or (lambda device: nullcontext())   # the precision policy's forward context
+        self.k, self.select = k, select
+        self.saes = list(saes) if saes is not None else ([] if sae is None else [(sae, layer, 1.0, 1.0)])
+        self.captures = {L: ResidualCapture(model, L) for L in sorted({x[1] for x in self.saes})}
+        self.softcap = final_softcap(model)
+
+    def remove_hooks(self):
+        for cap in self.captures.values():
+            cap.remove()
+
+    def forward(self, batch, ref_idx=None, ref_val=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+                ref_features=None, reference_without_adapters=False):
+        """batch: fpo.packing.collate's micro-batch (any layout). ref_features: [(ref_idx, ref_val)] per SAE, in
+        order (or ref_idx, ref_val for one SAE). With ref_hidden (TDPO: the reference's final hidden states on
+        the same layout, flat [N, d_ref]), the reference's log-probs and the KL come from the same pass over
+        the logits. reference_without_adapters (LoRA TDPO): the reference is this model with its adapters off,
+        run here, inside the one forward DDP and FSDP see."""
+        dev = next(self.model.parameters()).device
+        with self.autocast(dev):
+            if reference_without_adapters:
+                with torch.no_grad(), self.adapters_off():
+                    ref_hidden = body_hidden(self.model, batch, dev)
+                for cap in self.captures.values():   # the reference pass is not the policy's residual stream
+                    cap.value = None
+                ref_weight, ref_bias = (None if t is None else t.detach() for t in lm_head(self.model))
+            return self._stats(batch, dev, ref_idx, ref_val, ref_hidden, ref_weight, ref_bias, ref_features)
+
+    def _stats(self, batch, dev, ref_idx, ref_val, ref_hidden, ref_weight, ref_bias, ref_features):
+        hidden = body_hidden(self.model, batch, dev)                         # [N, d] flat rows
+        w, b = lm_head(self.model)
+        rows, labels, seq = (batch[k].to(dev) for k in ("pred_rows", "labels", "seq_ids"))
+        S = batch["num_seqs"]
+        if ref_hidden is not None:
+            with record_function("fpo::logprobs_kl"):
+                total, mean, count, ref_total, kl = sequence_logprobs_kl_varlen(
+                    hidden, w, rows, labels, seq, S, ref_hidden, ref_weight, self.softcap, b, ref_bias)
+            out = {"logp_sum": total, "logp_mean": mean, "len": count, "ref_logp_sum": ref_total, "kl": kl}
+        else:
+            with record_function("fpo::logprobs"):
+                total, mean, count = sequence_logprobs_varlen(hidden, w, rows, labels, seq, S, self.softcap, b)
+            out = {"logp_sum": total, "logp_mean": mean, "len": count}
+        if self.saes:
+            resid = {L: cap.pop() for L, cap in self.captures.items()}
+            refs = ref_features if ref_features is not None else [(ref_idx, ref_val)]
+            with record_function("fpo::sae_constraint"):
+                for (sae, layer, weight, scale), (idx, val) in zip(self.saes, refs):
+                    r = resid[layer]
+                    # spans stay on the host: the kernels lay out their row tiles from them with no device sync
+                    d = sae_feature_mse_varlen(r.reshape(-1, r.shape[-1]), batch["spans"].cpu(), sae, idx, val,
+                                               self.k, self.select, check_inputs=False) * (weight / scale)
+                    out["d"] = d if "d" not in out else out["d"] + d
+        return out
+
+
+def _split(t, P):
+    return t[:P], t[P:]
+
+
+def compute_loss(cfg: TrainConfig, stats: dict, ref: dict | None, P: int, d_scale: float = 1.0):
+    """(losses [P], metrics) for one micro-batch from policy statistics and reference values; d_scale: what
+    D is divided by (the cache's recorded feature scale under constraint_norm "ref", else 1)."""
+    beta = cfg.beta_value
+    sw, sl = _split(stats["logp_sum"], P)
+    aw, al = _split(stats["logp_mean"], P)
+    m = cfg.method
+    if m == "simpo":
+        return LOSSES[m](aw, al, beta, cfg.gamma)
+    if m == "dpo":
+        return LOSSES[m](sw, sl, ref["chosen_logp_sum"], ref["rejected_logp_sum"], beta)
+    if m == "fpo":
+        dw, dl = _split(stats["d"] / d_scale, P)
+        return LOSSES[m](aw, al, ref["chosen_logp_mean"], ref["rejected_logp_mean"], dw, dl, beta, cfg.alpha)
+    kw, kl = _split(stats["kl"], P)
+    return LOSSES[m](sw, sl, ref["chosen_logp_sum"], ref["rejected_logp_sum"], kw, kl, beta, cfg.alpha,
+                     variant=1 if m == "tdpo1" else 2)
