@@ -46,8 +46,11 @@ def measure(cfg: dict, steps: int) -> dict:
             for s in range(steps):
                 metrics, _ = trainer.train_step(s)
         trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        ref = 0 if trainer.ref_model is None else \
+            sum(t.numel() * t.element_size() for t in list(trainer.ref_model.parameters()) + list(trainer.ref_model.buffers()))
         return {"peak_gib": tracer.peak / GB, "held_before_gib": weights / GB, "trained_params": trained,
-                "second_model": trainer.ref_model is not None, "loss": float(metrics["loss"])}
+                "second_model": trainer.ref_model is not None, "reference_model_gib": ref / GB,
+                "loss": float(metrics["loss"])}
     finally:
         trainer.close()
 
@@ -90,8 +93,8 @@ def main(argv=None):
     for method in methods:
         full, lora = (next(r for r in rows if r["method"] == method and bool(r["lora_r"]) == bool(x)) for x in (0, 1))
         print(f"  {method}: {lora['peak_gib']:.3f} / {full['peak_gib']:.3f} GiB = {lora['peak_gib'] / full['peak_gib']:.2f}"
-              + (f" (the reference model it does not load: {full['held_before_gib'] - lora['held_before_gib']:.3f} "
-                 "GiB less held before the steps)" if full["second_model"] else ""))
+              + (f" (LoRA loads no reference model; full fine-tuning's is {full['reference_model_gib']:.3f} GiB)"
+                 if full["second_model"] else ""))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"env": environment(), "args": vars(args), "rows": rows}, f, indent=1)

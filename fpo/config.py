@@ -136,6 +136,9 @@ class TrainConfig:
         if self.lora_r is None and (self.merge_lora or self.lora_alpha is not None):
             raise ValueError(f"{'merge_lora' if self.merge_lora else 'lora_alpha'} is set but lora_r is not: pass "
                              "--lora-r to train LoRA adapters")
+        if self.lora_r is not None and self.save_dtype != "auto" and not self.merge_lora:
+            raise ValueError(f"save_dtype {self.save_dtype} with LoRA applies to the merged model: pass --merge-lora "
+                             "(the adapters are saved in their trained dtype)")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
 

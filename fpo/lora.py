@@ -43,6 +43,9 @@ def add_adapters(model, r: int, alpha: float, dropout: float, target_modules, dt
             wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
     except ValueError as e:   # peft: no module matched the names given
         raise ValueError(f"lora_target_modules {target_modules!r}: {str(e).splitlines()[0]}") from None
+    if hasattr(model.get_output_embeddings(), "base_layer"):   # peft wrapped the lm head
+        raise ValueError(f"lora_target_modules {target_modules!r} puts an adapter on the lm head: the fused log-prob op "
+                         "reads the head's weight directly and would not see it; leave the lm head out")
     for name, p in model.named_parameters():
         if ".lora_" in name:
             p.data = p.data.to(dtype)

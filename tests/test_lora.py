@@ -144,10 +144,14 @@ def test_lora_two_ranks_equal_one_rank_with_twice_the_batch(tiny, cache, tmp_pat
 def test_lora_bad_settings_are_refused_by_name(tiny, cache, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="merge_lora is set but lora_r is not"):
         config_from_dict(_cfg(tiny, cache, tmp_path, merge_lora=True))
+    with pytest.raises(ValueError, match="applies to the merged model"):
+        config_from_dict(_cfg(tiny, cache, tmp_path, lora_r=4, save_dtype="bfloat16"))
     with pytest.raises(ValueError, match="lora_r must be >= 1"):
         config_from_dict(_cfg(tiny, cache, tmp_path, lora_r=0))
     with pytest.raises(ValueError, match="lora_target_modules"):
         train(_lora(tiny, cache, tmp_path, lora_target_modules="no_such_proj"), **QUIET)
+    with pytest.raises(ValueError, match="adapter on the lm head"):
+        train(_lora(tiny, cache, tmp_path, lora_target_modules=["q_proj", "lm_head"]), **QUIET)
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(ValueError, match=r"fpo-kernels\[lora\]"):
         train(_lora(tiny, cache, tmp_path, output_dir=str(tmp_path / "nopeft")), **QUIET)
@@ -162,3 +166,11 @@ def test_cli_lora_flags(tiny):
     assert (cfg.lora_r, cfg.lora_alpha_value, cfg.lora_dropout, cfg.lora_target_modules, cfg.merge_lora) == \
         (8, 32.0, 0.1, ["q_proj", "v_proj"], True)
     assert config_from_dict(dict(method="simpo", model="m", dataset="d", lora_r=4)).lora_alpha_value == 8.0
+
+
+def test_lora_with_gradient_checkpointing_gives_the_same_losses(tiny, tmp_path):
+    """Non-reentrant recompute needs no input that requires grad: the frozen embeddings are fine."""
+    runs = [train(_lora(tiny, None, tmp_path, "tdpo2", gradient_checkpointing=gc, output_dir=str(tmp_path / str(gc))), **QUIET)
+            for gc in (False, True)]
+    a, b = ([json.loads(line)["loss"] for line in open(tmp_path / str(gc) / "metrics.jsonl")] for gc in (False, True))
+    assert a == pytest.approx(b, rel=1e-6) and len(a) == 2 and runs[1]["last"]["kl_chosen"] > 0
