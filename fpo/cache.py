@@ -162,6 +162,31 @@ class ReferenceCache:
             raise ValueError(f"cache {self.path}: shards hold {len(ids)} rows, meta.json says {self.meta['rows']}")
         self._row_of = {int(i): r for r, i in enumerate(ids.tolist())}
         self.has_features = "chosen_idx" in self.data
+        self._check_contents()
+
+    def _check_contents(self):
+        """What training reads unchecked (the kernels skip their input checks in the loop): every feature index
+        inside [-1, width) of its SAE, every value and log-prob finite. Checked once, at load: a crafted or
+        damaged cache whose checksums were rewritten to match still stops here, naming the row."""
+        ids = self.data["ids"]
+        for name, t in self.data.items():
+            if t.is_floating_point():
+                bad = (~t.isfinite()).reshape(len(t), -1).any(1).nonzero().flatten()
+                if bad.numel():
+                    raise ValueError(f"cache {self.path}: {name} of example id {int(ids[bad[0]])} is not finite: the "
+                                     "cache is damaged; rebuild it with `fpo precompute --overwrite`")
+        for entry in self.saes if self.has_features else []:
+            width = entry.get("width")
+            for side in ("chosen", "rejected"):
+                idx = self.data.get(f"{side}_idx{entry['key']}")
+                if idx is None or width is None:
+                    continue
+                wide = idx.int()
+                bad = ((wide < -1) | (wide >= width)).any(1).nonzero().flatten()
+                if bad.numel():
+                    raise ValueError(f"cache {self.path}: {side}_idx{entry['key']} of example id {int(ids[bad[0]])} holds "
+                                     f"{int(wide[bad[0]][(wide[bad[0]] < -1) | (wide[bad[0]] >= width)][0])}, outside "
+                                     f"[-1, {width}) for SAE width {width}: the cache is damaged; rebuild it")
 
     def __len__(self):
         return len(self._row_of)

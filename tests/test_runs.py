@@ -583,3 +583,38 @@ def test_precompute_on_a_complete_cache_writes_nothing(tiny, tmp_path, monkeypat
     os.remove(os.path.join(out, shard))
     with pytest.raises(ValueError, match="cannot create its lock file .*Read-only"):
         precompute(tiny["model"], tiny["pairs"], out, log=lambda *a: None, **kw)
+
+
+def test_a_crafted_cache_with_matching_checksums_is_refused(cache, tmp_path):
+    """Checksums rewritten to match do not let an out-of-range feature index (which the kernels, unchecked in
+    the training loop, would read out of bounds) or a non-finite value through: the load names the row."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from fpo.cache import _sha256
+
+    def crafted(name, change):
+        d = tmp_path / name
+        shutil.copytree(cache, d)
+        meta = json.loads((d / "meta.json").read_text())
+        shard = meta["shards"][0]
+        data = load_file(str(d / shard["file"]))
+        change(data)
+        save_file(data, str(d / shard["file"]))
+        shard.update(bytes=os.path.getsize(d / shard["file"]), sha256=_sha256(str(d / shard["file"])))
+        (d / "meta.json").write_text(json.dumps(meta))
+        if (d / (shard["file"] + ".sha256")).exists():
+            (d / (shard["file"] + ".sha256")).write_text(shard["sha256"])
+        return str(d), int(data["ids"][1])
+
+    def index(data):
+        data["chosen_idx"][1, 3] = 9999                # the SAE is 200 wide
+
+    def value(data):
+        data["rejected_logp_mean"][1] = float("nan")
+
+    path, row = crafted("index", index)
+    with pytest.raises(ValueError, match=f"chosen_idx of example id {row} holds 9999, outside \\[-1, 200\\)"):
+        ReferenceCache(path)
+    path, row = crafted("value", value)
+    with pytest.raises(ValueError, match=f"rejected_logp_mean of example id {row} is not finite"):
+        ReferenceCache(path)
