@@ -137,8 +137,13 @@ class ReferenceCache:
                 raise ValueError(f"cache {self.path} is incomplete (no meta.json): rerun `fpo precompute` with the "
                                  "same arguments to finish it")
             raise ValueError(f"cache {self.path} has no meta.json: build it with `fpo precompute`")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                self.meta = json.load(f)
+            assert isinstance(self.meta, dict) and isinstance(self.meta.get("shards"), list)
+        except (ValueError, AssertionError):   # invalid JSON or UTF-8, or not a cache's meta.json
+            raise ValueError(f"cache {self.path}: meta.json is damaged or not a cache's (truncated or edited): "
+                             "rerun `fpo precompute` with the same arguments to rebuild it") from None
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise CacheMismatchError(f"cache {self.path}: format_version {self.meta.get('format_version')} "
                                      f"is not {FORMAT_VERSION}; rebuild it")

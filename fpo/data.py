@@ -59,8 +59,17 @@ class TokenizedPair:
 def _read_json(path: str, ext: str) -> list:
     """Rows of a .jsonl file (one object per line) or a .json file (a list of objects, or columns), with
     an error naming the line of any malformed row."""
+    try:
+        return _read_json_rows(path, ext)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"dataset {path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+                         f"{e.start}): JSON datasets are read as UTF-8 (a UTF-8 byte-order mark is accepted); convert "
+                         "it, e.g. iconv -f UTF-16 -t UTF-8") from None
+
+
+def _read_json_rows(path: str, ext: str) -> list:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:   # -sig: a leading byte-order mark (Windows tools) is skipped
         if ext == ".jsonl":
             for n, line in enumerate(f, 1):
                 if not line.strip():

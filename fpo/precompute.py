@@ -104,10 +104,13 @@ def _shard_is_sound(out, name, say):
     if not os.path.exists(path):
         return False
     meta = None
-    if os.path.exists(os.path.join(out, "meta.json")):
+    try:   # meta.json: the checksums of caches written before the .sha256 files; a damaged one counts as none
         import json
         with open(os.path.join(out, "meta.json")) as f:
             meta = json.load(f)
+        meta = meta if isinstance(meta, dict) else None
+    except (OSError, ValueError):
+        pass
     want = recorded_checksum(out, name, meta)
     if want is not None and _sha256(path) == want:
         return True

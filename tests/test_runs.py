@@ -618,3 +618,26 @@ def test_a_crafted_cache_with_matching_checksums_is_refused(cache, tmp_path):
     path, row = crafted("value", value)
     with pytest.raises(ValueError, match=f"rejected_logp_mean of example id {row} is not finite"):
         ReferenceCache(path)
+
+
+def test_damaged_meta_and_other_encodings(tiny, cache, tmp_path):
+    """A truncated meta.json gets a sentence from training and is rebuilt by re-running precompute; a UTF-16
+    dataset gets a sentence naming the fix; a UTF-8 file with a byte-order mark is read."""
+    import shutil
+    d = tmp_path / "cache"
+    shutil.copytree(cache, d)
+    (d / "meta.json").write_text('{"format_version": ')
+    with pytest.raises(ValueError, match="meta.json is damaged"):
+        ReferenceCache(str(d))
+    os.environ["TRITON_INTERPRET"], old = "0", os.environ.get("TRITON_INTERPRET")
+    try:
+        precompute(tiny["model"], tiny["pairs"], str(d), sae=tiny["sae"], K=32, progress=False, log=lambda *a: None, **LEN)
+    finally:
+        os.environ["TRITON_INTERPRET"] = old or "0"
+    assert len(ReferenceCache(str(d))) == 16
+    row = {"prompt": "a", "chosen": "b", "rejected": "c"}
+    (tmp_path / "u16.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-16")
+    with pytest.raises(ValueError, match="is not UTF-8 text .*iconv"):
+        load_pairs(str(tmp_path / "u16.jsonl"))
+    (tmp_path / "bom.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8-sig")
+    assert load_pairs(str(tmp_path / "bom.jsonl"))[0].chosen == "b"
