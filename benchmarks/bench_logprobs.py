@@ -98,7 +98,7 @@ def run(heads, tokens, dtype=torch.bfloat16):
             if liger is not None and cap is None:
                 providers["logprobs/liger"] = lambda h: -liger(W, h, labels)
             if liger_simpo is not None and cap is None:   # the whole SimPO loss module, ours against Liger's
-                ours = FusedLinearSimPOLoss(beta=2.0, gamma=0.5)
+                ours = FusedLinearSimPOLoss(beta=2.0, gamma=0.5, compute_nll_loss=False)
                 providers["simpo-loss/fused"] = lambda h: ours(W, *_as_pairs(h, labels))[0].expand(N) / N
                 providers["simpo-loss/liger"] = lambda h: liger_simpo(W, *_as_pairs(h, labels))[0].expand(N) / N
             for mode in ("forward", "full"):

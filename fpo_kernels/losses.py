@@ -1,12 +1,15 @@
 """Preference losses on per-sequence statistics. Each returns (losses [P], metrics dict of [P] tensors);
 the training loss is losses.mean(). Shapes: every argument is [P] (one value per pair), float32.
 Notation: s = summed response log-prob, a = s / |y| (length-normalised), w = chosen, l = rejected.
-All: L = -log sigmoid(u)."""
+All: L = -log sigmoid(u) (DPO's other loss types and label smoothing as Liger-Kernel and TRL define them)."""
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn.functional as F
 
-__all__ = ["dpo_loss", "simpo_loss", "tdpo_loss", "fpo_loss", "LOSSES", "constraint_share", "MARGIN_FLOOR"]
+__all__ = ["DPO_LOSS_TYPES", "check_dpo_options", "dpo_loss", "simpo_loss", "tdpo_loss", "fpo_loss", "LOSSES", "constraint_share", "MARGIN_FLOOR"]
 
 
 def _metrics(reward_w, reward_l, **extra):
@@ -32,19 +35,68 @@ def _share(margin, constraint):
     return {"margin_abs": margin.abs(), "constraint_abs": constraint.abs()}
 
 
-def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta: float = 0.1):
-    """DPO (Rafailov et al. 2023): u = beta ((s_w - s_ref_w) - (s_l - s_ref_l)); s_ref from the offline cache."""
-    rw, rl = beta * (logp_w - ref_logp_w), beta * (logp_l - ref_logp_l)
-    return -F.logsigmoid(rw - rl), _metrics(rw, rl)
+# DPO's variants as Liger-Kernel and TRL name them; each is a function of the chosen and rejected log-ratios
+# r = s - s_ref (sums, or means under average_log_prob) and beta. ipo needs lengths: not one of them.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
+                  "apo_down", "discopop")
 
 
-def simpo_loss(mean_logp_w, mean_logp_l, beta: float = 2.0, gamma: float = 0.5):
-    """SimPO (Meng et al. 2024): u = beta a_w - beta a_l - gamma, a = s / |y|.
+def check_dpo_options(loss_type: str, label_smoothing: float):
+    """The option combinations each DPO variant is defined for (Liger's and TRL's rules)."""
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r} is not supported: one of {DPO_LOSS_TYPES}")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5], got {label_smoothing}")
+    if loss_type == "exo_pair" and not label_smoothing > 0:
+        raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair' (the EXO paper recommends 1e-3)")
+    if loss_type == "robust" and not label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {label_smoothing}")
+
+
+def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, discopop_tau: float = 0.05):
+    """DPO (Rafailov et al. 2023): u = beta ((s_w - s_ref_w) - (s_l - s_ref_l)); s_ref from the offline cache.
+    sigmoid: -log sigmoid(u), with label smoothing eps the conservative cDPO -(1 - eps) log sigmoid(u) - eps
+    log sigmoid(-u) (as TRL; Liger's sigmoid ignores eps). The other loss types as Liger and TRL define them."""
+    check_dpo_options(loss_type, label_smoothing)
+    cw, cl = logp_w - ref_logp_w, logp_l - ref_logp_l
+    rw, rl = beta * cw, beta * cl
+    u = rw - rl
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(u) * (1 - eps) - F.logsigmoid(-u) * eps
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - u)
+    elif loss_type == "exo_pair":
+        losses = torch.sigmoid(u) * (F.logsigmoid(u) - math.log1p(-eps)) + \
+            torch.sigmoid(-u) * (F.logsigmoid(-u) - math.log(eps))
+    elif loss_type == "nca_pair":
+        losses = -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(u) + eps * F.logsigmoid(-u)) / (1 - 2 * eps)
+    elif loss_type == "bco_pair":
+        losses = -F.logsigmoid(rw) - F.logsigmoid(-rl)
+    elif loss_type == "sppo_hard":
+        losses = (cw - 0.5 / beta) ** 2 + (cl + 0.5 / beta) ** 2
+    elif loss_type == "apo_zero":
+        losses = 1 - torch.sigmoid(rw) + torch.sigmoid(rl)
+    elif loss_type == "apo_down":
+        losses = torch.sigmoid(rw) + 1 - torch.sigmoid(u)
+    else:   # discopop: logistic and exponential losses blended by sigmoid(u / tau)
+        blend = torch.sigmoid(u / discopop_tau)
+        losses = -F.logsigmoid(u) * (1 - blend) + torch.exp(-u) * blend
+    return losses, _metrics(rw, rl)
+
+
+def simpo_loss(mean_logp_w, mean_logp_l, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0):
+    """SimPO (Meng et al. 2024): u = beta a_w - beta a_l - gamma, a = s / |y|; with label smoothing eps,
+    -(1 - eps) log sigmoid(u) - eps log sigmoid(-u) (as the SimPO code and Liger).
 
     gamma is the absolute target margin. The official SimPO code takes gamma_beta_ratio = gamma / beta
     instead: gamma_beta_ratio 0.25 with beta 2.0 is gamma 0.5 here."""
     rw, rl = beta * mean_logp_w, beta * mean_logp_l
-    return -F.logsigmoid(rw - rl - gamma), _metrics(rw, rl)
+    u = rw - rl - gamma
+    return -F.logsigmoid(u) * (1 - label_smoothing) - F.logsigmoid(-u) * label_smoothing, _metrics(rw, rl)
 
 
 def tdpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, kl_w, kl_l, beta: float = 0.1, alpha: float = 0.5,

@@ -1,29 +1,34 @@
 """Drop-in fused preference losses for other trainers: lm-head weight, final hidden states and shifted labels in,
-the mean loss and the usual metrics out, never [tokens, vocab] logits.
+the mean loss and the usual outputs out, never [tokens, vocab] logits.
 
-The calling convention is Liger-Kernel's chunked preference losses (and so TRL's `use_liger_kernel`):
+The calling convention, constructor arguments and defaults are Liger-Kernel's chunked preference losses (and so
+TRL's `use_liger_kernel`); swapping LigerFusedLinearSimPOLoss or LigerFusedLinearDPOLoss for ours is one line:
 
-    loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss, *aux) =
-        module(lin_weight [V, d], _input [2P, T, d], target [2P, T], bias=None, ...)
+    loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
+           chosen_rewards, rejected_rewards) = module(lin_weight [V, d], _input [2P, T, d], target [2P, T], bias=None, ...)
 
 with the chosen sequences in the first P rows and the rejected in the last P, `target` aligned with `_input`
 (the caller shifts: row t of `_input` predicts `target[t]`) and `ignore_index` on every position that is not a
-response token. A packed micro-batch works too: `_input [N, d]`, `target [N]` and `seq_ids [N]` (sequence
-p for chosen p, P + p for rejected p). Only the rows that predict a response token go through the lm head;
-Gemma-2's final logit softcap is an argument (Liger has none). `aux` is (chosen_rewards, rejected_rewards)
-as in Liger, then a dict of our metrics (margins, accuracy, and D or KL).
+response token. Our own metrics (margins, accuracy, D or KL) are in `module.metrics` after each call. A packed
+micro-batch works too: `_input [N, d]`, `target [N]` and `seq_ids [N]` (sequence p for chosen p, P + p for
+rejected p). Only the rows that predict a response token go through the lm head, in chunks of
+`token_chunk_size` rows; Liger's `chunk_size` (pairs per chunk) and `compiled` are accepted and change nothing.
+Gemma-2's final logit softcap is an argument (Liger has none).
 
     FusedLinearSimPOLoss   u = beta a_w - beta a_l - gamma                       (a = mean log-prob)
-    FusedLinearDPOLoss     u = beta ((s_w - s_ref_w) - (s_l - s_ref_l))         reference log-probs passed in
+    FusedLinearDPOLoss     u = beta ((s_w - s_ref_w) - (s_l - s_ref_l)), every Liger loss_type; the reference
+                           online (ref_input, ref_weight, ref_bias, as Liger) or precomputed (ref_*_logps)
     FusedLinearTDPOLoss    TDPO1 / TDPO2 with the reference's hidden states and head: KL from one pass
     FusedLinearFPOLoss     u = beta ((a_w - a_l) - g_ref - alpha (D_l - sg D_w)), D from the SAE op
+With compute_nll_loss, the loss adds alpha x the chosen responses' token-mean negative log-likelihood (SimPO and
+DPO, as Liger: alpha there is the NLL weight).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .losses import dpo_loss, fpo_loss, simpo_loss, tdpo_loss
+from .losses import check_dpo_options, dpo_loss, fpo_loss, simpo_loss, tdpo_loss
 from .sae_constraint import sae_feature_mse
 from .sequence import sequence_logprobs_kl_varlen, sequence_logprobs_varlen
 
@@ -31,9 +36,11 @@ __all__ = ["FusedLinearSimPOLoss", "FusedLinearDPOLoss", "FusedLinearTDPOLoss", 
            "response_rows"]
 
 
-def response_rows(_input, target, ignore_index=-100, seq_ids=None):
+def response_rows(_input, target, ignore_index=-100, seq_ids=None, allow_empty=False):
     """(flat hidden [rows, d], rows [n], labels [n], seq_ids [n], number of sequences) of the positions that
-    predict a response token, from the padded [2P, T, d] / [2P, T] layout or a packed one (seq_ids [N])."""
+    predict a response token, from the padded [2P, T, d] / [2P, T] layout or a packed one (seq_ids [N]).
+    allow_empty: a padded sequence with no response token is allowed (its summed log-prob is 0); a mean of
+    none is undefined, so the averaging losses refuse it."""
     if not torch.is_tensor(_input) or _input.dim() not in (2, 3):
         raise ValueError(f"_input must be [2P, T, d] or packed [N, d], got {getattr(_input, 'shape', type(_input))}")
     if not torch.is_tensor(target) or tuple(target.shape) != tuple(_input.shape[:-1]):
@@ -59,7 +66,7 @@ def response_rows(_input, target, ignore_index=-100, seq_ids=None):
     rows = keep.nonzero().flatten()
     seq = seq_all[rows]
     counts = torch.zeros(S, device=_input.device, dtype=torch.long).index_add_(0, seq, torch.ones_like(seq))
-    if (counts == 0).any():
+    if (counts == 0).any() and not allow_empty:
         raise ValueError(f"sequence {int((counts == 0).nonzero()[0])} has no response token in target "
                          "(every position is ignore_index): an empty response is bad data")
     return _input.reshape(-1, _input.shape[-1]), rows, target.reshape(-1)[rows].long(), seq, S
@@ -77,60 +84,113 @@ def _logits_means(lin_weight, bias, _input, P):
 
 
 class _FusedLinearPreference(nn.Module):
-    def __init__(self, ignore_index=-100, softcap=None, chunk_size=None):
+    def __init__(self, ignore_index=-100, softcap=None, token_chunk_size=None):
         super().__init__()
-        self.ignore_index, self.softcap, self.chunk_size = ignore_index, softcap, chunk_size
+        self.ignore_index, self.softcap, self.token_chunk_size = ignore_index, softcap, token_chunk_size
+        self.metrics = {}
 
-    def _stats(self, lin_weight, _input, target, bias, seq_ids):
-        flat, rows, labels, seq, S = response_rows(_input, target, self.ignore_index, seq_ids)
-        total, mean, count = sequence_logprobs_varlen(flat, lin_weight, rows, labels, seq, S, self.softcap, bias,
-                                                      self.chunk_size)
-        return total, mean, S // 2
+    def _stats(self, lin_weight, _input, target, bias, seq_ids, allow_empty=False):
+        """(summed, mean, count [2P], P, rows): the policy's log-probs over each sequence's response tokens."""
+        rows = response_rows(_input, target, self.ignore_index, seq_ids, allow_empty)
+        flat, idx, labels, seq, S = rows
+        total, mean, count = sequence_logprobs_varlen(flat, lin_weight, idx, labels, seq, S, self.softcap, bias,
+                                                      self.token_chunk_size)
+        return total, mean, count, S // 2, rows
 
-    def _finish(self, losses, metrics, lin_weight, bias, _input, chosen_logps, rejected_logps, P):
+    def _nll(self, total, count, P, on: bool):
+        """Liger's NLL term: the chosen responses' negative log-likelihood per token, over the whole batch."""
+        if not on:
+            return total.new_zeros(())
+        return -total[:P].sum() / count[:P].sum().clamp(min=1)
+
+    def _finish(self, losses, metrics, lin_weight, bias, _input, chosen_logps, rejected_logps, P, nll=None,
+                alpha=0.0):
         cm, rm = _logits_means(lin_weight, bias, _input, P)
         zero = losses.new_zeros(())
-        return losses.mean(), (chosen_logps, rejected_logps, cm if cm is not None else zero,
-                               rm if rm is not None else zero, zero, metrics["reward_chosen"],
-                               metrics["reward_rejected"], metrics)
+        nll = zero if nll is None else nll
+        self.metrics = dict(metrics, nll_loss=nll.detach())
+        return losses.mean() + alpha * nll, (chosen_logps, rejected_logps, cm if cm is not None else zero,
+                                             rm if rm is not None else zero, nll.detach(), metrics["reward_chosen"],
+                                             metrics["reward_rejected"])
 
 
 class FusedLinearSimPOLoss(_FusedLinearPreference):
-    """SimPO (Meng et al. 2024) on the fused log-probs; gamma is the absolute margin (the official code's
-    gamma_beta_ratio is gamma / beta; Liger's gamma is the same absolute margin)."""
+    """SimPO (Meng et al. 2024) on the fused log-probs, with Liger's arguments and defaults (beta 0.1 and the
+    chosen NLL term on; the SimPO paper's setting is beta=2.0, compute_nll_loss=False). gamma is the absolute
+    margin (the official code's gamma_beta_ratio is gamma / beta; Liger's gamma is the same absolute margin).
+    average_log_prob False uses the summed log-probs in the margin (Liger always averages)."""
 
-    def __init__(self, beta=2.0, gamma=0.5, ignore_index=-100, softcap=None, chunk_size=None):
-        super().__init__(ignore_index, softcap, chunk_size)
-        self.beta, self.gamma = beta, gamma
+    def __init__(self, ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0, compute_nll_loss=True,
+                 compiled=True, gamma=0.5, chunk_size=1, *, average_log_prob=True, softcap=None, token_chunk_size=None):
+        super().__init__(ignore_index, softcap, token_chunk_size)
+        if not 0.0 <= label_smoothing <= 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5], got {label_smoothing}")
+        self.beta, self.alpha, self.label_smoothing, self.gamma = beta, alpha, label_smoothing, gamma
+        self.compute_nll_loss, self.average_log_prob = compute_nll_loss, average_log_prob
+        self.compiled, self.chunk_size = compiled, chunk_size   # Liger's; nothing to choose here
 
     def forward(self, lin_weight, _input, target, bias=None, seq_ids=None):
-        _, mean, P = self._stats(lin_weight, _input, target, bias, seq_ids)
-        losses, m = simpo_loss(mean[:P], mean[P:], self.beta, self.gamma)
-        return self._finish(losses, m, lin_weight, bias, _input, mean[:P], mean[P:], P)
+        total, mean, count, P, _ = self._stats(lin_weight, _input, target, bias, seq_ids,
+                                               allow_empty=not self.average_log_prob)
+        logps = mean if self.average_log_prob else total
+        losses, m = simpo_loss(logps[:P], logps[P:], self.beta, self.gamma, self.label_smoothing)
+        nll = self._nll(total, count, P, self.compute_nll_loss)
+        return self._finish(losses, m, lin_weight, bias, _input, logps[:P], logps[P:], P, nll, self.alpha)
 
 
 class FusedLinearDPOLoss(_FusedLinearPreference):
-    """DPO (Rafailov et al. 2023) with the reference's summed log-probs passed in (an offline cache, or a
-    precomputed column such as TRL's ref_chosen_logps / ref_rejected_logps): no reference model in the step."""
+    """DPO (Rafailov et al. 2023) and its variants (loss_type: every one Liger's DPO has), with Liger's
+    arguments and defaults. The reference: online, from its hidden states and head (ref_input, ref_weight,
+    ref_bias, as Liger; its log-probs under no_grad through the same fused op), or precomputed (ref_chosen_logps,
+    ref_rejected_logps: an offline cache, or TRL's precomputed columns), or none (use_ref_model=False: 0)."""
 
-    def __init__(self, beta=0.1, ignore_index=-100, softcap=None, chunk_size=None):
-        super().__init__(ignore_index, softcap, chunk_size)
-        self.beta = beta
+    def __init__(self, ignore_index=-100, beta=0.1, alpha=1.0, compute_nll_loss=False, compiled=True,
+                 use_ref_model=True, average_log_prob=False, chunk_size=1, loss_type="sigmoid", label_smoothing=0.0,
+                 discopop_tau=0.05, *, softcap=None, token_chunk_size=None):
+        super().__init__(ignore_index, softcap, token_chunk_size)
+        check_dpo_options(loss_type, label_smoothing)
+        self.beta, self.alpha, self.compute_nll_loss, self.use_ref_model = beta, alpha, compute_nll_loss, use_ref_model
+        self.average_log_prob, self.loss_type = average_log_prob, loss_type
+        self.label_smoothing, self.discopop_tau = label_smoothing, discopop_tau
+        self.compiled, self.chunk_size = compiled, chunk_size   # Liger's; nothing to choose here
 
-    def forward(self, lin_weight, _input, target, bias=None, ref_chosen_logps=None, ref_rejected_logps=None,
-                seq_ids=None):
-        total, _, P = self._stats(lin_weight, _input, target, bias, seq_ids)
-        ref_w, ref_l = _reference_pair(ref_chosen_logps, ref_rejected_logps, P, total)
-        losses, m = dpo_loss(total[:P], total[P:], ref_w, ref_l, self.beta)
-        return self._finish(losses, m, lin_weight, bias, _input, total[:P], total[P:], P)
+    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None, *,
+                ref_chosen_logps=None, ref_rejected_logps=None, seq_ids=None):
+        total, mean, count, P, rows = self._stats(lin_weight, _input, target, bias, seq_ids,
+                                                  allow_empty=not self.average_log_prob)
+        logps = mean if self.average_log_prob else total
+        if not self.use_ref_model:
+            ref_w = ref_l = torch.zeros(P, device=total.device)
+        elif ref_input is not None or ref_weight is not None:
+            if ref_input is None or ref_weight is None:
+                raise ValueError("an online reference needs both ref_input (its hidden states) and ref_weight (its lm head)")
+            if tuple(ref_input.shape[:-1]) != tuple(_input.shape[:-1]):
+                raise ValueError(f"ref_input must have _input's leading shape {tuple(_input.shape[:-1])}, "
+                                 f"got {tuple(ref_input.shape)}")
+            _, idx, labels, seq, S = rows
+            with torch.no_grad():
+                rt, rm, _ = sequence_logprobs_varlen(ref_input.reshape(-1, ref_input.shape[-1]).detach(),
+                                                     ref_weight.detach(), idx, labels, seq, S, self.softcap,
+                                                     None if ref_bias is None else ref_bias.detach(), self.token_chunk_size)
+            ref = rm if self.average_log_prob else rt
+            ref_w, ref_l = ref[:P].float(), ref[P:].float()
+        elif ref_chosen_logps is not None or ref_rejected_logps is not None:
+            ref_w, ref_l = _reference_pair(ref_chosen_logps, ref_rejected_logps, P, total)
+        else:
+            raise ValueError("use_ref_model: pass the reference as ref_input and ref_weight (online), or as "
+                             "ref_chosen_logps and ref_rejected_logps (precomputed); or use_ref_model=False")
+        losses, m = dpo_loss(logps[:P], logps[P:], ref_w, ref_l, self.beta, self.loss_type, self.label_smoothing,
+                             self.discopop_tau)
+        nll = self._nll(total, count, P, self.compute_nll_loss)
+        return self._finish(losses, m, lin_weight, bias, _input, logps[:P], logps[P:], P, nll, self.alpha)
 
 
 class FusedLinearTDPOLoss(_FusedLinearPreference):
     """TDPO (Zeng et al. 2024), variant 1 or 2: the reference's hidden states and lm head in, its log-probs
     and the sequential KL(pi_ref || pi) from one pass over both models' logits."""
 
-    def __init__(self, beta=0.1, alpha=0.5, variant=2, ignore_index=-100, softcap=None, chunk_size=None):
-        super().__init__(ignore_index, softcap, chunk_size)
+    def __init__(self, beta=0.1, alpha=0.5, variant=2, ignore_index=-100, softcap=None, token_chunk_size=None):
+        super().__init__(ignore_index, softcap, token_chunk_size)
         if variant not in (1, 2):
             raise ValueError(f"variant must be 1 or 2, got {variant!r}")
         self.beta, self.alpha, self.variant = beta, alpha, variant
@@ -145,7 +205,7 @@ class FusedLinearTDPOLoss(_FusedLinearPreference):
         flat, rows, labels, seq, S = response_rows(_input, target, self.ignore_index, seq_ids)
         total, _, _, ref_total, kl = sequence_logprobs_kl_varlen(
             flat, lin_weight, rows, labels, seq, S, ref_input.reshape(-1, ref_input.shape[-1]).detach(),
-            ref_weight.detach(), self.softcap, bias, None if ref_bias is None else ref_bias.detach(), self.chunk_size)
+            ref_weight.detach(), self.softcap, bias, None if ref_bias is None else ref_bias.detach(), self.token_chunk_size)
         P = S // 2
         losses, m = tdpo_loss(total[:P], total[P:], ref_total[:P], ref_total[P:], kl[:P], kl[P:], self.beta,
                               self.alpha, self.variant)
@@ -160,15 +220,15 @@ class FusedLinearFPOLoss(_FusedLinearPreference):
     first. D may be divided by the reference's feature scale (d_scale; see `fpo train --constraint-norm`)."""
 
     def __init__(self, sae, beta=0.1, alpha=0.5, k=50, select="policy", d_scale=1.0, ignore_index=-100,
-                 softcap=None, chunk_size=None):
-        super().__init__(ignore_index, softcap, chunk_size)
+                 softcap=None, token_chunk_size=None):
+        super().__init__(ignore_index, softcap, token_chunk_size)
         self.sae, self.beta, self.alpha, self.k, self.select, self.d_scale = sae, beta, alpha, k, select, d_scale
 
     def forward(self, lin_weight, _input, target, bias=None, sae_hidden=None, sae_mask=None, ref_indices=None,
                 ref_values=None, ref_chosen_logps=None, ref_rejected_logps=None, seq_ids=None):
         if sae_hidden is None or sae_mask is None or ref_indices is None or ref_values is None:
             raise ValueError("FPO needs sae_hidden, sae_mask, ref_indices and ref_values")
-        _, mean, P = self._stats(lin_weight, _input, target, bias, seq_ids)
+        _, mean, _, P, _ = self._stats(lin_weight, _input, target, bias, seq_ids)
         if sae_hidden.shape[0] != 2 * P:
             raise ValueError(f"sae_hidden holds {sae_hidden.shape[0]} sequences, the batch {2 * P}")
         ref_w, ref_l = _reference_pair(ref_chosen_logps, ref_rejected_logps, P, mean)
