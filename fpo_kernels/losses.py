@@ -99,8 +99,14 @@ def simpo_loss(mean_logp_w, mean_logp_l, beta: float = 2.0, gamma: float = 0.5, 
     return -F.logsigmoid(u) * (1 - label_smoothing) - F.logsigmoid(-u) * label_smoothing, _metrics(rw, rl)
 
 
+def _smoothed(u, label_smoothing):
+    """-(1 - eps) log sigmoid(u) - eps log sigmoid(-u) = -log sigmoid(u) + eps u: the conservative loss of a
+    preference label flipped with probability eps (cDPO; TRL's label_smoothing on its sigmoid loss)."""
+    return -F.logsigmoid(u) + label_smoothing * u if label_smoothing else -F.logsigmoid(u)
+
+
 def tdpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, kl_w, kl_l, beta: float = 0.1, alpha: float = 0.5,
-              variant: int = 2):
+              variant: int = 2, label_smoothing: float = 0.0):
     """TDPO (Zeng et al. 2024), kl = KL_seq(y) = sum_t KL(pi_ref(.|x,y<t) || pi(.|x,y<t)) over the vocabulary.
 
     variant 1: u = beta (dw - dl) - beta (kl_l - kl_w)
@@ -112,17 +118,19 @@ def tdpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, kl_w, kl_l, beta: float = 
         term = alpha * beta * (kl_l - kl_w.detach())
     else:
         raise ValueError(f"variant must be 1 or 2, got {variant!r}")
-    return -F.logsigmoid(rw - rl - term), _metrics(rw, rl, kl_chosen=kl_w, kl_rejected=kl_l, **_share(rw - rl, term))
+    return _smoothed(rw - rl - term, label_smoothing), _metrics(rw, rl, kl_chosen=kl_w, kl_rejected=kl_l,
+                                                                **_share(rw - rl, term))
 
 
 def fpo_loss(mean_logp_w, mean_logp_l, ref_mean_logp_w, ref_mean_logp_l, d_w, d_l, beta: float = 0.1,
-             alpha: float = 0.5):
+             alpha: float = 0.5, label_smoothing: float = 0.0):
     """FPO (arXiv 2411.07618): u = beta ((a_w - a_l) - g_ref - alpha (D_l - stopgrad(D_w))),
     g_ref = a_ref_w - a_ref_l from the offline cache, D = the SAE feature constraint (fpo_kernels.sae_feature_mse;
     divided by the reference's feature scale under constraint_norm "ref", which the caller applies)."""
     rw, rl = beta * (mean_logp_w - ref_mean_logp_w), beta * (mean_logp_l - ref_mean_logp_l)
     term = beta * alpha * (d_l - d_w.detach())
-    return -F.logsigmoid(rw - rl - term), _metrics(rw, rl, d_chosen=d_w, d_rejected=d_l, **_share(rw - rl, term))
+    return _smoothed(rw - rl - term, label_smoothing), _metrics(rw, rl, d_chosen=d_w, d_rejected=d_l,
+                                                                **_share(rw - rl, term))
 
 
 LOSSES = {"dpo": dpo_loss, "simpo": simpo_loss, "tdpo1": tdpo_loss, "tdpo2": tdpo_loss, "fpo": fpo_loss}

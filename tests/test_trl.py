@@ -37,10 +37,11 @@ def test_fpo_in_trl_equals_our_loss(tmp_path):
     from fpo.integrations.trl import FPOTrainer
     model_dir = assets.ensure_demo_model()
     sae = SAEWeights.from_file(assets.DEMO_SAE)
-    trainer = FPOTrainer(load_model(model_dir), args=_config(tmp_path, precompute_ref_log_probs=True),
-                         train_dataset=_pairs(), processing_class=load_tokenizer(model_dir), sae=sae, sae_layer=15,
-                         alpha=200.0, k=16, K=64)
-    assert len(trainer.train_dataset) == 2
+    trainer = FPOTrainer(load_model(model_dir), args=_config(tmp_path, precompute_ref_log_probs=True,
+                                                             label_smoothing=0.1),
+                         train_dataset=_pairs(), eval_dataset=_pairs(), processing_class=load_tokenizer(model_dir),
+                         sae=sae, sae_layer=15, alpha=200.0, k=16, K=64)
+    assert len(trainer.train_dataset) == 2 and "ref_chosen_idx" in trainer.eval_dataset.column_names
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     b = from_padded(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     ref_idx = torch.cat([batch["ref_chosen_idx"], batch["ref_rejected_idx"]])
@@ -54,13 +55,23 @@ def test_fpo_in_trl_equals_our_loss(tmp_path):
         stats.remove_hooks()
         ref_mean = ref_sum / s["len"]
         loss, _ = fpo_loss(s["logp_mean"][:2], s["logp_mean"][2:], ref_mean[:2], ref_mean[2:], s["d"][:2],
-                           s["d"][2:], 0.1, 200.0)
+                           s["d"][2:], 0.1, 200.0, label_smoothing=0.1)
         return s, loss.mean()
-    start, _ = ours(load_model(model_dir))
+    start, start_loss = ours(load_model(model_dir))
     assert torch.allclose(start["logp_sum"], ref_sum, rtol=1e-5, atol=1e-4)    # TRL's reference column is ours
+    before = trainer.evaluate()                                                 # eval at init works
+    assert before["eval_loss"] == pytest.approx(start_loss.item(), rel=1e-5) and "eval_fpo/d_chosen" in before
+    held_out = trainer.evaluate(eval_dataset=_pairs(), metric_key_prefix="held")   # a new dataset: features made
+    assert held_out["held_loss"] == pytest.approx(before["eval_loss"], rel=1e-5)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(logs) == 2 and {"fpo/d_chosen", "rewards/accuracies"} <= set(logs[0])
+    assert len(logs) == 2 and {"fpo/d_chosen", "rewards/accuracies", "entropy", "logits/chosen",
+                               "mean_token_accuracy", "num_tokens", "fpo/mean_logps/chosen"} <= set(logs[0])
+    # TRL's names keep TRL's meanings: logps/* are summed log-probs (the first step's batch is both pairs)
+    assert logs[0]["logps/chosen"] == pytest.approx(start["logp_sum"][:2].mean().item(), rel=1e-4)
+    assert logs[0]["fpo/mean_logps/chosen"] == pytest.approx(start["logp_mean"][:2].mean().item(), rel=1e-4)
+    with pytest.raises(ValueError, match="after training has started"):        # TRL's rule: the reference is gone
+        trainer.evaluate(eval_dataset=_pairs())
     assert "fpo/constraint_share" in logs[1]   # step 1's margin is ~0: no ratio over it is logged there
     assert abs(logs[0]["rewards/margins"]) < 1e-4 < abs(logs[1]["rewards/margins"])   # starts at the reference
     _, want = ours(trainer.model)
@@ -81,6 +92,18 @@ def test_trl_version_pin_and_bad_arguments(monkeypatch, tmp_path):
                                sae=SAEWeights.from_file(assets.DEMO_SAE), sae_layer=15)
     with pytest.raises(ValueError, match="sae="):
         integration.FPOTrainer("m", args=None, train_dataset=[], sae=None, sae_layer=15)
+    # DPOConfig's loss options that are not FPO's or TDPO's are refused by name, before any model work
+    for kw, match in ((dict(loss_type=["hinge"]), "loss_type"), (dict(use_weighting=True), "use_weighting"),
+                      (dict(ld_alpha=0.5), "ld_alpha"), (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+                                                          "loss_type"),
+                      (dict(f_divergence_type="js_divergence"), "f_divergence_type")):
+        args = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, precompute_ref_log_probs=True, **kw)
+        with pytest.raises(ValueError, match=f"does not support DPOConfig's {match}"):
+            integration.FPOTrainer("m", args=args, train_dataset=[], sae=SAEWeights.from_file(assets.DEMO_SAE),
+                                   sae_layer=15)
+        args.precompute_ref_log_probs = False
+        with pytest.raises(ValueError, match=f"does not support DPOConfig's {match}"):
+            integration.TDPOTrainer("m", args=args, train_dataset=[])
 
 
 @pytest.mark.slow

@@ -12,8 +12,11 @@ The loss is FPO's, u = beta ((a_w - a_l) - g_ref - alpha (D_l - sg D_w)) with a 
 TRL's own fused lm head gives the per-token log-probs (never full logits), `precompute_ref_log_probs=True`
 gives the reference's summed log-probs (divided by the same completion lengths for g_ref), and at start-up
 the trainer runs the reference (the initial model) once over the training set for each completion's top-K
-pooled SAE features (`fpo_kernels.pack_topk`), kept as dataset columns. Every logged step adds
-fpo/d_chosen, fpo/d_rejected and fpo/constraint_share to TRL's metrics.
+pooled SAE features (`fpo_kernels.pack_topk`), kept as dataset columns (for eval datasets too, at init or
+passed to evaluate() before training). TRL's metrics keep TRL's names and meanings (logps/* are summed
+completion log-probs; entropy, logits/*, mean_token_accuracy and num_tokens as TRL logs them); every step adds
+fpo/mean_logps/*, fpo/d_chosen, fpo/d_rejected and fpo/constraint_share (not logged while the margin is ~0).
+DPOConfig's loss options are honoured (label_smoothing) or refused by name (check_loss_options).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from fpo_kernels.losses import constraint_share, fpo_loss, tdpo_loss
 
 from ..model import ResidualCapture, decoder_layers, final_softcap, lm_head, run_body
 
-__all__ = ["FPOTrainer", "TDPOTrainer", "TRL_VERSIONS", "check_trl"]
+__all__ = ["FPOTrainer", "TDPOTrainer", "TRL_VERSIONS", "check_trl", "check_loss_options"]
 
 TRL_VERSIONS = ("1.16", "1.17")          # tested range: >= first, < second
 FEATURE_COLUMNS = ("ref_chosen_idx", "ref_chosen_val", "ref_rejected_idx", "ref_rejected_val")
@@ -48,6 +51,64 @@ def _base():
     return check_trl().DPOTrainer
 
 
+def check_loss_options(args, who: str):
+    """Every DPOConfig option that changes the loss is honoured or refused here, by name: FPO's and TDPO's loss
+    is a sigmoid of their own margin u, with TRL's label_smoothing (the conservative -(1-eps) log sigmoid(u) -
+    eps log sigmoid(-u)); DPO's other loss types, their weights, LD-DPO, f-DPO, WPO weighting and padding-free
+    batches are not theirs."""
+    loss_type = getattr(args, "loss_type", ["sigmoid"]) or ["sigmoid"]
+    loss_type = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    refused = []
+    if loss_type != ["sigmoid"]:
+        refused.append(f"loss_type={loss_type} (only ['sigmoid']: {who}'s loss is a sigmoid of its own margin)")
+    if getattr(args, "loss_weights", None) not in (None, [1.0], [1]):
+        refused.append(f"loss_weights={args.loss_weights}")
+    if getattr(args, "ld_alpha", None) is not None:
+        refused.append(f"ld_alpha={args.ld_alpha} (LD-DPO)")
+    if getattr(args, "f_divergence_type", "reverse_kl") not in ("reverse_kl", None):
+        refused.append(f"f_divergence_type={args.f_divergence_type!r} (f-DPO)")
+    if getattr(args, "use_weighting", False):
+        refused.append("use_weighting=True (WPO)")
+    if getattr(args, "padding_free", False):
+        refused.append("padding_free=True (the trainer reads padded completion masks)")
+    if refused:
+        raise ValueError(f"{who} does not support DPOConfig's " + "; ".join(refused) + ": leave them at their defaults")
+    eps = getattr(args, "label_smoothing", 0.0)
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {eps}")
+    return eps
+
+
+def log_trl_metrics(trainer, mode, outputs, inputs, logps, m):
+    """TRL's DPO metrics under TRL's names and meanings: rewards/*, logps/* (summed completion log-probs),
+    and where the fused head gave them (outputs is not None), entropy, logits/* and mean_token_accuracy;
+    num_tokens."""
+    gather = trainer.accelerator.gather_for_metrics
+    P = logps.shape[0] // 2
+    for key, value in (("rewards/chosen", m["reward_chosen"]), ("rewards/rejected", m["reward_rejected"]),
+                       ("rewards/margins", m["margin"]), ("rewards/accuracies", m["accuracy"]),
+                       ("logps/chosen", logps[:P]), ("logps/rejected", logps[P:])):
+        trainer._metrics[mode][key].append(gather(value.detach().float()).mean().item())
+    if mode == "train":
+        trainer._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
+    trainer._metrics[mode]["num_tokens"] = [trainer._total_train_tokens]
+    if outputs is None:
+        return
+    mask = inputs["completion_mask"][..., 1:]
+    T = mask.shape[1]
+
+    def token_mean(values, rows):
+        total = gather((values[rows] * mask[rows]).sum()).sum()
+        count = gather(mask[rows].sum()).sum()
+        return (total / count).item() if count > 0 else 0.0
+    chosen, rejected = slice(0, P), slice(P, 2 * P)
+    every = slice(0, 2 * P)
+    trainer._metrics[mode]["entropy"].append(token_mean(outputs.entropy[:, -T:].detach().float(), every))
+    trainer._metrics[mode]["logits/chosen"].append(token_mean(outputs.mean_logits[:, -T:].detach().float(), chosen))
+    trainer._metrics[mode]["logits/rejected"].append(token_mean(outputs.mean_logits[:, -T:].detach().float(), rejected))
+    trainer._metrics[mode]["mean_token_accuracy"].append(token_mean(outputs.is_top1[:, -T:].float(), chosen))
+
+
 class FPOTrainer(_base()):
     """TRL's DPOTrainer with FPO's loss. Arguments beyond DPOTrainer's: sae (SAEWeights), sae_layer (the decoder
     block whose output the SAE reads), alpha, k, select ("policy" or "reference"), K (cached features per
@@ -67,9 +128,8 @@ class FPOTrainer(_base()):
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if config is None or not getattr(config, "precompute_ref_log_probs", False):
             raise ValueError("FPOTrainer needs DPOConfig(precompute_ref_log_probs=True): FPO's reference is offline")
-        if kwargs.get("eval_dataset") is not None:
-            raise ValueError("FPOTrainer does not evaluate during training (its eval set would need reference "
-                             "features too): evaluate the saved model with `fpo eval`")
+        self.fpo_label_smoothing = check_loss_options(config, "FPOTrainer")
+        self.fpo_ready = False   # the reference features are added once the SAE is in place
         super().__init__(*args, **kwargs)
         self.fpo_alpha, self.fpo_k, self.fpo_select, self.fpo_K, self.fpo_d_scale = alpha, k, select, K, d_scale
         base = self.accelerator.unwrap_model(self.model)
@@ -79,13 +139,19 @@ class FPOTrainer(_base()):
             raise ValueError(f"the SAE reads d_in={sae.d_in} but the model's hidden size is {base.config.hidden_size}")
         self.fpo_sae = sae.to(self.accelerator.device)
         self.fpo_capture = ResidualCapture(base, sae_layer)
+        self.fpo_ready = True
         self.train_dataset = self._add_reference_features(self.train_dataset)
-        collate = self.data_collator
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {name: self._add_reference_features(d) for name, d in self.eval_dataset.items()}
+        elif self.eval_dataset is not None:
+            self.eval_dataset = self._add_reference_features(self.eval_dataset)
+        collate = self._trl_collator = self.data_collator
 
         def with_features(examples):
             out = collate(examples)
             for key in FEATURE_COLUMNS:
-                out[key] = torch.tensor([ex[key] for ex in examples])
+                if key in examples[0]:   # not yet while TRL precomputes a new dataset's reference log-probs
+                    out[key] = torch.tensor([ex[key] for ex in examples])
             return out
         self.data_collator = with_features
 
@@ -94,12 +160,21 @@ class FPOTrainer(_base()):
         self._signature_columns = list(self._signature_columns) + [c for c in FEATURE_COLUMNS
                                                                    if c not in self._signature_columns]
 
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """TRL's reference log-probs, then (once the SAE is in place: a dataset passed to evaluate()) the
+        reference's features for the same rows. TRL refuses a new dataset once training has started, when the
+        reference (the initial model) is gone; the features follow the same rule."""
+        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        return self._add_reference_features(dataset) if self.fpo_ready else dataset
+
     @torch.no_grad()
     def _add_reference_features(self, dataset):
         """Each completion's top-K pooled SAE features under the reference (the model as it starts), as columns."""
         from torch.utils.data import DataLoader
-        loader = DataLoader(dataset, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator,
-                            shuffle=False)
+        if all(c in dataset.column_names for c in FEATURE_COLUMNS):
+            return dataset
+        loader = DataLoader(dataset, batch_size=self.args.per_device_train_batch_size,
+                            collate_fn=getattr(self, "_trl_collator", self.data_collator), shuffle=False)
         base = self.accelerator.unwrap_model(self.model)
         was_training = base.training
         base.eval()
@@ -137,12 +212,13 @@ class FPOTrainer(_base()):
         ref_val = torch.cat([inputs["ref_chosen_val"], inputs["ref_rejected_val"]]).to(resid.device)
         d = sae_feature_mse(resid, completion_mask.bool(), self.fpo_sae, ref_idx, ref_val, self.fpo_k,
                             self.fpo_select, check_inputs=False) / self.fpo_d_scale
-        losses, m = fpo_loss(mean[:P], mean[P:], ref_mean[:P], ref_mean[P:], d[:P], d[P:], self.beta, self.fpo_alpha)
+        losses, m = fpo_loss(mean[:P], mean[P:], ref_mean[:P], ref_mean[P:], d[:P], d[P:], self.beta, self.fpo_alpha,
+                             self.fpo_label_smoothing)
         loss = losses.mean()
         gather = self.accelerator.gather_for_metrics
-        for key, value in (("rewards/chosen", m["reward_chosen"]), ("rewards/rejected", m["reward_rejected"]),
-                           ("rewards/margins", m["margin"]), ("rewards/accuracies", m["accuracy"]),
-                           ("logps/chosen", mean[:P].detach()), ("logps/rejected", mean[P:].detach()),
+        total = outputs.log_probs[:, -shift.size(1):].sum(1)
+        log_trl_metrics(self, mode, outputs, inputs, total, m)
+        for key, value in (("fpo/mean_logps/chosen", mean[:P]), ("fpo/mean_logps/rejected", mean[P:]),
                            ("fpo/d_chosen", m["d_chosen"]), ("fpo/d_rejected", m["d_rejected"])):
             self._metrics[mode][key].append(gather(value.detach().float()).mean().item())
         share = constraint_share(gather(m["constraint_abs"].float()).mean().item(),
@@ -165,7 +241,10 @@ class TDPOTrainer(_base()):
         if config is not None and getattr(config, "precompute_ref_log_probs", False):
             raise ValueError("TDPOTrainer needs the reference online (precompute_ref_log_probs=False): the KL "
                              "compares both models over the whole vocabulary at every token")
+        if config is not None:
+            check_loss_options(config, "TDPOTrainer")
         super().__init__(*args, **kwargs)
+        self.tdpo_label_smoothing = check_loss_options(self.args, "TDPOTrainer")
         if self.accelerator.num_processes > 1:
             raise ValueError("TDPOTrainer runs on one process; use `fpo train --method tdpo2` under torchrun")
         if self.ref_model is None:
@@ -186,11 +265,9 @@ class TDPOTrainer(_base()):
                                                           final_softcap(base), b, None if rb is None else rb.detach())
         P = total.shape[0] // 2
         losses, m = tdpo_loss(total[:P], total[P:], ref_total[:P], ref_total[P:], kl[:P], kl[P:], self.beta,
-                              self.tdpo_alpha, self.tdpo_variant)
-        for key, value in (("rewards/chosen", m["reward_chosen"]), ("rewards/rejected", m["reward_rejected"]),
-                           ("rewards/margins", m["margin"]), ("rewards/accuracies", m["accuracy"]),
-                           ("logps/chosen", total[:P]), ("logps/rejected", total[P:]),
-                           ("tdpo/kl_chosen", m["kl_chosen"]), ("tdpo/kl_rejected", m["kl_rejected"])):
+                              self.tdpo_alpha, self.tdpo_variant, self.tdpo_label_smoothing)
+        log_trl_metrics(self, mode, None, inputs, total, m)   # no logits are formed: no entropy or token accuracy
+        for key, value in (("tdpo/kl_chosen", m["kl_chosen"]), ("tdpo/kl_rejected", m["kl_rejected"])):
             self._metrics[mode][key].append(value.detach().float().mean().item())
         loss = losses.mean()
         return (loss, None) if return_outputs else loss
