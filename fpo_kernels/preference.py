@@ -215,7 +215,8 @@ class FusedLinearTDPOLoss(_FusedLinearPreference):
 class FusedLinearFPOLoss(_FusedLinearPreference):
     """FPO (arXiv 2411.07618): the length-normalised margin against the reference's cached mean log-probs, and
     the SAE feature constraint D on the residual stream of the SAE's layer against the cached reference
-    features. sae_hidden [2P, T', d_sae] with sae_mask [2P, T'] (its response tokens), and ref_indices /
+    features. sae_hidden [2P, T', d_sae] with sae_mask [2P, T'] (the response tokens' own positions, as the
+    trainer and `fpo precompute` pool them: not the rows that predict them), and ref_indices /
     ref_values [2P, K]: the layer's residual stream and the reference's top-K pooled features, chosen rows
     first. D may be divided by the reference's feature scale (d_scale; see `fpo train --constraint-norm`)."""
 
