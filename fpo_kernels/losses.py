@@ -43,14 +43,15 @@ DPO_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pai
 
 def check_dpo_options(loss_type: str, label_smoothing: float):
     """The option combinations each DPO variant is defined for (Liger's and TRL's rules)."""
+    # the messages are Liger's, so that code catching Liger's errors catches ours
     if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type {loss_type!r} is not supported: one of {DPO_LOSS_TYPES}")
-    if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5], got {label_smoothing}")
+        raise ValueError(f"Unsupported loss_type: {loss_type}. Supported types are: {', '.join(DPO_LOSS_TYPES)}")
+    if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must lie in [0.0, 0.5) for loss_type='robust'. Got {label_smoothing}.")
     if loss_type == "exo_pair" and not label_smoothing > 0:
-        raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair' (the EXO paper recommends 1e-3)")
-    if loss_type == "robust" and not label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5) for loss_type='robust', got {label_smoothing}")
+        raise ValueError("label_smoothing must be > 0 for loss_type='exo_pair'. The EXO paper recommends 1e-3.")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must lie in [0.0, 0.5], got {label_smoothing}")
 
 
 def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta: float = 0.1, loss_type: str = "sigmoid",

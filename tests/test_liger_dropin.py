@@ -184,8 +184,8 @@ def test_liger_defaults_and_refusals():
     assert (s.beta, s.alpha, s.gamma, s.compute_nll_loss, s.label_smoothing) == (0.1, 1.0, 0.5, True, 0.0)
     assert (d.beta, d.alpha, d.compute_nll_loss, d.use_ref_model, d.average_log_prob, d.loss_type) == \
         (0.1, 1.0, False, True, False, "sigmoid")
-    for kw, match in ((dict(loss_type="ipo"), "not supported"), (dict(loss_type="exo_pair"), "must be > 0"),
-                      (dict(loss_type="robust", label_smoothing=0.5), r"\[0, 0.5\)")):
+    for kw, match in ((dict(loss_type="ipo"), "Unsupported loss_type: ipo"), (dict(loss_type="exo_pair"), "must be > 0"),
+                      (dict(loss_type="robust", label_smoothing=0.5), r"\[0.0, 0.5\) for loss_type='robust'")):
         with pytest.raises(ValueError, match=match):
             FusedLinearDPOLoss(**kw)
     x = _case(2, 2, 8, 8, False, False, -100, seed=1, keep_every_row=True)
