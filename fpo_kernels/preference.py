@@ -21,7 +21,9 @@ Gemma-2's final logit softcap is an argument (Liger has none).
     FusedLinearTDPOLoss    TDPO1 / TDPO2 with the reference's hidden states and head: KL from one pass
     FusedLinearFPOLoss     u = beta ((a_w - a_l) - g_ref - alpha (D_l - sg D_w)), D from the SAE op
 With compute_nll_loss, the loss adds alpha x the chosen responses' token-mean negative log-likelihood (SimPO and
-DPO, as Liger: alpha there is the NLL weight).
+DPO, as Liger: alpha there is the NLL weight). label_smoothing, in every module, is the conservative
+-(1-eps) log sigmoid(u) - eps log sigmoid(-u) on the module's own margin u (DPO's other loss types use it as
+Liger does).
 """
 from __future__ import annotations
 
@@ -123,9 +125,7 @@ class FusedLinearSimPOLoss(_FusedLinearPreference):
     def __init__(self, ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0, compute_nll_loss=True,
                  compiled=True, gamma=0.5, chunk_size=1, *, average_log_prob=True, softcap=None, token_chunk_size=None):
         super().__init__(ignore_index, softcap, token_chunk_size)
-        if not 0.0 <= label_smoothing <= 0.5:
-            raise ValueError(f"label_smoothing must lie in [0, 0.5], got {label_smoothing}")
-        self.beta, self.alpha, self.label_smoothing, self.gamma = beta, alpha, label_smoothing, gamma
+        self.beta, self.alpha, self.label_smoothing, self.gamma = beta, alpha, _smoothing(label_smoothing), gamma
         self.compute_nll_loss, self.average_log_prob = compute_nll_loss, average_log_prob
         self.compiled, self.chunk_size = compiled, chunk_size   # Liger's; nothing to choose here
 
@@ -189,11 +189,12 @@ class FusedLinearTDPOLoss(_FusedLinearPreference):
     """TDPO (Zeng et al. 2024), variant 1 or 2: the reference's hidden states and lm head in, its log-probs
     and the sequential KL(pi_ref || pi) from one pass over both models' logits."""
 
-    def __init__(self, beta=0.1, alpha=0.5, variant=2, ignore_index=-100, softcap=None, token_chunk_size=None):
+    def __init__(self, beta=0.1, alpha=0.5, variant=2, ignore_index=-100, softcap=None, token_chunk_size=None, *,
+                 label_smoothing=0.0):
         super().__init__(ignore_index, softcap, token_chunk_size)
         if variant not in (1, 2):
             raise ValueError(f"variant must be 1 or 2, got {variant!r}")
-        self.beta, self.alpha, self.variant = beta, alpha, variant
+        self.beta, self.alpha, self.variant, self.label_smoothing = beta, alpha, variant, _smoothing(label_smoothing)
 
     def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
                 seq_ids=None):
@@ -208,7 +209,7 @@ class FusedLinearTDPOLoss(_FusedLinearPreference):
             ref_weight.detach(), self.softcap, bias, None if ref_bias is None else ref_bias.detach(), self.token_chunk_size)
         P = S // 2
         losses, m = tdpo_loss(total[:P], total[P:], ref_total[:P], ref_total[P:], kl[:P], kl[P:], self.beta,
-                              self.alpha, self.variant)
+                              self.alpha, self.variant, self.label_smoothing)
         return self._finish(losses, m, lin_weight, bias, _input, total[:P], total[P:], P)
 
 
@@ -221,9 +222,10 @@ class FusedLinearFPOLoss(_FusedLinearPreference):
     first. D may be divided by the reference's feature scale (d_scale; see `fpo train --constraint-norm`)."""
 
     def __init__(self, sae, beta=0.1, alpha=0.5, k=50, select="policy", d_scale=1.0, ignore_index=-100,
-                 softcap=None, token_chunk_size=None):
+                 softcap=None, token_chunk_size=None, *, label_smoothing=0.0):
         super().__init__(ignore_index, softcap, token_chunk_size)
         self.sae, self.beta, self.alpha, self.k, self.select, self.d_scale = sae, beta, alpha, k, select, d_scale
+        self.label_smoothing = _smoothing(label_smoothing)
 
     def forward(self, lin_weight, _input, target, bias=None, sae_hidden=None, sae_mask=None, ref_indices=None,
                 ref_values=None, ref_chosen_logps=None, ref_rejected_logps=None, seq_ids=None):
@@ -234,8 +236,14 @@ class FusedLinearFPOLoss(_FusedLinearPreference):
             raise ValueError(f"sae_hidden holds {sae_hidden.shape[0]} sequences, the batch {2 * P}")
         ref_w, ref_l = _reference_pair(ref_chosen_logps, ref_rejected_logps, P, mean)
         d = sae_feature_mse(sae_hidden, sae_mask, self.sae, ref_indices, ref_values, self.k, self.select) / self.d_scale
-        losses, m = fpo_loss(mean[:P], mean[P:], ref_w, ref_l, d[:P], d[P:], self.beta, self.alpha)
+        losses, m = fpo_loss(mean[:P], mean[P:], ref_w, ref_l, d[:P], d[P:], self.beta, self.alpha, self.label_smoothing)
         return self._finish(losses, m, lin_weight, bias, _input, mean[:P], mean[P:], P)
+
+
+def _smoothing(eps):
+    if not 0.0 <= eps <= 0.5:
+        raise ValueError(f"label_smoothing must lie in [0.0, 0.5], got {eps}")
+    return eps
 
 
 def _reference_pair(ref_w, ref_l, P, like):

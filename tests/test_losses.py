@@ -98,3 +98,23 @@ def test_constraint_share_by_hand():
     _, m = tdpo_loss(t(-10.0), t(-14.0), t(-11.0), t(-12.0), t(0.4), t(0.9), beta=0.1, alpha=0.5, variant=2)
     assert m["constraint_abs"].item() == pytest.approx(0.5 * 0.1 * 0.5, rel=1e-5)
     assert m["margin_abs"].item() == pytest.approx(0.3, rel=1e-5)
+
+
+def test_label_smoothing_is_the_conservative_sigmoid_on_each_margin():
+    """FPO's and TDPO's label smoothing: -(1 - eps) log sigmoid(u) - eps log sigmoid(-u) on their own u, written
+    out here from the formulas in float64 (FusedLinearFPOLoss and FusedLinearTDPOLoss pass label_smoothing to them)."""
+    import torch.nn.functional as F
+    from fpo_kernels.losses import fpo_loss, tdpo_loss
+    g = torch.Generator().manual_seed(0)
+    aw, al, rw, rl, dw, dl = (torch.randn(5, generator=g, dtype=torch.float64) for _ in range(6))
+    eps, beta, alpha = 0.2, 0.1, 3.0
+    u = beta * ((aw - rw) - (al - rl)) - beta * alpha * (dl - dw)
+    want = -(1 - eps) * F.logsigmoid(u) - eps * F.logsigmoid(-u)
+    got, _ = fpo_loss(aw, al, rw, rl, dw, dl, beta, alpha, label_smoothing=eps)
+    torch.testing.assert_close(got, want)
+    kw, kl = torch.rand(5, generator=g, dtype=torch.float64), torch.rand(5, generator=g, dtype=torch.float64)
+    for variant in (1, 2):
+        term = beta * (kl - kw) * (1 if variant == 1 else alpha)
+        u = beta * ((aw - rw) - (al - rl)) - term
+        got, _ = tdpo_loss(aw, al, rw, rl, kw, kl, beta, alpha, variant, label_smoothing=eps)
+        torch.testing.assert_close(got, -(1 - eps) * F.logsigmoid(u) - eps * F.logsigmoid(-u))
