@@ -9,11 +9,14 @@ import sys
 import typing
 
 from .config import ATTENTION, METHODS, REPLACED_KEYS, TrainConfig
-from .packing import LAYOUTS
+from .packing import LAYOUTS, POOLINGS
 from .precision import PRECISIONS
 
 SPLIT_HELP = ("the split of a saved DatasetDict or of a folder of one file per split (default: train, or the only "
               "split; several and none named train is an error that lists them)")
+POOLING_HELP = ("the rows the SAE features are pooled over: each response's own tokens, a mean (response); or as "
+                "the authors' code does, the rows predicting them divided by the pair's padded length less one "
+                "(authors: --packing off or pack)")
 FROZEN_PRECISION_HELP = ("the forward's precision policy, as `fpo train --precision` names it (auto: bf16-mixed on "
                          "cuda, fp32 on cpu); the model is frozen, so its weights are bf16 under any bf16 policy")
 
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-pairs", type=int, default=4, help="pairs per forward")
     p.add_argument("--packing", choices=list(LAYOUTS), default="share-prompt",
                    help="micro-batch layout (the cache does not depend on it beyond rounding)")
+    p.add_argument("--pooling", choices=list(POOLINGS), default="response", help=POOLING_HELP)
     p.add_argument("--max-tokens", type=int, default=None,
                    help="token budget per forward instead of --batch-pairs; caps each sequence at max-tokens/2 "
                         "as `fpo train --max-tokens` does")
@@ -159,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-model", default=None, help="the reference model, for the KL column")
     p.add_argument("--k", type=int, default=50, help="features in the constraint")
     p.add_argument("--select", choices=["policy", "reference"], default="policy", help="how the k features are chosen")
+    p.add_argument("--pooling", choices=list(POOLINGS), default="response", help=POOLING_HELP)
     p.add_argument("--max-length", type=int, default=512, help="tokens per sequence (prompt + response)")
     p.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept (the last ones)")
     p.add_argument("--max-pairs", type=int, default=None, help="only the first pairs of the dataset")
@@ -216,7 +221,7 @@ def _run(args):
                    max_pairs=args.max_pairs, shard_rows=args.shard_rows, device=args.device, bad_rows=args.bad_rows,
                    overwrite=args.overwrite, value_dtype=args.value_dtype, packing=args.packing,
                    max_tokens=args.max_tokens, attn_implementation=args.attn_implementation,
-                   precision=args.precision, progress=not args.no_progress, split=args.split)
+                   precision=args.precision, progress=not args.no_progress, split=args.split, pooling=args.pooling)
     elif args.cmd == "train":
         from .train import train
         train(_load_train_config(args))
@@ -227,7 +232,8 @@ def _run(args):
                        reference_model=args.reference_model, k=args.k, select=args.select, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, max_pairs=args.max_pairs,
                        entropy_samples=args.entropy_samples, max_new_tokens=args.max_new_tokens, device=args.device,
-                       packing=args.packing, bad_rows=args.bad_rows, precision=args.precision, split=args.split)
+                       packing=args.packing, bad_rows=args.bad_rows, precision=args.precision, split=args.split,
+                       pooling=args.pooling)
         print(format_table([res], [(k, k, ".4f" if isinstance(v, float) else "") for k, v in res.items()]))
         if args.json:
             from .cache import atomic_write_json

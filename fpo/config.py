@@ -8,7 +8,7 @@ import math
 import typing
 from dataclasses import dataclass, field, fields
 
-from .packing import LAYOUTS
+from .packing import LAYOUTS, POOLINGS
 from .precision import OPTIMIZERS, PRECISIONS, SAVE_DTYPES
 from .trackers import TRACKERS, tracker_names
 
@@ -50,6 +50,9 @@ class TrainConfig:
                                 "same across SAEs and models", ("none", "ref"))
     select: str = _key("policy", "fpo: the k features: policy's top-k, or the cached reference's first k",
                        ("policy", "reference"))
+    pooling: str = _key("response", "fpo: the rows D pools over: each response's own tokens, a mean (response); or "
+                        "the authors' code's, the rows predicting them divided by the pair's padded length less one "
+                        "(authors; needs --packing off or pack and a cache built with --pooling authors)", POOLINGS)
     # optimisation (paper defaults)
     lr: float = _key(5e-7, "learning rate", low=0, low_open=True)
     warmup_steps: int = _key(150, "linear warmup steps, then the schedule", low=0)
@@ -133,6 +136,9 @@ class TrainConfig:
             raise ValueError(f"max_tokens ({self.max_tokens}) must exceed 2 x max_prompt_length "
                              f"({2 * self.max_prompt_length}): every pair must fit one micro-batch with room for its responses")
         tracker_names(self.report_to)   # none alone, or trackers
+        if self.pooling == "authors" and self.packing == "share-prompt":
+            raise ValueError("pooling 'authors' needs --packing off or pack: with the prompt shared, the rows that "
+                             "predict the rejected response are not contiguous")
         if self.lora_r is None and (self.merge_lora or self.lora_alpha is not None):
             raise ValueError(f"{'merge_lora' if self.merge_lora else 'lora_alpha'} is set but lora_r is not: pass "
                              "--lora-r to train LoRA adapters")

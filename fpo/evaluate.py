@@ -12,7 +12,7 @@ from .cache import ReferenceCache
 from .config import sae_specs
 from .data import load_pairs, tokenize_pairs
 from .model import ResidualCapture, final_softcap, lm_head, load_model_for_layout, load_tokenizer, resolve_device
-from .packing import attention_length_scale, body_hidden, collate
+from .packing import attention_length_scale, body_hidden, collate, pooling_rows
 from .precision import resolve_precision
 from .precompute import check_sae_fits
 from .sae import load_saes
@@ -44,7 +44,7 @@ def _sample_entropy(model, tok, items, n, max_new_tokens, device, seed):
 def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_model=None, k=50, select="policy",
              max_length=512, max_prompt_length=256, max_pairs=None, batch_pairs=4, entropy_samples=0,
              max_new_tokens=32, device=None, precision="auto", tokenizer=None, seed=0, packing="share-prompt",
-             bad_rows="error", sae_weight=None, log=print, split=None) -> dict:
+             bad_rows="error", sae_weight=None, log=print, split=None, pooling="response") -> dict:
     """Metrics on held-out pairs.
 
     accuracy_logp: fraction of pairs whose chosen response has the higher mean log-prob (needs nothing else);
@@ -68,6 +68,10 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
     if isinstance(reference_model, str):
         ref_model = load_model_for_layout(reference_model, dtype, device, packing, model.config._attn_implementation).eval()
     ref_cache = ReferenceCache(cache) if isinstance(cache, str) else cache
+    if ref_cache is not None and sae is not None and ref_cache.meta.get("pooling", "response") != pooling:
+        raise ValueError(f"cache {ref_cache.path} pooled the reference's features with pooling "
+                         f"{ref_cache.meta.get('pooling', 'response')!r}, this eval uses {pooling!r}: pass --pooling "
+                         f"{ref_cache.meta.get('pooling', 'response')} (as the run trained)")
     saes = load_saes(sae_specs(sae, sae_layer, sae_weight), device)
     if len(saes) == 1 and saes[0].layer is None and ref_cache is not None:   # one SAE, its layer from the cache
         saes[0].layer = ref_cache.meta.get("layer")
@@ -90,6 +94,7 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
                 chunk = items[b:b + batch_pairs]
                 P = len(chunk)
                 batch = collate(chunk, packing, tokenizer.pad_token_id, attention_length_scale(model))
+                spans, factor = pooling_rows(batch, chunk, pooling)
                 rows, labels, seq = (batch[k].to(device) for k in ("pred_rows", "labels", "seq_ids"))
                 hidden = body_hidden(model, batch, device)
                 w, bias = lm_head(model)
@@ -102,10 +107,11 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
                     resid = {layer: cap.pop() for layer, cap in caps.items()}
                     for spec, key, out in zip(saes, keys, ds):
                         r = resid[spec.layer]
-                        out.append(sae_feature_mse_varlen(r.reshape(-1, r.shape[-1]), batch["spans"].cpu(), spec.sae,
-                                                          torch.cat([ref["chosen_idx" + key], ref["rejected_idx" + key]]),
-                                                          torch.cat([ref["chosen_val" + key], ref["rejected_val" + key]]),
-                                                          k, select))
+                        d = sae_feature_mse_varlen(r.reshape(-1, r.shape[-1]), spans.cpu(), spec.sae,
+                                                   torch.cat([ref["chosen_idx" + key], ref["rejected_idx" + key]]),
+                                                   torch.cat([ref["chosen_val" + key], ref["rejected_val" + key]]),
+                                                   k, select)
+                        out.append(d if factor is None else d * factor.to(d))
                 if ref_model is not None:
                     rh = body_hidden(ref_model, batch, device)
                     kl = fused_linear_kl(hidden[rows], w, rh[rows], lm_head(ref_model)[0],

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["LAYOUTS", "pair_tokens", "micro_batch_tokens", "plan_micro_batches", "collate", "attention_mask_for",
+__all__ = ["LAYOUTS", "POOLINGS", "pooling_rows", "pair_tokens", "micro_batch_tokens", "plan_micro_batches", "collate", "attention_mask_for",
            "body_hidden", "from_padded", "attention_length_scale", "PACKED_ATTENTION"]
 
 LAYOUTS = ("off", "pack", "share-prompt")
+POOLINGS = ("response", "authors")   # the rows the FPO constraint pools over: see pooling_rows
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")   # attention implementations that take our mask
 
 
@@ -323,3 +324,26 @@ def body_hidden(model, batch: dict, device) -> torch.Tensor:
         pos = batch["position_ids"].to(device)
         hidden = run_body(model, ids, attention_mask_for(model, batch["segment"], batch["branch"], pos), pos)
     return hidden.reshape(-1, hidden.shape[-1])
+
+
+def pooling_rows(batch, items, pooling: str):
+    """(spans [2P, 2], factor [2P] or None): the rows the SAE constraint pools over, and what D is multiplied by.
+
+    response (ours): each response's own token rows, a mean over them.
+    authors (MikaStars39/FeatureAlignment: `(features * mask).mean(1)` over the shifted sequence): the rows that
+    predict the response tokens, summed and divided by the pair's padded length less one, T - 1 with T =
+    prompt + the longer response. That pooled vector is (n / (T - 1)) x the mean over the same rows, so its D is
+    the mean's D x (n / (T - 1))^2 (top-k selection is unchanged by the positive factor); the cache holds the
+    means, and the factor is applied to D. The predicting rows are contiguous in the off and pack layouts only."""
+    if pooling == "response":
+        return batch["spans"], None
+    if pooling != "authors":
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if batch["layout"] == "share-prompt":
+        raise ValueError("pooling 'authors' needs packing 'off' or 'pack': with the prompt shared, the rows that "
+                         "predict the rejected response are not contiguous")
+    spans = batch["spans"] - 1
+    n = (spans[:, 1] - spans[:, 0]).double()
+    T = torch.tensor([len(it.prompt_ids) + max(len(it.chosen_ids), len(it.rejected_ids)) for it in items],
+                     dtype=torch.float64).repeat(2)
+    return spans, ((n / (T - 1)) ** 2).float()

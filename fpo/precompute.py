@@ -19,7 +19,7 @@ from .locking import LOCK_NAME, DirectoryLock
 from .data import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .model import (ResidualCapture, decoder_layers, final_softcap, lm_head, load_model_for_layout, load_tokenizer,
                     model_fingerprint, resolve_device)
-from .packing import LAYOUTS, attention_length_scale, body_hidden, collate, plan_micro_batches
+from .packing import LAYOUTS, POOLINGS, attention_length_scale, body_hidden, collate, plan_micro_batches, pooling_rows
 from .precision import resolve_precision
 from .progress import progress_bar
 from .sae import load_saes
@@ -150,7 +150,7 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
                max_prompt_length: int = 256, batch_pairs: int = 4, max_pairs=None, shard_rows: int = 256,
                device=None, precision: str = "auto", bad_rows: str = "error", overwrite: bool = False, tokenizer=None,
                model_name=None, value_dtype: str = "float16", packing: str = "share-prompt", max_tokens=None,
-               attn_implementation=None, log=print, progress: bool = True, split=None) -> dict:
+               attn_implementation=None, log=print, progress: bool = True, split=None, pooling: str = "response") -> dict:
     """Build the reference cache in directory `out`; returns the summary it prints.
 
     model: a path / hub name / .gguf, or a loaded model (then pass tokenizer and model_name);
@@ -176,6 +176,11 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
         raise ValueError("shard_rows and batch_pairs must be >= 1")
     if packing not in LAYOUTS:
         raise ValueError(f"packing must be one of {LAYOUTS}, got {packing!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling == "authors" and packing == "share-prompt":
+        raise ValueError("pooling 'authors' needs packing 'off' or 'pack': with the prompt shared, the rows that "
+                         "predict the rejected response are not contiguous")
     say = log if rank == 0 else (lambda *a, **k: None)
 
     if isinstance(model, (str, os.PathLike)):
@@ -214,6 +219,8 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
                   "index_dtype": str(index_dtype_for(x.sae.width)).replace("torch.", "")} for i, x in enumerate(saes)],
         "reference_dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "precision": prec.name,
     }
+    if pooling != "response":   # recorded only when not the default, so caches built before it stay valid
+        settings["pooling"] = pooling
     out = os.fspath(out)
     settings_path = os.path.join(out, "settings.json")
     done = _complete_cache(out, settings)
@@ -271,9 +278,10 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
             chunks = ([items[b:min(b + batch_pairs, e)] for b in range(s, e, batch_pairs)] if max_tokens is None
                       else plan_micro_batches(items[s:e], packing, max_tokens, scale))
             for chunk in chunks:
+                batch = collate(chunk, packing, pad, scale)
+                batch["spans"], _ = pooling_rows(batch, chunk, pooling)   # the factor applies to D, in training
                 with prec.autocast(device):
-                    parts.append(reference_stats(model, collate(chunk, packing, pad, scale), saes, K, device,
-                                                 VALUE_DTYPES[value_dtype]))
+                    parts.append(reference_stats(model, batch, saes, K, device, VALUE_DTYPES[value_dtype]))
                 order += [it.id for it in chunk]
                 if bar is not None:
                     bar.update(len(chunk) * world)

@@ -83,6 +83,8 @@ class PolicyStats(nn.Module):
                     # spans stay on the host: the kernels lay out their row tiles from them with no device sync
                     d = sae_feature_mse_varlen(r.reshape(-1, r.shape[-1]), batch["spans"].cpu(), sae, idx, val,
                                                self.k, self.select, check_inputs=False) * (weight / scale)
+                    if batch.get("d_factor") is not None:   # pooling "authors" (fpo.packing.pooling_rows)
+                        d = d * batch["d_factor"].to(d)
                     out["d"] = d if "d" not in out else out["d"] + d
         return out
 

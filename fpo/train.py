@@ -30,7 +30,7 @@ from .data import load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .lora import ADAPTER_WEIGHTS, add_adapters, adapter_weights, load_adapter_weights, merged_weights, save_adapter_config
 from .model import (config_fingerprint, enable_activation_checkpointing, final_softcap, lm_head,
                     load_model_for_layout, load_tokenizer, model_fingerprint, resolve_device)
-from .packing import attention_length_scale, body_hidden, collate, micro_batch_tokens, plan_micro_batches
+from .packing import attention_length_scale, body_hidden, collate, micro_batch_tokens, plan_micro_batches, pooling_rows
 from .precision import SAVE_DTYPES, make_optimizer, resolve_precision, updates_round_away
 from .precompute import check_sae_fits
 from .run_dir import (check_resumable, checkpoints, claim_output_dir, find_checkpoint, read_state, set_config_dtype,
@@ -102,6 +102,10 @@ class Trainer:
             self.cache = ReferenceCache(cfg.cache)
         self.saes, self.sae_keys = [], []    # SAESpecs, and the suffix of each one's tensors in the cache
         if cfg.method == "fpo":
+            built = self.cache.meta.get("pooling", "response")
+            if built != cfg.pooling:
+                raise ValueError(f"cache {cfg.cache} pooled the reference's features with pooling {built!r}, this run "
+                                 f"uses {cfg.pooling!r}: rebuild it with `fpo precompute --pooling {cfg.pooling}`")
             if not self.cache.has_features:
                 raise ValueError(f"cache {cfg.cache} holds no SAE features: build it with --sae for method fpo")
             self.saes = load_saes(cfg.sae_specs, self.device)
@@ -270,6 +274,7 @@ class Trainer:
         """(losses [P], metrics, batch) of one micro-batch: the policy forward and the reference side."""
         cfg = self.cfg
         batch = collate(items, cfg.packing, self.tokenizer.pad_token_id, self.row_scale)
+        batch["spans"], batch["d_factor"] = pooling_rows(batch, items, cfg.pooling)
         P = len(items)
         ref = self._reference(batch)
         kw = {}
