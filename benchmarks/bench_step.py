@@ -4,8 +4,10 @@ random weights (memory and time do not depend on the weights).
 Methods:
   fpo              ours: offline cache, fused kernels, select="policy"
   fpo-ref          ours, select="reference" (only k columns of W_enc)
-  fpo-authors      as the FPO authors run it: reference model online every step, full logits, SAE on full [tokens, width]
-  tdpo1/2-authors  as the TDPO authors run them: full logits of both models, softmax().log() KL over the vocabulary
+  fpo-authors      as the FPO authors' code runs it: reference model online every step, full logits through TDPO's
+                   log-prob function (with the full-vocabulary KL it never uses), SAE on full [tokens, width]
+  tdpo1/2-authors  as TDPO's code runs them: the policy's log_softmax, the reference's softmax().log(), the KL
+                   over the vocabulary from those
   tdpo1/2-lean     our TDPO: online reference body, then fused_linear_logprobs_kl (both log-probs and the KL, one pass)
   simpo, dpo       fused log-probs (dpo with the cached reference log-probs)
   dpo-full-logits  materialised logits + log_softmax
@@ -218,9 +220,16 @@ class Step:
         cap_p = ResidualCapture(self.policy, self.layer) if method == "fpo-authors" else None
         cap_r = ResidualCapture(self.ref, self.layer) if method == "fpo-authors" else None
         try:
+            # TDPO's own code (Vance0124/Token-level-Direct-Preference-Optimization, _tdpo_get_batch_logps), which
+            # the FPO authors' code calls too: the reference's softmax and its .log() (no grad), the policy's one
+            # log_softmax, the per-position KL from those, and both models' token log-probs gathered from them
+            lab = self.ids[:, 1:, None]
             with torch.no_grad():
-                r_logits, r_lp = self._full_logits(self.ref)
-            logits, lp = self._full_logits(self.policy)
+                q = self.ref(input_ids=self.ids, attention_mask=self.attn).logits[:, :-1].float().softmax(-1)
+                q_log = q.log()
+            vocab_logps = self.policy(input_ids=self.ids, attention_mask=self.attn).logits[:, :-1].float().log_softmax(-1)
+            kl = ((q * (q_log - vocab_logps)).sum(-1) * tgt).sum(1)     # the FPO authors compute it and never use it
+            lp, r_lp = vocab_logps.gather(2, lab).squeeze(2), q_log.gather(2, lab).squeeze(2)
             if method == "fpo-authors":
                 with torch.no_grad():
                     ref_pooled = self._naive_pooled(cap_r.pop())
@@ -230,9 +239,6 @@ class Step:
                 n = tgt.sum(1)
                 a, ra = (lp * tgt).sum(1) / n, (r_lp * tgt).sum(1) / n
                 return LOSSES["fpo"](a[:P], a[P:], ra[:P], ra[P:], d[:P], d[P:])[0]
-            # TDPO authors: softmax of both models, .log(), the product summed over the vocabulary
-            p, q = logits.softmax(-1), r_logits.softmax(-1)
-            kl = ((q * (q.log() - p.log())).sum(-1) * tgt).sum(1)
             s, rs = (lp * tgt).sum(1), (r_lp * tgt).sum(1)
             return LOSSES["tdpo1"](s[:P], s[P:], rs[:P], rs[P:], kl[:P], kl[P:], variant=1 if method.startswith("tdpo1") else 2)[0]
         finally:

@@ -44,6 +44,20 @@ def test_every_step_method_gives_a_finite_scalar_loss():
         assert loss.dim() == 0 and torch.isfinite(loss)
 
 
+def test_tdpo_as_its_code_runs_it_is_the_same_loss_as_ours():
+    """The tdpo-authors rows follow TDPO's code path (policy log_softmax, reference softmax().log()); the loss is
+    the lean fused path's to fp32 rounding, so the rows compare equal work."""
+    from benchmarks.bench_step import Step
+    s = Step("tiny", 2, 32, "cpu", "fp32")
+    s.load_reference()
+    with torch.no_grad():   # a reference other than the policy: a KL that is not 0
+        for p in s.ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for variant in ("tdpo1", "tdpo2"):
+        with torch.no_grad():
+            assert s.loss(f"{variant}-authors").item() == pytest.approx(s.loss(f"{variant}-lean").item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("method", ["fpo", "simpo", "tdpo2-lean"])
 def test_step_benchmark_entry(benchmark, method):
     from benchmarks.bench_step import Step
