@@ -10,6 +10,7 @@ Methods:
                    over the vocabulary from those
   tdpo1/2-lean     our TDPO: online reference body, then fused_linear_logprobs_kl (both log-probs and the KL, one pass)
   simpo, dpo       fused log-probs (dpo with the cached reference log-probs)
+  simpo-authors    as SimPO's code runs it: the full logits upcast to fp32, their log_softmax
   dpo-full-logits  materialised logits + log_softmax
 
 Every method runs under one precision policy (fpo.precision; bf16-mixed on a GPU, what a real run uses), and
@@ -48,8 +49,8 @@ PRESETS = {
     "tiny": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, sae_layer=2, sae_width=256),
 }
-METHODS = ["simpo", "dpo", "dpo-full-logits", "fpo", "fpo-ref", "tdpo1-lean", "tdpo2-lean", "tdpo1-authors",
-           "tdpo2-authors", "fpo-authors"]
+METHODS = ["simpo", "simpo-authors", "dpo", "dpo-full-logits", "fpo", "fpo-ref", "tdpo1-lean", "tdpo2-lean",
+           "tdpo1-authors", "tdpo2-authors", "fpo-authors"]
 NEEDS_REF = {"tdpo1-lean", "tdpo2-lean", "tdpo1-authors", "tdpo2-authors", "fpo-authors"}
 # Rows repeated under another policy than the run's, beside it (method@policy)
 OTHER_POLICIES = {"bf16-compensated": ["fpo", "simpo"], "bf16-pure": ["fpo", "tdpo2-authors", "fpo-authors"]}
@@ -92,7 +93,7 @@ def build_model(preset, device, dtype):
         torch.set_default_dtype(prev)
 
 
-RATIO_PAIRS = (("fpo", "tdpo2-authors"), ("fpo", "tdpo2-lean"), ("fpo", "simpo"), ("fpo-ref", "simpo"),
+RATIO_PAIRS = (("fpo", "tdpo2-authors"), ("fpo", "simpo-authors"), ("simpo", "simpo-authors"), ("fpo", "tdpo2-lean"), ("fpo", "simpo"), ("fpo-ref", "simpo"),
                ("fpo", "fpo-authors"), ("tdpo2-lean", "tdpo2-authors"), ("simpo", "simpo-liger"),
                ("fpo@bf16-compensated", "fpo"), ("fpo@bf16-pure", "fpo"), ("fpo", "tdpo2-authors@bf16-pure"),
                ("fpo", "fpo-authors@bf16-pure"))
@@ -217,6 +218,12 @@ class Step:
             _, lp = self._full_logits(self.policy)
             s = (lp * tgt).sum(1)
             return LOSSES["dpo"](s[:P], s[P:], self.cache["chosen_logp_sum"], self.cache["rejected_logp_sum"])[0]
+        if method == "simpo-authors":
+            # SimPO's own code (princeton-nlp/SimPO, concatenated_forward and get_batch_logps): the full logits
+            # upcast to fp32, their log_softmax, the mean over the response tokens
+            _, lp = self._full_logits(self.policy)
+            a = (lp * tgt).sum(1) / tgt.sum(1)
+            return LOSSES["simpo"](a[:P], a[P:], 2.0, 0.5)[0]
         cap_p = ResidualCapture(self.policy, self.layer) if method == "fpo-authors" else None
         cap_r = ResidualCapture(self.ref, self.layer) if method == "fpo-authors" else None
         try:

@@ -45,8 +45,9 @@ def test_every_step_method_gives_a_finite_scalar_loss():
 
 
 def test_tdpo_as_its_code_runs_it_is_the_same_loss_as_ours():
-    """The tdpo-authors rows follow TDPO's code path (policy log_softmax, reference softmax().log()); the loss is
-    the lean fused path's to fp32 rounding, so the rows compare equal work."""
+    """The tdpo-authors rows follow TDPO's code path (policy log_softmax, reference softmax().log()), and
+    simpo-authors SimPO's (fp32 full logits); each loss is our fused path's to fp32 rounding, so the rows compare
+    equal work."""
     from benchmarks.bench_step import Step
     s = Step("tiny", 2, 32, "cpu", "fp32")
     s.load_reference()
@@ -56,6 +57,8 @@ def test_tdpo_as_its_code_runs_it_is_the_same_loss_as_ours():
     for variant in ("tdpo1", "tdpo2"):
         with torch.no_grad():
             assert s.loss(f"{variant}-authors").item() == pytest.approx(s.loss(f"{variant}-lean").item(), rel=1e-5)
+    with torch.no_grad():   # SimPO as its code runs it: the same loss as ours
+        assert s.loss("simpo-authors").item() == pytest.approx(s.loss("simpo").item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["fpo", "simpo", "tdpo2-lean"])
