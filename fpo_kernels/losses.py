@@ -35,6 +35,12 @@ def _share(margin, constraint):
     return {"margin_abs": margin.abs(), "constraint_abs": constraint.abs()}
 
 
+def _smoothed(u, label_smoothing):
+    """-(1 - eps) log sigmoid(u) - eps log sigmoid(-u) = -log sigmoid(u) + eps u: the conservative loss of a
+    preference label flipped with probability eps (cDPO; TRL's label_smoothing on its sigmoid loss)."""
+    return -F.logsigmoid(u) + label_smoothing * u if label_smoothing else -F.logsigmoid(u)
+
+
 # DPO's variants as Liger-Kernel and TRL name them; each is a function of the chosen and rejected log-ratios
 # r = s - s_ref (sums, or means under average_log_prob) and beta. ipo needs lengths: not one of them.
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
@@ -65,7 +71,7 @@ def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta: float = 0.1, loss_typ
     u = rw - rl
     eps = label_smoothing
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(u) * (1 - eps) - F.logsigmoid(-u) * eps
+        losses = _smoothed(u, eps)
     elif loss_type == "hinge":
         losses = torch.relu(1 - u)
     elif loss_type == "exo_pair":
@@ -97,13 +103,7 @@ def simpo_loss(mean_logp_w, mean_logp_l, beta: float = 2.0, gamma: float = 0.5, 
     instead: gamma_beta_ratio 0.25 with beta 2.0 is gamma 0.5 here."""
     rw, rl = beta * mean_logp_w, beta * mean_logp_l
     u = rw - rl - gamma
-    return -F.logsigmoid(u) * (1 - label_smoothing) - F.logsigmoid(-u) * label_smoothing, _metrics(rw, rl)
-
-
-def _smoothed(u, label_smoothing):
-    """-(1 - eps) log sigmoid(u) - eps log sigmoid(-u) = -log sigmoid(u) + eps u: the conservative loss of a
-    preference label flipped with probability eps (cDPO; TRL's label_smoothing on its sigmoid loss)."""
-    return -F.logsigmoid(u) + label_smoothing * u if label_smoothing else -F.logsigmoid(u)
+    return _smoothed(u, label_smoothing), _metrics(rw, rl)
 
 
 def tdpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, kl_w, kl_l, beta: float = 0.1, alpha: float = 0.5,
