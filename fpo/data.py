@@ -284,14 +284,15 @@ CHARS_PER_TOKEN = 32
 TOKEN_MARGIN = 16
 
 
-def _bounded(tok, text: str, keep: int, tail: bool) -> str:
-    """text, or the part of it (its first or, with tail, its last characters) that yields the same `keep`
-    first (last) tokens."""
+def _bounded(tok, text: str, keep: int, tail: bool):
+    """(text, None), or (the part of it that yields the same `keep` first (last, with tail) tokens, that part's
+    token ids without special tokens) when the text is far longer than what is kept."""
     budget = (keep + TOKEN_MARGIN) * CHARS_PER_TOKEN
     if len(text) <= budget:
-        return text
+        return text, None
     part = text[-budget:] if tail else text[:budget]
-    return part if len(tok(part, add_special_tokens=False)["input_ids"]) >= keep + TOKEN_MARGIN else text
+    ids = tok(part, add_special_tokens=False)["input_ids"]
+    return (part, ids) if len(ids) >= keep + TOKEN_MARGIN else (text, None)
 
 
 def _prompt_ids(tok, prompt, keep: int | None = None):
@@ -299,9 +300,9 @@ def _prompt_ids(tok, prompt, keep: int | None = None):
     tokens are guaranteed, and a message far longer than that is cut first."""
     if keep is not None:
         if isinstance(prompt, str):
-            prompt = _bounded(tok, prompt, keep, tail=True)
+            prompt = _bounded(tok, prompt, keep, tail=True)[0]
         else:
-            prompt = [dict(m, content=_bounded(tok, m["content"], keep, tail=True)) for m in prompt]
+            prompt = [dict(m, content=_bounded(tok, m["content"], keep, tail=True)[0]) for m in prompt]
     if getattr(tok, "chat_template", None):
         msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
@@ -314,9 +315,11 @@ def _prompt_ids(tok, prompt, keep: int | None = None):
 
 def _response_ids(tok, text, keep: int | None = None):
     """The response's token ids and the end-of-turn token; with keep, only the first keep are guaranteed."""
+    ids = None
     if keep is not None:
-        text = _bounded(tok, text, keep, tail=False)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+        text, ids = _bounded(tok, text, keep, tail=False)   # a cut text's ids come with it: not tokenised twice
+    if ids is None:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
     if tok.eos_token_id is not None:
         ids = ids + [tok.eos_token_id]  # the end-of-turn token is part of what the model must produce
     return ids
