@@ -216,7 +216,7 @@ def _estimate_policy(preset, pairs, seq_len, methods, grad_ckpt, spec, precision
             bench.sae._cast.clear()      # the bf16 copy of W_enc is made inside the step it serves
             tracer = StepTracer(spec)
             opt = make_optimizer(bench.policy, precision, "cpu")
-            phases = [("sae", [(fpo.step, "sae_feature_mse_varlen"), (_sae, "sae_constraint_bwd"), (Step, "_naive_pooled")]),
+            phases = [("sae", [(fpo.step, "sae_feature_mse"), (_sae, "sae_constraint_bwd"), (Step, "_naive_pooled")]),
                       ("lm head", [(_lp, "logprobs_fwd"), (_lp, "logprobs_bwd"), (_lp, "kl_fwd"), (_lp, "kl_bwd")]),
                       ("optimizer", [(opt, "step")])]
             with contextlib.ExitStack() as stack:

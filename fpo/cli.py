@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import typing
@@ -43,32 +42,14 @@ def _add_train_flags(p):
 
 
 def _load_train_config(args):
-    from .config import config_from_dict
+    from .config import load_config
     for key in REPLACED_KEYS:
         if getattr(args, "replaced_" + key, None) is not None:
             raise ValueError(f"--{key.replace('_', '-')}: {REPLACED_KEYS[key]}")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     # a repeatable flag given once is the plain value (the config a run saves then matches a YAML's)
     overrides = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in overrides.items()}
-    base = {}
-    if args.config:
-        try:
-            with open(args.config) as fh:
-                if args.config.endswith(".json"):
-                    base = json.load(fh)
-                else:
-                    import yaml
-                    base = yaml.safe_load(fh) or {}
-        except OSError as e:
-            raise ValueError(f"--config {args.config}: cannot be read ({e.strerror})") from None
-        except Exception as e:   # JSON / YAML syntax, or a YAML tag that safe_load refuses (e.g. !!python/object)
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"--config {args.config} is not valid {'JSON' if args.config.endswith('.json') else 'YAML'} "
-                             f"config ({first}); only plain keys and values are read") from None
-        if not isinstance(base, dict):
-            raise ValueError(f"--config {args.config} must hold a mapping of config keys to values, "
-                             f"got a {type(base).__name__}")
-    return config_from_dict({**base, **overrides})
+    return load_config(args.config, **overrides)
 
 
 BENCHMARKS = {

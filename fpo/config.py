@@ -4,6 +4,7 @@ choices or its range: the CLI shows them)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass, field, fields
@@ -255,12 +256,24 @@ def config_from_dict(d: dict) -> TrainConfig:
 
 
 def load_config(path: str | None = None, **overrides) -> TrainConfig:
-    d = {}
+    """A TrainConfig from a YAML (or .json) file of its keys, with the overrides that are not None on top: what
+    `fpo train --config FILE --flag ...` runs. Only plain keys and values are read (yaml.safe_load)."""
+    base = {}
     if path:
-        import yaml
-        with open(path) as f:
-            d = yaml.safe_load(f) or {}
-        if not isinstance(d, dict):
-            raise ValueError(f"config file {path} must hold a mapping of keys to values")
-    d.update({k: v for k, v in overrides.items() if v is not None})
-    return config_from_dict(d)
+        try:
+            with open(path) as fh:
+                if path.endswith(".json"):
+                    base = json.load(fh)
+                else:
+                    import yaml
+                    base = yaml.safe_load(fh) or {}
+        except OSError as e:
+            raise ValueError(f"--config {path}: cannot be read ({e.strerror})") from None
+        except Exception as e:   # JSON / YAML syntax, or a YAML tag that safe_load refuses (e.g. !!python/object)
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"--config {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'} "
+                             f"config ({first}); only plain keys and values are read") from None
+        if not isinstance(base, dict):
+            raise ValueError(f"--config {path} must hold a mapping of config keys to values, "
+                             f"got a {type(base).__name__}")
+    return config_from_dict({**base, **{k: v for k, v in overrides.items() if v is not None}})

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from fpo_kernels import fused_linear_kl, sae_feature_mse_varlen, sequence_logprobs_varlen
+from fpo_kernels import fused_linear_kl, sae_feature_mse, sequence_logprobs
 
 from .cache import ReferenceCache
 from .config import sae_specs
@@ -98,7 +98,8 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
                 rows, labels, seq = (batch[k].to(device) for k in ("pred_rows", "labels", "seq_ids"))
                 hidden = body_hidden(model, batch, device)
                 w, bias = lm_head(model)
-                _, mean, _ = sequence_logprobs_varlen(hidden, w, rows, labels, seq, 2 * P, final_softcap(model), bias)
+                _, mean, _ = sequence_logprobs(hidden, w, softcap=final_softcap(model), bias=bias, rows=rows,
+                                               labels=labels, seq_ids=seq, num_seqs=2 * P)
                 acc_logp.append((mean[:P] > mean[P:]).float())
                 if ref_cache is not None:
                     ref = ref_cache.lookup(batch["ids"], batch["row_hash"], device)
@@ -107,10 +108,10 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
                     resid = {layer: cap.pop() for layer, cap in caps.items()}
                     for spec, key, out in zip(saes, keys, ds):
                         r = resid[spec.layer]
-                        d = sae_feature_mse_varlen(r.reshape(-1, r.shape[-1]), spans.cpu(), spec.sae,
-                                                   torch.cat([ref["chosen_idx" + key], ref["rejected_idx" + key]]),
-                                                   torch.cat([ref["chosen_val" + key], ref["rejected_val" + key]]),
-                                                   k, select)
+                        d = sae_feature_mse(r.reshape(-1, r.shape[-1]), None, spec.sae,
+                                            torch.cat([ref["chosen_idx" + key], ref["rejected_idx" + key]]),
+                                            torch.cat([ref["chosen_val" + key], ref["rejected_val" + key]]),
+                                            k, select, spans=spans.cpu())
                         out.append(d if factor is None else d * factor.to(d))
                 if ref_model is not None:
                     rh = body_hidden(ref_model, batch, device)

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from fpo_kernels import SAEWeights, index_dtype_for, pack_topk, sae_pooled_features_varlen, sequence_logprobs_varlen
+from fpo_kernels import SAEWeights, index_dtype_for, pack_topk, sae_pooled_features, sequence_logprobs
 from fpo_kernels.cache import VALUE_DTYPES
 
 from . import distributed as dist_utils
@@ -60,14 +60,14 @@ def reference_stats(model, batch, saes=(), K=256, device="cpu", value_dtype=torc
         hidden = body_hidden(model, batch, device)
         w, b = lm_head(model)
         rows, labels, seq = (batch[k].to(device) for k in ("pred_rows", "labels", "seq_ids"))
-        total, mean, count = sequence_logprobs_varlen(hidden, w, rows, labels, seq, batch["num_seqs"],
-                                                      softcap=final_softcap(model), bias=b)
+        total, mean, count = sequence_logprobs(hidden, w, softcap=final_softcap(model), bias=b, rows=rows,
+                                               labels=labels, seq_ids=seq, num_seqs=batch["num_seqs"])
         out = {"logp_sum": total, "logp_mean": mean, "len": count}
         resid = {layer: cap.pop() for layer, cap in caps.items()}
         for i, spec in enumerate(saes):
             r = resid[spec.layer]
-            pooled = sae_pooled_features_varlen(r.reshape(-1, r.shape[-1]), batch["spans"].cpu(), spec.sae,
-                                                check_inputs=False)
+            pooled = sae_pooled_features(r.reshape(-1, r.shape[-1]), sae=spec.sae, check_inputs=False,
+                                         spans=batch["spans"].cpu())
             key = feature_key(i, spec)
             out["idx" + key], out["val" + key] = pack_topk(pooled, K, value_dtype)
     finally:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from fpo_kernels import sae_feature_mse_varlen, sequence_logprobs_kl_varlen, sequence_logprobs_varlen
+from fpo_kernels import sae_feature_mse, sequence_logprobs, sequence_logprobs_kl
 
 from .config import TrainConfig
 from .losses import LOSSES
@@ -67,12 +67,14 @@ class PolicyStats(nn.Module):
         S = batch["num_seqs"]
         if ref_hidden is not None:
             with record_function("fpo::logprobs_kl"):
-                total, mean, count, ref_total, kl = sequence_logprobs_kl_varlen(
-                    hidden, w, rows, labels, seq, S, ref_hidden, ref_weight, self.softcap, b, ref_bias)
+                total, mean, count, ref_total, kl = sequence_logprobs_kl(
+                    hidden, w, ref_hidden=ref_hidden, ref_weight=ref_weight, softcap=self.softcap, bias=b,
+                    ref_bias=ref_bias, rows=rows, labels=labels, seq_ids=seq, num_seqs=S)
             out = {"logp_sum": total, "logp_mean": mean, "len": count, "ref_logp_sum": ref_total, "kl": kl}
         else:
             with record_function("fpo::logprobs"):
-                total, mean, count = sequence_logprobs_varlen(hidden, w, rows, labels, seq, S, self.softcap, b)
+                total, mean, count = sequence_logprobs(hidden, w, softcap=self.softcap, bias=b, rows=rows,
+                                                       labels=labels, seq_ids=seq, num_seqs=S)
             out = {"logp_sum": total, "logp_mean": mean, "len": count}
         if self.saes:
             resid = {L: cap.pop() for L, cap in self.captures.items()}
@@ -81,8 +83,8 @@ class PolicyStats(nn.Module):
                 for (sae, layer, weight, scale), (idx, val) in zip(self.saes, refs):
                     r = resid[layer]
                     # spans stay on the host: the kernels lay out their row tiles from them with no device sync
-                    d = sae_feature_mse_varlen(r.reshape(-1, r.shape[-1]), batch["spans"].cpu(), sae, idx, val,
-                                               self.k, self.select, check_inputs=False) * (weight / scale)
+                    d = sae_feature_mse(r.reshape(-1, r.shape[-1]), None, sae, idx, val, self.k, self.select,
+                                        check_inputs=False, spans=batch["spans"].cpu()) * (weight / scale)
                     if batch.get("d_factor") is not None:   # pooling "authors" (fpo.packing.pooling_rows)
                         d = d * batch["d_factor"].to(d)
                     out["d"] = d if "d" not in out else out["d"] + d
@@ -93,9 +95,8 @@ def _split(t, P):
     return t[:P], t[P:]
 
 
-def compute_loss(cfg: TrainConfig, stats: dict, ref: dict | None, P: int, d_scale: float = 1.0):
-    """(losses [P], metrics) for one micro-batch from policy statistics and reference values; d_scale: what
-    D is divided by (the cache's recorded feature scale under constraint_norm "ref", else 1)."""
+def compute_loss(cfg: TrainConfig, stats: dict, ref: dict | None, P: int):
+    """(losses [P], metrics) for one micro-batch from policy statistics and reference values."""
     beta = cfg.beta_value
     sw, sl = _split(stats["logp_sum"], P)
     aw, al = _split(stats["logp_mean"], P)
@@ -105,7 +106,7 @@ def compute_loss(cfg: TrainConfig, stats: dict, ref: dict | None, P: int, d_scal
     if m == "dpo":
         return LOSSES[m](sw, sl, ref["chosen_logp_sum"], ref["rejected_logp_sum"], beta)
     if m == "fpo":
-        dw, dl = _split(stats["d"] / d_scale, P)
+        dw, dl = _split(stats["d"], P)
         return LOSSES[m](aw, al, ref["chosen_logp_mean"], ref["rejected_logp_mean"], dw, dl, beta, cfg.alpha)
     kw, kl = _split(stats["kl"], P)
     return LOSSES[m](sw, sl, ref["chosen_logp_sum"], ref["rejected_logp_sum"], kw, kl, beta, cfg.alpha,

@@ -3,9 +3,9 @@
 Per optimizer step and per micro-batch of P pairs (a fixed number, or as many as fit max_tokens): one
 policy forward over the 2P chosen and rejected sequences in the micro-batch's layout (fpo.packing: padded,
 packed, or packed with each prompt shared by its chosen and rejected response); the residual stream after
-block L_sae from a hook; the final hidden states from the model body (no logits); the varlen fused
-log-probs with the lm head; sae_feature_mse_varlen against the cached reference features (fpo); for tdpo,
-the reference body on the same layout and sequence_logprobs_kl_varlen instead: both models' log-probs and
+block L_sae from a hook; the final hidden states from the model body (no logits); the fused log-probs of
+the flat rows with the lm head; sae_feature_mse against the cached reference features (fpo); for tdpo,
+the reference body on the same layout and sequence_logprobs_kl instead: both models' log-probs and
 the KL from one pass over the logits; the loss; backward. Metrics stay on the device and are read once per
 log step.
 

@@ -2,21 +2,25 @@
 
 Depends on torch and triton (and safetensors/numpy to read SAE files). CUDA tensors run the Triton
 kernels; CPU tensors run the plain-PyTorch references in fpo_kernels.reference, unless TRITON_INTERPRET=1.
+One entry per op: padded inputs ([B, T, d] and a mask) or flat ones (rows [N, d] and spans, for packed
+streams), chosen by the arguments passed.
 """
 from ._dispatch import pin_autotune
-from .cache import pack_topk, unpack_topk, index_dtype_for
+from .cache import index_dtype_for, pack_topk, unpack_topk  # noqa: F401  (index_dtype_for: the cache's index dtype)
 from .logprobs import fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl
 from .preference import FusedLinearDPOLoss, FusedLinearFPOLoss, FusedLinearSimPOLoss, FusedLinearTDPOLoss
-from .sae_constraint import sae_feature_mse, sae_feature_mse_varlen, sae_pooled_features, sae_pooled_features_varlen
+from .sae_constraint import sae_feature_mse, sae_pooled_features
 from .sae_weights import SAEWeights
-from .sequence import (masked_mean, masked_sum, prediction_rows, sequence_logprobs, sequence_logprobs_kl,
-                       sequence_logprobs_kl_varlen, sequence_logprobs_varlen)
+from .sequence import prediction_rows, sequence_logprobs, sequence_logprobs_kl
+# deprecated aliases, kept for one release: the entries above take flat rows with spans= (or rows=, labels=, ...)
+from .sae_constraint import sae_feature_mse_varlen, sae_pooled_features_varlen  # noqa: F401
+from .sequence import sequence_logprobs_kl_varlen, sequence_logprobs_varlen  # noqa: F401
 
 __all__ = [
-    "SAEWeights", "sae_pooled_features", "sae_feature_mse", "sae_pooled_features_varlen", "sae_feature_mse_varlen",
+    "SAEWeights", "sae_pooled_features", "sae_feature_mse",
     "fused_linear_logprobs", "fused_linear_kl", "fused_linear_logprobs_kl",
-    "pack_topk", "unpack_topk", "index_dtype_for", "masked_sum", "masked_mean", "sequence_logprobs",
-    "sequence_logprobs_kl", "prediction_rows", "sequence_logprobs_varlen", "sequence_logprobs_kl_varlen", "pin_autotune",
+    "sequence_logprobs", "sequence_logprobs_kl", "prediction_rows",
+    "pack_topk", "unpack_topk", "pin_autotune",
     "FusedLinearSimPOLoss", "FusedLinearDPOLoss", "FusedLinearTDPOLoss", "FusedLinearFPOLoss",
 ]
 __version__ = "0.1.0"

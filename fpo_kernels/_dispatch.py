@@ -8,6 +8,8 @@ import functools
 import os
 from contextlib import nullcontext
 
+import warnings
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -61,6 +63,12 @@ def in_compute_dtype(op):
 def dot_precision(dtype: torch.dtype):
     """fp32 operands: full-precision products ("ieee"), not TF32, so fp32 inputs give fp32 answers."""
     return "ieee" if dtype == torch.float32 else None
+
+
+def deprecated(old: str, new: str):
+    """The warning an old entry point gives for one release before it goes."""
+    warnings.warn(f"fpo_kernels: {old} is deprecated and will be removed in the next release; use {new}",
+                  DeprecationWarning, stacklevel=3)
 
 
 def kernel_name(kernel) -> str:

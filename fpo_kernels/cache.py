@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import is_fake
+from ._layout import dense_from_topk
 
 __all__ = ["pack_topk", "unpack_topk", "index_dtype_for", "VALUE_DTYPE", "VALUE_DTYPES"]
 
@@ -62,5 +63,4 @@ def unpack_topk(indices: torch.Tensor, values: torch.Tensor, width: int) -> torc
     wide = indices.int()  # an int16 tensor compared with 32768 would overflow
     if ((wide < -1) | (wide >= width)).any():
         raise ValueError(f"indices hold values outside [-1, {width})")
-    from .reference import _dense_reference
-    return _dense_reference(indices, values, width, torch.float32)
+    return dense_from_topk(indices, values, width, torch.float32)

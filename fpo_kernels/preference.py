@@ -32,7 +32,7 @@ from torch import nn
 
 from .losses import check_dpo_options, dpo_loss, fpo_loss, simpo_loss, tdpo_loss
 from .sae_constraint import sae_feature_mse
-from .sequence import sequence_logprobs_kl_varlen, sequence_logprobs_varlen
+from .sequence import sequence_logprobs, sequence_logprobs_kl
 
 __all__ = ["FusedLinearSimPOLoss", "FusedLinearDPOLoss", "FusedLinearTDPOLoss", "FusedLinearFPOLoss",
            "response_rows"]
@@ -95,8 +95,9 @@ class _FusedLinearPreference(nn.Module):
         """(summed, mean, count [2P], P, rows): the policy's log-probs over each sequence's response tokens."""
         rows = response_rows(_input, target, self.ignore_index, seq_ids, allow_empty)
         flat, idx, labels, seq, S = rows
-        total, mean, count = sequence_logprobs_varlen(flat, lin_weight, idx, labels, seq, S, self.softcap, bias,
-                                                      self.token_chunk_size)
+        total, mean, count = sequence_logprobs(flat, lin_weight, softcap=self.softcap, bias=bias,
+                                               chunk_size=self.token_chunk_size, rows=idx, labels=labels, seq_ids=seq,
+                                               num_seqs=S)
         return total, mean, count, S // 2, rows
 
     def _nll(self, total, count, P, on: bool):
@@ -169,9 +170,11 @@ class FusedLinearDPOLoss(_FusedLinearPreference):
                                  f"got {tuple(ref_input.shape)}")
             _, idx, labels, seq, S = rows
             with torch.no_grad():
-                rt, rm, _ = sequence_logprobs_varlen(ref_input.reshape(-1, ref_input.shape[-1]).detach(),
-                                                     ref_weight.detach(), idx, labels, seq, S, self.softcap,
-                                                     None if ref_bias is None else ref_bias.detach(), self.token_chunk_size)
+                rt, rm, _ = sequence_logprobs(ref_input.reshape(-1, ref_input.shape[-1]).detach(),
+                                              ref_weight.detach(), softcap=self.softcap,
+                                              bias=None if ref_bias is None else ref_bias.detach(),
+                                              chunk_size=self.token_chunk_size, rows=idx, labels=labels, seq_ids=seq,
+                                              num_seqs=S)
             ref = rm if self.average_log_prob else rt
             ref_w, ref_l = ref[:P].float(), ref[P:].float()
         elif ref_chosen_logps is not None or ref_rejected_logps is not None:
@@ -204,9 +207,11 @@ class FusedLinearTDPOLoss(_FusedLinearPreference):
             raise ValueError(f"ref_input must have _input's leading shape {tuple(_input.shape[:-1])}, "
                              f"got {tuple(ref_input.shape)}")
         flat, rows, labels, seq, S = response_rows(_input, target, self.ignore_index, seq_ids)
-        total, _, _, ref_total, kl = sequence_logprobs_kl_varlen(
-            flat, lin_weight, rows, labels, seq, S, ref_input.reshape(-1, ref_input.shape[-1]).detach(),
-            ref_weight.detach(), self.softcap, bias, None if ref_bias is None else ref_bias.detach(), self.token_chunk_size)
+        total, _, _, ref_total, kl = sequence_logprobs_kl(
+            flat, lin_weight, ref_hidden=ref_input.reshape(-1, ref_input.shape[-1]).detach(),
+            ref_weight=ref_weight.detach(), softcap=self.softcap, bias=bias,
+            ref_bias=None if ref_bias is None else ref_bias.detach(), chunk_size=self.token_chunk_size, rows=rows,
+            labels=labels, seq_ids=seq, num_seqs=S)
         P = S // 2
         losses, m = tdpo_loss(total[:P], total[P:], ref_total[:P], ref_total[P:], kl[:P], kl[P:], self.beta,
                               self.alpha, self.variant, self.label_smoothing)

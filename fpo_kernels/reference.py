@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "jumprelu_ref", "sae_encode_ref", "sae_pooled_features_ref", "sae_feature_mse_ref", "span_rows",
+    "jumprelu_ref", "sae_encode_ref", "sae_pooled_features_ref", "sae_feature_mse_ref",
     "sae_pooled_features_varlen_ref", "sae_feature_mse_varlen_ref",
     "fused_linear_logprobs_ref", "fused_linear_kl_ref", "fused_linear_logprobs_kl_ref", "pack_topk_ref",
 ]
@@ -46,29 +46,30 @@ def sae_pooled_features_ref(hidden: torch.Tensor, mask: torch.Tensor, sae) -> to
 
 
 def _dense_reference(ref_indices, ref_values, width, dtype):
-    """[B, K] sparse (index, value) with -1 for empty slots -> [B, m] dense, 0 where absent. A row holding an
-    index outside [-1, width) (a wrong cache, unchecked) is all NaN rather than an out-of-bounds scatter."""
+    """[S, K] sparse (index, value) with -1 for empty slots -> [S, m] dense, 0 where absent; a row holding an
+    index outside [-1, width) is all NaN. Written as (row, column) puts, apart from the fast path's scatter."""
+    S, K = ref_indices.shape
     idx = ref_indices.long()
     valid = (idx >= 0) & (idx < width)
-    broken = ((idx < -1) | (idx >= width)).any(1)
-    dense = torch.zeros(ref_indices.shape[0], width, dtype=dtype, device=ref_values.device)
-    vals = torch.where(valid, ref_values.to(dtype), torch.zeros((), dtype=dtype, device=ref_values.device))
-    dense.scatter_add_(1, torch.where(valid, idx, 0), vals)
-    return torch.where(broken[:, None], torch.full_like(dense, float("nan")), dense)
+    rows = torch.arange(S, device=idx.device)[:, None].expand(S, K)
+    dense = torch.zeros(S, width, dtype=dtype, device=ref_values.device)
+    dense.index_put_((rows.reshape(-1), torch.where(valid, idx, 0).reshape(-1)),
+                     (ref_values.to(dtype) * valid).reshape(-1), accumulate=True)
+    broken = (~valid & (idx != -1)).any(1, keepdim=True)
+    return dense.masked_fill(broken, float("nan"))
 
 
-def span_rows(spans: torch.Tensor):
-    """[S, 2] (start, end) spans -> (rows [n], seq [n]): every row of every span and the span it belongs to."""
-    starts, ends = spans[:, 0].long(), spans[:, 1].long()
-    lengths = (ends - starts).clamp(min=0)
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=spans.device), lengths)
-    offset = torch.arange(seq.numel(), device=spans.device) - (lengths.cumsum(0) - lengths)[seq]
-    return starts[seq] + offset, seq
+def _span_rows(spans: torch.Tensor):
+    """[S, 2] (start, end) -> (rows [n], seq [n]): every row of every span, and its span."""
+    pairs = [(r, s) for s, (lo, hi) in enumerate(spans.tolist()) for r in range(lo, hi)]
+    rows = torch.tensor([r for r, _ in pairs], dtype=torch.long, device=spans.device)
+    seq = torch.tensor([s for _, s in pairs], dtype=torch.long, device=spans.device)
+    return rows, seq
 
 
 def sae_pooled_features_varlen_ref(hidden: torch.Tensor, spans: torch.Tensor, sae) -> torch.Tensor:
     """[N, d], [S, 2] -> [S, m]: mean over each span's rows of the JumpReLU features."""
-    rows, seq = span_rows(spans)
+    rows, seq = _span_rows(spans)
     f = sae_encode_ref(hidden[rows], sae)  # [n, m]: only the response rows
     pooled = torch.zeros(spans.shape[0], sae.width, dtype=f.dtype, device=f.device).index_add(0, seq, f)
     return pooled / (spans[:, 1] - spans[:, 0]).to(f.dtype)[:, None]

@@ -29,11 +29,11 @@ import triton
 import triton.language as tl
 
 from . import reference, sae_topk
-from ._dispatch import FLOAT_DTYPES, dot_precision, in_compute_dtype, interpreter_on, is_fake, launch, no_autocast, use_triton
+from ._layout import dense_from_topk
+from ._dispatch import FLOAT_DTYPES, deprecated, dot_precision, in_compute_dtype, interpreter_on, is_fake, launch, no_autocast, use_triton
 from .sae_weights import SAEWeights
 
-__all__ = ["sae_pooled_features", "sae_feature_mse", "sae_pooled_features_varlen", "sae_feature_mse_varlen",
-           "sae_pool_fwd", "sae_constraint_bwd", "SAEFeatureMSEFunction", "Spans"]
+__all__ = ["sae_pooled_features", "sae_feature_mse", "sae_pool_fwd", "sae_constraint_bwd", "SAEFeatureMSEFunction", "Spans"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,7 +368,7 @@ class SAEFeatureMSEFunction(torch.autograd.Function):
         if select == "policy":
             pooled = sae_pool_fwd(hidden, spans, sae)                      # [S, m]
             p, idx = pooled.topk(k, dim=1)                                 # [S, k]
-            dense = reference._dense_reference(ref_indices, ref_values, sae.width, torch.float32)
+            dense = dense_from_topk(ref_indices, ref_values, sae.width, torch.float32)
             ref = dense.gather(1, idx)
         else:
             idx = ref_indices[:, :k].long()
@@ -492,114 +492,101 @@ def _check_reference(S, m, ref_indices, ref_values, k, select, feature_weights, 
             raise ValueError("feature_weights must be >= 0")
 
 
-def _topk_rows(device, mask=None, spans=None, T=None):
-    """For the TopK path (sae_topk), from a padded mask [B, T] or spans [S, 2]: the response rows [n], their
-    sequence [n] and 1 / response length [S] on device, and where each sequence's rows start in them (a host
-    list of S + 1 offsets, rows being grouped by sequence). Laid out on the host, as the JumpReLU path's tile
-    tables are: host spans cost no device sync (a device mask, one copy)."""
-    if mask is not None:
-        seq, t = mask.detach().bool().cpu().nonzero(as_tuple=True)
-        rows, counts = seq * T + t, torch.bincount(seq, minlength=mask.shape[0])
-    else:
-        spans = spans.detach().to("cpu", torch.int64)
-        rows, seq = reference.span_rows(spans)
-        counts = (spans[:, 1] - spans[:, 0]).clamp(min=0)
-    offsets = [0] + counts.cumsum(0).tolist()
-    inv_n = 1.0 / counts.clamp(min=1).float()
-    return rows.to(device), seq.to(device), inv_n.to(device), offsets
-
-
 # ------------------------------------------------------------------------------------------------
 # public ops
 # ------------------------------------------------------------------------------------------------
-@in_compute_dtype
-def sae_pooled_features(hidden, mask, sae: SAEWeights, check_inputs: bool = True) -> torch.Tensor:
-    """Masked mean of the JumpReLU SAE features over each sequence's response tokens.
-
-    hidden [B, T, d] bf16/fp16/fp32, mask [B, T] bool or 0/1 (1 on response tokens), sae: SAEWeights.
-    Returns [B, m] float32. Never materialises [B, T, m]. Not differentiable (the training loss is
-    sae_feature_mse, which has its own sparse backward); the result is detached.
-    check_inputs=False skips the checks that read values (empty rows): for callers that validated their batch.
-    """
-    check_inputs = check_inputs and not is_fake(hidden)
-    _check_sae_hidden(hidden, sae, 3, "[B, T, d]")
-    _check_mask(hidden, mask, check_inputs)
-    with torch.no_grad():
-        if not use_triton(hidden) or hidden.dtype == torch.float64:
-            return reference.sae_pooled_features_ref(hidden, mask, sae).float()
-        B, T, d = hidden.shape
-        if sae.activation == "topk":
-            rows, seq, inv_n, _ = _topk_rows(hidden.device, mask=mask, T=T)
-            return sae_topk.topk_pool_fwd(hidden.detach().reshape(B * T, d), rows, seq, B, inv_n, sae)[0].float()
-        return sae_pool_fwd(hidden.detach().reshape(B * T, d), Spans.from_mask(mask), sae)
-
-
-@in_compute_dtype
-def sae_pooled_features_varlen(hidden, spans, sae: SAEWeights, check_inputs: bool = True) -> torch.Tensor:
-    """sae_pooled_features on flat hidden rows: hidden [N, d] (a packed token stream), spans [S, 2] integer
-    (start, end) rows of each sequence's response, non-overlapping and non-empty, on hidden's device or on
-    the host (better: the kernels lay out their row tiles from a host copy, which a GPU tensor costs a sync).
-    Returns [S, m] float32, detached."""
-    check_inputs = check_inputs and not is_fake(hidden)
+def _flat_rows(hidden, mask, spans, sae, check_inputs):
+    """Checks hidden against the layout it comes in: padded ([B, T, d] and mask [B, T]) or flat ([N, d] and
+    spans [S, 2]); returns (flat rows [N, d], number of sequences)."""
+    if (mask is None) == (spans is None):
+        raise ValueError("pass either mask (padded hidden [B, T, d]) or spans (flat hidden rows [N, d]), not "
+                         + ("both" if mask is not None else "neither"))
+    if spans is None:
+        _check_sae_hidden(hidden, sae, 3, "[B, T, d]")
+        _check_mask(hidden, mask, check_inputs)
+        return hidden.reshape(-1, hidden.shape[-1]), hidden.shape[0]
     _check_sae_hidden(hidden, sae, 2, "[N, d]")
     _check_spans(hidden, spans, check_inputs)
-    with torch.no_grad():
-        if not use_triton(hidden) or hidden.dtype == torch.float64:
-            return reference.sae_pooled_features_varlen_ref(hidden, spans.to(hidden.device), sae).float()
-        if sae.activation == "topk":
-            rows, seq, inv_n, _ = _topk_rows(hidden.device, spans=spans)
-            return sae_topk.topk_pool_fwd(hidden.detach(), rows, seq, spans.shape[0], inv_n, sae)[0].float()
-        return sae_pool_fwd(hidden.detach(), Spans.from_spans(spans, hidden.shape[0], hidden.device), sae)
+    return hidden, spans.shape[0]
+
+
+def _pooled_ref(hidden, mask, spans, sae):
+    if spans is None:
+        return reference.sae_pooled_features_ref(hidden, mask, sae)
+    return reference.sae_pooled_features_varlen_ref(hidden, spans.to(hidden.device), sae)
+
+
+def _mse_ref(hidden, mask, spans, sae, *args):
+    if spans is None:
+        return reference.sae_feature_mse_ref(hidden, mask, sae, *args)
+    return reference.sae_feature_mse_varlen_ref(hidden, spans.to(hidden.device), sae, *args)
+
+
+def _spans(flat, mask, spans):
+    return Spans.from_mask(mask) if spans is None else Spans.from_spans(spans, flat.shape[0], flat.device)
 
 
 @in_compute_dtype
-def sae_feature_mse(hidden, mask, sae: SAEWeights, ref_indices, ref_values, k: int = 50, select: str = "policy",
-                    feature_weights=None, check_inputs: bool = True) -> torch.Tensor:
-    """FPO feature constraint D(y) = (1/k) sum_{i in I} w_i (p_i - p_ref_i)^2 per sequence, [B] float32.
+def sae_pooled_features(hidden, mask=None, sae: SAEWeights = None, check_inputs: bool = True, *,
+                        spans=None) -> torch.Tensor:
+    """Masked mean of the SAE's features over each sequence's response tokens, [S, m] float32, detached.
 
-    hidden [B, T, d]: the residual stream at the SAE's layer; mask [B, T]: response tokens;
-    ref_indices [B, K] integer (-1 = empty slot) and ref_values [B, K]: the cached reference top-K pooled
-    features; k: features in the constraint; select: "policy" (top-k of the policy's pooled features; a
-    feature absent from the cache has reference value 0) or "reference" (the first k cached features,
-    which needs only k columns of W_enc); feature_weights [m] >= 0 or None.
-    Differentiable in hidden only. check_inputs=False skips the checks that read tensor values
-    (empty rows, index range, valid slots), for callers that validated their batch once.
+    Padded: hidden [B, T, d] bf16/fp16/fp32 and mask [B, T] bool or 0/1 (1 on response tokens); S = B.
+    Flat (a packed token stream): hidden [N, d] rows and spans [S, 2] integer (start, end) rows of each
+    sequence's response, non-overlapping and non-empty, on hidden's device or, better, the host (the kernels
+    lay out their row tiles from a host copy, which a GPU tensor costs a sync).
+    sae: SAEWeights. Never materialises [N, m]. Not differentiable (the training loss is sae_feature_mse,
+    which has its own sparse backward). check_inputs=False skips the checks that read values (empty rows,
+    span bounds): for callers that validated their batch.
+    """
+    check_inputs = check_inputs and not is_fake(hidden)
+    flat, S = _flat_rows(hidden, mask, spans, sae, check_inputs)
+    with torch.no_grad():
+        if not use_triton(hidden) or hidden.dtype == torch.float64:
+            return _pooled_ref(hidden, mask, spans, sae).float()
+        if sae.activation == "topk":
+            rows, seq, inv_n, _ = sae_topk.topk_rows(hidden.device, mask=mask, spans=spans)
+            return sae_topk.topk_pool_fwd(flat.detach(), rows, seq, S, inv_n, sae)[0].float()
+        return sae_pool_fwd(flat.detach(), _spans(flat, mask, spans), sae)
+
+
+@in_compute_dtype
+def sae_feature_mse(hidden, mask=None, sae: SAEWeights = None, ref_indices=None, ref_values=None, k: int = 50,
+                    select: str = "policy", feature_weights=None, check_inputs: bool = True, *,
+                    spans=None) -> torch.Tensor:
+    """FPO feature constraint D(y) = (1/k) sum_{i in I} w_i (p_i - p_ref_i)^2 per sequence, [S] float32.
+
+    hidden and mask (padded) or spans (flat): the residual stream at the SAE's layer and the response tokens,
+    as in sae_pooled_features; ref_indices [S, K] integer (-1 = empty slot) and ref_values [S, K]: the cached
+    reference top-K pooled features; k: features in the constraint; select: "policy" (top-k of the policy's
+    pooled features; a feature absent from the cache has reference value 0) or "reference" (the first k
+    cached features, which needs only k columns of W_enc); feature_weights [m] >= 0 or None.
+    Differentiable in hidden only; rows outside every response get zero gradient. check_inputs=False skips
+    the checks that read tensor values (empty rows, index range, valid slots), for callers that validated
+    their batch once.
     """
     check_inputs = check_inputs and not is_fake(hidden)   # fake tensors have no values to check
-    _check_sae_hidden(hidden, sae, 3, "[B, T, d]")
-    _check_mask(hidden, mask, check_inputs)
-    _check_reference(hidden.shape[0], sae.width, ref_indices, ref_values, k, select, feature_weights, hidden.device,
-                     check_inputs)
+    flat, S = _flat_rows(hidden, mask, spans, sae, check_inputs)
+    _check_reference(S, sae.width, ref_indices, ref_values, k, select, feature_weights, hidden.device, check_inputs)
     if not use_triton(hidden) or hidden.dtype == torch.float64:
-        return reference.sae_feature_mse_ref(hidden, mask, sae, ref_indices, ref_values, k, select,
-                                             feature_weights).float()
-    B, T, d = hidden.shape
+        return _mse_ref(hidden, mask, spans, sae, ref_indices, ref_values, k, select, feature_weights).float()
     if sae.activation == "topk":
-        rows, seq, inv_n, offsets = _topk_rows(hidden.device, mask=mask, T=T)
-        return sae_topk.TopKFeatureMSEFunction.apply(hidden.reshape(B * T, d), rows, seq, offsets, inv_n, sae,
-                                                     ref_indices, ref_values, k, select, feature_weights)
-    return SAEFeatureMSEFunction.apply(hidden.reshape(B * T, d), Spans.from_mask(mask), sae, ref_indices, ref_values,
-                                       k, select, feature_weights)
+        rows, seq, inv_n, offsets = sae_topk.topk_rows(hidden.device, mask=mask, spans=spans)
+        return sae_topk.TopKFeatureMSEFunction.apply(flat, rows, seq, offsets, inv_n, sae, ref_indices, ref_values,
+                                                     k, select, feature_weights)
+    return SAEFeatureMSEFunction.apply(flat, _spans(flat, mask, spans), sae, ref_indices, ref_values, k, select,
+                                       feature_weights)
 
 
-@in_compute_dtype
+def sae_pooled_features_varlen(hidden, spans, sae: SAEWeights, check_inputs: bool = True) -> torch.Tensor:
+    """Deprecated: sae_pooled_features(hidden, sae=sae, spans=spans)."""
+    deprecated("sae_pooled_features_varlen(hidden, spans, sae)", "sae_pooled_features(hidden, sae=sae, spans=spans)")
+    return sae_pooled_features(hidden, sae=sae, check_inputs=check_inputs, spans=spans)
+
+
 def sae_feature_mse_varlen(hidden, spans, sae: SAEWeights, ref_indices, ref_values, k: int = 50,
                            select: str = "policy", feature_weights=None, check_inputs: bool = True) -> torch.Tensor:
-    """sae_feature_mse on flat hidden rows: hidden [N, d] (a packed token stream), spans [S, 2] integer
-    (start, end) rows of each sequence's response (non-overlapping, non-empty; on hidden's device or, better,
-    the host: see sae_pooled_features_varlen), ref_indices / ref_values [S, K].
-    Returns [S] float32; rows outside every span get zero gradient."""
-    check_inputs = check_inputs and not is_fake(hidden)
-    _check_sae_hidden(hidden, sae, 2, "[N, d]")
-    _check_spans(hidden, spans, check_inputs)
-    _check_reference(spans.shape[0], sae.width, ref_indices, ref_values, k, select, feature_weights, hidden.device,
-                     check_inputs)
-    if not use_triton(hidden) or hidden.dtype == torch.float64:
-        return reference.sae_feature_mse_varlen_ref(hidden, spans.to(hidden.device), sae, ref_indices, ref_values, k,
-                                                    select, feature_weights).float()
-    if sae.activation == "topk":
-        rows, seq, inv_n, offsets = _topk_rows(hidden.device, spans=spans)
-        return sae_topk.TopKFeatureMSEFunction.apply(hidden, rows, seq, offsets, inv_n, sae, ref_indices, ref_values, k,
-                                                     select, feature_weights)
-    return SAEFeatureMSEFunction.apply(hidden, Spans.from_spans(spans, hidden.shape[0], hidden.device), sae,
-                                       ref_indices, ref_values, k, select, feature_weights)
+    """Deprecated: sae_feature_mse(hidden, None, sae, ref_indices, ref_values, ..., spans=spans)."""
+    deprecated("sae_feature_mse_varlen(hidden, spans, sae, ...)", "sae_feature_mse(hidden, None, sae, ..., spans=spans)")
+    return sae_feature_mse(hidden, None, sae, ref_indices, ref_values, k, select, feature_weights, check_inputs,
+                           spans=spans)

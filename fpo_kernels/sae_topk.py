@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
 from ._dispatch import is_fake, no_autocast
+from ._layout import dense_from_topk, span_rows
 from .sae_weights import SAEWeights
 
-__all__ = ["topk_pool_fwd", "topk_constraint_bwd", "TopKFeatureMSEFunction", "CHUNK_BYTES", "MIN_CHUNK_ROWS"]
+__all__ = ["topk_rows", "topk_pool_fwd", "topk_constraint_bwd", "TopKFeatureMSEFunction", "CHUNK_BYTES", "MIN_CHUNK_ROWS"]
 
 CHUNK_BYTES = 1 << 26   # 64 MiB of fp32 pre-activations per chunk (the one [C, m] buffer of the forward)
 MIN_CHUNK_ROWS = 256    # below this, a chunk's GEMM streams W_enc for too few rows (< 256 FLOPs per byte)
@@ -43,6 +43,24 @@ def _preacts(h, sae: SAEWeights, feats=None):
     else:
         z = h.float() @ w.float().t() if h.dtype != torch.float64 else h @ w.double().t()
     return z.add_(b.to(z.dtype))          # in place: one [C, m] buffer
+
+
+def topk_rows(device, mask=None, spans=None):
+    """The row layout of the TopK path, from a padded mask [B, T] or spans [S, 2]: the response rows [n] of
+    the flat hidden rows, their sequence [n] and 1 / response length [S] on device, and where each sequence's
+    rows start in them (a host list of S + 1 offsets, rows being grouped by sequence). Laid out on the host,
+    as the JumpReLU path's tile tables are: host spans cost no device sync (a device mask, one copy)."""
+    if mask is not None:
+        T = mask.shape[1]
+        seq, t = mask.detach().bool().cpu().nonzero(as_tuple=True)
+        rows, counts = seq * T + t, torch.bincount(seq, minlength=mask.shape[0])
+    else:
+        spans = spans.detach().to("cpu", torch.int64)
+        rows, seq = span_rows(spans)
+        counts = (spans[:, 1] - spans[:, 0]).clamp(min=0)
+    offsets = [0] + counts.cumsum(0).tolist()
+    inv_n = 1.0 / counts.clamp(min=1).float()
+    return rows.to(device), seq.to(device), inv_n.to(device), offsets
 
 
 def topk_pool_fwd(hidden, rows, seq, n_seqs, inv_n, sae: SAEWeights, chunk_rows: int | None = None):
@@ -114,7 +132,7 @@ class TopKFeatureMSEFunction(torch.autograd.Function):
         pooled = pooled.float()
         if select == "policy":
             p, idx = pooled.topk(k, dim=1)
-            ref = reference._dense_reference(ref_indices, ref_values, sae.width, torch.float32).gather(1, idx)
+            ref = dense_from_topk(ref_indices, ref_values, sae.width, torch.float32).gather(1, idx)
         else:
             idx = ref_indices[:, :k].long()
             p = pooled.gather(1, idx.clamp(0, sae.width - 1))

@@ -4,7 +4,7 @@ import torch
 
 import fpo_kernels.logprobs as lpmod
 from fpo_kernels import (fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl, reference, sequence_logprobs,
-                         sequence_logprobs_kl, sequence_logprobs_kl_varlen, sequence_logprobs_varlen)
+                         sequence_logprobs_kl)
 from helpers import poison
 
 
@@ -175,7 +175,7 @@ def test_varlen_shared_prompt_equals_padded(dtype, device):
         resp[b, Lp:len(seq)] = True
     h = stream.clone().requires_grad_()
     hp = padded.clone().requires_grad_()
-    got = sequence_logprobs_varlen(h, weight, rows, labels, seq_ids, 2, softcap=5.0)
+    got = sequence_logprobs(h, weight, softcap=5.0, rows=rows, labels=labels, seq_ids=seq_ids, num_seqs=2)
     want = sequence_logprobs(hp, weight, pids, resp, softcap=5.0)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -186,7 +186,8 @@ def test_varlen_shared_prompt_equals_padded(dtype, device):
     for b, seq in enumerate((chosen, rejected)):
         expect.index_add_(0, torch.tensor(seq, device=device), hp.grad[b, :len(seq)])
     assert torch.allclose(h.grad, expect, rtol=1e-5, atol=1e-7)
-    got_kl = sequence_logprobs_kl_varlen(stream, weight, rows, labels, seq_ids, 2, ref_stream, weight * 1.1)
+    got_kl = sequence_logprobs_kl(stream, weight, ref_hidden=ref_stream, ref_weight=weight * 1.1, rows=rows, labels=labels,
+                                  seq_ids=seq_ids, num_seqs=2)
     want_kl = sequence_logprobs_kl(padded, weight, pids, resp, ref_padded, weight * 1.1)
     for a, b in zip(got_kl, want_kl):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -196,11 +197,36 @@ def test_varlen_bad_input(device):
     h, w = torch.randn(6, 8, device=device), torch.randn(20, 8, device=device)
     rows, labels, seq = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([0, 0, 1])
     with pytest.raises(ValueError, match="labels must be a 1-D"):
-        sequence_logprobs_varlen(h, w, rows, labels[:2], seq, 2)
+        sequence_logprobs(h, w, rows=rows, labels=labels[:2], seq_ids=seq, num_seqs=2)
     with pytest.raises(ValueError, match="seq_ids must be an integer"):
-        sequence_logprobs_varlen(h, w, rows, labels, seq.float(), 2)
+        sequence_logprobs(h, w, rows=rows, labels=labels, seq_ids=seq.float(), num_seqs=2)
     with pytest.raises(ValueError, match="hidden must be"):
-        sequence_logprobs_varlen(h[None], w, rows, labels, seq, 2)
+        sequence_logprobs(h[None], w, rows=rows, labels=labels, seq_ids=seq, num_seqs=2)
+    ids, mask = torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="not both"):
+        sequence_logprobs(h[None], w, ids, mask, labels=labels, seq_ids=seq, num_seqs=2)
+    with pytest.raises(ValueError, match="pass input_ids and response_mask"):
+        sequence_logprobs(h, w)
+    with pytest.raises(ValueError, match="ref_hidden must be"):
+        sequence_logprobs_kl(h, w, ref_hidden=h[:5], ref_weight=w, rows=rows, labels=labels, seq_ids=seq, num_seqs=2)
+
+
+def test_deprecated_varlen_names_warn_and_agree(device):
+    """The old flat entry points stay for one release: each warns and returns what the one entry returns."""
+    import fpo_kernels
+    h, w, rh = torch.randn(6, 8, device=device), torch.randn(20, 8, device=device), torch.randn(6, 8, device=device)
+    rows, labels, seq = (torch.tensor(x, device=device) for x in ([0, 1, 2], [3, 4, 5], [0, 0, 1]))
+    with pytest.warns(DeprecationWarning, match="sequence_logprobs_varlen"):
+        old = fpo_kernels.sequence_logprobs_varlen(h, w, rows, labels, seq, 2, 3.0)
+    new = sequence_logprobs(h, w, softcap=3.0, rows=rows, labels=labels, seq_ids=seq, num_seqs=2)
+    for a, b in zip(old, new):
+        assert torch.equal(a, b)
+    with pytest.warns(DeprecationWarning, match="sequence_logprobs_kl_varlen"):
+        old = fpo_kernels.sequence_logprobs_kl_varlen(h, w, rows, labels, seq, 2, rh, w * 0.5)
+    new = sequence_logprobs_kl(h, w, ref_hidden=rh, ref_weight=w * 0.5, rows=rows, labels=labels, seq_ids=seq,
+                               num_seqs=2)
+    for a, b in zip(old, new):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("case,match", [

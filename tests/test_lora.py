@@ -13,7 +13,7 @@ from fpo.model import load_model
 from fpo.packing import body_hidden, collate
 from fpo.precompute import precompute
 from fpo.train import Trainer, train
-from fpo_kernels import sequence_logprobs_varlen
+from fpo_kernels import sequence_logprobs
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_train import LEN, _cfg, _torchrun  # noqa: E402
@@ -88,8 +88,8 @@ def test_lora_tdpo_reference_is_the_base_model_without_a_second_model(tiny, tmp_
         base = load_model(tiny["model"])                                               # the reference, loaded apart
         with torch.no_grad():
             hidden = body_hidden(base, batch, "cpu")
-            ref_sum, _, _ = sequence_logprobs_varlen(hidden, base.lm_head.weight, batch["pred_rows"], batch["labels"],
-                                                     batch["seq_ids"], batch["num_seqs"])
+            ref_sum, _, _ = sequence_logprobs(hidden, base.lm_head.weight, rows=batch["pred_rows"], labels=batch["labels"],
+                                              seq_ids=batch["seq_ids"], num_seqs=batch["num_seqs"])
         torch.testing.assert_close(stats["ref_logp_sum"], ref_sum, rtol=1e-5, atol=1e-4)
         assert not torch.allclose(stats["logp_sum"], ref_sum, atol=1e-3)              # the policy is not the base
         assert (stats["kl"] > 0).all()

@@ -10,7 +10,7 @@ from fpo.packing import (LAYOUTS, attention_mask_for, body_hidden, collate, micr
                          plan_micro_batches)
 from fpo.train import PolicyStats, compute_loss
 from fpo.config import TrainConfig
-from fpo_kernels import SAEWeights, pack_topk, sae_pooled_features_varlen
+from fpo_kernels import SAEWeights, pack_topk, sae_pooled_features
 
 pytestmark = pytest.mark.usefixtures("no_interpreter")
 
@@ -260,7 +260,7 @@ def test_varlen_pooling_of_a_packed_stream_equals_padded(tok, tiny):
             body_hidden(model, b, "cpu")
         resid = cap.pop()
         cap.remove()
-        pooled.append(sae_pooled_features_varlen(resid.reshape(-1, resid.shape[-1]), b["spans"], sae))
+        pooled.append(sae_pooled_features(resid.reshape(-1, resid.shape[-1]), sae=sae, spans=b["spans"]))
     assert torch.allclose(pooled[0], pooled[1], rtol=1e-5, atol=1e-6)
 
 

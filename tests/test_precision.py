@@ -14,7 +14,7 @@ from fpo.model import load_model
 from fpo.precision import make_optimizer, resolve_precision
 from fpo.precompute import precompute
 from fpo.train import Trainer, train
-from fpo_kernels import (fused_linear_logprobs, fused_linear_logprobs_kl, reference, sae_feature_mse_varlen)
+from fpo_kernels import (fused_linear_logprobs, fused_linear_logprobs_kl, reference, sae_feature_mse)
 from helpers import poison, random_sae
 
 LEN = dict(max_length=64, max_prompt_length=32)
@@ -241,10 +241,10 @@ def test_sae_constraint_under_autocast(device):
     ref_idx, ref_val = torch.randint(0, m, (4, 32), device=device), torch.rand(4, 32, device=device)
     h = hidden.clone().requires_grad_()
     with torch.autocast(device, dtype=torch.float16):
-        got = sae_feature_mse_varlen(h, spans, sae, ref_idx, ref_val, k=8)
+        got = sae_feature_mse(h, None, sae, ref_idx, ref_val, k=8, spans=spans)
     got.sum().backward()
     h16 = hidden.half().requires_grad_()
-    same = sae_feature_mse_varlen(h16, spans, sae, ref_idx, ref_val, k=8)
+    same = sae_feature_mse(h16, None, sae, ref_idx, ref_val, k=8, spans=spans)
     same.sum().backward()
     assert torch.equal(got, same) and h.grad.dtype == torch.float32
     assert torch.equal(h.grad, h16.grad.float())

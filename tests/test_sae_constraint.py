@@ -3,8 +3,7 @@ import pytest
 import torch
 
 import fpo_kernels.sae_constraint as sc
-from fpo_kernels import (SAEWeights, pack_topk, reference, sae_feature_mse, sae_feature_mse_varlen, sae_pooled_features,
-                         sae_pooled_features_varlen)
+from fpo_kernels import SAEWeights, pack_topk, reference, sae_feature_mse, sae_pooled_features
 from helpers import poison, random_mask, random_sae
 
 from conftest import TOL
@@ -233,12 +232,12 @@ def test_varlen_matches_padded_and_reference(dtype, select, monkeypatch, device)
     S, d, m, k = 5, 36, 120, 9
     sae = random_sae(d, m, device, dtype=dtype)
     hidden, spans, padded, mask = _stream(S, d, device, dtype)
-    pooled = sae_pooled_features_varlen(hidden, spans, sae)
+    pooled = sae_pooled_features(hidden, sae=sae, spans=spans)
     _assert_close(pooled, reference.sae_pooled_features_varlen_ref(hidden.double(), spans, sae), dtype, "pooled")
     assert torch.allclose(pooled, sae_pooled_features(padded, mask, sae), rtol=1e-5, atol=1e-6)
     ref_idx, ref_val = _ref_cache(padded.float(), mask, sae, K=32)
     h = hidden.clone().requires_grad_()
-    got = sae_feature_mse_varlen(h, spans, sae, ref_idx, ref_val, k=k, select=select)
+    got = sae_feature_mse(h, None, sae, ref_idx, ref_val, k=k, select=select, spans=spans)
     g = torch.randn(S, device=device)
     got.backward(g)
     href = hidden.double().requires_grad_()
@@ -265,7 +264,7 @@ def test_varlen_bad_spans(case, match):
     sae = random_sae(16, 40)
     hidden = torch.randn(20, 16)
     spans = torch.tensor([[2, 6], [8, 15]])
-    idx, val = pack_topk(sae_pooled_features_varlen(hidden, spans, sae), 20)
+    idx, val = pack_topk(sae_pooled_features(hidden, sae=sae, spans=spans), 20)
     kw = {}
     if case == "float":
         spans = spans.float()
@@ -280,7 +279,33 @@ def test_varlen_bad_spans(case, match):
     elif case == "rows":
         idx, val = idx[:1], val[:1]
     with pytest.raises(ValueError, match=match):
-        sae_feature_mse_varlen(hidden, spans, sae, idx, val, k=4, **kw)
+        sae_feature_mse(hidden, None, sae, idx, val, k=4, spans=spans, **kw)
+
+
+def test_one_entry_takes_mask_or_spans():
+    sae = random_sae(16, 40)
+    hidden, spans = torch.randn(20, 16), torch.tensor([[2, 6], [8, 15]])
+    mask = torch.ones(1, 20, dtype=torch.bool)
+    with pytest.raises(ValueError, match="not both"):
+        sae_pooled_features(hidden[None], mask, sae, spans=spans)
+    with pytest.raises(ValueError, match="not neither"):
+        sae_pooled_features(hidden, sae=sae)
+    with pytest.raises(ValueError, match=r"\[N, d\]"):
+        sae_pooled_features(hidden[None], sae=sae, spans=spans)
+
+
+def test_deprecated_varlen_names_warn_and_agree(device):
+    """The old flat entry points stay for one release: each warns and returns what the one entry returns."""
+    import fpo_kernels
+    sae = random_sae(16, 40, device)
+    hidden, spans = torch.randn(20, 16, device=device), torch.tensor([[2, 6], [8, 15]])
+    with pytest.warns(DeprecationWarning, match="sae_pooled_features_varlen"):
+        old = fpo_kernels.sae_pooled_features_varlen(hidden, spans, sae)
+    assert torch.equal(old, sae_pooled_features(hidden, sae=sae, spans=spans))
+    idx, val = pack_topk(old, 20)
+    with pytest.warns(DeprecationWarning, match="sae_feature_mse_varlen"):
+        old = fpo_kernels.sae_feature_mse_varlen(hidden, spans, sae, idx, val, 4, "policy")
+    assert torch.equal(old, sae_feature_mse(hidden, None, sae, idx, val, 4, "policy", spans=spans))
 
 
 @pytest.mark.gpu
@@ -443,11 +468,11 @@ def test_unchecked_out_of_range_cache_indices_are_never_read(device):
     S, d, m, k = 3, 16, 40, 4
     sae = random_sae(d, m, device)
     hidden, spans, padded, mask = _stream(S, d, device, torch.float32)
-    idx, val = pack_topk(sae_pooled_features_varlen(hidden, spans, sae), 8)
+    idx, val = pack_topk(sae_pooled_features(hidden, sae=sae, spans=spans), 8)
     idx = idx.int()
     idx[1, 2] = m + 7
     for select in ("reference", "policy"):
-        got = sae_feature_mse_varlen(hidden, spans, sae, idx, val, k=k, select=select, check_inputs=False)
+        got = sae_feature_mse(hidden, None, sae, idx, val, k=k, select=select, check_inputs=False, spans=spans)
         assert torch.isnan(got[1]) and torch.isfinite(got[[0, 2]]).all(), select
         want = reference.sae_feature_mse_varlen_ref(hidden.double(), spans, sae, idx.clamp(max=m - 1), val, k, select)
         assert torch.allclose(got[[0, 2]].double(), want[[0, 2]], atol=1e-6), select

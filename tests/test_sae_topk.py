@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import fpo_kernels.sae_topk as stk
-from fpo_kernels import (SAEWeights, pack_topk, reference, sae_feature_mse, sae_feature_mse_varlen,
-                         sae_pooled_features, sae_pooled_features_varlen)
+from fpo_kernels import SAEWeights, pack_topk, reference, sae_feature_mse, sae_pooled_features
 from helpers import random_mask
 
 D, M = 20, 44
@@ -93,9 +92,9 @@ def test_topk_varlen_equals_padded_and_ties_keep_exactly_k(device):
     assert torch.allclose(padded[:, 3:].double(), want[:, 3:], atol=1e-5)
     flat = torch.cat([torch.randn(2, D, device=device), hidden[1], torch.randn(3, D, device=device), hidden[2]])
     spans = torch.tensor([[2, 11], [14, 23]])
-    assert torch.allclose(sae_pooled_features_varlen(flat, spans, sae), padded[1:], atol=1e-6)
+    assert torch.allclose(sae_pooled_features(flat, sae=sae, spans=spans), padded[1:], atol=1e-6)
     ref_idx, ref_val = pack_topk(padded[1:], 8)
-    a = sae_feature_mse_varlen(flat, spans, sae, ref_idx, ref_val, k=3)
+    a = sae_feature_mse(flat, None, sae, ref_idx, ref_val, k=3, spans=spans)
     b = sae_feature_mse(hidden[1:], mask[1:], sae, ref_idx, ref_val, k=3)
     assert torch.allclose(a, b, atol=1e-7)
 
