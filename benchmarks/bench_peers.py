@@ -343,7 +343,7 @@ def main(argv=None):
         with open(os.path.join(args.out, f"{name}.json")) as f:
             doc = json.load(f)
         doc["settings"], doc["targets"] = dict(spec, dataset=args.dataset, cache=None), checks
-        from fpo.cache import atomic_write_json
+        from fpo.files import atomic_write_json
         atomic_write_json(os.path.join(args.out, f"{name}.json"), doc)
     return rows, checks
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import statistics
 import subprocess
@@ -75,7 +74,8 @@ def peak_extra_mb(fn) -> float | None:
 
 def write_results(name: str, rows: list[dict], env: dict, out_dir: str | None, notes: str = "", columns=None):
     """rows -> stdout table, and <out_dir>/<name>.json + .md when out_dir is given."""
-    from fpo.evaluate import format_table
+    from fpo.files import atomic_write_json, atomic_write_text
+    from fpo.tables import format_table
     def fmt(key):
         return ".3g" if any(isinstance(r.get(key), float) for r in rows) else ""
     cols = columns or [(k, k, fmt(k)) for k in rows[0]]
@@ -87,8 +87,6 @@ def write_results(name: str, rows: list[dict], env: dict, out_dir: str | None, n
         print(notes)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
-            json.dump({"environment": env, "rows": rows, "notes": notes}, f, indent=1)
-        with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
-            f.write(f"# {name}\n\n{header}\n\n```\n{table}\n```\n\n{notes}\n")
+        atomic_write_json(os.path.join(out_dir, f"{name}.json"), {"environment": env, "rows": rows, "notes": notes})
+        atomic_write_text(os.path.join(out_dir, f"{name}.md"), f"# {name}\n\n{header}\n\n```\n{table}\n```\n\n{notes}\n")
     return table

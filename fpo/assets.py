@@ -45,7 +45,7 @@ def ensure_demo_model(log=print) -> str:
         return out
     import torch
 
-    from .cache import temp_dir
+    from .files import temp_dir
     from .model import load_model, load_tokenizer
     gguf = _gguf_path()
     log(f"[fpo] converting {GGUF_NAME} to {out} (once; about half a minute)")

@@ -14,12 +14,12 @@ A shard is written to a temporary name and renamed when complete, so a directory
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 
 import torch
+
+from .files import atomic_write_json, atomic_write_text, sha256_of, temp_dir, temp_file  # noqa: F401  (re-exported)
 
 __all__ = ["ReferenceCache", "CacheMismatchError", "FORMAT_VERSION", "write_shard", "shard_name", "atomic_write_json",
            "atomic_write_text", "recorded_checksum", "temp_file", "temp_dir", "is_cache_file"]
@@ -35,52 +35,6 @@ def shard_name(start: int, end: int) -> str:
     return f"shard-{start:09d}-{end:09d}.safetensors"
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def temp_file(path):
-    """(fd, name) of a new empty file beside `path` under an unpredictable name (path.tmpXXXXXXXX), created
-    with O_EXCL: a file or symlink planted at a guessable temporary name cannot redirect the write. Names
-    holding ".tmp" are temporary everywhere in fpo (a killed run's are removed, never read)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".tmp")
-    os.fchmod(fd, 0o666 & ~_UMASK)
-    return fd, tmp
-
-
-def temp_dir(path):
-    """A new directory beside `path` under an unpredictable name (path.tmpXXXXXXXX), as temp_file."""
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".tmp")
-    os.chmod(tmp, 0o777 & ~_UMASK)
-    return tmp
-
-
-def atomic_write_text(path, text: str):
-    fd, tmp = temp_file(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True))
-
-
 def write_shard(directory, start, end, tensors: dict):
     """Write a shard under a temporary name, record its checksum beside it (<shard>.sha256), then rename:
     a resumed precompute checks every existing shard against the checksum recorded when it was written."""
@@ -92,7 +46,7 @@ def write_shard(directory, start, end, tensors: dict):
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"format": str(FORMAT_VERSION)})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        atomic_write_text(final + ".sha256", _sha256(tmp))
+        atomic_write_text(final + ".sha256", sha256_of(tmp))
         os.replace(tmp, final)
     except BaseException:
         if os.path.exists(tmp):   # never half a shard on disk
@@ -155,7 +109,7 @@ class ReferenceCache:
             if os.path.getsize(p) != shard["bytes"]:
                 raise ValueError(f"cache shard {p} is truncated or altered ({os.path.getsize(p)} bytes, "
                                  f"meta.json says {shard['bytes']}): rebuild the cache")
-            if check_checksums and _sha256(p) != shard["sha256"]:
+            if check_checksums and sha256_of(p) != shard["sha256"]:
                 raise ValueError(f"cache shard {p} is corrupted (checksum mismatch): rebuild the cache")
             try:
                 parts.append(load_file(p))

@@ -57,6 +57,7 @@ BENCHMARKS = {
     "logprobs": ("benchmarks.bench_logprobs", "fused log-probs and KL against full logits"),
     "step": ("benchmarks.bench_step", "one training step per method: FPO, TDPO, SimPO, DPO"),
     "packing": ("benchmarks.bench_packing", "tokens and time per layout: padded, packed, shared prompt"),
+    "peers": ("benchmarks.bench_peers", "fpo train against TRL's DPOTrainer and CPOTrainer (SimPO), step by step"),
 }
 
 
@@ -80,10 +81,19 @@ def _bench(argv):
                   file=sys.stderr)
             sys.exit(2)
         return 0
-    import importlib
-    sys.argv[0] = f"fpo bench {argv[0]}"   # the benchmark's usage line names the command that ran it
-    importlib.import_module(BENCHMARKS[argv[0]][0]).main(argv[1:])
-    return 0
+    # the benchmarks are not installed with the package: they run from the source checkout, as `python -m`
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "benchmarks", "__init__.py")):
+        print(f"fpo bench: error: the benchmarks live in the source checkout (benchmarks/ beside fpo/), not in this "
+              f"install ({root}): run `fpo bench` from an editable install of a clone (scripts/setup.sh), or "
+              f"`python -m {BENCHMARKS[argv[0]][0]}` in one", file=sys.stderr)
+        sys.exit(2)
+    import subprocess
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+    launcher = ("import runpy, sys; sys.argv[0] = sys.argv.pop(1); "   # the usage line names `fpo bench NAME`
+                "runpy.run_module(sys.argv.pop(1), run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", launcher, f"fpo bench {argv[0]}", BENCHMARKS[argv[0]][0], *argv[1:]],
+                          env=env).returncode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +217,8 @@ def _run(args):
         from .train import train
         train(_load_train_config(args))
     elif args.cmd == "eval":
-        from .evaluate import evaluate, format_table
+        from .evaluate import evaluate
+        from .tables import format_table
         res = evaluate(args.model, args.dataset, cache=args.cache, sae=args.sae, sae_layer=args.sae_layer,
                        sae_weight=args.sae_weight,
                        reference_model=args.reference_model, k=args.k, select=args.select, max_length=args.max_length,
@@ -217,7 +228,7 @@ def _run(args):
                        pooling=args.pooling)
         print(format_table([res], [(k, k, ".4f" if isinstance(v, float) else "") for k, v in res.items()]))
         if args.json:
-            from .cache import atomic_write_json
+            from .files import atomic_write_json
             folder = os.path.dirname(os.path.abspath(args.json))
             os.makedirs(folder, exist_ok=True)
             atomic_write_json(args.json, res)

@@ -23,8 +23,9 @@ import time
 import torch
 
 from . import assets
-from .cache import atomic_write_json
-from .evaluate import evaluate, format_table
+from .files import atomic_write_json
+from .evaluate import evaluate
+from .tables import format_table
 from .precompute import precompute
 
 __all__ = ["demo", "DEFAULTS", "DEMO_METHODS", "TARGET_SHARE"]

@@ -2,7 +2,6 @@
 mean per-token entropy of sampled responses (the FPO paper's diversity measure)."""
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -17,7 +16,7 @@ from .precision import resolve_precision
 from .precompute import check_sae_fits
 from .sae import load_saes
 
-__all__ = ["evaluate", "format_table"]
+__all__ = ["evaluate"]
 
 
 @torch.no_grad()
@@ -143,18 +142,3 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
         **each,
         "entropy": _sample_entropy(model, tokenizer, items, entropy_samples, max_new_tokens, device, seed),
     }
-
-
-def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """rows of dicts -> a plain text table; columns: (key, header, format)."""
-    def cell(r, key, fmt):
-        v = r.get(key)
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return "-"
-        return format(v, fmt) if fmt else str(v)
-    body = [[cell(r, k, f) for k, _, f in columns] for r in rows]
-    heads = [h for _, h, _ in columns]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(heads)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(b) for b in body])
-

@@ -13,8 +13,8 @@ from fpo_kernels import SAEWeights, index_dtype_for, pack_topk, sae_pooled_featu
 from fpo_kernels.cache import VALUE_DTYPES
 
 from . import distributed as dist_utils
-from .cache import (FORMAT_VERSION, _sha256, atomic_write_json, is_cache_file, recorded_checksum, shard_name,
-                    write_shard)
+from .cache import FORMAT_VERSION, is_cache_file, recorded_checksum, shard_name, write_shard
+from .files import atomic_write_json, sha256_of
 from .locking import LOCK_NAME, DirectoryLock
 from .data import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .model import (ResidualCapture, decoder_layers, final_softcap, lm_head, load_model_for_layout, load_tokenizer,
@@ -112,7 +112,7 @@ def _shard_is_sound(out, name, say):
     except (OSError, ValueError):
         pass
     want = recorded_checksum(out, name, meta)
-    if want is not None and _sha256(path) == want:
+    if want is not None and sha256_of(path) == want:
         return True
     say(f"[fpo] {name} {'fails its recorded checksum' if want else 'has no recorded checksum'}: rebuilding it")
     os.remove(path)
@@ -129,7 +129,7 @@ def _complete_cache(out, settings) -> dict | None:
         saes = [{k: v for k, v in x.items() if k != "feature_scale"} for x in meta["saes"]]   # added when finished
         if any((saes if k == "saes" else meta.get(k)) != v for k, v in settings.items()):
             return None
-        return meta if all(_sha256(os.path.join(out, x["file"])) == x["sha256"] for x in meta["shards"]) else None
+        return meta if all(sha256_of(os.path.join(out, x["file"])) == x["sha256"] for x in meta["shards"]) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -315,7 +315,7 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
                     raise RuntimeError(f"shard {p} is missing after every rank finished")
                 size = os.path.getsize(p)
                 total += size
-                meta["shards"].append({"file": shard_name(s, e), "start": s, "end": e, "bytes": size, "sha256": _sha256(p)})
+                meta["shards"].append({"file": shard_name(s, e), "start": s, "end": e, "bytes": size, "sha256": sha256_of(p)})
             for entry in meta["saes"]:
                 entry["feature_scale"] = _feature_scale(out, shards, entry["key"])
             if saes:

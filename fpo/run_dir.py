@@ -11,7 +11,7 @@ import shutil
 
 import torch
 
-from .cache import _sha256, atomic_write_json, temp_dir
+from .files import atomic_write_json, sha256_of, temp_dir
 from .config import RESUMABLE_CHANGES
 from .locking import DirectoryLock
 from .lora import ADAPTER_WEIGHTS
@@ -141,7 +141,7 @@ def write_folder(path, write, output_dir):
 
 def write_checksums(folder):
     """sha256 of every file of a checkpoint, recorded beside them (checked before a resume)."""
-    sums = {n: _sha256(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
+    sums = {n: sha256_of(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
             if os.path.isfile(os.path.join(folder, n)) and n != CHECKSUMS}
     atomic_write_json(os.path.join(folder, CHECKSUMS), sums)
 
@@ -162,7 +162,7 @@ def verify_checksums(folder):
         file = os.path.join(folder, name)
         if not os.path.isfile(file):
             raise ValueError(f"resume: checkpoint {folder} lacks {name} (truncated or partly deleted); resume from another checkpoint")
-        if _sha256(file) != want:
+        if sha256_of(file) != want:
             raise ValueError(f"resume: {file} does not match the checksum recorded when it was written (the file is "
                              "corrupted); resume from another checkpoint")
 

@@ -15,7 +15,7 @@ import torch
 from fpo_kernels.losses import constraint_share
 
 from . import distributed as dist_utils
-from .cache import atomic_write_text
+from .files import atomic_write_text
 from .progress import progress_bar
 from .trackers import open_trackers
 

@@ -24,7 +24,8 @@ from contextlib import nullcontext
 import torch
 
 from . import distributed as dist_utils
-from .cache import ReferenceCache, atomic_write_json
+from .cache import ReferenceCache
+from .files import atomic_write_json
 from .config import TrainConfig, config_from_dict
 from .data import load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .lora import ADAPTER_WEIGHTS, add_adapters, adapter_weights, load_adapter_weights, merged_weights, save_adapter_config

@@ -590,7 +590,7 @@ def test_a_crafted_cache_with_matching_checksums_is_refused(cache, tmp_path):
     the training loop, would read out of bounds) or a non-finite value through: the load names the row."""
     import shutil
     from safetensors.torch import load_file, save_file
-    from fpo.cache import _sha256
+    from fpo.files import sha256_of
 
     def crafted(name, change):
         d = tmp_path / name
@@ -600,7 +600,7 @@ def test_a_crafted_cache_with_matching_checksums_is_refused(cache, tmp_path):
         data = load_file(str(d / shard["file"]))
         change(data)
         save_file(data, str(d / shard["file"]))
-        shard.update(bytes=os.path.getsize(d / shard["file"]), sha256=_sha256(str(d / shard["file"])))
+        shard.update(bytes=os.path.getsize(d / shard["file"]), sha256=sha256_of(str(d / shard["file"])))
         (d / "meta.json").write_text(json.dumps(meta))
         if (d / (shard["file"] + ".sha256")).exists():
             (d / (shard["file"] + ".sha256")).write_text(shard["sha256"])
