@@ -7,38 +7,41 @@ import os
 import sys
 import typing
 
-from .config import ATTENTION, METHODS, REPLACED_KEYS, TrainConfig
-from .packing import LAYOUTS, POOLINGS
-from .precision import PRECISIONS
+from .config import METHODS, REPLACED_KEYS, EvalConfig, PrecomputeConfig, TrainConfig
 
-SPLIT_HELP = ("the split of a saved DatasetDict or of a folder of one file per split (default: train, or the only "
-              "split; several and none named train is an error that lists them)")
-POOLING_HELP = ("the rows the SAE features are pooled over: each response's own tokens, a mean (response); or as "
-                "the authors' code does, the rows predicting them divided by the pair's padded length less one "
-                "(authors: --packing off or pack)")
-FROZEN_PRECISION_HELP = ("the forward's precision policy, as `fpo train --precision` names it (auto: bf16-mixed on "
-                         "cuda, fp32 on cpu); the model is frozen, so its weights are bf16 under any bf16 policy")
-
-def _add_train_flags(p):
-    """One flag per TrainConfig key, with its help text, its choices and its default."""
-    hints = typing.get_type_hints(TrainConfig)
-    for key in REPLACED_KEYS:   # accepted by the parser only to be refused with the sentence that names the successor
-        p.add_argument("--" + key.replace("_", "-"), dest="replaced_" + key, default=None, help=argparse.SUPPRESS)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+def _add_config_flags(p, config_class):
+    """One flag per key of a config dataclass (TrainConfig, PrecomputeConfig, EvalConfig), with its help text,
+    its choices and its default, all read from the class: the command restates none of them. Flags not given
+    are None, so the config's own defaults (or a --config file's values) apply."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
         hint = hints[f.name]
         kinds = typing.get_args(hint) or (hint,)
         base = next((t for t in kinds if t not in (type(None), list)), str)
         text = f.metadata.get("help", "")
         if f.default not in ("", None) and "default" not in text:
             text += f" (default {f.default})"
+        required = bool(f.metadata.get("required"))
         if base is bool:
             p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text)
         else:
             choices = f.metadata.get("choices")
-            p.add_argument(flag, dest=f.name, type=base, default=None, help=text,
+            p.add_argument(flag, dest=f.name, type=base, default=None, help=text, required=required,
                            action="append" if list in kinds else "store",   # repeatable: several SAEs
                            choices=list(choices) if choices else None, metavar=None if choices else f.name.upper())
+
+
+def _add_train_flags(p):
+    for key in REPLACED_KEYS:   # accepted by the parser only to be refused with the sentence that names the successor
+        p.add_argument("--" + key.replace("_", "-"), dest="replaced_" + key, default=None, help=argparse.SUPPRESS)
+    _add_config_flags(p, TrainConfig)
+
+
+def _given(args, config_class) -> dict:
+    """The flags given for a config class's keys; a repeatable flag given once is its plain value."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if getattr(args, f.name) is not None}
+    return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in given.items()}
 
 
 def _load_train_config(args):
@@ -46,10 +49,8 @@ def _load_train_config(args):
     for key in REPLACED_KEYS:
         if getattr(args, "replaced_" + key, None) is not None:
             raise ValueError(f"--{key.replace('_', '-')}: {REPLACED_KEYS[key]}")
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     # a repeatable flag given once is the plain value (the config a run saves then matches a YAML's)
-    overrides = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in overrides.items()}
-    return load_config(args.config, **overrides)
+    return load_config(args.config, **_given(args, TrainConfig))
 
 
 BENCHMARKS = {
@@ -100,71 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fpo", description="FPO and its baselines on fused Triton kernels")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("precompute", help="run the reference model once and write the reference cache",
-                       formatter_class=_Help)
-    p.add_argument("--model", required=True, help="the reference: local folder, .gguf file, or hub name when online")
-    p.add_argument("--dataset", required=True, help="local .json/.jsonl/.parquet file or saved dataset")
-    p.add_argument("--split", default=None, help=SPLIT_HELP)
-    p.add_argument("--out", required=True, help="cache directory")
-    p.add_argument("--sae", action="append", default=None,
-                   help="sae-lens or sparsify dir, .safetensors, params.npz or release:id; repeat for several SAEs, "
-                        "cached under their own names (omit for log-probs only)")
-    p.add_argument("--sae-layer", type=int, action="append", default=None,
-                   help="decoder block each SAE reads, in --sae order (default: from the SAE)")
-    p.add_argument("--K", type=int, default=256, help="top-K pooled features cached per response")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per sequence (prompt + response)")
-    p.add_argument("--max-prompt-length", type=int, default=256,
-                   help="longer prompts keep their last tokens; responses are cut to fit max-length")
-    p.add_argument("--value-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
-                   help="storage of the cached feature values (see the fidelity table in the README)")
-    p.add_argument("--batch-pairs", type=int, default=4, help="pairs per forward")
-    p.add_argument("--packing", choices=list(LAYOUTS), default="share-prompt",
-                   help="micro-batch layout (the cache does not depend on it beyond rounding)")
-    p.add_argument("--pooling", choices=list(POOLINGS), default="response", help=POOLING_HELP)
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="token budget per forward instead of --batch-pairs; caps each sequence at max-tokens/2 "
-                        "as `fpo train --max-tokens` does")
-    p.add_argument("--attn-implementation", choices=list(ATTENTION), default=None,
-                   help="attention (default: flex_attention for packed layouts on cuda, else the model's own)")
-    p.add_argument("--max-pairs", type=int, default=None, help="only the first pairs of the dataset")
-    p.add_argument("--shard-rows", type=int, default=256, help="pairs per cache shard (the unit of resume)")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="auto", help=FROZEN_PRECISION_HELP)
-    p.add_argument("--bad-rows", choices=["error", "skip"], default="error",
-                   help="a row with a missing column or an empty response: stop (error) or skip it and report")
-    p.add_argument("--overwrite", action="store_true", help="replace a cache built with other settings")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = sub.add_parser("precompute", help="run the reference model once and write the reference cache")
+    _add_config_flags(p, PrecomputeConfig)
 
     p = sub.add_parser("train", help="train with fpo, dpo, simpo, tdpo1 or tdpo2")
     p.add_argument("--config", default=None, help="YAML (or JSON) file of TrainConfig keys; flags override it")
     _add_train_flags(p)
 
-    p = sub.add_parser("eval", help="held-out accuracy, KL to the reference, FPO constraint, sample entropy",
-                       formatter_class=_Help)
-    p.add_argument("--model", required=True, help="the trained policy (e.g. OUT/final)")
-    p.add_argument("--dataset", required=True, help="held-out pairs: local .json/.jsonl/.parquet or saved dataset")
-    p.add_argument("--split", default=None, help=SPLIT_HELP)
-    p.add_argument("--cache", default=None, help="reference cache of the held-out pairs (reward accuracy, D)")
-    p.add_argument("--sae", action="append", default=None,
-                   help="the SAE, for the FPO constraint D; repeat for several (d = sum of weight x d_sae, as in training)")
-    p.add_argument("--sae-layer", type=int, action="append", default=None,
-                   help="decoder block each SAE reads, in --sae order (default: from the SAE)")
-    p.add_argument("--sae-weight", type=float, action="append", default=None,
-                   help="each SAE's weight in d, in --sae order (default 1)")
-    p.add_argument("--reference-model", default=None, help="the reference model, for the KL column")
-    p.add_argument("--k", type=int, default=50, help="features in the constraint")
-    p.add_argument("--select", choices=["policy", "reference"], default="policy", help="how the k features are chosen")
-    p.add_argument("--pooling", choices=list(POOLINGS), default="response", help=POOLING_HELP)
-    p.add_argument("--max-length", type=int, default=512, help="tokens per sequence (prompt + response)")
-    p.add_argument("--max-prompt-length", type=int, default=256, help="prompt tokens kept (the last ones)")
-    p.add_argument("--max-pairs", type=int, default=None, help="only the first pairs of the dataset")
-    p.add_argument("--packing", choices=list(LAYOUTS), default="share-prompt", help="micro-batch layout")
-    p.add_argument("--bad-rows", choices=["error", "skip"], default="error",
-                   help="a row with a missing column or an empty response: stop (error) or skip it and report")
-    p.add_argument("--entropy-samples", type=int, default=0, help="prompts to sample from, for the entropy column")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per sampled response")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="auto", help=FROZEN_PRECISION_HELP)
+    p = sub.add_parser("eval", help="held-out accuracy, KL to the reference, FPO constraint, sample entropy")
+    _add_config_flags(p, EvalConfig)
     p.add_argument("--json", default=None, help="also write the metrics here")
 
     sub.add_parser("bench", help="benchmarks: " + " | ".join(BENCHMARKS) + " (`fpo bench --help`)", add_help=False)
@@ -207,25 +152,16 @@ def _run(args):
         saes, layers = args.sae or [], args.sae_layer or [None] * len(args.sae or [])
         if len(layers) != len(saes):
             raise ValueError(f"--sae-layer given {len(layers)} times for {len(saes)} --sae: give it once per --sae")
-        precompute(args.model, args.dataset, args.out, sae=saes or None, sae_layer=layers, K=args.K,
-                   max_length=args.max_length, max_prompt_length=args.max_prompt_length, batch_pairs=args.batch_pairs,
-                   max_pairs=args.max_pairs, shard_rows=args.shard_rows, device=args.device, bad_rows=args.bad_rows,
-                   overwrite=args.overwrite, value_dtype=args.value_dtype, packing=args.packing,
-                   max_tokens=args.max_tokens, attn_implementation=args.attn_implementation,
-                   precision=args.precision, progress=not args.no_progress, split=args.split, pooling=args.pooling)
+        given = _given(args, PrecomputeConfig)
+        precompute(given.pop("model"), given.pop("dataset"), given.pop("out"), **given)
     elif args.cmd == "train":
         from .train import train
         train(_load_train_config(args))
     elif args.cmd == "eval":
         from .evaluate import evaluate
         from .tables import format_table
-        res = evaluate(args.model, args.dataset, cache=args.cache, sae=args.sae, sae_layer=args.sae_layer,
-                       sae_weight=args.sae_weight,
-                       reference_model=args.reference_model, k=args.k, select=args.select, max_length=args.max_length,
-                       max_prompt_length=args.max_prompt_length, max_pairs=args.max_pairs,
-                       entropy_samples=args.entropy_samples, max_new_tokens=args.max_new_tokens, device=args.device,
-                       packing=args.packing, bad_rows=args.bad_rows, precision=args.precision, split=args.split,
-                       pooling=args.pooling)
+        given = _given(args, EvalConfig)
+        res = evaluate(given.pop("model"), given.pop("dataset"), **given)
         print(format_table([res], [(k, k, ".4f" if isinstance(v, float) else "") for k, v in res.items()]))
         if args.json:
             from .files import atomic_write_json

@@ -13,16 +13,31 @@ from .packing import LAYOUTS, POOLINGS
 from .precision import OPTIMIZERS, PRECISIONS, SAVE_DTYPES
 from .trackers import TRACKERS, tracker_names
 
-__all__ = ["TrainConfig", "load_config", "METHODS", "ATTENTION", "RESUMABLE_CHANGES", "config_from_dict"]
+__all__ = ["TrainConfig", "PrecomputeConfig", "EvalConfig", "load_config", "METHODS", "ATTENTION", "RESUMABLE_CHANGES",
+           "config_from_dict"]
 
 METHODS = ("fpo", "dpo", "simpo", "tdpo1", "tdpo2")
 ATTENTION = ("sdpa", "eager", "flex_attention")
 _DEFAULT_BETA = {"fpo": 0.1, "dpo": 0.1, "simpo": 2.0, "tdpo1": 0.1, "tdpo2": 0.1}
 
 
-def _key(default, help, choices=None, low=None, low_open=False, high=None):
-    """A config key: its default, its help text (shown by `fpo train --help`), its allowed values or range."""
-    return field(default=default, metadata=dict(help=help, choices=choices, low=low, low_open=low_open, high=high))
+def _key(default, help, choices=None, low=None, low_open=False, high=None, required=False, flag=None):
+    """A config key: its default, its help text (shown by `fpo <command> --help`), its allowed values or range;
+    required: a flag the command cannot run without; flag: the flag's name when it is not the key's."""
+    return field(default=default, metadata=dict(help=help, choices=choices, low=low, low_open=low_open, high=high,
+                                                required=required, flag=flag))
+
+
+# help texts the three commands share
+_SPLIT = ("the split of a saved DatasetDict or of a folder of one file per split (default: train, or the only "
+          "split; several and none named train is an error that lists them)")
+_POOLING = ("the rows the SAE features are pooled over: each response's own tokens, a mean (response); or as the "
+            "authors' code does, the rows predicting them divided by the pair's padded length less one (authors: "
+            "packing off or pack)")
+_FROZEN_PRECISION = ("the forward's precision policy, as `fpo train --precision` names it (auto: bf16-mixed on "
+                     "cuda, fp32 on cpu); the model is frozen, so its weights are bf16 under any bf16 policy")
+_BAD_ROWS = "a row with a missing column or an empty response: stop (error) or skip it and report"
+_SAE_LAYER = "decoder block each SAE reads, in --sae order (default: from the SAE)"
 
 
 @dataclass(frozen=True)
@@ -187,6 +202,86 @@ RESUMABLE_CHANGES = ("max_steps", "epochs", "save_every", "log_every", "progress
 # Keys that were replaced, with what replaces them: a config that still uses one is refused with this sentence.
 REPLACED_KEYS = {"dtype": "dtype was replaced by precision: bf16-mixed (fp32 weights under bf16 autocast, the cuda "
                           "default), bf16-pure (bf16 weights: what dtype bfloat16 did), bf16-compensated, or fp32"}
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    """`fpo precompute`'s settings: the keyword arguments of fpo.precompute.precompute and the command's flags.
+    model may also be a loaded model, sae SAEWeights (or a list of either), in Python."""
+    model: str = _key("", "the reference: a local folder, a .gguf file, or a hub name when online", required=True)
+    dataset: str = _key("", "local .json/.jsonl/.parquet file or saved dataset", required=True)
+    out: str = _key("", "cache directory", required=True)
+    split: str | None = _key(None, _SPLIT)
+    sae: str | list | None = _key(None, "sae-lens or sparsify dir, .safetensors, params.npz or release:id; repeat "
+                                  "for several SAEs, cached under their own names (omit for log-probs only)")
+    sae_layer: int | list | None = _key(None, _SAE_LAYER, low=0)
+    K: int = _key(256, "top-K pooled features cached per response", low=1)
+    max_length: int = _key(512, "tokens per sequence (prompt + response)", low=2)
+    max_prompt_length: int = _key(256, "longer prompts keep their last tokens; responses are cut to fit max_length",
+                                  low=1)
+    value_dtype: str = _key("float16", "storage of the cached feature values (see the fidelity table in the README)",
+                            ("float16", "bfloat16", "float32"))
+    batch_pairs: int = _key(4, "pairs per forward", low=1)
+    packing: str = _key("share-prompt", "micro-batch layout (the cache does not depend on it beyond rounding)",
+                        LAYOUTS)
+    pooling: str = _key("response", _POOLING, POOLINGS)
+    max_tokens: int | None = _key(None, "token budget per forward instead of batch_pairs; caps each sequence at "
+                                  "max_tokens / 2 as `fpo train --max-tokens` does", low=1)
+    attn_implementation: str | None = _key(None, "attention (default: flex_attention for packed layouts on cuda, "
+                                           "else the model's own)", ATTENTION)
+    max_pairs: int | None = _key(None, "only the first pairs of the dataset", low=1)
+    shard_rows: int = _key(256, "pairs per cache shard (the unit of resume)", low=1)
+    device: str | None = _key(None, "default: cuda when available, else cpu")
+    precision: str = _key("auto", _FROZEN_PRECISION, PRECISIONS)
+    bad_rows: str = _key("error", _BAD_ROWS, ("error", "skip"))
+    overwrite: bool = _key(False, "replace a cache built with other settings")
+    progress: bool = _key(True, "progress bar")
+
+    def __post_init__(self):
+        _check_values(self)
+        if self.pooling == "authors" and self.packing == "share-prompt":
+            raise ValueError("pooling 'authors' needs packing 'off' or 'pack': with the prompt shared, the rows that "
+                             "predict the rejected response are not contiguous")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`fpo eval`'s settings: the keyword arguments of fpo.evaluate.evaluate and the command's flags. model and
+    reference_model may also be loaded models in Python."""
+    model: str = _key("", "the trained policy (e.g. OUT/final)", required=True)
+    dataset: str = _key("", "held-out pairs: local .json/.jsonl/.parquet or saved dataset", required=True)
+    split: str | None = _key(None, _SPLIT)
+    cache: str | None = _key(None, "reference cache of the held-out pairs (reward accuracy, D)")
+    sae: str | list | None = _key(None, "the SAE, for the FPO constraint D; repeat for several (d = sum of weight "
+                                  "x d_sae, as in training)")
+    sae_layer: int | list | None = _key(None, _SAE_LAYER, low=0)
+    sae_weight: float | list | None = _key(None, "each SAE's weight in d, in --sae order (default 1)", low=0)
+    reference_model: str | None = _key(None, "the reference model, for the KL column")
+    k: int = _key(50, "features in the constraint", low=1)
+    select: str = _key("policy", "how the k features are chosen", ("policy", "reference"))
+    pooling: str = _key("response", _POOLING, POOLINGS)
+    max_length: int = _key(512, "tokens per sequence (prompt + response)", low=2)
+    max_prompt_length: int = _key(256, "prompt tokens kept (the last ones)", low=1)
+    max_pairs: int | None = _key(None, "only the first pairs of the dataset", low=1)
+    batch_pairs: int = _key(4, "pairs per forward", low=1)
+    packing: str = _key("share-prompt", "micro-batch layout", LAYOUTS)
+    bad_rows: str = _key("error", _BAD_ROWS, ("error", "skip"))
+    entropy_samples: int = _key(0, "prompts to sample from, for the entropy column", low=0)
+    max_new_tokens: int = _key(64, "tokens per sampled response", low=1)
+    seed: int = _key(0, "seed of the sampling")
+    device: str | None = _key(None, "default: cuda when available, else cpu")
+    precision: str = _key("auto", _FROZEN_PRECISION, PRECISIONS)
+
+    def __post_init__(self):
+        _check_values(self)
+
+
+def _check_values(config):
+    """Choices and ranges of every key (types are the Python caller's: a loaded model, SAEWeights, ...)."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        for v in (value if isinstance(value, list) else [value]):
+            _check_value(f, v)
 
 
 def _check_value(f, value):

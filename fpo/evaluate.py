@@ -8,7 +8,7 @@ import torch
 from fpo_kernels import fused_linear_kl, sae_feature_mse, sequence_logprobs
 
 from .cache import ReferenceCache
-from .config import sae_specs
+from .config import EvalConfig, sae_specs
 from .data import load_pairs, tokenize_pairs
 from .model import ResidualCapture, final_softcap, lm_head, load_model_for_layout, load_tokenizer, resolve_device
 from .packing import attention_length_scale, body_hidden, collate, pooling_rows
@@ -40,11 +40,9 @@ def _sample_entropy(model, tok, items, n, max_new_tokens, device, seed):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_model=None, k=50, select="policy",
-             max_length=512, max_prompt_length=256, max_pairs=None, batch_pairs=4, entropy_samples=0,
-             max_new_tokens=32, device=None, precision="auto", tokenizer=None, seed=0, packing="share-prompt",
-             bad_rows="error", sae_weight=None, log=print, split=None, pooling="response") -> dict:
-    """Metrics on held-out pairs.
+def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
+    """Metrics on held-out pairs; options: fpo.config.EvalConfig's keys (the flags of `fpo eval`, with their
+    defaults and help there).
 
     accuracy_logp: fraction of pairs whose chosen response has the higher mean log-prob (needs nothing else);
     accuracy_reward: fraction whose implicit reward a - a_ref is higher for chosen (needs the cache; ties
@@ -56,8 +54,11 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
     forward passes (fpo.packing); the metrics do not depend on it beyond rounding. bad_rows: as for training
     ("error" stops at a bad row, "skip" skips and reports it). precision: the forward's policy (fpo.precision),
     with bf16 weights under any bf16 policy: an evaluated model is frozen."""
-    device = resolve_device(device or None)
-    prec = resolve_precision(precision, device)
+    cfg = EvalConfig(model=model, dataset=dataset, **options)
+    cache, reference_model, packing, pooling = cfg.cache, cfg.reference_model, cfg.packing, cfg.pooling
+    sae, k, select = cfg.sae, cfg.k, cfg.select
+    device = resolve_device(cfg.device or None)
+    prec = resolve_precision(cfg.precision, device)
     dtype = prec.frozen_dtype
     if isinstance(model, str):
         tokenizer = tokenizer or load_tokenizer(model)
@@ -71,11 +72,11 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
         raise ValueError(f"cache {ref_cache.path} pooled the reference's features with pooling "
                          f"{ref_cache.meta.get('pooling', 'response')!r}, this eval uses {pooling!r}: pass --pooling "
                          f"{ref_cache.meta.get('pooling', 'response')} (as the run trained)")
-    saes = load_saes(sae_specs(sae, sae_layer, sae_weight), device)
+    saes = load_saes(sae_specs(sae, cfg.sae_layer, cfg.sae_weight), device)
     if len(saes) == 1 and saes[0].layer is None and ref_cache is not None:   # one SAE, its layer from the cache
         saes[0].layer = ref_cache.meta.get("layer")
-    items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=log, split=split), tokenizer, max_length,
-                           max_prompt_length)
+    items = tokenize_pairs(load_pairs(dataset, cfg.max_pairs, cfg.bad_rows, log=log, split=cfg.split), tokenizer,
+                           cfg.max_length, cfg.max_prompt_length)
     keys, caps = [], {}
     if saes and ref_cache is not None and ref_cache.has_features:
         for spec in saes:
@@ -89,12 +90,12 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
     acc_logp, acc_reward, kls = [], [], []
     try:
         with prec.autocast(device):
-            for b in range(0, len(items), batch_pairs):
-                chunk = items[b:b + batch_pairs]
+            for b in range(0, len(items), cfg.batch_pairs):
+                chunk = items[b:b + cfg.batch_pairs]
                 P = len(chunk)
                 batch = collate(chunk, packing, tokenizer.pad_token_id, attention_length_scale(model))
                 spans, factor = pooling_rows(batch, chunk, pooling)
-                rows, labels, seq = (batch[k].to(device) for k in ("pred_rows", "labels", "seq_ids"))
+                rows, labels, seq = (batch[name].to(device) for name in ("pred_rows", "labels", "seq_ids"))
                 hidden = body_hidden(model, batch, device)
                 w, bias = lm_head(model)
                 _, mean, _ = sequence_logprobs(hidden, w, softcap=final_softcap(model), bias=bias, rows=rows,
@@ -140,5 +141,5 @@ def evaluate(model, dataset, cache=None, sae=None, sae_layer=None, reference_mod
         "d": d,
         "d_over_scale": d_over_scale,
         **each,
-        "entropy": _sample_entropy(model, tokenizer, items, entropy_samples, max_new_tokens, device, seed),
+        "entropy": _sample_entropy(model, tokenizer, items, cfg.entropy_samples, cfg.max_new_tokens, device, cfg.seed),
     }

@@ -13,13 +13,14 @@ from fpo_kernels import SAEWeights, index_dtype_for, pack_topk, sae_pooled_featu
 from fpo_kernels.cache import VALUE_DTYPES
 
 from . import distributed as dist_utils
+from .config import PrecomputeConfig
 from .cache import FORMAT_VERSION, is_cache_file, recorded_checksum, shard_name, write_shard
 from .files import atomic_write_json, sha256_of
 from .locking import LOCK_NAME, DirectoryLock
 from .data import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .model import (ResidualCapture, decoder_layers, final_softcap, lm_head, load_model_for_layout, load_tokenizer,
                     model_fingerprint, resolve_device)
-from .packing import LAYOUTS, POOLINGS, attention_length_scale, body_hidden, collate, plan_micro_batches, pooling_rows
+from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches, pooling_rows
 from .precision import resolve_precision
 from .progress import progress_bar
 from .sae import load_saes
@@ -146,102 +147,120 @@ def _read_settings(path) -> dict:
     return old
 
 
-def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_length: int = 512,
-               max_prompt_length: int = 256, batch_pairs: int = 4, max_pairs=None, shard_rows: int = 256,
-               device=None, precision: str = "auto", bad_rows: str = "error", overwrite: bool = False, tokenizer=None,
-               model_name=None, value_dtype: str = "float16", packing: str = "share-prompt", max_tokens=None,
-               attn_implementation=None, log=print, progress: bool = True, split=None, pooling: str = "response") -> dict:
+def precompute(model, dataset, out, *, tokenizer=None, model_name=None, log=print, **options) -> dict:
     """Build the reference cache in directory `out`; returns the summary it prints.
 
-    model: a path / hub name / .gguf, or a loaded model (then pass tokenizer and model_name);
-    dataset: a local .json/.jsonl/.parquet file or saved dataset; sae: an SAE spec (see fpo.sae.load_sae)
-    or SAEWeights, a list of them (each SAE's top-K cached under its own name, one forward for all), or None
-    (log-probs only, enough for DPO); sae_layer: the decoder block the SAE reads, or a list (default: from the
-    SAE's hook name); precision: the forward's policy (fpo.precision; auto: bf16-mixed on cuda, fp32 on cpu),
-    as training runs it, with bf16 weights under any bf16 policy (a frozen model needs no master copy);
-    value_dtype: how feature values are stored (float16, bfloat16 or
-    float32; see the fidelity table in the README); packing: the micro-batch layout (fpo.packing; the values
-    do not depend on it beyond rounding); max_tokens: a token budget per forward instead of batch_pairs pairs,
+    model: a path / hub name / .gguf, or a loaded model (then pass tokenizer and model_name); dataset: a local
+    .json/.jsonl/.parquet file or saved dataset; options: fpo.config.PrecomputeConfig's keys (the flags of
+    `fpo precompute`, with their defaults and help there): sae, an SAE spec (see fpo.sae.load_sae) or SAEWeights,
+    a list of them (each SAE's top-K cached under its own name, one forward for all), or None (log-probs only,
+    enough for DPO); sae_layer: the decoder block each SAE reads (default: from the SAE's hook name); precision:
+    the forward's policy, as training runs it, with bf16 weights under any bf16 policy (a frozen model needs no
+    master copy); value_dtype: how feature values are stored; packing: the micro-batch layout (the values do
+    not depend on it beyond rounding); max_tokens: a token budget per forward instead of batch_pairs pairs,
     which also caps each sequence at max_tokens // 2 tokens exactly as training with the same max_tokens does.
     A run that stops part-way resumes where it stopped when started again with the same arguments. Under
     torchrun each rank computes its share of the shards."""
+    cfg = PrecomputeConfig(model=model, dataset=dataset, out=os.fspath(out), **options)
+    if not isinstance(cfg.K, int) or isinstance(cfg.K, bool):
+        raise ValueError(f"K must be a positive integer, got {cfg.K!r}")
     rank, world, dist_dev = dist_utils.init()
-    device = resolve_device(device) if device is not None else (dist_dev or default_device())
-    prec = resolve_precision(precision, device)
-    if not isinstance(K, int) or K < 1:
-        raise ValueError(f"K must be a positive integer, got {K!r}")
-    if value_dtype not in VALUE_DTYPES:
-        raise ValueError(f"value_dtype must be one of {list(VALUE_DTYPES)}, got {value_dtype!r}")
-    if shard_rows < 1 or batch_pairs < 1:
-        raise ValueError("shard_rows and batch_pairs must be >= 1")
-    if packing not in LAYOUTS:
-        raise ValueError(f"packing must be one of {LAYOUTS}, got {packing!r}")
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    if pooling == "authors" and packing == "share-prompt":
-        raise ValueError("pooling 'authors' needs packing 'off' or 'pack': with the prompt shared, the rows that "
-                         "predict the rejected response are not contiguous")
+    device = resolve_device(cfg.device) if cfg.device is not None else (dist_dev or default_device())
+    prec = resolve_precision(cfg.precision, device)
     say = log if rank == 0 else (lambda *a, **k: None)
+    model, tokenizer, model_name, saes = _load(cfg, device, prec, tokenizer, model_name, say)
+    items = tokenize_pairs(load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=say, split=cfg.split), tokenizer,
+                           cfg.max_length, cfg.max_prompt_length, cfg.max_tokens, log=say)
+    settings = _settings(cfg, model, model_name, tokenizer, items, saes, prec)
+    done = _complete_cache(cfg.out, settings)
+    if done is not None:   # nothing to write: a complete cache is read, never written (it may be read-only)
+        total = sum(x["bytes"] for x in done["shards"])
+        say(f"[fpo] cache {cfg.out} is complete for these settings ({len(items)} pairs, {total / 1e6:.2f} MB, every "
+            "shard matching its checksum): nothing to do")
+        return {"rows": len(items), "path": cfg.out, "bytes": total, "bytes_per_example": total / max(len(items), 1),
+                "dense_fp32_bytes": len(items) * 2 * sum(x.sae.width for x in saes) * 4, "seconds": 0.0}
+    lock = _claim(cfg, settings, say) if rank == 0 else None
+    dist_utils.barrier()
+    try:
+        n = len(items)
+        shards = [(s, min(s + cfg.shard_rows, n)) for s in range(0, n, cfg.shard_rows)]
+        t0 = time.time()
+        _compute_shards(cfg, model, tokenizer, items, saes, prec, device, shards, rank, world, say)
+        dist_utils.barrier()
+        summary = {"rows": n, "path": cfg.out}
+        if rank == 0:
+            summary.update(_write_meta(cfg.out, settings, shards, saes, say), seconds=time.time() - t0)
+        dist_utils.barrier()
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _load(cfg, device, prec, tokenizer, model_name, say):
+    """(model, tokenizer, model_name, SAESpecs): the frozen reference and the SAEs it feeds, checked to fit."""
+    model = cfg.model
     if isinstance(model, (str, os.PathLike)):
         model_name = model_name or os.fspath(model)
         tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model_for_layout(model, prec.frozen_dtype, device, packing, attn_implementation, say)
+        model = load_model_for_layout(model, prec.frozen_dtype, device, cfg.packing, cfg.attn_implementation, say)
     elif tokenizer is None:
         raise ValueError("a loaded model needs its tokenizer (tokenizer=...)")
     model.eval()
-    sae_list = [] if sae is None else (list(sae) if isinstance(sae, (list, tuple)) else [sae])
-    layers = sae_layer if isinstance(sae_layer, (list, tuple)) else [sae_layer] * len(sae_list)
+    sae_list = [] if cfg.sae is None else (list(cfg.sae) if isinstance(cfg.sae, (list, tuple)) else [cfg.sae])
+    layers = cfg.sae_layer if isinstance(cfg.sae_layer, (list, tuple)) else [cfg.sae_layer] * len(sae_list)
     if len(layers) != len(sae_list):
         raise ValueError(f"sae_layer gives {len(layers)} layers for {len(sae_list)} SAEs: one per SAE")
     saes = load_saes([(x if isinstance(x, SAEWeights) else os.fspath(x), layer, 1.0)
                       for x, layer in zip(sae_list, layers)], device)
     for spec in saes:
         check_sae_fits(model, spec.sae, spec.layer)
-    first = saes[0] if saes else None
+    return model, tokenizer, model_name, saes
 
-    items = tokenize_pairs(load_pairs(dataset, max_pairs, bad_rows, log=say, split=split), tokenizer, max_length, max_prompt_length,
-                           max_tokens, log=say)
+
+def _settings(cfg, model, model_name, tokenizer, items, saes, prec) -> dict:
+    """What the cache is for: the model, tokenizer, data, lengths and SAEs it was built with (settings.json; a
+    resumed or reused cache must match it)."""
+    first = saes[0] if saes else None
     settings = {
         "format_version": FORMAT_VERSION,
         "model": model_fingerprint(model, model_name or type(model).__name__),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "dataset": dataset_fingerprint(items), "dataset_path": os.fspath(dataset), "rows": len(items),
-        "max_length": max_length, "max_prompt_length": max_prompt_length, "shard_rows": shard_rows,
+        "dataset": dataset_fingerprint(items), "dataset_path": os.fspath(cfg.dataset), "rows": len(items),
+        "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "shard_rows": cfg.shard_rows,
         # the first SAE at the top level (the single-SAE layout), every SAE in "saes"
         "sae": first.sae.fingerprint() if first else None, "sae_name": first.name if first else None,
         "sae_width": first.sae.width if first else None, "layer": first.layer if first else None,
-        "K": K if first else None,
+        "K": cfg.K if first else None,
         "index_dtype": str(index_dtype_for(first.sae.width)).replace("torch.", "") if first else None,
-        "value_dtype": value_dtype if first else None,
+        "value_dtype": cfg.value_dtype if first else None,
         "saes": [{"name": x.name, "layer": x.layer, "fingerprint": x.sae.fingerprint(), "width": x.sae.width,
                   "activation": x.sae.activation, "key": feature_key(i, x),
                   "index_dtype": str(index_dtype_for(x.sae.width)).replace("torch.", "")} for i, x in enumerate(saes)],
         "reference_dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "precision": prec.name,
     }
-    if pooling != "response":   # recorded only when not the default, so caches built before it stay valid
-        settings["pooling"] = pooling
-    out = os.fspath(out)
+    if cfg.pooling != "response":   # recorded only when not the default, so caches built before it stay valid
+        settings["pooling"] = cfg.pooling
+    return settings
+
+
+def _claim(cfg, settings, say):
+    """Rank 0: the cache directory made, locked and checked to hold this cache or none (a cache of other
+    settings is removed only with overwrite, files that are not the cache's never), settings.json written,
+    what a killed run left half-written removed. Returns the lock."""
+    out = cfg.out
     settings_path = os.path.join(out, "settings.json")
-    done = _complete_cache(out, settings)
-    if done is not None:   # nothing to write: a complete cache is read, never written (it may be read-only)
-        total = sum(x["bytes"] for x in done["shards"])
-        say(f"[fpo] cache {out} is complete for these settings ({len(items)} pairs, {total / 1e6:.2f} MB, every "
-            "shard matching its checksum): nothing to do")
-        return {"rows": len(items), "path": out, "bytes": total, "bytes_per_example": total / max(len(items), 1),
-                "dense_fp32_bytes": len(items) * 2 * sum(x.sae.width for x in saes) * 4, "seconds": 0.0}
-    lock = None
-    if rank == 0:
-        if os.path.lexists(out) and not os.path.isdir(out):
-            raise ValueError(f"out {out} is {'a broken symlink' if os.path.islink(out) else 'a file'}, not a "
-                             "directory: choose a directory path")
-        os.makedirs(out, exist_ok=True)
-        lock = DirectoryLock(out, "cache")   # one precompute per cache directory at a time
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ValueError(f"out {out} is {'a broken symlink' if os.path.islink(out) else 'a file'}, not a "
+                         "directory: choose a directory path")
+    os.makedirs(out, exist_ok=True)
+    lock = DirectoryLock(out, "cache")   # one precompute per cache directory at a time
+    try:
         theirs = [n for n in os.listdir(out) if not is_cache_file(n) and n != LOCK_NAME]
         if os.path.exists(settings_path):
             old = _read_settings(settings_path)
             if old != settings:
-                if not overwrite:
+                if not cfg.overwrite:
                     diff = next(k for k in settings if old.get(k) != settings[k])
                     raise ValueError(f"{out} holds a cache built with other settings ({diff}: {old.get(diff)!r} "
                                      f"vs {settings[diff]!r}): use another directory or overwrite=True (--overwrite)")
@@ -258,80 +277,79 @@ def precompute(model, dataset, out, sae=None, sae_layer=None, K: int = 256, max_
         for n in os.listdir(out):   # what a killed run left half-written
             if ".tmp" in n and is_cache_file(n):
                 os.remove(os.path.join(out, n))
-    dist_utils.barrier()
-    try:
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
-        n = len(items)
-        shards = [(s, min(s + shard_rows, n)) for s in range(0, n, shard_rows)]
-        mine = [sh for j, sh in enumerate(shards) if j % world == rank]
-        todo = [sh for sh in mine if not _shard_is_sound(out, shard_name(*sh), say)]
-        if len(todo) < len(mine):
-            say(f"[fpo] resuming: {len(mine) - len(todo)} of {len(mine)} shards already complete")
-        bar = None
-        if progress and rank == 0:
-            bar = progress_bar(sum(e - s for s, e in todo) * world, desc="precompute", unit="pair")
-        t0 = time.time()
-        pad = tokenizer.pad_token_id
-        scale = attention_length_scale(model)
-        for s, e in todo:
-            parts, order = [], []
-            chunks = ([items[b:min(b + batch_pairs, e)] for b in range(s, e, batch_pairs)] if max_tokens is None
-                      else plan_micro_batches(items[s:e], packing, max_tokens, scale))
-            for chunk in chunks:
-                batch = collate(chunk, packing, pad, scale)
-                batch["spans"], _ = pooling_rows(batch, chunk, pooling)   # the factor applies to D, in training
-                with prec.autocast(device):
-                    parts.append(reference_stats(model, batch, saes, K, device, VALUE_DTYPES[value_dtype]))
-                order += [it.id for it in chunk]
-                if bar is not None:
-                    bar.update(len(chunk) * world)
-            # rows in dataset order whatever the micro-batches were
-            where = {i: r for r, i in enumerate(order)}
-            perm = torch.tensor([where[it.id] for it in items[s:e]], dtype=torch.long)
-            tensors = {k: torch.cat([p[k] for p in parts])[perm] for k in parts[0]}
-            tensors["ids"] = torch.tensor([it.id for it in items[s:e]], dtype=torch.long)
-            tensors["row_hash"] = torch.tensor([it.row_hash for it in items[s:e]], dtype=torch.long)
-            try:
-                write_shard(out, s, e, tensors)
-            except Exception as err:   # a full disk, a read-only folder (safetensors raises its own error type)
-                full = getattr(err, "errno", None) == errno.ENOSPC or "No space" in str(err)
-                why = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0][:200]
-                raise RuntimeError(f"{'the disk is full' if full else 'writing failed'} while writing "
-                                   f"{shard_name(s, e)} into {out} ({why}): the shards already written are "
-                                   f"complete and kept; {'free space and ' if full else ''}run the same command "
-                                   "again to resume") from None
-        if bar is not None:
-            bar.close()
-        dist_utils.barrier()
 
-        summary = {"rows": n, "path": out}
-        if rank == 0:
-            meta = dict(settings)
-            meta["shards"] = []
-            total = 0
-            for s, e in shards:
-                p = os.path.join(out, shard_name(s, e))
-                if not os.path.exists(p):
-                    raise RuntimeError(f"shard {p} is missing after every rank finished")
-                size = os.path.getsize(p)
-                total += size
-                meta["shards"].append({"file": shard_name(s, e), "start": s, "end": e, "bytes": size, "sha256": sha256_of(p)})
-            for entry in meta["saes"]:
-                entry["feature_scale"] = _feature_scale(out, shards, entry["key"])
-            if saes:
-                meta["feature_scale"] = meta["saes"][0]["feature_scale"]
-            meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            atomic_write_json(os.path.join(out, "meta.json"), meta)
-            dense = n * 2 * sum(x.sae.width for x in saes) * 4
-            summary.update(bytes=total, bytes_per_example=total / max(n, 1), dense_fp32_bytes=dense,
-                           seconds=time.time() - t0)
-            msg = f"[fpo] cache {out}: {n} pairs, {total / 1e6:.2f} MB, {total / max(n, 1):.0f} bytes per pair"
-            if saes:
-                msg += (f"; a dense fp32 pooled cache would need {dense / 1e6:.1f} MB "
-                        f"({dense / max(total, 1):.0f}x more)")
-            say(msg)
-        dist_utils.barrier()
-        return summary
-    finally:
-        if lock is not None:
-            lock.release()
+def _compute_shards(cfg, model, tokenizer, items, saes, prec, device, shards, rank, world, say):
+    """This rank's shards that are not already sound on disk: the reference forward over their pairs, in
+    micro-batches, each shard written whole in dataset order."""
+    out = cfg.out
+    mine = [sh for j, sh in enumerate(shards) if j % world == rank]
+    todo = [sh for sh in mine if not _shard_is_sound(out, shard_name(*sh), say)]
+    if len(todo) < len(mine):
+        say(f"[fpo] resuming: {len(mine) - len(todo)} of {len(mine)} shards already complete")
+    bar = None
+    if cfg.progress and rank == 0:
+        bar = progress_bar(sum(e - s for s, e in todo) * world, desc="precompute", unit="pair")
+    pad = tokenizer.pad_token_id
+    scale = attention_length_scale(model)
+    for s, e in todo:
+        parts, order = [], []
+        chunks = ([items[b:min(b + cfg.batch_pairs, e)] for b in range(s, e, cfg.batch_pairs)]
+                  if cfg.max_tokens is None else plan_micro_batches(items[s:e], cfg.packing, cfg.max_tokens, scale))
+        for chunk in chunks:
+            batch = collate(chunk, cfg.packing, pad, scale)
+            batch["spans"], _ = pooling_rows(batch, chunk, cfg.pooling)   # the factor applies to D, in training
+            with prec.autocast(device):
+                parts.append(reference_stats(model, batch, saes, cfg.K, device, VALUE_DTYPES[cfg.value_dtype]))
+            order += [it.id for it in chunk]
+            if bar is not None:
+                bar.update(len(chunk) * world)
+        # rows in dataset order whatever the micro-batches were
+        where = {i: r for r, i in enumerate(order)}
+        perm = torch.tensor([where[it.id] for it in items[s:e]], dtype=torch.long)
+        tensors = {k: torch.cat([p[k] for p in parts])[perm] for k in parts[0]}
+        tensors["ids"] = torch.tensor([it.id for it in items[s:e]], dtype=torch.long)
+        tensors["row_hash"] = torch.tensor([it.row_hash for it in items[s:e]], dtype=torch.long)
+        try:
+            write_shard(out, s, e, tensors)
+        except Exception as err:   # a full disk, a read-only folder (safetensors raises its own error type)
+            full = getattr(err, "errno", None) == errno.ENOSPC or "No space" in str(err)
+            why = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise RuntimeError(f"{'the disk is full' if full else 'writing failed'} while writing "
+                               f"{shard_name(s, e)} into {out} ({why}): the shards already written are "
+                               f"complete and kept; {'free space and ' if full else ''}run the same command "
+                               "again to resume") from None
+    if bar is not None:
+        bar.close()
+
+
+def _write_meta(out, settings, shards, saes, say) -> dict:
+    """Rank 0, once every shard exists: meta.json (the settings, each shard's size and checksum, each SAE's
+    feature scale), written last; returns the summary's sizes."""
+    n = shards[-1][1] if shards else 0
+    meta = dict(settings)
+    meta["shards"] = []
+    total = 0
+    for s, e in shards:
+        p = os.path.join(out, shard_name(s, e))
+        if not os.path.exists(p):
+            raise RuntimeError(f"shard {p} is missing after every rank finished")
+        size = os.path.getsize(p)
+        total += size
+        meta["shards"].append({"file": shard_name(s, e), "start": s, "end": e, "bytes": size, "sha256": sha256_of(p)})
+    for entry in meta["saes"]:
+        entry["feature_scale"] = _feature_scale(out, shards, entry["key"])
+    if saes:
+        meta["feature_scale"] = meta["saes"][0]["feature_scale"]
+    meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    atomic_write_json(os.path.join(out, "meta.json"), meta)
+    dense = n * 2 * sum(x.sae.width for x in saes) * 4
+    msg = f"[fpo] cache {out}: {n} pairs, {total / 1e6:.2f} MB, {total / max(n, 1):.0f} bytes per pair"
+    if saes:
+        msg += f"; a dense fp32 pooled cache would need {dense / 1e6:.1f} MB ({dense / max(total, 1):.0f}x more)"
+    say(msg)
+    return {"bytes": total, "bytes_per_example": total / max(n, 1), "dense_fp32_bytes": dense}
