@@ -34,7 +34,7 @@ import time
 import torch
 
 from benchmarks.common import environment, write_results
-from fpo.losses import LOSSES
+from fpo.losses import preference_loss
 from fpo.model import ResidualCapture, enable_activation_checkpointing, lm_head, run_body
 from fpo.precision import Precision, make_optimizer as _make_optimizer, resolve_precision
 from fpo.step import PolicyStats
@@ -156,10 +156,8 @@ class Step:
                       "num_seqs": B}
         pooled = torch.rand(B, m, generator=g) * (torch.rand(B, m, generator=g) < 0.02)
         idx, val = pack_topk(pooled.to(device), K)
-        self.cache = {"chosen_idx": idx[:pairs], "rejected_idx": idx[pairs:], "chosen_val": val[:pairs],
-                      "rejected_val": val[pairs:], "chosen_logp_sum": -torch.rand(pairs, device=device) * 500,
-                      "rejected_logp_sum": -torch.rand(pairs, device=device) * 500,
-                      "chosen_logp_mean": -torch.rand(pairs, device=device), "rejected_logp_mean": -torch.rand(pairs, device=device)}
+        # the reference side as the cache gives it to the loss: [2P] statistics, chosen first
+        self.cache = {"logp_sum": -torch.rand(B, device=device) * 500, "logp_mean": -torch.rand(B, device=device)}
         self.ref_idx, self.ref_val = idx, val          # [2P, K], chosen first: what the trainer passes the op
         self.tokens = B * T                                            # no padding
         self.stats = None
@@ -181,25 +179,20 @@ class Step:
 
     # ---- the losses of one step ---------------------------------------------------------------
     def _ours(self, method):
-        c, P = self.cache, self.P
+        c = self.cache
         if method.startswith("fpo"):
             self.stats = self.stats or PolicyStats(self.policy, self.sae, self.layer, self.k, "policy")
             self.stats.select = "reference" if method == "fpo-ref" else "policy"
             s = self.stats(self.batch, self.ref_idx, self.ref_val)
-            return LOSSES["fpo"](s["logp_mean"][:P], s["logp_mean"][P:], c["chosen_logp_mean"], c["rejected_logp_mean"],
-                                 s["d"][:P], s["d"][P:])[0]
+            return preference_loss("fpo", s, c, beta=0.1)[0]
         plain = PolicyStats(self.policy)
         if method.startswith("tdpo"):
             with torch.no_grad():
                 rh = run_body(self.ref, self.ids, self.attn)
             s = plain(self.batch, ref_hidden=rh.reshape(-1, rh.shape[-1]), ref_weight=lm_head(self.ref)[0])
-            rs = s["ref_logp_sum"]
-            return LOSSES["tdpo1"](s["logp_sum"][:P], s["logp_sum"][P:], rs[:P], rs[P:], s["kl"][:P], s["kl"][P:],
-                                   variant=1 if method.startswith("tdpo1") else 2)[0]
+            return preference_loss(method[:5], s, {"logp_sum": s["ref_logp_sum"]}, beta=0.1)[0]
         s = plain(self.batch)
-        if method == "simpo":
-            return LOSSES["simpo"](s["logp_mean"][:P], s["logp_mean"][P:])[0]
-        return LOSSES["dpo"](s["logp_sum"][:P], s["logp_sum"][P:], c["chosen_logp_sum"], c["rejected_logp_sum"])[0]
+        return preference_loss(method, s, c, beta=2.0 if method == "simpo" else 0.1)[0]
 
     def _full_logits(self, model, capture=None):
         """[B, T-1] per-token log-probs via materialised logits (the HF forward applies Gemma-2's softcap)."""
@@ -213,17 +206,17 @@ class Step:
         return (f * m).sum(1) / m.sum(1)
 
     def _authors(self, method):
-        P, tgt = self.P, self.resp[:, 1:].float()
+        tgt = self.resp[:, 1:].float()
         if method == "dpo-full-logits":
             _, lp = self._full_logits(self.policy)
             s = (lp * tgt).sum(1)
-            return LOSSES["dpo"](s[:P], s[P:], self.cache["chosen_logp_sum"], self.cache["rejected_logp_sum"])[0]
+            return preference_loss("dpo", {"logp_sum": s}, self.cache, beta=0.1)[0]
         if method == "simpo-authors":
             # SimPO's own code (princeton-nlp/SimPO, concatenated_forward and get_batch_logps): the full logits
             # upcast to fp32, their log_softmax, the mean over the response tokens
             _, lp = self._full_logits(self.policy)
             a = (lp * tgt).sum(1) / tgt.sum(1)
-            return LOSSES["simpo"](a[:P], a[P:], 2.0, 0.5)[0]
+            return preference_loss("simpo", {"logp_mean": a}, beta=2.0, gamma=0.5)[0]
         cap_p = ResidualCapture(self.policy, self.layer) if method == "fpo-authors" else None
         cap_r = ResidualCapture(self.ref, self.layer) if method == "fpo-authors" else None
         try:
@@ -245,9 +238,9 @@ class Step:
                 d = ((pooled.gather(1, idx) - ref_pooled.gather(1, idx)) ** 2).mean(1)
                 n = tgt.sum(1)
                 a, ra = (lp * tgt).sum(1) / n, (r_lp * tgt).sum(1) / n
-                return LOSSES["fpo"](a[:P], a[P:], ra[:P], ra[P:], d[:P], d[P:])[0]
+                return preference_loss("fpo", {"logp_mean": a, "d": d}, {"logp_mean": ra}, beta=0.1)[0]
             s, rs = (lp * tgt).sum(1), (r_lp * tgt).sum(1)
-            return LOSSES["tdpo1"](s[:P], s[P:], rs[:P], rs[P:], kl[:P], kl[P:], variant=1 if method.startswith("tdpo1") else 2)[0]
+            return preference_loss(method[:5], {"logp_sum": s, "kl": kl}, {"logp_sum": rs}, beta=0.1)[0]
         finally:
             for cap in (cap_p, cap_r):
                 if cap is not None:

@@ -223,6 +223,14 @@ class ReferenceCache:
                                      "differently when it was built (other text, tokenizer, max_length, "
                                      "max_prompt_length or max_tokens truncation): rebuild it")
 
+    def reference(self, ids, row_hash=None, device="cpu") -> dict:
+        """The reference side of P pairs in the [2P] layout the loss takes (chosen first): logp_sum,
+        logp_mean, len [2P] and each SAE's idx<key>, val<key> [2P, K]. On disk a row is a pair (chosen_* and
+        rejected_* columns, looked up by example id); a batch's statistics are its 2P sequences."""
+        rows = self.lookup(ids, row_hash, device)
+        names = [k.removeprefix("chosen_") for k in rows if k.startswith("chosen_")]
+        return {n: torch.cat([rows["chosen_" + n], rows["rejected_" + n]]) for n in names}
+
     def lookup(self, ids, row_hash=None, device="cpu") -> dict:
         """Rows for example ids [P] -> dict of tensors on device (chosen_* / rejected_*)."""
         rows = []

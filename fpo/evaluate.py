@@ -102,16 +102,15 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
                                                labels=labels, seq_ids=seq, num_seqs=2 * P)
                 acc_logp.append((mean[:P] > mean[P:]).float())
                 if ref_cache is not None:
-                    ref = ref_cache.lookup(batch["ids"], batch["row_hash"], device)
-                    rw_, rl_ = mean[:P] - ref["chosen_logp_mean"], mean[P:] - ref["rejected_logp_mean"]
+                    ref = ref_cache.reference(batch["ids"], batch["row_hash"], device)     # [2P], chosen first
+                    reward = mean - ref["logp_mean"]
+                    rw_, rl_ = reward[:P], reward[P:]
                     acc_reward.append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())
                     resid = {layer: cap.pop() for layer, cap in caps.items()}
                     for spec, key, out in zip(saes, keys, ds):
                         r = resid[spec.layer]
-                        d = sae_feature_mse(r.reshape(-1, r.shape[-1]), None, spec.sae,
-                                            torch.cat([ref["chosen_idx" + key], ref["rejected_idx" + key]]),
-                                            torch.cat([ref["chosen_val" + key], ref["rejected_val" + key]]),
-                                            k, select, spans=spans.cpu())
+                        d = sae_feature_mse(r.reshape(-1, r.shape[-1]), None, spec.sae, ref["idx" + key],
+                                            ref["val" + key], k, select, spans=spans.cpu())
                         out.append(d if factor is None else d * factor.to(d))
                 if ref_model is not None:
                     rh = body_hidden(ref_model, batch, device)

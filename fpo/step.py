@@ -2,7 +2,7 @@
 
 PolicyStats wraps the policy so that everything touching its weights (body, lm head, SAE constraint, and TDPO's
 reference when it is the policy with its LoRA adapters off) runs inside one forward, as DDP and FSDP need;
-compute_loss maps a method to its loss on those statistics and the reference side.
+compute_loss gives the run's loss on those statistics and the reference side (fpo_kernels.losses.preference_loss).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch.profiler import record_function
 from fpo_kernels import sae_feature_mse, sequence_logprobs, sequence_logprobs_kl
 
 from .config import TrainConfig
-from .losses import LOSSES
+from .losses import preference_loss
 from .model import ResidualCapture, final_softcap, lm_head
 from .packing import body_hidden
 
@@ -91,23 +91,7 @@ class PolicyStats(nn.Module):
         return out
 
 
-def _split(t, P):
-    return t[:P], t[P:]
-
-
-def compute_loss(cfg: TrainConfig, stats: dict, ref: dict | None, P: int):
-    """(losses [P], metrics) for one micro-batch from policy statistics and reference values."""
-    beta = cfg.beta_value
-    sw, sl = _split(stats["logp_sum"], P)
-    aw, al = _split(stats["logp_mean"], P)
-    m = cfg.method
-    if m == "simpo":
-        return LOSSES[m](aw, al, beta, cfg.gamma)
-    if m == "dpo":
-        return LOSSES[m](sw, sl, ref["chosen_logp_sum"], ref["rejected_logp_sum"], beta)
-    if m == "fpo":
-        dw, dl = _split(stats["d"], P)
-        return LOSSES[m](aw, al, ref["chosen_logp_mean"], ref["rejected_logp_mean"], dw, dl, beta, cfg.alpha)
-    kw, kl = _split(stats["kl"], P)
-    return LOSSES[m](sw, sl, ref["chosen_logp_sum"], ref["rejected_logp_sum"], kw, kl, beta, cfg.alpha,
-                     variant=1 if m == "tdpo1" else 2)
+def compute_loss(cfg: TrainConfig, stats: dict, reference: dict | None):
+    """(losses [P], metrics) of one micro-batch: the policy's statistics and the reference's, both in the [2P]
+    layout (chosen first), through the one loss adapter with the run's hyperparameters."""
+    return preference_loss(cfg.method, stats, reference, beta=cfg.beta_value, alpha=cfg.alpha, gamma=cfg.gamma)

@@ -38,7 +38,7 @@ from .run_dir import (check_resumable, checkpoints, claim_output_dir, find_check
                       write_folder, written)
 from .run_log import RunLog
 from .sae import load_saes
-from .step import PolicyStats, _split, compute_loss
+from .step import PolicyStats, compute_loss
 
 __all__ = ["train", "PolicyStats", "Trainer", "NonFiniteLossError"]
 
@@ -59,6 +59,15 @@ class Trainer:
             raise
 
     def _build(self, cfg: TrainConfig, log):
+        self._setup(cfg, log)
+        self._load_policy(cfg)
+        self._load_reference(cfg)
+        self._load_data(cfg)
+        self._build_step(cfg)
+        self._log_packing()
+
+    def _setup(self, cfg: TrainConfig, log):
+        """Device, precision, the output directory claimed, the checkpoint to resume, the batch arithmetic."""
         self.cfg = cfg
         self.rank, self.world, dist_dev = dist_utils.init()
         self.device = resolve_device(cfg.device) if cfg.device else (dist_dev or resolve_device())
@@ -81,6 +90,8 @@ class Trainer:
         self.pairs_per_rank = cfg.batch_size // self.world
         torch.manual_seed(cfg.seed)
 
+    def _load_policy(self, cfg: TrainConfig):
+        """The tokenizer and the policy (LoRA adapters on a frozen base, activation checkpointing)."""
         self.tokenizer = load_tokenizer(cfg.model)
         # LoRA: the base weights are frozen (bf16 under any bf16 policy); the adapters get the trained dtype
         model = load_model_for_layout(cfg.model, self.precision.frozen_dtype if cfg.lora_r else self.precision.param_dtype,
@@ -97,7 +108,8 @@ class Trainer:
         self.model = model
         self.row_scale = attention_length_scale(model)   # packed micro-batches as one stream (FlexAttention) or rows
 
-        # the reference side
+    def _load_reference(self, cfg: TrainConfig):
+        """The reference side: the cache and its SAEs (fpo, dpo), or TDPO's online reference model."""
         self.cache = None
         if cfg.cache:  # TrainConfig requires one for fpo and dpo
             self.cache = ReferenceCache(cfg.cache)
@@ -113,7 +125,7 @@ class Trainer:
             if len(self.saes) == 1 and self.saes[0].layer is None:   # one SAE, its layer from the cache
                 self.saes[0].layer = self.cache.meta.get("layer")
             for spec in self.saes:
-                check_sae_fits(model, spec.sae, spec.layer)
+                check_sae_fits(self.model, spec.sae, spec.layer)
                 self.sae_keys.append(self.cache.find_sae(spec.sae.fingerprint(), spec.layer, spec.name)["key"])
             if cfg.k > self.cache.K:
                 raise ValueError(f"k ({cfg.k}) exceeds the cache's K ({self.cache.K}): " + (
@@ -121,7 +133,8 @@ class Trainer:
                     "selected features outside the cached top-K would count as 0 for the reference and inflate D "
                     "many times over") + f"; rebuild the cache with --K >= {cfg.k} or lower k")
         # constraint_norm "ref": each SAE's D divided by its recorded reference feature scale
-        scales = [self.cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" else 1.0 for key in self.sae_keys]
+        self.sae_scales = [self.cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" else 1.0
+                           for key in self.sae_keys]
         self.ref_model = None
         self.reference_is_base = cfg.method.startswith("tdpo") and not cfg.reference_model and self.peft_model is not None
         if self.reference_is_base:
@@ -129,21 +142,23 @@ class Trainer:
         elif cfg.method.startswith("tdpo"):
             # frozen: bf16 weights under any bf16 policy (no master copy), the forward under the run's autocast
             self.ref_model = load_model_for_layout(cfg.reference_model or cfg.model, self.precision.frozen_dtype,
-                                                   self.device, cfg.packing, model.config._attn_implementation,
+                                                   self.device, cfg.packing, self.model.config._attn_implementation,
                                                    self.log).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
-            if final_softcap(self.ref_model) != final_softcap(model):
+            if final_softcap(self.ref_model) != final_softcap(self.model):
                 raise ValueError(f"reference_model's final logit softcap {final_softcap(self.ref_model)} differs from "
-                                 f"the policy's {final_softcap(model)}: TDPO's fused KL applies one softcap to both")
+                                 f"the policy's {final_softcap(self.model)}: TDPO's fused KL applies one softcap to both")
 
+    def _load_data(self, cfg: TrainConfig):
+        """The tokenised pairs, checked against the cache, and the number of steps."""
         pairs = load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=self.log, split=cfg.split)
         self.items = tokenize_pairs(pairs, self.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.max_tokens,
                                     log=self.log)
         if self.cache is not None:
             # the cache must come from this model's weights, not only its architecture
             self.cache.verify(
-                model={"config": config_fingerprint(model), "weights_bf16": self._weights_bf16},
+                model={"config": config_fingerprint(self.model), "weights_bf16": self._weights_bf16},
                 tokenizer=tokenizer_fingerprint(self.tokenizer),
                 max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
             self.cache.check_rows(self.items)
@@ -154,8 +169,11 @@ class Trainer:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
-        self.policy = PolicyStats(model, k=cfg.k, select=cfg.select,
-                                  saes=[(x.sae, x.layer, x.weight, sc) for x, sc in zip(self.saes, scales)],
+    def _build_step(self, cfg: TrainConfig):
+        """What one step runs: the policy's statistics (wrapped for DDP / FSDP), the optimizer and schedule, and
+        the state of a resumed run."""
+        self.policy = PolicyStats(self.model, k=cfg.k, select=cfg.select,
+                                  saes=[(x.sae, x.layer, x.weight, sc) for x, sc in zip(self.saes, self.sae_scales)],
                                   autocast=self.precision.autocast,
                                   adapters_off=self.peft_model.disable_adapter if self.peft_model is not None else None)
         if self._resume_from is not None and self.peft_model is not None:   # before any sharding: plain tensors
@@ -171,7 +189,6 @@ class Trainer:
         if self._resume_from is not None:
             self._load_checkpoint(self._resume_from, self._resume_state)
             self._resume_state = None
-        self._log_packing()
 
     def _log_precision(self, params):
         """Say once what the precision policy costs a parameter; under bf16-pure, warn when the learning rate is
@@ -259,38 +276,32 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------
     def _reference(self, batch):
-        ref = {}
-        if self.cache is not None:
-            ref = self.cache.lookup(batch["ids"], batch["row_hash"], self.device)
+        """(the reference's cached statistics in the [2P] layout or None, what the policy forward takes of the
+        reference side): the cached features (fpo), TDPO's reference body on the same layout (its log-probs
+        then come with the KL, from one pass over both models' logits), or the policy with its adapters off."""
+        reference = None if self.cache is None else self.cache.reference(batch["ids"], batch["row_hash"], self.device)
+        if self.cfg.method == "fpo":
+            return reference, dict(ref_features=[(reference["idx" + key], reference["val" + key])
+                                                 for key in self.sae_keys])
         if self.ref_model is not None:
-            # the reference body only, on the same layout: its log-probs come with the KL, from one pass over
-            # both models' logits
             with torch.no_grad(), self.precision.autocast(self.device):
                 rh = body_hidden(self.ref_model, batch, self.device)
             rw, rb = lm_head(self.ref_model)
-            ref.update(_hidden=rh, _weight=rw.detach(), _bias=None if rb is None else rb.detach())
-        return ref
+            return reference, dict(ref_hidden=rh, ref_weight=rw.detach(), ref_bias=None if rb is None else rb.detach())
+        if self.reference_is_base:
+            return reference, dict(reference_without_adapters=True)
+        return reference, {}
 
     def _losses(self, items):
         """(losses [P], metrics, batch) of one micro-batch: the policy forward and the reference side."""
         cfg = self.cfg
         batch = collate(items, cfg.packing, self.tokenizer.pad_token_id, self.row_scale)
         batch["spans"], batch["d_factor"] = pooling_rows(batch, items, cfg.pooling)
-        P = len(items)
-        ref = self._reference(batch)
-        kw = {}
-        if cfg.method == "fpo":
-            kw = dict(ref_features=[(torch.cat([ref["chosen_idx" + key], ref["rejected_idx" + key]]),
-                                     torch.cat([ref["chosen_val" + key], ref["rejected_val" + key]]))
-                                    for key in self.sae_keys])
-        if self.ref_model is not None:
-            kw = dict(ref_hidden=ref.pop("_hidden"), ref_weight=ref.pop("_weight"), ref_bias=ref.pop("_bias"))
-        if self.reference_is_base:
-            kw = dict(reference_without_adapters=True)
+        reference, kw = self._reference(batch)
         stats = self.wrapped(batch, **kw)
-        if "ref_logp_sum" in stats:
-            ref.update(zip(("chosen_logp_sum", "rejected_logp_sum"), _split(stats["ref_logp_sum"], P)))
-        losses, metrics = compute_loss(cfg, stats, ref, P)
+        if "ref_logp_sum" in stats:   # TDPO: the reference's log-probs came with the KL
+            reference = {"logp_sum": stats["ref_logp_sum"]}
+        losses, metrics = compute_loss(cfg, stats, reference)
         return losses, metrics, batch
 
     def train_step(self, step):

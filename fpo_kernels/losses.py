@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DPO_LOSS_TYPES", "check_dpo_options", "dpo_loss", "simpo_loss", "tdpo_loss", "fpo_loss", "LOSSES", "constraint_share", "MARGIN_FLOOR"]
+__all__ = ["DPO_LOSS_TYPES", "check_dpo_options", "dpo_loss", "simpo_loss", "tdpo_loss", "fpo_loss", "LOSSES", "METHODS", "preference_loss", "constraint_share", "MARGIN_FLOOR"]
 
 
 def _metrics(reward_w, reward_l, **extra):
@@ -135,3 +135,44 @@ def fpo_loss(mean_logp_w, mean_logp_l, ref_mean_logp_w, ref_mean_logp_l, d_w, d_
 
 
 LOSSES = {"dpo": dpo_loss, "simpo": simpo_loss, "tdpo1": tdpo_loss, "tdpo2": tdpo_loss, "fpo": fpo_loss}
+METHODS = tuple(LOSSES)
+_NEEDS = {"simpo": (), "dpo": (), "fpo": ("d",), "tdpo1": ("kl",), "tdpo2": ("kl",)}   # beyond the log-probs
+
+
+def preference_loss(method: str, stats: dict, reference: dict | None = None, *, beta: float, alpha: float = 0.5,
+                    gamma: float = 0.5, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
+                    discopop_tau: float = 0.05, average_log_prob: bool | None = None):
+    """(losses [P], metrics) of P pairs: the one place that maps a method to its loss, for the trainer, the
+    FusedLinear*Loss modules, the TRL trainers and the benchmarks.
+
+    stats: the policy's per-sequence statistics in the [2P] layout, chosen first (what the kernels return):
+    "logp_sum" and / or "logp_mean" [2P], and "d" (fpo: the SAE constraint, already divided by any scale) or
+    "kl" (tdpo1, tdpo2). reference: the reference's, the same layout: "logp_sum" (dpo, tdpo1, tdpo2) or
+    "logp_mean" (fpo; dpo with average_log_prob), from the cache or computed online; None for simpo.
+    average_log_prob: the margin on mean (True) or summed (False) log-probs; None: the method's own (simpo and
+    fpo mean, dpo and tdpo summed). beta, alpha (fpo, tdpo2), gamma (simpo), label_smoothing, loss_type and
+    discopop_tau (dpo) as the losses above take them."""
+    if method not in LOSSES:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    mean = method in ("simpo", "fpo") if average_log_prob is None else average_log_prob
+    key = "logp_mean" if mean else "logp_sum"
+    for name in (key,) + _NEEDS[method]:
+        if name not in stats:
+            raise ValueError(f"method {method}: stats has no {name!r} (the policy's [2P] statistics)")
+    if method != "simpo" and (reference is None or key not in reference):
+        raise ValueError(f"method {method}: the reference's {key!r} [2P] is missing")
+    P = stats[key].shape[0] // 2
+
+    def pair(t):   # [2P] -> chosen [P], rejected [P]
+        if t.shape[0] != 2 * P:
+            raise ValueError(f"per-sequence statistics must be [2P] = [{2 * P}], chosen first; got {tuple(t.shape)}")
+        return t[:P], t[P:]
+    w, l = pair(stats[key])
+    if method == "simpo":
+        return simpo_loss(w, l, beta, gamma, label_smoothing)
+    rw, rl = pair(reference[key])
+    if method == "dpo":
+        return dpo_loss(w, l, rw, rl, beta, loss_type, label_smoothing, discopop_tau)
+    if method == "fpo":
+        return fpo_loss(w, l, rw, rl, *pair(stats["d"]), beta, alpha, label_smoothing)
+    return tdpo_loss(w, l, rw, rl, *pair(stats["kl"]), beta, alpha, 1 if method == "tdpo1" else 2, label_smoothing)

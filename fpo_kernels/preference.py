@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .losses import check_dpo_options, dpo_loss, fpo_loss, simpo_loss, tdpo_loss
+from .losses import check_dpo_options, preference_loss
 from .sae_constraint import sae_feature_mse
 from .sequence import sequence_logprobs, sequence_logprobs_kl
 
@@ -134,7 +134,8 @@ class FusedLinearSimPOLoss(_FusedLinearPreference):
         total, mean, count, P, _ = self._stats(lin_weight, _input, target, bias, seq_ids,
                                                allow_empty=not self.average_log_prob)
         logps = mean if self.average_log_prob else total
-        losses, m = simpo_loss(logps[:P], logps[P:], self.beta, self.gamma, self.label_smoothing)
+        losses, m = preference_loss("simpo", {"logp_sum": total, "logp_mean": mean}, beta=self.beta, gamma=self.gamma,
+                                    label_smoothing=self.label_smoothing, average_log_prob=self.average_log_prob)
         nll = self._nll(total, count, P, self.compute_nll_loss)
         return self._finish(losses, m, lin_weight, bias, _input, logps[:P], logps[P:], P, nll, self.alpha)
 
@@ -161,7 +162,7 @@ class FusedLinearDPOLoss(_FusedLinearPreference):
                                                   allow_empty=not self.average_log_prob)
         logps = mean if self.average_log_prob else total
         if not self.use_ref_model:
-            ref_w = ref_l = torch.zeros(P, device=total.device)
+            ref = torch.zeros(2 * P, device=total.device)
         elif ref_input is not None or ref_weight is not None:
             if ref_input is None or ref_weight is None:
                 raise ValueError("an online reference needs both ref_input (its hidden states) and ref_weight (its lm head)")
@@ -175,15 +176,16 @@ class FusedLinearDPOLoss(_FusedLinearPreference):
                                               bias=None if ref_bias is None else ref_bias.detach(),
                                               chunk_size=self.token_chunk_size, rows=idx, labels=labels, seq_ids=seq,
                                               num_seqs=S)
-            ref = rm if self.average_log_prob else rt
-            ref_w, ref_l = ref[:P].float(), ref[P:].float()
+            ref = (rm if self.average_log_prob else rt).float()
         elif ref_chosen_logps is not None or ref_rejected_logps is not None:
-            ref_w, ref_l = _reference_pair(ref_chosen_logps, ref_rejected_logps, P, total)
+            ref = torch.cat(_reference_pair(ref_chosen_logps, ref_rejected_logps, P, total))
         else:
             raise ValueError("use_ref_model: pass the reference as ref_input and ref_weight (online), or as "
                              "ref_chosen_logps and ref_rejected_logps (precomputed); or use_ref_model=False")
-        losses, m = dpo_loss(logps[:P], logps[P:], ref_w, ref_l, self.beta, self.loss_type, self.label_smoothing,
-                             self.discopop_tau)
+        key = "logp_mean" if self.average_log_prob else "logp_sum"
+        losses, m = preference_loss("dpo", {"logp_sum": total, "logp_mean": mean}, {key: ref}, beta=self.beta,
+                                    label_smoothing=self.label_smoothing, loss_type=self.loss_type,
+                                    discopop_tau=self.discopop_tau, average_log_prob=self.average_log_prob)
         nll = self._nll(total, count, P, self.compute_nll_loss)
         return self._finish(losses, m, lin_weight, bias, _input, logps[:P], logps[P:], P, nll, self.alpha)
 
@@ -213,8 +215,8 @@ class FusedLinearTDPOLoss(_FusedLinearPreference):
             ref_bias=None if ref_bias is None else ref_bias.detach(), chunk_size=self.token_chunk_size, rows=rows,
             labels=labels, seq_ids=seq, num_seqs=S)
         P = S // 2
-        losses, m = tdpo_loss(total[:P], total[P:], ref_total[:P], ref_total[P:], kl[:P], kl[P:], self.beta,
-                              self.alpha, self.variant, self.label_smoothing)
+        losses, m = preference_loss(f"tdpo{self.variant}", {"logp_sum": total, "kl": kl}, {"logp_sum": ref_total},
+                                    beta=self.beta, alpha=self.alpha, label_smoothing=self.label_smoothing)
         return self._finish(losses, m, lin_weight, bias, _input, total[:P], total[P:], P)
 
 
@@ -239,9 +241,10 @@ class FusedLinearFPOLoss(_FusedLinearPreference):
         _, mean, _, P, _ = self._stats(lin_weight, _input, target, bias, seq_ids)
         if sae_hidden.shape[0] != 2 * P:
             raise ValueError(f"sae_hidden holds {sae_hidden.shape[0]} sequences, the batch {2 * P}")
-        ref_w, ref_l = _reference_pair(ref_chosen_logps, ref_rejected_logps, P, mean)
+        ref = torch.cat(_reference_pair(ref_chosen_logps, ref_rejected_logps, P, mean))
         d = sae_feature_mse(sae_hidden, sae_mask, self.sae, ref_indices, ref_values, self.k, self.select) / self.d_scale
-        losses, m = fpo_loss(mean[:P], mean[P:], ref_w, ref_l, d[:P], d[P:], self.beta, self.alpha, self.label_smoothing)
+        losses, m = preference_loss("fpo", {"logp_mean": mean, "d": d}, {"logp_mean": ref}, beta=self.beta,
+                                    alpha=self.alpha, label_smoothing=self.label_smoothing)
         return self._finish(losses, m, lin_weight, bias, _input, mean[:P], mean[P:], P)
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fpo.losses import LOSSES, dpo_loss, fpo_loss, simpo_loss, tdpo_loss
+from fpo.losses import LOSSES, dpo_loss, fpo_loss, preference_loss, simpo_loss, tdpo_loss
 from fpo_kernels.losses import MARGIN_FLOOR, constraint_share
 
 
@@ -118,3 +118,48 @@ def test_label_smoothing_is_the_conservative_sigmoid_on_each_margin():
         u = beta * ((aw - rw) - (al - rl)) - term
         got, _ = tdpo_loss(aw, al, rw, rl, kw, kl, beta, alpha, variant, label_smoothing=eps)
         torch.testing.assert_close(got, -(1 - eps) * F.logsigmoid(u) - eps * F.logsigmoid(-u))
+
+
+def test_preference_loss_is_each_method_on_the_2p_layout():
+    """The one adapter: per-sequence statistics [2P] (chosen first) in, each method's own loss out, with the
+    summed or mean log-probs each method takes and the hyperparameters passed through."""
+    P = 5
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+
+    def r(scale=1.0):
+        return torch.randn(2 * P, generator=g, dtype=torch.float64) * scale
+    stats = {"logp_sum": r(50), "logp_mean": r(), "d": r().abs(), "kl": r().abs()}
+    ref = {"logp_sum": r(50), "logp_mean": r()}
+    w, l = slice(0, P), slice(P, 2 * P)
+    want = {
+        "simpo": simpo_loss(stats["logp_mean"][w], stats["logp_mean"][l], 2.5, 0.7, 0.1),
+        "dpo": dpo_loss(stats["logp_sum"][w], stats["logp_sum"][l], ref["logp_sum"][w], ref["logp_sum"][l], 2.5,
+                        "sigmoid", 0.1),
+        "fpo": fpo_loss(stats["logp_mean"][w], stats["logp_mean"][l], ref["logp_mean"][w], ref["logp_mean"][l],
+                        stats["d"][w], stats["d"][l], 2.5, 0.3, 0.1),
+        "tdpo1": tdpo_loss(stats["logp_sum"][w], stats["logp_sum"][l], ref["logp_sum"][w], ref["logp_sum"][l],
+                           stats["kl"][w], stats["kl"][l], 2.5, 0.3, 1, 0.1),
+        "tdpo2": tdpo_loss(stats["logp_sum"][w], stats["logp_sum"][l], ref["logp_sum"][w], ref["logp_sum"][l],
+                           stats["kl"][w], stats["kl"][l], 2.5, 0.3, 2, 0.1),
+    }
+    for method, (losses, metrics) in want.items():
+        got, got_m = preference_loss(method, stats, None if method == "simpo" else ref, beta=2.5, alpha=0.3,
+                                     gamma=0.7, label_smoothing=0.1)
+        assert torch.equal(got, losses), method
+        assert got_m.keys() == metrics.keys() and all(torch.equal(got_m[k], metrics[k]) for k in metrics)
+    # DPO on mean log-probs (Liger's average_log_prob), hinge
+    got, _ = preference_loss("dpo", stats, ref, beta=0.5, loss_type="hinge", average_log_prob=True)
+    assert torch.equal(got, dpo_loss(stats["logp_mean"][w], stats["logp_mean"][l], ref["logp_mean"][w],
+                                     ref["logp_mean"][l], 0.5, "hinge")[0])
+
+
+def test_preference_loss_refuses_what_a_method_lacks():
+    stats = {"logp_sum": torch.zeros(4), "logp_mean": torch.zeros(4)}
+    with pytest.raises(ValueError, match="method must be one of"):
+        preference_loss("ipo", stats, beta=0.1)
+    with pytest.raises(ValueError, match="stats has no 'd'"):
+        preference_loss("fpo", stats, {"logp_mean": torch.zeros(4)}, beta=0.1)
+    with pytest.raises(ValueError, match="reference's 'logp_sum'"):
+        preference_loss("dpo", stats, None, beta=0.1)
+    with pytest.raises(ValueError, match=r"must be \[2P\] = \[4\]"):
+        preference_loss("dpo", stats, {"logp_sum": torch.zeros(6)}, beta=0.1)

@@ -144,22 +144,19 @@ def _all_method_stats(model_dir, ref_dir, sae, layer, layout, items, pad_id, ref
             p.add_(torch.randn_like(p) * 0.01)     # the policy moved off the reference: non-zero KL and margins
     ref_model = load_model(ref_dir).eval()
     batch = collate(items, layout, pad_id)
-    P = len(items)
     with torch.no_grad():
         ref_hidden = body_hidden(ref_model, batch, "cpu")
     ps = PolicyStats(policy, sae, layer, k=8, select="policy")
     stats = ps(batch, ref_idx, ref_val, ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight.detach())
     ps.remove_hooks()
-    cache = {"chosen_logp_sum": stats["ref_logp_sum"][:P].detach(), "rejected_logp_sum": stats["ref_logp_sum"][P:].detach(),
-             "chosen_logp_mean": (stats["ref_logp_sum"] / stats["len"])[:P].detach(),
-             "rejected_logp_mean": (stats["ref_logp_sum"] / stats["len"])[P:].detach()}
+    cache = {"logp_sum": stats["ref_logp_sum"].detach(), "logp_mean": (stats["ref_logp_sum"] / stats["len"]).detach()}
     named = dict(policy.named_parameters())
     watch = [n for n in named if n.endswith(("layers.0.self_attn.q_proj.weight", "layers.1.mlp.down_proj.weight",
                                              "norm.weight", "embed_tokens.weight"))]
     out = {"stats": {k: v.detach() for k, v in stats.items()}, "loss": {}, "grad": {}}
     for method in ("fpo", "dpo", "simpo", "tdpo1", "tdpo2"):
         cfg = TrainConfig(method=method, model="m", dataset="d", cache="c", sae="s", alpha=50.0 if method == "fpo" else 0.5)
-        losses, _ = compute_loss(cfg, stats, cache, P)
+        losses, _ = compute_loss(cfg, stats, cache)
         grads = torch.autograd.grad(losses.mean(), [named[n] for n in watch], retain_graph=True)
         out["loss"][method] = losses.detach()
         out["grad"][method] = dict(zip(watch, grads))

@@ -170,17 +170,16 @@ def test_alpha_zero_fpo_gradient_is_length_normalised_dpo(tiny, cache, tmp_path)
     items = next(iter(trainer.micro_batches(0)))
     batch = collate_pairs(items, trainer.tokenizer.pad_token_id)
     from fpo.train import compute_loss
-    ref = trainer.cache.lookup(batch["ids"], batch["row_hash"])
-    stats = trainer.policy(batch, torch.cat([ref["chosen_idx"], ref["rejected_idx"]]),
-                           torch.cat([ref["chosen_val"], ref["rejected_val"]]))
-    loss, _ = compute_loss(trainer.cfg, stats, ref, 2)
+    ref = trainer.cache.reference(batch["ids"], batch["row_hash"])     # [2P], chosen first
+    stats = trainer.policy(batch, ref["idx"], ref["val"])
+    loss, _ = compute_loss(trainer.cfg, stats, ref)
     loss.mean().backward()
     g_fpo = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
     trainer.model.zero_grad()
     w = trainer.model.lm_head.weight
     hidden = trainer.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     _, mean, _ = sequence_logprobs(hidden, w, batch["input_ids"], batch["response_mask"])
-    g_ref = ref["chosen_logp_mean"] - ref["rejected_logp_mean"]
+    g_ref = ref["logp_mean"][:2] - ref["logp_mean"][2:]
     want = -torch.nn.functional.logsigmoid(0.1 * ((mean[:2] - mean[2:]) - g_ref))
     want.mean().backward()
     for n, p in trainer.model.named_parameters():
@@ -262,7 +261,7 @@ def test_constraint_norm_ref_divides_d_by_the_recorded_scale(tiny, cache, tmp_pa
     vals = torch.cat([c.data["chosen_val"], c.data["rejected_val"]]).double()[:, :16]
     assert scale == pytest.approx((vals ** 2).mean().item(), rel=1e-6)      # the mean squared top-16 value
     stats = {k: torch.randn(4, dtype=torch.float64) for k in ("logp_sum", "logp_mean")}
-    ref = {k: torch.randn(2, dtype=torch.float64) for k in ("chosen_logp_mean", "rejected_logp_mean")}
+    ref = {"logp_mean": torch.randn(4, dtype=torch.float64)}
     ds = {}
     for norm in ("none", "ref"):   # the same first micro-batch, the same weights: D divided by the scale
         trainer = Trainer(TrainConfig(**_cfg(tiny, cache, tmp_path / norm, constraint_norm=norm)), log=lambda *a: None)
@@ -278,8 +277,8 @@ def test_constraint_norm_ref_divides_d_by_the_recorded_scale(tiny, cache, tmp_pa
         cfg = TrainConfig(**_cfg(tiny, cache, tmp_path, alpha=alpha))
         d = (torch.rand(4, dtype=torch.float64) * 0.01).requires_grad_()
         if alpha == 0.0:   # alpha 0: D, scaled or not, leaves the loss as it is
-            base, _ = compute_loss(cfg, dict(stats, d=d), ref, 2)
-            normed, _ = compute_loss(cfg, dict(stats, d=d / scale), ref, 2)
+            base, _ = compute_loss(cfg, dict(stats, d=d), ref)
+            normed, _ = compute_loss(cfg, dict(stats, d=d / scale), ref)
             assert torch.equal(base, normed)
     out = train(_cfg(tiny, cache, tmp_path, constraint_norm="ref", alpha=2.0), log=lambda *a: None)
     assert out["last"]["constraint_share"] == pytest.approx(out["last"]["constraint_abs"] / out["last"]["margin_abs"])

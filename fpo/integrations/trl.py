@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from fpo_kernels import SAEWeights, pack_topk, sae_feature_mse, sae_pooled_features, sequence_logprobs_kl
-from fpo_kernels.losses import constraint_share, fpo_loss, tdpo_loss
+from fpo_kernels.losses import constraint_share, preference_loss
 
 from ..model import ResidualCapture, decoder_layers, final_softcap, lm_head, run_body
 
@@ -212,8 +212,8 @@ class FPOTrainer(_base()):
         ref_val = torch.cat([inputs["ref_chosen_val"], inputs["ref_rejected_val"]]).to(resid.device)
         d = sae_feature_mse(resid, completion_mask.bool(), self.fpo_sae, ref_idx, ref_val, self.fpo_k,
                             self.fpo_select, check_inputs=False) / self.fpo_d_scale
-        losses, m = fpo_loss(mean[:P], mean[P:], ref_mean[:P], ref_mean[P:], d[:P], d[P:], self.beta, self.fpo_alpha,
-                             self.fpo_label_smoothing)
+        losses, m = preference_loss("fpo", {"logp_mean": mean, "d": d}, {"logp_mean": ref_mean}, beta=self.beta,
+                                    alpha=self.fpo_alpha, label_smoothing=self.fpo_label_smoothing)
         loss = losses.mean()
         gather = self.accelerator.gather_for_metrics
         total = outputs.log_probs[:, -shift.size(1):].sum(1)
@@ -263,9 +263,8 @@ class TDPOTrainer(_base()):
         rw, rb = lm_head(self.ref_model)
         total, _, _, ref_total, kl = sequence_logprobs_kl(hidden, w, ids, mask.bool(), ref_hidden, rw.detach(),
                                                           final_softcap(base), b, None if rb is None else rb.detach())
-        P = total.shape[0] // 2
-        losses, m = tdpo_loss(total[:P], total[P:], ref_total[:P], ref_total[P:], kl[:P], kl[P:], self.beta,
-                              self.tdpo_alpha, self.tdpo_variant, self.tdpo_label_smoothing)
+        losses, m = preference_loss(f"tdpo{self.tdpo_variant}", {"logp_sum": total, "kl": kl}, {"logp_sum": ref_total},
+                                    beta=self.beta, alpha=self.tdpo_alpha, label_smoothing=self.tdpo_label_smoothing)
         log_trl_metrics(self, mode, None, inputs, total, m)   # no logits are formed: no entropy or token accuracy
         for key, value in (("tdpo/kl_chosen", m["kl_chosen"]), ("tdpo/kl_rejected", m["kl_rejected"])):
             self._metrics[mode][key].append(value.detach().float().mean().item())
