@@ -2,8 +2,10 @@
 (SimPO), each with and without Liger's kernels, next to `fpo train` (SimPO, DPO, FPO) on the same pairs, model,
 max_length and pairs per step.
 
-Each run trains in its own process from the same weights, one micro-batch of P pairs per optimizer step, and
-reports: time per pair (median over the steps after the first, and the fastest and slowest of them), tokens
+Each run trains in its own process from the same weights, one micro-batch of P pairs per optimizer step, every
+run taking the pairs in the file's order (TRL's sequential sampler; our trainer's micro-batches set to the same
+slices), so step i holds the same pairs everywhere. Reported: time per pair (median over the steps after the
+first, the fastest and slowest of them, and the timed steps' total), tokens
 through the model body (positions, padding included, and the real tokens among them), and the peak memory of
 the training steps (RSS on the CPU, its high-water mark reset once the run is set up; max allocated on CUDA).
 What a run does before its first step (loading, TRL's reference pass, our reference cache) is not timed: each
@@ -131,7 +133,8 @@ def run_trl(spec, device):
                   optim="adamw_torch", weight_decay=0.0, max_grad_norm=10.0, logging_steps=10**6, save_strategy="no",
                   report_to="none", disable_tqdm=True, seed=0, dataloader_num_workers=0, use_liger_kernel=liger,
                   bf16=device.type == "cuda", use_cpu=device.type == "cpu", max_length=spec["max_length"],
-                  remove_unused_columns=False, gradient_checkpointing=spec["gradient_checkpointing"])
+                  remove_unused_columns=False, gradient_checkpointing=spec["gradient_checkpointing"],
+                  train_sampling_strategy="sequential")   # the file's order: every run steps through the same pairs
     data = Dataset.from_list(_trl_rows(pairs))
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -179,6 +182,9 @@ def run_fpo(spec, device):
         precision="bf16-mixed" if device.type == "cuda" else "fp32", seed=0,
         gradient_checkpointing=spec["gradient_checkpointing"]))
     trainer = Trainer(cfg, log=lambda *a, **k: None)
+    P = spec["pairs_per_step"]
+    # the file's order, as TRL's sequential sampler takes it: every run steps through the same pairs
+    trainer.micro_batches = lambda step, rank=None: [trainer.items[step * P:(step + 1) * P]]
     try:
         counter = BodyTokens(trainer.model)
         step = iter(range(cfg.max_steps))
@@ -205,7 +211,7 @@ def summarise(name, spec, res):
     timed = res["times"][1:] or res["times"]
     per_pair = [t / P for t in timed]
     return {"run": name, "steps": len(res["times"]), "s_per_pair": statistics.median(per_pair),
-            "fastest": min(per_pair), "slowest": max(per_pair),
+            "fastest": min(per_pair), "slowest": max(per_pair), "timed_s": sum(timed),
             "positions_per_pair": res["positions"] / (len(res["times"]) * P),
             "real_tokens_per_pair": res["real_tokens"] / (len(res["times"]) * P), "peak_mb": res["peak_mb"]}
 
@@ -263,13 +269,13 @@ def _precompute(spec, cache, with_sae, log):
     subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
-def main(argv=None):
+def _parser():
     from fpo import assets
-    from benchmarks.common import environment, write_results
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="policy folder (default: the demo model, SmolLM2-135M-Instruct)")
     ap.add_argument("--sae", default=assets.DEMO_SAE, help="SAE for the fpo run (default: the shipped demo SAE)")
-    ap.add_argument("--dataset", default=assets.TRAIN_PAIRS, help="preference pairs (default: the shipped UltraFeedback sample)")
+    ap.add_argument("--dataset", default=assets.TRAIN_PAIRS, help="preference pairs, .jsonl (default: the shipped "
+                    "UltraFeedback sample)")
     ap.add_argument("--pairs", type=int, default=10, help="pairs read from the dataset (default 10)")
     ap.add_argument("--pairs-per-step", type=int, default=2, help="pairs per optimizer step, one micro-batch (default 2)")
     ap.add_argument("--max-length", type=int, default=1024)
@@ -280,71 +286,82 @@ def main(argv=None):
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--out", default=None, help="folder for peers_<device>.json and .md")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker:
-        return worker(args.worker)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    runs = args.runs.split(",") if args.runs else [r for r in RUNS if device == "cuda" or not RUNS[r][2].get("liger")]
-    unknown = [r for r in runs if r not in RUNS]
-    if unknown:
-        ap.error(f"--runs: unknown {unknown}; choose from {list(RUNS)}")
-    if device == "cpu" and any(RUNS[r][2].get("liger") for r in runs):
-        ap.error("--runs: Liger's kernels are Triton kernels and need CUDA; the +liger runs take --device cuda")
-    if args.pairs < args.pairs_per_step * 2:
-        ap.error(f"--pairs ({args.pairs}) must give at least two steps of --pairs-per-step ({args.pairs_per_step})")
-    log = print
-    model = args.model or assets.ensure_demo_model(log)
-    spec = dict(model=model, dataset=args.dataset, sae=args.sae, pairs=args.pairs, pairs_per_step=args.pairs_per_step,
-                steps=args.pairs // args.pairs_per_step, max_length=args.max_length,
-                max_prompt_length=args.max_prompt_length, device=device,
-                gradient_checkpointing=args.gradient_checkpointing == "on")
+    return ap
+
+
+def run_all(spec, runs, source, log):
+    """Every run in its own process on the same pairs (and, for ours, one reference cache built first);
+    returns (rows, pairs passed over for a long prompt)."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-peers-cache-") as tmp:
-        if not args.dataset.endswith(".jsonl"):
-            ap.error("--dataset: a .jsonl file of prompt / chosen / rejected rows")
         spec["dataset"] = os.path.join(tmp, "pairs.jsonl")
-        passed = select_pairs(args.dataset, model, args.pairs, args.max_prompt_length, spec["dataset"])
-        log(f"[bench_peers] {args.pairs} pairs, {passed} passed over for a prompt over {args.max_prompt_length} tokens")
-        if any(RUNS[r][1] in ("dpo", "fpo") and RUNS[r][0] == "fpo" for r in runs):
+        passed = select_pairs(source, spec["model"], spec["pairs"], spec["max_prompt_length"], spec["dataset"])
+        log(f"[bench_peers] {spec['pairs']} pairs, {passed} passed over for a prompt over "
+            f"{spec['max_prompt_length']} tokens")
+        ours = [RUNS[r][1] for r in runs if RUNS[r][0] == "fpo"]
+        if "dpo" in ours or "fpo" in ours:
             spec["cache"] = os.path.join(tmp, "cache")
-            _precompute(spec, spec["cache"], any(RUNS[r][1] == "fpo" and RUNS[r][0] == "fpo" for r in runs), log)
+            _precompute(spec, spec["cache"], "fpo" in ours, log)
         for name in runs:
             rows.append(_launch(name, spec, log))
+    return rows, passed
+
+
+def compare(rows):
+    """Each of our rows' time and memory against its peer's (BASELINE), in place; the TARGETS, judged."""
     by = {r["run"]: r for r in rows}
     for r in rows:
         base = by.get(BASELINE[RUNS[r["run"]][1]])
         if RUNS[r["run"]][0] == "fpo" and base is not None:
-            r["vs"] = base["run"]
-            r["time_ratio"] = r["s_per_pair"] / base["s_per_pair"]
-            r["memory_ratio"] = r["peak_mb"] / base["peak_mb"]
+            r.update(vs=base["run"], time_ratio=r["s_per_pair"] / base["s_per_pair"],
+                     memory_ratio=r["peak_mb"] / base["peak_mb"])
     checks = []
     for (ours, peer, col), limit in TARGETS.items():
         if ours in by and peer in by:
             ratio = by[ours][col] / by[peer][col]
             checks.append({"ours": ours, "peer": peer, "column": col, "ratio": ratio, "target": limit,
                            "met": ratio <= limit})
+    return checks
+
+
+def main(argv=None):
+    from fpo import assets
+    from benchmarks.common import environment, write_results
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    runs = args.runs.split(",") if args.runs else [r for r in RUNS if device == "cuda" or not RUNS[r][2].get("liger")]
+    if [r for r in runs if r not in RUNS]:
+        ap.error(f"--runs: unknown {[r for r in runs if r not in RUNS]}; choose from {list(RUNS)}")
+    if device == "cpu" and any(RUNS[r][2].get("liger") for r in runs):
+        ap.error("--runs: Liger's kernels are Triton kernels and need CUDA; the +liger runs take --device cuda")
+    if args.pairs < args.pairs_per_step * 2:
+        ap.error(f"--pairs ({args.pairs}) must give at least two steps of --pairs-per-step ({args.pairs_per_step})")
+    if not args.dataset.endswith(".jsonl"):
+        ap.error("--dataset: a .jsonl file of prompt / chosen / rejected rows")
+    model = args.model or assets.ensure_demo_model(print)
+    spec = dict(model=model, sae=args.sae, pairs=args.pairs, pairs_per_step=args.pairs_per_step,
+                steps=args.pairs // args.pairs_per_step, max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length, device=device,
+                gradient_checkpointing=args.gradient_checkpointing == "on")
+    rows, passed = run_all(spec, runs, args.dataset, print)
+    checks = compare(rows)
     mem = "peak MB (CUDA alloc)" if device == "cuda" else "peak MB (RSS)"
     columns = [("run", "run", ""), ("s_per_pair", "s / pair", ".3f"), ("fastest", "fastest", ".3f"),
-               ("slowest", "slowest", ".3f"), ("positions_per_pair", "positions / pair", ".0f"),
+               ("slowest", "slowest", ".3f"), ("timed_s", "timed s", ".1f"), ("positions_per_pair", "positions / pair", ".0f"),
                ("real_tokens_per_pair", "real tokens / pair", ".0f"), ("peak_mb", mem, ".0f"),
                ("vs", "vs", ""), ("time_ratio", "time ratio", ".2f"), ("memory_ratio", "memory ratio", ".2f")]
-    env = environment()
-    env.update(_versions())
     notes = (f"{os.path.basename(model.rstrip('/'))}, the first {args.pairs} pairs of {os.path.basename(args.dataset)} "
-             f"whose prompt fits (passed over: {passed}), "
-             f"{args.pairs_per_step} pairs per step, max_length {args.max_length} (prompt {args.max_prompt_length}), "
-             f"activation checkpointing {args.gradient_checkpointing}, "
-             f"{device}. Targets: " + "; ".join(
+             f"whose prompt fits (passed over: {passed}), {args.pairs_per_step} pairs per step, max_length "
+             f"{args.max_length} (prompt {args.max_prompt_length}), activation checkpointing "
+             f"{args.gradient_checkpointing}, {device}. Targets: " + "; ".join(
                  f"{c['ours']} / {c['peer']} {c['column']} {c['ratio']:.2f} (<= {c['target']}: "
                  f"{'met' if c['met'] else 'missed'})" for c in checks))
     name = f"peers_{device}" + ("" if spec["gradient_checkpointing"] else "_no_ckpt")
-    write_results(name, rows, env, args.out, notes=notes, columns=columns)
-    if args.out:
-        with open(os.path.join(args.out, f"{name}.json")) as f:
-            doc = json.load(f)
-        doc["settings"], doc["targets"] = dict(spec, dataset=args.dataset, cache=None), checks
-        from fpo.files import atomic_write_json
-        atomic_write_json(os.path.join(args.out, f"{name}.json"), doc)
+    write_results(name, rows, {**environment(), **_versions()}, args.out, notes=notes, columns=columns,
+                  extra={"settings": dict(spec, dataset=args.dataset, cache=None), "targets": checks})
     return rows, checks
 
 

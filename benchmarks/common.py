@@ -72,8 +72,9 @@ def peak_extra_mb(fn) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def write_results(name: str, rows: list[dict], env: dict, out_dir: str | None, notes: str = "", columns=None):
-    """rows -> stdout table, and <out_dir>/<name>.json + .md when out_dir is given."""
+def write_results(name: str, rows: list[dict], env: dict, out_dir: str | None, notes: str = "", columns=None,
+                  extra: dict | None = None):
+    """rows -> stdout table, and <out_dir>/<name>.json (with extra's keys) + .md when out_dir is given."""
     from fpo.files import atomic_write_json, atomic_write_text
     from fpo.tables import format_table
     def fmt(key):
@@ -87,6 +88,7 @@ def write_results(name: str, rows: list[dict], env: dict, out_dir: str | None, n
         print(notes)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        atomic_write_json(os.path.join(out_dir, f"{name}.json"), {"environment": env, "rows": rows, "notes": notes})
+        atomic_write_json(os.path.join(out_dir, f"{name}.json"),
+                          {"environment": env, "rows": rows, "notes": notes, **(extra or {})})
         atomic_write_text(os.path.join(out_dir, f"{name}.md"), f"# {name}\n\n{header}\n\n```\n{table}\n```\n\n{notes}\n")
     return table
