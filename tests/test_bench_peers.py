@@ -43,3 +43,5 @@ def test_runs_do_equal_work_on_the_tiny_model(tiny, tmp_path):
     assert doc["settings"]["max_length"] == 128 and doc["settings"]["gradient_checkpointing"] is True
     assert [c["ours"] for c in doc["targets"]] == [c["ours"] for c in checks]
     assert doc["environment"]["trl"]
+    _, again = bench_peers.main(["--report", str(out / "peers_cpu.json")])   # the table again, from the rows
+    assert again == checks
