@@ -9,19 +9,21 @@ from benchmarks import bench_peers
 
 
 def test_compare_judges_each_row_against_its_peer():
-    rows = [{"run": "trl-simpo", "s_per_pair": 10.0, "peak_mb": 1000.0},
-            {"run": "fpo-simpo", "s_per_pair": 5.0, "peak_mb": 900.0},
-            {"run": "fpo-fpo", "s_per_pair": 7.0, "peak_mb": 950.0},
-            {"run": "trl-dpo", "s_per_pair": 8.0, "peak_mb": 1200.0},
-            {"run": "fpo-dpo", "s_per_pair": 4.0, "peak_mb": 600.0}]
+    rows = [{"run": "trl-simpo", "s_per_pair": 10.0, "timed_s": 100.0, "peak_mb": 1000.0},
+            {"run": "fpo-simpo", "s_per_pair": 5.0, "timed_s": 70.0, "peak_mb": 900.0},
+            {"run": "fpo-fpo", "s_per_pair": 7.0, "timed_s": 60.0, "peak_mb": 950.0},
+            {"run": "trl-dpo", "s_per_pair": 8.0, "timed_s": 80.0, "peak_mb": 1200.0},
+            {"run": "fpo-dpo", "s_per_pair": 4.0, "timed_s": 20.0, "peak_mb": 600.0}]
     checks = {(c["ours"], c["column"]): c for c in bench_peers.compare(rows)}
     by = {r["run"]: r for r in rows}
     assert by["fpo-dpo"]["vs"] == "trl-dpo" and by["fpo-dpo"]["time_ratio"] == pytest.approx(0.5)
+    assert by["fpo-dpo"]["total_ratio"] == pytest.approx(0.25)
     assert by["fpo-fpo"]["vs"] == "trl-simpo" and by["fpo-fpo"]["memory_ratio"] == pytest.approx(0.95)
     assert "vs" not in by["trl-simpo"]
     assert checks[("fpo-simpo", "s_per_pair")]["met"] and checks[("fpo-simpo", "s_per_pair")]["ratio"] == 0.5
     assert not checks[("fpo-simpo", "peak_mb")]["met"]                       # 0.9 > 0.8
     assert not checks[("fpo-fpo", "s_per_pair")]["met"]                      # 0.7 > 0.65
+    assert not checks[("fpo-simpo", "timed_s")]["met"] and checks[("fpo-fpo", "timed_s")]["met"]   # 0.7; 0.6
 
 
 @pytest.mark.usefixtures("no_interpreter")
