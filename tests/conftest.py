@@ -13,6 +13,10 @@ if not _HAS_CUDA:
 
 import torch  # noqa: E402
 
+# the kernels are decorated when fpo_kernels is first imported, as TRITON_INTERPRET says then: import it here, so
+# that a test run under no_interpreter importing it first cannot leave compiled-only kernels for the others
+import fpo_kernels  # noqa: E402,F401
+
 DEVICE = "cuda" if _HAS_CUDA else "cpu"
 
 # One tolerance table per dtype, for outputs compared with a float64 reference: (atol, rtol).
