@@ -15,7 +15,7 @@ def _add_config_flags(p, config_class):
     are None, so the config's own defaults (or a --config file's values) apply."""
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
-        flag = "--" + (f.metadata.get("flag") or f.name.replace("_", "-"))
+        flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         kinds = typing.get_args(hint) or (hint,)
         base = next((t for t in kinds if t not in (type(None), list)), str)

@@ -21,11 +21,11 @@ ATTENTION = ("sdpa", "eager", "flex_attention")
 _DEFAULT_BETA = {"fpo": 0.1, "dpo": 0.1, "simpo": 2.0, "tdpo1": 0.1, "tdpo2": 0.1}
 
 
-def _key(default, help, choices=None, low=None, low_open=False, high=None, required=False, flag=None):
+def _key(default, help, choices=None, low=None, low_open=False, high=None, required=False):
     """A config key: its default, its help text (shown by `fpo <command> --help`), its allowed values or range;
-    required: a flag the command cannot run without; flag: the flag's name when it is not the key's."""
+    required: a flag the command cannot run without."""
     return field(default=default, metadata=dict(help=help, choices=choices, low=low, low_open=low_open, high=high,
-                                                required=required, flag=flag))
+                                                required=required))
 
 
 # help texts the three commands share
