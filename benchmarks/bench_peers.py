@@ -94,10 +94,12 @@ class BodyTokens:
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
         self.positions += ids.numel()
-        self.real += int(mask.sum()) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else ids.numel()
+        # summed on the device, read after the steps: no host sync inside a timed step
+        self.real = self.real + (mask.sum() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else ids.numel())
 
     def remove(self):
         self._h.remove()
+        self.real = int(self.real)
 
 
 def _timed_steps(step_fn, n_steps, device):

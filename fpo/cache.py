@@ -19,10 +19,10 @@ import os
 
 import torch
 
-from .files import atomic_write_json, atomic_write_text, sha256_of, temp_dir, temp_file  # noqa: F401  (re-exported)
+from .files import atomic_write_text, sha256_of, temp_file
 
-__all__ = ["ReferenceCache", "CacheMismatchError", "FORMAT_VERSION", "write_shard", "shard_name", "atomic_write_json",
-           "atomic_write_text", "recorded_checksum", "temp_file", "temp_dir", "is_cache_file"]
+__all__ = ["ReferenceCache", "CacheMismatchError", "FORMAT_VERSION", "write_shard", "shard_name", "recorded_checksum",
+           "is_cache_file"]
 
 FORMAT_VERSION = 1
 

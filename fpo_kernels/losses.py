@@ -163,16 +163,18 @@ def preference_loss(method: str, stats: dict, reference: dict | None = None, *, 
         raise ValueError(f"method {method}: the reference's {key!r} [2P] is missing")
     P = stats[key].shape[0] // 2
 
-    def pair(t):   # [2P] -> chosen [P], rejected [P]
+    def pair(where, name):   # [2P] -> chosen [P], rejected [P]
+        t = where[name]
         if t.shape[0] != 2 * P:
-            raise ValueError(f"per-sequence statistics must be [2P] = [{2 * P}], chosen first; got {tuple(t.shape)}")
+            side = "stats" if where is stats else "reference"
+            raise ValueError(f"{side}[{name!r}] must be [2P] = [{2 * P}], chosen first; got {tuple(t.shape)}")
         return t[:P], t[P:]
-    w, l = pair(stats[key])
+    w, l = pair(stats, key)
     if method == "simpo":
         return simpo_loss(w, l, beta, gamma, label_smoothing)
-    rw, rl = pair(reference[key])
+    rw, rl = pair(reference, key)
     if method == "dpo":
         return dpo_loss(w, l, rw, rl, beta, loss_type, label_smoothing, discopop_tau)
     if method == "fpo":
-        return fpo_loss(w, l, rw, rl, *pair(stats["d"]), beta, alpha, label_smoothing)
-    return tdpo_loss(w, l, rw, rl, *pair(stats["kl"]), beta, alpha, 1 if method == "tdpo1" else 2, label_smoothing)
+        return fpo_loss(w, l, rw, rl, *pair(stats, "d"), beta, alpha, label_smoothing)
+    return tdpo_loss(w, l, rw, rl, *pair(stats, "kl"), beta, alpha, 1 if method == "tdpo1" else 2, label_smoothing)

@@ -161,5 +161,5 @@ def test_preference_loss_refuses_what_a_method_lacks():
         preference_loss("fpo", stats, {"logp_mean": torch.zeros(4)}, beta=0.1)
     with pytest.raises(ValueError, match="reference's 'logp_sum'"):
         preference_loss("dpo", stats, None, beta=0.1)
-    with pytest.raises(ValueError, match=r"must be \[2P\] = \[4\]"):
+    with pytest.raises(ValueError, match=r"reference\['logp_sum'\] must be \[2P\] = \[4\]"):
         preference_loss("dpo", stats, {"logp_sum": torch.zeros(6)}, beta=0.1)
