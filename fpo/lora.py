@@ -15,7 +15,7 @@ import warnings
 import torch
 
 __all__ = ["add_adapters", "adapter_weights", "load_adapter_weights", "merged_weights", "save_adapter_config",
-           "ADAPTER_WEIGHTS"]
+           "describe_lora", "ADAPTER_WEIGHTS"]
 
 ADAPTER = "default"                              # peft's adapter name
 ADAPTER_WEIGHTS = "adapter_model.safetensors"    # peft's file names
@@ -108,3 +108,13 @@ def save_adapter_config(peft_model, folder: str, base: str):
         config.save_pretrained(folder)
     finally:
         config.base_model_name_or_path = saved
+
+
+def describe_lora(cfg, trained, all_params, precision) -> str:
+    """The line a LoRA run logs once: the adapters' size against the model's (under FSDP: this rank's shards)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in trained]
+    n = sum(p.numel() for p in local)
+    total = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in all_params)
+    return (f"[fpo] LoRA r={cfg.lora_r}, alpha {cfg.lora_alpha_value:g} on {cfg.lora_target_modules}: "
+            f"{n / 1e6:.2f}M trainable of {total / 1e6:.1f}M parameters ({n / total:.2%}); the base weights "
+            f"are frozen in {str(precision.frozen_dtype).removeprefix('torch.')}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["PRECISIONS", "OPTIMIZERS", "Precision", "resolve_precision", "make_optimizer", "updates_round_away",
-           "SAVE_DTYPES"]
+           "describe_precision", "SAVE_DTYPES"]
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-compensated", "bf16-pure")
 OPTIMIZERS = ("adam", "adamw", "rmsprop")
@@ -111,3 +111,28 @@ def updates_round_away(params, lr: float, dtype=torch.bfloat16) -> tuple[bool, f
     median = torch.cat(sample).median().item()
     spacing = torch.finfo(dtype).eps   # between 1 and the next value: 2^-7 for bf16; half of it rounds away
     return lr < spacing / 2 * median, median
+
+
+def _local(p):
+    return p.to_local() if hasattr(p, "to_local") else p   # FSDP: this rank's shard
+
+
+def describe_precision(prec: Precision, params, optimizer: str, lr: float, trained: str = "") -> list[str]:
+    """What the precision policy costs the trained parameters (under FSDP: this rank's shards), and under
+    bf16-pure a warning when lr is below the bf16 resolution of the typical weight (most updates would round
+    away). The lines a run logs once."""
+    params = [_local(p) for p in params]
+    n = sum(p.numel() for p in params)
+    per = prec.bytes_per_parameter(optimizer)
+    lines = [f"[fpo] precision {prec.name}: {str(prec.param_dtype).removeprefix('torch.')} weights, gradients and "
+             f"optimizer states{' with a Kahan compensation' if prec.name == 'bf16-compensated' else ''}"
+             f"{', forward under bf16 autocast' if prec.autocast_dtype else ''}: {per} bytes x {n / 1e6:.{1 if n >= 1e6 else 3}f}M "
+             f"{trained}parameters = {per * n / 2**30:.{2 if per * n >= 2**28 else 4}f} GiB before activations"]
+    if prec.name == "bf16-pure":
+        low, median = updates_round_away(params, lr)
+        if low:
+            lines.append(f"[fpo] warning: precision bf16-pure at lr {lr:g}: a bf16 weight of the median size "
+                         f"{median:.3g} moves only in steps of about {median * 2 ** -8:.2g} (2^-8 of it), so most Adam "
+                         "updates round away and the policy barely trains; use --precision bf16-mixed (fp32 master "
+                         "weights) or bf16-compensated (bf16 weights with Kahan-summed updates)")
+    return lines

@@ -1,22 +1,24 @@
 """A run's directory: claiming it (one run per directory, never another run's files), its checkpoints
-(written whole or not at all, with checksums) and reading one back to resume (only safe types, only the same
-run)."""
+(written whole or not at all, with checksums; `Checkpointer` saves and restores a run's model, optimizer,
+scheduler and RNG) and reading one back to resume (only safe types, only the same run)."""
 from __future__ import annotations
 
 import dataclasses
 import errno
 import json
 import os
+import random
 import shutil
 
 import torch
 
+from . import distributed as dist_utils
 from .files import atomic_write_json, sha256_of, temp_dir
 from .config import RESUMABLE_CHANGES
 from .locking import DirectoryLock
-from .lora import ADAPTER_WEIGHTS
+from .lora import ADAPTER_WEIGHTS, adapter_weights, load_adapter_weights, merged_weights, save_adapter_config
 
-__all__ = ["RUN_FILES", "CHECKSUMS", "claim_output_dir", "checkpoints", "find_checkpoint", "read_state",
+__all__ = ["RUN_FILES", "CHECKSUMS", "Checkpointer", "load_adapters", "claim_output_dir", "checkpoints", "find_checkpoint", "read_state",
            "check_resumable", "write_folder", "write_checksums", "verify_checksums", "set_config_dtype", "written"]
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "final", "final-merged", "tensorboard")   # with checkpoint-*: a run's own
@@ -200,3 +202,128 @@ def written(final, output_dir) -> str:
         if os.path.exists(path):
             lines.append(f"  {name}: {path} ({_size(path)})")
     return "\n".join(lines)
+
+
+def load_adapters(model, where):
+    """A LoRA checkpoint's adapter weights into `model` (before any sharding: plain tensors)."""
+    from safetensors.torch import load_file
+    path = os.path.join(where, ADAPTER_WEIGHTS)
+    if not os.path.exists(path):
+        raise ValueError(f"resume: {where} holds no {ADAPTER_WEIGHTS}: it was not saved by a LoRA run "
+                         "(resume it without --lora-r)")
+    load_adapter_weights(model, load_file(path), where)
+
+
+@dataclasses.dataclass
+class Checkpointer:
+    """Saves a run's checkpoints and restores one. `model` is the (peft-wrapped) model, `policy` what the
+    optimizer trains (FSDP-sharded when `sharded`); `peft_model` is set for a LoRA run (the adapters are
+    saved, the base is the run's --model)."""
+    cfg: object
+    model: torch.nn.Module
+    policy: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    tokenizer: object
+    peft_model: object
+    precision: object
+    sharded: bool
+    log: object = print
+
+    def _state_dicts(self):
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            msd, osd = get_state_dict(self.policy, self.optimizer, options=opts)
+            return {k.removeprefix("model."): v for k, v in msd.items()}, osd
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def save(self, step, history, name=None, with_state=True, dtype=None):
+        """output_dir/checkpoint-<step>: the model (save_pretrained) and trainer_state.pt (optimizer,
+        scheduler, RNG, step; with_state False: step, history and config only). Written under a temporary
+        name and renamed: never half a checkpoint; a full disk leaves the previous one intact.
+        dtype: the saved weights' dtype when it is not the trained weights' own (then never resumable)."""
+        msd, osd = self._state_dicts()
+        cast = dtype is not None and dtype != self.precision.param_dtype and self.peft_model is None
+        if self.peft_model is not None:   # the adapters only (the base is the run's --model)
+            msd = adapter_weights(msd)
+        if cast:
+            msd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in msd.items()}
+            with_state = False
+        path = os.path.join(self.cfg.output_dir, name or f"checkpoint-{step:06d}")
+        state = {"step": step, "history": history, "config": dataclasses.asdict(self.cfg),
+                 "precision": self.precision.name}
+        if with_state:
+            state.update(optimizer=osd, scheduler=self.scheduler.state_dict(),
+                         rng={"torch": torch.get_rng_state(), "python": random.getstate(),
+                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+
+        def write(tmp):
+            if self.peft_model is not None:
+                from safetensors.torch import save_file
+                save_file({k: v.contiguous() for k, v in msd.items()}, os.path.join(tmp, ADAPTER_WEIGHTS),
+                          metadata={"format": "pt"})
+                save_adapter_config(self.peft_model, tmp, self.cfg.model)
+            else:
+                self.model.save_pretrained(tmp, state_dict=msd)
+            if cast:
+                set_config_dtype(os.path.join(tmp, "config.json"), dtype)
+            self.tokenizer.save_pretrained(tmp)
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        if dist_utils.is_main():
+            write_folder(path, write, self.cfg.output_dir)
+        dist_utils.barrier()
+        return path
+
+    def save_merged(self, dtype):
+        """output_dir/final-merged: the adapters merged into the base weights (computed in fp32), saved in
+        `dtype` as a plain model; written under a temporary name and renamed."""
+        msd, _ = self._state_dicts()
+        merged = merged_weights(msd, self.cfg.lora_alpha_value / self.cfg.lora_r, dtype)
+        path = os.path.join(self.cfg.output_dir, "final-merged")
+
+        def write(tmp):
+            self.peft_model.get_base_model().save_pretrained(tmp, state_dict=merged)
+            set_config_dtype(os.path.join(tmp, "config.json"), dtype)
+            self.tokenizer.save_pretrained(tmp)
+        if dist_utils.is_main():
+            write_folder(path, write, self.cfg.output_dir)
+            self.log(f"[fpo] LoRA adapters merged into the base weights in {str(dtype).removeprefix('torch.')}: "
+                     f"{path} (a plain model)")
+        dist_utils.barrier()
+        return path
+
+    def restore(self, where, state):
+        """The weights (LoRA: already loaded by load_adapters, before wrapping), optimizer, scheduler and RNG
+        of checkpoint `where`, whose trainer_state.pt read_state returned as `state`. Returns (step, history)."""
+        from safetensors.torch import load_file
+        weights = None
+        if self.peft_model is None:
+            weights = {}
+            for n in sorted(os.listdir(where)):
+                if n.endswith(".safetensors"):
+                    weights.update(load_file(os.path.join(where, n)))
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_optimizer_state_dict,
+                                                                 set_state_dict)
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            if weights is None:
+                set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"], options=opts)
+            else:
+                set_state_dict(self.policy, self.optimizer, model_state_dict={"model." + k: v for k, v in weights.items()},
+                               optim_state_dict=state["optimizer"], options=opts)
+        else:
+            if weights is not None:
+                missing, unexpected = self.model.load_state_dict(weights, strict=False)
+                tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
+                if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+                    raise ValueError(f"resume: checkpoint {where} does not match the model (missing {missing[:3]}, "
+                                     f"unexpected {unexpected[:3]})")
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.log(f"[fpo] resumed from {where} at step {state['step']}")
+        return state["step"], state["history"]

@@ -15,9 +15,7 @@ resume), fpo.run_log (metrics, trackers, the progress bar and the constraint-sha
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import random
 import time
 from contextlib import nullcontext
 
@@ -28,14 +26,14 @@ from .cache import ReferenceCache
 from .files import atomic_write_json
 from .config import TrainConfig, config_from_dict
 from .data import load_pairs, tokenize_pairs, tokenizer_fingerprint
-from .lora import ADAPTER_WEIGHTS, add_adapters, adapter_weights, load_adapter_weights, merged_weights, save_adapter_config
+from .lora import add_adapters, describe_lora
 from .model import (config_fingerprint, enable_activation_checkpointing, final_softcap, lm_head,
                     load_model_for_layout, load_tokenizer, model_fingerprint, resolve_device)
 from .packing import attention_length_scale, body_hidden, collate, micro_batch_tokens, plan_micro_batches, pooling_rows
-from .precision import SAVE_DTYPES, make_optimizer, resolve_precision, updates_round_away
+from .precision import SAVE_DTYPES, describe_precision, make_optimizer, resolve_precision
 from .precompute import check_sae_fits
-from .run_dir import (check_resumable, checkpoints, claim_output_dir, find_checkpoint, read_state, set_config_dtype,
-                      write_folder, written)
+from .run_dir import (Checkpointer, check_resumable, checkpoints, claim_output_dir, find_checkpoint, load_adapters,
+                      read_state, written)
 from .run_log import RunLog
 from .sae import load_saes
 from .step import PolicyStats, compute_loss
@@ -177,45 +175,23 @@ class Trainer:
                                   autocast=self.precision.autocast,
                                   adapters_off=self.peft_model.disable_adapter if self.peft_model is not None else None)
         if self._resume_from is not None and self.peft_model is not None:   # before any sharding: plain tensors
-            self._load_adapters(self._resume_from)
+            load_adapters(self.model, self._resume_from)
         self.wrapped = self._wrap(self.policy)
         params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, self.precision, cfg.optimizer, cfg.lr, cfg.weight_decay,
                                         (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, self.device)
-        self._log_precision(params)
-        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
-        self.step = 0
-        self.history = []
-        if self._resume_from is not None:
-            self._load_checkpoint(self._resume_from, self._resume_state)
-            self._resume_state = None
-
-    def _log_precision(self, params):
-        """Say once what the precision policy costs a parameter; under bf16-pure, warn when the learning rate is
-        below the bf16 resolution of the typical weight (most updates would round away). Under FSDP: this rank's
-        shards."""
-        cfg, prec = self.cfg, self.precision
-        params = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-        n = sum(p.numel() for p in params)
-        per = prec.bytes_per_parameter(cfg.optimizer)
         if self.peft_model is not None:
-            total = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in self.model.parameters())
-            self.log(f"[fpo] LoRA r={cfg.lora_r}, alpha {cfg.lora_alpha_value:g} on {cfg.lora_target_modules}: "
-                     f"{n / 1e6:.2f}M trainable of {total / 1e6:.1f}M parameters ({n / total:.2%}); the base weights "
-                     f"are frozen in {str(prec.frozen_dtype).removeprefix('torch.')}")
-        self.log(f"[fpo] precision {prec.name}: {str(prec.param_dtype).removeprefix('torch.')} weights, gradients and "
-                 f"optimizer states{' with a Kahan compensation' if prec.name == 'bf16-compensated' else ''}"
-                 f"{', forward under bf16 autocast' if prec.autocast_dtype else ''}: {per} bytes x {n / 1e6:.{1 if n >= 1e6 else 3}f}M "
-                 f"{'trained ' if self.peft_model is not None else ''}parameters = {per * n / 2**30:.{2 if per * n >= 2**28 else 4}f} "
-                 "GiB before activations")
-        if prec.name != "bf16-pure":
-            return
-        low, median = updates_round_away(params, cfg.lr)
-        if low:
-            self.log(f"[fpo] warning: precision bf16-pure at lr {cfg.lr:g}: a bf16 weight of the median size "
-                     f"{median:.3g} moves only in steps of about {median * 2 ** -8:.2g} (2^-8 of it), so most Adam "
-                     "updates round away and the policy barely trains; use --precision bf16-mixed (fp32 master "
-                     "weights) or bf16-compensated (bf16 weights with Kahan-summed updates)")
+            self.log(describe_lora(cfg, params, self.model.parameters(), self.precision))
+        for line in describe_precision(self.precision, params, cfg.optimizer, cfg.lr,
+                                       trained="trained " if self.peft_model is not None else ""):
+            self.log(line)
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
+        self.checkpointer = Checkpointer(cfg, self.model, self.policy, self.optimizer, self.scheduler, self.tokenizer,
+                                         self.peft_model, self.precision, sharded=cfg.fsdp and self.world > 1, log=self.log)
+        self.step, self.history = 0, []
+        if self._resume_from is not None:
+            self.step, self.history = self.checkpointer.restore(self._resume_from, self._resume_state)
+            self._resume_state = None
 
     # ---- distributed wrapping -------------------------------------------------------------------
     def _wrap(self, module):
@@ -347,114 +323,9 @@ class Trainer:
                 torch.cuda.set_rng_state_all(rng[1])
         return dist_utils.all_reduce_mean(ok).item() == 1.0
 
-    # ---- checkpoints ----------------------------------------------------------------------------
-    def _state_dicts(self):
-        if self.cfg.fsdp and self.world > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            msd, osd = get_state_dict(self.policy, self.optimizer, options=opts)
-            return {k.removeprefix("model."): v for k, v in msd.items()}, osd
-        return self.model.state_dict(), self.optimizer.state_dict()
-
     def save_checkpoint(self, name=None, with_state=True, dtype=None):
-        """output_dir/checkpoint-<step>: the model (save_pretrained) and trainer_state.pt (optimizer,
-        scheduler, RNG, step; with_state False: step, history and config only). Written under a temporary
-        name and renamed: never half a checkpoint; a full disk leaves the previous one intact.
-        dtype: the saved weights' dtype when it is not the trained weights' own (then never resumable)."""
-        msd, osd = self._state_dicts()
-        cast = dtype is not None and dtype != self.precision.param_dtype and self.peft_model is None
-        if self.peft_model is not None:   # the adapters only (the base is the run's --model)
-            msd = adapter_weights(msd)
-        if cast:
-            msd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in msd.items()}
-            with_state = False
-        path = os.path.join(self.cfg.output_dir, name or f"checkpoint-{self.step:06d}")
-        state = {"step": self.step, "history": self.history, "config": dataclasses.asdict(self.cfg),
-                 "precision": self.precision.name}
-        if with_state:
-            state.update(optimizer=osd, scheduler=self.scheduler.state_dict(),
-                         rng={"torch": torch.get_rng_state(), "python": random.getstate(),
-                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
-
-        def write(tmp):
-            if self.peft_model is not None:
-                from safetensors.torch import save_file
-                save_file({k: v.contiguous() for k, v in msd.items()}, os.path.join(tmp, ADAPTER_WEIGHTS),
-                          metadata={"format": "pt"})
-                save_adapter_config(self.peft_model, tmp, self.cfg.model)
-            else:
-                self.model.save_pretrained(tmp, state_dict=msd)
-            if cast:
-                set_config_dtype(os.path.join(tmp, "config.json"), dtype)
-            self.tokenizer.save_pretrained(tmp)
-            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        if dist_utils.is_main():
-            write_folder(path, write, self.cfg.output_dir)
-        dist_utils.barrier()
-        return path
-
-    def save_merged(self, dtype):
-        """output_dir/final-merged: the adapters merged into the base weights (computed in fp32), saved in
-        `dtype` as a plain model; written under a temporary name and renamed."""
-        msd, _ = self._state_dicts()
-        merged = merged_weights(msd, self.cfg.lora_alpha_value / self.cfg.lora_r, dtype)
-        path = os.path.join(self.cfg.output_dir, "final-merged")
-
-        def write(tmp):
-            self.peft_model.get_base_model().save_pretrained(tmp, state_dict=merged)
-            set_config_dtype(os.path.join(tmp, "config.json"), dtype)
-            self.tokenizer.save_pretrained(tmp)
-        if dist_utils.is_main():
-            write_folder(path, write, self.cfg.output_dir)
-            self.log(f"[fpo] LoRA adapters merged into the base weights in {str(dtype).removeprefix('torch.')}: "
-                     f"{path} (a plain model)")
-        dist_utils.barrier()
-        return path
-
-    def _load_adapters(self, where):
-        from safetensors.torch import load_file
-        path = os.path.join(where, ADAPTER_WEIGHTS)
-        if not os.path.exists(path):
-            raise ValueError(f"resume: {where} holds no {ADAPTER_WEIGHTS}: it was not saved by a LoRA run "
-                             "(resume it without --lora-r)")
-        load_adapter_weights(self.model, load_file(path), where)
-
-    def _load_checkpoint(self, where, state):
-        from safetensors.torch import load_file
-        if self.peft_model is not None:   # the adapters were loaded before wrapping; the optimizer state here
-            if self.cfg.fsdp and self.world > 1:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-                set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"],
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            else:
-                self.optimizer.load_state_dict(state["optimizer"])
-            weights = None
-        else:
-            weights = {}
-            for n in sorted(os.listdir(where)):
-                if n.endswith(".safetensors"):
-                    weights.update(load_file(os.path.join(where, n)))
-        if weights is None:
-            pass
-        elif self.cfg.fsdp and self.world > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            set_state_dict(self.policy, self.optimizer, model_state_dict={"model." + k: v for k, v in weights.items()},
-                           optim_state_dict=state["optimizer"], options=opts)
-        else:
-            missing, unexpected = self.model.load_state_dict(weights, strict=False)
-            tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
-            if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
-                raise ValueError(f"resume: checkpoint {where} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.step = state["step"]
-        self.history = state["history"]
-        self.log(f"[fpo] resumed from {where} at step {self.step}")
+        """output_dir/checkpoint-<step> (or `name`): see Checkpointer.save."""
+        return self.checkpointer.save(self.step, self.history, name, with_state, dtype)
 
     # ---- the loop -------------------------------------------------------------------------------
     def _stop_diverged(self, what):
@@ -497,7 +368,7 @@ class Trainer:
             self._stop_diverged(f"after step {self.step} the weights give a non-finite loss (or are not finite)")
         final = self.save_checkpoint("final", with_state=cfg.save_optimizer, dtype=save_dtype)
         if self.peft_model is not None and cfg.merge_lora:
-            self.save_merged(save_dtype or torch.float32)
+            self.checkpointer.save_merged(save_dtype or torch.float32)
         elif save_dtype is not None and save_dtype != self.precision.param_dtype:
             self.log(f"[fpo] final model saved in {cfg.save_dtype} (trained in "
                      f"{str(self.precision.param_dtype).removeprefix('torch.')}): a copy for inference, not resumable")

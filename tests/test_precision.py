@@ -11,7 +11,7 @@ import fpo_kernels.logprobs as lpmod
 from conftest import TOL
 from fpo.config import config_from_dict
 from fpo.model import load_model
-from fpo.precision import make_optimizer, resolve_precision
+from fpo.precision import describe_precision, make_optimizer, resolve_precision
 from fpo.precompute import precompute
 from fpo.train import Trainer, train
 from fpo_kernels import (fused_linear_logprobs, fused_linear_logprobs_kl, reference, sae_feature_mse)
@@ -173,6 +173,22 @@ def test_optimizers(tmp_path):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (name, (a - b).abs().max())
     with pytest.raises(ValueError, match="bf16-compensated has no RMSprop"):
         make_optimizer([torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))], comp, "rmsprop", 1e-3)
+
+
+def test_the_logged_cost_and_the_bf16_pure_warning():
+    """The bytes a policy costs per trained parameter, times their count; bf16-pure warns at the paper's lr
+    (a median weight of 0.02 moves in steps of about 8e-5, far above 5e-7) and not at a learning rate that
+    bf16 resolves; the other policies never warn."""
+    n = int(torch.randint(1000, 5000, ()).item())
+    params = [torch.full((n,), 0.02, dtype=torch.bfloat16), torch.full((3,), 0.02, dtype=torch.bfloat16)]
+    pure = resolve_precision("bf16-pure", "cpu")
+    lines = describe_precision(pure, params, "adam", 5e-7)
+    assert len(lines) == 2 and "most Adam updates round away" in lines[1]
+    assert f"{pure.bytes_per_parameter('adam')} bytes x {(n + 3) / 1e6:.3f}M parameters" in lines[0]
+    assert len(describe_precision(pure, params, "adam", 1e-2)) == 1
+    for name in ("fp32", "bf16-mixed", "bf16-compensated"):
+        lines = describe_precision(resolve_precision(name, "cpu"), params, "adam", 5e-7, trained="trained ")
+        assert len(lines) == 1 and f"precision {name}:" in lines[0] and "M trained parameters" in lines[0]
 
 
 # ---- the fused ops' mixed entry ----------------------------------------------------------------------------
