@@ -50,10 +50,10 @@ H100_SXM = {"name": "NVIDIA H100 80GB HBM3 (SXM5)", "tensor_flops": 989e12, "fp3
 GEMM_EFFICIENCY = 0.70      # large bf16 cuBLAS GEMMs reach about 70% of the dense peak
 BANDWIDTH_EFFICIENCY = 0.85
 KERNEL_FLOOR_S = 3e-6       # the shortest a kernel takes, launch included
-SAE_GROUP = 16              # row tiles per program group in the SAE pooling forward (its first config)
+SAE_GROUP = _sae.SAE_POOL_FWD.configs[0][0]["GROUP"]   # row tiles per program group: the first config's
 SAE_TRAFFIC = ("SAE pooling forward: the hidden rows are read once (a group's rows stay in L2 while its programs "
-               f"walk the feature tiles) and W_enc once per group of {SAE_GROUP} row tiles of 128 rows; partial "
-               "sums [tiles, m] fp32 written and read once")
+               f"walk the feature tiles) and W_enc once per group of {SAE_GROUP} row tiles of "
+               f"{_sae.SAE_POOL_FWD.tiles['BT']} rows; partial sums [tiles, m] fp32 written and read once")
 _SPARSE_WRITES = {"scatter_", "scatter_add_", "index_put_", "index_add_"}   # in place, at indices only
 _WRITE_ONLY = {"zero_", "fill_"}                     # in place: a write, not a read and a write
 _FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_local_scalar_dense", "set_",
@@ -134,23 +134,21 @@ class StepTracer(TorchDispatchMode):
             self.cost(name, flops, nbytes, half[0] if half and counter is not None else (ins[0].dtype if ins else torch.float32))
         return out
 
-    def triton_launch(self, name, args, meta):
-        """Cost of a Triton kernel skipped on fake tensors, from its arguments."""
-        tensors = [a for a in args if torch.is_tensor(a)]
+    def triton_launch(self, kernel, args, constexprs):
+        """Cost of a Triton kernel skipped on fake tensors, from its arguments by name (the kernel's table)."""
+        tensors = [a for a in args.values() if torch.is_tensor(a)]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         flops, dtype = 0, tensors[0].dtype
-        if name == "_sae_pool_fwd_kernel":
-            hidden, w, part = args[0], args[4], args[8]   # flat rows [N, D]; part [n_tiles, F]
-            (N, D), (n_tiles, F) = hidden.shape, part.shape
+        if kernel is _sae.SAE_POOL_FWD:
+            (N, D), (n_tiles, F) = args["h"].shape, args["part"].shape   # flat rows; a partial sum per row tile
             flops = 2 * N * D * F     # every row costed as a response row (an upper bound: prompt tiles are skipped)
+            w = args["w"]
             if F == w.shape[0]:       # dense: see SAE_TRAFFIC; gathered rows are few and stay in L2
                 nbytes += (-(-n_tiles // SAE_GROUP) - 1) * w.numel() * w.element_size()
-        elif name in ("_sae_gate_kernel", "_sae_dh_kernel"):
-            g = args[9] if name == "_sae_gate_kernel" else args[0]   # [N, k]
-            N, K = g.shape
-            D = args[0].shape[1] if name == "_sae_gate_kernel" else args[4].shape[1]
-            flops = 2 * N * D * K     # the k pre-activations again, then dh
-        self.cost(name, flops, nbytes, dtype)
+        elif kernel in (_sae.SAE_GATE, _sae.SAE_DH):
+            N, K = args["g"].shape
+            flops = 2 * N * args["w"].shape[1] * K     # the k pre-activations again, then dh
+        self.cost(kernel.name, flops, nbytes, dtype)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,10 @@ spills and shared memory; occupancy on an H100 SM follows from 65,536 registers,
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import itertools
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -21,60 +24,30 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.autotuner import Autotuner
 
-import fpo_kernels.logprobs as lp
-import fpo_kernels.sae_constraint as sc
+from fpo_kernels._dispatch import all_kernels
 
 H100 = dict(regs=65536, smem=228 * 1024, smem_reserved=1024, warps=64, blocks=32, max_regs_per_thread=255)
 SHAPES = dict(D=2304, F=16384, M=16384, K=50, V=256000)   # Gemma-2-2B with a 16k SAE, k = 50
 
-SAE_FWD = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "tiles": "*i32", "w": "*{dt}", "bias": "*fp32",
-           "theta": "*fp32", "idx": "*i32", "part": "*fp32", "D": "i32", "F": "i32", "M": "i32", "stride_h": "i32",
-           "n_tiles": "i32"}
-SAE_REDUCE = {"part": "*fp32", "tile_start": "*i32", "inv_n": "*fp32", "out": "*fp32", "F": "i32"}
-SAE_GATE = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "tiles": "*i32", "w": "*{dt}", "bias": "*fp32",
-            "theta": "*fp32", "idx": "*i32", "coef": "*fp32", "g": "*{dt}", "D": "i32", "K": "i32", "M": "i32",
-            "stride_h": "i32"}
-SAE_DH = {"g": "*{dt}", "tiles": "*i32", "w": "*{dt}", "idx": "*i32", "dh": "*{dt}", "D": "i32", "K": "i32", "M": "i32"}
-# the lm-head row kernels read fp32 logits; the backward writes dL/dlogits in the weight's dtype ({dt})
-LP = {"logits": "*fp32", "labels": "*i64", "lse": "*fp32", "logp": "*fp32", "V": "i32", "ignore_index": "i32"}
-LP_BWD = {"logits": "*fp32", "dlogits": "*{dt}", "labels": "*i64", "lse": "*fp32", "grad": "*fp32", "VB": "i32",
-          "v_off": "i32", "V": "i32", "ignore_index": "i32"}
-KL = {"logits": "*fp32", "ref_logits": "*fp32", "valid": "*i8", "labels": "*i64", "lse": "*fp32", "ref_lse": "*fp32",
-      "kl": "*fp32", "logp": "*fp32", "ref_logp": "*fp32", "V": "i32"}
-KL_BWD = {"logits": "*fp32", "dlogits": "*{dt}", "ref_logits": "*fp32", "valid": "*i8", "labels": "*i64",
-          "lse": "*fp32", "ref_lse": "*fp32", "grad": "*fp32", "grad_logp": "*fp32", "VB": "i32", "v_off": "i32",
-          "V": "i32"}
 # integer arguments at the shapes above: the values a launch would see (F is the gathered k in GATHER variants)
 INT_VALUES = {"D": SHAPES["D"], "stride_h": SHAPES["D"], "K": SHAPES["K"], "V": SHAPES["V"], "ignore_index": -100,
-              "n_tiles": 67, "VB": 21760, "v_off": 21760}   # a backward vocabulary block of 4096 rows   # 8192 response rows in 128-row tiles, plus the sequences' partial tiles
+              "n_tiles": 67,               # 8192 response rows in 128-row tiles, plus the sequences' partial tiles
+              "VB": 21760, "v_off": 21760}   # a backward vocabulary block
 
 
-def variants():
-    """(kernel, signature, dtype, constexprs, options): every GPU autotune config of every kernel."""
-    for dt in ("bf16", "fp16", "fp32"):
-        prec = "ieee" if dt == "fp32" else None
-        opt = lambda cfg: dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        for has_mask in (False, True):   # packed spans, padded mask
-            for gather in (False, True):
-                for cfg in sc._POOL_CONFIGS:
-                    yield (sc._sae_pool_fwd_kernel, SAE_FWD, dt, dict(HAS_MASK=has_mask, GATHER=gather, BT=128,
-                                                                       PRECISION=prec, **cfg.kwargs), opt(cfg))
-            for cfg in sc._GATE_CONFIGS:
-                yield (sc._sae_gate_kernel, SAE_GATE, dt, dict(HAS_MASK=has_mask, BT=64, BK=64, PRECISION=prec,
-                                                               **cfg.kwargs), opt(cfg))
-        for cfg in sc._DH_CONFIGS:
-            yield sc._sae_dh_kernel, SAE_DH, dt, dict(BT=64, BK=64, PRECISION=prec, **cfg.kwargs), opt(cfg)
-        if dt == "fp32":   # the reduction reads fp32 partial sums whatever the hidden dtype
-            yield sc._sae_pool_reduce_kernel, SAE_REDUCE, dt, dict(BF=1024), {}
-        for cap in (False, True):
-            c = dict(CAP=30.0, HAS_CAP=cap, BV=1024)
-            for fn, sig in ((lp._logprobs_fwd_kernel, LP), (lp._logprobs_bwd_kernel, LP_BWD)):
-                yield fn, sig, dt, c, {}
-            for labels in (False, True):   # KL alone, and KL with both models' log-probs
-                for fn, sig in ((lp._kl_fwd_kernel, KL), (lp._kl_bwd_kernel, KL_BWD)):
-                    yield fn, sig, dt, dict(c, HAS_LABELS=labels), {}
+def variants(kernels=None):
+    """(kernel, dtype, constexprs, options): every kernel of the op modules' tables, in every operand dtype,
+    every value of its flags and every GPU autotune config, with the GPU's tile sizes."""
+    for kernel in kernels or all_kernels():
+        for dt in kernel.dtypes:
+            for values in itertools.product(*kernel.flags.values()):
+                const = dict(zip(kernel.flags, values), **kernel.tiles)
+                if kernel.dot:
+                    const["PRECISION"] = "ieee" if dt == "fp32" else None
+                for tiles, warps, stages in kernel.configs or [({}, None, None)]:
+                    options = {} if warps is None else dict(num_warps=warps, num_stages=stages)
+                    yield kernel, dt, dict(const, **tiles), options
 
 
 def launch_attrs(jit, signature, const):
@@ -127,9 +100,9 @@ def occupancy(regs: int, smem: int, warps: int) -> dict:
             "limited_by": limit}
 
 
-def compile_variant(fn, sig, dt, const, options, arch_cc=90):
-    jit = fn.fn if isinstance(fn, Autotuner) else fn   # an autotuned kernel wraps its JITFunction
-    signature = {k: v.format(dt=dt) for k, v in sig.items()}
+def compile_variant(kernel, dt, const, options, arch_cc=90):
+    jit = kernel.fn   # the JITFunction (kernel.jit may be its autotuner)
+    signature = {k: v.format(dt=dt) for k, v in kernel.args.items()}
     signature.update({k: "constexpr" for k in const})
     src = ASTSource(fn=jit, signature=signature, constexprs=const, attrs=launch_attrs(jit, signature, const))
     k = triton.compile(src, target=GPUTarget("cuda", arch_cc, 32), options=options)
@@ -143,18 +116,30 @@ def compile_variant(fn, sig, dt, const, options, arch_cc=90):
     return row
 
 
-def report(log=print):
+def _compile_one(i):
+    """The i-th variant compiled: (row, None) or (None, the failure). Run in a worker process."""
+    kernel, dt, const, options = list(variants())[i]
+    try:
+        return compile_variant(kernel, dt, const, options), None
+    except Exception as e:   # report every failing variant, then fail
+        return None, (kernel.name, dt, const, f"{type(e).__name__}: {str(e)[:2000]}")
+
+
+def report(log=print, workers=None):
+    """Every variant compiled, on one worker process per CPU (each compile is single-threaded), in order."""
+    n = len(list(variants()))
+    workers = workers or min(os.cpu_count() or 1, n)
     rows, failures = [], []
-    for fn, sig, dt, const, options in variants():
-        name = (fn.fn if isinstance(fn, Autotuner) else fn).__name__
-        try:
-            rows.append(compile_variant(fn, sig, dt, const, options))
-            r = rows[-1]
-            log(f"ok   {name} {dt} {r['constexprs']} warps={r['num_warps']} regs={r['registers']} "
-                f"spill={r['spill_store_bytes']} smem={r['shared_bytes']} occ={r['occupancy']:.2f} wgmma={r['wgmma']}")
-        except Exception as e:   # report every failing variant, then fail
-            failures.append((name, dt, const, f"{type(e).__name__}: {str(e)[:2000]}"))
-            log(f"FAIL {name} {dt} {const}: {failures[-1][3]}")
+    ctx = multiprocessing.get_context("fork")   # the workers inherit the imported kernels; no GPU is touched
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        for row, failure in pool.map(_compile_one, range(n)):
+            if failure:
+                failures.append(failure)
+                log(f"FAIL {failure[0]} {failure[1]} {failure[2]}: {failure[3]}")
+                continue
+            rows.append(row)
+            log(f"ok   {row['kernel']} {row['dtype']} {row['constexprs']} warps={row['num_warps']} regs={row['registers']} "
+                f"spill={row['spill_store_bytes']} smem={row['shared_bytes']} occ={row['occupancy']:.2f} wgmma={row['wgmma']}")
     return rows, failures
 
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._dispatch import FLOAT_DTYPES, compute_dtype, interpreter_on, is_fake, launch, no_autocast, use_triton
+from ._dispatch import FLOAT_DTYPES, Kernel, compute_dtype, is_fake, launch, no_autocast, use_triton
 
 __all__ = ["fused_linear_logprobs", "fused_linear_kl", "fused_linear_logprobs_kl", "logprobs_fwd", "logprobs_bwd", "kl_fwd", "kl_bwd",
            "FusedLinearLogprobsFunction", "FusedLinearKLFunction", "default_chunk_size", "backward_blocks"]
@@ -223,6 +223,31 @@ FORWARD_BYTES = 1 << 29    # 512 MiB of fp32 logits per forward chunk: [C, d] x 
 BACKWARD_BYTES = 1 << 29   # 512 MiB of logits and dL/dlogits per backward block
 
 
+# What each kernel takes and the tiles it runs, written once (see _dispatch.Kernel). The row kernels read a chunk's
+# fp32 logits whatever the weight's dtype; the backward writes dL/dlogits in the weight's ({dt}). BV is the widest
+# vocabulary tile (a narrower vocabulary takes the next power of two).
+_ROW_TILES = dict(tiles=dict(BV=1024), interpreted_tiles=dict(BV=4096))
+_CAP = dict(CAP=(30.0,), HAS_CAP=(False, True))
+LOGPROBS_FWD = Kernel(
+    _logprobs_fwd_kernel, {"logits": "*fp32", "labels": "*i64", "lse": "*fp32", "logp": "*fp32", "V": "i32",
+                           "ignore_index": "i32"},
+    flags=_CAP, dtypes=("fp32",), **_ROW_TILES)
+LOGPROBS_BWD = Kernel(
+    _logprobs_bwd_kernel, {"logits": "*fp32", "dlogits": "*{dt}", "labels": "*i64", "lse": "*fp32", "grad": "*fp32",
+                           "VB": "i32", "v_off": "i32", "V": "i32", "ignore_index": "i32"},
+    flags=_CAP, **_ROW_TILES)
+KL_FWD = Kernel(
+    _kl_fwd_kernel, {"logits": "*fp32", "ref_logits": "*fp32", "valid": "*i8", "labels": "*i64", "lse": "*fp32",
+                     "ref_lse": "*fp32", "kl": "*fp32", "logp": "*fp32", "ref_logp": "*fp32", "V": "i32"},
+    flags=dict(_CAP, HAS_LABELS=(False, True)), dtypes=("fp32",), **_ROW_TILES)
+KL_BWD = Kernel(
+    _kl_bwd_kernel, {"logits": "*fp32", "dlogits": "*{dt}", "ref_logits": "*fp32", "valid": "*i8", "labels": "*i64",
+                     "lse": "*fp32", "ref_lse": "*fp32", "grad": "*fp32", "grad_logp": "*fp32", "VB": "i32",
+                     "v_off": "i32", "V": "i32"},
+    flags=dict(_CAP, HAS_LABELS=(False, True)), **_ROW_TILES)
+KERNELS = (LOGPROBS_FWD, LOGPROBS_BWD, KL_FWD, KL_BWD)
+
+
 def default_chunk_size(V: int, bytes_per_logit: int = 4) -> int:
     """Forward tokens per chunk: a power of two in [16, 8192] whose fp32 logits (4 bytes a logit; 8 with a
     reference's logits too) stay within FORWARD_BYTES. At Gemma-2's 256k vocabulary: 512 rows for log-probs,
@@ -264,8 +289,7 @@ def _addmm_fp32_(acc, a, b):
 
 
 def _bv(V):
-    # The interpreter pays per operation, not per element: wide tiles keep it fast.
-    return min(1024 if not interpreter_on() else 4096, triton.next_power_of_2(V))
+    return min(LOGPROBS_FWD.tile("BV"), triton.next_power_of_2(V))
 
 
 def _cap_args(softcap):
@@ -293,8 +317,8 @@ def logprobs_fwd(hidden, weight, labels, bias=None, softcap=None, ignore_index=-
     for s in range(0, N, C):
         e = min(s + C, N)
         z = _chunk_logits(hidden[s:e], weight, bias)   # [C, V] fp32
-        launch(_logprobs_fwd_kernel, (e - s,), z, labels[s:e], lse[s:e], logp[s:e], V, ignore_index,
-               BV=_bv(V), **_cap_args(softcap))
+        launch(LOGPROBS_FWD, (e - s,), logits=z, labels=labels[s:e], lse=lse[s:e], logp=logp[s:e], V=V,
+               ignore_index=ignore_index, BV=_bv(V), **_cap_args(softcap))
     return logp, lse
 
 
@@ -306,8 +330,8 @@ def logprobs_bwd(grad_logp, hidden, weight, labels, lse, bias=None, softcap=None
     grad_logp = grad_logp.float().contiguous()
 
     def block(z, dz, s, e, v0, v1):
-        launch(_logprobs_bwd_kernel, (e - s,), z, dz, labels[s:e], lse[s:e], grad_logp[s:e], v1 - v0, v0, V,
-               ignore_index, BV=_bv(v1 - v0), **_cap_args(softcap))
+        launch(LOGPROBS_BWD, (e - s,), logits=z, dlogits=dz, labels=labels[s:e], lse=lse[s:e], grad=grad_logp[s:e],
+               VB=v1 - v0, v_off=v0, V=V, ignore_index=ignore_index, BV=_bv(v1 - v0), **_cap_args(softcap))
 
     return _blocked_backward(hidden, weight, bias, block, backward_blocks(N, V, 4 + weight.element_size(), chunk_size),
                              need_hidden, need_weight, need_bias, grad_dtypes)
@@ -383,9 +407,10 @@ def kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap=None, chunk_s
         e = min(s + C, N)
         z = _chunk_logits(hidden[s:e], weight, bias)
         zr = _chunk_logits(ref_hidden[s:e], ref_weight, ref_bias)
-        launch(_kl_fwd_kernel, (e - s,), z, zr, valid8[s:e], _rows(labels, valid8, s, e), lse[s:e], ref_lse[s:e],
-               kl[s:e], _rows(logp, kl, s, e), _rows(ref_logp, kl, s, e), V,
-               BV=_bv(V), HAS_LABELS=labels is not None, **_cap_args(softcap))
+        launch(KL_FWD, (e - s,), logits=z, ref_logits=zr, valid=valid8[s:e], labels=_rows(labels, valid8, s, e),
+               lse=lse[s:e], ref_lse=ref_lse[s:e], kl=kl[s:e], logp=_rows(logp, kl, s, e),
+               ref_logp=_rows(ref_logp, kl, s, e), V=V, BV=_bv(V), HAS_LABELS=labels is not None,
+               **_cap_args(softcap))
     return kl, lse, ref_lse, logp, ref_logp
 
 
@@ -402,9 +427,10 @@ def kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse
 
     def block(z, dz, s, e, v0, v1):
         zr = _chunk_logits(ref_hidden[s:e], ref_weight[v0:v1], None if ref_bias is None else ref_bias[v0:v1])
-        launch(_kl_bwd_kernel, (e - s,), z, dz, zr, valid8[s:e], _rows(labels, valid8, s, e), lse[s:e],
-               ref_lse[s:e], grad_kl[s:e], _rows(grad_logp, grad_kl, s, e), v1 - v0, v0, V,
-               BV=_bv(v1 - v0), HAS_LABELS=labels is not None, **_cap_args(softcap))
+        launch(KL_BWD, (e - s,), logits=z, dlogits=dz, ref_logits=zr, valid=valid8[s:e],
+               labels=_rows(labels, valid8, s, e), lse=lse[s:e], ref_lse=ref_lse[s:e], grad=grad_kl[s:e],
+               grad_logp=_rows(grad_logp, grad_kl, s, e), VB=v1 - v0, v_off=v0, V=V, BV=_bv(v1 - v0),
+               HAS_LABELS=labels is not None, **_cap_args(softcap))
 
     return _blocked_backward(hidden, weight, bias, block, backward_blocks(N, V, 8 + weight.element_size(), chunk_size),
                              need_hidden, need_weight, need_bias, grad_dtypes)

@@ -30,7 +30,8 @@ import triton.language as tl
 
 from . import reference, sae_topk
 from ._layout import dense_from_topk
-from ._dispatch import FLOAT_DTYPES, deprecated, dot_precision, in_compute_dtype, interpreter_on, is_fake, launch, no_autocast, use_triton
+from ._dispatch import (FLOAT_DTYPES, Kernel, deprecated, dot_precision, in_compute_dtype, is_fake, launch, no_autocast,
+                        use_triton)
 from .sae_weights import SAEWeights
 
 __all__ = ["sae_pooled_features", "sae_feature_mse", "sae_pool_fwd", "sae_constraint_bwd", "SAEFeatureMSEFunction", "Spans"]
@@ -39,28 +40,6 @@ __all__ = ["sae_pooled_features", "sae_feature_mse", "sae_pool_fwd", "sae_constr
 # ------------------------------------------------------------------------------------------------
 # kernels
 # ------------------------------------------------------------------------------------------------
-def _configs(gpu, interpreted):
-    """A few tile shapes for the GPU; one under the interpreter (it would run them all)."""
-    if interpreter_on():
-        return [triton.Config(interpreted, num_warps=1, num_stages=1)]
-    return [triton.Config(c, num_warps=w, num_stages=st) for c, w, st in gpu]
-
-
-def _rows_per_tile(pass_: str) -> int:
-    """Row-tile heights, fixed per pass (the tile table is laid out on the host for them)."""
-    if interpreter_on():
-        return 16
-    return {"pool": 128, "grad": 64}[pass_]
-
-
-_POOL_CONFIGS = _configs(
-    [(dict(BF=128, BD=64, GROUP=16), 8, 3), (dict(BF=64, BD=64, GROUP=16), 4, 3),
-     (dict(BF=128, BD=64, GROUP=8), 8, 4), (dict(BF=256, BD=32, GROUP=16), 8, 3)],
-    dict(BF=32, BD=32, GROUP=2))
-_GATE_CONFIGS = _configs([(dict(BD=64), 4, 3), (dict(BD=128), 8, 3)], dict(BD=32))
-_DH_CONFIGS = _configs([(dict(BD=64), 4, 3), (dict(BD=128), 8, 3)], dict(BD=32))
-
-
 @triton.jit
 def _tile_rows(tiles, span, mask, i_t, BT: tl.constexpr, HAS_MASK: tl.constexpr):
     """(sequence, rows [BT], rows that are response tokens [BT], rows inside the tile's own range [BT]) of
@@ -96,7 +75,6 @@ def _jumprelu_tile(h, w, bias, theta, o_t, m_t, feat, m_f, D, stride_h,
     return b_z, b_fire
 
 
-@triton.autotune(configs=_POOL_CONFIGS, key=["D", "F", "GATHER", "HAS_MASK"])
 @triton.jit
 def _sae_pool_fwd_kernel(
     h,        # [N, D] hidden rows (row stride stride_h, unit stride over D)
@@ -161,7 +139,6 @@ def _sae_pool_reduce_kernel(
     tl.store(out + i_s * F + o_f, b_acc * tl.load(inv_n + i_s), mask=m_f)
 
 
-@triton.autotune(configs=_GATE_CONFIGS, key=["D", "K", "HAS_MASK"])
 @triton.jit
 def _sae_gate_kernel(
     h,        # [N, D] hidden rows (row stride stride_h)
@@ -197,7 +174,6 @@ def _sae_gate_kernel(
                      mask=m_own[:, None] & (o_k < K)[None, :])
 
 
-@triton.autotune(configs=_DH_CONFIGS, key=["D", "K"])
 @triton.jit
 def _sae_dh_kernel(
     g,        # [N, K] dL/dz of the selected pre-activations, h's dtype
@@ -231,6 +207,35 @@ def _sae_dh_kernel(
             b_dh += tl.dot(b_g, b_w, input_precision=PRECISION)
     tl.store(dh + o_t[:, None].to(tl.int64) * D + o_d[None, :], b_dh.to(dh.dtype.element_ty),
              mask=m_own[:, None] & m_d[None, :])
+
+
+# What each kernel takes and the tiles it runs, written once (see _dispatch.Kernel). Row tiles (BT) are fixed per
+# pass, since the tile table is laid out on the host for them; the feature and d tiles are autotuned.
+_HIDDEN = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "tiles": "*i32", "w": "*{dt}", "bias": "*fp32",
+           "theta": "*fp32", "idx": "*i32"}
+SAE_POOL_FWD = Kernel(
+    _sae_pool_fwd_kernel,
+    {**_HIDDEN, "part": "*fp32", "D": "i32", "F": "i32", "M": "i32", "stride_h": "i32", "n_tiles": "i32"},
+    tiles=dict(BT=128), interpreted_tiles=dict(BT=16), flags=dict(HAS_MASK=(False, True), GATHER=(False, True)),
+    dot=True, autotune_key=["D", "F", "GATHER", "HAS_MASK"],
+    configs=[(dict(BF=128, BD=64, GROUP=16), 8, 3), (dict(BF=64, BD=64, GROUP=16), 4, 3),
+             (dict(BF=128, BD=64, GROUP=8), 8, 4), (dict(BF=256, BD=32, GROUP=16), 8, 3)],
+    interpreted_config=dict(BF=32, BD=32, GROUP=2))
+SAE_POOL_REDUCE = Kernel(   # reads fp32 partial sums whatever the hidden dtype
+    _sae_pool_reduce_kernel, {"part": "*fp32", "tile_start": "*i32", "inv_n": "*fp32", "out": "*fp32", "F": "i32"},
+    tiles=dict(BF=1024), interpreted_tiles=dict(BF=256), dtypes=("fp32",))
+SAE_GATE = Kernel(
+    _sae_gate_kernel,
+    {**_HIDDEN, "coef": "*fp32", "g": "*{dt}", "D": "i32", "K": "i32", "M": "i32", "stride_h": "i32"},
+    tiles=dict(BT=64, BK=64), interpreted_tiles=dict(BT=16, BK=32), flags=dict(HAS_MASK=(False, True)), dot=True,
+    autotune_key=["D", "K", "HAS_MASK"], configs=[(dict(BD=64), 4, 3), (dict(BD=128), 8, 3)],
+    interpreted_config=dict(BD=32))
+SAE_DH = Kernel(
+    _sae_dh_kernel, {"g": "*{dt}", "tiles": "*i32", "w": "*{dt}", "idx": "*i32", "dh": "*{dt}", "D": "i32", "K": "i32",
+                     "M": "i32"},
+    tiles=dict(BT=64, BK=64), interpreted_tiles=dict(BT=16, BK=32), dot=True, autotune_key=["D", "K"],
+    configs=[(dict(BD=64), 4, 3), (dict(BD=128), 8, 3)], interpreted_config=dict(BD=32))
+KERNELS = (SAE_POOL_FWD, SAE_POOL_REDUCE, SAE_GATE, SAE_DH)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,20 +315,23 @@ def sae_pool_fwd(hidden, spans: Spans, sae: SAEWeights, idx=None):
         hidden = hidden.contiguous()
     S = spans.count
     F = sae.width if idx is None else idx.shape[1]
-    BT = _rows_per_tile("pool")
+    BT = SAE_POOL_FWD.tile("BT")
     tiles, tile_start, n_tiles = spans.tiles(BT)
-    part = torch.empty(max(n_tiles, 1), F, device=hidden.device, dtype=torch.float32)
+    n_tiles = max(n_tiles, 1)
+    part = torch.empty(n_tiles, F, device=hidden.device, dtype=torch.float32)
     out = torch.empty(S, F, device=hidden.device, dtype=torch.float32)
-    idx32 = idx.to(torch.int32).contiguous() if idx is not None else spans.span  # unused placeholder when dense
     has_mask = spans.mask8 is not None
     launch(
-        _sae_pool_fwd_kernel, lambda meta: (max(n_tiles, 1) * triton.cdiv(F, meta["BF"]),),
-        hidden, spans.mask8 if has_mask else spans.span, spans.span, tiles, sae.weight_as(hidden.dtype),
-        sae.bias, sae.threshold, idx32, part, D, F, sae.width, hidden.stride(0), max(n_tiles, 1),
+        SAE_POOL_FWD, lambda meta: (n_tiles * triton.cdiv(F, meta["BF"]),),
+        h=hidden, mask=spans.mask8 if has_mask else spans.span, span=spans.span, tiles=tiles,
+        w=sae.weight_as(hidden.dtype), bias=sae.bias, theta=sae.threshold,
+        idx=idx.to(torch.int32).contiguous() if idx is not None else spans.span,   # a placeholder when dense
+        part=part, D=D, F=F, M=sae.width, stride_h=hidden.stride(0), n_tiles=n_tiles,
         HAS_MASK=has_mask, GATHER=idx is not None, BT=BT, PRECISION=dot_precision(hidden.dtype),
     )
-    BF = 1024 if not interpreter_on() else 256
-    launch(_sae_pool_reduce_kernel, (S, triton.cdiv(F, BF)), part, tile_start, spans.inv_n, out, F, BF=BF)
+    BF = SAE_POOL_REDUCE.tile("BF")
+    launch(SAE_POOL_REDUCE, (S, triton.cdiv(F, BF)), part=part, tile_start=tile_start, inv_n=spans.inv_n, out=out,
+           F=F, BF=BF)
     return out
 
 
@@ -334,24 +342,26 @@ def sae_constraint_bwd(hidden, spans: Spans, sae: SAEWeights, idx, coef):
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     K = idx.shape[1]
-    BT = _rows_per_tile("grad")
+    BT = SAE_GATE.tile("BT")   # the gate and dh walk the same tile table
     tiles, _, n_tiles = spans.tiles(BT)
+    n_tiles = max(n_tiles, 1)
     w = sae.weight_as(hidden.dtype)
     idx32 = idx.to(torch.int32).contiguous()
     g = torch.empty(N, K, device=hidden.device, dtype=hidden.dtype)
     dh = torch.empty(N, D, device=hidden.device, dtype=hidden.dtype)
     # one k block holds k <= 64 (the usual k = 50): the gate is computed once per row tile
-    BK = min(32 if interpreter_on() else 64, max(16, triton.next_power_of_2(K)))
+    BK = min(SAE_GATE.tile("BK"), max(16, triton.next_power_of_2(K)))
     has_mask = spans.mask8 is not None
     launch(
-        _sae_gate_kernel, (max(n_tiles, 1),),
-        hidden, spans.mask8 if has_mask else spans.span, spans.span, tiles, w, sae.bias, sae.threshold, idx32,
-        coef.float().contiguous(), g, D, K, sae.width, hidden.stride(0),
-        HAS_MASK=has_mask, BT=BT, BK=BK, PRECISION=dot_precision(hidden.dtype),
+        SAE_GATE, (n_tiles,),
+        h=hidden, mask=spans.mask8 if has_mask else spans.span, span=spans.span, tiles=tiles, w=w, bias=sae.bias,
+        theta=sae.threshold, idx=idx32, coef=coef.float().contiguous(), g=g, D=D, K=K, M=sae.width,
+        stride_h=hidden.stride(0), HAS_MASK=has_mask, BT=BT, BK=BK, PRECISION=dot_precision(hidden.dtype),
     )
     launch(
-        _sae_dh_kernel, lambda meta: (max(n_tiles, 1), triton.cdiv(D, meta["BD"])),
-        g, tiles, w, idx32, dh, D, K, sae.width, BT=BT, BK=BK, PRECISION=dot_precision(hidden.dtype),
+        SAE_DH, lambda meta: (n_tiles, triton.cdiv(D, meta["BD"])),
+        g=g, tiles=tiles, w=w, idx=idx32, dh=dh, D=D, K=K, M=sae.width, BT=BT, BK=BK,
+        PRECISION=dot_precision(hidden.dtype),
     )
     return dh
 

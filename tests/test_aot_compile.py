@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from fpo_kernels._dispatch import all_kernels
+
 
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0")
@@ -12,8 +14,12 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
                        capture_output=True, text=True, timeout=1200, cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     rows = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
-    # dtypes x (spans or mask x (pool x gather x 4 configs + gate x 2) + dh x 2 + log-prob/KL kernels) + reduce
-    assert len(rows) == 3 * (2 * (2 * 4 + 2) + 2 + 2 * (2 + 4)) + 1
+    # SAE: dtypes x (spans or mask x (pool x gather x 4 configs + gate x 2 configs) + dh x 2 configs) + the fp32
+    # reduction; lm head: softcap or not x (forwards on fp32 logits: log-probs + KL with labels or not, once;
+    # backwards: the same, per dtype)
+    assert len(rows) == 3 * (2 * (2 * 4 + 2) + 2) + 1 + 2 * (1 + 2) + 2 * 3 * (1 + 2)
+    kernels = {r["kernel"] for r in rows}
+    assert kernels == {k.name for k in all_kernels()}, kernels
     spills = [(r["kernel"], r["dtype"], r["constexprs"], r["spill_store_bytes"]) for r in rows
               if r["dtype"] != "fp32" and (r["spill_store_bytes"] or r["spill_load_bytes"])]
     assert not spills, spills

@@ -53,7 +53,7 @@ def test_fused_logprobs_holds_one_chunk_of_logits(softcap):
             tr = StepTracer()
             tr.hold([h, w, y])
             base = tr.now
-            with on_fake_launch(lambda n, a, m: launches.append(n)), tr:
+            with on_fake_launch(lambda k, a, c: launches.append(k.name)), tr:
                 op(h, w, y, softcap).sum().backward()
             peaks[name] = tr.peak - base
             h.grad = w.grad = None

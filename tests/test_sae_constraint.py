@@ -479,11 +479,15 @@ def test_unchecked_out_of_range_cache_indices_are_never_read(device):
 
 
 def test_pin_autotune_keeps_one_config(monkeypatch):
-    """Data-parallel runs pin every autotuned kernel to its first config (ranks must pick the same tiles)."""
+    """Data-parallel runs pin every autotuned kernel of the table to its first config (ranks must pick the
+    same tiles)."""
     import triton
     from fpo_kernels import pin_autotune
-    for kernel in (sc._sae_pool_fwd_kernel, sc._sae_gate_kernel, sc._sae_dh_kernel):
-        first = kernel.configs[0]
-        monkeypatch.setattr(kernel, "configs", [first, triton.Config({}, num_warps=8)])
+    from fpo_kernels._dispatch import all_kernels
+    tuned = [k for k in all_kernels() if k.configs]
+    assert {k.name for k in tuned} == {"_sae_pool_fwd_kernel", "_sae_gate_kernel", "_sae_dh_kernel"}
+    for kernel in tuned:
+        first = kernel.jit.configs[0]
+        monkeypatch.setattr(kernel.jit, "configs", [first, triton.Config({}, num_warps=8)])
     pin_autotune()
-    assert all(len(k.configs) == 1 for k in (sc._sae_pool_fwd_kernel, sc._sae_gate_kernel, sc._sae_dh_kernel))
+    assert all(k.jit.configs == [k.jit.configs[0]] and k.jit.configs[0].num_warps != 8 for k in tuned)
