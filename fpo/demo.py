@@ -129,14 +129,8 @@ def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_p
          output_dir="runs/demo", lr=None, max_length=None, batch_size=None, seed=0, progress=True,
          entropy_samples=None, keep_models=False, log=print) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    d = dict(DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"])
-    for key, val in dict(steps=steps, train_pairs=train_pairs, eval_pairs=eval_pairs, lr=lr, max_length=max_length,
-                         batch_size=batch_size, entropy_samples=entropy_samples).items():
-        if val is not None:
-            d[key] = val
-    if d["max_prompt_length"] >= d["max_length"]:
-        d["max_prompt_length"] = d["max_length"] // 2
-    d["train_pairs"] = max(d["train_pairs"], d["batch_size"])
+    d = _settings(device, dict(steps=steps, train_pairs=train_pairs, eval_pairs=eval_pairs, lr=lr,
+                               max_length=max_length, batch_size=batch_size, entropy_samples=entropy_samples))
     os.makedirs(output_dir, exist_ok=True)
     t_start = time.time()
     log("[fpo demo] a few dozen CPU steps show the mechanics and the costs of each method, not alignment quality.")
@@ -163,66 +157,97 @@ def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_p
     log(f"[fpo demo] {next(stage)}/{stages} held-out evaluation of the starting model")
     before = evaluate(model_dir, **eval_kw)
 
-    runs, alphas = {}, {}
-    for i, name in enumerate(methods):
+    runs = {}
+    for name in methods:
         log(f"[fpo demo] {next(stage)}/{stages} training {name}, {d['steps']} steps")
         method = "fpo" if name.startswith("fpo") else name
-        out = os.path.join(output_dir, name)
         cfg = dict(method=method, model=model_dir, dataset=train_file, max_pairs=d["train_pairs"],
                    cache=caches["train"] if method in ("fpo", "dpo") else None,
                    sae=assets.DEMO_SAE if method == "fpo" else None, batch_size=d["batch_size"],
                    micro_batch_size=min(2, d["batch_size"]), max_steps=d["steps"], epochs=1000, lr=d["lr"],
-                   warmup_steps=2, seed=seed, output_dir=out, overwrite=True, log_every=1, progress=progress,
-                   device=device, save_optimizer=False, **lengths)
-        if name == "fpo":
-            alphas[name] = _matched_alpha(cfg, out + "-probe", log)
-            cfg.update(alpha=alphas[name]["alpha"], constraint_norm="ref")
-        elif name == "fpo-paper":
-            alphas[name] = {"alpha": PAPER_ALPHA, "probe_share": None}
-            cfg.update(alpha=PAPER_ALPHA, constraint_norm="none")
-        cfg_path = os.path.join(output_dir, f"{name}.json")
-        with open(cfg_path, "w") as f:
-            json.dump(cfg, f)
-        # its own process: a clean start from the same weights, and its own peak memory
-        subprocess.run([sys.executable, "-m", "fpo.cli", "train", "--config", cfg_path], check=True)
-        hist = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+                   warmup_steps=2, seed=seed, output_dir=os.path.join(output_dir, name), overwrite=True, log_every=1,
+                   progress=progress, device=device, save_optimizer=False, **lengths)
+        hist, alpha = _train(name, cfg, output_dir, log)
         log(f"[fpo demo] {next(stage)}/{stages} held-out evaluation after {name}")
-        after = evaluate(os.path.join(out, "final"), reference_model=model_dir, **eval_kw)
-        runs[name] = {"history": hist, "after": after, **alphas.get(name, {})}
+        final = os.path.join(cfg["output_dir"], "final")
+        runs[name] = {"history": hist, "after": evaluate(final, reference_model=model_dir, **eval_kw), **alpha}
         if not keep_models:   # the demo keeps metrics and the plot; --keep-models keeps the 540 MB model too
-            shutil.rmtree(os.path.join(out, "final"), ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
 
-    rows = []
     n_eval = before["pairs"] if "pairs" in before else d["eval_pairs"]
-    simpo = runs.get("simpo", {}).get("after", {})
-    for name, r in runs.items():
-        h = r["history"]
-        rows.append({
-            "method": name, "alpha": r.get("alpha"), "final_loss": h[-1]["loss"],
-            "acc_before": before["accuracy_logp"], "acc_after": r["after"]["accuracy_logp"],
-            "acc_se": _sampling_error(r["after"]["accuracy_logp"], n_eval),
-            "reward_acc": r["after"]["accuracy_reward"], "d": r["after"]["d"], "kl": r["after"]["kl"],
-            "d_vs_simpo": _ratio(r["after"]["d"], simpo.get("d")), "kl_vs_simpo": _ratio(r["after"]["kl"], simpo.get("kl")),
-            "entropy": r["after"]["entropy"],
-            "step_s": sum(x["step_time_s"] for x in h[1:] or h) / max(len(h[1:] or h), 1),
-            "peak_mb": max(x["peak_memory_mb"] for x in h),
-        })
-    mem = "peak MB (GPU alloc)" if str(device).startswith("cuda") else "peak MB (RSS)"
-    table = format_table(rows, [
-        ("method", "method", ""), ("alpha", "alpha", ".3g"), ("final_loss", "final loss", ".4f"),
-        ("acc_before", "held-out acc before", ".3f"), ("acc_after", "after", ".3f"), ("acc_se", "± s.e.", ".2f"),
-        ("reward_acc", "reward acc", ".3f"), ("d", "held-out D", ".3g"), ("d_vs_simpo", "D / simpo's", ".2f"),
-        ("kl", "held-out KL", ".3g"), ("kl_vs_simpo", "KL / simpo's", ".2f"), ("entropy", "entropy", ".3f"),
-        ("step_s", "step s", ".2f"), ("peak_mb", mem, ".0f"),
-    ])
+    rows = _table_rows(runs, before, n_eval)
     png = os.path.join(output_dir, "demo.png")
     _plot(runs, before, png, n_eval)
     result = {"settings": d, "device": str(device), "methods": list(methods), "before": before, "runs": runs,
               "table": rows, "seconds": time.time() - t_start,
               "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}}
     atomic_write_json(os.path.join(output_dir, "demo.json"), result)
+    _report(rows, device, n_eval, log)
+    log(f"A few dozen steps on {device} show the mechanics and the costs, not alignment quality. "
+        f"Written: {png}, {os.path.join(output_dir, 'demo.json')} ({time.time() - t_start:.0f} s)")
+    return result
+
+
+def _settings(device, overrides: dict) -> dict:
+    """The device's DEFAULTS with the given overrides (None: the default); the prompt at most half the length,
+    at least one batch of training pairs."""
+    d = dict(DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"])
+    d.update({key: val for key, val in overrides.items() if val is not None})
+    if d["max_prompt_length"] >= d["max_length"]:
+        d["max_prompt_length"] = d["max_length"] // 2
+    d["train_pairs"] = max(d["train_pairs"], d["batch_size"])
+    return d
+
+
+def _train(name, cfg: dict, output_dir, log):
+    """(the run's metrics, {alpha, probe_share} for the fpo variants): `name` trained from cfg in its own
+    process (a clean start from the same weights, and its own peak memory). The demo's fpo takes the matched
+    alpha with D over the reference's feature scale; fpo-paper the paper's alpha and D."""
+    alpha = {}
+    if name == "fpo":
+        alpha = _matched_alpha(cfg, cfg["output_dir"] + "-probe", log)
+        cfg.update(alpha=alpha["alpha"], constraint_norm="ref")
+    elif name == "fpo-paper":
+        alpha = {"alpha": PAPER_ALPHA, "probe_share": None}
+        cfg.update(alpha=PAPER_ALPHA, constraint_norm="none")
+    cfg_path = os.path.join(output_dir, f"{name}.json")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    subprocess.run([sys.executable, "-m", "fpo.cli", "train", "--config", cfg_path], check=True)
+    with open(os.path.join(cfg["output_dir"], "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f], alpha
+
+
+def _table_rows(runs: dict, before: dict, n_eval: int) -> list[dict]:
+    """One row per method: held-out accuracy before and after (with its sampling error), D and KL, each also
+    against SimPO's (the unconstrained peer), entropy, the mean step time after the first and the peak memory."""
+    rows = []
+    simpo = runs.get("simpo", {}).get("after", {})
+    for name, r in runs.items():
+        h, after = r["history"], r["after"]
+        rows.append({
+            "method": name, "alpha": r.get("alpha"), "final_loss": h[-1]["loss"],
+            "acc_before": before["accuracy_logp"], "acc_after": after["accuracy_logp"],
+            "acc_se": _sampling_error(after["accuracy_logp"], n_eval),
+            "reward_acc": after["accuracy_reward"], "d": after["d"], "kl": after["kl"],
+            "d_vs_simpo": _ratio(after["d"], simpo.get("d")), "kl_vs_simpo": _ratio(after["kl"], simpo.get("kl")),
+            "entropy": after["entropy"],
+            "step_s": sum(x["step_time_s"] for x in h[1:] or h) / max(len(h[1:] or h), 1),
+            "peak_mb": max(x["peak_memory_mb"] for x in h),
+        })
+    return rows
+
+
+def _report(rows, device, n_eval, log):
+    mem = "peak MB (GPU alloc)" if str(device).startswith("cuda") else "peak MB (RSS)"
     log("")
-    log(table)
+    log(format_table(rows, [
+        ("method", "method", ""), ("alpha", "alpha", ".3g"), ("final_loss", "final loss", ".4f"),
+        ("acc_before", "held-out acc before", ".3f"), ("acc_after", "after", ".3f"), ("acc_se", "± s.e.", ".2f"),
+        ("reward_acc", "reward acc", ".3f"), ("d", "held-out D", ".3g"), ("d_vs_simpo", "D / simpo's", ".2f"),
+        ("kl", "held-out KL", ".3g"), ("kl_vs_simpo", "KL / simpo's", ".2f"), ("entropy", "entropy", ".3f"),
+        ("step_s", "step s", ".2f"), ("peak_mb", mem, ".0f"),
+    ]))
     log("")
     log(f"held-out acc: fraction of the {n_eval} held-out pairs whose chosen response has the higher mean log-prob "
         f"(± its sampling error: one pair is {1 / max(n_eval, 1):.2f}); reward acc: the same with the implicit reward "
@@ -230,6 +255,3 @@ def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_p
         "reference's (FPO's claim: lower than an unconstrained method's); held-out KL: sequential KL(pi_ref || pi) "
         "per response; '/ simpo's': each method's D and KL against SimPO's, the unconstrained peer (below 1: held "
         "closer to the reference); entropy: per token, of sampled responses.")
-    log(f"A few dozen steps on {device} show the mechanics and the costs, not alignment quality. "
-        f"Written: {png}, {os.path.join(output_dir, 'demo.json')} ({time.time() - t_start:.0f} s)")
-    return result

@@ -55,90 +55,99 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
     ("error" stops at a bad row, "skip" skips and reports it). precision: the forward's policy (fpo.precision),
     with bf16 weights under any bf16 policy: an evaluated model is frozen."""
     cfg = EvalConfig(model=model, dataset=dataset, **options)
-    cache, reference_model, packing, pooling = cfg.cache, cfg.reference_model, cfg.packing, cfg.pooling
-    sae, k, select = cfg.sae, cfg.k, cfg.select
     device = resolve_device(cfg.device or None)
     prec = resolve_precision(cfg.precision, device)
-    dtype = prec.frozen_dtype
     if isinstance(model, str):
         tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model_for_layout(model, dtype, device, packing)
+        model = load_model_for_layout(model, prec.frozen_dtype, device, cfg.packing)
     model.eval()
-    ref_model = reference_model
-    if isinstance(reference_model, str):
-        ref_model = load_model_for_layout(reference_model, dtype, device, packing, model.config._attn_implementation).eval()
-    ref_cache = ReferenceCache(cache) if isinstance(cache, str) else cache
-    if ref_cache is not None and sae is not None and ref_cache.meta.get("pooling", "response") != pooling:
-        raise ValueError(f"cache {ref_cache.path} pooled the reference's features with pooling "
-                         f"{ref_cache.meta.get('pooling', 'response')!r}, this eval uses {pooling!r}: pass --pooling "
-                         f"{ref_cache.meta.get('pooling', 'response')} (as the run trained)")
-    saes = load_saes(sae_specs(sae, cfg.sae_layer, cfg.sae_weight), device)
-    if len(saes) == 1 and saes[0].layer is None and ref_cache is not None:   # one SAE, its layer from the cache
-        saes[0].layer = ref_cache.meta.get("layer")
+    ref_model = cfg.reference_model
+    if isinstance(ref_model, str):
+        ref_model = load_model_for_layout(ref_model, prec.frozen_dtype, device, cfg.packing,
+                                          model.config._attn_implementation).eval()
+    ref_cache = ReferenceCache(cfg.cache) if isinstance(cfg.cache, str) else cfg.cache
+    saes, keys = _saes_in_cache(cfg, model, ref_cache, device)
     items = tokenize_pairs(load_pairs(dataset, cfg.max_pairs, cfg.bad_rows, log=log, split=cfg.split), tokenizer,
                            cfg.max_length, cfg.max_prompt_length)
-    keys, caps = [], {}
-    if saes and ref_cache is not None and ref_cache.has_features:
-        for spec in saes:
-            check_sae_fits(model, spec.sae, spec.layer)
-        keys = [ref_cache.find_sae(s.sae.fingerprint(), s.layer, s.name)["key"] for s in saes]  # tensors in the cache
-        if k > ref_cache.K:
-            raise ValueError(f"k ({k}) exceeds the cache's K ({ref_cache.K}): features outside the cached top-K would "
-                             f"count as 0 for the reference and inflate D; pass --k <= {ref_cache.K}")
-        caps = {layer: ResidualCapture(model, layer) for layer in sorted({s.layer for s in saes})}
-    ds = [[] for _ in keys]
-    acc_logp, acc_reward, kls = [], [], []
+    caps = {layer: ResidualCapture(model, layer) for layer in sorted({s.layer for s in saes})} if keys else {}
     try:
         with prec.autocast(device):
-            for b in range(0, len(items), cfg.batch_pairs):
-                chunk = items[b:b + cfg.batch_pairs]
-                P = len(chunk)
-                batch = collate(chunk, packing, tokenizer.pad_token_id, attention_length_scale(model))
-                spans, factor = pooling_rows(batch, chunk, pooling)
-                rows, labels, seq = (batch[name].to(device) for name in ("pred_rows", "labels", "seq_ids"))
-                hidden = body_hidden(model, batch, device)
-                w, bias = lm_head(model)
-                _, mean, _ = sequence_logprobs(hidden, w, softcap=final_softcap(model), bias=bias, rows=rows,
-                                               labels=labels, seq_ids=seq, num_seqs=2 * P)
-                acc_logp.append((mean[:P] > mean[P:]).float())
-                if ref_cache is not None:
-                    ref = ref_cache.reference(batch["ids"], batch["row_hash"], device)     # [2P], chosen first
-                    reward = mean - ref["logp_mean"]
-                    rw_, rl_ = reward[:P], reward[P:]
-                    acc_reward.append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())
-                    resid = {layer: cap.pop() for layer, cap in caps.items()}
-                    for spec, key, out in zip(saes, keys, ds):
-                        r = resid[spec.layer]
-                        d = sae_feature_mse(r.reshape(-1, r.shape[-1]), None, spec.sae, ref["idx" + key],
-                                            ref["val" + key], k, select, spans=spans.cpu())
-                        out.append(d if factor is None else d * factor.to(d))
-                if ref_model is not None:
-                    rh = body_hidden(ref_model, batch, device)
-                    kl = fused_linear_kl(hidden[rows], w, rh[rows], lm_head(ref_model)[0],
-                                         torch.ones(rows.numel(), dtype=torch.bool, device=device), final_softcap(model))
-                    kls.append(torch.zeros(2 * P, device=device).index_add(0, seq, kl))
+            scores = _score(cfg, model, tokenizer.pad_token_id, ref_model, ref_cache, saes, keys, caps, items, device)
     finally:
         for cap in caps.values():
             cap.remove()
+    return {
+        "pairs": len(items),
+        **_summary(cfg, scores, saes, keys, ref_cache),
+        "entropy": _sample_entropy(model, tokenizer, items, cfg.entropy_samples, cfg.max_new_tokens, device, cfg.seed),
+    }
 
+
+def _saes_in_cache(cfg: EvalConfig, model, ref_cache, device):
+    """(the SAE specs, the key of each one's tensors in the cache): keys only when the cache holds features."""
+    pooled = ref_cache.meta.get("pooling", "response") if ref_cache is not None else None
+    if pooled is not None and cfg.sae is not None and pooled != cfg.pooling:
+        raise ValueError(f"cache {ref_cache.path} pooled the reference's features with pooling {pooled!r}, this eval "
+                         f"uses {cfg.pooling!r}: pass --pooling {pooled} (as the run trained)")
+    saes = load_saes(sae_specs(cfg.sae, cfg.sae_layer, cfg.sae_weight), device)
+    if len(saes) == 1 and saes[0].layer is None and ref_cache is not None:   # one SAE, its layer from the cache
+        saes[0].layer = ref_cache.meta.get("layer")
+    if not (saes and ref_cache is not None and ref_cache.has_features):
+        return saes, []
+    for spec in saes:
+        check_sae_fits(model, spec.sae, spec.layer)
+    if cfg.k > ref_cache.K:
+        raise ValueError(f"k ({cfg.k}) exceeds the cache's K ({ref_cache.K}): features outside the cached top-K would "
+                         f"count as 0 for the reference and inflate D; pass --k <= {ref_cache.K}")
+    return saes, [ref_cache.find_sae(s.sae.fingerprint(), s.layer, s.name)["key"] for s in saes]
+
+
+def _score(cfg: EvalConfig, model, pad_id, ref_model, ref_cache, saes, keys, caps, items, device) -> dict:
+    """Per-pair and per-sequence scores of every batch, on the device: acc_logp, acc_reward, kl, and one D list
+    per SAE."""
+    scores = {"acc_logp": [], "acc_reward": [], "kl": [], "d": [[] for _ in keys]}
+    w, bias = lm_head(model)
+    for b in range(0, len(items), cfg.batch_pairs):
+        chunk = items[b:b + cfg.batch_pairs]
+        P = len(chunk)
+        batch = collate(chunk, cfg.packing, pad_id, attention_length_scale(model))
+        spans, factor = pooling_rows(batch, chunk, cfg.pooling)
+        rows, labels, seq = (batch[name].to(device) for name in ("pred_rows", "labels", "seq_ids"))
+        hidden = body_hidden(model, batch, device)
+        _, mean, _ = sequence_logprobs(hidden, w, softcap=final_softcap(model), bias=bias, rows=rows,
+                                       labels=labels, seq_ids=seq, num_seqs=2 * P)
+        scores["acc_logp"].append((mean[:P] > mean[P:]).float())
+        if ref_cache is not None:
+            ref = ref_cache.reference(batch["ids"], batch["row_hash"], device)     # [2P], chosen first
+            reward = mean - ref["logp_mean"]
+            rw_, rl_ = reward[:P], reward[P:]
+            scores["acc_reward"].append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())   # a tie counts half
+            resid = {layer: cap.pop() for layer, cap in caps.items()}
+            for spec, key, out in zip(saes, keys, scores["d"]):
+                r = resid[spec.layer]
+                d = sae_feature_mse(r.reshape(-1, r.shape[-1]), None, spec.sae, ref["idx" + key], ref["val" + key],
+                                    cfg.k, cfg.select, spans=spans.cpu())
+                out.append(d if factor is None else d * factor.to(d))
+        if ref_model is not None:
+            rh = body_hidden(ref_model, batch, device)
+            kl = fused_linear_kl(hidden[rows], w, rh[rows], lm_head(ref_model)[0],
+                                 torch.ones(rows.numel(), dtype=torch.bool, device=device), final_softcap(model))
+            scores["kl"].append(torch.zeros(2 * P, device=device).index_add(0, seq, kl))
+    return scores
+
+
+def _summary(cfg: EvalConfig, scores, saes, keys, ref_cache) -> dict:
+    """The means; D as training weighs it (sum of weight x each SAE's D), and over each SAE's recorded
+    reference feature scale (what constraint_norm "ref" trains on)."""
     def mean_of(xs):
         return float(torch.cat(xs).mean()) if xs else None
 
-    per_sae = [mean_of(x) for x in ds]
+    per_sae = [mean_of(x) for x in scores["d"]]
     d = sum(s.weight * v for s, v in zip(saes, per_sae)) if per_sae and None not in per_sae else None
-    # under constraint_norm "ref" each SAE's D is divided by its recorded feature scale
     scales = [next((e.get("feature_scale") for e in ref_cache.saes if e["key"] == key), None) for key in keys]
     d_over_scale = None
-    if d is not None and all(sc and k <= len(sc) for sc in scales):
-        d_over_scale = sum(s.weight * v / ref_cache.feature_scale(k, key) for s, v, key in zip(saes, per_sae, keys))
+    if d is not None and all(sc and cfg.k <= len(sc) for sc in scales):
+        d_over_scale = sum(s.weight * v / ref_cache.feature_scale(cfg.k, key) for s, v, key in zip(saes, per_sae, keys))
     each = {f"d[{s.name}@{s.layer}]": v for s, v in zip(saes, per_sae)} if len(per_sae) > 1 else {}
-    return {
-        "pairs": len(items),
-        "accuracy_logp": mean_of(acc_logp),
-        "accuracy_reward": mean_of(acc_reward),
-        "kl": mean_of(kls),
-        "d": d,
-        "d_over_scale": d_over_scale,
-        **each,
-        "entropy": _sample_entropy(model, tokenizer, items, cfg.entropy_samples, cfg.max_new_tokens, device, cfg.seed),
-    }
+    return {"accuracy_logp": mean_of(scores["acc_logp"]), "accuracy_reward": mean_of(scores["acc_reward"]),
+            "kl": mean_of(scores["kl"]), "d": d, "d_over_scale": d_over_scale, **each}
