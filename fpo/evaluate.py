@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from fpo_kernels import fused_linear_kl, sae_feature_mse, sequence_logprobs
-
 from .cache import ReferenceCache
 from .config import EvalConfig, sae_specs
 from .data import load_pairs, tokenize_pairs
-from .model import ResidualCapture, final_softcap, lm_head, load_model_for_layout, load_tokenizer, resolve_device
-from .packing import attention_length_scale, body_hidden, collate, pooling_rows
+from .model import load_model_for_layout, load_tokenizer, resolve_device
+from .packing import attention_length_scale, collate, pooling_rows
 from .precision import resolve_precision
 from .precompute import check_sae_fits
 from .sae import load_saes
+from .step import PolicyStats, reference_side
 
 __all__ = ["evaluate"]
 
@@ -69,13 +68,12 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
     saes, keys = _saes_in_cache(cfg, model, ref_cache, device)
     items = tokenize_pairs(load_pairs(dataset, cfg.max_pairs, cfg.bad_rows, log=log, split=cfg.split), tokenizer,
                            cfg.max_length, cfg.max_prompt_length)
-    caps = {layer: ResidualCapture(model, layer) for layer in sorted({s.layer for s in saes})} if keys else {}
+    policy = PolicyStats(model, k=cfg.k, select=cfg.select, saes=[(x.sae, x.layer, x.weight, 1.0) for x in saes] if keys
+                         else [], autocast=prec.autocast, check_inputs=True)
     try:
-        with prec.autocast(device):
-            scores = _score(cfg, model, tokenizer.pad_token_id, ref_model, ref_cache, saes, keys, caps, items, device)
+        scores = _score(cfg, policy, tokenizer.pad_token_id, ref_model, ref_cache, keys, items, device)
     finally:
-        for cap in caps.values():
-            cap.remove()
+        policy.remove_hooks()
     return {
         "pairs": len(items),
         **_summary(cfg, scores, saes, keys, ref_cache),
@@ -102,37 +100,28 @@ def _saes_in_cache(cfg: EvalConfig, model, ref_cache, device):
     return saes, [ref_cache.find_sae(s.sae.fingerprint(), s.layer, s.name)["key"] for s in saes]
 
 
-def _score(cfg: EvalConfig, model, pad_id, ref_model, ref_cache, saes, keys, caps, items, device) -> dict:
-    """Per-pair and per-sequence scores of every batch, on the device: acc_logp, acc_reward, kl, and one D list
-    per SAE."""
+def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, keys, items, device) -> dict:
+    """Per-pair and per-sequence scores of every batch, on the device, from the statistics a training step
+    computes (fpo.step): acc_logp, acc_reward, kl, and one D list per SAE."""
     scores = {"acc_logp": [], "acc_reward": [], "kl": [], "d": [[] for _ in keys]}
-    w, bias = lm_head(model)
+    row_scale = attention_length_scale(policy.model)
     for b in range(0, len(items), cfg.batch_pairs):
         chunk = items[b:b + cfg.batch_pairs]
         P = len(chunk)
-        batch = collate(chunk, cfg.packing, pad_id, attention_length_scale(model))
-        spans, factor = pooling_rows(batch, chunk, cfg.pooling)
-        rows, labels, seq = (batch[name].to(device) for name in ("pred_rows", "labels", "seq_ids"))
-        hidden = body_hidden(model, batch, device)
-        _, mean, _ = sequence_logprobs(hidden, w, softcap=final_softcap(model), bias=bias, rows=rows,
-                                       labels=labels, seq_ids=seq, num_seqs=2 * P)
+        batch = collate(chunk, cfg.packing, pad_id, row_scale)
+        batch["spans"], batch["d_factor"] = pooling_rows(batch, chunk, cfg.pooling)
+        reference, kw = reference_side(batch, device, ref_cache, keys, ref_model, autocast=policy.autocast)
+        stats = policy(batch, **kw)
+        mean = stats["logp_mean"]
         scores["acc_logp"].append((mean[:P] > mean[P:]).float())
-        if ref_cache is not None:
-            ref = ref_cache.reference(batch["ids"], batch["row_hash"], device)     # [2P], chosen first
-            reward = mean - ref["logp_mean"]
+        if reference is not None:
+            reward = mean - reference["logp_mean"]                                   # [2P], chosen first
             rw_, rl_ = reward[:P], reward[P:]
             scores["acc_reward"].append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())   # a tie counts half
-            resid = {layer: cap.pop() for layer, cap in caps.items()}
-            for spec, key, out in zip(saes, keys, scores["d"]):
-                r = resid[spec.layer]
-                d = sae_feature_mse(r.reshape(-1, r.shape[-1]), None, spec.sae, ref["idx" + key], ref["val" + key],
-                                    cfg.k, cfg.select, spans=spans.cpu())
-                out.append(d if factor is None else d * factor.to(d))
-        if ref_model is not None:
-            rh = body_hidden(ref_model, batch, device)
-            kl = fused_linear_kl(hidden[rows], w, rh[rows], lm_head(ref_model)[0],
-                                 torch.ones(rows.numel(), dtype=torch.bool, device=device), final_softcap(model))
-            scores["kl"].append(torch.zeros(2 * P, device=device).index_add(0, seq, kl))
+        for out, d in zip(scores["d"], stats["d_each"] if keys else []):
+            out.append(d)
+        if "kl" in stats:
+            scores["kl"].append(stats["kl"])
     return scores
 
 

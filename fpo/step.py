@@ -1,8 +1,10 @@
-"""One training step's statistics and loss, shared by the trainer and the tools that measure it.
+"""One training step's statistics and loss, shared by the trainer, evaluation and the tools that measure them.
 
 PolicyStats wraps the policy so that everything touching its weights (body, lm head, SAE constraint, and TDPO's
 reference when it is the policy with its LoRA adapters off) runs inside one forward, as DDP and FSDP need;
-compute_loss gives the run's loss on those statistics and the reference side (fpo_kernels.losses.preference_loss).
+reference_side gives a micro-batch's reference (the cached statistics, the cached features PolicyStats compares
+against, a reference model's final hidden states); compute_loss gives the run's loss on both
+(fpo_kernels.losses.preference_loss).
 """
 from __future__ import annotations
 
@@ -19,18 +21,20 @@ from .losses import preference_loss
 from .model import ResidualCapture, final_softcap, lm_head
 from .packing import body_hidden
 
-__all__ = ["PolicyStats", "compute_loss"]
+__all__ = ["PolicyStats", "reference_side", "compute_loss"]
 
 
 class PolicyStats(nn.Module):
     """Wraps the policy so that everything touching its weights (body, lm head) runs inside forward:
     DDP and FSDP2 see one forward. Returns per-sequence statistics for the 2P sequences of a micro-batch.
-    SAEs: one (sae at layer), or saes = [(SAEWeights, layer, weight, scale)]: D = sum of weight x D_sae / scale,
-    one forward hook per layer."""
+    SAEs: one (sae at layer), or saes = [(SAEWeights, layer, weight, scale)]: D = sum of weight x D_sae / scale
+    ("d"), and each SAE's own D ("d_each", [n_saes, 2P]), one forward hook per layer. check_inputs: sae_feature_mse's checks of
+    the cached features (off in training, whose cache was checked once when the run started)."""
 
     def __init__(self, model, sae=None, layer=None, k=50, select="policy", saes=None, autocast=None,
-                 adapters_off=None):
+                 adapters_off=None, check_inputs=False):
         super().__init__()
+        self.check_inputs = check_inputs
         self.model = model
         self.adapters_off = adapters_off   # LoRA: a context in which the model is the frozen base (TDPO's reference)
         self.autocast = autocast or (lambda device: nullcontext())   # the precision policy's forward context
@@ -79,16 +83,40 @@ class PolicyStats(nn.Module):
         if self.saes:
             resid = {L: cap.pop() for L, cap in self.captures.items()}
             refs = ref_features if ref_features is not None else [(ref_idx, ref_val)]
+            each = []
             with record_function("fpo::sae_constraint"):
                 for (sae, layer, weight, scale), (idx, val) in zip(self.saes, refs):
                     r = resid[layer]
                     # spans stay on the host: the kernels lay out their row tiles from them with no device sync
-                    d = sae_feature_mse(r.reshape(-1, r.shape[-1]), None, sae, idx, val, self.k, self.select,
-                                        check_inputs=False, spans=batch["spans"].cpu()) * (weight / scale)
-                    if batch.get("d_factor") is not None:   # pooling "authors" (fpo.packing.pooling_rows)
-                        d = d * batch["d_factor"].to(d)
+                    raw = sae_feature_mse(r.reshape(-1, r.shape[-1]), None, sae, idx, val, self.k, self.select,
+                                          check_inputs=self.check_inputs, spans=batch["spans"].cpu())
+                    d, factor = raw * (weight / scale), batch.get("d_factor")
+                    if factor is not None:   # pooling "authors" (fpo.packing.pooling_rows)
+                        d, raw = d * factor.to(d), raw * factor.to(raw)
+                    each.append(raw)
                     out["d"] = d if "d" not in out else out["d"] + d
+            out["d_each"] = torch.stack(each)
         return out
+
+
+def reference_side(batch, device, cache=None, sae_keys=(), ref_model=None, reference_is_base=False,
+                   autocast=None):
+    """(the reference's cached statistics in the [2P] layout or None, what PolicyStats takes of the reference):
+    the cached features of each SAE (its key in the cache, sae_keys), a reference model's final hidden states on
+    the batch's layout and its lm head (its log-probs then come with the KL, from one pass over both models'
+    logits), or, reference_is_base, the policy with its LoRA adapters off."""
+    reference = None if cache is None else cache.reference(batch["ids"], batch["row_hash"], device)
+    kw = {}
+    if sae_keys:
+        kw["ref_features"] = [(reference["idx" + key], reference["val" + key]) for key in sae_keys]
+    if ref_model is not None:
+        with torch.no_grad(), (autocast or (lambda d: nullcontext()))(device):
+            rh = body_hidden(ref_model, batch, device)
+        rw, rb = lm_head(ref_model)
+        kw.update(ref_hidden=rh, ref_weight=rw.detach(), ref_bias=None if rb is None else rb.detach())
+    elif reference_is_base:
+        kw["reference_without_adapters"] = True
+    return reference, kw
 
 
 def compute_loss(cfg: TrainConfig, stats: dict, reference: dict | None):

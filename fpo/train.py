@@ -27,16 +27,16 @@ from .files import atomic_write_json
 from .config import TrainConfig, config_from_dict
 from .data import load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .lora import add_adapters, describe_lora
-from .model import (config_fingerprint, enable_activation_checkpointing, final_softcap, lm_head,
+from .model import (config_fingerprint, enable_activation_checkpointing, final_softcap,
                     load_model_for_layout, load_tokenizer, model_fingerprint, resolve_device)
-from .packing import attention_length_scale, body_hidden, collate, micro_batch_tokens, plan_micro_batches, pooling_rows
+from .packing import attention_length_scale, collate, micro_batch_tokens, plan_micro_batches, pooling_rows
 from .precision import SAVE_DTYPES, describe_precision, make_optimizer, resolve_precision
 from .precompute import check_sae_fits
 from .run_dir import (Checkpointer, check_resumable, checkpoints, claim_output_dir, find_checkpoint, load_adapters,
                       read_state, written)
 from .run_log import RunLog
 from .sae import load_saes
-from .step import PolicyStats, compute_loss
+from .step import PolicyStats, compute_loss, reference_side
 
 __all__ = ["train", "PolicyStats", "Trainer", "NonFiniteLossError"]
 
@@ -251,29 +251,13 @@ class Trainer:
                  f"{real / max(body, 1):.0%} of them distinct; {body / max(padded, 1):.2f}x the padded layout's {padded}")
 
     # ---- one step -------------------------------------------------------------------------------
-    def _reference(self, batch):
-        """(the reference's cached statistics in the [2P] layout or None, what the policy forward takes of the
-        reference side): the cached features (fpo), TDPO's reference body on the same layout (its log-probs
-        then come with the KL, from one pass over both models' logits), or the policy with its adapters off."""
-        reference = None if self.cache is None else self.cache.reference(batch["ids"], batch["row_hash"], self.device)
-        if self.cfg.method == "fpo":
-            return reference, dict(ref_features=[(reference["idx" + key], reference["val" + key])
-                                                 for key in self.sae_keys])
-        if self.ref_model is not None:
-            with torch.no_grad(), self.precision.autocast(self.device):
-                rh = body_hidden(self.ref_model, batch, self.device)
-            rw, rb = lm_head(self.ref_model)
-            return reference, dict(ref_hidden=rh, ref_weight=rw.detach(), ref_bias=None if rb is None else rb.detach())
-        if self.reference_is_base:
-            return reference, dict(reference_without_adapters=True)
-        return reference, {}
-
     def _losses(self, items):
         """(losses [P], metrics, batch) of one micro-batch: the policy forward and the reference side."""
         cfg = self.cfg
         batch = collate(items, cfg.packing, self.tokenizer.pad_token_id, self.row_scale)
         batch["spans"], batch["d_factor"] = pooling_rows(batch, items, cfg.pooling)
-        reference, kw = self._reference(batch)
+        reference, kw = reference_side(batch, self.device, self.cache, self.sae_keys, self.ref_model,
+                                       self.reference_is_base, self.precision.autocast)
         stats = self.wrapped(batch, **kw)
         if "ref_logp_sum" in stats:   # TDPO: the reference's log-probs came with the KL
             reference = {"logp_sum": stats["ref_logp_sum"]}
