@@ -65,8 +65,8 @@ def token_table(dataset, tok, max_lengths, pairs_per_mb, attention_scale):
     return rows, len(pairs)
 
 
-def _train_once(layout, model_dir, dataset, cache, max_length, pairs_per_mb, steps, out, max_tokens=None):
-    cfg = dict(method="fpo", model=model_dir, dataset=dataset, cache=cache, sae=assets.DEMO_SAE, max_length=max_length,
+def _train_once(layout, model_dir, sae, dataset, cache, max_length, pairs_per_mb, steps, out, max_tokens=None):
+    cfg = dict(method="fpo", model=model_dir, dataset=dataset, cache=cache, sae=sae, max_length=max_length,
                max_prompt_length=max_length // 2, batch_size=pairs_per_mb, micro_batch_size=pairs_per_mb,
                max_tokens=max_tokens, packing=layout, max_steps=steps, lr=1e-6, warmup_steps=0, log_every=1,
                output_dir=out, progress=False, device="cpu", max_pairs=pairs_per_mb * steps)
@@ -78,18 +78,20 @@ def _train_once(layout, model_dir, dataset, cache, max_length, pairs_per_mb, ste
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def time_table(dataset, max_length, pairs_per_mb, steps, work):
-    """FPO steps on the demo model per layout: mean step time (first step excluded), time per pair, peak RSS."""
+def time_table(dataset, max_length, pairs_per_mb, steps, work, model_dir=None, sae=None):
+    """FPO steps per layout (the demo model and SAE unless given): mean step time (first step excluded), time per
+    pair, peak RSS."""
     from fpo.precompute import precompute
-    model_dir = assets.ensure_demo_model()
+    model_dir = model_dir or assets.ensure_demo_model()
+    sae = sae or assets.DEMO_SAE
     n = pairs_per_mb * steps
     cache = os.path.join(work, "cache")
-    precompute(model_dir, dataset, cache, sae=assets.DEMO_SAE, max_length=max_length, max_prompt_length=max_length // 2,
+    precompute(model_dir, dataset, cache, sae=sae, max_length=max_length, max_prompt_length=max_length // 2,
                max_pairs=n, batch_pairs=pairs_per_mb, device="cpu", overwrite=True, progress=False, log=lambda *a: None)
     rows = []
     for layout, budget in [(lay, None) for lay in LAYOUTS] + [("share-prompt", pairs_per_mb * max_length)]:
         name = layout + (f" max_tokens={budget}" if budget else "")
-        hist = _train_once(layout, model_dir, dataset, cache, max_length, pairs_per_mb, steps,
+        hist = _train_once(layout, model_dir, sae, dataset, cache, max_length, pairs_per_mb, steps,
                            os.path.join(work, name.replace(" ", "_").replace("=", "")), budget)
         timed = hist[1:] or hist
         step_s = statistics.mean(h["step_time_s"] for h in timed)
@@ -111,6 +113,8 @@ def main(argv=None):
     p.add_argument("--time-steps", type=int, default=4, help="FPO steps per layout in part 2 (0: skip part 2)")
     p.add_argument("--time-max-length", type=int, default=1024)
     p.add_argument("--time-pairs-per-mb", type=int, default=2)
+    p.add_argument("--model", default=None, help="the model part 2 trains (a local folder; default: the demo model)")
+    p.add_argument("--sae", default=None, help="the SAE part 2 constrains with (default: the demo SAE)")
     p.add_argument("--out", default=None, help="write JSON and markdown here")
     args = p.parse_args(argv)
     from fpo.model import load_model, load_tokenizer
@@ -128,9 +132,10 @@ def main(argv=None):
     time_rows = []
     if args.time_steps > 0:
         with tempfile.TemporaryDirectory() as work:
-            time_rows = time_table(args.dataset, args.time_max_length, args.time_pairs_per_mb, args.time_steps, work)
+            time_rows = time_table(args.dataset, args.time_max_length, args.time_pairs_per_mb, args.time_steps, work,
+                                   args.model, args.sae)
         write_results("bench_packing_time", time_rows, env, args.out,
-                      f"FPO on {assets.MODEL_NAME}, fp32, {args.time_pairs_per_mb} pairs per step and micro-batch, "
+                      f"FPO on {args.model or assets.MODEL_NAME}, fp32, {args.time_pairs_per_mb} pairs per step and micro-batch, "
                       f"max_length {args.time_max_length}, {args.time_steps} steps per layout (the first not timed); "
                       "peak_rss_mb: each run's own process; time_vs_off, memory_vs_off: against the padded layout.")
     return rows, time_rows

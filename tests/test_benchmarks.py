@@ -104,13 +104,15 @@ def test_step_estimate_on_fake_tensors(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_packing_benchmark_runs(tmp_path):
+def test_packing_benchmark_runs(tiny, tmp_path, monkeypatch):
     """bench_packing at a toy size: the token table (share-prompt never more tokens than pack, pack never more
-    than off) and the timed FPO runs of every layout on the demo model."""
+    than off) and the timed FPO runs of every layout (on the tiny model: the runs' mechanics, not their speed)."""
     from benchmarks import bench_packing
     from fpo import assets
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # the cache: the plain-PyTorch path (the kernels have own tests)
     rows, time_rows = bench_packing.main(["--dataset", assets.EVAL_PAIRS, "--max-lengths", "64", "--pairs-per-mb", "2",
-                                          "--time-steps", "2", "--time-max-length", "64", "--out", str(tmp_path)])
+                                          "--time-steps", "2", "--time-max-length", "64", "--model", tiny["model"],
+                                          "--sae", tiny["sae"], "--out", str(tmp_path)])
     by = {r["layout"]: r["tokens"] for r in rows}
     for how in ("stream", "rows"):
         assert by[f"share-prompt {how}"] <= by[f"pack {how}"] <= by["off"] and by[f"share-prompt {how}"] < by["off"]

@@ -24,7 +24,9 @@ QUIET = dict(log=lambda *a: None)
 @pytest.fixture(scope="module")
 def cache(tiny, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cache") / "c")
-    precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], K=32, progress=False, **LEN)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")   # set up before the tests' no_interpreter: the plain-PyTorch path, fast
+        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], K=32, progress=False, **LEN)
     return out
 
 
