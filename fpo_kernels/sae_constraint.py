@@ -236,6 +236,8 @@ SAE_DH = Kernel(
     tiles=dict(BT=64, BK=64), interpreted_tiles=dict(BT=16, BK=32), dot=True, autotune_key=["D", "K"],
     configs=[(dict(BD=64), 4, 3), (dict(BD=128), 8, 3)], interpreted_config=dict(BD=32))
 KERNELS = (SAE_POOL_FWD, SAE_POOL_REDUCE, SAE_GATE, SAE_DH)
+# the gate and dh walk one tile table, laid out for one row-tile height
+assert (SAE_GATE.tiles, SAE_GATE.interpreted_tiles) == (SAE_DH.tiles, SAE_DH.interpreted_tiles)
 
 
 # ------------------------------------------------------------------------------------------------
