@@ -38,3 +38,8 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def local_shard(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's local part: this rank's shard of an FSDP (DTensor) parameter, else the parameter."""
+    return p.to_local() if hasattr(p, "to_local") else p

@@ -11,8 +11,7 @@ from .data import load_pairs, tokenize_pairs
 from .model import load_model_for_layout, load_tokenizer, resolve_device
 from .packing import attention_length_scale, collate, pooling_rows
 from .precision import resolve_precision
-from .precompute import check_sae_fits
-from .sae import load_saes
+from .sae import cached_sae_keys, load_saes
 from .step import PolicyStats, reference_side
 
 __all__ = ["evaluate"]
@@ -88,17 +87,9 @@ def _saes_in_cache(cfg: EvalConfig, model, ref_cache, device):
         raise ValueError(f"cache {ref_cache.path} pooled the reference's features with pooling {pooled!r}, this eval "
                          f"uses {cfg.pooling!r}: pass --pooling {pooled} (as the run trained)")
     saes = load_saes(sae_specs(cfg.sae, cfg.sae_layer, cfg.sae_weight), device)
-    if len(saes) == 1 and saes[0].layer is None and ref_cache is not None:   # one SAE, its layer from the cache
-        saes[0].layer = ref_cache.meta.get("layer")
     if not (saes and ref_cache is not None and ref_cache.has_features):
         return saes, []
-    for spec in saes:
-        check_sae_fits(model, spec.sae, spec.layer)
-    if cfg.k > ref_cache.K:
-        raise ValueError(f"k ({cfg.k}) exceeds the cache's K ({ref_cache.K}): features outside the cached top-K would "
-                         f"count as 0 for the reference and inflate D; pass --k <= {ref_cache.K}")
-    return saes, [ref_cache.find_sae(s.sae.fingerprint(), s.layer, s.name)["key"] for s in saes]
-
+    return saes, cached_sae_keys(ref_cache, saes, model, cfg.k, cfg.select)
 
 def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, keys, items, device) -> dict:
     """Per-pair and per-sequence scores of every batch, on the device, from the statistics a training step

@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from .distributed import local_shard
+
 __all__ = ["add_adapters", "adapter_weights", "load_adapter_weights", "merged_weights", "save_adapter_config",
            "describe_lora", "ADAPTER_WEIGHTS"]
 
@@ -112,9 +114,8 @@ def save_adapter_config(peft_model, folder: str, base: str):
 
 def describe_lora(cfg, trained, all_params, precision) -> str:
     """The line a LoRA run logs once: the adapters' size against the model's (under FSDP: this rank's shards)."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in trained]
-    n = sum(p.numel() for p in local)
-    total = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in all_params)
+    n = sum(local_shard(p).numel() for p in trained)
+    total = sum(local_shard(p).numel() for p in all_params)
     return (f"[fpo] LoRA r={cfg.lora_r}, alpha {cfg.lora_alpha_value:g} on {cfg.lora_target_modules}: "
             f"{n / 1e6:.2f}M trainable of {total / 1e6:.1f}M parameters ({n / total:.2%}); the base weights "
             f"are frozen in {str(precision.frozen_dtype).removeprefix('torch.')}")

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import local_shard
+
 __all__ = ["PRECISIONS", "OPTIMIZERS", "Precision", "resolve_precision", "make_optimizer", "updates_round_away",
            "describe_precision", "SAVE_DTYPES"]
 
@@ -113,15 +115,11 @@ def updates_round_away(params, lr: float, dtype=torch.bfloat16) -> tuple[bool, f
     return lr < spacing / 2 * median, median
 
 
-def _local(p):
-    return p.to_local() if hasattr(p, "to_local") else p   # FSDP: this rank's shard
-
-
 def describe_precision(prec: Precision, params, optimizer: str, lr: float, trained: str = "") -> list[str]:
     """What the precision policy costs the trained parameters (under FSDP: this rank's shards), and under
     bf16-pure a warning when lr is below the bf16 resolution of the typical weight (most updates would round
     away). The lines a run logs once."""
-    params = [_local(p) for p in params]
+    params = [local_shard(p) for p in params]
     n = sum(p.numel() for p in params)
     per = prec.bytes_per_parameter(optimizer)
     lines = [f"[fpo] precision {prec.name}: {str(prec.param_dtype).removeprefix('torch.')} weights, gradients and "

@@ -18,30 +18,18 @@ from .cache import FORMAT_VERSION, is_cache_file, recorded_checksum, shard_name,
 from .files import atomic_write_json, sha256_of
 from .locking import LOCK_NAME, DirectoryLock
 from .data import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
-from .model import (ResidualCapture, decoder_layers, final_softcap, lm_head, load_model_for_layout, load_tokenizer,
+from .model import (ResidualCapture, final_softcap, lm_head, load_model_for_layout, load_tokenizer,
                     model_fingerprint, resolve_device)
 from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches, pooling_rows
 from .precision import resolve_precision
 from .progress import progress_bar
-from .sae import load_saes
+from .sae import check_sae_fits, load_saes
 
 __all__ = ["precompute", "reference_stats", "default_device"]
 
 
 def default_device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def check_sae_fits(model, sae: SAEWeights, layer):
-    hidden = model.config.hidden_size
-    if sae.d_in != hidden:
-        raise ValueError(f"the SAE reads d_in={sae.d_in} but the model's hidden size is {hidden}: "
-                         "pick the SAE trained on this model")
-    n = len(decoder_layers(model))
-    if layer is None:
-        raise ValueError("the SAE layer is unknown: pass sae_layer (--sae-layer), the decoder block whose output the SAE reads")
-    if not 0 <= layer < n:
-        raise ValueError(f"sae_layer {layer} is outside the model's {n} decoder layers [0, {n})")
 
 
 def feature_key(index: int, spec) -> str:

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 from fpo_kernels import SAEWeights
 
-__all__ = ["load_sae", "load_saes", "layer_from_hook_name", "SAESpec"]
+from .model import decoder_layers
+
+__all__ = ["load_sae", "load_saes", "layer_from_hook_name", "SAESpec", "check_sae_fits", "cached_sae_keys"]
 
 
 def layer_from_hook_name(hook_name: str | None):
@@ -80,3 +82,33 @@ def load_saes(specs, device="cpu") -> list:
             raise ValueError(f"two SAEs named '{s.name}' read layer {s.layer}: give them different layers or names")
         seen[key] = s
     return out
+
+
+def check_sae_fits(model, sae: SAEWeights, layer):
+    hidden = model.config.hidden_size
+    if sae.d_in != hidden:
+        raise ValueError(f"the SAE reads d_in={sae.d_in} but the model's hidden size is {hidden}: "
+                         "pick the SAE trained on this model")
+    n = len(decoder_layers(model))
+    if layer is None:
+        raise ValueError("the SAE layer is unknown: pass sae_layer (--sae-layer), the decoder block whose output the SAE reads")
+    if not 0 <= layer < n:
+        raise ValueError(f"sae_layer {layer} is outside the model's {n} decoder layers [0, {n})")
+
+
+def cached_sae_keys(cache, saes, model, k, select="policy") -> list[str]:
+    """The key of each SAE's tensors in `cache`, for a run or an eval that compares against them: one SAE
+    without a layer takes the cache's; each must fit the model and be in the cache; k must not exceed the
+    cache's K."""
+    if len(saes) == 1 and saes[0].layer is None:
+        saes[0].layer = cache.meta.get("layer")
+    keys = []
+    for spec in saes:
+        check_sae_fits(model, spec.sae, spec.layer)
+        keys.append(cache.find_sae(spec.sae.fingerprint(), spec.layer, spec.name)["key"])
+    if k > cache.K:
+        raise ValueError(f"k ({k}) exceeds the cache's K ({cache.K}): " + (
+            "select='reference' needs k cached features" if select == "reference" else
+            "selected features outside the cached top-K would count as 0 for the reference and inflate D "
+            "many times over") + f"; rebuild the cache with --K >= {k} or pass --k <= {cache.K}")
+    return keys

@@ -31,11 +31,10 @@ from .model import (config_fingerprint, enable_activation_checkpointing, final_s
                     load_model_for_layout, load_tokenizer, model_fingerprint, resolve_device)
 from .packing import attention_length_scale, collate, micro_batch_tokens, plan_micro_batches, pooling_rows
 from .precision import SAVE_DTYPES, describe_precision, make_optimizer, resolve_precision
-from .precompute import check_sae_fits
 from .run_dir import (Checkpointer, check_resumable, checkpoints, claim_output_dir, find_checkpoint, load_adapters,
                       read_state, written)
 from .run_log import RunLog
-from .sae import load_saes
+from .sae import cached_sae_keys, load_saes
 from .step import PolicyStats, compute_loss, reference_side
 
 __all__ = ["train", "PolicyStats", "Trainer", "NonFiniteLossError"]
@@ -120,16 +119,7 @@ class Trainer:
             if not self.cache.has_features:
                 raise ValueError(f"cache {cfg.cache} holds no SAE features: build it with --sae for method fpo")
             self.saes = load_saes(cfg.sae_specs, self.device)
-            if len(self.saes) == 1 and self.saes[0].layer is None:   # one SAE, its layer from the cache
-                self.saes[0].layer = self.cache.meta.get("layer")
-            for spec in self.saes:
-                check_sae_fits(self.model, spec.sae, spec.layer)
-                self.sae_keys.append(self.cache.find_sae(spec.sae.fingerprint(), spec.layer, spec.name)["key"])
-            if cfg.k > self.cache.K:
-                raise ValueError(f"k ({cfg.k}) exceeds the cache's K ({self.cache.K}): " + (
-                    "select='reference' needs k cached features" if cfg.select == "reference" else
-                    "selected features outside the cached top-K would count as 0 for the reference and inflate D "
-                    "many times over") + f"; rebuild the cache with --K >= {cfg.k} or lower k")
+            self.sae_keys = cached_sae_keys(self.cache, self.saes, self.model, cfg.k, cfg.select)
         # constraint_norm "ref": each SAE's D divided by its recorded reference feature scale
         self.sae_scales = [self.cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" else 1.0
                            for key in self.sae_keys]
@@ -297,8 +287,7 @@ class Trainer:
         restored, so the check changes nothing in the run."""
         rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
         try:
-            local = [p.to_local() if hasattr(p, "to_local") else p for p in self.policy.parameters()]   # FSDP: shards
-            ok = torch.stack([p.isfinite().all() for p in local]).all()
+            ok = torch.stack([dist_utils.local_shard(p).isfinite().all() for p in self.policy.parameters()]).all()
             losses, _, _ = self._losses(self.micro_batches(self.step % self.total_steps)[0])
             ok = (ok & losses.isfinite().all()).float()
         finally:
