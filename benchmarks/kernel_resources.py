@@ -116,9 +116,12 @@ def compile_variant(kernel, dt, const, options, arch_cc=90):
     return row
 
 
+_TO_COMPILE = []   # what report() hands its forked workers
+
+
 def _compile_one(i):
     """The i-th variant compiled: (row, None) or (None, the failure). Run in a worker process."""
-    kernel, dt, const, options = list(variants())[i]
+    kernel, dt, const, options = _TO_COMPILE[i]
     try:
         return compile_variant(kernel, dt, const, options), None
     except Exception as e:   # report every failing variant, then fail
@@ -127,7 +130,8 @@ def _compile_one(i):
 
 def report(log=print, workers=None):
     """Every variant compiled, on one worker process per CPU (each compile is single-threaded), in order."""
-    n = len(list(variants()))
+    _TO_COMPILE[:] = variants()
+    n = len(_TO_COMPILE)
     workers = workers or min(os.cpu_count() or 1, n)
     rows, failures = [], []
     ctx = multiprocessing.get_context("fork")   # the workers inherit the imported kernels; no GPU is touched
