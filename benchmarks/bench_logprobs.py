@@ -12,6 +12,7 @@ FLOPs: 2 N d V per logits GEMM; the fused backward recomputes the chunk's logits
 Bytes: naive holds [N, V] logits in the model dtype plus fp32 copies (8.4 GB per copy at N 8192, V 256000).
 Targets (H100, 8k tokens): peak extra memory <= 1/8 of naive; fwd+bwd within 1.2x of naive; KL <= 1/8 naive memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,6 +47,7 @@ def naive_kl_tdpo(h, W, rh, rW, softcap):
 def _liger():
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
         return LigerFusedLinearCrossEntropyLoss(reduction="none")
     except Exception:
         return None
@@ -54,8 +56,10 @@ def _liger():
 def _liger_simpo():
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
-        return LigerFusedLinearSimPOLoss(beta=2.0, gamma=0.5, compute_nll_loss=False,
-                                         compiled=torch.cuda.is_available())   # its torch.compile is for the GPU
+
+        return LigerFusedLinearSimPOLoss(
+            beta=2.0, gamma=0.5, compute_nll_loss=False, compiled=torch.cuda.is_available()
+        )  # its torch.compile is for the GPU
     except Exception:
         return None
 
@@ -63,9 +67,9 @@ def _liger_simpo():
 def _as_pairs(h, labels, P=2):
     """[N, d] tokens as P pairs [2P, T, d] with shifted labels, the first quarter of each row a prompt."""
     T = h.shape[0] // (2 * P)
-    target = labels[:2 * P * T].reshape(2 * P, T).clone()
-    target[:, :T // 4] = -100
-    return h[:2 * P * T].reshape(2 * P, T, -1), target
+    target = labels[: 2 * P * T].reshape(2 * P, T).clone()
+    target[:, : T // 4] = -100
+    return h[: 2 * P * T].reshape(2 * P, T, -1), target
 
 
 def run(heads, tokens, dtype=torch.bfloat16):
@@ -76,7 +80,7 @@ def run(heads, tokens, dtype=torch.bfloat16):
     rows = []
     for label, d, V, cap in heads:
         torch.manual_seed(0)
-        W = (torch.randn(V, d, device=dev) * d ** -0.5).to(dtype).requires_grad_()
+        W = (torch.randn(V, d, device=dev) * d**-0.5).to(dtype).requires_grad_()
         rW = W.detach().clone()
         for N in tokens:
             h0 = torch.randn(N, d, device=dev, dtype=dtype)
@@ -86,18 +90,25 @@ def run(heads, tokens, dtype=torch.bfloat16):
             providers = {
                 "logprobs/fused": lambda h: fused_linear_logprobs(h, W, labels, softcap=cap, check_inputs=False),
                 "logprobs/naive": lambda h: naive_logprobs(h, W, labels, cap),
-                "kl/fused": lambda h: fused_linear_kl(h, W, rh, rW, torch.ones(N, dtype=torch.bool, device=dev), softcap=cap),
+                "kl/fused": lambda h: fused_linear_kl(
+                    h, W, rh, rW, torch.ones(N, dtype=torch.bool, device=dev), softcap=cap
+                ),
                 "kl/naive-tdpo": lambda h: naive_kl_tdpo(h, W, rh, rW, cap),
                 # TDPO's three terms: one pass (logprobs_kl) against the log-prob op twice plus the KL op
-                "tdpo-terms/fused": lambda h: _sum_terms(fused_linear_logprobs_kl(h, W, labels, rh, rW, cap, check_inputs=False)),
-                "tdpo-terms/separate": lambda h: _sum_terms((
-                    fused_linear_logprobs(h, W, labels, softcap=cap, check_inputs=False),
-                    fused_linear_logprobs(rh, rW, labels, softcap=cap, check_inputs=False),
-                    fused_linear_kl(h, W, rh, rW, torch.ones(N, dtype=torch.bool, device=dev), softcap=cap))),
+                "tdpo-terms/fused": lambda h: _sum_terms(
+                    fused_linear_logprobs_kl(h, W, labels, rh, rW, cap, check_inputs=False)
+                ),
+                "tdpo-terms/separate": lambda h: _sum_terms(
+                    (
+                        fused_linear_logprobs(h, W, labels, softcap=cap, check_inputs=False),
+                        fused_linear_logprobs(rh, rW, labels, softcap=cap, check_inputs=False),
+                        fused_linear_kl(h, W, rh, rW, torch.ones(N, dtype=torch.bool, device=dev), softcap=cap),
+                    )
+                ),
             }
             if liger is not None and cap is None:
                 providers["logprobs/liger"] = lambda h: -liger(W, h, labels)
-            if liger_simpo is not None and cap is None:   # the whole SimPO loss module, ours against Liger's
+            if liger_simpo is not None and cap is None:  # the whole SimPO loss module, ours against Liger's
                 ours = FusedLinearSimPOLoss(beta=2.0, gamma=0.5, compute_nll_loss=False)
                 providers["simpo-loss/fused"] = lambda h: ours(W, *_as_pairs(h, labels))[0].expand(N) / N
                 providers["simpo-loss/liger"] = lambda h: liger_simpo(W, *_as_pairs(h, labels))[0].expand(N) / N
@@ -113,6 +124,7 @@ def run(heads, tokens, dtype=torch.bfloat16):
                         else:
                             with torch.no_grad():
                                 fn(h)
+
                     try:
                         res[name] = (*timing(step), peak_extra_mb(step))
                     except torch.OutOfMemoryError:
@@ -121,12 +133,26 @@ def run(heads, tokens, dtype=torch.bfloat16):
                 for name, (ms, spread, mem) in res.items():
                     kind = name.split("/")[0]
                     f_ms, _, f_mem = res[f"{kind}/fused"]
-                    gemms = {"kl": 2, "tdpo-terms": 2}.get(kind, 1) * (1 if mode == "forward" else 3)   # at the minimum
-                    rows.append({"head": label, "d": d, "V": V, "softcap": cap, "tokens": N, "mode": mode, "provider": name,
-                                 "ms": ms, "spread": spread, "tflops": 2 * N * d * V * gemms / ms / 1e9 if ms == ms else None,
-                                 "peak_extra_mb": mem,
-                                 "time_vs_fused": ms / f_ms if not name.endswith("fused") else None,
-                                 "fused_mem_ratio": f_mem / mem if (mem and f_mem is not None and not name.endswith("fused")) else None})
+                    gemms = {"kl": 2, "tdpo-terms": 2}.get(kind, 1) * (1 if mode == "forward" else 3)  # at the minimum
+                    rows.append(
+                        {
+                            "head": label,
+                            "d": d,
+                            "V": V,
+                            "softcap": cap,
+                            "tokens": N,
+                            "mode": mode,
+                            "provider": name,
+                            "ms": ms,
+                            "spread": spread,
+                            "tflops": 2 * N * d * V * gemms / ms / 1e9 if ms == ms else None,
+                            "peak_extra_mb": mem,
+                            "time_vs_fused": ms / f_ms if not name.endswith("fused") else None,
+                            "fused_mem_ratio": f_mem / mem
+                            if (mem and f_mem is not None and not name.endswith("fused"))
+                            else None,
+                        }
+                    )
     return rows
 
 
@@ -142,8 +168,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available()
     rows = run(HEADS_GPU if gpu else HEADS_CPU, args.tokens or (TOKENS_GPU if gpu else TOKENS_CPU))
-    notes = ("time_vs_fused = provider ms / fused ms; fused_mem_ratio = fused peak extra / provider peak extra; "
-             "spread = (p80 - p20) / median.")
+    notes = (
+        "time_vs_fused = provider ms / fused ms; fused_mem_ratio = fused peak extra / provider peak extra; "
+        "spread = (p80 - p20) / median."
+    )
     if not gpu:
         notes += CPU_NOTE
     write_results("bench_logprobs", rows, environment(), args.out, notes)

@@ -21,6 +21,7 @@ run only on CUDA. Optimizer: Adam-style, no weight decay, constant lr, for every
     python -m benchmarks.bench_peers                       # CPU: demo model, 10 shipped pairs, max_length 1024
     python -m benchmarks.bench_peers --model google/gemma-2-2b-it --pairs 64 --out benchmarks/results/h100
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ import time
 
 import torch
 
-RUNS = {   # name: (peer, method, options)
+RUNS = {  # name: (peer, method, options)
     "trl-dpo": ("trl", "dpo", {}),
     "trl-dpo+liger": ("trl", "dpo", {"liger": True}),
     "trl-simpo": ("trl", "simpo", {}),
@@ -45,7 +46,7 @@ RUNS = {   # name: (peer, method, options)
     "fpo-dpo": ("fpo", "dpo", {"packing": "share-prompt"}),
     "fpo-fpo": ("fpo", "fpo", {"packing": "share-prompt"}),
 }
-BASELINE = {"simpo": "trl-simpo", "dpo": "trl-dpo", "fpo": "trl-simpo"}   # what each of our rows is judged against
+BASELINE = {"simpo": "trl-simpo", "dpo": "trl-dpo", "fpo": "trl-simpo"}  # what each of our rows is judged against
 TARGETS = {  # (our run, its peer, column, at most); time judged on the median step and on the timed total
     ("fpo-simpo", "trl-simpo", "s_per_pair"): 0.6,
     ("fpo-simpo", "trl-simpo", "timed_s"): 0.6,
@@ -54,7 +55,7 @@ TARGETS = {  # (our run, its peer, column, at most); time judged on the median s
     ("fpo-fpo", "trl-simpo", "timed_s"): 0.65,
 }
 BETA = {"dpo": 0.1, "simpo": 2.0, "fpo": 0.1}
-GAMMA = 0.5          # SimPO's target margin (absolute; TRL's simpo_gamma)
+GAMMA = 0.5  # SimPO's target margin (absolute; TRL's simpo_gamma)
 LR = 5e-7
 
 
@@ -65,7 +66,7 @@ def _reset_peak(device):
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return
-    with open("/proc/self/clear_refs", "w") as f:   # resets VmHWM to the current RSS (Linux)
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux)
         f.write("5")
 
 
@@ -89,7 +90,7 @@ class BodyTokens:
         self._h = body.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
-        if not self.active or not torch.is_grad_enabled():   # training forwards only
+        if not self.active or not torch.is_grad_enabled():  # training forwards only
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
@@ -117,37 +118,65 @@ def _timed_steps(step_fn, n_steps, device):
 
 def _trl_rows(pairs):
     """The pairs as TRL's conversational preference rows: its chat template, as ours."""
+
     def msgs(p):
         return p.prompt if isinstance(p.prompt, list) else [{"role": "user", "content": p.prompt}]
-    return [{"prompt": msgs(p), "chosen": [{"role": "assistant", "content": p.chosen}],
-             "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs]
+
+    return [
+        {
+            "prompt": msgs(p),
+            "chosen": [{"role": "assistant", "content": p.chosen}],
+            "rejected": [{"role": "assistant", "content": p.rejected}],
+        }
+        for p in pairs
+    ]
 
 
 def run_trl(spec, device):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from fpo.data import load_pairs
+    from fpo.pairs import load_pairs
+
     method, liger, P = spec["method"], spec.get("liger", False), spec["pairs_per_step"]
     pairs = load_pairs(spec["dataset"], max_pairs=spec["pairs"], log=lambda *a: None)
     tok = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32).to(device)
-    common = dict(output_dir=spec["tmp"], per_device_train_batch_size=P, gradient_accumulation_steps=1,
-                  max_steps=spec["steps"], learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
-                  optim="adamw_torch", weight_decay=0.0, max_grad_norm=10.0, logging_steps=10**6, save_strategy="no",
-                  report_to="none", disable_tqdm=True, seed=0, dataloader_num_workers=0, use_liger_kernel=liger,
-                  bf16=device.type == "cuda", use_cpu=device.type == "cpu", max_length=spec["max_length"],
-                  remove_unused_columns=False, gradient_checkpointing=spec["gradient_checkpointing"],
-                  train_sampling_strategy="sequential")   # the file's order: every run steps through the same pairs
+    common = dict(
+        output_dir=spec["tmp"],
+        per_device_train_batch_size=P,
+        gradient_accumulation_steps=1,
+        max_steps=spec["steps"],
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        weight_decay=0.0,
+        max_grad_norm=10.0,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+        use_liger_kernel=liger,
+        bf16=device.type == "cuda",
+        use_cpu=device.type == "cpu",
+        max_length=spec["max_length"],
+        remove_unused_columns=False,
+        gradient_checkpointing=spec["gradient_checkpointing"],
+        train_sampling_strategy="sequential",
+    )  # the file's order: every run steps through the same pairs
     data = Dataset.from_list(_trl_rows(pairs))
     if method == "dpo":
         from trl import DPOConfig, DPOTrainer
+
         args = DPOConfig(beta=BETA["dpo"], loss_type=["sigmoid"], precompute_ref_log_probs=True, **common)
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     else:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
-        args = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=BETA["simpo"], simpo_gamma=GAMMA,
-                         **common)
+
+        args = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=BETA["simpo"], simpo_gamma=GAMMA, **common)
         trainer = CPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
 
     counter = BodyTokens(trainer.model)
@@ -175,20 +204,44 @@ def run_trl(spec, device):
 def run_fpo(spec, device):
     from fpo.config import config_from_dict
     from fpo.train import Trainer
+
     method = spec["method"]
-    cfg = config_from_dict(dict(
-        method=method, model=spec["model"], dataset=spec["dataset"], max_pairs=spec["pairs"],
-        cache=spec.get("cache"), sae=spec.get("sae") if method == "fpo" else None, beta=BETA[method], gamma=GAMMA,
-        batch_size=spec["pairs_per_step"], micro_batch_size=spec["pairs_per_step"], max_steps=spec["steps"],
-        epochs=1000, lr=LR, warmup_steps=0, optimizer="adamw", weight_decay=0.0, max_grad_norm=10.0,
-        max_length=spec["max_length"], max_prompt_length=spec["max_prompt_length"], packing=spec["packing"],
-        output_dir=spec["tmp"], overwrite=True, progress=False, save_optimizer=False, device=str(device),
-        precision="bf16-mixed" if device.type == "cuda" else "fp32", seed=0,
-        gradient_checkpointing=spec["gradient_checkpointing"]))
+    cfg = config_from_dict(
+        dict(
+            method=method,
+            model=spec["model"],
+            dataset=spec["dataset"],
+            max_pairs=spec["pairs"],
+            cache=spec.get("cache"),
+            sae=spec.get("sae") if method == "fpo" else None,
+            beta=BETA[method],
+            gamma=GAMMA,
+            batch_size=spec["pairs_per_step"],
+            micro_batch_size=spec["pairs_per_step"],
+            max_steps=spec["steps"],
+            epochs=1000,
+            lr=LR,
+            warmup_steps=0,
+            optimizer="adamw",
+            weight_decay=0.0,
+            max_grad_norm=10.0,
+            max_length=spec["max_length"],
+            max_prompt_length=spec["max_prompt_length"],
+            packing=spec["packing"],
+            output_dir=spec["tmp"],
+            overwrite=True,
+            progress=False,
+            save_optimizer=False,
+            device=str(device),
+            precision="bf16-mixed" if device.type == "cuda" else "fp32",
+            seed=0,
+            gradient_checkpointing=spec["gradient_checkpointing"],
+        )
+    )
     trainer = Trainer(cfg, log=lambda *a, **k: None)
     P = spec["pairs_per_step"]
     # the file's order, as TRL's sequential sampler takes it: every run steps through the same pairs
-    trainer.micro_batches = lambda step, rank=None: [trainer.items[step * P:(step + 1) * P]]
+    trainer.micro_batches = lambda step, rank=None: [trainer.items[step * P : (step + 1) * P]]
     try:
         counter = BodyTokens(trainer.model)
         step = iter(range(cfg.max_steps))
@@ -214,10 +267,17 @@ def summarise(name, spec, res):
     P = spec["pairs_per_step"]
     timed = res["times"][1:] or res["times"]
     per_pair = [t / P for t in timed]
-    return {"run": name, "steps": len(res["times"]), "s_per_pair": statistics.median(per_pair),
-            "fastest": min(per_pair), "slowest": max(per_pair), "timed_s": sum(timed),
-            "positions_per_pair": res["positions"] / (len(res["times"]) * P),
-            "real_tokens_per_pair": res["real_tokens"] / (len(res["times"]) * P), "peak_mb": res["peak_mb"]}
+    return {
+        "run": name,
+        "steps": len(res["times"]),
+        "s_per_pair": statistics.median(per_pair),
+        "fastest": min(per_pair),
+        "slowest": max(per_pair),
+        "timed_s": sum(timed),
+        "positions_per_pair": res["positions"] / (len(res["times"]) * P),
+        "real_tokens_per_pair": res["real_tokens"] / (len(res["times"]) * P),
+        "peak_mb": res["peak_mb"],
+    }
 
 
 def _launch(name, spec, log):
@@ -226,15 +286,21 @@ def _launch(name, spec, log):
     with tempfile.TemporaryDirectory(prefix=f"bench-peers-{name}-") as tmp:
         spec["tmp"] = tmp
         t = time.time()
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_peers", "--worker", json.dumps(spec)],
-                              capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.bench_peers", "--worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, TQDM_DISABLE="1"),
+        )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("BENCH_PEERS_RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
         raise RuntimeError(f"run {name} failed (exit {proc.returncode}):\n" + "\n".join(tail))
     row = summarise(name, spec, json.loads(lines[-1].split(" ", 1)[1]))
-    log(f"[bench_peers] {name}: {row['s_per_pair']:.3f} s/pair, {row['positions_per_pair']:.0f} positions/pair, "
-        f"peak {row['peak_mb']:.0f} MB ({time.time() - t:.0f} s)")
+    log(
+        f"[bench_peers] {name}: {row['s_per_pair']:.3f} s/pair, {row['positions_per_pair']:.0f} positions/pair, "
+        f"peak {row['peak_mb']:.0f} MB ({time.time() - t:.0f} s)"
+    )
     return row
 
 
@@ -243,8 +309,9 @@ def select_pairs(dataset, model, n, max_prompt_length, out_path):
     truncate the prompt differently (DPOTrainer keeps the start of prompt + response, CPOTrainer never cuts the
     prompt), so only on such pairs does every trainer cut the same thing, the end of the response. Written to
     out_path as JSON lines; returns how many rows were passed over."""
-    from fpo.data import _prompt_ids, load_pairs
     from fpo.model import load_tokenizer
+    from fpo.pairs import _prompt_ids, load_pairs
+
     tok = load_tokenizer(model)
     rows = [json.loads(line) for line in open(dataset) if line.strip()]
     kept, passed = [], 0
@@ -256,17 +323,37 @@ def select_pairs(dataset, model, n, max_prompt_length, out_path):
         else:
             passed += 1
     if len(kept) < n:
-        raise ValueError(f"--dataset {dataset}: only {len(kept)} pairs have a prompt of at most {max_prompt_length} "
-                         f"tokens; --pairs asks for {n}")
+        raise ValueError(
+            f"--dataset {dataset}: only {len(kept)} pairs have a prompt of at most {max_prompt_length} "
+            f"tokens; --pairs asks for {n}"
+        )
     with open(out_path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
     return passed
 
 
 def _precompute(spec, cache, with_sae, log):
-    cmd = [sys.executable, "-m", "fpo.cli", "precompute", "--model", spec["model"], "--dataset", spec["dataset"],
-           "--out", cache, "--max-pairs", str(spec["pairs"]), "--max-length", str(spec["max_length"]),
-           "--max-prompt-length", str(spec["max_prompt_length"]), "--device", spec["device"], "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fpo.cli",
+        "precompute",
+        "--model",
+        spec["model"],
+        "--dataset",
+        spec["dataset"],
+        "--out",
+        cache,
+        "--max-pairs",
+        str(spec["pairs"]),
+        "--max-length",
+        str(spec["max_length"]),
+        "--max-prompt-length",
+        str(spec["max_prompt_length"]),
+        "--device",
+        spec["device"],
+        "--no-progress",
+    ]
     if with_sae:
         cmd += ["--sae", spec["sae"]]
     log(f"[bench_peers] reference cache ({'log-probs and SAE features' if with_sae else 'log-probs'}), not timed")
@@ -275,22 +362,38 @@ def _precompute(spec, cache, with_sae, log):
 
 def _parser():
     from fpo import assets
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None, help="policy folder (default: the demo model, SmolLM2-135M-Instruct)")
     ap.add_argument("--sae", default=assets.DEMO_SAE, help="SAE for the fpo run (default: the shipped demo SAE)")
-    ap.add_argument("--dataset", default=assets.TRAIN_PAIRS, help="preference pairs, .jsonl (default: the shipped "
-                    "UltraFeedback sample)")
+    ap.add_argument(
+        "--dataset",
+        default=assets.TRAIN_PAIRS,
+        help="preference pairs, .jsonl (default: the shipped UltraFeedback sample)",
+    )
     ap.add_argument("--pairs", type=int, default=10, help="pairs read from the dataset (default 10)")
-    ap.add_argument("--pairs-per-step", type=int, default=2, help="pairs per optimizer step, one micro-batch (default 2)")
+    ap.add_argument(
+        "--pairs-per-step", type=int, default=2, help="pairs per optimizer step, one micro-batch (default 2)"
+    )
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--max-prompt-length", type=int, default=256)
-    ap.add_argument("--gradient-checkpointing", choices=("on", "off"), default="on",
-                    help="activation checkpointing in every run (default on: TRL's default; off: ours)")
+    ap.add_argument(
+        "--gradient-checkpointing",
+        choices=("on", "off"),
+        default="on",
+        help="activation checkpointing in every run (default on: TRL's default; off: ours)",
+    )
     ap.add_argument("--runs", default=None, help=f"comma-separated, from {','.join(RUNS)} (default: all that run here)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--out", default=None, help="folder for peers_<device>.json and .md")
-    ap.add_argument("--report", default=None, metavar="JSON",
-                    help="no run: print (and with --out write) a written result's table again from its rows")
+    ap.add_argument(
+        "--report",
+        default=None,
+        metavar="JSON",
+        help="no run: print (and with --out write) a written result's table again from its rows",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return ap
 
@@ -302,8 +405,10 @@ def run_all(spec, runs, source, log):
     with tempfile.TemporaryDirectory(prefix="bench-peers-cache-") as tmp:
         spec["dataset"] = os.path.join(tmp, "pairs.jsonl")
         passed = select_pairs(source, spec["model"], spec["pairs"], spec["max_prompt_length"], spec["dataset"])
-        log(f"[bench_peers] {spec['pairs']} pairs, {passed} passed over for a prompt over "
-            f"{spec['max_prompt_length']} tokens")
+        log(
+            f"[bench_peers] {spec['pairs']} pairs, {passed} passed over for a prompt over "
+            f"{spec['max_prompt_length']} tokens"
+        )
         ours = [RUNS[r][1] for r in runs if RUNS[r][0] == "fpo"]
         if "dpo" in ours or "fpo" in ours:
             spec["cache"] = os.path.join(tmp, "cache")
@@ -319,20 +424,26 @@ def compare(rows):
     for r in rows:
         base = by.get(BASELINE[RUNS[r["run"]][1]])
         if RUNS[r["run"]][0] == "fpo" and base is not None:
-            r.update(vs=base["run"], time_ratio=r["s_per_pair"] / base["s_per_pair"],
-                     total_ratio=r["timed_s"] / base["timed_s"], memory_ratio=r["peak_mb"] / base["peak_mb"])
+            r.update(
+                vs=base["run"],
+                time_ratio=r["s_per_pair"] / base["s_per_pair"],
+                total_ratio=r["timed_s"] / base["timed_s"],
+                memory_ratio=r["peak_mb"] / base["peak_mb"],
+            )
     checks = []
     for (ours, peer, col), limit in TARGETS.items():
         if ours in by and peer in by:
             ratio = by[ours][col] / by[peer][col]
-            checks.append({"ours": ours, "peer": peer, "column": col, "ratio": ratio, "target": limit,
-                           "met": ratio <= limit})
+            checks.append(
+                {"ours": ours, "peer": peer, "column": col, "ratio": ratio, "target": limit, "met": ratio <= limit}
+            )
     return checks
 
 
 def main(argv=None):
-    from fpo import assets
     from benchmarks.common import environment
+    from fpo import assets
+
     ap = _parser()
     args = ap.parse_args(argv)
     if args.worker:
@@ -350,38 +461,68 @@ def main(argv=None):
     if not args.dataset.endswith(".jsonl"):
         ap.error("--dataset: a .jsonl file of prompt / chosen / rejected rows")
     model = args.model or assets.ensure_demo_model(print)
-    spec = dict(model=model, sae=args.sae, pairs=args.pairs, pairs_per_step=args.pairs_per_step,
-                steps=args.pairs // args.pairs_per_step, max_length=args.max_length,
-                max_prompt_length=args.max_prompt_length, device=device,
-                gradient_checkpointing=args.gradient_checkpointing == "on")
+    spec = dict(
+        model=model,
+        sae=args.sae,
+        pairs=args.pairs,
+        pairs_per_step=args.pairs_per_step,
+        steps=args.pairs // args.pairs_per_step,
+        max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length,
+        device=device,
+        gradient_checkpointing=args.gradient_checkpointing == "on",
+    )
     rows, passed = run_all(spec, runs, args.dataset, print)
-    return report(rows, dict(spec, dataset=args.dataset, cache=None), {**environment(), **_versions()}, passed,
-                  args.out)
+    return report(
+        rows, dict(spec, dataset=args.dataset, cache=None), {**environment(), **_versions()}, passed, args.out
+    )
 
 
 def report(rows, settings, env, passed, out):
     """The table, the ratios and the targets, printed and (with out) written as peers_<device>[_no_ckpt].json/.md."""
     from benchmarks.common import write_results
+
     rows = [{k: v for k, v in r.items() if k not in ("vs", "time_ratio", "total_ratio", "memory_ratio")} for r in rows]
     checks = compare(rows)
     device = settings["device"]
     mem = "peak MB (CUDA alloc)" if device == "cuda" else "peak MB (RSS)"
-    columns = [("run", "run", ""), ("s_per_pair", "s / pair", ".3f"), ("fastest", "fastest", ".3f"),
-               ("slowest", "slowest", ".3f"), ("timed_s", "timed s", ".1f"),
-               ("positions_per_pair", "positions / pair", ".0f"), ("real_tokens_per_pair", "real tokens / pair", ".0f"),
-               ("peak_mb", mem, ".0f"), ("vs", "vs", ""), ("time_ratio", "median ratio", ".2f"),
-               ("total_ratio", "total ratio", ".2f"), ("memory_ratio", "memory ratio", ".2f")]
+    columns = [
+        ("run", "run", ""),
+        ("s_per_pair", "s / pair", ".3f"),
+        ("fastest", "fastest", ".3f"),
+        ("slowest", "slowest", ".3f"),
+        ("timed_s", "timed s", ".1f"),
+        ("positions_per_pair", "positions / pair", ".0f"),
+        ("real_tokens_per_pair", "real tokens / pair", ".0f"),
+        ("peak_mb", mem, ".0f"),
+        ("vs", "vs", ""),
+        ("time_ratio", "median ratio", ".2f"),
+        ("total_ratio", "total ratio", ".2f"),
+        ("memory_ratio", "memory ratio", ".2f"),
+    ]
     ckpt = "on" if settings["gradient_checkpointing"] else "off"
-    notes = (f"{os.path.basename(settings['model'].rstrip('/'))}, the first {settings['pairs']} pairs of "
-             f"{os.path.basename(settings['dataset'])} whose prompt fits (passed over: {passed}), "
-             f"{settings['pairs_per_step']} pairs per step, max_length {settings['max_length']} (prompt "
-             f"{settings['max_prompt_length']}), activation checkpointing {ckpt}, {device}. s / pair: the median step "
-             "after the first, per pair; timed s: those steps' total (the same pairs in every run). Targets: " +
-             "; ".join(f"{c['ours']} / {c['peer']} {c['column']} {c['ratio']:.2f} (<= {c['target']}: "
-                       f"{'met' if c['met'] else 'missed'})" for c in checks))
+    notes = (
+        f"{os.path.basename(settings['model'].rstrip('/'))}, the first {settings['pairs']} pairs of "
+        f"{os.path.basename(settings['dataset'])} whose prompt fits (passed over: {passed}), "
+        f"{settings['pairs_per_step']} pairs per step, max_length {settings['max_length']} (prompt "
+        f"{settings['max_prompt_length']}), activation checkpointing {ckpt}, {device}. s / pair: the median step "
+        "after the first, per pair; timed s: those steps' total (the same pairs in every run). Targets: "
+        + "; ".join(
+            f"{c['ours']} / {c['peer']} {c['column']} {c['ratio']:.2f} (<= {c['target']}: "
+            f"{'met' if c['met'] else 'missed'})"
+            for c in checks
+        )
+    )
     name = f"peers_{device}" + ("" if settings["gradient_checkpointing"] else "_no_ckpt")
-    write_results(name, rows, env, out, notes=notes, columns=columns,
-                  extra={"settings": settings, "targets": checks, "passed_over": passed})
+    write_results(
+        name,
+        rows,
+        env,
+        out,
+        notes=notes,
+        columns=columns,
+        extra={"settings": settings, "targets": checks, "passed_over": passed},
+    )
     return rows, checks
 
 
@@ -390,8 +531,9 @@ def rereport(path, out):
     with open(path) as f:
         doc = json.load(f)
     passed = doc.get("passed_over")
-    if passed is None:   # written before the count had its own key
+    if passed is None:  # written before the count had its own key
         import re
+
         passed = int(re.search(r"passed over: (\d+)", doc["notes"]).group(1))
     return report(doc["rows"], doc["settings"], doc["environment"], passed, out)
 
@@ -401,7 +543,7 @@ def _versions():
     for name in ("transformers", "trl", "liger_kernel", "datasets"):
         try:
             out[name] = __import__(name).__version__
-        except Exception:   # not installed: the runs that need it fail with their own message
+        except Exception:  # not installed: the runs that need it fail with their own message
             out[name] = None
     return out
 

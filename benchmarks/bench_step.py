@@ -23,6 +23,7 @@ bf16 copy of the weights (2 bytes) while the forward's activations hold it. TDPO
 [tokens x vocab] fp32 tensors (log_softmax, softmax, log, the product) on top.
 FPO's floor is SimPO's: the policy step plus one SAE GEMM of [tokens, d] x [d, m].
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,23 +35,65 @@ import time
 import torch
 
 from benchmarks.common import environment, write_results
-from fpo.losses import preference_loss
 from fpo.model import ResidualCapture, enable_activation_checkpointing, lm_head, run_body
-from fpo.precision import Precision, make_optimizer as _make_optimizer, resolve_precision
+from fpo.precision import Precision, resolve_precision
+from fpo.precision import make_optimizer as _make_optimizer
 from fpo.step import PolicyStats
 from fpo_kernels import SAEWeights, pack_topk
+from fpo_kernels.losses import preference_loss
 
 PRESETS = {
-    "gemma2-2b": dict(arch="gemma2", hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-                      num_key_value_heads=4, head_dim=256, vocab_size=256000, final_logit_softcapping=30.0,
-                      attn_logit_softcapping=50.0, sae_layer=12, sae_width=16384),
-    "llama3-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, sae_layer=16, sae_width=65536),
-    "tiny": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000, sae_layer=2, sae_width=256),
+    "gemma2-2b": dict(
+        arch="gemma2",
+        hidden_size=2304,
+        intermediate_size=9216,
+        num_hidden_layers=26,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        vocab_size=256000,
+        final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+        sae_layer=12,
+        sae_width=16384,
+    ),
+    "llama3-8b": dict(
+        arch="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        sae_layer=16,
+        sae_width=65536,
+    ),
+    "tiny": dict(
+        arch="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        sae_layer=2,
+        sae_width=256,
+    ),
 }
-METHODS = ["simpo", "simpo-authors", "dpo", "dpo-full-logits", "fpo", "fpo-ref", "tdpo1-lean", "tdpo2-lean",
-           "tdpo1-authors", "tdpo2-authors", "fpo-authors"]
+METHODS = [
+    "simpo",
+    "simpo-authors",
+    "dpo",
+    "dpo-full-logits",
+    "fpo",
+    "fpo-ref",
+    "tdpo1-lean",
+    "tdpo2-lean",
+    "tdpo1-authors",
+    "tdpo2-authors",
+    "fpo-authors",
+]
 NEEDS_REF = {"tdpo1-lean", "tdpo2-lean", "tdpo1-authors", "tdpo2-authors", "fpo-authors"}
 # Rows repeated under another policy than the run's, beside it (method@policy)
 OTHER_POLICIES = {"bf16-compensated": ["fpo", "simpo"], "bf16-pure": ["fpo", "tdpo2-authors", "fpo-authors"]}
@@ -73,6 +116,7 @@ def liger_methods() -> list:
     """SimPO through Liger-Kernel's LigerFusedLinearSimPOLoss, beside ours, when liger-kernel is installed."""
     try:
         import liger_kernel.chunked_loss  # noqa: F401
+
         return ["simpo-liger"]
     except ImportError:
         return []
@@ -80,12 +124,13 @@ def liger_methods() -> list:
 
 def build_model(preset, device, dtype):
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
     p = {k: v for k, v in PRESETS[preset].items() if k not in ("arch", "sae_layer", "sae_width")}
     arch = PRESETS[preset]["arch"]
     cfg = Gemma2Config(**p) if arch == "gemma2" else LlamaConfig(**p)
     cfg.use_cache = False
     prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)       # built in its dtype: no fp32 copy first (and fake tensors can't be cast in place)
+    torch.set_default_dtype(dtype)  # built in its dtype: no fp32 copy first (and fake tensors can't be cast in place)
     try:
         with torch.device(device):
             return (Gemma2ForCausalLM if arch == "gemma2" else LlamaForCausalLM)(cfg)
@@ -93,10 +138,21 @@ def build_model(preset, device, dtype):
         torch.set_default_dtype(prev)
 
 
-RATIO_PAIRS = (("fpo", "tdpo2-authors"), ("fpo", "simpo-authors"), ("simpo", "simpo-authors"), ("fpo", "tdpo2-lean"), ("fpo", "simpo"), ("fpo-ref", "simpo"),
-               ("fpo", "fpo-authors"), ("tdpo2-lean", "tdpo2-authors"), ("simpo", "simpo-liger"),
-               ("fpo@bf16-compensated", "fpo"), ("fpo@bf16-pure", "fpo"), ("fpo", "tdpo2-authors@bf16-pure"),
-               ("fpo", "fpo-authors@bf16-pure"))
+RATIO_PAIRS = (
+    ("fpo", "tdpo2-authors"),
+    ("fpo", "simpo-authors"),
+    ("simpo", "simpo-authors"),
+    ("fpo", "tdpo2-lean"),
+    ("fpo", "simpo"),
+    ("fpo-ref", "simpo"),
+    ("fpo", "fpo-authors"),
+    ("tdpo2-lean", "tdpo2-authors"),
+    ("simpo", "simpo-liger"),
+    ("fpo@bf16-compensated", "fpo"),
+    ("fpo@bf16-pure", "fpo"),
+    ("fpo", "tdpo2-authors@bf16-pure"),
+    ("fpo", "fpo-authors@bf16-pure"),
+)
 
 
 def method_ratios(rows, keys):
@@ -119,7 +175,11 @@ def make_optimizer(model, precision: Precision, device):
 
 def static_gb(n_params, precision: Precision, reference: bool) -> float:
     """Weights + gradients + optimizer states (+ a bf16 reference model), before activations."""
-    return n_params * (precision.bytes_per_parameter("adam") + (precision.frozen_dtype.itemsize if reference else 0)) / 2**30
+    return (
+        n_params
+        * (precision.bytes_per_parameter("adam") + (precision.frozen_dtype.itemsize if reference else 0))
+        / 2**30
+    )
 
 
 class Step:
@@ -136,30 +196,42 @@ class Step:
         self.preset, self.ref = preset, None
         d, m, V = pr["hidden_size"], pr["sae_width"], pr["vocab_size"]
         g = torch.Generator(device="cpu").manual_seed(0)
-        self.sae = SAEWeights.from_tensors(torch.randn(d, m, generator=g) / d ** 0.5, torch.randn(m, generator=g) * 0.1,
-                                           torch.rand(m, generator=g) * 0.2, torch.randn(d, generator=g) * 0.1, True).to(device)
+        self.sae = SAEWeights.from_tensors(
+            torch.randn(d, m, generator=g) / d**0.5,
+            torch.randn(m, generator=g) * 0.1,
+            torch.rand(m, generator=g) * 0.2,
+            torch.randn(d, generator=g) * 0.1,
+            True,
+        ).to(device)
         B, T = 2 * pairs, seq_len
         self.P = pairs
         self.ids = torch.randint(0, V, (B, T), generator=g).to(device)
         self.attn = torch.ones(B, T, dtype=torch.long, device=device)
         self.resp = torch.zeros(B, T, dtype=torch.bool, device=device)
-        self.resp[:, T // 4:] = True                                   # a quarter prompt, the rest response
+        self.resp[:, T // 4 :] = True  # a quarter prompt, the rest response
         # fpo.packing.from_padded(ids, attn, resp), written out (it reads values, which fake tensors lack):
         # the rows predicting response tokens and the response spans, as the data loader finds them on the host
         p0 = T // 4
         seq = torch.arange(B).repeat_interleave(T - p0)
         pos = torch.arange(p0, T).repeat(B)
         base = torch.arange(B) * T
-        self.batch = {"layout": "off", "input_ids": self.ids, "attention_mask": self.attn, "position_ids": None,
-                      "pred_rows": (seq * T + pos - 1).to(device), "labels": self.ids[seq.to(device), pos.to(device)],
-                      "seq_ids": seq.to(device), "spans": torch.stack([base + p0, base + T], 1),   # on the host
-                      "num_seqs": B}
+        self.batch = {
+            "layout": "off",
+            "input_ids": self.ids,
+            "attention_mask": self.attn,
+            "position_ids": None,
+            "pred_rows": (seq * T + pos - 1).to(device),
+            "labels": self.ids[seq.to(device), pos.to(device)],
+            "seq_ids": seq.to(device),
+            "spans": torch.stack([base + p0, base + T], 1),  # on the host
+            "num_seqs": B,
+        }
         pooled = torch.rand(B, m, generator=g) * (torch.rand(B, m, generator=g) < 0.02)
         idx, val = pack_topk(pooled.to(device), K)
         # the reference side as the cache gives it to the loss: [2P] statistics, chosen first
         self.cache = {"logp_sum": -torch.rand(B, device=device) * 500, "logp_mean": -torch.rand(B, device=device)}
-        self.ref_idx, self.ref_val = idx, val          # [2P, K], chosen first: what the trainer passes the op
-        self.tokens = B * T                                            # no padding
+        self.ref_idx, self.ref_val = idx, val  # [2P, K], chosen first: what the trainer passes the op
+        self.tokens = B * T  # no padding
         self.stats = None
 
     def release_fpo(self):
@@ -227,8 +299,10 @@ class Step:
             with torch.no_grad():
                 q = self.ref(input_ids=self.ids, attention_mask=self.attn).logits[:, :-1].float().softmax(-1)
                 q_log = q.log()
-            vocab_logps = self.policy(input_ids=self.ids, attention_mask=self.attn).logits[:, :-1].float().log_softmax(-1)
-            kl = ((q * (q_log - vocab_logps)).sum(-1) * tgt).sum(1)     # the FPO authors compute it and never use it
+            vocab_logps = (
+                self.policy(input_ids=self.ids, attention_mask=self.attn).logits[:, :-1].float().log_softmax(-1)
+            )
+            kl = ((q * (q_log - vocab_logps)).sum(-1) * tgt).sum(1)  # the FPO authors compute it and never use it
             lp, r_lp = vocab_logps.gather(2, lab).squeeze(2), q_log.gather(2, lab).squeeze(2)
             if method == "fpo-authors":
                 with torch.no_grad():
@@ -250,12 +324,14 @@ class Step:
         """Liger's fused SimPO module on the response positions only (equal work: ours skips the prompt rows;
         no final-logit softcap, which Liger lacks)."""
         from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+
         if getattr(self, "_liger", None) is None:
-            self._liger = LigerFusedLinearSimPOLoss(beta=2.0, gamma=0.5, compute_nll_loss=False,
-                                                    compiled=torch.cuda.is_available())   # torch.compile: GPU only
+            self._liger = LigerFusedLinearSimPOLoss(
+                beta=2.0, gamma=0.5, compute_nll_loss=False, compiled=torch.cuda.is_available()
+            )  # torch.compile: GPU only
         hidden = run_body(self.policy, self.ids, self.attn)
         p0 = self.ids.shape[1] // 4
-        return self._liger(lm_head(self.policy)[0], hidden[:, p0 - 1:-1], self.ids[:, p0:])[0]
+        return self._liger(lm_head(self.policy)[0], hidden[:, p0 - 1 : -1], self.ids[:, p0:])[0]
 
     def loss(self, method):
         """The scalar training loss (mean over pairs) of one step of `method`, its forward under the policy's
@@ -268,8 +344,18 @@ class Step:
             return self._ours(method).mean()
 
 
-def run(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, warmup=2, steps=5, grad_ckpt=False,
-        precision="auto", others=OTHER_POLICIES, log=print):
+def run(
+    preset="gemma2-2b",
+    pairs=2,
+    seq_len=1024,
+    methods=METHODS,
+    warmup=2,
+    steps=5,
+    grad_ckpt=False,
+    precision="auto",
+    others=OTHER_POLICIES,
+    log=print,
+):
     """Every method under `precision`, then the `others` rows (policy -> methods) as method@policy."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     main = resolve_precision(precision, device)
@@ -283,8 +369,11 @@ def run(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, warmup=2, st
 def policy_plan(main: Precision, methods, others, device) -> list:
     """[(policy, methods)]: every method under the main policy, then each other policy's listed methods that
     this run includes (rows named method@policy)."""
-    plan = [(main, list(methods))] + [(resolve_precision(p, device), [m for m in ms if m in methods])
-                                      for p, ms in (others or {}).items() if p != main.name]
+    plan = [(main, list(methods))] + [
+        (resolve_precision(p, device), [m for m in ms if m in methods])
+        for p, ms in (others or {}).items()
+        if p != main.name
+    ]
     return [(prec, names) for prec, names in plan if names]
 
 
@@ -304,7 +393,7 @@ def _run_policy(preset, pairs, seq_len, methods, warmup, steps, grad_ckpt, preci
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            for i in range(warmup + steps):
+            for _ in range(warmup + steps):
                 t = time.perf_counter()
                 bench.loss(method).backward()
                 opt.step()
@@ -323,10 +412,19 @@ def _run_policy(preset, pairs, seq_len, methods, warmup, steps, grad_ckpt, preci
             torch.cuda.empty_cache()
         name = f"{method}@{precision.name}" if label else method
         spread = (min(times[warmup:]), max(times[warmup:])) if ms == ms else (None, None)
-        rows.append({"method": name, "precision": precision.name, "step_ms": ms, "step_ms_min": spread[0],
-                     "step_ms_max": spread[1], "tokens_per_s": bench.tokens / ms * 1e3 if ms == ms else None,
-                     "peak_gb": peak, "floor_gb_estimate": static_gb(n_params, precision, method in NEEDS_REF),
-                     "bytes_per_param": precision.bytes_per_parameter("adam")})
+        rows.append(
+            {
+                "method": name,
+                "precision": precision.name,
+                "step_ms": ms,
+                "step_ms_min": spread[0],
+                "step_ms_max": spread[1],
+                "tokens_per_s": bench.tokens / ms * 1e3 if ms == ms else None,
+                "peak_gb": peak,
+                "floor_gb_estimate": static_gb(n_params, precision, method in NEEDS_REF),
+                "bytes_per_param": precision.bytes_per_parameter("adam"),
+            }
+        )
         log(f"[bench_step] {name}: {ms:.1f} ms, peak {peak if peak is None else round(peak, 2)} GB")
     bench.drop_reference()
     del bench
@@ -355,8 +453,10 @@ def attach_estimates(rows, preset, pairs, seq_len, grad_ckpt):
 
 def plot(rows, path, title):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     names = [r["method"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=120)
     for ax, key, label in ((axes[0], "step_ms", "step time (ms)"), (axes[1], "peak_gb", "peak memory (GB)")):
@@ -380,11 +480,19 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS + liger_methods()))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16-mixed", "bf16-compensated", "bf16-pure"],
-                    help="the policy every method runs under (auto: bf16-mixed on a GPU, fp32 on the CPU)")
-    ap.add_argument("--no-other-policies", action="store_true",
-                    help="skip the rows repeated under other policies (" + "; ".join(
-                        f"{p}: {', '.join(ms)}" for p, ms in OTHER_POLICIES.items()) + ")")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16-mixed", "bf16-compensated", "bf16-pure"],
+        help="the policy every method runs under (auto: bf16-mixed on a GPU, fp32 on the CPU)",
+    )
+    ap.add_argument(
+        "--no-other-policies",
+        action="store_true",
+        help="skip the rows repeated under other policies ("
+        + "; ".join(f"{p}: {', '.join(ms)}" for p, ms in OTHER_POLICIES.items())
+        + ")",
+    )
     ap.add_argument("--out", default=None, help="write bench_step_<preset>.{json,md,png} here")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -397,28 +505,43 @@ def main(argv=None):
         methods.remove("simpo-liger")
     for pairs in args.pairs or [2]:
         for T in args.seq_len or ([1024] if cuda else [64]):
-            rows, ratios, info = run(preset, pairs, T, methods, steps=args.steps,
-                                     grad_ckpt=args.gradient_checkpointing, precision=args.precision,
-                                     others=None if args.no_other_policies else other_policies())
+            rows, ratios, info = run(
+                preset,
+                pairs,
+                T,
+                methods,
+                steps=args.steps,
+                grad_ckpt=args.gradient_checkpointing,
+                precision=args.precision,
+                others=None if args.no_other_policies else other_policies(),
+            )
             for r in rows:
                 r.update(pairs=pairs, seq_len=T)
             est = attach_estimates(rows, preset, pairs, T, args.gradient_checkpointing)
             all_rows += rows
             all_ratios[f"{pairs}x{T}"] = ratios
             notes = "ratios measured in this run: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items())
-            notes += (f"\nmodel: {preset}, {info['params'] / 1e9:.2f}B parameters; {info['tokens']} tokens per step; "
-                      f"precision {info['precision']} (rows named method@policy run under that policy instead). "
-                      "floor_gb_estimate = weights + grads + optimizer states (bytes_per_param) + a bf16 reference "
-                      "model (2 B/param) where used.")
+            notes += (
+                f"\nmodel: {preset}, {info['params'] / 1e9:.2f}B parameters; {info['tokens']} tokens per step; "
+                f"precision {info['precision']} (rows named method@policy run under that policy instead). "
+                "floor_gb_estimate = weights + grads + optimizer states (bytes_per_param) + a bf16 reference "
+                "model (2 B/param) where used."
+            )
             if est:
-                notes += (f"\npeak_gb_est, step_ms_est: predicted on the CPU by benchmarks/estimate_step.py "
-                          f"({os.path.relpath(est, os.path.dirname(ESTIMATES))}), for an H100 SXM.")
+                notes += (
+                    f"\npeak_gb_est, step_ms_est: predicted on the CPU by benchmarks/estimate_step.py "
+                    f"({os.path.relpath(est, os.path.dirname(ESTIMATES))}), for an H100 SXM."
+                )
             if not cuda:
                 notes += "\nCPU: a smoke run of the harness at a tiny size, not a measurement."
             name = f"bench_step_{preset}_{pairs}x{T}{'_ckpt' if args.gradient_checkpointing else ''}"
             write_results(name, rows, env, args.out, notes)
             if args.out:
-                plot(rows, os.path.join(args.out, f"{name}.png"), f"{preset}, {pairs} pairs x {T} tokens, {env['device']}")
+                plot(
+                    rows,
+                    os.path.join(args.out, f"{name}.png"),
+                    f"{preset}, {pairs} pairs x {T} tokens, {env['device']}",
+                )
     if args.out:
         ckpt = "_ckpt" if args.gradient_checkpointing else ""
         with open(os.path.join(args.out, f"bench_step_{preset}{ckpt}_ratios.json"), "w") as f:

@@ -1,4 +1,5 @@
 """Shared benchmark helpers: environment record, timing, peak memory, result files."""
+
 from __future__ import annotations
 
 import datetime
@@ -9,24 +10,32 @@ import time
 
 import torch
 
-
 CPU_NOTE = " CPU: 'fused' is the plain-PyTorch fallback (no GPU): a smoke run of the harness, not a measurement."
 
 
 def environment() -> dict:
     import triton
-    env = {"torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+    env = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
     try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                           cwd=os.path.dirname(__file__)).stdout.strip() or None
+        env["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         env["git_commit"] = None
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
         try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True).stdout.strip()
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            ).stdout.strip()
         except OSError:
             env["driver"] = None
     else:
@@ -40,6 +49,7 @@ def timing(fn, warmup=3, rep=15) -> tuple[float, float]:
     percentile) / median, so a ratio between two rows is worth quoting only when both spreads are small."""
     if torch.cuda.is_available():
         import triton
+
         p20, p50, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
         return p50, (p80 - p20) / p50
     for _ in range(warmup):
@@ -72,23 +82,38 @@ def peak_extra_mb(fn) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def write_results(name: str, rows: list[dict], env: dict, out_dir: str | None, notes: str = "", columns=None,
-                  extra: dict | None = None):
+def write_results(
+    name: str,
+    rows: list[dict],
+    env: dict,
+    out_dir: str | None,
+    notes: str = "",
+    columns=None,
+    extra: dict | None = None,
+):
     """rows -> stdout table, and <out_dir>/<name>.json (with extra's keys) + .md when out_dir is given."""
     from fpo.files import atomic_write_json, atomic_write_text
     from fpo.tables import format_table
+
     def fmt(key):
         return ".3g" if any(isinstance(r.get(key), float) for r in rows) else ""
+
     cols = columns or [(k, k, fmt(k)) for k in rows[0]]
     table = format_table(rows, cols)
-    header = f"{name}: {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env.get('git_commit')}, {env['date']}"
+    header = (
+        f"{name}: {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env.get('git_commit')}, "
+        f"{env['date']}"
+    )
     print(header)
     print(table)
     if notes:
         print(notes)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        atomic_write_json(os.path.join(out_dir, f"{name}.json"),
-                          {"environment": env, "rows": rows, "notes": notes, **(extra or {})})
-        atomic_write_text(os.path.join(out_dir, f"{name}.md"), f"# {name}\n\n{header}\n\n```\n{table}\n```\n\n{notes}\n")
+        atomic_write_json(
+            os.path.join(out_dir, f"{name}.json"), {"environment": env, "rows": rows, "notes": notes, **(extra or {})}
+        )
+        atomic_write_text(
+            os.path.join(out_dir, f"{name}.md"), f"# {name}\n\n{header}\n\n```\n{table}\n```\n\n{notes}\n"
+        )
     return table

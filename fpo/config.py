@@ -1,6 +1,7 @@
 """Training configuration: a frozen dataclass, validated on creation, loaded from YAML and/or overrides.
 Unknown keys are errors; values are type-checked and range-checked (every key carries its help text, its
 choices or its range: the CLI shows them)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,16 @@ from .packing import LAYOUTS, POOLINGS
 from .precision import OPTIMIZERS, PRECISIONS, SAVE_DTYPES
 from .trackers import TRACKERS, tracker_names
 
-__all__ = ["TrainConfig", "PrecomputeConfig", "EvalConfig", "load_config", "METHODS", "ATTENTION", "RESUMABLE_CHANGES",
-           "config_from_dict"]
+__all__ = [
+    "TrainConfig",
+    "PrecomputeConfig",
+    "EvalConfig",
+    "load_config",
+    "METHODS",
+    "ATTENTION",
+    "RESUMABLE_CHANGES",
+    "config_from_dict",
+]
 
 METHODS = ("fpo", "dpo", "simpo", "tdpo1", "tdpo2")
 ATTENTION = ("sdpa", "eager", "flex_attention")
@@ -24,18 +33,26 @@ _DEFAULT_BETA = {"fpo": 0.1, "dpo": 0.1, "simpo": 2.0, "tdpo1": 0.1, "tdpo2": 0.
 def _key(default, help, choices=None, low=None, low_open=False, high=None, required=False):
     """A config key: its default, its help text (shown by `fpo <command> --help`), its allowed values or range;
     required: a flag the command cannot run without."""
-    return field(default=default, metadata=dict(help=help, choices=choices, low=low, low_open=low_open, high=high,
-                                                required=required))
+    return field(
+        default=default,
+        metadata=dict(help=help, choices=choices, low=low, low_open=low_open, high=high, required=required),
+    )
 
 
 # help texts the three commands share
-_SPLIT = ("the split of a saved DatasetDict or of a folder of one file per split (default: train, or the only "
-          "split; several and none named train is an error that lists them)")
-_POOLING = ("the rows the SAE features are pooled over: each response's own tokens, a mean (response); or as the "
-            "authors' code does, the rows predicting them divided by the pair's padded length less one (authors: "
-            "packing off or pack)")
-_FROZEN_PRECISION = ("the forward's precision policy, as `fpo train --precision` names it (auto: bf16-mixed on "
-                     "cuda, fp32 on cpu); the model is frozen, so its weights are bf16 under any bf16 policy")
+_SPLIT = (
+    "the split of a saved DatasetDict or of a folder of one file per split (default: train, or the only "
+    "split; several and none named train is an error that lists them)"
+)
+_POOLING = (
+    "the rows the SAE features are pooled over: each response's own tokens, a mean (response); or as the "
+    "authors' code does, the rows predicting them divided by the pair's padded length less one (authors: "
+    "packing off or pack)"
+)
+_FROZEN_PRECISION = (
+    "the forward's precision policy, as `fpo train --precision` names it (auto: bf16-mixed on "
+    "cuda, fp32 on cpu); the model is frozen, so its weights are bf16 under any bf16 policy"
+)
 _BAD_ROWS = "a row with a missing column or an empty response: stop (error) or skip it and report"
 _SAE_LAYER = "decoder block each SAE reads, in --sae order (default: from the SAE)"
 
@@ -45,37 +62,64 @@ class TrainConfig:
     # what to train
     method: str = _key("fpo", "training method", METHODS)
     model: str = _key("", "the policy: a local folder, a .gguf file, or a hub name when online (required)")
-    dataset: str = _key("", "preference pairs: a local .json/.jsonl/.parquet file, a saved dataset, or a folder of "
-                        "one such file per split (required)")
-    split: str | None = _key(None, "the split to read from a saved DatasetDict or a folder of split files (default: "
-                             "train, or the only split; several and none named train is an error)")
+    dataset: str = _key(
+        "",
+        "preference pairs: a local .json/.jsonl/.parquet file, a saved dataset, or a folder of "
+        "one such file per split (required)",
+    )
+    split: str | None = _key(
+        None,
+        "the split to read from a saved DatasetDict or a folder of split files (default: "
+        "train, or the only split; several and none named train is an error)",
+    )
     cache: str | None = _key(None, "reference cache from `fpo precompute` (required for fpo and dpo)")
     reference_model: str | None = _key(None, "tdpo: the online reference model (default: --model)")
-    sae: str | list | None = _key(None, "fpo: sae-lens or sparsify folder, safetensors file, Gemma Scope params.npz, "
-                                  "or release:id; repeat --sae for several SAEs (D = sum of sae_weight x D_sae)")
-    sae_layer: int | list | None = _key(None, "decoder block each SAE reads, in --sae order (default: from the SAE, "
-                                        "else the cache)", low=0)
+    sae: str | list | None = _key(
+        None,
+        "fpo: sae-lens or sparsify folder, safetensors file, Gemma Scope params.npz, "
+        "or release:id; repeat --sae for several SAEs (D = sum of sae_weight x D_sae)",
+    )
+    sae_layer: int | list | None = _key(
+        None, "decoder block each SAE reads, in --sae order (default: from the SAE, else the cache)", low=0
+    )
     sae_weight: float | list | None = _key(None, "each SAE's weight in D, in --sae order (default 1)", low=0)
     # loss
     beta: float | None = _key(None, "loss temperature (default by method: 0.1; simpo 2.0)", low=0, low_open=True)
     alpha: float = _key(0.5, "fpo / tdpo2: weight of the constraint (D for fpo, KL for tdpo2)", low=0)
     gamma: float = _key(0.5, "simpo: target margin, absolute (the official code's gamma_beta_ratio is gamma / beta)")
     k: int = _key(50, "fpo: SAE features in the constraint", low=1)
-    constraint_norm: str = _key("none", "fpo: D as in the paper (none), or divided by the reference's mean squared "
-                                "top-k feature value recorded by `fpo precompute` (ref), so one alpha means the "
-                                "same across SAEs and models", ("none", "ref"))
-    select: str = _key("policy", "fpo: the k features: policy's top-k, or the cached reference's first k",
-                       ("policy", "reference"))
-    pooling: str = _key("response", "fpo: the rows D pools over: each response's own tokens, a mean (response); or "
-                        "the authors' code's, the rows predicting them divided by the pair's padded length less one "
-                        "(authors; needs --packing off or pack and a cache built with --pooling authors)", POOLINGS)
+    constraint_norm: str = _key(
+        "none",
+        "fpo: D as in the paper (none), or divided by the reference's mean squared "
+        "top-k feature value recorded by `fpo precompute` (ref), so one alpha means the "
+        "same across SAEs and models",
+        ("none", "ref"),
+    )
+    select: str = _key(
+        "policy", "fpo: the k features: policy's top-k, or the cached reference's first k", ("policy", "reference")
+    )
+    pooling: str = _key(
+        "response",
+        "fpo: the rows D pools over: each response's own tokens, a mean (response); or "
+        "the authors' code's, the rows predicting them divided by the pair's padded length less one "
+        "(authors; needs --packing off or pack and a cache built with --pooling authors)",
+        POOLINGS,
+    )
     # optimisation (paper defaults)
     lr: float = _key(5e-7, "learning rate", low=0, low_open=True)
     warmup_steps: int = _key(150, "linear warmup steps, then the schedule", low=0)
-    lr_scheduler: str = _key("constant", "after the warmup: constant (the paper's), or linear or cosine decay to 0 at "
-                             "the last step (transformers' schedules)", ("constant", "linear", "cosine"))
-    optimizer: str = _key("adam", "optimizer: Adam (the paper's), AdamW (decoupled weight decay; the authors' code: "
-                          "betas 0.9, 0.95, weight decay 1e-4, clip 1.0) or RMSprop; fused on CUDA", OPTIMIZERS)
+    lr_scheduler: str = _key(
+        "constant",
+        "after the warmup: constant (the paper's), or linear or cosine decay to 0 at "
+        "the last step (transformers' schedules)",
+        ("constant", "linear", "cosine"),
+    )
+    optimizer: str = _key(
+        "adam",
+        "optimizer: Adam (the paper's), AdamW (decoupled weight decay; the authors' code: "
+        "betas 0.9, 0.95, weight decay 1e-4, clip 1.0) or RMSprop; fused on CUDA",
+        OPTIMIZERS,
+    )
     adam_beta1: float = _key(0.9, "adam / adamw: beta1", low=0, high=1)
     adam_beta2: float = _key(0.999, "adam / adamw: beta2", low=0, high=1)
     adam_eps: float = _key(1e-8, "adam / adamw / rmsprop: epsilon", low=0, low_open=True)
@@ -83,37 +127,62 @@ class TrainConfig:
     max_grad_norm: float | None = _key(10.0, "clip the gradient norm to this (none: no clipping)", low=0, low_open=True)
     batch_size: int = _key(32, "pairs per optimizer step, all ranks together", low=1)
     micro_batch_size: int = _key(2, "pairs per forward on one rank (unless --max-tokens is set)", low=1)
-    max_tokens: int | None = _key(None, "token budget per forward instead of --micro-batch-size: whole pairs packed "
-                                  "up to it; also caps each sequence at max_tokens / 2", low=1)
-    packing: str = _key("share-prompt", "micro-batch layout: padded (off), [prompt, response] segments (pack), or "
-                        "[prompt, chosen, rejected] with the prompt once (share-prompt)", LAYOUTS)
+    max_tokens: int | None = _key(
+        None,
+        "token budget per forward instead of --micro-batch-size: whole pairs packed "
+        "up to it; also caps each sequence at max_tokens / 2",
+        low=1,
+    )
+    packing: str = _key(
+        "share-prompt",
+        "micro-batch layout: padded (off), [prompt, response] segments (pack), or "
+        "[prompt, chosen, rejected] with the prompt once (share-prompt)",
+        LAYOUTS,
+    )
     epochs: int = _key(1, "passes over the dataset", low=1)
     max_steps: int | None = _key(None, "stop after this many optimizer steps (default: the epochs' steps)", low=1)
     # LoRA (peft): adapters on the policy's linear layers instead of full fine-tuning
-    lora_r: int | None = _key(None, "LoRA rank: train adapters of this rank (peft) instead of every weight; the "
-                              "base weights stay frozen (bf16 under a bf16 policy); none: full fine-tuning", low=1)
-    lora_alpha: float | None = _key(None, "LoRA scaling numerator (adapter scale lora_alpha / lora_r; default "
-                                    "2 x lora_r)", low=0, low_open=True)
+    lora_r: int | None = _key(
+        None,
+        "LoRA rank: train adapters of this rank (peft) instead of every weight; the "
+        "base weights stay frozen (bf16 under a bf16 policy); none: full fine-tuning",
+        low=1,
+    )
+    lora_alpha: float | None = _key(
+        None, "LoRA scaling numerator (adapter scale lora_alpha / lora_r; default 2 x lora_r)", low=0, low_open=True
+    )
     lora_dropout: float = _key(0.0, "dropout on the LoRA adapters' input", low=0, high=1)
-    lora_target_modules: str | list = _key("all-linear", "modules that get adapters: all-linear (every linear "
-                                           "layer of the decoder, not the lm head), or module names (repeatable: "
-                                           "--lora-target-modules q_proj --lora-target-modules v_proj)")
-    merge_lora: bool = _key(False, "also save the adapters merged into the base weights (in fp32, or save_dtype) "
-                            "as OUTPUT_DIR/final-merged, a plain model")
+    lora_target_modules: str | list = _key(
+        "all-linear",
+        "modules that get adapters: all-linear (every linear "
+        "layer of the decoder, not the lm head), or module names (repeatable: "
+        "--lora-target-modules q_proj --lora-target-modules v_proj)",
+    )
+    merge_lora: bool = _key(
+        False,
+        "also save the adapters merged into the base weights (in fp32, or save_dtype) "
+        "as OUTPUT_DIR/final-merged, a plain model",
+    )
     # data
     max_length: int = _key(512, "tokens per sequence (prompt + response)", low=2)
     max_prompt_length: int = _key(256, "prompt tokens kept (the last ones); responses are cut to fit max_length", low=1)
     max_pairs: int | None = _key(None, "use only the first pairs of the dataset", low=1)
-    bad_rows: str = _key("error", "a row with a missing column or an empty response: stop, or skip it and report",
-                         ("error", "skip"))
+    bad_rows: str = _key(
+        "error", "a row with a missing column or an empty response: stop, or skip it and report", ("error", "skip")
+    )
     # runtime
     device: str | None = _key(None, "default: cuda when available, else cpu")
-    precision: str = _key("auto", "fp32; bf16-mixed (fp32 weights, gradients and Adam states, forward under bf16 "
-                          "autocast); bf16-compensated (bf16 weights and states, Kahan-summed updates: less memory, "
-                          "no update lost); bf16-pure (bf16 weights under plain Adam: small updates round away); "
-                          "auto: bf16-mixed on cuda, fp32 on cpu", PRECISIONS)
-    attn_implementation: str | None = _key(None, "attention: default flex_attention for packed layouts on cuda, "
-                                           "else the model's own", ATTENTION)
+    precision: str = _key(
+        "auto",
+        "fp32; bf16-mixed (fp32 weights, gradients and Adam states, forward under bf16 "
+        "autocast); bf16-compensated (bf16 weights and states, Kahan-summed updates: less memory, "
+        "no update lost); bf16-pure (bf16 weights under plain Adam: small updates round away); "
+        "auto: bf16-mixed on cuda, fp32 on cpu",
+        PRECISIONS,
+    )
+    attn_implementation: str | None = _key(
+        None, "attention: default flex_attention for packed layouts on cuda, else the model's own", ATTENTION
+    )
     gradient_checkpointing: bool = _key(False, "recompute each decoder layer in the backward")
     fsdp: bool = _key(False, "under torchrun: FSDP2 instead of DDP")
     seed: int = _key(0, "seed of the data order and the run")
@@ -122,15 +191,22 @@ class TrainConfig:
     log_every: int = _key(10, "optimizer steps between metric lines", low=1)
     save_every: int = _key(0, "optimizer steps between checkpoints (0: only the final model)", low=0)
     save_optimizer: bool = _key(True, "store optimizer, scheduler and RNG beside the final model (resumable)")
-    save_dtype: str = _key("auto", "dtype of the final model's weights: auto keeps the trained weights' own (float32 "
-                           "under bf16-mixed); another makes the final model a copy that cannot be resumed",
-                           ("auto",) + tuple(SAVE_DTYPES))
+    save_dtype: str = _key(
+        "auto",
+        "dtype of the final model's weights: auto keeps the trained weights' own (float32 "
+        "under bf16-mixed); another makes the final model a copy that cannot be resumed",
+        ("auto",) + tuple(SAVE_DTYPES),
+    )
     resume: str | None = _key(None, "a checkpoint folder, or 'latest' in output_dir")
     progress: bool = _key(True, "progress bar (plain lines when stdout is not a terminal)")
-    report_to: str | list = _key("none", "experiment trackers that get every metric line and the config "
-                                 "(repeatable); each works offline: tensorboard (OUTPUT_DIR/tensorboard), wandb "
-                                 "(offline unless WANDB_MODE says otherwise), trackio (its local store), mlflow "
-                                 "(MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db)", TRACKERS)
+    report_to: str | list = _key(
+        "none",
+        "experiment trackers that get every metric line and the config "
+        "(repeatable); each works offline: tensorboard (OUTPUT_DIR/tensorboard), wandb "
+        "(offline unless WANDB_MODE says otherwise), trackio (its local store), mlflow "
+        "(MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db)",
+        TRACKERS,
+    )
     run_name: str | None = _key(None, "the run's name in the trackers (default: output_dir's folder name)")
 
     def __post_init__(self):
@@ -144,23 +220,33 @@ class TrainConfig:
         if not self.dataset:
             raise ValueError("dataset is required (a local .json/.jsonl/.parquet file or a saved dataset)")
         if self.method in ("fpo", "dpo") and not self.cache:
-            raise ValueError(f"method {self.method} needs a reference cache: build one with `fpo precompute` and pass cache=")
+            raise ValueError(
+                f"method {self.method} needs a reference cache: build one with `fpo precompute` and pass cache="
+            )
         if self.method == "fpo" and not self.sae:
             raise ValueError("method fpo needs an SAE (sae=...)")
-        sae_specs(self.sae, self.sae_layer, self.sae_weight)   # one layer and weight per SAE, or one for all
+        sae_specs(self.sae, self.sae_layer, self.sae_weight)  # one layer and weight per SAE, or one for all
         if self.max_tokens is not None and self.max_tokens // 2 <= self.max_prompt_length:
-            raise ValueError(f"max_tokens ({self.max_tokens}) must exceed 2 x max_prompt_length "
-                             f"({2 * self.max_prompt_length}): every pair must fit one micro-batch with room for its responses")
-        tracker_names(self.report_to)   # none alone, or trackers
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) must exceed 2 x max_prompt_length "
+                f"({2 * self.max_prompt_length}): every pair must fit one micro-batch with room for its responses"
+            )
+        tracker_names(self.report_to)  # none alone, or trackers
         if self.pooling == "authors" and self.packing == "share-prompt":
-            raise ValueError("pooling 'authors' needs --packing off or pack: with the prompt shared, the rows that "
-                             "predict the rejected response are not contiguous")
+            raise ValueError(
+                "pooling 'authors' needs --packing off or pack: with the prompt shared, the rows that "
+                "predict the rejected response are not contiguous"
+            )
         if self.lora_r is None and (self.merge_lora or self.lora_alpha is not None):
-            raise ValueError(f"{'merge_lora' if self.merge_lora else 'lora_alpha'} is set but lora_r is not: pass "
-                             "--lora-r to train LoRA adapters")
+            raise ValueError(
+                f"{'merge_lora' if self.merge_lora else 'lora_alpha'} is set but lora_r is not: pass "
+                "--lora-r to train LoRA adapters"
+            )
         if self.lora_r is not None and self.save_dtype != "auto" and not self.merge_lora:
-            raise ValueError(f"save_dtype {self.save_dtype} with LoRA applies to the merged model: pass --merge-lora "
-                             "(the adapters are saved in their trained dtype)")
+            raise ValueError(
+                f"save_dtype {self.save_dtype} with LoRA applies to the merged model: pass --merge-lora "
+                "(the adapters are saved in their trained dtype)"
+            )
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
 
@@ -168,7 +254,7 @@ class TrainConfig:
     def beta_value(self) -> float:
         return self.beta if self.beta is not None else _DEFAULT_BETA[self.method]
 
-    def replace(self, **kw) -> "TrainConfig":
+    def replace(self, **kw) -> TrainConfig:
         return dataclasses.replace(self, **kw)
 
     @property
@@ -187,7 +273,9 @@ def sae_specs(sae, sae_layer=None, sae_weight=None) -> list:
     specs, layers, weights = _as_list(sae), _as_list(sae_layer) or [None], _as_list(sae_weight) or [1.0]
     for name, values in (("sae_layer", layers), ("sae_weight", weights)):
         if len(values) > 1 and len(values) != len(specs):
-            raise ValueError(f"{name} gives {len(values)} values for {len(specs)} SAEs: give one per --sae, or one for all")
+            raise ValueError(
+                f"{name} gives {len(values)} values for {len(specs)} SAEs: give one per --sae, or one for all"
+            )
     pick = lambda values, i: values[i] if len(values) > 1 else values[0]
     return [(spec, pick(layers, i), float(pick(weights, i))) for i, spec in enumerate(specs)]
 
@@ -197,38 +285,62 @@ def _as_list(value) -> list:
 
 
 # What may differ between a checkpoint's config and the run that resumes it; any other difference is an error.
-RESUMABLE_CHANGES = ("max_steps", "epochs", "save_every", "log_every", "progress", "resume", "overwrite",
-                     "save_optimizer", "save_dtype", "device", "report_to", "run_name", "merge_lora")
-# Keys that were replaced, with what replaces them: a config that still uses one is refused with this sentence.
-REPLACED_KEYS = {"dtype": "dtype was replaced by precision: bf16-mixed (fp32 weights under bf16 autocast, the cuda "
-                          "default), bf16-pure (bf16 weights: what dtype bfloat16 did), bf16-compensated, or fp32"}
+RESUMABLE_CHANGES = (
+    "max_steps",
+    "epochs",
+    "save_every",
+    "log_every",
+    "progress",
+    "resume",
+    "overwrite",
+    "save_optimizer",
+    "save_dtype",
+    "device",
+    "report_to",
+    "run_name",
+    "merge_lora",
+)
 
 
 @dataclass(frozen=True)
 class PrecomputeConfig:
     """`fpo precompute`'s settings: the keyword arguments of fpo.precompute.precompute and the command's flags.
     model may also be a loaded model, sae SAEWeights (or a list of either), in Python."""
+
     model: str = _key("", "the reference: a local folder, a .gguf file, or a hub name when online", required=True)
     dataset: str = _key("", "local .json/.jsonl/.parquet file or saved dataset", required=True)
     out: str = _key("", "cache directory", required=True)
     split: str | None = _key(None, _SPLIT)
-    sae: str | list | None = _key(None, "sae-lens or sparsify dir, .safetensors, params.npz or release:id; repeat "
-                                  "for several SAEs, cached under their own names (omit for log-probs only)")
+    sae: str | list | None = _key(
+        None,
+        "sae-lens or sparsify dir, .safetensors, params.npz or release:id; repeat "
+        "for several SAEs, cached under their own names (omit for log-probs only)",
+    )
     sae_layer: int | list | None = _key(None, _SAE_LAYER, low=0)
-    K: int = _key(256, "top-K pooled features cached per response", low=1)
+    cache_k: int = _key(
+        256, "the reference's top pooled features cached per response (fpo train's --k may be at most this)", low=1
+    )
     max_length: int = _key(512, "tokens per sequence (prompt + response)", low=2)
-    max_prompt_length: int = _key(256, "longer prompts keep their last tokens; responses are cut to fit max_length",
-                                  low=1)
-    value_dtype: str = _key("float16", "storage of the cached feature values (see the fidelity table in the README)",
-                            ("float16", "bfloat16", "float32"))
+    max_prompt_length: int = _key(
+        256, "longer prompts keep their last tokens; responses are cut to fit max_length", low=1
+    )
+    value_dtype: str = _key(
+        "float16",
+        "storage of the cached feature values (see the fidelity table in the README)",
+        ("float16", "bfloat16", "float32"),
+    )
     batch_pairs: int = _key(4, "pairs per forward", low=1)
-    packing: str = _key("share-prompt", "micro-batch layout (the cache does not depend on it beyond rounding)",
-                        LAYOUTS)
+    packing: str = _key("share-prompt", "micro-batch layout (the cache does not depend on it beyond rounding)", LAYOUTS)
     pooling: str = _key("response", _POOLING, POOLINGS)
-    max_tokens: int | None = _key(None, "token budget per forward instead of batch_pairs; caps each sequence at "
-                                  "max_tokens / 2 as `fpo train --max-tokens` does", low=1)
-    attn_implementation: str | None = _key(None, "attention (default: flex_attention for packed layouts on cuda, "
-                                           "else the model's own)", ATTENTION)
+    max_tokens: int | None = _key(
+        None,
+        "token budget per forward instead of batch_pairs; caps each sequence at "
+        "max_tokens / 2 as `fpo train --max-tokens` does",
+        low=1,
+    )
+    attn_implementation: str | None = _key(
+        None, "attention (default: flex_attention for packed layouts on cuda, else the model's own)", ATTENTION
+    )
     max_pairs: int | None = _key(None, "only the first pairs of the dataset", low=1)
     shard_rows: int = _key(256, "pairs per cache shard (the unit of resume)", low=1)
     device: str | None = _key(None, "default: cuda when available, else cpu")
@@ -240,20 +352,24 @@ class PrecomputeConfig:
     def __post_init__(self):
         _check_values(self)
         if self.pooling == "authors" and self.packing == "share-prompt":
-            raise ValueError("pooling 'authors' needs packing 'off' or 'pack': with the prompt shared, the rows that "
-                             "predict the rejected response are not contiguous")
+            raise ValueError(
+                "pooling 'authors' needs packing 'off' or 'pack': with the prompt shared, the rows that "
+                "predict the rejected response are not contiguous"
+            )
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """`fpo eval`'s settings: the keyword arguments of fpo.evaluate.evaluate and the command's flags. model and
     reference_model may also be loaded models in Python."""
+
     model: str = _key("", "the trained policy (e.g. OUT/final)", required=True)
     dataset: str = _key("", "held-out pairs: local .json/.jsonl/.parquet or saved dataset", required=True)
     split: str | None = _key(None, _SPLIT)
     cache: str | None = _key(None, "reference cache of the held-out pairs (reward accuracy, D)")
-    sae: str | list | None = _key(None, "the SAE, for the FPO constraint D; repeat for several (d = sum of weight "
-                                  "x d_sae, as in training)")
+    sae: str | list | None = _key(
+        None, "the SAE, for the FPO constraint D; repeat for several (d = sum of weight x d_sae, as in training)"
+    )
     sae_layer: int | list | None = _key(None, _SAE_LAYER, low=0)
     sae_weight: float | list | None = _key(None, "each SAE's weight in d, in --sae order (default 1)", low=0)
     reference_model: str | None = _key(None, "the reference model, for the KL column")
@@ -280,7 +396,7 @@ def _check_values(config):
     """Choices and ranges of every key (types are the Python caller's: a loaded model, SAEWeights, ...)."""
     for f in fields(config):
         value = getattr(config, f.name)
-        for v in (value if isinstance(value, list) else [value]):
+        for v in value if isinstance(value, list) else [value]:
             _check_value(f, v)
 
 
@@ -309,12 +425,13 @@ def _check_value(f, value):
 def _check_type(name, value, hint):
     args = typing.get_args(hint)
     allowed = args if args else (hint,)
-    if isinstance(value, list) and list in allowed:   # a list of the key's scalar type (several SAEs)
+    if isinstance(value, list) and list in allowed:  # a list of the key's scalar type (several SAEs)
         if not value:
             raise ValueError(f"config value {name} is an empty list")
         scalar = tuple(t for t in allowed if t not in (list, type(None)))
         for v in value:
-            _check_type(name, v, typing.Union[scalar] if len(scalar) > 1 else scalar[0])
+            one = typing.Union[scalar] if len(scalar) > 1 else scalar[0]  # noqa: UP007 (built from a runtime tuple)
+            _check_type(name, v, one)
         return
     if value is None:
         if type(None) in allowed:
@@ -335,14 +452,16 @@ def _check_type(name, value, hint):
 
 def config_from_dict(d: dict) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
-    for key in sorted(set(d) & set(REPLACED_KEYS)):
-        raise ValueError(f"config key {key!r}: {REPLACED_KEYS[key]}")
     unknown = sorted(set(d) - known)
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
     d = dict(d)
     for f in fields(TrainConfig):  # YAML writes 1e-6 as a string
-        if f.name in d and isinstance(d[f.name], str) and typing.get_type_hints(TrainConfig)[f.name] in (float, float | None):
+        if (
+            f.name in d
+            and isinstance(d[f.name], str)
+            and typing.get_type_hints(TrainConfig)[f.name] in (float, float | None)
+        ):
             try:
                 d[f.name] = float(d[f.name])
             except ValueError:
@@ -361,14 +480,18 @@ def load_config(path: str | None = None, **overrides) -> TrainConfig:
                     base = json.load(fh)
                 else:
                     import yaml
+
                     base = yaml.safe_load(fh) or {}
         except OSError as e:
             raise ValueError(f"--config {path}: cannot be read ({e.strerror})") from None
-        except Exception as e:   # JSON / YAML syntax, or a YAML tag that safe_load refuses (e.g. !!python/object)
+        except Exception as e:  # JSON / YAML syntax, or a YAML tag that safe_load refuses (e.g. !!python/object)
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"--config {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'} "
-                             f"config ({first}); only plain keys and values are read") from None
+            raise ValueError(
+                f"--config {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'} "
+                f"config ({first}); only plain keys and values are read"
+            ) from None
         if not isinstance(base, dict):
-            raise ValueError(f"--config {path} must hold a mapping of config keys to values, "
-                             f"got a {type(base).__name__}")
+            raise ValueError(
+                f"--config {path} must hold a mapping of config keys to values, got a {type(base).__name__}"
+            )
     return config_from_dict({**base, **{k: v for k, v in overrides.items() if v is not None}})

@@ -11,6 +11,7 @@ the loss. The demo's `fpo` therefore runs with D divided by the reference's feat
 ref) and the alpha that makes the constraint about TARGET_SHARE of the margin term, measured on a short
 probe run from the same start (the policy starts at the reference, where D is 0, so step 1 cannot tell).
 `fpo-paper` runs the paper's alpha and D, for fidelity."""
+
 from __future__ import annotations
 
 import json
@@ -23,24 +24,42 @@ import time
 import torch
 
 from . import assets
-from .files import atomic_write_json
 from .evaluate import evaluate
-from .tables import format_table
+from .files import atomic_write_json
 from .precompute import precompute
+from .tables import format_table
 
 __all__ = ["demo", "DEFAULTS", "DEMO_METHODS", "TARGET_SHARE"]
 
 DEMO_METHODS = ("fpo", "fpo-paper", "dpo", "simpo", "tdpo1", "tdpo2")
-TARGET_SHARE = 0.10     # the demo fpo's constraint term, as a share of its margin term
-PROBE_STEPS = 4         # steps of the probe run that measures the share at the paper's alpha
+TARGET_SHARE = 0.10  # the demo fpo's constraint term, as a share of its margin term
+PROBE_STEPS = 4  # steps of the probe run that measures the share at the paper's alpha
 PAPER_ALPHA = 0.5
 
 # (cpu, cuda) defaults: a few dozen CPU steps in minutes; on a GPU the same command runs bigger.
 DEFAULTS = {
-    "cpu": dict(train_pairs=20, eval_pairs=12, steps=10, batch_size=2, max_length=96, max_prompt_length=48,
-                lr=2e-5, entropy_samples=2, max_new_tokens=16),
-    "cuda": dict(train_pairs=1000, eval_pairs=200, steps=60, batch_size=16, max_length=512, max_prompt_length=256,
-                 lr=1e-6, entropy_samples=32, max_new_tokens=128),
+    "cpu": dict(
+        train_pairs=20,
+        eval_pairs=12,
+        steps=10,
+        batch_size=2,
+        max_length=96,
+        max_prompt_length=48,
+        lr=2e-5,
+        entropy_samples=2,
+        max_new_tokens=16,
+    ),
+    "cuda": dict(
+        train_pairs=1000,
+        eval_pairs=200,
+        steps=60,
+        batch_size=16,
+        max_length=512,
+        max_prompt_length=256,
+        lr=1e-6,
+        entropy_samples=32,
+        max_new_tokens=128,
+    ),
 }
 
 
@@ -57,8 +76,10 @@ def _plot(runs: dict, before: dict, path: str, n_eval: int):
     own first value: SimPO's beta 2.0 and margin put its loss on another scale), the batch implicit-reward
     accuracy, held-out accuracy (with its sampling error), held-out D and held-out KL."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 5, figsize=(19, 3.8), dpi=110)
     for method, r in runs.items():
         hist = r["history"]
@@ -74,8 +95,10 @@ def _plot(runs: dict, before: dict, path: str, n_eval: int):
     axes[2].bar(x, acc, yerr=err, capsize=3, color="tab:blue", label="after training (± 1 s.e.)")
     axes[2].axhline(before["accuracy_logp"], color="k", ls="--", lw=1, label="before")
     axes[2].set(title="held-out accuracy", ylabel="chosen preferred (fraction)")
-    for ax, key, title, color in ((axes[3], "d", "held-out D (SAE features)", "tab:green"),
-                                  (axes[4], "kl", "held-out KL(ref || policy)", "tab:orange")):
+    for ax, key, title, color in (
+        (axes[3], "d", "held-out D (SAE features)", "tab:green"),
+        (axes[4], "kl", "held-out KL(ref || policy)", "tab:orange"),
+    ):
         vals = [runs[m]["after"][key] or 0.0 for m in methods]
         ax.bar(x, vals, color=color, label="after training")
         if "simpo" in runs:
@@ -106,10 +129,19 @@ def _matched_alpha(cfg: dict, probe_dir: str, log) -> dict:
     """A probe run of PROBE_STEPS steps at the paper's alpha (D divided by the reference's feature scale), from
     the same start; the constraint's share of the margin term over its steps after the first gives the alpha
     at which it would be TARGET_SHARE. In-process, without checkpoints; its final model is removed."""
-    from .train import train
     from fpo_kernels.losses import constraint_share
-    probe = dict(cfg, alpha=PAPER_ALPHA, constraint_norm="ref", max_steps=PROBE_STEPS, output_dir=probe_dir,
-                 progress=False, save_optimizer=False)
+
+    from .train import train
+
+    probe = dict(
+        cfg,
+        alpha=PAPER_ALPHA,
+        constraint_norm="ref",
+        max_steps=PROBE_STEPS,
+        output_dir=probe_dir,
+        progress=False,
+        save_optimizer=False,
+    )
     train(probe, log=lambda *a, **k: None)
     hist = [json.loads(line) for line in open(os.path.join(probe_dir, "metrics.jsonl"))][1:]
     shutil.rmtree(probe_dir, ignore_errors=True)
@@ -118,22 +150,48 @@ def _matched_alpha(cfg: dict, probe_dir: str, log) -> dict:
         log(f"[fpo demo] the probe's margin stayed ~0: fpo keeps the paper's alpha {PAPER_ALPHA}")
         return {"alpha": PAPER_ALPHA, "probe_share": share}
     alpha = PAPER_ALPHA * TARGET_SHARE / share
-    log(f"[fpo demo] fpo: alpha {alpha:.3g} with D divided by the reference's feature scale. At the paper's alpha "
+    log(
+        f"[fpo demo] fpo: alpha {alpha:.3g} with D divided by the reference's feature scale. At the paper's alpha "
         f"{PAPER_ALPHA} the constraint was {share:.2%} of the margin term over {PROBE_STEPS} probe steps, too small "
         f"to change anything; this alpha makes it about {TARGET_SHARE:.0%} (`--methods fpo-paper` runs the paper's "
-        "alpha)")
+        "alpha)"
+    )
     return {"alpha": alpha, "probe_share": share}
 
 
-def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_pairs=None, device=None,
-         output_dir="runs/demo", lr=None, max_length=None, batch_size=None, seed=0, progress=True,
-         entropy_samples=None, keep_models=False, log=print) -> dict:
+def demo(
+    methods=("fpo", "simpo", "tdpo2"),
+    steps=None,
+    train_pairs=None,
+    eval_pairs=None,
+    device=None,
+    output_dir="runs/demo",
+    lr=None,
+    max_length=None,
+    batch_size=None,
+    seed=0,
+    progress=True,
+    entropy_samples=None,
+    keep_models=False,
+    log=print,
+) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    d = _settings(device, dict(steps=steps, train_pairs=train_pairs, eval_pairs=eval_pairs, lr=lr,
-                               max_length=max_length, batch_size=batch_size, entropy_samples=entropy_samples))
+    d = _settings(
+        device,
+        dict(
+            steps=steps,
+            train_pairs=train_pairs,
+            eval_pairs=eval_pairs,
+            lr=lr,
+            max_length=max_length,
+            batch_size=batch_size,
+            entropy_samples=entropy_samples,
+        ),
+    )
     os.makedirs(output_dir, exist_ok=True)
     t_start = time.time()
     log("[fpo demo] a few dozen CPU steps show the mechanics and the costs of each method, not alignment quality.")
+    assets.check_demo_assets()
     model_dir = assets.ensure_demo_model(log)
     train_file = os.path.join(output_dir, "train_pairs.jsonl")
     eval_file = os.path.join(output_dir, "eval_pairs.jsonl")
@@ -144,16 +202,39 @@ def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_p
 
     stages = 2 + 2 * len(methods)
     stage = iter(range(1, stages + 1))
-    log(f"[fpo demo] {next(stage)}/{stages} reference cache for {d['train_pairs']} training and {d['eval_pairs']} held-out pairs")
+    log(
+        f"[fpo demo] {next(stage)}/{stages} reference cache for {d['train_pairs']} training and "
+        f"{d['eval_pairs']} held-out pairs"
+    )
     caches = {}
     for name, f, n in (("train", train_file, d["train_pairs"]), ("eval", eval_file, d["eval_pairs"])):
         caches[name] = os.path.join(output_dir, f"cache-{name}")
-        precompute(model_dir, f, caches[name], sae=assets.DEMO_SAE, K=256, max_pairs=n, device=device,
-                   batch_pairs=4, overwrite=True, log=log, progress=progress, **lengths)
+        precompute(
+            model_dir,
+            f,
+            caches[name],
+            sae=assets.DEMO_SAE,
+            cache_k=256,
+            max_pairs=n,
+            device=device,
+            batch_pairs=4,
+            overwrite=True,
+            log=log,
+            progress=progress,
+            **lengths,
+        )
 
-    eval_kw = dict(dataset=eval_file, cache=caches["eval"], sae=assets.DEMO_SAE, max_pairs=d["eval_pairs"],
-                   device=device, entropy_samples=d["entropy_samples"], max_new_tokens=d["max_new_tokens"],
-                   seed=seed, **lengths)
+    eval_kw = dict(
+        dataset=eval_file,
+        cache=caches["eval"],
+        sae=assets.DEMO_SAE,
+        max_pairs=d["eval_pairs"],
+        device=device,
+        entropy_samples=d["entropy_samples"],
+        max_new_tokens=d["max_new_tokens"],
+        seed=seed,
+        **lengths,
+    )
     log(f"[fpo demo] {next(stage)}/{stages} held-out evaluation of the starting model")
     before = evaluate(model_dir, **eval_kw)
 
@@ -161,30 +242,55 @@ def demo(methods=("fpo", "simpo", "tdpo2"), steps=None, train_pairs=None, eval_p
     for name in methods:
         log(f"[fpo demo] {next(stage)}/{stages} training {name}, {d['steps']} steps")
         method = "fpo" if name.startswith("fpo") else name
-        cfg = dict(method=method, model=model_dir, dataset=train_file, max_pairs=d["train_pairs"],
-                   cache=caches["train"] if method in ("fpo", "dpo") else None,
-                   sae=assets.DEMO_SAE if method == "fpo" else None, batch_size=d["batch_size"],
-                   micro_batch_size=min(2, d["batch_size"]), max_steps=d["steps"], epochs=1000, lr=d["lr"],
-                   warmup_steps=2, seed=seed, output_dir=os.path.join(output_dir, name), overwrite=True, log_every=1,
-                   progress=progress, device=device, save_optimizer=False, **lengths)
+        cfg = dict(
+            method=method,
+            model=model_dir,
+            dataset=train_file,
+            max_pairs=d["train_pairs"],
+            cache=caches["train"] if method in ("fpo", "dpo") else None,
+            sae=assets.DEMO_SAE if method == "fpo" else None,
+            batch_size=d["batch_size"],
+            micro_batch_size=min(2, d["batch_size"]),
+            max_steps=d["steps"],
+            epochs=1000,
+            lr=d["lr"],
+            warmup_steps=2,
+            seed=seed,
+            output_dir=os.path.join(output_dir, name),
+            overwrite=True,
+            log_every=1,
+            progress=progress,
+            device=device,
+            save_optimizer=False,
+            **lengths,
+        )
         hist, alpha = _train(name, cfg, output_dir, log)
         log(f"[fpo demo] {next(stage)}/{stages} held-out evaluation after {name}")
         final = os.path.join(cfg["output_dir"], "final")
         runs[name] = {"history": hist, "after": evaluate(final, reference_model=model_dir, **eval_kw), **alpha}
-        if not keep_models:   # the demo keeps metrics and the plot; --keep-models keeps the 540 MB model too
+        if not keep_models:  # the demo keeps metrics and the plot; --keep-models keeps the 540 MB model too
             shutil.rmtree(final, ignore_errors=True)
 
     n_eval = before["pairs"] if "pairs" in before else d["eval_pairs"]
     rows = _table_rows(runs, before, n_eval)
     png = os.path.join(output_dir, "demo.png")
     _plot(runs, before, png, n_eval)
-    result = {"settings": d, "device": str(device), "methods": list(methods), "before": before, "runs": runs,
-              "table": rows, "seconds": time.time() - t_start,
-              "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}}
+    result = {
+        "settings": d,
+        "device": str(device),
+        "methods": list(methods),
+        "before": before,
+        "runs": runs,
+        "table": rows,
+        "seconds": time.time() - t_start,
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+    }
     atomic_write_json(os.path.join(output_dir, "demo.json"), result)
     _report(rows, device, n_eval, log)
-    log(f"A few dozen steps on {device} show the mechanics and the costs, not alignment quality. "
-        f"Written: {png}, {os.path.join(output_dir, 'demo.json')} ({time.time() - t_start:.0f} s)")
+    log(
+        f"A few dozen steps on {device} show the mechanics and the costs, not alignment quality. "
+        f"Written: {png}, {os.path.join(output_dir, 'demo.json')} ({time.time() - t_start:.0f} s)"
+    )
     return result
 
 
@@ -225,33 +331,57 @@ def _table_rows(runs: dict, before: dict, n_eval: int) -> list[dict]:
     simpo = runs.get("simpo", {}).get("after", {})
     for name, r in runs.items():
         h, after = r["history"], r["after"]
-        rows.append({
-            "method": name, "alpha": r.get("alpha"), "final_loss": h[-1]["loss"],
-            "acc_before": before["accuracy_logp"], "acc_after": after["accuracy_logp"],
-            "acc_se": _sampling_error(after["accuracy_logp"], n_eval),
-            "reward_acc": after["accuracy_reward"], "d": after["d"], "kl": after["kl"],
-            "d_vs_simpo": _ratio(after["d"], simpo.get("d")), "kl_vs_simpo": _ratio(after["kl"], simpo.get("kl")),
-            "entropy": after["entropy"],
-            "step_s": sum(x["step_time_s"] for x in h[1:] or h) / max(len(h[1:] or h), 1),
-            "peak_mb": max(x["peak_memory_mb"] for x in h),
-        })
+        rows.append(
+            {
+                "method": name,
+                "alpha": r.get("alpha"),
+                "final_loss": h[-1]["loss"],
+                "acc_before": before["accuracy_logp"],
+                "acc_after": after["accuracy_logp"],
+                "acc_se": _sampling_error(after["accuracy_logp"], n_eval),
+                "reward_acc": after["accuracy_reward"],
+                "d": after["d"],
+                "kl": after["kl"],
+                "d_vs_simpo": _ratio(after["d"], simpo.get("d")),
+                "kl_vs_simpo": _ratio(after["kl"], simpo.get("kl")),
+                "entropy": after["entropy"],
+                "step_s": sum(x["step_time_s"] for x in h[1:] or h) / max(len(h[1:] or h), 1),
+                "peak_mb": max(x["peak_memory_mb"] for x in h),
+            }
+        )
     return rows
 
 
 def _report(rows, device, n_eval, log):
     mem = "peak MB (GPU alloc)" if str(device).startswith("cuda") else "peak MB (RSS)"
     log("")
-    log(format_table(rows, [
-        ("method", "method", ""), ("alpha", "alpha", ".3g"), ("final_loss", "final loss", ".4f"),
-        ("acc_before", "held-out acc before", ".3f"), ("acc_after", "after", ".3f"), ("acc_se", "± s.e.", ".2f"),
-        ("reward_acc", "reward acc", ".3f"), ("d", "held-out D", ".3g"), ("d_vs_simpo", "D / simpo's", ".2f"),
-        ("kl", "held-out KL", ".3g"), ("kl_vs_simpo", "KL / simpo's", ".2f"), ("entropy", "entropy", ".3f"),
-        ("step_s", "step s", ".2f"), ("peak_mb", mem, ".0f"),
-    ]))
+    log(
+        format_table(
+            rows,
+            [
+                ("method", "method", ""),
+                ("alpha", "alpha", ".3g"),
+                ("final_loss", "final loss", ".4f"),
+                ("acc_before", "held-out acc before", ".3f"),
+                ("acc_after", "after", ".3f"),
+                ("acc_se", "± s.e.", ".2f"),
+                ("reward_acc", "reward acc", ".3f"),
+                ("d", "held-out D", ".3g"),
+                ("d_vs_simpo", "D / simpo's", ".2f"),
+                ("kl", "held-out KL", ".3g"),
+                ("kl_vs_simpo", "KL / simpo's", ".2f"),
+                ("entropy", "entropy", ".3f"),
+                ("step_s", "step s", ".2f"),
+                ("peak_mb", mem, ".0f"),
+            ],
+        )
+    )
     log("")
-    log(f"held-out acc: fraction of the {n_eval} held-out pairs whose chosen response has the higher mean log-prob "
+    log(
+        f"held-out acc: fraction of the {n_eval} held-out pairs whose chosen response has the higher mean log-prob "
         f"(± its sampling error: one pair is {1 / max(n_eval, 1):.2f}); reward acc: the same with the implicit reward "
         "a - a_ref; held-out D: FPO's SAE feature constraint, how far the policy's features moved from the "
         "reference's (FPO's claim: lower than an unconstrained method's); held-out KL: sequential KL(pi_ref || pi) "
         "per response; '/ simpo's': each method's D and KL against SimPO's, the unconstrained peer (below 1: held "
-        "closer to the reference); entropy: per token, of sampled responses.")
+        "closer to the reference); entropy: per token, of sampled responses."
+    )

@@ -1,4 +1,5 @@
 """torchrun support: one process per device; gloo on CPU, nccl on CUDA."""
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,8 @@ def init() -> tuple[int, int, torch.device | None]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
         from fpo_kernels import pin_autotune
-        pin_autotune()   # every rank runs the same tiles: bitwise-equal features, equal top-k choices
+
+        pin_autotune()  # every rank runs the same tiles: bitwise-equal features, equal top-k choices
     if dist.is_initialized():
         dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         return dist.get_rank(), dist.get_world_size(), dev

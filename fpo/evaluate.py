@@ -1,16 +1,16 @@
 """Held-out evaluation: preference accuracy, sequential KL to the reference, the FPO constraint, and the
 mean per-token entropy of sampled responses (the FPO paper's diversity measure)."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 
-from .cache import ReferenceCache
 from .config import EvalConfig, sae_specs
-from .data import load_pairs, tokenize_pairs
 from .model import load_model_for_layout, load_tokenizer, resolve_device
 from .packing import attention_length_scale, collate, pooling_rows
+from .pairs import load_pairs, tokenize_pairs
 from .precision import resolve_precision
+from .reference_cache import ReferenceCache
 from .sae import cached_sae_keys, load_saes
 from .step import PolicyStats, reference_side
 
@@ -27,9 +27,18 @@ def _sample_entropy(model, tok, items, n, max_new_tokens, device, seed):
     for it in items[:n]:
         ids = torch.tensor([it.prompt_ids], device=device)
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                             top_p=1.0, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
-                             output_logits=True, pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=tok.pad_token_id,
+        )
         for step_logits in out.logits:  # one [1, V] per generated token; generation stops at EOS
             logp = torch.log_softmax(step_logits.float(), -1)
             total += float(-(logp.exp() * logp).sum())
@@ -61,14 +70,25 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
     model.eval()
     ref_model = cfg.reference_model
     if isinstance(ref_model, str):
-        ref_model = load_model_for_layout(ref_model, prec.frozen_dtype, device, cfg.packing,
-                                          model.config._attn_implementation).eval()
+        ref_model = load_model_for_layout(
+            ref_model, prec.frozen_dtype, device, cfg.packing, model.config._attn_implementation
+        ).eval()
     ref_cache = ReferenceCache(cfg.cache) if isinstance(cfg.cache, str) else cfg.cache
     saes, keys = _saes_in_cache(cfg, model, ref_cache, device)
-    items = tokenize_pairs(load_pairs(dataset, cfg.max_pairs, cfg.bad_rows, log=log, split=cfg.split), tokenizer,
-                           cfg.max_length, cfg.max_prompt_length)
-    policy = PolicyStats(model, k=cfg.k, select=cfg.select, saes=[(x.sae, x.layer, x.weight, 1.0) for x in saes] if keys
-                         else [], autocast=prec.autocast, check_inputs=True)
+    items = tokenize_pairs(
+        load_pairs(dataset, cfg.max_pairs, cfg.bad_rows, log=log, split=cfg.split),
+        tokenizer,
+        cfg.max_length,
+        cfg.max_prompt_length,
+    )
+    policy = PolicyStats(
+        model,
+        k=cfg.k,
+        select=cfg.select,
+        saes=[(x.sae, x.layer, x.weight, 1.0) for x in saes] if keys else [],
+        autocast=prec.autocast,
+        check_inputs=True,
+    )
     try:
         scores = _score(cfg, policy, tokenizer.pad_token_id, ref_model, ref_cache, keys, items, device)
     finally:
@@ -82,14 +102,17 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
 
 def _saes_in_cache(cfg: EvalConfig, model, ref_cache, device):
     """(the SAE specs, the key of each one's tensors in the cache): keys only when the cache holds features."""
-    pooled = ref_cache.meta.get("pooling", "response") if ref_cache is not None else None
+    pooled = ref_cache.meta["pooling"] if ref_cache is not None else None
     if pooled is not None and cfg.sae is not None and pooled != cfg.pooling:
-        raise ValueError(f"cache {ref_cache.path} pooled the reference's features with pooling {pooled!r}, this eval "
-                         f"uses {cfg.pooling!r}: pass --pooling {pooled} (as the run trained)")
+        raise ValueError(
+            f"cache {ref_cache.path} pooled the reference's features with pooling {pooled!r}, this eval "
+            f"uses {cfg.pooling!r}: pass --pooling {pooled} (as the run trained)"
+        )
     saes = load_saes(sae_specs(cfg.sae, cfg.sae_layer, cfg.sae_weight), device)
     if not (saes and ref_cache is not None and ref_cache.has_features):
         return saes, []
     return saes, cached_sae_keys(ref_cache, saes, model, cfg.k, cfg.select)
+
 
 def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, keys, items, device) -> dict:
     """Per-pair and per-sequence scores of every batch, on the device, from the statistics a training step
@@ -97,7 +120,7 @@ def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, k
     scores = {"acc_logp": [], "acc_reward": [], "kl": [], "d": [[] for _ in keys]}
     row_scale = attention_length_scale(policy.model)
     for b in range(0, len(items), cfg.batch_pairs):
-        chunk = items[b:b + cfg.batch_pairs]
+        chunk = items[b : b + cfg.batch_pairs]
         P = len(chunk)
         batch = collate(chunk, cfg.packing, pad_id, row_scale)
         batch["spans"], batch["d_factor"] = pooling_rows(batch, chunk, cfg.pooling)
@@ -106,9 +129,9 @@ def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, k
         mean = stats["logp_mean"]
         scores["acc_logp"].append((mean[:P] > mean[P:]).float())
         if reference is not None:
-            reward = mean - reference["logp_mean"]                                   # [2P], chosen first
+            reward = mean - reference["logp_mean"]  # [2P], chosen first
             rw_, rl_ = reward[:P], reward[P:]
-            scores["acc_reward"].append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())   # a tie counts half
+            scores["acc_reward"].append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())  # a tie counts half
         for out, d in zip(scores["d"], stats["d_each"] if keys else []):
             out.append(d)
         if "kl" in stats:
@@ -119,6 +142,7 @@ def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, k
 def _summary(cfg: EvalConfig, scores, saes, keys, ref_cache) -> dict:
     """The means; D as training weighs it (sum of weight x each SAE's D), and over each SAE's recorded
     reference feature scale (what constraint_norm "ref" trains on)."""
+
     def mean_of(xs):
         return float(torch.cat(xs).mean()) if xs else None
 
@@ -129,5 +153,11 @@ def _summary(cfg: EvalConfig, scores, saes, keys, ref_cache) -> dict:
     if d is not None and all(sc and cfg.k <= len(sc) for sc in scales):
         d_over_scale = sum(s.weight * v / ref_cache.feature_scale(cfg.k, key) for s, v, key in zip(saes, per_sae, keys))
     each = {f"d[{s.name}@{s.layer}]": v for s, v in zip(saes, per_sae)} if len(per_sae) > 1 else {}
-    return {"accuracy_logp": mean_of(scores["acc_logp"]), "accuracy_reward": mean_of(scores["acc_reward"]),
-            "kl": mean_of(scores["kl"]), "d": d, "d_over_scale": d_over_scale, **each}
+    return {
+        "accuracy_logp": mean_of(scores["acc_logp"]),
+        "accuracy_reward": mean_of(scores["acc_reward"]),
+        "kl": mean_of(scores["kl"]),
+        "d": d,
+        "d_over_scale": d_over_scale,
+        **each,
+    }

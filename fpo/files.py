@@ -1,5 +1,6 @@
 """Files written whole or not at all, and their checksums: what every writer in fpo (caches, checkpoints,
 metrics, summaries) and the benchmarks' result files use."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,6 @@
 """One process at a time per run directory and per cache: an exclusive, non-blocking lock on DIR/.fpo.lock,
 held for the process's lifetime (fcntl.flock: released by the kernel when the process ends, however it ends)."""
+
 from __future__ import annotations
 
 import fcntl
@@ -23,12 +24,14 @@ class DirectoryLock:
         except BlockingIOError:
             holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self._fd)
-            raise ValueError(f"{what} {directory} is in use by another process (pid {holder}): wait for it to finish, "
-                             "or choose another directory") from None
+            raise ValueError(
+                f"{what} {directory} is in use by another process (pid {holder}): wait for it to finish, "
+                "or choose another directory"
+            ) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)
 
     def release(self):
         if self._fd is not None:
-            os.close(self._fd)   # closing the descriptor drops the lock
+            os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None

@@ -7,6 +7,7 @@ format (adapter_config.json + adapter_model.safetensors: they load with peft's A
 merged weights are computed here from a state dict, in fp32, so small adapter updates are not rounded into a
 bf16 base weight.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,11 +17,18 @@ import torch
 
 from .distributed import local_shard
 
-__all__ = ["add_adapters", "adapter_weights", "load_adapter_weights", "merged_weights", "save_adapter_config",
-           "describe_lora", "ADAPTER_WEIGHTS"]
+__all__ = [
+    "add_adapters",
+    "adapter_weights",
+    "load_adapter_weights",
+    "merged_weights",
+    "save_adapter_config",
+    "describe_lora",
+    "ADAPTER_WEIGHTS",
+]
 
-ADAPTER = "default"                              # peft's adapter name
-ADAPTER_WEIGHTS = "adapter_model.safetensors"    # peft's file names
+ADAPTER = "default"  # peft's adapter name
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file names
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -28,7 +36,9 @@ def _peft():
     try:
         import peft
     except ImportError:
-        raise ValueError('lora_r: LoRA needs the peft package; pip install "fpo-kernels[lora]" (or pip install peft)') from None
+        raise ValueError(
+            'lora_r: LoRA needs the peft package; pip install "fpo-kernels[lora]" (or pip install peft)'
+        ) from None
     return peft
 
 
@@ -37,17 +47,20 @@ def add_adapters(model, r: int, alpha: float, dropout: float, target_modules, dt
     weight is frozen; the adapters are created in `dtype` (the precision policy's trained dtype)."""
     peft = _peft()
     targets = target_modules if isinstance(target_modules, str) else list(target_modules)
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                             task_type="CAUSAL_LM", bias="none")
+    config = peft.LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM", bias="none"
+    )
     try:
-        with warnings.catch_warnings():   # peft asks transformers by a name it deprecated
+        with warnings.catch_warnings():  # peft asks transformers by a name it deprecated
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
             wrapped = peft.get_peft_model(model, config, autocast_adapter_dtype=False)
-    except ValueError as e:   # peft: no module matched the names given
+    except ValueError as e:  # peft: no module matched the names given
         raise ValueError(f"lora_target_modules {target_modules!r}: {str(e).splitlines()[0]}") from None
-    if hasattr(model.get_output_embeddings(), "base_layer"):   # peft wrapped the lm head
-        raise ValueError(f"lora_target_modules {target_modules!r} puts an adapter on the lm head: the fused log-prob op "
-                         "reads the head's weight directly and would not see it; leave the lm head out")
+    if hasattr(model.get_output_embeddings(), "base_layer"):  # peft wrapped the lm head
+        raise ValueError(
+            f"lora_target_modules {target_modules!r} puts an adapter on the lm head: the fused log-prob op "
+            "reads the head's weight directly and would not see it; leave the lm head out"
+        )
     for name, p in model.named_parameters():
         if ".lora_" in name:
             p.data = p.data.to(dtype)
@@ -77,8 +90,10 @@ def load_adapter_weights(model, weights: dict, where: str):
     want = {k for k in model.state_dict() if _is_adapter_key(k)}
     missing, extra = sorted(want - set(renamed)), sorted(set(renamed) - want)
     if missing or extra:
-        raise ValueError(f"resume: the adapters in {where} do not match this run's (lora_r and lora_target_modules "
-                         f"must be the saved run's): missing {missing[:2]}, unexpected {extra[:2]}")
+        raise ValueError(
+            f"resume: the adapters in {where} do not match this run's (lora_r and lora_target_modules "
+            f"must be the saved run's): missing {missing[:2]}, unexpected {extra[:2]}"
+        )
     model.load_state_dict(renamed, strict=False)
 
 
@@ -116,6 +131,8 @@ def describe_lora(cfg, trained, all_params, precision) -> str:
     """The line a LoRA run logs once: the adapters' size against the model's (under FSDP: this rank's shards)."""
     n = sum(local_shard(p).numel() for p in trained)
     total = sum(local_shard(p).numel() for p in all_params)
-    return (f"[fpo] LoRA r={cfg.lora_r}, alpha {cfg.lora_alpha_value:g} on {cfg.lora_target_modules}: "
-            f"{n / 1e6:.2f}M trainable of {total / 1e6:.1f}M parameters ({n / total:.2%}); the base weights "
-            f"are frozen in {str(precision.frozen_dtype).removeprefix('torch.')}")
+    return (
+        f"[fpo] LoRA r={cfg.lora_r}, alpha {cfg.lora_alpha_value:g} on {cfg.lora_target_modules}: "
+        f"{n / 1e6:.2f}M trainable of {total / 1e6:.1f}M parameters ({n / total:.2%}); the base weights "
+        f"are frozen in {str(precision.frozen_dtype).removeprefix('torch.')}"
+    )

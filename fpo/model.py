@@ -1,6 +1,7 @@
 """Loading causal LMs and reading what FPO needs from them: the residual stream after a decoder block
 (through a forward hook), the final hidden states from the model body (never full logits), the lm head
 weight and the final logit softcap."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,19 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["load_model", "load_tokenizer", "decoder_layers", "lm_head", "final_softcap", "config_fingerprint", "model_fingerprint",
-           "ResidualCapture", "run_body", "load_model_for_layout", "resolve_device"]
+__all__ = [
+    "load_model",
+    "load_tokenizer",
+    "decoder_layers",
+    "lm_head",
+    "final_softcap",
+    "config_fingerprint",
+    "model_fingerprint",
+    "ResidualCapture",
+    "run_body",
+    "load_model_for_layout",
+    "resolve_device",
+]
 
 
 def _gguf_split(path):
@@ -33,17 +45,21 @@ def _quiet_library_bars():
     """transformers draws a bar for every load and save (a dozen in one demo, one long \\r line each in a
     log file); fpo draws its own for the long work."""
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
 
 
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
+
     folder, gguf = _gguf_split(os.fspath(name_or_path))
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
     except OSError as e:
-        raise ValueError(f"tokenizer '{name_or_path}' could not be loaded: a local folder, a .gguf file, "
-                         f"or a hub name on a machine that can reach the hub ({e})") from e
+        raise ValueError(
+            f"tokenizer '{name_or_path}' could not be loaded: a local folder, a .gguf file, "
+            f"or a hub name on a machine that can reach the hub ({e})"
+        ) from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -53,6 +69,7 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu", attn_implem
     """AutoModelForCausalLM from a local folder, a .gguf file (dequantized), or a hub name when online.
     attn_implementation: None (the model's default), "sdpa", "eager" or "flex_attention"."""
     from transformers import AutoModelForCausalLM
+
     _quiet_library_bars()
     folder, gguf = _gguf_split(os.fspath(name_or_path))
     kw = dict(dtype=dtype)
@@ -64,12 +81,16 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu", attn_implem
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, **kw)
     except OSError as e:
-        raise ValueError(f"model '{name_or_path}' could not be loaded: a local folder, a .gguf file, "
-                         f"or a hub name on a machine that can reach the hub ({e})") from e
+        raise ValueError(
+            f"model '{name_or_path}' could not be loaded: a local folder, a .gguf file, "
+            f"or a hub name on a machine that can reach the hub ({e})"
+        ) from e
     except ValueError as e:
         if attn_implementation is None:
             raise
-        raise ValueError(f"attn_implementation={attn_implementation!r} is not available for '{name_or_path}': {e}") from e
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r} is not available for '{name_or_path}': {e}"
+        ) from e
     model.config.use_cache = False
     return model.to(device)
 
@@ -84,8 +105,10 @@ def resolve_device(device=None) -> torch.device:
         raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for, but this machine has no CUDA device (or this torch "
-                             "was built without CUDA): use --device cpu, or leave --device out")
+            raise ValueError(
+                f"device {device!r} was asked for, but this machine has no CUDA device (or this torch "
+                "was built without CUDA): use --device cpu, or leave --device out"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type not in ("cpu", "meta"):
@@ -154,7 +177,14 @@ def final_softcap(model):
 def config_fingerprint(model) -> str:
     """Hash of the model config, less the keys that do not change the function (path, dtype, cache)."""
     cfg = model.config.to_dict()
-    for k in ("_name_or_path", "torch_dtype", "dtype", "transformers_version", "use_cache", "_attn_implementation_autoset"):
+    for k in (
+        "_name_or_path",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "use_cache",
+        "_attn_implementation_autoset",
+    ):
         cfg.pop(k, None)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -166,12 +196,16 @@ def model_fingerprint(model, name: str) -> dict:
     h, hb = hashlib.sha256(), hashlib.sha256()
     for pname, p in sorted(model.state_dict().items()):
         flat = p.detach().flatten()
-        sample = flat[::max(1, flat.numel() // 4096)]
+        sample = flat[:: max(1, flat.numel() // 4096)]
         for hasher, values in ((h, sample.float()), (hb, sample.to(torch.bfloat16).float())):
             hasher.update(pname.encode())
             hasher.update(values.cpu().numpy().tobytes())
-    return {"name": name, "config": config_fingerprint(model), "weights": h.hexdigest()[:16],
-            "weights_bf16": hb.hexdigest()[:16]}
+    return {
+        "name": name,
+        "config": config_fingerprint(model),
+        "weights": h.hexdigest()[:16],
+        "weights_bf16": hb.hexdigest()[:16],
+    }
 
 
 class ResidualCapture:
@@ -180,7 +214,9 @@ class ResidualCapture:
     def __init__(self, model, layer: int):
         layers = decoder_layers(model)
         if not isinstance(layer, int) or not 0 <= layer < len(layers):
-            raise ValueError(f"sae layer {layer} is outside the model's {len(layers)} decoder layers [0, {len(layers)})")
+            raise ValueError(
+                f"sae layer {layer} is outside the model's {len(layers)} decoder layers [0, {len(layers)})"
+            )
         self.value = None
         self._h = layers[layer].register_forward_hook(self._hook)
 

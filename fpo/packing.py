@@ -15,16 +15,29 @@ over the flattened hidden rows. So the losses never see the layout.
 Micro-batches by token budget (max_tokens): the pairs are placed first-fit in order of decreasing size
 (ties by position), a deterministic function of the pairs, so runs stay reproducible and resumable.
 """
+
 from __future__ import annotations
 
 import torch
 
-__all__ = ["LAYOUTS", "POOLINGS", "pooling_rows", "pair_tokens", "micro_batch_tokens", "plan_micro_batches", "collate", "attention_mask_for",
-           "body_hidden", "from_padded", "attention_length_scale", "PACKED_ATTENTION"]
+__all__ = [
+    "LAYOUTS",
+    "POOLINGS",
+    "pooling_rows",
+    "pair_tokens",
+    "micro_batch_tokens",
+    "plan_micro_batches",
+    "collate",
+    "attention_mask_for",
+    "body_hidden",
+    "from_padded",
+    "attention_length_scale",
+    "PACKED_ATTENTION",
+]
 
 LAYOUTS = ("off", "pack", "share-prompt")
-POOLINGS = ("response", "authors")   # the rows the FPO constraint pools over: see pooling_rows
-PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")   # attention implementations that take our mask
+POOLINGS = ("response", "authors")  # the rows the FPO constraint pools over: see pooling_rows
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")  # attention implementations that take our mask
 
 
 def _check_layout(layout):
@@ -85,6 +98,7 @@ def attention_length_scale(model) -> float | None:
     if getattr(model.config, "_attn_implementation", None) == "flex_attention":
         return None
     from .model import decoder_layers
+
     layers = decoder_layers(model)
     body = sum(p.numel() for p in layers.parameters())
     return body / (2 * model.config.hidden_size * len(layers))
@@ -158,15 +172,18 @@ def collate(items, layout: str, pad_id: int, attention_scale=None) -> dict:
             for p, it in enumerate(items):
                 b = side * P + p
                 seq = list(it.prompt_ids) + list(getattr(it, name))
-                input_ids[b, :len(seq)] = torch.tensor(seq)
-                attn[b, :len(seq)] = 1
+                input_ids[b, : len(seq)] = torch.tensor(seq)
+                attn[b, : len(seq)] = 1
                 lp = len(it.prompt_ids)
                 response(b, b * T + lp - 1, b * T + lp, list(getattr(it, name)))
         position_ids = segment = branch = None
     else:
         # units: (pair, sides) with sides the responses the unit holds after its prompt
-        units = [(p, (0, 1)) for p in range(P)] if layout == "share-prompt" else \
-                [(p, (side,)) for p in range(P) for side in (0, 1)]
+        units = (
+            [(p, (0, 1)) for p in range(P)]
+            if layout == "share-prompt"
+            else [(p, (side,)) for p in range(P) for side in (0, 1)]
+        )
         lengths = [n for it in items for n in _units(it, layout)]
         rows = _place(lengths, attention_scale)
         L = max(sum(lengths[u] for u in r) for r in rows)
@@ -181,31 +198,38 @@ def collate(items, layout: str, pad_id: int, attention_scale=None) -> dict:
                 it = items[p]
                 lp = len(it.prompt_ids)
                 base = r * L + col
-                ids[r, col:col + lp] = torch.tensor(it.prompt_ids)
-                pos[r, col:col + lp] = torch.arange(lp)
-                seg[r, col:col + lengths[u]] = u
+                ids[r, col : col + lp] = torch.tensor(it.prompt_ids)
+                pos[r, col : col + lp] = torch.arange(lp)
+                seg[r, col : col + lengths[u]] = u
                 col += lp
                 for side in sides:
                     resp = list((it.chosen_ids, it.rejected_ids)[side])
-                    ids[r, col:col + len(resp)] = torch.tensor(resp)
-                    pos[r, col:col + len(resp)] = torch.arange(lp, lp + len(resp))
-                    br[r, col:col + len(resp)] = side + 1
+                    ids[r, col : col + len(resp)] = torch.tensor(resp)
+                    pos[r, col : col + len(resp)] = torch.arange(lp, lp + len(resp))
+                    br[r, col : col + len(resp)] = side + 1
                     response(side * P + p, base + lp - 1, r * L + col, resp)
                     col += len(resp)
-            seg[r, col:] = -1 - r            # padding: a segment of its own (it attends to itself only)
+            seg[r, col:] = -1 - r  # padding: a segment of its own (it attends to itself only)
             pos[r, col:] = torch.arange(L - col)
         input_ids, attn, position_ids = ids, None, pos
         segment, branch = seg.reshape(-1), br.reshape(-1)
     span_t = torch.tensor(spans, dtype=torch.long)
     return {
-        "layout": layout, "input_ids": input_ids, "attention_mask": attn, "position_ids": position_ids,
-        "segment": segment, "branch": branch,
-        "pred_rows": torch.tensor(pred_rows, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
-        "seq_ids": torch.tensor(seq_ids, dtype=torch.long), "spans": span_t,
+        "layout": layout,
+        "input_ids": input_ids,
+        "attention_mask": attn,
+        "position_ids": position_ids,
+        "segment": segment,
+        "branch": branch,
+        "pred_rows": torch.tensor(pred_rows, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "seq_ids": torch.tensor(seq_ids, dtype=torch.long),
+        "spans": span_t,
         "num_seqs": 2 * P,
         "ids": torch.tensor([it.id for it in items], dtype=torch.long),
         "row_hash": torch.tensor([it.row_hash for it in items], dtype=torch.long),
-        "tokens": input_ids.numel(), "response_tokens": len(labels),
+        "tokens": input_ids.numel(),
+        "response_tokens": len(labels),
     }
 
 
@@ -215,22 +239,36 @@ def from_padded(input_ids, attention_mask, response_mask) -> dict:
     least one prompt token). Run it where the tensors live on the host: on a GPU it is a device sync."""
     B, T = input_ids.shape
     if B % 2 or attention_mask.shape != (B, T) or response_mask.shape != (B, T):
-        raise ValueError(f"input_ids, attention_mask and response_mask must be [2P, T]; got {tuple(input_ids.shape)}, "
-                         f"{tuple(attention_mask.shape)}, {tuple(response_mask.shape)}")
+        raise ValueError(
+            f"input_ids, attention_mask and response_mask must be [2P, T]; got {tuple(input_ids.shape)}, "
+            f"{tuple(attention_mask.shape)}, {tuple(response_mask.shape)}"
+        )
     resp = response_mask.bool()
     n = resp.sum(1)
     pos = torch.arange(T, device=resp.device)
     first = torch.where(resp, pos, T).amin(1)
     if (n == 0).any() or (first == 0).any() or ((torch.where(resp, pos + 1, 0).amax(1) - first) != n).any():
-        raise ValueError("response_mask: every row needs one contiguous, non-empty response after at least one "
-                         "prompt token")
+        raise ValueError(
+            "response_mask: every row needs one contiguous, non-empty response after at least one prompt token"
+        )
     seq, t = resp.nonzero(as_tuple=True)
     spans = torch.stack([first, first + n], 1) + (torch.arange(B, device=resp.device) * T)[:, None]
     return {
-        "layout": "off", "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": None,
-        "segment": None, "branch": None, "pred_rows": seq * T + t - 1, "labels": input_ids[seq, t], "seq_ids": seq,
-        "spans": spans, "num_seqs": B, "ids": None, "row_hash": None,
-        "tokens": B * T, "response_tokens": int(n.sum()),
+        "layout": "off",
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": None,
+        "segment": None,
+        "branch": None,
+        "pred_rows": seq * T + t - 1,
+        "labels": input_ids[seq, t],
+        "seq_ids": seq,
+        "spans": spans,
+        "num_seqs": B,
+        "ids": None,
+        "row_hash": None,
+        "tokens": B * T,
+        "response_tokens": int(n.sum()),
     }
 
 
@@ -253,8 +291,10 @@ def _mask_windows(config):
                 raise ValueError("the model has sliding_attention layers but no sliding_window in its config")
             out[kind] = int(window)
         else:
-            raise ValueError(f"packing: attention layers of kind {kind!r} are not supported (full_attention and "
-                             "sliding_attention are); use --packing off")
+            raise ValueError(
+                f"packing: attention layers of kind {kind!r} are not supported (full_attention and "
+                "sliding_attention are); use --packing off"
+            )
     return out
 
 
@@ -274,7 +314,7 @@ def _block_mask(segment, branch, position, window):
     from torch.nn.attention.flex_attention import create_block_mask
 
     R, n = segment.shape
-    seg, br, pos = segment.reshape(-1), branch.reshape(-1), position.reshape(-1)   # flat: 1-D gathers compile everywhere
+    seg, br, pos = segment.reshape(-1), branch.reshape(-1), position.reshape(-1)  # flat: 1-D gathers compile everywhere
 
     def mask_mod(b, h, q, kv):
         i, j = b * n + q, b * n + kv
@@ -294,9 +334,11 @@ def attention_mask_for(model, segment, branch, position_ids):
     a ValueError naming it."""
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in PACKED_ATTENTION:
-        raise ValueError(f"packing needs an attention implementation that takes a custom mask {PACKED_ATTENTION}; "
-                         f"the model uses {impl!r}: load it with attn_implementation='sdpa' (or eager / "
-                         "flex_attention), or train with --packing off")
+        raise ValueError(
+            f"packing needs an attention implementation that takes a custom mask {PACKED_ATTENTION}; "
+            f"the model uses {impl!r}: load it with attn_implementation='sdpa' (or eager / "
+            "flex_attention), or train with --packing off"
+        )
     position = position_ids
     segment = segment.to(position.device).reshape(position.shape)
     branch = branch.to(position.device).reshape(position.shape)
@@ -317,6 +359,7 @@ def body_hidden(model, batch: dict, device) -> torch.Tensor:
     """Final hidden states of a collated micro-batch as flat rows [R * L, d], in the layout's row order
     (what pred_rows and spans index)."""
     from .model import run_body
+
     ids = batch["input_ids"].to(device)
     if batch["layout"] == "off":
         hidden = run_body(model, ids, batch["attention_mask"].to(device))
@@ -340,10 +383,13 @@ def pooling_rows(batch, items, pooling: str):
     if pooling != "authors":
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if batch["layout"] == "share-prompt":
-        raise ValueError("pooling 'authors' needs packing 'off' or 'pack': with the prompt shared, the rows that "
-                         "predict the rejected response are not contiguous")
+        raise ValueError(
+            "pooling 'authors' needs packing 'off' or 'pack': with the prompt shared, the rows that "
+            "predict the rejected response are not contiguous"
+        )
     spans = batch["spans"] - 1
     n = (spans[:, 1] - spans[:, 0]).double()
-    T = torch.tensor([len(it.prompt_ids) + max(len(it.chosen_ids), len(it.rejected_ids)) for it in items],
-                     dtype=torch.float64).repeat(2)
+    T = torch.tensor(
+        [len(it.prompt_ids) + max(len(it.chosen_ids), len(it.rejected_ids)) for it in items], dtype=torch.float64
+    ).repeat(2)
     return spans, ((n / (T - 1)) ** 2).float()

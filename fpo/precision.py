@@ -14,6 +14,7 @@ runs in. One policy per run, for every method.
 Frozen models (TDPO's reference, `fpo precompute`'s reference, `fpo eval`) keep no master copy: under any
 bf16 policy their weights are bf16, and under bf16-mixed their forward runs under the same autocast.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -23,8 +24,16 @@ import torch
 
 from .distributed import local_shard
 
-__all__ = ["PRECISIONS", "OPTIMIZERS", "Precision", "resolve_precision", "make_optimizer", "updates_round_away",
-           "describe_precision", "SAVE_DTYPES"]
+__all__ = [
+    "PRECISIONS",
+    "OPTIMIZERS",
+    "Precision",
+    "resolve_precision",
+    "make_optimizer",
+    "updates_round_away",
+    "describe_precision",
+    "SAVE_DTYPES",
+]
 
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-compensated", "bf16-pure")
 OPTIMIZERS = ("adam", "adamw", "rmsprop")
@@ -36,8 +45,8 @@ _STATE_BYTES = {"fp32": 4, "bf16-mixed": 4, "bf16-compensated": 2, "bf16-pure": 
 
 @dataclass(frozen=True)
 class Precision:
-    name: str                       # resolved: never "auto"
-    param_dtype: torch.dtype        # trained weights, their gradients and the optimizer's states
+    name: str  # resolved: never "auto"
+    param_dtype: torch.dtype  # trained weights, their gradients and the optimizer's states
     autocast_dtype: torch.dtype | None
 
     @property
@@ -72,27 +81,47 @@ def resolve_precision(name: str, device) -> Precision:
     return Precision(name, torch.bfloat16, None)
 
 
-def make_optimizer(params, precision: Precision, optimizer: str, lr: float, weight_decay: float = 0.0,
-                   betas=(0.9, 0.999), eps: float = 1e-8, device="cpu"):
+def make_optimizer(
+    params,
+    precision: Precision,
+    optimizer: str,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas=(0.9, 0.999),
+    eps: float = 1e-8,
+    device="cpu",
+):
     """The run's optimizer. adam: Adam (L2 weight decay, as torch's); adamw: AdamW (decoupled weight decay,
-    scaled by lr as torch's); rmsprop: torch's RMSprop (alpha 0.99; betas unused). bf16-compensated takes torch-optimi's Adam /
+    scaled by lr as torch's); rmsprop: torch's RMSprop (alpha 0.99; betas unused).
+    bf16-compensated takes torch-optimi's Adam /
     AdamW with Kahan summation; the others torch's, fused on CUDA (foreach otherwise)."""
     params = list(params)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if precision.name == "bf16-compensated":
         if optimizer == "rmsprop":
-            raise ValueError("precision bf16-compensated has no RMSprop (torch-optimi's Kahan-summed optimizers are "
-                             "Adam and AdamW): use --optimizer adam or adamw, or --precision bf16-mixed")
+            raise ValueError(
+                "precision bf16-compensated has no RMSprop (torch-optimi's Kahan-summed optimizers are "
+                "Adam and AdamW): use --optimizer adam or adamw, or --precision bf16-mixed"
+            )
         try:
             import optimi
         except ImportError:
-            raise ValueError("precision bf16-compensated needs torch-optimi (pip install 'fpo-kernels[train]', or "
-                             "pip install torch-optimi)") from None
+            raise ValueError(
+                "precision bf16-compensated needs torch-optimi (pip install 'fpo-kernels[train]', or "
+                "pip install torch-optimi)"
+            ) from None
         cls = optimi.AdamW if optimizer == "adamw" else optimi.Adam
         # optimi's Triton step is CUDA-only; its foreach path runs anywhere
-        return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, kahan_sum=True,
-                   triton=None if torch.device(device).type == "cuda" else False)
+        return cls(
+            params,
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            kahan_sum=True,
+            triton=None if torch.device(device).type == "cuda" else False,
+        )
     impl = {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
     if optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, eps=eps, weight_decay=weight_decay, foreach=True)
@@ -111,7 +140,7 @@ def updates_round_away(params, lr: float, dtype=torch.bfloat16) -> tuple[bool, f
     if not sample:
         return False, 0.0
     median = torch.cat(sample).median().item()
-    spacing = torch.finfo(dtype).eps   # between 1 and the next value: 2^-7 for bf16; half of it rounds away
+    spacing = torch.finfo(dtype).eps  # between 1 and the next value: 2^-7 for bf16; half of it rounds away
     return lr < spacing / 2 * median, median
 
 
@@ -122,15 +151,20 @@ def describe_precision(prec: Precision, params, optimizer: str, lr: float, train
     params = [local_shard(p) for p in params]
     n = sum(p.numel() for p in params)
     per = prec.bytes_per_parameter(optimizer)
-    lines = [f"[fpo] precision {prec.name}: {str(prec.param_dtype).removeprefix('torch.')} weights, gradients and "
-             f"optimizer states{' with a Kahan compensation' if prec.name == 'bf16-compensated' else ''}"
-             f"{', forward under bf16 autocast' if prec.autocast_dtype else ''}: {per} bytes x {n / 1e6:.{1 if n >= 1e6 else 3}f}M "
-             f"{trained}parameters = {per * n / 2**30:.{2 if per * n >= 2**28 else 4}f} GiB before activations"]
+    lines = [
+        f"[fpo] precision {prec.name}: {str(prec.param_dtype).removeprefix('torch.')} weights, gradients and "
+        f"optimizer states{' with a Kahan compensation' if prec.name == 'bf16-compensated' else ''}"
+        f"{', forward under bf16 autocast' if prec.autocast_dtype else ''}: "
+        f"{per} bytes x {n / 1e6:.{1 if n >= 1e6 else 3}f}M "
+        f"{trained}parameters = {per * n / 2**30:.{2 if per * n >= 2**28 else 4}f} GiB before activations"
+    ]
     if prec.name == "bf16-pure":
         low, median = updates_round_away(params, lr)
         if low:
-            lines.append(f"[fpo] warning: precision bf16-pure at lr {lr:g}: a bf16 weight of the median size "
-                         f"{median:.3g} moves only in steps of about {median * 2 ** -8:.2g} (2^-8 of it), so most Adam "
-                         "updates round away and the policy barely trains; use --precision bf16-mixed (fp32 master "
-                         "weights) or bf16-compensated (bf16 weights with Kahan-summed updates)")
+            lines.append(
+                f"[fpo] warning: precision bf16-pure at lr {lr:g}: a bf16 weight of the median size "
+                f"{median:.3g} moves only in steps of about {median * 2**-8:.2g} (2^-8 of it), so most Adam "
+                "updates round away and the policy barely trains; use --precision bf16-mixed (fp32 master "
+                "weights) or bf16-compensated (bf16 weights with Kahan-summed updates)"
+            )
     return lines

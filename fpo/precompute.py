@@ -1,6 +1,7 @@
 """Offline reference precompute: run the frozen reference model once over the dataset and cache, for each
 chosen and rejected response, its summed and mean log-probs, its length and its top-K pooled SAE features.
 Training then needs no reference model (FPO, DPO)."""
+
 from __future__ import annotations
 
 import errno
@@ -14,26 +15,29 @@ from fpo_kernels.cache import VALUE_DTYPES
 
 from . import distributed as dist_utils
 from .config import PrecomputeConfig
-from .cache import FORMAT_VERSION, is_cache_file, recorded_checksum, shard_name, write_shard
 from .files import atomic_write_json, sha256_of
 from .locking import LOCK_NAME, DirectoryLock
-from .data import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
-from .model import (ResidualCapture, final_softcap, lm_head, load_model_for_layout, load_tokenizer,
-                    model_fingerprint, resolve_device)
+from .model import (
+    ResidualCapture,
+    final_softcap,
+    lm_head,
+    load_model_for_layout,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_device,
+)
 from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches, pooling_rows
+from .pairs import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .precision import resolve_precision
 from .progress import progress_bar
+from .reference_cache import FORMAT_VERSION, is_cache_file, recorded_checksum, shard_name, write_shard
 from .sae import check_sae_fits, load_saes
 
-__all__ = ["precompute", "reference_stats", "default_device"]
-
-
-def default_device():
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+__all__ = ["precompute", "reference_stats"]
 
 
 def feature_key(index: int, spec) -> str:
-    """The suffix of an SAE's tensors in a cache: none for the first SAE (the layout of single-SAE caches),
+    """The suffix of an SAE's tensors in a cache, recorded as its "key" in meta.json: none for the first SAE,
     '@name@layer' for the others."""
     return "" if index == 0 else f"@{spec.name}@{spec.layer}"
 
@@ -49,14 +53,23 @@ def reference_stats(model, batch, saes=(), K=256, device="cpu", value_dtype=torc
         hidden = body_hidden(model, batch, device)
         w, b = lm_head(model)
         rows, labels, seq = (batch[k].to(device) for k in ("pred_rows", "labels", "seq_ids"))
-        total, mean, count = sequence_logprobs(hidden, w, softcap=final_softcap(model), bias=b, rows=rows,
-                                               labels=labels, seq_ids=seq, num_seqs=batch["num_seqs"])
+        total, mean, count = sequence_logprobs(
+            hidden,
+            w,
+            softcap=final_softcap(model),
+            bias=b,
+            rows=rows,
+            labels=labels,
+            seq_ids=seq,
+            num_seqs=batch["num_seqs"],
+        )
         out = {"logp_sum": total, "logp_mean": mean, "len": count}
         resid = {layer: cap.pop() for layer, cap in caps.items()}
         for i, spec in enumerate(saes):
             r = resid[spec.layer]
-            pooled = sae_pooled_features(r.reshape(-1, r.shape[-1]), sae=spec.sae, check_inputs=False,
-                                         spans=batch["spans"].cpu())
+            pooled = sae_pooled_features(
+                r.reshape(-1, r.shape[-1]), spec.sae, check_inputs=False, spans=batch["spans"].cpu()
+            )
             key = feature_key(i, spec)
             out["idx" + key], out["val" + key] = pack_topk(pooled, K, value_dtype)
     finally:
@@ -75,11 +88,12 @@ def _feature_scale(out, shards, key=""):
     squared top-k cached value. D is a mean squared difference of such values, so D / scale[k - 1] is
     comparable across SAEs and models (constraint_norm "ref")."""
     from safetensors.torch import load_file
+
     total, n = None, 0
     for s, e in shards:
         t = load_file(os.path.join(out, shard_name(s, e)))
         for side in ("chosen", "rejected"):
-            v = t[f"{side}_val{key}"].double().clamp(min=0)      # sorted descending; empty slots hold 0
+            v = t[f"{side}_val{key}"].double().clamp(min=0)  # sorted descending; empty slots hold 0
             cum = (v * v).cumsum(1) / torch.arange(1, v.shape[1] + 1, dtype=torch.float64)
             total = cum.sum(0) if total is None else total + cum.sum(0)
             n += v.shape[0]
@@ -92,15 +106,7 @@ def _shard_is_sound(out, name, say):
     path = os.path.join(out, name)
     if not os.path.exists(path):
         return False
-    meta = None
-    try:   # meta.json: the checksums of caches written before the .sha256 files; a damaged one counts as none
-        import json
-        with open(os.path.join(out, "meta.json")) as f:
-            meta = json.load(f)
-        meta = meta if isinstance(meta, dict) else None
-    except (OSError, ValueError):
-        pass
-    want = recorded_checksum(out, name, meta)
+    want = recorded_checksum(out, name)
     if want is not None and sha256_of(path) == want:
         return True
     say(f"[fpo] {name} {'fails its recorded checksum' if want else 'has no recorded checksum'}: rebuilding it")
@@ -112,10 +118,11 @@ def _complete_cache(out, settings) -> dict | None:
     """meta.json when `out` holds a finished cache of exactly these settings, every shard it lists present and
     matching its recorded checksum; else None. Reads only."""
     import json
+
     try:
         with open(os.path.join(out, "meta.json")) as f:
             meta = json.load(f)
-        saes = [{k: v for k, v in x.items() if k != "feature_scale"} for x in meta["saes"]]   # added when finished
+        saes = [{k: v for k, v in x.items() if k != "feature_scale"} for x in meta["saes"]]  # added when finished
         if any((saes if k == "saes" else meta.get(k)) != v for k, v in settings.items()):
             return None
         return meta if all(sha256_of(os.path.join(out, x["file"])) == x["sha256"] for x in meta["shards"]) else None
@@ -125,6 +132,7 @@ def _complete_cache(out, settings) -> dict | None:
 
 def _read_settings(path) -> dict:
     import json
+
     try:
         with open(path) as f:
             old = json.load(f)
@@ -150,23 +158,37 @@ def precompute(model, dataset, out, *, tokenizer=None, model_name=None, log=prin
     A run that stops part-way resumes where it stopped when started again with the same arguments. Under
     torchrun each rank computes its share of the shards."""
     cfg = PrecomputeConfig(model=model, dataset=dataset, out=os.fspath(out), **options)
-    if not isinstance(cfg.K, int) or isinstance(cfg.K, bool):
-        raise ValueError(f"K must be a positive integer, got {cfg.K!r}")
+    if not isinstance(cfg.cache_k, int) or isinstance(cfg.cache_k, bool):
+        raise ValueError(f"cache_k must be a positive integer, got {cfg.cache_k!r}")
     rank, world, dist_dev = dist_utils.init()
-    device = resolve_device(cfg.device) if cfg.device is not None else (dist_dev or default_device())
+    device = resolve_device(cfg.device) if cfg.device is not None else (dist_dev or resolve_device())
     prec = resolve_precision(cfg.precision, device)
     say = log if rank == 0 else (lambda *a, **k: None)
     model, tokenizer, model_name, saes = _load(cfg, device, prec, tokenizer, model_name, say)
-    items = tokenize_pairs(load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=say, split=cfg.split), tokenizer,
-                           cfg.max_length, cfg.max_prompt_length, cfg.max_tokens, log=say)
+    items = tokenize_pairs(
+        load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=say, split=cfg.split),
+        tokenizer,
+        cfg.max_length,
+        cfg.max_prompt_length,
+        cfg.max_tokens,
+        log=say,
+    )
     settings = _settings(cfg, model, model_name, tokenizer, items, saes, prec)
     done = _complete_cache(cfg.out, settings)
-    if done is not None:   # nothing to write: a complete cache is read, never written (it may be read-only)
+    if done is not None:  # nothing to write: a complete cache is read, never written (it may be read-only)
         total = sum(x["bytes"] for x in done["shards"])
-        say(f"[fpo] cache {cfg.out} is complete for these settings ({len(items)} pairs, {total / 1e6:.2f} MB, every "
-            "shard matching its checksum): nothing to do")
-        return {"rows": len(items), "path": cfg.out, "bytes": total, "bytes_per_example": total / max(len(items), 1),
-                "dense_fp32_bytes": len(items) * 2 * sum(x.sae.width for x in saes) * 4, "seconds": 0.0}
+        say(
+            f"[fpo] cache {cfg.out} is complete for these settings ({len(items)} pairs, {total / 1e6:.2f} MB, every "
+            "shard matching its checksum): nothing to do"
+        )
+        return {
+            "rows": len(items),
+            "path": cfg.out,
+            "bytes": total,
+            "bytes_per_example": total / max(len(items), 1),
+            "dense_fp32_bytes": len(items) * 2 * sum(x.sae.width for x in saes) * 4,
+            "seconds": 0.0,
+        }
     lock = _claim(cfg, settings, say) if rank == 0 else None
     dist_utils.barrier()
     try:
@@ -199,8 +221,9 @@ def _load(cfg, device, prec, tokenizer, model_name, say):
     layers = cfg.sae_layer if isinstance(cfg.sae_layer, (list, tuple)) else [cfg.sae_layer] * len(sae_list)
     if len(layers) != len(sae_list):
         raise ValueError(f"sae_layer gives {len(layers)} layers for {len(sae_list)} SAEs: one per SAE")
-    saes = load_saes([(x if isinstance(x, SAEWeights) else os.fspath(x), layer, 1.0)
-                      for x, layer in zip(sae_list, layers)], device)
+    saes = load_saes(
+        [(x if isinstance(x, SAEWeights) else os.fspath(x), layer, 1.0) for x, layer in zip(sae_list, layers)], device
+    )
     for spec in saes:
         check_sae_fits(model, spec.sae, spec.layer)
     return model, tokenizer, model_name, saes
@@ -209,26 +232,34 @@ def _load(cfg, device, prec, tokenizer, model_name, say):
 def _settings(cfg, model, model_name, tokenizer, items, saes, prec) -> dict:
     """What the cache is for: the model, tokenizer, data, lengths and SAEs it was built with (settings.json; a
     resumed or reused cache must match it)."""
-    first = saes[0] if saes else None
     settings = {
         "format_version": FORMAT_VERSION,
         "model": model_fingerprint(model, model_name or type(model).__name__),
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "dataset": dataset_fingerprint(items), "dataset_path": os.fspath(cfg.dataset), "rows": len(items),
-        "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "shard_rows": cfg.shard_rows,
-        # the first SAE at the top level (the single-SAE layout), every SAE in "saes"
-        "sae": first.sae.fingerprint() if first else None, "sae_name": first.name if first else None,
-        "sae_width": first.sae.width if first else None, "layer": first.layer if first else None,
-        "K": cfg.K if first else None,
-        "index_dtype": str(index_dtype_for(first.sae.width)).replace("torch.", "") if first else None,
-        "value_dtype": cfg.value_dtype if first else None,
-        "saes": [{"name": x.name, "layer": x.layer, "fingerprint": x.sae.fingerprint(), "width": x.sae.width,
-                  "activation": x.sae.activation, "key": feature_key(i, x),
-                  "index_dtype": str(index_dtype_for(x.sae.width)).replace("torch.", "")} for i, x in enumerate(saes)],
-        "reference_dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "precision": prec.name,
+        "dataset": dataset_fingerprint(items),
+        "dataset_path": os.fspath(cfg.dataset),
+        "rows": len(items),
+        "max_length": cfg.max_length,
+        "max_prompt_length": cfg.max_prompt_length,
+        "shard_rows": cfg.shard_rows,
+        "cache_k": cfg.cache_k if saes else None,
+        "value_dtype": cfg.value_dtype if saes else None,
+        "pooling": cfg.pooling,
+        "saes": [
+            {
+                "name": x.name,
+                "layer": x.layer,
+                "fingerprint": x.sae.fingerprint(),
+                "width": x.sae.width,
+                "activation": x.sae.activation,
+                "key": feature_key(i, x),
+                "index_dtype": str(index_dtype_for(x.sae.width)).replace("torch.", ""),
+            }
+            for i, x in enumerate(saes)
+        ],
+        "reference_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "precision": prec.name,
     }
-    if cfg.pooling != "response":   # recorded only when not the default, so caches built before it stay valid
-        settings["pooling"] = cfg.pooling
     return settings
 
 
@@ -239,10 +270,12 @@ def _claim(cfg, settings, say):
     out = cfg.out
     settings_path = os.path.join(out, "settings.json")
     if os.path.lexists(out) and not os.path.isdir(out):
-        raise ValueError(f"out {out} is {'a broken symlink' if os.path.islink(out) else 'a file'}, not a "
-                         "directory: choose a directory path")
+        raise ValueError(
+            f"out {out} is {'a broken symlink' if os.path.islink(out) else 'a file'}, not a "
+            "directory: choose a directory path"
+        )
     os.makedirs(out, exist_ok=True)
-    lock = DirectoryLock(out, "cache")   # one precompute per cache directory at a time
+    lock = DirectoryLock(out, "cache")  # one precompute per cache directory at a time
     try:
         theirs = [n for n in os.listdir(out) if not is_cache_file(n) and n != LOCK_NAME]
         if os.path.exists(settings_path):
@@ -250,19 +283,26 @@ def _claim(cfg, settings, say):
             if old != settings:
                 if not cfg.overwrite:
                     diff = next(k for k in settings if old.get(k) != settings[k])
-                    raise ValueError(f"{out} holds a cache built with other settings ({diff}: {old.get(diff)!r} "
-                                     f"vs {settings[diff]!r}): use another directory or overwrite=True (--overwrite)")
-                for n in os.listdir(out):   # only what precompute wrote; anything else stays
+                    raise ValueError(
+                        f"{out} holds a cache built with other settings ({diff}: {old.get(diff)!r} "
+                        f"vs {settings[diff]!r}): use another directory or overwrite=True (--overwrite)"
+                    )
+                for n in os.listdir(out):  # only what precompute wrote; anything else stays
                     if is_cache_file(n):
                         os.remove(os.path.join(out, n))
-                say(f"[fpo] overwrite: removed the cache in {out}" + (f" (kept {len(theirs)} other entries)" if theirs else ""))
+                say(
+                    f"[fpo] overwrite: removed the cache in {out}"
+                    + (f" (kept {len(theirs)} other entries)" if theirs else "")
+                )
         elif theirs:
-            raise ValueError(f"{out} is not empty and holds no cache ({', '.join(sorted(theirs)[:3])}"
-                             f"{', ...' if len(theirs) > 3 else ''}): choose an empty or new directory. --overwrite "
-                             "only ever replaces a cache, never other files")
+            raise ValueError(
+                f"{out} is not empty and holds no cache ({', '.join(sorted(theirs)[:3])}"
+                f"{', ...' if len(theirs) > 3 else ''}): choose an empty or new directory. --overwrite "
+                "only ever replaces a cache, never other files"
+            )
         if not os.path.exists(settings_path):
             atomic_write_json(settings_path, settings)
-        for n in os.listdir(out):   # what a killed run left half-written
+        for n in os.listdir(out):  # what a killed run left half-written
             if ".tmp" in n and is_cache_file(n):
                 os.remove(os.path.join(out, n))
     except BaseException:
@@ -286,13 +326,16 @@ def _compute_shards(cfg, model, tokenizer, items, saes, prec, device, shards, ra
     scale = attention_length_scale(model)
     for s, e in todo:
         parts, order = [], []
-        chunks = ([items[b:min(b + cfg.batch_pairs, e)] for b in range(s, e, cfg.batch_pairs)]
-                  if cfg.max_tokens is None else plan_micro_batches(items[s:e], cfg.packing, cfg.max_tokens, scale))
+        chunks = (
+            [items[b : min(b + cfg.batch_pairs, e)] for b in range(s, e, cfg.batch_pairs)]
+            if cfg.max_tokens is None
+            else plan_micro_batches(items[s:e], cfg.packing, cfg.max_tokens, scale)
+        )
         for chunk in chunks:
             batch = collate(chunk, cfg.packing, pad, scale)
-            batch["spans"], _ = pooling_rows(batch, chunk, cfg.pooling)   # the factor applies to D, in training
+            batch["spans"], _ = pooling_rows(batch, chunk, cfg.pooling)  # the factor applies to D, in training
             with prec.autocast(device):
-                parts.append(reference_stats(model, batch, saes, cfg.K, device, VALUE_DTYPES[cfg.value_dtype]))
+                parts.append(reference_stats(model, batch, saes, cfg.cache_k, device, VALUE_DTYPES[cfg.value_dtype]))
             order += [it.id for it in chunk]
             if bar is not None:
                 bar.update(len(chunk) * world)
@@ -304,13 +347,15 @@ def _compute_shards(cfg, model, tokenizer, items, saes, prec, device, shards, ra
         tensors["row_hash"] = torch.tensor([it.row_hash for it in items[s:e]], dtype=torch.long)
         try:
             write_shard(out, s, e, tensors)
-        except Exception as err:   # a full disk, a read-only folder (safetensors raises its own error type)
+        except Exception as err:  # a full disk, a read-only folder (safetensors raises its own error type)
             full = getattr(err, "errno", None) == errno.ENOSPC or "No space" in str(err)
             why = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0][:200]
-            raise RuntimeError(f"{'the disk is full' if full else 'writing failed'} while writing "
-                               f"{shard_name(s, e)} into {out} ({why}): the shards already written are "
-                               f"complete and kept; {'free space and ' if full else ''}run the same command "
-                               "again to resume") from None
+            raise RuntimeError(
+                f"{'the disk is full' if full else 'writing failed'} while writing "
+                f"{shard_name(s, e)} into {out} ({why}): the shards already written are "
+                f"complete and kept; {'free space and ' if full else ''}run the same command "
+                "again to resume"
+            ) from None
     if bar is not None:
         bar.close()
 
@@ -331,8 +376,6 @@ def _write_meta(out, settings, shards, saes, say) -> dict:
         meta["shards"].append({"file": shard_name(s, e), "start": s, "end": e, "bytes": size, "sha256": sha256_of(p)})
     for entry in meta["saes"]:
         entry["feature_scale"] = _feature_scale(out, shards, entry["key"])
-    if saes:
-        meta["feature_scale"] = meta["saes"][0]["feature_scale"]
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     atomic_write_json(os.path.join(out, "meta.json"), meta)
     dense = n * 2 * sum(x.sae.width for x in saes) * 4

@@ -1,5 +1,6 @@
 """Progress for long work: a tqdm bar on a terminal; plain lines, about every tenth of the way, when
 stdout is a file or a pipe (a log never fills with carriage-return bars)."""
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,11 @@ class _Lines:
         if self.n >= self._next or self.n >= self.total:
             self._next = self.n + max(1, self.total // 10)
             rate = (self.n) / max(time.time() - self.t0, 1e-9)
-            print(f"{self.desc}: {self.n}/{self.total} {self.unit}s ({rate:.2f} {self.unit}/s){self.postfix}",
-                  file=self.stream, flush=True)
+            print(
+                f"{self.desc}: {self.n}/{self.total} {self.unit}s ({rate:.2f} {self.unit}/s){self.postfix}",
+                file=self.stream,
+                flush=True,
+            )
 
     def set_postfix(self, **kw):
         self.postfix = " " + ", ".join(f"{k}={v}" for k, v in kw.items())
@@ -37,5 +41,6 @@ def progress_bar(total, initial=0, desc="", unit="it"):
     """tqdm on a terminal, plain lines otherwise."""
     if sys.stdout.isatty():
         from tqdm.auto import tqdm
+
         return tqdm(total=total, initial=initial, desc=desc, unit=unit)
     return _Lines(total, initial, desc, unit)

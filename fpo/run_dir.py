@@ -1,6 +1,7 @@
 """A run's directory: claiming it (one run per directory, never another run's files), its checkpoints
 (written whole or not at all, with checksums; `Checkpointer` saves and restores a run's model, optimizer,
 scheduler and RNG) and reading one back to resume (only safe types, only the same run)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,36 +14,54 @@ import shutil
 import torch
 
 from . import distributed as dist_utils
-from .files import atomic_write_json, sha256_of, temp_dir
 from .config import RESUMABLE_CHANGES
+from .files import atomic_write_json, sha256_of, temp_dir
 from .locking import DirectoryLock
 from .lora import ADAPTER_WEIGHTS, adapter_weights, load_adapter_weights, merged_weights, save_adapter_config
 
-__all__ = ["RUN_FILES", "CHECKSUMS", "Checkpointer", "load_adapters", "claim_output_dir", "checkpoints", "find_checkpoint", "read_state",
-           "check_resumable", "write_folder", "write_checksums", "verify_checksums", "set_config_dtype", "written"]
+__all__ = [
+    "RUN_FILES",
+    "CHECKSUMS",
+    "Checkpointer",
+    "load_adapters",
+    "claim_output_dir",
+    "checkpoints",
+    "find_checkpoint",
+    "read_state",
+    "check_resumable",
+    "write_folder",
+    "write_checksums",
+    "verify_checksums",
+    "set_config_dtype",
+    "written",
+]
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "final", "final-merged", "tensorboard")   # with checkpoint-*: a run's own
+RUN_FILES = ("metrics.jsonl", "summary.json", "final", "final-merged", "tensorboard")  # with checkpoint-*: a run's own
 CHECKSUMS = "checksums.json"
 
 
 def checkpoints(d) -> list[str]:
     """The finished checkpoint-* folders in d, oldest first."""
-    return sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and ".tmp" not in n) if os.path.isdir(d) else []
+    return (
+        sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and ".tmp" not in n) if os.path.isdir(d) else []
+    )
 
 
 def claim_output_dir(d, resume, overwrite, log) -> DirectoryLock:
     """output_dir must be writable, and must not hold another run unless this run resumes it or was told to
     replace it (overwrite, which removes only a run's own files). Returns the directory's lock, held for the run."""
     if os.path.lexists(d) and not os.path.isdir(d):
-        raise ValueError(f"output_dir {d} is {'a broken symlink' if os.path.islink(d) else 'a file'}, not a "
-                         "directory: choose another --output-dir")
+        raise ValueError(
+            f"output_dir {d} is {'a broken symlink' if os.path.islink(d) else 'a file'}, not a "
+            "directory: choose another --output-dir"
+        )
     try:
         os.makedirs(d, exist_ok=True)
-        lock = DirectoryLock(d, "output_dir")   # one run per directory at a time
+        lock = DirectoryLock(d, "output_dir")  # one run per directory at a time
     except OSError as e:
         raise ValueError(f"output_dir {d} is not writable ({e.strerror}): choose another --output-dir") from None
     try:
-        for n in os.listdir(d):   # what a killed run left half-written: temporaries of its own names
+        for n in os.listdir(d):  # what a killed run left half-written: temporaries of its own names
             if ".tmp" in n and (n.split(".tmp", 1)[0] in RUN_FILES or n.startswith("checkpoint-")):
                 path = os.path.join(d, n)
                 shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
@@ -50,12 +69,16 @@ def claim_output_dir(d, resume, overwrite, log) -> DirectoryLock:
         if not held or resume:
             return lock
         if not overwrite:
-            if not any(n.startswith("checkpoint-") or n == "final" for n in held):   # stopped before its first save
-                raise ValueError(f"output_dir {d} holds a run that stopped before saving any checkpoint "
-                                 f"({', '.join(held[:4])}): nothing to resume; pass --overwrite to start it again, "
-                                 "or choose another --output-dir")
-            raise ValueError(f"output_dir {d} holds another run ({', '.join(held[:4])}): pass --resume latest to "
-                             "continue it, --overwrite to replace it, or choose another --output-dir")
+            if not any(n.startswith("checkpoint-") or n == "final" for n in held):  # stopped before its first save
+                raise ValueError(
+                    f"output_dir {d} holds a run that stopped before saving any checkpoint "
+                    f"({', '.join(held[:4])}): nothing to resume; pass --overwrite to start it again, "
+                    "or choose another --output-dir"
+                )
+            raise ValueError(
+                f"output_dir {d} holds another run ({', '.join(held[:4])}): pass --resume latest to "
+                "continue it, --overwrite to replace it, or choose another --output-dir"
+            )
         for n in held:
             path = os.path.join(d, n)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -72,8 +95,10 @@ def find_checkpoint(output_dir, where) -> str:
         return where
     found = checkpoints(output_dir)
     if not found:
-        raise ValueError(f"resume='latest' but {output_dir} holds no checkpoint-* folder: nothing to resume (a run "
-                         "stopped before its first save starts again with --overwrite instead of --resume)")
+        raise ValueError(
+            f"resume='latest' but {output_dir} holds no checkpoint-* folder: nothing to resume (a run "
+            "stopped before its first save starts again with --overwrite instead of --resume)"
+        )
     return os.path.join(output_dir, found[-1])
 
 
@@ -88,32 +113,44 @@ def read_state(where, precision, device_type) -> dict:
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"resume: {state_path} holds objects outside the safe set (tensors, numbers, strings, "
-                         f"containers); not loading it, since unpickling them could run code ({type(e).__name__})") from None
+        raise ValueError(
+            f"resume: {state_path} holds objects outside the safe set (tensors, numbers, strings, "
+            f"containers); not loading it, since unpickling them could run code ({type(e).__name__})"
+        ) from None
     if not isinstance(state, dict) or not {"step", "history", "config"} <= set(state):
-        raise ValueError(f"resume: {state_path} lacks the trainer state (step, history, config): not a checkpoint "
-                         "this trainer wrote, or a damaged one; resume from another checkpoint")
+        raise ValueError(
+            f"resume: {state_path} lacks the trainer state (step, history, config): not a checkpoint "
+            "this trainer wrote, or a damaged one; resume from another checkpoint"
+        )
     if "optimizer" in state and not {"scheduler", "rng"} <= set(state):
-        raise ValueError(f"resume: {state_path} lacks its scheduler or RNG state (damaged); resume from another checkpoint")
+        raise ValueError(
+            f"resume: {state_path} lacks its scheduler or RNG state (damaged); resume from another checkpoint"
+        )
     if "optimizer" not in state:
-        raise ValueError(f"resume: {where} was saved without its optimizer state (save_optimizer false, or "
-                         "save_dtype other than the trained weights'): it holds the model only and cannot be resumed")
+        raise ValueError(
+            f"resume: {where} was saved without its optimizer state (save_optimizer false, or "
+            "save_dtype other than the trained weights'): it holds the model only and cannot be resumed"
+        )
     saved = state.get("precision")
     if saved is not None and saved != precision:
-        raise ValueError(f"resume: {where} was trained under precision {saved}, this run resolves to "
-                         f"{precision} (on {device_type}): pass --precision {saved}")
+        raise ValueError(
+            f"resume: {where} was trained under precision {saved}, this run resolves to "
+            f"{precision} (on {device_type}): pass --precision {saved}"
+        )
     return state
 
 
 def check_resumable(cfg, saved: dict):
     """The resumed run must be the saved run: every key but RESUMABLE_CHANGES equal."""
     for key, value in dataclasses.asdict(cfg).items():
-        if key in RESUMABLE_CHANGES or key not in saved:   # a key newer than the checkpoint: nothing to compare
+        if key in RESUMABLE_CHANGES or key not in saved:  # a key newer than the checkpoint: nothing to compare
             continue
         if saved[key] != value:
-            raise ValueError(f"resume: {key} is {value!r} but the checkpoint's run used {saved[key]!r}; only "
-                             f"{', '.join(RESUMABLE_CHANGES)} may change on resume (start a new run in another "
-                             "--output-dir to change it)")
+            raise ValueError(
+                f"resume: {key} is {value!r} but the checkpoint's run used {saved[key]!r}; only "
+                f"{', '.join(RESUMABLE_CHANGES)} may change on resume (start a new run in another "
+                "--output-dir to change it)"
+            )
 
 
 def write_folder(path, write, output_dir):
@@ -128,14 +165,19 @@ def write_folder(path, write, output_dir):
         shutil.rmtree(tmp, ignore_errors=True)
         previous = checkpoints(output_dir)
         full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "enforce fail" in str(e) or "No space" in str(e)
-        raise RuntimeError(f"{'the disk is full' if full else 'writing failed'} while saving {path} "
-                           f"({str(e).splitlines()[0][:200]}); nothing half-written was kept, and "
-                           + (f"the previous checkpoint {previous[-1]} is intact: free space and resume "
-                              "with --resume latest" if previous else "no earlier checkpoint exists")) from None
+        raise RuntimeError(
+            f"{'the disk is full' if full else 'writing failed'} while saving {path} "
+            f"({str(e).splitlines()[0][:200]}); nothing half-written was kept, and "
+            + (
+                f"the previous checkpoint {previous[-1]} is intact: free space and resume with --resume latest"
+                if previous
+                else "no earlier checkpoint exists"
+            )
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.islink(path):   # a planted link is removed, never written through
+    if os.path.islink(path):  # a planted link is removed, never written through
         os.remove(path)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
@@ -143,8 +185,11 @@ def write_folder(path, write, output_dir):
 
 def write_checksums(folder):
     """sha256 of every file of a checkpoint, recorded beside them (checked before a resume)."""
-    sums = {n: sha256_of(os.path.join(folder, n)) for n in sorted(os.listdir(folder))
-            if os.path.isfile(os.path.join(folder, n)) and n != CHECKSUMS}
+    sums = {
+        n: sha256_of(os.path.join(folder, n))
+        for n in sorted(os.listdir(folder))
+        if os.path.isfile(os.path.join(folder, n)) and n != CHECKSUMS
+    }
     atomic_write_json(os.path.join(folder, CHECKSUMS), sums)
 
 
@@ -159,14 +204,21 @@ def verify_checksums(folder):
             sums = json.load(f)
         assert isinstance(sums, dict)
     except (OSError, ValueError, AssertionError):
-        raise ValueError(f"resume: {path} is damaged: the checkpoint cannot be verified; resume from another one") from None
+        raise ValueError(
+            f"resume: {path} is damaged: the checkpoint cannot be verified; resume from another one"
+        ) from None
     for name, want in sums.items():
         file = os.path.join(folder, name)
         if not os.path.isfile(file):
-            raise ValueError(f"resume: checkpoint {folder} lacks {name} (truncated or partly deleted); resume from another checkpoint")
+            raise ValueError(
+                f"resume: checkpoint {folder} lacks {name} (truncated or partly deleted); "
+                "resume from another checkpoint"
+            )
         if sha256_of(file) != want:
-            raise ValueError(f"resume: {file} does not match the checksum recorded when it was written (the file is "
-                             "corrupted); resume from another checkpoint")
+            raise ValueError(
+                f"resume: {file} does not match the checksum recorded when it was written (the file is "
+                "corrupted); resume from another checkpoint"
+            )
 
 
 def set_config_dtype(path, dtype):
@@ -179,8 +231,9 @@ def set_config_dtype(path, dtype):
 
 
 def _size(*paths) -> str:
-    n = sum(os.path.getsize(os.path.join(r, f)) for p in paths for r, _, fs in os.walk(p) for f in fs) + \
-        sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+    n = sum(os.path.getsize(os.path.join(r, f)) for p in paths for r, _, fs in os.walk(p) for f in fs) + sum(
+        os.path.getsize(p) for p in paths if os.path.isfile(p)
+    )
     return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
@@ -189,14 +242,18 @@ def written(final, output_dir) -> str:
     weights = [os.path.join(final, n) for n in os.listdir(final) if n.endswith(".safetensors")]
     state = os.path.join(final, "trainer_state.pt")
     adapters = os.path.exists(os.path.join(final, ADAPTER_WEIGHTS))
-    lines = [f"[fpo] written: the {'LoRA adapters (peft format)' if adapters else 'model'} {final} "
-             f"({'adapters' if adapters else 'weights'} {_size(*weights)})"]
+    lines = [
+        f"[fpo] written: the {'LoRA adapters (peft format)' if adapters else 'model'} {final} "
+        f"({'adapters' if adapters else 'weights'} {_size(*weights)})"
+    ]
     merged = os.path.join(output_dir, "final-merged")
     if adapters and os.path.isdir(merged):
         lines.append(f"  the adapters merged into the base weights, a plain model: {merged} ({_size(merged)})")
     if os.path.exists(state):
-        lines.append(f"  optimizer, scheduler and RNG state {state} ({_size(state)}; --no-save-optimizer leaves it "
-                     "out, and the run is then not resumable)")
+        lines.append(
+            f"  optimizer, scheduler and RNG state {state} ({_size(state)}; --no-save-optimizer leaves it "
+            "out, and the run is then not resumable)"
+        )
     for name in ("metrics.jsonl", "summary.json"):
         path = os.path.join(output_dir, name)
         if os.path.exists(path):
@@ -207,10 +264,12 @@ def written(final, output_dir) -> str:
 def load_adapters(model, where):
     """A LoRA checkpoint's adapter weights into `model` (before any sharding: plain tensors)."""
     from safetensors.torch import load_file
+
     path = os.path.join(where, ADAPTER_WEIGHTS)
     if not os.path.exists(path):
-        raise ValueError(f"resume: {where} holds no {ADAPTER_WEIGHTS}: it was not saved by a LoRA run "
-                         "(resume it without --lora-r)")
+        raise ValueError(
+            f"resume: {where} holds no {ADAPTER_WEIGHTS}: it was not saved by a LoRA run (resume it without --lora-r)"
+        )
     load_adapter_weights(model, load_file(path), where)
 
 
@@ -219,6 +278,7 @@ class Checkpointer:
     """Saves a run's checkpoints and restores one. `model` is the (peft-wrapped) model, `policy` what the
     optimizer trains (FSDP-sharded when `sharded`); `peft_model` is set for a LoRA run (the adapters are
     saved, the base is the run's --model)."""
+
     cfg: object
     model: torch.nn.Module
     policy: torch.nn.Module
@@ -233,6 +293,7 @@ class Checkpointer:
     def _state_dicts(self):
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             msd, osd = get_state_dict(self.policy, self.optimizer, options=opts)
             return {k.removeprefix("model."): v for k, v in msd.items()}, osd
@@ -245,24 +306,38 @@ class Checkpointer:
         dtype: the saved weights' dtype when it is not the trained weights' own (then never resumable)."""
         msd, osd = self._state_dicts()
         cast = dtype is not None and dtype != self.precision.param_dtype and self.peft_model is None
-        if self.peft_model is not None:   # the adapters only (the base is the run's --model)
+        if self.peft_model is not None:  # the adapters only (the base is the run's --model)
             msd = adapter_weights(msd)
         if cast:
             msd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in msd.items()}
             with_state = False
         path = os.path.join(self.cfg.output_dir, name or f"checkpoint-{step:06d}")
-        state = {"step": step, "history": history, "config": dataclasses.asdict(self.cfg),
-                 "precision": self.precision.name}
+        state = {
+            "step": step,
+            "history": history,
+            "config": dataclasses.asdict(self.cfg),
+            "precision": self.precision.name,
+        }
         if with_state:
-            state.update(optimizer=osd, scheduler=self.scheduler.state_dict(),
-                         rng={"torch": torch.get_rng_state(), "python": random.getstate(),
-                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+            state.update(
+                optimizer=osd,
+                scheduler=self.scheduler.state_dict(),
+                rng={
+                    "torch": torch.get_rng_state(),
+                    "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                },
+            )
 
         def write(tmp):
             if self.peft_model is not None:
                 from safetensors.torch import save_file
-                save_file({k: v.contiguous() for k, v in msd.items()}, os.path.join(tmp, ADAPTER_WEIGHTS),
-                          metadata={"format": "pt"})
+
+                save_file(
+                    {k: v.contiguous() for k, v in msd.items()},
+                    os.path.join(tmp, ADAPTER_WEIGHTS),
+                    metadata={"format": "pt"},
+                )
                 save_adapter_config(self.peft_model, tmp, self.cfg.model)
             else:
                 self.model.save_pretrained(tmp, state_dict=msd)
@@ -270,6 +345,7 @@ class Checkpointer:
                 set_config_dtype(os.path.join(tmp, "config.json"), dtype)
             self.tokenizer.save_pretrained(tmp)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+
         if dist_utils.is_main():
             write_folder(path, write, self.cfg.output_dir)
         dist_utils.barrier()
@@ -286,10 +362,13 @@ class Checkpointer:
             self.peft_model.get_base_model().save_pretrained(tmp, state_dict=merged)
             set_config_dtype(os.path.join(tmp, "config.json"), dtype)
             self.tokenizer.save_pretrained(tmp)
+
         if dist_utils.is_main():
             write_folder(path, write, self.cfg.output_dir)
-            self.log(f"[fpo] LoRA adapters merged into the base weights in {str(dtype).removeprefix('torch.')}: "
-                     f"{path} (a plain model)")
+            self.log(
+                f"[fpo] LoRA adapters merged into the base weights in {str(dtype).removeprefix('torch.')}: "
+                f"{path} (a plain model)"
+            )
         dist_utils.barrier()
         return path
 
@@ -297,6 +376,7 @@ class Checkpointer:
         """The weights (LoRA: already loaded by load_adapters, before wrapping), optimizer, scheduler and RNG
         of checkpoint `where`, whose trainer_state.pt read_state returned as `state`. Returns (step, history)."""
         from safetensors.torch import load_file
+
         weights = None
         if self.peft_model is None:
             weights = {}
@@ -304,21 +384,32 @@ class Checkpointer:
                 if n.endswith(".safetensors"):
                     weights.update(load_file(os.path.join(where, n)))
         if self.sharded:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_optimizer_state_dict,
-                                                                 set_state_dict)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+                set_state_dict,
+            )
+
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             if weights is None:
                 set_optimizer_state_dict(self.policy, self.optimizer, state["optimizer"], options=opts)
             else:
-                set_state_dict(self.policy, self.optimizer, model_state_dict={"model." + k: v for k, v in weights.items()},
-                               optim_state_dict=state["optimizer"], options=opts)
+                set_state_dict(
+                    self.policy,
+                    self.optimizer,
+                    model_state_dict={"model." + k: v for k, v in weights.items()},
+                    optim_state_dict=state["optimizer"],
+                    options=opts,
+                )
         else:
             if weights is not None:
                 missing, unexpected = self.model.load_state_dict(weights, strict=False)
                 tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
                 if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
-                    raise ValueError(f"resume: checkpoint {where} does not match the model (missing {missing[:3]}, "
-                                     f"unexpected {unexpected[:3]})")
+                    raise ValueError(
+                        f"resume: checkpoint {where} does not match the model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})"
+                    )
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])

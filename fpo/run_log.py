@@ -1,6 +1,7 @@
 """What a run reports as it goes: each logged step's metrics, read from the device once per log step and
 checked, into OUTPUT_DIR/metrics.jsonl, the trackers (--report-to) and the progress bar; and, once, whether the
 constraint is large enough to matter."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,7 @@ from .trackers import open_trackers
 
 __all__ = ["RunLog", "peak_memory_mb", "SHARE_CHECK_STEP"]
 
-SHARE_CHECK_STEP = 10   # when the constraint's share of the loss is first judged (mean over the logged steps so far)
+SHARE_CHECK_STEP = 10  # when the constraint's share of the loss is first judged (mean over the logged steps so far)
 
 
 def peak_memory_mb(device) -> float:
@@ -35,8 +36,14 @@ class RunLog:
     Only the main rank writes; every rank takes part in the metrics' all-reduce."""
 
     def __init__(self, cfg, history: list, step: int, total_steps: int, world: int, device, log):
-        self.cfg, self.history, self.total_steps, self.world, self.device, self.log = \
-            cfg, history, total_steps, world, device, log
+        self.cfg, self.history, self.total_steps, self.world, self.device, self.log = (
+            cfg,
+            history,
+            total_steps,
+            world,
+            device,
+            log,
+        )
         self.file = self.trackers = self.bar = None
         self._share_checked = False
         if not dist_utils.is_main():
@@ -47,9 +54,12 @@ class RunLog:
         atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in history))
         self.file = open(path, "a")
         try:
-            self.trackers = open_trackers(cfg.report_to, cfg.output_dir,
-                                          cfg.run_name or os.path.basename(os.path.abspath(cfg.output_dir)),
-                                          dataclasses.asdict(cfg))
+            self.trackers = open_trackers(
+                cfg.report_to,
+                cfg.output_dir,
+                cfg.run_name or os.path.basename(os.path.abspath(cfg.output_dir)),
+                dataclasses.asdict(cfg),
+            )
         except BaseException:
             self.file.close()
             raise
@@ -70,16 +80,20 @@ class RunLog:
         elapsed = time.time() - t_start
         for (step, _), row in zip(pending, stacked.tolist()):
             rec = {"step": step, **dict(zip(keys, row))}
-            for k in ("tokens_processed", "response_tokens"):   # totals over ranks, not means
+            for k in ("tokens_processed", "response_tokens"):  # totals over ranks, not means
                 rec[k] = round(rec[k] * self.world)
             share = constraint_share(rec["constraint_abs"], rec["margin_abs"]) if "constraint_abs" in rec else None
-            if share is not None:    # not logged while the margin is ~0 (the first step)
+            if share is not None:  # not logged while the margin is ~0 (the first step)
                 rec["constraint_share"] = share
             if not all(math.isfinite(v) for v in row):
                 bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
                 on_nonfinite(f"non-finite {bad} at step {step}")
-            rec.update(lr=lr, tokens_per_s=tokens * self.world / max(elapsed, 1e-9),
-                       step_time_s=elapsed / len(pending), peak_memory_mb=peak_memory_mb(self.device))
+            rec.update(
+                lr=lr,
+                tokens_per_s=tokens * self.world / max(elapsed, 1e-9),
+                step_time_s=elapsed / len(pending),
+                peak_memory_mb=peak_memory_mb(self.device),
+            )
             self.history.append(rec)
             if self.file is not None:
                 self.file.write(json.dumps(rec) + "\n")
@@ -89,8 +103,11 @@ class RunLog:
             self.file.flush()
         last = self.history[-1]
         # the policy starts at the reference, where D (and TDPO's KL) is 0: judge the share once it has moved
-        if not self._share_checked and "constraint_abs" in last and \
-                (last["step"] >= SHARE_CHECK_STEP or last["step"] == self.total_steps):
+        if (
+            not self._share_checked
+            and "constraint_abs" in last
+            and (last["step"] >= SHARE_CHECK_STEP or last["step"] == self.total_steps)
+        ):
             recent = self.history[-SHARE_CHECK_STEP:]
             share = constraint_share(sum(h["constraint_abs"] for h in recent), sum(h["margin_abs"] for h in recent))
             if share is not None:
@@ -98,8 +115,9 @@ class RunLog:
                 self._warn_if_constraint_is_negligible(share, last["step"])
         if self.bar is not None:
             extra = {"share": f"{last['constraint_share']:.1%}"} if "constraint_share" in last else {}
-            self.bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}", **extra,
-                                 tok_s=f"{last['tokens_per_s']:.0f}")
+            self.bar.set_postfix(
+                loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}", **extra, tok_s=f"{last['tokens_per_s']:.0f}"
+            )
 
     def _warn_if_constraint_is_negligible(self, share, step):
         """Once, at the first log step from step SHARE_CHECK_STEP: a constraint below 1% of the margin term
@@ -107,11 +125,17 @@ class RunLog:
         if share >= 0.01:
             return
         cfg = self.cfg
-        knob = "--alpha" + (" or --constraint-norm ref (D divided by the reference's feature scale)"
-                            if cfg.method == "fpo" and cfg.constraint_norm == "none" else "")
-        self.log(f"[fpo] warning: at step {step} the {'feature' if cfg.method == 'fpo' else 'KL'} constraint is "
-                 f"{share:.2%} of the margin term (mean |constraint term| / mean |beta x margin|): at alpha {cfg.alpha} it changes "
-                 f"almost nothing; raise {knob} (alpha x {0.1 / max(share, 1e-12):.3g} would make it about 10%)")
+        knob = "--alpha" + (
+            " or --constraint-norm ref (D divided by the reference's feature scale)"
+            if cfg.method == "fpo" and cfg.constraint_norm == "none"
+            else ""
+        )
+        self.log(
+            f"[fpo] warning: at step {step} the {'feature' if cfg.method == 'fpo' else 'KL'} constraint is "
+            f"{share:.2%} of the margin term (mean |constraint term| / mean |beta x margin|): "
+            f"at alpha {cfg.alpha} it changes "
+            f"almost nothing; raise {knob} (alpha x {0.1 / max(share, 1e-12):.3g} would make it about 10%)"
+        )
 
     def close(self):
         for thing in (self.bar, self.file, self.trackers):

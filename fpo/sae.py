@@ -3,6 +3,7 @@ BatchTopK, Matryoshka-BatchTopK), an EleutherAI sparsify directory, a Gemma Scop
 release/id pair when a hub is reachable (sae-lens 6: SAE.from_pretrained returns the SAE). Returns the kernels'
 SAEWeights and the decoder layer the SAE reads (from its hook name, e.g. model.layers.15 or
 blocks.12.hook_resid_post, or a sparsify folder's name, layers.23)."""
+
 from __future__ import annotations
 
 import json
@@ -36,13 +37,14 @@ def load_sae(spec: str, device="cpu"):
             with open(cfg) as f:
                 c = json.load(f)
             layer = layer_from_hook_name(c.get("hook_name") or (c.get("metadata") or {}).get("hook_name"))
-        if layer is None and os.path.isdir(spec):   # sparsify names each SAE's folder after its hookpoint: layers.23
+        if layer is None and os.path.isdir(spec):  # sparsify names each SAE's folder after its hookpoint: layers.23
             layer = layer_from_hook_name(os.path.basename(os.path.normpath(spec)))
         return sae, layer
     if ":" in spec:
         release, sae_id = spec.split(":", 1)
         try:
             from sae_lens import SAE
+
             lens = SAE.from_pretrained(release, sae_id, device=str(device))
             lens = lens[0] if isinstance(lens, tuple) else lens
         except Exception as e:
@@ -58,6 +60,7 @@ def load_sae(spec: str, device="cpu"):
 class SAESpec:
     """One SAE of a run: its encoder, the decoder block it reads, its weight in D, and the name its cached
     features go by (unique within a cache)."""
+
     sae: SAEWeights
     layer: int | None
     weight: float
@@ -87,11 +90,14 @@ def load_saes(specs, device="cpu") -> list:
 def check_sae_fits(model, sae: SAEWeights, layer):
     hidden = model.config.hidden_size
     if sae.d_in != hidden:
-        raise ValueError(f"the SAE reads d_in={sae.d_in} but the model's hidden size is {hidden}: "
-                         "pick the SAE trained on this model")
+        raise ValueError(
+            f"the SAE reads d_in={sae.d_in} but the model's hidden size is {hidden}: pick the SAE trained on this model"
+        )
     n = len(decoder_layers(model))
     if layer is None:
-        raise ValueError("the SAE layer is unknown: pass sae_layer (--sae-layer), the decoder block whose output the SAE reads")
+        raise ValueError(
+            "the SAE layer is unknown: pass sae_layer (--sae-layer), the decoder block whose output the SAE reads"
+        )
     if not 0 <= layer < n:
         raise ValueError(f"sae_layer {layer} is outside the model's {n} decoder layers [0, {n})")
 
@@ -99,16 +105,22 @@ def check_sae_fits(model, sae: SAEWeights, layer):
 def cached_sae_keys(cache, saes, model, k, select="policy") -> list[str]:
     """The key of each SAE's tensors in `cache`, for a run or an eval that compares against them: one SAE
     without a layer takes the cache's; each must fit the model and be in the cache; k must not exceed the
-    cache's K."""
-    if len(saes) == 1 and saes[0].layer is None:
-        saes[0].layer = cache.meta.get("layer")
+    cache's cache_k."""
+    if len(saes) == 1 and saes[0].layer is None and len(cache.saes) == 1:
+        saes[0].layer = cache.saes[0]["layer"]
     keys = []
     for spec in saes:
         check_sae_fits(model, spec.sae, spec.layer)
         keys.append(cache.find_sae(spec.sae.fingerprint(), spec.layer, spec.name)["key"])
-    if k > cache.K:
-        raise ValueError(f"k ({k}) exceeds the cache's K ({cache.K}): " + (
-            "select='reference' needs k cached features" if select == "reference" else
-            "selected features outside the cached top-K would count as 0 for the reference and inflate D "
-            "many times over") + f"; rebuild the cache with --K >= {k} or pass --k <= {cache.K}")
+    if k > cache.cache_k:
+        raise ValueError(
+            f"k ({k}) exceeds the cache's cache_k ({cache.cache_k}): "
+            + (
+                "select='reference' needs k cached features"
+                if select == "reference"
+                else "selected features outside the cached top-K would count as 0 for the reference and inflate D "
+                "many times over"
+            )
+            + f"; rebuild the cache with --cache-k >= {k} or pass --k <= {cache.cache_k}"
+        )
     return keys

@@ -6,6 +6,7 @@ reference_side gives a micro-batch's reference (the cached statistics, the cache
 against, a reference model's final hidden states); compute_loss gives the run's loss on both
 (fpo_kernels.losses.preference_loss).
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -15,9 +16,9 @@ from torch import nn
 from torch.profiler import record_function
 
 from fpo_kernels import sae_feature_mse, sequence_logprobs, sequence_logprobs_kl
+from fpo_kernels.losses import preference_loss
 
 from .config import TrainConfig
-from .losses import preference_loss
 from .model import ResidualCapture, final_softcap, lm_head
 from .packing import body_hidden
 
@@ -28,16 +29,27 @@ class PolicyStats(nn.Module):
     """Wraps the policy so that everything touching its weights (body, lm head) runs inside forward:
     DDP and FSDP2 see one forward. Returns per-sequence statistics for the 2P sequences of a micro-batch.
     SAEs: one (sae at layer), or saes = [(SAEWeights, layer, weight, scale)]: D = sum of weight x D_sae / scale
-    ("d"), and each SAE's own D ("d_each", [n_saes, 2P]), one forward hook per layer. check_inputs: sae_feature_mse's checks of
+    ("d"), and each SAE's own D ("d_each", [n_saes, 2P]), one forward hook per layer.
+    check_inputs: sae_feature_mse's checks of
     the cached features (off in training, whose cache was checked once when the run started)."""
 
-    def __init__(self, model, sae=None, layer=None, k=50, select="policy", saes=None, autocast=None,
-                 adapters_off=None, check_inputs=False):
+    def __init__(
+        self,
+        model,
+        sae=None,
+        layer=None,
+        k=50,
+        select="policy",
+        saes=None,
+        autocast=None,
+        adapters_off=None,
+        check_inputs=False,
+    ):
         super().__init__()
         self.check_inputs = check_inputs
         self.model = model
-        self.adapters_off = adapters_off   # LoRA: a context in which the model is the frozen base (TDPO's reference)
-        self.autocast = autocast or (lambda device: nullcontext())   # the precision policy's forward context
+        self.adapters_off = adapters_off  # LoRA: a context in which the model is the frozen base (TDPO's reference)
+        self.autocast = autocast or (lambda device: nullcontext())  # the precision policy's forward context
         self.k, self.select = k, select
         self.saes = list(saes) if saes is not None else ([] if sae is None else [(sae, layer, 1.0, 1.0)])
         self.captures = {L: ResidualCapture(model, L) for L in sorted({x[1] for x in self.saes})}
@@ -47,8 +59,17 @@ class PolicyStats(nn.Module):
         for cap in self.captures.values():
             cap.remove()
 
-    def forward(self, batch, ref_idx=None, ref_val=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-                ref_features=None, reference_without_adapters=False):
+    def forward(
+        self,
+        batch,
+        ref_idx=None,
+        ref_val=None,
+        ref_hidden=None,
+        ref_weight=None,
+        ref_bias=None,
+        ref_features=None,
+        reference_without_adapters=False,
+    ):
         """batch: fpo.packing.collate's micro-batch (any layout). ref_features: [(ref_idx, ref_val)] per SAE, in
         order (or ref_idx, ref_val for one SAE). With ref_hidden (TDPO: the reference's final hidden states on
         the same layout, flat [N, d_ref]), the reference's log-probs and the KL come from the same pass over
@@ -59,26 +80,37 @@ class PolicyStats(nn.Module):
             if reference_without_adapters:
                 with torch.no_grad(), self.adapters_off():
                     ref_hidden = body_hidden(self.model, batch, dev)
-                for cap in self.captures.values():   # the reference pass is not the policy's residual stream
+                for cap in self.captures.values():  # the reference pass is not the policy's residual stream
                     cap.value = None
                 ref_weight, ref_bias = (None if t is None else t.detach() for t in lm_head(self.model))
             return self._stats(batch, dev, ref_idx, ref_val, ref_hidden, ref_weight, ref_bias, ref_features)
 
     def _stats(self, batch, dev, ref_idx, ref_val, ref_hidden, ref_weight, ref_bias, ref_features):
-        hidden = body_hidden(self.model, batch, dev)                         # [N, d] flat rows
+        hidden = body_hidden(self.model, batch, dev)  # [N, d] flat rows
         w, b = lm_head(self.model)
         rows, labels, seq = (batch[k].to(dev) for k in ("pred_rows", "labels", "seq_ids"))
         S = batch["num_seqs"]
         if ref_hidden is not None:
             with record_function("fpo::logprobs_kl"):
                 total, mean, count, ref_total, kl = sequence_logprobs_kl(
-                    hidden, w, ref_hidden=ref_hidden, ref_weight=ref_weight, softcap=self.softcap, bias=b,
-                    ref_bias=ref_bias, rows=rows, labels=labels, seq_ids=seq, num_seqs=S)
+                    hidden,
+                    w,
+                    ref_hidden,
+                    ref_weight,
+                    softcap=self.softcap,
+                    bias=b,
+                    ref_bias=ref_bias,
+                    rows=rows,
+                    labels=labels,
+                    seq_ids=seq,
+                    num_seqs=S,
+                )
             out = {"logp_sum": total, "logp_mean": mean, "len": count, "ref_logp_sum": ref_total, "kl": kl}
         else:
             with record_function("fpo::logprobs"):
-                total, mean, count = sequence_logprobs(hidden, w, softcap=self.softcap, bias=b, rows=rows,
-                                                       labels=labels, seq_ids=seq, num_seqs=S)
+                total, mean, count = sequence_logprobs(
+                    hidden, w, softcap=self.softcap, bias=b, rows=rows, labels=labels, seq_ids=seq, num_seqs=S
+                )
             out = {"logp_sum": total, "logp_mean": mean, "len": count}
         if self.saes:
             resid = {L: cap.pop() for L, cap in self.captures.items()}
@@ -88,10 +120,18 @@ class PolicyStats(nn.Module):
                 for (sae, layer, weight, scale), (idx, val) in zip(self.saes, refs):
                     r = resid[layer]
                     # spans stay on the host: the kernels lay out their row tiles from them with no device sync
-                    raw = sae_feature_mse(r.reshape(-1, r.shape[-1]), None, sae, idx, val, self.k, self.select,
-                                          check_inputs=self.check_inputs, spans=batch["spans"].cpu())
+                    raw = sae_feature_mse(
+                        r.reshape(-1, r.shape[-1]),
+                        sae,
+                        idx,
+                        val,
+                        k=self.k,
+                        select=self.select,
+                        check_inputs=self.check_inputs,
+                        spans=batch["spans"].cpu(),
+                    )
                     d, factor = raw * (weight / scale), batch.get("d_factor")
-                    if factor is not None:   # pooling "authors" (fpo.packing.pooling_rows)
+                    if factor is not None:  # pooling "authors" (fpo.packing.pooling_rows)
                         d, raw = d * factor.to(d), raw * factor.to(raw)
                     each.append(raw)
                     out["d"] = d if "d" not in out else out["d"] + d
@@ -99,8 +139,7 @@ class PolicyStats(nn.Module):
         return out
 
 
-def reference_side(batch, device, cache=None, sae_keys=(), ref_model=None, reference_is_base=False,
-                   autocast=None):
+def reference_side(batch, device, cache=None, sae_keys=(), ref_model=None, reference_is_base=False, autocast=None):
     """(the reference's cached statistics in the [2P] layout or None, what PolicyStats takes of the reference):
     the cached features of each SAE (its key in the cache, sae_keys), a reference model's final hidden states on
     the batch's layout and its lm head (its log-probs then come with the KL, from one pass over both models'

@@ -10,6 +10,7 @@ offline:
 - mlflow: MLFLOW_TRACKING_URI, else a SQLite store OUTPUT_DIR/mlflow.db; experiment MLFLOW_EXPERIMENT_NAME,
   else "fpo".
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,12 @@ import os
 __all__ = ["TRACKERS", "open_trackers", "Trackers"]
 
 TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow")
-_EXTRA = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
-          "trackio": ("trackio", "trackio"), "mlflow": ("mlflow", "mlflow")}   # name: (module, extra)
+_EXTRA = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "trackio": ("trackio", "trackio"),
+    "mlflow": ("mlflow", "mlflow"),
+}  # name: (module, extra)
 
 
 def _need(name):
@@ -27,14 +32,17 @@ def _need(name):
     try:
         return __import__(module)
     except ImportError:
-        raise ValueError(f"report_to {name}: the {module} package is not installed; "
-                         f"pip install \"fpo-kernels[{extra}]\" (or pip install {module})") from None
+        raise ValueError(
+            f"report_to {name}: the {module} package is not installed; "
+            f'pip install "fpo-kernels[{extra}]" (or pip install {module})'
+        ) from None
 
 
 class _TensorBoard:
     def __init__(self, out_dir, run_name, config):
         _need("tensorboard")
         from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=1, default=str) + "\n```", 0)
 
@@ -50,8 +58,14 @@ class _TensorBoard:
 class _Wandb:
     def __init__(self, out_dir, run_name, config):
         wandb = _need("wandb")
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fpo"), name=run_name, config=config,
-                              dir=out_dir, mode=os.environ.get("WANDB_MODE", "offline"), reinit="create_new")
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "fpo"),
+            name=run_name,
+            config=config,
+            dir=out_dir,
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            reinit="create_new",
+        )
 
     def log(self, metrics, step):
         self.run.log(metrics, step=step)
@@ -75,20 +89,26 @@ class _Trackio:
 class _MLflow:
     def __init__(self, out_dir, run_name, config):
         mlflow = _need("mlflow")
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath(os.path.join(out_dir, "mlflow.db"))
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath(
+            os.path.join(out_dir, "mlflow.db")
+        )
         self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "fpo")
         exp = self.client.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
         self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         from mlflow.entities import Param
+
         # mlflow params are strings of at most 6000 characters
-        self.client.log_batch(self.run_id, params=[Param(k, json.dumps(v, default=str)[:6000])
-                                                   for k, v in sorted(config.items())])
+        self.client.log_batch(
+            self.run_id, params=[Param(k, json.dumps(v, default=str)[:6000]) for k, v in sorted(config.items())]
+        )
 
     def log(self, metrics, step):
         import time
+
         from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
@@ -117,8 +137,11 @@ class Trackers:
         self.backends = backends
 
     def log(self, record: dict, step: int):
-        metrics = {"train/" + k: v for k, v in record.items()
-                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {
+            "train/" + k: v
+            for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         for b in self.backends:
             b.log(metrics, step)
 

@@ -13,6 +13,7 @@ Here: building a run (model, LoRA, reference side, data, optimizer), its micro-b
 Beside it: fpo.step (the policy's statistics and the loss), fpo.run_dir (the output directory, checkpoints,
 resume), fpo.run_log (metrics, trackers, the progress bar and the constraint-share warning).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,22 +23,37 @@ from contextlib import nullcontext
 import torch
 
 from . import distributed as dist_utils
-from .cache import ReferenceCache
-from .files import atomic_write_json
 from .config import TrainConfig, config_from_dict
-from .data import load_pairs, tokenize_pairs, tokenizer_fingerprint
+from .files import atomic_write_json
 from .lora import add_adapters, describe_lora
-from .model import (config_fingerprint, enable_activation_checkpointing, final_softcap,
-                    load_model_for_layout, load_tokenizer, model_fingerprint, resolve_device)
+from .model import (
+    config_fingerprint,
+    enable_activation_checkpointing,
+    final_softcap,
+    load_model_for_layout,
+    load_tokenizer,
+    model_fingerprint,
+    resolve_device,
+)
 from .packing import attention_length_scale, collate, micro_batch_tokens, plan_micro_batches, pooling_rows
+from .pairs import load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .precision import SAVE_DTYPES, describe_precision, make_optimizer, resolve_precision
-from .run_dir import (Checkpointer, check_resumable, checkpoints, claim_output_dir, find_checkpoint, load_adapters,
-                      read_state, written)
+from .reference_cache import ReferenceCache
+from .run_dir import (
+    Checkpointer,
+    check_resumable,
+    checkpoints,
+    claim_output_dir,
+    find_checkpoint,
+    load_adapters,
+    read_state,
+    written,
+)
 from .run_log import RunLog
 from .sae import cached_sae_keys, load_saes
 from .step import PolicyStats, compute_loss, reference_side
 
-__all__ = ["train", "PolicyStats", "Trainer", "NonFiniteLossError"]
+__all__ = ["train", "Trainer", "NonFiniteLossError"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,7 +68,7 @@ class Trainer:
         try:
             self._build(cfg, log)
         except BaseException:
-            self._release_lock()   # a run that fails to start leaves its directory free
+            self._release_lock()  # a run that fails to start leaves its directory free
             raise
 
     def _build(self, cfg: TrainConfig, log):
@@ -73,7 +89,7 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.log = log if self.rank == 0 else (lambda *a, **k: None)
         self._resume_from, self._resume_state = None, None
-        if dist_utils.is_main():          # before any model loads: a bad directory fails in a second
+        if dist_utils.is_main():  # before any model loads: a bad directory fails in a second
             self._lock = claim_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, self.log)
         if cfg.resume:
             self._resume_from = find_checkpoint(cfg.output_dir, cfg.resume)
@@ -81,9 +97,11 @@ class Trainer:
             check_resumable(cfg, self._resume_state.get("config", {}))
         per_step = (cfg.micro_batch_size if cfg.max_tokens is None else 1) * self.world
         if cfg.batch_size % per_step:
-            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of "
-                             f"{'micro_batch_size x ' if cfg.max_tokens is None else ''}ranks = {per_step}")
-        self.accum = cfg.batch_size // per_step   # micro-batches per step with a fixed micro_batch_size
+            raise ValueError(
+                f"batch_size {cfg.batch_size} must be a multiple of "
+                f"{'micro_batch_size x ' if cfg.max_tokens is None else ''}ranks = {per_step}"
+            )
+        self.accum = cfg.batch_size // per_step  # micro-batches per step with a fixed micro_batch_size
         self.pairs_per_rank = cfg.batch_size // self.world
         torch.manual_seed(cfg.seed)
 
@@ -91,64 +109,91 @@ class Trainer:
         """The tokenizer and the policy (LoRA adapters on a frozen base, activation checkpointing)."""
         self.tokenizer = load_tokenizer(cfg.model)
         # LoRA: the base weights are frozen (bf16 under any bf16 policy); the adapters get the trained dtype
-        model = load_model_for_layout(cfg.model, self.precision.frozen_dtype if cfg.lora_r else self.precision.param_dtype,
-                                      self.device, cfg.packing, cfg.attn_implementation, self.log)
+        model = load_model_for_layout(
+            cfg.model,
+            self.precision.frozen_dtype if cfg.lora_r else self.precision.param_dtype,
+            self.device,
+            cfg.packing,
+            cfg.attn_implementation,
+            self.log,
+        )
         # what the cache was built from: the base weights, before any adapter
         self._weights_bf16 = model_fingerprint(model, "")["weights_bf16"] if cfg.cache else None
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(model)
         self.peft_model = None
         if cfg.lora_r:
-            self.peft_model = add_adapters(model, cfg.lora_r, cfg.lora_alpha_value, cfg.lora_dropout,
-                                           cfg.lora_target_modules, self.precision.param_dtype)
+            self.peft_model = add_adapters(
+                model,
+                cfg.lora_r,
+                cfg.lora_alpha_value,
+                cfg.lora_dropout,
+                cfg.lora_target_modules,
+                self.precision.param_dtype,
+            )
         model.train()
         self.model = model
-        self.row_scale = attention_length_scale(model)   # packed micro-batches as one stream (FlexAttention) or rows
+        self.row_scale = attention_length_scale(model)  # packed micro-batches as one stream (FlexAttention) or rows
 
     def _load_reference(self, cfg: TrainConfig):
         """The reference side: the cache and its SAEs (fpo, dpo), or TDPO's online reference model."""
         self.cache = None
         if cfg.cache:  # TrainConfig requires one for fpo and dpo
             self.cache = ReferenceCache(cfg.cache)
-        self.saes, self.sae_keys = [], []    # SAESpecs, and the suffix of each one's tensors in the cache
+        self.saes, self.sae_keys = [], []  # SAESpecs, and the suffix of each one's tensors in the cache
         if cfg.method == "fpo":
-            built = self.cache.meta.get("pooling", "response")
+            built = self.cache.meta["pooling"]
             if built != cfg.pooling:
-                raise ValueError(f"cache {cfg.cache} pooled the reference's features with pooling {built!r}, this run "
-                                 f"uses {cfg.pooling!r}: rebuild it with `fpo precompute --pooling {cfg.pooling}`")
+                raise ValueError(
+                    f"cache {cfg.cache} pooled the reference's features with pooling {built!r}, this run "
+                    f"uses {cfg.pooling!r}: rebuild it with `fpo precompute --pooling {cfg.pooling}`"
+                )
             if not self.cache.has_features:
                 raise ValueError(f"cache {cfg.cache} holds no SAE features: build it with --sae for method fpo")
             self.saes = load_saes(cfg.sae_specs, self.device)
             self.sae_keys = cached_sae_keys(self.cache, self.saes, self.model, cfg.k, cfg.select)
         # constraint_norm "ref": each SAE's D divided by its recorded reference feature scale
-        self.sae_scales = [self.cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" else 1.0
-                           for key in self.sae_keys]
+        self.sae_scales = [
+            self.cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" else 1.0 for key in self.sae_keys
+        ]
         self.ref_model = None
-        self.reference_is_base = cfg.method.startswith("tdpo") and not cfg.reference_model and self.peft_model is not None
+        self.reference_is_base = (
+            cfg.method.startswith("tdpo") and not cfg.reference_model and self.peft_model is not None
+        )
         if self.reference_is_base:
             self.log("[fpo] LoRA: TDPO's reference is the policy with its adapters off (no second model)")
         elif cfg.method.startswith("tdpo"):
             # frozen: bf16 weights under any bf16 policy (no master copy), the forward under the run's autocast
-            self.ref_model = load_model_for_layout(cfg.reference_model or cfg.model, self.precision.frozen_dtype,
-                                                   self.device, cfg.packing, self.model.config._attn_implementation,
-                                                   self.log).eval()
+            self.ref_model = load_model_for_layout(
+                cfg.reference_model or cfg.model,
+                self.precision.frozen_dtype,
+                self.device,
+                cfg.packing,
+                self.model.config._attn_implementation,
+                self.log,
+            ).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
             if final_softcap(self.ref_model) != final_softcap(self.model):
-                raise ValueError(f"reference_model's final logit softcap {final_softcap(self.ref_model)} differs from "
-                                 f"the policy's {final_softcap(self.model)}: TDPO's fused KL applies one softcap to both")
+                raise ValueError(
+                    f"reference_model's final logit softcap {final_softcap(self.ref_model)} differs from "
+                    f"the policy's {final_softcap(self.model)}: TDPO's fused KL applies one softcap to both"
+                )
 
     def _load_data(self, cfg: TrainConfig):
         """The tokenised pairs, checked against the cache, and the number of steps."""
         pairs = load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=self.log, split=cfg.split)
-        self.items = tokenize_pairs(pairs, self.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.max_tokens,
-                                    log=self.log)
+        self.items = tokenize_pairs(
+            pairs, self.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.max_tokens, log=self.log
+        )
         if self.cache is not None:
             # the cache must come from this model's weights, not only its architecture
             self.cache.verify(
                 model={"config": config_fingerprint(self.model), "weights_bf16": self._weights_bf16},
                 tokenizer=tokenizer_fingerprint(self.tokenizer),
-                max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+                max_length=cfg.max_length,
+                max_prompt_length=cfg.max_prompt_length,
+            )
             self.cache.check_rows(self.items)
         self.steps_per_epoch = len(self.items) // cfg.batch_size
         if self.steps_per_epoch == 0:
@@ -160,24 +205,47 @@ class Trainer:
     def _build_step(self, cfg: TrainConfig):
         """What one step runs: the policy's statistics (wrapped for DDP / FSDP), the optimizer and schedule, and
         the state of a resumed run."""
-        self.policy = PolicyStats(self.model, k=cfg.k, select=cfg.select,
-                                  saes=[(x.sae, x.layer, x.weight, sc) for x, sc in zip(self.saes, self.sae_scales)],
-                                  autocast=self.precision.autocast,
-                                  adapters_off=self.peft_model.disable_adapter if self.peft_model is not None else None)
-        if self._resume_from is not None and self.peft_model is not None:   # before any sharding: plain tensors
+        self.policy = PolicyStats(
+            self.model,
+            k=cfg.k,
+            select=cfg.select,
+            saes=[(x.sae, x.layer, x.weight, sc) for x, sc in zip(self.saes, self.sae_scales)],
+            autocast=self.precision.autocast,
+            adapters_off=self.peft_model.disable_adapter if self.peft_model is not None else None,
+        )
+        if self._resume_from is not None and self.peft_model is not None:  # before any sharding: plain tensors
             load_adapters(self.model, self._resume_from)
         self.wrapped = self._wrap(self.policy)
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(params, self.precision, cfg.optimizer, cfg.lr, cfg.weight_decay,
-                                        (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, self.device)
+        self.optimizer = make_optimizer(
+            params,
+            self.precision,
+            cfg.optimizer,
+            cfg.lr,
+            cfg.weight_decay,
+            (cfg.adam_beta1, cfg.adam_beta2),
+            cfg.adam_eps,
+            self.device,
+        )
         if self.peft_model is not None:
             self.log(describe_lora(cfg, params, self.model.parameters(), self.precision))
-        for line in describe_precision(self.precision, params, cfg.optimizer, cfg.lr,
-                                       trained="trained " if self.peft_model is not None else ""):
+        for line in describe_precision(
+            self.precision, params, cfg.optimizer, cfg.lr, trained="trained " if self.peft_model is not None else ""
+        ):
             self.log(line)
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
-        self.checkpointer = Checkpointer(cfg, self.model, self.policy, self.optimizer, self.scheduler, self.tokenizer,
-                                         self.peft_model, self.precision, sharded=cfg.fsdp and self.world > 1, log=self.log)
+        self.checkpointer = Checkpointer(
+            cfg,
+            self.model,
+            self.policy,
+            self.optimizer,
+            self.scheduler,
+            self.tokenizer,
+            self.peft_model,
+            self.precision,
+            sharded=cfg.fsdp and self.world > 1,
+            log=self.log,
+        )
         self.step, self.history = 0, []
         if self._resume_from is not None:
             self.step, self.history = self.checkpointer.restore(self._resume_from, self._resume_state)
@@ -189,14 +257,20 @@ class Trainer:
             return module
         if self.cfg.fsdp:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
             from .model import decoder_layers
+
             # bf16-mixed: fp32 shards (what the optimizer updates), gathered in bf16, gradients reduced in fp32
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-                if self.precision.name == "bf16-mixed" else MixedPrecisionPolicy()
+            mp = (
+                MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                if self.precision.name == "bf16-mixed"
+                else MixedPrecisionPolicy()
+            )
             for layer in decoder_layers(module.model):
                 fully_shard(layer, mp_policy=mp)
             return fully_shard(module, mp_policy=mp)
         from torch.nn.parallel import DistributedDataParallel as DDP
+
         return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ---- data -----------------------------------------------------------------------------------
@@ -210,18 +284,25 @@ class Trainer:
         epoch, within = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(cfg.seed * 1000003 + epoch)
         perm = torch.randperm(len(self.items), generator=g)
-        batch = perm[within * cfg.batch_size:(within + 1) * cfg.batch_size].tolist()
+        batch = perm[within * cfg.batch_size : (within + 1) * cfg.batch_size].tolist()
         if cfg.max_tokens is None:
             mb = cfg.micro_batch_size
-            return [[self.items[i] for i in batch[(j * self.world + r) * mb:(j * self.world + r + 1) * mb]]
-                    for r in (rank,) for j in range(self.accum)]
+            return [
+                [self.items[i] for i in batch[(j * self.world + r) * mb : (j * self.world + r + 1) * mb]]
+                for r in (rank,)
+                for j in range(self.accum)
+            ]
         n = self.pairs_per_rank
-        plans = [plan_micro_batches([self.items[i] for i in batch[r * n:(r + 1) * n]], cfg.packing, cfg.max_tokens,
-                                    self.row_scale) for r in range(self.world)]
+        plans = [
+            plan_micro_batches(
+                [self.items[i] for i in batch[r * n : (r + 1) * n]], cfg.packing, cfg.max_tokens, self.row_scale
+            )
+            for r in range(self.world)
+        ]
         mine, target = plans[rank], max(len(p) for p in plans)
         while len(mine) < target:
             j = max(range(len(mine)), key=lambda i: len(mine[i]))
-            mine[j:j + 1] = [mine[j][:len(mine[j]) // 2], mine[j][len(mine[j]) // 2:]]
+            mine[j : j + 1] = [mine[j][: len(mine[j]) // 2], mine[j][len(mine[j]) // 2 :]]
         return mine
 
     def _log_packing(self):
@@ -235,10 +316,16 @@ class Trainer:
         body = sum(micro_batch_tokens(mb, cfg.packing, self.row_scale) for mb in mbs)
         padded = sum(micro_batch_tokens(mb, "off") for mb in mbs)
         real = sum(len(it.prompt_ids) + len(it.chosen_ids) + len(it.rejected_ids) for mb in mbs for it in mb)
-        how = "" if cfg.packing == "off" else \
-            f" ({'one stream' if self.row_scale is None else 'rows'} for {self.model.config._attn_implementation} attention)"
-        self.log(f"[fpo] packing {cfg.packing}{how}: {body} tokens per epoch through the model body ({len(mbs)} forwards), "
-                 f"{real / max(body, 1):.0%} of them distinct; {body / max(padded, 1):.2f}x the padded layout's {padded}")
+        how = (
+            ""
+            if cfg.packing == "off"
+            else f" ({'one stream' if self.row_scale is None else 'rows'} for "
+            f"{self.model.config._attn_implementation} attention)"
+        )
+        self.log(
+            f"[fpo] packing {cfg.packing}{how}: {body} tokens per epoch through the model body ({len(mbs)} forwards), "
+            f"{real / max(body, 1):.0%} of them distinct; {body / max(padded, 1):.2f}x the padded layout's {padded}"
+        )
 
     # ---- one step -------------------------------------------------------------------------------
     def _losses(self, items):
@@ -246,10 +333,17 @@ class Trainer:
         cfg = self.cfg
         batch = collate(items, cfg.packing, self.tokenizer.pad_token_id, self.row_scale)
         batch["spans"], batch["d_factor"] = pooling_rows(batch, items, cfg.pooling)
-        reference, kw = reference_side(batch, self.device, self.cache, self.sae_keys, self.ref_model,
-                                       self.reference_is_base, self.precision.autocast)
+        reference, kw = reference_side(
+            batch,
+            self.device,
+            self.cache,
+            self.sae_keys,
+            self.ref_model,
+            self.reference_is_base,
+            self.precision.autocast,
+        )
         stats = self.wrapped(batch, **kw)
-        if "ref_logp_sum" in stats:   # TDPO: the reference's log-probs came with the KL
+        if "ref_logp_sum" in stats:  # TDPO: the reference's log-probs came with the KL
             reference = {"logp_sum": stats["ref_logp_sum"]}
         losses, metrics = compute_loss(cfg, stats, reference)
         return losses, metrics, batch
@@ -307,7 +401,8 @@ class Trainer:
         raise NonFiniteLossError(
             f"{what}: training stopped. The last good checkpoint is "
             f"{os.path.join(d, last[-1]) if last else 'none (no checkpoint was saved)'}; "
-            "lower lr, check the data, or use --precision fp32 or bf16-mixed.")
+            "lower lr, check the data, or use --precision fp32 or bf16-mixed."
+        )
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -337,23 +432,31 @@ class Trainer:
         finally:
             report.close()
         save_dtype = None if cfg.save_dtype == "auto" else SAVE_DTYPES[cfg.save_dtype]
-        if not self.weights_are_sound():   # the final model gets the check every checkpoint gets
+        if not self.weights_are_sound():  # the final model gets the check every checkpoint gets
             self._stop_diverged(f"after step {self.step} the weights give a non-finite loss (or are not finite)")
         final = self.save_checkpoint("final", with_state=cfg.save_optimizer, dtype=save_dtype)
         if self.peft_model is not None and cfg.merge_lora:
             self.checkpointer.save_merged(save_dtype or torch.float32)
         elif save_dtype is not None and save_dtype != self.precision.param_dtype:
-            self.log(f"[fpo] final model saved in {cfg.save_dtype} (trained in "
-                     f"{str(self.precision.param_dtype).removeprefix('torch.')}): a copy for inference, not resumable")
-        summary = {"method": cfg.method, "steps": self.step, "final": final,
-                   "last": self.history[-1] if self.history else None}
+            self.log(
+                f"[fpo] final model saved in {cfg.save_dtype} (trained in "
+                f"{str(self.precision.param_dtype).removeprefix('torch.')}): a copy for inference, not resumable"
+            )
+        summary = {
+            "method": cfg.method,
+            "steps": self.step,
+            "final": final,
+            "last": self.history[-1] if self.history else None,
+        }
         if main:
             atomic_write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
             if self.history:
                 h = self.history[-1]
-                self.log(f"[fpo] {cfg.method}: {self.step} steps, final loss {h['loss']:.4f}, "
-                         f"last batch's reward accuracy {h['accuracy']:.2f}, {h['tokens_per_s']:.0f} tokens/s, "
-                         f"peak memory {h['peak_memory_mb']:.0f} MB; saved {final}")
+                self.log(
+                    f"[fpo] {cfg.method}: {self.step} steps, final loss {h['loss']:.4f}, "
+                    f"last batch's reward accuracy {h['accuracy']:.2f}, {h['tokens_per_s']:.0f} tokens/s, "
+                    f"peak memory {h['peak_memory_mb']:.0f} MB; saved {final}"
+                )
             self.log(written(final, cfg.output_dir))
         return summary
 
@@ -374,6 +477,7 @@ def make_scheduler(optimizer, name: str, warmup: int, total_steps: int):
     if name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     from transformers import get_scheduler
+
     decay = get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps + 1).lr_lambdas[0]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: decay(s + 1))
 

@@ -5,6 +5,9 @@ kernels; CPU tensors run the plain-PyTorch references in fpo_kernels.reference, 
 One entry per op: padded inputs ([B, T, d] and a mask) or flat ones (rows [N, d] and spans, for packed
 streams), chosen by the arguments passed.
 """
+
+from importlib import metadata as _metadata
+
 from ._dispatch import pin_autotune
 from .cache import index_dtype_for, pack_topk, unpack_topk  # noqa: F401  (index_dtype_for: the cache's index dtype)
 from .logprobs import fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl
@@ -12,15 +15,26 @@ from .preference import FusedLinearDPOLoss, FusedLinearFPOLoss, FusedLinearSimPO
 from .sae_constraint import sae_feature_mse, sae_pooled_features
 from .sae_weights import SAEWeights
 from .sequence import prediction_rows, sequence_logprobs, sequence_logprobs_kl
-# deprecated aliases, kept for one release: the entries above take flat rows with spans= (or rows=, labels=, ...)
-from .sae_constraint import sae_feature_mse_varlen, sae_pooled_features_varlen  # noqa: F401
-from .sequence import sequence_logprobs_kl_varlen, sequence_logprobs_varlen  # noqa: F401
 
 __all__ = [
-    "SAEWeights", "sae_pooled_features", "sae_feature_mse",
-    "fused_linear_logprobs", "fused_linear_kl", "fused_linear_logprobs_kl",
-    "sequence_logprobs", "sequence_logprobs_kl", "prediction_rows",
-    "pack_topk", "unpack_topk", "pin_autotune",
-    "FusedLinearSimPOLoss", "FusedLinearDPOLoss", "FusedLinearTDPOLoss", "FusedLinearFPOLoss",
+    "SAEWeights",
+    "sae_pooled_features",
+    "sae_feature_mse",
+    "fused_linear_logprobs",
+    "fused_linear_kl",
+    "fused_linear_logprobs_kl",
+    "sequence_logprobs",
+    "sequence_logprobs_kl",
+    "prediction_rows",
+    "pack_topk",
+    "unpack_topk",
+    "pin_autotune",
+    "FusedLinearSimPOLoss",
+    "FusedLinearDPOLoss",
+    "FusedLinearTDPOLoss",
+    "FusedLinearFPOLoss",
 ]
-__version__ = "0.1.0"
+try:  # the one version is pyproject's, read from the installed package's metadata
+    __version__ = _metadata.version("fpo-kernels")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"

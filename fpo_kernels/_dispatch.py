@@ -15,16 +15,15 @@ a registered fake returns an op's outputs only: the workspace the fused ops allo
 gate, a chunk's logits, each backward block's dL/dlogits: most of their memory) would be invisible, and every
 op's output shapes would be written a second time in its fake. The ops are called eagerly inside a step (the
 trainer compiles nothing), so the graph capture custom_op would add is not needed yet."""
+
 import functools
 import os
 from contextlib import nullcontext
 
-import warnings
-
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_fake_launch_observers = []
+_fake_launch_observers: list = []
 
 
 def interpreter_on() -> bool:
@@ -33,6 +32,7 @@ def interpreter_on() -> bool:
 
 def is_fake(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
+
     return isinstance(t, FakeTensor)
 
 
@@ -54,32 +54,32 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 def no_autocast(t: torch.Tensor):
     """Autocast off on t's device: an op casts its operands to compute_dtype itself, and its float32 sums
     (log-sum-exp, pooling, the loss) must stay float32."""
-    return torch.autocast(t.device.type, enabled=False) if torch.amp.is_autocast_available(t.device.type) else nullcontext()
+    return (
+        torch.autocast(t.device.type, enabled=False)
+        if torch.amp.is_autocast_available(t.device.type)
+        else nullcontext()
+    )
 
 
 def in_compute_dtype(op):
     """op(hidden, ...) with hidden cast to compute_dtype(hidden) and autocast off inside: the op's GEMMs run in
     the dtype an nn.Linear would, its sums stay fp32. The cast is differentiable (hidden's gradient comes back
     in hidden's own dtype)."""
+
     @functools.wraps(op)
     def wrapper(hidden, *args, **kwargs):
-        if not torch.is_tensor(hidden):   # the op's own check names the argument
+        if not torch.is_tensor(hidden):  # the op's own check names the argument
             return op(hidden, *args, **kwargs)
         dtype = compute_dtype(hidden)
         with no_autocast(hidden):
             return op(hidden.to(dtype), *args, **kwargs)
+
     return wrapper
 
 
 def dot_precision(dtype: torch.dtype):
     """fp32 operands: full-precision products ("ieee"), not TF32, so fp32 inputs give fp32 answers."""
     return "ieee" if dtype == torch.float32 else None
-
-
-def deprecated(old: str, new: str):
-    """The warning an old entry point gives for one release before it goes."""
-    warnings.warn(f"fpo_kernels: {old} is deprecated and will be removed in the next release; use {new}",
-                  DeprecationWarning, stacklevel=3)
 
 
 class Kernel:
@@ -98,8 +98,20 @@ class Kernel:
               autotune_key; interpreted_config: the one config the interpreter runs.
     """
 
-    def __init__(self, fn, args, *, tiles=None, interpreted_tiles=None, flags=None, dtypes=("bf16", "fp16", "fp32"),
-                 dot=False, configs=(), interpreted_config=None, autotune_key=()):
+    def __init__(
+        self,
+        fn,
+        args,
+        *,
+        tiles=None,
+        interpreted_tiles=None,
+        flags=None,
+        dtypes=("bf16", "fp16", "fp32"),
+        dot=False,
+        configs=(),
+        interpreted_config=None,
+        autotune_key=(),
+    ):
         self.fn, self.args, self.name = fn, dict(args), fn.__name__
         self.tiles, self.interpreted_tiles = dict(tiles or {}), dict(interpreted_tiles or tiles or {})
         self.flags, self.dtypes, self.dot = dict(flags or {}), tuple(dtypes), dot
@@ -107,16 +119,27 @@ class Kernel:
         self.jit = fn
         if configs:
             import triton
-            tuned = [triton.Config(interpreted_config, num_warps=1, num_stages=1)] if interpreter_on() else \
-                [triton.Config(c, num_warps=w, num_stages=st) for c, w, st in configs]
+
+            tuned = (
+                [triton.Config(interpreted_config, num_warps=1, num_stages=1)]
+                if interpreter_on()
+                else [triton.Config(c, num_warps=w, num_stages=st) for c, w, st in configs]
+            )
             self.jit = triton.autotune(configs=tuned, key=list(autotune_key))(fn)
-        self.constexprs = set(self.tiles) | set(self.flags) | ({"PRECISION"} if dot else set()) | \
-            {k for c, _, _ in self.configs for k in c}
-        names = list(fn.arg_names)   # the table must be the kernel's signature: no argument missed or misnamed
-        if [n for n in names if n not in self.constexprs] != list(self.args) or \
-                set(names) - set(self.args) != self.constexprs:
-            raise TypeError(f"{self.name}: the table's arguments {list(self.args)} and constexprs "
-                            f"{sorted(self.constexprs)} do not match the kernel's signature {names}")
+        self.constexprs = (
+            set(self.tiles)
+            | set(self.flags)
+            | ({"PRECISION"} if dot else set())
+            | {k for c, _, _ in self.configs for k in c}
+        )
+        names = list(fn.arg_names)  # the table must be the kernel's signature: no argument missed or misnamed
+        if [n for n in names if n not in self.constexprs] != list(self.args) or set(names) - set(
+            self.args
+        ) != self.constexprs:
+            raise TypeError(
+                f"{self.name}: the table's arguments {list(self.args)} and constexprs "
+                f"{sorted(self.constexprs)} do not match the kernel's signature {names}"
+            )
 
     def tile(self, name) -> int:
         """A tile size for this launch: the interpreter's or the GPU's."""
@@ -156,7 +179,7 @@ class on_fake_launch:
         _fake_launch_observers.remove(self.observer)
 
 
-def pin_autotune():
+def pin_autotune() -> None:
     """Every autotuned kernel keeps only its first configuration. Ranks that autotune independently may pick
     different tiles, and different tiles sum in different orders: bitwise different pooled features, so
     top-k ties could break differently on each rank. Data-parallel runs call this (fpo.distributed.init)."""
@@ -168,4 +191,5 @@ def pin_autotune():
 def all_kernels() -> list[Kernel]:
     """Every op module's KERNELS, in one list."""
     from . import logprobs, sae_constraint
+
     return [*sae_constraint.KERNELS, *logprobs.KERNELS]

@@ -1,5 +1,6 @@
 """Row and feature layouts the fast paths share (the SAE constraint, TopK SAEs, the cache). The test oracle,
 fpo_kernels.reference, writes its own: it shares no code with what it checks."""
+
 from __future__ import annotations
 
 import torch

@@ -7,6 +7,7 @@ error than bfloat16 at the same size (the fidelity table in the README);
 slots past the width (K > m) hold index -1 and value 0. Entries are sorted by descending value, so the
 first k of a row are its top-k: select="reference" reads them directly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,7 +30,9 @@ def index_dtype_for(width: int) -> torch.dtype:
     return torch.int16 if width <= INT16_MAX_WIDTH else torch.int32
 
 
-def pack_topk(pooled: torch.Tensor, K: int, value_dtype: torch.dtype = VALUE_DTYPE):
+def pack_topk(
+    pooled: torch.Tensor, K: int, value_dtype: torch.dtype = VALUE_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, m] pooled features -> (indices [B, K] int16/int32, values [B, K] value_dtype), descending by value.
 
     NaN in pooled is an error (a cache must never hold garbage)."""
@@ -39,7 +42,7 @@ def pack_topk(pooled: torch.Tensor, K: int, value_dtype: torch.dtype = VALUE_DTY
         raise ValueError(f"pooled must be a [B, m] float tensor, got {getattr(pooled, 'shape', type(pooled))}")
     if not isinstance(K, int) or isinstance(K, bool) or K < 1:
         raise ValueError(f"K must be a positive integer, got {K!r}")
-    check_values = not is_fake(pooled)   # fake tensors have no values to check
+    check_values = not is_fake(pooled)  # fake tensors have no values to check
     if check_values and torch.isnan(pooled).any():
         row = torch.isnan(pooled).any(1).nonzero()[0].item()
         raise ValueError(f"pooled row {row} holds NaN")
@@ -47,8 +50,10 @@ def pack_topk(pooled: torch.Tensor, K: int, value_dtype: torch.dtype = VALUE_DTY
     kk = min(K, m)
     vals, idx = pooled.float().topk(kk, dim=1, sorted=True)
     if check_values and value_dtype == torch.float16 and vals.numel() and vals.abs().max() > FP16_MAX:
-        raise ValueError(f"pooled holds {vals.abs().max().item():.4g}, beyond float16's range: "
-                         "pack with value_dtype=torch.float32 (fpo precompute --value-dtype float32)")
+        raise ValueError(
+            f"pooled holds {vals.abs().max().item():.4g}, beyond float16's range: "
+            "pack with value_dtype=torch.float32 (fpo precompute --value-dtype float32)"
+        )
     indices = torch.full((B, K), -1, dtype=index_dtype_for(m), device=pooled.device)
     values = torch.zeros(B, K, dtype=value_dtype, device=pooled.device)
     indices[:, :kk] = idx.to(indices.dtype)

@@ -13,6 +13,7 @@ Saved for backward: the inputs (already alive in the caller) and one logsumexp p
 The upstream gradient may differ per token (preference losses weight each sequence differently),
 so the backward recomputes a chunk's logits rather than folding the gradient into the forward.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,19 @@ import triton.language as tl
 from . import reference
 from ._dispatch import FLOAT_DTYPES, Kernel, compute_dtype, is_fake, launch, no_autocast, use_triton
 
-__all__ = ["fused_linear_logprobs", "fused_linear_kl", "fused_linear_logprobs_kl", "logprobs_fwd", "logprobs_bwd", "kl_fwd", "kl_bwd",
-           "FusedLinearLogprobsFunction", "FusedLinearKLFunction", "default_chunk_size", "backward_blocks"]
+__all__ = [
+    "fused_linear_logprobs",
+    "fused_linear_kl",
+    "fused_linear_logprobs_kl",
+    "logprobs_fwd",
+    "logprobs_bwd",
+    "kl_fwd",
+    "kl_bwd",
+    "FusedLinearLogprobsFunction",
+    "FusedLinearKLFunction",
+    "default_chunk_size",
+    "backward_blocks",
+]
 
 
 @triton.jit
@@ -45,18 +57,21 @@ def _softcap_logits(z, CAP: tl.constexpr, HAS_CAP: tl.constexpr):
 
 @triton.jit
 def _logprobs_fwd_kernel(
-    logits,   # [C, V] one chunk's raw logits (any float dtype), row stride V
-    labels,   # [C] int64; ignore_index rows are skipped
-    lse,      # [C] fp32 out: logsumexp of the softcapped logits
-    logp,     # [C] fp32 out: log-prob of the label, 0 on ignored rows
-    V, ignore_index,
-    CAP: tl.constexpr, HAS_CAP: tl.constexpr, BV: tl.constexpr,
+    logits,  # [C, V] one chunk's raw logits (any float dtype), row stride V
+    labels,  # [C] int64; ignore_index rows are skipped
+    lse,  # [C] fp32 out: logsumexp of the softcapped logits
+    logp,  # [C] fp32 out: log-prob of the label, 0 on ignored rows
+    V,
+    ignore_index,
+    CAP: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """lse = logsumexp_v softcap(z_v) with an online max; logp = softcap(z_y) - lse. Each lane keeps its own
     running max and sum, reduced across lanes once at the end: no block-wide reduction per tile."""
     i_n = tl.program_id(0).to(tl.int64)
     p_row = logits + i_n * V
-    b_m = tl.full([BV], _LOW, tl.float32)   # per lane: running max and sum of exp(z - max)
+    b_m = tl.full([BV], _LOW, tl.float32)  # per lane: running max and sum of exp(z - max)
     b_s = tl.zeros([BV], dtype=tl.float32)
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
@@ -72,7 +87,7 @@ def _logprobs_fwd_kernel(
     b_lse = b_m + tl.log(b_s)
     y = tl.load(labels + i_n)
     ok = y != ignore_index
-    inside = (y >= 0) & (y < V)   # a label outside the vocabulary is never read: NaN shows it
+    inside = (y >= 0) & (y < V)  # a label outside the vocabulary is never read: NaN shows it
     b_zy = _softcap_logits(tl.load(p_row + tl.where(ok & inside, y, 0)).to(tl.float32), CAP, HAS_CAP)
     tl.store(lse + i_n, b_lse)
     tl.store(logp + i_n, tl.where(ok, tl.where(inside, b_zy - b_lse, float("nan")), 0.0))
@@ -80,13 +95,18 @@ def _logprobs_fwd_kernel(
 
 @triton.jit
 def _logprobs_bwd_kernel(
-    logits,   # [C, VB] raw logits of one vocabulary block (fp32)
+    logits,  # [C, VB] raw logits of one vocabulary block (fp32)
     dlogits,  # [C, VB] out: dL/dlogits in the weight's dtype (may be logits itself)
-    labels,   # [C] int64
-    lse,      # [C] fp32 saved logsumexp (of the whole vocabulary)
-    grad,     # [C] fp32 upstream dL/dlogp
-    VB, v_off, V, ignore_index,   # block width, its first vocabulary id, the vocabulary size
-    CAP: tl.constexpr, HAS_CAP: tl.constexpr, BV: tl.constexpr,
+    labels,  # [C] int64
+    lse,  # [C] fp32 saved logsumexp (of the whole vocabulary)
+    grad,  # [C] fp32 upstream dL/dlogp
+    VB,
+    v_off,
+    V,
+    ignore_index,  # block width, its first vocabulary id, the vocabulary size
+    CAP: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """dL/dz_v = g * ([v == y] - softmax_v) * softcap'(z_v), softcap'(z) = 1 - tanh(z / c)^2, for the block's
     columns v = v_off + j: softmax needs only the saved logsumexp, so blocks are independent."""
@@ -112,17 +132,20 @@ def _logprobs_bwd_kernel(
 
 @triton.jit
 def _kl_fwd_kernel(
-    logits,      # [C, V] policy raw logits
+    logits,  # [C, V] policy raw logits
     ref_logits,  # [C, V] reference raw logits
-    valid,       # [C] int8: positions that count
-    labels,      # [C] int64 (HAS_LABELS): the tokens whose log-probs are wanted too
-    lse,         # [C] fp32 out: policy logsumexp
-    ref_lse,     # [C] fp32 out: reference logsumexp
-    kl,          # [C] fp32 out
-    logp,        # [C] fp32 out (HAS_LABELS): policy log-prob of the label
-    ref_logp,    # [C] fp32 out (HAS_LABELS): reference log-prob of the label
+    valid,  # [C] int8: positions that count
+    labels,  # [C] int64 (HAS_LABELS): the tokens whose log-probs are wanted too
+    lse,  # [C] fp32 out: policy logsumexp
+    ref_lse,  # [C] fp32 out: reference logsumexp
+    kl,  # [C] fp32 out
+    logp,  # [C] fp32 out (HAS_LABELS): policy log-prob of the label
+    ref_logp,  # [C] fp32 out (HAS_LABELS): reference log-prob of the label
     V,
-    CAP: tl.constexpr, HAS_CAP: tl.constexpr, HAS_LABELS: tl.constexpr, BV: tl.constexpr,
+    CAP: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """KL = sum_v e^{r_v - lse_r} (r_v - t_v) - lse_r + lse_t, all three sums online in one pass, per lane,
     reduced across lanes once at the end; with labels, both models' log-probs of the label from the same pass."""
@@ -131,7 +154,7 @@ def _kl_fwd_kernel(
     b_st = tl.zeros([BV], dtype=tl.float32)
     b_mr = tl.full([BV], _LOW, tl.float32)
     b_sr = tl.zeros([BV], dtype=tl.float32)
-    b_a = tl.zeros([BV], dtype=tl.float32)   # per lane: sum_v e^{r_v - m_r} (r_v - t_v)
+    b_a = tl.zeros([BV], dtype=tl.float32)  # per lane: sum_v e^{r_v - m_r} (r_v - t_v)
     for v0 in range(0, V, BV):
         o_v = v0 + tl.arange(0, BV)
         m_v = o_v < V
@@ -165,7 +188,7 @@ def _kl_fwd_kernel(
     tl.store(kl + i_n, tl.where(ok, b_a / b_sr - b_lr + b_lt, 0.0))
     if HAS_LABELS:
         y = tl.where(ok, tl.load(labels + i_n), 0)
-        inside = (y >= 0) & (y < V)   # a label outside the vocabulary is never read: NaN shows it
+        inside = (y >= 0) & (y < V)  # a label outside the vocabulary is never read: NaN shows it
         y = tl.where(inside, y, 0)
         b_ty = _softcap_logits(tl.load(logits + i_n * V + y).to(tl.float32), CAP, HAS_CAP)
         b_ry = _softcap_logits(tl.load(ref_logits + i_n * V + y).to(tl.float32), CAP, HAS_CAP)
@@ -175,17 +198,22 @@ def _kl_fwd_kernel(
 
 @triton.jit
 def _kl_bwd_kernel(
-    logits,      # [C, VB] policy raw logits of one vocabulary block (fp32)
-    dlogits,     # [C, VB] out: dL/dlogits in the weight's dtype (may be logits itself)
+    logits,  # [C, VB] policy raw logits of one vocabulary block (fp32)
+    dlogits,  # [C, VB] out: dL/dlogits in the weight's dtype (may be logits itself)
     ref_logits,  # [C, VB] reference raw logits of the same block
-    valid,       # [C] int8
-    labels,      # [C] int64 (HAS_LABELS)
-    lse,         # [C] fp32
-    ref_lse,     # [C] fp32
-    grad,        # [C] fp32 upstream dL/dKL
-    grad_logp,   # [C] fp32 upstream dL/dlogp (HAS_LABELS)
-    VB, v_off, V,   # block width, its first vocabulary id, the vocabulary size
-    CAP: tl.constexpr, HAS_CAP: tl.constexpr, HAS_LABELS: tl.constexpr, BV: tl.constexpr,
+    valid,  # [C] int8
+    labels,  # [C] int64 (HAS_LABELS)
+    lse,  # [C] fp32
+    ref_lse,  # [C] fp32
+    grad,  # [C] fp32 upstream dL/dKL
+    grad_logp,  # [C] fp32 upstream dL/dlogp (HAS_LABELS)
+    VB,
+    v_off,
+    V,  # block width, its first vocabulary id, the vocabulary size
+    CAP: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    BV: tl.constexpr,
 ):
     """dL/dz_v = (g_kl (softmax(t)_v - softmax(r)_v) + g_logp ([v == y] - softmax(t)_v)) * softcap'(z_v), for the
     block's columns v = v_off + j (the saved logsumexps make blocks independent)."""
@@ -219,8 +247,8 @@ def _kl_bwd_kernel(
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
-FORWARD_BYTES = 1 << 29    # 512 MiB of fp32 logits per forward chunk: [C, d] x [d, V] is compute-bound on an H100
-BACKWARD_BYTES = 1 << 29   # 512 MiB of logits and dL/dlogits per backward block
+FORWARD_BYTES = 1 << 29  # 512 MiB of fp32 logits per forward chunk: [C, d] x [d, V] is compute-bound on an H100
+BACKWARD_BYTES = 1 << 29  # 512 MiB of logits and dL/dlogits per backward block
 
 
 # What each kernel takes and the tiles it runs, written once (see _dispatch.Kernel). The row kernels read a chunk's
@@ -229,22 +257,65 @@ BACKWARD_BYTES = 1 << 29   # 512 MiB of logits and dL/dlogits per backward block
 _ROW_TILES = dict(tiles=dict(BV=1024), interpreted_tiles=dict(BV=4096))
 _CAP = dict(CAP=(30.0,), HAS_CAP=(False, True))
 LOGPROBS_FWD = Kernel(
-    _logprobs_fwd_kernel, {"logits": "*fp32", "labels": "*i64", "lse": "*fp32", "logp": "*fp32", "V": "i32",
-                           "ignore_index": "i32"},
-    flags=_CAP, dtypes=("fp32",), **_ROW_TILES)
+    _logprobs_fwd_kernel,
+    {"logits": "*fp32", "labels": "*i64", "lse": "*fp32", "logp": "*fp32", "V": "i32", "ignore_index": "i32"},
+    flags=_CAP,
+    dtypes=("fp32",),
+    **_ROW_TILES,
+)
 LOGPROBS_BWD = Kernel(
-    _logprobs_bwd_kernel, {"logits": "*fp32", "dlogits": "*{dt}", "labels": "*i64", "lse": "*fp32", "grad": "*fp32",
-                           "VB": "i32", "v_off": "i32", "V": "i32", "ignore_index": "i32"},
-    flags=_CAP, **_ROW_TILES)
+    _logprobs_bwd_kernel,
+    {
+        "logits": "*fp32",
+        "dlogits": "*{dt}",
+        "labels": "*i64",
+        "lse": "*fp32",
+        "grad": "*fp32",
+        "VB": "i32",
+        "v_off": "i32",
+        "V": "i32",
+        "ignore_index": "i32",
+    },
+    flags=_CAP,
+    **_ROW_TILES,
+)
 KL_FWD = Kernel(
-    _kl_fwd_kernel, {"logits": "*fp32", "ref_logits": "*fp32", "valid": "*i8", "labels": "*i64", "lse": "*fp32",
-                     "ref_lse": "*fp32", "kl": "*fp32", "logp": "*fp32", "ref_logp": "*fp32", "V": "i32"},
-    flags=dict(_CAP, HAS_LABELS=(False, True)), dtypes=("fp32",), **_ROW_TILES)
+    _kl_fwd_kernel,
+    {
+        "logits": "*fp32",
+        "ref_logits": "*fp32",
+        "valid": "*i8",
+        "labels": "*i64",
+        "lse": "*fp32",
+        "ref_lse": "*fp32",
+        "kl": "*fp32",
+        "logp": "*fp32",
+        "ref_logp": "*fp32",
+        "V": "i32",
+    },
+    flags=dict(_CAP, HAS_LABELS=(False, True)),
+    dtypes=("fp32",),
+    **_ROW_TILES,
+)
 KL_BWD = Kernel(
-    _kl_bwd_kernel, {"logits": "*fp32", "dlogits": "*{dt}", "ref_logits": "*fp32", "valid": "*i8", "labels": "*i64",
-                     "lse": "*fp32", "ref_lse": "*fp32", "grad": "*fp32", "grad_logp": "*fp32", "VB": "i32",
-                     "v_off": "i32", "V": "i32"},
-    flags=dict(_CAP, HAS_LABELS=(False, True)), **_ROW_TILES)
+    _kl_bwd_kernel,
+    {
+        "logits": "*fp32",
+        "dlogits": "*{dt}",
+        "ref_logits": "*fp32",
+        "valid": "*i8",
+        "labels": "*i64",
+        "lse": "*fp32",
+        "ref_lse": "*fp32",
+        "grad": "*fp32",
+        "grad_logp": "*fp32",
+        "VB": "i32",
+        "v_off": "i32",
+        "V": "i32",
+    },
+    flags=dict(_CAP, HAS_LABELS=(False, True)),
+    **_ROW_TILES,
+)
 KERNELS = (LOGPROBS_FWD, LOGPROBS_BWD, KL_FWD, KL_BWD)
 
 
@@ -316,25 +387,70 @@ def logprobs_fwd(hidden, weight, labels, bias=None, softcap=None, ignore_index=-
     lse = torch.empty(N, device=hidden.device, dtype=torch.float32)
     for s in range(0, N, C):
         e = min(s + C, N)
-        z = _chunk_logits(hidden[s:e], weight, bias)   # [C, V] fp32
-        launch(LOGPROBS_FWD, (e - s,), logits=z, labels=labels[s:e], lse=lse[s:e], logp=logp[s:e], V=V,
-               ignore_index=ignore_index, BV=_bv(V), **_cap_args(softcap))
+        z = _chunk_logits(hidden[s:e], weight, bias)  # [C, V] fp32
+        launch(
+            LOGPROBS_FWD,
+            (e - s,),
+            logits=z,
+            labels=labels[s:e],
+            lse=lse[s:e],
+            logp=logp[s:e],
+            V=V,
+            ignore_index=ignore_index,
+            BV=_bv(V),
+            **_cap_args(softcap),
+        )
     return logp, lse
 
 
-def logprobs_bwd(grad_logp, hidden, weight, labels, lse, bias=None, softcap=None, ignore_index=-100,
-                 chunk_size=None, need_hidden=True, need_weight=True, need_bias=True, grad_dtypes=None):
+def logprobs_bwd(
+    grad_logp,
+    hidden,
+    weight,
+    labels,
+    lse,
+    bias=None,
+    softcap=None,
+    ignore_index=-100,
+    chunk_size=None,
+    need_hidden=True,
+    need_weight=True,
+    need_bias=True,
+    grad_dtypes=None,
+):
     """(grad_hidden, grad_weight, grad_bias), each None when not needed; grad_dtypes: (grad_hidden's,
     grad_weight's) dtype when they differ from the operands' (fp32 master weights, bf16 operands)."""
     N, V = hidden.shape[0], weight.shape[0]
     grad_logp = grad_logp.float().contiguous()
 
     def block(z, dz, s, e, v0, v1):
-        launch(LOGPROBS_BWD, (e - s,), logits=z, dlogits=dz, labels=labels[s:e], lse=lse[s:e], grad=grad_logp[s:e],
-               VB=v1 - v0, v_off=v0, V=V, ignore_index=ignore_index, BV=_bv(v1 - v0), **_cap_args(softcap))
+        launch(
+            LOGPROBS_BWD,
+            (e - s,),
+            logits=z,
+            dlogits=dz,
+            labels=labels[s:e],
+            lse=lse[s:e],
+            grad=grad_logp[s:e],
+            VB=v1 - v0,
+            v_off=v0,
+            V=V,
+            ignore_index=ignore_index,
+            BV=_bv(v1 - v0),
+            **_cap_args(softcap),
+        )
 
-    return _blocked_backward(hidden, weight, bias, block, backward_blocks(N, V, 4 + weight.element_size(), chunk_size),
-                             need_hidden, need_weight, need_bias, grad_dtypes)
+    return _blocked_backward(
+        hidden,
+        weight,
+        bias,
+        block,
+        backward_blocks(N, V, 4 + weight.element_size(), chunk_size),
+        need_hidden,
+        need_weight,
+        need_bias,
+        grad_dtypes,
+    )
 
 
 def _accumulate(acc, a, b, first):
@@ -369,12 +485,12 @@ def _blocked_backward(hidden, weight, bias, block, blocks, need_hidden, need_wei
     for v0 in range(0, V, VB):
         v1 = min(v0 + VB, V)
         w_blk = weight[v0:v1]
-        gw_blk, own_gw = None, many_tc and w_dtype in half   # own_gw: an fp32 accumulator, copied in after the block
+        gw_blk, own_gw = None, many_tc and w_dtype in half  # own_gw: an fp32 accumulator, copied in after the block
         if gw is not None:
             gw_blk = torch.empty(v1 - v0, d, device=weight.device, dtype=torch.float32) if own_gw else gw[v0:v1]
         for s in range(0, N, C):
             e = min(s + C, N)
-            z = _chunk_logits(hidden[s:e], w_blk, None if bias is None else bias[v0:v1])   # [C, VB] fp32
+            z = _chunk_logits(hidden[s:e], w_blk, None if bias is None else bias[v0:v1])  # [C, VB] fp32
             dz = _dlogits_buffer(z, weight)
             block(z, dz, s, e, v0, v1)
             del z
@@ -385,15 +501,15 @@ def _blocked_backward(hidden, weight, bias, block, blocks, need_hidden, need_wei
             if gb is not None:
                 part = dz.float().sum(0)
                 gb[v0:v1] = part if s == 0 else gb[v0:v1] + part
-            del dz   # before the next block's logits: one block alive at a time
+            del dz  # before the next block's logits: one block alive at a time
         if gw_blk is not None and own_gw:
             gw[v0:v1] = gw_blk
-    return (None if gh is None else gh.to(h_dtype), gw,
-            None if gb is None else gb.to(bias.dtype))
+    return (None if gh is None else gh.to(h_dtype), gw, None if gb is None else gb.to(bias.dtype))
 
 
-def kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap=None, chunk_size=None, labels=None,
-           bias=None, ref_bias=None):
+def kl_fwd(
+    hidden, weight, ref_hidden, ref_weight, valid8, softcap=None, chunk_size=None, labels=None, bias=None, ref_bias=None
+):
     """(kl [N] fp32, lse [N], ref_lse [N], logp [N] or None, ref_logp [N] or None): logp and ref_logp,
     the label's log-prob under each model, come with labels."""
     N, V = hidden.shape[0], weight.shape[0]
@@ -407,16 +523,46 @@ def kl_fwd(hidden, weight, ref_hidden, ref_weight, valid8, softcap=None, chunk_s
         e = min(s + C, N)
         z = _chunk_logits(hidden[s:e], weight, bias)
         zr = _chunk_logits(ref_hidden[s:e], ref_weight, ref_bias)
-        launch(KL_FWD, (e - s,), logits=z, ref_logits=zr, valid=valid8[s:e], labels=_rows(labels, valid8, s, e),
-               lse=lse[s:e], ref_lse=ref_lse[s:e], kl=kl[s:e], logp=_rows(logp, kl, s, e),
-               ref_logp=_rows(ref_logp, kl, s, e), V=V, BV=_bv(V), HAS_LABELS=labels is not None,
-               **_cap_args(softcap))
+        launch(
+            KL_FWD,
+            (e - s,),
+            logits=z,
+            ref_logits=zr,
+            valid=valid8[s:e],
+            labels=_rows(labels, valid8, s, e),
+            lse=lse[s:e],
+            ref_lse=ref_lse[s:e],
+            kl=kl[s:e],
+            logp=_rows(logp, kl, s, e),
+            ref_logp=_rows(ref_logp, kl, s, e),
+            V=V,
+            BV=_bv(V),
+            HAS_LABELS=labels is not None,
+            **_cap_args(softcap),
+        )
     return kl, lse, ref_lse, logp, ref_logp
 
 
-def kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse, softcap=None,
-           chunk_size=None, need_hidden=True, need_weight=True, labels=None, grad_logp=None,
-           bias=None, ref_bias=None, need_bias=True, grad_dtypes=None):
+def kl_bwd(
+    grad_kl,
+    hidden,
+    weight,
+    ref_hidden,
+    ref_weight,
+    valid8,
+    lse,
+    ref_lse,
+    softcap=None,
+    chunk_size=None,
+    need_hidden=True,
+    need_weight=True,
+    labels=None,
+    grad_logp=None,
+    bias=None,
+    ref_bias=None,
+    need_bias=True,
+    grad_dtypes=None,
+):
     """(grad_hidden, grad_weight, grad_bias), each None when not needed; through the KL and, with labels
     and grad_logp, the label's log-prob as well: one pass over the logits for both. grad_dtypes as in
     logprobs_bwd."""
@@ -427,13 +573,37 @@ def kl_bwd(grad_kl, hidden, weight, ref_hidden, ref_weight, valid8, lse, ref_lse
 
     def block(z, dz, s, e, v0, v1):
         zr = _chunk_logits(ref_hidden[s:e], ref_weight[v0:v1], None if ref_bias is None else ref_bias[v0:v1])
-        launch(KL_BWD, (e - s,), logits=z, dlogits=dz, ref_logits=zr, valid=valid8[s:e],
-               labels=_rows(labels, valid8, s, e), lse=lse[s:e], ref_lse=ref_lse[s:e], grad=grad_kl[s:e],
-               grad_logp=_rows(grad_logp, grad_kl, s, e), VB=v1 - v0, v_off=v0, V=V, BV=_bv(v1 - v0),
-               HAS_LABELS=labels is not None, **_cap_args(softcap))
+        launch(
+            KL_BWD,
+            (e - s,),
+            logits=z,
+            dlogits=dz,
+            ref_logits=zr,
+            valid=valid8[s:e],
+            labels=_rows(labels, valid8, s, e),
+            lse=lse[s:e],
+            ref_lse=ref_lse[s:e],
+            grad=grad_kl[s:e],
+            grad_logp=_rows(grad_logp, grad_kl, s, e),
+            VB=v1 - v0,
+            v_off=v0,
+            V=V,
+            BV=_bv(v1 - v0),
+            HAS_LABELS=labels is not None,
+            **_cap_args(softcap),
+        )
 
-    return _blocked_backward(hidden, weight, bias, block, backward_blocks(N, V, 8 + weight.element_size(), chunk_size),
-                             need_hidden, need_weight, need_bias, grad_dtypes)
+    return _blocked_backward(
+        hidden,
+        weight,
+        bias,
+        block,
+        backward_blocks(N, V, 8 + weight.element_size(), chunk_size),
+        need_hidden,
+        need_weight,
+        need_bias,
+        grad_dtypes,
+    )
 
 
 def _rows(t, placeholder, s, e):
@@ -466,15 +636,27 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp):
         hidden, weight, labels, bias, lse = ctx.saved_tensors
         softcap, ignore_index, chunk_size, dtype = ctx.args
-        with no_autocast(hidden):   # a backward called inside an autocast region
+        with no_autocast(hidden):  # a backward called inside an autocast region
             hc, wc = _as_compute(dtype, hidden, weight)
-            gh, gw, gb = logprobs_bwd(grad_logp, hc, wc, labels, lse, bias, softcap, ignore_index, chunk_size,
-                                      *ctx.needs_input_grad[:2], ctx.needs_input_grad[3], (hidden.dtype, weight.dtype))
+            gh, gw, gb = logprobs_bwd(
+                grad_logp,
+                hc,
+                wc,
+                labels,
+                lse,
+                bias,
+                softcap,
+                ignore_index,
+                chunk_size,
+                *ctx.needs_input_grad[:2],
+                ctx.needs_input_grad[3],
+                (hidden.dtype, weight.dtype),
+            )
         return (
-            gh,    # hidden
-            gw,    # weight
+            gh,  # hidden
+            gw,  # weight
             None,  # labels
-            gb,    # bias
+            gb,  # bias
             None,  # softcap
             None,  # ignore_index
             None,  # chunk_size
@@ -487,7 +669,9 @@ class FusedLinearKLFunction(torch.autograd.Function):
     pass (the reference's is a constant)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid8, labels, softcap, chunk_size, dtype):
+    def forward(
+        ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, valid8, labels, softcap, chunk_size, dtype
+    ):
         hc, wc, rhc, rwc = _as_compute(dtype, hidden, weight, ref_hidden, ref_weight)
         kl, lse, ref_lse, logp, ref_logp = kl_fwd(hc, wc, rhc, rwc, valid8, softcap, chunk_size, labels, bias, ref_bias)
         del hc, wc, rhc, rwc
@@ -505,12 +689,30 @@ class FusedLinearKLFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         with no_autocast(hidden):
             hc, wc, rhc, rwc = _as_compute(dtype, hidden, weight, ref_hidden, ref_weight)
-            gh, gw, gb = kl_bwd(grad_kl, hc, wc, rhc, rwc, valid8, lse, ref_lse, softcap, chunk_size,
-                                need[0], need[1], labels, grad_logp, bias, ref_bias, need[2], (hidden.dtype, weight.dtype))
+            gh, gw, gb = kl_bwd(
+                grad_kl,
+                hc,
+                wc,
+                rhc,
+                rwc,
+                valid8,
+                lse,
+                ref_lse,
+                softcap,
+                chunk_size,
+                need[0],
+                need[1],
+                labels,
+                grad_logp,
+                bias,
+                ref_bias,
+                need[2],
+                (hidden.dtype, weight.dtype),
+            )
         return (
-            gh,    # hidden
-            gw,    # weight
-            gb,    # bias
+            gh,  # hidden
+            gw,  # weight
+            gb,  # bias
             None,  # ref_hidden (the reference is frozen)
             None,  # ref_weight
             None,  # ref_bias
@@ -553,11 +755,13 @@ def _check_labels(labels, hidden, V, ignore_index, check_values):
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.device != hidden.device:
         raise ValueError(f"labels is on {labels.device} but hidden is on {hidden.device}")
-    if check_values and not is_fake(labels):   # fake tensors have no values to check
+    if check_values and not is_fake(labels):  # fake tensors have no values to check
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
         if bad.any():
             i = bad.nonzero()[0].item()
-            raise ValueError(f"labels[{i}] = {labels[i].item()} is outside [0, {V}) and is not ignore_index={ignore_index}")
+            raise ValueError(
+                f"labels[{i}] = {labels[i].item()} is outside [0, {V}) and is not ignore_index={ignore_index}"
+            )
 
 
 def _check_bias(bias, hidden, V, name="bias"):
@@ -582,14 +786,34 @@ def _check_pair(hidden, weight, ref_hidden, ref_weight):
         raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
 
 
-def fused_linear_logprobs(hidden, weight, labels, softcap=None, ignore_index=-100, bias=None,
-                          chunk_size=None, check_inputs=True) -> torch.Tensor:
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    check_inputs: bool = True,
+) -> torch.Tensor:
     """Per-token log-probs log_softmax(softcap(hidden @ weight.T + bias))[labels] without [N, V] logits.
 
-    hidden [N, d], weight [V, d] (the lm head), labels [N] integer in [0, V) or ignore_index, bias [V] or None,
-    softcap: Gemma-2's final logit softcap c (z -> c tanh(z / c)) or None; chunk_size: tokens per forward chunk
-    and per backward block (default: default_chunk_size, 512 MiB of fp32 logits, and backward_blocks). Returns [N] float32, 0 where labels == ignore_index.
-    Differentiable in hidden, weight and bias. check_inputs=False skips the label range check (a sync).
+    Differentiable in hidden, weight and bias.
+
+    Args:
+        hidden: [N, d], the final hidden states.
+        weight: [V, d], the lm head.
+        labels: [N] integer in [0, V), or ignore_index.
+        softcap: Gemma-2's final logit softcap c (z -> c tanh(z / c)), or None.
+        ignore_index: the label of positions that do not count.
+        bias: the lm head's bias [V], or None.
+        chunk_size: tokens per forward chunk and per backward block (default: default_chunk_size, 512 MiB of
+            fp32 logits, and backward_blocks).
+        check_inputs: False skips the label range check (a sync).
+
+    Returns:
+        [N] float32, 0 where labels == ignore_index.
+
     Precision: the GEMMs run in compute_dtype(hidden) (autocast's dtype under autocast, else hidden's), with
     fp32 logits, sums and gradient accumulators; a weight in another dtype (fp32 master weights) is cast
     to it inside the op and gets its gradient in its own dtype.
@@ -605,20 +829,38 @@ def fused_linear_logprobs(hidden, weight, labels, softcap=None, ignore_index=-10
     dtype = compute_dtype(hidden)
     with no_autocast(hidden):
         if not use_triton(hidden) or dtype == torch.float64:
-            return reference.fused_linear_logprobs_ref(hidden.to(dtype), weight.to(dtype), labels, softcap,
-                                                       ignore_index, bias).float()
-        return FusedLinearLogprobsFunction.apply(hidden, weight, labels.long().contiguous(), bias, softcap,
-                                                 ignore_index, chunk_size, dtype)
+            return reference.fused_linear_logprobs_ref(
+                hidden.to(dtype), weight.to(dtype), labels, softcap, ignore_index, bias
+            ).float()
+        return FusedLinearLogprobsFunction.apply(
+            hidden, weight, labels.long().contiguous(), bias, softcap, ignore_index, chunk_size, dtype
+        )
 
 
-def fused_linear_kl(hidden, weight, ref_hidden, ref_weight, mask, softcap=None, chunk_size=None) -> torch.Tensor:
+def fused_linear_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    mask: torch.Tensor,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """Per-position KL(pi_ref || pi_theta) over the whole vocabulary without [N, V] logits.
 
-    hidden [N, d] / weight [V, d]: the policy's final hidden states and lm head (differentiable);
-    ref_hidden [N, d_ref] / ref_weight [V, d_ref]: the reference's (treated as constants);
-    mask [N] bool or 0/1: positions that count (0 elsewhere); softcap as in fused_linear_logprobs.
-    Returns [N] float32, >= 0 up to rounding. Precision as in fused_linear_logprobs: both models' GEMMs run
-    in compute_dtype(hidden).
+    Precision as in `fused_linear_logprobs`: both models' GEMMs run in compute_dtype(hidden).
+
+    Args:
+        hidden: [N, d], the policy's final hidden states (differentiable).
+        weight: [V, d], the policy's lm head (differentiable).
+        ref_hidden: [N, d_ref], the reference's (a constant).
+        ref_weight: [V, d_ref], the reference's lm head (a constant).
+        mask: [N] bool or 0/1, the positions that count (0 elsewhere).
+        softcap: as in `fused_linear_logprobs`.
+        chunk_size: as in `fused_linear_logprobs`.
+
+    Returns:
+        [N] float32, >= 0 up to rounding.
     """
     _check_pair(hidden, weight, ref_hidden, ref_weight)
     _check_softcap(softcap)
@@ -633,20 +875,56 @@ def fused_linear_kl(hidden, weight, ref_hidden, ref_weight, mask, softcap=None, 
         if not use_triton(hidden) or dtype == torch.float64:
             h, w, rh, rw = (t.to(dtype) for t in (hidden, weight, ref_hidden.detach(), ref_weight.detach()))
             return reference.fused_linear_kl_ref(h, w, rh, rw, mask, softcap).float()
-        return FusedLinearKLFunction.apply(hidden, weight, None, ref_hidden.detach(), ref_weight.detach(), None,
-                                           mask.to(torch.int8).contiguous(), None, softcap, chunk_size, dtype)
+        return FusedLinearKLFunction.apply(
+            hidden,
+            weight,
+            None,
+            ref_hidden.detach(),
+            ref_weight.detach(),
+            None,
+            mask.to(torch.int8).contiguous(),
+            None,
+            softcap,
+            chunk_size,
+            dtype,
+        )
 
 
-def fused_linear_logprobs_kl(hidden, weight, labels, ref_hidden, ref_weight, softcap=None, bias=None, ref_bias=None,
-                             ignore_index=-100, chunk_size=None, check_inputs=True):
+def fused_linear_logprobs_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    softcap: float | None = None,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    check_inputs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TDPO's per-token terms in one pass over both models' logits, without [N, V] logits:
     (logp [N], ref_logp [N], kl [N]) float32 = the label's log-prob under the policy and under the reference,
     and KL(pi_ref || pi_theta) over the vocabulary; all three 0 where labels == ignore_index.
 
-    hidden [N, d], weight [V, d], bias [V] or None: the policy's (differentiable through logp and kl);
-    ref_hidden [N, d_ref], ref_weight [V, d_ref], ref_bias: the reference's (constants); softcap as in
-    fused_linear_logprobs, shared by both models. Against fused_linear_logprobs twice plus fused_linear_kl, this
-    computes each model's logits once in the forward and the policy's gradient in one backward pass.
+    Against `fused_linear_logprobs` twice plus `fused_linear_kl`, this computes each model's logits once in the
+    forward and the policy's gradient in one backward pass.
+
+    Args:
+        hidden: [N, d], the policy's final hidden states (differentiable through logp and kl).
+        weight: [V, d], the policy's lm head.
+        labels: [N] integer in [0, V), or ignore_index.
+        ref_hidden: [N, d_ref], the reference's (a constant).
+        ref_weight: [V, d_ref], the reference's lm head.
+        softcap: as in `fused_linear_logprobs`, shared by both models.
+        bias: the policy's lm-head bias [V], or None.
+        ref_bias: the reference's, or None.
+        ignore_index: the label of positions that do not count.
+        chunk_size: as in `fused_linear_logprobs`.
+        check_inputs: False skips the label range check (a sync).
+
+    Returns:
+        (logp, ref_logp, kl), each [N] float32.
     """
     _check_pair(hidden, weight, ref_hidden, ref_weight)
     _check_softcap(softcap)
@@ -662,13 +940,22 @@ def fused_linear_logprobs_kl(hidden, weight, labels, ref_hidden, ref_weight, sof
     with no_autocast(hidden):
         if not use_triton(hidden) or dtype == torch.float64:
             h, w, rh, rw = (t.to(dtype) for t in (hidden, weight, ref_hidden.detach(), ref_weight.detach()))
-            logp, ref_logp, kl = reference.fused_linear_logprobs_kl_ref(h, w, labels, rh, rw, softcap, bias,
-                                                                        None if ref_bias is None else ref_bias.detach(),
-                                                                        ignore_index)
+            logp, ref_logp, kl = reference.fused_linear_logprobs_kl_ref(
+                h, w, labels, rh, rw, softcap, bias, None if ref_bias is None else ref_bias.detach(), ignore_index
+            )
             return logp.float(), ref_logp.float(), kl.float()
         valid8 = (labels != ignore_index).to(torch.int8).contiguous()
         kl, logp, ref_logp = FusedLinearKLFunction.apply(
-            hidden, weight, bias, ref_hidden.detach(), ref_weight.detach(),
-            None if ref_bias is None else ref_bias.detach(), valid8, labels.long().contiguous(), softcap, chunk_size,
-            dtype)
+            hidden,
+            weight,
+            bias,
+            ref_hidden.detach(),
+            ref_weight.detach(),
+            None if ref_bias is None else ref_bias.detach(),
+            valid8,
+            labels.long().contiguous(),
+            softcap,
+            chunk_size,
+            dtype,
+        )
     return logp, ref_logp, kl

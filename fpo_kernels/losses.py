@@ -2,6 +2,7 @@
 the training loss is losses.mean(). Shapes: every argument is [P] (one value per pair), float32.
 Notation: s = summed response log-prob, a = s / |y| (length-normalised), w = chosen, l = rejected.
 All: L = -log sigmoid(u) (DPO's other loss types and label smoothing as Liger-Kernel and TRL define them)."""
+
 from __future__ import annotations
 
 import math
@@ -9,20 +10,36 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DPO_LOSS_TYPES", "check_dpo_options", "dpo_loss", "simpo_loss", "tdpo_loss", "fpo_loss", "LOSSES", "METHODS", "preference_loss", "constraint_share", "MARGIN_FLOOR"]
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "check_dpo_options",
+    "dpo_loss",
+    "simpo_loss",
+    "tdpo_loss",
+    "fpo_loss",
+    "LOSSES",
+    "METHODS",
+    "preference_loss",
+    "constraint_share",
+    "MARGIN_FLOOR",
+]
 
 
 def _metrics(reward_w, reward_l, **extra):
-    m = {"reward_chosen": reward_w.detach(), "reward_rejected": reward_l.detach(),
-         "margin": (reward_w - reward_l).detach(), "accuracy": (reward_w > reward_l).float().detach()}
+    m = {
+        "reward_chosen": reward_w.detach(),
+        "reward_rejected": reward_l.detach(),
+        "margin": (reward_w - reward_l).detach(),
+        "accuracy": (reward_w > reward_l).float().detach(),
+    }
     m.update({k: v.detach() for k, v in extra.items()})
     return m
 
 
-MARGIN_FLOOR = 1e-6   # mean |beta x margin| below this is rounding noise (a policy at its reference): no share
+MARGIN_FLOOR = 1e-6  # mean |beta x margin| below this is rounding noise (a policy at its reference): no share
 
 
-def constraint_share(constraint_abs: float, margin_abs: float):
+def constraint_share(constraint_abs: float, margin_abs: float) -> float | None:
     """mean |constraint term| / mean |beta x margin| (means over pairs, or over steps), or None where the margin
     term is below MARGIN_FLOOR: at the start the policy is the reference, the margin is 0 up to rounding, and
     the ratio would read 1e21."""
@@ -43,11 +60,21 @@ def _smoothed(u, label_smoothing):
 
 # DPO's variants as Liger-Kernel and TRL name them; each is a function of the chosen and rejected log-ratios
 # r = s - s_ref (sums, or means under average_log_prob) and beta. ipo needs lengths: not one of them.
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero",
-                  "apo_down", "discopop")
+DPO_LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+)
 
 
-def check_dpo_options(loss_type: str, label_smoothing: float):
+def check_dpo_options(loss_type: str, label_smoothing: float) -> None:
     """The option combinations each DPO variant is defined for (Liger's and TRL's rules)."""
     # the messages are Liger's, so that code catching Liger's errors catches ours
     if loss_type not in DPO_LOSS_TYPES:
@@ -60,8 +87,16 @@ def check_dpo_options(loss_type: str, label_smoothing: float):
         raise ValueError(f"label_smoothing must lie in [0.0, 0.5], got {label_smoothing}")
 
 
-def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, discopop_tau: float = 0.05):
+def dpo_loss(
+    logp_w: torch.Tensor,
+    logp_l: torch.Tensor,
+    ref_logp_w: torch.Tensor,
+    ref_logp_l: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+) -> tuple[torch.Tensor, dict]:
     """DPO (Rafailov et al. 2023): u = beta ((s_w - s_ref_w) - (s_l - s_ref_l)); s_ref from the offline cache.
     sigmoid: -log sigmoid(u), with label smoothing eps the conservative cDPO -(1 - eps) log sigmoid(u) - eps
     log sigmoid(-u) (as TRL; Liger's sigmoid ignores eps). The other loss types as Liger and TRL define them."""
@@ -75,8 +110,9 @@ def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta: float = 0.1, loss_typ
     elif loss_type == "hinge":
         losses = torch.relu(1 - u)
     elif loss_type == "exo_pair":
-        losses = torch.sigmoid(u) * (F.logsigmoid(u) - math.log1p(-eps)) + \
-            torch.sigmoid(-u) * (F.logsigmoid(-u) - math.log(eps))
+        losses = torch.sigmoid(u) * (F.logsigmoid(u) - math.log1p(-eps)) + torch.sigmoid(-u) * (
+            F.logsigmoid(-u) - math.log(eps)
+        )
     elif loss_type == "nca_pair":
         losses = -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
     elif loss_type == "robust":
@@ -89,13 +125,19 @@ def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta: float = 0.1, loss_typ
         losses = 1 - torch.sigmoid(rw) + torch.sigmoid(rl)
     elif loss_type == "apo_down":
         losses = torch.sigmoid(rw) + 1 - torch.sigmoid(u)
-    else:   # discopop: logistic and exponential losses blended by sigmoid(u / tau)
+    else:  # discopop: logistic and exponential losses blended by sigmoid(u / tau)
         blend = torch.sigmoid(u / discopop_tau)
         losses = -F.logsigmoid(u) * (1 - blend) + torch.exp(-u) * blend
     return losses, _metrics(rw, rl)
 
 
-def simpo_loss(mean_logp_w, mean_logp_l, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0):
+def simpo_loss(
+    mean_logp_w: torch.Tensor,
+    mean_logp_l: torch.Tensor,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
     """SimPO (Meng et al. 2024): u = beta a_w - beta a_l - gamma, a = s / |y|; with label smoothing eps,
     -(1 - eps) log sigmoid(u) - eps log sigmoid(-u) (as the SimPO code and Liger).
 
@@ -106,8 +148,18 @@ def simpo_loss(mean_logp_w, mean_logp_l, beta: float = 2.0, gamma: float = 0.5, 
     return _smoothed(u, label_smoothing), _metrics(rw, rl)
 
 
-def tdpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, kl_w, kl_l, beta: float = 0.1, alpha: float = 0.5,
-              variant: int = 2, label_smoothing: float = 0.0):
+def tdpo_loss(
+    logp_w: torch.Tensor,
+    logp_l: torch.Tensor,
+    ref_logp_w: torch.Tensor,
+    ref_logp_l: torch.Tensor,
+    kl_w: torch.Tensor,
+    kl_l: torch.Tensor,
+    beta: float = 0.1,
+    alpha: float = 0.5,
+    variant: int = 2,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
     """TDPO (Zeng et al. 2024), kl = KL_seq(y) = sum_t KL(pi_ref(.|x,y<t) || pi(.|x,y<t)) over the vocabulary.
 
     variant 1: u = beta (dw - dl) - beta (kl_l - kl_w)
@@ -119,29 +171,50 @@ def tdpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, kl_w, kl_l, beta: float = 
         term = alpha * beta * (kl_l - kl_w.detach())
     else:
         raise ValueError(f"variant must be 1 or 2, got {variant!r}")
-    return _smoothed(rw - rl - term, label_smoothing), _metrics(rw, rl, kl_chosen=kl_w, kl_rejected=kl_l,
-                                                                **_share(rw - rl, term))
+    return _smoothed(rw - rl - term, label_smoothing), _metrics(
+        rw, rl, kl_chosen=kl_w, kl_rejected=kl_l, **_share(rw - rl, term)
+    )
 
 
-def fpo_loss(mean_logp_w, mean_logp_l, ref_mean_logp_w, ref_mean_logp_l, d_w, d_l, beta: float = 0.1,
-             alpha: float = 0.5, label_smoothing: float = 0.0):
+def fpo_loss(
+    mean_logp_w: torch.Tensor,
+    mean_logp_l: torch.Tensor,
+    ref_mean_logp_w: torch.Tensor,
+    ref_mean_logp_l: torch.Tensor,
+    d_w: torch.Tensor,
+    d_l: torch.Tensor,
+    beta: float = 0.1,
+    alpha: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict]:
     """FPO (arXiv 2411.07618): u = beta ((a_w - a_l) - g_ref - alpha (D_l - stopgrad(D_w))),
     g_ref = a_ref_w - a_ref_l from the offline cache, D = the SAE feature constraint (fpo_kernels.sae_feature_mse;
     divided by the reference's feature scale under constraint_norm "ref", which the caller applies)."""
     rw, rl = beta * (mean_logp_w - ref_mean_logp_w), beta * (mean_logp_l - ref_mean_logp_l)
     term = beta * alpha * (d_l - d_w.detach())
-    return _smoothed(rw - rl - term, label_smoothing), _metrics(rw, rl, d_chosen=d_w, d_rejected=d_l,
-                                                                **_share(rw - rl, term))
+    return _smoothed(rw - rl - term, label_smoothing), _metrics(
+        rw, rl, d_chosen=d_w, d_rejected=d_l, **_share(rw - rl, term)
+    )
 
 
 LOSSES = {"dpo": dpo_loss, "simpo": simpo_loss, "tdpo1": tdpo_loss, "tdpo2": tdpo_loss, "fpo": fpo_loss}
 METHODS = tuple(LOSSES)
-_NEEDS = {"simpo": (), "dpo": (), "fpo": ("d",), "tdpo1": ("kl",), "tdpo2": ("kl",)}   # beyond the log-probs
+_NEEDS = {"simpo": (), "dpo": (), "fpo": ("d",), "tdpo1": ("kl",), "tdpo2": ("kl",)}  # beyond the log-probs
 
 
-def preference_loss(method: str, stats: dict, reference: dict | None = None, *, beta: float, alpha: float = 0.5,
-                    gamma: float = 0.5, label_smoothing: float = 0.0, loss_type: str = "sigmoid",
-                    discopop_tau: float = 0.05, average_log_prob: bool | None = None):
+def preference_loss(
+    method: str,
+    stats: dict,
+    reference: dict | None = None,
+    *,
+    beta: float,
+    alpha: float = 0.5,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+    discopop_tau: float = 0.05,
+    average_log_prob: bool | None = None,
+) -> tuple[torch.Tensor, dict]:
     """(losses [P], metrics) of P pairs: the one place that maps a method to its loss, for the trainer, the
     FusedLinear*Loss modules, the TRL trainers and the benchmarks.
 
@@ -163,12 +236,13 @@ def preference_loss(method: str, stats: dict, reference: dict | None = None, *, 
         raise ValueError(f"method {method}: the reference's {key!r} [2P] is missing")
     P = stats[key].shape[0] // 2
 
-    def pair(where, name):   # [2P] -> chosen [P], rejected [P]
+    def pair(where, name):  # [2P] -> chosen [P], rejected [P]
         t = where[name]
         if t.shape[0] != 2 * P:
             side = "stats" if where is stats else "reference"
             raise ValueError(f"{side}[{name!r}] must be [2P] = [{2 * P}], chosen first; got {tuple(t.shape)}")
         return t[:P], t[P:]
+
     w, l = pair(stats, key)
     if method == "simpo":
         return simpo_loss(w, l, beta, gamma, label_smoothing)
@@ -176,5 +250,7 @@ def preference_loss(method: str, stats: dict, reference: dict | None = None, *, 
     if method == "dpo":
         return dpo_loss(w, l, rw, rl, beta, loss_type, label_smoothing, discopop_tau)
     if method == "fpo":
-        return fpo_loss(w, l, rw, rl, *pair(stats, "d"), beta, alpha, label_smoothing)
-    return tdpo_loss(w, l, rw, rl, *pair(stats, "kl"), beta, alpha, 1 if method == "tdpo1" else 2, label_smoothing)
+        d_w, d_l = pair(stats, "d")
+        return fpo_loss(w, l, rw, rl, d_w, d_l, beta, alpha, label_smoothing)
+    kl_w, kl_l = pair(stats, "kl")
+    return tdpo_loss(w, l, rw, rl, kl_w, kl_l, beta, alpha, 1 if method == "tdpo1" else 2, label_smoothing)

@@ -5,7 +5,8 @@ The calling convention, constructor arguments and defaults are Liger-Kernel's ch
 TRL's `use_liger_kernel`); swapping LigerFusedLinearSimPOLoss or LigerFusedLinearDPOLoss for ours is one line:
 
     loss, (chosen_logps, rejected_logps, chosen_logits_mean, rejected_logits_mean, nll_loss,
-           chosen_rewards, rejected_rewards) = module(lin_weight [V, d], _input [2P, T, d], target [2P, T], bias=None, ...)
+           chosen_rewards, rejected_rewards) = module(lin_weight [V, d], _input [2P, T, d], target [2P, T],
+                                                       bias=None, ...)
 
 with the chosen sequences in the first P rows and the rejected in the last P, `target` aligned with `_input`
 (the caller shifts: row t of `_input` predicts `target[t]`) and `ignore_index` on every position that is not a
@@ -25,6 +26,7 @@ DPO, as Liger: alpha there is the NLL weight). label_smoothing, in every module,
 -(1-eps) log sigmoid(u) - eps log sigmoid(-u) on the module's own margin u (DPO's other loss types use it as
 Liger does).
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,10 +34,10 @@ from torch import nn
 
 from .losses import check_dpo_options, preference_loss
 from .sae_constraint import sae_feature_mse
+from .sae_weights import SAEWeights
 from .sequence import sequence_logprobs, sequence_logprobs_kl
 
-__all__ = ["FusedLinearSimPOLoss", "FusedLinearDPOLoss", "FusedLinearTDPOLoss", "FusedLinearFPOLoss",
-           "response_rows"]
+__all__ = ["FusedLinearSimPOLoss", "FusedLinearDPOLoss", "FusedLinearTDPOLoss", "FusedLinearFPOLoss", "response_rows"]
 
 
 def response_rows(_input, target, ignore_index=-100, seq_ids=None, allow_empty=False):
@@ -46,8 +48,10 @@ def response_rows(_input, target, ignore_index=-100, seq_ids=None, allow_empty=F
     if not torch.is_tensor(_input) or _input.dim() not in (2, 3):
         raise ValueError(f"_input must be [2P, T, d] or packed [N, d], got {getattr(_input, 'shape', type(_input))}")
     if not torch.is_tensor(target) or tuple(target.shape) != tuple(_input.shape[:-1]):
-        raise ValueError(f"target must have _input's leading shape {tuple(_input.shape[:-1])} (the caller shifts it), "
-                         f"got {getattr(target, 'shape', type(target))}")
+        raise ValueError(
+            f"target must have _input's leading shape {tuple(_input.shape[:-1])} (the caller shifts it), "
+            f"got {getattr(target, 'shape', type(target))}"
+        )
     if target.dtype.is_floating_point or target.dtype == torch.bool:
         raise ValueError(f"target must be an integer tensor, got {target.dtype}")
     keep = target.reshape(-1) != ignore_index
@@ -69,8 +73,10 @@ def response_rows(_input, target, ignore_index=-100, seq_ids=None, allow_empty=F
     seq = seq_all[rows]
     counts = torch.zeros(S, device=_input.device, dtype=torch.long).index_add_(0, seq, torch.ones_like(seq))
     if (counts == 0).any() and not allow_empty:
-        raise ValueError(f"sequence {int((counts == 0).nonzero()[0])} has no response token in target "
-                         "(every position is ignore_index): an empty response is bad data")
+        raise ValueError(
+            f"sequence {int((counts == 0).nonzero()[0])} has no response token in target "
+            "(every position is ignore_index): an empty response is bad data"
+        )
     return _input.reshape(-1, _input.shape[-1]), rows, target.reshape(-1)[rows].long(), seq, S
 
 
@@ -81,7 +87,7 @@ def _logits_means(lin_weight, bias, _input, P):
         return None, None
     w_mean = lin_weight.detach().float().mean(0)
     b_mean = bias.detach().float().mean() if bias is not None else 0.0
-    row = _input.detach().float() @ w_mean + b_mean          # [2P, T]
+    row = _input.detach().float() @ w_mean + b_mean  # [2P, T]
     return row[:P].mean(), row[P:].mean()
 
 
@@ -95,9 +101,17 @@ class _FusedLinearPreference(nn.Module):
         """(summed, mean, count [2P], P, rows): the policy's log-probs over each sequence's response tokens."""
         rows = response_rows(_input, target, self.ignore_index, seq_ids, allow_empty)
         flat, idx, labels, seq, S = rows
-        total, mean, count = sequence_logprobs(flat, lin_weight, softcap=self.softcap, bias=bias,
-                                               chunk_size=self.token_chunk_size, rows=idx, labels=labels, seq_ids=seq,
-                                               num_seqs=S)
+        total, mean, count = sequence_logprobs(
+            flat,
+            lin_weight,
+            softcap=self.softcap,
+            bias=bias,
+            chunk_size=self.token_chunk_size,
+            rows=idx,
+            labels=labels,
+            seq_ids=seq,
+            num_seqs=S,
+        )
         return total, mean, count, S // 2, rows
 
     def _nll(self, total, count, P, on: bool):
@@ -106,15 +120,20 @@ class _FusedLinearPreference(nn.Module):
             return total.new_zeros(())
         return -total[:P].sum() / count[:P].sum().clamp(min=1)
 
-    def _finish(self, losses, metrics, lin_weight, bias, _input, chosen_logps, rejected_logps, P, nll=None,
-                alpha=0.0):
+    def _finish(self, losses, metrics, lin_weight, bias, _input, chosen_logps, rejected_logps, P, nll=None, alpha=0.0):
         cm, rm = _logits_means(lin_weight, bias, _input, P)
         zero = losses.new_zeros(())
         nll = zero if nll is None else nll
         self.metrics = dict(metrics, nll_loss=nll.detach())
-        return losses.mean() + alpha * nll, (chosen_logps, rejected_logps, cm if cm is not None else zero,
-                                             rm if rm is not None else zero, nll.detach(), metrics["reward_chosen"],
-                                             metrics["reward_rejected"])
+        return losses.mean() + alpha * nll, (
+            chosen_logps,
+            rejected_logps,
+            cm if cm is not None else zero,
+            rm if rm is not None else zero,
+            nll.detach(),
+            metrics["reward_chosen"],
+            metrics["reward_rejected"],
+        )
 
 
 class FusedLinearSimPOLoss(_FusedLinearPreference):
@@ -123,19 +142,46 @@ class FusedLinearSimPOLoss(_FusedLinearPreference):
     margin (the official code's gamma_beta_ratio is gamma / beta; Liger's gamma is the same absolute margin).
     average_log_prob False uses the summed log-probs in the margin (Liger always averages)."""
 
-    def __init__(self, ignore_index=-100, beta=0.1, alpha=1.0, label_smoothing=0.0, compute_nll_loss=True,
-                 compiled=True, gamma=0.5, chunk_size=1, *, average_log_prob=True, softcap=None, token_chunk_size=None):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        label_smoothing: float = 0.0,
+        compute_nll_loss: bool = True,
+        compiled: bool = True,
+        gamma: float = 0.5,
+        chunk_size: int = 1,
+        *,
+        average_log_prob: bool = True,
+        softcap: float | None = None,
+        token_chunk_size: int | None = None,
+    ) -> None:
         super().__init__(ignore_index, softcap, token_chunk_size)
         self.beta, self.alpha, self.label_smoothing, self.gamma = beta, alpha, _smoothing(label_smoothing), gamma
         self.compute_nll_loss, self.average_log_prob = compute_nll_loss, average_log_prob
-        self.compiled, self.chunk_size = compiled, chunk_size   # Liger's; nothing to choose here
+        self.compiled, self.chunk_size = compiled, chunk_size  # Liger's; nothing to choose here
 
-    def forward(self, lin_weight, _input, target, bias=None, seq_ids=None):
-        total, mean, count, P, _ = self._stats(lin_weight, _input, target, bias, seq_ids,
-                                               allow_empty=not self.average_log_prob)
+    def forward(
+        self,
+        lin_weight: torch.Tensor,
+        _input: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple]:
+        total, mean, count, P, _ = self._stats(
+            lin_weight, _input, target, bias, seq_ids, allow_empty=not self.average_log_prob
+        )
         logps = mean if self.average_log_prob else total
-        losses, m = preference_loss("simpo", {"logp_sum": total, "logp_mean": mean}, beta=self.beta, gamma=self.gamma,
-                                    label_smoothing=self.label_smoothing, average_log_prob=self.average_log_prob)
+        losses, m = preference_loss(
+            "simpo",
+            {"logp_sum": total, "logp_mean": mean},
+            beta=self.beta,
+            gamma=self.gamma,
+            label_smoothing=self.label_smoothing,
+            average_log_prob=self.average_log_prob,
+        )
         nll = self._nll(total, count, P, self.compute_nll_loss)
         return self._finish(losses, m, lin_weight, bias, _input, logps[:P], logps[P:], P, nll, self.alpha)
 
@@ -146,46 +192,92 @@ class FusedLinearDPOLoss(_FusedLinearPreference):
     ref_bias, as Liger; its log-probs under no_grad through the same fused op), or precomputed (ref_chosen_logps,
     ref_rejected_logps: an offline cache, or TRL's precomputed columns), or none (use_ref_model=False: 0)."""
 
-    def __init__(self, ignore_index=-100, beta=0.1, alpha=1.0, compute_nll_loss=False, compiled=True,
-                 use_ref_model=True, average_log_prob=False, chunk_size=1, loss_type="sigmoid", label_smoothing=0.0,
-                 discopop_tau=0.05, *, softcap=None, token_chunk_size=None):
+    def __init__(
+        self,
+        ignore_index: int = -100,
+        beta: float = 0.1,
+        alpha: float = 1.0,
+        compute_nll_loss: bool = False,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        average_log_prob: bool = False,
+        chunk_size: int = 1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        discopop_tau: float = 0.05,
+        *,
+        softcap: float | None = None,
+        token_chunk_size: int | None = None,
+    ) -> None:
         super().__init__(ignore_index, softcap, token_chunk_size)
         check_dpo_options(loss_type, label_smoothing)
         self.beta, self.alpha, self.compute_nll_loss, self.use_ref_model = beta, alpha, compute_nll_loss, use_ref_model
         self.average_log_prob, self.loss_type = average_log_prob, loss_type
         self.label_smoothing, self.discopop_tau = label_smoothing, discopop_tau
-        self.compiled, self.chunk_size = compiled, chunk_size   # Liger's; nothing to choose here
+        self.compiled, self.chunk_size = compiled, chunk_size  # Liger's; nothing to choose here
 
-    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None, *,
-                ref_chosen_logps=None, ref_rejected_logps=None, seq_ids=None):
-        total, mean, count, P, rows = self._stats(lin_weight, _input, target, bias, seq_ids,
-                                                  allow_empty=not self.average_log_prob)
+    def forward(
+        self,
+        lin_weight: torch.Tensor,
+        _input: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        ref_input: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+        *,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple]:
+        total, mean, count, P, rows = self._stats(
+            lin_weight, _input, target, bias, seq_ids, allow_empty=not self.average_log_prob
+        )
         logps = mean if self.average_log_prob else total
         if not self.use_ref_model:
             ref = torch.zeros(2 * P, device=total.device)
         elif ref_input is not None or ref_weight is not None:
             if ref_input is None or ref_weight is None:
-                raise ValueError("an online reference needs both ref_input (its hidden states) and ref_weight (its lm head)")
+                raise ValueError(
+                    "an online reference needs both ref_input (its hidden states) and ref_weight (its lm head)"
+                )
             if tuple(ref_input.shape[:-1]) != tuple(_input.shape[:-1]):
-                raise ValueError(f"ref_input must have _input's leading shape {tuple(_input.shape[:-1])}, "
-                                 f"got {tuple(ref_input.shape)}")
+                raise ValueError(
+                    f"ref_input must have _input's leading shape {tuple(_input.shape[:-1])}, "
+                    f"got {tuple(ref_input.shape)}"
+                )
             _, idx, labels, seq, S = rows
             with torch.no_grad():
-                rt, rm, _ = sequence_logprobs(ref_input.reshape(-1, ref_input.shape[-1]).detach(),
-                                              ref_weight.detach(), softcap=self.softcap,
-                                              bias=None if ref_bias is None else ref_bias.detach(),
-                                              chunk_size=self.token_chunk_size, rows=idx, labels=labels, seq_ids=seq,
-                                              num_seqs=S)
+                rt, rm, _ = sequence_logprobs(
+                    ref_input.reshape(-1, ref_input.shape[-1]).detach(),
+                    ref_weight.detach(),
+                    softcap=self.softcap,
+                    bias=None if ref_bias is None else ref_bias.detach(),
+                    chunk_size=self.token_chunk_size,
+                    rows=idx,
+                    labels=labels,
+                    seq_ids=seq,
+                    num_seqs=S,
+                )
             ref = (rm if self.average_log_prob else rt).float()
         elif ref_chosen_logps is not None or ref_rejected_logps is not None:
             ref = torch.cat(_reference_pair(ref_chosen_logps, ref_rejected_logps, P, total))
         else:
-            raise ValueError("use_ref_model: pass the reference as ref_input and ref_weight (online), or as "
-                             "ref_chosen_logps and ref_rejected_logps (precomputed); or use_ref_model=False")
+            raise ValueError(
+                "use_ref_model: pass the reference as ref_input and ref_weight (online), or as "
+                "ref_chosen_logps and ref_rejected_logps (precomputed); or use_ref_model=False"
+            )
         key = "logp_mean" if self.average_log_prob else "logp_sum"
-        losses, m = preference_loss("dpo", {"logp_sum": total, "logp_mean": mean}, {key: ref}, beta=self.beta,
-                                    label_smoothing=self.label_smoothing, loss_type=self.loss_type,
-                                    discopop_tau=self.discopop_tau, average_log_prob=self.average_log_prob)
+        losses, m = preference_loss(
+            "dpo",
+            {"logp_sum": total, "logp_mean": mean},
+            {key: ref},
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            loss_type=self.loss_type,
+            discopop_tau=self.discopop_tau,
+            average_log_prob=self.average_log_prob,
+        )
         nll = self._nll(total, count, P, self.compute_nll_loss)
         return self._finish(losses, m, lin_weight, bias, _input, logps[:P], logps[P:], P, nll, self.alpha)
 
@@ -194,29 +286,63 @@ class FusedLinearTDPOLoss(_FusedLinearPreference):
     """TDPO (Zeng et al. 2024), variant 1 or 2: the reference's hidden states and lm head in, its log-probs
     and the sequential KL(pi_ref || pi) from one pass over both models' logits."""
 
-    def __init__(self, beta=0.1, alpha=0.5, variant=2, ignore_index=-100, softcap=None, token_chunk_size=None, *,
-                 label_smoothing=0.0):
+    def __init__(
+        self,
+        beta: float = 0.1,
+        alpha: float = 0.5,
+        variant: int = 2,
+        ignore_index: int = -100,
+        softcap: float | None = None,
+        token_chunk_size: int | None = None,
+        *,
+        label_smoothing: float = 0.0,
+    ) -> None:
         super().__init__(ignore_index, softcap, token_chunk_size)
         if variant not in (1, 2):
             raise ValueError(f"variant must be 1 or 2, got {variant!r}")
         self.beta, self.alpha, self.variant, self.label_smoothing = beta, alpha, variant, _smoothing(label_smoothing)
 
-    def forward(self, lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None,
-                seq_ids=None):
+    def forward(
+        self,
+        lin_weight: torch.Tensor,
+        _input: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        ref_input: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple]:
         if ref_input is None or ref_weight is None:
             raise ValueError("TDPO needs the reference's hidden states (ref_input) and lm head (ref_weight)")
         if tuple(ref_input.shape[:-1]) != tuple(_input.shape[:-1]):
-            raise ValueError(f"ref_input must have _input's leading shape {tuple(_input.shape[:-1])}, "
-                             f"got {tuple(ref_input.shape)}")
+            raise ValueError(
+                f"ref_input must have _input's leading shape {tuple(_input.shape[:-1])}, got {tuple(ref_input.shape)}"
+            )
         flat, rows, labels, seq, S = response_rows(_input, target, self.ignore_index, seq_ids)
         total, _, _, ref_total, kl = sequence_logprobs_kl(
-            flat, lin_weight, ref_hidden=ref_input.reshape(-1, ref_input.shape[-1]).detach(),
-            ref_weight=ref_weight.detach(), softcap=self.softcap, bias=bias,
-            ref_bias=None if ref_bias is None else ref_bias.detach(), chunk_size=self.token_chunk_size, rows=rows,
-            labels=labels, seq_ids=seq, num_seqs=S)
+            flat,
+            lin_weight,
+            ref_input.reshape(-1, ref_input.shape[-1]).detach(),
+            ref_weight.detach(),
+            softcap=self.softcap,
+            bias=bias,
+            ref_bias=None if ref_bias is None else ref_bias.detach(),
+            chunk_size=self.token_chunk_size,
+            rows=rows,
+            labels=labels,
+            seq_ids=seq,
+            num_seqs=S,
+        )
         P = S // 2
-        losses, m = preference_loss(f"tdpo{self.variant}", {"logp_sum": total, "kl": kl}, {"logp_sum": ref_total},
-                                    beta=self.beta, alpha=self.alpha, label_smoothing=self.label_smoothing)
+        losses, m = preference_loss(
+            f"tdpo{self.variant}",
+            {"logp_sum": total, "kl": kl},
+            {"logp_sum": ref_total},
+            beta=self.beta,
+            alpha=self.alpha,
+            label_smoothing=self.label_smoothing,
+        )
         return self._finish(losses, m, lin_weight, bias, _input, total[:P], total[P:], P)
 
 
@@ -228,23 +354,56 @@ class FusedLinearFPOLoss(_FusedLinearPreference):
     ref_values [2P, K]: the layer's residual stream and the reference's top-K pooled features, chosen rows
     first. D may be divided by the reference's feature scale (d_scale; see `fpo train --constraint-norm`)."""
 
-    def __init__(self, sae, beta=0.1, alpha=0.5, k=50, select="policy", d_scale=1.0, ignore_index=-100,
-                 softcap=None, token_chunk_size=None, *, label_smoothing=0.0):
+    def __init__(
+        self,
+        sae: SAEWeights,
+        beta: float = 0.1,
+        alpha: float = 0.5,
+        k: int = 50,
+        select: str = "policy",
+        d_scale: float = 1.0,
+        ignore_index: int = -100,
+        softcap: float | None = None,
+        token_chunk_size: int | None = None,
+        *,
+        label_smoothing: float = 0.0,
+    ) -> None:
         super().__init__(ignore_index, softcap, token_chunk_size)
         self.sae, self.beta, self.alpha, self.k, self.select, self.d_scale = sae, beta, alpha, k, select, d_scale
         self.label_smoothing = _smoothing(label_smoothing)
 
-    def forward(self, lin_weight, _input, target, bias=None, sae_hidden=None, sae_mask=None, ref_indices=None,
-                ref_values=None, ref_chosen_logps=None, ref_rejected_logps=None, seq_ids=None):
+    def forward(
+        self,
+        lin_weight: torch.Tensor,
+        _input: torch.Tensor,
+        target: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        sae_hidden: torch.Tensor | None = None,
+        sae_mask: torch.Tensor | None = None,
+        ref_indices: torch.Tensor | None = None,
+        ref_values: torch.Tensor | None = None,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple]:
         if sae_hidden is None or sae_mask is None or ref_indices is None or ref_values is None:
             raise ValueError("FPO needs sae_hidden, sae_mask, ref_indices and ref_values")
         _, mean, _, P, _ = self._stats(lin_weight, _input, target, bias, seq_ids)
         if sae_hidden.shape[0] != 2 * P:
             raise ValueError(f"sae_hidden holds {sae_hidden.shape[0]} sequences, the batch {2 * P}")
         ref = torch.cat(_reference_pair(ref_chosen_logps, ref_rejected_logps, P, mean))
-        d = sae_feature_mse(sae_hidden, sae_mask, self.sae, ref_indices, ref_values, self.k, self.select) / self.d_scale
-        losses, m = preference_loss("fpo", {"logp_mean": mean, "d": d}, {"logp_mean": ref}, beta=self.beta,
-                                    alpha=self.alpha, label_smoothing=self.label_smoothing)
+        d = (
+            sae_feature_mse(sae_hidden, self.sae, ref_indices, ref_values, mask=sae_mask, k=self.k, select=self.select)
+            / self.d_scale
+        )
+        losses, m = preference_loss(
+            "fpo",
+            {"logp_mean": mean, "d": d},
+            {"logp_mean": ref},
+            beta=self.beta,
+            alpha=self.alpha,
+            label_smoothing=self.label_smoothing,
+        )
         return self._finish(losses, m, lin_weight, bias, _input, mean[:P], mean[P:], P)
 
 
@@ -257,6 +416,7 @@ def _smoothing(eps):
 def _reference_pair(ref_w, ref_l, P, like):
     for name, t in (("ref_chosen_logps", ref_w), ("ref_rejected_logps", ref_l)):
         if not torch.is_tensor(t) or tuple(t.shape) != (P,):
-            raise ValueError(f"{name} must be a [P] = [{P}] tensor of the reference's log-probs, "
-                             f"got {getattr(t, 'shape', type(t))}")
+            raise ValueError(
+                f"{name} must be a [P] = [{P}] tensor of the reference's log-probs, got {getattr(t, 'shape', type(t))}"
+            )
     return ref_w.to(like.device, torch.float32), ref_l.to(like.device, torch.float32)

@@ -3,14 +3,22 @@
 Each computes in float32 (float64 when given float64 inputs) and is differentiable by autograd.
 They materialise what the fused kernels avoid ([B, T, m] features, [N, V] logits): that is their job.
 """
+
 from __future__ import annotations
 
 import torch
 
 __all__ = [
-    "jumprelu_ref", "sae_encode_ref", "sae_pooled_features_ref", "sae_feature_mse_ref",
-    "sae_pooled_features_varlen_ref", "sae_feature_mse_varlen_ref",
-    "fused_linear_logprobs_ref", "fused_linear_kl_ref", "fused_linear_logprobs_kl_ref", "pack_topk_ref",
+    "jumprelu_ref",
+    "sae_encode_ref",
+    "sae_pooled_features_ref",
+    "sae_feature_mse_ref",
+    "sae_pooled_features_varlen_ref",
+    "sae_feature_mse_varlen_ref",
+    "fused_linear_logprobs_ref",
+    "fused_linear_kl_ref",
+    "fused_linear_logprobs_kl_ref",
+    "pack_topk_ref",
 ]
 
 
@@ -53,8 +61,11 @@ def _dense_reference(ref_indices, ref_values, width, dtype):
     valid = (idx >= 0) & (idx < width)
     rows = torch.arange(S, device=idx.device)[:, None].expand(S, K)
     dense = torch.zeros(S, width, dtype=dtype, device=ref_values.device)
-    dense.index_put_((rows.reshape(-1), torch.where(valid, idx, 0).reshape(-1)),
-                     (ref_values.to(dtype) * valid).reshape(-1), accumulate=True)
+    dense.index_put_(
+        (rows.reshape(-1), torch.where(valid, idx, 0).reshape(-1)),
+        (ref_values.to(dtype) * valid).reshape(-1),
+        accumulate=True,
+    )
     broken = (~valid & (idx != -1)).any(1, keepdim=True)
     return dense.masked_fill(broken, float("nan"))
 
@@ -94,16 +105,19 @@ def _constraint(pooled, sae, ref_indices, ref_values, k, select, feature_weights
 
 
 def sae_feature_mse_ref(hidden, mask, sae, ref_indices, ref_values, k=50, select="policy", feature_weights=None):
-    """[B] FPO feature constraint D(y) = (1/k) sum_{i in I} w_i (p_i - p_ref_i)^2 (DESIGN.md section 1)."""
-    return _constraint(sae_pooled_features_ref(hidden, mask, sae), sae, ref_indices, ref_values, k, select,
-                       feature_weights)
+    """[B] FPO feature constraint D(y) = (1/k) sum_{i in I} w_i (p_i - p_ref_i)^2 (docs/method.md)."""
+    return _constraint(
+        sae_pooled_features_ref(hidden, mask, sae), sae, ref_indices, ref_values, k, select, feature_weights
+    )
 
 
-def sae_feature_mse_varlen_ref(hidden, spans, sae, ref_indices, ref_values, k=50, select="policy",
-                               feature_weights=None):
+def sae_feature_mse_varlen_ref(
+    hidden, spans, sae, ref_indices, ref_values, k=50, select="policy", feature_weights=None
+):
     """[S] D(y) of each span of flat hidden rows [N, d]."""
-    return _constraint(sae_pooled_features_varlen_ref(hidden, spans, sae), sae, ref_indices, ref_values, k, select,
-                       feature_weights)
+    return _constraint(
+        sae_pooled_features_varlen_ref(hidden, spans, sae), sae, ref_indices, ref_values, k, select, feature_weights
+    )
 
 
 def _softcap(z, softcap):
@@ -131,18 +145,24 @@ def fused_linear_kl_ref(hidden, weight, ref_hidden, ref_weight, mask, softcap=No
     return torch.where(mask.bool(), kl, torch.zeros_like(kl))
 
 
-def fused_linear_logprobs_kl_ref(hidden, weight, labels, ref_hidden, ref_weight, softcap=None, bias=None,
-                                 ref_bias=None, ignore_index=-100):
-    """(logp, ref_logp, kl), each [N]: both models' log-probs of the labels and KL(pi_ref || pi_theta); 0 where ignored."""
+def fused_linear_logprobs_kl_ref(
+    hidden, weight, labels, ref_hidden, ref_weight, softcap=None, bias=None, ref_bias=None, ignore_index=-100
+):
+    """(logp, ref_logp, kl), each [N]: both models' log-probs of the labels and KL(pi_ref || pi_theta); 0 where
+    ignored."""
     dt = _acc_dtype(hidden)
-    logits = [h.to(dt) @ w.to(dt).t() + (0 if b is None else b.to(dt))
-              for h, w, b in ((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias))]
+    logits = [
+        h.to(dt) @ w.to(dt).t() + (0 if b is None else b.to(dt))
+        for h, w, b in ((hidden, weight, bias), (ref_hidden, ref_weight, ref_bias))
+    ]
     logp, logq = (torch.log_softmax(_softcap(z, softcap), -1) for z in logits)
     ignored = labels == ignore_index
     y = torch.where(ignored, 0, labels).long().unsqueeze(1)
     zero = torch.zeros(labels.shape, dtype=dt, device=hidden.device)
     kl = (logq.exp() * (logq - logp)).sum(-1)
-    return tuple(torch.where(ignored, zero, t) for t in (logp.gather(1, y).squeeze(1), logq.gather(1, y).squeeze(1), kl))
+    return tuple(
+        torch.where(ignored, zero, t) for t in (logp.gather(1, y).squeeze(1), logq.gather(1, y).squeeze(1), kl)
+    )
 
 
 def pack_topk_ref(pooled: torch.Tensor, K: int):

@@ -22,6 +22,7 @@ Precision: the hidden rows are taken in compute_dtype (autocast's dtype under au
 stream under bf16 autocast is encoded in bf16, as an nn.Linear there would be), W_enc in the same dtype
 (SAEWeights.weight_as), fp32 accumulation and pooling.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,12 +30,18 @@ import triton
 import triton.language as tl
 
 from . import reference, sae_topk
+from ._dispatch import FLOAT_DTYPES, Kernel, dot_precision, in_compute_dtype, is_fake, launch, no_autocast, use_triton
 from ._layout import dense_from_topk
-from ._dispatch import (FLOAT_DTYPES, Kernel, deprecated, dot_precision, in_compute_dtype, is_fake, launch, no_autocast,
-                        use_triton)
 from .sae_weights import SAEWeights
 
-__all__ = ["sae_pooled_features", "sae_feature_mse", "sae_pool_fwd", "sae_constraint_bwd", "SAEFeatureMSEFunction", "Spans"]
+__all__ = [
+    "sae_pooled_features",
+    "sae_feature_mse",
+    "sae_pool_fwd",
+    "sae_constraint_bwd",
+    "SAEFeatureMSEFunction",
+    "Spans",
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,15 +58,29 @@ def _tile_rows(tiles, span, mask, i_t, BT: tl.constexpr, HAS_MASK: tl.constexpr)
     m_own = o_t < r1
     lo = tl.load(span + tl.maximum(i_s, 0) * 2)
     hi = tl.load(span + tl.maximum(i_s, 0) * 2 + 1)
-    m_t = m_own & (o_t >= lo) & (o_t < hi) & ((o_t * 0 + i_s) >= 0)   # a zero tile (-1) has no response row
+    m_t = m_own & (o_t >= lo) & (o_t < hi) & ((o_t * 0 + i_s) >= 0)  # a zero tile (-1) has no response row
     if HAS_MASK:
         m_t = m_t & (tl.load(mask + o_t, mask=m_t, other=0) != 0)
     return i_s, o_t, m_t, m_own
 
 
 @triton.jit
-def _jumprelu_tile(h, w, bias, theta, o_t, m_t, feat, m_f, D, stride_h,
-                   BT: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+def _jumprelu_tile(
+    h,
+    w,
+    bias,
+    theta,
+    o_t,
+    m_t,
+    feat,
+    m_f,
+    D,
+    stride_h,
+    BT: tl.constexpr,
+    BF: tl.constexpr,
+    BD: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Pre-activations z [BT, BF] fp32 of the rows o_t (m_t) of h at the features feat (m_f; ids already in
     range), and whether each fires (z > theta; NaN passes through): shared by the pooling and the gate."""
     b_z = tl.zeros([BT, BF], dtype=tl.float32)
@@ -67,7 +88,7 @@ def _jumprelu_tile(h, w, bias, theta, o_t, m_t, feat, m_f, D, stride_h,
         o_d = d0 + tl.arange(0, BD)
         m_d = o_d < D
         p_h = h + o_t[:, None].to(tl.int64) * stride_h + o_d[None, :]
-        b_h = tl.load(p_h, mask=m_t[:, None] & m_d[None, :], other=0.0)                                   # [BT, BD]
+        b_h = tl.load(p_h, mask=m_t[:, None] & m_d[None, :], other=0.0)  # [BT, BD]
         b_w = tl.load(w + feat[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_f[None, :], other=0.0)  # [BD, BF]
         b_z += tl.dot(b_h, b_w, input_precision=PRECISION)
     b_z += tl.load(bias + feat, mask=m_f, other=0.0)[None, :]
@@ -77,18 +98,27 @@ def _jumprelu_tile(h, w, bias, theta, o_t, m_t, feat, m_f, D, stride_h,
 
 @triton.jit
 def _sae_pool_fwd_kernel(
-    h,        # [N, D] hidden rows (row stride stride_h, unit stride over D)
-    mask,     # [N] int8, 1 on response rows (HAS_MASK); unread otherwise
-    span,     # [S, 2] int32: first row of each sequence's response, one past its last
-    tiles,    # [n_tiles, 3] int32: (sequence, first row, end of range) of each row tile
-    w,        # [M, D] W_enc transposed, same dtype as h
-    bias,     # [M] fp32: b_enc - b_dec @ W_enc
-    theta,    # [M] fp32 JumpReLU threshold
-    idx,      # [S, F] int32 feature ids when GATHER, else unused
-    part,     # [n_tiles, F] fp32 out: each row tile's sum of JumpReLU features over its response rows
-    D, F, M, stride_h, n_tiles,
-    HAS_MASK: tl.constexpr, GATHER: tl.constexpr, BT: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
-    GROUP: tl.constexpr, PRECISION: tl.constexpr,
+    h,  # [N, D] hidden rows (row stride stride_h, unit stride over D)
+    mask,  # [N] int8, 1 on response rows (HAS_MASK); unread otherwise
+    span,  # [S, 2] int32: first row of each sequence's response, one past its last
+    tiles,  # [n_tiles, 3] int32: (sequence, first row, end of range) of each row tile
+    w,  # [M, D] W_enc transposed, same dtype as h
+    bias,  # [M] fp32: b_enc - b_dec @ W_enc
+    theta,  # [M] fp32 JumpReLU threshold
+    idx,  # [S, F] int32 feature ids when GATHER, else unused
+    part,  # [n_tiles, F] fp32 out: each row tile's sum of JumpReLU features over its response rows
+    D,
+    F,
+    M,
+    stride_h,
+    n_tiles,
+    HAS_MASK: tl.constexpr,
+    GATHER: tl.constexpr,
+    BT: tl.constexpr,
+    BF: tl.constexpr,
+    BD: tl.constexpr,
+    GROUP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """part[t, j] = sum_{rows r of tile t in its response} JumpReLU(h[r] @ w[f_j] + bias[f_j]; theta[f_j]),
     f_j = idx[s, j] (GATHER) or j. A gathered id outside [0, M) is never read: its sum is NaN."""
@@ -119,10 +149,10 @@ def _sae_pool_fwd_kernel(
 
 @triton.jit
 def _sae_pool_reduce_kernel(
-    part,        # [n_tiles, F] fp32 partial sums; a sequence's tiles are consecutive
+    part,  # [n_tiles, F] fp32 partial sums; a sequence's tiles are consecutive
     tile_start,  # [S + 1] int32: sequence s owns tiles [tile_start[s], tile_start[s + 1])
-    inv_n,       # [S] fp32: 1 / number of response rows
-    out,         # [S, F] fp32 pooled features
+    inv_n,  # [S] fp32: 1 / number of response rows
+    out,  # [S, F] fp32 pooled features
     F,
     BF: tl.constexpr,
 ):
@@ -141,18 +171,25 @@ def _sae_pool_reduce_kernel(
 
 @triton.jit
 def _sae_gate_kernel(
-    h,        # [N, D] hidden rows (row stride stride_h)
-    mask,     # [N] int8 (HAS_MASK)
-    span,     # [S, 2] int32
-    tiles,    # [n_tiles, 3] int32: (sequence or -1, first row, end of range)
-    w,        # [M, D] W_enc transposed, same dtype as h
-    bias,     # [M] fp32
-    theta,    # [M] fp32
-    idx,      # [S, K] int32 selected features
-    coef,     # [S, K] fp32: dL/dD_s * 2/k * w_i * (p_si - p_ref_si) / n_s
-    g,        # [N, K] out, h's dtype: dL/dz of the selected pre-activations (rows of zero tiles unwritten)
-    D, K, M, stride_h,
-    HAS_MASK: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+    h,  # [N, D] hidden rows (row stride stride_h)
+    mask,  # [N] int8 (HAS_MASK)
+    span,  # [S, 2] int32
+    tiles,  # [n_tiles, 3] int32: (sequence or -1, first row, end of range)
+    w,  # [M, D] W_enc transposed, same dtype as h
+    bias,  # [M] fp32
+    theta,  # [M] fp32
+    idx,  # [S, K] int32 selected features
+    coef,  # [S, K] fp32: dL/dD_s * 2/k * w_i * (p_si - p_ref_si) / n_s
+    g,  # [N, K] out, h's dtype: dL/dz of the selected pre-activations (rows of zero tiles unwritten)
+    D,
+    K,
+    M,
+    stride_h,
+    HAS_MASK: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """g[r, j] = [r a response row] * coef[s, j] * [h[r] @ w[idx[s, j]] + bias > theta], every row of the tile
     (0 outside the response); ids outside [0, M) are never read (their g is 0)."""
@@ -169,20 +206,28 @@ def _sae_gate_kernel(
             if tl.max(m_t.to(tl.int32), 0) > 0:
                 b_z, b_fire = _jumprelu_tile(h, w, bias, theta, o_t, m_t, feat, m_k, D, stride_h, BT, BK, BD, PRECISION)
                 b_c = tl.load(coef + i_s * K + o_k, mask=m_k, other=0.0)
-                b_g = tl.where(b_fire & m_t[:, None] & m_k[None, :], b_c[None, :], 0.0)   # [BT, BK]
-            tl.store(g + o_t[:, None].to(tl.int64) * K + o_k[None, :], b_g.to(g.dtype.element_ty),
-                     mask=m_own[:, None] & (o_k < K)[None, :])
+                b_g = tl.where(b_fire & m_t[:, None] & m_k[None, :], b_c[None, :], 0.0)  # [BT, BK]
+            tl.store(
+                g + o_t[:, None].to(tl.int64) * K + o_k[None, :],
+                b_g.to(g.dtype.element_ty),
+                mask=m_own[:, None] & (o_k < K)[None, :],
+            )
 
 
 @triton.jit
 def _sae_dh_kernel(
-    g,        # [N, K] dL/dz of the selected pre-activations, h's dtype
-    tiles,    # [n_tiles, 3] int32
-    w,        # [M, D] W_enc transposed, h's dtype
-    idx,      # [S, K] int32 selected features
-    dh,       # [N, D] out, h's dtype: written on every row of every tile, zeros where no feature contributes
-    D, K, M,
-    BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr,
+    g,  # [N, K] dL/dz of the selected pre-activations, h's dtype
+    tiles,  # [n_tiles, 3] int32
+    w,  # [M, D] W_enc transposed, h's dtype
+    idx,  # [S, K] int32 selected features
+    dh,  # [N, D] out, h's dtype: written on every row of every tile, zeros where no feature contributes
+    D,
+    K,
+    M,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dh[r, d-tile] = sum_j g[r, j] * w[idx[s, j], d-tile], accumulated on chip over every k block."""
     i_t = tl.program_id(0).to(tl.int64)
@@ -201,40 +246,74 @@ def _sae_dh_kernel(
             feat = tl.load(idx + i_s * K + o_k, mask=m_k, other=0).to(tl.int64)
             m_k = m_k & (feat >= 0) & (feat < M)
             feat = tl.where(m_k, feat, 0)
-            b_g = tl.load(g + o_t[:, None].to(tl.int64) * K + o_k[None, :], mask=m_own[:, None] & m_k[None, :],
-                          other=0.0)                                                                          # [BT, BK]
+            b_g = tl.load(
+                g + o_t[:, None].to(tl.int64) * K + o_k[None, :], mask=m_own[:, None] & m_k[None, :], other=0.0
+            )  # [BT, BK]
             b_w = tl.load(w + feat[:, None] * D + o_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.0)  # [BK, BD]
             b_dh += tl.dot(b_g, b_w, input_precision=PRECISION)
-    tl.store(dh + o_t[:, None].to(tl.int64) * D + o_d[None, :], b_dh.to(dh.dtype.element_ty),
-             mask=m_own[:, None] & m_d[None, :])
+    tl.store(
+        dh + o_t[:, None].to(tl.int64) * D + o_d[None, :],
+        b_dh.to(dh.dtype.element_ty),
+        mask=m_own[:, None] & m_d[None, :],
+    )
 
 
 # What each kernel takes and the tiles it runs, written once (see _dispatch.Kernel). Row tiles (BT) are fixed per
 # pass, since the tile table is laid out on the host for them; the feature and d tiles are autotuned.
-_HIDDEN = {"h": "*{dt}", "mask": "*i8", "span": "*i32", "tiles": "*i32", "w": "*{dt}", "bias": "*fp32",
-           "theta": "*fp32", "idx": "*i32"}
+_HIDDEN = {
+    "h": "*{dt}",
+    "mask": "*i8",
+    "span": "*i32",
+    "tiles": "*i32",
+    "w": "*{dt}",
+    "bias": "*fp32",
+    "theta": "*fp32",
+    "idx": "*i32",
+}
 SAE_POOL_FWD = Kernel(
     _sae_pool_fwd_kernel,
     {**_HIDDEN, "part": "*fp32", "D": "i32", "F": "i32", "M": "i32", "stride_h": "i32", "n_tiles": "i32"},
-    tiles=dict(BT=128), interpreted_tiles=dict(BT=16), flags=dict(HAS_MASK=(False, True), GATHER=(False, True)),
-    dot=True, autotune_key=["D", "F", "GATHER", "HAS_MASK"],
-    configs=[(dict(BF=128, BD=64, GROUP=16), 8, 3), (dict(BF=64, BD=64, GROUP=16), 4, 3),
-             (dict(BF=128, BD=64, GROUP=8), 8, 4), (dict(BF=256, BD=32, GROUP=16), 8, 3)],
-    interpreted_config=dict(BF=32, BD=32, GROUP=2))
-SAE_POOL_REDUCE = Kernel(   # reads fp32 partial sums whatever the hidden dtype
-    _sae_pool_reduce_kernel, {"part": "*fp32", "tile_start": "*i32", "inv_n": "*fp32", "out": "*fp32", "F": "i32"},
-    tiles=dict(BF=1024), interpreted_tiles=dict(BF=256), dtypes=("fp32",))
+    tiles=dict(BT=128),
+    interpreted_tiles=dict(BT=16),
+    flags=dict(HAS_MASK=(False, True), GATHER=(False, True)),
+    dot=True,
+    autotune_key=["D", "F", "GATHER", "HAS_MASK"],
+    configs=[
+        (dict(BF=128, BD=64, GROUP=16), 8, 3),
+        (dict(BF=64, BD=64, GROUP=16), 4, 3),
+        (dict(BF=128, BD=64, GROUP=8), 8, 4),
+        (dict(BF=256, BD=32, GROUP=16), 8, 3),
+    ],
+    interpreted_config=dict(BF=32, BD=32, GROUP=2),
+)
+SAE_POOL_REDUCE = Kernel(  # reads fp32 partial sums whatever the hidden dtype
+    _sae_pool_reduce_kernel,
+    {"part": "*fp32", "tile_start": "*i32", "inv_n": "*fp32", "out": "*fp32", "F": "i32"},
+    tiles=dict(BF=1024),
+    interpreted_tiles=dict(BF=256),
+    dtypes=("fp32",),
+)
 SAE_GATE = Kernel(
     _sae_gate_kernel,
     {**_HIDDEN, "coef": "*fp32", "g": "*{dt}", "D": "i32", "K": "i32", "M": "i32", "stride_h": "i32"},
-    tiles=dict(BT=64, BK=64), interpreted_tiles=dict(BT=16, BK=32), flags=dict(HAS_MASK=(False, True)), dot=True,
-    autotune_key=["D", "K", "HAS_MASK"], configs=[(dict(BD=64), 4, 3), (dict(BD=128), 8, 3)],
-    interpreted_config=dict(BD=32))
+    tiles=dict(BT=64, BK=64),
+    interpreted_tiles=dict(BT=16, BK=32),
+    flags=dict(HAS_MASK=(False, True)),
+    dot=True,
+    autotune_key=["D", "K", "HAS_MASK"],
+    configs=[(dict(BD=64), 4, 3), (dict(BD=128), 8, 3)],
+    interpreted_config=dict(BD=32),
+)
 SAE_DH = Kernel(
-    _sae_dh_kernel, {"g": "*{dt}", "tiles": "*i32", "w": "*{dt}", "idx": "*i32", "dh": "*{dt}", "D": "i32", "K": "i32",
-                     "M": "i32"},
-    tiles=dict(BT=64, BK=64), interpreted_tiles=dict(BT=16, BK=32), dot=True, autotune_key=["D", "K"],
-    configs=[(dict(BD=64), 4, 3), (dict(BD=128), 8, 3)], interpreted_config=dict(BD=32))
+    _sae_dh_kernel,
+    {"g": "*{dt}", "tiles": "*i32", "w": "*{dt}", "idx": "*i32", "dh": "*{dt}", "D": "i32", "K": "i32", "M": "i32"},
+    tiles=dict(BT=64, BK=64),
+    interpreted_tiles=dict(BT=16, BK=32),
+    dot=True,
+    autotune_key=["D", "K"],
+    configs=[(dict(BD=64), 4, 3), (dict(BD=128), 8, 3)],
+    interpreted_config=dict(BD=32),
+)
 KERNELS = (SAE_POOL_FWD, SAE_POOL_REDUCE, SAE_GATE, SAE_DH)
 # the gate and dh walk one tile table, laid out for one row-tile height
 assert (SAE_GATE.tiles, SAE_GATE.interpreted_tiles) == (SAE_DH.tiles, SAE_DH.interpreted_tiles)
@@ -285,7 +364,7 @@ class Spans:
         tiles in order, then zero tiles over the rows no span covers (the backward writes zeros there)."""
         if BT not in self._tables:
             rows, starts = [], [0]
-            if self._padded is not None:            # every row of every sequence, whatever its mask
+            if self._padded is not None:  # every row of every sequence, whatever its mask
                 B, T = self._padded
                 for b in range(B):
                     rows += [(b, r, b * T + T) for r in range(b * T, b * T + T, BT)]
@@ -300,12 +379,15 @@ class Spans:
                 for lo, hi in sorted(covered) + [(self.n_rows, self.n_rows)]:
                     rows += [(-1, r, lo) for r in range(pos, lo, BT)]
                     pos = max(pos, hi)
-            else:                                   # fake tensors: shapes only (one tile per BT rows)
+            else:  # fake tensors: shapes only (one tile per BT rows)
                 rows = [(0, r, self.n_rows) for r in range(0, self.n_rows, BT)]
                 starts += [len(rows)] * self.count
             dev = self.span.device
-            self._tables[BT] = (torch.tensor(rows or [(-1, 0, 0)], dtype=torch.int32, device=dev),
-                                torch.tensor(starts, dtype=torch.int32, device=dev), len(rows))
+            self._tables[BT] = (
+                torch.tensor(rows or [(-1, 0, 0)], dtype=torch.int32, device=dev),
+                torch.tensor(starts, dtype=torch.int32, device=dev),
+                len(rows),
+            )
         return self._tables[BT]
 
 
@@ -324,16 +406,38 @@ def sae_pool_fwd(hidden, spans: Spans, sae: SAEWeights, idx=None):
     out = torch.empty(S, F, device=hidden.device, dtype=torch.float32)
     has_mask = spans.mask8 is not None
     launch(
-        SAE_POOL_FWD, lambda meta: (n_tiles * triton.cdiv(F, meta["BF"]),),
-        h=hidden, mask=spans.mask8 if has_mask else spans.span, span=spans.span, tiles=tiles,
-        w=sae.weight_as(hidden.dtype), bias=sae.bias, theta=sae.threshold,
-        idx=idx.to(torch.int32).contiguous() if idx is not None else spans.span,   # a placeholder when dense
-        part=part, D=D, F=F, M=sae.width, stride_h=hidden.stride(0), n_tiles=n_tiles,
-        HAS_MASK=has_mask, GATHER=idx is not None, BT=BT, PRECISION=dot_precision(hidden.dtype),
+        SAE_POOL_FWD,
+        lambda meta: (n_tiles * triton.cdiv(F, meta["BF"]),),
+        h=hidden,
+        mask=spans.mask8 if has_mask else spans.span,
+        span=spans.span,
+        tiles=tiles,
+        w=sae.weight_as(hidden.dtype),
+        bias=sae.bias,
+        theta=sae.threshold,
+        idx=idx.to(torch.int32).contiguous() if idx is not None else spans.span,  # a placeholder when dense
+        part=part,
+        D=D,
+        F=F,
+        M=sae.width,
+        stride_h=hidden.stride(0),
+        n_tiles=n_tiles,
+        HAS_MASK=has_mask,
+        GATHER=idx is not None,
+        BT=BT,
+        PRECISION=dot_precision(hidden.dtype),
     )
     BF = SAE_POOL_REDUCE.tile("BF")
-    launch(SAE_POOL_REDUCE, (S, triton.cdiv(F, BF)), part=part, tile_start=tile_start, inv_n=spans.inv_n, out=out,
-           F=F, BF=BF)
+    launch(
+        SAE_POOL_REDUCE,
+        (S, triton.cdiv(F, BF)),
+        part=part,
+        tile_start=tile_start,
+        inv_n=spans.inv_n,
+        out=out,
+        F=F,
+        BF=BF,
+    )
     return out
 
 
@@ -344,7 +448,7 @@ def sae_constraint_bwd(hidden, spans: Spans, sae: SAEWeights, idx, coef):
     if hidden.stride(1) != 1:
         hidden = hidden.contiguous()
     K = idx.shape[1]
-    BT = SAE_GATE.tile("BT")   # the gate and dh walk the same tile table
+    BT = SAE_GATE.tile("BT")  # the gate and dh walk the same tile table
     tiles, _, n_tiles = spans.tiles(BT)
     n_tiles = max(n_tiles, 1)
     w = sae.weight_as(hidden.dtype)
@@ -355,14 +459,40 @@ def sae_constraint_bwd(hidden, spans: Spans, sae: SAEWeights, idx, coef):
     BK = min(SAE_GATE.tile("BK"), max(16, triton.next_power_of_2(K)))
     has_mask = spans.mask8 is not None
     launch(
-        SAE_GATE, (n_tiles,),
-        h=hidden, mask=spans.mask8 if has_mask else spans.span, span=spans.span, tiles=tiles, w=w, bias=sae.bias,
-        theta=sae.threshold, idx=idx32, coef=coef.float().contiguous(), g=g, D=D, K=K, M=sae.width,
-        stride_h=hidden.stride(0), HAS_MASK=has_mask, BT=BT, BK=BK, PRECISION=dot_precision(hidden.dtype),
+        SAE_GATE,
+        (n_tiles,),
+        h=hidden,
+        mask=spans.mask8 if has_mask else spans.span,
+        span=spans.span,
+        tiles=tiles,
+        w=w,
+        bias=sae.bias,
+        theta=sae.threshold,
+        idx=idx32,
+        coef=coef.float().contiguous(),
+        g=g,
+        D=D,
+        K=K,
+        M=sae.width,
+        stride_h=hidden.stride(0),
+        HAS_MASK=has_mask,
+        BT=BT,
+        BK=BK,
+        PRECISION=dot_precision(hidden.dtype),
     )
     launch(
-        SAE_DH, lambda meta: (n_tiles, triton.cdiv(D, meta["BD"])),
-        g=g, tiles=tiles, w=w, idx=idx32, dh=dh, D=D, K=K, M=sae.width, BT=BT, BK=BK,
+        SAE_DH,
+        lambda meta: (n_tiles, triton.cdiv(D, meta["BD"])),
+        g=g,
+        tiles=tiles,
+        w=w,
+        idx=idx32,
+        dh=dh,
+        D=D,
+        K=K,
+        M=sae.width,
+        BT=BT,
+        BK=BK,
         PRECISION=dot_precision(hidden.dtype),
     )
     return dh
@@ -378,13 +508,13 @@ class SAEFeatureMSEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, spans, sae, ref_indices, ref_values, k, select, feature_weights):
         if select == "policy":
-            pooled = sae_pool_fwd(hidden, spans, sae)                      # [S, m]
-            p, idx = pooled.topk(k, dim=1)                                 # [S, k]
+            pooled = sae_pool_fwd(hidden, spans, sae)  # [S, m]
+            p, idx = pooled.topk(k, dim=1)  # [S, k]
             dense = dense_from_topk(ref_indices, ref_values, sae.width, torch.float32)
             ref = dense.gather(1, idx)
         else:
             idx = ref_indices[:, :k].long()
-            p = sae_pool_fwd(hidden, spans, sae, idx)                      # [S, k]
+            p = sae_pool_fwd(hidden, spans, sae, idx)  # [S, k]
             ref = ref_values[:, :k].float()
         w = torch.ones_like(p) if feature_weights is None else feature_weights.float()[idx]
         diff = p - ref
@@ -397,17 +527,17 @@ class SAEFeatureMSEFunction(torch.autograd.Function):
         hidden, idx, coef = ctx.saved_tensors
         grad_hidden = None
         if ctx.needs_input_grad[0]:
-            with no_autocast(hidden):   # a backward called inside an autocast region
+            with no_autocast(hidden):  # a backward called inside an autocast region
                 grad_hidden = sae_constraint_bwd(hidden, ctx.spans, ctx.sae, idx, grad_d.float()[:, None] * coef)
         return (
             grad_hidden,  # hidden
-            None,         # spans
-            None,         # sae (frozen)
-            None,         # ref_indices
-            None,         # ref_values (cached reference: a constant)
-            None,         # k
-            None,         # select
-            None,         # feature_weights (not learned)
+            None,  # spans
+            None,  # sae (frozen)
+            None,  # ref_indices
+            None,  # ref_values (cached reference: a constant)
+            None,  # k
+            None,  # select
+            None,  # feature_weights (not learned)
         )
 
 
@@ -444,7 +574,9 @@ def _check_mask(hidden, mask, check_values):
 def _check_spans(hidden, spans, check_values):
     N = hidden.shape[0]
     if not torch.is_tensor(spans) or spans.dim() != 2 or spans.shape[1] != 2:
-        raise ValueError(f"spans must be an [S, 2] tensor of (start, end) rows, got {getattr(spans, 'shape', type(spans))}")
+        raise ValueError(
+            f"spans must be an [S, 2] tensor of (start, end) rows, got {getattr(spans, 'shape', type(spans))}"
+        )
     if spans.dtype.is_floating_point or spans.dtype == torch.bool:
         raise ValueError(f"spans must be an integer tensor, got {spans.dtype}")
     if spans.device != hidden.device and spans.device.type != "cpu":
@@ -473,21 +605,29 @@ def _check_reference(S, m, ref_indices, ref_values, k, select, feature_weights, 
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= m:
         raise ValueError(f"k must be an integer in [1, {m}] (the SAE width), got {k!r}")
     if not torch.is_tensor(ref_indices) or ref_indices.dim() != 2 or ref_indices.shape[0] != S:
-        raise ValueError(f"ref_indices must be [S, K] with S={S} sequences, got {getattr(ref_indices, 'shape', type(ref_indices))}")
+        raise ValueError(
+            f"ref_indices must be [S, K] with S={S} sequences, got {getattr(ref_indices, 'shape', type(ref_indices))}"
+        )
     if ref_indices.dtype.is_floating_point or ref_indices.dtype == torch.bool:
         raise ValueError(f"ref_indices must be an integer tensor, got {ref_indices.dtype}")
     if not torch.is_tensor(ref_values) or ref_values.shape != ref_indices.shape:
-        raise ValueError(f"ref_values must have the shape of ref_indices {tuple(ref_indices.shape)}, "
-                         f"got {getattr(ref_values, 'shape', type(ref_values))}")
+        raise ValueError(
+            f"ref_values must have the shape of ref_indices {tuple(ref_indices.shape)}, "
+            f"got {getattr(ref_values, 'shape', type(ref_values))}"
+        )
     for arg, t in (("ref_indices", ref_indices), ("ref_values", ref_values)):
         if t.device != device:
             raise ValueError(f"{arg} is on {t.device} but hidden is on {device}")
     if select == "reference" and ref_indices.shape[1] < k:
-        raise ValueError(f"select='reference' needs at least k={k} cached features, ref_indices has K={ref_indices.shape[1]}")
+        raise ValueError(
+            f"select='reference' needs at least k={k} cached features, ref_indices has K={ref_indices.shape[1]}"
+        )
     if feature_weights is not None:
         if not torch.is_tensor(feature_weights) or feature_weights.shape != (m,):
-            raise ValueError(f"feature_weights must have shape [{m}] (the SAE width), "
-                             f"got {getattr(feature_weights, 'shape', type(feature_weights))}")
+            raise ValueError(
+                f"feature_weights must have shape [{m}] (the SAE width), "
+                f"got {getattr(feature_weights, 'shape', type(feature_weights))}"
+            )
         if feature_weights.device != device:
             raise ValueError(f"feature_weights is on {feature_weights.device} but hidden is on {device}")
     if check_values:
@@ -499,7 +639,9 @@ def _check_reference(S, m, ref_indices, ref_values, k, select, feature_weights, 
         if select == "reference":
             short = ((ref_indices[:, :k] < 0).any(1)).nonzero().flatten()
             if short.numel():
-                raise ValueError(f"select='reference': ref_indices row {short[0].item()} has fewer than k={k} valid cached features")
+                raise ValueError(
+                    f"select='reference': ref_indices row {short[0].item()} has fewer than k={k} valid cached features"
+                )
         if feature_weights is not None and (feature_weights < 0).any():
             raise ValueError("feature_weights must be >= 0")
 
@@ -511,8 +653,10 @@ def _flat_rows(hidden, mask, spans, sae, check_inputs):
     """Checks hidden against the layout it comes in: padded ([B, T, d] and mask [B, T]) or flat ([N, d] and
     spans [S, 2]); returns (flat rows [N, d], number of sequences)."""
     if (mask is None) == (spans is None):
-        raise ValueError("pass either mask (padded hidden [B, T, d]) or spans (flat hidden rows [N, d]), not "
-                         + ("both" if mask is not None else "neither"))
+        raise ValueError(
+            "pass either mask (padded hidden [B, T, d]) or spans (flat hidden rows [N, d]), not "
+            + ("both" if mask is not None else "neither")
+        )
     if spans is None:
         _check_sae_hidden(hidden, sae, 3, "[B, T, d]")
         _check_mask(hidden, mask, check_inputs)
@@ -539,17 +683,31 @@ def _spans(flat, mask, spans):
 
 
 @in_compute_dtype
-def sae_pooled_features(hidden, mask=None, sae: SAEWeights = None, check_inputs: bool = True, *,
-                        spans=None) -> torch.Tensor:
-    """Masked mean of the SAE's features over each sequence's response tokens, [S, m] float32, detached.
+def sae_pooled_features(
+    hidden: torch.Tensor,
+    sae: SAEWeights,
+    *,
+    mask: torch.Tensor | None = None,
+    spans: torch.Tensor | None = None,
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """Masked mean of the SAE's features over each sequence's response tokens. Never materialises [N, m].
 
-    Padded: hidden [B, T, d] bf16/fp16/fp32 and mask [B, T] bool or 0/1 (1 on response tokens); S = B.
-    Flat (a packed token stream): hidden [N, d] rows and spans [S, 2] integer (start, end) rows of each
-    sequence's response, non-overlapping and non-empty, on hidden's device or, better, the host (the kernels
-    lay out their row tiles from a host copy, which a GPU tensor costs a sync).
-    sae: SAEWeights. Never materialises [N, m]. Not differentiable (the training loss is sae_feature_mse,
-    which has its own sparse backward). check_inputs=False skips the checks that read values (empty rows,
-    span bounds): for callers that validated their batch.
+    Not differentiable: the training loss is `sae_feature_mse`, which has its own sparse backward.
+
+    Args:
+        hidden: the residual stream at the SAE's layer, bf16/fp16/fp32. Padded: [B, T, d] with `mask`.
+            Flat (a packed token stream): [N, d] rows with `spans`.
+        sae: the frozen encoder and its activation.
+        mask: padded layout only, [B, T] bool or 0/1, 1 on response tokens.
+        spans: flat layout only, [S, 2] integer (start, end) rows of each sequence's response, non-overlapping
+            and non-empty; best on the host (the kernels lay out their row tiles from a host copy, which a GPU
+            tensor costs a sync).
+        check_inputs: False skips the checks that read values (empty rows, span bounds), for callers that
+            validated their batch.
+
+    Returns:
+        [S, m] float32, detached; S = B (padded) or the number of spans (flat).
     """
     check_inputs = check_inputs and not is_fake(hidden)
     flat, S = _flat_rows(hidden, mask, spans, sae, check_inputs)
@@ -563,42 +721,51 @@ def sae_pooled_features(hidden, mask=None, sae: SAEWeights = None, check_inputs:
 
 
 @in_compute_dtype
-def sae_feature_mse(hidden, mask=None, sae: SAEWeights = None, ref_indices=None, ref_values=None, k: int = 50,
-                    select: str = "policy", feature_weights=None, check_inputs: bool = True, *,
-                    spans=None) -> torch.Tensor:
-    """FPO feature constraint D(y) = (1/k) sum_{i in I} w_i (p_i - p_ref_i)^2 per sequence, [S] float32.
+def sae_feature_mse(
+    hidden: torch.Tensor,
+    sae: SAEWeights,
+    ref_indices: torch.Tensor,
+    ref_values: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    spans: torch.Tensor | None = None,
+    k: int = 50,
+    select: str = "policy",
+    feature_weights: torch.Tensor | None = None,
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """FPO's feature constraint D(y) = (1/k) sum_{i in I} w_i (p_i - p_ref_i)^2 for each sequence.
 
-    hidden and mask (padded) or spans (flat): the residual stream at the SAE's layer and the response tokens,
-    as in sae_pooled_features; ref_indices [S, K] integer (-1 = empty slot) and ref_values [S, K]: the cached
-    reference top-K pooled features; k: features in the constraint; select: "policy" (top-k of the policy's
-    pooled features; a feature absent from the cache has reference value 0) or "reference" (the first k
-    cached features, which needs only k columns of W_enc); feature_weights [m] >= 0 or None.
-    Differentiable in hidden only; rows outside every response get zero gradient. check_inputs=False skips
-    the checks that read tensor values (empty rows, index range, valid slots), for callers that validated
-    their batch once.
+    Differentiable in hidden only; rows outside every response get zero gradient.
+
+    Args:
+        hidden: the residual stream at the SAE's layer: [B, T, d] with `mask`, or flat rows [N, d] with `spans`
+            (as in `sae_pooled_features`).
+        sae: the frozen encoder and its activation.
+        ref_indices: [S, K] integer, the cached reference's top-K pooled features (-1 = empty slot).
+        ref_values: [S, K], their pooled values.
+        mask: padded layout only, [B, T], 1 on response tokens.
+        spans: flat layout only, [S, 2] (start, end) of each sequence's response rows.
+        k: features in the constraint, 1 <= k <= m.
+        select: "policy" (top-k of the policy's pooled features; a feature absent from the cache has reference
+            value 0) or "reference" (the first k cached features, which needs only k columns of W_enc).
+        feature_weights: [m] >= 0, or None for 1 everywhere.
+        check_inputs: False skips the checks that read tensor values (empty rows, index range, valid slots),
+            for callers that validated their batch once.
+
+    Returns:
+        D, [S] float32.
     """
-    check_inputs = check_inputs and not is_fake(hidden)   # fake tensors have no values to check
+    check_inputs = check_inputs and not is_fake(hidden)  # fake tensors have no values to check
     flat, S = _flat_rows(hidden, mask, spans, sae, check_inputs)
     _check_reference(S, sae.width, ref_indices, ref_values, k, select, feature_weights, hidden.device, check_inputs)
     if not use_triton(hidden) or hidden.dtype == torch.float64:
         return _mse_ref(hidden, mask, spans, sae, ref_indices, ref_values, k, select, feature_weights).float()
     if sae.activation == "topk":
         rows, seq, inv_n, offsets = sae_topk.topk_rows(hidden.device, mask=mask, spans=spans)
-        return sae_topk.TopKFeatureMSEFunction.apply(flat, rows, seq, offsets, inv_n, sae, ref_indices, ref_values,
-                                                     k, select, feature_weights)
-    return SAEFeatureMSEFunction.apply(flat, _spans(flat, mask, spans), sae, ref_indices, ref_values, k, select,
-                                       feature_weights)
-
-
-def sae_pooled_features_varlen(hidden, spans, sae: SAEWeights, check_inputs: bool = True) -> torch.Tensor:
-    """Deprecated: sae_pooled_features(hidden, sae=sae, spans=spans)."""
-    deprecated("sae_pooled_features_varlen(hidden, spans, sae)", "sae_pooled_features(hidden, sae=sae, spans=spans)")
-    return sae_pooled_features(hidden, sae=sae, check_inputs=check_inputs, spans=spans)
-
-
-def sae_feature_mse_varlen(hidden, spans, sae: SAEWeights, ref_indices, ref_values, k: int = 50,
-                           select: str = "policy", feature_weights=None, check_inputs: bool = True) -> torch.Tensor:
-    """Deprecated: sae_feature_mse(hidden, None, sae, ref_indices, ref_values, ..., spans=spans)."""
-    deprecated("sae_feature_mse_varlen(hidden, spans, sae, ...)", "sae_feature_mse(hidden, None, sae, ..., spans=spans)")
-    return sae_feature_mse(hidden, None, sae, ref_indices, ref_values, k, select, feature_weights, check_inputs,
-                           spans=spans)
+        return sae_topk.TopKFeatureMSEFunction.apply(
+            flat, rows, seq, offsets, inv_n, sae, ref_indices, ref_values, k, select, feature_weights
+        )
+    return SAEFeatureMSEFunction.apply(
+        flat, _spans(flat, mask, spans), sae, ref_indices, ref_values, k, select, feature_weights
+    )

@@ -13,8 +13,10 @@ The pooling then works on the [n, k] kept pairs only (_pool_kept): sorted by (se
 float64 prefix sums, each (sequence, feature) total written once, so it is deterministic without any [C, m]
 pass. Saved for the backward: each response row's k kept feature ids [n, k] int32. The backward touches only
 the k_D constrained features, per sequence:
-    dh_t = sum_{i in I_s} g_si [i kept at t] [z_ti > 0] W_enc[:, i],   g_si = dL/dD_s * 2/k_D w_i (p_si - p_ref_si) / n_s
+    dh_t = sum_{i in I_s} g_si [i kept at t] [z_ti > 0] W_enc[:, i],
+    g_si = dL/dD_s * 2/k_D w_i (p_si - p_ref_si) / n_s
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,10 +25,17 @@ from ._dispatch import is_fake, no_autocast
 from ._layout import dense_from_topk, span_rows
 from .sae_weights import SAEWeights
 
-__all__ = ["topk_rows", "topk_pool_fwd", "topk_constraint_bwd", "TopKFeatureMSEFunction", "CHUNK_BYTES", "MIN_CHUNK_ROWS"]
+__all__ = [
+    "topk_rows",
+    "topk_pool_fwd",
+    "topk_constraint_bwd",
+    "TopKFeatureMSEFunction",
+    "CHUNK_BYTES",
+    "MIN_CHUNK_ROWS",
+]
 
-CHUNK_BYTES = 1 << 26   # 64 MiB of fp32 pre-activations per chunk (the one [C, m] buffer of the forward)
-MIN_CHUNK_ROWS = 256    # below this, a chunk's GEMM streams W_enc for too few rows (< 256 FLOPs per byte)
+CHUNK_BYTES = 1 << 26  # 64 MiB of fp32 pre-activations per chunk (the one [C, m] buffer of the forward)
+MIN_CHUNK_ROWS = 256  # below this, a chunk's GEMM streams W_enc for too few rows (< 256 FLOPs per byte)
 
 
 def _chunk_rows(m: int) -> int:
@@ -38,11 +47,11 @@ def _preacts(h, sae: SAEWeights, feats=None):
     with an fp32 output."""
     w = sae.weight_as(h.dtype) if feats is None else sae.weight_as(h.dtype)[feats]
     b = sae.bias if feats is None else sae.bias[feats]
-    if h.dtype in (torch.float16, torch.bfloat16) and (h.is_cuda or is_fake(h)):   # fake: what a GPU would run
+    if h.dtype in (torch.float16, torch.bfloat16) and (h.is_cuda or is_fake(h)):  # fake: what a GPU would run
         z = torch.mm(h, w.t(), out_dtype=torch.float32)
     else:
         z = h.float() @ w.float().t() if h.dtype != torch.float64 else h @ w.double().t()
-    return z.add_(b.to(z.dtype))          # in place: one [C, m] buffer
+    return z.add_(b.to(z.dtype))  # in place: one [C, m] buffer
 
 
 def topk_rows(device, mask=None, spans=None):
@@ -68,6 +77,8 @@ def topk_pool_fwd(hidden, rows, seq, n_seqs, inv_n, sae: SAEWeights, chunk_rows:
     `seq` [n], 1 / response length inv_n [S]), and each row's kept feature ids [n, k] int32; chunk_rows
     overrides the chunking (tests)."""
     m, k = sae.width, sae.k
+    if k is None:
+        raise ValueError(f"SAE {sae.name!r} has no k: topk_pool_fwd takes TopK encoders only")
     dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     n = rows.shape[0]
     kept = torch.empty(n, k, device=hidden.device, dtype=torch.int32)
@@ -75,11 +86,11 @@ def topk_pool_fwd(hidden, rows, seq, n_seqs, inv_n, sae: SAEWeights, chunk_rows:
     C = chunk_rows or _chunk_rows(m)
     for a in range(0, n, C):
         b = min(a + C, n)
-        z = _preacts(hidden[rows[a:b]], sae)                              # [c, m] fp32
+        z = _preacts(hidden[rows[a:b]], sae)  # [c, m] fp32
         v, ids = torch.topk(z, k, dim=1, sorted=False)
         del z
         kept[a:b] = ids.to(torch.int32)
-        vals[a:b] = v.clamp(min=0)                                        # ReLU of the kept
+        vals[a:b] = v.clamp(min=0)  # ReLU of the kept
     return _pool_kept(kept, vals, seq, n_seqs, m) * inv_n[:, None].to(dt), kept
 
 
@@ -97,7 +108,7 @@ def _pool_kept(kept, vals, seq, n_seqs: int, m: int):
     last = torch.ones_like(keys, dtype=torch.bool)
     last[:-1] = keys[1:] != keys[:-1]
     ends = torch.where(last, prefix, torch.zeros((), dtype=prefix.dtype, device=prefix.device))
-    before = torch.cat([ends.new_zeros(1), ends.cummax(0).values[:-1]])    # the previous key's last prefix
+    before = torch.cat([ends.new_zeros(1), ends.cummax(0).values[:-1]])  # the previous key's last prefix
     totals = torch.where(last, prefix - before, torch.zeros((), dtype=prefix.dtype, device=prefix.device))
     return pooled.scatter_add_(0, keys, totals.to(vals.dtype)).view(n_seqs, m)
 
@@ -113,11 +124,10 @@ def topk_constraint_bwd(hidden, rows, offsets, kept, sae: SAEWeights, idx, coef)
             continue
         feats = idx[s].long()
         h = hidden[rows[r]]
-        z = _preacts(h, sae, feats)                                                  # [n_s, k_D]
-        chosen = (kept[r].long()[:, :, None] == feats[None, None, :]).any(1)        # [n_s, k_D] kept at that row
-        g = torch.where(chosen & (z > 0), coef[s][None, :].to(z.dtype), torch.zeros((), dtype=z.dtype,
-                                                                                     device=z.device))
-        w = sae.weight_as(hidden.dtype)[feats]                                       # [k_D, d]
+        z = _preacts(h, sae, feats)  # [n_s, k_D]
+        chosen = (kept[r].long()[:, :, None] == feats[None, None, :]).any(1)  # [n_s, k_D] kept at that row
+        g = torch.where(chosen & (z > 0), coef[s][None, :].to(z.dtype), torch.zeros((), dtype=z.dtype, device=z.device))
+        w = sae.weight_as(hidden.dtype)[feats]  # [k_D, d]
         dh[rows[r]] = (g @ w.to(g.dtype)).to(hidden.dtype)
     return dh
 
@@ -149,19 +159,26 @@ class TopKFeatureMSEFunction(torch.autograd.Function):
         hidden, rows, kept, idx, coef = ctx.saved_tensors
         grad_hidden = None
         if ctx.needs_input_grad[0]:
-            with no_autocast(hidden):   # a backward called inside an autocast region
-                grad_hidden = topk_constraint_bwd(hidden, rows, ctx.offsets, kept, ctx.sae,
-                                                  idx.clamp(0, ctx.sae.width - 1), grad_d.float()[:, None] * coef)
+            with no_autocast(hidden):  # a backward called inside an autocast region
+                grad_hidden = topk_constraint_bwd(
+                    hidden,
+                    rows,
+                    ctx.offsets,
+                    kept,
+                    ctx.sae,
+                    idx.clamp(0, ctx.sae.width - 1),
+                    grad_d.float()[:, None] * coef,
+                )
         return (
             grad_hidden,  # hidden
-            None,         # rows
-            None,         # seq
-            None,         # offsets
-            None,         # inv_n
-            None,         # sae (frozen)
-            None,         # ref_indices
-            None,         # ref_values (cached reference: a constant)
-            None,         # k
-            None,         # select
-            None,         # feature_weights (not learned)
+            None,  # rows
+            None,  # seq
+            None,  # offsets
+            None,  # inv_n
+            None,  # sae (frozen)
+            None,  # ref_indices
+            None,  # ref_values (cached reference: a constant)
+            None,  # k
+            None,  # select
+            None,  # feature_weights (not learned)
         )

@@ -1,10 +1,12 @@
 """The frozen encoder side of a sparse autoencoder, laid out once for the kernels."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,11 +47,11 @@ class SAEWeights:
     apply_b_dec_to_input: bool = False
     name: str = "sae"
     activation: str = "jumprelu"
-    k: int | None = None                 # topk: features kept per token
+    k: int | None = None  # topk: features kept per token
     bias: torch.Tensor = field(init=False)
     _cast: dict = field(init=False, default_factory=dict, repr=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         m, d = self.W_enc_t.shape if self.W_enc_t.dim() == 2 else (None, None)
         if m is None:
             raise ValueError(f"W_enc must be 2-D [d, m], got shape {tuple(self.W_enc_t.shape)}")
@@ -68,9 +70,9 @@ class SAEWeights:
         if self.apply_b_dec_to_input and self.b_dec is None:
             raise ValueError("apply_b_dec_to_input=True needs b_dec")
         dev = self.W_enc_t.device
-        for arg, t in (("b_enc", self.b_enc), ("threshold", self.threshold), ("b_dec", self.b_dec)):
-            if t is not None and t.device != dev:
-                raise ValueError(f"{arg} is on {t.device} but W_enc is on {dev}")
+        for arg, other in (("b_enc", self.b_enc), ("threshold", self.threshold), ("b_dec", self.b_dec)):
+            if other is not None and other.device != dev:
+                raise ValueError(f"{arg} is on {other.device} but W_enc is on {dev}")
         with torch.no_grad():
             self.W_enc_t = self.W_enc_t.detach().float().contiguous()
             self.b_enc = self.b_enc.detach().float().contiguous()
@@ -78,19 +80,23 @@ class SAEWeights:
             if self.b_dec is not None:
                 self.b_dec = self.b_dec.detach().float().contiguous()
             bias = self.b_enc.clone()
-            if self.apply_b_dec_to_input:
+            if self.apply_b_dec_to_input and self.b_dec is not None:  # checked above: the one implies the other
                 bias -= self.W_enc_t.double() @ self.b_dec.double()
             self.bias = bias.float().contiguous()
-        if is_fake(self.W_enc_t):   # fake tensors (memory planning) have no values to check
+        if is_fake(self.W_enc_t):  # fake tensors (memory planning) have no values to check
             return
         if not torch.isfinite(self.W_enc_t).all() or not torch.isfinite(self.bias).all():
             raise ValueError(f"SAE '{self.name}' has non-finite encoder weights or biases")
         if not torch.isfinite(self.threshold).all():
-            raise ValueError(f"SAE '{self.name}' has non-finite thresholds (NaN or inf): those features could never "
-                             "fire, and D would be 0 whatever the policy does")
+            raise ValueError(
+                f"SAE '{self.name}' has non-finite thresholds (NaN or inf): those features could never "
+                "fire, and D would be 0 whatever the policy does"
+            )
         if not self.W_enc_t.any():
-            raise ValueError(f"SAE '{self.name}' has an all-zero encoder (W_enc): no feature depends on the input, "
-                             "so D could never change; is this the right file?")
+            raise ValueError(
+                f"SAE '{self.name}' has an all-zero encoder (W_enc): no feature depends on the input, "
+                "so D could never change; is this the right file?"
+            )
 
     # ---- shape and device -------------------------------------------------------------------
     @property
@@ -110,14 +116,19 @@ class SAEWeights:
         """[d, m] view (not a copy) of the encoder matrix."""
         return self.W_enc_t.t()
 
-    def to(self, device) -> "SAEWeights":
+    def to(self, device: str | torch.device) -> SAEWeights:
         device = torch.device(device)
         if device == self.device:
             return self
         return SAEWeights(
-            self.W_enc_t.to(device), self.b_enc.to(device), self.threshold.to(device),
+            self.W_enc_t.to(device),
+            self.b_enc.to(device),
+            self.threshold.to(device),
             None if self.b_dec is None else self.b_dec.to(device),
-            self.apply_b_dec_to_input, self.name, self.activation, self.k,
+            self.apply_b_dec_to_input,
+            self.name,
+            self.activation,
+            self.k,
         )
 
     def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
@@ -133,14 +144,23 @@ class SAEWeights:
         h = hashlib.sha256()
         for t in (self.W_enc_t, self.b_enc, self.threshold, self.bias):
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        if self.activation not in ("jumprelu", "relu") or self.k is not None:   # older caches: JumpReLU/ReLU only
+        if self.activation not in ("jumprelu", "relu") or self.k is not None:  # older caches: JumpReLU/ReLU only
             h.update(f"{self.activation}:{self.k}".encode())
         return h.hexdigest()[:16]
 
     # ---- constructors -----------------------------------------------------------------------
     @classmethod
-    def from_tensors(cls, W_enc, b_enc, threshold=None, b_dec=None, apply_b_dec_to_input=False, name="sae", topk=None,
-                     activation=None):
+    def from_tensors(
+        cls,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        threshold: torch.Tensor | None = None,
+        b_dec: torch.Tensor | None = None,
+        apply_b_dec_to_input: bool = False,
+        name: str = "sae",
+        topk: int | None = None,
+        activation: str | None = None,
+    ) -> SAEWeights:
         """W_enc [d, m], b_enc [m], threshold [m] (None: a plain ReLU SAE), b_dec [d] or None; topk=k: a TopK SAE
         (its threshold, if any, is ignored); activation: "batchtopk" with a one-element or [m] threshold."""
         if not torch.is_tensor(W_enc) or W_enc.dim() != 2:
@@ -152,11 +172,19 @@ class SAEWeights:
             threshold = torch.zeros(m, device=W_enc.device)
         elif activation == "batchtopk" and threshold.numel() == 1:
             threshold = threshold.reshape(()).expand(m).clone()
-        return cls(W_enc.t(), b_enc, threshold, b_dec, bool(apply_b_dec_to_input), name, activation,
-                   topk if activation == "topk" else None)
+        return cls(
+            W_enc.t(),
+            b_enc,
+            threshold,
+            b_dec,
+            bool(apply_b_dec_to_input),
+            name,
+            activation,
+            topk if activation == "topk" else None,
+        )
 
     @classmethod
-    def from_sae_lens(cls, sae, name: str | None = None):
+    def from_sae_lens(cls, sae: Any, name: str | None = None) -> SAEWeights:
         """From a loaded sae-lens SAE: JumpReLU, standard (ReLU), TopK (a decoder-norm rescaling of the
         pre-activations is folded into the encoder), BatchTopK and Matryoshka-BatchTopK (their inference
         threshold)."""
@@ -171,7 +199,7 @@ class SAEWeights:
             name = getattr(meta, "hook_name", None) or "sae"
         W, b_enc = sae.W_enc.detach(), sae.b_enc.detach()
         threshold, topk, activation = None, None, SAE_LENS_ARCHITECTURES[arch]
-        if getattr(cfg, "rescale_acts_by_decoder_norm", False):   # hidden_pre * |W_dec_i|: fold into the encoder
+        if getattr(cfg, "rescale_acts_by_decoder_norm", False):  # hidden_pre * |W_dec_i|: fold into the encoder
             scale = sae.W_dec.detach().norm(dim=-1)
             W, b_enc = W * scale, b_enc * scale
         if activation == "topk":
@@ -183,11 +211,19 @@ class SAEWeights:
             if threshold is None:
                 raise ValueError(f"sae: a {arch} SAE without a threshold (save it for inference first)")
             threshold = threshold.detach()
-        return cls.from_tensors(W, b_enc, threshold, sae.b_dec.detach(), bool(cfg.apply_b_dec_to_input), name,
-                                topk=topk, activation=activation)
+        return cls.from_tensors(
+            W,
+            b_enc,
+            threshold,
+            sae.b_dec.detach(),
+            bool(cfg.apply_b_dec_to_input),
+            name,
+            topk=topk,
+            activation=activation,
+        )
 
     @classmethod
-    def from_file(cls, path: str, device="cpu"):
+    def from_file(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SAEWeights:
         """From disk: a sae-lens directory (cfg.json + sae_weights.safetensors; jumprelu, standard, topk,
         batchtopk, matryoshka_batchtopk), an EleutherAI sparsify directory (cfg.json with k + sae.safetensors:
         encoder.weight [m, d], encoder.bias, b_dec, subtracted from the input; its decoder-side normalize_decoder
@@ -204,14 +240,17 @@ class SAEWeights:
                 npz = os.path.join(path, "params.npz")
                 if os.path.exists(npz):
                     return cls.from_file(npz, device)
-                raise ValueError(f"sae path {path} has none of sae_weights.safetensors (sae-lens), sae.safetensors "
-                                 "(sparsify) or params.npz (Gemma Scope)")
+                raise ValueError(
+                    f"sae path {path} has none of sae_weights.safetensors (sae-lens), sae.safetensors "
+                    "(sparsify) or params.npz (Gemma Scope)"
+                )
             if os.path.exists(cfg_path):
                 cfg = _read_cfg(cfg_path)
                 arch = cfg.get("architecture", "jumprelu")
                 if arch not in SAE_LENS_ARCHITECTURES:
-                    raise ValueError(f"sae: architecture '{arch}' in {cfg_path} is not supported "
-                                     f"(one of {SAE_LENS_ARCHITECTURES})")
+                    raise ValueError(
+                        f"sae: architecture '{arch}' in {cfg_path} is not supported (one of {SAE_LENS_ARCHITECTURES})"
+                    )
                 if cfg.get("normalize_activations", "none") not in ("none", None):
                     raise ValueError(f"sae: normalize_activations in {cfg_path} is not supported")
                 activation = SAE_LENS_ARCHITECTURES[arch]
@@ -224,6 +263,7 @@ class SAEWeights:
             raise ValueError(f"sae path {path} does not exist")
         if path.endswith(".npz"):
             import numpy as np
+
             try:
                 with np.load(path) as z:
                     sd = {k: torch.from_numpy(z[k].copy()) for k in z.files}
@@ -236,17 +276,25 @@ class SAEWeights:
         missing = [k for k in ("W_enc", "b_enc") + (("W_dec",) if rescale else ()) if k not in sd]
         if missing:
             raise ValueError(f"sae file {path} lacks {missing}")
-        if rescale:   # TopK on hidden_pre * |W_dec_i|: fold the decoder norms into the encoder
+        if rescale:  # TopK on hidden_pre * |W_dec_i|: fold the decoder norms into the encoder
             scale = sd["W_dec"].float().norm(dim=-1)
             sd["W_enc"], sd["b_enc"] = sd["W_enc"].float() * scale, sd["b_enc"].float() * scale
         threshold = sd.get("threshold")
-        if threshold is None and "topk_threshold" in sd:   # BatchTopK saved with its training threshold
+        if threshold is None and "topk_threshold" in sd:  # BatchTopK saved with its training threshold
             threshold, activation = sd["topk_threshold"].float(), activation or "batchtopk"
         if activation in ("jumprelu", "batchtopk") and threshold is None:
             raise ValueError(f"sae file {path}: a {activation} SAE without a threshold")
         name = os.path.basename(os.path.dirname(path)) or os.path.basename(path)
-        return cls.from_tensors(sd["W_enc"].float(), sd["b_enc"].float(), threshold, sd.get("b_dec"),
-                                apply_b_dec and "b_dec" in sd, name, topk=topk, activation=activation).to(device)
+        return cls.from_tensors(
+            sd["W_enc"].float(),
+            sd["b_enc"].float(),
+            threshold,
+            sd.get("b_dec"),
+            apply_b_dec and "b_dec" in sd,
+            name,
+            topk=topk,
+            activation=activation,
+        ).to(device)
 
     @classmethod
     def _from_sparsify(cls, path, device):
@@ -261,8 +309,15 @@ class SAEWeights:
         missing = [k for k in ("encoder.weight", "encoder.bias", "b_dec") if k not in sd]
         if missing:
             raise ValueError(f"sae file {path}/sae.safetensors lacks {missing}")
-        return cls.from_tensors(sd["encoder.weight"].float().t(), sd["encoder.bias"].float(), None, sd["b_dec"].float(),
-                                True, os.path.basename(os.path.normpath(path)), topk=k).to(device)
+        return cls.from_tensors(
+            sd["encoder.weight"].float().t(),
+            sd["encoder.bias"].float(),
+            None,
+            sd["b_dec"].float(),
+            True,
+            os.path.basename(os.path.normpath(path)),
+            topk=k,
+        ).to(device)
 
 
 def _read_cfg(cfg_path) -> dict:
@@ -288,12 +343,18 @@ def _config_k(cfg: dict, cfg_path) -> int:
 
 
 # sae-lens architecture -> the activation we fuse
-SAE_LENS_ARCHITECTURES = {"jumprelu": "jumprelu", "standard": "relu", "topk": "topk", "batchtopk": "batchtopk",
-                          "matryoshka_batchtopk": "batchtopk"}
+SAE_LENS_ARCHITECTURES = {
+    "jumprelu": "jumprelu",
+    "standard": "relu",
+    "topk": "topk",
+    "batchtopk": "batchtopk",
+    "matryoshka_batchtopk": "batchtopk",
+}
 
 
 def _load_safetensors(path):
     from safetensors.torch import load_file
+
     try:
         return load_file(path)
     except Exception as e:

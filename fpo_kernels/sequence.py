@@ -3,14 +3,14 @@
 Two layouts. Padded: hidden [B, T, d] with a response mask, position t predicting token t + 1. Flat
 ("varlen", for packed token streams): hidden rows [N, d] and, for each response token, the row that
 predicts it, its label and its sequence; a row may predict several tokens (the last prompt token of a
-shared prompt predicts the first chosen and the first rejected token). Each op takes either:
-the padded arguments, or the flat ones as keywords (fla's convention: one entry per op, the layout chosen by
-what is passed)."""
+shared prompt predicts the first chosen and the first rejected token). Each op takes the layout's
+arguments as keywords, either the padded ones or the flat ones (fla's convention: one entry per op, the layout
+chosen by what is passed)."""
+
 from __future__ import annotations
 
 import torch
 
-from ._dispatch import deprecated
 from .logprobs import fused_linear_logprobs, fused_linear_logprobs_kl
 
 __all__ = ["sequence_logprobs", "sequence_logprobs_kl", "prediction_rows"]
@@ -47,8 +47,10 @@ def _flat(hidden, input_ids, response_mask, rows, labels, seq_ids, num_seqs):
     response_mask [B, T], rows prediction_rows or None) or flat (rows, labels, seq_ids, num_seqs)."""
     if labels is None and seq_ids is None and num_seqs is None:
         if input_ids is None or response_mask is None:
-            raise ValueError("pass input_ids and response_mask (padded hidden [B, T, d]), or rows, labels, seq_ids "
-                             "and num_seqs (flat hidden rows [N, d])")
+            raise ValueError(
+                "pass input_ids and response_mask (padded hidden [B, T, d]), or rows, labels, seq_ids "
+                "and num_seqs (flat hidden rows [N, d])"
+            )
         if not torch.is_tensor(hidden) or hidden.dim() != 3:
             raise ValueError(f"hidden must be [B, T, d] with input_ids, got {getattr(hidden, 'shape', type(hidden))}")
         B, T, d = hidden.shape
@@ -57,70 +59,119 @@ def _flat(hidden, input_ids, response_mask, rows, labels, seq_ids, num_seqs):
         seq, pos = (prediction_rows(response_mask) if rows is None else rows).t()
         return hidden.reshape(B * T, d), seq * T + pos, input_ids[seq, pos + 1], seq, B
     if input_ids is not None or response_mask is not None:
-        raise ValueError("pass either input_ids and response_mask (padded) or labels, seq_ids and num_seqs (flat), "
-                         "not both")
+        raise ValueError(
+            "pass either input_ids and response_mask (padded) or labels, seq_ids and num_seqs (flat), not both"
+        )
     _check_varlen(hidden, rows, labels, seq_ids, num_seqs)
     return hidden, rows, labels, seq_ids, num_seqs
 
 
-def sequence_logprobs(hidden, weight, input_ids=None, response_mask=None, softcap=None, bias=None, chunk_size=None,
-                      rows=None, *, labels=None, seq_ids=None, num_seqs=None):
-    """Summed and length-normalised log-probs of each sequence's response tokens: (sum [S], mean [S],
-    count [S]) float32. weight [V, d]: the lm head. Only the rows that predict a response token go through it.
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    input_ids: torch.Tensor | None = None,
+    response_mask: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+    num_seqs: int | None = None,
+    softcap: float | None = None,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed and length-normalised log-probs of each sequence's response tokens.
 
-    Padded: hidden [B, T, d] final hidden states (position t predicts token t + 1), input_ids [B, T],
-    response_mask [B, T] (1 on response tokens), rows: prediction_rows(response_mask) on hidden's device, or
-    None to compute it here (a device sync on a GPU); S = B.
-    Flat (a packed stream): hidden [N, d], rows [n] integer: the row predicting each response token (rows may
-    repeat: a shared prompt's last row predicts two), labels [n]: those tokens, seq_ids [n] in [0, num_seqs):
-    the sequence each belongs to; S = num_seqs."""
+    Only the rows that predict a response token go through the lm head, chunked (`fused_linear_logprobs`).
+
+    Args:
+        hidden: final hidden states. Padded: [B, T, d] (position t predicts token t + 1) with `input_ids` and
+            `response_mask`. Flat (a packed stream): [N, d] with `rows`, `labels`, `seq_ids`, `num_seqs`.
+        weight: the lm head, [V, d].
+        input_ids: padded layout, [B, T].
+        response_mask: padded layout, [B, T], 1 on response tokens.
+        rows: padded layout: `prediction_rows(response_mask)` on hidden's device, or None to compute it here
+            (a device sync on a GPU). Flat layout: [n] integer, the row predicting each response token (rows
+            may repeat: a shared prompt's last row predicts two).
+        labels: flat layout, [n], the response tokens.
+        seq_ids: flat layout, [n] in [0, num_seqs), the sequence each token belongs to.
+        num_seqs: flat layout, the number of sequences S.
+        softcap: the model's final logit softcap (Gemma-2: 30.0), or None.
+        bias: the lm head's bias [V], or None.
+        chunk_size: tokens per lm-head chunk (default: from V).
+
+    Returns:
+        (sum, mean, count), each [S] float32; S = B (padded) or num_seqs (flat).
+    """
     flat, rows, labels, seq_ids, S = _flat(hidden, input_ids, response_mask, rows, labels, seq_ids, num_seqs)
-    lp = fused_linear_logprobs(flat[rows], weight, labels, softcap=softcap, bias=bias, chunk_size=chunk_size,
-                               check_inputs=False)
+    lp = fused_linear_logprobs(
+        flat[rows], weight, labels, softcap=softcap, bias=bias, chunk_size=chunk_size, check_inputs=False
+    )
     total = _per_sequence(lp, seq_ids, S)
     count = _per_sequence(torch.ones_like(lp), seq_ids, S)
     return total, total / count.clamp(min=1), count
 
 
-def sequence_logprobs_kl(hidden, weight, input_ids=None, response_mask=None, ref_hidden=None, ref_weight=None,
-                         softcap=None, bias=None, ref_bias=None, chunk_size=None, rows=None, *, labels=None,
-                         seq_ids=None, num_seqs=None):
-    """TDPO's per-sequence terms over response tokens, from one pass over both models' logits
-    (fused_linear_logprobs_kl): (sum, mean, count, ref_sum, kl_sum), each [S] float32, where sum and mean are
-    the policy's log-probs as in sequence_logprobs, ref_sum the reference's summed log-probs (a constant) and
-    kl_sum the summed KL(pi_ref || pi_theta). ref_hidden ([B, T, d_ref] padded, [N, d_ref] flat), ref_weight
-    [V, d_ref], ref_bias: the reference's final hidden states on the same layout and its lm head; the other
-    arguments, and the two layouts, as in sequence_logprobs."""
+def sequence_logprobs_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    *,
+    input_ids: torch.Tensor | None = None,
+    response_mask: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    seq_ids: torch.Tensor | None = None,
+    num_seqs: int | None = None,
+    softcap: float | None = None,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TDPO's per-sequence terms over response tokens, from one pass over both models' logits.
+
+    Args:
+        hidden: the policy's final hidden states, in either layout of `sequence_logprobs`.
+        weight: the policy's lm head, [V, d].
+        ref_hidden: the reference's final hidden states on the same layout ([B, T, d_ref] or [N, d_ref]).
+        ref_weight: the reference's lm head, [V, d_ref].
+        input_ids: padded layout, [B, T], as in `sequence_logprobs`.
+        response_mask: padded layout, [B, T].
+        rows: the row predicting each response token (flat), or `prediction_rows` / None (padded).
+        labels: flat layout, [n], the response tokens.
+        seq_ids: flat layout, [n], the sequence of each.
+        num_seqs: flat layout, the number of sequences S.
+        softcap: the models' final logit softcap, or None.
+        bias: the policy's lm-head bias [V], or None.
+        chunk_size: tokens per lm-head chunk (default: from V).
+        ref_bias: the reference's lm-head bias [V], or None.
+
+    Returns:
+        (sum, mean, count, ref_sum, kl_sum), each [S] float32: the policy's log-probs as in
+        `sequence_logprobs`, the reference's summed log-probs (a constant) and the summed KL(pi_ref || pi_theta).
+    """
     flat, rows, labels, seq_ids, S = _flat(hidden, input_ids, response_mask, rows, labels, seq_ids, num_seqs)
     if not torch.is_tensor(ref_hidden) or ref_hidden.shape[:-1] != hidden.shape[:-1]:
-        raise ValueError(f"ref_hidden must be {list(hidden.shape[:-1]) + ['d_ref']}, the layout of hidden, "
-                         f"got {getattr(ref_hidden, 'shape', None)}")
-    if ref_weight is None:
+        raise ValueError(
+            f"ref_hidden must be {list(hidden.shape[:-1]) + ['d_ref']}, the layout of hidden, "
+            f"got {getattr(ref_hidden, 'shape', None)}"
+        )
+    if not torch.is_tensor(ref_weight):
         raise ValueError("ref_weight (the reference's lm head [V, d_ref]) is required")
     ref_flat = ref_hidden.reshape(flat.shape[0], -1)
-    logp, ref_logp, kl = fused_linear_logprobs_kl(flat[rows], weight, labels, ref_flat[rows], ref_weight, softcap,
-                                                  bias, ref_bias, chunk_size=chunk_size, check_inputs=False)
+    logp, ref_logp, kl = fused_linear_logprobs_kl(
+        flat[rows],
+        weight,
+        labels,
+        ref_flat[rows],
+        ref_weight,
+        softcap,
+        bias,
+        ref_bias,
+        chunk_size=chunk_size,
+        check_inputs=False,
+    )
     total, ref_total, kl_total = (_per_sequence(t, seq_ids, S) for t in (logp, ref_logp, kl))
     count = _per_sequence(torch.ones_like(logp), seq_ids, S)
     return total, total / count.clamp(min=1), count, ref_total, kl_total
-
-
-def sequence_logprobs_varlen(hidden, weight, rows, labels, seq_ids, num_seqs: int, softcap=None, bias=None,
-                             chunk_size=None):
-    """Deprecated: sequence_logprobs(hidden, weight, rows=rows, labels=labels, seq_ids=seq_ids, num_seqs=S)."""
-    deprecated("sequence_logprobs_varlen(hidden, weight, rows, labels, seq_ids, num_seqs)",
-               "sequence_logprobs(hidden, weight, rows=rows, labels=labels, seq_ids=seq_ids, num_seqs=num_seqs)")
-    return sequence_logprobs(hidden, weight, softcap=softcap, bias=bias, chunk_size=chunk_size, rows=rows,
-                             labels=labels, seq_ids=seq_ids, num_seqs=num_seqs)
-
-
-def sequence_logprobs_kl_varlen(hidden, weight, rows, labels, seq_ids, num_seqs: int, ref_hidden, ref_weight,
-                                softcap=None, bias=None, ref_bias=None, chunk_size=None):
-    """Deprecated: sequence_logprobs_kl(hidden, weight, ref_hidden=..., ref_weight=..., rows=rows, labels=labels,
-    seq_ids=seq_ids, num_seqs=S)."""
-    deprecated("sequence_logprobs_kl_varlen(...)",
-               "sequence_logprobs_kl(hidden, weight, ref_hidden=..., ref_weight=..., rows=..., labels=..., seq_ids=..., "
-               "num_seqs=...)")
-    return sequence_logprobs_kl(hidden, weight, ref_hidden=ref_hidden, ref_weight=ref_weight, softcap=softcap,
-                                bias=bias, ref_bias=ref_bias, chunk_size=chunk_size, rows=rows, labels=labels,
-                                seq_ids=seq_ids, num_seqs=num_seqs)

@@ -1,10 +1,12 @@
 """Test setup: without a GPU, kernels run through the Triton interpreter (set before triton is imported)."""
+
 import os
 
 import pytest
 
 try:
     import torch
+
     _HAS_CUDA = torch.cuda.is_available()
 except Exception:  # pragma: no cover
     _HAS_CUDA = False
@@ -48,6 +50,7 @@ def _fresh_seed():
 def tiny(tmp_path_factory):
     """Paths of a tiny model, a second tiny model (other weights), a tiny SAE and 16 pairs, built once."""
     import tiny as t
+
     root = tmp_path_factory.mktemp("tiny")
     return {
         "model": t.make_model(str(root / "model")),

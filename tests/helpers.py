@@ -1,4 +1,5 @@
 """Shared builders for the kernel tests."""
+
 import torch
 
 from fpo_kernels import SAEWeights
@@ -7,7 +8,7 @@ from fpo_kernels import SAEWeights
 def random_sae(d, m, device="cpu", b_dec=True, apply_b_dec=True, dtype=torch.float32):
     """W_enc is rounded to `dtype`: the kernels multiply in the hidden states' dtype, and JumpReLU's jump
     would turn a rounding difference at a threshold into a whole feature's worth of error."""
-    W = (torch.randn(d, m, device=device) / d ** 0.5).to(dtype).float()
+    W = (torch.randn(d, m, device=device) / d**0.5).to(dtype).float()
     b_enc = torch.randn(m, device=device) * 0.1
     theta = torch.rand(m, device=device) * 0.3
     bd = torch.randn(d, device=device) * 0.2 if b_dec else None

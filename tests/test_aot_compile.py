@@ -1,5 +1,6 @@
 """Every kernel variant compiles for an H100 (sm_90a) with Triton's real compiler and the argument
 specialisation a real launch gets, no GPU needed; no bf16/fp16 variant spills registers."""
+
 import json
 import os
 import subprocess
@@ -10,8 +11,14 @@ from fpo_kernels._dispatch import all_kernels
 
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0")
-    r = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--out", str(tmp_path)], env=env,
-                       capture_output=True, text=True, timeout=1200, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.kernel_resources", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        cwd=os.path.join(os.path.dirname(__file__), ".."),
+    )
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     rows = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]
     # SAE: dtypes x (spans or mask x (pool x gather x 4 configs + gate x 2 configs) + dh x 2 configs) + the fp32
@@ -20,9 +27,12 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert len(rows) == 3 * (2 * (2 * 4 + 2) + 2) + 1 + 2 * (1 + 2) + 2 * 3 * (1 + 2)
     kernels = {r["kernel"] for r in rows}
     assert kernels == {k.name for k in all_kernels()}, kernels
-    spills = [(r["kernel"], r["dtype"], r["constexprs"], r["spill_store_bytes"]) for r in rows
-              if r["dtype"] != "fp32" and (r["spill_store_bytes"] or r["spill_load_bytes"])]
+    spills = [
+        (r["kernel"], r["dtype"], r["constexprs"], r["spill_store_bytes"])
+        for r in rows
+        if r["dtype"] != "fp32" and (r["spill_store_bytes"] or r["spill_load_bytes"])
+    ]
     assert not spills, spills
     sae = [r for r in rows if r["kernel"].startswith("_sae") and r["dtype"] == "bf16"]
-    assert all(r["wgmma"] and r["cp_async"] for r in sae)   # tl.dot became Hopper's warpgroup MMA, loads are async
+    assert all(r["wgmma"] and r["cp_async"] for r in sae)  # tl.dot became Hopper's warpgroup MMA, loads are async
     assert all(r["occupancy"] > 0 for r in rows)

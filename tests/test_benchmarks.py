@@ -1,4 +1,5 @@
 """The benchmark harnesses at CPU sizes: smoke runs, and pytest-benchmark entries for a training step."""
+
 import os
 
 import pytest
@@ -12,6 +13,7 @@ def _reference_path(monkeypatch):
 
 def test_kernel_benchmarks_run(capsys):
     from benchmarks import bench_logprobs, bench_sae_constraint
+
     rows = bench_sae_constraint.main([])
     assert {r["provider"] for r in rows} == {"fused", "fused, 25% prompt", "naive"}
     assert all(r["spread"] >= 0 for r in rows) and all("time_vs_fused" in r for r in rows)
@@ -25,17 +27,19 @@ def test_kernel_benchmarks_run(capsys):
 
 def test_step_benchmark_ratios(tmp_path):
     from benchmarks import bench_step
+
     rows, ratios = bench_step.main(["--steps", "2", "--out", str(tmp_path)])
     others = {f"{m}@{p}" for p, ms in bench_step.OTHER_POLICIES.items() for m in ms}
     assert {r["method"] for r in rows} == set(bench_step.METHODS + bench_step.liger_methods()) | others
     assert all(r["step_ms"] > 0 for r in rows)
-    assert {r["precision"] for r in rows} == {"fp32", "bf16-compensated", "bf16-pure"}   # the CPU's run: fp32
+    assert {r["precision"] for r in rows} == {"fp32", "bf16-compensated", "bf16-pure"}  # the CPU's run: fp32
     assert "fpo/tdpo2-authors step_ms" in ratios["2x64"] and "fpo@bf16-compensated/fpo step_ms" in ratios["2x64"]
     assert (tmp_path / "bench_step_tiny_2x64.png").exists()
 
 
 def test_every_step_method_gives_a_finite_scalar_loss():
     from benchmarks.bench_step import Step
+
     s = Step("tiny", 1, 32, "cpu", "fp32")
     for method in ("simpo", "dpo-full-logits", "fpo", "tdpo2-lean", "tdpo2-authors"):
         if "tdpo" in method:
@@ -49,21 +53,23 @@ def test_tdpo_as_its_code_runs_it_is_the_same_loss_as_ours():
     simpo-authors SimPO's (fp32 full logits); each loss is our fused path's to fp32 rounding, so the rows compare
     equal work."""
     from benchmarks.bench_step import Step
+
     s = Step("tiny", 2, 32, "cpu", "fp32")
     s.load_reference()
-    with torch.no_grad():   # a reference other than the policy: a KL that is not 0
+    with torch.no_grad():  # a reference other than the policy: a KL that is not 0
         for p in s.ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     for variant in ("tdpo1", "tdpo2"):
         with torch.no_grad():
             assert s.loss(f"{variant}-authors").item() == pytest.approx(s.loss(f"{variant}-lean").item(), rel=1e-5)
-    with torch.no_grad():   # SimPO as its code runs it: the same loss as ours
+    with torch.no_grad():  # SimPO as its code runs it: the same loss as ours
         assert s.loss("simpo-authors").item() == pytest.approx(s.loss("simpo").item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["fpo", "simpo", "tdpo2-lean"])
 def test_step_benchmark_entry(benchmark, method):
     from benchmarks.bench_step import Step
+
     s = Step("tiny", 1, 32, "cpu", "fp32")
     if method in ("tdpo2-lean",):
         s.load_reference()
@@ -73,6 +79,7 @@ def test_step_benchmark_entry(benchmark, method):
         s.loss(method).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
 
 
@@ -80,15 +87,27 @@ def test_step_estimate_on_fake_tensors(tmp_path, monkeypatch):
     """estimate_step at a tiny size: every method runs on fake tensors; bench_step finds the estimate."""
     from benchmarks import bench_step, estimate_step
     from fpo import assets
-    rows, ratios, info = estimate_step.main(["--preset", "tiny", "--seq-len", "32", "--methods",
-                                             "simpo,fpo,fpo-ref,tdpo2-lean,tdpo2-authors", "--out", str(tmp_path),
-                                             "--dataset", assets.EVAL_PAIRS])
+
+    rows, ratios, info = estimate_step.main(
+        [
+            "--preset",
+            "tiny",
+            "--seq-len",
+            "32",
+            "--methods",
+            "simpo,fpo,fpo-ref,tdpo2-lean,tdpo2-authors",
+            "--out",
+            str(tmp_path),
+            "--dataset",
+            assets.EVAL_PAIRS,
+        ]
+    )
     hours = info["epoch"]["hours"]["fpo"]
     assert 0 < hours["share-prompt"] < hours["pack"] < hours["off"]
     by = {r["method"]: r for r in rows}
     assert by["fpo"]["phases_ms"]["sae"] > by["fpo-ref"]["phases_ms"]["sae"] > 0
-    assert by["tdpo2-lean"]["tflop"] > by["simpo"]["tflop"] > 0          # the reference forward
-    for m in ("tdpo2-lean", "tdpo2-authors"):                            # the reference weights
+    assert by["tdpo2-lean"]["tflop"] > by["simpo"]["tflop"] > 0  # the reference forward
+    for m in ("tdpo2-lean", "tdpo2-authors"):  # the reference weights
         assert by[m]["peak_gb_estimate"] > by["simpo"]["peak_gb_estimate"]
     assert 0 < ratios["fpo sae share of step"] < 1
     # one policy for every method (bf16-mixed: fp32 weights, grads and Adam states), a few rows under others
@@ -109,10 +128,28 @@ def test_packing_benchmark_runs(tiny, tmp_path, monkeypatch):
     than off) and the timed FPO runs of every layout (on the tiny model: the runs' mechanics, not their speed)."""
     from benchmarks import bench_packing
     from fpo import assets
-    monkeypatch.setenv("TRITON_INTERPRET", "0")   # the cache: the plain-PyTorch path (the kernels have own tests)
-    rows, time_rows = bench_packing.main(["--dataset", assets.EVAL_PAIRS, "--max-lengths", "64", "--pairs-per-mb", "2",
-                                          "--time-steps", "2", "--time-max-length", "64", "--model", tiny["model"],
-                                          "--sae", tiny["sae"], "--out", str(tmp_path)])
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the cache: the plain-PyTorch path (the kernels have own tests)
+    rows, time_rows = bench_packing.main(
+        [
+            "--dataset",
+            assets.EVAL_PAIRS,
+            "--max-lengths",
+            "64",
+            "--pairs-per-mb",
+            "2",
+            "--time-steps",
+            "2",
+            "--time-max-length",
+            "64",
+            "--model",
+            tiny["model"],
+            "--sae",
+            tiny["sae"],
+            "--out",
+            str(tmp_path),
+        ]
+    )
     by = {r["layout"]: r["tokens"] for r in rows}
     for how in ("stream", "rows"):
         assert by[f"share-prompt {how}"] <= by[f"pack {how}"] <= by["off"] and by[f"share-prompt {how}"] < by["off"]
@@ -127,6 +164,7 @@ def test_topk_estimate_holds_one_chunk():
     times over; both take time."""
     from benchmarks import estimate_sae_topk
     from fpo_kernels.sae_topk import MIN_CHUNK_ROWS
+
     m, N = 8192, 4 * 1024
     rows = {r["provider"]: r for r in estimate_sae_topk.estimate([("t", 512, m, 4, 1024)], (16,))}
     chunk_mib = max(MIN_CHUNK_ROWS, (1 << 26) // (4 * m)) * m * 4 / 2**20
@@ -140,16 +178,30 @@ def test_run_gpu_quick_dry_run(tmp_path):
     every benchmark it would run imports and parses its arguments, so the script cannot rot without a GPU."""
     import subprocess
     import sys
+
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    env = dict(os.environ, DRY_RUN="1", OUT=str(tmp_path),
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    r = subprocess.run(["bash", "benchmarks/run_gpu.sh", "quick"], cwd=root, env=env, capture_output=True, text=True,
-                       timeout=900)
+    env = dict(
+        os.environ,
+        DRY_RUN="1",
+        OUT=str(tmp_path),
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+    )
+    r = subprocess.run(
+        ["bash", "benchmarks/run_gpu.sh", "quick"], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = (tmp_path / "quick.log").read_text()
     stages = [line.split(" (at most")[0] for line in log.splitlines() if line.startswith("[quick] ")]
-    assert stages == [f"[quick] tests {f}" for f in ("test_sae_constraint", "test_sae_topk", "test_logprobs",
-                                                      "test_cache_pack", "test_precision", "test_packing")] + \
-        [f"[quick] {s}" for s in ("step", "sae", "topk", "logprobs", "profile")]
+    assert stages == [
+        f"[quick] tests {f}"
+        for f in (
+            "test_sae_constraint",
+            "test_sae_topk",
+            "test_logprobs",
+            "test_cache_pack",
+            "test_precision",
+            "test_packing",
+        )
+    ] + [f"[quick] {s}" for s in ("step", "sae", "topk", "logprobs", "profile")]
     summary = (tmp_path / "gpu_tests_summary.txt").read_text().splitlines()
-    assert len(summary) == 6 and all(line.split(": ")[-1].isdigit() for line in summary)   # tests collected per file
+    assert len(summary) == 6 and all(line.split(": ")[-1].isdigit() for line in summary)  # tests collected per file

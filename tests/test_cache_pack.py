@@ -1,4 +1,5 @@
 """Sparse-index cache packing: exact round trip, packed dtypes on both sides of the int16 boundary."""
+
 import pytest
 import torch
 
@@ -6,15 +7,17 @@ from fpo_kernels import index_dtype_for, pack_topk, unpack_topk
 from fpo_kernels.reference import pack_topk_ref
 
 
-@pytest.mark.parametrize("m,dtype", [(100, torch.int16), (32768, torch.int16), (32769, torch.int32), (65536, torch.int32)])
+@pytest.mark.parametrize(
+    "m,dtype", [(100, torch.int16), (32768, torch.int16), (32769, torch.int32), (65536, torch.int32)]
+)
 def test_pack_dtypes_and_round_trip(m, dtype):
     B, K = 3, 64
     pooled = torch.rand(B, m)
     idx, val = pack_topk(pooled, K)
     assert idx.dtype == dtype == index_dtype_for(m) and val.dtype == torch.float16
     ridx, rval = pack_topk_ref(pooled, K)
-    assert torch.equal(idx.long(), ridx)                          # exact indices, including the top of the range
-    assert torch.equal(val, rval.half())                          # values: exactly the reference rounded once
+    assert torch.equal(idx.long(), ridx)  # exact indices, including the top of the range
+    assert torch.equal(val, rval.half())  # values: exactly the reference rounded once
     assert (val[:, :-1] >= val[:, 1:]).all()
     dense = unpack_topk(idx, val, m)
     assert torch.equal(dense.gather(1, idx.long()), val.float())

@@ -1,4 +1,5 @@
 """The `fpo` command end to end on the tiny model: precompute -> train (YAML + flags) -> eval."""
+
 import json
 import os
 import subprocess
@@ -15,20 +16,58 @@ def _fpo(*args, check=True):
 
 def test_precompute_train_eval(tiny, tmp_path):
     cache = str(tmp_path / "cache")
-    r = _fpo("precompute", "--model", tiny["model"], "--dataset", tiny["pairs"], "--sae", tiny["sae"], "--out", cache,
-             "--K", "32", "--max-length", "64", "--max-prompt-length", "32", "--no-progress")
+    r = _fpo(
+        "precompute",
+        "--model",
+        tiny["model"],
+        "--dataset",
+        tiny["pairs"],
+        "--sae",
+        tiny["sae"],
+        "--out",
+        cache,
+        "--cache-k",
+        "32",
+        "--max-length",
+        "64",
+        "--max-prompt-length",
+        "32",
+        "--no-progress",
+    )
     assert "bytes per pair" in r.stdout and "dense fp32 pooled cache would need" in r.stdout
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"method: fpo\nmodel: {tiny['model']}\ndataset: {tiny['pairs']}\ncache: {cache}\nsae: {tiny['sae']}\n"
-                   f"max_length: 64\nmax_prompt_length: 32\nbatch_size: 4\nmicro_batch_size: 2\nlr: 1e-4\n"
-                   f"warmup_steps: 0\nlog_every: 1\noutput_dir: {tmp_path / 'run'}\nprogress: false\n")
+    cfg.write_text(
+        f"method: fpo\nmodel: {tiny['model']}\ndataset: {tiny['pairs']}\ncache: {cache}\nsae: {tiny['sae']}\n"
+        f"max_length: 64\nmax_prompt_length: 32\nbatch_size: 4\nmicro_batch_size: 2\nlr: 1e-4\n"
+        f"warmup_steps: 0\nlog_every: 1\noutput_dir: {tmp_path / 'run'}\nprogress: false\n"
+    )
     _fpo("train", "--config", str(cfg), "--max-steps", "2", "--select", "reference", "--k", "8")
     hist = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [h["step"] for h in hist] == [1, 2]
     out = tmp_path / "eval.json"
-    r = _fpo("eval", "--model", str(tmp_path / "run" / "final"), "--dataset", tiny["pairs"], "--cache", cache,
-             "--sae", tiny["sae"], "--reference-model", tiny["model"], "--max-length", "64", "--max-prompt-length", "32",
-             "--max-pairs", "4", "--k", "8", "--json", str(out))
+    r = _fpo(
+        "eval",
+        "--model",
+        str(tmp_path / "run" / "final"),
+        "--dataset",
+        tiny["pairs"],
+        "--cache",
+        cache,
+        "--sae",
+        tiny["sae"],
+        "--reference-model",
+        tiny["model"],
+        "--max-length",
+        "64",
+        "--max-prompt-length",
+        "32",
+        "--max-pairs",
+        "4",
+        "--k",
+        "8",
+        "--json",
+        str(out),
+    )
     res = json.loads(out.read_text())
     assert res["pairs"] == 4 and 0 <= res["accuracy_logp"] <= 1 and res["kl"] >= 0 and res["d"] >= 0
     assert "accuracy_logp" in r.stdout
@@ -45,7 +84,13 @@ def test_cli_errors_are_one_clear_line(tiny, tmp_path):
 
 def test_bench_subcommand_runs_from_anywhere(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0")
-    r = subprocess.run([sys.executable, "-m", "fpo.cli", "bench", "step", "--steps", "1", "--methods", "fpo,simpo"],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "fpo.cli", "bench", "step", "--steps", "1", "--methods", "fpo,simpo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "fpo/simpo step_ms" in r.stdout

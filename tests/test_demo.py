@@ -1,4 +1,5 @@
 """`fpo demo` at its smallest setting, end to end on the real shipped model and SAE."""
+
 import json
 import os
 import subprocess
@@ -11,9 +12,33 @@ import pytest
 def test_demo_smallest_setting(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, TRITON_INTERPRET="0")  # the real model on the CPU path; kernels are tested on their own
-    r = subprocess.run([sys.executable, "-m", "fpo.cli", "demo", "--pairs", "2", "--eval-pairs", "2", "--steps", "2",
-                        "--batch-size", "2", "--max-length", "48", "--entropy-samples", "1", "--no-progress",
-                        "--output-dir", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fpo.cli",
+            "demo",
+            "--pairs",
+            "2",
+            "--eval-pairs",
+            "2",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "48",
+            "--entropy-samples",
+            "1",
+            "--no-progress",
+            "--output-dir",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert "not alignment quality" in r.stdout
     for method in ("fpo", "simpo", "tdpo2"):

@@ -1,6 +1,7 @@
 """Each op module's KERNELS table is its kernels' signatures: a table that disagrees with a kernel is refused
 when the module loads, a launch that misses or misnames an argument is refused before the kernel runs, and the
 fake-launch observers hear every argument by its name."""
+
 import pytest
 import torch
 import triton
@@ -21,9 +22,11 @@ def _scale_kernel(x, out, n, BLOCK: tl.constexpr):
 
 def test_a_table_must_match_the_kernel_signature():
     Kernel(_scale_kernel, {"x": "*fp32", "out": "*fp32", "n": "i32"}, tiles=dict(BLOCK=64))
-    for args, tiles in (({"x": "*fp32", "n": "i32"}, dict(BLOCK=64)),                      # one missing
-                        ({"out": "*fp32", "x": "*fp32", "n": "i32"}, dict(BLOCK=64)),      # out of order
-                        ({"x": "*fp32", "out": "*fp32", "n": "i32"}, {})):                 # a constexpr missing
+    for args, tiles in (
+        ({"x": "*fp32", "n": "i32"}, dict(BLOCK=64)),  # one missing
+        ({"out": "*fp32", "x": "*fp32", "n": "i32"}, dict(BLOCK=64)),  # out of order
+        ({"x": "*fp32", "out": "*fp32", "n": "i32"}, {}),
+    ):  # a constexpr missing
         with pytest.raises(TypeError, match="_scale_kernel: the table's arguments"):
             Kernel(_scale_kernel, args, tiles=tiles)
 
@@ -43,8 +46,9 @@ def test_a_launch_names_every_argument():
 def test_every_kernel_is_in_a_table_and_launched_by_name():
     """The modules' tables hold every @triton.jit kernel they define; on fake tensors each op's launches reach
     the observers with exactly the table's arguments, tensors where the table says pointers."""
-    defined = {name for m in (sc, lp) for name, v in vars(m).items()
-               if name.endswith("_kernel") and hasattr(v, "arg_names")}
+    defined = {
+        name for m in (sc, lp) for name, v in vars(m).items() if name.endswith("_kernel") and hasattr(v, "arg_names")
+    }
     assert defined == {k.name for k in all_kernels()}
     heard = []
 
@@ -59,8 +63,16 @@ def test_every_kernel_is_in_a_table_and_launched_by_name():
         h = torch.empty(2, N // 2, d, requires_grad=True)
         sae = SAEWeights.from_tensors(torch.empty(d, m), torch.empty(m), torch.empty(m), torch.empty(d), True)
         mask = torch.ones(2, N // 2, dtype=torch.bool)
-        d_s = sae_feature_mse(h, mask, sae, torch.zeros(2, 8, dtype=torch.int32), torch.empty(2, 8), 4, "policy",
-                              check_inputs=False)
+        d_s = sae_feature_mse(
+            h,
+            sae,
+            torch.zeros(2, 8, dtype=torch.int32),
+            torch.empty(2, 8),
+            mask=mask,
+            k=4,
+            select="policy",
+            check_inputs=False,
+        )
         d_s.sum().backward()
         w = torch.empty(V, d, requires_grad=True)
         fused_linear_logprobs(h.reshape(N, d), w, torch.zeros(N, dtype=torch.long)).sum().backward()

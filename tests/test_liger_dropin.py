@@ -2,6 +2,7 @@
 (their shapes, options and loss types, their way of masking targets), stated here against our own float64
 reference written out from the formulas (so CI runs them without Liger), then side by side with
 liger_kernel where it is installed: loss, the 7 outputs and the gradients."""
+
 import itertools
 import math
 import zlib
@@ -13,14 +14,14 @@ import torch.nn.functional as F
 from fpo_kernels.losses import DPO_LOSS_TYPES
 from fpo_kernels.preference import FusedLinearDPOLoss, FusedLinearSimPOLoss
 
-pytestmark = pytest.mark.usefixtures("no_interpreter")   # the ops' PyTorch path; the kernels are tested apart
+pytestmark = pytest.mark.usefixtures("no_interpreter")  # the ops' PyTorch path; the kernels are tested apart
 
-SHAPES = [(2, 2, 8, 8), (3, 47, 31, 123)]                 # Liger's small and odd shapes (B pairs, T, H, V)
+SHAPES = [(2, 2, 8, 8), (3, 47, 31, 123)]  # Liger's small and odd shapes (B pairs, T, H, V)
 EXTRA = {"robust": {"label_smoothing": 0.1}, "exo_pair": {"label_smoothing": 1e-3}, "discopop": {"discopop_tau": 0.05}}
 
 
 def _seed(*key):
-    return zlib.crc32(repr(key).encode())   # the same inputs for a case on every run
+    return zlib.crc32(repr(key).encode())  # the same inputs for a case on every run
 
 
 def _case(B, T, H, V, bias, ref_bias, ignore_index, seed, keep_every_row):
@@ -29,9 +30,14 @@ def _case(B, T, H, V, bias, ref_bias, ignore_index, seed, keep_every_row):
     undefined)."""
     g = torch.Generator().manual_seed(seed)
     n = 2 * B
-    x = {"h": torch.randn(n, T, H, generator=g), "w": torch.randn(V, H, generator=g),
-         "ref_h": torch.randn(n, T, H, generator=g), "ref_w": torch.randn(V, H, generator=g),
-         "b": torch.randn(V, generator=g) if bias else None, "ref_b": torch.randn(V, generator=g) if ref_bias else None}
+    x = {
+        "h": torch.randn(n, T, H, generator=g),
+        "w": torch.randn(V, H, generator=g),
+        "ref_h": torch.randn(n, T, H, generator=g),
+        "ref_w": torch.randn(V, H, generator=g),
+        "b": torch.randn(V, generator=g) if bias else None,
+        "ref_b": torch.randn(V, generator=g) if ref_bias else None,
+    }
     target = torch.randint(0, V, (n, T), generator=g)
     k = int(torch.randint(1, max(2, n * T // 2), (1,), generator=g))
     target.view(-1)[torch.randperm(n * T, generator=g)[:k]] = ignore_index
@@ -51,8 +57,20 @@ def _logps64(h, w, b, target, ignore_index):
     return sums, sums / mask.sum(-1), tok, mask, logits
 
 
-def _reference(kind, x, ignore_index, beta, alpha, compute_nll, average_log_prob, loss_type="sigmoid",
-               label_smoothing=0.0, discopop_tau=0.05, gamma=0.5, use_ref_model=True):
+def _reference(
+    kind,
+    x,
+    ignore_index,
+    beta,
+    alpha,
+    compute_nll,
+    average_log_prob,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    discopop_tau=0.05,
+    gamma=0.5,
+    use_ref_model=True,
+):
     """The loss and Liger's 7 outputs in float64, with the gradient graph to h, w and b."""
     h, w = x["h"].double().requires_grad_(), x["w"].double().requires_grad_()
     b = None if x["b"] is None else x["b"].double().requires_grad_()
@@ -73,22 +91,26 @@ def _reference(kind, x, ignore_index, beta, alpha, compute_nll, average_log_prob
                 rs, rm, *_ = _logps64(x["ref_h"], x["ref_w"], x["ref_b"], x["target"], ignore_index)
             ref = rm if average_log_prob else rs
             rw_, rl_ = ref[:P], ref[P:]
-        a, c = cw - rw_, cl - rl_                      # the chosen and rejected log-ratios
+        a, c = cw - rw_, cl - rl_  # the chosen and rejected log-ratios
         rw, rl = beta * a, beta * c
         u = rw - rl
         losses = {
             "sigmoid": lambda: -(1 - eps) * F.logsigmoid(u) - eps * F.logsigmoid(-u),
             "hinge": lambda: torch.relu(1 - u),
-            "exo_pair": lambda: torch.sigmoid(u) * (F.logsigmoid(u) - math.log(1 - eps))
-            + torch.sigmoid(-u) * (F.logsigmoid(-u) - math.log(eps)),
+            "exo_pair": lambda: (
+                torch.sigmoid(u) * (F.logsigmoid(u) - math.log(1 - eps))
+                + torch.sigmoid(-u) * (F.logsigmoid(-u) - math.log(eps))
+            ),
             "nca_pair": lambda: -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl),
             "robust": lambda: ((1 - eps) * -F.logsigmoid(u) - eps * -F.logsigmoid(-u)) / (1 - 2 * eps),
             "bco_pair": lambda: -F.logsigmoid(rw) - F.logsigmoid(-rl),
             "sppo_hard": lambda: (a - 1 / (2 * beta)) ** 2 + (c + 1 / (2 * beta)) ** 2,
             "apo_zero": lambda: (1 - torch.sigmoid(rw)) + torch.sigmoid(rl),
             "apo_down": lambda: torch.sigmoid(rw) + (1 - torch.sigmoid(u)),
-            "discopop": lambda: -F.logsigmoid(u) * (1 - torch.sigmoid(u / discopop_tau))
-            + torch.exp(-u) * torch.sigmoid(u / discopop_tau),
+            "discopop": lambda: (
+                -F.logsigmoid(u) * (1 - torch.sigmoid(u / discopop_tau))
+                + torch.exp(-u) * torch.sigmoid(u / discopop_tau)
+            ),
         }[loss_type]()
     loss = losses.mean() + (alpha * nll if compute_nll else 0)
     T, V = x["h"].shape[1], x["w"].shape[0]
@@ -97,17 +119,45 @@ def _reference(kind, x, ignore_index, beta, alpha, compute_nll, average_log_prob
     return loss, outs, [t for t in (h, w, b) if t is not None]
 
 
-def _ours(kind, x, ignore_index, beta, alpha, compute_nll, average_log_prob, loss_type="sigmoid",
-          label_smoothing=0.0, discopop_tau=0.05, gamma=0.5, use_ref_model=True, module=None):
+def _ours(
+    kind,
+    x,
+    ignore_index,
+    beta,
+    alpha,
+    compute_nll,
+    average_log_prob,
+    loss_type="sigmoid",
+    label_smoothing=0.0,
+    discopop_tau=0.05,
+    gamma=0.5,
+    use_ref_model=True,
+    module=None,
+):
     h, w = x["h"].clone().requires_grad_(), x["w"].clone().requires_grad_()
     b = None if x["b"] is None else x["b"].clone().requires_grad_()
     if module is None and kind == "simpo":
-        module = FusedLinearSimPOLoss(ignore_index=ignore_index, beta=beta, alpha=alpha, label_smoothing=label_smoothing,
-                                      compute_nll_loss=compute_nll, gamma=gamma, average_log_prob=average_log_prob)
+        module = FusedLinearSimPOLoss(
+            ignore_index=ignore_index,
+            beta=beta,
+            alpha=alpha,
+            label_smoothing=label_smoothing,
+            compute_nll_loss=compute_nll,
+            gamma=gamma,
+            average_log_prob=average_log_prob,
+        )
     elif module is None:
-        module = FusedLinearDPOLoss(ignore_index=ignore_index, beta=beta, alpha=alpha, compute_nll_loss=compute_nll,
-                                    use_ref_model=use_ref_model, average_log_prob=average_log_prob,
-                                    loss_type=loss_type, label_smoothing=label_smoothing, discopop_tau=discopop_tau)
+        module = FusedLinearDPOLoss(
+            ignore_index=ignore_index,
+            beta=beta,
+            alpha=alpha,
+            compute_nll_loss=compute_nll,
+            use_ref_model=use_ref_model,
+            average_log_prob=average_log_prob,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+            discopop_tau=discopop_tau,
+        )
     if kind == "simpo":
         loss, outs = module(w, h, x["target"], b)
     else:
@@ -135,10 +185,17 @@ def _same(got, want, what, rtol=5e-4, atol=1e-5):
 @pytest.mark.parametrize("ignore_index,beta", [(-100, 0.1), (42, 0.2)])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_simpo_cases(shape, bias, compute_nll, ignore_index, beta, label_smoothing):
-    x = _case(*shape, bias, False, ignore_index, seed=_seed(shape, bias, compute_nll, ignore_index),
-              keep_every_row=True)
-    kw = dict(ignore_index=ignore_index, beta=beta, alpha=1.0, compute_nll=compute_nll, average_log_prob=True,
-              label_smoothing=label_smoothing)
+    x = _case(
+        *shape, bias, False, ignore_index, seed=_seed(shape, bias, compute_nll, ignore_index), keep_every_row=True
+    )
+    kw = dict(
+        ignore_index=ignore_index,
+        beta=beta,
+        alpha=1.0,
+        compute_nll=compute_nll,
+        average_log_prob=True,
+        label_smoothing=label_smoothing,
+    )
     _same(_ours("simpo", x, **kw), _reference("simpo", x, **kw), kw)
 
 
@@ -149,22 +206,42 @@ def test_simpo_cases(shape, bias, compute_nll, ignore_index, beta, label_smoothi
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_dpo_cases(shape, bias, ref_bias, compute_nll, ignore_index, beta, loss_type):
     """DPO's sums admit a response with no token left (its sum is 0): Liger's masking is kept as it is."""
-    x = _case(*shape, bias, ref_bias, ignore_index, seed=_seed(shape, bias, ref_bias, loss_type),
-              keep_every_row=False)
-    kw = dict(ignore_index=ignore_index, beta=beta, alpha=1.0, compute_nll=compute_nll, average_log_prob=False,
-              loss_type=loss_type, **EXTRA.get(loss_type, {}))
+    x = _case(*shape, bias, ref_bias, ignore_index, seed=_seed(shape, bias, ref_bias, loss_type), keep_every_row=False)
+    kw = dict(
+        ignore_index=ignore_index,
+        beta=beta,
+        alpha=1.0,
+        compute_nll=compute_nll,
+        average_log_prob=False,
+        loss_type=loss_type,
+        **EXTRA.get(loss_type, {}),
+    )
     _same(_ours("dpo", x, **kw), _reference("dpo", x, **kw), kw)
 
 
-@pytest.mark.parametrize("average_log_prob,use_ref_model,label_smoothing,alpha",
-                         [(True, True, 0.0, 1.0), (False, False, 0.0, 1.0), (False, True, 0.2, 1.0),
-                          (False, True, 0.0, 0.3), (False, True, 0.0, 0.0)])
+@pytest.mark.parametrize(
+    "average_log_prob,use_ref_model,label_smoothing,alpha",
+    [
+        (True, True, 0.0, 1.0),
+        (False, False, 0.0, 1.0),
+        (False, True, 0.2, 1.0),
+        (False, True, 0.0, 0.3),
+        (False, True, 0.0, 0.0),
+    ],
+)
 def test_dpo_options(average_log_prob, use_ref_model, label_smoothing, alpha):
     """average_log_prob, no reference (use_ref_model=False), cDPO label smoothing on sigmoid, alpha scaling the
     NLL term (Liger's test_alpha_scales_nll_loss)."""
     x = _case(3, 47, 31, 123, True, True, -100, seed=7, keep_every_row=True)
-    kw = dict(ignore_index=-100, beta=0.1, alpha=alpha, compute_nll=True, average_log_prob=average_log_prob,
-              use_ref_model=use_ref_model, label_smoothing=label_smoothing)
+    kw = dict(
+        ignore_index=-100,
+        beta=0.1,
+        alpha=alpha,
+        compute_nll=True,
+        average_log_prob=average_log_prob,
+        use_ref_model=use_ref_model,
+        label_smoothing=label_smoothing,
+    )
     _same(_ours("dpo", x, **kw), _reference("dpo", x, **kw), kw)
 
 
@@ -173,7 +250,9 @@ def test_precomputed_reference_equals_the_online_one():
     sums, *_ = _logps64(x["ref_h"], x["ref_w"], x["ref_b"], x["target"], -100)
     mod = FusedLinearDPOLoss(compute_nll_loss=True)
     online = mod(x["w"], x["h"], x["target"], x["b"], x["ref_h"], x["ref_w"], x["ref_b"])
-    pre = mod(x["w"], x["h"], x["target"], x["b"], ref_chosen_logps=sums[:3].float(), ref_rejected_logps=sums[3:].float())
+    pre = mod(
+        x["w"], x["h"], x["target"], x["b"], ref_chosen_logps=sums[:3].float(), ref_rejected_logps=sums[3:].float()
+    )
     assert online[0].item() == pytest.approx(pre[0].item(), rel=1e-5)
 
 
@@ -182,16 +261,25 @@ def test_liger_defaults_and_refusals():
     what Liger refuses, refused alike."""
     s, d = FusedLinearSimPOLoss(), FusedLinearDPOLoss()
     assert (s.beta, s.alpha, s.gamma, s.compute_nll_loss, s.label_smoothing) == (0.1, 1.0, 0.5, True, 0.0)
-    assert (d.beta, d.alpha, d.compute_nll_loss, d.use_ref_model, d.average_log_prob, d.loss_type) == \
-        (0.1, 1.0, False, True, False, "sigmoid")
-    for kw, match in ((dict(loss_type="ipo"), "Unsupported loss_type: ipo"), (dict(loss_type="exo_pair"), "must be > 0"),
-                      (dict(loss_type="robust", label_smoothing=0.5), r"\[0.0, 0.5\) for loss_type='robust'")):
+    assert (d.beta, d.alpha, d.compute_nll_loss, d.use_ref_model, d.average_log_prob, d.loss_type) == (
+        0.1,
+        1.0,
+        False,
+        True,
+        False,
+        "sigmoid",
+    )
+    for kw, match in (
+        (dict(loss_type="ipo"), "Unsupported loss_type: ipo"),
+        (dict(loss_type="exo_pair"), "must be > 0"),
+        (dict(loss_type="robust", label_smoothing=0.5), r"\[0.0, 0.5\) for loss_type='robust'"),
+    ):
         with pytest.raises(ValueError, match=match):
             FusedLinearDPOLoss(**kw)
     x = _case(2, 2, 8, 8, False, False, -100, seed=1, keep_every_row=True)
     with pytest.raises(ValueError, match="ref_input and ref_weight"):
         d(x["w"], x["h"], x["target"])
-    x["target"][0] = -100                      # a chosen response with no token: a mean over none is refused
+    x["target"][0] = -100  # a chosen response with no token: a mean over none is refused
     with pytest.raises(ValueError, match="no response token"):
         s(x["w"], x["h"], x["target"])
 
@@ -209,9 +297,19 @@ def test_simpo_side_by_side_with_liger(shape, biases, compute_nll, ii_beta):
     liger = _liger()
     (ignore_index, beta), bias = ii_beta, biases[0]
     x = _case(*shape, bias, False, ignore_index, seed=11, keep_every_row=True)
-    kw = dict(ignore_index=ignore_index, beta=beta, alpha=1.0, label_smoothing=0.1, compute_nll_loss=compute_nll, gamma=0.5)
-    theirs = _ours("simpo", x, ignore_index, beta, 1.0, compute_nll, True,
-                   module=liger.LigerFusedLinearSimPOLoss(compiled=False, **kw))
+    kw = dict(
+        ignore_index=ignore_index, beta=beta, alpha=1.0, label_smoothing=0.1, compute_nll_loss=compute_nll, gamma=0.5
+    )
+    theirs = _ours(
+        "simpo",
+        x,
+        ignore_index,
+        beta,
+        1.0,
+        compute_nll,
+        True,
+        module=liger.LigerFusedLinearSimPOLoss(compiled=False, **kw),
+    )
     ours = _ours("simpo", x, ignore_index, beta, 1.0, compute_nll, True, module=FusedLinearSimPOLoss(**kw))
     _same(ours, theirs, kw)
 
@@ -222,9 +320,23 @@ def test_dpo_side_by_side_with_liger(loss_type, shape, biases, compute_nll, ii_b
     liger = _liger()
     (ignore_index, beta), (bias, ref_bias) = ii_beta, biases
     x = _case(*shape, bias, ref_bias, ignore_index, seed=13, keep_every_row=False)
-    kw = dict(ignore_index=ignore_index, beta=beta, alpha=1.0, compute_nll_loss=compute_nll, loss_type=loss_type,
-              **EXTRA.get(loss_type, {}))
-    theirs = _ours("dpo", x, ignore_index, beta, 1.0, compute_nll, False,
-                   module=liger.LigerFusedLinearDPOLoss(compiled=False, **kw))
+    kw = dict(
+        ignore_index=ignore_index,
+        beta=beta,
+        alpha=1.0,
+        compute_nll_loss=compute_nll,
+        loss_type=loss_type,
+        **EXTRA.get(loss_type, {}),
+    )
+    theirs = _ours(
+        "dpo",
+        x,
+        ignore_index,
+        beta,
+        1.0,
+        compute_nll,
+        False,
+        module=liger.LigerFusedLinearDPOLoss(compiled=False, **kw),
+    )
     ours = _ours("dpo", x, ignore_index, beta, 1.0, compute_nll, False, module=FusedLinearDPOLoss(**kw))
     _same(ours, theirs, kw)

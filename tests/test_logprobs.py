@@ -1,21 +1,32 @@
 """Fused linear log-probs and KL vs the float64 reference (CPU: Triton interpreter)."""
+
 import pytest
 import torch
+from helpers import poison
 
 import fpo_kernels.logprobs as lpmod
-from fpo_kernels import (fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl, reference, sequence_logprobs,
-                         sequence_logprobs_kl)
-from helpers import poison
+from fpo_kernels import (
+    fused_linear_kl,
+    fused_linear_logprobs,
+    fused_linear_logprobs_kl,
+    reference,
+    sequence_logprobs,
+    sequence_logprobs_kl,
+)
 
 
 def _rel_rms(got, want):
-    return ((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt().clamp(min=1e-30)).item()
+    return (
+        (got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt().clamp(min=1e-30)
+    ).item()
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 
-@pytest.mark.parametrize("N,d,V,chunk", [(37, 24, 300, 16), (50, 33, 257, 64), (5, 16, 1000, None), (9, 16, 5000, 4)])  # 5000: two vocabulary tiles under the interpreter
+@pytest.mark.parametrize(
+    "N,d,V,chunk", [(37, 24, 300, 16), (50, 33, 257, 64), (5, 16, 1000, None), (9, 16, 5000, 4)]
+)  # 5000: two vocabulary tiles under the interpreter
 @pytest.mark.parametrize("softcap", [None, 4.0])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -75,7 +86,9 @@ def test_kl_forward_backward(softcap, chunk, monkeypatch, device):
     assert _rel_rms(h.grad, hr.grad) < 3e-5 and _rel_rms(w.grad, wr.grad) < 3e-5
 
 
-@pytest.mark.parametrize("N,V,chunk", [(29, 301, 8), (9, 5000, None)])  # 5000: two vocabulary tiles under the interpreter
+@pytest.mark.parametrize(
+    "N,V,chunk", [(29, 301, 8), (9, 5000, None)]
+)  # 5000: two vocabulary tiles under the interpreter
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -98,8 +111,9 @@ def test_logprobs_kl_forward_backward(N, V, chunk, softcap, with_bias, dtype, mo
     (got[0] * g_lp + got[2] * g_kl).sum().backward()
     hr, wr = hidden.double().requires_grad_(), weight.double().requires_grad_()
     br = bias.double().requires_grad_() if with_bias else None
-    want = reference.fused_linear_logprobs_kl_ref(hr, wr, labels, rh.double(), rw.double(), softcap, br,
-                                                  None if rb is None else rb.double())
+    want = reference.fused_linear_logprobs_kl_ref(
+        hr, wr, labels, rh.double(), rw.double(), softcap, br, None if rb is None else rb.double()
+    )
     (want[0] * g_lp.double() + want[2] * g_kl.double()).sum().backward()
     ignored = labels == -100
     tol = TOL[dtype]
@@ -122,7 +136,9 @@ def test_logprobs_kl_agrees_with_the_separate_ops(device):
     logp, ref_logp, kl = fused_linear_logprobs_kl(h, w, y, rh, rw, softcap=5.0)
     assert torch.allclose(logp, fused_linear_logprobs(h, w, y, softcap=5.0), atol=1e-5)
     assert torch.allclose(ref_logp, fused_linear_logprobs(rh, rw, y, softcap=5.0), atol=1e-5)
-    assert torch.allclose(kl, fused_linear_kl(h, w, rh, rw, torch.ones(N, dtype=torch.bool, device=device), 5.0), atol=1e-5)
+    assert torch.allclose(
+        kl, fused_linear_kl(h, w, rh, rw, torch.ones(N, dtype=torch.bool, device=device), 5.0), atol=1e-5
+    )
 
 
 def test_kl_zero_for_same_model(device):
@@ -141,7 +157,7 @@ def test_sequence_logprobs_matches_masked_sums(device):
     resp[0, 4:9] = True
     resp[1, 1:] = True
     resp[2, 11] = True
-    total, mean, count = sequence_logprobs(hidden, weight, ids, resp)
+    total, mean, count = sequence_logprobs(hidden, weight, input_ids=ids, response_mask=resp)
     logp = torch.log_softmax(hidden.double() @ weight.double().t(), -1)[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2)
     want = (logp * resp[:, 1:]).sum(1)
     assert torch.allclose(total.double(), want, atol=1e-4)
@@ -149,7 +165,7 @@ def test_sequence_logprobs_matches_masked_sums(device):
     assert torch.allclose(mean.double(), want / count.double(), atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])   # the kernels, and the reference path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the kernels, and the reference path
 def test_varlen_shared_prompt_equals_padded(dtype, device):
     """A pair as one stream [prompt, chosen, rejected]: the last prompt row predicts both first response
     tokens (a repeated row); sums, means, reference sums, KL and gradients equal the padded [2, T] layout."""
@@ -159,9 +175,9 @@ def test_varlen_shared_prompt_equals_padded(dtype, device):
     ref_stream = torch.randn(N, d, device=device, dtype=dtype)
     ids = torch.randint(0, V, (N,), device=device)
     weight = torch.randn(V, d, device=device, dtype=dtype) * 0.3
-    chosen = list(range(Lp)) + list(range(Lp, Lp + Lc))             # stream rows of each unshared sequence
+    chosen = list(range(Lp)) + list(range(Lp, Lp + Lc))  # stream rows of each unshared sequence
     rejected = list(range(Lp)) + list(range(Lp + Lc, N))
-    rows = torch.tensor(chosen[Lp - 1:-1] + rejected[Lp - 1:-1], device=device)
+    rows = torch.tensor(chosen[Lp - 1 : -1] + rejected[Lp - 1 : -1], device=device)
     labels = ids[torch.tensor(chosen[Lp:] + rejected[Lp:], device=device)]
     seq_ids = torch.tensor([0] * Lc + [1] * Lr, device=device)
     T = Lp + max(Lc, Lr)
@@ -170,13 +186,13 @@ def test_varlen_shared_prompt_equals_padded(dtype, device):
     pids = torch.zeros(2, T, dtype=torch.long, device=device)
     resp = torch.zeros(2, T, dtype=torch.bool, device=device)
     for b, seq in enumerate((chosen, rejected)):
-        padded[b, :len(seq)], ref_padded[b, :len(seq)] = stream[seq], ref_stream[seq]
-        pids[b, :len(seq)] = ids[seq]
-        resp[b, Lp:len(seq)] = True
+        padded[b, : len(seq)], ref_padded[b, : len(seq)] = stream[seq], ref_stream[seq]
+        pids[b, : len(seq)] = ids[seq]
+        resp[b, Lp : len(seq)] = True
     h = stream.clone().requires_grad_()
     hp = padded.clone().requires_grad_()
     got = sequence_logprobs(h, weight, softcap=5.0, rows=rows, labels=labels, seq_ids=seq_ids, num_seqs=2)
-    want = sequence_logprobs(hp, weight, pids, resp, softcap=5.0)
+    want = sequence_logprobs(hp, weight, input_ids=pids, response_mask=resp, softcap=5.0)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert got[2].tolist() == [Lc, Lr]
@@ -184,11 +200,12 @@ def test_varlen_shared_prompt_equals_padded(dtype, device):
     (want[0] * torch.tensor([0.3, -1.1], device=device, dtype=dtype)).sum().backward()
     expect = torch.zeros_like(stream)
     for b, seq in enumerate((chosen, rejected)):
-        expect.index_add_(0, torch.tensor(seq, device=device), hp.grad[b, :len(seq)])
+        expect.index_add_(0, torch.tensor(seq, device=device), hp.grad[b, : len(seq)])
     assert torch.allclose(h.grad, expect, rtol=1e-5, atol=1e-7)
-    got_kl = sequence_logprobs_kl(stream, weight, ref_hidden=ref_stream, ref_weight=weight * 1.1, rows=rows, labels=labels,
-                                  seq_ids=seq_ids, num_seqs=2)
-    want_kl = sequence_logprobs_kl(padded, weight, pids, resp, ref_padded, weight * 1.1)
+    got_kl = sequence_logprobs_kl(
+        stream, weight, ref_stream, weight * 1.1, rows=rows, labels=labels, seq_ids=seq_ids, num_seqs=2
+    )
+    want_kl = sequence_logprobs_kl(padded, weight, ref_padded, weight * 1.1, input_ids=pids, response_mask=resp)
     for a, b in zip(got_kl, want_kl):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -204,35 +221,35 @@ def test_varlen_bad_input(device):
         sequence_logprobs(h[None], w, rows=rows, labels=labels, seq_ids=seq, num_seqs=2)
     ids, mask = torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 6, dtype=torch.bool)
     with pytest.raises(ValueError, match="not both"):
-        sequence_logprobs(h[None], w, ids, mask, labels=labels, seq_ids=seq, num_seqs=2)
+        sequence_logprobs(h[None], w, input_ids=ids, response_mask=mask, labels=labels, seq_ids=seq, num_seqs=2)
     with pytest.raises(ValueError, match="pass input_ids and response_mask"):
         sequence_logprobs(h, w)
     with pytest.raises(ValueError, match="ref_hidden must be"):
-        sequence_logprobs_kl(h, w, ref_hidden=h[:5], ref_weight=w, rows=rows, labels=labels, seq_ids=seq, num_seqs=2)
+        sequence_logprobs_kl(h, w, h[:5], w, rows=rows, labels=labels, seq_ids=seq, num_seqs=2)
 
 
-def test_deprecated_varlen_names_warn_and_agree(device):
-    """The old flat entry points stay for one release: each warns and returns what the one entry returns."""
-    import fpo_kernels
-    h, w, rh = torch.randn(6, 8, device=device), torch.randn(20, 8, device=device), torch.randn(6, 8, device=device)
-    rows, labels, seq = (torch.tensor(x, device=device) for x in ([0, 1, 2], [3, 4, 5], [0, 0, 1]))
-    with pytest.warns(DeprecationWarning, match="sequence_logprobs_varlen"):
-        old = fpo_kernels.sequence_logprobs_varlen(h, w, rows, labels, seq, 2, 3.0)
-    new = sequence_logprobs(h, w, softcap=3.0, rows=rows, labels=labels, seq_ids=seq, num_seqs=2)
-    for a, b in zip(old, new):
-        assert torch.equal(a, b)
-    with pytest.warns(DeprecationWarning, match="sequence_logprobs_kl_varlen"):
-        old = fpo_kernels.sequence_logprobs_kl_varlen(h, w, rows, labels, seq, 2, rh, w * 0.5)
-    new = sequence_logprobs_kl(h, w, ref_hidden=rh, ref_weight=w * 0.5, rows=rows, labels=labels, seq_ids=seq,
-                               num_seqs=2)
-    for a, b in zip(old, new):
-        assert torch.equal(a, b)
+def test_layout_arguments_are_keywords():
+    """The layout's tensors are keyword-only: a positional input_ids is refused by Python."""
+    h, w = torch.randn(1, 6, 8), torch.randn(20, 8)
+    ids, mask = torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 6, dtype=torch.bool)
+    with pytest.raises(TypeError):
+        sequence_logprobs(h, w, ids, mask)
+    with pytest.raises(TypeError):
+        sequence_logprobs_kl(h, w, h, w, ids, mask)
 
 
-@pytest.mark.parametrize("case,match", [
-    ("d", "d="), ("labels_shape", "labels must be"), ("label_range", r"labels\[2\]"), ("dtype", "weight must be bf16"),
-    ("softcap", "softcap"), ("labels_float", "integer"), ("bias", "bias"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("d", "d="),
+        ("labels_shape", "labels must be"),
+        ("label_range", r"labels\[2\]"),
+        ("dtype", "weight must be bf16"),
+        ("softcap", "softcap"),
+        ("labels_float", "integer"),
+        ("bias", "bias"),
+    ],
+)
 def test_bad_input(case, match):
     h, w, y = torch.randn(4, 8), torch.randn(20, 8), torch.randint(0, 20, (4,))
     kw = {}
@@ -242,7 +259,7 @@ def test_bad_input(case, match):
         y = y[:3]
     elif case == "label_range":
         y[2] = 20
-    elif case == "dtype":   # another float dtype is a mixed entry (tested above); an integer weight is refused
+    elif case == "dtype":  # another float dtype is a mixed entry (tested above); an integer weight is refused
         w = w.long()
     elif case == "softcap":
         kw["softcap"] = 0.0
@@ -331,7 +348,7 @@ def test_backward_in_vocabulary_blocks(dtype, op, monkeypatch, device):
     """The backward walks (vocabulary block, token chunk) pairs: with blocks far smaller than the vocabulary
     and several chunks, gradients (fp32-accumulated across blocks and chunks) match the float64 reference."""
     poison(monkeypatch, lpmod)
-    monkeypatch.setattr(lpmod, "BACKWARD_BYTES", 16 * 300 * 6)      # 16-row chunks x 300-column blocks
+    monkeypatch.setattr(lpmod, "BACKWARD_BYTES", 16 * 300 * 6)  # 16-row chunks x 300-column blocks
     N, d, V = 45, 24, 1000
     assert lpmod.backward_blocks(N, V, 6, 16) == (16, 256)
     hidden = torch.randn(N, d, device=device).to(dtype)
@@ -344,16 +361,19 @@ def test_backward_in_vocabulary_blocks(dtype, op, monkeypatch, device):
     if op == "logprobs":
         got = fused_linear_logprobs(h, w, labels, softcap=6.0, bias=b, chunk_size=16)
     else:
-        got = sum(fused_linear_logprobs_kl(h, w, labels, ref_h.to(dtype), w.detach() * 0.9, 6.0, b, chunk_size=16)[i]
-                  for i in (0, 2))
+        got = sum(
+            fused_linear_logprobs_kl(h, w, labels, ref_h.to(dtype), w.detach() * 0.9, 6.0, b, chunk_size=16)[i]
+            for i in (0, 2)
+        )
     g = torch.randn(N, device=device)
     got.backward(g)
     hr, wr, br = (t.double().requires_grad_() for t in (hidden, weight, bias))
     if op == "logprobs":
         want = reference.fused_linear_logprobs_ref(hr, wr, labels, 6.0, -100, br)
     else:
-        lp, _, kl = reference.fused_linear_logprobs_kl_ref(hr, wr, labels, ref_h.to(dtype).double(),
-                                                           wr.detach() * 0.9, 6.0, br)
+        lp, _, kl = reference.fused_linear_logprobs_kl_ref(
+            hr, wr, labels, ref_h.to(dtype).double(), wr.detach() * 0.9, 6.0, br
+        )
         want = lp + kl
     want.backward(g.double())
     tol = TOL[dtype]

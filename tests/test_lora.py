@@ -1,6 +1,7 @@
 """LoRA through peft: only the adapters train, the saved adapters reload to the same logits (peft's own loader),
 the merge equals peft's, TDPO's reference is the base model with the adapters off (no second model), resume is
 exact, two ranks equal one."""
+
 import json
 import os
 import sys
@@ -27,8 +28,8 @@ QUIET = dict(log=lambda *a, **k: None)
 def cache(tiny, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cache") / "c")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")   # CPU tensors on the plain-PyTorch path: fast
-        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], K=32, progress=False, **LEN)
+        mp.setenv("TRITON_INTERPRET", "0")  # CPU tensors on the plain-PyTorch path: fast
+        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], cache_k=32, progress=False, **LEN)
     return out
 
 
@@ -49,21 +50,25 @@ def test_lora_trains_the_adapters_only_and_they_reload_to_the_same_logits(tiny, 
         x = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
         live = _logits(trainer.model, x)
         after = trainer.model.state_dict()
-        assert all(torch.equal(v, after[k]) for k, v in base_before.items())          # the base is frozen
-        assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in after.items() if ".lora_B." in k)  # adapters moved
+        assert all(torch.equal(v, after[k]) for k, v in base_before.items())  # the base is frozen
+        assert any(
+            not torch.equal(v, torch.zeros_like(v)) for k, v in after.items() if ".lora_B." in k
+        )  # adapters moved
     finally:
         trainer.close()
     # the SAE hook reads the residual stream with the adapters on: D is 0 while they are zero (step 1), then not
     hist = [json.loads(line) for line in open(tmp_path / "fpo" / "metrics.jsonl")]
-    assert hist[0]["d_chosen"] < 1e-7 and hist[1]["d_chosen"] > 100 * max(hist[0]["d_chosen"], 1e-9)  # step 1: fp16 rounding
+    assert hist[0]["d_chosen"] < 1e-7 and hist[1]["d_chosen"] > 100 * max(
+        hist[0]["d_chosen"], 1e-9
+    )  # step 1: fp16 rounding
     final = summary["final"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(final))
-    assert not any(n.startswith("model") for n in os.listdir(final))                # no copy of the base
-    reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(final)                  # peft's own loader
+    assert not any(n.startswith("model") for n in os.listdir(final))  # no copy of the base
+    reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(final)  # peft's own loader
     torch.testing.assert_close(_logits(reloaded, x), live, rtol=0, atol=1e-5)
     # what `fpo eval --model OUT/final` loads: transformers reads the adapter folder through peft
     torch.testing.assert_close(_logits(load_model(final), x), live, rtol=0, atol=1e-5)
-    merged = load_model(os.path.join(os.path.dirname(final), "final-merged"))       # a plain model
+    merged = load_model(os.path.join(os.path.dirname(final), "final-merged"))  # a plain model
     assert not any(".lora_" in k or "base_layer" in k for k in merged.state_dict())
     torch.testing.assert_close(_logits(merged, x), live, rtol=0, atol=1e-4)
     # the merge equals peft's own merge_and_unload of the same adapters
@@ -74,24 +79,31 @@ def test_lora_trains_the_adapters_only_and_they_reload_to_the_same_logits(tiny, 
 
 def test_lora_tdpo_reference_is_the_base_model_without_a_second_model(tiny, tmp_path, monkeypatch):
     import fpo.train as train_module
+
     loads = []
     real = train_module.load_model_for_layout
     monkeypatch.setattr(train_module, "load_model_for_layout", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
     trainer = Trainer(config_from_dict(_lora(tiny, None, tmp_path, "tdpo2", max_steps=2)), **QUIET)
     try:
-        assert trainer.ref_model is None and loads == [tiny["model"]]                 # one model loaded
-        trainer.fit()                                                                  # the adapters have moved
+        assert trainer.ref_model is None and loads == [tiny["model"]]  # one model loaded
+        trainer.fit()  # the adapters have moved
         items = trainer.micro_batches(0)[0]
         batch = collate(items, trainer.cfg.packing, trainer.tokenizer.pad_token_id, trainer.row_scale)
         with torch.no_grad():
             stats = trainer.wrapped(batch, reference_without_adapters=True)
-        base = load_model(tiny["model"])                                               # the reference, loaded apart
+        base = load_model(tiny["model"])  # the reference, loaded apart
         with torch.no_grad():
             hidden = body_hidden(base, batch, "cpu")
-            ref_sum, _, _ = sequence_logprobs(hidden, base.lm_head.weight, rows=batch["pred_rows"], labels=batch["labels"],
-                                              seq_ids=batch["seq_ids"], num_seqs=batch["num_seqs"])
+            ref_sum, _, _ = sequence_logprobs(
+                hidden,
+                base.lm_head.weight,
+                rows=batch["pred_rows"],
+                labels=batch["labels"],
+                seq_ids=batch["seq_ids"],
+                num_seqs=batch["num_seqs"],
+            )
         torch.testing.assert_close(stats["ref_logp_sum"], ref_sum, rtol=1e-5, atol=1e-4)
-        assert not torch.allclose(stats["logp_sum"], ref_sum, atol=1e-3)              # the policy is not the base
+        assert not torch.allclose(stats["logp_sum"], ref_sum, atol=1e-3)  # the policy is not the base
         assert (stats["kl"] > 0).all()
     finally:
         trainer.close()
@@ -109,18 +121,23 @@ def test_lora_tdpo_first_step_equals_full_tdpo_with_a_reference_model(tiny, tmp_
 def test_lora_resume_reproduces_the_uninterrupted_run(tiny, cache, tmp_path):
     full = train(_lora(tiny, cache, tmp_path, max_steps=4, save_every=2, output_dir=str(tmp_path / "full")), **QUIET)
     train(_lora(tiny, cache, tmp_path, max_steps=2, save_every=2, output_dir=str(tmp_path / "part")), **QUIET)
-    part = train(_lora(tiny, cache, tmp_path, max_steps=4, save_every=2, output_dir=str(tmp_path / "part"),
-                       resume="latest"), **QUIET)
+    part = train(
+        _lora(tiny, cache, tmp_path, max_steps=4, save_every=2, output_dir=str(tmp_path / "part"), resume="latest"),
+        **QUIET,
+    )
     a = [json.loads(line)["loss"] for line in open(tmp_path / "full" / "metrics.jsonl")]
     b = [json.loads(line)["loss"] for line in open(tmp_path / "part" / "metrics.jsonl")]
     assert a == b and len(a) == 4
     from safetensors.torch import load_file
+
     wa, wb = (load_file(os.path.join(s["final"], "adapter_model.safetensors")) for s in (full, part))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     # a full-fine-tuning resume of a LoRA checkpoint is refused by name
     with pytest.raises(ValueError, match="lora_r"):
-        train(_cfg(tiny, cache, tmp_path, lr=1e-2, max_steps=6, output_dir=str(tmp_path / "part"), resume="latest"),
-              **QUIET)
+        train(
+            _cfg(tiny, cache, tmp_path, lr=1e-2, max_steps=6, output_dir=str(tmp_path / "part"), resume="latest"),
+            **QUIET,
+        )
 
 
 @pytest.mark.dist
@@ -136,6 +153,7 @@ def test_lora_two_ranks_equal_one_rank_with_twice_the_batch(tiny, cache, tmp_pat
     b = [json.loads(line)["loss"] for line in open(tmp_path / "two" / "metrics.jsonl")]
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
     from safetensors.torch import load_file
+
     wa, wb = (load_file(str(tmp_path / d / "final" / "adapter_model.safetensors")) for d in ("one", "two"))
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
@@ -159,18 +177,47 @@ def test_lora_bad_settings_are_refused_by_name(tiny, cache, tmp_path, monkeypatc
 
 def test_cli_lora_flags(tiny):
     from fpo.cli import _load_train_config, build_parser
-    args = build_parser().parse_args(["train", "--method", "simpo", "--model", tiny["model"], "--dataset", tiny["pairs"],
-                                      "--lora-r", "8", "--lora-alpha", "32", "--lora-dropout", "0.1",
-                                      "--lora-target-modules", "q_proj", "--lora-target-modules", "v_proj", "--merge-lora"])
+
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--method",
+            "simpo",
+            "--model",
+            tiny["model"],
+            "--dataset",
+            tiny["pairs"],
+            "--lora-r",
+            "8",
+            "--lora-alpha",
+            "32",
+            "--lora-dropout",
+            "0.1",
+            "--lora-target-modules",
+            "q_proj",
+            "--lora-target-modules",
+            "v_proj",
+            "--merge-lora",
+        ]
+    )
     cfg = _load_train_config(args)
-    assert (cfg.lora_r, cfg.lora_alpha_value, cfg.lora_dropout, cfg.lora_target_modules, cfg.merge_lora) == \
-        (8, 32.0, 0.1, ["q_proj", "v_proj"], True)
+    assert (cfg.lora_r, cfg.lora_alpha_value, cfg.lora_dropout, cfg.lora_target_modules, cfg.merge_lora) == (
+        8,
+        32.0,
+        0.1,
+        ["q_proj", "v_proj"],
+        True,
+    )
     assert config_from_dict(dict(method="simpo", model="m", dataset="d", lora_r=4)).lora_alpha_value == 8.0
 
 
 def test_lora_with_gradient_checkpointing_gives_the_same_losses(tiny, tmp_path):
     """Non-reentrant recompute needs no input that requires grad: the frozen embeddings are fine."""
-    runs = [train(_lora(tiny, None, tmp_path, "tdpo2", gradient_checkpointing=gc, output_dir=str(tmp_path / str(gc))), **QUIET)
-            for gc in (False, True)]
+    runs = [
+        train(
+            _lora(tiny, None, tmp_path, "tdpo2", gradient_checkpointing=gc, output_dir=str(tmp_path / str(gc))), **QUIET
+        )
+        for gc in (False, True)
+    ]
     a, b = ([json.loads(line)["loss"] for line in open(tmp_path / str(gc) / "metrics.jsonl")] for gc in (False, True))
     assert a == pytest.approx(b, rel=1e-6) and len(a) == 2 and runs[1]["last"]["kl_chosen"] > 0

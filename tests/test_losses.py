@@ -1,11 +1,20 @@
 """Losses against hand-computed values and the formulas as their authors state them."""
+
 import math
 
 import pytest
 import torch
 
-from fpo.losses import LOSSES, dpo_loss, fpo_loss, preference_loss, simpo_loss, tdpo_loss
-from fpo_kernels.losses import MARGIN_FLOOR, constraint_share
+from fpo_kernels.losses import (
+    LOSSES,
+    MARGIN_FLOOR,
+    constraint_share,
+    dpo_loss,
+    fpo_loss,
+    preference_loss,
+    simpo_loss,
+    tdpo_loss,
+)
 
 
 def nls(u):  # -log sigmoid(u)
@@ -48,7 +57,7 @@ def test_tdpo_hand_computed_and_gradient(variant):
     if variant == 1:
         assert kw.grad.item() == pytest.approx(-s * 0.1, rel=1e-5)
     else:
-        assert kw.grad is None                                     # no gradient reaches it at all
+        assert kw.grad is None  # no gradient reaches it at all
     assert m["kl_chosen"].item() == pytest.approx(0.4)
 
 
@@ -61,7 +70,7 @@ def test_fpo_hand_computed_and_stopgrad():
     assert loss.item() == pytest.approx(nls(u), rel=1e-5)
     loss.backward()
     s = 1 / (1 + math.exp(u))
-    assert dw.grad is None                                         # stopgrad(D(y_w))
+    assert dw.grad is None  # stopgrad(D(y_w))
     assert dl.grad.item() == pytest.approx(s * 0.1 * 0.5, rel=1e-5)
     assert aw.grad.item() == pytest.approx(-s * 0.1, rel=1e-5)
     assert m["d_rejected"].item() == pytest.approx(0.05)
@@ -86,8 +95,8 @@ def test_constraint_share_by_hand():
     aw, al, rw, rl = t(-1.0, -2.0), t(-1.5, -1.0), t(-1.2, -1.8), t(-1.4, -1.1)
     dw, dl = t(0.02, 0.01), t(0.05, 0.03)
     _, m = fpo_loss(aw, al, rw, rl, dw, dl, beta=0.1, alpha=0.5)
-    margin = [0.1 * ((-1.0 + 1.2) - (-1.5 + 1.4)), 0.1 * ((-2.0 + 1.8) - (-1.0 + 1.1))]   # 0.03, -0.03
-    term = [0.1 * 0.5 * (0.05 - 0.02), 0.1 * 0.5 * (0.03 - 0.01)]                         # 0.0015, 0.001
+    margin = [0.1 * ((-1.0 + 1.2) - (-1.5 + 1.4)), 0.1 * ((-2.0 + 1.8) - (-1.0 + 1.1))]  # 0.03, -0.03
+    term = [0.1 * 0.5 * (0.05 - 0.02), 0.1 * 0.5 * (0.03 - 0.01)]  # 0.0015, 0.001
     assert m["margin_abs"].tolist() == pytest.approx([abs(x) for x in margin], rel=1e-5)
     assert m["constraint_abs"].tolist() == pytest.approx(term, rel=1e-5)
     share = constraint_share(m["constraint_abs"].mean().item(), m["margin_abs"].mean().item())
@@ -104,7 +113,9 @@ def test_label_smoothing_is_the_conservative_sigmoid_on_each_margin():
     """FPO's and TDPO's label smoothing: -(1 - eps) log sigmoid(u) - eps log sigmoid(-u) on their own u, written
     out here from the formulas in float64 (FusedLinearFPOLoss and FusedLinearTDPOLoss pass label_smoothing to them)."""
     import torch.nn.functional as F
+
     from fpo_kernels.losses import fpo_loss, tdpo_loss
+
     g = torch.Generator().manual_seed(0)
     aw, al, rw, rl, dw, dl = (torch.randn(5, generator=g, dtype=torch.float64) for _ in range(6))
     eps, beta, alpha = 0.2, 0.1, 3.0
@@ -128,29 +139,65 @@ def test_preference_loss_is_each_method_on_the_2p_layout():
 
     def r(scale=1.0):
         return torch.randn(2 * P, generator=g, dtype=torch.float64) * scale
+
     stats = {"logp_sum": r(50), "logp_mean": r(), "d": r().abs(), "kl": r().abs()}
     ref = {"logp_sum": r(50), "logp_mean": r()}
     w, l = slice(0, P), slice(P, 2 * P)
     want = {
         "simpo": simpo_loss(stats["logp_mean"][w], stats["logp_mean"][l], 2.5, 0.7, 0.1),
-        "dpo": dpo_loss(stats["logp_sum"][w], stats["logp_sum"][l], ref["logp_sum"][w], ref["logp_sum"][l], 2.5,
-                        "sigmoid", 0.1),
-        "fpo": fpo_loss(stats["logp_mean"][w], stats["logp_mean"][l], ref["logp_mean"][w], ref["logp_mean"][l],
-                        stats["d"][w], stats["d"][l], 2.5, 0.3, 0.1),
-        "tdpo1": tdpo_loss(stats["logp_sum"][w], stats["logp_sum"][l], ref["logp_sum"][w], ref["logp_sum"][l],
-                           stats["kl"][w], stats["kl"][l], 2.5, 0.3, 1, 0.1),
-        "tdpo2": tdpo_loss(stats["logp_sum"][w], stats["logp_sum"][l], ref["logp_sum"][w], ref["logp_sum"][l],
-                           stats["kl"][w], stats["kl"][l], 2.5, 0.3, 2, 0.1),
+        "dpo": dpo_loss(
+            stats["logp_sum"][w], stats["logp_sum"][l], ref["logp_sum"][w], ref["logp_sum"][l], 2.5, "sigmoid", 0.1
+        ),
+        "fpo": fpo_loss(
+            stats["logp_mean"][w],
+            stats["logp_mean"][l],
+            ref["logp_mean"][w],
+            ref["logp_mean"][l],
+            stats["d"][w],
+            stats["d"][l],
+            2.5,
+            0.3,
+            0.1,
+        ),
+        "tdpo1": tdpo_loss(
+            stats["logp_sum"][w],
+            stats["logp_sum"][l],
+            ref["logp_sum"][w],
+            ref["logp_sum"][l],
+            stats["kl"][w],
+            stats["kl"][l],
+            2.5,
+            0.3,
+            1,
+            0.1,
+        ),
+        "tdpo2": tdpo_loss(
+            stats["logp_sum"][w],
+            stats["logp_sum"][l],
+            ref["logp_sum"][w],
+            ref["logp_sum"][l],
+            stats["kl"][w],
+            stats["kl"][l],
+            2.5,
+            0.3,
+            2,
+            0.1,
+        ),
     }
     for method, (losses, metrics) in want.items():
-        got, got_m = preference_loss(method, stats, None if method == "simpo" else ref, beta=2.5, alpha=0.3,
-                                     gamma=0.7, label_smoothing=0.1)
+        got, got_m = preference_loss(
+            method, stats, None if method == "simpo" else ref, beta=2.5, alpha=0.3, gamma=0.7, label_smoothing=0.1
+        )
         assert torch.equal(got, losses), method
         assert got_m.keys() == metrics.keys() and all(torch.equal(got_m[k], metrics[k]) for k in metrics)
     # DPO on mean log-probs (Liger's average_log_prob), hinge
     got, _ = preference_loss("dpo", stats, ref, beta=0.5, loss_type="hinge", average_log_prob=True)
-    assert torch.equal(got, dpo_loss(stats["logp_mean"][w], stats["logp_mean"][l], ref["logp_mean"][w],
-                                     ref["logp_mean"][l], 0.5, "hinge")[0])
+    assert torch.equal(
+        got,
+        dpo_loss(stats["logp_mean"][w], stats["logp_mean"][l], ref["logp_mean"][w], ref["logp_mean"][l], 0.5, "hinge")[
+            0
+        ],
+    )
 
 
 def test_preference_loss_refuses_what_a_method_lacks():

@@ -1,5 +1,6 @@
 """Memory claims at real sizes, without a GPU: the ops run on fake tensors (FakeTensorMode), where they take
 their GPU path with the Triton launches skipped, and benchmarks.estimate_step.StepTracer counts live bytes."""
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -15,12 +16,12 @@ GB = 2**30
 def test_tracer_counts_live_storage():
     tr = StepTracer()
     with tr:
-        a = torch.ones(1000)                   # 4000 B
-        b = a * 2                              # 8000 B live
-        v = b.view(10, 100)                    # a view: no new storage
-        del a                                  # 4000 B live
+        a = torch.ones(1000)  # 4000 B
+        b = a * 2  # 8000 B live
+        v = b.view(10, 100)  # a view: no new storage
+        del a  # 4000 B live
         c = torch.zeros(500, dtype=torch.float64)
-        b += 1                                 # in place: nothing new
+        b += 1  # in place: nothing new
     assert (tr.peak, tr.now) == (8000, 8000)
     del b, c, v
     assert tr.now == 0
@@ -33,7 +34,7 @@ def test_tracer_costs_a_gemm_at_its_flops():
         tr.timing = True
         with tr:
             x @ x
-    flops = 2 * 8192 ** 3
+    flops = 2 * 8192**3
     assert tr.flops == flops
     assert tr.seconds["model"] == pytest.approx(flops / (H100_SXM["tensor_flops"] * GEMM_EFFICIENCY))
 

@@ -1,15 +1,23 @@
 """Packed micro-batches: the layouts themselves, and exactness against the padded path on the demo model
 (Llama) and a tiny Gemma-2 (attention softcap 50, a sliding window shorter than the sequences)."""
+
 import pytest
 import torch
 
 from fpo import assets
-from fpo.data import load_pairs, tokenize_pairs
-from fpo.model import load_model, load_tokenizer
-from fpo.packing import (LAYOUTS, attention_mask_for, body_hidden, collate, micro_batch_tokens, pair_tokens,
-                         plan_micro_batches)
-from fpo.train import PolicyStats, compute_loss
 from fpo.config import TrainConfig
+from fpo.model import load_model, load_tokenizer
+from fpo.packing import (
+    LAYOUTS,
+    attention_mask_for,
+    body_hidden,
+    collate,
+    micro_batch_tokens,
+    pair_tokens,
+    plan_micro_batches,
+)
+from fpo.pairs import load_pairs, tokenize_pairs
+from fpo.step import PolicyStats, compute_loss
 from fpo_kernels import SAEWeights, pack_topk, sae_pooled_features
 
 pytestmark = pytest.mark.usefixtures("no_interpreter")
@@ -25,7 +33,7 @@ def tok():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("scale", [None, 30.0])   # one stream; rows (attention dear enough to split)
+@pytest.mark.parametrize("scale", [None, 30.0])  # one stream; rows (attention dear enough to split)
 def test_layout_rows_labels_and_spans(tok, layout, scale):
     """Each response's tokens sit at its span; each label is predicted by the row holding the token before it
     in the unshared sequence (for a shared prompt, the last prompt token predicts both first tokens)."""
@@ -42,7 +50,7 @@ def test_layout_rows_labels_and_spans(tok, layout, scale):
             assert b["labels"][mine].tolist() == list(resp)
             before = flat[b["pred_rows"][mine]].tolist()
             assert before == [it.prompt_ids[-1]] + list(resp[:-1])
-            if b["position_ids"] is not None:   # positions continue from the prompt's end, as unshared
+            if b["position_ids"] is not None:  # positions continue from the prompt's end, as unshared
                 pos = b["position_ids"].reshape(-1)
                 assert pos[a:e].tolist() == list(range(len(it.prompt_ids), len(it.prompt_ids) + len(resp)))
     assert b["tokens"] == micro_batch_tokens(items, layout, scale) == b["input_ids"].numel()
@@ -55,6 +63,7 @@ def test_layout_rows_labels_and_spans(tok, layout, scale):
 
 def test_rows_cost_no_more_than_a_stream_or_one_unit_per_row():
     from fpo.packing import _place
+
     g = torch.Generator().manual_seed(0)
     for scale in (50.0, 500.0, 5000.0):
         for _ in range(20):
@@ -62,9 +71,10 @@ def test_rows_cost_no_more_than_a_stream_or_one_unit_per_row():
             rows = _place(lengths, scale)
             assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
 
-            def cost(rows):
+            def cost(rows, lengths=lengths, scale=scale):
                 L = max(sum(lengths[i] for i in r) for r in rows)
                 return len(rows) * (L + L * L / scale)
+
             assert cost(rows) <= min(cost([list(range(len(lengths)))]), cost([[i] for i in range(len(lengths))]))
     assert _place([10, 20, 30], None) == [[0, 1, 2]]
 
@@ -72,19 +82,23 @@ def test_rows_cost_no_more_than_a_stream_or_one_unit_per_row():
 def test_share_prompt_mask_by_hand():
     """One pair [p p c c r]: rejected sees the prompt and itself, never chosen; nothing crosses pairs."""
     from fpo.packing import _visible
+
     seg = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
     br = torch.tensor([0, 0, 1, 1, 2, 0, 1, 2])
     pos = torch.tensor([0, 1, 2, 3, 2, 0, 1, 1])
-    want = torch.tensor([
-        [1, 0, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 0, 0, 1, 0, 0, 0],
-        [0, 0, 0, 0, 0, 1, 0, 0],
-        [0, 0, 0, 0, 0, 1, 1, 0],
-        [0, 0, 0, 0, 0, 1, 0, 1],
-    ], dtype=torch.bool)
+    want = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 1, 0, 0, 0],
+            [0, 0, 0, 0, 0, 1, 0, 0],
+            [0, 0, 0, 0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 0, 1, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(_visible(seg[None], br[None], pos[None], None)[0], want)
     # a window of 2 positions: the rejected token at position 2 no longer sees position 0
     windowed = want.clone()
@@ -108,12 +122,12 @@ def test_pairs_longer_than_the_budget_are_truncated_and_reported(tok):
     pairs = load_pairs(assets.TRAIN_PAIRS, max_pairs=6)
     full = tokenize_pairs(pairs, tok, 200, 40)
     cut = tokenize_pairs(pairs, tok, 200, 40, max_tokens=120, log=said.append)
-    assert len(cut) == len(full)                                       # never dropped
+    assert len(cut) == len(full)  # never dropped
     long = [a.id for a in full if len(a.prompt_ids) + max(len(a.chosen_ids), len(a.rejected_ids)) > 60]
     assert long and str(len(long)) in said[0] and "truncated" in said[0]
     for a, b in zip(full, cut):
-        assert b.prompt_ids == a.prompt_ids                            # the prompt keeps its tokens
-        assert b.chosen_ids == a.chosen_ids[:60 - len(a.prompt_ids)]   # responses keep their first tokens
+        assert b.prompt_ids == a.prompt_ids  # the prompt keeps its tokens
+        assert b.chosen_ids == a.chosen_ids[: 60 - len(a.prompt_ids)]  # responses keep their first tokens
         assert max(pair_tokens(b, layout) for layout in LAYOUTS) <= 120
     with pytest.raises(ValueError, match="max_tokens"):
         tokenize_pairs(pairs, tok, 200, 40, max_tokens=80)
@@ -132,6 +146,7 @@ def test_attention_that_cannot_take_the_mask_is_refused(tok):
 # ---- exactness against the padded layout ----------------------------------------------------------
 def _gemma2(tmp_path):
     import tiny as t
+
     return t.make_model(str(tmp_path / "gemma2"), softcap=30.0, sliding_window=8)
 
 
@@ -141,7 +156,7 @@ def _all_method_stats(model_dir, ref_dir, sae, layer, layout, items, pad_id, ref
     policy = load_model(model_dir)
     with torch.no_grad():
         for p in policy.parameters():
-            p.add_(torch.randn_like(p) * 0.01)     # the policy moved off the reference: non-zero KL and margins
+            p.add_(torch.randn_like(p) * 0.01)  # the policy moved off the reference: non-zero KL and margins
     ref_model = load_model(ref_dir).eval()
     batch = collate(items, layout, pad_id)
     with torch.no_grad():
@@ -151,11 +166,18 @@ def _all_method_stats(model_dir, ref_dir, sae, layer, layout, items, pad_id, ref
     ps.remove_hooks()
     cache = {"logp_sum": stats["ref_logp_sum"].detach(), "logp_mean": (stats["ref_logp_sum"] / stats["len"]).detach()}
     named = dict(policy.named_parameters())
-    watch = [n for n in named if n.endswith(("layers.0.self_attn.q_proj.weight", "layers.1.mlp.down_proj.weight",
-                                             "norm.weight", "embed_tokens.weight"))]
+    watch = [
+        n
+        for n in named
+        if n.endswith(
+            ("layers.0.self_attn.q_proj.weight", "layers.1.mlp.down_proj.weight", "norm.weight", "embed_tokens.weight")
+        )
+    ]
     out = {"stats": {k: v.detach() for k, v in stats.items()}, "loss": {}, "grad": {}}
     for method in ("fpo", "dpo", "simpo", "tdpo1", "tdpo2"):
-        cfg = TrainConfig(method=method, model="m", dataset="d", cache="c", sae="s", alpha=50.0 if method == "fpo" else 0.5)
+        cfg = TrainConfig(
+            method=method, model="m", dataset="d", cache="c", sae="s", alpha=50.0 if method == "fpo" else 0.5
+        )
         losses, _ = compute_loss(cfg, stats, cache)
         grads = torch.autograd.grad(losses.mean(), [named[n] for n in watch], retain_graph=True)
         out["loss"][method] = losses.detach()
@@ -177,15 +199,20 @@ def test_packed_layouts_equal_the_padded_layout(model, tok, tiny, tmp_path):
         ref_dir = model_dir
     else:
         import tiny as t
+
         model_dir, sae, layer = _gemma2(tmp_path), SAEWeights.from_file(tiny["sae"]), t.SAE_LAYER
         ref_dir = model_dir
-        assert load_model(model_dir).config._attn_implementation == "eager"   # Gemma-2's softcap needs eager here
+        assert load_model(model_dir).config._attn_implementation == "eager"  # Gemma-2's softcap needs eager here
     items = _items(tok, 3, max_length=48, max_prompt_length=24)
-    assert max(len(it.prompt_ids) + len(it.chosen_ids) for it in items) > 8     # longer than the sliding window
+    assert max(len(it.prompt_ids) + len(it.chosen_ids) for it in items) > 8  # longer than the sliding window
     g = torch.Generator().manual_seed(1)
-    ref_idx, ref_val = pack_topk(torch.rand(6, sae.width, generator=g) * (torch.rand(6, sae.width, generator=g) < 0.2), 32)
-    runs = {lay: _all_method_stats(model_dir, ref_dir, sae, layer, lay, items, tok.pad_token_id, ref_idx, ref_val)
-            for lay in LAYOUTS}
+    ref_idx, ref_val = pack_topk(
+        torch.rand(6, sae.width, generator=g) * (torch.rand(6, sae.width, generator=g) < 0.2), 32
+    )
+    runs = {
+        lay: _all_method_stats(model_dir, ref_dir, sae, layer, lay, items, tok.pad_token_id, ref_idx, ref_val)
+        for lay in LAYOUTS
+    }
     want = runs["off"]
     assert want["stats"]["kl"].abs().min() > 0 and want["stats"]["d"].abs().min() > 0
     for lay in ("pack", "share-prompt"):
@@ -207,12 +234,13 @@ def test_flex_attention_block_mask_equals_dense_mask(tok, tiny, monkeypatch):
     has no CPU backward for FlexAttention (the GPU test run covers the compiled kernel and training)."""
     flex_mod = pytest.importorskip("torch.nn.attention.flex_attention")
     import transformers.integrations.flex_attention as hf_flex
+
     monkeypatch.setattr(hf_flex.WrappedFlexAttention, "__call__", lambda self: flex_mod.flex_attention)
     items = _items(tok, 2, max_length=40, max_prompt_length=20)
     sdpa = load_model(tiny["model"], attn_implementation="sdpa")
     flex = load_model(tiny["model"], attn_implementation="flex_attention")
     for layout in ("pack", "share-prompt"):
-        for scale in (None, 30.0):   # one stream, and rows
+        for scale in (None, 30.0):  # one stream, and rows
             b = collate(items, layout, tok.pad_token_id, scale)
             with torch.no_grad():
                 assert _rel(body_hidden(flex, b, "cpu"), body_hidden(sdpa, b, "cpu")) < 1e-5, (layout, scale)
@@ -221,14 +249,29 @@ def test_flex_attention_block_mask_equals_dense_mask(tok, tiny, monkeypatch):
 def test_precompute_packed_equals_padded(tiny, tmp_path):
     """The cache written from packed micro-batches equals the padded one's up to the values' rounding, in
     dataset order, with a token budget too."""
-    from fpo.cache import ReferenceCache
     from fpo.precompute import precompute
+    from fpo.reference_cache import ReferenceCache
+
     caches = {}
-    for name, kw in (("off", dict(packing="off")), ("share", dict(packing="share-prompt")),
-                     ("budget", dict(packing="pack", max_tokens=300))):
+    for name, kw in (
+        ("off", dict(packing="off")),
+        ("share", dict(packing="share-prompt")),
+        ("budget", dict(packing="pack", max_tokens=300)),
+    ):
         out = str(tmp_path / name)
-        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], K=32, max_length=64, max_prompt_length=32,
-                   shard_rows=7, batch_pairs=3, progress=False, **kw)
+        precompute(
+            tiny["model"],
+            tiny["pairs"],
+            out,
+            sae=tiny["sae"],
+            cache_k=32,
+            max_length=64,
+            max_prompt_length=32,
+            shard_rows=7,
+            batch_pairs=3,
+            progress=False,
+            **kw,
+        )
         caches[name] = ReferenceCache(out).data
     want = caches["off"]
     for name in ("share", "budget"):
@@ -246,6 +289,7 @@ def test_precompute_packed_equals_padded(tiny, tmp_path):
 def test_varlen_pooling_of_a_packed_stream_equals_padded(tok, tiny):
     """The residual stream of a shared-prompt micro-batch, pooled over its spans, equals the padded one."""
     from fpo.model import ResidualCapture
+
     model = load_model(tiny["model"])
     sae = SAEWeights.from_file(tiny["sae"])
     items = _items(tok, 3)
@@ -257,7 +301,7 @@ def test_varlen_pooling_of_a_packed_stream_equals_padded(tok, tiny):
             body_hidden(model, b, "cpu")
         resid = cap.pop()
         cap.remove()
-        pooled.append(sae_pooled_features(resid.reshape(-1, resid.shape[-1]), sae=sae, spans=b["spans"]))
+        pooled.append(sae_pooled_features(resid.reshape(-1, resid.shape[-1]), sae, spans=b["spans"]))
     assert torch.allclose(pooled[0], pooled[1], rtol=1e-5, atol=1e-6)
 
 
@@ -267,7 +311,7 @@ def test_attention_mask_kinds_for_gemma2(tok, tmp_path):
     b = collate(_items(tok, 1), "share-prompt", tok.pad_token_id)
     masks = attention_mask_for(model, b["segment"], b["branch"], b["position_ids"])
     assert set(masks) == {"full_attention", "sliding_attention"}
-    assert masks["full_attention"].dtype == torch.float32                       # eager: additive
+    assert masks["full_attention"].dtype == torch.float32  # eager: additive
     assert (masks["sliding_attention"] < 0).sum() > (masks["full_attention"] < 0).sum()
 
 
@@ -278,15 +322,26 @@ def test_flex_attention_trains_like_the_dense_mask_on_gpu(dtype):
     backward for it) equal the dense-mask sdpa path on a random Llama and synthetic pairs (no downloads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fpo.data import TokenizedPair
+    from fpo.pairs import TokenizedPair
+
     g = torch.Generator().manual_seed(0)
 
     def ids(n):
         return tuple(torch.randint(5, 1000, (n,), generator=g).tolist())
-    items = [TokenizedPair(i, ids(lp), ids(lc), ids(lr), i) for i, (lp, lc, lr) in enumerate([(40, 90, 33), (7, 150, 200),
-                                                                                             (120, 5, 61)])]
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512)
+
+    items = [
+        TokenizedPair(i, ids(lp), ids(lc), ids(lr), i)
+        for i, (lp, lc, lr) in enumerate([(40, 90, 33), (7, 150, 200), (120, 5, 61)])
+    ]
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=512,
+    )
     outs = {}
     for impl in ("sdpa", "flex_attention"):
         torch.manual_seed(0)
@@ -296,7 +351,10 @@ def test_flex_attention_trains_like_the_dense_mask_on_gpu(dtype):
             b = collate(items, layout, 0, None)
             h = body_hidden(model, b, "cuda")
             h.float().pow(2).mean().backward()
-            outs[impl, layout] = (h.detach().float(), model.model.layers[0].self_attn.q_proj.weight.grad.float().clone())
+            outs[impl, layout] = (
+                h.detach().float(),
+                model.model.layers[0].self_attn.q_proj.weight.grad.float().clone(),
+            )
             model.zero_grad()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for layout in ("pack", "share-prompt"):

@@ -1,14 +1,16 @@
 """The rows FPO's constraint pools over: ours (each response's own tokens, a mean) and the authors' code's
 (`(features * mask).mean(1)` after the shift: the rows that predict the response, over the pair's padded length
 less one), each against D computed by hand from per-row SAE features; and the cache and the run must agree."""
+
+import json
 import os
 
 import pytest
 import torch
 
-from fpo.data import TokenizedPair, load_pairs, tokenize_pairs
 from fpo.model import ResidualCapture, load_model, load_tokenizer, run_body
 from fpo.packing import collate, pooling_rows
+from fpo.pairs import TokenizedPair, load_pairs, tokenize_pairs
 from fpo.precompute import precompute
 from fpo.sae import load_saes
 from fpo.step import PolicyStats
@@ -31,8 +33,10 @@ def test_rows_and_factor_by_hand():
     assert factor.tolist() == pytest.approx([(2 / 6) ** 2, (4 / 6) ** 2])
     packed = collate(items, "pack", 0)
     spans, factor = pooling_rows(packed, items, "authors")
-    assert (spans[:, 1] - spans[:, 0]).tolist() == [2, 4] and factor.tolist() == pytest.approx([(2 / 6) ** 2, (4 / 6) ** 2])
-    assert all(packed["input_ids"].reshape(-1)[a] == 3 for a in spans[:, 0].tolist())   # the prompt's last token
+    assert (spans[:, 1] - spans[:, 0]).tolist() == [2, 4] and factor.tolist() == pytest.approx(
+        [(2 / 6) ** 2, (4 / 6) ** 2]
+    )
+    assert all(packed["input_ids"].reshape(-1)[a] == 3 for a in spans[:, 0].tolist())  # the prompt's last token
     with pytest.raises(ValueError, match="packing 'off' or 'pack'"):
         pooling_rows(collate(items, "share-prompt", 0), items, "authors")
 
@@ -51,7 +55,7 @@ def test_d_equals_the_hand_computation(tiny, pooling):
     cap = ResidualCapture(model, layer)
     with torch.no_grad():
         run_body(model, batch["input_ids"], batch["attention_mask"])
-    feats = reference.sae_encode_ref(cap.pop().double(), sae)          # [2P, T, width]
+    feats = reference.sae_encode_ref(cap.pop().double(), sae)  # [2P, T, width]
     cap.remove()
     pooled, scale = [], []
     for s in range(2 * P):
@@ -59,16 +63,17 @@ def test_d_equals_the_hand_computation(tiny, pooling):
         lp, n = len(it.prompt_ids), len((it.chosen_ids, it.rejected_ids)[s // P])
         T_pair = lp + max(len(it.chosen_ids), len(it.rejected_ids))
         if pooling == "response":
-            pooled.append(feats[s, lp:lp + n].mean(0))
+            pooled.append(feats[s, lp : lp + n].mean(0))
             scale.append(1.0)
-        else:                               # (features * mask).mean(1): a sum over the predicting rows / (T - 1)
-            pooled.append(feats[s, lp - 1:lp - 1 + n].sum(0) / (T_pair - 1))
+        else:  # (features * mask).mean(1): a sum over the predicting rows / (T - 1)
+            pooled.append(feats[s, lp - 1 : lp - 1 + n].sum(0) / (T_pair - 1))
             scale.append(n / (T_pair - 1))
     pooled = torch.stack(pooled)
     g = torch.Generator().manual_seed(0)
-    ref_means = (pooled / torch.tensor(scale, dtype=torch.float64)[:, None]) * (1 + 0.3 * torch.rand(pooled.shape, generator=g,
-                                                                                                       dtype=torch.float64))
-    ref_idx, ref_val = pack_topk(ref_means.float(), 32, torch.float32)   # what the cache holds: means
+    ref_means = (pooled / torch.tensor(scale, dtype=torch.float64)[:, None]) * (
+        1 + 0.3 * torch.rand(pooled.shape, generator=g, dtype=torch.float64)
+    )
+    ref_idx, ref_val = pack_topk(ref_means.float(), 32, torch.float32)  # what the cache holds: means
     ref_dense = torch.zeros_like(pooled)
     for s in range(2 * P):
         keep = ref_idx[s] >= 0
@@ -84,16 +89,30 @@ def test_d_equals_the_hand_computation(tiny, pooling):
 
 def test_authors_pooling_trains_on_its_own_cache_only(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    kw = dict(sae=tiny["sae"], K=32, progress=False, log=lambda *a: None, packing="pack", **LEN)
+    kw = dict(sae=tiny["sae"], cache_k=32, progress=False, log=lambda *a: None, packing="pack", **LEN)
     precompute(tiny["model"], tiny["pairs"], str(tmp_path / "authors"), pooling="authors", **kw)
     precompute(tiny["model"], tiny["pairs"], str(tmp_path / "ours"), **kw)
-    cfg = dict(method="fpo", model=tiny["model"], dataset=tiny["pairs"], sae=tiny["sae"], batch_size=4,
-               micro_batch_size=2, max_steps=2, lr=1e-3, warmup_steps=0, k=16, log_every=1, progress=False,
-               packing="pack", pooling="authors", **LEN)
+    cfg = dict(
+        method="fpo",
+        model=tiny["model"],
+        dataset=tiny["pairs"],
+        sae=tiny["sae"],
+        batch_size=4,
+        micro_batch_size=2,
+        max_steps=2,
+        lr=1e-3,
+        warmup_steps=0,
+        k=16,
+        log_every=1,
+        progress=False,
+        packing="pack",
+        pooling="authors",
+        **LEN,
+    )
     out = train(dict(cfg, cache=str(tmp_path / "authors"), output_dir=str(tmp_path / "run")), log=lambda *a: None)
     assert out["last"]["d_chosen"] > 0
     with pytest.raises(ValueError, match="rebuild it with `fpo precompute --pooling authors`"):
         train(dict(cfg, cache=str(tmp_path / "ours"), output_dir=str(tmp_path / "run2")), log=lambda *a: None)
     with pytest.raises(ValueError, match="needs --packing off or pack"):
         train(dict(cfg, packing="share-prompt", cache=str(tmp_path / "authors"), output_dir=str(tmp_path / "run3")))
-    assert "pooling" not in open(os.path.join(tmp_path / "ours", "settings.json")).read()   # older caches stay valid
+    assert json.load(open(os.path.join(tmp_path / "ours", "settings.json")))["pooling"] == "response"  # always recorded

@@ -1,4 +1,5 @@
 """Offline reference precompute and the cache: fidelity to an online reference, resume, ranks, bad input."""
+
 import json
 import os
 import subprocess
@@ -7,15 +8,15 @@ import sys
 import pytest
 import torch
 
-import fpo.cache as cache_mod
-from fpo.cache import CacheMismatchError, ReferenceCache
-from fpo.data import BadRowError, collate_pairs, load_pairs, tokenize_pairs
+import fpo.reference_cache as cache_mod
 from fpo.model import ResidualCapture, load_model, load_tokenizer
+from fpo.pairs import BadRowError, collate_pairs, load_pairs, tokenize_pairs
 from fpo.precompute import precompute
+from fpo.reference_cache import CacheMismatchError, ReferenceCache
 from fpo_kernels import SAEWeights, reference
 
 pytestmark = pytest.mark.usefixtures("no_interpreter")
-KW = dict(K=32, max_length=64, max_prompt_length=32, shard_rows=5, batch_pairs=3, progress=False)
+KW = dict(cache_k=32, max_length=64, max_prompt_length=32, shard_rows=5, batch_pairs=3, progress=False)
 
 
 def _tensors(path):
@@ -27,7 +28,7 @@ def test_cache_matches_online_reference(tiny, tmp_path):
     out = str(tmp_path / "c")
     precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], **KW)
     c = ReferenceCache(out)
-    assert len(c) == 16 and c.meta["layer"] == 2 and c.meta["index_dtype"] == "int16"
+    assert len(c) == 16 and c.saes[0]["layer"] == 2 and c.saes[0]["index_dtype"] == "int16"
     tok = load_tokenizer(tiny["model"])
     model = load_model(tiny["model"]).eval()
     sae = SAEWeights.from_file(tiny["sae"])
@@ -68,6 +69,7 @@ def test_killed_run_resumes_to_the_same_cache(tiny, tmp_path, monkeypatch):
         return real(*a, **k)
 
     import fpo.precompute as pre
+
     monkeypatch.setattr(pre, "write_shard", dying_write)
     with pytest.raises(KeyboardInterrupt):
         precompute(tiny["model"], tiny["pairs"], part, sae=tiny["sae"], **KW)
@@ -87,12 +89,32 @@ def test_two_ranks_make_the_same_cache_as_one(tiny, tmp_path):
     one = str(tmp_path / "one")
     precompute(tiny["model"], tiny["pairs"], one, sae=tiny["sae"], **KW)
     two = str(tmp_path / "two")
-    args = dict(kind="precompute", model=tiny["model"], dataset=tiny["pairs"], out=two, sae=tiny["sae"],
-                **{k: v for k, v in KW.items() if k != "progress"})
+    args = dict(
+        kind="precompute",
+        model=tiny["model"],
+        dataset=tiny["pairs"],
+        out=two,
+        sae=tiny["sae"],
+        **{k: v for k, v in KW.items() if k != "progress"},
+    )
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
-                        os.path.join(os.path.dirname(__file__), "dist_driver.py"), json.dumps(args)],
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29611",
+            os.path.join(os.path.dirname(__file__), "dist_driver.py"),
+            json.dumps(args),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _tensors(one), _tensors(two)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -103,11 +125,12 @@ def test_two_ranks_make_the_same_cache_as_one(tiny, tmp_path):
 @pytest.mark.parametrize("width,dtype", [(32768, torch.int16), (32769, torch.int32)])
 def test_index_packing_both_sides_of_int16(tiny, tmp_path, width, dtype):
     import tiny as t
+
     sae = t.make_sae(str(tmp_path / f"sae{width}"), width=width)
     out = str(tmp_path / "c")
     precompute(tiny["model"], tiny["pairs"], out, sae=sae, max_pairs=3, **KW)
     c = ReferenceCache(out)
-    assert c.data["chosen_idx"].dtype == dtype and c.meta["sae_width"] == width
+    assert c.data["chosen_idx"].dtype == dtype and c.saes[0]["width"] == width
     assert int(c.data["chosen_idx"].long().max()) < width
 
 
@@ -119,15 +142,20 @@ def _write(path, rows):
     return str(path)
 
 
-@pytest.mark.parametrize("row,match", [
-    ({"prompt": "hi", "chosen": "a"}, "row 1: missing column 'rejected'"),
-    ({"prompt": "hi", "chosen": "  ", "rejected": "b"}, "row 1: column 'chosen' is an empty response"),
-    ({"chosen": "a", "rejected": "b"}, "row 1: missing column 'prompt'"),
-    ({"prompt": "hi", "chosen": 3, "rejected": "b"}, "row 1: column 'chosen' must be"),
-])
+@pytest.mark.parametrize(
+    "row,match",
+    [
+        ({"prompt": "hi", "chosen": "a"}, "row 1: missing column 'rejected'"),
+        ({"prompt": "hi", "chosen": "  ", "rejected": "b"}, "row 1: column 'chosen' is an empty response"),
+        ({"chosen": "a", "rejected": "b"}, "row 1: missing column 'prompt'"),
+        ({"prompt": "hi", "chosen": 3, "rejected": "b"}, "row 1: column 'chosen' must be"),
+    ],
+)
 def test_bad_rows_are_named(tmp_path, row, match):
-    path = _write(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "x", "rejected": "y"}, row,
-                                        {"prompt": "q", "chosen": "u", "rejected": "v"}])
+    path = _write(
+        tmp_path / "d.jsonl",
+        [{"prompt": "p", "chosen": "x", "rejected": "y"}, row, {"prompt": "q", "chosen": "u", "rejected": "v"}],
+    )
     with pytest.raises(BadRowError, match=match):
         load_pairs(path)
     kept = load_pairs(path, bad_rows="skip", log=lambda *a: None)
@@ -136,17 +164,23 @@ def test_bad_rows_are_named(tmp_path, row, match):
 
 def test_chat_message_columns_and_identical_pairs(tmp_path, tiny):
     conv = [{"role": "user", "content": "What is 2+2?"}]
-    path = _write(tmp_path / "chat.jsonl", [
-        {"chosen": conv + [{"role": "assistant", "content": "4"}], "rejected": conv + [{"role": "assistant", "content": "5"}]},
-        {"prompt": "same", "chosen": "x", "rejected": "x"},
-    ])
+    path = _write(
+        tmp_path / "chat.jsonl",
+        [
+            {
+                "chosen": conv + [{"role": "assistant", "content": "4"}],
+                "rejected": conv + [{"role": "assistant", "content": "5"}],
+            },
+            {"prompt": "same", "chosen": "x", "rejected": "x"},
+        ],
+    )
     msgs = []
     pairs = load_pairs(path, log=msgs.append)
     assert len(pairs) == 1 and pairs[0].prompt == conv and pairs[0].chosen == "4"
     assert "identical" in msgs[0]
     tok = load_tokenizer(tiny["model"])
     it = tokenize_pairs(pairs, tok, max_length=64, max_prompt_length=32)[0]
-    assert tok.decode(list(it.prompt_ids)).rstrip().endswith("assistant")    # the chat template's generation prompt
+    assert tok.decode(list(it.prompt_ids)).rstrip().endswith("assistant")  # the chat template's generation prompt
     assert it.chosen_ids[-1] == tok.eos_token_id
 
 
@@ -162,7 +196,9 @@ def test_truncation_policy(tiny, tmp_path):
 def test_truncated_and_corrupted_shards(tiny, tmp_path):
     out = str(tmp_path / "c")
     precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], **KW)
-    shard = os.path.join(out, sorted(n for n in os.listdir(out) if n.startswith("shard-") and n.endswith(".safetensors"))[1])
+    shard = os.path.join(
+        out, sorted(n for n in os.listdir(out) if n.startswith("shard-") and n.endswith(".safetensors"))[1]
+    )
     data = open(shard, "rb").read()
     with open(shard, "wb") as f:
         f.write(data[:-7])
@@ -178,13 +214,15 @@ def test_cache_for_another_setup_is_refused(tiny, tmp_path):
     out = str(tmp_path / "c")
     precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], **KW)
     c = ReferenceCache(out)
-    c.verify(sae=c.meta["sae"], layer=2)
+    sae = SAEWeights.from_file(tiny["sae"])
+    assert c.find_sae(sae.fingerprint(), 2)["key"] == ""
     import tiny as t
+
     other_sae = SAEWeights.from_file(t.make_sae(str(tmp_path / "s2"), seed=5))
-    with pytest.raises(CacheMismatchError, match="another sae"):
-        c.verify(sae=other_sae.fingerprint())
-    with pytest.raises(CacheMismatchError, match="another layer"):
-        c.verify(layer=1)
+    with pytest.raises(CacheMismatchError, match="no features for SAE 'other' at layer 2"):
+        c.find_sae(other_sae.fingerprint(), 2, "other")
+    with pytest.raises(CacheMismatchError, match="no features for SAE 'sae' at layer 1"):
+        c.find_sae(sae.fingerprint(), 1)
     with pytest.raises(CacheMismatchError, match="another tokenizer"):
         c.verify(tokenizer="0000")
     with pytest.raises(CacheMismatchError, match=r"another model: model\.config"):
@@ -198,13 +236,23 @@ def test_cache_for_another_setup_is_refused(tiny, tmp_path):
     batch = collate_pairs(items[2:5], tok.pad_token_id)
     with pytest.raises(CacheMismatchError, match="example id 3"):
         c.lookup(batch["ids"], batch["row_hash"])
+    # a cache in the format of 0.1.0 is refused with the command that rebuilds it
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    old_dir = tmp_path / "format1"
+    old_dir.mkdir()
+    (old_dir / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(
+        CacheMismatchError, match="format 1, this version of fpo reads format 2: rebuild it with `fpo precompute`"
+    ):
+        ReferenceCache(str(old_dir))
     # the same directory asked to hold a cache with other settings
     with pytest.raises(ValueError, match="other settings"):
-        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], **{**KW, "K": 16})
+        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], **{**KW, "cache_k": 16})
 
 
 def test_sae_that_does_not_fit_the_model(tiny, tmp_path):
     from safetensors.torch import save_file
+
     os.makedirs(tmp_path / "s", exist_ok=True)
     save_file({"W_enc": torch.randn(32, 10), "b_enc": torch.zeros(10)}, str(tmp_path / "s" / "sae_weights.safetensors"))
     with pytest.raises(ValueError, match="d_in=32"):

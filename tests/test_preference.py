@@ -1,13 +1,13 @@
 """Drop-in fused preference losses: against the loss formulas on float64 full-logit statistics, against
 Liger-Kernel's chunked losses (when installed), packed equals padded, and bad input."""
+
 import pytest
 import torch
+from helpers import random_sae
 
 from fpo_kernels import pack_topk, reference, sae_pooled_features
 from fpo_kernels.losses import dpo_loss, fpo_loss, simpo_loss, tdpo_loss
-from fpo_kernels.preference import (FusedLinearDPOLoss, FusedLinearFPOLoss, FusedLinearSimPOLoss,
-                                    FusedLinearTDPOLoss)
-from helpers import random_sae
+from fpo_kernels.preference import FusedLinearDPOLoss, FusedLinearFPOLoss, FusedLinearSimPOLoss, FusedLinearTDPOLoss
 
 P, T, d, V = 3, 11, 24, 97
 
@@ -20,7 +20,7 @@ def _batch(device, prompt=(3, 5, 2), bias=False):
     target = torch.randint(0, V, (2 * P, T), device=device)
     for i in range(2 * P):
         lp = prompt[i % P]
-        end = T - (i % 3)              # rows of different lengths: padding at the end
+        end = T - (i % 3)  # rows of different lengths: padding at the end
         target[i, :lp] = -100
         target[i, end:] = -100
     return h, w, b, target
@@ -30,8 +30,9 @@ def _stats64(h, w, b, target, softcap):
     """Summed and mean response log-probs per sequence from full float64 logits, written out plainly."""
     flat, y = h.double().reshape(-1, d), target.reshape(-1)
     keep = y != -100
-    logp = reference.fused_linear_logprobs_ref(flat, w.double(), torch.where(keep, y, 0), softcap, -100,
-                                               None if b is None else b.double())
+    logp = reference.fused_linear_logprobs_ref(
+        flat, w.double(), torch.where(keep, y, 0), softcap, -100, None if b is None else b.double()
+    )
     logp = torch.where(keep, logp, 0.0).reshape(2 * P, T)
     s = logp.sum(1)
     return s, s / keep.reshape(2 * P, T).sum(1)
@@ -55,7 +56,9 @@ def test_simpo_dpo_tdpo_match_the_formulas(softcap, bias, device):
             loss, out = mod(ww, hh, target, bb)
         elif name == "dpo":
             mod = FusedLinearDPOLoss(beta=0.1, softcap=softcap)
-            loss, out = mod(ww, hh, target, bb, ref_chosen_logps=ref_s[:P].float(), ref_rejected_logps=ref_s[P:].float())
+            loss, out = mod(
+                ww, hh, target, bb, ref_chosen_logps=ref_s[:P].float(), ref_rejected_logps=ref_s[P:].float()
+            )
         else:
             mod = FusedLinearTDPOLoss(beta=0.1, alpha=0.5, variant=int(name[-1]), softcap=softcap)
             loss, out = mod(ww, hh, target, bb, ref_input=ref_h, ref_weight=ref_w)
@@ -69,8 +72,14 @@ def test_simpo_dpo_tdpo_match_the_formulas(softcap, bias, device):
         else:
             keep = (target != -100).reshape(-1)
             _, _, kl = reference.fused_linear_logprobs_kl_ref(
-                h64.reshape(-1, d)[keep], w64, target.reshape(-1)[keep], ref_h.double().reshape(-1, d)[keep],
-                ref_w.double(), softcap, b64)
+                h64.reshape(-1, d)[keep],
+                w64,
+                target.reshape(-1)[keep],
+                ref_h.double().reshape(-1, d)[keep],
+                ref_w.double(),
+                softcap,
+                b64,
+            )
             seq = torch.arange(2 * P, device=device).repeat_interleave(T)[keep]
             kl = torch.zeros(2 * P, dtype=torch.float64, device=device).index_add(0, seq, kl)
             want, _ = tdpo_loss(s[:P], s[P:], ref_s[:P], ref_s[P:], kl[:P], kl[P:], 0.1, 0.5, int(name[-1]))
@@ -80,7 +89,7 @@ def test_simpo_dpo_tdpo_match_the_formulas(softcap, bias, device):
         want_g = _grads(want, h64, w64, *([b64] if bias else []))
         for g1, g2 in zip(got_g, want_g):
             assert ((g1.double() - g2).norm() / g2.norm()).item() < 1e-4, name
-        chosen_logps, rejected_logps, cm, rm, nll, rw, rl = out           # Liger's 7-tuple
+        chosen_logps, rejected_logps, cm, rm, nll, rw, rl = out  # Liger's 7-tuple
         metrics = mod.metrics
         assert chosen_logps.shape == (P,) and "accuracy" in metrics and "margin" in metrics
         if name.startswith("tdpo"):
@@ -95,13 +104,21 @@ def test_fpo_matches_the_formula(select, device):
     resid = torch.randn(2 * P, T, d, device=device)
     mask = torch.zeros(2 * P, T, dtype=torch.bool, device=device)
     mask[:, 4:] = True
-    ref_idx, ref_val = pack_topk(sae_pooled_features(resid + 0.05 * torch.randn_like(resid), mask, sae), 16)
+    ref_idx, ref_val = pack_topk(sae_pooled_features(resid + 0.05 * torch.randn_like(resid), sae, mask=mask), 16)
     ref_a = -torch.rand(2 * P, device=device)
     hh, rr = h.clone().requires_grad_(), resid.clone().requires_grad_()
     mod = FusedLinearFPOLoss(sae, beta=0.1, alpha=20.0, k=k, select=select)
     loss, out = mod(
-        w, hh, target, sae_hidden=rr, sae_mask=mask, ref_indices=ref_idx, ref_values=ref_val,
-        ref_chosen_logps=ref_a[:P], ref_rejected_logps=ref_a[P:])
+        w,
+        hh,
+        target,
+        sae_hidden=rr,
+        sae_mask=mask,
+        ref_indices=ref_idx,
+        ref_values=ref_val,
+        ref_chosen_logps=ref_a[:P],
+        ref_rejected_logps=ref_a[P:],
+    )
     h64, r64 = h.double().requires_grad_(), resid.double().requires_grad_()
     _, a = _stats64(h64, w, None, target, None)
     D = reference.sae_feature_mse_ref(r64, mask, sae, ref_idx, ref_val, k, select)
@@ -116,7 +133,7 @@ def test_fpo_matches_the_formula(select, device):
 def test_packed_input_equals_padded(device):
     """A packed micro-batch (flat rows, seq_ids) gives the padded one's loss and gradients."""
     h, w, _, target = _batch(device)
-    keep_rows = torch.randperm(2 * P * T, device=device)        # any row order: a packed stream
+    keep_rows = torch.randperm(2 * P * T, device=device)  # any row order: a packed stream
     flat_h = h.reshape(-1, d)[keep_rows]
     flat_t = target.reshape(-1)[keep_rows]
     seq = torch.arange(2 * P, device=device).repeat_interleave(T)[keep_rows]
@@ -131,10 +148,18 @@ def test_packed_input_equals_padded(device):
     assert torch.allclose(ga.reshape(-1, d)[keep_rows], gb, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("case,match", [
-    ("odd", "2P sequences"), ("shape", "leading shape"), ("float_target", "integer"), ("empty", "no response token"),
-    ("packed_no_ids", "seq_ids"), ("ref_shape", "ref_chosen_logps"), ("tdpo_no_ref", "ref_input"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("odd", "2P sequences"),
+        ("shape", "leading shape"),
+        ("float_target", "integer"),
+        ("empty", "no response token"),
+        ("packed_no_ids", "seq_ids"),
+        ("ref_shape", "ref_chosen_logps"),
+        ("tdpo_no_ref", "ref_input"),
+    ],
+)
 def test_bad_input(case, match, device):
     h, w, _, target = _batch(device)
     mod, kw = FusedLinearSimPOLoss(), {}
@@ -170,7 +195,7 @@ def test_simpo_equals_liger(device):
     theirs, aux = theirs_mod(w2, h2, target)
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
     assert torch.allclose(out[0], aux[0], rtol=1e-5) and torch.allclose(out[1], aux[1], rtol=1e-5)
-    assert out[2].item() == pytest.approx(aux[2].item(), rel=1e-4, abs=1e-6)   # the logits means
+    assert out[2].item() == pytest.approx(aux[2].item(), rel=1e-4, abs=1e-6)  # the logits means
     for g1, g2 in zip(_grads(ours, h1, w1), _grads(theirs, h2, w2)):
         assert ((g1 - g2).norm() / g2.norm()).item() < 1e-5
 
@@ -183,8 +208,9 @@ def test_dpo_equals_liger(device):
     ref_s, _ = _stats64(ref_h, ref_w, None, target, None)
     theirs_mod = liger.LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=False, compiled=False, use_ref_model=True)
     h1, w1, h2, w2 = (t.clone().requires_grad_() for t in (h, w, h, w))
-    ours, out = FusedLinearDPOLoss(beta=0.1)(w1, h1, target, ref_chosen_logps=ref_s[:P].float(),
-                                             ref_rejected_logps=ref_s[P:].float())
+    ours, out = FusedLinearDPOLoss(beta=0.1)(
+        w1, h1, target, ref_chosen_logps=ref_s[:P].float(), ref_rejected_logps=ref_s[P:].float()
+    )
     theirs, aux = theirs_mod(w2, h2, target, ref_input=ref_h, ref_weight=ref_w)
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
     assert torch.allclose(out[0], aux[0], rtol=1e-5)

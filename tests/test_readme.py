@@ -1,4 +1,5 @@
 """The README's Python example runs as written."""
+
 import os
 import re
 
@@ -13,6 +14,6 @@ def test_readme_python_examples_run(monkeypatch):
 
 def test_readme_starts_with_the_two_commands():
     lines = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().splitlines()
-    block = lines[lines.index("```bash") + 1:][:2]
+    block = lines[lines.index("```bash") + 1 :][:2]
     assert block[0].startswith("bash scripts/setup.sh && .venv/bin/fpo demo")
     assert block[1].startswith("bash scripts/setup.sh && .venv/bin/python -m pytest")

@@ -1,4 +1,5 @@
 """Trustworthy runs: what a new user's mistakes and a hostile or broken disk must never do silently."""
+
 import errno
 import json
 import os
@@ -9,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from fpo.cache import ReferenceCache
 from fpo.config import TrainConfig
-from fpo.data import load_pairs, tokenize_pairs
 from fpo.model import load_tokenizer
+from fpo.pairs import load_pairs, tokenize_pairs
 from fpo.precompute import precompute
+from fpo.reference_cache import ReferenceCache
 from fpo.train import NonFiniteLossError, Trainer, train
 
 pytestmark = pytest.mark.usefixtures("no_interpreter")
@@ -25,15 +26,29 @@ QUIET = dict(log=lambda *a: None)
 def cache(tiny, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cache") / "c")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")   # set up before the tests' no_interpreter: the plain-PyTorch path, fast
-        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], K=32, progress=False, **LEN)
+        mp.setenv("TRITON_INTERPRET", "0")  # set up before the tests' no_interpreter: the plain-PyTorch path, fast
+        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], cache_k=32, progress=False, **LEN)
     return out
 
 
 def _cfg(tiny, cache, out, method="simpo", **kw):
-    base = dict(method=method, model=tiny["model"], dataset=tiny["pairs"], cache=cache if method in ("fpo", "dpo") else None,
-                sae=tiny["sae"] if method == "fpo" else None, batch_size=4, micro_batch_size=2, max_steps=2, lr=1e-3,
-                warmup_steps=0, k=16, output_dir=str(out), log_every=1, progress=False, **LEN)
+    base = dict(
+        method=method,
+        model=tiny["model"],
+        dataset=tiny["pairs"],
+        cache=cache if method in ("fpo", "dpo") else None,
+        sae=tiny["sae"] if method == "fpo" else None,
+        batch_size=4,
+        micro_batch_size=2,
+        max_steps=2,
+        lr=1e-3,
+        warmup_steps=0,
+        k=16,
+        output_dir=str(out),
+        log_every=1,
+        progress=False,
+        **LEN,
+    )
     base.update(kw)
     return base
 
@@ -53,15 +68,16 @@ def test_resume_never_unpickles_code(tiny, tmp_path):
     train(_cfg(tiny, None, tmp_path / "run", save_every=2), **QUIET)
     state = tmp_path / "run" / "checkpoint-000002" / "trainer_state.pt"
     marker = tmp_path / "pwned"
-    good = torch.load(state, weights_only=True)          # what we write loads safely
+    good = torch.load(state, weights_only=True)  # what we write loads safely
     assert "optimizer" in good and "rng" in good
     good["history"].append({"note": _Exploit(marker)})
     with open(state, "wb") as f:
         pickle.dump(good, f)
-    with pytest.raises(ValueError, match="does not match the checksum"):   # the recorded checksum catches it first
+    with pytest.raises(ValueError, match="does not match the checksum"):  # the recorded checksum catches it first
         train(_cfg(tiny, None, tmp_path / "run", max_steps=4, resume="latest"), **QUIET)
     from fpo.run_dir import write_checksums
-    write_checksums(str(state.parent))                 # an attacker rewrites checksums.json too: the load is safe
+
+    write_checksums(str(state.parent))  # an attacker rewrites checksums.json too: the load is safe
     with pytest.raises(ValueError, match="safe set"):
         train(_cfg(tiny, None, tmp_path / "run", max_steps=4, resume="latest"), **QUIET)
     assert not marker.exists()
@@ -71,16 +87,16 @@ def test_a_run_never_continues_or_overwrites_another(tiny, cache, tmp_path):
     out = tmp_path / "run"
     train(_cfg(tiny, cache, out, "fpo", save_every=2), **QUIET)
     final = (out / "metrics.jsonl").read_text()
-    with pytest.raises(ValueError, match="holds another run"):         # a plain run into a finished run's directory
+    with pytest.raises(ValueError, match="holds another run"):  # a plain run into a finished run's directory
         train(_cfg(tiny, cache, out), **QUIET)
     assert (out / "metrics.jsonl").read_text() == final
-    with pytest.raises(ValueError, match="method is 'simpo'.*'fpo'"):   # resuming another method's checkpoint
+    with pytest.raises(ValueError, match="method is 'simpo'.*'fpo'"):  # resuming another method's checkpoint
         train(_cfg(tiny, cache, out, resume="latest", max_steps=4), **QUIET)
-    with pytest.raises(ValueError, match="lr is 0.01"):                # a changed learning rate is not ignored
+    with pytest.raises(ValueError, match="lr is 0.01"):  # a changed learning rate is not ignored
         train(_cfg(tiny, cache, out, "fpo", resume="latest", max_steps=4, lr=1e-2), **QUIET)
-    train(_cfg(tiny, cache, out, "fpo", resume="latest", max_steps=3, log_every=2), **QUIET)   # allowed changes
+    train(_cfg(tiny, cache, out, "fpo", resume="latest", max_steps=3, log_every=2), **QUIET)  # allowed changes
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
-    train(_cfg(tiny, cache, out, overwrite=True), **QUIET)              # asked: replaced
+    train(_cfg(tiny, cache, out, overwrite=True), **QUIET)  # asked: replaced
     assert json.loads((out / "summary.json").read_text())["method"] == "simpo"
     assert not any(n.startswith("checkpoint-") for n in os.listdir(out))
 
@@ -95,33 +111,34 @@ def test_a_diverged_model_is_never_checkpointed(tiny, tmp_path):
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
     import fpo.train as tr
+
     out = tmp_path / "run"
     real = tr.torch.save
     calls = {"n": 0}
 
     def save(obj, path, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 2:   # the second checkpoint
+        if calls["n"] == 2:  # the second checkpoint
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(obj, path, *a, **k)
 
     monkeypatch.setattr(tr.torch, "save", save)
     with pytest.raises(RuntimeError, match="disk is full.*checkpoint-000001 is intact"):
         train(_cfg(tiny, None, out, save_every=1, max_steps=3), **QUIET)
-    assert sorted(os.listdir(out)) == [".fpo.lock", "checkpoint-000001", "metrics.jsonl"]   # the lock: see below
+    assert sorted(os.listdir(out)) == [".fpo.lock", "checkpoint-000001", "metrics.jsonl"]  # the lock: see below
 
 
 # ---- precompute -----------------------------------------------------------------------------------
 def test_precompute_rebuilds_a_corrupted_shard_and_cleans_leftovers(tiny, tmp_path):
     out = tmp_path / "c"
-    kw = dict(sae=tiny["sae"], K=16, shard_rows=5, progress=False, **LEN)
+    kw = dict(sae=tiny["sae"], cache_k=16, shard_rows=5, progress=False, **LEN)
     precompute(tiny["model"], tiny["pairs"], str(out), **kw)
     want = ReferenceCache(str(out)).data
     shard = sorted(out.glob("shard-*.safetensors"))[1]
     raw = bytearray(shard.read_bytes())
-    raw[-8:] = b"\x7f" * 8                                         # corrupt some values in place
+    raw[-8:] = b"\x7f" * 8  # corrupt some values in place
     shard.write_bytes(bytes(raw))
-    (out / "shard-000000099-000000100.safetensors.tmp123").write_bytes(b"half")   # a killed run's leftover
+    (out / "shard-000000099-000000100.safetensors.tmp123").write_bytes(b"half")  # a killed run's leftover
     said = []
     precompute(tiny["model"], tiny["pairs"], str(out), log=said.append, **kw)
     assert any("fails its recorded checksum" in s for s in said)
@@ -137,20 +154,32 @@ def test_dataset_and_cache_mismatch_is_found_at_start(tiny, cache, tmp_path):
     edited.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = TrainConfig(**_cfg(tiny, cache, tmp_path / "run", "dpo", dataset=str(edited)))
     with pytest.raises(ValueError, match=r"ids \[5\]\) were tokenised differently"):
-        Trainer(cfg, **QUIET)                                          # before any step
+        Trainer(cfg, **QUIET)  # before any step
 
 
 # ---- bad values and bad files -----------------------------------------------------------------------
-@pytest.mark.parametrize("key,value", [("max_grad_norm", -1.0), ("beta", -1.0), ("alpha", -5.0), ("max_steps", -3),
-                                       ("max_steps", 0), ("gamma", float("nan")), ("lr", float("inf")),
-                                       ("weight_decay", -0.1), ("k", 0), ("max_tokens", 0)])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("max_grad_norm", -1.0),
+        ("beta", -1.0),
+        ("alpha", -5.0),
+        ("max_steps", -3),
+        ("max_steps", 0),
+        ("gamma", float("nan")),
+        ("lr", float("inf")),
+        ("weight_decay", -0.1),
+        ("k", 0),
+        ("max_tokens", 0),
+    ],
+)
 def test_config_values_out_of_range(key, value):
     with pytest.raises(ValueError, match=key):
         TrainConfig(method="simpo", model="m", dataset="d", **{key: value})
 
 
 def test_k_above_the_cache_K_is_refused(tiny, cache, tmp_path):
-    with pytest.raises(ValueError, match="exceeds the cache's K"):
+    with pytest.raises(ValueError, match="exceeds the cache's cache_k"):
         Trainer(TrainConfig(**_cfg(tiny, cache, tmp_path / "run", "fpo", k=33)), **QUIET)
 
 
@@ -171,6 +200,7 @@ def test_bad_files_give_sentences(tiny, cache, tmp_path):
 
 def test_eval_stops_at_bad_rows_like_train(tiny, tmp_path):
     from fpo.evaluate import evaluate
+
     rows = [json.loads(line) for line in open(tiny["pairs"])][:4]
     rows[2]["rejected"] = ""
     path = tmp_path / "eval.jsonl"
@@ -185,14 +215,19 @@ def test_eval_stops_at_bad_rows_like_train(tiny, tmp_path):
 def test_hh_rlhf_transcripts_become_chat_turns(tiny, tmp_path):
     path = tmp_path / "hh.jsonl"
     rows = [
-        {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: 6.",
-         "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: Seven."},
+        {
+            "chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: 6.",
+            "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant: Seven.",
+        },
         {"prompt": "\n\nHuman: Name a colour.\n\nAssistant:", "chosen": " Blue.", "rejected": " No."},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs = load_pairs(str(path))
-    assert pairs[0].prompt == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
-                               {"role": "user", "content": "And 3+3?"}]
+    assert pairs[0].prompt == [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": "And 3+3?"},
+    ]
     assert (pairs[0].chosen, pairs[0].rejected) == ("6.", "Seven.")
     assert pairs[1].prompt == [{"role": "user", "content": "Name a colour."}] and pairs[1].chosen == "Blue."
     tok = load_tokenizer(tiny["model"])
@@ -205,13 +240,16 @@ def test_every_flag_has_help_choices_and_defaults():
     import argparse
 
     from fpo import cli
+
     subs = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for name, parser in subs.choices.items():
         for action in parser._actions:
             if action.dest in ("help",) or name == "bench":
                 continue
             assert action.help, (name, action.dest)
-    train_help = subprocess.run([sys.executable, "-m", "fpo.cli", "train", "--help"], capture_output=True, text=True).stdout
+    train_help = subprocess.run(
+        [sys.executable, "-m", "fpo.cli", "train", "--help"], capture_output=True, text=True
+    ).stdout
     assert "{fpo,dpo,simpo,tdpo1,tdpo2}" in train_help and "{off,pack,share-prompt}" in train_help
     assert "(default 0.5)" in train_help and "by method" in train_help
     r = subprocess.run([sys.executable, "-m", "fpo.cli", "bench"], capture_output=True, text=True)
@@ -229,37 +267,40 @@ def test_overwrite_only_removes_what_precompute_wrote(tiny, tmp_path):
     (notes / "todo.txt").write_text("mine")
     (notes / "src").mkdir()
     with pytest.raises(ValueError, match="holds no cache.*todo.txt.*only ever replaces a cache"):
-        precompute(tiny["model"], tiny["pairs"], str(notes), K=8, overwrite=True, progress=False, **LEN)
+        precompute(tiny["model"], tiny["pairs"], str(notes), cache_k=8, overwrite=True, progress=False, **LEN)
     assert (notes / "todo.txt").read_text() == "mine" and (notes / "src").is_dir()
     out = tmp_path / "c"
-    precompute(tiny["model"], tiny["pairs"], str(out), sae=tiny["sae"], K=8, progress=False, **LEN)
+    precompute(tiny["model"], tiny["pairs"], str(out), sae=tiny["sae"], cache_k=8, progress=False, **LEN)
     (out / "README.txt").write_text("what this cache is for")
-    precompute(tiny["model"], tiny["pairs"], str(out), sae=tiny["sae"], K=16, overwrite=True, progress=False, **LEN)
-    assert (out / "README.txt").read_text() == "what this cache is for" and ReferenceCache(str(out)).K == 16
+    precompute(
+        tiny["model"], tiny["pairs"], str(out), sae=tiny["sae"], cache_k=16, overwrite=True, progress=False, **LEN
+    )
+    assert (out / "README.txt").read_text() == "what this cache is for" and ReferenceCache(str(out)).cache_k == 16
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file, not a directory"):
-        precompute(tiny["model"], tiny["pairs"], str(tmp_path / "file"), K=8, progress=False, **LEN)
+        precompute(tiny["model"], tiny["pairs"], str(tmp_path / "file"), cache_k=8, progress=False, **LEN)
 
 
 def test_one_process_per_run_directory_and_cache(tiny, cache, tmp_path):
     """A second run on a directory in use stops before touching it, naming the holder; the lock goes with the
     process (and with a run that fails to start)."""
     from fpo.locking import DirectoryLock
+
     out = tmp_path / "run"
     out.mkdir()
-    held = DirectoryLock(str(out), "output_dir")         # what a running `fpo train` holds
+    held = DirectoryLock(str(out), "output_dir")  # what a running `fpo train` holds
     with pytest.raises(ValueError, match=f"in use by another process \\(pid {os.getpid()}\\)"):
         train(_cfg(tiny, cache, out), **QUIET)
     assert os.listdir(out) == [".fpo.lock"]
     held.release()
-    with pytest.raises(ValueError, match="batch_size"):   # fails to start: leaves the directory free
+    with pytest.raises(ValueError, match="batch_size"):  # fails to start: leaves the directory free
         train(_cfg(tiny, cache, out, batch_size=3), **QUIET)
     train(_cfg(tiny, cache, out), **QUIET)
     c = tmp_path / "c"
     c.mkdir()
     held = DirectoryLock(str(c), "cache")
     with pytest.raises(ValueError, match="cache .* is in use by another process"):
-        precompute(tiny["model"], tiny["pairs"], str(c), K=8, progress=False, **LEN)
+        precompute(tiny["model"], tiny["pairs"], str(c), cache_k=8, progress=False, **LEN)
     held.release()
 
 
@@ -278,21 +319,23 @@ def test_temporary_files_never_follow_a_planted_link(tiny, cache, tmp_path):
     train(_cfg(tiny, cache, out, save_every=2), **QUIET)
     assert victim.read_text() == "precious" and not os.listdir(victim_dir)
     assert (out / "checkpoint-000002" / "trainer_state.pt").exists()
-    assert not [n for n in os.listdir(out) if ".tmp" in n]           # leftovers of the run's own names removed
+    assert not [n for n in os.listdir(out) if ".tmp" in n]  # leftovers of the run's own names removed
 
 
 def test_a_final_model_gets_the_soundness_check(tiny, cache, tmp_path, monkeypatch):
     """A last step that leaves non-finite weights stops with the error a checkpoint would get; no final model
     holds NaN weights."""
     import fpo.train as tr
+
     real = tr.Trainer.train_step
 
     def poisoned(self, step):
         out = real(self, step)
-        if self.step == self.total_steps - 1:   # the last step corrupts one weight
+        if self.step == self.total_steps - 1:  # the last step corrupts one weight
             with torch.no_grad():
                 next(self.model.parameters()).view(-1)[0] = float("nan")
         return out
+
     monkeypatch.setattr(tr.Trainer, "train_step", poisoned)
     with pytest.raises(NonFiniteLossError, match="after step 2"):
         train(_cfg(tiny, cache, tmp_path / "run", max_steps=2, log_every=5), **QUIET)
@@ -301,6 +344,7 @@ def test_a_final_model_gets_the_soundness_check(tiny, cache, tmp_path, monkeypat
 
 def test_saes_that_can_never_fire_or_bad_configs_are_refused(tmp_path):
     from fpo_kernels import SAEWeights
+
     d, m = 8, 16
     W, b = torch.randn(d, m), torch.zeros(m)
     for bad in (float("nan"), float("inf")):
@@ -311,10 +355,13 @@ def test_saes_that_can_never_fire_or_bad_configs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="all-zero encoder"):
         SAEWeights.from_tensors(torch.zeros(d, m), b, torch.rand(m))
     from safetensors.torch import save_file
+
     folder = tmp_path / "sparsify"
     folder.mkdir()
-    save_file({"encoder.weight": torch.randn(m, d), "encoder.bias": torch.zeros(m), "b_dec": torch.zeros(d)},
-              str(folder / "sae.safetensors"))
+    save_file(
+        {"encoder.weight": torch.randn(m, d), "encoder.bias": torch.zeros(m), "b_dec": torch.zeros(d)},
+        str(folder / "sae.safetensors"),
+    )
     for k, msg in ((5.9, "positive whole number, got 5.9"), (True, "got True"), ("5", "got '5'"), (0, "got 0")):
         (folder / "cfg.json").write_text(json.dumps({"k": k}))
         with pytest.raises(ValueError, match=msg):
@@ -330,7 +377,8 @@ def test_rows_that_would_train_silently_wrong_are_refused(tmp_path):
     """Chat rows whose chosen and rejected conversations have different prompts (the rejected answer would be
     trained as an answer to the chosen's prompt), non-text chat content, and text that is not valid Unicode:
     each a BadRowError naming the row, or skipped and reported with --bad-rows skip."""
-    from fpo.data import BadRowError
+    from fpo.pairs import BadRowError
+
     user = lambda text: {"role": "user", "content": text}
     bot = lambda text: {"role": "assistant", "content": text}
     rows = [
@@ -341,8 +389,11 @@ def test_rows_that_would_train_silently_wrong_are_refused(tmp_path):
     ]
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for r, msg in ((0, "differ before their last message"), (1, "holds a int where text belongs"),
-                   (2, "not valid Unicode")):
+    for r, msg in (
+        (0, "differ before their last message"),
+        (1, "holds a int where text belongs"),
+        (2, "not valid Unicode"),
+    ):
         one = tmp_path / f"row{r}.jsonl"
         one.write_text(json.dumps(rows[r]) + "\n" + json.dumps(rows[3]) + "\n")
         with pytest.raises(BadRowError, match=f"row 0: .*{msg}"):
@@ -354,7 +405,8 @@ def test_rows_that_would_train_silently_wrong_are_refused(tmp_path):
 
 def test_a_cache_from_other_weights_is_refused(tiny, cache, tmp_path):
     """Same architecture, other weights: the cache's reference is not this policy's start; refused by name."""
-    from fpo.cache import CacheMismatchError
+    from fpo.reference_cache import CacheMismatchError
+
     with pytest.raises(CacheMismatchError, match="model.weights_bf16"):
         train(_cfg(tiny, cache, tmp_path / "run", "fpo", model=tiny["model_b"]), **QUIET)
 
@@ -383,16 +435,18 @@ def test_two_first_time_conversions_at_once(tiny, tmp_path, monkeypatch):
 
     import fpo.assets as assets
     import fpo.model as fm
+
     monkeypatch.setenv("FPO_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(assets, "_gguf_path", lambda: "unused.gguf")
     barrier, loading = threading.Barrier(2), threading.Lock()
     real_model, real_tok = fm.load_model, fm.load_tokenizer
 
     def load_model(path, dtype=None):
-        with loading:                   # transformers' loading is not thread-safe; the conversions' writes are
+        with loading:  # transformers' loading is not thread-safe; the conversions' writes are
             model = real_model(tiny["model"])
-        barrier.wait(timeout=60)        # both conversions are under way before either writes
+        barrier.wait(timeout=60)  # both conversions are under way before either writes
         return model
+
     monkeypatch.setattr(fm, "load_model", load_model)
     monkeypatch.setattr(fm, "load_tokenizer", lambda path: real_tok(tiny["model"]))
     results, errors = [], []
@@ -410,7 +464,7 @@ def test_two_first_time_conversions_at_once(tiny, tmp_path, monkeypatch):
 def _collect(fn, results, errors):
     try:
         results.append(fn(log=lambda *a: None))
-    except Exception as e:   # noqa: BLE001 - reported by the test
+    except Exception as e:  # noqa: BLE001 - reported by the test
         errors.append(e)
 
 
@@ -419,8 +473,11 @@ def test_more_mistakes_get_sentences(tiny, cache, tmp_path, monkeypatch):
     missing keys, a full disk during precompute, `eval --json` into a new folder, and a run stopped before its
     first save: each a sentence that names the way out, never a traceback."""
     from fpo.cli import main
-    for text, msg in (("- method: simpo\n", "must hold a mapping"),
-                      ("method: !!python/object/apply:os.system ['true']\n", "not valid YAML")):
+
+    for text, msg in (
+        ("- method: simpo\n", "must hold a mapping"),
+        ("method: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+    ):
         cfg = tmp_path / "c.yaml"
         cfg.write_text(text)
         with pytest.raises(SystemExit, match=msg):
@@ -434,6 +491,7 @@ def test_more_mistakes_get_sentences(tiny, cache, tmp_path, monkeypatch):
     del state["scheduler"]
     torch.save(state, ckpt / "trainer_state.pt")
     from fpo.run_dir import write_checksums
+
     write_checksums(str(ckpt))
     with pytest.raises(ValueError, match="lacks its scheduler or RNG state"):
         train(_cfg(tiny, None, out, max_steps=4, resume="latest"), **QUIET)
@@ -441,17 +499,36 @@ def test_more_mistakes_get_sentences(tiny, cache, tmp_path, monkeypatch):
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(st, "save_file", full)
     c = tmp_path / "cache-full"
     with pytest.raises(RuntimeError, match="disk is full while writing shard-.*run the same command again"):
-        precompute(tiny["model"], tiny["pairs"], str(c), K=8, progress=False, **LEN)
+        precompute(tiny["model"], tiny["pairs"], str(c), cache_k=8, progress=False, **LEN)
     assert not [n for n in os.listdir(c) if ".tmp" in n]
     monkeypatch.undo()
     target = tmp_path / "new" / "folder" / "eval.json"
-    assert main(["eval", "--model", tiny["model"], "--dataset", tiny["pairs"], "--max-pairs", "2", "--max-length", "48",
-                 "--max-prompt-length", "24", "--json", str(target)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                tiny["model"],
+                "--dataset",
+                tiny["pairs"],
+                "--max-pairs",
+                "2",
+                "--max-length",
+                "48",
+                "--max-prompt-length",
+                "24",
+                "--json",
+                str(target),
+            ]
+        )
+        == 0
+    )
     assert json.loads(target.read_text())["pairs"] == 2
-    stopped = tmp_path / "stopped"            # killed while saving its first checkpoint: metrics only
+    stopped = tmp_path / "stopped"  # killed while saving its first checkpoint: metrics only
     stopped.mkdir()
     (stopped / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
     with pytest.raises(ValueError, match="stopped before saving any checkpoint.*--overwrite"):
@@ -464,13 +541,21 @@ def test_split_is_chosen_or_refused(tmp_path):
     """A DatasetDict or a folder of split files: --split picks one; without it train, or the only split; several
     and none named train stops with the list (it used to train on the first, test_prefs); a single file has none."""
     import datasets
-    from fpo.data import load_pairs
+
+    from fpo.pairs import load_pairs
+
     row = lambda tag: {"prompt": f"p {tag}", "chosen": f"c {tag}", "rejected": f"r {tag}"}
-    dd = datasets.DatasetDict({"test_prefs": datasets.Dataset.from_list([row("test")]),
-                               "train_prefs": datasets.Dataset.from_list([row("train"), row("train2")])})
+    dd = datasets.DatasetDict(
+        {
+            "test_prefs": datasets.Dataset.from_list([row("test")]),
+            "train_prefs": datasets.Dataset.from_list([row("train"), row("train2")]),
+        }
+    )
     saved = tmp_path / "dd"
     dd.save_to_disk(str(saved))
-    with pytest.raises(ValueError, match=r"several splits and none named train: \['test_prefs', 'train_prefs'\]; pass --split"):
+    with pytest.raises(
+        ValueError, match=r"several splits and none named train: \['test_prefs', 'train_prefs'\]; pass --split"
+    ):
         load_pairs(str(saved))
     assert [p.prompt for p in load_pairs(str(saved), split="train_prefs")] == ["p train", "p train2"]
     with pytest.raises(ValueError, match="no split 'valid'.*test_prefs"):
@@ -490,7 +575,9 @@ def test_lr_schedules(name):
     """Warmup: step s runs at (s + 1) / warmup of lr; then constant, or transformers' linear / cosine decay,
     taken one step ahead, so the last step's lr is not 0."""
     import math
+
     from fpo.train import make_scheduler
+
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
     warm, total = 3, 10
@@ -519,22 +606,35 @@ def test_huge_rows_are_tokenised_within_a_bound_and_exactly(tmp_path):
     responses (their first), and a text of very long tokens, where the cut would not be safe and the whole
     text is tokenised instead."""
     import random
+
     from fpo import assets
-    from fpo.data import CHARS_PER_TOKEN, TOKEN_MARGIN, Pair, _prompt_ids, _response_ids
+    from fpo.pairs import CHARS_PER_TOKEN, TOKEN_MARGIN, Pair, _prompt_ids, _response_ids
+
     tok = load_tokenizer(assets.ensure_demo_model(log=lambda *a: None))
     rng = random.Random(0)
     words = ["alpha", "beta", "résumé", "42", "don't", "\n", "  ", "x" * 7, "—", "日本"]
     text = lambda n: " ".join(rng.choice(words) for _ in range(n))
-    long_a, long_b, long_c = text(60_000), text(60_000), text(60_000)      # ~400 KB each
-    spaces = "word" + " " * 200_000 + "end"                                # few, very long tokens
-    pairs = [Pair(0, long_a, long_b, long_c),
-             Pair(1, [{"role": "user", "content": long_c}, {"role": "assistant", "content": "ok"},
-                      {"role": "user", "content": long_a}], long_b, "short"),
-             Pair(2, "Hi", spaces, long_a)]
+    long_a, long_b, long_c = text(60_000), text(60_000), text(60_000)  # ~400 KB each
+    spaces = "word" + " " * 200_000 + "end"  # few, very long tokens
+    pairs = [
+        Pair(0, long_a, long_b, long_c),
+        Pair(
+            1,
+            [
+                {"role": "user", "content": long_c},
+                {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": long_a},
+            ],
+            long_b,
+            "short",
+        ),
+        Pair(2, "Hi", spaces, long_a),
+    ]
     seen = []
 
     class Recording:
         """The tokenizer, recording the longest text it is given."""
+
         def __getattr__(self, name):
             return getattr(tok, name)
 
@@ -548,14 +648,14 @@ def test_huge_rows_are_tokenised_within_a_bound_and_exactly(tmp_path):
 
     L, PL = 256, 96
     got = tokenize_pairs(pairs, Recording(), max_length=L, max_prompt_length=PL)
-    for p, g in zip(pairs, got):   # the whole texts, tokenised whole
+    for p, g in zip(pairs, got):  # the whole texts, tokenised whole
         prompt = _prompt_ids(tok, p.prompt)[-PL:]
         room = L - len(prompt)
         assert g.prompt_ids == tuple(prompt)
         assert g.chosen_ids == tuple(_response_ids(tok, p.chosen)[:room])
         assert g.rejected_ids == tuple(_response_ids(tok, p.rejected)[:room])
     bound = 2 * (L + TOKEN_MARGIN) * CHARS_PER_TOKEN + 10
-    assert sorted(seen)[-2] < bound < len(long_a)       # only the text of long tokens went in whole
+    assert sorted(seen)[-2] < bound < len(long_a)  # only the text of long tokens went in whole
     assert max(seen) == len(spaces)
 
 
@@ -563,16 +663,19 @@ def test_precompute_on_a_complete_cache_writes_nothing(tiny, tmp_path, monkeypat
     """Re-running precompute on a finished cache of the same settings (a read-only mount, say) only reads it;
     an incomplete cache in a folder that cannot be written to gets a sentence."""
     import errno as errno_
+
     import fpo.locking
     import fpo.precompute as pre
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     out = str(tmp_path / "cache")
-    kw = dict(sae=tiny["sae"], K=16, max_length=64, max_prompt_length=32, progress=False, shard_rows=8)
+    kw = dict(sae=tiny["sae"], cache_k=16, max_length=64, max_prompt_length=32, progress=False, shard_rows=8)
     precompute(tiny["model"], tiny["pairs"], out, log=lambda *a: None, **kw)
     before = {n: (tmp_path / "cache" / n).read_bytes() for n in os.listdir(out)}
 
     def read_only(*a, **k):
         raise OSError(errno_.EROFS, "Read-only file system")
+
     monkeypatch.setattr(fpo.locking.os, "open", read_only)
     monkeypatch.setattr(pre, "atomic_write_json", read_only)
     monkeypatch.setattr(pre, "write_shard", read_only)
@@ -591,7 +694,9 @@ def test_a_crafted_cache_with_matching_checksums_is_refused(cache, tmp_path):
     """Checksums rewritten to match do not let an out-of-range feature index (which the kernels, unchecked in
     the training loop, would read out of bounds) or a non-finite value through: the load names the row."""
     import shutil
+
     from safetensors.torch import load_file, save_file
+
     from fpo.files import sha256_of
 
     def crafted(name, change):
@@ -609,7 +714,7 @@ def test_a_crafted_cache_with_matching_checksums_is_refused(cache, tmp_path):
         return str(d), int(data["ids"][1])
 
     def index(data):
-        data["chosen_idx"][1, 3] = 9999                # the SAE is 200 wide
+        data["chosen_idx"][1, 3] = 9999  # the SAE is 200 wide
 
     def value(data):
         data["rejected_logp_mean"][1] = float("nan")
@@ -626,6 +731,7 @@ def test_damaged_meta_and_other_encodings(tiny, cache, tmp_path):
     """A truncated meta.json gets a sentence from training and is rebuilt by re-running precompute; a UTF-16
     dataset gets a sentence naming the fix; a UTF-8 file with a byte-order mark is read."""
     import shutil
+
     d = tmp_path / "cache"
     shutil.copytree(cache, d)
     (d / "meta.json").write_text('{"format_version": ')
@@ -633,7 +739,16 @@ def test_damaged_meta_and_other_encodings(tiny, cache, tmp_path):
         ReferenceCache(str(d))
     os.environ["TRITON_INTERPRET"], old = "0", os.environ.get("TRITON_INTERPRET")
     try:
-        precompute(tiny["model"], tiny["pairs"], str(d), sae=tiny["sae"], K=32, progress=False, log=lambda *a: None, **LEN)
+        precompute(
+            tiny["model"],
+            tiny["pairs"],
+            str(d),
+            sae=tiny["sae"],
+            cache_k=32,
+            progress=False,
+            log=lambda *a: None,
+            **LEN,
+        )
     finally:
         os.environ["TRITON_INTERPRET"] = old or "0"
     assert len(ReferenceCache(str(d))) == 16

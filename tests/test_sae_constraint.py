@@ -1,12 +1,12 @@
 """Fused SAE constraint vs the float64 reference and vs sae-lens' own encoder (CPU: Triton interpreter)."""
+
 import pytest
 import torch
+from conftest import TOL
+from helpers import poison, random_mask, random_sae
 
 import fpo_kernels.sae_constraint as sc
 from fpo_kernels import SAEWeights, pack_topk, reference, sae_feature_mse, sae_pooled_features
-from helpers import poison, random_mask, random_sae
-
-from conftest import TOL
 
 SHAPES = [  # B, T, d, m: odd sizes, T = 63, d not a multiple of 16, m not a power of two
     (3, 63, 60, 150),
@@ -29,7 +29,9 @@ def _assert_close(got, want, dtype, what):
 
 
 def _rel_rms(got, want):
-    return ((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt().clamp(min=1e-30)).item()
+    return (
+        (got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt().clamp(min=1e-30)
+    ).item()
 
 
 @pytest.mark.parametrize("B,T,d,m", SHAPES)
@@ -40,7 +42,7 @@ def test_pooled_features_match_reference(B, T, d, m, dtype, b_dec, monkeypatch, 
     sae = random_sae(d, m, device, b_dec=b_dec, dtype=dtype)
     hidden = torch.randn(B, T, d, device=device).to(dtype)
     mask = random_mask(B, T, device)
-    got = sae_pooled_features(hidden, mask, sae)
+    got = sae_pooled_features(hidden, sae, mask=mask)
     want = reference.sae_pooled_features_ref(hidden.double(), mask, sae)
     assert got.shape == (B, m) and got.dtype == torch.float32
     _assert_close(got, want, dtype, "pooled")
@@ -49,8 +51,10 @@ def test_pooled_features_match_reference(B, T, d, m, dtype, b_dec, monkeypatch, 
 def _sae_lens_jumprelu(sae: SAEWeights):
     """sae-lens' JumpReLUSAE in float64 with our encoder weights (decoder random: unused)."""
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
-    cfg = JumpReLUSAEConfig(d_in=sae.d_in, d_sae=sae.width, dtype="float64", device="cpu",
-                            apply_b_dec_to_input=sae.apply_b_dec_to_input)
+
+    cfg = JumpReLUSAEConfig(
+        d_in=sae.d_in, d_sae=sae.width, dtype="float64", device="cpu", apply_b_dec_to_input=sae.apply_b_dec_to_input
+    )
     model = JumpReLUSAE(cfg)
     with torch.no_grad():
         model.W_enc.copy_(sae.W_enc.double().cpu())
@@ -71,13 +75,13 @@ def test_constraint_matches_sae_lens_written_out(select, weighted, device):
     mask = random_mask(B, T, device)
     ref_idx, ref_val = _ref_cache(hidden, mask, sae, K=32)
     fw = torch.rand(m, device=device) * 2 if weighted else None
-    got = sae_feature_mse(hidden, mask, sae, ref_idx, ref_val, k=k, select=select, feature_weights=fw)
+    got = sae_feature_mse(hidden, sae, ref_idx, ref_val, mask=mask, k=k, select=select, feature_weights=fw)
 
     lens = _sae_lens_jumprelu(sae)
     for b in range(B):
-        feats = lens.encode(hidden[b].double().cpu())                 # [T, m]
+        feats = lens.encode(hidden[b].double().cpu())  # [T, m]
         sel = mask[b].cpu()
-        p = feats[sel].mean(0)                                        # masked mean over the response
+        p = feats[sel].mean(0)  # masked mean over the response
         rdense = torch.zeros(m, dtype=torch.float64)
         for i, v in zip(ref_idx[b].tolist(), ref_val[b].double().tolist()):
             if i >= 0:
@@ -103,7 +107,7 @@ def test_constraint_forward_backward_match_reference(B, T, d, m, select, dtype, 
     fw = torch.rand(m, device=device) + 0.5
     for k in (1, 13):
         h = hidden.clone().requires_grad_()
-        got = sae_feature_mse(h, mask, sae, ref_idx, ref_val, k=k, select=select, feature_weights=fw)
+        got = sae_feature_mse(h, sae, ref_idx, ref_val, mask=mask, k=k, select=select, feature_weights=fw)
         g = torch.randn(B, device=device)
         got.backward(g)
         href = hidden.double().requires_grad_()
@@ -134,7 +138,7 @@ def test_k_equals_width_and_single_token(device):
     ref_idx, ref_val = _ref_cache(hidden, mask, sae, K=m)
     for select in ("policy", "reference"):
         h = hidden.clone().requires_grad_()
-        got = sae_feature_mse(h, mask, sae, ref_idx, ref_val, k=m, select=select)
+        got = sae_feature_mse(h, sae, ref_idx, ref_val, mask=mask, k=m, select=select)
         got.sum().backward()
         href = hidden.double().requires_grad_()
         want = reference.sae_feature_mse_ref(href, mask, sae, ref_idx, ref_val, m, select)
@@ -150,17 +154,17 @@ def test_policy_topk_properties(device):
     sae = random_sae(d, m, device)
     hidden = torch.randn(B, T, d, device=device)
     mask = random_mask(B, T, device)
-    pooled = sae_pooled_features(hidden, mask, sae)
+    pooled = sae_pooled_features(hidden, sae, mask=mask)
     top = pooled.topk(k, dim=1)
     assert (top.values[:, :-1] >= top.values[:, 1:]).all()
     assert torch.equal(pooled.gather(1, top.indices), top.values)
     ref_idx, ref_val = pack_topk(pooled, m)
-    d0 = sae_feature_mse(hidden, mask, sae, ref_idx, ref_val, k=k)
-    rounding = ((top.values - top.values.half().float()) ** 2).mean(1)   # cache values are stored in fp16
+    d0 = sae_feature_mse(hidden, sae, ref_idx, ref_val, mask=mask, k=k)
+    rounding = ((top.values - top.values.half().float()) ** 2).mean(1)  # cache values are stored in fp16
     assert torch.allclose(d0, rounding, rtol=1e-3, atol=1e-12)
     ref_val2 = ref_val.clone()
-    ref_val2[:, k:] += 1.0                                        # only non-selected features moved
-    d1 = sae_feature_mse(hidden, mask, sae, ref_idx, ref_val2, k=k)
+    ref_val2[:, k:] += 1.0  # only non-selected features moved
+    d1 = sae_feature_mse(hidden, sae, ref_idx, ref_val2, mask=mask, k=k)
     assert torch.allclose(d0, d1, atol=1e-6)
 
 
@@ -170,11 +174,11 @@ def test_nan_propagates(device):
     hidden = torch.randn(B, T, d, device=device)
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
     hidden[1, 3, 5] = float("nan")
-    pooled = sae_pooled_features(hidden, mask, sae)
+    pooled = sae_pooled_features(hidden, sae, mask=mask)
     assert torch.isfinite(pooled[0]).all() and torch.isnan(pooled[1]).any()
     ref_idx, ref_val = pack_topk(pooled[:1].expand(B, m), 16)
     for select in ("policy", "reference"):
-        D = sae_feature_mse(hidden, mask, sae, ref_idx, ref_val, k=4, select=select)
+        D = sae_feature_mse(hidden, sae, ref_idx, ref_val, mask=mask, k=4, select=select)
         assert torch.isfinite(D[0]) and torch.isnan(D[1]), select
 
 
@@ -183,7 +187,7 @@ def test_dispatch_cpu_without_interpreter_uses_reference(monkeypatch):
     sae = random_sae(16, 40)
     hidden = torch.randn(2, 6, 16)
     mask = torch.ones(2, 6, dtype=torch.bool)
-    got = sae_pooled_features(hidden, mask, sae)
+    got = sae_pooled_features(hidden, sae, mask=mask)
     assert torch.allclose(got.double(), reference.sae_pooled_features_ref(hidden.double(), mask, sae), atol=1e-5)
 
 
@@ -196,11 +200,11 @@ def test_launcher_equals_function_equals_public(device):
     spans = sc.Spans.from_mask(mask)
     flat = hidden.reshape(B * T, d)
     pooled = sc.sae_pool_fwd(flat, spans, sae)
-    assert torch.equal(pooled, sae_pooled_features(hidden, mask, sae))
+    assert torch.equal(pooled, sae_pooled_features(hidden, sae, mask=mask))
     gathered = sc.sae_pool_fwd(flat, spans, sae, ref_idx[:, :k].long())
     assert torch.allclose(gathered, pooled.gather(1, ref_idx[:, :k].long()), atol=1e-6)
     a = sc.SAEFeatureMSEFunction.apply(flat, spans, sae, ref_idx, ref_val, k, "reference", None)
-    b = sae_feature_mse(hidden, mask, sae, ref_idx, ref_val, k=k, select="reference")
+    b = sae_feature_mse(hidden, sae, ref_idx, ref_val, mask=mask, k=k, select="reference")
     assert torch.equal(a, b)
 
 
@@ -218,8 +222,8 @@ def _stream(S, d, device, dtype, max_len=40):
     padded = torch.zeros(S, T, d, device=device, dtype=dtype)
     mask = torch.zeros(S, T, dtype=torch.bool, device=device)
     for i, (a, b) in enumerate(spans):
-        padded[i, :b - a] = hidden[a:b]
-        mask[i, :b - a] = True
+        padded[i, : b - a] = hidden[a:b]
+        mask[i, : b - a] = True
     return hidden, torch.tensor(spans, device=device), padded, mask
 
 
@@ -232,12 +236,12 @@ def test_varlen_matches_padded_and_reference(dtype, select, monkeypatch, device)
     S, d, m, k = 5, 36, 120, 9
     sae = random_sae(d, m, device, dtype=dtype)
     hidden, spans, padded, mask = _stream(S, d, device, dtype)
-    pooled = sae_pooled_features(hidden, sae=sae, spans=spans)
+    pooled = sae_pooled_features(hidden, sae, spans=spans)
     _assert_close(pooled, reference.sae_pooled_features_varlen_ref(hidden.double(), spans, sae), dtype, "pooled")
-    assert torch.allclose(pooled, sae_pooled_features(padded, mask, sae), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(pooled, sae_pooled_features(padded, sae, mask=mask), rtol=1e-5, atol=1e-6)
     ref_idx, ref_val = _ref_cache(padded.float(), mask, sae, K=32)
     h = hidden.clone().requires_grad_()
-    got = sae_feature_mse(h, None, sae, ref_idx, ref_val, k=k, select=select, spans=spans)
+    got = sae_feature_mse(h, sae, ref_idx, ref_val, k=k, select=select, spans=spans)
     g = torch.randn(S, device=device)
     got.backward(g)
     href = hidden.double().requires_grad_()
@@ -250,21 +254,30 @@ def test_varlen_matches_padded_and_reference(dtype, select, monkeypatch, device)
         inside[a:b] = True
     assert (h.grad[~inside] == 0).all()
     hp = padded.clone().requires_grad_()
-    sae_feature_mse(hp, mask, sae, ref_idx, ref_val, k=k, select=select).backward(g)
-    assert torch.allclose(got, sae_feature_mse(padded, mask, sae, ref_idx, ref_val, k=k, select=select), rtol=1e-5, atol=1e-7)
+    sae_feature_mse(hp, sae, ref_idx, ref_val, mask=mask, k=k, select=select).backward(g)
+    assert torch.allclose(
+        got, sae_feature_mse(padded, sae, ref_idx, ref_val, mask=mask, k=k, select=select), rtol=1e-5, atol=1e-7
+    )
     for i, (a, b) in enumerate(spans.tolist()):
-        assert torch.allclose(h.grad[a:b].float(), hp.grad[i, :b - a].float(), rtol=1e-3, atol=1e-6)
+        assert torch.allclose(h.grad[a:b].float(), hp.grad[i, : b - a].float(), rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("case,match", [
-    ("float", "integer"), ("shape", r"\[S, 2\]"), ("outside", "outside"), ("empty", "empty"),
-    ("overlap", "overlap"), ("rows", "ref_indices"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("float", "integer"),
+        ("shape", r"\[S, 2\]"),
+        ("outside", "outside"),
+        ("empty", "empty"),
+        ("overlap", "overlap"),
+        ("rows", "ref_indices"),
+    ],
+)
 def test_varlen_bad_spans(case, match):
     sae = random_sae(16, 40)
     hidden = torch.randn(20, 16)
     spans = torch.tensor([[2, 6], [8, 15]])
-    idx, val = pack_topk(sae_pooled_features(hidden, sae=sae, spans=spans), 20)
+    idx, val = pack_topk(sae_pooled_features(hidden, sae, spans=spans), 20)
     kw = {}
     if case == "float":
         spans = spans.float()
@@ -279,7 +292,7 @@ def test_varlen_bad_spans(case, match):
     elif case == "rows":
         idx, val = idx[:1], val[:1]
     with pytest.raises(ValueError, match=match):
-        sae_feature_mse(hidden, None, sae, idx, val, k=4, spans=spans, **kw)
+        sae_feature_mse(hidden, sae, idx, val, k=4, spans=spans, **kw)
 
 
 def test_one_entry_takes_mask_or_spans():
@@ -287,25 +300,32 @@ def test_one_entry_takes_mask_or_spans():
     hidden, spans = torch.randn(20, 16), torch.tensor([[2, 6], [8, 15]])
     mask = torch.ones(1, 20, dtype=torch.bool)
     with pytest.raises(ValueError, match="not both"):
-        sae_pooled_features(hidden[None], mask, sae, spans=spans)
+        sae_pooled_features(hidden[None], sae, mask=mask, spans=spans)
     with pytest.raises(ValueError, match="not neither"):
-        sae_pooled_features(hidden, sae=sae)
+        sae_pooled_features(hidden, sae)
     with pytest.raises(ValueError, match=r"\[N, d\]"):
-        sae_pooled_features(hidden[None], sae=sae, spans=spans)
+        sae_pooled_features(hidden[None], sae, spans=spans)
 
 
-def test_deprecated_varlen_names_warn_and_agree(device):
-    """The old flat entry points stay for one release: each warns and returns what the one entry returns."""
+def test_one_signature_per_op():
+    """sae comes second and the layout is keyword-only: a positional mask is refused by Python, not taken for the
+    SAE; the flat entry points of 0.1.0 are gone, not aliased."""
     import fpo_kernels
-    sae = random_sae(16, 40, device)
-    hidden, spans = torch.randn(20, 16, device=device), torch.tensor([[2, 6], [8, 15]])
-    with pytest.warns(DeprecationWarning, match="sae_pooled_features_varlen"):
-        old = fpo_kernels.sae_pooled_features_varlen(hidden, spans, sae)
-    assert torch.equal(old, sae_pooled_features(hidden, sae=sae, spans=spans))
-    idx, val = pack_topk(old, 20)
-    with pytest.warns(DeprecationWarning, match="sae_feature_mse_varlen"):
-        old = fpo_kernels.sae_feature_mse_varlen(hidden, spans, sae, idx, val, 4, "policy")
-    assert torch.equal(old, sae_feature_mse(hidden, None, sae, idx, val, 4, "policy", spans=spans))
+
+    sae = random_sae(16, 40)
+    hidden, mask = torch.randn(1, 20, 16), torch.ones(1, 20, dtype=torch.bool)
+    idx, val = pack_topk(sae_pooled_features(hidden, sae, mask=mask), 20)
+    with pytest.raises(TypeError):
+        sae_pooled_features(hidden, sae, mask)
+    with pytest.raises(TypeError):
+        sae_feature_mse(hidden, sae, idx, val, mask, 4)
+    for old in (
+        "sae_pooled_features_varlen",
+        "sae_feature_mse_varlen",
+        "sequence_logprobs_varlen",
+        "sequence_logprobs_kl_varlen",
+    ):
+        assert not hasattr(fpo_kernels, old)
 
 
 @pytest.mark.gpu
@@ -317,7 +337,7 @@ def test_bf16_on_gpu(select):
     mask = random_mask(B, T, "cuda")
     ref_idx, ref_val = _ref_cache(hidden.float(), mask, sae, K=256)
     h = hidden.clone().requires_grad_()
-    got = sae_feature_mse(h, mask, sae, ref_idx, ref_val, k=k, select=select)
+    got = sae_feature_mse(h, sae, ref_idx, ref_val, mask=mask, k=k, select=select)
     g = torch.randn(B, device="cuda")
     got.backward(g)
     href = hidden.double().requires_grad_()
@@ -325,7 +345,7 @@ def test_bf16_on_gpu(select):
     want.backward(g.double())
     assert _rel_rms(got, want) < 2e-2
     assert _rel_rms(h.grad, href.grad) < 3e-2
-    pooled = sae_pooled_features(hidden, mask, sae)
+    pooled = sae_pooled_features(hidden, sae, mask=mask)
     assert _rel_rms(pooled, reference.sae_pooled_features_ref(hidden.double(), mask, sae)) < 1e-2
 
 
@@ -334,17 +354,31 @@ def _valid(device="cpu"):
     sae = random_sae(16, 40, device)
     hidden = torch.randn(2, 6, 16, device=device)
     mask = torch.ones(2, 6, dtype=torch.bool, device=device)
-    idx, val = pack_topk(sae_pooled_features(hidden, mask, sae), 20)
+    idx, val = pack_topk(sae_pooled_features(hidden, sae, mask=mask), 20)
     return sae, hidden, mask, idx, val
 
 
-@pytest.mark.parametrize("case,match", [
-    ("hidden_2d", "hidden"), ("d_mismatch", "d_in"), ("mask_shape", "mask"), ("k0", "k must"),
-    ("k_big", "k must"), ("empty_row", "mask row 1"), ("idx_range", "ref_indices row 0"),
-    ("idx_low", "outside"), ("ref_short", "fewer than k"), ("fw_len", "feature_weights"),
-    ("fw_neg", "feature_weights"), ("val_shape", "ref_values"), ("select", "select"),
-    ("idx_float", "integer"), ("not_sae", "SAEWeights"), ("ref_rows", "ref_indices"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("hidden_2d", "hidden"),
+        ("d_mismatch", "d_in"),
+        ("mask_shape", "mask"),
+        ("k0", "k must"),
+        ("k_big", "k must"),
+        ("empty_row", "mask row 1"),
+        ("idx_range", "ref_indices row 0"),
+        ("idx_low", "outside"),
+        ("ref_short", "fewer than k"),
+        ("fw_len", "feature_weights"),
+        ("fw_neg", "feature_weights"),
+        ("val_shape", "ref_values"),
+        ("select", "select"),
+        ("idx_float", "integer"),
+        ("not_sae", "SAEWeights"),
+        ("ref_rows", "ref_indices"),
+    ],
+)
 def test_bad_input(case, match):
     sae, hidden, mask, idx, val = _valid()
     kw = dict(k=4, select="policy", feature_weights=None)
@@ -386,8 +420,9 @@ def test_bad_input(case, match):
         args[2] = object()
     elif case == "ref_rows":
         args[3], args[4] = idx[:1], val[:1]
+    hidden, mask, sae, idx, val = args
     with pytest.raises(ValueError, match=match):
-        sae_feature_mse(*args, **kw)
+        sae_feature_mse(hidden, sae, idx, val, mask=mask, **kw)
 
 
 def test_sae_weights_from_files(tmp_path):
@@ -396,11 +431,14 @@ def test_sae_weights_from_files(tmp_path):
 
     import numpy as np
     from safetensors.torch import save_file
+
     d, m = 12, 30
     W, b, th, bd = torch.randn(d, m), torch.randn(m), torch.rand(m), torch.randn(d)
     (tmp_path / "lens").mkdir()
-    save_file({"W_enc": W, "b_enc": b, "threshold": th, "b_dec": bd, "W_dec": W.t().contiguous()},
-              str(tmp_path / "lens" / "sae_weights.safetensors"))
+    save_file(
+        {"W_enc": W, "b_enc": b, "threshold": th, "b_dec": bd, "W_dec": W.t().contiguous()},
+        str(tmp_path / "lens" / "sae_weights.safetensors"),
+    )
     (tmp_path / "lens" / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "apply_b_dec_to_input": True}))
     a = SAEWeights.from_file(tmp_path / "lens")
     assert a.apply_b_dec_to_input and torch.equal(a.W_enc, W)
@@ -418,7 +456,8 @@ def test_sae_weights_from_sae_lens_and_shipped_sae():
     import os
 
     from sae_lens import SAE
-    path = os.path.join(os.path.dirname(__file__), "..", "fpo", "data", "sae-smollm2-135m-layer15")
+
+    path = os.path.join(os.path.dirname(__file__), "..", "assets", "sae-smollm2-135m-layer15")
     lens = SAE.load_from_disk(path)
     ours = SAEWeights.from_sae_lens(lens)
     disk = SAEWeights.from_file(path)
@@ -431,6 +470,7 @@ def test_sae_weights_from_sae_lens_and_shipped_sae():
 def test_sae_weights_from_sae_lens_standard_relu():
     """A standard (ReLU) sae-lens SAE is a JumpReLU with threshold 0."""
     from sae_lens import StandardSAE, StandardSAEConfig
+
     lens = StandardSAE(StandardSAEConfig(d_in=16, d_sae=40, dtype="float32", device="cpu", apply_b_dec_to_input=True))
     with torch.no_grad():
         for p in (lens.W_enc, lens.b_enc, lens.b_dec):
@@ -453,11 +493,13 @@ def test_backward_keeps_tiny_gradients(dtype, device):
     mask = torch.ones(B, T, dtype=torch.bool, device=device)
     ref_idx, ref_val = _ref_cache(hidden.float(), mask, sae, K=32, noise=0.002)
     h = hidden.clone().requires_grad_()
-    g = torch.full((B,), 1e-3 * (2.0 ** 16 if dtype == torch.float16 else 1.0), device=device)
-    sae_feature_mse(h, mask, sae, ref_idx, ref_val, k=k, select="reference").backward(g)
+    g = torch.full((B,), 1e-3 * (2.0**16 if dtype == torch.float16 else 1.0), device=device)
+    sae_feature_mse(h, sae, ref_idx, ref_val, mask=mask, k=k, select="reference").backward(g)
     href = hidden.double().requires_grad_()
     reference.sae_feature_mse_ref(href, mask, sae, ref_idx, ref_val, k, "reference").backward(g.double())
-    assert href.grad.abs().max() < (1e-4 if dtype == torch.float32 else 1e-2)  # the regime under test (seen: 3e-8, 2e-3)
+    assert href.grad.abs().max() < (
+        1e-4 if dtype == torch.float32 else 1e-2
+    )  # the regime under test (seen: 3e-8, 2e-3)
     # p - p_ref is tiny here (the reference is the policy plus 0.2% noise): fp32 cancellation sets 1e-3
     assert _rel_rms(h.grad, href.grad) < (1e-3 if dtype == torch.float32 else 5e-3)
 
@@ -468,11 +510,11 @@ def test_unchecked_out_of_range_cache_indices_are_never_read(device):
     S, d, m, k = 3, 16, 40, 4
     sae = random_sae(d, m, device)
     hidden, spans, padded, mask = _stream(S, d, device, torch.float32)
-    idx, val = pack_topk(sae_pooled_features(hidden, sae=sae, spans=spans), 8)
+    idx, val = pack_topk(sae_pooled_features(hidden, sae, spans=spans), 8)
     idx = idx.int()
     idx[1, 2] = m + 7
     for select in ("reference", "policy"):
-        got = sae_feature_mse(hidden, None, sae, idx, val, k=k, select=select, check_inputs=False, spans=spans)
+        got = sae_feature_mse(hidden, sae, idx, val, k=k, select=select, check_inputs=False, spans=spans)
         assert torch.isnan(got[1]) and torch.isfinite(got[[0, 2]]).all(), select
         want = reference.sae_feature_mse_varlen_ref(hidden.double(), spans, sae, idx.clamp(max=m - 1), val, k, select)
         assert torch.allclose(got[[0, 2]].double(), want[[0, 2]], atol=1e-6), select
@@ -482,8 +524,10 @@ def test_pin_autotune_keeps_one_config(monkeypatch):
     """Data-parallel runs pin every autotuned kernel of the table to its first config (ranks must pick the
     same tiles)."""
     import triton
+
     from fpo_kernels import pin_autotune
     from fpo_kernels._dispatch import all_kernels
+
     tuned = [k for k in all_kernels() if k.configs]
     assert {k.name for k in tuned} == {"_sae_pool_fwd_kernel", "_sae_gate_kernel", "_sae_dh_kernel"}
     for kernel in tuned:

@@ -1,5 +1,6 @@
 """--report-to: every metrics.jsonl line reaches each tracker, read back from its own offline store
 (TensorBoard's event files, MLflow's SQLite store, trackio's local database, wandb's offline run file)."""
+
 import json
 import os
 import sys
@@ -7,8 +8,8 @@ import sys
 import pytest
 
 from fpo.config import config_from_dict
-from fpo.train import train
 from fpo.trackers import open_trackers
+from fpo.train import train
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_train import _cfg  # noqa: E402
@@ -23,18 +24,28 @@ def test_every_tracker_gets_every_metric_line_and_the_config(tiny, tmp_path, mon
     for var in ("MLFLOW_TRACKING_URI", "WANDB_MODE", "WANDB_PROJECT", "TRACKIO_PROJECT", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
     out = tmp_path / "run"
-    cfg = _cfg(tiny, None, tmp_path, "simpo", max_steps=3, output_dir=str(out), run_name="simpo-trackers",
-               report_to=["tensorboard", "mlflow", "trackio", "wandb"])
+    cfg = _cfg(
+        tiny,
+        None,
+        tmp_path,
+        "simpo",
+        max_steps=3,
+        output_dir=str(out),
+        run_name="simpo-trackers",
+        report_to=["tensorboard", "mlflow", "trackio", "wandb"],
+    )
     train(cfg, log=lambda *a, **k: None)
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
     want = [(r["step"], r["loss"]) for r in lines]
     assert [s for s, _ in want] == [1, 2, 3]
 
-    def same(got):   # the same steps, and the same losses (TensorBoard keeps float32)
-        return [s for s, _ in got] == [s for s, _ in want] and \
-            [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+    def same(got):  # the same steps, and the same losses (TensorBoard keeps float32)
+        return [s for s, _ in got] == [s for s, _ in want] and [v for _, v in got] == pytest.approx(
+            [v for _, v in want], rel=1e-6
+        )
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
     ea.Reload()
     assert same([(e.step, e.value) for e in ea.Scalars("train/loss")])
@@ -43,6 +54,7 @@ def test_every_tracker_gets_every_metric_line_and_the_config(tiny, tmp_path, mon
     assert '"method": "simpo"' in config_text
 
     import mlflow
+
     client = mlflow.tracking.MlflowClient(tracking_uri="sqlite:///" + str(out / "mlflow.db"))
     [run] = client.search_runs([client.get_experiment_by_name("fpo").experiment_id])
     assert run.info.run_name == "simpo-trackers" and run.info.status == "FINISHED"
@@ -50,6 +62,7 @@ def test_every_tracker_gets_every_metric_line_and_the_config(tiny, tmp_path, mon
     assert json.loads(run.data.params["method"]) == "simpo" and json.loads(run.data.params["lr"]) == cfg["lr"]
 
     from trackio.sqlite_storage import SQLiteStorage
+
     logs = SQLiteStorage.get_logs("fpo", "simpo-trackers")
     assert same([(r["step"], r["train/loss"]) for r in logs])
     assert SQLiteStorage.get_run_config("fpo", "simpo-trackers")["method"] == "simpo"
@@ -67,18 +80,34 @@ def test_tracker_choices_and_missing_libraries_are_refused_by_name(tiny, tmp_pat
     with pytest.raises(ValueError, match="'none' cannot be combined"):
         config_from_dict(_cfg(tiny, None, tmp_path, "simpo", report_to=["none", "wandb"]))
     monkeypatch.setitem(sys.modules, "mlflow", None)
-    with pytest.raises(ValueError, match=r'fpo-kernels\[mlflow\]'):
+    with pytest.raises(ValueError, match=r"fpo-kernels\[mlflow\]"):
         open_trackers(["mlflow"], str(tmp_path), "x", {})
     # a tracker that started is closed again when a later one cannot start
     pytest.importorskip("tensorboard")
     with pytest.raises(ValueError, match="mlflow"):
         open_trackers(["tensorboard", "mlflow"], str(tmp_path), "x", {})
-    assert os.listdir(tmp_path / "tensorboard")   # it had started (and wrote its config) before mlflow failed
+    assert os.listdir(tmp_path / "tensorboard")  # it had started (and wrote its config) before mlflow failed
 
 
 def test_cli_report_to_is_repeatable(tiny, tmp_path):
     from fpo.cli import _load_train_config, build_parser
-    args = build_parser().parse_args(["train", "--method", "simpo", "--model", tiny["model"], "--dataset", tiny["pairs"],
-                                      "--report-to", "tensorboard", "--report-to", "mlflow", "--run-name", "r1"])
+
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--method",
+            "simpo",
+            "--model",
+            tiny["model"],
+            "--dataset",
+            tiny["pairs"],
+            "--report-to",
+            "tensorboard",
+            "--report-to",
+            "mlflow",
+            "--run-name",
+            "r1",
+        ]
+    )
     cfg = _load_train_config(args)
     assert cfg.report_to == ["tensorboard", "mlflow"] and cfg.run_name == "r1"

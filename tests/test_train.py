@@ -1,4 +1,5 @@
 """The training loop on a tiny model: every method, fused == reference, exact resume, ranks, bad input."""
+
 import json
 import os
 import subprocess
@@ -8,11 +9,12 @@ import pytest
 import torch
 
 from fpo.config import TrainConfig, config_from_dict, load_config
-from fpo.data import collate_pairs, load_pairs, tokenize_pairs
 from fpo.model import load_model, load_tokenizer
-from fpo.precompute import precompute
-from fpo.train import NonFiniteLossError, PolicyStats, Trainer, train
 from fpo.packing import body_hidden, collate
+from fpo.pairs import collate_pairs, load_pairs, tokenize_pairs
+from fpo.precompute import precompute
+from fpo.step import PolicyStats
+from fpo.train import NonFiniteLossError, Trainer, train
 from fpo_kernels import SAEWeights, sequence_logprobs
 
 LEN = dict(max_length=64, max_prompt_length=32)
@@ -23,16 +25,30 @@ def cache(tiny, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cache") / "c")
     os.environ["TRITON_INTERPRET"], old = "0", os.environ.get("TRITON_INTERPRET")
     try:
-        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], K=32, progress=False, **LEN)
+        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], cache_k=32, progress=False, **LEN)
     finally:
         os.environ["TRITON_INTERPRET"] = old or "0"
     return out
 
 
 def _cfg(tiny, cache, tmp_path, method="fpo", **kw):
-    base = dict(method=method, model=tiny["model"], dataset=tiny["pairs"], cache=cache if method in ("fpo", "dpo") else None,
-                sae=tiny["sae"] if method == "fpo" else None, batch_size=4, micro_batch_size=2, max_steps=2, lr=1e-3,
-                warmup_steps=0, k=16, output_dir=str(tmp_path / method), log_every=1, progress=False, **LEN)
+    base = dict(
+        method=method,
+        model=tiny["model"],
+        dataset=tiny["pairs"],
+        cache=cache if method in ("fpo", "dpo") else None,
+        sae=tiny["sae"] if method == "fpo" else None,
+        batch_size=4,
+        micro_batch_size=2,
+        max_steps=2,
+        lr=1e-3,
+        warmup_steps=0,
+        k=16,
+        output_dir=str(tmp_path / method),
+        log_every=1,
+        progress=False,
+        **LEN,
+    )
     base.update(kw)
     return base
 
@@ -54,6 +70,7 @@ def test_every_method_trains(tiny, cache, tmp_path, method):
 def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, softcap, layout):
     """PolicyStats through the Triton kernels (interpreter) vs the plain-PyTorch path: outputs and gradients."""
     import tiny as t
+
     model_dir = tiny["model"] if softcap is None else t.make_model(str(tmp_path / "gemma"), softcap=softcap)
     tok = load_tokenizer(model_dir)
     sae = SAEWeights.from_file(tiny["sae"])
@@ -83,8 +100,15 @@ def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, s
     for k in ro:
         assert torch.allclose(fo[k], ro[k], rtol=1e-4, atol=1e-5), k
     # the reference's log-probs that come with the KL are the reference model's own
-    ref_sum = sequence_logprobs(ref_hidden, ref_model.lm_head.weight.detach(), softcap=softcap, rows=batch["pred_rows"],
-                                labels=batch["labels"], seq_ids=batch["seq_ids"], num_seqs=4)[0]
+    ref_sum = sequence_logprobs(
+        ref_hidden,
+        ref_model.lm_head.weight.detach(),
+        softcap=softcap,
+        rows=batch["pred_rows"],
+        labels=batch["labels"],
+        seq_ids=batch["seq_ids"],
+        num_seqs=4,
+    )[0]
     assert torch.allclose(fo["ref_logp_sum"], ref_sum, rtol=1e-4, atol=1e-4)
     assert fg.keys() == rg.keys()
     for n in rg:
@@ -94,19 +118,34 @@ def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, s
 
 @pytest.mark.usefixtures("no_interpreter")
 def test_resume_reproduces_the_uninterrupted_run(tiny, cache, tmp_path):
-    full = train(_cfg(tiny, cache, tmp_path, max_steps=4, save_every=2, output_dir=str(tmp_path / "full")), log=lambda *a: None)
-    train(_cfg(tiny, cache, tmp_path, max_steps=2, save_every=2, output_dir=str(tmp_path / "part")), log=lambda *a: None)
-    train(_cfg(tiny, cache, tmp_path, max_steps=4, save_every=2, output_dir=str(tmp_path / "part"), resume="latest"),
-          log=lambda *a: None)
+    full = train(
+        _cfg(tiny, cache, tmp_path, max_steps=4, save_every=2, output_dir=str(tmp_path / "full")), log=lambda *a: None
+    )
+    train(
+        _cfg(tiny, cache, tmp_path, max_steps=2, save_every=2, output_dir=str(tmp_path / "part")), log=lambda *a: None
+    )
+    train(
+        _cfg(tiny, cache, tmp_path, max_steps=4, save_every=2, output_dir=str(tmp_path / "part"), resume="latest"),
+        log=lambda *a: None,
+    )
     a = [json.loads(line)["loss"] for line in open(tmp_path / "full" / "metrics.jsonl")]
     b = [json.loads(line)["loss"] for line in open(tmp_path / "part" / "metrics.jsonl")]
     assert len(a) == len(b) == 4
     assert a == b  # exactly
     # a run killed after logging step 3 (past its last checkpoint) resumes without a duplicate step 3
     with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
-        f.write('{"step": 5, "loss": 0.1}\n{"step": 6, "lo')      # a logged step and a torn line
-    train(_cfg(tiny, cache, tmp_path, max_steps=4, output_dir=str(tmp_path / "part"),
-               resume=str(tmp_path / "part" / "checkpoint-000004")), log=lambda *a: None)
+        f.write('{"step": 5, "loss": 0.1}\n{"step": 6, "lo')  # a logged step and a torn line
+    train(
+        _cfg(
+            tiny,
+            cache,
+            tmp_path,
+            max_steps=4,
+            output_dir=str(tmp_path / "part"),
+            resume=str(tmp_path / "part" / "checkpoint-000004"),
+        ),
+        log=lambda *a: None,
+    )
     steps = [json.loads(line)["step"] for line in open(tmp_path / "part" / "metrics.jsonl")]
     assert steps == [1, 2, 3, 4]
     wa = load_model(full["final"]).state_dict()
@@ -116,9 +155,23 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, cache, tmp_path):
 
 def _torchrun(args, nproc=2, port=29621):
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                           "--master_port", str(port), os.path.join(os.path.dirname(__file__), "dist_driver.py"),
-                           json.dumps(dict(kind="train", **args))], env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(port),
+            os.path.join(os.path.dirname(__file__), "dist_driver.py"),
+            json.dumps(dict(kind="train", **args)),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 @pytest.mark.dist
@@ -150,17 +203,25 @@ def test_layouts_and_token_budgets_train_alike(tiny, cache, tmp_path, method):
     """The whole loop (reference side included) in every layout, and with a token budget instead of a fixed
     number of pairs per micro-batch: the same losses; metrics.jsonl records the tokens through the model body."""
     runs = {}
-    for name, kw in (("off", dict(packing="off")), ("pack", dict(packing="pack")), ("share", {}),
-                     ("budget", dict(max_tokens=130, batch_size=8, micro_batch_size=1))):
+    for name, kw in (
+        ("off", dict(packing="off")),
+        ("pack", dict(packing="pack")),
+        ("share", {}),
+        ("budget", dict(max_tokens=130, batch_size=8, micro_batch_size=1)),
+    ):
         base = dict(batch_size=8, micro_batch_size=4) if name != "budget" else {}
-        train(_cfg(tiny, cache, tmp_path, method, output_dir=str(tmp_path / name), **{**base, **kw}), log=lambda *a: None)
+        train(
+            _cfg(tiny, cache, tmp_path, method, output_dir=str(tmp_path / name), **{**base, **kw}), log=lambda *a: None
+        )
         runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
     want = [h["loss"] for h in runs["off"]]
     for name in ("pack", "share", "budget"):
         assert [h["loss"] for h in runs[name]] == pytest.approx(want, rel=1e-5), name
     tok = {name: runs[name][0]["tokens_processed"] for name in runs}
     assert tok["share"] < tok["pack"] <= tok["off"]
-    assert runs["share"][0]["response_tokens"] == runs["off"][0]["response_tokens"] == runs["budget"][0]["response_tokens"]
+    assert (
+        runs["share"][0]["response_tokens"] == runs["off"][0]["response_tokens"] == runs["budget"][0]["response_tokens"]
+    )
 
 
 @pytest.mark.usefixtures("no_interpreter")
@@ -170,15 +231,18 @@ def test_alpha_zero_fpo_gradient_is_length_normalised_dpo(tiny, cache, tmp_path)
     items = next(iter(trainer.micro_batches(0)))
     batch = collate_pairs(items, trainer.tokenizer.pad_token_id)
     from fpo.train import compute_loss
-    ref = trainer.cache.reference(batch["ids"], batch["row_hash"])     # [2P], chosen first
+
+    ref = trainer.cache.reference(batch["ids"], batch["row_hash"])  # [2P], chosen first
     stats = trainer.policy(batch, ref["idx"], ref["val"])
     loss, _ = compute_loss(trainer.cfg, stats, ref)
     loss.mean().backward()
     g_fpo = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
     trainer.model.zero_grad()
     w = trainer.model.lm_head.weight
-    hidden = trainer.model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    _, mean, _ = sequence_logprobs(hidden, w, batch["input_ids"], batch["response_mask"])
+    hidden = trainer.model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    _, mean, _ = sequence_logprobs(hidden, w, input_ids=batch["input_ids"], response_mask=batch["response_mask"])
     g_ref = ref["logp_mean"][:2] - ref["logp_mean"][2:]
     want = -torch.nn.functional.logsigmoid(0.1 * ((mean[:2] - mean[2:]) - g_ref))
     want.mean().backward()
@@ -191,6 +255,7 @@ def test_alpha_zero_fpo_gradient_is_length_normalised_dpo(tiny, cache, tmp_path)
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny, cache, tmp_path, monkeypatch):
     """Losses turn NaN once checkpoint-000002 is written: the run stops at step 3 naming that checkpoint."""
     import fpo.train as tr
+
     real_loss, real_save = tr.compute_loss, tr.Trainer.save_checkpoint
     armed = {"on": False}
 
@@ -206,8 +271,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny, cache, tmp_
     monkeypatch.setattr(tr, "compute_loss", poisoned)
     monkeypatch.setattr(tr.Trainer, "save_checkpoint", save_then_arm)
     with pytest.raises(NonFiniteLossError, match=r"step 3.*checkpoint-000002"):
-        train(_cfg(tiny, cache, tmp_path, method="simpo", batch_size=4, micro_batch_size=2, max_steps=4, save_every=2),
-              log=lambda *a: None)
+        train(
+            _cfg(tiny, cache, tmp_path, method="simpo", batch_size=4, micro_batch_size=2, max_steps=4, save_every=2),
+            log=lambda *a: None,
+        )
     ckpt = tmp_path / "simpo" / "checkpoint-000002"
     assert ckpt.exists() and not (tmp_path / "simpo" / "checkpoint-000004").exists()
 
@@ -230,6 +297,7 @@ def test_bad_configs(tiny, cache, tmp_path):
         train(_cfg(tiny, cache, tmp_path, sae_layer=7), log=lambda *a: None)
     with pytest.raises(ValueError, match="another model"):  # a cache made for another architecture
         import tiny as t
+
         other = t.make_model(str(tmp_path / "gem"), softcap=10.0)
         train(_cfg(tiny, cache, tmp_path, model=other), log=lambda *a: None)
     yaml_path = tmp_path / "c.yaml"
@@ -241,8 +309,10 @@ def test_bad_configs(tiny, cache, tmp_path):
 def test_gradient_checkpointing_gives_the_same_losses(tiny, cache, tmp_path):
     """Checkpointing recomputes block outputs (the residual hook fires again in backward): same numbers."""
     a = train(_cfg(tiny, cache, tmp_path, max_steps=2, output_dir=str(tmp_path / "plain")), log=lambda *a: None)
-    b = train(_cfg(tiny, cache, tmp_path, max_steps=2, gradient_checkpointing=True, output_dir=str(tmp_path / "ckpt")),
-              log=lambda *a: None)
+    b = train(
+        _cfg(tiny, cache, tmp_path, max_steps=2, gradient_checkpointing=True, output_dir=str(tmp_path / "ckpt")),
+        log=lambda *a: None,
+    )
     la = [h["loss"] for h in (json.loads(x) for x in open(tmp_path / "plain" / "metrics.jsonl"))]
     lb = [h["loss"] for h in (json.loads(x) for x in open(tmp_path / "ckpt" / "metrics.jsonl"))]
     assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
@@ -254,16 +324,17 @@ def test_constraint_norm_ref_divides_d_by_the_recorded_scale(tiny, cache, tmp_pa
     """constraint_norm 'ref': D / scale in the loss (the policy's statistics divide each SAE's D by its scale);
     alpha 0 gives the same loss either way; the share is reported per step; a cache without the recorded scale
     is refused with the fix."""
-    from fpo.cache import ReferenceCache
+    from fpo.reference_cache import ReferenceCache
     from fpo.train import Trainer, compute_loss
+
     c = ReferenceCache(cache)
     scale = c.feature_scale(16)
     vals = torch.cat([c.data["chosen_val"], c.data["rejected_val"]]).double()[:, :16]
-    assert scale == pytest.approx((vals ** 2).mean().item(), rel=1e-6)      # the mean squared top-16 value
+    assert scale == pytest.approx((vals**2).mean().item(), rel=1e-6)  # the mean squared top-16 value
     stats = {k: torch.randn(4, dtype=torch.float64) for k in ("logp_sum", "logp_mean")}
     ref = {"logp_mean": torch.randn(4, dtype=torch.float64)}
     ds = {}
-    for norm in ("none", "ref"):   # the same first micro-batch, the same weights: D divided by the scale
+    for norm in ("none", "ref"):  # the same first micro-batch, the same weights: D divided by the scale
         trainer = Trainer(TrainConfig(**_cfg(tiny, cache, tmp_path / norm, constraint_norm=norm)), log=lambda *a: None)
         try:
             assert [x[3] for x in trainer.policy.saes] == ([1.0] if norm == "none" else [pytest.approx(scale)])
@@ -276,21 +347,21 @@ def test_constraint_norm_ref_divides_d_by_the_recorded_scale(tiny, cache, tmp_pa
     for alpha in (0.0, 3.0):
         cfg = TrainConfig(**_cfg(tiny, cache, tmp_path, alpha=alpha))
         d = (torch.rand(4, dtype=torch.float64) * 0.01).requires_grad_()
-        if alpha == 0.0:   # alpha 0: D, scaled or not, leaves the loss as it is
+        if alpha == 0.0:  # alpha 0: D, scaled or not, leaves the loss as it is
             base, _ = compute_loss(cfg, dict(stats, d=d), ref)
             normed, _ = compute_loss(cfg, dict(stats, d=d / scale), ref)
             assert torch.equal(base, normed)
     out = train(_cfg(tiny, cache, tmp_path, constraint_norm="ref", alpha=2.0), log=lambda *a: None)
     assert out["last"]["constraint_share"] == pytest.approx(out["last"]["constraint_abs"] / out["last"]["margin_abs"])
     import shutil
+
     old = str(tmp_path / "old-cache")
     shutil.copytree(cache, old)
     meta = json.load(open(os.path.join(old, "meta.json")))
-    del meta["feature_scale"]
     for entry in meta["saes"]:
         del entry["feature_scale"]
     json.dump(meta, open(os.path.join(old, "meta.json"), "w"))
-    with pytest.raises(ValueError, match="re-run `fpo precompute`"):
+    with pytest.raises(ValueError, match="no recorded feature scale"):
         train(_cfg(tiny, old, tmp_path, constraint_norm="ref", output_dir=str(tmp_path / "o2")), log=lambda *a: None)
 
 
@@ -300,10 +371,24 @@ def test_a_large_alpha_holds_d_down_more_than_alpha_zero(tiny, cache, tmp_path):
     rounding), so every update raises it; with a large alpha the rejected responses' D rises far less than with
     alpha 0 (the constraint acts on D_l; D_w is stop-gradient)."""
     from fpo.train import Trainer
+
     drops = {}
     for alpha in (0.0, 3e4):
-        tr = Trainer(TrainConfig(**_cfg(tiny, cache, tmp_path, alpha=alpha, batch_size=2, max_steps=2, lr=1e-4,
-                                        output_dir=str(tmp_path / f"a{alpha}"))), log=lambda *a: None)
+        tr = Trainer(
+            TrainConfig(
+                **_cfg(
+                    tiny,
+                    cache,
+                    tmp_path,
+                    alpha=alpha,
+                    batch_size=2,
+                    max_steps=2,
+                    lr=1e-4,
+                    output_dir=str(tmp_path / f"a{alpha}"),
+                )
+            ),
+            log=lambda *a: None,
+        )
         items = tr.micro_batches(0)[0]
         with torch.no_grad():
             before = tr._losses(items)[1]["d_rejected"].mean().item()
@@ -325,8 +410,10 @@ def test_negligible_constraint_warns_and_step_one_logs_no_share(tiny, cache, tmp
     (it read 1e21). At the default log_every 10 the < 1% warning then fires once, judged on the ratio of the
     recent steps' summed terms."""
     lines = []
-    train(_cfg(tiny, cache, tmp_path, alpha=1e-6, max_steps=10, log_every=10, lr=1e-4, batch_size=2, epochs=2),
-          log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    train(
+        _cfg(tiny, cache, tmp_path, alpha=1e-6, max_steps=10, log_every=10, lr=1e-4, batch_size=2, epochs=2),
+        log=lambda *a, **k: lines.append(" ".join(map(str, a))),
+    )
     hist = [json.loads(line) for line in open(tmp_path / "fpo" / "metrics.jsonl")]
     assert "constraint_share" not in hist[0] and all(h["constraint_share"] < 0.01 for h in hist[1:])
     warned = [line for line in lines if "feature constraint is" in line]
@@ -336,10 +423,12 @@ def test_negligible_constraint_warns_and_step_one_logs_no_share(tiny, cache, tmp
 @pytest.mark.usefixtures("no_interpreter")
 def test_end_of_run_says_where_things_are_and_their_sizes(tiny, cache, tmp_path):
     lines = []
-    train(_cfg(tiny, cache, tmp_path, lr_scheduler="cosine", warmup_steps=1, max_steps=2),
-          log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    train(
+        _cfg(tiny, cache, tmp_path, lr_scheduler="cosine", warmup_steps=1, max_steps=2),
+        log=lambda *a, **k: lines.append(" ".join(map(str, a))),
+    )
     said = "\n".join(lines)
     assert "written: the model" in said and "(weights " in said and "trainer_state.pt (" in said
     assert "--no-save-optimizer leaves it out" in said and "metrics.jsonl: " in said
     hist = [json.loads(line) for line in open(tmp_path / "fpo" / "metrics.jsonl")]
-    assert hist[0]["lr"] < 1e-3 * 0.999 and hist[1]["lr"] < hist[0]["lr"]   # cosine decay after a 1-step warmup
+    assert hist[0]["lr"] < 1e-3 * 0.999 and hist[1]["lr"] < hist[0]["lr"]  # cosine decay after a 1-step warmup

@@ -18,6 +18,7 @@ completion log-probs; entropy, logits/*, mean_token_accuracy and num_tokens as T
 fpo/mean_logps/*, fpo/d_chosen, fpo/d_rejected and fpo/constraint_share (not logged while the margin is ~0).
 DPOConfig's loss options are honoured (label_smoothing) or refused by name (check_loss_options).
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,7 +30,7 @@ from ..model import ResidualCapture, decoder_layers, final_softcap, lm_head, run
 
 __all__ = ["FPOTrainer", "TDPOTrainer", "TRL_VERSIONS", "check_trl", "check_loss_options"]
 
-TRL_VERSIONS = ("1.16", "1.17")          # tested range: >= first, < second
+TRL_VERSIONS = ("1.16", "1.17")  # tested range: >= first, < second
 FEATURE_COLUMNS = ("ref_chosen_idx", "ref_chosen_val", "ref_rejected_idx", "ref_rejected_val")
 
 
@@ -40,10 +41,13 @@ def check_trl():
     except ImportError as e:
         raise ImportError("fpo.integrations.trl needs TRL: pip install 'fpo-kernels[trl]'") from e
     from packaging.version import Version
+
     v = Version(trl.__version__)
     if not Version(TRL_VERSIONS[0]) <= v < Version(TRL_VERSIONS[1]):
-        raise ImportError(f"fpo.integrations.trl is tested with trl >= {TRL_VERSIONS[0]}, < {TRL_VERSIONS[1]}; "
-                          f"found {trl.__version__}: pip install 'fpo-kernels[trl]'")
+        raise ImportError(
+            f"fpo.integrations.trl is tested with trl >= {TRL_VERSIONS[0]}, < {TRL_VERSIONS[1]}; "
+            f"found {trl.__version__}: pip install 'fpo-kernels[trl]'"
+        )
     return trl
 
 
@@ -85,9 +89,14 @@ def log_trl_metrics(trainer, mode, outputs, inputs, logps, m):
     num_tokens."""
     gather = trainer.accelerator.gather_for_metrics
     P = logps.shape[0] // 2
-    for key, value in (("rewards/chosen", m["reward_chosen"]), ("rewards/rejected", m["reward_rejected"]),
-                       ("rewards/margins", m["margin"]), ("rewards/accuracies", m["accuracy"]),
-                       ("logps/chosen", logps[:P]), ("logps/rejected", logps[P:])):
+    for key, value in (
+        ("rewards/chosen", m["reward_chosen"]),
+        ("rewards/rejected", m["reward_rejected"]),
+        ("rewards/margins", m["margin"]),
+        ("rewards/accuracies", m["accuracy"]),
+        ("logps/chosen", logps[:P]),
+        ("logps/rejected", logps[P:]),
+    ):
         trainer._metrics[mode][key].append(gather(value.detach().float()).mean().item())
     if mode == "train":
         trainer._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item()
@@ -101,6 +110,7 @@ def log_trl_metrics(trainer, mode, outputs, inputs, logps, m):
         total = gather((values[rows] * mask[rows]).sum()).sum()
         count = gather(mask[rows].sum()).sum()
         return (total / count).item() if count > 0 else 0.0
+
     chosen, rejected = slice(0, P), slice(P, 2 * P)
     every = slice(0, 2 * P)
     trainer._metrics[mode]["entropy"].append(token_mean(outputs.entropy[:, -T:].detach().float(), every))
@@ -111,27 +121,45 @@ def log_trl_metrics(trainer, mode, outputs, inputs, logps, m):
 
 class FPOTrainer(_base()):
     """TRL's DPOTrainer with FPO's loss. Arguments beyond DPOTrainer's: sae (SAEWeights), sae_layer (the decoder
-    block whose output the SAE reads), alpha, k, select ("policy" or "reference"), K (cached features per
-    completion, >= k), d_scale (what D is divided by: 1, or a recorded reference feature scale). The config
+    block whose output the SAE reads), alpha, k, select ("policy" or "reference"), cache_k (cached features
+    per completion, >= k), d_scale (what D is divided by: 1, or a recorded reference feature scale). The config
     must set precompute_ref_log_probs=True: FPO's reference side is offline."""
 
-    def __init__(self, *args, sae: SAEWeights = None, sae_layer: int = None, alpha: float = 0.5, k: int = 50,
-                 select: str = "policy", K: int = 256, d_scale: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        sae: SAEWeights = None,
+        sae_layer: int = None,
+        alpha: float = 0.5,
+        k: int = 50,
+        select: str = "policy",
+        cache_k: int = 256,
+        d_scale: float = 1.0,
+        **kwargs,
+    ):
         if not isinstance(sae, SAEWeights):
             raise ValueError("FPOTrainer needs sae=fpo_kernels.SAEWeights")
         if not isinstance(sae_layer, int):
             raise ValueError("FPOTrainer needs sae_layer: the decoder block whose output the SAE reads")
         if select not in ("policy", "reference"):
             raise ValueError(f"select must be 'policy' or 'reference', got {select!r}")
-        if not 1 <= k <= K:
-            raise ValueError(f"need 1 <= k ({k}) <= K ({K}): the cache holds K features per completion")
+        if not 1 <= k <= cache_k:
+            raise ValueError(
+                f"need 1 <= k ({k}) <= cache_k ({cache_k}): the cache holds cache_k features per completion"
+            )
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if config is None or not getattr(config, "precompute_ref_log_probs", False):
             raise ValueError("FPOTrainer needs DPOConfig(precompute_ref_log_probs=True): FPO's reference is offline")
         self.fpo_label_smoothing = check_loss_options(config, "FPOTrainer")
-        self.fpo_ready = False   # the reference features are added once the SAE is in place
+        self.fpo_ready = False  # the reference features are added once the SAE is in place
         super().__init__(*args, **kwargs)
-        self.fpo_alpha, self.fpo_k, self.fpo_select, self.fpo_K, self.fpo_d_scale = alpha, k, select, K, d_scale
+        self.fpo_alpha, self.fpo_k, self.fpo_select, self.fpo_cache_k, self.fpo_d_scale = (
+            alpha,
+            k,
+            select,
+            cache_k,
+            d_scale,
+        )
         base = self.accelerator.unwrap_model(self.model)
         if not 0 <= sae_layer < len(decoder_layers(base)):
             raise ValueError(f"sae_layer {sae_layer} is outside the model's {len(decoder_layers(base))} decoder layers")
@@ -150,15 +178,17 @@ class FPOTrainer(_base()):
         def with_features(examples):
             out = collate(examples)
             for key in FEATURE_COLUMNS:
-                if key in examples[0]:   # not yet while TRL precomputes a new dataset's reference log-probs
+                if key in examples[0]:  # not yet while TRL precomputes a new dataset's reference log-probs
                     out[key] = torch.tensor([ex[key] for ex in examples])
             return out
+
         self.data_collator = with_features
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        self._signature_columns = list(self._signature_columns) + [c for c in FEATURE_COLUMNS
-                                                                   if c not in self._signature_columns]
+        self._signature_columns = list(self._signature_columns) + [
+            c for c in FEATURE_COLUMNS if c not in self._signature_columns
+        ]
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """TRL's reference log-probs, then (once the SAE is in place: a dataset passed to evaluate()) the
@@ -171,10 +201,15 @@ class FPOTrainer(_base()):
     def _add_reference_features(self, dataset):
         """Each completion's top-K pooled SAE features under the reference (the model as it starts), as columns."""
         from torch.utils.data import DataLoader
+
         if all(c in dataset.column_names for c in FEATURE_COLUMNS):
             return dataset
-        loader = DataLoader(dataset, batch_size=self.args.per_device_train_batch_size,
-                            collate_fn=getattr(self, "_trl_collator", self.data_collator), shuffle=False)
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.per_device_train_batch_size,
+            collate_fn=getattr(self, "_trl_collator", self.data_collator),
+            shuffle=False,
+        )
         base = self.accelerator.unwrap_model(self.model)
         was_training = base.training
         base.eval()
@@ -183,8 +218,8 @@ class FPOTrainer(_base()):
         for batch in loader:
             ids, attn, mask = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "completion_mask"))
             base.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False)
-            pooled = sae_pooled_features(self.fpo_capture.pop().float(), mask.bool(), self.fpo_sae)
-            idx, val = pack_topk(pooled, self.fpo_K)
+            pooled = sae_pooled_features(self.fpo_capture.pop().float(), self.fpo_sae, mask=mask.bool())
+            idx, val = pack_topk(pooled, self.fpo_cache_k)
             P = ids.shape[0] // 2
             for side, rows in (("chosen", slice(0, P)), ("rejected", slice(P, 2 * P))):
                 cols[f"ref_{side}_idx"] += idx[rows].long().tolist()
@@ -201,29 +236,51 @@ class FPOTrainer(_base()):
         model_kwargs["use_cache"] = False
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)   # TRL's fused head: no full logits
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)  # TRL's fused head: no full logits
         resid = self.fpo_capture.pop()
         shift = completion_mask[..., 1:]
         lengths = shift.sum(1).clamp(min=1).float()
-        mean = outputs.log_probs[:, -shift.size(1):].sum(1) / lengths          # [2P] length-normalised log-probs
+        mean = outputs.log_probs[:, -shift.size(1) :].sum(1) / lengths  # [2P] length-normalised log-probs
         P = mean.shape[0] // 2
         ref_mean = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(mean) / lengths
         ref_idx = torch.cat([inputs["ref_chosen_idx"], inputs["ref_rejected_idx"]]).to(resid.device)
         ref_val = torch.cat([inputs["ref_chosen_val"], inputs["ref_rejected_val"]]).to(resid.device)
-        d = sae_feature_mse(resid, completion_mask.bool(), self.fpo_sae, ref_idx, ref_val, self.fpo_k,
-                            self.fpo_select, check_inputs=False) / self.fpo_d_scale
-        losses, m = preference_loss("fpo", {"logp_mean": mean, "d": d}, {"logp_mean": ref_mean}, beta=self.beta,
-                                    alpha=self.fpo_alpha, label_smoothing=self.fpo_label_smoothing)
+        d = (
+            sae_feature_mse(
+                resid,
+                self.fpo_sae,
+                ref_idx,
+                ref_val,
+                mask=completion_mask.bool(),
+                k=self.fpo_k,
+                select=self.fpo_select,
+                check_inputs=False,
+            )
+            / self.fpo_d_scale
+        )
+        losses, m = preference_loss(
+            "fpo",
+            {"logp_mean": mean, "d": d},
+            {"logp_mean": ref_mean},
+            beta=self.beta,
+            alpha=self.fpo_alpha,
+            label_smoothing=self.fpo_label_smoothing,
+        )
         loss = losses.mean()
         gather = self.accelerator.gather_for_metrics
-        total = outputs.log_probs[:, -shift.size(1):].sum(1)
+        total = outputs.log_probs[:, -shift.size(1) :].sum(1)
         log_trl_metrics(self, mode, outputs, inputs, total, m)
-        for key, value in (("fpo/mean_logps/chosen", mean[:P]), ("fpo/mean_logps/rejected", mean[P:]),
-                           ("fpo/d_chosen", m["d_chosen"]), ("fpo/d_rejected", m["d_rejected"])):
+        for key, value in (
+            ("fpo/mean_logps/chosen", mean[:P]),
+            ("fpo/mean_logps/rejected", mean[P:]),
+            ("fpo/d_chosen", m["d_chosen"]),
+            ("fpo/d_rejected", m["d_rejected"]),
+        ):
             self._metrics[mode][key].append(gather(value.detach().float()).mean().item())
-        share = constraint_share(gather(m["constraint_abs"].float()).mean().item(),
-                                 gather(m["margin_abs"].float()).mean().item())
-        if share is not None:   # not while the margin is ~0 (the policy still at the reference)
+        share = constraint_share(
+            gather(m["constraint_abs"].float()).mean().item(), gather(m["margin_abs"].float()).mean().item()
+        )
+        if share is not None:  # not while the margin is ~0 (the policy still at the reference)
             self._metrics[mode]["fpo/constraint_share"].append(share)
         return (loss, outputs) if return_outputs else loss
 
@@ -239,8 +296,10 @@ class TDPOTrainer(_base()):
             raise ValueError(f"variant must be 1 or 2, got {variant!r}")
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if config is not None and getattr(config, "precompute_ref_log_probs", False):
-            raise ValueError("TDPOTrainer needs the reference online (precompute_ref_log_probs=False): the KL "
-                             "compares both models over the whole vocabulary at every token")
+            raise ValueError(
+                "TDPOTrainer needs the reference online (precompute_ref_log_probs=False): the KL "
+                "compares both models over the whole vocabulary at every token"
+            )
         if config is not None:
             check_loss_options(config, "TDPOTrainer")
         super().__init__(*args, **kwargs)
@@ -248,8 +307,9 @@ class TDPOTrainer(_base()):
         if self.accelerator.num_processes > 1:
             raise ValueError("TDPOTrainer runs on one process; use `fpo train --method tdpo2` under torchrun")
         if self.ref_model is None:
-            raise ValueError("TDPOTrainer needs TRL's reference model (a PEFT model's disabled adapters are not "
-                             "supported)")
+            raise ValueError(
+                "TDPOTrainer needs TRL's reference model (a PEFT model's disabled adapters are not supported)"
+            )
         self.tdpo_variant, self.tdpo_alpha = variant, alpha
 
     def _compute_loss(self, model, inputs, return_outputs):
@@ -261,11 +321,26 @@ class TDPOTrainer(_base()):
             ref_hidden = run_body(self.ref_model, ids, attn)
         w, b = lm_head(base)
         rw, rb = lm_head(self.ref_model)
-        total, _, _, ref_total, kl = sequence_logprobs_kl(hidden, w, ids, mask.bool(), ref_hidden, rw.detach(),
-                                                          final_softcap(base), b, None if rb is None else rb.detach())
-        losses, m = preference_loss(f"tdpo{self.tdpo_variant}", {"logp_sum": total, "kl": kl}, {"logp_sum": ref_total},
-                                    beta=self.beta, alpha=self.tdpo_alpha, label_smoothing=self.tdpo_label_smoothing)
-        log_trl_metrics(self, mode, None, inputs, total, m)   # no logits are formed: no entropy or token accuracy
+        total, _, _, ref_total, kl = sequence_logprobs_kl(
+            hidden,
+            w,
+            ref_hidden,
+            rw.detach(),
+            input_ids=ids,
+            response_mask=mask.bool(),
+            softcap=final_softcap(base),
+            bias=b,
+            ref_bias=None if rb is None else rb.detach(),
+        )
+        losses, m = preference_loss(
+            f"tdpo{self.tdpo_variant}",
+            {"logp_sum": total, "kl": kl},
+            {"logp_sum": ref_total},
+            beta=self.beta,
+            alpha=self.tdpo_alpha,
+            label_smoothing=self.tdpo_label_smoothing,
+        )
+        log_trl_metrics(self, mode, None, inputs, total, m)  # no logits are formed: no entropy or token accuracy
         for key, value in (("tdpo/kl_chosen", m["kl_chosen"]), ("tdpo/kl_rejected", m["kl_rejected"])):
             self._metrics[mode][key].append(value.detach().float().mean().item())
         loss = losses.mean()

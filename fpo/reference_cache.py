@@ -12,6 +12,7 @@ Each shard holds, for its n rows: ids [n] int64, row_hash [n] int64 (hash of the
 (or the value_dtype precompute was given).
 A shard is written to a temporary name and renamed when complete, so a directory never holds half a shard.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,17 @@ import torch
 
 from .files import atomic_write_text, sha256_of, temp_file
 
-__all__ = ["ReferenceCache", "CacheMismatchError", "FORMAT_VERSION", "write_shard", "shard_name", "recorded_checksum",
-           "is_cache_file"]
+__all__ = [
+    "ReferenceCache",
+    "CacheMismatchError",
+    "FORMAT_VERSION",
+    "write_shard",
+    "shard_name",
+    "recorded_checksum",
+    "is_cache_file",
+]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every SAE described in meta["saes"]; the cached feature count is "cache_k"
 
 
 class CacheMismatchError(ValueError):
@@ -39,6 +47,7 @@ def write_shard(directory, start, end, tensors: dict):
     """Write a shard under a temporary name, record its checksum beside it (<shard>.sha256), then rename:
     a resumed precompute checks every existing shard against the checksum recorded when it was written."""
     from safetensors.torch import save_file
+
     final = os.path.join(directory, shard_name(start, end))
     fd, tmp = temp_file(final)
     os.close(fd)
@@ -49,7 +58,7 @@ def write_shard(directory, start, end, tensors: dict):
         atomic_write_text(final + ".sha256", sha256_of(tmp))
         os.replace(tmp, final)
     except BaseException:
-        if os.path.exists(tmp):   # never half a shard on disk
+        if os.path.exists(tmp):  # never half a shard on disk
             os.remove(tmp)
         raise
     return final
@@ -57,22 +66,19 @@ def write_shard(directory, start, end, tensors: dict):
 
 def is_cache_file(name: str) -> bool:
     """What precompute writes into a cache directory (and only that is ever removed from one)."""
-    base = name.split(".tmp", 1)[0]   # a temporary of one of them: <name>.tmpXXXXXXXX
-    return base in ("meta.json", "settings.json") or \
-        (base.startswith("shard-") and base.endswith((".safetensors", ".safetensors.sha256")))
+    base = name.split(".tmp", 1)[0]  # a temporary of one of them: <name>.tmpXXXXXXXX
+    return base in ("meta.json", "settings.json") or (
+        base.startswith("shard-") and base.endswith((".safetensors", ".safetensors.sha256"))
+    )
 
 
-def recorded_checksum(directory, name, meta=None):
-    """The checksum recorded for a shard when it was written: its .sha256 file, else meta.json's (caches
-    written before the .sha256 files); None if neither."""
+def recorded_checksum(directory, name) -> str | None:
+    """The checksum recorded in <shard>.sha256 when the shard was written; None if there is none."""
     path = os.path.join(directory, name + ".sha256")
-    if os.path.exists(path):
-        with open(path) as f:
-            return f.read().strip()
-    for shard in (meta or {}).get("shards", []):
-        if shard["file"] == name:
-            return shard["sha256"]
-    return None
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
 
 
 class ReferenceCache:
@@ -84,31 +90,41 @@ class ReferenceCache:
 
     def __init__(self, path, check_checksums: bool = True):
         from safetensors.torch import load_file
+
         self.path = os.fspath(path)
         meta_path = os.path.join(self.path, "meta.json")
         if not os.path.exists(meta_path):
             if os.path.isdir(self.path) and any(n.startswith("shard-") for n in os.listdir(self.path)):
-                raise ValueError(f"cache {self.path} is incomplete (no meta.json): rerun `fpo precompute` with the "
-                                 "same arguments to finish it")
+                raise ValueError(
+                    f"cache {self.path} is incomplete (no meta.json): rerun `fpo precompute` with the "
+                    "same arguments to finish it"
+                )
             raise ValueError(f"cache {self.path} has no meta.json: build it with `fpo precompute`")
         try:
             with open(meta_path, encoding="utf-8") as f:
                 self.meta = json.load(f)
             assert isinstance(self.meta, dict) and isinstance(self.meta.get("shards"), list)
-        except (ValueError, AssertionError):   # invalid JSON or UTF-8, or not a cache's meta.json
-            raise ValueError(f"cache {self.path}: meta.json is damaged or not a cache's (truncated or edited): "
-                             "rerun `fpo precompute` with the same arguments to rebuild it") from None
+        except (ValueError, AssertionError):  # invalid JSON or UTF-8, or not a cache's meta.json
+            raise ValueError(
+                f"cache {self.path}: meta.json is damaged or not a cache's (truncated or edited): "
+                "rerun `fpo precompute` with the same arguments to rebuild it"
+            ) from None
         if self.meta.get("format_version") != FORMAT_VERSION:
-            raise CacheMismatchError(f"cache {self.path}: format_version {self.meta.get('format_version')} "
-                                     f"is not {FORMAT_VERSION}; rebuild it")
+            raise CacheMismatchError(
+                f"cache {self.path} is in format {self.meta.get('format_version')}, this version "
+                f"of fpo reads format {FORMAT_VERSION}: rebuild it with `fpo precompute` "
+                "(--overwrite to reuse the directory)"
+            )
         parts = []
         for shard in self.meta["shards"]:
             p = os.path.join(self.path, shard["file"])
             if not os.path.exists(p):
                 raise ValueError(f"cache shard {p} is missing")
             if os.path.getsize(p) != shard["bytes"]:
-                raise ValueError(f"cache shard {p} is truncated or altered ({os.path.getsize(p)} bytes, "
-                                 f"meta.json says {shard['bytes']}): rebuild the cache")
+                raise ValueError(
+                    f"cache shard {p} is truncated or altered ({os.path.getsize(p)} bytes, "
+                    f"meta.json says {shard['bytes']}): rebuild the cache"
+                )
             if check_checksums and sha256_of(p) != shard["sha256"]:
                 raise ValueError(f"cache shard {p} is corrupted (checksum mismatch): rebuild the cache")
             try:
@@ -120,7 +136,7 @@ class ReferenceCache:
         if len(ids) != self.meta["rows"]:
             raise ValueError(f"cache {self.path}: shards hold {len(ids)} rows, meta.json says {self.meta['rows']}")
         self._row_of = {int(i): r for r, i in enumerate(ids.tolist())}
-        self.has_features = "chosen_idx" in self.data
+        self.has_features = bool(self.meta.get("saes"))
         self._check_contents()
 
     def _check_contents(self):
@@ -132,8 +148,10 @@ class ReferenceCache:
             if t.is_floating_point():
                 bad = (~t.isfinite()).reshape(len(t), -1).any(1).nonzero().flatten()
                 if bad.numel():
-                    raise ValueError(f"cache {self.path}: {name} of example id {int(ids[bad[0]])} is not finite: the "
-                                     "cache is damaged; rebuild it with `fpo precompute --overwrite`")
+                    raise ValueError(
+                        f"cache {self.path}: {name} of example id {int(ids[bad[0]])} is not finite: the "
+                        "cache is damaged; rebuild it with `fpo precompute --overwrite`"
+                    )
         for entry in self.saes if self.has_features else []:
             width = entry.get("width")
             for side in ("chosen", "rejected"):
@@ -143,9 +161,11 @@ class ReferenceCache:
                 wide = idx.int()
                 bad = ((wide < -1) | (wide >= width)).any(1).nonzero().flatten()
                 if bad.numel():
-                    raise ValueError(f"cache {self.path}: {side}_idx{entry['key']} of example id {int(ids[bad[0]])} holds "
-                                     f"{int(wide[bad[0]][(wide[bad[0]] < -1) | (wide[bad[0]] >= width)][0])}, outside "
-                                     f"[-1, {width}) for SAE width {width}: the cache is damaged; rebuild it")
+                    raise ValueError(
+                        f"cache {self.path}: {side}_idx{entry['key']} of example id {int(ids[bad[0]])} holds "
+                        f"{int(wide[bad[0]][(wide[bad[0]] < -1) | (wide[bad[0]] >= width)][0])}, outside "
+                        f"[-1, {width}) for SAE width {width}: the cache is damaged; rebuild it"
+                    )
 
     def __len__(self):
         return len(self._row_of)
@@ -154,19 +174,15 @@ class ReferenceCache:
         return int(example_id) in self._row_of
 
     @property
-    def K(self):
-        return self.meta.get("K")
+    def cache_k(self) -> int | None:
+        """Features cached per response (the reference's top ones); None for a cache of log-probs only."""
+        return self.meta.get("cache_k")
 
     @property
     def saes(self) -> list:
-        """The SAEs whose features the cache holds: [{name, layer, fingerprint, width, key, feature_scale}], key
-        being the suffix of their tensors (chosen_idx<key>, ...). Single-SAE caches hold one, keyed ''."""
-        if self.meta.get("saes"):
-            return self.meta["saes"]
-        if not self.has_features:
-            return []
-        return [{"name": self.meta.get("sae_name"), "layer": self.meta.get("layer"), "fingerprint": self.meta.get("sae"),
-                 "width": self.meta.get("sae_width"), "key": "", "feature_scale": self.meta.get("feature_scale")}]
+        """The SAEs whose features the cache holds: [{name, layer, fingerprint, width, activation, key,
+        index_dtype, feature_scale}], key being the suffix of their tensors (chosen_idx<key>, ...)."""
+        return self.meta["saes"]
 
     def find_sae(self, fingerprint: str, layer, name: str = "sae") -> dict:
         """The cache's entry for the SAE with this fingerprint at this layer, or an error naming it."""
@@ -174,8 +190,10 @@ class ReferenceCache:
             if entry["fingerprint"] == fingerprint and entry["layer"] == layer:
                 return entry
         held = ", ".join(f"'{e['name']}' at layer {e['layer']}" for e in self.saes) or "none"
-        raise CacheMismatchError(f"cache {self.path} has no features for SAE '{name}' at layer {layer} (it holds: "
-                                 f"{held}): rebuild it with `fpo precompute --sae` for every SAE the run uses")
+        raise CacheMismatchError(
+            f"cache {self.path} has no features for SAE '{name}' at layer {layer} (it holds: "
+            f"{held}): rebuild it with `fpo precompute --sae` for every SAE the run uses"
+        )
 
     def feature_scale(self, k: int, key: str = "") -> float:
         """The reference's mean squared top-k pooled feature value on this data, recorded by `fpo precompute`
@@ -183,19 +201,23 @@ class ReferenceCache:
         entry = next((e for e in self.saes if e["key"] == key), None)
         scale = entry.get("feature_scale") if entry else None
         if not scale:
-            raise ValueError(f"cache {self.path} has no recorded feature scale (it was built before `fpo precompute` "
-                             "recorded one, or without an SAE): re-run `fpo precompute` to use constraint_norm 'ref'")
+            raise ValueError(
+                f"cache {self.path} has no recorded feature scale (it was built without an SAE): "
+                "build it with `fpo precompute --sae` to use constraint_norm 'ref'"
+            )
         if not 1 <= k <= len(scale):
             raise ValueError(f"k ({k}) is outside the cache's 1..K ({len(scale)})")
         if not scale[k - 1] > 0:
-            raise ValueError(f"cache {self.path}: the recorded feature scale at k={k} is {scale[k - 1]}; "
-                             "constraint_norm 'ref' needs a positive scale")
+            raise ValueError(
+                f"cache {self.path}: the recorded feature scale at k={k} is {scale[k - 1]}; "
+                "constraint_norm 'ref' needs a positive scale"
+            )
         return scale[k - 1]
 
     def verify(self, **expected):
         """Raise CacheMismatchError naming the first field whose value differs from meta.json.
-        Fields: model (fingerprint dict), tokenizer, sae (fingerprint), sae_width, layer, dataset, max_length,
-        max_prompt_length. A None expectation is not checked."""
+        Fields: model (fingerprint dict), tokenizer, dataset, max_length, max_prompt_length, pooling. A None
+        expectation is not checked; the SAEs are looked up with find_sae."""
         for key, want in expected.items():
             if want is None:
                 continue
@@ -203,25 +225,33 @@ class ReferenceCache:
             if isinstance(want, dict) and isinstance(have, dict):
                 for sub, w in want.items():
                     if have.get(sub) != w:
-                        raise CacheMismatchError(f"cache {self.path} was built for another {key}: {key}.{sub} is "
-                                                 f"{have.get(sub)!r} in the cache, {w!r} now. Rebuild it with `fpo precompute`.")
+                        raise CacheMismatchError(
+                            f"cache {self.path} was built for another {key}: {key}.{sub} is "
+                            f"{have.get(sub)!r} in the cache, {w!r} now. Rebuild it with `fpo precompute`."
+                        )
             elif have != want:
-                raise CacheMismatchError(f"cache {self.path} was built for another {key}: {have!r} in the cache, "
-                                         f"{want!r} now. Rebuild it with `fpo precompute`.")
+                raise CacheMismatchError(
+                    f"cache {self.path} was built for another {key}: {have!r} in the cache, "
+                    f"{want!r} now. Rebuild it with `fpo precompute`."
+                )
 
     def check_rows(self, items):
-        """Every tokenised pair (fpo.data.TokenizedPair) must have its row in the cache, built from the same
+        """Every tokenised pair (fpo.pairs.TokenizedPair) must have its row in the cache, built from the same
         token ids: checked once at start-up, so a mismatch stops a run before its first step."""
         missing = [it.id for it in items if int(it.id) not in self._row_of]
         if missing:
-            raise CacheMismatchError(f"cache {self.path} lacks {len(missing)} of the dataset's examples (ids {missing[:5]}): "
-                                     "it was built for another dataset or fewer pairs; rebuild it")
+            raise CacheMismatchError(
+                f"cache {self.path} lacks {len(missing)} of the dataset's examples (ids {missing[:5]}): "
+                "it was built for another dataset or fewer pairs; rebuild it"
+            )
         have = self.data["row_hash"][[self._row_of[int(it.id)] for it in items]].tolist()
         differ = [it.id for it, h in zip(items, have) if h != it.row_hash]
         if differ:
-            raise CacheMismatchError(f"cache {self.path}: {len(differ)} examples (ids {differ[:5]}) were tokenised "
-                                     "differently when it was built (other text, tokenizer, max_length, "
-                                     "max_prompt_length or max_tokens truncation): rebuild it")
+            raise CacheMismatchError(
+                f"cache {self.path}: {len(differ)} examples (ids {differ[:5]}) were tokenised "
+                "differently when it was built (other text, tokenizer, max_length, "
+                "max_prompt_length or max_tokens truncation): rebuild it"
+            )
 
     def reference(self, ids, row_hash=None, device="cpu") -> dict:
         """The reference side of P pairs in the [2P] layout the loss takes (chosen first): logp_sum,
@@ -244,6 +274,8 @@ class ReferenceCache:
             bad = (self.data["row_hash"][rows] != row_hash.cpu()).nonzero().flatten()
             if bad.numel():
                 i = int(ids[bad[0]])
-                raise CacheMismatchError(f"cache row for example id {i} was built from a different tokenisation "
-                                         f"(other text, tokenizer or max lengths): rebuild the cache")
+                raise CacheMismatchError(
+                    f"cache row for example id {i} was built from a different tokenisation "
+                    f"(other text, tokenizer or max lengths): rebuild the cache"
+                )
         return {k: v[rows].to(device, non_blocking=True) for k, v in self.data.items() if k not in ("ids", "row_hash")}

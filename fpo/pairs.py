@@ -15,6 +15,7 @@ Rows that cannot be used (a missing column, an empty chosen or rejected response
 naming the row, or skipped with a report (bad_rows="skip"). Pairs whose chosen and rejected responses are
 identical carry no preference: they are always dropped and reported.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,16 @@ import torch
 
 from fpo_kernels import prediction_rows
 
-__all__ = ["Pair", "TokenizedPair", "load_pairs", "tokenize_pairs", "collate_pairs", "BadRowError",
-           "dataset_fingerprint", "tokenizer_fingerprint"]
+__all__ = [
+    "Pair",
+    "TokenizedPair",
+    "load_pairs",
+    "tokenize_pairs",
+    "collate_pairs",
+    "BadRowError",
+    "dataset_fingerprint",
+    "tokenizer_fingerprint",
+]
 
 
 class BadRowError(ValueError):
@@ -37,8 +46,8 @@ class BadRowError(ValueError):
 
 @dataclass(frozen=True)
 class Pair:
-    id: int                     # row index in the source dataset: the key of the reference cache
-    prompt: object              # str, or a list of chat messages ending before the assistant turn
+    id: int  # row index in the source dataset: the key of the reference cache
+    prompt: object  # str, or a list of chat messages ending before the assistant turn
     chosen: str
     rejected: str
 
@@ -47,9 +56,9 @@ class Pair:
 class TokenizedPair:
     id: int
     prompt_ids: tuple
-    chosen_ids: tuple           # response tokens only
+    chosen_ids: tuple  # response tokens only
     rejected_ids: tuple
-    row_hash: int               # hash of the token ids: ties a cache row to this exact tokenisation
+    row_hash: int  # hash of the token ids: ties a cache row to this exact tokenisation
 
     @property
     def lengths(self):
@@ -62,14 +71,16 @@ def _read_json(path: str, ext: str) -> list:
     try:
         return _read_json_rows(path, ext)
     except UnicodeDecodeError as e:
-        raise ValueError(f"dataset {path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
-                         f"{e.start}): JSON datasets are read as UTF-8 (a UTF-8 byte-order mark is accepted); convert "
-                         "it, e.g. iconv -f UTF-16 -t UTF-8") from None
+        raise ValueError(
+            f"dataset {path} is not UTF-8 text (byte {e.object[e.start : e.start + 1]!r} at offset "
+            f"{e.start}): JSON datasets are read as UTF-8 (a UTF-8 byte-order mark is accepted); convert "
+            "it, e.g. iconv -f UTF-16 -t UTF-8"
+        ) from None
 
 
 def _read_json_rows(path: str, ext: str) -> list:
     rows = []
-    with open(path, encoding="utf-8-sig") as f:   # -sig: a leading byte-order mark (Windows tools) is skipped
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark (Windows tools) is skipped
         if ext == ".jsonl":
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -77,7 +88,9 @@ def _read_json_rows(path: str, ext: str) -> list:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"dataset {path} line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+                    raise ValueError(
+                        f"dataset {path} line {n} is not valid JSON ({e.msg} at column {e.colno})"
+                    ) from None
                 if not isinstance(rec, dict):
                     raise ValueError(f"dataset {path} line {n} is not a JSON object")
                 rows.append(rec)
@@ -86,7 +99,7 @@ def _read_json_rows(path: str, ext: str) -> list:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"dataset {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-            if isinstance(data, dict):   # columns: {"prompt": [...], "chosen": [...], ...}
+            if isinstance(data, dict):  # columns: {"prompt": [...], "chosen": [...], ...}
                 if not all(isinstance(v, list) for v in data.values()) or len({len(v) for v in data.values()}) > 1:
                     raise ValueError(f"dataset {path}: a JSON object must map column names to equal-length lists")
                 data = [dict(zip(data, vals)) for vals in zip(*data.values())]
@@ -119,32 +132,44 @@ def _load_dataset(path: str, split=None):
         raise ValueError(f"dataset {path} does not exist (a local .json/.jsonl/.parquet file or a saved dataset)")
     ext = os.path.splitext(path)[1].lower()
     if os.path.isfile(path) and split is not None:
-        raise ValueError(f"dataset {path} is one file, with no splits: --split is for a saved DatasetDict or a "
-                         "folder of one file per split (train.jsonl, test.jsonl, ...)")
+        raise ValueError(
+            f"dataset {path} is one file, with no splits: --split is for a saved DatasetDict or a "
+            "folder of one file per split (train.jsonl, test.jsonl, ...)"
+        )
     if os.path.isfile(path) and ext in (".json", ".jsonl"):
         return _read_json(path, ext)
     import datasets
+
     datasets.disable_progress_bars()
-    if os.path.isdir(path) and (os.path.exists(os.path.join(path, "dataset_info.json"))
-                                or os.path.exists(os.path.join(path, "dataset_dict.json"))):
+    if os.path.isdir(path) and (
+        os.path.exists(os.path.join(path, "dataset_info.json"))
+        or os.path.exists(os.path.join(path, "dataset_dict.json"))
+    ):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[pick_split(path, ds, split)]
         elif split is not None:
             raise ValueError(f"dataset {path} is a single saved split: --split is for a DatasetDict")
         return ds
-    if os.path.isdir(path):   # a folder of one data file per split: train.jsonl, test_prefs.parquet, ...
-        files = {os.path.splitext(n)[0]: n for n in sorted(os.listdir(path))
-                 if os.path.splitext(n)[1].lower() in DATA_EXTENSIONS}
+    if os.path.isdir(path):  # a folder of one data file per split: train.jsonl, test_prefs.parquet, ...
+        files = {
+            os.path.splitext(n)[0]: n
+            for n in sorted(os.listdir(path))
+            if os.path.splitext(n)[1].lower() in DATA_EXTENSIONS
+        }
         if not files:
             raise ValueError(f"dataset {path} is a folder with no saved dataset and no .json/.jsonl/.parquet files")
         return _load_dataset(os.path.join(path, files[pick_split(path, files, split)]))
     if ext != ".parquet":
-        raise ValueError(f"dataset {path}: unsupported file type {ext!r} (use .json, .jsonl, .parquet or a saved dataset)")
+        raise ValueError(
+            f"dataset {path}: unsupported file type {ext!r} (use .json, .jsonl, .parquet or a saved dataset)"
+        )
     try:
         return datasets.load_dataset("parquet", data_files=path, split="train")
     except Exception as e:
-        raise ValueError(f"dataset {path} could not be read as parquet ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ValueError(
+            f"dataset {path} could not be read as parquet ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
 
 
 def _check_text(text, row, col):
@@ -155,8 +180,9 @@ def _check_text(text, row, col):
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise BadRowError(f"row {row}: column '{col}' holds a character that is not valid Unicode "
-                          f"({e.reason} at position {e.start})") from None
+        raise BadRowError(
+            f"row {row}: column '{col}' holds a character that is not valid Unicode ({e.reason} at position {e.start})"
+        ) from None
     return text
 
 
@@ -193,9 +219,11 @@ def _hh_messages(text: str) -> list[dict]:
     """'\\n\\nHuman: ... \\n\\nAssistant: ...' -> chat messages; a trailing empty 'Assistant:' (the turn to
     answer) is dropped."""
     text = "\n\n" + text.lstrip("\n")
-    parts = _HH_TURN.split(text)[1:]                # [speaker, content, speaker, content, ...]
-    msgs = [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
-            for who, body in zip(parts[::2], parts[1::2])]
+    parts = _HH_TURN.split(text)[1:]  # [speaker, content, speaker, content, ...]
+    msgs = [
+        {"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+        for who, body in zip(parts[::2], parts[1::2])
+    ]
     if msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]:
         msgs.pop()
     return msgs
@@ -212,19 +240,29 @@ def _from_transcripts(rec, row):
             raise BadRowError(f"row {row}: chosen and rejected transcripts differ before their last assistant turn")
         return dict(rec, prompt=_hh_messages(head), chosen=chosen[cut:].strip(), rejected=rejected[cut:].strip())
     if _is_transcript(prompt):
-        return dict(rec, prompt=_hh_messages(prompt),
-                    **{k: rec[k].strip() for k in ("chosen", "rejected") if isinstance(rec.get(k), str)})
+        return dict(
+            rec,
+            prompt=_hh_messages(prompt),
+            **{k: rec[k].strip() for k in ("chosen", "rejected") if isinstance(rec.get(k), str)},
+        )
     return rec
 
 
 def _as_prompt(rec, row):
     prompt = rec.get("prompt")
     chosen, rejected = rec.get("chosen"), rec.get("rejected")
-    if isinstance(chosen, list) and isinstance(rejected, list) and len(chosen) >= 2 and len(rejected) >= 2 \
-            and chosen[:-1] != rejected[:-1]:
+    if (
+        isinstance(chosen, list)
+        and isinstance(rejected, list)
+        and len(chosen) >= 2
+        and len(rejected) >= 2
+        and chosen[:-1] != rejected[:-1]
+    ):
         # one prompt is trained for both: a rejected answer to another conversation would be trained as this one's
-        raise BadRowError(f"row {row}: the chosen and rejected conversations differ before their last message "
-                          "(different prompts); a pair must answer one prompt")
+        raise BadRowError(
+            f"row {row}: the chosen and rejected conversations differ before their last message "
+            "(different prompts); a pair must answer one prompt"
+        )
     if prompt is None and isinstance(chosen, list) and len(chosen) >= 2:
         prompt = chosen[:-1]  # UltraFeedback-binarized style: the conversation before the assistant's answer
     if prompt is None:
@@ -255,8 +293,12 @@ def load_pairs(path: str, max_pairs: int | None = None, bad_rows: str = "error",
                 if rec.get(col) is None:
                     raise BadRowError(f"row {row}: missing column '{col}'")
             rec = _from_transcripts(rec, row)
-            pair = Pair(row, _as_prompt(rec, row), _as_response(rec["chosen"], row, "chosen"),
-                        _as_response(rec["rejected"], row, "rejected"))
+            pair = Pair(
+                row,
+                _as_prompt(rec, row),
+                _as_response(rec["chosen"], row, "chosen"),
+                _as_response(rec["rejected"], row, "rejected"),
+            )
         except BadRowError as e:
             if bad_rows == "error":
                 raise BadRowError(f"{path}: {e} (pass bad_rows='skip' / --bad-rows skip to skip such rows)") from None
@@ -267,7 +309,10 @@ def load_pairs(path: str, max_pairs: int | None = None, bad_rows: str = "error",
             continue
         pairs.append(pair)
     if identical:
-        log(f"[fpo] {path}: dropped {len(identical)} pairs whose chosen and rejected are identical (rows {identical[:10]})")
+        log(
+            f"[fpo] {path}: dropped {len(identical)} pairs whose chosen and rejected are identical "
+            f"(rows {identical[:10]})"
+        )
     if skipped:
         log(f"[fpo] {path}: skipped {len(skipped)} bad rows {skipped[:10]}")
     if not pairs:
@@ -317,7 +362,7 @@ def _response_ids(tok, text, keep: int | None = None):
     """The response's token ids and the end-of-turn token; with keep, only the first keep are guaranteed."""
     ids = None
     if keep is not None:
-        text, ids = _bounded(tok, text, keep, tail=False)   # a cut text's ids come with it: not tokenised twice
+        text, ids = _bounded(tok, text, keep, tail=False)  # a cut text's ids come with it: not tokenised twice
     if ids is None:
         ids = tok(text, add_special_tokens=False)["input_ids"]
     if tok.eos_token_id is not None:
@@ -333,15 +378,18 @@ def _hash_ids(*seqs) -> int:
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
-def tokenize_pairs(pairs, tok, max_length: int = 512, max_prompt_length: int = 256, max_tokens: int | None = None,
-                   log=None) -> list[TokenizedPair]:
+def tokenize_pairs(
+    pairs, tok, max_length: int = 512, max_prompt_length: int = 256, max_tokens: int | None = None, log=None
+) -> list[TokenizedPair]:
     """Token ids of each pair under the truncation rule (module docstring). With a token budget per
     micro-batch (max_tokens), the rule runs with max_length capped at max_tokens // 2, so that every pair
     fits one micro-batch in every layout (padded included) and is never split; the pairs this cuts further
     are reported through log."""
     if not 0 < max_prompt_length < max_length:
-        raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length}): "
-                         "otherwise a prompt could leave no room for the response")
+        raise ValueError(
+            f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length}): "
+            "otherwise a prompt could leave no room for the response"
+        )
     cap = max_length if max_tokens is None else min(max_length, max_tokens // 2)
     if cap <= max_prompt_length:
         raise ValueError(f"max_tokens ({max_tokens}) must exceed 2 x max_prompt_length ({2 * max_prompt_length})")
@@ -353,13 +401,17 @@ def tokenize_pairs(pairs, tok, max_length: int = 512, max_prompt_length: int = 2
         rejected = _response_ids(tok, p.rejected, room)[:room]
         if len(prompt) + max(len(chosen), len(rejected)) > cap:
             cut.append(p.id)
-            chosen, rejected = chosen[:cap - len(prompt)], rejected[:cap - len(prompt)]
+            chosen, rejected = chosen[: cap - len(prompt)], rejected[: cap - len(prompt)]
         if not chosen or not rejected:
             raise BadRowError(f"row {p.id}: a response tokenises to nothing")
-        out.append(TokenizedPair(p.id, tuple(prompt), tuple(chosen), tuple(rejected), _hash_ids(prompt, chosen, rejected)))
+        out.append(
+            TokenizedPair(p.id, tuple(prompt), tuple(chosen), tuple(rejected), _hash_ids(prompt, chosen, rejected))
+        )
     if cut and log is not None:
-        log(f"[fpo] max_tokens {max_tokens}: {len(cut)} pairs truncated to {cap} tokens per sequence so that each "
-            f"fits one micro-batch (rows {cut[:10]})")
+        log(
+            f"[fpo] max_tokens {max_tokens}: {len(cut)} pairs truncated to {cap} tokens per sequence so that each "
+            f"fits one micro-batch (rows {cut[:10]})"
+        )
     return out
 
 
@@ -367,11 +419,12 @@ def collate_pairs(items: list[TokenizedPair], pad_id: int):
     """P pairs -> one padded batch of 2P sequences, chosen first then rejected (fpo.packing.collate's "off"
     layout), plus the [2P, T] response_mask and rows [n, 2] = prediction_rows(response_mask) of the padded API."""
     from .packing import collate
+
     batch = collate(items, "off", pad_id)
     n, T = batch["input_ids"].shape
     rmask = torch.zeros(n, T, dtype=torch.bool)
     for s, (a, e) in enumerate(batch["spans"].tolist()):
-        rmask[s, a - s * T:e - s * T] = True
+        rmask[s, a - s * T : e - s * T] = True
     batch["response_mask"] = rmask
     batch["rows"] = prediction_rows(rmask)
     return batch
