@@ -32,14 +32,15 @@ if [ "$PART" = quick ]; then
     python -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'driver', torch.version.cuda, 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" > "$OUT/versions.txt"
   }
   # 1. correctness: every kernel test case on CUDA (bf16 included), the precision entry, packed FlexAttention
-  for f in test_sae_constraint test_sae_topk test_logprobs test_cache_pack test_precision test_packing; do
+  for f in kernels/test_sae_constraint kernels/test_sae_topk kernels/test_logprobs kernels/test_cache_pack \
+           training/test_precision training/test_packing; do
     case $f in
-      test_precision) sel=(-k "mixed_entry or under_autocast") ;;
-      test_packing) sel=(-m gpu) ;;
+      training/test_precision) sel=(-k "mixed_entry or under_autocast") ;;
+      training/test_packing) sel=(-m gpu) ;;
       *) sel=(-k "not sae_lens and not shipped_sae and not release_id") ;;
     esac
-    stage "tests $f" 40 pytest -q -p no:cacheprovider "tests/$f.py" "${sel[@]}" > "$OUT/tests_$f.txt" 2>&1
-    echo "$f: $(grep -v "^$" "$OUT/tests_$f.txt" | tail -1)" | tee -a "$OUT/gpu_tests_summary.txt"
+    stage "tests $f" 40 pytest -q -p no:cacheprovider "tests/$f.py" "${sel[@]}" > "$OUT/tests_${f#*/}.txt" 2>&1
+    echo "$f: $(grep -v "^$" "$OUT/tests_${f#*/}.txt" | tail -1)" | tee -a "$OUT/gpu_tests_summary.txt"
   done
   # 2. one training step per method, Gemma-2-2B config, 2 pairs x 1024 tokens, bf16-mixed (+ rows under other policies)
   stage step 180 python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 --precision bf16-mixed \
@@ -59,10 +60,10 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python -c "import torch, triton; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)" > "$OUT/versions.txt"
 if [ "$PART" = tests ] || [ "$PART" = all ]; then
   # sae-lens is not needed on the GPU: its two comparison tests run in CI
-  python -m pytest -q -p no:cacheprovider tests/test_sae_constraint.py tests/test_sae_topk.py tests/test_logprobs.py \
-    tests/test_cache_pack.py -k "not sae_lens and not shipped_sae and not release_id" 2>&1 | tee "$OUT/gpu_tests.txt"
+  python -m pytest -q -p no:cacheprovider tests/kernels/test_sae_constraint.py tests/kernels/test_sae_topk.py \
+    tests/kernels/test_logprobs.py tests/kernels/test_cache_pack.py -k "not sae_lens and not shipped_sae and not release_id" 2>&1 | tee "$OUT/gpu_tests.txt"
   # FlexAttention over packed micro-batches, forward and backward (a random model: no downloads)
-  python -m pytest -q -p no:cacheprovider tests/test_packing.py -m gpu 2>&1 | tee -a "$OUT/gpu_tests.txt"
+  python -m pytest -q -p no:cacheprovider tests/training/test_packing.py -m gpu 2>&1 | tee -a "$OUT/gpu_tests.txt"
 fi
 if [ "$PART" = kernels ] || [ "$PART" = all ]; then
   python -m benchmarks.kernel_resources --out "$OUT" > "$OUT/kernel_resources.log" 2>&1

@@ -170,6 +170,9 @@ class FusedLinearSimPOLoss(_FusedLinearPreference):
         bias: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple]:
+        """SimPO's loss on P pairs: `_input` [2P, T, d] (chosen rows first) or [N, d] with `seq_ids`, `target` the
+        shifted labels. Returns Liger's `(loss, (chosen_logps, rejected_logps, chosen_logits_mean,
+        rejected_logits_mean, nll_loss, chosen_rewards, rejected_rewards))`; more metrics in `self.metrics`."""
         total, mean, count, P, _ = self._stats(
             lin_weight, _input, target, bias, seq_ids, allow_empty=not self.average_log_prob
         )
@@ -230,6 +233,9 @@ class FusedLinearDPOLoss(_FusedLinearPreference):
         ref_rejected_logps: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple]:
+        """DPO's loss on P pairs against the reference: online (`ref_input`, `ref_weight`, `ref_bias`), precomputed
+        (`ref_chosen_logps`, `ref_rejected_logps` [P]) or none (`use_ref_model=False`). Returns Liger's 7-tuple,
+        as `FusedLinearSimPOLoss.forward`."""
         total, mean, count, P, rows = self._stats(
             lin_weight, _input, target, bias, seq_ids, allow_empty=not self.average_log_prob
         )
@@ -313,6 +319,8 @@ class FusedLinearTDPOLoss(_FusedLinearPreference):
         ref_bias: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple]:
+        """TDPO's loss on P pairs, with the reference's final hidden states `ref_input` (the layout of `_input`) and
+        lm head `ref_weight`: both models' log-probs and the KL from one pass. Returns Liger's 7-tuple."""
         if ref_input is None or ref_weight is None:
             raise ValueError("TDPO needs the reference's hidden states (ref_input) and lm head (ref_weight)")
         if tuple(ref_input.shape[:-1]) != tuple(_input.shape[:-1]):
@@ -386,6 +394,9 @@ class FusedLinearFPOLoss(_FusedLinearPreference):
         ref_rejected_logps: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple]:
+        """FPO's loss on P pairs: `sae_hidden` [2P, T', d_sae] and `sae_mask` at the SAE's layer, the cached
+        `ref_indices` / `ref_values` [2P, K] and the reference's mean log-probs `ref_chosen_logps` /
+        `ref_rejected_logps` [P]. Returns Liger's 7-tuple; D is in `self.metrics`."""
         if sae_hidden is None or sae_mask is None or ref_indices is None or ref_values is None:
             raise ValueError("FPO needs sae_hidden, sae_mask, ref_indices and ref_values")
         _, mean, _, P, _ = self._stats(lin_weight, _input, target, bias, seq_ids)

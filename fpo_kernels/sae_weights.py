@@ -117,6 +117,7 @@ class SAEWeights:
         return self.W_enc_t.t()
 
     def to(self, device: str | torch.device) -> SAEWeights:
+        """The same encoder on another device (self when it is already there)."""
         device = torch.device(device)
         if device == self.device:
             return self

@@ -1,8 +1,14 @@
-"""Shared builders for the kernel tests."""
+"""Shared builders and paths for the tests."""
+
+import os
 
 import torch
 
 from fpo_kernels import SAEWeights
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)  # the repository
+DIST_DRIVER = os.path.join(TESTS, "dist_driver.py")
 
 
 def random_sae(d, m, device="cpu", b_dec=True, apply_b_dec=True, dtype=torch.float32):

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from helpers import ROOT
+
 from fpo_kernels._dispatch import all_kernels
 
 
@@ -17,7 +19,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         capture_output=True,
         text=True,
         timeout=1200,
-        cwd=os.path.join(os.path.dirname(__file__), ".."),
+        cwd=ROOT,
     )
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     rows = json.loads((tmp_path / "kernel_resources.json").read_text())["rows"]

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from helpers import ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -179,7 +180,7 @@ def test_run_gpu_quick_dry_run(tmp_path):
     import subprocess
     import sys
 
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    root = ROOT
     env = dict(
         os.environ,
         DRY_RUN="1",

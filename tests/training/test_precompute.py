@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import DIST_DRIVER
 
 import fpo.reference_cache as cache_mod
 from fpo.model import ResidualCapture, load_model, load_tokenizer
@@ -107,7 +108,7 @@ def test_two_ranks_make_the_same_cache_as_one(tiny, tmp_path):
             "2",
             "--master_port",
             "29611",
-            os.path.join(os.path.dirname(__file__), "dist_driver.py"),
+            DIST_DRIVER,
             json.dumps(args),
         ],
         env=env,

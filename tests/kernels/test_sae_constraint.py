@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import TOL
-from helpers import poison, random_mask, random_sae
+from helpers import ROOT, poison, random_mask, random_sae
 
 import fpo_kernels.sae_constraint as sc
 from fpo_kernels import SAEWeights, pack_topk, reference, sae_feature_mse, sae_pooled_features
@@ -457,7 +457,7 @@ def test_sae_weights_from_sae_lens_and_shipped_sae():
 
     from sae_lens import SAE
 
-    path = os.path.join(os.path.dirname(__file__), "..", "assets", "sae-smollm2-135m-layer15")
+    path = os.path.join(ROOT, "assets", "sae-smollm2-135m-layer15")
     lens = SAE.load_from_disk(path)
     ours = SAEWeights.from_sae_lens(lens)
     disk = SAEWeights.from_file(path)

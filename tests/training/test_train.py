@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import DIST_DRIVER
 
 from fpo.config import TrainConfig, config_from_dict, load_config
 from fpo.model import load_model, load_tokenizer
@@ -164,7 +165,7 @@ def _torchrun(args, nproc=2, port=29621):
             str(nproc),
             "--master_port",
             str(port),
-            os.path.join(os.path.dirname(__file__), "dist_driver.py"),
+            DIST_DRIVER,
             json.dumps(dict(kind="train", **args)),
         ],
         env=env,
