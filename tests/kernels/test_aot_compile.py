@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT
 
 from fpo_kernels._dispatch import all_kernels
 
 
+@pytest.mark.slow  # minutes: the full compile report, left out of the fast loop
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run(
