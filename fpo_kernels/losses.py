@@ -215,16 +215,28 @@ def preference_loss(
     discopop_tau: float = 0.05,
     average_log_prob: bool | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """(losses [P], metrics) of P pairs: the one place that maps a method to its loss, for the trainer, the
-    FusedLinear*Loss modules, the TRL trainers and the benchmarks.
+    """The loss of P pairs under one method: the one place that maps a method to its loss, for the trainer,
+    the FusedLinear*Loss modules, the TRL trainers and the benchmarks.
 
-    stats: the policy's per-sequence statistics in the [2P] layout, chosen first (what the kernels return):
-    "logp_sum" and / or "logp_mean" [2P], and "d" (fpo: the SAE constraint, already divided by any scale) or
-    "kl" (tdpo1, tdpo2). reference: the reference's, the same layout: "logp_sum" (dpo, tdpo1, tdpo2) or
-    "logp_mean" (fpo; dpo with average_log_prob), from the cache or computed online; None for simpo.
-    average_log_prob: the margin on mean (True) or summed (False) log-probs; None: the method's own (simpo and
-    fpo mean, dpo and tdpo summed). beta, alpha (fpo, tdpo2), gamma (simpo), label_smoothing, loss_type and
-    discopop_tau (dpo) as the losses above take them."""
+    Args:
+        method: "fpo", "dpo", "simpo", "tdpo1" or "tdpo2".
+        stats: the policy's per-sequence statistics in the [2P] layout, chosen first (what the ops return):
+            "logp_sum" and / or "logp_mean" [2P], and "d" (fpo: the SAE constraint, already divided by any
+            scale) or "kl" (tdpo1, tdpo2).
+        reference: the reference's, the same layout: "logp_sum" (dpo, tdpo1, tdpo2) or "logp_mean" (fpo; dpo
+            with average_log_prob), from the cache or computed online; None for simpo.
+        beta: the temperature.
+        alpha: fpo's weight of D, tdpo2's of the KL.
+        gamma: simpo's target margin.
+        label_smoothing: eps of the conservative sigmoid, -(1-eps) log sigmoid(u) - eps log sigmoid(-u).
+        loss_type: dpo's loss (sigmoid, hinge, exo_pair, ... as Liger and TRL define them).
+        discopop_tau: dpo's discopop temperature.
+        average_log_prob: the margin on mean (True) or summed (False) log-probs; None: the method's own (simpo
+            and fpo mean, dpo and tdpo summed).
+
+    Returns:
+        (losses [P], metrics): the metrics a dict of [P] tensors (rewards, margins, accuracy, D or KL).
+    """
     if method not in LOSSES:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     mean = method in ("simpo", "fpo") if average_log_prob is None else average_log_prob

@@ -17,8 +17,16 @@ __all__ = ["sequence_logprobs", "sequence_logprobs_kl", "prediction_rows"]
 
 
 def prediction_rows(response_mask: torch.Tensor) -> torch.Tensor:
-    """[n, 2] (sequence, position) of the positions t whose next token t + 1 is a response token.
-    Compute it where the mask lives on the host (a data loader): on a GPU tensor it is a device sync."""
+    """The positions t whose next token t + 1 is a response token: the rows that go through the lm head.
+
+    Compute it where the mask lives on the host (a data loader): on a GPU tensor it is a device sync.
+
+    Args:
+        response_mask: [B, T] bool or 0/1, 1 on response tokens.
+
+    Returns:
+        [n, 2] (sequence, position), one row per response token after a sequence's first position.
+    """
     return response_mask[:, 1:].bool().nonzero()
 
 
