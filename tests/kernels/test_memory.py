@@ -83,7 +83,10 @@ def test_sae_constraint_never_holds_token_by_feature_activations(select):
         idx = torch.zeros(B, K, dtype=torch.int16)
         val = torch.empty(B, K, dtype=torch.float16)
         peaks = {}
-        for name, op in (("fused", sae_feature_mse), ("reference", reference.sae_feature_mse_ref)):
+        fused = lambda h, mask, sae, idx, val, k, select: sae_feature_mse(
+            h, sae, idx, val, mask=mask, k=k, select=select
+        )
+        for name, op in (("fused", fused), ("reference", reference.sae_feature_mse_ref)):
             sae._cast.clear()
             tr = StepTracer()
             tr.hold([h, mask, idx, val, sae.W_enc_t, sae.bias, sae.threshold, sae.b_enc, sae.b_dec])

@@ -196,12 +196,12 @@ def test_run_gpu_quick_dry_run(tmp_path):
     assert stages == [
         f"[quick] tests {f}"
         for f in (
-            "test_sae_constraint",
-            "test_sae_topk",
-            "test_logprobs",
-            "test_cache_pack",
-            "test_precision",
-            "test_packing",
+            "kernels/test_sae_constraint",
+            "kernels/test_sae_topk",
+            "kernels/test_logprobs",
+            "kernels/test_cache_pack",
+            "training/test_precision",
+            "training/test_packing",
         )
     ] + [f"[quick] {s}" for s in ("step", "sae", "topk", "logprobs", "profile")]
     summary = (tmp_path / "gpu_tests_summary.txt").read_text().splitlines()
