@@ -36,6 +36,7 @@ import torch
 
 from benchmarks.common import environment, write_results
 from fpo.model import ResidualCapture, enable_activation_checkpointing, lm_head, run_body
+from fpo.packing import MicroBatch
 from fpo.precision import Precision, resolve_precision
 from fpo.precision import make_optimizer as _make_optimizer
 from fpo.step import PolicyStats
@@ -215,17 +216,25 @@ class Step:
         seq = torch.arange(B).repeat_interleave(T - p0)
         pos = torch.arange(p0, T).repeat(B)
         base = torch.arange(B) * T
-        self.batch = {
-            "layout": "off",
-            "input_ids": self.ids,
-            "attention_mask": self.attn,
-            "position_ids": None,
-            "pred_rows": (seq * T + pos - 1).to(device),
-            "labels": self.ids[seq.to(device), pos.to(device)],
-            "seq_ids": seq.to(device),
-            "spans": torch.stack([base + p0, base + T], 1),  # on the host
-            "num_seqs": B,
-        }
+        spans = torch.stack([base + p0, base + T], 1)  # on the host
+        self.batch = MicroBatch(
+            layout="off",
+            input_ids=self.ids,
+            attention_mask=self.attn,
+            position_ids=None,
+            segment=None,
+            branch=None,
+            pred_rows=(seq * T + pos - 1).to(device),
+            labels=self.ids[seq.to(device), pos.to(device)],
+            seq_ids=seq.to(device),
+            spans=spans,
+            num_seqs=B,
+            ids=None,
+            row_hash=None,
+            tokens=B * T,
+            response_tokens=B * (T - p0),
+            pool_spans=spans,
+        )
         pooled = torch.rand(B, m, generator=g) * (torch.rand(B, m, generator=g) < 0.02)
         idx, val = pack_topk(pooled.to(device), K)
         # the reference side as the cache gives it to the loss: [2P] statistics, chosen first
@@ -253,9 +262,9 @@ class Step:
     def _ours(self, method):
         c = self.cache
         if method.startswith("fpo"):
-            self.stats = self.stats or PolicyStats(self.policy, self.sae, self.layer, self.k, "policy")
+            self.stats = self.stats or PolicyStats(self.policy, saes=[(self.sae, self.layer, 1.0, 1.0)], k=self.k)
             self.stats.select = "reference" if method == "fpo-ref" else "policy"
-            s = self.stats(self.batch, self.ref_idx, self.ref_val)
+            s = self.stats(self.batch, ref_features=[(self.ref_idx, self.ref_val)])
             return preference_loss("fpo", s, c, beta=0.1)[0]
         plain = PolicyStats(self.policy)
         if method.startswith("tdpo"):

@@ -15,7 +15,8 @@ import torch
 from benchmarks.common import environment, write_results
 from fpo import assets
 from fpo.model import ResidualCapture, load_model, load_tokenizer, run_body
-from fpo.pairs import collate_pairs, load_pairs, tokenize_pairs
+from fpo.packing import collate
+from fpo.pairs import load_pairs, tokenize_pairs
 from fpo_kernels import SAEWeights, pack_topk, sae_feature_mse, sae_pooled_features
 from fpo_kernels.cache import VALUE_DTYPES
 
@@ -25,8 +26,8 @@ def pooled_features(model, batches, sae, layer):
     cap = ResidualCapture(model, layer)
     out = []
     for batch in batches:
-        run_body(model, batch["input_ids"], batch["attention_mask"])
-        out.append(sae_pooled_features(cap.pop(), sae, mask=batch["response_mask"]))
+        run_body(model, batch.input_ids, batch.attention_mask)
+        out.append(sae_pooled_features(cap.pop(), sae, mask=batch.response_mask))
     cap.remove()
     return torch.cat(out)
 
@@ -54,14 +55,14 @@ def main(argv=None):
             p.mul_(1 + args.sigma * torch.randn(p.shape, generator=g))
     sae = SAEWeights.from_file(assets.DEMO_SAE)
     items = tokenize_pairs(load_pairs(assets.EVAL_PAIRS, args.pairs), tok, args.max_length, args.max_length // 2)
-    batches = [collate_pairs(items[i : i + 4], tok.pad_token_id) for i in range(0, len(items), 4)]
+    batches = [collate(items[i : i + 4], "off", tok.pad_token_id) for i in range(0, len(items), 4)]
     p_ref = pooled_features(ref, batches, sae, 15)
     p_pol = pooled_features(policy, batches, sae, 15)
     cap = ResidualCapture(policy, 15)
     resid = []
     with torch.no_grad():
         for batch in batches:
-            run_body(policy, batch["input_ids"], batch["attention_mask"])
+            run_body(policy, batch.input_ids, batch.attention_mask)
             resid.append(cap.pop())
     cap.remove()
     active = (p_ref > 0).sum(1).float()
@@ -82,7 +83,7 @@ def main(argv=None):
                             sae,
                             idx[off : off + n],
                             val[off : off + n],
-                            mask=batch["response_mask"],
+                            mask=batch.response_mask,
                             k=args.k,
                             select=select,
                         )

@@ -7,7 +7,7 @@ import torch
 
 from .config import EvalConfig, sae_specs
 from .model import load_model_for_layout, load_tokenizer, resolve_device
-from .packing import attention_length_scale, collate, pooling_rows
+from .packing import attention_length_scale, collate
 from .pairs import load_pairs, tokenize_pairs
 from .precision import resolve_precision
 from .reference_cache import ReferenceCache
@@ -122,8 +122,7 @@ def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, k
     for b in range(0, len(items), cfg.batch_pairs):
         chunk = items[b : b + cfg.batch_pairs]
         P = len(chunk)
-        batch = collate(chunk, cfg.packing, pad_id, row_scale)
-        batch["spans"], batch["d_factor"] = pooling_rows(batch, chunk, cfg.pooling)
+        batch = collate(chunk, cfg.packing, pad_id, row_scale, cfg.pooling)
         reference, kw = reference_side(batch, device, ref_cache, keys, ref_model, autocast=policy.autocast)
         stats = policy(batch, **kw)
         mean = stats["logp_mean"]

@@ -18,11 +18,14 @@ Micro-batches by token budget (max_tokens): the pairs are placed first-fit in or
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 __all__ = [
     "LAYOUTS",
     "POOLINGS",
+    "MicroBatch",
     "pooling_rows",
     "pair_tokens",
     "micro_batch_tokens",
@@ -141,16 +144,58 @@ def plan_micro_batches(items, layout: str, max_tokens: int, attention_scale=None
     return [[items[j] for j in sorted(members)] for members in bins]
 
 
-def collate(items, layout: str, pad_id: int, attention_scale=None) -> dict:
-    """P tokenised pairs -> one micro-batch in the layout; every tensor on the host (no device sync later).
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of P pairs in a layout, as the model body and the losses take it; built by collate (or
+    from_padded), never changed after. Every tensor is on the host (no device sync when the kernels read it).
+
+    input_ids [R, L]; attention_mask [R, L] (off) or None; position_ids [R, L], segment [R*L] and branch [R*L]
+    (0 prompt, 1 chosen, 2 rejected; padding its own segment; packed layouts) or None; pred_rows, labels,
+    seq_ids [n] (rows of the flattened [R*L] hidden states); spans [2P, 2] (each response's own rows); num_seqs
+    = 2P; ids, row_hash [P] (None from from_padded); tokens (through the body, padding included) and
+    response_tokens; pool_spans [2P, 2], the rows the SAE constraint pools over, and d_factor [2P] or None,
+    what D is multiplied by (the pooling: see pooling_rows)."""
+
+    layout: str
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    segment: torch.Tensor | None
+    branch: torch.Tensor | None
+    pred_rows: torch.Tensor
+    labels: torch.Tensor
+    seq_ids: torch.Tensor
+    spans: torch.Tensor
+    num_seqs: int
+    ids: torch.Tensor | None
+    row_hash: torch.Tensor | None
+    tokens: int
+    response_tokens: int
+    pool_spans: torch.Tensor
+    d_factor: torch.Tensor | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_seqs // 2
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """[2P, T] bool, the response tokens of the padded layout (off): what the padded API of the ops takes."""
+        if self.layout != "off":
+            raise ValueError(f"response_mask is the padded layout's (off); this micro-batch is {self.layout!r}")
+        n, T = self.input_ids.shape
+        mask = torch.zeros(n, T, dtype=torch.bool)
+        for s, (a, e) in enumerate(self.spans.tolist()):
+            mask[s, a - s * T : e - s * T] = True
+        return mask
+
+
+def collate(items, layout: str, pad_id: int, attention_scale=None, pooling: str = "response") -> MicroBatch:
+    """P tokenised pairs -> one MicroBatch in the layout.
 
     attention_scale (packed layouts): None for one row [1, N] (FlexAttention skips the masked blocks), or
     the model's attention_length_scale: rows, padded, in the split that costs dense masks (sdpa, eager) least.
-    Returns input_ids [R, L]; attention_mask [R, L] (off) or None; position_ids [R, L], segment [R*L] and
-    branch [R*L] (0 prompt, 1 chosen, 2 rejected; padding its own segment; packed layouts) or None;
-    pred_rows, labels, seq_ids [n] (rows of the flattened [R*L] hidden states); spans [2P, 2];
-    num_seqs = 2P; ids, row_hash [P]; tokens (through the body, padding included) and response_tokens (ints);
-    layout."""
+    pooling: the rows the SAE constraint pools over (pool_spans, d_factor; see pooling_rows)."""
     _check_layout(layout)
     if not items:
         raise ValueError("collate needs at least one pair")
@@ -214,26 +259,29 @@ def collate(items, layout: str, pad_id: int, attention_scale=None) -> dict:
         input_ids, attn, position_ids = ids, None, pos
         segment, branch = seg.reshape(-1), br.reshape(-1)
     span_t = torch.tensor(spans, dtype=torch.long)
-    return {
-        "layout": layout,
-        "input_ids": input_ids,
-        "attention_mask": attn,
-        "position_ids": position_ids,
-        "segment": segment,
-        "branch": branch,
-        "pred_rows": torch.tensor(pred_rows, dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
-        "seq_ids": torch.tensor(seq_ids, dtype=torch.long),
-        "spans": span_t,
-        "num_seqs": 2 * P,
-        "ids": torch.tensor([it.id for it in items], dtype=torch.long),
-        "row_hash": torch.tensor([it.row_hash for it in items], dtype=torch.long),
-        "tokens": input_ids.numel(),
-        "response_tokens": len(labels),
-    }
+    pool_spans, d_factor = pooling_rows(layout, span_t, items, pooling)
+    return MicroBatch(
+        layout=layout,
+        input_ids=input_ids,
+        attention_mask=attn,
+        position_ids=position_ids,
+        segment=segment,
+        branch=branch,
+        pred_rows=torch.tensor(pred_rows, dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long),
+        seq_ids=torch.tensor(seq_ids, dtype=torch.long),
+        spans=span_t,
+        num_seqs=2 * P,
+        ids=torch.tensor([it.id for it in items], dtype=torch.long),
+        row_hash=torch.tensor([it.row_hash for it in items], dtype=torch.long),
+        tokens=input_ids.numel(),
+        response_tokens=len(labels),
+        pool_spans=pool_spans,
+        d_factor=d_factor,
+    )
 
 
-def from_padded(input_ids, attention_mask, response_mask) -> dict:
+def from_padded(input_ids, attention_mask, response_mask) -> MicroBatch:
     """A micro-batch in the "off" layout from padded tensors a caller already has: input_ids,
     attention_mask, response_mask [2P, T] (chosen rows first, one contiguous response per row, after at
     least one prompt token). Run it where the tensors live on the host: on a GPU it is a device sync."""
@@ -253,23 +301,24 @@ def from_padded(input_ids, attention_mask, response_mask) -> dict:
         )
     seq, t = resp.nonzero(as_tuple=True)
     spans = torch.stack([first, first + n], 1) + (torch.arange(B, device=resp.device) * T)[:, None]
-    return {
-        "layout": "off",
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": None,
-        "segment": None,
-        "branch": None,
-        "pred_rows": seq * T + t - 1,
-        "labels": input_ids[seq, t],
-        "seq_ids": seq,
-        "spans": spans,
-        "num_seqs": B,
-        "ids": None,
-        "row_hash": None,
-        "tokens": B * T,
-        "response_tokens": int(n.sum()),
-    }
+    return MicroBatch(
+        layout="off",
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=None,
+        segment=None,
+        branch=None,
+        pred_rows=seq * T + t - 1,
+        labels=input_ids[seq, t],
+        seq_ids=seq,
+        spans=spans,
+        num_seqs=B,
+        ids=None,
+        row_hash=None,
+        tokens=B * T,
+        response_tokens=int(n.sum()),
+        pool_spans=spans,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -355,22 +404,23 @@ def attention_mask_for(model, segment, branch, position_ids):
     return masks if len(masks) > 1 else next(iter(masks.values()))
 
 
-def body_hidden(model, batch: dict, device) -> torch.Tensor:
-    """Final hidden states of a collated micro-batch as flat rows [R * L, d], in the layout's row order
-    (what pred_rows and spans index)."""
+def body_hidden(model, batch: MicroBatch, device) -> torch.Tensor:
+    """Final hidden states of a micro-batch as flat rows [R * L, d], in the layout's row order (what pred_rows
+    and spans index)."""
     from .model import run_body
 
-    ids = batch["input_ids"].to(device)
-    if batch["layout"] == "off":
-        hidden = run_body(model, ids, batch["attention_mask"].to(device))
+    ids = batch.input_ids.to(device)
+    if batch.layout == "off":
+        hidden = run_body(model, ids, batch.attention_mask.to(device))
     else:
-        pos = batch["position_ids"].to(device)
-        hidden = run_body(model, ids, attention_mask_for(model, batch["segment"], batch["branch"], pos), pos)
+        pos = batch.position_ids.to(device)
+        hidden = run_body(model, ids, attention_mask_for(model, batch.segment, batch.branch, pos), pos)
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def pooling_rows(batch, items, pooling: str):
-    """(spans [2P, 2], factor [2P] or None): the rows the SAE constraint pools over, and what D is multiplied by.
+def pooling_rows(layout: str, spans: torch.Tensor, items, pooling: str):
+    """(pool_spans [2P, 2], d_factor [2P] or None) of a micro-batch whose response spans are `spans`: the rows the
+    SAE constraint pools over, and what D is multiplied by.
 
     response (ours): each response's own token rows, a mean over them.
     authors (MikaStars39/FeatureAlignment: `(features * mask).mean(1)` over the shifted sequence): the rows that
@@ -379,15 +429,15 @@ def pooling_rows(batch, items, pooling: str):
     the mean's D x (n / (T - 1))^2 (top-k selection is unchanged by the positive factor); the cache holds the
     means, and the factor is applied to D. The predicting rows are contiguous in the off and pack layouts only."""
     if pooling == "response":
-        return batch["spans"], None
+        return spans, None
     if pooling != "authors":
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    if batch["layout"] == "share-prompt":
+    if layout == "share-prompt":
         raise ValueError(
             "pooling 'authors' needs packing 'off' or 'pack': with the prompt shared, the rows that "
             "predict the rejected response are not contiguous"
         )
-    spans = batch["spans"] - 1
+    spans = spans - 1
     n = (spans[:, 1] - spans[:, 0]).double()
     T = torch.tensor(
         [len(it.prompt_ids) + max(len(it.chosen_ids), len(it.rejected_ids)) for it in items], dtype=torch.float64

@@ -26,14 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from fpo_kernels import prediction_rows
-
 __all__ = [
     "Pair",
     "TokenizedPair",
     "load_pairs",
     "tokenize_pairs",
-    "collate_pairs",
     "BadRowError",
     "dataset_fingerprint",
     "tokenizer_fingerprint",
@@ -413,21 +410,6 @@ def tokenize_pairs(
             f"fits one micro-batch (rows {cut[:10]})"
         )
     return out
-
-
-def collate_pairs(items: list[TokenizedPair], pad_id: int):
-    """P pairs -> one padded batch of 2P sequences, chosen first then rejected (fpo.packing.collate's "off"
-    layout), plus the [2P, T] response_mask and rows [n, 2] = prediction_rows(response_mask) of the padded API."""
-    from .packing import collate
-
-    batch = collate(items, "off", pad_id)
-    n, T = batch["input_ids"].shape
-    rmask = torch.zeros(n, T, dtype=torch.bool)
-    for s, (a, e) in enumerate(batch["spans"].tolist()):
-        rmask[s, a - s * T : e - s * T] = True
-    batch["response_mask"] = rmask
-    batch["rows"] = prediction_rows(rmask)
-    return batch
 
 
 def dataset_fingerprint(items: list[TokenizedPair]) -> str:

@@ -26,7 +26,7 @@ from .model import (
     model_fingerprint,
     resolve_device,
 )
-from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches, pooling_rows
+from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
 from .pairs import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .precision import resolve_precision
 from .progress import progress_bar
@@ -44,7 +44,7 @@ def feature_key(index: int, spec) -> str:
 
 @torch.no_grad()
 def reference_stats(model, batch, saes=(), K=256, device="cpu", value_dtype=torch.float16):
-    """Reference statistics of one collated micro-batch (fpo.packing.collate, any layout; 2P sequences,
+    """Reference statistics of one fpo.packing.MicroBatch (any layout; 2P sequences,
     chosen first): log-prob sums and means, lengths, and each SAE's top-K pooled features (saes: SAESpecs,
     one hook per layer, one forward)."""
     layers = sorted({s.layer for s in saes})
@@ -52,7 +52,7 @@ def reference_stats(model, batch, saes=(), K=256, device="cpu", value_dtype=torc
     try:
         hidden = body_hidden(model, batch, device)
         w, b = lm_head(model)
-        rows, labels, seq = (batch[k].to(device) for k in ("pred_rows", "labels", "seq_ids"))
+        rows, labels, seq = (t.to(device) for t in (batch.pred_rows, batch.labels, batch.seq_ids))
         total, mean, count = sequence_logprobs(
             hidden,
             w,
@@ -61,21 +61,21 @@ def reference_stats(model, batch, saes=(), K=256, device="cpu", value_dtype=torc
             rows=rows,
             labels=labels,
             seq_ids=seq,
-            num_seqs=batch["num_seqs"],
+            num_seqs=batch.num_seqs,
         )
         out = {"logp_sum": total, "logp_mean": mean, "len": count}
         resid = {layer: cap.pop() for layer, cap in caps.items()}
         for i, spec in enumerate(saes):
             r = resid[spec.layer]
             pooled = sae_pooled_features(
-                r.reshape(-1, r.shape[-1]), spec.sae, check_inputs=False, spans=batch["spans"].cpu()
+                r.reshape(-1, r.shape[-1]), spec.sae, check_inputs=False, spans=batch.pool_spans.cpu()
             )
             key = feature_key(i, spec)
             out["idx" + key], out["val" + key] = pack_topk(pooled, K, value_dtype)
     finally:
         for cap in caps.values():
             cap.remove()
-    P = batch["ids"].shape[0]
+    P = batch.num_pairs
     res = {}
     for side, sl in (("chosen", slice(0, P)), ("rejected", slice(P, 2 * P))):
         for k, v in out.items():
@@ -332,8 +332,7 @@ def _compute_shards(cfg, model, tokenizer, items, saes, prec, device, shards, ra
             else plan_micro_batches(items[s:e], cfg.packing, cfg.max_tokens, scale)
         )
         for chunk in chunks:
-            batch = collate(chunk, cfg.packing, pad, scale)
-            batch["spans"], _ = pooling_rows(batch, chunk, cfg.pooling)  # the factor applies to D, in training
+            batch = collate(chunk, cfg.packing, pad, scale, cfg.pooling)  # d_factor applies to D, in training
             with prec.autocast(device):
                 parts.append(reference_stats(model, batch, saes, cfg.cache_k, device, VALUE_DTYPES[cfg.value_dtype]))
             order += [it.id for it in chunk]

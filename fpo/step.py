@@ -28,19 +28,17 @@ __all__ = ["PolicyStats", "reference_side", "compute_loss"]
 class PolicyStats(nn.Module):
     """Wraps the policy so that everything touching its weights (body, lm head) runs inside forward:
     DDP and FSDP2 see one forward. Returns per-sequence statistics for the 2P sequences of a micro-batch.
-    SAEs: one (sae at layer), or saes = [(SAEWeights, layer, weight, scale)]: D = sum of weight x D_sae / scale
-    ("d"), and each SAE's own D ("d_each", [n_saes, 2P]), one forward hook per layer.
-    check_inputs: sae_feature_mse's checks of
-    the cached features (off in training, whose cache was checked once when the run started)."""
+    saes = [(SAEWeights, layer, weight, scale)]: D = sum of weight x D_sae / scale ("d"), and each SAE's own D
+    ("d_each", [n_saes, 2P]), one forward hook per layer. check_inputs: sae_feature_mse's checks of the cached
+    features (off in training, whose cache was checked once when the run started)."""
 
     def __init__(
         self,
         model,
-        sae=None,
-        layer=None,
+        *,
+        saes=(),
         k=50,
         select="policy",
-        saes=None,
         autocast=None,
         adapters_off=None,
         check_inputs=False,
@@ -51,7 +49,7 @@ class PolicyStats(nn.Module):
         self.adapters_off = adapters_off  # LoRA: a context in which the model is the frozen base (TDPO's reference)
         self.autocast = autocast or (lambda device: nullcontext())  # the precision policy's forward context
         self.k, self.select = k, select
-        self.saes = list(saes) if saes is not None else ([] if sae is None else [(sae, layer, 1.0, 1.0)])
+        self.saes = list(saes)
         self.captures = {L: ResidualCapture(model, L) for L in sorted({x[1] for x in self.saes})}
         self.softcap = final_softcap(model)
 
@@ -62,16 +60,15 @@ class PolicyStats(nn.Module):
     def forward(
         self,
         batch,
-        ref_idx=None,
-        ref_val=None,
+        *,
+        ref_features=None,
         ref_hidden=None,
         ref_weight=None,
         ref_bias=None,
-        ref_features=None,
         reference_without_adapters=False,
     ):
-        """batch: fpo.packing.collate's micro-batch (any layout). ref_features: [(ref_idx, ref_val)] per SAE, in
-        order (or ref_idx, ref_val for one SAE). With ref_hidden (TDPO: the reference's final hidden states on
+        """batch: an fpo.packing.MicroBatch (any layout). ref_features: [(ref_idx, ref_val)] per SAE, in
+        order. With ref_hidden (TDPO: the reference's final hidden states on
         the same layout, flat [N, d_ref]), the reference's log-probs and the KL come from the same pass over
         the logits. reference_without_adapters (LoRA TDPO): the reference is this model with its adapters off,
         run here, inside the one forward DDP and FSDP see."""
@@ -83,13 +80,13 @@ class PolicyStats(nn.Module):
                 for cap in self.captures.values():  # the reference pass is not the policy's residual stream
                     cap.value = None
                 ref_weight, ref_bias = (None if t is None else t.detach() for t in lm_head(self.model))
-            return self._stats(batch, dev, ref_idx, ref_val, ref_hidden, ref_weight, ref_bias, ref_features)
+            return self._stats(batch, dev, ref_hidden, ref_weight, ref_bias, ref_features)
 
-    def _stats(self, batch, dev, ref_idx, ref_val, ref_hidden, ref_weight, ref_bias, ref_features):
+    def _stats(self, batch, dev, ref_hidden, ref_weight, ref_bias, ref_features):
         hidden = body_hidden(self.model, batch, dev)  # [N, d] flat rows
         w, b = lm_head(self.model)
-        rows, labels, seq = (batch[k].to(dev) for k in ("pred_rows", "labels", "seq_ids"))
-        S = batch["num_seqs"]
+        rows, labels, seq = (t.to(dev) for t in (batch.pred_rows, batch.labels, batch.seq_ids))
+        S = batch.num_seqs
         if ref_hidden is not None:
             with record_function("fpo::logprobs_kl"):
                 total, mean, count, ref_total, kl = sequence_logprobs_kl(
@@ -114,10 +111,11 @@ class PolicyStats(nn.Module):
             out = {"logp_sum": total, "logp_mean": mean, "len": count}
         if self.saes:
             resid = {L: cap.pop() for L, cap in self.captures.items()}
-            refs = ref_features if ref_features is not None else [(ref_idx, ref_val)]
+            if ref_features is None or len(ref_features) != len(self.saes):
+                raise ValueError(f"ref_features: one (indices, values) pair per SAE ({len(self.saes)}) is needed")
             each = []
             with record_function("fpo::sae_constraint"):
-                for (sae, layer, weight, scale), (idx, val) in zip(self.saes, refs):
+                for (sae, layer, weight, scale), (idx, val) in zip(self.saes, ref_features):
                     r = resid[layer]
                     # spans stay on the host: the kernels lay out their row tiles from them with no device sync
                     raw = sae_feature_mse(
@@ -128,9 +126,9 @@ class PolicyStats(nn.Module):
                         k=self.k,
                         select=self.select,
                         check_inputs=self.check_inputs,
-                        spans=batch["spans"].cpu(),
+                        spans=batch.pool_spans.cpu(),
                     )
-                    d, factor = raw * (weight / scale), batch.get("d_factor")
+                    d, factor = raw * (weight / scale), batch.d_factor
                     if factor is not None:  # pooling "authors" (fpo.packing.pooling_rows)
                         d, raw = d * factor.to(d), raw * factor.to(raw)
                     each.append(raw)
@@ -144,7 +142,7 @@ def reference_side(batch, device, cache=None, sae_keys=(), ref_model=None, refer
     the cached features of each SAE (its key in the cache, sae_keys), a reference model's final hidden states on
     the batch's layout and its lm head (its log-probs then come with the KL, from one pass over both models'
     logits), or, reference_is_base, the policy with its LoRA adapters off."""
-    reference = None if cache is None else cache.reference(batch["ids"], batch["row_hash"], device)
+    reference = None if cache is None else cache.reference(batch.ids, batch.row_hash, device)
     kw = {}
     if sae_keys:
         kw["ref_features"] = [(reference["idx" + key], reference["val" + key]) for key in sae_keys]

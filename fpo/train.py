@@ -35,7 +35,7 @@ from .model import (
     model_fingerprint,
     resolve_device,
 )
-from .packing import attention_length_scale, collate, micro_batch_tokens, plan_micro_batches, pooling_rows
+from .packing import attention_length_scale, collate, micro_batch_tokens, plan_micro_batches
 from .pairs import load_pairs, tokenize_pairs, tokenizer_fingerprint
 from .precision import SAVE_DTYPES, describe_precision, make_optimizer, resolve_precision
 from .reference_cache import ReferenceCache
@@ -331,8 +331,7 @@ class Trainer:
     def _losses(self, items):
         """(losses [P], metrics, batch) of one micro-batch: the policy forward and the reference side."""
         cfg = self.cfg
-        batch = collate(items, cfg.packing, self.tokenizer.pad_token_id, self.row_scale)
-        batch["spans"], batch["d_factor"] = pooling_rows(batch, items, cfg.pooling)
+        batch = collate(items, cfg.packing, self.tokenizer.pad_token_id, self.row_scale, cfg.pooling)
         reference, kw = reference_side(
             batch,
             self.device,
@@ -363,8 +362,8 @@ class Trainer:
             metrics["loss"] = losses.detach()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.float().sum() / self.pairs_per_rank
-            tokens["tokens_processed"] += batch["tokens"]
-            tokens["response_tokens"] += batch["response_tokens"]
+            tokens["tokens_processed"] += batch.tokens
+            tokens["response_tokens"] += batch.response_tokens
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
         self.optimizer.step()

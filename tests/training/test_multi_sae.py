@@ -109,7 +109,7 @@ def test_two_saes_train_and_d_is_the_weighted_sum(assets_dir, tmp_path):
     sae_a, sae_b = SAEWeights.from_file(assets_dir["sae_a"]), SAEWeights.from_file(assets_dir["sae_b"])
 
     def feats(cache, key=""):
-        ref = ReferenceCache(cache).lookup(batch["ids"])
+        ref = ReferenceCache(cache).lookup(batch.ids)
         return (
             torch.cat([ref["chosen_idx" + key], ref["rejected_idx" + key]]),
             torch.cat([ref["chosen_val" + key], ref["rejected_val" + key]]),

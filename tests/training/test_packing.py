@@ -39,26 +39,26 @@ def test_layout_rows_labels_and_spans(tok, layout, scale):
     in the unshared sequence (for a shared prompt, the last prompt token predicts both first tokens)."""
     items = _items(tok, 4)
     b = collate(items, layout, tok.pad_token_id, scale)
-    flat = b["input_ids"].reshape(-1)
+    flat = b.input_ids.reshape(-1)
     P = len(items)
     for p, it in enumerate(items):
         for side, resp in ((0, it.chosen_ids), (1, it.rejected_ids)):
             s = side * P + p
-            a, e = b["spans"][s].tolist()
+            a, e = b.spans[s].tolist()
             assert flat[a:e].tolist() == list(resp)
-            mine = b["seq_ids"] == s
-            assert b["labels"][mine].tolist() == list(resp)
-            before = flat[b["pred_rows"][mine]].tolist()
+            mine = b.seq_ids == s
+            assert b.labels[mine].tolist() == list(resp)
+            before = flat[b.pred_rows[mine]].tolist()
             assert before == [it.prompt_ids[-1]] + list(resp[:-1])
-            if b["position_ids"] is not None:  # positions continue from the prompt's end, as unshared
-                pos = b["position_ids"].reshape(-1)
+            if b.position_ids is not None:  # positions continue from the prompt's end, as unshared
+                pos = b.position_ids.reshape(-1)
                 assert pos[a:e].tolist() == list(range(len(it.prompt_ids), len(it.prompt_ids) + len(resp)))
-    assert b["tokens"] == micro_batch_tokens(items, layout, scale) == b["input_ids"].numel()
-    assert b["response_tokens"] == sum(len(it.chosen_ids) + len(it.rejected_ids) for it in items)
+    assert b.tokens == micro_batch_tokens(items, layout, scale) == b.input_ids.numel()
+    assert b.response_tokens == sum(len(it.chosen_ids) + len(it.rejected_ids) for it in items)
     if layout != "off" and scale is None:
-        assert b["input_ids"].shape[0] == 1 and b["tokens"] == sum(pair_tokens(it, layout) for it in items)
+        assert b.input_ids.shape[0] == 1 and b.tokens == sum(pair_tokens(it, layout) for it in items)
     if layout != "off" and scale is not None:
-        assert b["input_ids"].shape[0] > 1
+        assert b.input_ids.shape[0] > 1
 
 
 def test_rows_cost_no_more_than_a_stream_or_one_unit_per_row():
@@ -161,8 +161,10 @@ def _all_method_stats(model_dir, ref_dir, sae, layer, layout, items, pad_id, ref
     batch = collate(items, layout, pad_id)
     with torch.no_grad():
         ref_hidden = body_hidden(ref_model, batch, "cpu")
-    ps = PolicyStats(policy, sae, layer, k=8, select="policy")
-    stats = ps(batch, ref_idx, ref_val, ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight.detach())
+    ps = PolicyStats(policy, saes=[(sae, layer, 1.0, 1.0)], k=8, select="policy")
+    stats = ps(
+        batch, ref_features=[(ref_idx, ref_val)], ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight.detach()
+    )
     ps.remove_hooks()
     cache = {"logp_sum": stats["ref_logp_sum"].detach(), "logp_mean": (stats["ref_logp_sum"] / stats["len"]).detach()}
     named = dict(policy.named_parameters())
@@ -301,7 +303,7 @@ def test_varlen_pooling_of_a_packed_stream_equals_padded(tok, tiny):
             body_hidden(model, b, "cpu")
         resid = cap.pop()
         cap.remove()
-        pooled.append(sae_pooled_features(resid.reshape(-1, resid.shape[-1]), sae, spans=b["spans"]))
+        pooled.append(sae_pooled_features(resid.reshape(-1, resid.shape[-1]), sae, spans=b.spans))
     assert torch.allclose(pooled[0], pooled[1], rtol=1e-5, atol=1e-6)
 
 
@@ -309,7 +311,7 @@ def test_attention_mask_kinds_for_gemma2(tok, tmp_path):
     """A model mixing full and sliding-window layers gets one mask per layer kind."""
     model = load_model(_gemma2(tmp_path))
     b = collate(_items(tok, 1), "share-prompt", tok.pad_token_id)
-    masks = attention_mask_for(model, b["segment"], b["branch"], b["position_ids"])
+    masks = attention_mask_for(model, b.segment, b.branch, b.position_ids)
     assert set(masks) == {"full_attention", "sliding_attention"}
     assert masks["full_attention"].dtype == torch.float32  # eager: additive
     assert (masks["sliding_attention"] < 0).sum() > (masks["full_attention"] < 0).sum()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fpo.model import ResidualCapture, load_model, load_tokenizer, run_body
-from fpo.packing import collate, pooling_rows
+from fpo.packing import collate
 from fpo.pairs import TokenizedPair, load_pairs, tokenize_pairs
 from fpo.precompute import precompute
 from fpo.sae import load_saes
@@ -26,19 +26,20 @@ def test_rows_and_factor_by_hand():
     7+3..7+6; the authors' code pools the rows before them, with D x (n / (T - 1))^2."""
     items = [TokenizedPair(0, (1, 2, 3), (4, 5), (6, 7, 8, 9), 0)]
     batch = collate(items, "off", 0)
-    spans, factor = pooling_rows(batch, items, "response")
-    assert spans.tolist() == [[3, 5], [10, 14]] and factor is None
-    spans, factor = pooling_rows(batch, items, "authors")
-    assert spans.tolist() == [[2, 4], [9, 13]]
+    assert batch.pool_spans.tolist() == [[3, 5], [10, 14]] and batch.d_factor is None
+    assert torch.equal(batch.pool_spans, batch.spans)
+    batch = collate(items, "off", 0, pooling="authors")
+    spans, factor = batch.pool_spans, batch.d_factor
+    assert spans.tolist() == [[2, 4], [9, 13]] and batch.spans.tolist() == [[3, 5], [10, 14]]
     assert factor.tolist() == pytest.approx([(2 / 6) ** 2, (4 / 6) ** 2])
-    packed = collate(items, "pack", 0)
-    spans, factor = pooling_rows(packed, items, "authors")
+    packed = collate(items, "pack", 0, pooling="authors")
+    spans, factor = packed.pool_spans, packed.d_factor
     assert (spans[:, 1] - spans[:, 0]).tolist() == [2, 4] and factor.tolist() == pytest.approx(
         [(2 / 6) ** 2, (4 / 6) ** 2]
     )
-    assert all(packed["input_ids"].reshape(-1)[a] == 3 for a in spans[:, 0].tolist())  # the prompt's last token
+    assert all(packed.input_ids.reshape(-1)[a] == 3 for a in spans[:, 0].tolist())  # the prompt's last token
     with pytest.raises(ValueError, match="packing 'off' or 'pack'"):
-        pooling_rows(collate(items, "share-prompt", 0), items, "authors")
+        collate(items, "share-prompt", 0, pooling="authors")
 
 
 @pytest.mark.parametrize("pooling", ["response", "authors"])
@@ -49,12 +50,11 @@ def test_d_equals_the_hand_computation(tiny, pooling):
     layer, sae, k = spec.layer, spec.sae, 8
     items = tokenize_pairs(load_pairs(tiny["pairs"], max_pairs=2), tok, **LEN)
     P = len(items)
-    batch = collate(items, "off", tok.pad_token_id)
-    batch["spans"], batch["d_factor"] = pooling_rows(batch, items, pooling)
+    batch = collate(items, "off", tok.pad_token_id, pooling=pooling)
     # by hand: per-row features of the layer's residual stream, pooled as each convention says
     cap = ResidualCapture(model, layer)
     with torch.no_grad():
-        run_body(model, batch["input_ids"], batch["attention_mask"])
+        run_body(model, batch.input_ids, batch.attention_mask)
     feats = reference.sae_encode_ref(cap.pop().double(), sae)  # [2P, T, width]
     cap.remove()
     pooled, scale = [], []
@@ -80,9 +80,9 @@ def test_d_equals_the_hand_computation(tiny, pooling):
         ref_dense[s, ref_idx[s][keep].long()] = ref_val[s][keep].double() * scale[s]
     # D: the mean squared difference over the policy's top-k pooled features
     want = torch.stack([((pooled[s] - ref_dense[s])[pooled[s].topk(k).indices] ** 2).mean() for s in range(2 * P)])
-    stats = PolicyStats(model, sae, layer, k=k)
+    stats = PolicyStats(model, saes=[(sae, layer, 1.0, 1.0)], k=k)
     with torch.no_grad():
-        got = stats(batch, ref_idx, ref_val)["d"]
+        got = stats(batch, ref_features=[(ref_idx, ref_val)])["d"]
     stats.remove_hooks()
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
 

@@ -11,7 +11,8 @@ from helpers import DIST_DRIVER
 
 import fpo.reference_cache as cache_mod
 from fpo.model import ResidualCapture, load_model, load_tokenizer
-from fpo.pairs import BadRowError, collate_pairs, load_pairs, tokenize_pairs
+from fpo.packing import collate
+from fpo.pairs import BadRowError, load_pairs, tokenize_pairs
 from fpo.precompute import precompute
 from fpo.reference_cache import CacheMismatchError, ReferenceCache
 from fpo_kernels import SAEWeights, reference
@@ -34,21 +35,21 @@ def test_cache_matches_online_reference(tiny, tmp_path):
     model = load_model(tiny["model"]).eval()
     sae = SAEWeights.from_file(tiny["sae"])
     items = tokenize_pairs(load_pairs(tiny["pairs"]), tok, 64, 32)[:4]
-    batch = collate_pairs(items, tok.pad_token_id)
+    batch = collate(items, "off", tok.pad_token_id)
     cap = ResidualCapture(model, 2)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
         resid = cap.pop()
     cap.remove()
     # log-probs from full logits, written out plainly
-    logp = torch.log_softmax(logits, -1)[:, :-1].gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
-    tgt = batch["response_mask"][:, 1:]
+    logp = torch.log_softmax(logits, -1)[:, :-1].gather(2, batch.input_ids[:, 1:, None]).squeeze(2)
+    tgt = batch.response_mask[:, 1:]
     sums = (logp * tgt).sum(1)
-    ref = c.lookup(batch["ids"], batch["row_hash"])
+    ref = c.lookup(batch.ids, batch.row_hash)
     assert torch.allclose(ref["chosen_logp_sum"].double(), sums[:4], rtol=1e-4, atol=1e-3)
     assert torch.allclose(ref["rejected_logp_mean"].double(), sums[4:] / tgt[4:].sum(1), rtol=1e-4, atol=1e-4)
     # top-K features: exact indices of the dense pooled features, values within fp16 rounding
-    pooled = reference.sae_pooled_features_ref(resid, batch["response_mask"], sae)
+    pooled = reference.sae_pooled_features_ref(resid, batch.response_mask, sae)
     top = pooled.topk(32, dim=1)
     got_idx = torch.cat([ref["chosen_idx"], ref["rejected_idx"]]).long()
     got_val = torch.cat([ref["chosen_val"], ref["rejected_val"]]).float()
@@ -234,9 +235,9 @@ def test_cache_for_another_setup_is_refused(tiny, tmp_path):
     other = _write(tmp_path / "other.jsonl", rows)
     tok = load_tokenizer(tiny["model"])
     items = tokenize_pairs(load_pairs(other), tok, 64, 32)
-    batch = collate_pairs(items[2:5], tok.pad_token_id)
+    batch = collate(items[2:5], "off", tok.pad_token_id)
     with pytest.raises(CacheMismatchError, match="example id 3"):
-        c.lookup(batch["ids"], batch["row_hash"])
+        c.lookup(batch.ids, batch.row_hash)
     # a cache in the format of 0.1.0 is refused with the command that rebuilds it
     meta = json.load(open(os.path.join(out, "meta.json")))
     old_dir = tmp_path / "format1"

@@ -12,7 +12,7 @@ from helpers import DIST_DRIVER
 from fpo.config import TrainConfig, config_from_dict, load_config
 from fpo.model import load_model, load_tokenizer
 from fpo.packing import body_hidden, collate
-from fpo.pairs import collate_pairs, load_pairs, tokenize_pairs
+from fpo.pairs import load_pairs, tokenize_pairs
 from fpo.precompute import precompute
 from fpo.step import PolicyStats
 from fpo.train import NonFiniteLossError, Trainer, train
@@ -91,8 +91,13 @@ def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, s
         with torch.no_grad():  # move the policy off the reference so the KL is not zero
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
-        ps = PolicyStats(model, sae, 2, k=5, select=select)
-        out = ps(batch, ref_idx, ref_val, ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight.detach())
+        ps = PolicyStats(model, saes=[(sae, 2, 1.0, 1.0)], k=5, select=select)
+        out = ps(
+            batch,
+            ref_features=[(ref_idx, ref_val)],
+            ref_hidden=ref_hidden,
+            ref_weight=ref_model.lm_head.weight.detach(),
+        )
         (out["logp_sum"].sum() * 0.01 + out["d"].sum() * 10 + out["kl"].sum() * 0.1).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append(({k: v.detach() for k, v in out.items()}, grads))
@@ -105,9 +110,9 @@ def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, s
         ref_hidden,
         ref_model.lm_head.weight.detach(),
         softcap=softcap,
-        rows=batch["pred_rows"],
-        labels=batch["labels"],
-        seq_ids=batch["seq_ids"],
+        rows=batch.pred_rows,
+        labels=batch.labels,
+        seq_ids=batch.seq_ids,
         num_seqs=4,
     )[0]
     assert torch.allclose(fo["ref_logp_sum"], ref_sum, rtol=1e-4, atol=1e-4)
@@ -230,20 +235,20 @@ def test_alpha_zero_fpo_gradient_is_length_normalised_dpo(tiny, cache, tmp_path)
     """With alpha = 0, FPO's gradient equals that of -log sigmoid(beta ((a_w - a_l) - g_ref)) with the cached margin."""
     trainer = Trainer(config_from_dict(_cfg(tiny, cache, tmp_path, alpha=0.0, max_grad_norm=None)), log=lambda *a: None)
     items = next(iter(trainer.micro_batches(0)))
-    batch = collate_pairs(items, trainer.tokenizer.pad_token_id)
+    batch = collate(items, "off", trainer.tokenizer.pad_token_id)
     from fpo.train import compute_loss
 
-    ref = trainer.cache.reference(batch["ids"], batch["row_hash"])  # [2P], chosen first
-    stats = trainer.policy(batch, ref["idx"], ref["val"])
+    ref = trainer.cache.reference(batch.ids, batch.row_hash)  # [2P], chosen first
+    stats = trainer.policy(batch, ref_features=[(ref["idx"], ref["val"])])
     loss, _ = compute_loss(trainer.cfg, stats, ref)
     loss.mean().backward()
     g_fpo = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
     trainer.model.zero_grad()
     w = trainer.model.lm_head.weight
     hidden = trainer.model.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
     ).last_hidden_state
-    _, mean, _ = sequence_logprobs(hidden, w, input_ids=batch["input_ids"], response_mask=batch["response_mask"])
+    _, mean, _ = sequence_logprobs(hidden, w, input_ids=batch.input_ids, response_mask=batch.response_mask)
     g_ref = ref["logp_mean"][:2] - ref["logp_mean"][2:]
     want = -torch.nn.functional.logsigmoid(0.1 * ((mean[:2] - mean[2:]) - g_ref))
     want.mean().backward()

@@ -73,9 +73,9 @@ def test_fpo_in_trl_equals_our_loss(tmp_path):
     ref_sum = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).float()
 
     def ours(model):
-        stats = PolicyStats(model, sae, 15, k=16)
+        stats = PolicyStats(model, saes=[(sae, 15, 1.0, 1.0)], k=16)
         with torch.no_grad():
-            s = stats(b, ref_idx, ref_val)
+            s = stats(b, ref_features=[(ref_idx, ref_val)])
         stats.remove_hooks()
         ref_mean = ref_sum / s["len"]
         loss, _ = fpo_loss(
