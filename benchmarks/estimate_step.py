@@ -214,7 +214,7 @@ def _resident(bench):
     for model in (bench.policy, bench.ref):
         if model is not None:
             out += list(model.parameters()) + list(model.buffers())
-    out += [bench.ids, bench.attn, bench.resp] + [v for v in bench.batch.values() if torch.is_tensor(v)]
+    out += [bench.ids, bench.attn, bench.resp] + [v for v in vars(bench.batch).values() if torch.is_tensor(v)]
     out += list(bench.cache.values()) + [bench.ref_idx, bench.ref_val]
     sae = bench.sae
     out += [t for t in (sae.W_enc_t, sae.b_enc, sae.threshold, sae.b_dec, sae.bias) if t is not None]

@@ -11,10 +11,11 @@ import typing
 from .config import METHODS, EvalConfig, PrecomputeConfig, TrainConfig
 
 
-def _add_config_flags(p, config_class):
+def _add_config_flags(p, config_class, config_file=False):
     """One flag per key of a config dataclass (TrainConfig, PrecomputeConfig, EvalConfig), with its help text,
     its choices and its default, all read from the class: the command restates none of them. Flags not given
-    are None, so the config's own defaults (or a --config file's values) apply."""
+    are None, so the config's own defaults (or a --config file's values) apply. config_file: a --config file
+    may give the required keys, so the config, not argparse, asks for them."""
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
@@ -24,7 +25,7 @@ def _add_config_flags(p, config_class):
         text = f.metadata.get("help", "")
         if f.default not in ("", None) and "default" not in text:
             text += f" (default {f.default})"
-        required = bool(f.metadata.get("required"))
+        required = bool(f.metadata.get("required")) and not config_file
         if base is bool:
             p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text)
         else:
@@ -40,10 +41,6 @@ def _add_config_flags(p, config_class):
                 choices=list(choices) if choices else None,
                 metavar=None if choices else f.name.upper(),
             )
-
-
-def _add_train_flags(p):
-    _add_config_flags(p, TrainConfig)
 
 
 def _given(args, config_class) -> dict:
@@ -125,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train with fpo, dpo, simpo, tdpo1 or tdpo2")
     p.add_argument("--config", default=None, help="YAML (or JSON) file of TrainConfig keys; flags override it")
-    _add_train_flags(p)
+    _add_config_flags(p, TrainConfig, config_file=True)
 
     p = sub.add_parser("eval", help="held-out accuracy, KL to the reference, FPO constraint, sample entropy")
     _add_config_flags(p, EvalConfig)

@@ -15,6 +15,8 @@ from .precision import OPTIMIZERS, PRECISIONS, SAVE_DTYPES
 from .trackers import TRACKERS, tracker_names
 
 __all__ = [
+    "CommandConfig",
+    "ScoringConfig",
     "TrainConfig",
     "PrecomputeConfig",
     "EvalConfig",
@@ -39,71 +41,137 @@ def _key(default, help, choices=None, low=None, low_open=False, high=None, requi
     )
 
 
-# help texts the three commands share
-_SPLIT = (
-    "the split of a saved DatasetDict or of a folder of one file per split (default: train, or the only "
-    "split; several and none named train is an error that lists them)"
-)
 _POOLING = (
     "the rows the SAE features are pooled over: each response's own tokens, a mean (response); or as the "
     "authors' code does, the rows predicting them divided by the pair's padded length less one (authors: "
-    "packing off or pack)"
-)
-_FROZEN_PRECISION = (
-    "the forward's precision policy, as `fpo train --precision` names it (auto: bf16-mixed on "
-    "cuda, fp32 on cpu); the model is frozen, so its weights are bf16 under any bf16 policy"
+    "packing off or pack; a cache and the runs that read it must agree)"
 )
 _BAD_ROWS = "a row with a missing column or an empty response: stop (error) or skip it and report"
-_SAE_LAYER = "decoder block each SAE reads, in --sae order (default: from the SAE)"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    # what to train
-    method: str = _key("fpo", "training method", METHODS)
-    model: str = _key("", "the policy: a local folder, a .gguf file, or a hub name when online (required)")
+class CommandConfig:
+    """The keys every command shares (train, precompute, eval): the model, the pairs and how they are cut and
+    laid out, the SAEs, the device and precision. Each key is declared once, here, with its help text."""
+
+    model: str = _key(
+        "",
+        "the model (train: the policy; precompute: the reference; eval: the trained policy, e.g. OUT/final): a "
+        "local folder, a .gguf file, or a hub name when online",
+        required=True,
+    )
     dataset: str = _key(
         "",
-        "preference pairs: a local .json/.jsonl/.parquet file, a saved dataset, or a folder of "
-        "one such file per split (required)",
+        "preference pairs: a local .json/.jsonl/.parquet file, a saved dataset, or a folder of one such file per split",
+        required=True,
     )
     split: str | None = _key(
         None,
-        "the split to read from a saved DatasetDict or a folder of split files (default: "
-        "train, or the only split; several and none named train is an error)",
+        "the split of a saved DatasetDict or of a folder of one file per split (default: train, or the only "
+        "split; several and none named train is an error that lists them)",
     )
-    cache: str | None = _key(None, "reference cache from `fpo precompute` (required for fpo and dpo)")
-    reference_model: str | None = _key(None, "tdpo: the online reference model (default: --model)")
     sae: str | list | None = _key(
         None,
-        "fpo: sae-lens or sparsify folder, safetensors file, Gemma Scope params.npz, "
-        "or release:id; repeat --sae for several SAEs (D = sum of sae_weight x D_sae)",
+        "sae-lens or sparsify folder, safetensors file, Gemma Scope params.npz, or release:id; repeat --sae for "
+        "several SAEs",
     )
     sae_layer: int | list | None = _key(
         None, "decoder block each SAE reads, in --sae order (default: from the SAE, else the cache)", low=0
     )
+    pooling: str = _key("response", _POOLING, POOLINGS)
+    max_length: int = _key(512, "tokens per sequence (prompt + response)", low=2)
+    max_prompt_length: int = _key(256, "prompt tokens kept (the last ones); responses are cut to fit max_length", low=1)
+    max_pairs: int | None = _key(None, "use only the first pairs of the dataset", low=1)
+    max_tokens: int | None = _key(
+        None,
+        "token budget per forward instead of a number of pairs: whole pairs packed up to it; also caps each "
+        "sequence at max_tokens / 2 (a cache and the runs that read it must agree)",
+        low=1,
+    )
+    packing: str = _key(
+        "share-prompt",
+        "micro-batch layout: padded (off), [prompt, response] segments (pack), or [prompt, chosen, rejected] "
+        "with the prompt once (share-prompt)",
+        LAYOUTS,
+    )
+    attn_implementation: str | None = _key(
+        None, "attention: default flex_attention for packed layouts on cuda, else the model's own", ATTENTION
+    )
+    bad_rows: str = _key("error", _BAD_ROWS, ("error", "skip"))
+    device: str | None = _key(None, "default: cuda when available (under torchrun, the rank's), else cpu")
+    precision: str = _key(
+        "auto",
+        "the forward's precision policy, as `fpo train --precision` names it (auto: bf16-mixed on cuda, fp32 on "
+        "cpu); the model is frozen, so its weights are bf16 under any bf16 policy",
+        PRECISIONS,
+    )
+
+    def __post_init__(self):
+        _check_values(self)
+        for f in fields(self):
+            if f.metadata.get("required") and getattr(self, f.name) in ("", None):
+                raise ValueError(f"{f.name} is required: {f.metadata['help']}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        if self.max_tokens is not None and self.max_tokens // 2 <= self.max_prompt_length:
+            raise ValueError(
+                f"max_tokens ({self.max_tokens}) must exceed 2 x max_prompt_length "
+                f"({2 * self.max_prompt_length}): every pair must fit one micro-batch with room for its responses"
+            )
+        if self.pooling == "authors" and self.packing == "share-prompt":
+            raise ValueError(
+                "pooling 'authors' needs --packing off or pack: with the prompt shared, the rows that "
+                "predict the rejected response are not contiguous"
+            )
+
+    @property
+    def sae_specs(self) -> list:
+        """[(spec, layer or None, weight)] for every SAE, in --sae order."""
+        return sae_specs(self.sae, self.sae_layer, getattr(self, "sae_weight", None))
+
+
+@dataclass(frozen=True)
+class ScoringConfig(CommandConfig):
+    """The keys train and eval share beyond CommandConfig's: the reference side and the FPO constraint."""
+
+    cache: str | None = _key(
+        None,
+        "reference cache of these pairs from `fpo precompute` (train: required for fpo and dpo; eval: reward "
+        "accuracy and D)",
+    )
+    reference_model: str | None = _key(
+        None, "a reference model run online: TDPO's (default: --model), and eval's KL column"
+    )
     sae_weight: float | list | None = _key(None, "each SAE's weight in D, in --sae order (default 1)", low=0)
+    k: int = _key(50, "fpo: SAE features in the constraint", low=1)
+    select: str = _key(
+        "policy", "fpo: the k features: policy's top-k, or the cached reference's first k", ("policy", "reference")
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig(ScoringConfig):
+    """`fpo train`'s settings: the command's flags and a --config file's keys."""
+
+    method: str = _key("fpo", "training method", METHODS)
+    precision: str = _key(
+        "auto",
+        "fp32; bf16-mixed (fp32 weights, gradients and Adam states, forward under bf16 "
+        "autocast); bf16-compensated (bf16 weights and states, Kahan-summed updates: less memory, "
+        "no update lost); bf16-pure (bf16 weights under plain Adam: small updates round away); "
+        "auto: bf16-mixed on cuda, fp32 on cpu",
+        PRECISIONS,
+    )
     # loss
     beta: float | None = _key(None, "loss temperature (default by method: 0.1; simpo 2.0)", low=0, low_open=True)
     alpha: float = _key(0.5, "fpo / tdpo2: weight of the constraint (D for fpo, KL for tdpo2)", low=0)
     gamma: float = _key(0.5, "simpo: target margin, absolute (the official code's gamma_beta_ratio is gamma / beta)")
-    k: int = _key(50, "fpo: SAE features in the constraint", low=1)
     constraint_norm: str = _key(
         "none",
         "fpo: D as in the paper (none), or divided by the reference's mean squared "
         "top-k feature value recorded by `fpo precompute` (ref), so one alpha means the "
         "same across SAEs and models",
         ("none", "ref"),
-    )
-    select: str = _key(
-        "policy", "fpo: the k features: policy's top-k, or the cached reference's first k", ("policy", "reference")
-    )
-    pooling: str = _key(
-        "response",
-        "fpo: the rows D pools over: each response's own tokens, a mean (response); or "
-        "the authors' code's, the rows predicting them divided by the pair's padded length less one "
-        "(authors; needs --packing off or pack and a cache built with --pooling authors)",
-        POOLINGS,
     )
     # optimisation (paper defaults)
     lr: float = _key(5e-7, "learning rate", low=0, low_open=True)
@@ -127,18 +195,6 @@ class TrainConfig:
     max_grad_norm: float | None = _key(10.0, "clip the gradient norm to this (none: no clipping)", low=0, low_open=True)
     batch_size: int = _key(32, "pairs per optimizer step, all ranks together", low=1)
     micro_batch_size: int = _key(2, "pairs per forward on one rank (unless --max-tokens is set)", low=1)
-    max_tokens: int | None = _key(
-        None,
-        "token budget per forward instead of --micro-batch-size: whole pairs packed "
-        "up to it; also caps each sequence at max_tokens / 2",
-        low=1,
-    )
-    packing: str = _key(
-        "share-prompt",
-        "micro-batch layout: padded (off), [prompt, response] segments (pack), or "
-        "[prompt, chosen, rejected] with the prompt once (share-prompt)",
-        LAYOUTS,
-    )
     epochs: int = _key(1, "passes over the dataset", low=1)
     max_steps: int | None = _key(None, "stop after this many optimizer steps (default: the epochs' steps)", low=1)
     # LoRA (peft): adapters on the policy's linear layers instead of full fine-tuning
@@ -164,25 +220,7 @@ class TrainConfig:
         "as OUTPUT_DIR/final-merged, a plain model",
     )
     # data
-    max_length: int = _key(512, "tokens per sequence (prompt + response)", low=2)
-    max_prompt_length: int = _key(256, "prompt tokens kept (the last ones); responses are cut to fit max_length", low=1)
-    max_pairs: int | None = _key(None, "use only the first pairs of the dataset", low=1)
-    bad_rows: str = _key(
-        "error", "a row with a missing column or an empty response: stop, or skip it and report", ("error", "skip")
-    )
     # runtime
-    device: str | None = _key(None, "default: cuda when available, else cpu")
-    precision: str = _key(
-        "auto",
-        "fp32; bf16-mixed (fp32 weights, gradients and Adam states, forward under bf16 "
-        "autocast); bf16-compensated (bf16 weights and states, Kahan-summed updates: less memory, "
-        "no update lost); bf16-pure (bf16 weights under plain Adam: small updates round away); "
-        "auto: bf16-mixed on cuda, fp32 on cpu",
-        PRECISIONS,
-    )
-    attn_implementation: str | None = _key(
-        None, "attention: default flex_attention for packed layouts on cuda, else the model's own", ATTENTION
-    )
     gradient_checkpointing: bool = _key(False, "recompute each decoder layer in the backward")
     fsdp: bool = _key(False, "under torchrun: FSDP2 instead of DDP")
     seed: int = _key(0, "seed of the data order and the run")
@@ -211,14 +249,9 @@ class TrainConfig:
 
     def __post_init__(self):
         hints = typing.get_type_hints(TrainConfig)
-        for f in fields(self):
-            value = getattr(self, f.name)
-            _check_type(f.name, value, hints[f.name])
-            _check_value(f, value)
-        if not self.model:
-            raise ValueError("model is required (a local folder, a .gguf file or a hub name)")
-        if not self.dataset:
-            raise ValueError("dataset is required (a local .json/.jsonl/.parquet file or a saved dataset)")
+        for f in fields(self):  # types too: a config file's values are strings and numbers, never objects
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        super().__post_init__()
         if self.method in ("fpo", "dpo") and not self.cache:
             raise ValueError(
                 f"method {self.method} needs a reference cache: build one with `fpo precompute` and pass cache="
@@ -226,17 +259,7 @@ class TrainConfig:
         if self.method == "fpo" and not self.sae:
             raise ValueError("method fpo needs an SAE (sae=...)")
         sae_specs(self.sae, self.sae_layer, self.sae_weight)  # one layer and weight per SAE, or one for all
-        if self.max_tokens is not None and self.max_tokens // 2 <= self.max_prompt_length:
-            raise ValueError(
-                f"max_tokens ({self.max_tokens}) must exceed 2 x max_prompt_length "
-                f"({2 * self.max_prompt_length}): every pair must fit one micro-batch with room for its responses"
-            )
         tracker_names(self.report_to)  # none alone, or trackers
-        if self.pooling == "authors" and self.packing == "share-prompt":
-            raise ValueError(
-                "pooling 'authors' needs --packing off or pack: with the prompt shared, the rows that "
-                "predict the rejected response are not contiguous"
-            )
         if self.lora_r is None and (self.merge_lora or self.lora_alpha is not None):
             raise ValueError(
                 f"{'merge_lora' if self.merge_lora else 'lora_alpha'} is set but lora_r is not: pass "
@@ -247,8 +270,6 @@ class TrainConfig:
                 f"save_dtype {self.save_dtype} with LoRA applies to the merged model: pass --merge-lora "
                 "(the adapters are saved in their trained dtype)"
             )
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
 
     @property
     def beta_value(self) -> float:
@@ -260,11 +281,6 @@ class TrainConfig:
     @property
     def lora_alpha_value(self) -> float:
         return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
-
-    @property
-    def sae_specs(self) -> list:
-        """[(spec, layer or None, weight)] for every SAE, in --sae order."""
-        return sae_specs(self.sae, self.sae_layer, self.sae_weight)
 
 
 def sae_specs(sae, sae_layer=None, sae_weight=None) -> list:
@@ -303,26 +319,13 @@ RESUMABLE_CHANGES = (
 
 
 @dataclass(frozen=True)
-class PrecomputeConfig:
+class PrecomputeConfig(CommandConfig):
     """`fpo precompute`'s settings: the keyword arguments of fpo.precompute.precompute and the command's flags.
     model may also be a loaded model, sae SAEWeights (or a list of either), in Python."""
 
-    model: str = _key("", "the reference: a local folder, a .gguf file, or a hub name when online", required=True)
-    dataset: str = _key("", "local .json/.jsonl/.parquet file or saved dataset", required=True)
     out: str = _key("", "cache directory", required=True)
-    split: str | None = _key(None, _SPLIT)
-    sae: str | list | None = _key(
-        None,
-        "sae-lens or sparsify dir, .safetensors, params.npz or release:id; repeat "
-        "for several SAEs, cached under their own names (omit for log-probs only)",
-    )
-    sae_layer: int | list | None = _key(None, _SAE_LAYER, low=0)
     cache_k: int = _key(
         256, "the reference's top pooled features cached per response (fpo train's --k may be at most this)", low=1
-    )
-    max_length: int = _key(512, "tokens per sequence (prompt + response)", low=2)
-    max_prompt_length: int = _key(
-        256, "longer prompts keep their last tokens; responses are cut to fit max_length", low=1
     )
     value_dtype: str = _key(
         "float16",
@@ -330,66 +333,20 @@ class PrecomputeConfig:
         ("float16", "bfloat16", "float32"),
     )
     batch_pairs: int = _key(4, "pairs per forward", low=1)
-    packing: str = _key("share-prompt", "micro-batch layout (the cache does not depend on it beyond rounding)", LAYOUTS)
-    pooling: str = _key("response", _POOLING, POOLINGS)
-    max_tokens: int | None = _key(
-        None,
-        "token budget per forward instead of batch_pairs; caps each sequence at "
-        "max_tokens / 2 as `fpo train --max-tokens` does",
-        low=1,
-    )
-    attn_implementation: str | None = _key(
-        None, "attention (default: flex_attention for packed layouts on cuda, else the model's own)", ATTENTION
-    )
-    max_pairs: int | None = _key(None, "only the first pairs of the dataset", low=1)
     shard_rows: int = _key(256, "pairs per cache shard (the unit of resume)", low=1)
-    device: str | None = _key(None, "default: cuda when available, else cpu")
-    precision: str = _key("auto", _FROZEN_PRECISION, PRECISIONS)
-    bad_rows: str = _key("error", _BAD_ROWS, ("error", "skip"))
     overwrite: bool = _key(False, "replace a cache built with other settings")
     progress: bool = _key(True, "progress bar")
 
-    def __post_init__(self):
-        _check_values(self)
-        if self.pooling == "authors" and self.packing == "share-prompt":
-            raise ValueError(
-                "pooling 'authors' needs packing 'off' or 'pack': with the prompt shared, the rows that "
-                "predict the rejected response are not contiguous"
-            )
-
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(ScoringConfig):
     """`fpo eval`'s settings: the keyword arguments of fpo.evaluate.evaluate and the command's flags. model and
     reference_model may also be loaded models in Python."""
 
-    model: str = _key("", "the trained policy (e.g. OUT/final)", required=True)
-    dataset: str = _key("", "held-out pairs: local .json/.jsonl/.parquet or saved dataset", required=True)
-    split: str | None = _key(None, _SPLIT)
-    cache: str | None = _key(None, "reference cache of the held-out pairs (reward accuracy, D)")
-    sae: str | list | None = _key(
-        None, "the SAE, for the FPO constraint D; repeat for several (d = sum of weight x d_sae, as in training)"
-    )
-    sae_layer: int | list | None = _key(None, _SAE_LAYER, low=0)
-    sae_weight: float | list | None = _key(None, "each SAE's weight in d, in --sae order (default 1)", low=0)
-    reference_model: str | None = _key(None, "the reference model, for the KL column")
-    k: int = _key(50, "features in the constraint", low=1)
-    select: str = _key("policy", "how the k features are chosen", ("policy", "reference"))
-    pooling: str = _key("response", _POOLING, POOLINGS)
-    max_length: int = _key(512, "tokens per sequence (prompt + response)", low=2)
-    max_prompt_length: int = _key(256, "prompt tokens kept (the last ones)", low=1)
-    max_pairs: int | None = _key(None, "only the first pairs of the dataset", low=1)
     batch_pairs: int = _key(4, "pairs per forward", low=1)
-    packing: str = _key("share-prompt", "micro-batch layout", LAYOUTS)
-    bad_rows: str = _key("error", _BAD_ROWS, ("error", "skip"))
     entropy_samples: int = _key(0, "prompts to sample from, for the entropy column", low=0)
     max_new_tokens: int = _key(64, "tokens per sampled response", low=1)
     seed: int = _key(0, "seed of the sampling")
-    device: str | None = _key(None, "default: cuda when available, else cpu")
-    precision: str = _key("auto", _FROZEN_PRECISION, PRECISIONS)
-
-    def __post_init__(self):
-        _check_values(self)
 
 
 def _check_values(config):

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from .config import EvalConfig, sae_specs
-from .model import load_model_for_layout, load_tokenizer, resolve_device
-from .packing import attention_length_scale, collate
-from .pairs import load_pairs, tokenize_pairs
-from .precision import resolve_precision
+from .config import EvalConfig
+from .packing import attention_length_scale, collate, plan_micro_batches
 from .reference_cache import ReferenceCache
-from .sae import cached_sae_keys, load_saes
+from .runtime import load_config_saes, load_items, load_model, start
+from .sae import cached_sae_keys
 from .step import PolicyStats, reference_side
 
 __all__ = ["evaluate"]
@@ -62,25 +60,19 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
     ("error" stops at a bad row, "skip" skips and reports it). precision: the forward's policy (fpo.precision),
     with bf16 weights under any bf16 policy: an evaluated model is frozen."""
     cfg = EvalConfig(model=model, dataset=dataset, **options)
-    device = resolve_device(cfg.device or None)
-    prec = resolve_precision(cfg.precision, device)
-    if isinstance(model, str):
-        tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model_for_layout(model, prec.frozen_dtype, device, cfg.packing)
+    rt = start(cfg, log, distributed=False)
+    device, prec = rt.device, rt.precision
+    model, tokenizer = load_model(model, cfg, rt, prec.frozen_dtype, tokenizer)
     model.eval()
     ref_model = cfg.reference_model
-    if isinstance(ref_model, str):
-        ref_model = load_model_for_layout(
-            ref_model, prec.frozen_dtype, device, cfg.packing, model.config._attn_implementation
-        ).eval()
+    if ref_model is not None:
+        ref_model, _ = load_model(
+            ref_model, cfg, rt, prec.frozen_dtype, tokenizer, attn_implementation=model.config._attn_implementation
+        )
+        ref_model.eval()
     ref_cache = ReferenceCache(cfg.cache) if isinstance(cfg.cache, str) else cfg.cache
-    saes, keys = _saes_in_cache(cfg, model, ref_cache, device)
-    items = tokenize_pairs(
-        load_pairs(dataset, cfg.max_pairs, cfg.bad_rows, log=log, split=cfg.split),
-        tokenizer,
-        cfg.max_length,
-        cfg.max_prompt_length,
-    )
+    saes, keys = _saes_in_cache(cfg, model, ref_cache, rt)
+    items = load_items(cfg, tokenizer, rt)
     policy = PolicyStats(
         model,
         k=cfg.k,
@@ -100,7 +92,7 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
     }
 
 
-def _saes_in_cache(cfg: EvalConfig, model, ref_cache, device):
+def _saes_in_cache(cfg: EvalConfig, model, ref_cache, rt):
     """(the SAE specs, the key of each one's tensors in the cache): keys only when the cache holds features."""
     pooled = ref_cache.meta["pooling"] if ref_cache is not None else None
     if pooled is not None and cfg.sae is not None and pooled != cfg.pooling:
@@ -108,7 +100,7 @@ def _saes_in_cache(cfg: EvalConfig, model, ref_cache, device):
             f"cache {ref_cache.path} pooled the reference's features with pooling {pooled!r}, this eval "
             f"uses {cfg.pooling!r}: pass --pooling {pooled} (as the run trained)"
         )
-    saes = load_saes(sae_specs(cfg.sae, cfg.sae_layer, cfg.sae_weight), device)
+    saes = load_config_saes(cfg, rt)
     if not (saes and ref_cache is not None and ref_cache.has_features):
         return saes, []
     return saes, cached_sae_keys(ref_cache, saes, model, cfg.k, cfg.select)
@@ -119,8 +111,12 @@ def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, k
     computes (fpo.step): acc_logp, acc_reward, kl, and one D list per SAE."""
     scores = {"acc_logp": [], "acc_reward": [], "kl": [], "d": [[] for _ in keys]}
     row_scale = attention_length_scale(policy.model)
-    for b in range(0, len(items), cfg.batch_pairs):
-        chunk = items[b : b + cfg.batch_pairs]
+    chunks = (
+        [items[b : b + cfg.batch_pairs] for b in range(0, len(items), cfg.batch_pairs)]
+        if cfg.max_tokens is None
+        else plan_micro_batches(items, cfg.packing, cfg.max_tokens, row_scale)
+    )
+    for chunk in chunks:
         P = len(chunk)
         batch = collate(chunk, cfg.packing, pad_id, row_scale, cfg.pooling)
         reference, kw = reference_side(batch, device, ref_cache, keys, ref_model, autocast=policy.autocast)

@@ -10,28 +10,20 @@ import time
 
 import torch
 
-from fpo_kernels import SAEWeights, index_dtype_for, pack_topk, sae_pooled_features, sequence_logprobs
+from fpo_kernels import index_dtype_for, pack_topk, sae_pooled_features, sequence_logprobs
 from fpo_kernels.cache import VALUE_DTYPES
 
 from . import distributed as dist_utils
 from .config import PrecomputeConfig
 from .files import atomic_write_json, sha256_of
 from .locking import LOCK_NAME, DirectoryLock
-from .model import (
-    ResidualCapture,
-    final_softcap,
-    lm_head,
-    load_model_for_layout,
-    load_tokenizer,
-    model_fingerprint,
-    resolve_device,
-)
+from .model import ResidualCapture, final_softcap, lm_head, model_fingerprint
 from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
-from .pairs import dataset_fingerprint, load_pairs, tokenize_pairs, tokenizer_fingerprint
-from .precision import resolve_precision
+from .pairs import dataset_fingerprint, tokenizer_fingerprint
 from .progress import progress_bar
 from .reference_cache import FORMAT_VERSION, is_cache_file, recorded_checksum, shard_name, write_shard
-from .sae import check_sae_fits, load_saes
+from .runtime import load_config_saes, load_items, load_model, start
+from .sae import check_sae_fits
 
 __all__ = ["precompute", "reference_stats"]
 
@@ -160,19 +152,16 @@ def precompute(model, dataset, out, *, tokenizer=None, model_name=None, log=prin
     cfg = PrecomputeConfig(model=model, dataset=dataset, out=os.fspath(out), **options)
     if not isinstance(cfg.cache_k, int) or isinstance(cfg.cache_k, bool):
         raise ValueError(f"cache_k must be a positive integer, got {cfg.cache_k!r}")
-    rank, world, dist_dev = dist_utils.init()
-    device = resolve_device(cfg.device) if cfg.device is not None else (dist_dev or resolve_device())
-    prec = resolve_precision(cfg.precision, device)
-    say = log if rank == 0 else (lambda *a, **k: None)
-    model, tokenizer, model_name, saes = _load(cfg, device, prec, tokenizer, model_name, say)
-    items = tokenize_pairs(
-        load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=say, split=cfg.split),
-        tokenizer,
-        cfg.max_length,
-        cfg.max_prompt_length,
-        cfg.max_tokens,
-        log=say,
-    )
+    rt = start(cfg, log)
+    rank, world, device, prec, say = rt.rank, rt.world, rt.device, rt.precision, rt.log
+    if isinstance(cfg.model, (str, os.PathLike)):
+        model_name = model_name or os.fspath(cfg.model)
+    model, tokenizer = load_model(cfg.model, cfg, rt, prec.frozen_dtype, tokenizer)
+    model.eval()
+    saes = load_config_saes(cfg, rt)
+    for spec in saes:
+        check_sae_fits(model, spec.sae, spec.layer)
+    items = load_items(cfg, tokenizer, rt)
     settings = _settings(cfg, model, model_name, tokenizer, items, saes, prec)
     done = _complete_cache(cfg.out, settings)
     if done is not None:  # nothing to write: a complete cache is read, never written (it may be read-only)
@@ -205,28 +194,6 @@ def precompute(model, dataset, out, *, tokenizer=None, model_name=None, log=prin
     finally:
         if lock is not None:
             lock.release()
-
-
-def _load(cfg, device, prec, tokenizer, model_name, say):
-    """(model, tokenizer, model_name, SAESpecs): the frozen reference and the SAEs it feeds, checked to fit."""
-    model = cfg.model
-    if isinstance(model, (str, os.PathLike)):
-        model_name = model_name or os.fspath(model)
-        tokenizer = tokenizer or load_tokenizer(model)
-        model = load_model_for_layout(model, prec.frozen_dtype, device, cfg.packing, cfg.attn_implementation, say)
-    elif tokenizer is None:
-        raise ValueError("a loaded model needs its tokenizer (tokenizer=...)")
-    model.eval()
-    sae_list = [] if cfg.sae is None else (list(cfg.sae) if isinstance(cfg.sae, (list, tuple)) else [cfg.sae])
-    layers = cfg.sae_layer if isinstance(cfg.sae_layer, (list, tuple)) else [cfg.sae_layer] * len(sae_list)
-    if len(layers) != len(sae_list):
-        raise ValueError(f"sae_layer gives {len(layers)} layers for {len(sae_list)} SAEs: one per SAE")
-    saes = load_saes(
-        [(x if isinstance(x, SAEWeights) else os.fspath(x), layer, 1.0) for x, layer in zip(sae_list, layers)], device
-    )
-    for spec in saes:
-        check_sae_fits(model, spec.sae, spec.layer)
-    return model, tokenizer, model_name, saes
 
 
 def _settings(cfg, model, model_name, tokenizer, items, saes, prec) -> dict:

@@ -142,7 +142,8 @@ def read_state(where, precision, device_type) -> dict:
 
 def check_resumable(cfg, saved: dict):
     """The resumed run must be the saved run: every key but RESUMABLE_CHANGES equal."""
-    for key, value in dataclasses.asdict(cfg).items():
+    keys = dataclasses.asdict(cfg)
+    for key, value in sorted(keys.items(), key=lambda kv: kv[0] != "method"):  # another method: say that first
         if key in RESUMABLE_CHANGES or key not in saved:  # a key newer than the checkpoint: nothing to compare
             continue
         if saved[key] != value:

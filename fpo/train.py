@@ -26,18 +26,10 @@ from . import distributed as dist_utils
 from .config import TrainConfig, config_from_dict
 from .files import atomic_write_json
 from .lora import add_adapters, describe_lora
-from .model import (
-    config_fingerprint,
-    enable_activation_checkpointing,
-    final_softcap,
-    load_model_for_layout,
-    load_tokenizer,
-    model_fingerprint,
-    resolve_device,
-)
+from .model import config_fingerprint, enable_activation_checkpointing, final_softcap, model_fingerprint
 from .packing import attention_length_scale, collate, micro_batch_tokens, plan_micro_batches
-from .pairs import load_pairs, tokenize_pairs, tokenizer_fingerprint
-from .precision import SAVE_DTYPES, describe_precision, make_optimizer, resolve_precision
+from .pairs import tokenizer_fingerprint
+from .precision import SAVE_DTYPES, describe_precision, make_optimizer
 from .reference_cache import ReferenceCache
 from .run_dir import (
     Checkpointer,
@@ -50,7 +42,8 @@ from .run_dir import (
     written,
 )
 from .run_log import RunLog
-from .sae import cached_sae_keys, load_saes
+from .runtime import load_config_saes, load_items, load_model, start
+from .sae import cached_sae_keys
 from .step import PolicyStats, compute_loss, reference_side
 
 __all__ = ["train", "Trainer", "NonFiniteLossError"]
@@ -82,12 +75,9 @@ class Trainer:
     def _setup(self, cfg: TrainConfig, log):
         """Device, precision, the output directory claimed, the checkpoint to resume, the batch arithmetic."""
         self.cfg = cfg
-        self.rank, self.world, dist_dev = dist_utils.init()
-        self.device = resolve_device(cfg.device) if cfg.device else (dist_dev or resolve_device())
-        if dist_dev is not None and self.device.type == "cuda":
-            self.device = dist_dev
-        self.precision = resolve_precision(cfg.precision, self.device)
-        self.log = log if self.rank == 0 else (lambda *a, **k: None)
+        self.runtime = rt = start(cfg, log)
+        self.rank, self.world, self.device, self.precision = rt.rank, rt.world, rt.device, rt.precision
+        self.log = rt.log
         self._resume_from, self._resume_state = None, None
         if dist_utils.is_main():  # before any model loads: a bad directory fails in a second
             self._lock = claim_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, self.log)
@@ -107,16 +97,9 @@ class Trainer:
 
     def _load_policy(self, cfg: TrainConfig):
         """The tokenizer and the policy (LoRA adapters on a frozen base, activation checkpointing)."""
-        self.tokenizer = load_tokenizer(cfg.model)
         # LoRA: the base weights are frozen (bf16 under any bf16 policy); the adapters get the trained dtype
-        model = load_model_for_layout(
-            cfg.model,
-            self.precision.frozen_dtype if cfg.lora_r else self.precision.param_dtype,
-            self.device,
-            cfg.packing,
-            cfg.attn_implementation,
-            self.log,
-        )
+        dtype = self.precision.frozen_dtype if cfg.lora_r else self.precision.param_dtype
+        model, self.tokenizer = load_model(cfg.model, cfg, self.runtime, dtype)
         # what the cache was built from: the base weights, before any adapter
         self._weights_bf16 = model_fingerprint(model, "")["weights_bf16"] if cfg.cache else None
         if cfg.gradient_checkpointing:
@@ -150,7 +133,7 @@ class Trainer:
                 )
             if not self.cache.has_features:
                 raise ValueError(f"cache {cfg.cache} holds no SAE features: build it with --sae for method fpo")
-            self.saes = load_saes(cfg.sae_specs, self.device)
+            self.saes = load_config_saes(cfg, self.runtime)
             self.sae_keys = cached_sae_keys(self.cache, self.saes, self.model, cfg.k, cfg.select)
         # constraint_norm "ref": each SAE's D divided by its recorded reference feature scale
         self.sae_scales = [
@@ -164,14 +147,15 @@ class Trainer:
             self.log("[fpo] LoRA: TDPO's reference is the policy with its adapters off (no second model)")
         elif cfg.method.startswith("tdpo"):
             # frozen: bf16 weights under any bf16 policy (no master copy), the forward under the run's autocast
-            self.ref_model = load_model_for_layout(
+            self.ref_model, _ = load_model(
                 cfg.reference_model or cfg.model,
+                cfg,
+                self.runtime,
                 self.precision.frozen_dtype,
-                self.device,
-                cfg.packing,
-                self.model.config._attn_implementation,
-                self.log,
-            ).eval()
+                tokenizer=self.tokenizer,
+                attn_implementation=self.model.config._attn_implementation,
+            )
+            self.ref_model.eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
             if final_softcap(self.ref_model) != final_softcap(self.model):
@@ -182,10 +166,7 @@ class Trainer:
 
     def _load_data(self, cfg: TrainConfig):
         """The tokenised pairs, checked against the cache, and the number of steps."""
-        pairs = load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=self.log, split=cfg.split)
-        self.items = tokenize_pairs(
-            pairs, self.tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.max_tokens, log=self.log
-        )
+        self.items = load_items(cfg, self.tokenizer, self.runtime)
         if self.cache is not None:
             # the cache must come from this model's weights, not only its architecture
             self.cache.verify(

@@ -61,6 +61,28 @@ def tiny(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def tiny_cache(tiny, tmp_path_factory):
+    """A reference cache of the tiny model, SAE and pairs (cache_k 32, 64 tokens a sequence), one per module."""
+    from fpo.precompute import precompute
+
+    out = str(tmp_path_factory.mktemp("cache") / "c")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")  # set up before the tests' no_interpreter: the plain-PyTorch path, fast
+        precompute(
+            tiny["model"],
+            tiny["pairs"],
+            out,
+            sae=tiny["sae"],
+            cache_k=32,
+            progress=False,
+            max_length=64,
+            max_prompt_length=32,
+            log=lambda *a: None,
+        )
+    return out
+
+
 @pytest.fixture
 def no_interpreter(monkeypatch):
     """CPU tensors take the plain-PyTorch path (the kernels are tested on their own): fast model tests."""

@@ -78,11 +78,11 @@ def test_lora_trains_the_adapters_only_and_they_reload_to_the_same_logits(tiny, 
 
 
 def test_lora_tdpo_reference_is_the_base_model_without_a_second_model(tiny, tmp_path, monkeypatch):
-    import fpo.train as train_module
+    import fpo.runtime as runtime
 
     loads = []
-    real = train_module.load_model_for_layout
-    monkeypatch.setattr(train_module, "load_model_for_layout", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    real = runtime.load_model_for_layout
+    monkeypatch.setattr(runtime, "load_model_for_layout", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
     trainer = Trainer(config_from_dict(_lora(tiny, None, tmp_path, "tdpo2", max_steps=2)), **QUIET)
     try:
         assert trainer.ref_model is None and loads == [tiny["model"]]  # one model loaded

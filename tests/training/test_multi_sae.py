@@ -216,13 +216,13 @@ def test_bad_multi_sae_input(assets_dir, tmp_path):
             sae_weight=[1.0, 1.0, 1.0],
             log=lambda *a: None,
         )
-    with pytest.raises(ValueError, match="sae_layer gives 1 layers for 2 SAEs"):
+    with pytest.raises(ValueError, match="sae_layer gives 3 values for 2 SAEs"):  # as train says it
         precompute(
             assets_dir["model"],
             assets_dir["pairs"],
             str(tmp_path / "c"),
             sae=[assets_dir["sae_a"], assets_dir["sae_b"]],
-            sae_layer=[3],
+            sae_layer=[3, 3, 3],
             progress=False,
             **LEN,
         )

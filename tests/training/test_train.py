@@ -438,3 +438,33 @@ def test_end_of_run_says_where_things_are_and_their_sizes(tiny, cache, tmp_path)
     assert "--no-save-optimizer leaves it out" in said and "metrics.jsonl: " in said
     hist = [json.loads(line) for line in open(tmp_path / "fpo" / "metrics.jsonl")]
     assert hist[0]["lr"] < 1e-3 * 0.999 and hist[1]["lr"] < hist[0]["lr"]  # cosine decay after a 1-step warmup
+
+
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
+def test_lr_schedules(name):
+    """Warmup: step s runs at (s + 1) / warmup of lr; then constant, or transformers' linear / cosine decay,
+    taken one step ahead, so the last step's lr is not 0."""
+    import math
+
+    from fpo.train import make_scheduler
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    warm, total = 3, 10
+    sched = make_scheduler(opt, name, warm, total)
+    got = []
+    for _ in range(total):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    for s, lr in enumerate(got):
+        x = s + 1
+        if x < warm:
+            want = x / warm
+        elif name == "constant":
+            want = 1.0
+        else:
+            progress = (x - warm) / (total + 1 - warm)
+            want = 1 - progress if name == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        assert lr == pytest.approx(want, abs=1e-9), (s, lr, want)
+    assert got[-1] > 0
