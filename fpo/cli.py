@@ -188,9 +188,6 @@ def _run(args):
     if args.cmd == "precompute":
         from .precompute import precompute
 
-        saes, layers = args.sae or [], args.sae_layer or [None] * len(args.sae or [])
-        if len(layers) != len(saes):
-            raise ValueError(f"--sae-layer given {len(layers)} times for {len(saes)} --sae: give it once per --sae")
         given = _given(args, PrecomputeConfig)
         precompute(given.pop("model"), given.pop("dataset"), given.pop("out"), **given)
     elif args.cmd == "train":
@@ -203,7 +200,8 @@ def _run(args):
 
         given = _given(args, EvalConfig)
         res = evaluate(given.pop("model"), given.pop("dataset"), **given)
-        print(format_table([res], [(k, k, ".4f" if isinstance(v, float) else "") for k, v in res.items()]))
+        # significant digits: FPO's D is often 1e-6 on a policy that has barely moved, and must not print as 0
+        print(format_table([res], [(k, k, ".4g" if isinstance(v, float) else "") for k, v in res.items()]))
         if args.json:
             from .files import atomic_write_json
 

@@ -85,7 +85,7 @@ def _plot(runs: dict, before: dict, path: str, n_eval: int):
         hist = r["history"]
         steps = [h["step"] for h in hist]
         axes[0].plot(steps, [h["loss"] / hist[0]["loss"] for h in hist], marker="o", ms=3, label=method)
-        axes[1].plot(steps, [h["accuracy"] for h in hist], marker="o", ms=3, label=method)
+        axes[1].plot(steps, [h["rewards/accuracies"] for h in hist], marker="o", ms=3, label=method)
     axes[0].set(title="training loss", xlabel="optimizer step", ylabel="loss / its first value")
     axes[1].set(title="batch reward accuracy", xlabel="optimizer step", ylabel="fraction of pairs")
     methods = list(runs)

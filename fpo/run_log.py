@@ -20,9 +20,20 @@ from .files import atomic_write_text
 from .progress import progress_bar
 from .trackers import open_trackers
 
-__all__ = ["RunLog", "peak_memory_mb", "SHARE_CHECK_STEP"]
+__all__ = ["RunLog", "peak_memory_mb", "SHARE_CHECK_STEP", "RECORD_NAMES"]
 
 SHARE_CHECK_STEP = 10  # when the constraint's share of the loss is first judged (mean over the logged steps so far)
+
+# A step's metrics under TRL's names (DPOTrainer, CPOTrainer), so that an fpo run overlays a TRL run in any
+# tracker: the losses' per-pair names -> the logged name. learning_rate, grad_norm, epoch and loss are TRL's too.
+RECORD_NAMES = {
+    "reward_chosen": "rewards/chosen",
+    "reward_rejected": "rewards/rejected",
+    "margin": "rewards/margins",
+    "accuracy": "rewards/accuracies",
+    "logps_chosen": "logps/chosen",
+    "logps_rejected": "logps/rejected",
+}
 
 
 def peak_memory_mb(device) -> float:
@@ -35,7 +46,7 @@ class RunLog:
     """history: the run's list of metric records (a resumed run's, from its checkpoint), appended to in place.
     Only the main rank writes; every rank takes part in the metrics' all-reduce."""
 
-    def __init__(self, cfg, history: list, step: int, total_steps: int, world: int, device, log):
+    def __init__(self, cfg, history: list, step: int, total_steps: int, steps_per_epoch: int, world: int, device, log):
         self.cfg, self.history, self.total_steps, self.world, self.device, self.log = (
             cfg,
             history,
@@ -44,6 +55,7 @@ class RunLog:
             device,
             log,
         )
+        self.steps_per_epoch = steps_per_epoch
         self.file = self.trackers = self.bar = None
         self._share_checked = False
         if not dist_utils.is_main():
@@ -70,16 +82,18 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(1)
 
-    def flush(self, pending, t_start, tokens, lr, on_nonfinite):
-        """Read the pending steps' device metrics [(step, {name: tensor})] once, check them (on_nonfinite(what)
-        raises), write them."""
+    def flush(self, pending, t_start, tokens, on_nonfinite):
+        """Read the pending steps' device metrics [(step, {name: tensor}, the lr the step ran at)] once, check them
+        (on_nonfinite(what) raises), write them."""
         if not pending:
             return
         keys = sorted(pending[0][1])
-        stacked = dist_utils.all_reduce_mean(torch.stack([torch.stack([m[k] for k in keys]) for _, m in pending])).cpu()
+        stacked = torch.stack([torch.stack([m[k].float() for k in keys]) for _, m, _ in pending])
+        stacked = dist_utils.all_reduce_mean(stacked).cpu()
         elapsed = time.time() - t_start
-        for (step, _), row in zip(pending, stacked.tolist()):
-            rec = {"step": step, **dict(zip(keys, row))}
+        for (step, _, lr), row in zip(pending, stacked.tolist()):
+            rec = {"step": step, "epoch": step / self.steps_per_epoch}
+            rec.update((RECORD_NAMES.get(k, k), v) for k, v in zip(keys, row))
             for k in ("tokens_processed", "response_tokens"):  # totals over ranks, not means
                 rec[k] = round(rec[k] * self.world)
             share = constraint_share(rec["constraint_abs"], rec["margin_abs"]) if "constraint_abs" in rec else None
@@ -89,7 +103,7 @@ class RunLog:
                 bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
                 on_nonfinite(f"non-finite {bad} at step {step}")
             rec.update(
-                lr=lr,
+                learning_rate=lr,
                 tokens_per_s=tokens * self.world / max(elapsed, 1e-9),
                 step_time_s=elapsed / len(pending),
                 peak_memory_mb=peak_memory_mb(self.device),
@@ -116,7 +130,11 @@ class RunLog:
         if self.bar is not None:
             extra = {"share": f"{last['constraint_share']:.1%}"} if "constraint_share" in last else {}
             self.bar.set_postfix(
-                loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}", **extra, tok_s=f"{last['tokens_per_s']:.0f}"
+                loss=f"{last['loss']:.4g}",
+                acc=f"{last['rewards/accuracies']:.2f}",
+                **extra,
+                lr=f"{last['learning_rate']:.3g}",
+                tok_s=f"{last['tokens_per_s']:.0f}",
             )
 
     def _warn_if_constraint_is_negligible(self, share, step):

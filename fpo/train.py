@@ -182,6 +182,13 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        if cfg.warmup_steps > self.total_steps:  # the warmup never ends: every step runs below --lr
+            self.log(
+                f"[fpo] warning: warmup_steps {cfg.warmup_steps} exceeds the run's {self.total_steps} steps, so the "
+                f"lr never reaches {cfg.lr:.3g}: it rises from {cfg.lr / cfg.warmup_steps:.3g} to "
+                f"{cfg.lr * self.total_steps / cfg.warmup_steps:.3g}; pass --warmup-steps {self.total_steps // 10} "
+                "(a tenth of the run) or fewer"
+            )
 
     def _build_step(self, cfg: TrainConfig):
         """What one step runs: the policy's statistics (wrapped for DDP / FSDP), the optimizer and schedule, and
@@ -326,9 +333,15 @@ class Trainer:
         if "ref_logp_sum" in stats:  # TDPO: the reference's log-probs came with the KL
             reference = {"logp_sum": stats["ref_logp_sum"]}
         losses, metrics = compute_loss(cfg, stats, reference)
+        P = batch.num_pairs  # TRL's logps/*: each response's summed log-prob
+        metrics["logps_chosen"], metrics["logps_rejected"] = (
+            stats["logp_sum"][:P].detach(),
+            stats["logp_sum"][P:].detach(),
+        )
         return losses, metrics, batch
 
     def train_step(self, step):
+        """One optimizer step: (the step's metrics on the device, tokens through the body, the lr it ran at)."""
         cfg = self.cfg
         sums = {}
         tokens = {"tokens_processed": 0, "response_tokens": 0}
@@ -345,14 +358,16 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v.float().sum() / self.pairs_per_rank
             tokens["tokens_processed"] += batch.tokens
             tokens["response_tokens"] += batch.response_tokens
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        # the norm before clipping, as TRL and the HF Trainer log it (no clipping: an infinite bound)
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm or float("inf"))
+        sums["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: the global norm
+        lr = self.optimizer.param_groups[0]["lr"]  # the lr this step applies, read before the schedule moves on
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         for k, v in tokens.items():
             sums[k] = torch.tensor(float(v), device=self.device)
-        return sums, tokens["tokens_processed"]
+        return sums, tokens["tokens_processed"], lr
 
     @torch.no_grad()
     def weights_are_sound(self) -> bool:
@@ -387,24 +402,26 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         main = dist_utils.is_main()
-        report = RunLog(cfg, self.history, self.step, self.total_steps, self.world, self.device, self.log)
+        report = RunLog(
+            cfg, self.history, self.step, self.total_steps, self.steps_per_epoch, self.world, self.device, self.log
+        )
         pending, tokens, t0 = [], 0, time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             while self.step < self.total_steps:
-                metrics, n = self.train_step(self.step)
+                metrics, n, lr = self.train_step(self.step)
                 self.step += 1
-                pending.append((self.step, metrics))
+                pending.append((self.step, metrics, lr))
                 tokens += n
-                report.step_done()
                 last = self.step == self.total_steps
                 save = cfg.save_every and self.step % cfg.save_every == 0
                 if self.step % cfg.log_every == 0 or last or save:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
-                    report.flush(pending, t0, tokens, self.scheduler.get_last_lr()[0], self._stop_diverged)
+                    report.flush(pending, t0, tokens, self._stop_diverged)
                     pending, tokens, t0 = [], 0, time.time()
+                report.step_done()  # after the flush: a progress line shows this step's metrics
                 if save:  # never a diverged checkpoint: this step's metrics were checked above, the next loss here
                     if not self.weights_are_sound():
                         self._stop_diverged(f"after step {self.step} the weights give a non-finite loss")
@@ -433,8 +450,8 @@ class Trainer:
             if self.history:
                 h = self.history[-1]
                 self.log(
-                    f"[fpo] {cfg.method}: {self.step} steps, final loss {h['loss']:.4f}, "
-                    f"last batch's reward accuracy {h['accuracy']:.2f}, {h['tokens_per_s']:.0f} tokens/s, "
+                    f"[fpo] {cfg.method}: {self.step} steps, final loss {h['loss']:.4g}, "
+                    f"last batch's reward accuracy {h['rewards/accuracies']:.2f}, {h['tokens_per_s']:.0f} tokens/s, "
                     f"peak memory {h['peak_memory_mb']:.0f} MB; saved {final}"
                 )
             self.log(written(final, cfg.output_dir))

@@ -393,16 +393,39 @@ class FusedLinearFPOLoss(_FusedLinearPreference):
         ref_chosen_logps: torch.Tensor | None = None,
         ref_rejected_logps: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
+        *,
+        ref_chosen_mean_logps: torch.Tensor | None = None,
+        ref_rejected_mean_logps: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple]:
         """FPO's loss on P pairs: `sae_hidden` [2P, T', d_sae] and `sae_mask` at the SAE's layer, the cached
-        `ref_indices` / `ref_values` [2P, K] and the reference's mean log-probs `ref_chosen_logps` /
-        `ref_rejected_logps` [P]. Returns Liger's 7-tuple; D is in `self.metrics`."""
+        `ref_indices` / `ref_values` [2P, K], and the reference's log-probs [P] either summed over each response
+        (`ref_chosen_logps` / `ref_rejected_logps`, as FusedLinearDPOLoss and TRL's precomputed columns carry
+        them; divided here by the response's token count) or already mean per token (`ref_chosen_mean_logps` /
+        `ref_rejected_mean_logps`, as `fpo precompute` caches them). Returns Liger's 7-tuple; D is in
+        `self.metrics`."""
         if sae_hidden is None or sae_mask is None or ref_indices is None or ref_values is None:
             raise ValueError("FPO needs sae_hidden, sae_mask, ref_indices and ref_values")
-        _, mean, _, P, _ = self._stats(lin_weight, _input, target, bias, seq_ids)
+        summed = ref_chosen_logps is not None or ref_rejected_logps is not None
+        if summed == (ref_chosen_mean_logps is not None or ref_rejected_mean_logps is not None):
+            raise ValueError(
+                "FPO needs the reference's log-probs once: summed over each response (ref_chosen_logps, "
+                "ref_rejected_logps) or mean per token (ref_chosen_mean_logps, ref_rejected_mean_logps)"
+            )
+        _, mean, count, P, _ = self._stats(lin_weight, _input, target, bias, seq_ids)
         if sae_hidden.shape[0] != 2 * P:
             raise ValueError(f"sae_hidden holds {sae_hidden.shape[0]} sequences, the batch {2 * P}")
-        ref = torch.cat(_reference_pair(ref_chosen_logps, ref_rejected_logps, P, mean))
+        if summed:  # the same response tokens as the policy's: the reference's mean is its sum over their count
+            ref = torch.cat(_reference_pair(ref_chosen_logps, ref_rejected_logps, P, mean)) / count.to(mean)
+        else:
+            ref = torch.cat(
+                _reference_pair(
+                    ref_chosen_mean_logps,
+                    ref_rejected_mean_logps,
+                    P,
+                    mean,
+                    ("ref_chosen_mean_logps", "ref_rejected_mean_logps"),
+                )
+            )
         d = (
             sae_feature_mse(sae_hidden, self.sae, ref_indices, ref_values, mask=sae_mask, k=self.k, select=self.select)
             / self.d_scale
@@ -424,8 +447,8 @@ def _smoothing(eps):
     return eps
 
 
-def _reference_pair(ref_w, ref_l, P, like):
-    for name, t in (("ref_chosen_logps", ref_w), ("ref_rejected_logps", ref_l)):
+def _reference_pair(ref_w, ref_l, P, like, names=("ref_chosen_logps", "ref_rejected_logps")):
+    for name, t in zip(names, (ref_w, ref_l)):
         if not torch.is_tensor(t) or tuple(t.shape) != (P,):
             raise ValueError(
                 f"{name} must be a [P] = [{P}] tensor of the reference's log-probs, got {getattr(t, 'shape', type(t))}"

@@ -116,11 +116,28 @@ def test_fpo_matches_the_formula(select, device):
         sae_mask=mask,
         ref_indices=ref_idx,
         ref_values=ref_val,
-        ref_chosen_logps=ref_a[:P],
-        ref_rejected_logps=ref_a[P:],
+        ref_chosen_mean_logps=ref_a[:P],
+        ref_rejected_mean_logps=ref_a[P:],
     )
     h64, r64 = h.double().requires_grad_(), resid.double().requires_grad_()
     _, a = _stats64(h64, w, None, target, None)
+    # the reference's summed log-probs (TRL's columns, the DPO module's argument) give the same loss
+    count = (target != -100).sum(1).double()  # the response tokens each sequence's log-prob sums over
+    with torch.no_grad():
+        summed, _ = mod(
+            w,
+            h,
+            target,
+            sae_hidden=resid,
+            sae_mask=mask,
+            ref_indices=ref_idx,
+            ref_values=ref_val,
+            ref_chosen_logps=(ref_a[:P].double() * count[:P]).float(),
+            ref_rejected_logps=(ref_a[P:].double() * count[P:]).float(),
+        )
+    assert summed.item() == pytest.approx(loss.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="log-probs once"):
+        mod(w, h, target, sae_hidden=resid, sae_mask=mask, ref_indices=ref_idx, ref_values=ref_val)
     D = reference.sae_feature_mse_ref(r64, mask, sae, ref_idx, ref_val, k, select)
     want, _ = fpo_loss(a[:P], a[P:], ref_a[:P].double(), ref_a[P:].double(), D[:P], D[P:], 0.1, 20.0)
     want = want.mean()

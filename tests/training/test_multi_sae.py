@@ -130,8 +130,8 @@ def test_two_saes_train_and_d_is_the_weighted_sum(assets_dir, tmp_path):
         refs=[feats(assets_dir["cache_both"]), feats(assets_dir["cache_both"], key)],
     )
     parts = [
-        d_of(sae=sae_a, layer=15, refs=[feats(assets_dir["cache_a"])]),
-        d_of(sae=sae_b, layer=LAYER_B, refs=[feats(assets_dir["cache_b"])]),
+        d_of(saes=[(sae_a, 15, 1.0, 1.0)], refs=[feats(assets_dir["cache_a"])]),
+        d_of(saes=[(sae_b, LAYER_B, 1.0, 1.0)], refs=[feats(assets_dir["cache_b"])]),
     ]
     assert parts[0].min() > 0 and parts[1].min() > 0
     assert torch.allclose(d, weights[0] * parts[0] + weights[1] * parts[1], rtol=1e-5, atol=1e-9)
@@ -259,10 +259,14 @@ def test_bad_multi_sae_input(assets_dir, tmp_path):
             assets_dir["sae_b"],
             "--sae-layer",
             "3",
+            "--sae-layer",
+            "3",
+            "--sae-layer",
+            "3",
         ],
         capture_output=True,
         text=True,
         env={**os.environ, "TRITON_INTERPRET": "0"},
     )
-    assert r.returncode != 0 and "--sae-layer given 1 times for 2 --sae" in r.stderr
+    assert r.returncode != 0 and "sae_layer gives 3 values for 2 SAEs" in r.stderr
     assert not os.path.exists(tmp_path / "c" / "meta.json")

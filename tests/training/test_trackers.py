@@ -49,7 +49,9 @@ def test_every_tracker_gets_every_metric_line_and_the_config(tiny, tmp_path, mon
     ea = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
     ea.Reload()
     assert same([(e.step, e.value) for e in ea.Scalars("train/loss")])
-    assert {"train/accuracy", "train/lr", "train/tokens_per_s"} <= set(ea.Tags()["scalars"])
+    assert {"train/rewards/accuracies", "train/learning_rate", "train/grad_norm", "train/tokens_per_s"} <= set(
+        ea.Tags()["scalars"]
+    )
     config_text = ea.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert '"method": "simpo"' in config_text
 
@@ -71,7 +73,7 @@ def test_every_tracker_gets_every_metric_line_and_the_config(tiny, tmp_path, mon
     [run_dir] = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
     [blob] = [f for f in os.listdir(out / "wandb" / run_dir) if f.endswith(".wandb")]
     data = (out / "wandb" / run_dir / blob).read_bytes()
-    assert b"train/loss" in data and b"train/accuracy" in data and b"simpo-trackers" in data
+    assert b"train/loss" in data and b"train/rewards/accuracies" in data and b"simpo-trackers" in data
 
 
 def test_tracker_choices_and_missing_libraries_are_refused_by_name(tiny, tmp_path, monkeypatch):
