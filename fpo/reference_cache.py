@@ -81,6 +81,10 @@ def recorded_checksum(directory, name) -> str | None:
         return f.read().strip()
 
 
+# settings a flag chooses and the cache records: a mismatch can be fixed either way
+FLAG_SETTINGS = ("max_length", "max_prompt_length", "pooling")
+
+
 class ReferenceCache:
     """Read a cache built by `fpo precompute`; look rows up by example id.
 
@@ -230,9 +234,14 @@ class ReferenceCache:
                             f"{have.get(sub)!r} in the cache, {w!r} now. Rebuild it with `fpo precompute`."
                         )
             elif have != want:
+                flag = "--" + key.replace("_", "-")
+                fix = (
+                    f"pass {flag} {have} as the cache was built, or rebuild it with `fpo precompute {flag} {want}`"
+                    if key in FLAG_SETTINGS
+                    else "rebuild it with `fpo precompute`"
+                )
                 raise CacheMismatchError(
-                    f"cache {self.path} was built for another {key}: {have!r} in the cache, "
-                    f"{want!r} now. Rebuild it with `fpo precompute`."
+                    f"cache {self.path} was built with {key} {have!r}, this run uses {want!r}: {fix}"
                 )
 
     def check_rows(self, items):

@@ -274,6 +274,14 @@ def load_adapters(model, where):
     load_adapter_weights(model, load_file(path), where)
 
 
+def tied_parameter_names(model) -> list[list[str]]:
+    """The names under which one parameter appears more than once (tied embeddings and lm head), grouped."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
 @dataclasses.dataclass
 class Checkpointer:
     """Saves a run's checkpoints and restores one. `model` is the (peft-wrapped) model, `policy` what the
@@ -297,7 +305,14 @@ class Checkpointer:
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             msd, osd = get_state_dict(self.policy, self.optimizer, options=opts)
-            return {k.removeprefix("model."): v for k, v in msd.items()}, osd
+            msd = {k.removeprefix("model."): v for k, v in msd.items()}
+            # the gathered copies of a tied weight (embeddings and lm head) are separate tensors: made one again,
+            # so that save_pretrained writes it once, as it does for the unsharded model
+            for names in tied_parameter_names(self.model):
+                for name in names[1:]:
+                    if name in msd and names[0] in msd:
+                        msd[name] = msd[names[0]]
+            return msd, osd
         return self.model.state_dict(), self.optimizer.state_dict()
 
     def save(self, step, history, name=None, with_state=True, dtype=None):

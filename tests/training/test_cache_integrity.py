@@ -179,3 +179,9 @@ def test_damaged_meta_and_other_encodings(tiny, tiny_cache, tmp_path):
         load_pairs(str(tmp_path / "u16.jsonl"))
     (tmp_path / "bom.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8-sig")
     assert load_pairs(str(tmp_path / "bom.jsonl"))[0].chosen == "b"
+
+
+def test_a_cache_of_other_lengths_names_the_flag(tiny, tiny_cache, tmp_path):
+    """The cache knows the settings it was built with: the sentence gives the flag that matches it."""
+    with pytest.raises(ValueError, match=r"max_length 64, this run uses 80: pass --max-length 64 as the cache"):
+        train(run_config(tiny, tiny_cache, tmp_path, "fpo", max_length=80), **QUIET)

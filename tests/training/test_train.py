@@ -161,6 +161,18 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, cache, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def _saved_tensors(folder) -> dict:
+    """{name: shape} of every tensor in a saved model's safetensors files."""
+    from safetensors import safe_open
+
+    out = {}
+    for n in sorted(os.listdir(folder)):
+        if n.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, n), "pt") as f:
+                out.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    return out
+
+
 def _torchrun(args, nproc=2, port=29621):
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
     return subprocess.run(
@@ -197,6 +209,8 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny, cache, tmp_path, fs
     b = [json.loads(line)["loss"] for line in open(tmp_path / "two" / "metrics.jsonl")]
     assert len(a) == len(b) == 3
     assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    saved = [_saved_tensors(tmp_path / run / "final") for run in ("one", "two")]
+    assert saved[0] == saved[1]  # the same tensors on disk: a tied lm head written once, sharded or not
     wa = load_model(str(tmp_path / "one" / "final")).state_dict()
     wb = load_model(str(tmp_path / "two" / "final")).state_dict()
     # Adam turns rounding in near-zero gradients (rare embedding rows) into up to lr-sized moves: 1e-4 is a
