@@ -61,6 +61,14 @@ def no_autocast(t: torch.Tensor):
     )
 
 
+def compile_boundary(op):
+    """torch.compile traces around the op, never into it (a graph break at each call): its checks and its tile
+    plans read the layout's values on the host (a mask's response spans, the rows of a flat batch), which a
+    traced graph cannot hold as constants; traced anyway, under settings such as dynamo's
+    capture_dynamic_output_shape_ops, they fail on data-dependent shapes. The kernels inside are already fused."""
+    return torch.compiler.disable(op)
+
+
 def in_compute_dtype(op):
     """op(hidden, ...) with hidden cast to compute_dtype(hidden) and autocast off inside: the op's GEMMs run in
     the dtype an nn.Linear would, its sums stay fp32. The cast is differentiable (hidden's gradient comes back

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._dispatch import FLOAT_DTYPES, Kernel, compute_dtype, is_fake, launch, no_autocast, use_triton
+from ._dispatch import FLOAT_DTYPES, Kernel, compile_boundary, compute_dtype, is_fake, launch, no_autocast, use_triton
 
 __all__ = [
     "fused_linear_logprobs",
@@ -786,6 +786,7 @@ def _check_pair(hidden, weight, ref_hidden, ref_weight):
         raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
 
 
+@compile_boundary
 def fused_linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -837,6 +838,7 @@ def fused_linear_logprobs(
         )
 
 
+@compile_boundary
 def fused_linear_kl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -890,6 +892,7 @@ def fused_linear_kl(
         )
 
 
+@compile_boundary
 def fused_linear_logprobs_kl(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -30,7 +30,17 @@ import triton
 import triton.language as tl
 
 from . import reference, sae_topk
-from ._dispatch import FLOAT_DTYPES, Kernel, dot_precision, in_compute_dtype, is_fake, launch, no_autocast, use_triton
+from ._dispatch import (
+    FLOAT_DTYPES,
+    Kernel,
+    compile_boundary,
+    dot_precision,
+    in_compute_dtype,
+    is_fake,
+    launch,
+    no_autocast,
+    use_triton,
+)
 from ._layout import dense_from_topk
 from .sae_weights import SAEWeights
 
@@ -682,6 +692,7 @@ def _spans(flat, mask, spans):
     return Spans.from_mask(mask) if spans is None else Spans.from_spans(spans, flat.shape[0], flat.device)
 
 
+@compile_boundary
 @in_compute_dtype
 def sae_pooled_features(
     hidden: torch.Tensor,
@@ -720,6 +731,7 @@ def sae_pooled_features(
         return sae_pool_fwd(flat.detach(), _spans(flat, mask, spans), sae)
 
 
+@compile_boundary
 @in_compute_dtype
 def sae_feature_mse(
     hidden: torch.Tensor,

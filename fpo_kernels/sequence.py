@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ._dispatch import compile_boundary
 from .logprobs import fused_linear_logprobs, fused_linear_logprobs_kl
 
 __all__ = ["sequence_logprobs", "sequence_logprobs_kl", "prediction_rows"]
@@ -74,6 +75,7 @@ def _flat(hidden, input_ids, response_mask, rows, labels, seq_ids, num_seqs):
     return hidden, rows, labels, seq_ids, num_seqs
 
 
+@compile_boundary
 def sequence_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -120,6 +122,7 @@ def sequence_logprobs(
     return total, total / count.clamp(min=1), count
 
 
+@compile_boundary
 def sequence_logprobs_kl(
     hidden: torch.Tensor,
     weight: torch.Tensor,
