@@ -35,7 +35,7 @@ import time
 import torch
 
 from benchmarks.common import environment, write_results
-from fpo.model import ResidualCapture, enable_activation_checkpointing, lm_head, run_body
+from fpo.model import ActivationCapture, enable_activation_checkpointing, lm_head, run_body
 from fpo.packing import MicroBatch
 from fpo.precision import Precision, resolve_precision
 from fpo.precision import make_optimizer as _make_optimizer
@@ -298,8 +298,8 @@ class Step:
             _, lp = self._full_logits(self.policy)
             a = (lp * tgt).sum(1) / tgt.sum(1)
             return preference_loss("simpo", {"logp_mean": a}, beta=2.0, gamma=0.5)[0]
-        cap_p = ResidualCapture(self.policy, self.layer) if method == "fpo-authors" else None
-        cap_r = ResidualCapture(self.ref, self.layer) if method == "fpo-authors" else None
+        cap_p = ActivationCapture(self.policy, self.layer) if method == "fpo-authors" else None
+        cap_r = ActivationCapture(self.ref, self.layer) if method == "fpo-authors" else None
         try:
             # TDPO's own code (Vance0124/Token-level-Direct-Preference-Optimization, _tdpo_get_batch_logps), which
             # the FPO authors' code calls too: the reference's softmax and its .log() (no grad), the policy's one

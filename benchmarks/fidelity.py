@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.common import environment, write_results
 from fpo import assets
-from fpo.model import ResidualCapture, load_model, load_tokenizer, run_body
+from fpo.model import ActivationCapture, load_model, load_tokenizer, run_body
 from fpo.packing import collate
 from fpo.pairs import load_pairs, tokenize_pairs
 from fpo_kernels import SAEWeights, pack_topk, sae_feature_mse, sae_pooled_features
@@ -23,7 +23,7 @@ from fpo_kernels.cache import VALUE_DTYPES
 
 @torch.no_grad()
 def pooled_features(model, batches, sae, layer):
-    cap = ResidualCapture(model, layer)
+    cap = ActivationCapture(model, layer)
     out = []
     for batch in batches:
         run_body(model, batch.input_ids, batch.attention_mask)
@@ -58,7 +58,7 @@ def main(argv=None):
     batches = [collate(items[i : i + 4], "off", tok.pad_token_id) for i in range(0, len(items), 4)]
     p_ref = pooled_features(ref, batches, sae, 15)
     p_pol = pooled_features(policy, batches, sae, 15)
-    cap = ResidualCapture(policy, 15)
+    cap = ActivationCapture(policy, 15)
     resid = []
     with torch.no_grad():
         for batch in batches:

@@ -77,7 +77,7 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
         model,
         k=cfg.k,
         select=cfg.select,
-        saes=[(x.sae, x.layer, x.weight, 1.0) for x in saes] if keys else [],
+        saes=[x.hook for x in saes] if keys else [],
         autocast=prec.autocast,
         check_inputs=True,
     )

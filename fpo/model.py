@@ -19,7 +19,8 @@ __all__ = [
     "final_softcap",
     "config_fingerprint",
     "model_fingerprint",
-    "ResidualCapture",
+    "ActivationCapture",
+    "SITES",
     "run_body",
     "load_model_for_layout",
     "resolve_device",
@@ -208,20 +209,57 @@ def model_fingerprint(model, name: str) -> dict:
     }
 
 
-class ResidualCapture:
-    """Forward hook that keeps the output of decoder block `layer` (the residual stream after it)."""
+SITES = ("resid_post", "resid_pre", "mlp_out", "attn_out")  # where in a decoder block an SAE reads
 
-    def __init__(self, model, layer: int):
+
+def _contribution_module(block, site):
+    """The module whose output is what a block's MLP (mlp_out) or attention (attn_out) adds to the residual
+    stream: the MLP or attention itself, or the norm after it where the architecture has one (Gemma-2 and -3
+    normalise each branch's output before adding it, and TransformerLens' hook_mlp_out / hook_attn_out sit
+    after that norm)."""
+    if site == "mlp_out":
+        names = ("post_feedforward_layernorm", "mlp", "feed_forward")
+    elif hasattr(block, "pre_feedforward_layernorm"):  # Gemma-2/3: post_attention_layernorm normalises attn's output
+        names = ("post_attention_layernorm", "self_attn", "attn")
+    else:
+        names = ("self_attn", "attn", "attention")
+    for name in names:
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(
+        f"SAE site {site}: {type(block).__name__} has no {' / '.join(names[1:])} module to read; use an SAE of the "
+        "residual stream (hook_resid_pre or hook_resid_post)"
+    )
+
+
+class ActivationCapture:
+    """A forward hook keeping the activation an SAE reads at decoder block `layer`: the residual stream after
+    the block (resid_post) or entering it (resid_pre: the embeddings for block 0), or what the block's MLP
+    (mlp_out) or attention (attn_out) adds to the residual stream."""
+
+    def __init__(self, model, layer: int, site: str = "resid_post"):
         layers = decoder_layers(model)
         if not isinstance(layer, int) or not 0 <= layer < len(layers):
             raise ValueError(
                 f"sae layer {layer} is outside the model's {len(layers)} decoder layers [0, {len(layers)})"
             )
+        if site not in SITES:
+            raise ValueError(f"SAE site must be one of {SITES}, got {site!r}")
         self.value = None
-        self._h = layers[layer].register_forward_hook(self._hook)
+        block = layers[layer]
+        if site == "resid_pre":
+            self._h = block.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        elif site == "resid_post":
+            self._h = block.register_forward_hook(self._hook)
+        else:
+            self._h = _contribution_module(block, site).register_forward_hook(self._hook)
 
     def _hook(self, module, args, out):
         self.value = out[0] if isinstance(out, (tuple, list)) else out
+
+    def _pre_hook(self, module, args, kwargs):
+        self.value = args[0] if args else kwargs["hidden_states"]
 
     def pop(self):
         v, self.value = self.value, None

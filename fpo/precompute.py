@@ -17,7 +17,7 @@ from . import distributed as dist_utils
 from .config import PrecomputeConfig
 from .files import atomic_write_json, sha256_of
 from .locking import LOCK_NAME, DirectoryLock
-from .model import ResidualCapture, final_softcap, lm_head, model_fingerprint
+from .model import ActivationCapture, final_softcap, lm_head, model_fingerprint
 from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
 from .pairs import dataset_fingerprint, tokenizer_fingerprint
 from .progress import progress_bar
@@ -30,17 +30,16 @@ __all__ = ["precompute", "reference_stats"]
 
 def feature_key(index: int, spec) -> str:
     """The suffix of an SAE's tensors in a cache, recorded as its "key" in meta.json: none for the first SAE,
-    '@name@layer' for the others."""
-    return "" if index == 0 else f"@{spec.name}@{spec.layer}"
+    '@name@layer' for the others ('@name@layer@site' for an SAE not on the residual stream after its block)."""
+    return "" if index == 0 else f"@{spec.name}@{spec.layer}" + ("" if spec.site == "resid_post" else f"@{spec.site}")
 
 
 @torch.no_grad()
 def reference_stats(model, batch, saes=(), K=256, device="cpu", value_dtype=torch.float16):
     """Reference statistics of one fpo.packing.MicroBatch (any layout; 2P sequences,
     chosen first): log-prob sums and means, lengths, and each SAE's top-K pooled features (saes: SAESpecs,
-    one hook per layer, one forward)."""
-    layers = sorted({s.layer for s in saes})
-    caps = {layer: ResidualCapture(model, layer) for layer in layers}
+    one hook per layer and site, one forward)."""
+    caps = {(s.layer, s.site): ActivationCapture(model, s.layer, s.site) for s in saes}
     try:
         hidden = body_hidden(model, batch, device)
         w, b = lm_head(model)
@@ -58,7 +57,7 @@ def reference_stats(model, batch, saes=(), K=256, device="cpu", value_dtype=torc
         out = {"logp_sum": total, "logp_mean": mean, "len": count}
         resid = {layer: cap.pop() for layer, cap in caps.items()}
         for i, spec in enumerate(saes):
-            r = resid[spec.layer]
+            r = resid[(spec.layer, spec.site)]
             pooled = sae_pooled_features(
                 r.reshape(-1, r.shape[-1]), spec.sae, check_inputs=False, spans=batch.pool_spans.cpu()
             )
@@ -216,6 +215,7 @@ def _settings(cfg, model, model_name, tokenizer, items, saes, prec) -> dict:
             {
                 "name": x.name,
                 "layer": x.layer,
+                "site": x.site,
                 "fingerprint": x.sae.fingerprint(),
                 "width": x.sae.width,
                 "activation": x.sae.activation,

@@ -184,18 +184,19 @@ class ReferenceCache:
 
     @property
     def saes(self) -> list:
-        """The SAEs whose features the cache holds: [{name, layer, fingerprint, width, activation, key,
+        """The SAEs whose features the cache holds: [{name, layer, site, fingerprint, width, activation, key,
         index_dtype, feature_scale}], key being the suffix of their tensors (chosen_idx<key>, ...)."""
         return self.meta["saes"]
 
-    def find_sae(self, fingerprint: str, layer, name: str = "sae") -> dict:
-        """The cache's entry for the SAE with this fingerprint at this layer, or an error naming it."""
+    def find_sae(self, fingerprint: str, layer, name: str = "sae", site: str = "resid_post") -> dict:
+        """The cache's entry for the SAE with this fingerprint at this layer and site, or an error naming it."""
         for entry in self.saes:
-            if entry["fingerprint"] == fingerprint and entry["layer"] == layer:
+            if entry["fingerprint"] == fingerprint and entry["layer"] == layer and entry["site"] == site:
                 return entry
-        held = ", ".join(f"'{e['name']}' at layer {e['layer']}" for e in self.saes) or "none"
+        where = lambda e: f"layer {e['layer']}" + ("" if e["site"] == "resid_post" else f" ({e['site']})")  # noqa: E731
+        held = ", ".join(f"'{e['name']}' at {where(e)}" for e in self.saes) or "none"
         raise CacheMismatchError(
-            f"cache {self.path} has no features for SAE '{name}' at layer {layer} (it holds: "
+            f"cache {self.path} has no features for SAE '{name}' at {where(dict(layer=layer, site=site))} (it holds: "
             f"{held}): rebuild it with `fpo precompute --sae` for every SAE the run uses"
         )
 

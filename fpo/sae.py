@@ -15,31 +15,59 @@ from fpo_kernels import SAEWeights
 
 from .model import decoder_layers
 
-__all__ = ["load_sae", "load_saes", "layer_from_hook_name", "SAESpec", "check_sae_fits", "cached_sae_keys"]
+__all__ = ["load_sae", "load_saes", "hook_site", "SAESpec", "check_sae_fits", "cached_sae_keys"]
+
+# the part of a hook name after its block, by the site it names: TransformerLens / sae-lens names
+# (blocks.L.hook_resid_post), Hugging Face module paths (model.layers.L, model.layers.L.mlp) and sparsify's
+# hookpoints (layers.L, layers.L.mlp)
+_SITE_OF = {
+    "": "resid_post",
+    "hook_resid_post": "resid_post",
+    "output": "resid_post",
+    "hook_resid_pre": "resid_pre",
+    "input": "resid_pre",
+    "hook_mlp_out": "mlp_out",
+    "mlp": "mlp_out",
+    "feed_forward": "mlp_out",
+    "hook_attn_out": "attn_out",
+    "self_attn": "attn_out",
+    "attn": "attn_out",
+}
 
 
-def layer_from_hook_name(hook_name: str | None):
-    if not hook_name:
-        return None
-    m = re.search(r"(?:layers|blocks|h)\.(\d+)", hook_name)
-    return int(m.group(1)) if m else None
+def hook_site(hook_name: str | None) -> tuple[int | None, str]:
+    """(block, site) an SAE was trained on, from its hook name: blocks.12.hook_resid_pre -> (12, "resid_pre"),
+    model.layers.15 -> (15, "resid_post"), layers.3.mlp -> (3, "mlp_out"). No hook name, or one without a block:
+    (None, "resid_post"). A site fpo cannot read (an attention head's z, an MLP's hidden layer, the residual
+    stream between attention and MLP) is a ValueError naming the sites it can."""
+    m = re.search(r"(?:layers|blocks|h)\.(\d+)\.?(.*)$", hook_name or "")
+    if not m:
+        return None, "resid_post"
+    rest = m.group(2)
+    if rest not in _SITE_OF:
+        raise ValueError(
+            f"the SAE's hook {hook_name!r} reads {rest!r} of block {m.group(1)}: fpo reads an SAE at a block's "
+            "residual stream (hook_resid_pre: its input; hook_resid_post: its output), or at what its MLP or "
+            "attention adds to it (hook_mlp_out, hook_attn_out); pick an SAE trained at one of those"
+        )
+    return int(m.group(1)), _SITE_OF[rest]
 
 
 def load_sae(spec: str, device="cpu"):
     """spec: a path (sae-lens dir, .safetensors, params.npz) or 'release:sae_id' (sae-lens, needs a hub).
-    Returns (SAEWeights, layer or None)."""
+    Returns (SAEWeights, layer or None, site): where the SAE was trained, from its hook name."""
     spec = os.fspath(spec)
     if os.path.exists(spec):
         sae = SAEWeights.from_file(spec, device)
-        layer = None
+        layer, site = None, "resid_post"
         cfg = os.path.join(spec, "cfg.json") if os.path.isdir(spec) else None
         if cfg and os.path.exists(cfg):
             with open(cfg) as f:
                 c = json.load(f)
-            layer = layer_from_hook_name(c.get("hook_name") or (c.get("metadata") or {}).get("hook_name"))
+            layer, site = hook_site(c.get("hook_name") or (c.get("metadata") or {}).get("hook_name"))
         if layer is None and os.path.isdir(spec):  # sparsify names each SAE's folder after its hookpoint: layers.23
-            layer = layer_from_hook_name(os.path.basename(os.path.normpath(spec)))
-        return sae, layer
+            layer, site = hook_site(os.path.basename(os.path.normpath(spec)))
+        return sae, layer, site
     if ":" in spec:
         release, sae_id = spec.split(":", 1)
         try:
@@ -52,19 +80,25 @@ def load_sae(spec: str, device="cpu"):
         meta = getattr(lens.cfg, "metadata", None)
         hook = getattr(meta, "hook_name", None) if meta is not None else None
         weights = SAEWeights.from_sae_lens(lens, name=spec).to(device)
-        return weights, layer_from_hook_name(hook)
+        return (weights, *hook_site(hook))
     raise ValueError(f"sae '{spec}' is neither an existing path nor a sae-lens 'release:id'")
 
 
 @dataclass
 class SAESpec:
-    """One SAE of a run: its encoder, the decoder block it reads, its weight in D, and the name its cached
-    features go by (unique within a cache)."""
+    """One SAE of a run: its encoder, the decoder block it reads and where in it (site: fpo.model.SITES), its
+    weight in D, and the name its cached features go by (unique within a cache)."""
 
     sae: SAEWeights
     layer: int | None
     weight: float
     name: str
+    site: str = "resid_post"
+
+    @property
+    def hook(self) -> tuple:
+        """What PolicyStats takes of it, with the constraint's scale: (sae, layer, weight, scale, site)."""
+        return (self.sae, self.layer, self.weight, 1.0, self.site)
 
 
 def load_saes(specs, device="cpu") -> list:
@@ -73,14 +107,14 @@ def load_saes(specs, device="cpu") -> list:
     out = []
     for spec, layer, weight in specs:
         if isinstance(spec, SAEWeights):
-            sae, own = spec.to(device), None
+            sae, own, site = spec.to(device), None, "resid_post"
         else:
-            sae, own = load_sae(spec, device)
+            sae, own, site = load_sae(spec, device)
         layer = layer if layer is not None else own
-        out.append(SAESpec(sae, layer, float(weight), sae.name))
+        out.append(SAESpec(sae, layer, float(weight), sae.name, site))
     seen = {}
     for s in out:
-        key = (s.name, s.layer)
+        key = (s.name, s.layer, s.site)
         if key in seen:
             raise ValueError(f"two SAEs named '{s.name}' read layer {s.layer}: give them different layers or names")
         seen[key] = s
@@ -111,7 +145,7 @@ def cached_sae_keys(cache, saes, model, k, select="policy") -> list[str]:
     keys = []
     for spec in saes:
         check_sae_fits(model, spec.sae, spec.layer)
-        keys.append(cache.find_sae(spec.sae.fingerprint(), spec.layer, spec.name)["key"])
+        keys.append(cache.find_sae(spec.sae.fingerprint(), spec.layer, spec.name, spec.site)["key"])
     if k > cache.cache_k:
         raise ValueError(
             f"k ({k}) exceeds the cache's cache_k ({cache.cache_k}): "

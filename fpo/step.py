@@ -19,18 +19,19 @@ from fpo_kernels import sae_feature_mse, sequence_logprobs, sequence_logprobs_kl
 from fpo_kernels.losses import preference_loss
 
 from .config import TrainConfig
-from .model import ResidualCapture, final_softcap, lm_head
+from .model import ActivationCapture, final_softcap, lm_head
 from .packing import body_hidden
 
 __all__ = ["PolicyStats", "reference_side", "compute_loss"]
 
 
 class PolicyStats(nn.Module):
-    """Wraps the policy so that everything touching its weights (body, lm head) runs inside forward:
-    DDP and FSDP2 see one forward. Returns per-sequence statistics for the 2P sequences of a micro-batch.
-    saes = [(SAEWeights, layer, weight, scale)]: D = sum of weight x D_sae / scale ("d"), and each SAE's own D
-    ("d_each", [n_saes, 2P]), one forward hook per layer. check_inputs: sae_feature_mse's checks of the cached
-    features (off in training, whose cache was checked once when the run started)."""
+    """Wraps the policy so that everything touching its weights (body, lm head) runs inside forward: DDP and FSDP2
+    see one forward. Returns per-sequence statistics for the 2P sequences of a micro-batch. saes = [(SAEWeights,
+    layer, weight, scale)] or [(SAEWeights, layer, weight, scale, site)] (site: where in the block the SAE reads,
+    fpo.model.SITES; resid_post when left out): D = sum of weight x D_sae / scale ("d"), and each SAE's own D
+    ("d_each", [n_saes, 2P]), one forward hook per layer and site. check_inputs: sae_feature_mse's checks of the
+    cached features (off in training, whose cache was checked once when the run started)."""
 
     def __init__(
         self,
@@ -49,8 +50,8 @@ class PolicyStats(nn.Module):
         self.adapters_off = adapters_off  # LoRA: a context in which the model is the frozen base (TDPO's reference)
         self.autocast = autocast or (lambda device: nullcontext())  # the precision policy's forward context
         self.k, self.select = k, select
-        self.saes = list(saes)
-        self.captures = {L: ResidualCapture(model, L) for L in sorted({x[1] for x in self.saes})}
+        self.saes = [tuple(x) if len(x) == 5 else (*x, "resid_post") for x in saes]
+        self.captures = {(x[1], x[4]): ActivationCapture(model, x[1], x[4]) for x in self.saes}
         self.softcap = final_softcap(model)
 
     def remove_hooks(self):
@@ -110,13 +111,13 @@ class PolicyStats(nn.Module):
                 )
             out = {"logp_sum": total, "logp_mean": mean, "len": count}
         if self.saes:
-            resid = {L: cap.pop() for L, cap in self.captures.items()}
+            resid = {point: cap.pop() for point, cap in self.captures.items()}
             if ref_features is None or len(ref_features) != len(self.saes):
                 raise ValueError(f"ref_features: one (indices, values) pair per SAE ({len(self.saes)}) is needed")
             each = []
             with record_function("fpo::sae_constraint"):
-                for (sae, layer, weight, scale), (idx, val) in zip(self.saes, ref_features):
-                    r = resid[layer]
+                for (sae, layer, weight, scale, site), (idx, val) in zip(self.saes, ref_features):
+                    r = resid[(layer, site)]
                     # spans stay on the host: the kernels lay out their row tiles from them with no device sync
                     raw = sae_feature_mse(
                         r.reshape(-1, r.shape[-1]),

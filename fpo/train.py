@@ -197,7 +197,7 @@ class Trainer:
             self.model,
             k=cfg.k,
             select=cfg.select,
-            saes=[(x.sae, x.layer, x.weight, sc) for x, sc in zip(self.saes, self.sae_scales)],
+            saes=[(x.sae, x.layer, x.weight, sc, x.site) for x, sc in zip(self.saes, self.sae_scales)],
             autocast=self.precision.autocast,
             adapters_off=self.peft_model.disable_adapter if self.peft_model is not None else None,
         )

@@ -42,7 +42,8 @@ def make_model(out, seed=0, softcap=None, sliding_window=None, layers=LAYERS, bf
     return out
 
 
-def make_sae(out, width=SAE_WIDTH, seed=0, layer=SAE_LAYER):
+def make_sae(out, width=SAE_WIDTH, seed=0, layer=SAE_LAYER, hook_name=None):
+    """A random JumpReLU SAE in sae-lens' folder layout, read at hook_name (default: the output of `layer`)."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
@@ -61,7 +62,7 @@ def make_sae(out, width=SAE_WIDTH, seed=0, layer=SAE_LAYER):
             {
                 "architecture": "jumprelu",
                 "apply_b_dec_to_input": True,
-                "hook_name": f"model.layers.{layer}",
+                "hook_name": hook_name or f"model.layers.{layer}",
                 "d_in": D_MODEL,
                 "d_sae": width,
             },

@@ -26,7 +26,7 @@ import torch
 from fpo_kernels import SAEWeights, pack_topk, sae_feature_mse, sae_pooled_features, sequence_logprobs_kl
 from fpo_kernels.losses import constraint_share, preference_loss
 
-from ..model import ResidualCapture, decoder_layers, final_softcap, lm_head, run_body
+from ..model import ActivationCapture, decoder_layers, final_softcap, lm_head, run_body
 
 __all__ = ["FPOTrainer", "TDPOTrainer", "TRL_VERSIONS", "check_trl", "check_loss_options"]
 
@@ -121,15 +121,17 @@ def log_trl_metrics(trainer, mode, outputs, inputs, logps, m):
 
 class FPOTrainer(_base()):
     """TRL's DPOTrainer with FPO's loss. Arguments beyond DPOTrainer's: sae (SAEWeights), sae_layer (the decoder
-    block whose output the SAE reads), alpha, k, select ("policy" or "reference"), cache_k (cached features
-    per completion, >= k), d_scale (what D is divided by: 1, or a recorded reference feature scale). The config
-    must set precompute_ref_log_probs=True: FPO's reference side is offline."""
+    block the SAE reads), sae_site (where in it: fpo.model.SITES, the block's output by default), alpha, k, select
+    ("policy" or "reference"), cache_k (cached features per completion, >= k), d_scale (what D is divided by: 1, or
+    a recorded reference feature scale). The config must set precompute_ref_log_probs=True: FPO's reference side is
+    offline."""
 
     def __init__(
         self,
         *args,
         sae: SAEWeights = None,
         sae_layer: int = None,
+        sae_site: str = "resid_post",
         alpha: float = 0.5,
         k: int = 50,
         select: str = "policy",
@@ -166,7 +168,7 @@ class FPOTrainer(_base()):
         if sae.d_in != base.config.hidden_size:
             raise ValueError(f"the SAE reads d_in={sae.d_in} but the model's hidden size is {base.config.hidden_size}")
         self.fpo_sae = sae.to(self.accelerator.device)
-        self.fpo_capture = ResidualCapture(base, sae_layer)
+        self.fpo_capture = ActivationCapture(base, sae_layer, sae_site)
         self.fpo_ready = True
         self.train_dataset = self._add_reference_features(self.train_dataset)
         if isinstance(self.eval_dataset, dict):

@@ -202,7 +202,7 @@ def test_sparsify_folder(tmp_path):
     assert torch.allclose(reference.sae_encode_ref(x, ours), want, atol=1e-10)
     from fpo.sae import load_sae
 
-    sae, layer = load_sae(str(folder))
+    sae, layer, _ = load_sae(str(folder))
     assert layer == 7 and sae.k == k
 
 
@@ -264,9 +264,9 @@ def test_load_sae_release_id_follows_sae_lens_6(monkeypatch, tuple_form):
         return (lens, {}, None) if tuple_form else lens
 
     monkeypatch.setattr(sae_lens.SAE, "from_pretrained", staticmethod(from_pretrained))
-    sae, layer = load_sae("some_release:blocks.9.hook_resid_post__trainer_0")
+    sae, layer, site = load_sae("some_release:blocks.9.hook_resid_post__trainer_0")
     assert asked == [("some_release", "blocks.9.hook_resid_post__trainer_0")]
-    assert layer == 9 and sae.activation == "topk" and sae.k == 3
+    assert layer == 9 and site == "resid_post" and sae.activation == "topk" and sae.k == 3
     x = torch.randn(5, D)
     with torch.no_grad():
         assert torch.allclose(reference.sae_encode_ref(x, sae), lens.encode(x), atol=1e-5)

@@ -290,7 +290,7 @@ def test_precompute_packed_equals_padded(tiny, tmp_path):
 
 def test_varlen_pooling_of_a_packed_stream_equals_padded(tok, tiny):
     """The residual stream of a shared-prompt micro-batch, pooled over its spans, equals the padded one."""
-    from fpo.model import ResidualCapture
+    from fpo.model import ActivationCapture
 
     model = load_model(tiny["model"])
     sae = SAEWeights.from_file(tiny["sae"])
@@ -298,7 +298,7 @@ def test_varlen_pooling_of_a_packed_stream_equals_padded(tok, tiny):
     pooled = []
     for layout in ("off", "share-prompt"):
         b = collate(items, layout, tok.pad_token_id)
-        cap = ResidualCapture(model, 2)
+        cap = ActivationCapture(model, 2)
         with torch.no_grad():
             body_hidden(model, b, "cpu")
         resid = cap.pop()

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from fpo.model import ResidualCapture, load_model, load_tokenizer, run_body
+from fpo.model import ActivationCapture, load_model, load_tokenizer, run_body
 from fpo.packing import collate
 from fpo.pairs import TokenizedPair, load_pairs, tokenize_pairs
 from fpo.precompute import precompute
@@ -52,7 +52,7 @@ def test_d_equals_the_hand_computation(tiny, pooling):
     P = len(items)
     batch = collate(items, "off", tok.pad_token_id, pooling=pooling)
     # by hand: per-row features of the layer's residual stream, pooled as each convention says
-    cap = ResidualCapture(model, layer)
+    cap = ActivationCapture(model, layer)
     with torch.no_grad():
         run_body(model, batch.input_ids, batch.attention_mask)
     feats = reference.sae_encode_ref(cap.pop().double(), sae)  # [2P, T, width]

@@ -10,7 +10,7 @@ import torch
 from helpers import DIST_DRIVER
 
 import fpo.reference_cache as cache_mod
-from fpo.model import ResidualCapture, load_model, load_tokenizer
+from fpo.model import ActivationCapture, load_model, load_tokenizer
 from fpo.packing import collate
 from fpo.pairs import BadRowError, load_pairs, tokenize_pairs
 from fpo.precompute import precompute
@@ -36,7 +36,7 @@ def test_cache_matches_online_reference(tiny, tmp_path):
     sae = SAEWeights.from_file(tiny["sae"])
     items = tokenize_pairs(load_pairs(tiny["pairs"]), tok, 64, 32)[:4]
     batch = collate(items, "off", tok.pad_token_id)
-    cap = ResidualCapture(model, 2)
+    cap = ActivationCapture(model, 2)
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
         resid = cap.pop()
