@@ -61,32 +61,54 @@ def add_adapters(model, r: int, alpha: float, dropout: float, target_modules, dt
             f"lora_target_modules {target_modules!r} puts an adapter on the lm head: the fused log-prob op "
             "reads the head's weight directly and would not see it; leave the lm head out"
         )
+    if hasattr(model.get_input_embeddings(), "base_layer") and getattr(model.config, "tie_word_embeddings", False):
+        raise ValueError(
+            f"lora_target_modules {target_modules!r} puts an adapter on the input embeddings, which this model "
+            "ties to its lm head: the head would keep the base weight while a merged model's tied head took the "
+            "adapter too, so the merge would not be the trained model; leave the embeddings out"
+        )
     for name, p in model.named_parameters():
         if ".lora_" in name:
             p.data = p.data.to(dtype)
     return wrapped
 
 
+# an adapter's tensors in the injected model's state dict: linear layers' lora_A.default.weight, embeddings'
+# lora_embedding_A.default (a parameter of its own); peft's saved names drop the adapter name
+_LINEAR = (".lora_A.", ".lora_B.")
+_EMBEDDING = (".lora_embedding_A", ".lora_embedding_B")
+
+
 def _is_adapter_key(key: str) -> bool:
-    return f".lora_A.{ADAPTER}." in key or f".lora_B.{ADAPTER}." in key
+    return any(f"{part}{ADAPTER}." in key for part in _LINEAR) or any(
+        key.endswith(f"{part}.{ADAPTER}") for part in _EMBEDDING
+    )
+
+
+def _saved_name(key: str) -> str:
+    return _PEFT_PREFIX + key.replace(f".{ADAPTER}.", ".").removesuffix(f".{ADAPTER}")
+
+
+def _injected_name(saved: str) -> str:
+    key = saved.removeprefix(_PEFT_PREFIX)
+    for part in _LINEAR:
+        key = key.replace(part, f"{part}{ADAPTER}.")
+    return key + f".{ADAPTER}" if key.endswith(_EMBEDDING) else key
 
 
 def adapter_weights(state_dict: dict) -> dict:
     """The adapters of a (full) state dict of the injected model, under peft's saved names: what
-    adapter_model.safetensors holds."""
-    return {_PEFT_PREFIX + k.replace(f".{ADAPTER}.", "."): v for k, v in state_dict.items() if _is_adapter_key(k)}
+    adapter_model.safetensors holds (linear layers' and embeddings' adapters)."""
+    return {_saved_name(k): v for k, v in state_dict.items() if _is_adapter_key(k)}
 
 
 def load_adapter_weights(model, weights: dict, where: str):
     """Load adapter_model.safetensors' tensors into the injected model; every adapter must be there."""
     renamed = {}
     for k, v in weights.items():
-        if not k.startswith(_PEFT_PREFIX) or not (".lora_A." in k or ".lora_B." in k):
+        if not k.startswith(_PEFT_PREFIX) or not (any(part in k for part in _LINEAR) or k.endswith(_EMBEDDING)):
             raise ValueError(f"resume: {where} holds {k!r}, not a LoRA adapter of this run")
-        k = k.removeprefix(_PEFT_PREFIX)
-        for ab in ("lora_A", "lora_B"):
-            k = k.replace(f".{ab}.", f".{ab}.{ADAPTER}.")
-        renamed[k] = v
+        renamed[_injected_name(k)] = v
     want = {k for k in model.state_dict() if _is_adapter_key(k)}
     missing, extra = sorted(want - set(renamed)), sorted(set(renamed) - want)
     if missing or extra:
@@ -98,15 +120,20 @@ def load_adapter_weights(model, weights: dict, where: str):
 
 
 def merged_weights(state_dict: dict, scale: float, dtype: torch.dtype = torch.float32) -> dict:
-    """The plain model's state dict with every adapter merged: W + scale x B A, computed in fp32 and
-    returned in `dtype`. Names lose peft's ".base_layer"; adapter tensors are dropped."""
+    """The plain model's state dict with every adapter merged: W + scale x B A for a linear layer, W + scale x
+    (B A)^T for an embedding (peft's delta weights), computed in fp32 and returned in `dtype`. Names lose
+    peft's ".base_layer"; adapter tensors are dropped."""
     out = {}
     for k, v in state_dict.items():
         if ".lora_" in k:
             continue
         if ".base_layer." in k:
             prefix, leaf = k.split(".base_layer.")
-            if leaf == "weight":
+            if leaf == "weight" and f"{prefix}.lora_embedding_A.{ADAPTER}" in state_dict:
+                a = state_dict[f"{prefix}.lora_embedding_A.{ADAPTER}"].float()  # [r, vocab]
+                b = state_dict[f"{prefix}.lora_embedding_B.{ADAPTER}"].float()  # [dim, r]
+                v = v.float() + scale * (b @ a).T
+            elif leaf == "weight":
                 a = state_dict[f"{prefix}.lora_A.{ADAPTER}.weight"].float()
                 b = state_dict[f"{prefix}.lora_B.{ADAPTER}.weight"].float()
                 v = v.float() + scale * (b @ a)

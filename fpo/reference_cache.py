@@ -234,15 +234,16 @@ class ReferenceCache:
                             f"cache {self.path} was built for another {key}: {key}.{sub} is "
                             f"{have.get(sub)!r} in the cache, {w!r} now. Rebuild it with `fpo precompute`."
                         )
-            elif have != want:
+            elif have != want and key in FLAG_SETTINGS:
                 flag = "--" + key.replace("_", "-")
-                fix = (
-                    f"pass {flag} {have} as the cache was built, or rebuild it with `fpo precompute {flag} {want}`"
-                    if key in FLAG_SETTINGS
-                    else "rebuild it with `fpo precompute`"
-                )
                 raise CacheMismatchError(
-                    f"cache {self.path} was built with {key} {have!r}, this run uses {want!r}: {fix}"
+                    f"cache {self.path} was built with {key} {have!r}, this run uses {want!r}: pass {flag} {have} "
+                    f"as the cache was built, or rebuild it with `fpo precompute {flag} {want}`"
+                )
+            elif have != want:
+                raise CacheMismatchError(
+                    f"cache {self.path} was built for another {key}: {have!r} in the cache, "
+                    f"{want!r} now. Rebuild it with `fpo precompute`."
                 )
 
     def check_rows(self, items):

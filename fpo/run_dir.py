@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 
 import torch
@@ -38,13 +39,12 @@ __all__ = [
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "final", "final-merged", "tensorboard")  # with checkpoint-*: a run's own
 CHECKSUMS = "checksums.json"
+REPLACED = ".replaced"  # a model folder moved aside while its successor is renamed into place (write_folder)
 
 
 def checkpoints(d) -> list[str]:
     """The finished checkpoint-* folders in d, oldest first."""
-    return (
-        sorted(n for n in os.listdir(d) if n.startswith("checkpoint-") and ".tmp" not in n) if os.path.isdir(d) else []
-    )
+    return sorted(n for n in os.listdir(d) if re.fullmatch(r"checkpoint-\d+", n)) if os.path.isdir(d) else []
 
 
 def claim_output_dir(d, resume, overwrite, log) -> DirectoryLock:
@@ -61,10 +61,7 @@ def claim_output_dir(d, resume, overwrite, log) -> DirectoryLock:
     except OSError as e:
         raise ValueError(f"output_dir {d} is not writable ({e.strerror}): choose another --output-dir") from None
     try:
-        for n in os.listdir(d):  # what a killed run left half-written: temporaries of its own names
-            if ".tmp" in n and (n.split(".tmp", 1)[0] in RUN_FILES or n.startswith("checkpoint-")):
-                path = os.path.join(d, n)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        _finish_interrupted_writes(d, log)
         held = sorted(n for n in os.listdir(d) if n in RUN_FILES or n.startswith("checkpoint-"))
         if not held or resume:
             return lock
@@ -87,6 +84,27 @@ def claim_output_dir(d, resume, overwrite, log) -> DirectoryLock:
     except BaseException:
         lock.release()
         raise
+
+
+def _own(name) -> bool:
+    return name in RUN_FILES or name.startswith("checkpoint-")
+
+
+def _finish_interrupted_writes(d, log):
+    """What a run killed while writing left behind: half-written temporaries of its own names are removed; a
+    model folder moved aside to be replaced (write_folder) goes back in place when its successor never arrived,
+    and is removed when it did."""
+    for n in os.listdir(d):
+        path = os.path.join(d, n)
+        if n.endswith(REPLACED) and _own(n.removesuffix(REPLACED)) and not os.path.islink(path):
+            target = path.removesuffix(REPLACED)
+            if os.path.exists(target):
+                shutil.rmtree(path)
+            else:
+                os.rename(path, target)
+                log(f"[fpo] {target} restored: a run was stopped while replacing it")
+        elif ".tmp" in n and _own(n.split(".tmp", 1)[0]):
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
 def find_checkpoint(output_dir, where) -> str:
@@ -180,8 +198,16 @@ def write_folder(path, write, output_dir):
         raise
     if os.path.islink(path):  # a planted link is removed, never written through
         os.remove(path)
-    shutil.rmtree(path, ignore_errors=True)
+    # the folder being replaced (OUT/final on a resume) is moved aside, not deleted, until the new one is in place:
+    # a kill in between leaves it under path.replaced, which the next start puts back (_finish_interrupted_writes)
+    aside = path + REPLACED if os.path.exists(path) else None
+    if aside is not None:
+        if os.path.lexists(aside):  # left by an earlier kill after its successor arrived: path is the newer
+            shutil.rmtree(aside) if os.path.isdir(aside) and not os.path.islink(aside) else os.remove(aside)
+        os.rename(path, aside)
     os.replace(tmp, path)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_checksums(folder):

@@ -13,7 +13,7 @@ D_MODEL, LAYERS, SAE_LAYER, SAE_WIDTH = 64, 4, 2, 200
 TRAIN_PAIRS = assets.TRAIN_PAIRS
 
 
-def make_model(out, seed=0, softcap=None, sliding_window=None, layers=LAYERS, bf16_grid=False):
+def make_model(out, seed=0, softcap=None, sliding_window=None, layers=LAYERS, bf16_grid=False, tie=True):
     """bf16_grid: weights rounded to bf16 (then saved in fp32), so that a bf16 load and an fp32 load start
     from the same values."""
     from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -27,7 +27,7 @@ def make_model(out, seed=0, softcap=None, sliding_window=None, layers=LAYERS, bf
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=len(tok),
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
         max_position_embeddings=256,
     )
     if softcap:  # a Gemma-2 body: final logit softcap, attention softcap 50, every other layer sliding-window

@@ -221,3 +221,49 @@ def test_lora_with_gradient_checkpointing_gives_the_same_losses(tiny, tmp_path):
     ]
     a, b = ([json.loads(line)["loss"] for line in open(tmp_path / str(gc) / "metrics.jsonl")] for gc in (False, True))
     assert a == pytest.approx(b, rel=1e-6) and len(a) == 2 and runs[1]["last"]["kl_chosen"] > 0
+
+
+def test_lora_on_the_embeddings_is_saved_resumed_and_merged(tiny, tmp_path):
+    """Adapters on embed_tokens (an untied model): saved with the others in peft's names (they were dropped, so a
+    resume re-initialised them and --merge-lora failed with a KeyError), reloaded on resume, merged as peft
+    merges them; a tied model refuses them with a sentence."""
+    import tiny as t
+
+    untied = t.make_model(str(tmp_path / "untied"), tie=False)
+    cfg = dict(
+        _cfg(tiny, None, tmp_path, "simpo", output_dir=str(tmp_path / "run")),
+        model=untied,
+        lora_r=4,
+        lr=1e-2,
+        lora_target_modules=["embed_tokens", "q_proj"],
+        merge_lora=True,
+    )
+    trainer = Trainer(config_from_dict(cfg), **QUIET)
+    try:
+        summary = trainer.fit()
+        x = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+        live = _logits(trainer.model, x)
+        trained = {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_embedding" in k}
+    finally:
+        trainer.close()
+    assert trained and all(v.abs().sum() > 0 for v in trained.values())
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(summary["final"], "adapter_model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert {k for k in saved if "lora_embedding" in k} == {
+        "base_model.model.model.embed_tokens.lora_embedding_A",
+        "base_model.model.model.embed_tokens.lora_embedding_B",
+    }
+    reloaded = peft.AutoPeftModelForCausalLM.from_pretrained(summary["final"])  # peft's own loader
+    torch.testing.assert_close(_logits(reloaded, x), live, rtol=0, atol=1e-5)
+    merged = load_model(os.path.join(tmp_path, "run", "final-merged"))
+    torch.testing.assert_close(_logits(merged, x), live, rtol=0, atol=1e-4)
+    resumed = Trainer(config_from_dict(dict(cfg, resume=summary["final"])), **QUIET)
+    try:
+        state = resumed.model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in trained.items())
+    finally:
+        resumed.close()
+    with pytest.raises(ValueError, match="ties to its lm head"):
+        Trainer(config_from_dict(dict(cfg, model=tiny["model"], output_dir=str(tmp_path / "tied"))), **QUIET)

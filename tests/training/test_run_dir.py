@@ -168,3 +168,35 @@ def test_a_corrupted_checkpoint_is_not_resumed(tiny, tmp_path):
     weights.unlink()
     with pytest.raises(ValueError, match=f"lacks {weights.name}"):
         train(run_config(tiny, None, out, max_steps=4, resume="latest"), **QUIET)
+
+
+def test_a_kill_while_final_is_replaced_loses_nothing(tiny, tmp_path, monkeypatch):
+    """Replacing OUT/final (a resume from it, or a preemption at the end): killed after the old folder moved aside
+    and before the new one arrived, the next start puts the old one back; killed after, the old one goes."""
+    import fpo.run_dir as rd
+
+    train(run_config(tiny, None, tmp_path, max_steps=1), **QUIET)
+    final = str(tmp_path / "final")
+    before = sorted(os.listdir(final))
+
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if os.fspath(dst) == final:  # the process dies between moving the old folder aside and renaming the new in
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(rd.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            rd.write_folder(final, lambda tmp: open(os.path.join(tmp, "new.txt"), "w").close(), str(tmp_path))
+    assert not os.path.exists(final)  # the state a kill leaves: final aside, the new one a temporary
+    said = []
+    rd.claim_output_dir(str(tmp_path), "latest", False, said.append).release()
+    assert sorted(os.listdir(final)) == before and any("restored" in s for s in said)
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n in os.listdir(tmp_path) if ".tmp" not in n)
+    # killed after the new folder arrived: the old one, still aside, is removed; the new one stays
+    rd.write_folder(final, lambda tmp: open(os.path.join(tmp, "new.txt"), "w").close(), str(tmp_path))
+    os.makedirs(final + rd.REPLACED)
+    rd.claim_output_dir(str(tmp_path), "latest", False, said.append).release()
+    assert "new.txt" in os.listdir(final) and not os.path.exists(final + rd.REPLACED)
