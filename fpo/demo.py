@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 
 import torch
@@ -81,26 +82,32 @@ def _plot(runs: dict, before: dict, path: str, n_eval: int):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 5, figsize=(19, 3.8), dpi=110)
-    for method, r in runs.items():
+    colour = {m: f"C{i}" for i, m in enumerate(runs)}  # one colour per method, in every panel
+    styles = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for i, (method, r) in enumerate(runs.items()):
         hist = r["history"]
         steps = [h["step"] for h in hist]
-        axes[0].plot(steps, [h["loss"] / hist[0]["loss"] for h in hist], marker="o", ms=3, label=method)
-        axes[1].plot(steps, [h["rewards/accuracies"] for h in hist], marker="o", ms=3, label=method)
+        # lines that coincide (FPO and TDPO2 early on) stay visible: each its own dash and marker
+        style = dict(color=colour[method], ls=styles[i % 4], marker=markers[i % 6], ms=4, lw=1.4, alpha=0.9)
+        axes[0].plot(steps, [h["loss"] / hist[0]["loss"] for h in hist], label=method, **style)
+        axes[1].plot(steps, [h["rewards/accuracies"] for h in hist], label=method, **style)
     axes[0].set(title="training loss", xlabel="optimizer step", ylabel="loss / its first value")
     axes[1].set(title="batch reward accuracy", xlabel="optimizer step", ylabel="fraction of pairs")
     methods = list(runs)
     x = list(range(len(methods)))
     acc = [runs[m]["after"]["accuracy_logp"] for m in methods]
     err = [_sampling_error(a, n_eval) for a in acc]
-    axes[2].bar(x, acc, yerr=err, capsize=3, color="tab:blue", label="after training (± 1 s.e.)")
+    bars = [colour[m] for m in methods]
+    axes[2].bar(x, acc, yerr=err, capsize=3, color=bars, label="after training (± 1 s.e.)")
     axes[2].axhline(before["accuracy_logp"], color="k", ls="--", lw=1, label="before")
     axes[2].set(title="held-out accuracy", ylabel="chosen preferred (fraction)")
-    for ax, key, title, color in (
-        (axes[3], "d", "held-out D (SAE features)", "tab:green"),
-        (axes[4], "kl", "held-out KL(ref || policy)", "tab:orange"),
+    for ax, key, title in (
+        (axes[3], "d", "held-out D (SAE features)"),
+        (axes[4], "kl", "held-out KL(ref || policy)"),
     ):
         vals = [runs[m]["after"][key] or 0.0 for m in methods]
-        ax.bar(x, vals, color=color, label="after training")
+        ax.bar(x, vals, color=bars, label="after training")
         if "simpo" in runs:
             ax.axhline(runs["simpo"]["after"][key] or 0.0, color="k", ls=":", lw=1, label="simpo (unconstrained)")
         ax.set(title=title, ylabel="mean per response")
@@ -270,6 +277,7 @@ def demo(
         runs[name] = {"history": hist, "after": evaluate(final, reference_model=model_dir, **eval_kw), **alpha}
         if not keep_models:  # the demo keeps metrics and the plot; --keep-models keeps the 540 MB model too
             shutil.rmtree(final, ignore_errors=True)
+            log(f"[fpo demo] {name}'s final model removed once evaluated (--keep-models keeps it)")
 
     n_eval = before["pairs"] if "pairs" in before else d["eval_pairs"]
     rows = _table_rows(runs, before, n_eval)
@@ -287,10 +295,11 @@ def demo(
     }
     atomic_write_json(os.path.join(output_dir, "demo.json"), result)
     _report(rows, device, n_eval, log)
-    log(
-        f"A few dozen steps on {device} show the mechanics and the costs, not alignment quality. "
-        f"Written: {png}, {os.path.join(output_dir, 'demo.json')} ({time.time() - t_start:.0f} s)"
-    )
+    log("")
+    log(f"A few dozen steps on {device} show the mechanics and the costs, not alignment quality.")
+    log(f"Written in {time.time() - t_start:.0f} s:")
+    for path in (png, os.path.join(output_dir, "demo.json")):
+        log(f"  {path}")
     return result
 
 
@@ -335,7 +344,8 @@ def _table_rows(runs: dict, before: dict, n_eval: int) -> list[dict]:
             {
                 "method": name,
                 "alpha": r.get("alpha"),
-                "final_loss": h[-1]["loss"],
+                "loss_ratio": _ratio(h[-1]["loss"], h[0]["loss"]),
+                "margin": h[-1]["rewards/margins"],
                 "acc_before": before["accuracy_logp"],
                 "acc_after": after["accuracy_logp"],
                 "acc_se": _sampling_error(after["accuracy_logp"], n_eval),
@@ -352,36 +362,52 @@ def _table_rows(runs: dict, before: dict, n_eval: int) -> list[dict]:
     return rows
 
 
+REPORT_WIDTH = 100  # the demo's tables and notes fit a terminal of this many columns
+
+
 def _report(rows, device, n_eval, log):
-    mem = "peak MB (GPU alloc)" if str(device).startswith("cuda") else "peak MB (RSS)"
-    log("")
-    log(
-        format_table(
-            rows,
-            [
-                ("method", "method", ""),
-                ("alpha", "alpha", ".3g"),
-                ("final_loss", "final loss", ".4f"),
-                ("acc_before", "held-out acc before", ".3f"),
-                ("acc_after", "after", ".3f"),
-                ("acc_se", "± s.e.", ".2f"),
-                ("reward_acc", "reward acc", ".3f"),
-                ("d", "held-out D", ".3g"),
-                ("d_vs_simpo", "D / simpo's", ".2f"),
-                ("kl", "held-out KL", ".3g"),
-                ("kl_vs_simpo", "KL / simpo's", ".2f"),
-                ("entropy", "entropy", ".3f"),
-                ("step_s", "step s", ".2f"),
-                ("peak_mb", mem, ".0f"),
-            ],
-        )
-    )
-    log("")
-    log(
-        f"held-out acc: fraction of the {n_eval} held-out pairs whose chosen response has the higher mean log-prob "
-        f"(± its sampling error: one pair is {1 / max(n_eval, 1):.2f}); reward acc: the same with the implicit reward "
-        "a - a_ref; held-out D: FPO's SAE feature constraint, how far the policy's features moved from the "
-        "reference's (FPO's claim: lower than an unconstrained method's); held-out KL: sequential KL(pi_ref || pi) "
-        "per response; '/ simpo's': each method's D and KL against SimPO's, the unconstrained peer (below 1: held "
-        "closer to the reference); entropy: per token, of sampled responses."
-    )
+    """Two tables that fit REPORT_WIDTH columns (held-out results; training and cost), each with its notes."""
+    mem = "peak MB (GPU)" if str(device).startswith("cuda") else "peak MB (RSS)"
+    held_out = [
+        ("method", "method", ""),
+        ("acc_before", "acc before", ".3f"),
+        ("acc_after", "acc after", ".3f"),
+        ("acc_se", "± s.e.", ".2f"),
+        ("reward_acc", "reward acc", ".3f"),
+        ("d", "D", ".3g"),
+        ("d_vs_simpo", "D/simpo", ".2f"),
+        ("kl", "KL", ".3g"),
+        ("kl_vs_simpo", "KL/simpo", ".2f"),
+        ("entropy", "entropy", ".3f"),
+    ]
+    training = [
+        ("method", "method", ""),
+        ("alpha", "alpha", ".3g"),
+        ("loss_ratio", "loss/first", ".3f"),
+        ("margin", "margin", ".3g"),
+        ("step_s", "step s", ".2f"),
+        ("peak_mb", mem, ".0f"),
+    ]
+    notes_held_out = [
+        f"acc: the fraction of the {n_eval} held-out pairs whose chosen response has the higher mean log-prob, "
+        f"± its sampling error (one pair is {1 / max(n_eval, 1):.2f}); reward acc: the same with the implicit "
+        "reward a - a_ref.",
+        "D: FPO's SAE feature constraint, how far the policy's features moved from the reference's (FPO's "
+        "claim: lower than an unconstrained method's). KL: sequential KL(pi_ref || pi) per response.",
+        "D/simpo, KL/simpo: against SimPO, the unconstrained peer (below 1: held closer to the reference). "
+        "entropy: per token, of sampled responses.",
+    ]
+    notes_training = [
+        "loss/first: the last step's loss over the first's (each method's loss has its own scale: SimPO's beta "
+        "2 and margin against 0.1 for the others). margin: the last step's reward margin, beta x (chosen - "
+        "rejected) against the reference (SimPO: without one).",
+    ]
+    for title, columns, notes in (
+        ("held-out, after training", held_out, notes_held_out),
+        ("training", training, notes_training),
+    ):
+        log("")
+        log(f"[fpo demo] {title}")
+        log(format_table(rows, columns))
+        for note in notes:
+            log(textwrap.fill(note, REPORT_WIDTH, subsequent_indent="  "))

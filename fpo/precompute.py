@@ -160,6 +160,11 @@ def precompute(model, dataset, out, *, tokenizer=None, model_name=None, log=prin
     saes = load_config_saes(cfg, rt)
     for spec in saes:
         check_sae_fits(model, spec.sae, spec.layer)
+        if cfg.cache_k > spec.sae.width:  # each slot past the width would be stored, and always empty
+            raise ValueError(
+                f"cache_k {cfg.cache_k} exceeds the width {spec.sae.width} of SAE '{spec.name}': a response has at "
+                f"most {spec.sae.width} features to cache; pass --cache-k {spec.sae.width} or less"
+            )
     items = load_items(cfg, tokenizer, rt)
     settings = _settings(cfg, model, model_name, tokenizer, items, saes, prec)
     done = _complete_cache(cfg.out, settings)

@@ -264,8 +264,9 @@ def _size(*paths) -> str:
     return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
-def written(final, output_dir) -> str:
-    """Where a finished run's files are, and their sizes."""
+def written(final, output_dir, optimizer_state: bool) -> str:
+    """Where a finished run's files are, and their sizes; optimizer_state: whether trainer_state.pt holds the
+    optimizer, scheduler and RNG (without them it holds the step, history and config only)."""
     weights = [os.path.join(final, n) for n in os.listdir(final) if n.endswith(".safetensors")]
     state = os.path.join(final, "trainer_state.pt")
     adapters = os.path.exists(os.path.join(final, ADAPTER_WEIGHTS))
@@ -276,7 +277,7 @@ def written(final, output_dir) -> str:
     merged = os.path.join(output_dir, "final-merged")
     if adapters and os.path.isdir(merged):
         lines.append(f"  the adapters merged into the base weights, a plain model: {merged} ({_size(merged)})")
-    if os.path.exists(state):
+    if optimizer_state and os.path.exists(state):
         lines.append(
             f"  optimizer, scheduler and RNG state {state} ({_size(state)}; --no-save-optimizer leaves it "
             "out, and the run is then not resumable)"
@@ -324,6 +325,7 @@ class Checkpointer:
     precision: object
     sharded: bool
     log: object = print
+    saved_optimizer_state: bool = False  # whether the last save wrote the optimizer, scheduler and RNG
 
     def _state_dicts(self):
         if self.sharded:
@@ -391,6 +393,7 @@ class Checkpointer:
         if dist_utils.is_main():
             write_folder(path, write, self.cfg.output_dir)
         dist_utils.barrier()
+        self.saved_optimizer_state = with_state  # what written() may announce
         return path
 
     def save_merged(self, dtype):

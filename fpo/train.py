@@ -454,7 +454,7 @@ class Trainer:
                     f"last batch's reward accuracy {h['rewards/accuracies']:.2f}, {h['tokens_per_s']:.0f} tokens/s, "
                     f"peak memory {h['peak_memory_mb']:.0f} MB; saved {final}"
                 )
-            self.log(written(final, cfg.output_dir))
+            self.log(written(final, cfg.output_dir, self.checkpointer.saved_optimizer_state))
         return summary
 
     def close(self):

@@ -374,3 +374,10 @@ def test_huge_rows_are_tokenised_within_a_bound_and_exactly(tmp_path):
     bound = 2 * (L + TOKEN_MARGIN) * CHARS_PER_TOKEN + 10
     assert sorted(seen)[-2] < bound < len(long_a)  # only the text of long tokens went in whole
     assert max(seen) == len(spaces)
+
+
+def test_cache_k_above_the_sae_width_is_refused(tiny, tmp_path):
+    """It was stored as asked: a meta.json of megabytes and hundreds of KB a pair of empty slots."""
+    with pytest.raises(ValueError, match=r"cache_k 5000 exceeds the width 200 of SAE .*--cache-k 200 or less"):
+        precompute(tiny["model"], tiny["pairs"], str(tmp_path / "c"), sae=tiny["sae"], cache_k=5000, **LEN, **QUIET)
+    assert not os.path.exists(tmp_path / "c" / "meta.json")
