@@ -1,4 +1,4 @@
-"""The `fpo` command: precompute, train, eval, bench, demo."""
+"""The `fpo` command: precompute, train, eval, features, bench, demo."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 import typing
 
-from .config import METHODS, EvalConfig, PrecomputeConfig, TrainConfig
+from .config import METHODS, EvalConfig, FeaturesConfig, PrecomputeConfig, TrainConfig
 
 
 def _add_config_flags(p, config_class, config_file=False):
@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p, EvalConfig)
     p.add_argument("--json", default=None, help="also write the metrics here")
 
+    p = sub.add_parser(
+        "features", help="which SAE features alignment moved: per-feature drift, with the contexts that fire them"
+    )
+    _add_config_flags(p, FeaturesConfig)
+
     sub.add_parser("bench", help="benchmarks: " + " | ".join(BENCHMARKS) + " (`fpo bench --help`)", add_help=False)
 
     p = sub.add_parser(
@@ -208,6 +213,11 @@ def _run(args):
             folder = os.path.dirname(os.path.abspath(args.json))
             os.makedirs(folder, exist_ok=True)
             atomic_write_json(args.json, res)
+    elif args.cmd == "features":
+        from .features import feature_report
+
+        given = _given(args, FeaturesConfig)
+        feature_report(given.pop("model"), given.pop("reference"), given.pop("dataset"), **given)
     elif args.cmd == "demo":
         from .demo import DEMO_METHODS, demo
 

@@ -20,6 +20,7 @@ __all__ = [
     "TrainConfig",
     "PrecomputeConfig",
     "EvalConfig",
+    "FeaturesConfig",
     "load_config",
     "METHODS",
     "ATTENTION",
@@ -166,6 +167,11 @@ class TrainConfig(ScoringConfig):
     beta: float | None = _key(None, "loss temperature (default by method: 0.1; simpo 2.0)", low=0, low_open=True)
     alpha: float = _key(0.5, "fpo / tdpo2: weight of the constraint (D for fpo, KL for tdpo2)", low=0)
     gamma: float = _key(0.5, "simpo: target margin, absolute (the official code's gamma_beta_ratio is gamma / beta)")
+    feature_weights: str | None = _key(
+        None,
+        'fpo: a file of per-feature weights in D, JSON {id: weight} or {"sae": fingerprint, "weights": {...}}, '
+        "or CSV feature,weight rows; unlisted features weigh 1 (`fpo features --weights-out` writes one)",
+    )
     constraint_norm: str = _key(
         "none",
         "fpo: D as in the paper (none), or divided by the reference's mean squared "
@@ -347,6 +353,38 @@ class EvalConfig(ScoringConfig):
     entropy_samples: int = _key(0, "prompts to sample from, for the entropy column", low=0)
     max_new_tokens: int = _key(64, "tokens per sampled response", low=1)
     seed: int = _key(0, "seed of the sampling")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig(CommandConfig):
+    """`fpo features`' settings: the keyword arguments of fpo.features.feature_report and the command's flags."""
+
+    model: str | list = _key(
+        "",
+        "a trained run's model (e.g. OUT/final: full weights or LoRA adapters, as `fpo eval` loads them); repeat "
+        "--model for several runs side by side",
+        required=True,
+    )
+    reference: str = _key("", "the model the runs started from", required=True)
+    top: int = _key(20, "features listed per SAE: those that drifted most", low=1)
+    rank_by: str | None = _key(None, "the run whose drift ranks the features (default: the largest over the runs)")
+    contexts: int = _key(3, "held-out contexts shown per listed feature (where the reference activates it most)", low=0)
+    context_tokens: int = _key(4, "tokens each side of a context's token", low=0)
+    batch_pairs: int = _key(4, "pairs per forward", low=1)
+    json: str | None = _key(None, "write the report here (JSON)")
+    png: str | None = _key(None, "write the picture here (PNG)")
+    progress: bool = _key(True, "progress bars")
+    weights_out: str | None = _key(
+        None,
+        "also write a --feature-weights file for `fpo train` that protects the --protect features ranked first "
+        "(of the first SAE) with weight --protect-weight",
+    )
+    protect: int = _key(10, "with --weights-out: how many of the top features to protect", low=1)
+    protect_weight: float = _key(10.0, "with --weights-out: their weight in D (every other feature weighs 1)", low=0)
+
+    @property
+    def models(self) -> list:
+        return self.model if isinstance(self.model, list) else [self.model]
 
 
 def _check_values(config):

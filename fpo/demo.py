@@ -26,6 +26,7 @@ import torch
 
 from . import assets
 from .evaluate import evaluate
+from .features import feature_report
 from .files import atomic_write_json
 from .precompute import precompute
 from .tables import format_table
@@ -72,7 +73,7 @@ def _write_jsonl_subset(src, dst, n):
             g.write(line)
 
 
-def _plot(runs: dict, before: dict, path: str, n_eval: int):
+def _plot(runs: dict, before: dict, path: str, n_eval: int, features: dict | None = None):
     """One panel per quantity, each with its legend or labelled axes: training loss (each method against its
     own first value: SimPO's beta 2.0 and margin put its loss on another scale), the batch implicit-reward
     accuracy, held-out accuracy (with its sampling error), held-out D and held-out KL."""
@@ -81,14 +82,16 @@ def _plot(runs: dict, before: dict, path: str, n_eval: int):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 5, figsize=(19, 3.8), dpi=110)
+    panels = 5 + (features is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(3.8 * panels, 3.8), dpi=110)
     colour = {m: f"C{i}" for i, m in enumerate(runs)}  # one colour per method, in every panel
     styles = ["-", "--", "-.", ":"]
     markers = ["o", "s", "^", "D", "v", "P"]
     for i, (method, r) in enumerate(runs.items()):
         hist = r["history"]
-        steps = [h["step"] for h in hist]
-        # lines that coincide (FPO and TDPO2 early on) stay visible: each its own dash and marker
+        # lines that coincide (FPO's and TDPO2's batch accuracy take the same few values) stay visible: each
+        # method its own dash and marker, and a small sideways offset
+        steps = [h["step"] + 0.12 * (i - (len(runs) - 1) / 2) for h in hist]
         style = dict(color=colour[method], ls=styles[i % 4], marker=markers[i % 6], ms=4, lw=1.4, alpha=0.9)
         axes[0].plot(steps, [h["loss"] / hist[0]["loss"] for h in hist], label=method, **style)
         axes[1].plot(steps, [h["rewards/accuracies"] for h in hist], label=method, **style)
@@ -111,8 +114,26 @@ def _plot(runs: dict, before: dict, path: str, n_eval: int):
         if "simpo" in runs:
             ax.axhline(runs["simpo"]["after"][key] or 0.0, color="k", ls=":", lw=1, label="simpo (unconstrained)")
         ax.set(title=title, ylabel="mean per response")
-    for ax in axes[2:]:
+    for ax in axes[2:5]:
         ax.set_xticks(x, methods)
+    if features is not None:  # the features the ranking run moved most, and how far every method moved them
+        feats = [f for f in features["features"] if f["sae"] == features["saes"][0]["label"]]
+        width = 0.8 / len(features["runs"])
+        for r, name in enumerate(features["runs"]):
+            axes[5].bar(
+                [i + r * width for i in range(len(feats))],
+                [f["drift"][r] for f in feats],
+                width,
+                color=colour.get(name, f"C{r}"),
+                label=name,
+            )
+        axes[5].set_xticks(
+            [i + width * (len(features["runs"]) - 1) / 2 for i in range(len(feats))],
+            [str(f["id"]) for f in feats],
+            rotation=90,
+        )
+        ranked = features["settings"].get("rank_by") or "any method"
+        axes[5].set(title=f"features {ranked} moved most", xlabel="SAE feature", ylabel="drift (p - p_ref)^2")
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -207,7 +228,7 @@ def demo(
     _write_jsonl_subset(assets.EVAL_PAIRS, eval_file, d["eval_pairs"] + 4)
     lengths = dict(max_length=d["max_length"], max_prompt_length=d["max_prompt_length"])
 
-    stages = 2 + 2 * len(methods)
+    stages = 3 + 2 * len(methods)
     stage = iter(range(1, stages + 1))
     log(
         f"[fpo demo] {next(stage)}/{stages} reference cache for {d['train_pairs']} training and "
@@ -275,14 +296,32 @@ def demo(
         log(f"[fpo demo] {next(stage)}/{stages} held-out evaluation after {name}")
         final = os.path.join(cfg["output_dir"], "final")
         runs[name] = {"history": hist, "after": evaluate(final, reference_model=model_dir, **eval_kw), **alpha}
-        if not keep_models:  # the demo keeps metrics and the plot; --keep-models keeps the 540 MB model too
-            shutil.rmtree(final, ignore_errors=True)
-            log(f"[fpo demo] {name}'s final model removed once evaluated (--keep-models keeps it)")
+
+    log(f"[fpo demo] {next(stage)}/{stages} the SAE features each method moved")
+    features = feature_report(
+        [os.path.join(output_dir, name, "final") for name in methods],
+        model_dir,
+        eval_file,
+        sae=assets.DEMO_SAE,
+        max_pairs=d["eval_pairs"],
+        top=10,
+        rank_by="simpo" if "simpo" in methods else None,
+        contexts=1,
+        device=device,
+        json=os.path.join(output_dir, "features.json"),
+        progress=progress,
+        log=log,
+        **lengths,
+    )
+    if not keep_models:  # the demo keeps metrics and the plots; --keep-models keeps the 540 MB models too
+        for name in methods:
+            shutil.rmtree(os.path.join(output_dir, name, "final"), ignore_errors=True)
+        log("[fpo demo] the trained models removed once evaluated (--keep-models keeps them)")
 
     n_eval = before["pairs"] if "pairs" in before else d["eval_pairs"]
     rows = _table_rows(runs, before, n_eval)
     png = os.path.join(output_dir, "demo.png")
-    _plot(runs, before, png, n_eval)
+    _plot(runs, before, png, n_eval, features)
     result = {
         "settings": d,
         "device": str(device),
@@ -290,6 +329,7 @@ def demo(
         "before": before,
         "runs": runs,
         "table": rows,
+        "features": {k: features[k] for k in ("runs", "features")},
         "seconds": time.time() - t_start,
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
     }

@@ -43,6 +43,7 @@ class PolicyStats(nn.Module):
         autocast=None,
         adapters_off=None,
         check_inputs=False,
+        feature_weights=None,
     ):
         super().__init__()
         self.check_inputs = check_inputs
@@ -51,6 +52,7 @@ class PolicyStats(nn.Module):
         self.autocast = autocast or (lambda device: nullcontext())  # the precision policy's forward context
         self.k, self.select = k, select
         self.saes = [tuple(x) if len(x) == 5 else (*x, "resid_post") for x in saes]
+        self.feature_weights = list(feature_weights) if feature_weights is not None else [None] * len(self.saes)
         self.captures = {(x[1], x[4]): ActivationCapture(model, x[1], x[4]) for x in self.saes}
         self.softcap = final_softcap(model)
 
@@ -116,7 +118,9 @@ class PolicyStats(nn.Module):
                 raise ValueError(f"ref_features: one (indices, values) pair per SAE ({len(self.saes)}) is needed")
             each = []
             with record_function("fpo::sae_constraint"):
-                for (sae, layer, weight, scale, site), (idx, val) in zip(self.saes, ref_features):
+                for (sae, layer, weight, scale, site), (idx, val), fw in zip(
+                    self.saes, ref_features, self.feature_weights
+                ):
                     r = resid[(layer, site)]
                     # spans stay on the host: the kernels lay out their row tiles from them with no device sync
                     raw = sae_feature_mse(
@@ -128,6 +132,7 @@ class PolicyStats(nn.Module):
                         select=self.select,
                         check_inputs=self.check_inputs,
                         spans=batch.pool_spans.cpu(),
+                        feature_weights=None if fw is None else fw.to(r.device),
                     )
                     d, factor = raw * (weight / scale), batch.d_factor
                     if factor is not None:  # pooling "authors" (fpo.packing.pooling_rows)

@@ -135,6 +135,19 @@ class Trainer:
                 raise ValueError(f"cache {cfg.cache} holds no SAE features: build it with --sae for method fpo")
             self.saes = load_config_saes(cfg, self.runtime)
             self.sae_keys = cached_sae_keys(self.cache, self.saes, self.model, cfg.k, cfg.select)
+        self.feature_weights = [None] * len(self.saes)  # per SAE: [width] weights in D, or None for 1 everywhere
+        if cfg.feature_weights:
+            if cfg.method != "fpo":
+                raise ValueError(f"feature_weights weighs FPO's D; method {cfg.method} has no D")
+            from .features import read_feature_weights
+
+            j, weights = read_feature_weights(cfg.feature_weights, self.saes)
+            self.feature_weights[j] = weights.to(self.device)
+            moved = (weights != 1).nonzero().flatten().tolist()
+            self.log(
+                f"[fpo] feature_weights {cfg.feature_weights}: {len(moved)} features of SAE '{self.saes[j].name}' "
+                f"weighted in D (e.g. {', '.join(f'{i}: {weights[i]:g}' for i in moved[:5])})"
+            )
         # constraint_norm "ref": each SAE's D divided by its recorded reference feature scale
         self.sae_scales = [
             self.cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" else 1.0 for key in self.sae_keys
@@ -200,6 +213,7 @@ class Trainer:
             saes=[(x.sae, x.layer, x.weight, sc, x.site) for x, sc in zip(self.saes, self.sae_scales)],
             autocast=self.precision.autocast,
             adapters_off=self.peft_model.disable_adapter if self.peft_model is not None else None,
+            feature_weights=self.feature_weights,
         )
         if self._resume_from is not None and self.peft_model is not None:  # before any sharding: plain tensors
             load_adapters(self.model, self._resume_from)

@@ -47,7 +47,7 @@ def test_demo_smallest_setting(tmp_path):
     # a demo keeps metrics and the plot: no models, no optimizer states
     assert not list(out.rglob("*.safetensors*")) or all("cache-" in str(p) for p in out.rglob("*.safetensors*"))
     assert not list(out.rglob("trainer_state.pt"))
-    assert "1/8" in r.stdout and "8/8" in r.stdout
+    assert "1/9" in r.stdout and "9/9" in r.stdout
     result = json.loads((out / "demo.json").read_text())
     assert [row["method"] for row in result["table"]] == ["fpo", "simpo", "tdpo2"]
     for row in result["table"]:
@@ -65,4 +65,10 @@ def test_demo_smallest_setting(tmp_path):
     report = r.stdout[r.stdout.index("[fpo demo] held-out, after training") :].splitlines()
     assert report and max(map(len, report)) <= 100, max(report, key=len)
     assert "optimizer, scheduler and RNG state" not in r.stdout
-    assert r.stdout.count("final model removed once evaluated") == 3
+    assert r.stdout.count("trained models removed once evaluated") == 1
+    # the feature view: the features SimPO moved most, and how far each method moved them
+    features = json.loads((out / "features.json").read_text())
+    assert features["runs"] == ["fpo", "simpo", "tdpo2"] and features["settings"]["rank_by"] == "simpo"
+    simpo_drift = [f["drift"][1] for f in features["features"]]
+    assert len(simpo_drift) == 10 and simpo_drift == sorted(simpo_drift, reverse=True)
+    assert "features of" in r.stdout and result["features"]["runs"] == features["runs"]
