@@ -228,6 +228,15 @@ class TrainConfig(ScoringConfig):
     # data
     # runtime
     gradient_checkpointing: bool = _key(False, "recompute each decoder layer in the backward")
+    compile: bool = _key(
+        False,
+        "compile the model body region by region, as transformers and TRL compile for training: each decoder "
+        "layer once (the layers share the compiled code, so compile time does not grow with depth); the fused "
+        "lm head and SAE ops stay as they are; the first step's time, compilation included, is reported apart",
+    )
+    compile_backend: str = _key(
+        "inductor", "torch.compile's backend for --compile (aot_eager: no code generation)", ("inductor", "aot_eager")
+    )
     fsdp: bool = _key(False, "under torchrun: FSDP2 instead of DDP")
     seed: int = _key(0, "seed of the data order and the run")
     output_dir: str = _key("runs/fpo", "where metrics, checkpoints and the final model go")

@@ -20,6 +20,7 @@ __all__ = [
     "config_fingerprint",
     "model_fingerprint",
     "ActivationCapture",
+    "compile_body",
     "SITES",
     "run_body",
     "load_model_for_layout",
@@ -168,6 +169,37 @@ def enable_activation_checkpointing(model):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def compile_body(model, backend: str = "inductor", checkpoint: bool = False):
+    """Regional compilation: torch.compile on each decoder layer (in place; nn.Module.compile), the way
+    transformers and TRL compile a model for training. Identical layers reuse one compiled graph (their
+    parameters are graph inputs), so compile time does not grow with depth; the embeddings, the final norm and
+    fpo's fused ops outside the layers run as they are. Forward hooks on a layer (the SAE's activation capture)
+    are traced with it.
+
+    checkpoint: recompute each layer in the backward, inside the compiled region. transformers' own
+    checkpointing calls the layer through torch.utils.checkpoint, which dynamo does not enter, so a compiled
+    layer under it would run eagerly; here the layer's forward is checkpointed inside the compiled call instead,
+    and dynamo is told not to replay the forward's Python side effects in the recomputation (transformers' output
+    recorder; the SAE capture hooks sit on the layer, outside its forward)."""
+    layers = decoder_layers(model)
+    if checkpoint:
+        import functools
+
+        import torch._dynamo
+
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        for layer in layers:
+            forward = layer.forward
+
+            @functools.wraps(forward)
+            def recomputed(*args, _forward=forward, **kwargs):
+                return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            layer.forward = recomputed
+    for layer in layers:
+        layer.compile(backend=backend)
 
 
 def final_softcap(model):

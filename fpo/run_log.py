@@ -82,9 +82,10 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(1)
 
-    def flush(self, pending, t_start, tokens, on_nonfinite):
+    def flush(self, pending, t_start, tokens, on_nonfinite, timed=True):
         """Read the pending steps' device metrics [(step, {name: tensor}, the lr the step ran at)] once, check them
-        (on_nonfinite(what) raises), write them."""
+        (on_nonfinite(what) raises), write them. timed False (a compiled run's first step, compilation included):
+        no step time or throughput is recorded, only first_step_s."""
         if not pending:
             return
         keys = sorted(pending[0][1])
@@ -104,10 +105,12 @@ class RunLog:
                 on_nonfinite(f"non-finite {bad} at step {step}")
             rec.update(
                 learning_rate=lr,
-                tokens_per_s=tokens * self.world / max(elapsed, 1e-9),
-                step_time_s=elapsed / len(pending),
+                tokens_per_s=tokens * self.world / max(elapsed, 1e-9) if timed else None,
+                step_time_s=elapsed / len(pending) if timed else None,
                 peak_memory_mb=peak_memory_mb(self.device),
             )
+            if not timed:
+                rec["first_step_s"] = elapsed
             self.history.append(rec)
             if self.file is not None:
                 self.file.write(json.dumps(rec) + "\n")
@@ -134,7 +137,7 @@ class RunLog:
                 acc=f"{last['rewards/accuracies']:.2f}",
                 **extra,
                 lr=f"{last['learning_rate']:.3g}",
-                tok_s=f"{last['tokens_per_s']:.0f}",
+                tok_s=f"{last['tokens_per_s']:.0f}" if last["tokens_per_s"] is not None else "-",
             )
 
     def _warn_if_constraint_is_negligible(self, share, step):

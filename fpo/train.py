@@ -26,7 +26,7 @@ from . import distributed as dist_utils
 from .config import TrainConfig, config_from_dict
 from .files import atomic_write_json
 from .lora import add_adapters, describe_lora
-from .model import config_fingerprint, enable_activation_checkpointing, final_softcap, model_fingerprint
+from .model import compile_body, config_fingerprint, enable_activation_checkpointing, final_softcap, model_fingerprint
 from .packing import attention_length_scale, collate, micro_batch_tokens, plan_micro_batches
 from .pairs import tokenizer_fingerprint
 from .precision import SAVE_DTYPES, describe_precision, make_optimizer
@@ -102,7 +102,7 @@ class Trainer:
         model, self.tokenizer = load_model(cfg.model, cfg, self.runtime, dtype)
         # what the cache was built from: the base weights, before any adapter
         self._weights_bf16 = model_fingerprint(model, "")["weights_bf16"] if cfg.cache else None
-        if cfg.gradient_checkpointing:
+        if cfg.gradient_checkpointing and not cfg.compile:  # compiled: checkpointed inside the compiled layers
             enable_activation_checkpointing(model)
         self.peft_model = None
         if cfg.lora_r:
@@ -114,6 +114,8 @@ class Trainer:
                 cfg.lora_target_modules,
                 self.precision.param_dtype,
             )
+        if cfg.compile:  # after the adapters, before any sharding: the layers as they will run
+            compile_body(model, cfg.compile_backend, checkpoint=cfg.gradient_checkpointing)
         model.train()
         self.model = model
         self.row_scale = attention_length_scale(model)  # packed micro-batches as one stream (FlexAttention) or rows
@@ -134,6 +136,13 @@ class Trainer:
             if not self.cache.has_features:
                 raise ValueError(f"cache {cfg.cache} holds no SAE features: build it with --sae for method fpo")
             self.saes = load_config_saes(cfg, self.runtime)
+            inside = [s for s in self.saes if s.site in ("mlp_out", "attn_out")]
+            if cfg.compile and cfg.gradient_checkpointing and inside:
+                raise ValueError(
+                    f"--compile with --gradient-checkpointing reads SAEs on the residual stream only (resid_post, "
+                    f"resid_pre): SAE '{inside[0].name}' reads {inside[0].site}, inside the recomputed layer; drop "
+                    "--gradient-checkpointing or --compile"
+                )
             self.sae_keys = cached_sae_keys(self.cache, self.saes, self.model, cfg.k, cfg.select)
         self.feature_weights = [None] * len(self.saes)  # per SAE: [width] weights in D, or None for 1 everywhere
         if cfg.feature_weights:
@@ -169,6 +178,8 @@ class Trainer:
                 attn_implementation=self.model.config._attn_implementation,
             )
             self.ref_model.eval()
+            if cfg.compile:
+                compile_body(self.ref_model, cfg.compile_backend)
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
             if final_softcap(self.ref_model) != final_softcap(self.model):
@@ -413,6 +424,20 @@ class Trainer:
             "lower lr, check the data, or use --precision fp32 or bf16-mixed."
         )
 
+    def _report_compile(self, seconds):
+        """Once, after the first step of a compiled run: its time (compilation included, kept out of the step
+        times) and the graph breaks dynamo met inside the compiled layers."""
+        from torch._dynamo.utils import counters
+
+        breaks = counters["graph_break"]
+        reasons = "; ".join(f"{n} x {why.splitlines()[0][:80]}" for why, n in breaks.most_common(3))
+        self.log(
+            f"[fpo] compile ({self.cfg.compile_backend}): the first step took {seconds:.1f} s, compilation included "
+            f"(its step time is not reported); {sum(breaks.values())} graph breaks in the compiled layers"
+            + (f": {reasons}" if reasons else "")
+            + "; the fused lm head and SAE ops run outside them, as they are"
+        )
+
     def fit(self) -> dict:
         cfg = self.cfg
         main = dist_utils.is_main()
@@ -422,6 +447,7 @@ class Trainer:
         pending, tokens, t0 = [], 0, time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        compiling = cfg.compile  # the first step compiles: it is timed and logged on its own
         try:
             while self.step < self.total_steps:
                 metrics, n, lr = self.train_step(self.step)
@@ -430,11 +456,13 @@ class Trainer:
                 tokens += n
                 last = self.step == self.total_steps
                 save = cfg.save_every and self.step % cfg.save_every == 0
-                if self.step % cfg.log_every == 0 or last or save:
+                if compiling or self.step % cfg.log_every == 0 or last or save:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
-                    report.flush(pending, t0, tokens, self._stop_diverged)
-                    pending, tokens, t0 = [], 0, time.time()
+                    if compiling:
+                        self._report_compile(time.time() - t0)
+                    report.flush(pending, t0, tokens, self._stop_diverged, timed=not compiling)
+                    pending, tokens, t0, compiling = [], 0, time.time(), False
                 report.step_done()  # after the flush: a progress line shows this step's metrics
                 if save:  # never a diverged checkpoint: this step's metrics were checked above, the next loss here
                     if not self.weights_are_sound():
@@ -463,9 +491,10 @@ class Trainer:
             atomic_write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
             if self.history:
                 h = self.history[-1]
+                speed = f"{h['tokens_per_s']:.0f} tokens/s, " if h.get("tokens_per_s") is not None else ""
                 self.log(
                     f"[fpo] {cfg.method}: {self.step} steps, final loss {h['loss']:.4g}, "
-                    f"last batch's reward accuracy {h['rewards/accuracies']:.2f}, {h['tokens_per_s']:.0f} tokens/s, "
+                    f"last batch's reward accuracy {h['rewards/accuracies']:.2f}, {speed}"
                     f"peak memory {h['peak_memory_mb']:.0f} MB; saved {final}"
                 )
             self.log(written(final, cfg.output_dir, self.checkpointer.saved_optimizer_state))
