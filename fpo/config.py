@@ -234,6 +234,12 @@ class TrainConfig(ScoringConfig):
         "layer once (the layers share the compiled code, so compile time does not grow with depth); the fused "
         "lm head and SAE ops stay as they are; the first step's time, compilation included, is reported apart",
     )
+    body_kernels: str | None = _key(
+        None,
+        "fused kernels for the model body: liger (liger-kernel's RMSNorm, RoPE and SwiGLU / GeGLU for the model's "
+        "architecture; never its fused linear cross-entropy, which fpo's lm head replaces)",
+        ("liger",),
+    )
     compile_backend: str = _key(
         "inductor", "torch.compile's backend for --compile (aot_eager: no code generation)", ("inductor", "aot_eager")
     )

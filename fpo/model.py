@@ -21,6 +21,7 @@ __all__ = [
     "model_fingerprint",
     "ActivationCapture",
     "compile_body",
+    "apply_body_kernels",
     "SITES",
     "run_body",
     "load_model_for_layout",
@@ -200,6 +201,37 @@ def compile_body(model, backend: str = "inductor", checkpoint: bool = False):
             layer.forward = recomputed
     for layer in layers:
         layer.compile(backend=backend)
+
+
+# what `--body-kernels liger` switches on: the body's elementwise kernels, never Liger's fused linear
+# cross-entropy (fpo's fused lm head replaces the head's logits)
+LIGER_BODY = dict(rope=True, rms_norm=True, swiglu=True, geglu=True, layer_norm=True)
+LIGER_HEAD = dict(cross_entropy=False, fused_linear_cross_entropy=False)
+
+
+def apply_body_kernels(model, kernels: str) -> list[str]:
+    """Liger's RMSNorm, RoPE and SwiGLU / GeGLU kernels on the model's body (in place, the way liger-kernel
+    patches a loaded model), never its fused linear cross-entropy. Returns the kernels applied. An architecture
+    liger-kernel does not cover, or liger-kernel missing, is a ValueError saying so."""
+    if kernels != "liger":
+        raise ValueError(f"body_kernels must be 'liger' (or none), got {kernels!r}")
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        raise ValueError("--body-kernels liger needs liger-kernel: pip install liger-kernel") from None
+    import inspect
+
+    model_type = getattr(model.config, "model_type", None)
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        raise ValueError(
+            f"--body-kernels liger: liger-kernel has no kernels for {model_type!r} models (it covers "
+            f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN)[:12])}, ...); train without --body-kernels"
+        )
+    takes = inspect.signature(apply).parameters
+    body = {k: v for k, v in LIGER_BODY.items() if k in takes}
+    apply(model=model, **body, **{k: v for k, v in LIGER_HEAD.items() if k in takes})
+    return sorted(body)
 
 
 def final_softcap(model):

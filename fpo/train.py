@@ -26,7 +26,14 @@ from . import distributed as dist_utils
 from .config import TrainConfig, config_from_dict
 from .files import atomic_write_json
 from .lora import add_adapters, describe_lora
-from .model import compile_body, config_fingerprint, enable_activation_checkpointing, final_softcap, model_fingerprint
+from .model import (
+    apply_body_kernels,
+    compile_body,
+    config_fingerprint,
+    enable_activation_checkpointing,
+    final_softcap,
+    model_fingerprint,
+)
 from .packing import attention_length_scale, collate, micro_batch_tokens, plan_micro_batches
 from .pairs import tokenizer_fingerprint
 from .precision import SAVE_DTYPES, describe_precision, make_optimizer
@@ -102,6 +109,9 @@ class Trainer:
         model, self.tokenizer = load_model(cfg.model, cfg, self.runtime, dtype)
         # what the cache was built from: the base weights, before any adapter
         self._weights_bf16 = model_fingerprint(model, "")["weights_bf16"] if cfg.cache else None
+        if cfg.body_kernels:  # before the adapters (peft wraps the linear layers the patched MLP calls)
+            applied = apply_body_kernels(model, cfg.body_kernels)
+            self.log(f"[fpo] body kernels: liger-kernel's {', '.join(applied)} on the {model.config.model_type} body")
         if cfg.gradient_checkpointing and not cfg.compile:  # compiled: checkpointed inside the compiled layers
             enable_activation_checkpointing(model)
         self.peft_model = None
@@ -178,6 +188,8 @@ class Trainer:
                 attn_implementation=self.model.config._attn_implementation,
             )
             self.ref_model.eval()
+            if cfg.body_kernels:
+                apply_body_kernels(self.ref_model, cfg.body_kernels)
             if cfg.compile:
                 compile_body(self.ref_model, cfg.compile_backend)
             for p in self.ref_model.parameters():

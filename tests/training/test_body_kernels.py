@@ -1,0 +1,61 @@
+"""`fpo train --body-kernels liger`: liger-kernel's body kernels for the model's architecture, never its fused
+linear cross-entropy; an architecture it does not cover, or liger-kernel missing, refused with a sentence. Liger's
+RMSNorm and SwiGLU kernels do not run under Triton's interpreter (they pass a Python float where the interpreter
+wants a tensor), so their equality with eager is checked on a GPU."""
+
+import json
+import sys
+
+import pytest
+import torch
+from run_setup import QUIET, run_config
+
+from fpo.model import apply_body_kernels, load_model
+
+pytest.importorskip("liger_kernel")
+
+
+@pytest.fixture
+def restore_llama_rope(monkeypatch):
+    """liger patches RoPE module-wide: put transformers' function back after the test."""
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+
+
+def test_liger_body_kernels_never_the_fused_cross_entropy(tiny, restore_llama_rope):
+    model = load_model(tiny["model"])
+    forward = type(model).forward
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    before = [m.forward for m in norms]
+    applied = apply_body_kernels(model, "liger")
+    assert {"rms_norm", "rope", "swiglu"} <= set(applied)
+    assert type(model).forward is forward and model.forward.__func__ is forward  # the head is fpo's, not Liger's
+    assert any(m.forward != f for m, f in zip(norms, before)) or any(
+        "Liger" in type(m).__name__ for m in model.modules()
+    )
+
+
+def test_what_liger_does_not_cover_is_refused(tiny, monkeypatch):
+    model = load_model(tiny["model"])
+    monkeypatch.setattr(model.config, "model_type", "some-new-arch")
+    with pytest.raises(ValueError, match="liger-kernel has no kernels for 'some-new-arch' models"):
+        apply_body_kernels(model, "liger")
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", None)
+    with pytest.raises(ValueError, match="needs liger-kernel: pip install liger-kernel"):
+        apply_body_kernels(model, "liger")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["fpo", "simpo", "tdpo2"])
+def test_liger_body_kernels_train_as_eager(tiny, tiny_cache, tmp_path, method, restore_llama_rope, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    base = run_config(tiny, tiny_cache, tmp_path / "eager", method, max_steps=2, device="cuda", precision="fp32")
+    from fpo.train import train
+
+    train(base, **QUIET)
+    train(dict(base, output_dir=str(tmp_path / "liger"), body_kernels="liger"), **QUIET)
+    a = [json.loads(x)["loss"] for x in open(tmp_path / "eager" / "metrics.jsonl")]
+    b = [json.loads(x)["loss"] for x in open(tmp_path / "liger" / "metrics.jsonl")]
+    assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
+    assert torch.cuda.is_available()
