@@ -109,6 +109,11 @@ class Trainer:
         model, self.tokenizer = load_model(cfg.model, cfg, self.runtime, dtype)
         # what the cache was built from: the base weights, before any adapter
         self._weights_bf16 = model_fingerprint(model, "")["weights_bf16"] if cfg.cache else None
+        if cfg.body_kernels and self.device.type != "cuda":
+            raise ValueError(
+                f"--body-kernels {cfg.body_kernels}: its kernels are Triton kernels for CUDA devices; this run is on "
+                f"{self.device.type}: train without --body-kernels"
+            )
         if cfg.body_kernels:  # before the adapters (peft wraps the linear layers the patched MLP calls)
             applied = apply_body_kernels(model, cfg.body_kernels)
             self.log(f"[fpo] body kernels: liger-kernel's {', '.join(applied)} on the {model.config.model_type} body")
@@ -123,6 +128,11 @@ class Trainer:
                 cfg.lora_dropout,
                 cfg.lora_target_modules,
                 self.precision.param_dtype,
+            )
+        if cfg.compile and cfg.compile_backend == "inductor" and self.device.type == "cpu" and not _cpp_compiler():
+            raise ValueError(
+                "--compile on the CPU generates C++ and needs a compiler (g++, c++ or clang++ on PATH): install one, "
+                "or pass --compile-backend aot_eager (traced, no code generated)"
             )
         if cfg.compile:  # after the adapters, before any sharding: the layers as they will run
             compile_body(model, cfg.compile_backend, checkpoint=cfg.gradient_checkpointing)
@@ -520,6 +530,12 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _cpp_compiler() -> str | None:
+    import shutil
+
+    return next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
 
 
 def make_scheduler(optimizer, name: str, warmup: int, total_steps: int):

@@ -16,11 +16,19 @@ pytest.importorskip("liger_kernel")
 
 
 @pytest.fixture
-def restore_llama_rope(monkeypatch):
-    """liger patches RoPE module-wide: put transformers' function back after the test."""
+def restore_llama_rope():
+    """liger-kernel patches transformers' Llama module itself (RoPE, and the RMSNorm and MLP classes every later
+    model is built from): put everything back after the test."""
     from transformers.models.llama import modeling_llama
 
-    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    saved = dict(vars(modeling_llama))
+    yield
+    for name in list(vars(modeling_llama)):
+        if name not in saved:
+            delattr(modeling_llama, name)
+    for name, value in saved.items():
+        if getattr(modeling_llama, name, None) is not value:
+            setattr(modeling_llama, name, value)
 
 
 def test_liger_body_kernels_never_the_fused_cross_entropy(tiny, restore_llama_rope):
@@ -36,7 +44,7 @@ def test_liger_body_kernels_never_the_fused_cross_entropy(tiny, restore_llama_ro
     )
 
 
-def test_what_liger_does_not_cover_is_refused(tiny, monkeypatch):
+def test_what_liger_does_not_cover_is_refused(tiny, monkeypatch, restore_llama_rope):
     model = load_model(tiny["model"])
     monkeypatch.setattr(model.config, "model_type", "some-new-arch")
     with pytest.raises(ValueError, match="liger-kernel has no kernels for 'some-new-arch' models"):
@@ -59,3 +67,16 @@ def test_liger_body_kernels_train_as_eager(tiny, tiny_cache, tmp_path, method, r
     b = [json.loads(x)["loss"] for x in open(tmp_path / "liger" / "metrics.jsonl")]
     assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
     assert torch.cuda.is_available()
+
+
+def test_body_kernels_and_compile_refuse_what_this_machine_lacks(tiny, tmp_path, monkeypatch):
+    from fpo.config import config_from_dict
+    from fpo.train import Trainer
+
+    with pytest.raises(ValueError, match="Triton kernels for CUDA devices; this run is on cpu"):
+        Trainer(config_from_dict(run_config(tiny, None, tmp_path / "a", device="cpu", body_kernels="liger")), **QUIET)
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="needs a compiler .* --compile-backend aot_eager"):
+        Trainer(config_from_dict(run_config(tiny, None, tmp_path / "b", device="cpu", compile=True)), **QUIET)
