@@ -17,7 +17,8 @@ from fpo.train import Trainer, train
 from fpo_kernels import sequence_logprobs
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_train import LEN, _cfg, _torchrun  # noqa: E402
+from run_setup import LEN  # noqa: E402
+from test_train import _cfg, _torchrun  # noqa: E402
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.usefixtures("no_interpreter")

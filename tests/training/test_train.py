@@ -8,50 +8,26 @@ import sys
 import pytest
 import torch
 from helpers import DIST_DRIVER
+from run_setup import run_config
 
 from fpo.config import TrainConfig, config_from_dict, load_config
 from fpo.model import load_model, load_tokenizer
 from fpo.packing import body_hidden, collate
 from fpo.pairs import load_pairs, tokenize_pairs
-from fpo.precompute import precompute
 from fpo.step import PolicyStats
 from fpo.train import NonFiniteLossError, Trainer, train
 from fpo_kernels import SAEWeights, sequence_logprobs
 
-LEN = dict(max_length=64, max_prompt_length=32)
-
 
 @pytest.fixture(scope="module")
-def cache(tiny, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("cache") / "c")
-    os.environ["TRITON_INTERPRET"], old = "0", os.environ.get("TRITON_INTERPRET")
-    try:
-        precompute(tiny["model"], tiny["pairs"], out, sae=tiny["sae"], cache_k=32, progress=False, **LEN)
-    finally:
-        os.environ["TRITON_INTERPRET"] = old or "0"
-    return out
+def cache(tiny_cache):
+    """The tiny reference cache (tests/conftest.py), under the name these tests take it by."""
+    return tiny_cache
 
 
 def _cfg(tiny, cache, tmp_path, method="fpo", **kw):
-    base = dict(
-        method=method,
-        model=tiny["model"],
-        dataset=tiny["pairs"],
-        cache=cache if method in ("fpo", "dpo") else None,
-        sae=tiny["sae"] if method == "fpo" else None,
-        batch_size=4,
-        micro_batch_size=2,
-        max_steps=2,
-        lr=1e-3,
-        warmup_steps=0,
-        k=16,
-        output_dir=str(tmp_path / method),
-        log_every=1,
-        progress=False,
-        **LEN,
-    )
-    base.update(kw)
-    return base
+    """A two-step run of `method` in tmp_path/method (run_setup.run_config)."""
+    return run_config(tiny, cache, tmp_path / method, method, **kw)
 
 
 @pytest.mark.usefixtures("no_interpreter")
