@@ -345,8 +345,11 @@ class PrecomputeConfig(CommandConfig):
     model may also be a loaded model, sae SAEWeights (or a list of either), in Python."""
 
     out: str = _key("", "cache directory", required=True)
-    cache_k: int = _key(
-        256, "the reference's top pooled features cached per response (fpo train's --k may be at most this)", low=1
+    cache_k: int | None = _key(
+        None,
+        "the reference's top pooled features cached per response (fpo train's --k may be at most this; default "
+        "256, or the narrowest SAE's width when that is smaller)",
+        low=1,
     )
     value_dtype: str = _key(
         "float16",

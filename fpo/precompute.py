@@ -4,6 +4,7 @@ Training then needs no reference model (FPO, DPO)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import time
@@ -25,7 +26,9 @@ from .reference_cache import FORMAT_VERSION, is_cache_file, recorded_checksum, s
 from .runtime import load_config_saes, load_items, load_model, start
 from .sae import check_sae_fits
 
-__all__ = ["precompute", "reference_stats"]
+__all__ = ["precompute", "reference_stats", "DEFAULT_CACHE_K"]
+
+DEFAULT_CACHE_K = 256  # the reference's top pooled features cached per response, unless an SAE is narrower
 
 
 def feature_key(index: int, spec) -> str:
@@ -149,7 +152,7 @@ def precompute(model, dataset, out, *, tokenizer=None, model_name=None, log=prin
     A run that stops part-way resumes where it stopped when started again with the same arguments. Under
     torchrun each rank computes its share of the shards."""
     cfg = PrecomputeConfig(model=model, dataset=dataset, out=os.fspath(out), **options)
-    if not isinstance(cfg.cache_k, int) or isinstance(cfg.cache_k, bool):
+    if cfg.cache_k is not None and (not isinstance(cfg.cache_k, int) or isinstance(cfg.cache_k, bool)):
         raise ValueError(f"cache_k must be a positive integer, got {cfg.cache_k!r}")
     rt = start(cfg, log)
     rank, world, device, prec, say = rt.rank, rt.world, rt.device, rt.precision, rt.log
@@ -158,6 +161,8 @@ def precompute(model, dataset, out, *, tokenizer=None, model_name=None, log=prin
     model, tokenizer = load_model(cfg.model, cfg, rt, prec.frozen_dtype, tokenizer)
     model.eval()
     saes = load_config_saes(cfg, rt)
+    if cfg.cache_k is None:  # the default: 256 slots, never more than an SAE has features
+        cfg = dataclasses.replace(cfg, cache_k=min([DEFAULT_CACHE_K] + [s.sae.width for s in saes]))
     for spec in saes:
         check_sae_fits(model, spec.sae, spec.layer)
         if cfg.cache_k > spec.sae.width:  # each slot past the width would be stored, and always empty
