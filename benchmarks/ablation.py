@@ -23,33 +23,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, subset_jsonl, train_in_process, write_results
 from fpo import assets
 from fpo.evaluate import evaluate
 from fpo.precompute import precompute
 
 RUNS = ("fpo alpha 0", "fpo alpha 0.5", "fpo alpha matched", "fpo alpha 0.5 ref", "simpo", "tdpo2")
-
-
-def _subset(src, dst, n):
-    with open(src) as f, open(dst, "w") as g:
-        g.writelines(line for i, line in enumerate(f) if i < n)
-
-
-def _train(name, cfg, work):
-    out = os.path.join(work, name.replace(" ", "_"))
-    path = out + ".json"
-    with open(path, "w") as f:
-        json.dump(dict(cfg, output_dir=out), f)
-    subprocess.run(
-        [sys.executable, "-m", "fpo.cli", "train", "--config", path],
-        check=True,
-        env=dict(os.environ, TRITON_INTERPRET="0"),
-    )
-    return out, [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
 def run(args, log=print):
@@ -60,7 +40,7 @@ def run(args, log=print):
     files, caches = {}, {}
     for split, src, n in (("train", assets.TRAIN_PAIRS, args.pairs), ("eval", assets.EVAL_PAIRS, args.eval_pairs)):
         files[split] = os.path.join(work, f"{split}.jsonl")
-        _subset(src, files[split], n + 4)  # a few spare rows: pairs with chosen == rejected are dropped
+        subset_jsonl(src, files[split], n + 4)  # a few spare rows: pairs with chosen == rejected are dropped
         caches[split] = os.path.join(work, f"cache-{split}")
         precompute(
             model,
@@ -125,7 +105,7 @@ def run(args, log=print):
         else:
             cfg = dict(base, method=name)
         log(f"[ablation] {name}")
-        out, hist = _train(name, cfg, work)
+        out, hist = train_in_process(name.replace(" ", "_"), cfg, work, env=dict(os.environ, TRITON_INTERPRET="0"))
         after = evaluate(os.path.join(out, "final"), reference_model=model, **eval_kw)
         shutil.rmtree(os.path.join(out, "final"), ignore_errors=True)
         results[name] = {

@@ -10,26 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
-import subprocess
-import sys
 
 import torch
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, train_in_process, write_results
 from fpo import assets
 from fpo.precompute import precompute
-
-
-def _run(name, cfg, work):
-    out = os.path.join(work, name)
-    path = out + ".json"
-    with open(path, "w") as f:
-        json.dump(dict(cfg, output_dir=out), f)
-    subprocess.run([sys.executable, "-m", "fpo.cli", "train", "--config", path], check=True)
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
 def main(argv=None):
@@ -90,7 +78,7 @@ def main(argv=None):
         extra = dict(cache=cache, sae=assets.DEMO_SAE) if method == "fpo" else {}
         eager = None
         for name, kw in settings:
-            hist = _run(
+            _, hist = train_in_process(
                 f"{method}-{name.replace(' ', '-').replace('+', 'and')}",
                 dict(base, method=method, **extra, **kw),
                 args.work_dir,

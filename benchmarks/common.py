@@ -117,3 +117,24 @@ def write_results(
             os.path.join(out_dir, f"{name}.md"), f"# {name}\n\n{header}\n\n```\n{table}\n```\n\n{notes}\n"
         )
     return table
+
+
+def subset_jsonl(src, dst, n):
+    """The first n lines of a .jsonl file of pairs, written to dst."""
+    with open(src) as f, open(dst, "w") as g:
+        g.writelines(line for i, line in enumerate(f) if i < n)
+
+
+def train_in_process(name, cfg: dict, work: str, env=None) -> tuple[str, list[dict]]:
+    """`fpo train` on cfg in a process of its own (a clean start from the same weights, its own peak memory), in
+    work/name: (that folder, its metric records)."""
+    import json
+    import sys
+
+    out = os.path.join(work, name)
+    path = out + ".json"
+    with open(path, "w") as f:
+        json.dump(dict(cfg, output_dir=out), f)
+    subprocess.run([sys.executable, "-m", "fpo.cli", "train", "--config", path], check=True, env=env)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return out, [json.loads(line) for line in f]

@@ -19,16 +19,13 @@ it takes the GPU's settings (more pairs, longer sequences).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import torch
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import environment, subset_jsonl, train_in_process, write_results
 from fpo import assets
 from fpo.demo import _matched_alpha, _plot, _sampling_error
 from fpo.evaluate import evaluate
@@ -43,21 +40,12 @@ SETTINGS = {
 }
 
 
-def _subset(src, dst, n):
-    with open(src) as f, open(dst, "w") as g:
-        g.writelines(line for i, line in enumerate(f) if i < n)
-
-
 def _train(name, cfg, work, log):
     """One run in its own process from the same start: (its output folder, its metric records)."""
-    out = os.path.join(work, name)
-    path = out + ".json"
-    with open(path, "w") as f:
-        json.dump(dict(cfg, output_dir=out), f)
     t0 = time.time()
-    subprocess.run([sys.executable, "-m", "fpo.cli", "train", "--config", path], check=True)
+    out, hist = train_in_process(name, cfg, work)
     log(f"[evidence] {name}: trained in {time.time() - t0:.0f} s")
-    return out, [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return out, hist
 
 
 def run(args, log=print) -> dict:
@@ -71,7 +59,7 @@ def run(args, log=print) -> dict:
     files, caches = {}, {}
     for split, src, n in (("train", assets.TRAIN_PAIRS, s["pairs"]), ("eval", assets.EVAL_PAIRS, s["eval_pairs"])):
         files[split] = os.path.join(work, f"{split}.jsonl")
-        _subset(src, files[split], n + 8)  # spare rows: pairs with chosen == rejected are dropped
+        subset_jsonl(src, files[split], n + 8)  # spare rows: pairs with chosen == rejected are dropped
         caches[split] = os.path.join(work, f"cache-{split}")
         precompute(
             model,
