@@ -100,6 +100,8 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
         names = [os.fspath(m) for m in cfg.models]
     if cfg.rank_by is not None and cfg.rank_by not in names and cfg.rank_by not in cfg.models:
         raise ValueError(f"rank_by {cfg.rank_by!r} is none of the runs: {names}")
+    # the run whose drift ranks the features, by name or path; None: the largest drift over the runs
+    ranking = None if cfg.rank_by is None else (names + list(cfg.models)).index(cfg.rank_by) % len(names)
     t0 = time.time()
     rt = start(cfg, log, distributed=False)
     ref_model, tokenizer = load_model(cfg.reference, cfg, rt, rt.precision.frozen_dtype, tokenizer)
@@ -164,11 +166,7 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
         ref_mean = ref_sum[j] / max(n, 1)  # [2, width]
         pol_mean = torch.stack([r["pol_sum"][j] / max(n, 1) for r in runs])  # [runs, 2, width]
         drift = torch.stack([r["drift_sum"][j] / max(2 * n, 1) for r in runs])  # [runs, width]
-        rank = (
-            drift[names.index(cfg.rank_by) if cfg.rank_by in names else cfg.models.index(cfg.rank_by)]
-            if cfg.rank_by
-            else drift.max(0).values
-        )
+        rank = drift[ranking] if ranking is not None else drift.max(0).values
         top = rank.topk(min(cfg.top, spec.sae.width)).indices.tolist()
         fires = ((ref_mean.sum(0) > 0) | (pol_mean.sum(1) > 0).any(0)).sum().item()
         label = f"{spec.name}@{spec.layer}" + ("" if spec.site == "resid_post" else f"@{spec.site}")
@@ -203,7 +201,7 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
     if cfg.contexts:
         _add_contexts(report, ref_model, items, saes, tops, cfg, rt, tokenizer, scale)
     report["seconds"] = time.time() - t0
-    report["settings"] = {k: v for k, v in vars(cfg).items()}
+    report["settings"] = dict(vars(cfg))
     report["versions"] = _versions()
     _print_table(report, log)
     if cfg.json:
