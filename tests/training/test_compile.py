@@ -40,6 +40,7 @@ def _grads_after_one_step(cfg):
         ("dpo", {"packing": "off"}),
         ("simpo", {"packing": "pack", "gradient_checkpointing": True}),
         ("tdpo1", {}),
+        ("fpo", {"precision": "bf16-mixed"}),  # the body under bf16 autocast, as a GPU run takes it
         ("tdpo2", {"lora_r": 4}),
     ],
 )
