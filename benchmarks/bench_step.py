@@ -16,7 +16,10 @@ Methods:
 Every method runs under one precision policy (fpo.precision; bf16-mixed on a GPU, what a real run uses), and
 a few rows are repeated under another: bf16-compensated (the memory-lean policy that keeps every update) and
 bf16-pure (bf16 weights under plain Adam, as code that trains that way runs; updates at lr 5e-7 round away),
-labelled method@policy. Memory floor (every method): weights + gradients + Adam states, 16 bytes per
+labelled method@policy. With --body, the listed methods run again with the model body compiled (`fpo train
+--compile`: each decoder layer, regionally) or under liger-kernel's body kernels (`--body-kernels liger`), labelled
+method+compile and method+liger-body, each on a model of its own; the first step (compilation) is reported apart.
+Memory floor (every method): weights + gradients + Adam states, 16 bytes per
 parameter under bf16-mixed (fp32), 10 under bf16-compensated, 8 under bf16-pure; bf16-mixed adds autocast's
 bf16 copy of the weights (2 bytes) while the forward's activations hold it. TDPO adds the reference model
 (bf16 weights: 2 bytes per parameter) and one reference forward per step; as its authors run it, several
@@ -27,15 +30,24 @@ FPO's floor is SimPO's: the policy step plus one SAE GEMM of [tokens, d] x [d, m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
 
 from benchmarks.common import environment, write_results
-from fpo.model import ActivationCapture, enable_activation_checkpointing, lm_head, run_body
+from fpo.model import (
+    ActivationCapture,
+    apply_body_kernels,
+    compile_body,
+    enable_activation_checkpointing,
+    lm_head,
+    run_body,
+)
 from fpo.packing import MicroBatch
 from fpo.precision import Precision, resolve_precision
 from fpo.precision import make_optimizer as _make_optimizer
@@ -96,6 +108,8 @@ METHODS = [
     "fpo-authors",
 ]
 NEEDS_REF = {"tdpo1-lean", "tdpo2-lean", "tdpo1-authors", "tdpo2-authors", "fpo-authors"}
+# how the model body runs: transformers' eager code, fpo train's --compile, its --body-kernels liger
+BODIES = ("eager", "compile", "liger-body")
 # Rows repeated under another policy than the run's, beside it (method@policy)
 OTHER_POLICIES = {"bf16-compensated": ["fpo", "simpo"], "bf16-pure": ["fpo", "tdpo2-authors", "fpo-authors"]}
 
@@ -149,6 +163,10 @@ RATIO_PAIRS = (
     ("fpo", "fpo-authors"),
     ("tdpo2-lean", "tdpo2-authors"),
     ("simpo", "simpo-liger"),
+    ("fpo+compile", "fpo"),
+    ("simpo+compile", "simpo"),
+    ("fpo+liger-body", "fpo"),
+    ("simpo+liger-body", "simpo"),
     ("fpo@bf16-compensated", "fpo"),
     ("fpo@bf16-pure", "fpo"),
     ("fpo", "tdpo2-authors@bf16-pure"),
@@ -186,13 +204,29 @@ def static_gb(n_params, precision: Precision, reference: bool) -> float:
 class Step:
     """The per-method step closures over one shared policy (and a reference model when a method needs one)."""
 
-    def __init__(self, preset, pairs, seq_len, device, precision="fp32", k=50, K=256, grad_ckpt=False):
+    def __init__(
+        self,
+        preset,
+        pairs,
+        seq_len,
+        device,
+        precision="fp32",
+        k=50,
+        K=256,
+        grad_ckpt=False,
+        body="eager",
+        compile_backend="inductor",
+    ):
         pr = PRESETS[preset]
         self.precision = precision if isinstance(precision, Precision) else resolve_precision(precision, device)
         self.device, self.k, self.layer = device, k, pr["sae_layer"]
         self.policy = build_model(preset, device, self.precision.param_dtype)
-        if grad_ckpt:
+        if body == "liger-body":  # as `fpo train --body-kernels liger` does it: before checkpointing
+            apply_body_kernels(self.policy, "liger")
+        if grad_ckpt and body != "compile":
             enable_activation_checkpointing(self.policy)
+        if body == "compile":  # as `fpo train --compile`: checkpointed inside the compiled layers
+            compile_body(self.policy, compile_backend, checkpoint=grad_ckpt)
         self.policy.train()
         self.preset, self.ref = preset, None
         d, m, V = pr["hidden_size"], pr["sae_width"], pr["vocab_size"]
@@ -363,16 +397,57 @@ def run(
     grad_ckpt=False,
     precision="auto",
     others=OTHER_POLICIES,
+    bodies=("eager",),
+    compile_backend="inductor",
     log=print,
+    on_row=None,
 ):
-    """Every method under `precision`, then the `others` rows (policy -> methods) as method@policy."""
+    """Every method under `precision`, then the `others` rows (policy -> methods) as method@policy, then each
+    other body in `bodies` under `precision` (method+body). on_row(rows) is called after every row."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     main = resolve_precision(precision, device)
     rows = []
-    for prec, names in policy_plan(main, methods, others, device):
-        info = _run_policy(preset, pairs, seq_len, names, warmup, steps, grad_ckpt, prec, prec is not main, rows, log)
+    for body in bodies:
+        plan = policy_plan(main, methods, others, device) if body == "eager" else [(main, list(methods))]
+        for prec, names in plan:
+            with _library_patches_undone() if body == "liger-body" else contextlib.nullcontext():
+                info = _run_policy(
+                    preset,
+                    pairs,
+                    seq_len,
+                    names,
+                    warmup,
+                    steps,
+                    grad_ckpt,
+                    prec,
+                    prec is not main,
+                    rows,
+                    log,
+                    body=body,
+                    compile_backend=compile_backend,
+                    on_row=on_row,
+                )
     info["precision"] = main.name
     return rows, method_ratios(rows, ("peak_gb", "step_ms")), info
+
+
+@contextlib.contextmanager
+def _library_patches_undone():
+    """liger-kernel patches transformers' modeling modules themselves (RoPE, the norm and MLP classes): every
+    model built later would carry its kernels. Put each loaded modeling module back as it was afterwards."""
+    saved = {name: dict(vars(m)) for name, m in list(sys.modules.items()) if name.startswith("transformers.models.")}
+    try:
+        yield
+    finally:
+        for name, before in saved.items():
+            module = sys.modules.get(name)
+            if module is None:
+                continue
+            for key in [k for k in vars(module) if k not in before]:
+                delattr(module, key)
+            for key, value in before.items():
+                if getattr(module, key, None) is not value:
+                    setattr(module, key, value)
 
 
 def policy_plan(main: Precision, methods, others, device) -> list:
@@ -386,10 +461,27 @@ def policy_plan(main: Precision, methods, others, device) -> list:
     return [(prec, names) for prec, names in plan if names]
 
 
-def _run_policy(preset, pairs, seq_len, methods, warmup, steps, grad_ckpt, precision, label, rows, log):
+def _run_policy(
+    preset,
+    pairs,
+    seq_len,
+    methods,
+    warmup,
+    steps,
+    grad_ckpt,
+    precision,
+    label,
+    rows,
+    log,
+    body="eager",
+    compile_backend="inductor",
+    on_row=None,
+):
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    bench = Step(preset, pairs, seq_len, device, precision, grad_ckpt=grad_ckpt)
+    bench = Step(
+        preset, pairs, seq_len, device, precision, grad_ckpt=grad_ckpt, body=body, compile_backend=compile_backend
+    )
     n_params = sum(p.numel() for p in bench.policy.parameters())
     order = [m for m in methods if m not in NEEDS_REF] + [m for m in methods if m in NEEDS_REF]
     for method in order:
@@ -420,6 +512,7 @@ def _run_policy(preset, pairs, seq_len, methods, warmup, steps, grad_ckpt, preci
         if cuda:
             torch.cuda.empty_cache()
         name = f"{method}@{precision.name}" if label else method
+        name += "" if body == "eager" else f"+{body}"
         spread = (min(times[warmup:]), max(times[warmup:])) if ms == ms else (None, None)
         rows.append(
             {
@@ -428,6 +521,7 @@ def _run_policy(preset, pairs, seq_len, methods, warmup, steps, grad_ckpt, preci
                 "step_ms": ms,
                 "step_ms_min": spread[0],
                 "step_ms_max": spread[1],
+                "first_step_ms": times[0] if times else None,  # compilation included under --body compile
                 "tokens_per_s": bench.tokens / ms * 1e3 if ms == ms else None,
                 "peak_gb": peak,
                 "floor_gb_estimate": static_gb(n_params, precision, method in NEEDS_REF),
@@ -435,6 +529,8 @@ def _run_policy(preset, pairs, seq_len, methods, warmup, steps, grad_ckpt, preci
             }
         )
         log(f"[bench_step] {name}: {ms:.1f} ms, peak {peak if peak is None else round(peak, 2)} GB")
+        if on_row is not None:
+            on_row(rows)
     bench.drop_reference()
     del bench
     if cuda:
@@ -502,8 +598,25 @@ def main(argv=None):
         + "; ".join(f"{p}: {', '.join(ms)}" for p, ms in OTHER_POLICIES.items())
         + ")",
     )
+    ap.add_argument(
+        "--body",
+        default="eager",
+        help=f"comma-separated, from {','.join(BODIES)}: how the model body runs; the methods run once per body "
+        "(compile: fpo train --compile; liger-body: fpo train --body-kernels liger, CUDA only)",
+    )
+    ap.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of --body compile (default inductor)"
+    )
     ap.add_argument("--out", default=None, help="write bench_step_<preset>.{json,md,png} here")
     args = ap.parse_args(argv)
+    bodies = [b.strip() for b in args.body.split(",")]
+    if [b for b in bodies if b not in BODIES]:
+        ap.error(f"--body: unknown {[b for b in bodies if b not in BODIES]}; choose from {list(BODIES)}")
+    if "liger-body" in bodies and not torch.cuda.is_available():
+        ap.error("--body liger-body: liger-kernel's body kernels are Triton kernels for CUDA devices")
+    if "liger-body" in bodies and not liger_methods():
+        print("[bench_step] liger-kernel is not installed: no liger-body rows (pip install liger-kernel)")
+        bodies.remove("liger-body")
     cuda = torch.cuda.is_available()
     preset = args.preset or ("gemma2-2b" if cuda else "tiny")
     all_rows, all_ratios = [], {}
@@ -512,8 +625,14 @@ def main(argv=None):
     if "simpo-liger" in methods and not liger_methods():
         print("[bench_step] liger-kernel is not installed: no simpo-liger row")
         methods.remove("simpo-liger")
+    tag = ("_ckpt" if args.gradient_checkpointing else "") + ("" if bodies == ["eager"] else "_body")
     for pairs in args.pairs or [2]:
         for T in args.seq_len or ([1024] if cuda else [64]):
+            name = f"bench_step_{preset}_{pairs}x{T}{tag}"
+
+            def partial(rows, name=name):  # each row on disk the moment it is measured
+                write_results(name, rows, env, args.out, "partial: the run had not finished", echo=False)
+
             rows, ratios, info = run(
                 preset,
                 pairs,
@@ -523,6 +642,9 @@ def main(argv=None):
                 grad_ckpt=args.gradient_checkpointing,
                 precision=args.precision,
                 others=None if args.no_other_policies else other_policies(),
+                bodies=bodies,
+                compile_backend=args.compile_backend,
+                on_row=partial if args.out else None,
             )
             for r in rows:
                 r.update(pairs=pairs, seq_len=T)
@@ -541,9 +663,15 @@ def main(argv=None):
                     f"\npeak_gb_est, step_ms_est: predicted on the CPU by benchmarks/estimate_step.py "
                     f"({os.path.relpath(est, os.path.dirname(ESTIMATES))}), for an H100 SXM."
                 )
+            if bodies != ["eager"]:
+                notes += (
+                    "\nmethod+compile: the body compiled per decoder layer (fpo train --compile, backend "
+                    f"{args.compile_backend}); method+liger-body: liger-kernel's body kernels; each on a model of "
+                    "its own. first_step_ms: the first step, compilation included; step_ms: the median after "
+                    "the warm-up steps."
+                )
             if not cuda:
                 notes += "\nCPU: a smoke run of the harness at a tiny size, not a measurement."
-            name = f"bench_step_{preset}_{pairs}x{T}{'_ckpt' if args.gradient_checkpointing else ''}"
             write_results(name, rows, env, args.out, notes)
             if args.out:
                 plot(
@@ -552,8 +680,7 @@ def main(argv=None):
                     f"{preset}, {pairs} pairs x {T} tokens, {env['device']}",
                 )
     if args.out:
-        ckpt = "_ckpt" if args.gradient_checkpointing else ""
-        with open(os.path.join(args.out, f"bench_step_{preset}{ckpt}_ratios.json"), "w") as f:
+        with open(os.path.join(args.out, f"bench_step_{preset}{tag}_ratios.json"), "w") as f:
             json.dump({"environment": env, "ratios": all_ratios}, f, indent=1)
     return all_rows, all_ratios
 

@@ -90,8 +90,10 @@ def write_results(
     notes: str = "",
     columns=None,
     extra: dict | None = None,
+    echo: bool = True,
 ):
-    """rows -> stdout table, and <out_dir>/<name>.json (with extra's keys) + .md when out_dir is given."""
+    """rows -> stdout table (unless not echo), and <out_dir>/<name>.json (with extra's keys) + .md when out_dir
+    is given."""
     from fpo.files import atomic_write_json, atomic_write_text
     from fpo.tables import format_table
 
@@ -104,10 +106,11 @@ def write_results(
         f"{name}: {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env.get('git_commit')}, "
         f"{env['date']}"
     )
-    print(header)
-    print(table)
-    if notes:
-        print(notes)
+    if echo:
+        print(header)
+        print(table)
+        if notes:
+            print(notes)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         atomic_write_json(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a CUDA machine: correctness on the GPU (every kernel test case, compiled, plus the bf16 cases), then the
 # benchmarks, into one folder. Parts fit a 10-minute call each: tests | kernels | topk | step | all (default);
-# quick: the four stages below in at most 8 minutes, each result written the moment it is measured.
+# quick: the four stages below in at most 8 minutes (the stages' limits add up to 480 s), each result written the
+# moment it is measured.
 # Usage: OUT=benchmarks/results/h100-$(date +%Y%m%d) bash benchmarks/run_gpu.sh [part]
 #        DRY_RUN=1 bash benchmarks/run_gpu.sh quick     (CPU: lists each stage; every command imports and parses)
 set -uo pipefail
@@ -10,8 +11,9 @@ OUT=${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}
 PART=${1:-all}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd) PYTHONUNBUFFERED=1
-# Pure-Python wheels the GPU image lacks (torch-optimi, for the bf16-compensated rows), downloaded beforehand
-# with `pip download --no-deps -d .wheels torch-optimi` and carried along: installed when present.
+# Pure-Python wheels the GPU image may lack (torch-optimi for the bf16-compensated rows, liger-kernel for its rows and
+# tests), downloaded beforehand with `pip download --no-deps -d .wheels torch-optimi liger-kernel` and carried
+# along: installed when present.
 if ls .wheels/*.whl > /dev/null 2>&1; then pip install -q --no-deps --no-index .wheels/*.whl > "$OUT/wheels.log" 2>&1; fi
 DRY_FAILED=""
 stage() {   # stage NAME SECONDS CMD...: CMD (pytest ... or python -m MODULE ...) under a time limit; DRY_RUN: checked only
@@ -31,27 +33,32 @@ if [ "$PART" = quick ]; then
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
     python -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'driver', torch.version.cuda, 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" > "$OUT/versions.txt"
   }
-  # 1. correctness: every kernel test case on CUDA (bf16 included), the precision entry, packed FlexAttention
-  for f in kernels/test_sae_constraint kernels/test_sae_topk kernels/test_logprobs kernels/test_cache_pack \
-           training/test_precision training/test_packing; do
+  # 1. correctness: every kernel test case on CUDA (bf16 included), the precision entry, packed FlexAttention, the
+  #    body compiled by inductor and under Liger's kernels against eager
+  for f in kernels/test_sae_constraint:35 kernels/test_sae_topk:30 kernels/test_logprobs:30 kernels/test_cache_pack:15 \
+           training/test_precision:20 training/test_packing:20 training/test_compile:30 training/test_body_kernels:20; do
+    limit=${f#*:} f=${f%:*}
     case $f in
       training/test_precision) sel=(-k "mixed_entry or under_autocast") ;;
-      training/test_packing) sel=(-m gpu) ;;
+      training/test_*) sel=(-m gpu) ;;
       *) sel=(-k "not sae_lens and not shipped_sae and not release_id") ;;
     esac
-    stage "tests $f" 40 pytest -q -p no:cacheprovider "tests/$f.py" "${sel[@]}" > "$OUT/tests_${f#*/}.txt" 2>&1
+    stage "tests $f" "$limit" pytest -q -p no:cacheprovider "tests/$f.py" "${sel[@]}" > "$OUT/tests_${f#*/}.txt" 2>&1
     echo "$f: $(grep -v "^$" "$OUT/tests_${f#*/}.txt" | tail -1)" | tee -a "$OUT/gpu_tests_summary.txt"
   done
   # 2. one training step per method, Gemma-2-2B config, 2 pairs x 1024 tokens, bf16-mixed (+ rows under other policies)
-  stage step 180 python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 --precision bf16-mixed \
+  stage step 110 python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 --precision bf16-mixed \
     --methods fpo,fpo-ref,simpo,dpo,tdpo2-lean,tdpo2-authors,fpo-authors,simpo-liger 2>&1 | tee "$OUT/bench_step.log"
+  #    the body eager, under Liger's kernels and compiled (the first step, compilation, reported apart)
+  stage body 90 python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 --precision bf16-mixed \
+    --methods fpo,simpo --no-other-policies --body eager,liger-body,compile 2>&1 | tee "$OUT/bench_step_body.log"
   # 3. kernels: SAE pooling forward and backward vs naive and its compile, the TopK path, the lm head
-  stage sae 45 python -m benchmarks.bench_sae_constraint --out "$OUT" --quick 2>&1 | tee "$OUT/bench_sae_constraint.log"
-  stage topk 30 python -m benchmarks.bench_sae_constraint --out "$OUT/topk" --quick --activation topk --no-compile 2>&1 \
+  stage sae 25 python -m benchmarks.bench_sae_constraint --out "$OUT" --quick 2>&1 | tee "$OUT/bench_sae_constraint.log"
+  stage topk 15 python -m benchmarks.bench_sae_constraint --out "$OUT/topk" --quick --activation topk --no-compile 2>&1 \
     | tee "$OUT/bench_sae_topk.log"
-  stage logprobs 30 python -m benchmarks.bench_logprobs --out "$OUT" --tokens 4096 2>&1 | tee "$OUT/bench_logprobs.log"
+  stage logprobs 15 python -m benchmarks.bench_logprobs --out "$OUT" --tokens 4096 2>&1 | tee "$OUT/bench_logprobs.log"
   # 4. where the step's time goes
-  stage profile 45 python -m benchmarks.profile_step --out "$OUT" --methods fpo,simpo,tdpo2-lean --precision bf16-mixed \
+  stage profile 25 python -m benchmarks.profile_step --out "$OUT" --methods fpo,simpo,tdpo2-lean --precision bf16-mixed \
     > "$OUT/profile_step.log" 2>&1
   [ -z "${DRY_FAILED:-}" ] || { echo "[quick] dry run: failed:$DRY_FAILED"; exit 1; }
   exit 0

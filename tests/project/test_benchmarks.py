@@ -38,6 +38,44 @@ def test_step_benchmark_ratios(tmp_path):
     assert (tmp_path / "bench_step_tiny_2x64.png").exists()
 
 
+def test_step_benchmark_body_rows(tmp_path):
+    """--body: the methods again with the body compiled per decoder layer (as fpo train --compile), in the same
+    run, each row on disk as it is measured; the first step (compilation) reported apart."""
+    import json
+
+    from benchmarks import bench_step
+    from fpo.model import decoder_layers
+
+    argv = ["--steps", "2", "--methods", "fpo,simpo", "--no-other-policies", "--out", str(tmp_path)]
+    rows, ratios = bench_step.main(argv + ["--body", "eager,compile", "--compile-backend", "aot_eager"])
+    assert [r["method"] for r in rows] == ["fpo", "simpo", "fpo+compile", "simpo+compile"]
+    assert all(r["step_ms"] > 0 and r["first_step_ms"] > 0 for r in rows)
+    assert {"fpo+compile/fpo step_ms", "simpo+compile/simpo step_ms"} <= set(ratios["2x64"])
+    written = json.loads((tmp_path / "bench_step_tiny_2x64_body.json").read_text())
+    assert [r["method"] for r in written["rows"]] == [r["method"] for r in rows]
+    step = bench_step.Step("tiny", 1, 16, "cpu", body="compile", compile_backend="aot_eager")
+    assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(step.policy))
+    with pytest.raises(SystemExit):  # Liger's body kernels need CUDA: an argparse error, not a crash
+        bench_step.main(argv + ["--body", "liger-body"])
+    with pytest.raises(SystemExit):
+        bench_step.main(argv + ["--body", "eager,jit"])
+
+
+def test_library_patches_undone():
+    """What liger-kernel patches into transformers' modeling modules is put back after the liger-body rows."""
+    from transformers.models.llama import modeling_llama
+
+    from benchmarks.bench_step import _library_patches_undone
+
+    rope, norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
+    with _library_patches_undone():
+        modeling_llama.apply_rotary_pos_emb = lambda *a: a
+        modeling_llama.LlamaRMSNorm = object
+        modeling_llama.added_by_patch = 1
+    assert modeling_llama.apply_rotary_pos_emb is rope and modeling_llama.LlamaRMSNorm is norm
+    assert not hasattr(modeling_llama, "added_by_patch")
+
+
 def test_every_step_method_gives_a_finite_scalar_loss():
     from benchmarks.bench_step import Step
 
@@ -202,7 +240,12 @@ def test_run_gpu_quick_dry_run(tmp_path):
             "kernels/test_cache_pack",
             "training/test_precision",
             "training/test_packing",
+            "training/test_compile",
+            "training/test_body_kernels",
         )
-    ] + [f"[quick] {s}" for s in ("step", "sae", "topk", "logprobs", "profile")]
+    ] + [f"[quick] {s}" for s in ("step", "body", "sae", "topk", "logprobs", "profile")]
+    quick = [line for line in log.splitlines() if line.startswith("[quick] ")]
+    limits = [int(line.split(" (at most ")[1].split("s)")[0]) for line in quick]
+    assert sum(limits) <= 480  # one call of at most 8 minutes
     summary = (tmp_path / "gpu_tests_summary.txt").read_text().splitlines()
-    assert len(summary) == 6 and all(line.split(": ")[-1].isdigit() for line in summary)  # tests collected per file
+    assert len(summary) == 8 and all(line.split(": ")[-1].isdigit() for line in summary)  # tests collected per file
