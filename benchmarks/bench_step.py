@@ -617,6 +617,8 @@ def main(argv=None):
     if "liger-body" in bodies and not liger_methods():
         print("[bench_step] liger-kernel is not installed: no liger-body rows (pip install liger-kernel)")
         bodies.remove("liger-body")
+        if not bodies:
+            ap.error("--body: nothing left to run")
     cuda = torch.cuda.is_available()
     preset = args.preset or ("gemma2-2b" if cuda else "tiny")
     all_rows, all_ratios = [], {}

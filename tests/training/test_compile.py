@@ -41,6 +41,8 @@ def _grads_after_one_step(cfg):
         ("simpo", {"packing": "pack", "gradient_checkpointing": True}),
         ("tdpo1", {}),
         ("fpo", {"precision": "bf16-mixed"}),  # the body under bf16 autocast, as a GPU run takes it
+        ("simpo", {"precision": "bf16-pure"}),  # bf16 weights
+        ("fpo", {"precision": "bf16-compensated", "packing": "pack"}),
         ("tdpo2", {"lora_r": 4}),
     ],
 )
@@ -53,8 +55,12 @@ def test_compiled_step_equals_eager(tiny, tiny_cache, tmp_path, method, extra):
     for k in want_m:
         assert got_m[k] == pytest.approx(want_m[k], rel=1e-5, abs=1e-6), k
     assert set(got_g) == set(want_g) and want_g
-    for n in want_g:
-        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-6)
+    for n, want in want_g.items():
+        if want.dtype == torch.float32:
+            torch.testing.assert_close(got_g[n], want, rtol=1e-4, atol=1e-6)
+        else:  # bf16 gradients (bf16 weights): the traced graph rounds in other places, by a few bf16 ulps
+            scale = want.float().abs().max().item()
+            torch.testing.assert_close(got_g[n].float(), want.float(), rtol=1.6e-2, atol=1.6e-2 * scale)
 
 
 def test_the_first_compiled_step_is_reported_apart(tiny, tmp_path):

@@ -195,6 +195,23 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny, cache, tmp_path, fs
     assert worst[0] < 1e-4, worst
 
 
+@pytest.mark.dist
+@pytest.mark.usefixtures("no_interpreter")
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_two_compiled_ranks_equal_one_eager_rank(tiny, cache, tmp_path, fsdp):
+    """--compile under DDP and FSDP2 (the layers compiled before they are sharded or wrapped): the losses of one
+    eager rank with twice the batch."""
+    one = _cfg(tiny, cache, tmp_path, max_steps=2, micro_batch_size=4, output_dir=str(tmp_path / "one"))
+    train(one, log=lambda *a: None)
+    two = dict(one, micro_batch_size=2, output_dir=str(tmp_path / "two"), fsdp=fsdp, compile=True)
+    r = _torchrun(dict(two, compile_backend="aot_eager"), port=29641 + fsdp)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a = [json.loads(line)["loss"] for line in open(tmp_path / "one" / "metrics.jsonl")]
+    b = [json.loads(line)["loss"] for line in open(tmp_path / "two" / "metrics.jsonl")]
+    assert len(a) == len(b) == 2 and a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    assert json.loads(open(tmp_path / "two" / "metrics.jsonl").readline())["first_step_s"] > 0  # it compiled
+
+
 @pytest.mark.usefixtures("no_interpreter")
 @pytest.mark.parametrize("method", ["fpo", "tdpo2"])
 def test_layouts_and_token_budgets_train_alike(tiny, cache, tmp_path, method):
