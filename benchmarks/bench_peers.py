@@ -17,7 +17,7 @@ Precision: fp32 on the CPU; on CUDA both sides keep fp32 weights and run the for
 (TRL's bf16=True on an fp32 model, our --precision bf16-mixed). Activation checkpointing is on in every run by
 default, as TRL's trainers default to it (--gradient-checkpointing off turns it off in every run: never a
 baseline that recomputes against a fast path that does not). Liger's kernels are Triton kernels: its rows
-run only on CUDA. Optimizer: Adam-style, no weight decay, constant lr, for every run.
+run only on CUDA. Optimizer: torch's fused AdamW, no weight decay, constant lr, for every run.
 
     python -m benchmarks.bench_peers                       # CPU: demo model, 10 shipped pairs, max_length 1024
     python -m benchmarks.bench_peers --model google/gemma-2-2b-it --pairs 64 --out benchmarks/results/h100
@@ -161,7 +161,7 @@ def run_trl(spec, device):
         learning_rate=LR,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # torch's fused AdamW, as ours: the same optimizer step on both sides
         weight_decay=0.0,
         max_grad_norm=10.0,
         logging_steps=10**6,
