@@ -231,7 +231,7 @@ def apply_body_kernels(model, kernels: str) -> list[str]:
     takes = inspect.signature(apply).parameters
     body = {k: v for k, v in LIGER_BODY.items() if k in takes}
     apply(model=model, **body, **{k: v for k, v in LIGER_HEAD.items() if k in takes})
-    return sorted(body)
+    return sorted(k for k, on in body.items() if on)
 
 
 def final_softcap(model):

@@ -1,7 +1,7 @@
 """`fpo train --body-kernels liger`: liger-kernel's body kernels for the model's architecture, never its fused
 linear cross-entropy; an architecture it does not cover, or liger-kernel missing, refused with a sentence. Liger's
 RMSNorm and SwiGLU kernels do not run under Triton's interpreter (they pass a Python float where the interpreter
-wants a tensor), so their equality with eager is checked on a GPU."""
+wants a tensor), so their equality with eager is checked on a GPU; its RoPE kernel does, and is checked here."""
 
 import json
 import sys
@@ -52,6 +52,30 @@ def test_what_liger_does_not_cover_is_refused(tiny, monkeypatch, restore_llama_r
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", None)
     with pytest.raises(ValueError, match="needs liger-kernel: pip install liger-kernel"):
         apply_body_kernels(model, "liger")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter: CPU only (the GPU test covers all)")
+def test_liger_rope_under_the_interpreter_trains_as_eager(tiny, restore_llama_rope, monkeypatch):
+    """Liger's RoPE kernel, patched in by apply_body_kernels, run by Triton's interpreter: the logits and every
+    gradient of a training forward and backward on the tiny model equal eager's."""
+    import fpo.model
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    eager, liger = load_model(tiny["model"]), load_model(tiny["model"])
+    monkeypatch.setattr(fpo.model, "LIGER_BODY", {"rope": True, "rms_norm": False, "swiglu": False})
+    assert apply_body_kernels(liger, "liger") == ["rope"]
+    ids = torch.randint(0, eager.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, model in (("eager", eager), ("liger", liger)):
+        logits = model(input_ids=ids).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        out[name] = logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+    from transformers.models.llama import modeling_llama
+
+    assert modeling_llama.apply_rotary_pos_emb.__module__.startswith("liger_kernel")  # the kernel really ran
+    torch.testing.assert_close(out["liger"][0], out["eager"][0], rtol=1e-5, atol=1e-5)
+    for n, g in out["eager"][1].items():
+        torch.testing.assert_close(out["liger"][1][n], g, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.gpu
