@@ -54,8 +54,8 @@ RUNS = {  # name: (peer, method, options)
     "fpo-dpo+compile": ("fpo", "dpo", {"packing": "share-prompt", "compile": True}),
     "fpo-fpo+compile": ("fpo", "fpo", {"packing": "share-prompt", "compile": True}),
 }
-BASELINE = {"simpo": "trl-simpo", "dpo": "trl-dpo", "fpo": "trl-simpo"}  # what each of our rows is judged against
-# (a compiled row against the same peer compiled)
+# what each of our rows is judged against (a +compile row: the same peer's +compile run)
+BASELINE = {"simpo": "trl-simpo", "dpo": "trl-dpo", "fpo": "trl-simpo"}
 TARGETS = {  # (our run, its peer, column, at most); time judged on the median step and on the timed total
     ("fpo-simpo", "trl-simpo", "s_per_pair"): 0.6,
     ("fpo-simpo", "trl-simpo", "timed_s"): 0.6,
