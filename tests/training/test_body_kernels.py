@@ -54,15 +54,13 @@ def test_what_liger_does_not_cover_is_refused(tiny, monkeypatch, restore_llama_r
         apply_body_kernels(model, "liger")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter: CPU only (the GPU test covers all)")
-def test_liger_rope_under_the_interpreter_trains_as_eager(tiny, restore_llama_rope, monkeypatch):
-    """Liger's RoPE kernel, patched in by apply_body_kernels, run by Triton's interpreter: the logits and every
-    gradient of a training forward and backward on the tiny model equal eager's."""
+def _liger_rope_trains_as_eager(model_path):
+    """Liger's RoPE kernel, patched in by apply_body_kernels: the logits and every gradient of a training forward
+    and backward equal eager's. Run in a process of its own under TRITON_INTERPRET=1."""
     import fpo.model
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    eager, liger = load_model(tiny["model"]), load_model(tiny["model"])
-    monkeypatch.setattr(fpo.model, "LIGER_BODY", {"rope": True, "rms_norm": False, "swiglu": False})
+    eager, liger = load_model(model_path), load_model(model_path)
+    fpo.model.LIGER_BODY = {"rope": True, "rms_norm": False, "swiglu": False}
     assert apply_body_kernels(liger, "liger") == ["rope"]
     ids = torch.randint(0, eager.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     out = {}
@@ -76,6 +74,28 @@ def test_liger_rope_under_the_interpreter_trains_as_eager(tiny, restore_llama_ro
     torch.testing.assert_close(out["liger"][0], out["eager"][0], rtol=1e-5, atol=1e-5)
     for n, g in out["eager"][1].items():
         torch.testing.assert_close(out["liger"][1][n], g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter: CPU only (the GPU test covers all)")
+def test_liger_rope_under_the_interpreter_trains_as_eager(tiny):
+    """In a fresh process: Triton decides whether a kernel is interpreted when its module is imported, and a test
+    before this one may have imported liger-kernel's kernels for a GPU."""
+    import os
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import sys; sys.path[:0] = {[here, os.path.dirname(here)]!r}; "
+        f"from test_body_kernels import _liger_rope_trains_as_eager as check; check({tiny['model']!r})"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(os.environ, TRITON_INTERPRET="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
 
 
 @pytest.mark.gpu
