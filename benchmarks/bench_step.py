@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -47,6 +46,7 @@ from fpo.model import (
     enable_activation_checkpointing,
     lm_head,
     run_body,
+    transformers_patches_undone,
 )
 from fpo.packing import MicroBatch
 from fpo.precision import Precision, resolve_precision
@@ -410,7 +410,7 @@ def run(
     for body in bodies:
         plan = policy_plan(main, methods, others, device) if body == "eager" else [(main, list(methods))]
         for prec, names in plan:
-            with _library_patches_undone() if body == "liger-body" else contextlib.nullcontext():
+            with transformers_patches_undone() if body == "liger-body" else contextlib.nullcontext():
                 info = _run_policy(
                     preset,
                     pairs,
@@ -429,25 +429,6 @@ def run(
                 )
     info["precision"] = main.name
     return rows, method_ratios(rows, ("peak_gb", "step_ms")), info
-
-
-@contextlib.contextmanager
-def _library_patches_undone():
-    """liger-kernel patches transformers' modeling modules themselves (RoPE, the norm and MLP classes): every
-    model built later would carry its kernels. Put each loaded modeling module back as it was afterwards."""
-    saved = {name: dict(vars(m)) for name, m in list(sys.modules.items()) if name.startswith("transformers.models.")}
-    try:
-        yield
-    finally:
-        for name, before in saved.items():
-            module = sys.modules.get(name)
-            if module is None:
-                continue
-            for key in [k for k in vars(module) if k not in before]:
-                delattr(module, key)
-            for key, value in before.items():
-                if getattr(module, key, None) is not value:
-                    setattr(module, key, value)
 
 
 def policy_plan(main: Precision, methods, others, device) -> list:

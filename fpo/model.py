@@ -4,9 +4,11 @@ weight and the final logit softcap."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ __all__ = [
     "ActivationCapture",
     "compile_body",
     "apply_body_kernels",
+    "transformers_patches_undone",
     "SITES",
     "run_body",
     "load_model_for_layout",
@@ -232,6 +235,26 @@ def apply_body_kernels(model, kernels: str) -> list[str]:
     body = {k: v for k, v in LIGER_BODY.items() if k in takes}
     apply(model=model, **body, **{k: v for k, v in LIGER_HEAD.items() if k in takes})
     return sorted(k for k, on in body.items() if on)
+
+
+@contextlib.contextmanager
+def transformers_patches_undone():
+    """liger-kernel patches transformers' modeling modules themselves (RoPE, the norm and MLP classes): every
+    model of that architecture built later in the process would carry its kernels. Puts each loaded modeling
+    module back as it was on leaving."""
+    saved = {name: dict(vars(m)) for name, m in list(sys.modules.items()) if name.startswith("transformers.models.")}
+    try:
+        yield
+    finally:
+        for name, before in saved.items():
+            module = sys.modules.get(name)
+            if module is None:
+                continue
+            for key in [k for k in vars(module) if k not in before]:
+                delattr(module, key)
+            for key, value in before.items():
+                if getattr(module, key, None) is not value:
+                    setattr(module, key, value)
 
 
 def final_softcap(model):

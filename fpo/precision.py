@@ -94,8 +94,8 @@ def make_optimizer(
     """The run's optimizer. adam: Adam (L2 weight decay, as torch's); adamw: AdamW (decoupled weight decay,
     scaled by lr as torch's); rmsprop: torch's RMSprop (alpha 0.99; betas unused).
     bf16-compensated takes torch-optimi's Adam /
-    AdamW with Kahan summation; the others torch's, fused where torch has a fused kernel for the device (CUDA and
-    the CPU among them; foreach otherwise)."""
+    AdamW with Kahan summation; the others torch's, fused on CUDA and the CPU (foreach on other
+    devices)."""
     params = list(params)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -125,10 +125,7 @@ def make_optimizer(
         )
     # torch's fused Adam: one kernel over all tensors, on the CPU too (7x the foreach step there: foreach is a
     # per-tensor loop on the CPU)
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    fused = torch.device(device).type in _get_fused_kernels_supported_devices()
-    impl = {"fused": True} if fused else {"foreach": True}
+    impl = {"fused": True} if torch.device(device).type in ("cuda", "cpu") else {"foreach": True}
     if optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, eps=eps, weight_decay=weight_decay, foreach=True)
     cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam

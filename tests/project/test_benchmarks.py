@@ -65,10 +65,10 @@ def test_library_patches_undone():
     """What liger-kernel patches into transformers' modeling modules is put back after the liger-body rows."""
     from transformers.models.llama import modeling_llama
 
-    from benchmarks.bench_step import _library_patches_undone
+    from fpo.model import transformers_patches_undone
 
     rope, norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
-    with _library_patches_undone():
+    with transformers_patches_undone():
         modeling_llama.apply_rotary_pos_emb = lambda *a: a
         modeling_llama.LlamaRMSNorm = object
         modeling_llama.added_by_patch = 1

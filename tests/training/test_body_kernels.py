@@ -10,7 +10,7 @@ import pytest
 import torch
 from run_setup import QUIET, run_config
 
-from fpo.model import apply_body_kernels, load_model
+from fpo.model import apply_body_kernels, load_model, transformers_patches_undone
 
 pytest.importorskip("liger_kernel")
 
@@ -19,16 +19,10 @@ pytest.importorskip("liger_kernel")
 def restore_llama_rope():
     """liger-kernel patches transformers' Llama module itself (RoPE, and the RMSNorm and MLP classes every later
     model is built from): put everything back after the test."""
-    from transformers.models.llama import modeling_llama
+    from transformers.models.llama import modeling_llama  # noqa: F401  (loaded, so that it is restored)
 
-    saved = dict(vars(modeling_llama))
-    yield
-    for name in list(vars(modeling_llama)):
-        if name not in saved:
-            delattr(modeling_llama, name)
-    for name, value in saved.items():
-        if getattr(modeling_llama, name, None) is not value:
-            setattr(modeling_llama, name, value)
+    with transformers_patches_undone():
+        yield
 
 
 def test_liger_body_kernels_never_the_fused_cross_entropy(tiny, restore_llama_rope):
