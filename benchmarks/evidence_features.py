@@ -29,7 +29,8 @@ from benchmarks.common import environment, subset_jsonl, train_in_process, write
 from fpo import assets
 from fpo.demo import _matched_alpha, _plot, _sampling_error
 from fpo.evaluate import evaluate
-from fpo.features import feature_report, read_feature_weights
+from fpo.feature_files import read_feature_weights
+from fpo.features import feature_report
 from fpo.precompute import precompute
 from fpo.sae import load_saes
 
@@ -154,7 +155,7 @@ def run(args, log=print) -> dict:
         **feat_kw,
     )
     [spec] = load_saes([(assets.DEMO_SAE, None, 1.0)])
-    _, weights = read_feature_weights(protect, [spec])
+    _, weights, _ = read_feature_weights(protect, [spec])
     protected = (weights != 1).nonzero().flatten().tolist()
     if not args.keep_models:
         for path in finals.values():

@@ -148,6 +148,13 @@ class ScoringConfig(CommandConfig):
     select: str = _key(
         "policy", "fpo: the k features: policy's top-k, or the cached reference's first k", ("policy", "reference")
     )
+    protect: str | None = _key(
+        None,
+        "a protect file (JSON: the SAE's fingerprint and the features to hold, each with a weight and a direction; "
+        "`fpo features --protect-out` writes one): train holds them near the reference with a term of their own, "
+        "for any method, against the exact reference values `fpo precompute --protect` added to the cache; eval "
+        "reports their held-out drift",
+    )
 
 
 @dataclass(frozen=True)
@@ -171,6 +178,13 @@ class TrainConfig(ScoringConfig):
         None,
         'fpo: a file of per-feature weights in D, JSON {id: weight} or {"sae": fingerprint, "weights": {...}}, '
         "or CSV feature,weight rows; unlisted features weigh 1 (`fpo features --weights-out` writes one)",
+    )
+    protect_coef: float = _key(
+        1.0,
+        "with --protect: lambda, the protection term's weight, L = L_method + lambda x mean over responses of R "
+        "(R: each protected feature's change relative to its reference scale, through a loss whose slope is at "
+        "most 1)",
+        low=0,
     )
     constraint_norm: str = _key(
         "none",
@@ -279,6 +293,11 @@ class TrainConfig(ScoringConfig):
             )
         if self.method == "fpo" and not self.sae:
             raise ValueError("method fpo needs an SAE (sae=...)")
+        if self.protect and not (self.cache and self.sae):
+            raise ValueError(
+                f"protect needs the SAE its features belong to (--sae) and a cache holding their reference values "
+                f"(--cache, built or extended with `fpo precompute --protect {self.protect}`)"
+            )
         sae_specs(self.sae, self.sae_layer, self.sae_weight)  # one layer and weight per SAE, or one for all
         tracker_names(self.report_to)  # none alone, or trackers
         if self.lora_r is None and (self.merge_lora or self.lora_alpha is not None):
@@ -358,6 +377,12 @@ class PrecomputeConfig(CommandConfig):
     )
     batch_pairs: int = _key(4, "pairs per forward", low=1)
     shard_rows: int = _key(256, "pairs per cache shard (the unit of resume)", low=1)
+    protect: str | None = _key(
+        None,
+        "a protect file: also cache the reference's pooled value of each protected feature for every response, "
+        "zeros included (what `fpo train --protect` compares against); an existing cache gains them without "
+        "recomputing the rest",
+    )
     overwrite: bool = _key(False, "replace a cache built with other settings")
     progress: bool = _key(True, "progress bar")
 

@@ -14,8 +14,6 @@ second reference pass over the top features only.
 from __future__ import annotations
 
 import heapq
-import json
-import math
 import os
 import sys
 import textwrap
@@ -27,6 +25,7 @@ from fpo_kernels import reference as ops_reference
 from fpo_kernels import sae_pooled_features
 
 from .config import FeaturesConfig
+from .feature_files import write_feature_weights
 from .files import atomic_write_json
 from .model import ActivationCapture
 from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
@@ -35,7 +34,7 @@ from .runtime import load_config_saes, load_items, load_model, start
 from .sae import check_sae_fits
 from .tables import format_table
 
-__all__ = ["feature_report", "read_feature_weights", "write_feature_weights"]
+__all__ = ["feature_report"]
 
 REPORT_WIDTH = 100  # the terminal table fits this many columns
 
@@ -373,78 +372,3 @@ def plot_features(report, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------------
-# per-feature weights for `fpo train --feature-weights`
-# ------------------------------------------------------------------------------------------------
-def write_feature_weights(path, sae_fingerprint: str, weights: dict[int, float], note: str = ""):
-    """A --feature-weights file (JSON): the SAE it is for, and {feature id: weight}; unlisted features weigh 1."""
-    atomic_write_json(
-        path, {"sae": sae_fingerprint, "note": note, "weights": {str(i): float(w) for i, w in sorted(weights.items())}}
-    )
-
-
-def read_feature_weights(path, saes) -> tuple[int, torch.Tensor]:
-    """(the index among `saes` the file is for, weights [width] float32): --feature-weights' file, JSON
-    ({"sae": fingerprint, "weights": {id: w}}, or a plain {id: w}) or CSV (feature,weight rows, an optional
-    header); unlisted features weigh 1. Refused with a sentence: an unreadable file, an id outside the SAE's
-    width, a negative or non-finite weight, a fingerprint of none of the run's SAEs, and, with several SAEs, a
-    file that does not name its SAE."""
-    what = f"feature_weights {path}"
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{what} cannot be read ({getattr(e, 'strerror', None) or e})") from None
-    fingerprint, raw = None, {}
-    if path.endswith(".json"):
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{what} is not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not isinstance(doc, dict):
-            raise ValueError(f'{what} must hold an object: {{feature id: weight}} or {{"sae": ..., "weights": ...}}')
-        if "weights" in doc:
-            fingerprint, raw = doc.get("sae"), doc["weights"]
-        else:
-            raw = doc
-        if not isinstance(raw, dict):
-            raise ValueError(f"{what}: weights must be an object of feature id -> weight")
-        pairs = list(raw.items())
-    else:
-        pairs = []
-        for k, line in enumerate(text.splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#") or (k == 1 and not line[:1].isdigit()):
-                continue  # blank, a comment, or the header
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) != 2:
-                raise ValueError(f"{what} line {k}: a CSV row is feature,weight, got {line!r}")
-            pairs.append((parts[0], parts[1]))
-    if fingerprint is not None:
-        match = [j for j, s in enumerate(saes) if s.sae.fingerprint() == fingerprint]
-        if not match:
-            held = ", ".join(f"'{s.name}' ({s.sae.fingerprint()})" for s in saes)
-            raise ValueError(f"{what} is for another SAE (fingerprint {fingerprint}); this run's SAEs: {held}")
-        j = match[0]
-    elif len(saes) > 1:
-        raise ValueError(
-            f"{what} does not name its SAE and the run has {len(saes)}: write it as JSON "
-            '{"sae": FINGERPRINT, "weights": {...}} (`fpo features --json` lists each SAE\'s fingerprint)'
-        )
-    else:
-        j = 0
-    width = saes[j].sae.width
-    weights = torch.ones(width, dtype=torch.float32)
-    for key, value in pairs:
-        try:
-            i, w = int(key), float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{what}: {key!r}: {value!r} is not a feature id and a weight") from None
-        if not 0 <= i < width:
-            raise ValueError(f"{what}: feature {i} is outside the SAE's width {width} [0, {width})")
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"{what}: feature {i} has weight {value!r}; weights must be finite and >= 0")
-        weights[i] = w
-    return j, weights

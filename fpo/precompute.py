@@ -21,7 +21,9 @@ from .locking import LOCK_NAME, DirectoryLock
 from .model import ActivationCapture, final_softcap, lm_head, model_fingerprint
 from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
 from .pairs import dataset_fingerprint, tokenizer_fingerprint
+from .feature_files import read_protect_file
 from .progress import progress_bar
+from .protection import add_protected_values
 from .reference_cache import FORMAT_VERSION, is_cache_file, recorded_checksum, shard_name, write_shard
 from .runtime import load_config_saes, load_items, load_model, start
 from .sae import check_sae_fits
@@ -172,8 +174,12 @@ def precompute(model, dataset, out, *, tokenizer=None, model_name=None, log=prin
             )
     items = load_items(cfg, tokenizer, rt)
     settings = _settings(cfg, model, model_name, tokenizer, items, saes, prec)
+    if cfg.protect:  # the file and its SAE checked before any forward
+        read_protect_file(cfg.protect, saes)
+    n = len(items)
+    shards = [(s, min(s + cfg.shard_rows, n)) for s in range(0, n, cfg.shard_rows)]
     done = _complete_cache(cfg.out, settings)
-    if done is not None:  # nothing to write: a complete cache is read, never written (it may be read-only)
+    if done is not None and not cfg.protect:  # nothing to write: a complete cache is read, never written
         total = sum(x["bytes"] for x in done["shards"])
         say(
             f"[fpo] cache {cfg.out} is complete for these settings ({len(items)} pairs, {total / 1e6:.2f} MB, every "
@@ -190,14 +196,19 @@ def precompute(model, dataset, out, *, tokenizer=None, model_name=None, log=prin
     lock = _claim(cfg, settings, say) if rank == 0 else None
     dist_utils.barrier()
     try:
-        n = len(items)
-        shards = [(s, min(s + cfg.shard_rows, n)) for s in range(0, n, cfg.shard_rows)]
         t0 = time.time()
-        _compute_shards(cfg, model, tokenizer, items, saes, prec, device, shards, rank, world, say)
-        dist_utils.barrier()
         summary = {"rows": n, "path": cfg.out}
-        if rank == 0:
-            summary.update(_write_meta(cfg.out, settings, shards, saes, say), seconds=time.time() - t0)
+        if done is None:
+            _compute_shards(cfg, model, tokenizer, items, saes, prec, device, shards, rank, world, say)
+            dist_utils.barrier()
+            if rank == 0:
+                summary.update(_write_meta(cfg.out, settings, shards, saes, say))
+        else:
+            say(f"[fpo] cache {cfg.out} is complete for these settings: adding the protected features' values only")
+        if cfg.protect and rank == 0:
+            keys = [feature_key(i, x) for i, x in enumerate(saes)]
+            summary["protect"] = add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, keys, say)
+        summary["seconds"] = time.time() - t0
         dist_utils.barrier()
         return summary
     finally:

@@ -43,12 +43,13 @@ def shard_name(start: int, end: int) -> str:
     return f"shard-{start:09d}-{end:09d}.safetensors"
 
 
-def write_shard(directory, start, end, tensors: dict):
-    """Write a shard under a temporary name, record its checksum beside it (<shard>.sha256), then rename:
-    a resumed precompute checks every existing shard against the checksum recorded when it was written."""
+def write_shard(directory, start, end, tensors: dict, name: str | None = None):
+    """Write a shard (shard_name(start, end), or `name`) under a temporary name, record its checksum beside it
+    (<shard>.sha256), then rename: a resumed precompute checks every existing shard against the checksum recorded
+    when it was written."""
     from safetensors.torch import save_file
 
-    final = os.path.join(directory, shard_name(start, end))
+    final = os.path.join(directory, name or shard_name(start, end))
     fd, tmp = temp_file(final)
     os.close(fd)
     try:
@@ -68,7 +69,7 @@ def is_cache_file(name: str) -> bool:
     """What precompute writes into a cache directory (and only that is ever removed from one)."""
     base = name.split(".tmp", 1)[0]  # a temporary of one of them: <name>.tmpXXXXXXXX
     return base in ("meta.json", "settings.json") or (
-        base.startswith("shard-") and base.endswith((".safetensors", ".safetensors.sha256"))
+        base.startswith(("shard-", "protect-")) and base.endswith((".safetensors", ".safetensors.sha256"))
     )
 
 
@@ -79,6 +80,49 @@ def recorded_checksum(directory, name) -> str | None:
         return None
     with open(path) as f:
         return f.read().strip()
+
+
+def _is_shard_entry(x) -> bool:
+    return (
+        isinstance(x, dict)
+        and isinstance(x.get("file"), str)
+        and os.path.basename(x["file"]) == x["file"]
+        and isinstance(x.get("bytes"), int)
+        and isinstance(x.get("sha256"), str)
+    )
+
+
+def _check_meta(meta: dict, path: str):
+    """meta.json's fields, each of the type precompute writes: a hand-edited or damaged one is a sentence, never a
+    KeyError or TypeError deeper in."""
+    fix = "rerun `fpo precompute` with the same arguments (--overwrite) to rebuild it"
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    problems = []
+    if not is_int(meta.get("rows")) or meta["rows"] < 0:
+        problems.append(f"rows is {meta.get('rows')!r}, not a count")
+    if not all(_is_shard_entry(x) for x in meta.get("shards", [])):
+        problems.append("a shard entry lacks its file, bytes or sha256")
+    if meta.get("pooling") not in ("response", "authors"):
+        problems.append(f"pooling is {meta.get('pooling')!r}")
+    saes = meta.get("saes")
+    if not isinstance(saes, list):
+        problems.append(f"saes is {type(saes).__name__}, not a list")
+    else:
+        if saes and (not is_int(meta.get("cache_k")) or meta["cache_k"] < 1):
+            problems.append(f"cache_k is {meta.get('cache_k')!r}, not a positive count")
+        for e in saes:
+            if not (
+                isinstance(e, dict)
+                and isinstance(e.get("key"), str)
+                and isinstance(e.get("site"), str)
+                and isinstance(e.get("fingerprint"), str)
+                and is_int(e.get("width"))
+                and (e.get("layer") is None or is_int(e.get("layer")))
+            ):
+                problems.append(f"SAE entry {e!r:.80} lacks its key, site, fingerprint, width or layer")
+                break
+    if problems:
+        raise ValueError(f"cache {path}: meta.json is damaged or hand-edited ({'; '.join(problems)}): {fix}")
 
 
 # settings a flag chooses and the cache records: a mismatch can be fixed either way
@@ -93,8 +137,6 @@ class ReferenceCache:
     `lookup(ids, row_hash, device)` checks each row's token hash too."""
 
     def __init__(self, path, check_checksums: bool = True):
-        from safetensors.torch import load_file
-
         self.path = os.fspath(path)
         meta_path = os.path.join(self.path, "meta.json")
         if not os.path.exists(meta_path):
@@ -113,35 +155,75 @@ class ReferenceCache:
                 f"cache {self.path}: meta.json is damaged or not a cache's (truncated or edited): "
                 "rerun `fpo precompute` with the same arguments to rebuild it"
             ) from None
-        if self.meta.get("format_version") != FORMAT_VERSION:
+        version = self.meta.get("format_version")
+        if version != FORMAT_VERSION:
             raise CacheMismatchError(
-                f"cache {self.path} is in format {self.meta.get('format_version')}, this version "
-                f"of fpo reads format {FORMAT_VERSION}: rebuild it with `fpo precompute` "
+                f"cache {self.path} is in format {version!r}, this version "
+                f"of fpo reads format {FORMAT_VERSION} (the number): rebuild it with `fpo precompute` "
                 "(--overwrite to reuse the directory)"
             )
-        parts = []
-        for shard in self.meta["shards"]:
-            p = os.path.join(self.path, shard["file"])
-            if not os.path.exists(p):
-                raise ValueError(f"cache shard {p} is missing")
-            if os.path.getsize(p) != shard["bytes"]:
-                raise ValueError(
-                    f"cache shard {p} is truncated or altered ({os.path.getsize(p)} bytes, "
-                    f"meta.json says {shard['bytes']}): rebuild the cache"
-                )
-            if check_checksums and sha256_of(p) != shard["sha256"]:
-                raise ValueError(f"cache shard {p} is corrupted (checksum mismatch): rebuild the cache")
-            try:
-                parts.append(load_file(p))
-            except Exception as e:
-                raise ValueError(f"cache shard {p} could not be read ({e}): rebuild the cache") from e
+        _check_meta(self.meta, self.path)
+        parts = [self._load_shard(shard, check_checksums) for shard in self.meta["shards"]]
+        if not parts:
+            raise ValueError(f"cache {self.path}: meta.json lists no shard: rebuild the cache")
         self.data = {k: torch.cat([d[k] for d in parts]) for k in parts[0]}
         ids = self.data["ids"]
         if len(ids) != self.meta["rows"]:
             raise ValueError(f"cache {self.path}: shards hold {len(ids)} rows, meta.json says {self.meta['rows']}")
         self._row_of = {int(i): r for r, i in enumerate(ids.tolist())}
         self.has_features = bool(self.meta.get("saes"))
+        self.protect_entry = self._load_protect(check_checksums)
         self._check_contents()
+
+    def _load_shard(self, shard: dict, check_checksums: bool) -> dict:
+        from safetensors.torch import load_file
+
+        p = os.path.join(self.path, shard["file"])
+        if not os.path.exists(p):
+            raise ValueError(f"cache shard {p} is missing")
+        if os.path.getsize(p) != shard["bytes"]:
+            raise ValueError(
+                f"cache shard {p} is truncated or altered ({os.path.getsize(p)} bytes, "
+                f"meta.json says {shard['bytes']}): rebuild the cache"
+            )
+        if check_checksums and sha256_of(p) != shard["sha256"]:
+            raise ValueError(f"cache shard {p} is corrupted (checksum mismatch): rebuild the cache")
+        try:
+            return load_file(p)
+        except Exception as e:
+            raise ValueError(f"cache shard {p} could not be read ({e}): rebuild the cache") from e
+
+    def _load_protect(self, check_checksums: bool) -> dict | None:
+        """meta.json's "protect" entry, its shards read into data["chosen_protect"] / ["rejected_protect"]
+        [rows, |P|] (the reference's pooled values of the protected features, by row); None without one."""
+        entry = self.meta.get("protect")
+        if entry is None:
+            return None
+        fix = "rerun `fpo precompute` with --protect FILE to rebuild the protected values"
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("features_key"), str)
+            and isinstance(entry.get("ids"), list)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in entry["ids"])
+            and isinstance(entry.get("mean"), list)
+            and len(entry["mean"]) == len(entry["ids"]) > 0
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in entry["mean"])
+            and isinstance(entry.get("shards"), list)
+            and all(_is_shard_entry(x) for x in entry["shards"])
+        )
+        if not ok:
+            raise ValueError(f"cache {self.path}: meta.json's protect entry is damaged or hand-edited: {fix}")
+        parts = [self._load_shard(x, check_checksums) for x in entry["shards"]]
+        try:
+            ids = torch.cat([t["ids"] for t in parts])
+            values = {side: torch.cat([t[f"{side}_protect"] for t in parts]) for side in ("chosen", "rejected")}
+        except (KeyError, RuntimeError):
+            raise ValueError(f"cache {self.path}: the protected values' shards are not a protect cache's: {fix}") from None
+        if not torch.equal(ids, self.data["ids"]) or any(v.shape != (len(ids), len(entry["ids"])) for v in values.values()):
+            raise ValueError(f"cache {self.path}: the protected values' rows do not match the cache's rows: {fix}")
+        for side, v in values.items():
+            self.data[f"{side}_protect"] = v.float()
+        return entry
 
     def _check_contents(self):
         """What training reads unchecked (the kernels skip their input checks in the loop): every feature index

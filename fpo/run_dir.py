@@ -30,6 +30,8 @@ __all__ = [
     "find_checkpoint",
     "read_state",
     "check_resumable",
+    "check_resumable_inputs",
+    "RUN_CONFIG",
     "write_folder",
     "write_checksums",
     "verify_checksums",
@@ -39,6 +41,7 @@ __all__ = [
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "final", "final-merged", "tensorboard")  # with checkpoint-*: a run's own
 CHECKSUMS = "checksums.json"
+RUN_CONFIG = "run_config.json"  # in every checkpoint and final folder: the run's config as readable JSON
 REPLACED = ".replaced"  # a model folder moved aside while its successor is renamed into place (write_folder)
 
 
@@ -156,6 +159,18 @@ def read_state(where, precision, device_type) -> dict:
             f"{precision} (on {device_type}): pass --precision {saved}"
         )
     return state
+
+
+def check_resumable_inputs(inputs: dict, saved: dict | None):
+    """The files the loss reads (feature weights, a protected set) must hold what they held when the run started:
+    compared by content, so a rewritten file, or a relative path resumed from another folder, is caught."""
+    for key, value in inputs.items():
+        if saved is not None and key in saved and saved[key] != value:
+            raise ValueError(
+                f"resume: the {key.replace('_', '-')} file's content differs from what the run started with (a "
+                "rewritten file, or a relative path resumed from another folder): restore the file the run used, "
+                "or start a new run in another --output-dir"
+            )
 
 
 def check_resumable(cfg, saved: dict):
@@ -326,6 +341,7 @@ class Checkpointer:
     sharded: bool
     log: object = print
     saved_optimizer_state: bool = False  # whether the last save wrote the optimizer, scheduler and RNG
+    inputs: dict = dataclasses.field(default_factory=dict)  # the loss's inputs read from files, by content
 
     def _state_dicts(self):
         if self.sharded:
@@ -360,6 +376,7 @@ class Checkpointer:
             "step": step,
             "history": history,
             "config": dataclasses.asdict(self.cfg),
+            "inputs": self.inputs,
             "precision": self.precision.name,
         }
         if with_state:
@@ -389,6 +406,9 @@ class Checkpointer:
                 set_config_dtype(os.path.join(tmp, "config.json"), dtype)
             self.tokenizer.save_pretrained(tmp)
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+            # the run's settings, readable without torch: what trained this model
+            with open(os.path.join(tmp, RUN_CONFIG), "w") as f:
+                json.dump({"config": state["config"], "inputs": self.inputs, "step": step}, f, indent=1, sort_keys=True)
 
         if dist_utils.is_main():
             write_folder(path, write, self.cfg.output_dir)

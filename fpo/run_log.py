@@ -100,6 +100,10 @@ class RunLog:
             share = constraint_share(rec["constraint_abs"], rec["margin_abs"]) if "constraint_abs" in rec else None
             if share is not None:  # not logged while the margin is ~0 (the first step)
                 rec["constraint_share"] = share
+            if "protect_term" in rec:  # the protection term against |beta x margin|, as the constraint's share
+                share = constraint_share(rec["protect_term"], rec["reward_margin_abs"])
+                if share is not None:
+                    rec["protect_share"] = share
             if not all(math.isfinite(v) for v in row):
                 bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
                 on_nonfinite(f"non-finite {bad} at step {step}")

@@ -17,10 +17,12 @@ from torch.profiler import record_function
 
 from fpo_kernels import sae_feature_mse, sequence_logprobs, sequence_logprobs_kl
 from fpo_kernels.losses import preference_loss
+from fpo_kernels.protect import protected_features
 
 from .config import TrainConfig
 from .model import ActivationCapture, final_softcap, lm_head
 from .packing import body_hidden
+from .protection import protect_metrics
 
 __all__ = ["PolicyStats", "reference_side", "compute_loss"]
 
@@ -44,6 +46,7 @@ class PolicyStats(nn.Module):
         adapters_off=None,
         check_inputs=False,
         feature_weights=None,
+        protect=None,
     ):
         super().__init__()
         self.check_inputs = check_inputs
@@ -53,7 +56,11 @@ class PolicyStats(nn.Module):
         self.k, self.select = k, select
         self.saes = [tuple(x) if len(x) == 5 else (*x, "resid_post") for x in saes]
         self.feature_weights = list(feature_weights) if feature_weights is not None else [None] * len(self.saes)
-        self.captures = {(x[1], x[4]): ActivationCapture(model, x[1], x[4]) for x in self.saes}
+        self.protect = protect  # fpo.protection.ProtectTerm: its features' pooled values, "protect" [2P, |P|]
+        points = {(x[1], x[4]) for x in self.saes}
+        if protect is not None:
+            points.add((protect.spec.layer, protect.spec.site))
+        self.captures = {point: ActivationCapture(model, *point) for point in sorted(points, key=str)}
         self.softcap = final_softcap(model)
 
     def remove_hooks(self):
@@ -112,8 +119,19 @@ class PolicyStats(nn.Module):
                     hidden, w, softcap=self.softcap, bias=b, rows=rows, labels=labels, seq_ids=seq, num_seqs=S
                 )
             out = {"logp_sum": total, "logp_mean": mean, "len": count}
+        resid = {point: cap.pop() for point, cap in self.captures.items()}
+        if self.protect is not None:
+            spec = self.protect.spec
+            r = resid[(spec.layer, spec.site)]
+            with record_function("fpo::protect"):
+                out["protect"] = protected_features(
+                    r.reshape(-1, r.shape[-1]),
+                    spec.sae,
+                    self.protect.ids,
+                    spans=batch.pool_spans.cpu(),
+                    check_inputs=self.check_inputs,
+                )
         if self.saes:
-            resid = {point: cap.pop() for point, cap in self.captures.items()}
             if ref_features is None or len(ref_features) != len(self.saes):
                 raise ValueError(f"ref_features: one (indices, values) pair per SAE ({len(self.saes)}) is needed")
             each = []
@@ -162,7 +180,23 @@ def reference_side(batch, device, cache=None, sae_keys=(), ref_model=None, refer
     return reference, kw
 
 
-def compute_loss(cfg: TrainConfig, stats: dict, reference: dict | None):
+def compute_loss(cfg: TrainConfig, stats: dict, reference: dict | None, protect=None):
     """(losses [P], metrics) of one micro-batch: the policy's statistics and the reference's, both in the [2P]
-    layout (chosen first), through the one loss adapter with the run's hyperparameters."""
-    return preference_loss(cfg.method, stats, reference, beta=cfg.beta_value, alpha=cfg.alpha, gamma=cfg.gamma)
+    layout (chosen first), through the one loss adapter with the run's hyperparameters; with protect
+    (fpo.protection.ProtectTerm), plus lambda x the mean of R over the pair's chosen and rejected responses."""
+    losses, metrics = preference_loss(
+        cfg.method, stats, reference, beta=cfg.beta_value, alpha=cfg.alpha, gamma=cfg.gamma
+    )
+    if protect is None:
+        return losses, metrics
+    if "protect" not in stats or reference is None or "protect" not in reference:
+        raise ValueError("protect: the policy's and the cache's protected features are both needed")
+    R = protect.penalty(stats["protect"], reference["protect"])  # [2P]
+    P = losses.shape[0]
+    term = protect.coef * (R[:P] + R[P:]) / 2
+    metrics.update(
+        protect_term=term.detach(),
+        reward_margin_abs=metrics["margin"].abs(),
+        **protect_metrics(stats["protect"], reference["protect"], protect.scale),
+    )
+    return losses + term, metrics

@@ -38,9 +38,12 @@ from .packing import attention_length_scale, collate, micro_batch_tokens, plan_m
 from .pairs import tokenizer_fingerprint
 from .precision import SAVE_DTYPES, describe_precision, make_optimizer
 from .reference_cache import ReferenceCache
+from .feature_files import read_feature_weights, read_protect_file
+from .protection import ProtectTerm
 from .run_dir import (
     Checkpointer,
     check_resumable,
+    check_resumable_inputs,
     checkpoints,
     claim_output_dir,
     find_checkpoint,
@@ -50,7 +53,7 @@ from .run_dir import (
 )
 from .run_log import RunLog
 from .runtime import load_config_saes, load_items, load_model, start
-from .sae import cached_sae_keys
+from .sae import cached_sae_keys, check_sae_fits
 from .step import PolicyStats, compute_loss, reference_side
 
 __all__ = ["train", "Trainer", "NonFiniteLossError"]
@@ -165,18 +168,17 @@ class Trainer:
                 )
             self.sae_keys = cached_sae_keys(self.cache, self.saes, self.model, cfg.k, cfg.select)
         self.feature_weights = [None] * len(self.saes)  # per SAE: [width] weights in D, or None for 1 everywhere
+        self.inputs = {}  # what the loss reads from files, by content: a resume must find the same
         if cfg.feature_weights:
             if cfg.method != "fpo":
                 raise ValueError(f"feature_weights weighs FPO's D; method {cfg.method} has no D")
-            from .features import read_feature_weights
-
-            j, weights = read_feature_weights(cfg.feature_weights, self.saes)
+            j, weights, digest = read_feature_weights(cfg.feature_weights, self.saes)
             self.feature_weights[j] = weights.to(self.device)
-            moved = (weights != 1).nonzero().flatten().tolist()
-            self.log(
-                f"[fpo] feature_weights {cfg.feature_weights}: {len(moved)} features of SAE '{self.saes[j].name}' "
-                f"weighted in D (e.g. {', '.join(f'{i}: {weights[i]:g}' for i in moved[:5])})"
-            )
+            self.inputs["feature_weights"] = digest
+            self._report_feature_weights(cfg, j, weights)
+        self.protect = self._load_protect(cfg) if cfg.protect else None
+        if self._resume_state is not None:
+            check_resumable_inputs(self.inputs, self._resume_state.get("inputs"))
         # constraint_norm "ref": each SAE's D divided by its recorded reference feature scale
         self.sae_scales = [
             self.cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" else 1.0 for key in self.sae_keys
@@ -209,6 +211,56 @@ class Trainer:
                     f"reference_model's final logit softcap {final_softcap(self.ref_model)} differs from "
                     f"the policy's {final_softcap(self.model)}: TDPO's fused KL applies one softcap to both"
                 )
+
+    def _report_feature_weights(self, cfg, j, weights):
+        """Once, at start-up: which features the file weighs, and on what fraction of the cached responses each
+        weight can act at all (a weight acts only on a feature D selects, and D's reference value of a feature
+        outside the cached top-K is 0)."""
+        moved = (weights != 1).nonzero().flatten().tolist()
+        spec, key = self.saes[j], self.sae_keys[j]
+        self.log(
+            f"[fpo] feature_weights {cfg.feature_weights}: {len(moved)} features of SAE '{spec.name}' weighted in D "
+            f"(e.g. {', '.join(f'{i}: {weights[i]:g}' for i in moved[:5])})"
+        )
+        if not moved:
+            return
+        cached = torch.cat([self.cache.data["chosen_idx" + key], self.cache.data["rejected_idx" + key]]).long()
+        first_k = cached[:, : cfg.k]
+        for i in moved[:10]:
+            in_cache = (cached == i).any(1).float().mean().item()
+            in_k = (first_k == i).any(1).float().mean().item()
+            self.log(
+                f"[fpo]   feature {i} (weight {weights[i]:g}): in the reference's cached top-{cached.shape[1]} on "
+                f"{in_cache:.0%} of responses, in its top-{cfg.k} on {in_k:.0%}; the weight acts only where D "
+                "selects the feature (use --protect to hold a feature whatever D selects)"
+            )
+
+    def _load_protect(self, cfg: TrainConfig):
+        """The protected set, its SAE and the cache's exact reference values of it (ProtectTerm)."""
+        if self.cache is None:
+            raise ValueError(
+                f"protect: method {cfg.method} has no cache; build one with `fpo precompute --protect "
+                f"{cfg.protect}` and pass --cache"
+            )
+        saes = self.saes if self.saes else load_config_saes(cfg, self.runtime)
+        protect = read_protect_file(cfg.protect, saes)
+        spec = next(s for s in saes if s.sae.fingerprint() == protect.sae)
+        entry = self.cache.protect_entry
+        if spec.layer is None and entry is not None:
+            spec.layer, spec.site = entry["layer"], entry["site"]
+        if entry is not None and (entry["layer"], entry["site"]) != (spec.layer, spec.site):
+            raise ValueError(
+                f"protect: the cache holds the protected values at layer {entry['layer']} ({entry['site']}), the "
+                f"run reads SAE '{spec.name}' at layer {spec.layer} ({spec.site}): pass --sae-layer {entry['layer']}"
+            )
+        check_sae_fits(self.model, spec.sae, spec.layer)
+        term = ProtectTerm(protect, spec, self.cache, cfg.protect_coef, self.device)
+        self.inputs["protect"] = protect.as_dict()
+        self.log(
+            f"[fpo] protect {cfg.protect}: {len(protect.ids)} features of SAE '{spec.name}' held near the reference "
+            f"on chosen and rejected responses, lambda {cfg.protect_coef:g} (L = L_{cfg.method} + lambda x mean R)"
+        )
+        return term
 
     def _load_data(self, cfg: TrainConfig):
         """The tokenised pairs, checked against the cache, and the number of steps."""
@@ -247,6 +299,7 @@ class Trainer:
             autocast=self.precision.autocast,
             adapters_off=self.peft_model.disable_adapter if self.peft_model is not None else None,
             feature_weights=self.feature_weights,
+            protect=self.protect,
         )
         if self._resume_from is not None and self.peft_model is not None:  # before any sharding: plain tensors
             load_adapters(self.model, self._resume_from)
@@ -280,6 +333,7 @@ class Trainer:
             self.precision,
             sharded=cfg.fsdp and self.world > 1,
             log=self.log,
+            inputs=self.inputs,
         )
         self.step, self.history = 0, []
         if self._resume_from is not None:
@@ -378,8 +432,8 @@ class Trainer:
         )
         stats = self.wrapped(batch, **kw)
         if "ref_logp_sum" in stats:  # TDPO: the reference's log-probs came with the KL
-            reference = {"logp_sum": stats["ref_logp_sum"]}
-        losses, metrics = compute_loss(cfg, stats, reference)
+            reference = {**(reference or {}), "logp_sum": stats["ref_logp_sum"]}
+        losses, metrics = compute_loss(cfg, stats, reference, self.protect)
         P = batch.num_pairs  # TRL's logps/*: each response's summed log-prob
         metrics["logps_chosen"], metrics["logps_rejected"] = (
             stats["logp_sum"][:P].detach(),

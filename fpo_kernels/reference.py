@@ -19,6 +19,7 @@ __all__ = [
     "fused_linear_kl_ref",
     "fused_linear_logprobs_kl_ref",
     "pack_topk_ref",
+    "protected_features_ref",
 ]
 
 
@@ -174,3 +175,9 @@ def pack_topk_ref(pooled: torch.Tensor, K: int):
         idx = torch.cat([idx, idx.new_full((B, K - kk), -1)], 1)
         vals = torch.cat([vals, vals.new_zeros(B, K - kk)], 1)
     return idx, vals
+
+
+def protected_features_ref(hidden, spans, sae, feature_ids):
+    """[N, d], [S, 2], [P] -> [S, P]: the full pooled encode, then the protected columns; autograd gives
+    JumpReLU's own gradient (nothing through a token where a feature is off)."""
+    return sae_pooled_features_varlen_ref(hidden, spans, sae)[:, feature_ids.long()]

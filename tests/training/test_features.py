@@ -10,7 +10,8 @@ import tiny as t
 import torch
 from run_setup import LEN, QUIET, run_config
 
-from fpo.features import feature_report, read_feature_weights
+from fpo.feature_files import read_feature_weights
+from fpo.features import feature_report
 from fpo.model import load_model, load_tokenizer
 from fpo.pairs import load_pairs, tokenize_pairs
 from fpo.sae import load_saes
@@ -133,7 +134,7 @@ def test_several_runs_lora_and_several_saes(tiny, tiny_cache, tmp_path):
     first = [f for f in report["features"] if f["sae"] == report["saes"][0]["label"]]
     assert [f["drift"][1] for f in first] == sorted((f["drift"][1] for f in first), reverse=True)  # ranked by full
     [spec] = load_saes([(tiny["sae"], None, 1.0)])
-    j, w = read_feature_weights(str(tmp_path / "protect.json"), [spec])
+    j, w, _ = read_feature_weights(str(tmp_path / "protect.json"), [spec])
     assert j == 0 and sorted(torch.nonzero(w != 1).flatten().tolist()) == sorted(f["id"] for f in first[:3])
     # fpo train takes a weights file, records it in the run's config, and weighs D by it: every feature at 0
     base = run_config(tiny, tiny_cache, tmp_path / "w0", "fpo", lr=1e-3, max_steps=2)
@@ -156,8 +157,8 @@ def test_bad_weights_files_are_refused(tiny, tmp_path):
     [spec] = load_saes([(tiny["sae"], None, 1.0)])
     cases = {
         "outside.csv": ("feature,weight\n250,2\n", "outside the SAE's width 200"),
-        "negative.csv": ("3,-1\n", "finite and >= 0"),
-        "nan.json": ('{"3": NaN}', "finite and >= 0"),
+        "negative.csv": ("3,-1\n", r"finite, in \[0, "),
+        "nan.json": ('{"3": NaN}', "weights must be finite"),
         "other.json": ('{"sae": "0123456789abcdef", "weights": {"3": 2}}', "for another SAE"),
         "text.json": ('{"weights": [1, 2]}', "must be an object"),
         "broken.json": ("{", "not valid JSON"),
@@ -170,7 +171,7 @@ def test_bad_weights_files_are_refused(tiny, tmp_path):
         read_feature_weights(str(tmp_path / "missing.csv"), [spec])
     ok = tmp_path / "ok.csv"
     ok.write_text("feature,weight\n3,0\n7,2.5\n")
-    _, w = read_feature_weights(str(ok), [spec])
+    _, w, _ = read_feature_weights(str(ok), [spec])
     assert w[3] == 0 and w[7] == 2.5 and w.sum() == spec.sae.width - 1 + 1.5
 
 

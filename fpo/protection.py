@@ -1,0 +1,240 @@
+"""Feature protection, the training side: a protected set of SAE features held near the reference by a term of
+its own, for every method (docs/method.md, "Protection"):
+
+    L = L_method + lambda * mean over the chosen and rejected responses of R(y)
+
+R(y) is fpo_kernels.protection_penalty on the protected features' pooled activations
+(fpo_kernels.protected_features, whose gradient can restore a feature pushed below its threshold), against the
+reference's exact values for that response, each feature's change divided by a floored reference scale.
+
+The reference values come from the cache: `fpo precompute --protect FILE` adds them to a cache (a new one, or an
+existing one, whose other tensors are kept as they are): for every response, every protected feature's pooled
+value, zeros included, independent of the cached top-K. They sit in protect-<set>-<start>-<end>.safetensors
+shards (checksummed, the unit of resume) and are listed in meta.json's "protect" entry.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from fpo_kernels.protect import protected_features, protection_penalty
+
+from .feature_files import ProtectSet, read_protect_file
+from .files import atomic_write_json, sha256_of
+from .model import ActivationCapture, decoder_layers
+from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
+from .progress import progress_bar
+from .reference_cache import recorded_checksum, shard_name, write_shard
+
+__all__ = [
+    "ProtectTerm",
+    "SCALE_FLOOR",
+    "protect_scales",
+    "add_protected_values",
+    "protect_shard_name",
+    "protect_metrics",
+]
+
+# a feature's scale is its reference mean pooled activation, floored at this fraction of the set's median (and
+# at ABS_FLOOR): a feature that rarely fires is not divided by ~0
+SCALE_FLOOR = 0.1
+ABS_FLOOR = 1e-4
+
+
+def protect_shard_name(features_key: str, start: int, end: int) -> str:
+    return "protect-" + features_key + "-" + shard_name(start, end).removeprefix("shard-")
+
+
+def protect_scales(mean: torch.Tensor) -> torch.Tensor:
+    """[P] per-feature scales from the reference's mean pooled activation over the cached responses."""
+    mean = mean.double().clamp(min=0)
+    floor = max(SCALE_FLOOR * float(mean.median()), ABS_FLOOR)
+    return mean.clamp(min=floor).float()
+
+
+class _Stop(Exception):
+    """Raised by a hook once the SAE's layer has run: the rest of the forward is not needed."""
+
+
+def _stop_after(model, layer, site):
+    block = decoder_layers(model)[layer]
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    if site == "resid_pre":
+        return block.register_forward_pre_hook(stop, with_kwargs=True)
+    return block.register_forward_hook(stop)
+
+
+@torch.no_grad()
+def reference_protected(model, batch, spec, ids, device) -> torch.Tensor:
+    """[2P, |ids|] the reference's pooled protected features of one micro-batch (chosen rows first); the forward
+    stops after the SAE's layer."""
+    cap = ActivationCapture(model, spec.layer, spec.site)
+    stop = _stop_after(model, spec.layer, spec.site)
+    try:
+        try:
+            body_hidden(model, batch, device)
+        except _Stop:
+            pass
+        r = cap.pop()
+    finally:
+        stop.remove()
+        cap.remove()
+    flat = r.reshape(-1, r.shape[-1])
+    return protected_features(flat, spec.sae, torch.tensor(ids), spans=batch.pool_spans.cpu()).float().cpu()
+
+
+def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_keys, say) -> dict:
+    """Add (or replace) the protected set's reference values in the complete cache cfg.out; returns meta.json's
+    "protect" entry. The caller holds the cache's lock. Shards already written for this set and matching their
+    checksums are kept (resume)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    out = cfg.out
+    protect = read_protect_file(cfg.protect, saes)
+    j = next(i for i, s in enumerate(saes) if s.sae.fingerprint() == protect.sae)
+    spec = saes[j]
+    if spec.sae.activation == "topk":
+        raise ValueError(
+            f"protect {cfg.protect}: SAE '{spec.name}' is a TopK SAE, whose features cannot be encoded apart; "
+            "protect features of a JumpReLU, ReLU or BatchTopK SAE"
+        )
+    fkey = protect.features_key
+    meta_path = os.path.join(out, "meta.json")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    old = meta.get("protect")
+    if isinstance(old, dict) and old.get("features_key") == fkey and _protect_files_sound(out, old):
+        say(f"[fpo] cache {out} already holds the reference's values of these {len(protect.ids)} protected features")
+        return old
+    if isinstance(old, dict) and old.get("features_key") != fkey:
+        say(f"[fpo] cache {out}: replacing its protected set ({len(old.get('ids', []))} features) with this one")
+    names = {protect_shard_name(fkey, s, e) for s, e in shards}
+    for n in os.listdir(out):  # another set's shards, or this set's half-written ones
+        if n.startswith("protect-") and (n.split(".sha256")[0] not in names or ".tmp" in n):
+            os.remove(os.path.join(out, n))
+    todo = [(s, e) for s, e in shards if not _sound(out, protect_shard_name(fkey, s, e))]
+    if len(todo) < len(shards):
+        say(f"[fpo] protect: resuming, {len(shards) - len(todo)} of {len(shards)} shards already complete")
+    bar = progress_bar(sum(e - s for s, e in todo), desc="protect", unit="pair") if cfg.progress else None
+    pad, scale = tokenizer.pad_token_id, attention_length_scale(model)
+    for s, e in todo:
+        chunks = (
+            [items[b : min(b + cfg.batch_pairs, e)] for b in range(s, e, cfg.batch_pairs)]
+            if cfg.max_tokens is None
+            else plan_micro_batches(items[s:e], cfg.packing, cfg.max_tokens, scale)
+        )
+        chosen, rejected = {}, {}
+        for chunk in chunks:
+            batch = collate(chunk, cfg.packing, pad, scale, cfg.pooling)
+            with rt.precision.autocast(rt.device):
+                v = reference_protected(model, batch, spec, list(protect.ids), rt.device)
+            P = len(chunk)
+            for k, it in enumerate(chunk):
+                chosen[it.id], rejected[it.id] = v[k], v[P + k]
+            if bar is not None:
+                bar.update(len(chunk))
+        ids = [it.id for it in items[s:e]]
+        write_shard(
+            out,
+            s,
+            e,
+            {
+                "ids": torch.tensor(ids, dtype=torch.long),
+                "chosen_protect": torch.stack([chosen[i] for i in ids]),
+                "rejected_protect": torch.stack([rejected[i] for i in ids]),
+            },
+            name=protect_shard_name(fkey, s, e),
+        )
+    if bar is not None:
+        bar.close()
+    total, n = torch.zeros(len(protect.ids), dtype=torch.float64), 0
+    entry_shards = []
+    for s, e in shards:
+        name = protect_shard_name(fkey, s, e)
+        path = os.path.join(out, name)
+        t = load_file(path)
+        total += t["chosen_protect"].double().sum(0) + t["rejected_protect"].double().sum(0)
+        n += 2 * (e - s)
+        entry_shards.append({"file": name, "start": s, "end": e, "bytes": os.path.getsize(path), "sha256": sha256_of(path)})
+    entry = {
+        "features_key": fkey,
+        "sae": protect.sae,
+        "sae_key": sae_keys[j],
+        "layer": spec.layer,
+        "site": spec.site,
+        "ids": list(protect.ids),
+        "mean": (total / max(n, 1)).tolist(),
+        "shards": entry_shards,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    meta["protect"] = entry
+    atomic_write_json(meta_path, meta)
+    say(f"[fpo] cache {out}: the reference's values of {len(protect.ids)} protected features on {n} responses")
+    return entry
+
+
+def _sound(out, name) -> bool:
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        return False
+    want = recorded_checksum(out, name)
+    if want is not None and sha256_of(path) == want:
+        return True
+    os.remove(path)
+    return False
+
+
+def _protect_files_sound(out, entry) -> bool:
+    try:
+        return all(sha256_of(os.path.join(out, x["file"])) == x["sha256"] for x in entry["shards"])
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+class ProtectTerm:
+    """What a run protects: the set, its SAE (an SAESpec) and the scales, weights and directions R takes; built
+    once from the protect file and the cache's entry, checked to agree."""
+
+    def __init__(self, protect: ProtectSet, spec, cache, coef: float, device):
+        entry = cache.protect_entry
+        where = f"cache {cache.path}"
+        fix = f"run `fpo precompute` with the same arguments and --protect {'FILE'} to add them (the rest is kept)"
+        if entry is None:
+            raise ValueError(f"{where} holds no protected features' reference values: {fix}")
+        if entry["features_key"] != protect.features_key:
+            raise ValueError(
+                f"{where} holds the reference's values of another protected set ({len(entry['ids'])} features of "
+                f"SAE {entry['sae']}; this run protects {len(protect.ids)} of {protect.sae}): {fix}"
+            )
+        self.protect, self.spec, self.coef = protect, spec, float(coef)
+        self.ids = torch.tensor(protect.ids, dtype=torch.long)
+        self.scale = protect_scales(torch.tensor(entry["mean"])).to(device)
+        self.weights = torch.tensor(protect.weights, dtype=torch.float32, device=device)
+        self.direction = protect.direction_codes().to(device)
+
+    def penalty(self, pooled: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """R [2P] of the policy's pooled protected features against the reference's."""
+        return protection_penalty(pooled, ref, self.scale, weights=self.weights, direction=self.direction)
+
+
+def protect_metrics(pooled: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> dict:
+    """Per pair [P]: the protected features' drift, the mean over features of (p - p_ref)^2, and their relative
+    change, the mean |p - p_ref| / scale, on the chosen and on the rejected response."""
+    P = pooled.shape[0] // 2
+    diff = pooled.detach().float() - ref.float()
+    drift = (diff * diff).mean(1)
+    rel = (diff.abs() / scale.to(diff)).mean(1)
+    return {
+        "protect_drift_chosen": drift[:P],
+        "protect_drift_rejected": drift[P:],
+        "protect_rel_chosen": rel[:P],
+        "protect_rel_rejected": rel[P:],
+    }
