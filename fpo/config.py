@@ -422,7 +422,15 @@ class FeaturesConfig(CommandConfig):
         "also write a --feature-weights file for `fpo train` that protects the --protect features ranked first "
         "(of the first SAE) with weight --protect-weight",
     )
-    protect: int = _key(10, "with --weights-out: how many of the top features to protect", low=1)
+    protect: int = _key(10, "with --weights-out or --protect-out: how many of the top features", low=1)
+    protect_out: str | None = _key(
+        None,
+        "also write a protect file for `fpo train --protect` holding the --protect features ranked first (of the "
+        "first SAE); rank them on pairs other than those protection will be judged on",
+    )
+    protect_file: str | None = _key(
+        None, "a protect file: report its features' summed drift per run, on chosen and on rejected responses"
+    )
     protect_weight: float = _key(10.0, "with --weights-out: their weight in D (every other feature weighs 1)", low=0)
 
     @property

@@ -6,10 +6,12 @@ from __future__ import annotations
 import torch
 
 from .config import EvalConfig
+from .feature_files import read_protect_file
 from .packing import attention_length_scale, collate, plan_micro_batches
+from .protection import ProtectTerm, protect_metrics
 from .reference_cache import ReferenceCache
 from .runtime import load_config_saes, load_items, load_model, start
-from .sae import cached_sae_keys
+from .sae import cached_sae_keys, check_sae_fits
 from .step import PolicyStats, reference_side
 
 __all__ = ["evaluate"]
@@ -72,6 +74,7 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
         ref_model.eval()
     ref_cache = ReferenceCache(cfg.cache) if isinstance(cfg.cache, str) else cfg.cache
     saes, keys = _saes_in_cache(cfg, model, ref_cache, rt)
+    protect = _protect_term(cfg, saes, ref_cache, model, device)
     items = load_items(cfg, tokenizer, rt)
     policy = PolicyStats(
         model,
@@ -80,14 +83,17 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
         saes=[x.hook for x in saes] if keys else [],
         autocast=prec.autocast,
         check_inputs=True,
+        protect=protect,
     )
     try:
         scores = _score(cfg, policy, tokenizer.pad_token_id, ref_model, ref_cache, keys, items, device)
     finally:
         policy.remove_hooks()
+    protected = {k: float(torch.cat(v).mean()) for k, v in scores.items() if k.startswith("protect_") and v}
     return {
         "pairs": len(items),
         **_summary(cfg, scores, saes, keys, ref_cache),
+        **protected,
         "entropy": _sample_entropy(model, tokenizer, items, cfg.entropy_samples, cfg.max_new_tokens, device, cfg.seed),
     }
 
@@ -104,6 +110,24 @@ def _saes_in_cache(cfg: EvalConfig, model, ref_cache, rt):
     if not (saes and ref_cache is not None and ref_cache.has_features):
         return saes, []
     return saes, cached_sae_keys(ref_cache, saes, model, cfg.k, cfg.select)
+
+
+def _protect_term(cfg: EvalConfig, saes, ref_cache, model, device):
+    """With --protect: the protected set and the cache's exact reference values of it (fpo.protection)."""
+    if not cfg.protect:
+        return None
+    if ref_cache is None or not saes:
+        raise ValueError(
+            f"protect: the protected features' held-out drift needs their SAE (--sae) and a cache of these pairs "
+            f"holding their reference values (`fpo precompute --protect {cfg.protect}`, then --cache)"
+        )
+    protect = read_protect_file(cfg.protect, saes)
+    spec = next(s for s in saes if s.sae.fingerprint() == protect.sae)
+    entry = ref_cache.protect_entry
+    if spec.layer is None and entry is not None:
+        spec.layer, spec.site = entry["layer"], entry["site"]
+    check_sae_fits(model, spec.sae, spec.layer)
+    return ProtectTerm(protect, spec, ref_cache, 0.0, device)
 
 
 def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, keys, items, device) -> dict:
@@ -131,6 +155,9 @@ def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, k
             out.append(d)
         if "kl" in stats:
             scores["kl"].append(stats["kl"])
+        if "protect" in stats:
+            for name, v in protect_metrics(stats["protect"], reference["protect"], policy.protect.scale).items():
+                scores.setdefault(name, []).append(v)
     return scores
 
 

@@ -108,7 +108,9 @@ def _weight(value, what: str, feature: int, *, from_text: bool = False) -> float
     except (TypeError, ValueError):
         raise ValueError(f"{what}: feature {feature} has weight {value!r}; a weight is a number") from None
     if not math.isfinite(w) or not 0 <= w <= MAX_WEIGHT:
-        raise ValueError(f"{what}: feature {feature} has weight {value!r}; weights must be finite, in [0, {MAX_WEIGHT:g}]")
+        raise ValueError(
+            f"{what}: feature {feature} has weight {value!r}; weights must be finite, in [0, {MAX_WEIGHT:g}]"
+        )
     return w
 
 

@@ -25,7 +25,7 @@ from fpo_kernels import reference as ops_reference
 from fpo_kernels import sae_pooled_features
 
 from .config import FeaturesConfig
-from .feature_files import write_feature_weights
+from .feature_files import ProtectSet, read_protect_file, write_feature_weights, write_protect_file
 from .files import atomic_write_json
 from .model import ActivationCapture
 from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
@@ -110,6 +110,8 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
         raise ValueError("sae is required: the SAE(s) whose features to compare (--sae)")
     for spec in saes:
         check_sae_fits(ref_model, spec.sae, spec.layer)
+    protect = read_protect_file(cfg.protect_file, saes) if cfg.protect_file else None
+    _check_outputs(cfg)
     items = load_items(cfg, tokenizer, rt)
     n, pad, scale = len(items), tokenizer.pad_token_id, attention_length_scale(ref_model)
 
@@ -134,7 +136,7 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
         policy, _ = load_model(path, cfg, rt, rt.precision.frozen_dtype, tokenizer)
         policy.eval()
         pol_sum = [torch.zeros(2, s.sae.width, dtype=torch.float64) for s in saes]
-        drift_sum = [torch.zeros(s.sae.width, dtype=torch.float64) for s in saes]
+        drift_sum = [torch.zeros(2, s.sae.width, dtype=torch.float64) for s in saes]  # chosen, rejected
 
         def compare(pos, pooled, pol_sum=pol_sum, drift_sum=drift_sum):
             P = len(pos)
@@ -144,7 +146,9 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
                 pol_sum[j][1] += p[P:].sum(0)
                 rows = [ref_rows[j][w] for w in pos] + [ref_rows[j][n + w] for w in pos]
                 ref = torch.stack([r.to_dense() for r in rows])
-                drift_sum[j] += ((p - ref) ** 2).sum(0)
+                sq = (p - ref) ** 2
+                drift_sum[j][0] += sq[:P].sum(0)
+                drift_sum[j][1] += sq[P:].sum(0)
 
         _pass(policy, items, saes, cfg, rt, pad, scale, f"features: {name}", compare)
         del policy
@@ -164,7 +168,8 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
     for j, spec in enumerate(saes):
         ref_mean = ref_sum[j] / max(n, 1)  # [2, width]
         pol_mean = torch.stack([r["pol_sum"][j] / max(n, 1) for r in runs])  # [runs, 2, width]
-        drift = torch.stack([r["drift_sum"][j] / max(2 * n, 1) for r in runs])  # [runs, width]
+        side_drift = torch.stack([r["drift_sum"][j] / max(n, 1) for r in runs])  # [runs, 2, width]
+        drift = side_drift.mean(1)  # [runs, width]: over every response
         rank = drift[ranking] if ranking is not None else drift.max(0).values
         top = rank.topk(min(cfg.top, spec.sae.width)).indices.tolist()
         fires = ((ref_mean.sum(0) > 0) | (pol_mean.sum(1) > 0).any(0)).sum().item()
@@ -179,6 +184,7 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
                 "fingerprint": spec.sae.fingerprint(),
                 "fires": int(fires),
                 "drift_total": drift.sum(1).tolist(),  # per run: the sum of every feature's drift
+                **_protected_drift(protect, spec, side_drift),
                 "ref_mean": ref_mean.mean(0).tolist(),  # every feature, for the picture
                 "policy_mean": pol_mean.mean(1).tolist(),
             }
@@ -193,6 +199,8 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
                     "policy_chosen": pol_mean[:, 0, i].tolist(),
                     "policy_rejected": pol_mean[:, 1, i].tolist(),
                     "drift": drift[:, i].tolist(),
+                    "drift_chosen": side_drift[:, 0, i].tolist(),
+                    "drift_rejected": side_drift[:, 1, i].tolist(),
                     "contexts": [],
                 }
             )
@@ -220,8 +228,54 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
             + (f" under {cfg.rank_by}" if cfg.rank_by else "")
             + f" on {report['pairs']} pairs of {report['dataset']}",
         )
-        log(f"[fpo] features: {cfg.weights_out} protects features {protected} (weight {cfg.protect_weight:g})")
+        log(f"[fpo] features: {cfg.weights_out} weighs features {protected} (weight {cfg.protect_weight:g}) in D")
+    if cfg.protect_out:
+        first = report["saes"][0]
+        protected = tops[0][: cfg.protect]
+        note = (
+            f"the {len(protected)} features of {first['label']} that drifted most"
+            + (f" under {cfg.rank_by}" if cfg.rank_by else "")
+            + f" on {report['pairs']} pairs of {report['dataset']}: judge protection on other pairs"
+        )
+        write_protect_file(
+            cfg.protect_out,
+            ProtectSet(
+                first["fingerprint"], tuple(protected), (1.0,) * len(protected), ("both",) * len(protected), note
+            ),
+        )
+        log(f"[fpo] features: {cfg.protect_out} protects features {protected} (`fpo train --protect`)")
     return report
+
+
+def _protected_drift(protect, spec, side_drift) -> dict:
+    """For the SAE a protect file names: the protected set's summed drift per run, per side."""
+    if protect is None or protect.sae != spec.sae.fingerprint():
+        return {}
+    ids = list(protect.ids)
+    return {
+        "protected": {
+            "ids": ids,
+            "drift_chosen": side_drift[:, 0, ids].sum(1).tolist(),
+            "drift_rejected": side_drift[:, 1, ids].sum(1).tolist(),
+        }
+    }
+
+
+def _check_outputs(cfg):
+    """Every file the report will write, checked before the computation: its folder exists and is writable, and
+    the path is not a folder."""
+    for flag in ("json", "png", "weights_out", "protect_out"):
+        path = getattr(cfg, flag)
+        if not path:
+            continue
+        name = "--" + flag.replace("_", "-")
+        if os.path.isdir(path):
+            raise ValueError(f"{name} {path} is a folder: name a file")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise ValueError(f"{name} {path}: its folder {parent} does not exist (or is a file)")
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"{name} {path}: its folder {parent} is not writable")
 
 
 def _add_contexts(report, model, items, saes, tops, cfg, rt, tokenizer, scale):
@@ -370,5 +424,5 @@ def plot_features(report, path):
             ax.grid(alpha=0.3)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, format="png")  # the name as given, never with ".png" added
     plt.close(fig)

@@ -16,12 +16,12 @@ from fpo_kernels.cache import VALUE_DTYPES
 
 from . import distributed as dist_utils
 from .config import PrecomputeConfig
+from .feature_files import read_protect_file
 from .files import atomic_write_json, sha256_of
 from .locking import LOCK_NAME, DirectoryLock
 from .model import ActivationCapture, final_softcap, lm_head, model_fingerprint
 from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
 from .pairs import dataset_fingerprint, tokenizer_fingerprint
-from .feature_files import read_protect_file
 from .progress import progress_bar
 from .protection import add_protected_values
 from .reference_cache import FORMAT_VERSION, is_cache_file, recorded_checksum, shard_name, write_shard

@@ -163,7 +163,9 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
         t = load_file(path)
         total += t["chosen_protect"].double().sum(0) + t["rejected_protect"].double().sum(0)
         n += 2 * (e - s)
-        entry_shards.append({"file": name, "start": s, "end": e, "bytes": os.path.getsize(path), "sha256": sha256_of(path)})
+        entry_shards.append(
+            {"file": name, "start": s, "end": e, "bytes": os.path.getsize(path), "sha256": sha256_of(path)}
+        )
     entry = {
         "features_key": fkey,
         "sae": protect.sae,

@@ -218,8 +218,12 @@ class ReferenceCache:
             ids = torch.cat([t["ids"] for t in parts])
             values = {side: torch.cat([t[f"{side}_protect"] for t in parts]) for side in ("chosen", "rejected")}
         except (KeyError, RuntimeError):
-            raise ValueError(f"cache {self.path}: the protected values' shards are not a protect cache's: {fix}") from None
-        if not torch.equal(ids, self.data["ids"]) or any(v.shape != (len(ids), len(entry["ids"])) for v in values.values()):
+            raise ValueError(
+                f"cache {self.path}: the protected values' shards are not a protect cache's: {fix}"
+            ) from None
+        if not torch.equal(ids, self.data["ids"]) or any(
+            v.shape != (len(ids), len(entry["ids"])) for v in values.values()
+        ):
             raise ValueError(f"cache {self.path}: the protected values' rows do not match the cache's rows: {fix}")
         for side, v in values.items():
             self.data[f"{side}_protect"] = v.float()

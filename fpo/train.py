@@ -24,6 +24,7 @@ import torch
 
 from . import distributed as dist_utils
 from .config import TrainConfig, config_from_dict
+from .feature_files import read_feature_weights, read_protect_file
 from .files import atomic_write_json
 from .lora import add_adapters, describe_lora
 from .model import (
@@ -37,9 +38,8 @@ from .model import (
 from .packing import attention_length_scale, collate, micro_batch_tokens, plan_micro_batches
 from .pairs import tokenizer_fingerprint
 from .precision import SAVE_DTYPES, describe_precision, make_optimizer
-from .reference_cache import ReferenceCache
-from .feature_files import read_feature_weights, read_protect_file
 from .protection import ProtectTerm
+from .reference_cache import ReferenceCache
 from .run_dir import (
     Checkpointer,
     check_resumable,

@@ -5,13 +5,15 @@ QUIET = dict(log=lambda *a: None)
 
 
 def run_config(tiny, cache, out, method="simpo", **kw) -> dict:
-    """The keys of a two-step run on the tiny model in `out`: a cache and the SAE for the methods that need them."""
+    """The keys of a two-step run on the tiny model in `out`: a cache and the SAE for the methods that need them
+    (every method, with protect)."""
+    needs = method in ("fpo", "dpo") or kw.get("protect") is not None
     base = dict(
         method=method,
         model=tiny["model"],
         dataset=tiny["pairs"],
-        cache=cache if method in ("fpo", "dpo") else None,
-        sae=tiny["sae"] if method == "fpo" else None,
+        cache=cache if needs else None,
+        sae=tiny["sae"] if method == "fpo" or kw.get("protect") is not None else None,
         batch_size=4,
         micro_batch_size=2,
         max_steps=2,
