@@ -28,6 +28,7 @@ from . import assets
 from .evaluate import evaluate
 from .features import feature_report
 from .files import atomic_write_json
+from .locking import LOCK_NAME, DirectoryLock
 from .precompute import precompute
 from .tables import format_table
 
@@ -216,7 +217,38 @@ def demo(
             entropy_samples=entropy_samples,
         ),
     )
+    lock = claim_demo_dir(output_dir)
+    try:
+        return _demo(d, methods, device, output_dir, seed, progress, keep_models, log)
+    finally:
+        lock.release()
+
+
+DEMO_MARK = ".fpo-demo"  # in a folder the demo made: what a later demo may write over
+
+
+def claim_demo_dir(output_dir):
+    """The demo's folder, locked: a new or empty folder, or one an earlier demo made (marked DEMO_MARK); one
+    that holds anything else (a user's runs: `fpo train` writes to runs/fpo by default) is refused, never written
+    into, since the demo replaces its runs, caches and tables by name."""
+    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir {output_dir} is a file: choose a folder for the demo")
     os.makedirs(output_dir, exist_ok=True)
+    lock = DirectoryLock(output_dir, "demo folder")
+    theirs = sorted(n for n in os.listdir(output_dir) if n not in (LOCK_NAME, DEMO_MARK))
+    made_by_demo = any(os.path.exists(os.path.join(output_dir, n)) for n in (DEMO_MARK, "demo.json"))
+    if theirs and not made_by_demo:
+        lock.release()
+        raise ValueError(
+            f"output_dir {output_dir} is not empty and was not made by `fpo demo` ({', '.join(theirs[:3])}"
+            f"{', ...' if len(theirs) > 3 else ''}): the demo writes its runs, caches and tables there by name and "
+            "would replace what is there; choose a new or empty folder (--output-dir)"
+        )
+    open(os.path.join(output_dir, DEMO_MARK), "a").close()
+    return lock
+
+
+def _demo(d, methods, device, output_dir, seed, progress, keep_models, log) -> dict:
     t_start = time.time()
     log("[fpo demo] a few dozen CPU steps show the mechanics and the costs of each method, not alignment quality.")
     assets.check_demo_assets()
@@ -368,9 +400,37 @@ def _train(name, cfg: dict, output_dir, log):
     cfg_path = os.path.join(output_dir, f"{name}.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg, f)
-    subprocess.run([sys.executable, "-m", "fpo.cli", "train", "--config", cfg_path], check=True)
+    run_child([sys.executable, "-m", "fpo.cli", "train", "--config", cfg_path], f"training {name}")
     with open(os.path.join(cfg["output_dir"], "metrics.jsonl")) as f:
         return [json.loads(line) for line in f], alpha
+
+
+def _die_with_parent():
+    """In the child, before it runs: the kernel sends it SIGTERM when its parent dies (even by SIGKILL), so a
+    stopped demo never leaves a run training on, holding its folder's lock (and, on a GPU, its memory)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's own handler below still stops the child
+        pass
+
+
+def run_child(cmd: list, what: str):
+    """cmd in a child process that ends with this one; a failure is a sentence, not a CalledProcessError."""
+    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    try:
+        code = proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM turned into an exception: the child goes too
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    if code != 0:
+        raise RuntimeError(f"{what} failed (exit code {code}); its own message is above")
 
 
 def _table_rows(runs: dict, before: dict, n_eval: int) -> list[dict]:

@@ -742,9 +742,12 @@ def _check_linear(hidden, weight, hname="hidden", wname="weight"):
         raise ValueError(f"{wname} is on {weight.device} but {hname} is on {hidden.device}")
 
 
-def _check_softcap(softcap):
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap must be None or a number > 0, got {softcap!r}")
+def check_softcap(softcap):
+    """None, or a finite number > 0: softcap(z) = c tanh(z / c) at c = inf is inf x 0 (NaN)."""
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < float("inf")
+    ):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
 
 
 def _check_labels(labels, hidden, V, ignore_index, check_values):
@@ -820,7 +823,7 @@ def fused_linear_logprobs(
     to it inside the op and gets its gradient in its own dtype.
     """
     _check_linear(hidden, weight)
-    _check_softcap(softcap)
+    check_softcap(softcap)
     N, V = hidden.shape[0], weight.shape[0]
     _check_labels(labels, hidden, V, ignore_index, check_inputs)
     _check_bias(bias, hidden, V)
@@ -865,7 +868,7 @@ def fused_linear_kl(
         [N] float32, >= 0 up to rounding.
     """
     _check_pair(hidden, weight, ref_hidden, ref_weight)
-    _check_softcap(softcap)
+    check_softcap(softcap)
     _check_chunk_size(chunk_size)
     N = hidden.shape[0]
     if not torch.is_tensor(mask) or tuple(mask.shape) != (N,) or mask.device != hidden.device:
@@ -930,7 +933,7 @@ def fused_linear_logprobs_kl(
         (logp, ref_logp, kl), each [N] float32.
     """
     _check_pair(hidden, weight, ref_hidden, ref_weight)
-    _check_softcap(softcap)
+    check_softcap(softcap)
     _check_chunk_size(chunk_size)
     N, V = hidden.shape[0], weight.shape[0]
     _check_labels(labels, hidden, V, ignore_index, check_inputs)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .logprobs import check_softcap
 from .losses import check_dpo_options, preference_loss
 from .sae_constraint import sae_feature_mse
 from .sae_weights import SAEWeights
@@ -69,6 +70,8 @@ def response_rows(_input, target, ignore_index=-100, seq_ids=None, allow_empty=F
         S = int(seq_all[keep].max()) + 1 if keep.any() else 0
         if S % 2:
             raise ValueError(f"seq_ids must number 2P sequences (chosen 0..P-1, rejected P..2P-1), got {S}")
+    if S == 0:
+        raise ValueError("_input holds no pair (0 sequences): a preference loss needs at least one pair")
     rows = keep.nonzero().flatten()
     seq = seq_all[rows]
     counts = torch.zeros(S, device=_input.device, dtype=torch.long).index_add_(0, seq, torch.ones_like(seq))
@@ -94,6 +97,7 @@ def _logits_means(lin_weight, bias, _input, P):
 class _FusedLinearPreference(nn.Module):
     def __init__(self, ignore_index=-100, softcap=None, token_chunk_size=None):
         super().__init__()
+        check_softcap(softcap)
         self.ignore_index, self.softcap, self.token_chunk_size = ignore_index, softcap, token_chunk_size
         self.metrics = {}
 
@@ -247,6 +251,11 @@ class FusedLinearDPOLoss(_FusedLinearPreference):
                 raise ValueError(
                     "an online reference needs both ref_input (its hidden states) and ref_weight (its lm head)"
                 )
+            if ref_weight.dim() != 2 or ref_weight.shape[0] != lin_weight.shape[0]:
+                raise ValueError(
+                    f"ref_weight must be the reference's lm head [V, d_ref] over the policy's vocabulary "
+                    f"(V = {lin_weight.shape[0]}), got {tuple(ref_weight.shape)}"
+                )
             if tuple(ref_input.shape[:-1]) != tuple(_input.shape[:-1]):
                 raise ValueError(
                     f"ref_input must have _input's leading shape {tuple(_input.shape[:-1])}, "
@@ -377,6 +386,8 @@ class FusedLinearFPOLoss(_FusedLinearPreference):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(ignore_index, softcap, token_chunk_size)
+        if isinstance(d_scale, bool) or not isinstance(d_scale, (int, float)) or not 0 < d_scale < float("inf"):
+            raise ValueError(f"d_scale must be a finite number > 0 (D is divided by it), got {d_scale!r}")
         self.sae, self.beta, self.alpha, self.k, self.select, self.d_scale = sae, beta, alpha, k, select, d_scale
         self.label_smoothing = _smoothing(label_smoothing)
 

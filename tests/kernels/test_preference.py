@@ -233,3 +233,24 @@ def test_dpo_equals_liger(device):
     assert torch.allclose(out[0], aux[0], rtol=1e-5)
     for g1, g2 in zip(_grads(ours, h1, w1), _grads(theirs, h2, w2)):
         assert ((g1 - g2).norm() / g2.norm()).item() < 1e-5
+
+
+def test_what_would_give_nan_is_refused(device):
+    """d_scale 0, no pair at all, an infinite softcap, a reference head over another vocabulary: each a sentence,
+    where each once returned NaN or a loss."""
+    from fpo_kernels import fused_linear_logprobs
+
+    h, w, _, target = _batch(device)
+    sae = random_sae(d, 12, device)
+    for bad in (0, 0.0, float("inf"), float("nan"), -1.0, True):
+        with pytest.raises(ValueError, match="d_scale must be a finite number > 0"):
+            FusedLinearFPOLoss(sae, d_scale=bad)
+    with pytest.raises(ValueError, match="no pair"):
+        FusedLinearSimPOLoss()(w, h[:0], target[:0])
+    with pytest.raises(ValueError, match="finite number > 0"):
+        fused_linear_logprobs(h.reshape(-1, d), w, target.reshape(-1).clamp(min=0), softcap=float("inf"))
+    with pytest.raises(ValueError, match="finite number > 0"):
+        FusedLinearSimPOLoss(softcap=float("nan"))
+    other = torch.randn(w.shape[0] + 3, d, device=device)
+    with pytest.raises(ValueError, match="over the policy's vocabulary"):
+        FusedLinearDPOLoss()(w, h, target, ref_input=h, ref_weight=other)

@@ -72,3 +72,57 @@ def test_demo_smallest_setting(tmp_path):
     simpo_drift = [f["drift"][1] for f in features["features"]]
     assert len(simpo_drift) == 10 and simpo_drift == sorted(simpo_drift, reverse=True)
     assert "features of" in r.stdout and result["features"]["runs"] == features["runs"]
+
+
+def test_demo_never_writes_into_a_folder_it_did_not_make(tmp_path):
+    """A user's runs in the folder (fpo train's default is runs/fpo, so `--output-dir runs` holds them) are
+    refused before anything is written; an earlier demo's folder is taken."""
+    from fpo.demo import DEMO_MARK, claim_demo_dir
+
+    runs = tmp_path / "runs"
+    (runs / "simpo").mkdir(parents=True)
+    (runs / "simpo" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="was not made by `fpo demo`"):
+        claim_demo_dir(str(runs))
+    assert sorted(os.listdir(runs)) == ["simpo"] or sorted(os.listdir(runs)) == [".fpo.lock", "simpo"]
+    assert (runs / "simpo" / "metrics.jsonl").read_text() == "{}\n"
+    fresh = tmp_path / "demo"
+    claim_demo_dir(str(fresh)).release()
+    (fresh / "simpo").mkdir()
+    claim_demo_dir(str(fresh)).release()  # the demo's own folder, run again
+    assert (fresh / DEMO_MARK).exists()
+    lock = claim_demo_dir(str(fresh))
+    with pytest.raises(ValueError, match="in use by another process"):
+        claim_demo_dir(str(fresh))
+    lock.release()
+
+
+def test_a_stopped_parent_takes_its_training_child_with_it(tmp_path):
+    """SIGKILL to the process that started a child through run_child: the child ends too."""
+    import signal
+    import time
+
+    script = tmp_path / "parent.py"
+    pidfile = tmp_path / "child.pid"
+    child_script = tmp_path / "child.py"
+    child_script.write_text(f"import os, time\nopen({str(pidfile)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    script.write_text(
+        f"import sys\nfrom fpo.demo import run_child\nrun_child([sys.executable, {str(child_script)!r}], 'x')\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)])
+    for _ in range(200):
+        if pidfile.exists() and pidfile.read_text():
+            break
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the child outlived its parent")
