@@ -355,6 +355,8 @@ RESUMABLE_CHANGES = (
     "report_to",
     "run_name",
     "merge_lora",
+    "compile",  # compiled and eager steps are equal within rounding (tests/training/test_compile.py)
+    "compile_backend",
 )
 
 
@@ -515,21 +517,49 @@ def config_from_dict(d: dict) -> TrainConfig:
     return TrainConfig(**d)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _load_yaml(text: str):
+    """yaml.safe_load without anchors and aliases: a config needs neither, and a few hundred bytes of nested
+    aliases expand to gigabytes (a "billion laughs")."""
+    try:
+        import yaml
+    except ImportError:
+        raise ImportError(
+            "reading a YAML --config needs PyYAML: pip install 'fpo-kernels[train]' (or pyyaml), or pass the config "
+            "as .json"
+        ) from None
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.YAMLError("anchors and aliases (*name) are not read in a config")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliases)  # noqa: S506 (a SafeLoader)
+
+
 def load_config(path: str | None = None, **overrides) -> TrainConfig:
     """A TrainConfig from a YAML (or .json) file of its keys, with the overrides that are not None on top: what
     `fpo train --config FILE --flag ...` runs. Only plain keys and values are read (yaml.safe_load)."""
     base = {}
     if path:
         try:
-            with open(path) as fh:
-                if path.endswith(".json"):
-                    base = json.load(fh)
-                else:
-                    import yaml
-
-                    base = yaml.safe_load(fh) or {}
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_CONFIG_BYTES + 1)
         except OSError as e:
             raise ValueError(f"--config {path}: cannot be read ({e.strerror})") from None
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ValueError(f"--config {path} is larger than {MAX_CONFIG_BYTES} bytes: a config holds keys and values")
+        try:
+            text = data.decode("utf-8-sig")
+            if path.endswith(".json"):
+                base = json.loads(text)
+            else:
+                base = _load_yaml(text) or {}
+        except ImportError:
+            raise
         except Exception as e:  # JSON / YAML syntax, or a YAML tag that safe_load refuses (e.g. !!python/object)
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(

@@ -46,7 +46,12 @@ def add_adapters(model, r: int, alpha: float, dropout: float, target_modules, dt
     """Inject LoRA adapters of rank r into `model` (in place) and return the PeftModel around it. Every base
     weight is frozen; the adapters are created in `dtype` (the precision policy's trained dtype)."""
     peft = _peft()
-    targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    # peft reads a string as one regular expression matched against whole module paths: a single module name
+    # given once (--lora-target-modules q_proj) is a list of one, as when it is repeated
+    if isinstance(target_modules, str):
+        targets = target_modules if target_modules == "all-linear" else [target_modules]
+    else:
+        targets = list(target_modules)
     config = peft.LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM", bias="none"
     )

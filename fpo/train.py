@@ -132,6 +132,8 @@ class Trainer:
                 cfg.lora_target_modules,
                 self.precision.param_dtype,
             )
+        if cfg.compile_backend != "inductor" and not cfg.compile:
+            raise ValueError(f"--compile-backend {cfg.compile_backend} chooses --compile's backend: add --compile")
         if cfg.compile and cfg.compile_backend == "inductor" and self.device.type == "cpu" and not _cpp_compiler():
             raise ValueError(
                 "--compile on the CPU generates C++ and needs a compiler (g++, c++ or clang++ on PATH): install one, "
@@ -160,11 +162,11 @@ class Trainer:
                 raise ValueError(f"cache {cfg.cache} holds no SAE features: build it with --sae for method fpo")
             self.saes = load_config_saes(cfg, self.runtime)
             inside = [s for s in self.saes if s.site in ("mlp_out", "attn_out")]
-            if cfg.compile and cfg.gradient_checkpointing and inside:
+            if cfg.compile and inside:  # the hook sits on a module inside a compiled layer: dynamo traces past it
                 raise ValueError(
-                    f"--compile with --gradient-checkpointing reads SAEs on the residual stream only (resid_post, "
-                    f"resid_pre): SAE '{inside[0].name}' reads {inside[0].site}, inside the recomputed layer; drop "
-                    "--gradient-checkpointing or --compile"
+                    f"--compile reads SAEs on the residual stream only (resid_post, resid_pre): SAE "
+                    f"'{inside[0].name}' reads {inside[0].site}, inside a compiled decoder layer, where its hook "
+                    "does not fire; train it without --compile"
                 )
             self.sae_keys = cached_sae_keys(self.cache, self.saes, self.model, cfg.k, cfg.select)
         self.feature_weights = [None] * len(self.saes)  # per SAE: [width] weights in D, or None for 1 everywhere

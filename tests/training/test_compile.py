@@ -73,14 +73,25 @@ def test_the_first_compiled_step_is_reported_apart(tiny, tmp_path):
     assert "graph breaks in the compiled layers" in line
 
 
-def test_compile_with_checkpointing_refuses_an_sae_inside_the_layer(tiny, tiny_cache, tmp_path):
-    """An SAE on a branch's output (mlp_out) is read by a hook inside the recomputed layer, where a compiled
-    checkpoint does not run Python side effects: refused by name."""
+@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize("hook", ["blocks.2.hook_mlp_out", "blocks.2.hook_attn_out"])
+def test_compile_refuses_an_sae_inside_the_layer(tiny, tiny_cache, tmp_path, checkpointing, hook):
+    """An SAE on a branch's output (mlp_out, attn_out) is read by a hook on a module inside a compiled layer, which
+    dynamo traces past (with or without checkpointing, with either backend): refused by name before any step."""
     import tiny as t
 
-    sae = t.make_sae(str(tmp_path / "sae_mlp"), hook_name="blocks.2.hook_mlp_out")
-    cfg = run_config(tiny, tiny_cache, tmp_path, "fpo", compile=True, gradient_checkpointing=True, sae=sae)
-    with pytest.raises(ValueError, match="reads mlp_out, inside the recomputed layer"):
+    sae = t.make_sae(str(tmp_path / "sae_branch"), hook_name=hook)
+    cfg = run_config(
+        tiny, tiny_cache, tmp_path, "fpo", compile=True, gradient_checkpointing=checkpointing, sae=sae,
+        compile_backend="aot_eager",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="inside a compiled decoder layer"):
+        Trainer(config_from_dict(cfg), **QUIET)
+
+
+def test_compile_backend_without_compile_is_refused(tiny, tiny_cache, tmp_path):
+    cfg = run_config(tiny, tiny_cache, tmp_path, "simpo", compile_backend="aot_eager")
+    with pytest.raises(ValueError, match="add --compile"):
         Trainer(config_from_dict(cfg), **QUIET)
 
 

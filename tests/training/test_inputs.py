@@ -381,3 +381,27 @@ def test_cache_k_above_the_sae_width_is_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"cache_k 5000 exceeds the width 200 of SAE .*--cache-k 200 or less"):
         precompute(tiny["model"], tiny["pairs"], str(tmp_path / "c"), sae=tiny["sae"], cache_k=5000, **LEN, **QUIET)
     assert not os.path.exists(tmp_path / "c" / "meta.json")
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """A few hundred bytes of nested YAML aliases ("billion laughs") would expand to gigabytes: a config needs no
+    aliases, so the first one is refused, in a sentence naming the file."""
+    import time
+
+    from fpo.config import load_config
+
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 9):
+        prev, name = chr(ord("a") + i - 1), chr(ord("a") + i)
+        lines.append(f"{name}: &{name} [*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev},*{prev}]")
+    lines.append("model: *i")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    t0 = time.time()
+    with pytest.raises(ValueError, match=r"bomb.yaml is not valid YAML config \(anchors and aliases"):
+        load_config(str(bomb))
+    assert time.time() - t0 < 5
+    big = tmp_path / "big.yaml"
+    big.write_text("model: " + "x" * (2 << 20))
+    with pytest.raises(ValueError, match="larger than"):
+        load_config(str(big))

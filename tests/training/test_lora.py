@@ -268,3 +268,14 @@ def test_lora_on_the_embeddings_is_saved_resumed_and_merged(tiny, tmp_path):
         resumed.close()
     with pytest.raises(ValueError, match="ties to its lm head"):
         Trainer(config_from_dict(dict(cfg, model=tiny["model"], output_dir=str(tmp_path / "tied"))), **QUIET)
+
+
+def test_one_target_module_given_once_is_a_list_of_one(tiny):
+    """peft reads a string as a regular expression over whole module paths: `--lora-target-modules q_proj` given
+    once must put adapters on every q_proj, as the flag given twice does."""
+    from fpo.lora import add_adapters
+
+    model = load_model(tiny["model"])
+    peft_model = add_adapters(model, 4, 8.0, 0.0, "q_proj", torch.float32)
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert names and all("q_proj.lora_" in n for n in names)
