@@ -14,6 +14,8 @@ second reference pass over the top features only.
 from __future__ import annotations
 
 import heapq
+import json
+import math
 import os
 import sys
 import textwrap
@@ -27,9 +29,10 @@ from fpo_kernels import sae_pooled_features
 from .config import FeaturesConfig
 from .feature_files import ProtectSet, read_protect_file, write_feature_weights, write_protect_file
 from .files import atomic_write_json
-from .model import ActivationCapture
+from .model import ActivationCapture, config_fingerprint
 from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
 from .progress import progress_bar
+from .run_dir import RUN_CONFIG
 from .runtime import load_config_saes, load_items, load_model, start
 from .sae import check_sae_fits
 from .tables import format_table
@@ -135,6 +138,7 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
     for path, name in zip(cfg.models, names):
         policy, _ = load_model(path, cfg, rt, rt.precision.frozen_dtype, tokenizer)
         policy.eval()
+        _check_started_from(path, policy, ref_model, cfg.reference, log)
         pol_sum = [torch.zeros(2, s.sae.width, dtype=torch.float64) for s in saes]
         drift_sum = [torch.zeros(2, s.sae.width, dtype=torch.float64) for s in saes]  # chosen, rejected
 
@@ -171,7 +175,11 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
         side_drift = torch.stack([r["drift_sum"][j] / max(n, 1) for r in runs])  # [runs, 2, width]
         drift = side_drift.mean(1)  # [runs, width]: over every response
         rank = drift[ranking] if ranking is not None else drift.max(0).values
-        top = rank.topk(min(cfg.top, spec.sae.width)).indices.tolist()
+        broken = rank.isnan().nonzero().flatten().tolist()
+        if broken:  # listed first, said aloud: a NaN would otherwise rank anywhere
+            log(f"[fpo] warning: SAE {spec.name}: {len(broken)} features have a NaN drift (e.g. {broken[:5]}): a run's "
+                "activations were not finite there; they are listed first")  # fmt: skip
+        top = torch.nan_to_num(rank, nan=float("inf")).topk(min(cfg.top, spec.sae.width)).indices.tolist()
         fires = ((ref_mean.sum(0) > 0) | (pol_mean.sum(1) > 0).any(0)).sum().item()
         label = f"{spec.name}@{spec.layer}" + ("" if spec.site == "resid_post" else f"@{spec.site}")
         report["saes"].append(
@@ -212,7 +220,7 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
     report["versions"] = _versions()
     _print_table(report, log)
     if cfg.json:
-        atomic_write_json(cfg.json, report)
+        atomic_write_json(cfg.json, _clean_numbers(report))
         log(f"[fpo] features: {cfg.json}")
     if cfg.png:
         plot_features(report, cfg.png)
@@ -245,6 +253,39 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
         )
         log(f"[fpo] features: {cfg.protect_out} protects features {protected} (`fpo train --protect`)")
     return report
+
+
+def _check_started_from(path, policy, reference, reference_path, log):
+    """A run compared with --reference must be the same architecture (another vocabulary or shape is a sentence,
+    not an IndexError), and, where its folder records what it trained from, that model."""
+    if config_fingerprint(policy) != config_fingerprint(reference):
+        raise ValueError(
+            f"model {path} is not the architecture of --reference {reference_path} (their configs differ: vocabulary "
+            f"{policy.config.vocab_size} vs {reference.config.vocab_size}, hidden size {policy.config.hidden_size} vs "
+            f"{reference.config.hidden_size}, ...): compare a run with the model it started from"
+        )
+    recorded = os.path.join(os.fspath(path), RUN_CONFIG)
+    try:
+        with open(recorded) as f:
+            started = json.load(f)["config"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if isinstance(started, str) and os.path.realpath(started) != os.path.realpath(reference_path):
+        log(
+            f"[fpo] warning: {path} was trained from {started} ({RUN_CONFIG}), not from --reference "
+            f"{reference_path}: its drift is measured against a model it did not start from"
+        )
+
+
+def _clean_numbers(obj):
+    """NaN and infinities as null: JSON has no such numbers (Python would write a bare NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean_numbers(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean_numbers(v) for v in obj]
+    return obj
 
 
 def _protected_drift(protect, spec, side_drift) -> dict:
@@ -323,11 +364,26 @@ def _add_contexts(report, model, items, saes, tops, cfg, rt, tokenizer, scale):
 
 
 def _context(tokenizer, ids, pos, width) -> str:
-    """The token at pos in «», with `width` tokens each side, on one line."""
-    before = tokenizer.decode(ids[max(0, pos - width) : pos])
-    token = tokenizer.decode(ids[pos : pos + 1])
-    after = tokenizer.decode(ids[pos + 1 : pos + 1 + width])
-    return " ".join(f"{before}«{token}»{after}".split())
+    """The token at pos in «», with `width` tokens each side, on one line, as printable text. The window is decoded
+    whole and cut where the token's text begins and ends: a character split across tokens (CJK, emoji) decodes
+    only with its neighbours, never as U+FFFD one token at a time."""
+    a, e = max(0, pos - width), min(len(ids), pos + 1 + width)
+    text = lambda lo, hi: tokenizer.decode(ids[lo:hi]).strip("\ufffd")  # noqa: E731 (cut characters at the ends)
+    whole, head = text(a, e), text(a, pos)
+    j = pos + 1  # a token that is only part of a character: shown with the tokens that complete it
+    while j < e and text(a, j) == head:
+        j += 1
+    upto = text(a, j)
+    if whole.startswith(upto) and upto.startswith(head):
+        before, token, after = head, upto[len(head) :], whole[len(upto) :]
+    else:  # a tokenizer whose decoding is not prefix-stable: token by token
+        before, token, after = head, tokenizer.decode(ids[pos : pos + 1]), tokenizer.decode(ids[pos + 1 : e])
+    return printable(" ".join(f"{before}«{token}»{after}".split()))
+
+
+def printable(text: str) -> str:
+    """Control characters (an escape sequence in held-out text would drive the terminal) written as \\xNN."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 def _versions() -> dict:
@@ -356,7 +412,7 @@ def _print_table(report, log):
                 row[name] = d
             rows.append(row)
         columns = [("rank", "#", ""), ("id", "feature", ""), ("ref", "ref act", ".3g")]
-        columns += [(name, f"drift {name}"[:16], ".3g") for name in runs]
+        columns += [(name, header, ".3g") for name, header in zip(runs, _headers(runs))]
         table = format_table(rows, columns)
         room = REPORT_WIDTH - max(len(line) for line in table.splitlines()) - 2
         lines = table.splitlines()
@@ -383,6 +439,14 @@ def _print_table(report, log):
             REPORT_WIDTH,
         )
     )
+
+
+def _headers(runs, width=16) -> list[str]:
+    """One column header per run, at most `width` characters, never two alike."""
+    heads = [f"drift {printable(name)}"[:width] for name in runs]
+    if len(set(heads)) == len(heads):
+        return heads
+    return [f"#{i + 1} {printable(name)}"[:width] for i, name in enumerate(runs)]
 
 
 def plot_features(report, path):

@@ -183,3 +183,28 @@ def test_features_refuses_what_it_cannot_compare(tiny, tmp_path):
             tiny["model_b"], tiny["model"], tiny["pairs"], sae=tiny["sae"], rank_by="nope", progress=False, **LEN
         )
     assert os.path.exists(tiny["model"])
+
+
+def test_contexts_decode_whole_characters_and_never_drive_the_terminal(tiny):
+    from fpo.features import _clean_numbers, _context, _headers
+
+    tok = load_tokenizer(tiny["model"])
+    text = "日本語のテキスト 😀 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for pos in range(len(ids)):
+        got = _context(tok, ids, pos, 3)
+        assert "\ufffd" not in got, (pos, got)
+        assert got.replace("«", "").replace("»", "").replace(" ", "") in text.replace(" ", "")
+    ids = tok("clear \x1b[2J screen", add_special_tokens=False)["input_ids"]
+    got = _context(tok, ids, 1, 4)
+    assert "\x1b" not in got and "\\x1b" in got
+    assert len(set(_headers(["run-2026-01-a", "run-2026-01-b"]))) == 2
+    assert _clean_numbers({"d": [float("nan"), 1.0, float("inf")]}) == {"d": [None, 1.0, None]}
+
+
+def test_a_run_of_another_architecture_is_refused(tiny, tmp_path):
+    other = t.make_model(str(tmp_path / "wide"), layers=2)
+    with pytest.raises(ValueError, match="is not the architecture of --reference"):
+        feature_report(
+            other, tiny["model"], tiny["pairs"], sae=tiny["sae"], max_pairs=2, progress=False, **LEN, **QUIET
+        )
