@@ -179,6 +179,15 @@ class TrainConfig(ScoringConfig):
         'fpo: a file of per-feature weights in D, JSON {id: weight} or {"sae": fingerprint, "weights": {...}}, '
         "or CSV feature,weight rows; unlisted features weigh 1 (`fpo features --weights-out` writes one)",
     )
+    target_share: float | None = _key(
+        None,
+        "fpo / tdpo2: adapt alpha after every step so that the constraint term stays this share of the margin term "
+        "(|constraint term| / |beta x margin|, running means) over the whole run, starting from --alpha; each step "
+        "logs its alpha",
+        low=0,
+        low_open=True,
+        high=100,
+    )
     protect_coef: float = _key(
         1.0,
         "with --protect: lambda, the protection term's weight, L = L_method + lambda x mean over responses of R "
@@ -293,6 +302,10 @@ class TrainConfig(ScoringConfig):
             )
         if self.method == "fpo" and not self.sae:
             raise ValueError("method fpo needs an SAE (sae=...)")
+        if self.target_share is not None and self.method not in ("fpo", "tdpo2"):
+            raise ValueError(
+                f"target_share adapts the constraint's alpha, which methods fpo and tdpo2 have; {self.method} has none"
+            )
         if self.protect and not (self.cache and self.sae):
             raise ValueError(
                 f"protect needs the SAE its features belong to (--sae) and a cache holding their reference values "

@@ -342,6 +342,7 @@ class Checkpointer:
     log: object = print
     saved_optimizer_state: bool = False  # whether the last save wrote the optimizer, scheduler and RNG
     inputs: dict = dataclasses.field(default_factory=dict)  # the loss's inputs read from files, by content
+    controller: object = None  # a state_dict()-able part of the loss that changes as the run goes (AlphaController)
 
     def _state_dicts(self):
         if self.sharded:
@@ -379,6 +380,8 @@ class Checkpointer:
             "inputs": self.inputs,
             "precision": self.precision.name,
         }
+        if self.controller is not None:
+            state["controller"] = self.controller.state_dict()
         if with_state:
             state.update(
                 optimizer=osd,

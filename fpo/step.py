@@ -180,13 +180,13 @@ def reference_side(batch, device, cache=None, sae_keys=(), ref_model=None, refer
     return reference, kw
 
 
-def compute_loss(cfg: TrainConfig, stats: dict, reference: dict | None, protect=None):
+def compute_loss(cfg: TrainConfig, stats: dict, reference: dict | None, protect=None, alpha: float | None = None):
     """(losses [P], metrics) of one micro-batch: the policy's statistics and the reference's, both in the [2P]
     layout (chosen first), through the one loss adapter with the run's hyperparameters; with protect
-    (fpo.protection.ProtectTerm), plus lambda x the mean of R over the pair's chosen and rejected responses."""
-    losses, metrics = preference_loss(
-        cfg.method, stats, reference, beta=cfg.beta_value, alpha=cfg.alpha, gamma=cfg.gamma
-    )
+    (fpo.protection.ProtectTerm), plus lambda x the mean of R over the pair's chosen and rejected responses. alpha:
+    the step's (an adapted one, --target-share), else the run's."""
+    alpha = cfg.alpha if alpha is None else alpha
+    losses, metrics = preference_loss(cfg.method, stats, reference, beta=cfg.beta_value, alpha=alpha, gamma=cfg.gamma)
     if protect is None:
         return losses, metrics
     if "protect" not in stats or reference is None or "protect" not in reference:

@@ -23,6 +23,7 @@ from contextlib import nullcontext
 import torch
 
 from . import distributed as dist_utils
+from .alpha_control import AlphaController
 from .config import TrainConfig, config_from_dict
 from .feature_files import read_feature_weights, read_protect_file
 from .files import atomic_write_json
@@ -337,10 +338,16 @@ class Trainer:
             log=self.log,
             inputs=self.inputs,
         )
+        self.alpha = None  # --target-share: alpha adapted after every step, its state kept in each checkpoint
+        if cfg.target_share is not None:
+            self.alpha = self.checkpointer.controller = AlphaController(cfg.alpha, cfg.target_share)
         self.step, self.history = 0, []
         if self._resume_from is not None:
+            saved = self._resume_state.get("controller")
             self.step, self.history = self.checkpointer.restore(self._resume_from, self._resume_state)
             self._resume_state = None
+            if self.alpha is not None and saved is not None:
+                self.alpha.load_state_dict(saved)
 
     # ---- distributed wrapping -------------------------------------------------------------------
     def _wrap(self, module):
@@ -435,7 +442,7 @@ class Trainer:
         stats = self.wrapped(batch, **kw)
         if "ref_logp_sum" in stats:  # TDPO: the reference's log-probs came with the KL
             reference = {**(reference or {}), "logp_sum": stats["ref_logp_sum"]}
-        losses, metrics = compute_loss(cfg, stats, reference, self.protect)
+        losses, metrics = compute_loss(cfg, stats, reference, self.protect, self.alpha.alpha if self.alpha else None)
         P = batch.num_pairs  # TRL's logps/*: each response's summed log-prob
         metrics["logps_chosen"], metrics["logps_rejected"] = (
             stats["logp_sum"][:P].detach(),
@@ -465,6 +472,10 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm or float("inf"))
         sums["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: the global norm
         lr = self.optimizer.param_groups[0]["lr"]  # the lr this step applies, read before the schedule moves on
+        if self.alpha is not None:  # the alpha this step ran at, then the next step's from this step's terms
+            sums["alpha"] = torch.tensor(self.alpha.alpha, device=self.device)
+            both = dist_utils.all_reduce_mean(torch.stack([sums["constraint_abs"], sums["margin_abs"]]).float())
+            self.alpha.update(*both.tolist())
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -478,3 +478,31 @@ def test_lr_schedules(name):
             want = 1 - progress if name == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
         assert lr == pytest.approx(want, abs=1e-9), (s, lr, want)
     assert got[-1] > 0
+
+
+@pytest.mark.parametrize("method", ["fpo", "tdpo2"])
+def test_target_share_holds_the_constraint_at_its_share(tiny, tiny_cache, tmp_path, no_interpreter, method):
+    """--target-share 0.1 from an alpha several times too small: each step logs its alpha, the late third's realised share is
+    near 0.1, and a resume goes on from the last alpha."""
+    from fpo.alpha_control import phase_shares
+
+    out = tmp_path / method
+    cfg = run_config(
+        tiny, tiny_cache, out, method, batch_size=2, max_steps=30, epochs=10, lr=3e-4, alpha=20.0 if method == "fpo" else 0.2,
+        target_share=0.1, save_every=15,
+    )  # fmt: skip
+    train(cfg, log=lambda *a: None)
+    hist = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert len(hist) == 30 and all("alpha" in h for h in hist)
+    assert hist[-1]["alpha"] > 3 * hist[0]["alpha"]
+    late = phase_shares(hist)["late"]
+    assert 0.05 < late < 0.2, phase_shares(hist)
+    # resumed from step 15: the first resumed step runs at the alpha the controller had reached
+    train(dict(cfg, resume=str(out / "checkpoint-000015"), max_steps=16), log=lambda *a: None)
+    again = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert again[15]["alpha"] == pytest.approx(hist[15]["alpha"], rel=1e-6)
+
+
+def test_target_share_needs_a_method_with_a_constraint(tiny, tmp_path):
+    with pytest.raises(ValueError, match="target_share adapts the constraint's alpha"):
+        config_from_dict(run_config(tiny, None, tmp_path, "simpo", target_share=0.1))
