@@ -482,14 +482,14 @@ def test_lr_schedules(name):
 
 @pytest.mark.parametrize("method", ["fpo", "tdpo2"])
 def test_target_share_holds_the_constraint_at_its_share(tiny, tiny_cache, tmp_path, no_interpreter, method):
-    """--target-share 0.1 from an alpha several times too small: each step logs its alpha, the late third's realised share is
-    near 0.1, and a resume goes on from the last alpha."""
+    """--target-share 0.1 from an alpha several times too small: each step logs its alpha, the late third's realised
+    share is near 0.1, and a resume goes on as the run would have (the controller's state is in the checkpoint)."""
     from fpo.alpha_control import phase_shares
 
     out = tmp_path / method
     cfg = run_config(
-        tiny, tiny_cache, out, method, batch_size=2, max_steps=30, epochs=10, lr=3e-4, alpha=20.0 if method == "fpo" else 0.2,
-        target_share=0.1, save_every=15,
+        tiny, tiny_cache, out, method, batch_size=2, max_steps=30, epochs=10, lr=3e-4,
+        alpha=20.0 if method == "fpo" else 0.2, target_share=0.1, save_every=15,
     )  # fmt: skip
     train(cfg, log=lambda *a: None)
     hist = [json.loads(x) for x in open(out / "metrics.jsonl")]
