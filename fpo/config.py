@@ -427,6 +427,13 @@ class FeaturesConfig(CommandConfig):
     top: int = _key(20, "features listed per SAE: those that drifted most", low=1)
     rank_by: str | None = _key(None, "the run whose drift ranks the features (default: the largest over the runs)")
     contexts: int = _key(3, "held-out contexts shown per listed feature (where the reference activates it most)", low=0)
+    rank_split: bool = _key(
+        True,
+        "rank the features on half of the pairs and report every number on the other half, so that the features "
+        "listed are not those that happened to move most on the pairs they are judged on (off: all pairs for both)",
+    )
+    bootstrap: int = _key(1000, "bootstrap resamples of the judged responses for each change's 95% interval", low=0)
+    seed: int = _key(0, "seed of the bootstrap")
     context_tokens: int = _key(4, "tokens each side of a context's token", low=0)
     batch_pairs: int = _key(4, "pairs per forward", low=1)
     json: str | None = _key(None, "write the report here (JSON)")

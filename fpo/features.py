@@ -13,10 +13,10 @@ second reference pass over the top features only.
 
 from __future__ import annotations
 
-import heapq
 import json
 import math
 import os
+import re
 import sys
 import textwrap
 import time
@@ -71,19 +71,16 @@ def _activations(model, batch, saes, rt):
             cap.remove()
 
 
-def _pooled(model, batch, saes, rt) -> list[torch.Tensor]:
-    """Each SAE's pooled features [2P, width] (chosen rows first) of one micro-batch."""
-    acts = _activations(model, batch, saes, rt)
-    return [sae_pooled_features(acts[(s.layer, s.site)], s.sae, spans=batch.pool_spans) for s in saes]
-
-
 def _pass(model, items, saes, cfg, rt, pad_id, scale, desc, each):
-    """One forward over every held-out pair: each(pair positions [P], pooled per SAE) per micro-batch."""
+    """One forward over every held-out pair: each(pair positions [P], pooled [2P, width] per SAE, the activations
+    {(layer, site): [N, d]}, the micro-batch) per micro-batch."""
     bar = progress_bar(len(items), desc=desc, unit="pair") if cfg.progress else None
     position = {it.id: i for i, it in enumerate(items)}
     for chunk in _chunks(cfg, items, scale):
         batch = collate(chunk, cfg.packing, pad_id, scale, cfg.pooling)
-        each([position[it.id] for it in chunk], _pooled(model, batch, saes, rt))
+        acts = _activations(model, batch, saes, rt)
+        pooled = [sae_pooled_features(acts[(s.layer, s.site)], s.sae, spans=batch.pool_spans) for s in saes]
+        each([position[it.id] for it in chunk], pooled, acts, batch)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -118,46 +115,40 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
     items = load_items(cfg, tokenizer, rt)
     n, pad, scale = len(items), tokenizer.pad_token_id, attention_length_scale(ref_model)
 
-    # the reference: each response's pooled features, kept sparse; sums for the means
+    # the reference: each response's pooled features, kept sparse (row side * n + pair), and each feature's
+    # strongest held-out contexts, found in the same pass
     ref_rows = [[None] * (2 * n) for _ in saes]
-    ref_sum = [torch.zeros(2, s.sae.width, dtype=torch.float64) for s in saes]
+    contexts = [_ContextHeap(s.sae.width, cfg.contexts) for s in saes] if cfg.contexts else None
 
-    def keep_reference(pos, pooled):
-        P = len(pos)
-        for j, p in enumerate(pooled):
-            p = p.double().cpu()
-            ref_sum[j][0] += p[:P].sum(0)
-            ref_sum[j][1] += p[P:].sum(0)
-            for i, where in enumerate(pos):
-                ref_rows[j][where] = p[i].to_sparse()
-                ref_rows[j][n + where] = p[P + i].to_sparse()
+    def keep_reference(pos, pooled, acts, batch):
+        _keep_rows(ref_rows, pos, pooled, n)
+        if contexts is not None:
+            for j, spec in enumerate(saes):
+                contexts[j].add(acts[(spec.layer, spec.site)], spec.sae, batch.pool_spans, pos)
 
     _pass(ref_model, items, saes, cfg, rt, pad, scale, "features: reference", keep_reference)
 
-    runs = []
+    policy_rows = []  # per run, per SAE: the sparse rows
     for path, name in zip(cfg.models, names):
         policy, _ = load_model(path, cfg, rt, rt.precision.frozen_dtype, tokenizer)
         policy.eval()
         _check_started_from(path, policy, ref_model, cfg.reference, log)
-        pol_sum = [torch.zeros(2, s.sae.width, dtype=torch.float64) for s in saes]
-        drift_sum = [torch.zeros(2, s.sae.width, dtype=torch.float64) for s in saes]  # chosen, rejected
-
-        def compare(pos, pooled, pol_sum=pol_sum, drift_sum=drift_sum):
-            P = len(pos)
-            for j, p in enumerate(pooled):
-                p = p.double().cpu()
-                pol_sum[j][0] += p[:P].sum(0)
-                pol_sum[j][1] += p[P:].sum(0)
-                rows = [ref_rows[j][w] for w in pos] + [ref_rows[j][n + w] for w in pos]
-                ref = torch.stack([r.to_dense() for r in rows])
-                sq = (p - ref) ** 2
-                drift_sum[j][0] += sq[:P].sum(0)
-                drift_sum[j][1] += sq[P:].sum(0)
-
-        _pass(policy, items, saes, cfg, rt, pad, scale, f"features: {name}", compare)
+        rows = [[None] * (2 * n) for _ in saes]
+        _pass(
+            policy,
+            items,
+            saes,
+            cfg,
+            rt,
+            pad,
+            scale,
+            f"features: {name}",
+            lambda pos, p, a, b, rows=rows: _keep_rows(rows, pos, p, n),
+        )
         del policy
-        runs.append({"name": name, "model": path, "pol_sum": pol_sum, "drift_sum": drift_sum})
+        policy_rows.append(rows)
 
+    rank_pairs, judge_pairs = _split_pairs(n, cfg.rank_split)
     report = {
         "reference": cfg.reference,
         "runs": names,
@@ -165,56 +156,72 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
         "dataset": os.fspath(dataset),
         "pairs": n,
         "responses": 2 * n,
+        "ranked_on_pairs": len(rank_pairs),
+        "judged_on_pairs": len(judge_pairs),
+        "groups": _groups(names),
         "saes": [],
         "features": [],
     }
     tops = []
     for j, spec in enumerate(saes):
-        ref_mean = ref_sum[j] / max(n, 1)  # [2, width]
-        pol_mean = torch.stack([r["pol_sum"][j] / max(n, 1) for r in runs])  # [runs, 2, width]
-        side_drift = torch.stack([r["drift_sum"][j] / max(n, 1) for r in runs])  # [runs, 2, width]
-        drift = side_drift.mean(1)  # [runs, width]: over every response
-        rank = drift[ranking] if ranking is not None else drift.max(0).values
+        ref = _dense(ref_rows[j])  # [2n, width] float64
+        pol = [_dense(r[j]) for r in policy_rows]
+        # ranked on one half of the pairs, every number below judged on the other (no winner's curse)
+        rows_rank = _rows(rank_pairs, n)
+        drift_rank = torch.stack([((p[rows_rank] - ref[rows_rank]) ** 2).mean(0) for p in pol])  # [runs, width]
+        rank = drift_rank[ranking] if ranking is not None else drift_rank.max(0).values
         broken = rank.isnan().nonzero().flatten().tolist()
         if broken:  # listed first, said aloud: a NaN would otherwise rank anywhere
             log(f"[fpo] warning: SAE {spec.name}: {len(broken)} features have a NaN drift (e.g. {broken[:5]}): a run's "
                 "activations were not finite there; they are listed first")  # fmt: skip
         top = torch.nan_to_num(rank, nan=float("inf")).topk(min(cfg.top, spec.sae.width)).indices.tolist()
-        fires = ((ref_mean.sum(0) > 0) | (pol_mean.sum(1) > 0).any(0)).sum().item()
+        judged = _judged(ref, pol, judge_pairs, n, top, cfg.bootstrap, cfg.seed)
+        drift = judged["side_drift"].mean(1)  # [runs, width]: over every judged response
+        fires = ((judged["ref_freq"].sum(0) > 0) | (judged["pol_freq"].sum(1) > 0).any(0)).sum().item()
         label = f"{spec.name}@{spec.layer}" + ("" if spec.site == "resid_post" else f"@{spec.site}")
-        report["saes"].append(
-            {
-                "name": spec.name,
-                "label": label,
-                "layer": spec.layer,
-                "site": spec.site,
-                "width": spec.sae.width,
-                "fingerprint": spec.sae.fingerprint(),
-                "fires": int(fires),
-                "drift_total": drift.sum(1).tolist(),  # per run: the sum of every feature's drift
-                **_protected_drift(protect, spec, side_drift),
-                "ref_mean": ref_mean.mean(0).tolist(),  # every feature, for the picture
-                "policy_mean": pol_mean.mean(1).tolist(),
-            }
-        )
-        for i in top:
+        entry = {
+            "name": spec.name,
+            "label": label,
+            "layer": spec.layer,
+            "site": spec.site,
+            "width": spec.sae.width,
+            "fingerprint": spec.sae.fingerprint(),
+            "neuronpedia": _neuronpedia(spec),
+            "fires": int(fires),
+            "drift_total": drift.sum(1).tolist(),  # per run: the sum of every feature's drift
+            **_protected_drift(protect, spec, judged["side_drift"]),
+            "ref_mean": judged["ref_mean"].mean(0).tolist(),  # every feature, for the picture
+            "policy_mean": judged["pol_mean"].mean(1).tolist(),
+        }
+        entry["summary"] = _summary_line(entry, names, report)
+        report["saes"].append(entry)
+        for c, i in enumerate(top):
             report["features"].append(
                 {
                     "sae": label,
                     "id": i,
-                    "ref_chosen": ref_mean[0, i].item(),
-                    "ref_rejected": ref_mean[1, i].item(),
-                    "policy_chosen": pol_mean[:, 0, i].tolist(),
-                    "policy_rejected": pol_mean[:, 1, i].tolist(),
+                    "ref_chosen": judged["ref_mean"][0, i].item(),
+                    "ref_rejected": judged["ref_mean"][1, i].item(),
+                    "ref_freq": judged["ref_freq"][
+                        :, i
+                    ].tolist(),  # chosen, rejected: the share of responses where it fires
+                    "policy_chosen": judged["pol_mean"][:, 0, i].tolist(),
+                    "policy_rejected": judged["pol_mean"][:, 1, i].tolist(),
+                    "policy_freq": judged["pol_freq"][:, :, i].tolist(),  # per run: chosen, rejected
                     "drift": drift[:, i].tolist(),
-                    "drift_chosen": side_drift[:, 0, i].tolist(),
-                    "drift_rejected": side_drift[:, 1, i].tolist(),
-                    "contexts": [],
+                    "drift_chosen": judged["side_drift"][:, 0, i].tolist(),
+                    "drift_rejected": judged["side_drift"][:, 1, i].tolist(),
+                    "change_chosen": judged["change"][:, 0, i].tolist(),  # mean p - p_ref, signed
+                    "change_rejected": judged["change"][:, 1, i].tolist(),
+                    "change_ci_chosen": judged["ci"][:, 0, :, c].tolist(),  # per run: [2.5%, 97.5%] bootstrap
+                    "change_ci_rejected": judged["ci"][:, 1, :, c].tolist(),
+                    "rel_change_chosen": _relative(judged["change"][:, 0, i], judged["ref_mean"][0, i]),
+                    "rel_change_rejected": _relative(judged["change"][:, 1, i], judged["ref_mean"][1, i]),
+                    "contexts": [] if contexts is None else contexts[j].of(i, items, tokenizer, cfg),
                 }
             )
         tops.append(top)
-    if cfg.contexts:
-        _add_contexts(report, ref_model, items, saes, tops, cfg, rt, tokenizer, scale)
+        del ref, pol
     report["seconds"] = time.time() - t0
     report["settings"] = dict(vars(cfg))
     report["versions"] = _versions()
@@ -253,6 +260,151 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
         )
         log(f"[fpo] features: {cfg.protect_out} protects features {protected} (`fpo train --protect`)")
     return report
+
+
+def _keep_rows(rows, pos, pooled, n):
+    """Each SAE's pooled rows of one micro-batch, kept sparse at row side * n + pair position."""
+    P = len(pos)
+    for j, p in enumerate(pooled):
+        p = p.double().cpu()
+        for i, where in enumerate(pos):
+            rows[j][where] = p[i].to_sparse()
+            rows[j][n + where] = p[P + i].to_sparse()
+
+
+def _dense(rows) -> torch.Tensor:
+    return torch.stack([r.to_dense() for r in rows])
+
+
+def _rows(pairs, n) -> torch.Tensor:
+    """The response rows (chosen, then rejected) of these pair positions."""
+    pairs = torch.tensor(pairs, dtype=torch.long)
+    return torch.cat([pairs, pairs + n])
+
+
+def _split_pairs(n, split: bool):
+    """(the pairs that rank the features, the pairs that judge them): even and odd positions when split, else all
+    for both (too few pairs to split, or asked)."""
+    if not split or n < 4:
+        return list(range(n)), list(range(n))
+    return list(range(0, n, 2)), list(range(1, n, 2))
+
+
+def _judged(ref, pol, pairs, n, top, bootstrap, seed) -> dict:
+    """Per run and side on the judged pairs: mean activations, firing frequencies, drift and signed change of every
+    feature; a bootstrap interval over the judged responses of the listed features' mean change."""
+    sides = [torch.tensor(pairs), torch.tensor(pairs) + n]
+    ref_mean = torch.stack([ref[r].mean(0) for r in sides])  # [2, width]
+    ref_freq = torch.stack([(ref[r] > 0).double().mean(0) for r in sides])
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, len(pairs), (bootstrap, len(pairs)), generator=g) if bootstrap else None
+    pol_mean, pol_freq, drift, change, ci = [], [], [], [], []
+    for p in pol:
+        diff = p - ref
+        pol_mean.append(torch.stack([p[r].mean(0) for r in sides]))
+        pol_freq.append(torch.stack([(p[r] > 0).double().mean(0) for r in sides]))
+        drift.append(torch.stack([(diff[r] ** 2).mean(0) for r in sides]))
+        change.append(torch.stack([diff[r].mean(0) for r in sides]))
+        if draws is None:
+            ci.append(torch.full((2, 2, len(top)), float("nan"), dtype=torch.float64))
+            continue
+        side_ci = []
+        for r in sides:
+            means = diff[r][:, top][draws].mean(1)  # [bootstrap, listed]
+            side_ci.append(torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0))
+        ci.append(torch.stack(side_ci))  # [2 sides, 2 bounds, listed]
+    return {
+        "ref_mean": ref_mean,
+        "ref_freq": ref_freq,
+        "pol_mean": torch.stack(pol_mean),  # [runs, 2, width]
+        "pol_freq": torch.stack(pol_freq),
+        "side_drift": torch.stack(drift),
+        "change": torch.stack(change),
+        "ci": torch.stack(ci),  # [runs, 2, 2, listed]
+    }
+
+
+def _relative(change: torch.Tensor, ref_mean: torch.Tensor) -> list:
+    """Mean change over the reference's mean activation, per run; None where the reference never fires."""
+    r = float(ref_mean)
+    return [float(c) / r if r > 0 else None for c in change]
+
+
+SEED_SUFFIX = re.compile(r"[-_.]?(?:s|seed)\d+$")
+
+
+def _groups(names) -> list[dict]:
+    """Runs that differ only in a seed suffix (simpo-s0, simpo-s1, or simpo_seed2) form one group."""
+    by = {}
+    for k, name in enumerate(names):
+        by.setdefault(SEED_SUFFIX.sub("", name) or name, []).append(k)
+    return [{"name": g, "runs": ks} for g, ks in by.items() if len(ks) > 1]
+
+
+def _neuronpedia(spec) -> str | None:
+    """The feature page's address prefix when the SAE's folder names its Neuronpedia id (sae-lens' cfg.json
+    metadata: neuronpedia_id), else None."""
+    np_id = getattr(spec.sae, "neuronpedia_id", None)
+    return f"https://www.neuronpedia.org/{np_id}/" if np_id else None
+
+
+def _summary_line(entry, names, report) -> str:
+    totals = ", ".join(f"{name} {t:.3g}" for name, t in zip(names, entry["drift_total"]))
+    return (
+        f"{entry['label']}: {entry['fires']} of {entry['width']} features fire; total drift {totals} (ranked on "
+        f"{report['ranked_on_pairs']} pairs, judged on {report['judged_on_pairs']}"
+        + (" other pairs)" if report["ranked_on_pairs"] != report["pairs"] else " pairs, the same)")
+    )
+
+
+class _ContextHeap:
+    """Per feature, the `size` response tokens where the reference activates it most, kept as [size, width]
+    tensors while the reference pass runs (one encode per response, never stored)."""
+
+    def __init__(self, width, size):
+        self.vals = torch.full((size, width), -float("inf"), dtype=torch.float32)
+        self.where = torch.zeros(3, size, width, dtype=torch.long)  # pair position, side, token within the response
+        self.size = size
+
+    def add(self, flat, sae, spans, pos):
+        P = len(pos)
+        for s, (a, e) in enumerate(spans.tolist()):
+            feats = ops_reference.sae_encode_ref(flat[a:e].float(), sae).float().cpu()  # [tokens, width]
+            vals, tok = feats.topk(min(self.size, e - a), dim=0)
+            side, p = divmod(s, P)
+            where = torch.stack([torch.full_like(tok, pos[p]), torch.full_like(tok, side), tok])
+            allv = torch.cat([self.vals, vals])
+            allw = torch.cat([self.where, where], 1)
+            best = allv.topk(self.size, dim=0).indices
+            self.vals = allv.gather(0, best)
+            self.where = allw.gather(1, best.unsqueeze(0).expand(3, -1, -1))
+
+    def of(self, i, items, tokenizer, cfg) -> list[dict]:
+        out = []
+        for k in range(self.size):
+            v = self.vals[k, i].item()
+            if not v > 0:
+                continue
+            p, side, t = (int(x) for x in self.where[:, k, i])
+            it = items[p]
+            response = (it.chosen_ids, it.rejected_ids)[side]
+            # the rows pooled over are the response's own tokens (or, pooling authors, the rows before them)
+            at = len(it.prompt_ids) + t - (1 if cfg.pooling == "authors" else 0)
+            ids = list(it.prompt_ids) + list(response)
+            out.append(
+                {
+                    "text": _context(tokenizer, ids, at, cfg.context_tokens),
+                    "activation": v,
+                    "pair": int(it.id),
+                    "response": ("chosen", "rejected")[side],
+                    "position": at,
+                    "tokens": [
+                        printable(tokenizer.decode([x]))
+                        for x in ids[max(0, at - cfg.context_tokens) : at + cfg.context_tokens + 1]
+                    ],
+                }
+            )
+        return out
 
 
 def _check_started_from(path, policy, reference, reference_path, log):
@@ -317,50 +469,6 @@ def _check_outputs(cfg):
             raise ValueError(f"{name} {path}: its folder {parent} does not exist (or is a file)")
         if not os.access(parent, os.W_OK):
             raise ValueError(f"{name} {path}: its folder {parent} is not writable")
-
-
-def _add_contexts(report, model, items, saes, tops, cfg, rt, tokenizer, scale):
-    """For each listed feature, the cfg.contexts response tokens where the reference activates it most (a plain
-    heap over every response token of the held-out pairs), written as text around the token."""
-    heaps = [{i: [] for i in top} for top in tops]  # (activation, pair, side, position) min-heaps
-    pad = tokenizer.pad_token_id
-    for chunk in _chunks(cfg, items, scale):
-        batch = collate(chunk, cfg.packing, pad, scale, cfg.pooling)
-        acts = _activations(model, batch, saes, rt)
-        P = len(chunk)
-        for j, spec in enumerate(saes):
-            cols = torch.tensor(tops[j])
-            flat = acts[(spec.layer, spec.site)]
-            for s, (a, e) in enumerate(batch.pool_spans.tolist()):
-                feats = ops_reference.sae_encode_ref(flat[a:e].float(), spec.sae)[:, cols].float().cpu()
-                side, p = divmod(s, P)
-                for c, i in enumerate(tops[j]):
-                    values, where = feats[:, c].topk(min(cfg.contexts, e - a))
-                    for v, t in zip(values.tolist(), where.tolist()):
-                        if v <= 0:
-                            continue
-                        entry = (v, chunk[p].id, side, t)
-                        heap = heaps[j][i]
-                        (heapq.heappush if len(heap) < cfg.contexts else heapq.heappushpop)(heap, entry)
-    by_id = {it.id: it for it in items}
-    offset = 0
-    for j, top in enumerate(tops):
-        for k, i in enumerate(top):
-            feature = report["features"][offset + k]
-            for v, pair, side, t in sorted(heaps[j][i], reverse=True):
-                it = by_id[pair]
-                response = (it.chosen_ids, it.rejected_ids)[side]
-                # the rows pooled over are the response's own tokens (or, pooling authors, the rows before them)
-                pos = len(it.prompt_ids) + t - (1 if cfg.pooling == "authors" else 0)
-                feature["contexts"].append(
-                    {
-                        "text": _context(tokenizer, list(it.prompt_ids) + list(response), pos, cfg.context_tokens),
-                        "activation": v,
-                        "pair": int(pair),
-                        "response": ("chosen", "rejected")[side],
-                    }
-                )
-        offset += len(top)
 
 
 def _context(tokenizer, ids, pos, width) -> str:

@@ -64,7 +64,16 @@ def load_sae(spec: str, device="cpu"):
         if cfg and os.path.exists(cfg):
             with open(cfg) as f:
                 c = json.load(f)
-            layer, site = hook_site(c.get("hook_name") or (c.get("metadata") or {}).get("hook_name"))
+            meta = c.get("metadata") if isinstance(c.get("metadata"), dict) else {}
+            hook = c.get("hook_name") or meta.get("hook_name")
+            if hook is not None and not isinstance(hook, str):
+                raise ValueError(
+                    f"sae {spec}: cfg.json's hook_name is {hook!r}, not a name such as blocks.12.hook_resid_post"
+                )
+            layer, site = hook_site(hook)
+            np_id = c.get("neuronpedia_id") or meta.get("neuronpedia_id")
+            if isinstance(np_id, str) and np_id:
+                sae.neuronpedia_id = np_id  # its features' pages: https://www.neuronpedia.org/<id>/<feature>
         if layer is None and os.path.isdir(spec):  # sparsify names each SAE's folder after its hookpoint: layers.23
             layer, site = hook_site(os.path.basename(os.path.normpath(spec)))
         return sae, layer, site

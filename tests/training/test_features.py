@@ -62,6 +62,7 @@ def test_numbers_match_sae_lens_and_contexts_a_plain_search(tiny, tmp_path):
         top=6,
         contexts=2,
         batch_pairs=2,
+        rank_split=False,
         json=str(tmp_path / "f.json"),
         png=str(tmp_path / "f.png"),
         progress=False,
@@ -121,6 +122,7 @@ def test_several_runs_lora_and_several_saes(tiny, tiny_cache, tmp_path):
         max_pairs=PAIRS,
         top=4,
         rank_by="full",
+        rank_split=False,
         weights_out=str(tmp_path / "protect.json"),
         protect=3,
         progress=False,
@@ -208,3 +210,26 @@ def test_a_run_of_another_architecture_is_refused(tiny, tmp_path):
         feature_report(
             other, tiny["model"], tiny["pairs"], sae=tiny["sae"], max_pairs=2, progress=False, **LEN, **QUIET
         )
+
+
+def test_ranked_on_half_judged_on_the_other_with_intervals_and_seed_groups(tiny, tmp_path):
+    """Signed and relative change per side with a bootstrap interval, firing frequencies, seed runs grouped, one
+    summary line per SAE; features ranked on the even pairs and every number judged on the odd ones."""
+    runs = [t.make_model(str(tmp_path / f"moved-s{k}" / "final"), seed=3 + k) for k in range(2)]
+    report = feature_report(
+        runs, tiny["model"], tiny["pairs"], sae=tiny["sae"], max_pairs=8, top=5, contexts=1, bootstrap=200,
+        progress=False, **LEN, **QUIET,
+    )  # fmt: skip
+    assert report["ranked_on_pairs"] == 4 and report["judged_on_pairs"] == 4
+    assert report["groups"] == [{"name": "moved", "runs": [0, 1]}]
+    assert "features fire; total drift" in report["saes"][0]["summary"]
+    for f in report["features"]:
+        for side in ("chosen", "rejected"):
+            for r in range(2):
+                lo, hi = f[f"change_ci_{side}"][r]
+                assert lo - 1e-9 <= f[f"change_{side}"][r] <= hi + 1e-9
+                ref = f[f"ref_{side}"]
+                rel = f[f"rel_change_{side}"][r]
+                assert (rel is None) if ref == 0 else rel == pytest.approx(f[f"change_{side}"][r] / ref)
+            assert f[f"policy_{side}"][0] == pytest.approx(f[f"ref_{side}"] + f[f"change_{side}"][0], abs=1e-9)
+        assert all(0 <= x <= 1 for x in f["ref_freq"]) and len(f["policy_freq"]) == 2

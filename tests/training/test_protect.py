@@ -181,7 +181,7 @@ def test_protection_holds_the_feature_training_moves_most_in_every_seed(tiny, tm
     # an lr at which one Adam step moves the feature little: Adam's steps have the lr's size whatever the loss's
     # scale, so where the term dominates (a large lambda, or a large lr) the feature swings about its reference
     run = dict(batch_size=4, micro_batch_size=4, max_steps=16, epochs=4, lr=3e-4, warmup_steps=0)
-    feat = dict(sae=tiny["sae"], contexts=0, progress=False, **LEN, **QUIET)
+    feat = dict(sae=tiny["sae"], contexts=0, progress=False, rank_split=False, **LEN, **QUIET)
     probe = run_config(tiny, cache, tmp_path / "probe", "simpo", seed=100, **run)
     train(probe, **QUIET)
     ranked = feature_report([str(tmp_path / "probe" / "final")], tiny["model"], heldout, top=1, **feat)
