@@ -113,7 +113,8 @@ def run(args, log=print) -> dict:
     protect = os.path.join(work, "protect.json")
     feature_report(
         [os.path.join(out, "final")], model, files["select"], top=args.protect, contexts=0, protect_out=protect,
-        protect=args.protect, rank_split=False, max_pairs=s["select_pairs"], device=device, progress=False, log=log, **sae, **lengths,
+        protect=args.protect, rank_split=False, max_pairs=s["select_pairs"], device=device, progress=False, log=log,
+        **sae, **lengths,
     )  # fmt: skip
     protected = list(read_protect_file(protect).ids)
     for name, path in caches.items():  # the reference's exact values of the set, added to both caches
@@ -148,7 +149,8 @@ def run(args, log=print) -> dict:
         r["eval"] = evaluate(r["final"], files["judge"], **eval_kw)
     names = list(runs)
     report = feature_report(
-        [runs[n]["final"] for n in names], model, files["judge"], top=20, contexts=0, protect_file=protect, rank_split=False,
+        [runs[n]["final"] for n in names], model, files["judge"], top=20, contexts=0, protect_file=protect,
+        rank_split=False,
         max_pairs=s["judge_pairs"], device=device, progress=False, log=log, **sae, **lengths,
     )  # fmt: skip
     summary = report["saes"][0]
