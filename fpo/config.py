@@ -438,6 +438,11 @@ class FeaturesConfig(CommandConfig):
     batch_pairs: int = _key(4, "pairs per forward", low=1)
     json: str | None = _key(None, "write the report here (JSON)")
     png: str | None = _key(None, "write the picture here (PNG)")
+    html: str | None = _key(
+        None,
+        "write the report as one self-contained page here: the table sortable, a card per feature with its contexts "
+        "shaded by activation (reference and each run), its change per side with intervals",
+    )
     progress: bool = _key(True, "progress bars")
     weights_out: str | None = _key(
         None,

@@ -28,7 +28,8 @@ from fpo_kernels import sae_pooled_features
 
 from .config import FeaturesConfig
 from .feature_files import ProtectSet, read_protect_file, write_feature_weights, write_protect_file
-from .files import atomic_write_json
+from .feature_page import render_page
+from .files import atomic_write_json, atomic_write_text
 from .model import ActivationCapture, config_fingerprint
 from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
 from .progress import progress_bar
@@ -222,6 +223,8 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
             )
         tops.append(top)
         del ref, pol
+    if cfg.html and contexts is not None:
+        _add_token_activations(report, items, saes, tops, ref_model, cfg, rt, tokenizer, scale)
     report["seconds"] = time.time() - t0
     report["settings"] = dict(vars(cfg))
     report["versions"] = _versions()
@@ -232,6 +235,9 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
     if cfg.png:
         plot_features(report, cfg.png)
         log(f"[fpo] features: {cfg.png}")
+    if cfg.html:
+        atomic_write_text(cfg.html, render_page(_clean_numbers(report)))
+        log(f"[fpo] features: {cfg.html}")
     if cfg.weights_out:
         first = report["saes"][0]
         protected = tops[0][: cfg.protect]
@@ -398,6 +404,7 @@ class _ContextHeap:
                     "pair": int(it.id),
                     "response": ("chosen", "rejected")[side],
                     "position": at,
+                    "window_index": at - max(0, at - cfg.context_tokens),
                     "tokens": [
                         printable(tokenizer.decode([x]))
                         for x in ids[max(0, at - cfg.context_tokens) : at + cfg.context_tokens + 1]
@@ -405,6 +412,48 @@ class _ContextHeap:
                 }
             )
         return out
+
+
+def _add_token_activations(report, items, saes, tops, ref_model, cfg, rt, tokenizer, scale):
+    """For the page: each listed context's tokens' activation of its feature under the reference and each run,
+    from one more pass over only the pairs that hold a context (None on prompt tokens, which are not pooled)."""
+    by_id = {it.id: it for it in items}
+    need = [by_id[i] for i in sorted({c["pair"] for f in report["features"] for c in f["contexts"]})]
+
+    def activations(model) -> dict:
+        out = {}
+        for chunk in _chunks(cfg, need, scale):
+            batch = collate(chunk, cfg.packing, tokenizer.pad_token_id, scale, cfg.pooling)
+            acts = _activations(model, batch, saes, rt)
+            for j, spec in enumerate(saes):
+                flat = acts[(spec.layer, spec.site)]
+                for s, (a, e) in enumerate(batch.pool_spans.tolist()):
+                    side, p = divmod(s, len(chunk))
+                    feats = ops_reference.sae_encode_ref(flat[a:e].float(), spec.sae)[:, tops[j]]
+                    out[(j, chunk[p].id, side)] = feats.float().cpu()
+        return out
+
+    per_model = [activations(ref_model)]
+    for path in report["models"]:
+        policy, _ = load_model(path, cfg, rt, rt.precision.frozen_dtype, tokenizer)
+        policy.eval()
+        per_model.append(activations(policy))
+        del policy
+    labels = [s["label"] for s in report["saes"]]
+    shift = 1 if cfg.pooling == "authors" else 0
+    for f in report["features"]:
+        j = labels.index(f["sae"])
+        col = tops[j].index(f["id"])
+        for ctx in f["contexts"]:
+            it = by_id[ctx["pair"]]
+            side = 0 if ctx["response"] == "chosen" else 1
+            start = max(0, ctx["position"] - cfg.context_tokens)
+            values = []
+            for acts in per_model:
+                a = acts[(j, it.id, side)][:, col]
+                rows = [start + k - len(it.prompt_ids) + shift for k in range(len(ctx["tokens"]))]
+                values.append([float(a[t]) if 0 <= t < len(a) else None for t in rows])
+            ctx["token_acts"] = {"reference": values[0], "runs": values[1:]}
 
 
 def _check_started_from(path, policy, reference, reference_path, log):
@@ -457,7 +506,7 @@ def _protected_drift(protect, spec, side_drift) -> dict:
 def _check_outputs(cfg):
     """Every file the report will write, checked before the computation: its folder exists and is writable, and
     the path is not a folder."""
-    for flag in ("json", "png", "weights_out", "protect_out"):
+    for flag in ("json", "png", "html", "weights_out", "protect_out"):
         path = getattr(cfg, flag)
         if not path:
             continue

@@ -233,3 +233,67 @@ def test_ranked_on_half_judged_on_the_other_with_intervals_and_seed_groups(tiny,
                 assert (rel is None) if ref == 0 else rel == pytest.approx(f[f"change_{side}"][r] / ref)
             assert f[f"policy_{side}"][0] == pytest.approx(f[f"ref_{side}"] + f[f"change_{side}"][0], abs=1e-9)
         assert all(0 <= x <= 1 for x in f["ref_freq"]) and len(f["policy_freq"]) == 2
+
+
+def test_html_page_is_self_contained_and_says_what_the_json_says(tiny, tmp_path):
+    """--html: one file, no external resource; its table and cards, read back with a parser, hold the JSON's
+    numbers; each context's tokens carry the reference's and the run's activations."""
+    from html.parser import HTMLParser
+
+    from fpo.feature_page import fmt
+
+    run = t.make_model(str(tmp_path / "moved" / "final"), seed=3)
+    page, js = tmp_path / "f.html", tmp_path / "f.json"
+    report = feature_report(
+        run, tiny["model"], tiny["pairs"], sae=tiny["sae"], max_pairs=6, top=4, contexts=2, bootstrap=100,
+        html=str(page), json=str(js), progress=False, **LEN, **QUIET,
+    )  # fmt: skip
+    text = page.read_text()
+    assert (
+        "http://" not in text.replace("https://www.neuronpedia.org", "")
+        and "src=" not in text
+        and "@import" not in text
+    )
+
+    class Rows(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.row, self.cell, self.in_main = [], None, None, False
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "table" and a.get("id") == "features":
+                self.in_main = True
+            elif tag == "tr" and self.in_main and a.get("id", "").startswith("row-"):
+                self.row = []
+            elif tag == "td" and self.row is not None:
+                self.cell = ""
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+        def handle_endtag(self, tag):
+            if tag == "td" and self.row is not None:
+                self.row.append(self.cell)
+                self.cell = None
+            elif tag == "tr" and self.row is not None:
+                self.rows.append(self.row)
+                self.row = None
+            elif tag == "table":
+                self.in_main = False
+
+    parser = Rows()
+    parser.feed(text)
+    saved = json.loads(js.read_text())
+    assert len(parser.rows) == len(saved["features"]) == 4
+    for row, f in zip(parser.rows, saved["features"]):
+        assert row[1] == f"#{f['id']}"
+        assert row[2] == fmt((f["ref_chosen"] + f["ref_rejected"]) / 2)
+        assert row[3:6] == [fmt(f["drift"][0]), fmt(f["change_chosen"][0]), fmt(f["change_rejected"][0])]
+        lo, hi = f["change_ci_chosen"][0]
+        assert f"[{fmt(lo)}, {fmt(hi)}]" in text
+    shaded = [c for f in report["features"] for c in f["contexts"]]
+    assert shaded and all(len(c["token_acts"]["runs"]) == 1 for c in shaded)
+    hit = shaded[0]
+    assert hit["token_acts"]["reference"][hit["window_index"]] == pytest.approx(hit["activation"], rel=1e-4)
