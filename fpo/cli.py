@@ -171,13 +171,26 @@ def build_parser() -> argparse.ArgumentParser:
 TRAIN_EXTRA = ("transformers", "datasets", "sae_lens", "gguf", "tqdm", "yaml", "matplotlib", "optimi")
 
 
+# flags earlier versions took, and what replaced them: named in the error instead of argparse's bare refusal
+REMOVED_FLAGS = {"--dtype": "--precision", "--K": "--cache-k (fpo precompute) or --k (fpo train, fpo eval)"}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
+    for arg in argv:
+        old = arg.split("=", 1)[0]
+        if old in REMOVED_FLAGS:
+            sys.exit(f"fpo: error: {old} was removed; use {REMOVED_FLAGS[old]}")
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C: what was written is whole (every writer is atomic); no traceback
+        sys.stderr.write(
+            f"\nfpo {args.cmd}: interrupted; files written so far are complete, the rest was not started\n"
+        )
+        sys.exit(130)
     except (ValueError, RuntimeError, FloatingPointError) as e:
         sys.exit(f"fpo {args.cmd}: error: {e}")
     except ModuleNotFoundError as e:

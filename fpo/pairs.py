@@ -149,11 +149,17 @@ def _load_dataset(path: str, split=None):
             raise ValueError(f"dataset {path} is a single saved split: --split is for a DatasetDict")
         return ds
     if os.path.isdir(path):  # a folder of one data file per split: train.jsonl, test_prefs.parquet, ...
-        files = {
-            os.path.splitext(n)[0]: n
-            for n in sorted(os.listdir(path))
-            if os.path.splitext(n)[1].lower() in DATA_EXTENSIONS
-        }
+        files = {}
+        for n in sorted(os.listdir(path)):
+            stem, ext = os.path.splitext(n)
+            if ext.lower() not in DATA_EXTENSIONS:
+                continue
+            if stem in files:  # train.jsonl and train.parquet: which one is the split is not ours to guess
+                raise ValueError(
+                    f"dataset {path} holds two files for split {stem!r} ({files[stem]}, {n}): keep one, or pass "
+                    "the file itself as --dataset"
+                )
+            files[stem] = n
         if not files:
             raise ValueError(f"dataset {path} is a folder with no saved dataset and no .json/.jsonl/.parquet files")
         return _load_dataset(os.path.join(path, files[pick_split(path, files, split)]))

@@ -161,15 +161,23 @@ def read_state(where, precision, device_type) -> dict:
     return state
 
 
+_INPUT_NAMES = {
+    "feature_weights": "the feature-weights file's content",
+    "protect": "the protect file's content",
+    "base_model": "the base model's weights (under the LoRA adapters)",
+}
+
+
 def check_resumable_inputs(inputs: dict, saved: dict | None):
-    """The files the loss reads (feature weights, a protected set) must hold what they held when the run started:
-    compared by content, so a rewritten file, or a relative path resumed from another folder, is caught."""
+    """What the run reads from files (feature weights, a protected set, a LoRA run's base weights) must be what it
+    read when it started: compared by content, so a rewritten file, a relative path resumed from another folder,
+    or a base model replaced in place is caught."""
     for key, value in inputs.items():
         if saved is not None and key in saved and saved[key] != value:
             raise ValueError(
-                f"resume: the {key.replace('_', '-')} file's content differs from what the run started with (a "
-                "rewritten file, or a relative path resumed from another folder): restore the file the run used, "
-                "or start a new run in another --output-dir"
+                f"resume: {_INPUT_NAMES.get(key, key)} differs from what the run started with (a rewritten file, "
+                "a relative path resumed from another folder, or a model replaced in place): restore what the run "
+                "used, or start a new run in another --output-dir"
             )
 
 

@@ -90,6 +90,7 @@ class Trainer:
         self.rank, self.world, self.device, self.precision = rt.rank, rt.world, rt.device, rt.precision
         self.log = rt.log
         self._resume_from, self._resume_state = None, None
+        self.inputs = {}  # what the run reads from files, by content: a resume must find the same
         if dist_utils.is_main():  # before any model loads: a bad directory fails in a second
             self._lock = claim_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, self.log)
         if cfg.resume:
@@ -112,7 +113,9 @@ class Trainer:
         dtype = self.precision.frozen_dtype if cfg.lora_r else self.precision.param_dtype
         model, self.tokenizer = load_model(cfg.model, cfg, self.runtime, dtype)
         # what the cache was built from: the base weights, before any adapter
-        self._weights_bf16 = model_fingerprint(model, "")["weights_bf16"] if cfg.cache else None
+        self._weights_bf16 = model_fingerprint(model, "")["weights_bf16"] if cfg.cache or cfg.lora_r else None
+        if cfg.lora_r:  # adapters resumed on another base would be another model, silently
+            self.inputs["base_model"] = self._weights_bf16
         if cfg.body_kernels and self.device.type != "cuda":
             raise ValueError(
                 f"--body-kernels {cfg.body_kernels}: its kernels are Triton kernels for CUDA devices; this run is on "
@@ -171,7 +174,6 @@ class Trainer:
                 )
             self.sae_keys = cached_sae_keys(self.cache, self.saes, self.model, cfg.k, cfg.select)
         self.feature_weights = [None] * len(self.saes)  # per SAE: [width] weights in D, or None for 1 everywhere
-        self.inputs = {}  # what the loss reads from files, by content: a resume must find the same
         if cfg.feature_weights:
             if cfg.method != "fpo":
                 raise ValueError(f"feature_weights weighs FPO's D; method {cfg.method} has no D")

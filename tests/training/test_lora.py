@@ -279,3 +279,18 @@ def test_one_target_module_given_once_is_a_list_of_one(tiny):
     peft_model = add_adapters(model, 4, 8.0, 0.0, "q_proj", torch.float32)
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert names and all("q_proj.lora_" in n for n in names)
+
+
+def test_lora_resume_on_a_changed_base_is_refused(tiny, cache, tmp_path):
+    """The adapters of a LoRA run are only meaningful on the base they were trained on: a base model replaced in
+    place between a checkpoint and its resume is refused by content, not resumed silently."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny["model"], base)
+    cfg = dict(_lora(tiny, cache, tmp_path / "run", method="simpo"), model=str(base), cache=None, save_every=1)
+    train(cfg, **QUIET)
+    shutil.rmtree(base)
+    shutil.copytree(tiny["model_b"], base)
+    with pytest.raises(ValueError, match="the base model's weights"):
+        train(dict(cfg, resume="latest", max_steps=3), **QUIET)
