@@ -81,7 +81,11 @@ class CommandConfig:
     )
     pooling: str = _key("response", _POOLING, POOLINGS)
     max_length: int = _key(512, "tokens per sequence (prompt + response)", low=2)
-    max_prompt_length: int = _key(256, "prompt tokens kept (the last ones); responses are cut to fit max_length", low=1)
+    max_prompt_length: int | None = _key(
+        None,
+        "prompt tokens kept (the last ones); responses are cut to fit max_length (default: half of max_length)",
+        low=1,
+    )
     max_pairs: int | None = _key(None, "use only the first pairs of the dataset", low=1)
     max_tokens: int | None = _key(
         None,
@@ -108,12 +112,17 @@ class CommandConfig:
     )
 
     def __post_init__(self):
+        if self.max_prompt_length is None and isinstance(self.max_length, int):  # follows --max-length
+            object.__setattr__(self, "max_prompt_length", max(1, self.max_length // 2))
         _check_values(self)
         for f in fields(self):
             if f.metadata.get("required") and getattr(self, f.name) in ("", None):
                 raise ValueError(f"{f.name} is required: {f.metadata['help']}")
         if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length}): pass "
+                f"--max-prompt-length {self.max_length // 2} or less (left out, it is half of --max-length)"
+            )
         if self.max_tokens is not None and self.max_tokens // 2 <= self.max_prompt_length:
             raise ValueError(
                 f"max_tokens ({self.max_tokens}) must exceed 2 x max_prompt_length "
@@ -225,7 +234,9 @@ class TrainConfig(ScoringConfig):
     batch_size: int = _key(32, "pairs per optimizer step, all ranks together", low=1)
     micro_batch_size: int = _key(2, "pairs per forward on one rank (unless --max-tokens is set)", low=1)
     epochs: int = _key(1, "passes over the dataset", low=1)
-    max_steps: int | None = _key(None, "stop after this many optimizer steps (default: the epochs' steps)", low=1)
+    max_steps: int | None = _key(
+        None, "train this many optimizer steps, over as many epochs as they take (overrides --epochs, as in TRL)", low=1
+    )
     # LoRA (peft): adapters on the policy's linear layers instead of full fine-tuning
     lora_r: int | None = _key(
         None,

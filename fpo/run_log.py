@@ -158,8 +158,9 @@ class RunLog:
         self.log(
             f"[fpo] warning: at step {step} the {'feature' if cfg.method == 'fpo' else 'KL'} constraint is "
             f"{share:.2%} of the margin term (mean |constraint term| / mean |beta x margin|): "
-            f"at alpha {cfg.alpha} it changes "
-            f"almost nothing; raise {knob} (alpha x {0.1 / max(share, 1e-12):.3g} would make it about 10%)"
+            f"at alpha {cfg.alpha} it changes almost nothing; raise {knob}: --alpha "
+            f"{cfg.alpha * 0.1 / max(share, 1e-12):.3g} would make it about 10% now, and --target-share 0.1 keeps "
+            "it there as training goes"
         )
 
     def close(self):

@@ -282,9 +282,8 @@ class Trainer:
         self.steps_per_epoch = len(self.items) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"the dataset has {len(self.items)} usable pairs, fewer than batch_size {cfg.batch_size}")
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        # max_steps overrides epochs, as TRL's and the HF Trainer's do: the data is gone over as often as it takes
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else self.steps_per_epoch * cfg.epochs
         if cfg.warmup_steps > self.total_steps:  # the warmup never ends: every step runs below --lr
             self.log(
                 f"[fpo] warning: warmup_steps {cfg.warmup_steps} exceeds the run's {self.total_steps} steps, so the "

@@ -506,3 +506,15 @@ def test_target_share_holds_the_constraint_at_its_share(tiny, tiny_cache, tmp_pa
 def test_target_share_needs_a_method_with_a_constraint(tiny, tmp_path):
     with pytest.raises(ValueError, match="target_share adapts the constraint's alpha"):
         config_from_dict(run_config(tiny, None, tmp_path, "simpo", target_share=0.1))
+
+
+def test_max_steps_overrides_epochs_and_the_prompt_length_follows_max_length(tiny, tmp_path, no_interpreter):
+    """As in TRL: --max-steps 6 over 16 pairs in steps of 4 trains 6 steps (into the second epoch). A max length
+    without a prompt length keeps the prompt to half of it, so `--max-length 256` alone is a valid command."""
+    assert TrainConfig(model="m", dataset="d", method="simpo", max_length=256).max_prompt_length == 128
+    with pytest.raises(ValueError, match="pass --max-prompt-length 64 or less"):
+        TrainConfig(model="m", dataset="d", method="simpo", max_length=128, max_prompt_length=200)
+    out = tmp_path / "r"
+    train(run_config(tiny, None, out, batch_size=4, micro_batch_size=4, max_steps=6), log=lambda *a: None)
+    hist = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [h["step"] for h in hist] == [1, 2, 3, 4, 5, 6] and hist[-1]["epoch"] == 1.5
