@@ -217,6 +217,8 @@ def _run(args):
         from .tables import format_table
 
         given = _given(args, EvalConfig)
+        if args.json and os.path.isdir(args.json):  # checked before the evaluation, not after it
+            raise ValueError(f"--json {args.json} is a folder: name a file")
         res = evaluate(given.pop("model"), given.pop("dataset"), **given)
         # significant digits: FPO's D is often 1e-6 on a policy that has barely moved, and must not print as 0
         print(format_table([res], [(k, k, ".4g" if isinstance(v, float) else "") for k, v in res.items()]))
