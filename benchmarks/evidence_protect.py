@@ -105,7 +105,10 @@ def run(args, log=print) -> dict:
         overwrite=True,
         **lengths,
     )
-    fpo = dict(base, method="fpo", cache=caches["train"], **sae, alpha=args.alpha, constraint_norm="ref")
+    fpo = dict(
+        base, method="fpo", cache=caches["train"], **sae, alpha=args.alpha, constraint_norm="ref",
+        target_share=args.target_share,
+    )  # fmt: skip
     config_of = {"simpo": dict(base, method="simpo"), "fpo": fpo}
 
     # 1. the protected set, from a SimPO run ranked on the selection split
@@ -228,7 +231,14 @@ def run(args, log=print) -> dict:
         )
     result = {
         "settings": dict(
-            s, seeds=seeds, coef=coef, sweep=sweep, alpha=args.alpha, protect=args.protect, methods=args.methods
+            s,
+            seeds=seeds,
+            coef=coef,
+            sweep=sweep,
+            alpha=args.alpha,
+            protect=args.protect,
+            methods=args.methods,
+            target_share=args.target_share,
         ),
         "protected": protected,
         "neighbours": {str(k): v for k, v in neighbours.items()},
@@ -287,7 +297,8 @@ def _markdown(res) -> str:
         f"{s['max_length']} tokens, lr {s['lr']:g} (warmup {s['warmup']}), seeds {s['seeds']}; the "
         f"{len(res['protected'])} protected features ({res['protected']}) chosen from a SimPO run (seed 100) "
         f"on {s['select_pairs']} selection pairs; judged on {res['pairs_judged']} other held-out pairs. "
-        f"lambda {s['coef']:g}; FPO at alpha {s['alpha']:g} on D over the reference scale.",
+        f"lambda {s['coef']:g}; FPO on D over the reference scale, alpha adapted to a constraint share of "
+        f"{s['target_share']:g} (from {s['alpha']:g}).",
         "",
         "| method | seed | protected drift on/off | chosen | rejected | others on/off | KL on/off | "
         "acc off | acc on | 2-step / final drift | final / 2-step | protect share | pass |",
@@ -334,7 +345,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--coef", type=float, default=1.0, help="lambda of the seeded runs")
     p.add_argument("--sweep", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="lambdas of the trade-off")
-    p.add_argument("--alpha", type=float, default=1.0, help="FPO's alpha (D over the reference scale)")
+    p.add_argument("--alpha", type=float, default=1.0, help="FPO's starting alpha (D over the reference scale)")
+    p.add_argument("--target-share", type=float, default=0.1, help="FPO's constraint share, held by adapting alpha")
     p.add_argument("--protect", type=int, default=10, help="features protected")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     for key in SETTINGS["cpu"]:
