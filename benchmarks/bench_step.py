@@ -39,6 +39,7 @@ import time
 import torch
 
 from benchmarks.common import environment, write_results
+from fpo.feature_files import ProtectSet
 from fpo.model import (
     ActivationCapture,
     apply_body_kernels,
@@ -51,6 +52,8 @@ from fpo.model import (
 from fpo.packing import MicroBatch
 from fpo.precision import Precision, resolve_precision
 from fpo.precision import make_optimizer as _make_optimizer
+from fpo.protection import ProtectTerm
+from fpo.sae import SAESpec
 from fpo.step import PolicyStats
 from fpo_kernels import SAEWeights, pack_topk
 from fpo_kernels.losses import preference_loss
@@ -107,6 +110,7 @@ METHODS = [
     "tdpo2-authors",
     "fpo-authors",
 ]
+PROTECTED = 20  # the protected set of the +protect rows
 NEEDS_REF = {"tdpo1-lean", "tdpo2-lean", "tdpo1-authors", "tdpo2-authors", "fpo-authors"}
 # how the model body runs: transformers' eager code, fpo train's --compile, its --body-kernels liger
 BODIES = ("eager", "compile", "liger-body")
@@ -163,6 +167,8 @@ RATIO_PAIRS = (
     ("fpo", "fpo-authors"),
     ("tdpo2-lean", "tdpo2-authors"),
     ("simpo", "simpo-liger"),
+    ("simpo+protect", "simpo"),
+    ("fpo+protect", "fpo"),
     ("fpo+compile", "fpo"),
     ("simpo+compile", "simpo"),
     ("fpo+liger-body", "fpo"),
@@ -293,8 +299,32 @@ class Step:
             torch.cuda.empty_cache()
 
     # ---- the losses of one step ---------------------------------------------------------------
+    def _protect(self):
+        """A protected set of PROTECTED features (ids spread over the width) with random reference values, as
+        `fpo train --protect` runs it: the term's cost, beside the same method without it."""
+        if getattr(self, "_protect_term", None) is None:
+            m = self.sae.width
+            ids = tuple(range(0, m, max(1, m // PROTECTED)))[:PROTECTED]
+            spec = SAESpec(self.sae, self.layer, 1.0, "sae")
+            ps = ProtectSet(None, ids, (1.0,) * len(ids), ("both",) * len(ids))
+            self._protect_term = ProtectTerm(ps, spec, torch.full((len(ids),), 0.5), 1.0, self.device)
+            self._protect_ref = torch.rand(2 * self.P, len(ids), device=self.device)
+        return self._protect_term
+
     def _ours(self, method):
         c = self.cache
+        if method.endswith("+protect"):
+            base, protect = method.removesuffix("+protect"), self._protect()
+            saes = [(self.sae, self.layer, 1.0, 1.0)] if base == "fpo" else []
+            stats = PolicyStats(self.policy, saes=saes, k=self.k, protect=protect)
+            try:
+                kw = dict(ref_features=[(self.ref_idx, self.ref_val)]) if saes else {}
+                s = stats(self.batch, **kw)
+            finally:
+                stats.remove_hooks()
+            losses = preference_loss(base, s, c, beta=2.0 if base == "simpo" else 0.1)[0]
+            R = protect.penalty(s["protect"], self._protect_ref)
+            return losses + protect.coef * (R[: self.P] + R[self.P :]) / 2
         if method.startswith("fpo"):
             self.stats = self.stats or PolicyStats(self.policy, saes=[(self.sae, self.layer, 1.0, 1.0)], k=self.k)
             self.stats.select = "reference" if method == "fpo-ref" else "policy"

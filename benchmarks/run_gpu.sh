@@ -47,10 +47,12 @@ if [ "$PART" = quick ]; then
     echo "$f: $(grep -v "^$" "$OUT/tests_${f#*/}.txt" | tail -1)" | tee -a "$OUT/gpu_tests_summary.txt"
   done
   # 2. one training step per method, Gemma-2-2B config, 2 pairs x 1024 tokens, bf16-mixed (+ rows under other policies)
-  stage step 110 python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 --precision bf16-mixed \
-    --methods fpo,fpo-ref,simpo,dpo,tdpo2-lean,tdpo2-authors,fpo-authors,simpo-liger 2>&1 | tee "$OUT/bench_step.log"
+  #    (last: SimPO and FPO with --protect's term on 20 features, its cost beside each method without it)
+  stage step 120 python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 --precision bf16-mixed \
+    --methods fpo,fpo-ref,simpo,dpo,tdpo2-lean,tdpo2-authors,fpo-authors,simpo-liger,simpo+protect,fpo+protect \
+    2>&1 | tee "$OUT/bench_step.log"
   #    the body eager, under Liger's kernels and compiled (the first step, compilation, reported apart)
-  stage body 90 python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 --precision bf16-mixed \
+  stage body 80 python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 --precision bf16-mixed \
     --methods fpo,simpo --no-other-policies --body eager,liger-body,compile 2>&1 | tee "$OUT/bench_step_body.log"
   # 3. kernels: SAE pooling forward and backward vs naive and its compile, the TopK path, the lm head
   stage sae 25 python -m benchmarks.bench_sae_constraint --out "$OUT" --quick 2>&1 | tee "$OUT/bench_sae_constraint.log"

@@ -127,7 +127,7 @@ def _protect_term(cfg: EvalConfig, saes, ref_cache, model, device):
     if spec.layer is None and entry is not None:
         spec.layer, spec.site = entry["layer"], entry["site"]
     check_sae_fits(model, spec.sae, spec.layer)
-    return ProtectTerm(protect, spec, ref_cache, 0.0, device)
+    return ProtectTerm.from_cache(protect, spec, ref_cache, 0.0, device)
 
 
 def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, keys, items, device) -> dict:

@@ -202,13 +202,21 @@ def _protect_files_sound(out, entry) -> bool:
 
 
 class ProtectTerm:
-    """What a run protects: the set, its SAE (an SAESpec) and the scales, weights and directions R takes; built
-    once from the protect file and the cache's entry, checked to agree."""
+    """What a run protects: the set, its SAE (an SAESpec), lambda, and the per-feature scales, weights and
+    directions R takes. `from_cache` builds it against a cache's entry, checked to agree."""
 
-    def __init__(self, protect: ProtectSet, spec, cache, coef: float, device):
+    def __init__(self, protect: ProtectSet, spec, scale: torch.Tensor, coef: float, device):
+        self.protect, self.spec, self.coef = protect, spec, float(coef)
+        self.ids = torch.tensor(protect.ids, dtype=torch.long)
+        self.scale = scale.float().to(device)
+        self.weights = torch.tensor(protect.weights, dtype=torch.float32, device=device)
+        self.direction = protect.direction_codes().to(device)
+
+    @classmethod
+    def from_cache(cls, protect: ProtectSet, spec, cache, coef: float, device) -> ProtectTerm:
         entry = cache.protect_entry
         where = f"cache {cache.path}"
-        fix = f"run `fpo precompute` with the same arguments and --protect {'FILE'} to add them (the rest is kept)"
+        fix = "run `fpo precompute` with the same arguments and --protect FILE to add them (the rest is kept)"
         if entry is None:
             raise ValueError(f"{where} holds no protected features' reference values: {fix}")
         if entry["features_key"] != protect.features_key:
@@ -216,11 +224,7 @@ class ProtectTerm:
                 f"{where} holds the reference's values of another protected set ({len(entry['ids'])} features of "
                 f"SAE {entry['sae']}; this run protects {len(protect.ids)} of {protect.sae}): {fix}"
             )
-        self.protect, self.spec, self.coef = protect, spec, float(coef)
-        self.ids = torch.tensor(protect.ids, dtype=torch.long)
-        self.scale = protect_scales(torch.tensor(entry["mean"])).to(device)
-        self.weights = torch.tensor(protect.weights, dtype=torch.float32, device=device)
-        self.direction = protect.direction_codes().to(device)
+        return cls(protect, spec, protect_scales(torch.tensor(entry["mean"])), coef, device)
 
     def penalty(self, pooled: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """R [2P] of the policy's pooled protected features against the reference's."""

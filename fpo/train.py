@@ -259,7 +259,7 @@ class Trainer:
                 f"run reads SAE '{spec.name}' at layer {spec.layer} ({spec.site}): pass --sae-layer {entry['layer']}"
             )
         check_sae_fits(self.model, spec.sae, spec.layer)
-        term = ProtectTerm(protect, spec, self.cache, cfg.protect_coef, self.device)
+        term = ProtectTerm.from_cache(protect, spec, self.cache, cfg.protect_coef, self.device)
         self.inputs["protect"] = protect.as_dict()
         self.log(
             f"[fpo] protect {cfg.protect}: {len(protect.ids)} features of SAE '{spec.name}' held near the reference "
