@@ -55,3 +55,25 @@ def test_nothing_cites_a_design_file_outside_the_repository():
     texts = [f for f in tracked if f.endswith((".py", ".md", ".sh", ".toml", ".yml"))]
     cites = [f for f in texts if "DESIGN.md" in open(os.path.join(ROOT, f), errors="replace").read()]
     assert cites == [f for f in cites if f == "tests/project/test_docs.py"]
+
+
+def test_contributing_names_every_module():
+    """CONTRIBUTING's tree is the one map of the code: every module of fpo and fpo_kernels has its line there."""
+    root = os.path.dirname(PAGES[0])
+    text = open(os.path.join(root, "CONTRIBUTING.md")).read()
+    tree = text[text.index("## The tree") :]
+    missing = []
+    for package in ("fpo_kernels", "fpo"):
+        for folder, _, files in os.walk(os.path.join(root, package)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                rel = os.path.relpath(os.path.join(folder, name), os.path.join(root, package))
+                if not any(line.split()[:1] == [rel] for line in tree.splitlines() if line.startswith("  ")):
+                    missing.append(f"{package}/{rel}")
+    assert not missing, f"modules missing from CONTRIBUTING.md's tree: {missing}"
+    for page in sorted(os.listdir(os.path.join(root, "docs"))):
+        if page.endswith(".md"):
+            text = re.sub(r"```.*?```", "", open(os.path.join(root, "docs", page)).read(), flags=re.S)  # not code
+            heads = [x for x in text.splitlines() if x.startswith("# ")]
+            assert len(heads) == 1, f"docs/{page} has {len(heads)} '# ' headings"
