@@ -2,8 +2,8 @@
 
 On the demo model (SmolLM2-135M-Instruct), its shipped SAE and the shipped UltraFeedback pairs, each run its
 own process from the same start:
-    fpo             D over the reference's feature scale, at the alpha that makes the constraint about 10% of
-                    the margin term (the demo's probe)
+    fpo             D over the reference's feature scale, its alpha adapted to hold the constraint at 10% of
+                    the margin term (--target-share 0.1)
     fpo-paper       the paper's alpha 0.5 and D
     simpo, tdpo2, dpo
 then `fpo features` over all of them (ranked by SimPO's drift), and one more FPO run that protects the 10
@@ -27,7 +27,7 @@ import torch
 
 from benchmarks.common import environment, subset_jsonl, train_in_process, write_results
 from fpo import assets
-from fpo.demo import _matched_alpha, _plot, _sampling_error
+from fpo.demo import _plot, _sampling_error
 from fpo.evaluate import evaluate
 from fpo.feature_files import read_feature_weights
 from fpo.features import feature_report
@@ -109,8 +109,7 @@ def run(args, log=print) -> dict:
     runs, configs = {}, {}
     for name in METHODS:
         if name == "fpo":
-            alpha = _matched_alpha(fpo, os.path.join(work, "fpo-probe"), log)
-            cfg = dict(fpo, alpha=alpha["alpha"], constraint_norm="ref")
+            cfg = dict(fpo, alpha=0.5, constraint_norm="ref", target_share=0.1)
         elif name == "fpo-paper":
             cfg = dict(fpo, alpha=0.5)
         else:

@@ -5,10 +5,10 @@ the margin linearly, so a fixed alpha's share grows as training goes (measured: 
 
 After every step the controller updates running means (an exponential moving average, bias-corrected) of the
 margin term |beta x margin| and of the constraint per unit alpha |constraint term| / alpha; the alpha that would
-give the target share is S x margin / constraint-per-alpha, and alpha moves towards it by at most MAX_STEP per
-step (the first steps' estimates are noisy). No update while the margin is at its floor (the first step: the
-policy is the reference). Every step logs the alpha it ran at; a checkpoint keeps the controller's state, so a
-resumed run goes on as the run would have.
+give the target share is S x margin / constraint-per-alpha. The first step past the margin's floor (the first
+step: the policy is the reference) sets alpha to it outright, however far --alpha was; after that alpha moves
+towards it by at most MAX_STEP per step (one step's estimate is noisy). Every step logs the alpha it ran at; a
+checkpoint keeps the controller's state, so a resumed run goes on as the run would have.
 """
 
 from __future__ import annotations
@@ -28,13 +28,21 @@ class AlphaController:
         self.alpha, self.target = float(alpha), float(target)
         self._margin = self._per_alpha = 0.0
         self._weight = 0.0
+        self._calibrated = False
 
     def state_dict(self) -> dict:
-        return {"alpha": self.alpha, "margin": self._margin, "per_alpha": self._per_alpha, "weight": self._weight}
+        return {
+            "alpha": self.alpha,
+            "margin": self._margin,
+            "per_alpha": self._per_alpha,
+            "weight": self._weight,
+            "calibrated": self._calibrated,
+        }
 
     def load_state_dict(self, state: dict):
         self.alpha, self._margin = float(state["alpha"]), float(state["margin"])
         self._per_alpha, self._weight = float(state["per_alpha"]), float(state["weight"])
+        self._calibrated = bool(state.get("calibrated", True))
 
     def update(self, constraint_abs: float, margin_abs: float) -> float:
         """One step's mean |constraint term| (at the current alpha) and mean |beta x margin|: the next alpha."""
@@ -47,7 +55,10 @@ class AlphaController:
         if self._per_alpha <= 0:
             return self.alpha
         want = self.target * self._margin / self._per_alpha  # the weights cancel in the ratio of bias-corrected means
-        self.alpha *= min(max(want / self.alpha, 1 / MAX_STEP), MAX_STEP)
+        if not self._calibrated:
+            self.alpha, self._calibrated = want, True
+        else:
+            self.alpha *= min(max(want / self.alpha, 1 / MAX_STEP), MAX_STEP)
         return self.alpha
 
 

@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default="fpo,simpo,tdpo2",
-        help=f"comma-separated, from {','.join(METHODS)},fpo-paper (fpo: its constraint scaled to about 10%% "
-        "of the loss, chosen by a probe run; fpo-paper: the paper's alpha 0.5)",
+        help=f"comma-separated, from {','.join(METHODS)},fpo-paper (fpo: its alpha adapted to hold the constraint "
+        "at 10%% of the margin term; fpo-paper: the paper's alpha 0.5)",
     )
     p.add_argument("--steps", type=int, default=None, help="training steps per method (default: 10 on cpu, 60 on cuda)")
     p.add_argument("--pairs", type=int, default=None, help="training pairs (default: 20 on cpu, 1000 on cuda)")

@@ -8,9 +8,9 @@ peak memory column is that method's alone.
 
 FPO's constraint has to matter to show anything: at the paper's alpha 0.5 the demo SAE's D is about 0.1% of
 the loss. The demo's `fpo` therefore runs with D divided by the reference's feature scale (constraint_norm
-ref) and the alpha that makes the constraint about TARGET_SHARE of the margin term, measured on a short
-probe run from the same start (the policy starts at the reference, where D is 0, so step 1 cannot tell).
-`fpo-paper` runs the paper's alpha and D, for fidelity."""
+ref) and its alpha adapted after every step to hold the constraint at TARGET_SHARE of the margin term
+(`--target-share`); the table shows the share it realised in each third of the run. `fpo-paper` runs the
+paper's alpha and D, for fidelity."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import time
 import torch
 
 from . import assets
+from .alpha_control import phase_shares
 from .evaluate import evaluate
 from .features import feature_report
 from .files import atomic_write_json
@@ -36,7 +37,6 @@ __all__ = ["demo", "DEFAULTS", "DEMO_METHODS", "TARGET_SHARE"]
 
 DEMO_METHODS = ("fpo", "fpo-paper", "dpo", "simpo", "tdpo1", "tdpo2")
 TARGET_SHARE = 0.10  # the demo fpo's constraint term, as a share of its margin term
-PROBE_STEPS = 4  # steps of the probe run that measures the share at the paper's alpha
 PAPER_ALPHA = 0.5
 
 # (cpu, cuda) defaults: a few dozen CPU steps in minutes; on a GPU the same command runs bigger.
@@ -152,40 +152,6 @@ def _sampling_error(p, n):
 def _ratio(x, y):
     """x / y, or None where y is ~0 (or either is missing): no ratio over a ~0 denominator."""
     return x / y if x is not None and y is not None and abs(y) > 1e-12 else None
-
-
-def _matched_alpha(cfg: dict, probe_dir: str, log) -> dict:
-    """A probe run of PROBE_STEPS steps at the paper's alpha (D divided by the reference's feature scale), from
-    the same start; the constraint's share of the margin term over its steps after the first gives the alpha
-    at which it would be TARGET_SHARE. In-process, without checkpoints; its final model is removed."""
-    from fpo_kernels.losses import constraint_share
-
-    from .train import train
-
-    probe = dict(
-        cfg,
-        alpha=PAPER_ALPHA,
-        constraint_norm="ref",
-        max_steps=PROBE_STEPS,
-        output_dir=probe_dir,
-        progress=False,
-        save_optimizer=False,
-    )
-    train(probe, log=lambda *a, **k: None)
-    hist = [json.loads(line) for line in open(os.path.join(probe_dir, "metrics.jsonl"))][1:]
-    shutil.rmtree(probe_dir, ignore_errors=True)
-    share = constraint_share(sum(h["constraint_abs"] for h in hist), sum(h["margin_abs"] for h in hist))
-    if not share:
-        log(f"[fpo demo] the probe's margin stayed ~0: fpo keeps the paper's alpha {PAPER_ALPHA}")
-        return {"alpha": PAPER_ALPHA, "probe_share": share}
-    alpha = PAPER_ALPHA * TARGET_SHARE / share
-    log(
-        f"[fpo demo] fpo: alpha {alpha:.3g} with D divided by the reference's feature scale. At the paper's alpha "
-        f"{PAPER_ALPHA} the constraint was {share:.2%} of the margin term over {PROBE_STEPS} probe steps, too small "
-        f"to change anything; this alpha makes it about {TARGET_SHARE:.0%} (`--methods fpo-paper` runs the paper's "
-        "alpha)"
-    )
-    return {"alpha": alpha, "probe_share": share}
 
 
 def demo(
@@ -370,7 +336,7 @@ def _demo(d, methods, device, output_dir, seed, progress, keep_models, log) -> d
     log("")
     log(f"A few dozen steps on {device} show the mechanics and the costs, not alignment quality.")
     log(f"Written in {time.time() - t_start:.0f} s:")
-    for path in (png, os.path.join(output_dir, "demo.json")):
+    for path in (png, os.path.join(output_dir, "demo.json"), os.path.join(output_dir, "features.json")):
         log(f"  {path}")
     return result
 
@@ -387,15 +353,15 @@ def _settings(device, overrides: dict) -> dict:
 
 
 def _train(name, cfg: dict, output_dir, log):
-    """(the run's metrics, {alpha, probe_share} for the fpo variants): `name` trained from cfg in its own
-    process (a clean start from the same weights, and its own peak memory). The demo's fpo takes the matched
-    alpha with D over the reference's feature scale; fpo-paper the paper's alpha and D."""
+    """(the run's metrics, what set alpha for the fpo variants): `name` trained from cfg in its own process (a
+    clean start from the same weights, and its own peak memory). The demo's fpo adapts alpha to hold its
+    constraint at TARGET_SHARE, with D over the reference's feature scale; fpo-paper the paper's alpha and D."""
     alpha = {}
     if name == "fpo":
-        alpha = _matched_alpha(cfg, cfg["output_dir"] + "-probe", log)
-        cfg.update(alpha=alpha["alpha"], constraint_norm="ref")
+        alpha = {"target_share": TARGET_SHARE}
+        cfg.update(alpha=PAPER_ALPHA, constraint_norm="ref", target_share=TARGET_SHARE)
     elif name == "fpo-paper":
-        alpha = {"alpha": PAPER_ALPHA, "probe_share": None}
+        alpha = {"alpha": PAPER_ALPHA}
         cfg.update(alpha=PAPER_ALPHA, constraint_norm="none")
     cfg_path = os.path.join(output_dir, f"{name}.json")
     with open(cfg_path, "w") as f:
@@ -433,6 +399,14 @@ def run_child(cmd: list, what: str):
         raise RuntimeError(f"{what} failed (exit code {code}); its own message is above")
 
 
+def _shares(history) -> str | None:
+    """The constraint's realised share of the margin term per third of the run, as the table prints it."""
+    shares = phase_shares(history)
+    if all(v is None for v in shares.values()):
+        return None
+    return "/".join("-" if v is None else f"{v:.2g}" for v in shares.values())
+
+
 def _table_rows(runs: dict, before: dict, n_eval: int) -> list[dict]:
     """One row per method: held-out accuracy before and after (with its sampling error), D and KL, each also
     against SimPO's (the unconstrained peer), entropy, the mean step time after the first and the peak memory."""
@@ -443,7 +417,8 @@ def _table_rows(runs: dict, before: dict, n_eval: int) -> list[dict]:
         rows.append(
             {
                 "method": name,
-                "alpha": r.get("alpha"),
+                "alpha": next((x["alpha"] for x in reversed(h) if "alpha" in x), r.get("alpha")),
+                "share": _shares(h),
                 "loss_ratio": _ratio(h[-1]["loss"], h[0]["loss"]),
                 "margin": h[-1]["rewards/margins"],
                 "acc_before": before["accuracy_logp"],
@@ -483,6 +458,7 @@ def _report(rows, device, n_eval, log):
     training = [
         ("method", "method", ""),
         ("alpha", "alpha", ".3g"),
+        ("share", "share early/mid/late", ""),
         ("loss_ratio", "loss/first", ".3f"),
         ("margin", "margin", ".3g"),
         ("step_s", "step s", ".2f"),
@@ -498,6 +474,8 @@ def _report(rows, device, n_eval, log):
         "entropy: per token, of sampled responses.",
     ]
     notes_training = [
+        f"alpha: the last step's (fpo adapts it to hold its constraint at {TARGET_SHARE:.0%} of the margin term). "
+        "share: the constraint term over the margin term, realised in each third of the run.",
         "loss/first: the last step's loss over the first's (each method's loss has its own scale: SimPO's beta "
         "2 and margin against 0.1 for the others). margin: the last step's reward margin, beta x (chosen - "
         "rejected) against the reference (SimPO: without one).",
