@@ -7,6 +7,7 @@ The converted model lives in $FPO_HOME (default ~/.cache/fpo-kernels): the one e
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -63,22 +64,36 @@ def ensure_demo_model(log=print) -> str:
     from .model import load_model, load_tokenizer
 
     gguf = _gguf_path()
-    log(f"[fpo] converting {GGUF_NAME} to {out} (once; about half a minute)")
-    tok = load_tokenizer(gguf)
-    model = load_model(gguf, dtype=torch.float32)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = temp_dir(out)  # this process's own: two first-time conversions at once never share one
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+    with _conversion_lock(os.path.dirname(out)):  # one conversion at a time; a second waits, then finds it done
+        if os.path.exists(os.path.join(out, "config.json")):
+            return out
+        for name in os.listdir(os.path.dirname(out)):  # what a killed conversion left (~500 MB): never read
+            if name.startswith(os.path.basename(out) + ".tmp"):
+                shutil.rmtree(os.path.join(os.path.dirname(out), name), ignore_errors=True)
+        log(f"[fpo] converting {GGUF_NAME} to {out} (once; about half a minute)")
+        tok = load_tokenizer(gguf)
+        model = load_model(gguf, dtype=torch.float32)
+        tmp = temp_dir(out)
         try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
             os.replace(tmp, out)  # the folder appears whole or not at all
-        except OSError:
-            if not os.path.exists(os.path.join(out, "config.json")):  # not another conversion that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def _conversion_lock(folder):
+    import fcntl
+
+    fd = os.open(os.path.join(folder, ".convert.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocking: a second first-time conversion waits for the first
+        yield
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":

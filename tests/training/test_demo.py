@@ -125,3 +125,27 @@ def test_a_stopped_parent_takes_its_training_child_with_it(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the child outlived its parent")
+
+
+def test_a_killed_conversion_leaves_nothing_behind_for_long(tmp_path, monkeypatch):
+    """The temporary folder a conversion killed part-way left (about 500 MB) is removed by the next conversion,
+    which holds a lock so that it never removes one still being written."""
+    import fpo.model
+    from fpo import assets
+
+    class Fake:
+        def save_pretrained(self, folder):
+            with open(os.path.join(folder, "config.json"), "w") as f:
+                f.write("{}")
+
+    monkeypatch.setenv("FPO_HOME", str(tmp_path))
+    monkeypatch.setattr(assets, "_gguf_path", lambda: "model.gguf")
+    monkeypatch.setattr(fpo.model, "load_model", lambda *a, **k: Fake())
+    monkeypatch.setattr(fpo.model, "load_tokenizer", lambda *a, **k: Fake())
+    models = tmp_path / "models"
+    stale = models / "SmolLM2-135M-Instruct.tmpk1ll3d"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    out = assets.ensure_demo_model(lambda *a: None)
+    assert os.path.exists(os.path.join(out, "config.json")) and not stale.exists()
+    assert sorted(os.listdir(models)) == [".convert.lock", "SmolLM2-135M-Instruct"]
