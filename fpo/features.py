@@ -113,6 +113,11 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
         check_sae_fits(ref_model, spec.sae, spec.layer)
     protect = read_protect_file(cfg.protect_file, saes) if cfg.protect_file else None
     _check_outputs(cfg)
+    if (cfg.weights_out or cfg.protect_out) and cfg.protect > cfg.top:
+        raise ValueError(
+            f"protect {cfg.protect} is more than top {cfg.top}: the file can hold only listed features; pass "
+            f"--top {cfg.protect} or more"
+        )
     items = load_items(cfg, tokenizer, rt)
     n, pad, scale = len(items), tokenizer.pad_token_id, attention_length_scale(ref_model)
 

@@ -262,7 +262,10 @@ def _claim(cfg, settings, say):
             f"out {out} is {'a broken symlink' if os.path.islink(out) else 'a file'}, not a "
             "directory: choose a directory path"
         )
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # a parent that is a file, a read-only mount, no permission
+        raise ValueError(f"out {out} cannot be created ({e.strerror}): choose a folder path you can write") from None
     lock = DirectoryLock(out, "cache")  # one precompute per cache directory at a time
     try:
         theirs = [n for n in os.listdir(out) if not is_cache_file(n) and n != LOCK_NAME]

@@ -297,3 +297,16 @@ def test_html_page_is_self_contained_and_says_what_the_json_says(tiny, tmp_path)
     assert shaded and all(len(c["token_acts"]["runs"]) == 1 for c in shaded)
     hit = shaded[0]
     assert hit["token_acts"]["reference"][hit["window_index"]] == pytest.approx(hit["activation"], rel=1e-4)
+
+
+def test_more_protected_than_listed_is_refused_before_the_computation(tiny, tmp_path):
+    with pytest.raises(ValueError, match="protect 5 is more than top 2"):
+        feature_report(
+            tiny["model_b"], tiny["model"], tiny["pairs"], sae=tiny["sae"], top=2, protect=5,
+            protect_out=str(tmp_path / "p.json"), progress=False, **LEN, **QUIET,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="is a folder"):
+        feature_report(
+            tiny["model_b"], tiny["model"], tiny["pairs"], sae=tiny["sae"], png=str(tmp_path), progress=False,
+            **LEN, **QUIET,
+        )  # fmt: skip

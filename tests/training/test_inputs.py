@@ -405,3 +405,11 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     big.write_text("model: " + "x" * (2 << 20))
     with pytest.raises(ValueError, match="larger than"):
         load_config(str(big))
+
+
+def test_precompute_out_under_a_file_is_a_sentence(tiny, tmp_path):
+    from fpo.precompute import precompute
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="cannot be created"):
+        precompute(tiny["model"], tiny["pairs"], str(tmp_path / "file" / "cache"), progress=False, **LEN, **QUIET)
