@@ -122,7 +122,7 @@ def _protect_term(cfg: EvalConfig, saes, ref_cache, model, device):
             f"holding their reference values (`fpo precompute --protect {cfg.protect}`, then --cache)"
         )
     protect = read_protect_file(cfg.protect, saes)
-    spec = next(s for s in saes if s.sae.fingerprint() == protect.sae)
+    spec = saes[protect.index_in(saes)]
     entry = ref_cache.protect_entry
     if spec.layer is None and entry is not None:
         spec.layer, spec.site = entry["layer"], entry["site"]

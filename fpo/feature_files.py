@@ -114,12 +114,20 @@ def _weight(value, what: str, feature: int, *, from_text: bool = False) -> float
     return w
 
 
-def _sae_index(fingerprint, saes, what: str) -> int:
+def _sae_index(fingerprint, saes, what: str, layer=None) -> int:
     if fingerprint is not None:
         match = [j for j, s in enumerate(saes) if s.sae.fingerprint() == fingerprint]
+        if layer is not None:
+            match = [j for j in match if saes[j].layer == layer]
         if not match:
-            held = ", ".join(f"'{s.name}' ({s.sae.fingerprint()})" for s in saes) or "none"
+            held = ", ".join(f"'{s.name}' ({s.sae.fingerprint()}, layer {s.layer})" for s in saes) or "none"
             raise ValueError(f"{what} is for another SAE (fingerprint {fingerprint}); this run's SAEs: {held}")
+        if len(match) > 1:  # one SAE's weights read at several layers: the fingerprint alone cannot tell
+            layers = ", ".join(str(saes[j].layer) for j in match)
+            raise ValueError(
+                f"{what}: fingerprint {fingerprint} names {len(match)} of the run's SAEs (the same weights at layers "
+                f'{layers}): add "layer": N to the file to say which'
+            )
         return match[0]
     if len(saes) > 1:
         raise ValueError(
@@ -129,6 +137,13 @@ def _sae_index(fingerprint, saes, what: str) -> int:
     if not saes:
         raise ValueError(f"{what}: the run has no SAE (--sae) for it")
     return 0
+
+
+def _layer(doc, what):
+    layer = doc.get("layer")
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
+        raise ValueError(f"{what}: layer must be the SAE's decoder block (an integer), got {layer!r}")
+    return layer
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,13 +162,14 @@ def read_feature_weights(path, saes) -> tuple[int, torch.Tensor, str]:
     what = f"feature_weights {path}"
     text = read_small_file(path, what)
     digest = hashlib.sha256(text.encode()).hexdigest()
-    fingerprint, pairs, from_text = None, [], False
+    fingerprint, pairs, from_text, layer = None, [], False, None
     if _looks_like_json(text):
         doc = _strict_json(text, what)
         if not isinstance(doc, dict):
             raise ValueError(f'{what} must hold an object: {{feature id: weight}} or {{"sae": ..., "weights": ...}}')
         raw = doc["weights"] if "weights" in doc else doc
         fingerprint = doc.get("sae") if "weights" in doc else None
+        layer = _layer(doc, what) if "weights" in doc else None
         if not isinstance(raw, dict):
             raise ValueError(f"{what}: weights must be an object of feature id -> weight")
         pairs = [(k, v, f"{what}: entry {k!r}") for k, v in raw.items()]
@@ -169,7 +185,7 @@ def read_feature_weights(path, saes) -> tuple[int, torch.Tensor, str]:
             if len(parts) != 2:
                 raise ValueError(f"{what} line {n}: a CSV row is feature,weight, got {line!r}")
             pairs.append((parts[0], parts[1], f"{what} line {n}"))
-    j = _sae_index(fingerprint, saes, what)
+    j = _sae_index(fingerprint, saes, what, layer)
     width = saes[j].sae.width
     weights = torch.ones(width, dtype=torch.float32)
     seen = set()
@@ -206,6 +222,11 @@ class ProtectSet:
     weights: tuple[float, ...]
     directions: tuple[str, ...]
     note: str = ""
+    layer: int | None = None  # the SAE's block, where one SAE's weights are read at several
+
+    def index_in(self, saes) -> int:
+        """Which of the run's SAEs the set belongs to."""
+        return _sae_index(self.sae, saes, "protect set", self.layer)
 
     @property
     def features_key(self) -> str:
@@ -216,6 +237,7 @@ class ProtectSet:
     def as_dict(self) -> dict:
         return {
             "sae": self.sae,
+            **({"layer": self.layer} if self.layer is not None else {}),
             "note": self.note,
             "features": [
                 {"id": i, "weight": w, "direction": d} for i, w, d in zip(self.ids, self.weights, self.directions)
@@ -242,14 +264,15 @@ def read_protect_file(path, saes=None, width: int | None = None) -> ProtectSet:
     doc = _strict_json(text, what)
     if not isinstance(doc, dict) or not isinstance(doc.get("features"), list):
         raise ValueError(f'{what} must hold an object with a "features" list, e.g. {{"features": [12, 40]}}')
-    unknown = sorted(set(doc) - {"sae", "features", "note"})
+    unknown = sorted(set(doc) - {"sae", "layer", "features", "note"})
     if unknown:
-        raise ValueError(f"{what}: unknown keys {unknown}; a protect file holds sae, features and note")
+        raise ValueError(f"{what}: unknown keys {unknown}; a protect file holds sae, layer, features and note")
     fingerprint = doc.get("sae")
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise ValueError(f"{what}: sae must be the SAE's fingerprint (a string), got {fingerprint!r}")
+    layer = _layer(doc, what)
     if saes is not None:
-        j = _sae_index(fingerprint, saes, what)
+        j = _sae_index(fingerprint, saes, what, layer)
         width, fingerprint = saes[j].sae.width, saes[j].sae.fingerprint()
     width = width if width is not None else 2**31
     if not doc["features"]:
@@ -276,4 +299,5 @@ def read_protect_file(path, saes=None, width: int | None = None) -> ProtectSet:
     if not sum(weights) > 0:
         raise ValueError(f"{what}: every weight is 0, so nothing would be protected")
     note = doc.get("note", "")
-    return ProtectSet(fingerprint, tuple(ids), tuple(weights), tuple(directions), note if isinstance(note, str) else "")
+    note = note if isinstance(note, str) else ""
+    return ProtectSet(fingerprint, tuple(ids), tuple(weights), tuple(directions), note, layer)

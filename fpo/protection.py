@@ -99,7 +99,7 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
 
     out = cfg.out
     protect = read_protect_file(cfg.protect, saes)
-    j = next(i for i, s in enumerate(saes) if s.sae.fingerprint() == protect.sae)
+    j = protect.index_in(saes)
     spec = saes[j]
     if spec.sae.activation == "topk":
         raise ValueError(

@@ -249,7 +249,7 @@ class Trainer:
             )
         saes = self.saes if self.saes else load_config_saes(cfg, self.runtime)
         protect = read_protect_file(cfg.protect, saes)
-        spec = next(s for s in saes if s.sae.fingerprint() == protect.sae)
+        spec = saes[protect.index_in(saes)]
         entry = self.cache.protect_entry
         if spec.layer is None and entry is not None:
             spec.layer, spec.site = entry["layer"], entry["site"]

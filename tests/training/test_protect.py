@@ -205,3 +205,21 @@ def test_protection_holds_the_feature_training_moves_most_in_every_seed(tiny, tm
         assert prot[on] <= 0.5 * prot[off], f"seed {seed}: protected drift {prot[on]:.3g} vs {prot[off]:.3g}"
         assert others[on] <= 1.5 * others[off], f"seed {seed}: other features {others[on]:.3g} vs {others[off]:.3g}"
     shutil.rmtree(tmp_path / "probe", ignore_errors=True)
+
+
+def test_one_sae_at_two_layers_is_named_by_its_layer(tiny, tmp_path):
+    """The same SAE weights read at two blocks have one fingerprint: a file must say which by its layer."""
+    from fpo.feature_files import read_feature_weights
+
+    saes = load_saes([(tiny["sae"], 1, 1.0), (tiny["sae"], 2, 1.0)])
+    fp = saes[0].sae.fingerprint()
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"sae": fp, "features": [3]}))
+    with pytest.raises(ValueError, match=r'names 2 of the run\'s SAEs .*layers 1, 2\): add "layer"'):
+        read_protect_file(str(f), saes)
+    f.write_text(json.dumps({"sae": fp, "layer": 2, "features": [3]}))
+    assert read_protect_file(str(f), saes).index_in(saes) == 1
+    w = tmp_path / "w.json"
+    w.write_text(json.dumps({"sae": fp, "layer": 1, "weights": {"3": 2}}))
+    j, weights, _ = read_feature_weights(str(w), saes)
+    assert j == 0 and weights[3] == 2
