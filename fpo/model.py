@@ -97,6 +97,13 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu", attn_implem
         raise ValueError(
             f"attn_implementation={attn_implementation!r} is not available for '{name_or_path}': {e}"
         ) from e
+    except Exception as e:  # safetensors' own error type: a truncated or damaged weights file
+        if "safetensors" not in type(e).__module__:
+            raise
+        raise ValueError(
+            f"model '{name_or_path}': its weights could not be read ({str(e).splitlines()[0][:160]}): the file is "
+            "truncated or damaged (an interrupted download or copy); fetch or copy it again"
+        ) from None
     model.config.use_cache = False
     return model.to(device)
 

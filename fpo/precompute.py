@@ -367,7 +367,13 @@ def _write_meta(out, settings, shards, saes, say) -> dict:
     for entry in meta["saes"]:
         entry["feature_scale"] = _feature_scale(out, shards, entry["key"])
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    atomic_write_json(os.path.join(out, "meta.json"), meta)
+    try:
+        atomic_write_json(os.path.join(out, "meta.json"), meta)
+    except OSError as e:  # a full disk: every shard is written and kept, only meta.json is missing
+        raise RuntimeError(
+            f"writing {out}/meta.json failed ({e.strerror}): the shards are complete and kept; free space and run "
+            "the same command again to finish the cache"
+        ) from None
     dense = n * 2 * sum(x.sae.width for x in saes) * 4
     msg = f"[fpo] cache {out}: {n} pairs, {total / 1e6:.2f} MB, {total / max(n, 1):.0f} bytes per pair"
     if saes:

@@ -203,7 +203,7 @@ def write_folder(path, write, output_dir):
     try:
         write(tmp)
         write_checksums(tmp)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # OSError, RuntimeError, and safetensors' own error type (a full disk while it writes)
         shutil.rmtree(tmp, ignore_errors=True)
         previous = checkpoints(output_dir)
         full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "enforce fail" in str(e) or "No space" in str(e)

@@ -413,3 +413,25 @@ def test_precompute_out_under_a_file_is_a_sentence(tiny, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="cannot be created"):
         precompute(tiny["model"], tiny["pairs"], str(tmp_path / "file" / "cache"), progress=False, **LEN, **QUIET)
+
+
+def test_a_truncated_model_is_a_sentence_in_every_command(tiny, tmp_path):
+    """An interrupted download or copy: half a model.safetensors is named as such by train, eval and precompute."""
+    import shutil
+
+    from fpo.evaluate import evaluate
+    from fpo.precompute import precompute
+    from fpo.train import train
+
+    bad = tmp_path / "model"
+    shutil.copytree(tiny["model"], bad)
+    weights = bad / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    match = "truncated or damaged"
+    with pytest.raises(ValueError, match=match):
+        train(dict(run_config(tiny, None, tmp_path / "r"), model=str(bad)), **QUIET)
+    with pytest.raises(ValueError, match=match):
+        evaluate(str(bad), tiny["pairs"], **LEN, **QUIET)
+    with pytest.raises(ValueError, match=match):
+        precompute(str(bad), tiny["pairs"], str(tmp_path / "c"), progress=False, **LEN, **QUIET)
