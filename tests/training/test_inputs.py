@@ -435,3 +435,17 @@ def test_a_truncated_model_is_a_sentence_in_every_command(tiny, tmp_path):
         evaluate(str(bad), tiny["pairs"], **LEN, **QUIET)
     with pytest.raises(ValueError, match=match):
         precompute(str(bad), tiny["pairs"], str(tmp_path / "c"), progress=False, **LEN, **QUIET)
+
+
+def test_an_sae_whose_hook_name_is_not_a_name_is_a_sentence(tiny, tmp_path):
+    import shutil
+
+    from fpo.sae import load_sae
+
+    sae = tmp_path / "sae"
+    shutil.copytree(tiny["sae"], sae)
+    cfg = json.loads((sae / "cfg.json").read_text())
+    cfg["hook_name"] = 12
+    (sae / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="hook_name is 12, not a name"):
+        load_sae(str(sae))
