@@ -12,7 +12,8 @@ PART=${1:-all}
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-}:$(pwd) PYTHONUNBUFFERED=1
 # Pure-Python wheels the GPU image may lack (torch-optimi for the bf16-compensated rows, liger-kernel for its rows and
-# tests), downloaded beforehand with `pip download --no-deps -d .wheels torch-optimi liger-kernel` and carried
+# tests, trl and cut-cross-entropy for the lm-head peers), downloaded beforehand with
+# `pip download --no-deps -d .wheels torch-optimi liger-kernel trl cut-cross-entropy` and carried
 # along: installed when present.
 if ls .wheels/*.whl > /dev/null 2>&1; then pip install -q --no-deps --no-index .wheels/*.whl > "$OUT/wheels.log" 2>&1; fi
 DRY_FAILED=""
@@ -52,13 +53,15 @@ if [ "$PART" = quick ]; then
     --methods fpo,fpo-ref,simpo,dpo,tdpo2-lean,tdpo2-authors,fpo-authors,simpo-liger,simpo+protect,fpo+protect \
     2>&1 | tee "$OUT/bench_step.log"
   #    the body eager, under Liger's kernels and compiled (the first step, compilation, reported apart)
-  stage body 80 python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 --precision bf16-mixed \
+  stage body 70 python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 --precision bf16-mixed \
     --methods fpo,simpo --no-other-policies --body eager,liger-body,compile 2>&1 | tee "$OUT/bench_step_body.log"
   # 3. kernels: SAE pooling forward and backward vs naive and its compile, the TopK path, the lm head
   stage sae 25 python -m benchmarks.bench_sae_constraint --out "$OUT" --quick 2>&1 | tee "$OUT/bench_sae_constraint.log"
-  stage topk 15 python -m benchmarks.bench_sae_constraint --out "$OUT/topk" --quick --activation topk --no-compile 2>&1 \
+  stage topk 10 python -m benchmarks.bench_sae_constraint --out "$OUT/topk" --quick --activation topk --no-compile 2>&1 \
     | tee "$OUT/bench_sae_topk.log"
   stage logprobs 15 python -m benchmarks.bench_logprobs --out "$OUT" --tokens 4096 2>&1 | tee "$OUT/bench_logprobs.log"
+  #    our lm head beside TRL's, Liger's and Cut Cross-Entropy's, each checked against float64 first
+  stage heads 15 python -m benchmarks.bench_heads --out "$OUT" 2>&1 | tee "$OUT/bench_heads.log"
   # 4. where the step's time goes
   stage profile 25 python -m benchmarks.profile_step --out "$OUT" --methods fpo,simpo,tdpo2-lean --precision bf16-mixed \
     > "$OUT/profile_step.log" 2>&1

@@ -243,9 +243,25 @@ def test_run_gpu_quick_dry_run(tmp_path):
             "training/test_compile",
             "training/test_body_kernels",
         )
-    ] + [f"[quick] {s}" for s in ("step", "body", "sae", "topk", "logprobs", "profile")]
+    ] + [f"[quick] {s}" for s in ("step", "body", "sae", "topk", "logprobs", "heads", "profile")]
     quick = [line for line in log.splitlines() if line.startswith("[quick] ")]
     limits = [int(line.split(" (at most ")[1].split("s)")[0]) for line in quick]
     assert sum(limits) <= 480  # one call of at most 8 minutes
     summary = (tmp_path / "gpu_tests_summary.txt").read_text().splitlines()
     assert len(summary) == 8 and all(line.split(": ")[-1].isdigit() for line in summary)  # tests collected per file
+
+
+def test_lm_head_peers_match_float64_where_they_run_here():
+    """bench_heads' check on the CPU: ours and TRL's chunked head (torch tiles); Liger's Triton head under the
+    interpreter in a process of its own (Triton decides interpretation when a kernel's module is imported)."""
+    import subprocess
+    import sys
+
+    from benchmarks.bench_heads import check
+
+    for name in ("ours", "trl", "naive"):
+        assert check(name, "cpu", N=40, d=24, V=300)["ok"], name
+    code = "from benchmarks.bench_heads import check; print(check('liger', 'cpu', N=24, d=16, V=100)['ok'])"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "True", r.stderr[-2000:]
