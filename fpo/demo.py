@@ -307,6 +307,7 @@ def _demo(d, methods, device, output_dir, seed, progress, keep_models, log) -> d
         contexts=1,
         device=device,
         json=os.path.join(output_dir, "features.json"),
+        html=os.path.join(output_dir, "features.html"),
         progress=progress,
         log=log,
         **lengths,
@@ -336,7 +337,7 @@ def _demo(d, methods, device, output_dir, seed, progress, keep_models, log) -> d
     log("")
     log(f"A few dozen steps on {device} show the mechanics and the costs, not alignment quality.")
     log(f"Written in {time.time() - t_start:.0f} s:")
-    for path in (png, os.path.join(output_dir, "demo.json"), os.path.join(output_dir, "features.json")):
+    for path in [png] + [os.path.join(output_dir, n) for n in ("demo.json", "features.json", "features.html")]:
         log(f"  {path}")
     return result
 

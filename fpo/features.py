@@ -588,7 +588,14 @@ def _print_table(report, log):
         log(
             textwrap.fill(
                 f"[fpo] features of {sae['label']} ({sae['width']} features, {sae['fires']} fire on these pairs): "
-                f"the {len(feats)} that drifted most over {report['responses']} held-out responses",
+                f"the {len(feats)} that drifted most"
+                + (f" under {report['settings']['rank_by']}" if report["settings"].get("rank_by") else " under any run")
+                + (
+                    f", ranked on {report['ranked_on_pairs']} held-out pairs and measured on "
+                    f"{report['judged_on_pairs']} others"
+                    if report["ranked_on_pairs"] != report["pairs"]
+                    else f", over {report['responses']} held-out responses"
+                ),
                 REPORT_WIDTH,
             )
         )
