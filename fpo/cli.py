@@ -171,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
 TRAIN_EXTRA = ("transformers", "datasets", "sae_lens", "gguf", "tqdm", "yaml", "matplotlib", "optimi")
 
 
+# what each `fpo eval` column needs, said under the table when it is blank
+EVAL_BLANKS = {
+    "accuracy_reward": "pass --cache (a cache of these pairs from `fpo precompute`)",
+    "kl": "pass --reference-model",
+    "d": "pass --sae and a --cache built with it",
+    "d_over_scale": "pass --sae and a --cache built with it",
+    "entropy": "pass --entropy-samples N",
+}
+
 # flags earlier versions took, and what replaced them: named in the error instead of argparse's bare refusal
 REMOVED_FLAGS = {"--dtype": "--precision", "--K": "--cache-k (fpo precompute) or --k (fpo train, fpo eval)"}
 
@@ -222,6 +231,9 @@ def _run(args):
         res = evaluate(given.pop("model"), given.pop("dataset"), **given)
         # significant digits: FPO's D is often 1e-6 on a policy that has barely moved, and must not print as 0
         print(format_table([res], [(k, k, ".4g" if isinstance(v, float) else "") for k, v in res.items()]))
+        for key, why in EVAL_BLANKS.items():  # a blank column says what it needs
+            if key in res and res[key] is None:
+                print(f"{key}: blank; {why}")
         if args.json:
             from .files import atomic_write_json
 

@@ -49,6 +49,7 @@ def test_the_own_data_walkthrough_runs_as_written(tmp_path):
             head = next(k for k, x in enumerate(lines) if "accuracy_reward" in x)
             names, values = lines[head].split(), lines[head + 2].split()
             assert {"accuracy_reward", "kl", "d", "entropy"} <= set(names)
-            assert len(values) == len(names), f"a blank column:\n{lines[head]}\n{lines[head + 2]}"
+            assert len(values) == len(names) and "-" not in values, f"a blank column:\n{lines[head]}\n{lines[head + 2]}"
+            assert "blank;" not in r.stdout
     assert (tmp_path / "runs" / "features.html").exists()
     assert (tmp_path / "runs" / "fpo" / "final" / "run_config.json").exists()
