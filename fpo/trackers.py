@@ -157,7 +157,16 @@ def open_trackers(report_to, out_dir: str, run_name: str, config: dict) -> Track
     started = []
     try:
         for name in tracker_names(report_to):
-            started.append(_BACKENDS[name](out_dir, run_name, config))
+            try:
+                started.append(_BACKENDS[name](out_dir, run_name, config))
+            except (ImportError, ValueError):
+                raise
+            except Exception as e:  # a tracker's own failure to start: an unusable URI, a store it cannot open
+                why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+                hint = "; check MLFLOW_TRACKING_URI" if name == "mlflow" else ""
+                raise ValueError(
+                    f"report_to {name} could not start ({why}){hint}: fix it, or train without --report-to {name}"
+                ) from None
     except BaseException:
         Trackers(started).close()
         raise

@@ -113,3 +113,12 @@ def test_cli_report_to_is_repeatable(tiny, tmp_path):
     )
     cfg = _load_train_config(args)
     assert cfg.report_to == ["tensorboard", "mlflow"] and cfg.run_name == "r1"
+
+
+def test_an_unusable_mlflow_uri_is_a_sentence(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from fpo.trackers import open_trackers
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://nowhere")
+    with pytest.raises(ValueError, match="report_to mlflow could not start .*check MLFLOW_TRACKING_URI"):
+        open_trackers("mlflow", str(tmp_path), "run", {})
