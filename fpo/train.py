@@ -538,10 +538,21 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         compiling = cfg.compile  # the first step compiles: it is timed and logged on its own
+        graphs = _compiled_graphs() if cfg.compile else None
         try:
             while self.step < self.total_steps:
                 metrics, n, lr = self.train_step(self.step)
                 self.step += 1
+                if graphs is not None:  # a step that compiled again (new shapes) says so, and is marked
+                    now = _compiled_graphs()
+                    again = now > graphs and not compiling
+                    metrics["recompiled"] = torch.tensor(float(again), device=self.device)
+                    if again:
+                        self.log(
+                            f"[fpo] step {self.step} compiled {now - graphs} new graph(s) (new shapes): its time "
+                            "includes compilation (metrics.jsonl: recompiled)"
+                        )
+                    graphs = now
                 pending.append((self.step, metrics, lr))
                 tokens += n
                 last = self.step == self.total_steps
@@ -598,6 +609,13 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+def _compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _cpp_compiler() -> str | None:

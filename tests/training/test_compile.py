@@ -71,6 +71,10 @@ def test_the_first_compiled_step_is_reported_apart(tiny, tmp_path):
     assert all(h["step_time_s"] > 0 and "first_step_s" not in h for h in hist[1:])
     [line] = [s for s in said if s.startswith("[fpo] compile (aot_eager)")]
     assert "graph breaks in the compiled layers" in line
+    # a step that compiled again (new shapes) is marked and said, never taken for an ordinary step
+    assert hist[0]["recompiled"] == 0 and all(h["recompiled"] in (0, 1) for h in hist)
+    again = [h["step"] for h in hist if h["recompiled"]]
+    assert [s for s in said if "new graph(s)" in s] == [s for s in said if any(f"step {k} " in s for k in again)]
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
