@@ -48,11 +48,16 @@ def protect_shard_name(features_key: str, start: int, end: int) -> str:
     return "protect-" + features_key + "-" + shard_name(start, end).removeprefix("shard-")
 
 
-def protect_scales(mean: torch.Tensor) -> torch.Tensor:
-    """[P] per-feature scales from the reference's mean pooled activation over the cached responses."""
+def protect_scales(mean: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """[P] per-feature scales: the reference's mean pooled activation over the cached responses, floored at
+    SCALE_FLOOR x the set's median, at a hundredth of the feature's JumpReLU threshold (one token firing at the
+    threshold in a 100-token response) and at ABS_FLOOR, so that a feature the reference never fires on these
+    pairs (held at 0, no_increase) is not divided by ~0."""
     mean = mean.double().clamp(min=0)
-    floor = max(SCALE_FLOOR * float(mean.median()), ABS_FLOOR)
-    return mean.clamp(min=floor).float()
+    floor = torch.full_like(mean, max(SCALE_FLOOR * float(mean.median()), ABS_FLOOR))
+    if threshold is not None:
+        floor = torch.maximum(floor, 0.01 * threshold.double().cpu().clamp(min=0))
+    return torch.maximum(mean, floor).float()
 
 
 class _Stop(Exception):
@@ -224,7 +229,8 @@ class ProtectTerm:
                 f"{where} holds the reference's values of another protected set ({len(entry['ids'])} features of "
                 f"SAE {entry['sae']}; this run protects {len(protect.ids)} of {protect.sae}): {fix}"
             )
-        return cls(protect, spec, protect_scales(torch.tensor(entry["mean"])), coef, device)
+        threshold = spec.sae.threshold[torch.tensor(protect.ids, device=spec.sae.device)]
+        return cls(protect, spec, protect_scales(torch.tensor(entry["mean"]), threshold), coef, device)
 
     def penalty(self, pooled: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """R [2P] of the policy's pooled protected features against the reference's."""
