@@ -411,7 +411,7 @@ class _ContextHeap:
                     "position": at,
                     "window_index": at - max(0, at - cfg.context_tokens),
                     "tokens": [
-                        printable(tokenizer.decode([x]))
+                        printable(tokenizer.decode([x]).replace("\n", "↵").replace("\t", "→"))
                         for x in ids[max(0, at - cfg.context_tokens) : at + cfg.context_tokens + 1]
                     ],
                 }
