@@ -12,6 +12,7 @@ from ._dispatch import pin_autotune
 from .cache import index_dtype_for, pack_topk, unpack_topk  # noqa: F401  (index_dtype_for: the cache's index dtype)
 from .logprobs import fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl
 from .preference import FusedLinearDPOLoss, FusedLinearFPOLoss, FusedLinearSimPOLoss, FusedLinearTDPOLoss
+from .protect import protected_features, protection_penalty
 from .sae_constraint import sae_feature_mse, sae_pooled_features
 from .sae_weights import SAEWeights
 from .sequence import prediction_rows, sequence_logprobs, sequence_logprobs_kl
@@ -20,6 +21,8 @@ __all__ = [
     "SAEWeights",
     "sae_pooled_features",
     "sae_feature_mse",
+    "protected_features",
+    "protection_penalty",
     "fused_linear_logprobs",
     "fused_linear_kl",
     "fused_linear_logprobs_kl",
