@@ -149,6 +149,8 @@ def test_several_runs_lora_and_several_saes(tiny, tiny_cache, tmp_path):
     d1 = [json.loads(x)["d_chosen"] for x in open(tmp_path / "w1" / "metrics.jsonl")]
     assert d0[-1] > 0 and d1 == [0.0, 0.0]
     assert any(f"{spec.sae.width} features of SAE" in s for s in said)
+    # per weighted feature: on what share of the cached responses the weight can act at all
+    assert any("in the reference's cached top-32 on" in s and "use --protect" in s for s in said)
     state = torch.load(tmp_path / "w1" / "final" / "trainer_state.pt", weights_only=True)
     assert state["config"]["feature_weights"] == str(zero)
     with pytest.raises(ValueError, match="method simpo has no D"):
