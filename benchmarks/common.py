@@ -128,6 +128,29 @@ def subset_jsonl(src, dst, n):
         g.writelines(line for i, line in enumerate(f) if i < n)
 
 
+def evidence_run(model, dataset, settings: dict, device, warmup: int, lengths: dict) -> dict:
+    """The `fpo train` keys every evidence run shares: the settings' pairs, steps of batch_size pairs (micro-batches
+    of at most 2), lr and warmup, one metric line a step, no optimizer state kept, epochs without limit (the steps
+    decide)."""
+    return dict(
+        model=model,
+        dataset=dataset,
+        max_pairs=settings["pairs"],
+        batch_size=settings["batch_size"],
+        micro_batch_size=min(2, settings["batch_size"]),
+        max_steps=settings["steps"],
+        epochs=1000,
+        lr=settings["lr"],
+        warmup_steps=warmup,
+        log_every=1,
+        progress=False,
+        device=device,
+        save_optimizer=False,
+        overwrite=True,
+        **lengths,
+    )
+
+
 def train_in_process(name, cfg: dict, work: str, env=None) -> tuple[str, list[dict]]:
     """`fpo train` on cfg in a process of its own (a clean start from the same weights, its own peak memory), in
     work/name: (that folder, its metric records)."""

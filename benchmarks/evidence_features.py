@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from benchmarks.common import environment, subset_jsonl, train_in_process, write_results
+from benchmarks.common import environment, evidence_run, subset_jsonl, train_in_process, write_results
 from fpo import assets
 from fpo.demo import _plot, _sampling_error
 from fpo.evaluate import evaluate
@@ -87,24 +87,7 @@ def run(args, log=print) -> dict:
         **lengths,
     )
     before = evaluate(model, reference_model=model, **eval_kw)
-    base = dict(
-        model=model,
-        dataset=files["train"],
-        max_pairs=s["pairs"],
-        batch_size=s["batch_size"],
-        micro_batch_size=min(2, s["batch_size"]),
-        max_steps=s["steps"],
-        epochs=1000,
-        lr=s["lr"],
-        warmup_steps=max(1, s["steps"] // 10),
-        seed=0,
-        log_every=1,
-        progress=False,
-        device=device,
-        save_optimizer=False,
-        overwrite=True,
-        **lengths,
-    )
+    base = dict(evidence_run(model, files["train"], s, device, max(1, s["steps"] // 10), lengths), seed=0)
     fpo = dict(base, method="fpo", cache=caches["train"], sae=assets.DEMO_SAE)
     runs, configs = {}, {}
     for name in METHODS:

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from benchmarks.common import environment, subset_jsonl, train_in_process
+from benchmarks.common import environment, evidence_run, subset_jsonl, train_in_process
 from fpo import assets
 from fpo.evaluate import evaluate
 from fpo.feature_files import read_protect_file
@@ -88,23 +88,7 @@ def run(args, log=print) -> dict:
         precompute(model, files[name], path, cache_k=256, max_pairs=count[name], device=device, overwrite=True,
                    progress=False, log=log, **sae, **lengths)  # fmt: skip
 
-    base = dict(
-        model=model,
-        dataset=files["train"],
-        max_pairs=s["pairs"],
-        batch_size=s["batch_size"],
-        micro_batch_size=min(2, s["batch_size"]),
-        max_steps=s["steps"],
-        epochs=1000,
-        lr=s["lr"],
-        warmup_steps=s["warmup"],
-        log_every=1,
-        progress=False,
-        device=device,
-        save_optimizer=False,
-        overwrite=True,
-        **lengths,
-    )
+    base = evidence_run(model, files["train"], s, device, s["warmup"], lengths)
     fpo = dict(
         base, method="fpo", cache=caches["train"], **sae, alpha=args.alpha, constraint_norm="ref",
         target_share=args.target_share,

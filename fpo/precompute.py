@@ -24,7 +24,7 @@ from .packing import attention_length_scale, body_hidden, collate, plan_micro_ba
 from .pairs import dataset_fingerprint, tokenizer_fingerprint
 from .progress import progress_bar
 from .protection import add_protected_values
-from .reference_cache import FORMAT_VERSION, is_cache_file, recorded_checksum, shard_name, write_shard
+from .reference_cache import FORMAT_VERSION, is_cache_file, shard_is_sound, shard_name, write_shard
 from .runtime import load_config_saes, load_items, load_model, start
 from .sae import check_sae_fits
 
@@ -94,20 +94,6 @@ def _feature_scale(out, shards, key=""):
             total = cum.sum(0) if total is None else total + cum.sum(0)
             n += v.shape[0]
     return [float(x) for x in (total / max(n, 1))]
-
-
-def _shard_is_sound(out, name, say):
-    """A shard counts as done only if it matches the checksum recorded when it was written; one that does
-    not (or has none) is removed, to be rebuilt."""
-    path = os.path.join(out, name)
-    if not os.path.exists(path):
-        return False
-    want = recorded_checksum(out, name)
-    if want is not None and sha256_of(path) == want:
-        return True
-    say(f"[fpo] {name} {'fails its recorded checksum' if want else 'has no recorded checksum'}: rebuilding it")
-    os.remove(path)
-    return False
 
 
 def _complete_cache(out, settings) -> dict | None:
@@ -307,7 +293,7 @@ def _compute_shards(cfg, model, tokenizer, items, saes, prec, device, shards, ra
     micro-batches, each shard written whole in dataset order."""
     out = cfg.out
     mine = [sh for j, sh in enumerate(shards) if j % world == rank]
-    todo = [sh for sh in mine if not _shard_is_sound(out, shard_name(*sh), say)]
+    todo = [sh for sh in mine if not shard_is_sound(out, shard_name(*sh), say)]
     if len(todo) < len(mine):
         say(f"[fpo] resuming: {len(mine) - len(todo)} of {len(mine)} shards already complete")
     bar = None

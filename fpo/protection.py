@@ -27,7 +27,7 @@ from .files import atomic_write_json, sha256_of
 from .model import ActivationCapture, decoder_layers
 from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
 from .progress import progress_bar
-from .reference_cache import recorded_checksum, shard_name, write_shard
+from .reference_cache import shard_is_sound, shard_name, write_shard
 
 __all__ = [
     "ProtectTerm",
@@ -125,7 +125,7 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
     for n in os.listdir(out):  # another set's shards, or this set's half-written ones
         if n.startswith("protect-") and (n.split(".sha256")[0] not in names or ".tmp" in n):
             os.remove(os.path.join(out, n))
-    todo = [(s, e) for s, e in shards if not _sound(out, protect_shard_name(fkey, s, e))]
+    todo = [(s, e) for s, e in shards if not shard_is_sound(out, protect_shard_name(fkey, s, e), say)]
     if len(todo) < len(shards):
         say(f"[fpo] protect: resuming, {len(shards) - len(todo)} of {len(shards)} shards already complete")
     bar = progress_bar(sum(e - s for s, e in todo), desc="protect", unit="pair") if cfg.progress else None
@@ -186,17 +186,6 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
     atomic_write_json(meta_path, meta)
     say(f"[fpo] cache {out}: the reference's values of {len(protect.ids)} protected features on {n} responses")
     return entry
-
-
-def _sound(out, name) -> bool:
-    path = os.path.join(out, name)
-    if not os.path.exists(path):
-        return False
-    want = recorded_checksum(out, name)
-    if want is not None and sha256_of(path) == want:
-        return True
-    os.remove(path)
-    return False
 
 
 def _protect_files_sound(out, entry) -> bool:

@@ -29,6 +29,7 @@ __all__ = [
     "write_shard",
     "shard_name",
     "recorded_checksum",
+    "shard_is_sound",
     "is_cache_file",
 ]
 
@@ -71,6 +72,21 @@ def is_cache_file(name: str) -> bool:
     return base in ("meta.json", "settings.json") or (
         base.startswith(("shard-", "protect-")) and base.endswith((".safetensors", ".safetensors.sha256"))
     )
+
+
+def shard_is_sound(out, name, say=None) -> bool:
+    """A shard counts as done only if it matches the checksum recorded when it was written; one that does
+    not (or has none) is removed, to be rebuilt."""
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        return False
+    want = recorded_checksum(out, name)
+    if want is not None and sha256_of(path) == want:
+        return True
+    if say is not None:
+        say(f"[fpo] {name} {'fails its recorded checksum' if want else 'has no recorded checksum'}: rebuilding it")
+    os.remove(path)
+    return False
 
 
 def recorded_checksum(directory, name) -> str | None:
