@@ -173,9 +173,10 @@ class ReferenceCache:
             ) from None
         version = self.meta.get("format_version")
         if version != FORMAT_VERSION:
+            shown = f"{version!r} (a string, where precompute writes a number)" if isinstance(version, str) else version
             raise CacheMismatchError(
-                f"cache {self.path} is in format {version!r}, this version "
-                f"of fpo reads format {FORMAT_VERSION} (the number): rebuild it with `fpo precompute` "
+                f"cache {self.path} is in format {shown}, this version "
+                f"of fpo reads format {FORMAT_VERSION}: rebuild it with `fpo precompute` "
                 "(--overwrite to reuse the directory)"
             )
         _check_meta(self.meta, self.path)

@@ -185,3 +185,32 @@ def test_a_cache_of_other_lengths_names_the_flag(tiny, tiny_cache, tmp_path):
     """The cache knows the settings it was built with: the sentence gives the flag that matches it."""
     with pytest.raises(ValueError, match=r"max_length 64, this run uses 80: pass --max-length 64 as the cache"):
         train(run_config(tiny, tiny_cache, tmp_path, "fpo", max_length=80), **QUIET)
+
+
+def test_a_hand_edited_meta_json_is_a_sentence(tiny_cache, tmp_path):
+    """Each field of meta.json missing or of another type: a ValueError naming the cache and what is wrong, never a
+    KeyError, TypeError or AttributeError from deeper in."""
+    import shutil
+
+    from fpo.reference_cache import ReferenceCache
+
+    edits = {
+        "cache_k missing": lambda m: m.pop("cache_k"),
+        "cache_k a string": lambda m: m.update(cache_k="32"),
+        "pooling missing": lambda m: m.pop("pooling"),
+        "saes a string": lambda m: m.update(saes="sae"),
+        "an SAE without its key": lambda m: m["saes"][0].pop("key"),
+        "an SAE without its site": lambda m: m["saes"][0].pop("site"),
+        "width a string": lambda m: m["saes"][0].update(width="200"),
+        "a shard without bytes": lambda m: m["shards"][0].pop("bytes"),
+        "rows missing": lambda m: m.pop("rows"),
+        "format as a string": lambda m: m.update(format_version="2"),
+    }
+    for what, edit in edits.items():
+        copy = tmp_path / what.replace(" ", "_")
+        shutil.copytree(tiny_cache, copy)
+        meta = json.loads((copy / "meta.json").read_text())
+        edit(meta)
+        (copy / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match="meta.json is damaged or hand-edited|a string, where precompute"):
+            ReferenceCache(str(copy))
