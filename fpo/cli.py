@@ -25,6 +25,10 @@ def _add_config_flags(p, config_class, config_file=False):
         text = f.metadata.get("help", "")
         if f.default not in ("", None) and "default" not in text:
             text += f" (default {f.default})"
+        low, high, open_low = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("low_open")
+        if low is not None or high is not None:  # the range the config checks, as it checks it
+            left = "(" if open_low else "["
+            text += f"; range {left}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
         required = bool(f.metadata.get("required")) and not config_file
         if base is bool:
             p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=text)
@@ -244,6 +248,10 @@ def _run(args):
         from .features import feature_report
 
         given = _given(args, FeaturesConfig)
+        if ({"protect", "protect_weight"} & set(given)) and not (given.get("weights_out") or given.get("protect_out")):
+            raise ValueError(
+                "--protect and --protect-weight say what --weights-out or --protect-out writes: pass one of them"
+            )
         feature_report(given.pop("model"), given.pop("reference"), given.pop("dataset"), **given)
     elif args.cmd == "demo":
         from .demo import DEMO_METHODS, demo

@@ -562,9 +562,9 @@ def _load_yaml(text: str):
     try:
         import yaml
     except ImportError:
-        raise ImportError(
-            "reading a YAML --config needs PyYAML: pip install 'fpo-kernels[train]' (or pyyaml), or pass the config "
-            "as .json"
+        raise ValueError(
+            "reading a YAML --config needs PyYAML, which is not installed: pip install 'fpo-kernels[train]' (or "
+            "pyyaml), or pass the config as .json"
         ) from None
 
     class NoAliases(yaml.SafeLoader):
@@ -594,9 +594,9 @@ def load_config(path: str | None = None, **overrides) -> TrainConfig:
                 base = json.loads(text)
             else:
                 base = _load_yaml(text) or {}
-        except ImportError:
-            raise
         except Exception as e:  # JSON / YAML syntax, or a YAML tag that safe_load refuses (e.g. !!python/object)
+            if "needs PyYAML" in str(e):  # the package is missing, not the file wrong
+                raise
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(
                 f"--config {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'} "

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def _fpo(*args, check=True):
     env = dict(os.environ, TRITON_INTERPRET="0")
@@ -94,3 +96,12 @@ def test_bench_subcommand_runs_from_anywhere(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "fpo/simpo step_ms" in r.stdout
+
+
+def test_help_shows_ranges_and_protect_flags_need_an_output(tmp_path):
+    from fpo.cli import build_parser, main
+
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "range (0, inf]" in " ".join(text.split())  # --lr
+    with pytest.raises(SystemExit, match="--protect and --protect-weight say what"):
+        main(["features", "--model", "m", "--reference", "r", "--dataset", "d", "--sae", "s", "--protect", "3"])
