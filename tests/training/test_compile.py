@@ -112,3 +112,13 @@ def test_inductor_compiled_step_equals_eager_on_cuda(tiny, tiny_cache, tmp_path,
     assert set(got_g) == set(want_g) and want_g
     for n in want_g:
         torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-3, atol=1e-5)
+
+
+def test_a_compiled_run_resumes_eager_and_back(tiny, tmp_path):
+    """Compiled and eager steps are equal within rounding, so a run may switch at a resume."""
+    cfg = run_config(tiny, None, tmp_path, max_steps=2, save_every=1, compile=True, compile_backend="aot_eager")
+    train(cfg, **QUIET)
+    train(dict(cfg, compile=False, compile_backend="inductor", resume="latest", max_steps=3), **QUIET)
+    train(dict(cfg, resume="latest", max_steps=4), **QUIET)
+    hist = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [h["step"] for h in hist] == [1, 2, 3, 4]
