@@ -83,8 +83,10 @@ def _plot(runs: dict, before: dict, path: str, n_eval: int, features: dict | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 5 + (features is not None)
-    fig, axes = plt.subplots(1, panels, figsize=(3.8 * panels, 3.8), dpi=110)
+    fig, grid = plt.subplots(2, 3, figsize=(13.5, 8.4), dpi=110)  # a grid: each panel wide enough to read
+    axes = grid.flatten()
+    if features is None:
+        axes[5].axis("off")
     colour = {m: f"C{i}" for i, m in enumerate(runs)}  # one colour per method, in every panel
     styles = ["-", "--", "-.", ":"]
     markers = ["o", "s", "^", "D", "v", "P"]
@@ -135,8 +137,11 @@ def _plot(runs: dict, before: dict, path: str, n_eval: int, features: dict | Non
         )
         ranked = features["settings"].get("rank_by") or "any method"
         axes[5].set(title=f"features {ranked} moved most", xlabel="SAE feature", ylabel="drift (p - p_ref)^2")
-    for ax in axes:
-        ax.legend(fontsize=8)
+    for k, ax in enumerate(axes[: 5 + (features is not None)]):
+        if k in (2, 3, 4):  # bar panels: the legend under the axes, never over a bar or its error bar
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+        else:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("fpo demo: SmolLM2-135M-Instruct on UltraFeedback pairs")
     fig.tight_layout()

@@ -619,8 +619,8 @@ def _headers(runs, width=16) -> list[str]:
 
 
 def plot_features(report, path):
-    """One row per SAE: the top features' drift by run (bars), and every firing feature's reference against
-    policy activation (one colour per run; the diagonal is no change)."""
+    """One row per SAE: the top features' drift by run (bars), and every firing feature's mean signed change
+    against its reference activation (one colour per run, the largest changes labelled)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -636,21 +636,26 @@ def plot_features(report, path):
             row[0].bar([i + r * width for i in x], [f["drift"][r] for f in feats], width, color=f"C{r}", label=name)
         row[0].set_xticks([i + width * (len(runs) - 1) / 2 for i in x], [str(f["id"]) for f in feats], rotation=90)
         row[0].set(
-            title=f"{sae['label']}: the features that drifted most",
+            title=f"{sae['label']}: the features that drifted most"
+            + (" (ranked on other pairs)" if report.get("ranked_on_pairs", 0) != report.get("pairs", 0) else ""),
             xlabel="feature",
             ylabel="drift: mean (p - p_ref)^2",
         )
+        # every feature that fires: its mean signed change against its reference activation, the five largest
+        # changes of each run labelled with their ids (a policy-against-reference scatter sits on its diagonal)
         ref = sae["ref_mean"]
         for r, name in enumerate(runs):
             pol = sae["policy_mean"][r]
             fire = [i for i in range(len(ref)) if ref[i] > 0 or pol[i] > 0]
-            row[1].scatter([ref[i] for i in fire], [pol[i] for i in fire], s=6, alpha=0.5, color=f"C{r}", label=name)
-        top = max([max(sae["ref_mean"])] + [max(p) for p in sae["policy_mean"]] + [1e-12])
-        row[1].plot([0, top], [0, top], color="k", lw=0.8, ls="--", label="no change")
+            change = [pol[i] - ref[i] for i in fire]
+            row[1].scatter([ref[i] for i in fire], change, s=6, alpha=0.5, color=f"C{r}", label=name)
+            for j in sorted(range(len(fire)), key=lambda j: -abs(change[j]))[:5]:
+                row[1].annotate(str(fire[j]), (ref[fire[j]], change[j]), fontsize=7, color=f"C{r}")
+        row[1].axhline(0, color="k", lw=0.8, ls="--", label="no change")
         row[1].set(
             title=f"{sae['label']}: every feature that fires",
             xlabel="reference's mean pooled activation",
-            ylabel="policy's mean pooled activation",
+            ylabel="mean change (policy - reference)",
         )
         for ax in row:
             ax.legend(fontsize=8)
