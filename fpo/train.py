@@ -247,6 +247,12 @@ class Trainer:
                 f"protect: method {cfg.method} has no cache; build one with `fpo precompute --protect "
                 f"{cfg.protect}` and pass --cache"
             )
+        built = self.cache.meta["pooling"]
+        if built != cfg.pooling:  # the protected values were pooled as the cache's features were
+            raise ValueError(
+                f"cache {cfg.cache} pooled the reference's features with pooling {built!r}, this run uses "
+                f"{cfg.pooling!r}: pass --pooling {built}, or rebuild it with `fpo precompute --pooling {cfg.pooling}`"
+            )
         saes = self.saes if self.saes else load_config_saes(cfg, self.runtime)
         protect = read_protect_file(cfg.protect, saes)
         spec = saes[protect.index_in(saes)]

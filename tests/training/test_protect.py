@@ -223,3 +223,11 @@ def test_one_sae_at_two_layers_is_named_by_its_layer(tiny, tmp_path):
     w.write_text(json.dumps({"sae": fp, "layer": 1, "weights": {"3": 2}}))
     j, weights, _ = read_feature_weights(str(w), saes)
     assert j == 0 and weights[3] == 2
+
+
+def test_protect_refuses_a_cache_pooled_otherwise(tiny, tmp_path):
+    protect = _protect_file(tiny, tmp_path / "p.json", [1, 5])
+    cache = _cache(tiny, tmp_path / "c", protect=protect)
+    cfg = run_config(tiny, cache, tmp_path / "r", "simpo", protect=protect, pooling="authors", packing="pack")
+    with pytest.raises(ValueError, match="pooled the reference's features with pooling 'response'"):
+        train(cfg, **QUIET)
