@@ -223,7 +223,10 @@ class ProtectTerm:
 
     def penalty(self, pooled: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """R [2P] of the policy's pooled protected features against the reference's."""
-        return protection_penalty(pooled, ref, self.scale, weights=self.weights, direction=self.direction)
+        # scale and weights were checked when the set was read: no device sync in the step
+        return protection_penalty(
+            pooled, ref, self.scale, weights=self.weights, direction=self.direction, check_inputs=False
+        )
 
 
 def protect_metrics(pooled: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> dict:

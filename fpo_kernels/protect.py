@@ -163,6 +163,7 @@ def protection_penalty(
     *,
     weights: torch.Tensor | None = None,
     direction: torch.Tensor | None = None,
+    check_inputs: bool = True,
 ) -> torch.Tensor:
     """R(y) per response: sum_i w_i rho(delta_i) / sum_i w_i over the protected features, with
     delta_i = (p_i - p_ref_i) / scale_i (kept to its positive part where direction_i is no_increase (1), to its
@@ -175,6 +176,8 @@ def protection_penalty(
         scale: [P] > 0 per-feature scales (fpo.protection floors them at a fraction of the set's median).
         weights: [P] >= 0, not all 0; None for 1 each.
         direction: [P] integers in {-1, 0, 1} (DIRECTIONS); None for both ways.
+        check_inputs: False skips the checks that read values (each a device sync on a GPU), for callers that
+            checked scale and weights once.
 
     Returns:
         [S] float32.
@@ -184,7 +187,7 @@ def protection_penalty(
             f"pooled and ref_pooled must both be [S, P]; got {tuple(pooled.shape)} and {tuple(ref_pooled.shape)}"
         )
     P = pooled.shape[1]
-    if scale.shape != (P,) or not bool((scale > 0).all()):
+    if scale.shape != (P,) or (check_inputs and not bool((scale > 0).all())):
         raise ValueError(f"scale must be [{P}] and positive, got {tuple(scale.shape)}")
     dt = torch.float64 if pooled.dtype == torch.float64 else torch.float32
     delta = (pooled.to(dt) - ref_pooled.to(pooled.device, dt)) / scale.to(pooled.device, dt)
@@ -196,7 +199,7 @@ def protection_penalty(
     rho = torch.sqrt(1 + delta * delta) - 1
     if weights is None:
         return rho.mean(1)
-    if weights.shape != (P,) or bool((weights < 0).any()) or not bool(weights.sum() > 0):
+    if weights.shape != (P,) or (check_inputs and (bool((weights < 0).any()) or not bool(weights.sum() > 0))):
         raise ValueError(f"weights must be [{P}], >= 0 and not all 0")
     w = weights.to(pooled.device, dt)
     return (rho * w).sum(1) / w.sum()
