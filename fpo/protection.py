@@ -121,6 +121,9 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
         return old
     if isinstance(old, dict) and old.get("features_key") != fkey:
         say(f"[fpo] cache {out}: replacing its protected set ({len(old.get('ids', []))} features) with this one")
+    if "protect" in meta:  # unlisted before any of its files goes: a kill from here on leaves a usable cache
+        del meta["protect"]
+        atomic_write_json(meta_path, meta)
     names = {protect_shard_name(fkey, s, e) for s, e in shards}
     for n in os.listdir(out):  # another set's shards, or this set's half-written ones
         if n.startswith("protect-") and (n.split(".sha256")[0] not in names or ".tmp" in n):
