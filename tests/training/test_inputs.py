@@ -176,8 +176,8 @@ def test_rows_that_would_train_silently_wrong_are_refused(tmp_path):
 
 
 def test_two_first_time_conversions_at_once(tiny, tmp_path, monkeypatch):
-    """Two processes converting the demo model for the first time each write their own temporary folder; the
-    second to finish finds the first's model and leaves nothing behind (they used to share one folder)."""
+    """Two first-time conversions of the demo model at once: one converts, the other waits for it (a lock) and
+    finds its model; nothing is left behind, and the model is converted once."""
     import threading
 
     import fpo.assets as assets
@@ -185,14 +185,13 @@ def test_two_first_time_conversions_at_once(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setenv("FPO_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(assets, "_gguf_path", lambda: "unused.gguf")
-    barrier, loading = threading.Barrier(2), threading.Lock()
+    loading, calls = threading.Lock(), []
     real_model, real_tok = fm.load_model, fm.load_tokenizer
 
     def load_model(path, dtype=None):
-        with loading:  # transformers' loading is not thread-safe; the conversions' writes are
-            model = real_model(tiny["model"])
-        barrier.wait(timeout=60)  # both conversions are under way before either writes
-        return model
+        with loading:  # transformers' loading is not thread-safe
+            calls.append(path)
+            return real_model(tiny["model"])
 
     monkeypatch.setattr(fm, "load_model", load_model)
     monkeypatch.setattr(fm, "load_tokenizer", lambda path: real_tok(tiny["model"]))
@@ -203,6 +202,7 @@ def test_two_first_time_conversions_at_once(tiny, tmp_path, monkeypatch):
     for t in runs:
         t.join()
     assert not errors and len(results) == 2 and results[0] == results[1]
+    assert len(calls) == 1  # the second found the first's model
     out = results[0]
     assert os.path.exists(os.path.join(out, "config.json"))
     assert not [n for n in os.listdir(os.path.dirname(out)) if ".tmp" in n]
