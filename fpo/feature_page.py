@@ -30,7 +30,8 @@ tr:hover td{background:#f9fafb}.card{border:1px solid #dde1e6;border-radius:8px;
 .card h3{margin:0 0 6px;font-size:15px}.ctx{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px;
 margin:4px 0;white-space:pre-wrap}.tok{border-radius:3px;padding:0 1px}.hit{outline:1.5px solid #1d2330}
 .row{display:grid;grid-template-columns:110px 1fr;gap:6px;align-items:baseline}.lab{color:#566;font-size:12px}
-.neg{color:#b0303a}.pos{color:#1f6f43}.summary{background:#f4f6f8;border-radius:6px;padding:8px 12px}
+.wrap{overflow-x:auto}.neg{color:#b0303a}.pos{color:#1f6f43}
+.summary{background:#f4f6f8;border-radius:6px;padding:8px 12px}
 """
 
 _JS = """
@@ -73,6 +74,11 @@ def _context_html(ctx, runs) -> str:
     return "\n".join(out)
 
 
+def _short(path: str) -> str:
+    """A path as the page names it: its last part (the JSON keeps the whole path)."""
+    return path.rstrip("/").rsplit("/", 1)[-1] or path
+
+
 def render_page(report: dict) -> str:
     runs = report["runs"]
     parts = [
@@ -80,8 +86,8 @@ def render_page(report: dict) -> str:
         "<meta name=viewport content='width=device-width,initial-scale=1'>",
         f"<title>fpo features: {html.escape(', '.join(runs))}</title><style>{_CSS}</style></head><body>",
         "<h1>What alignment changed, feature by feature</h1>",
-        f'<p class="meta">reference {html.escape(report["reference"])}; runs {html.escape(", ".join(runs))}; '
-        f"{report['pairs']} held-out pairs of {html.escape(report['dataset'])}: features ranked on "
+        f'<p class="meta">reference {html.escape(_short(report["reference"]))}; runs {html.escape(", ".join(runs))}; '
+        f"{report['pairs']} held-out pairs of {html.escape(_short(report['dataset']))}: features ranked on "
         f"{report['ranked_on_pairs']} pairs, every number judged on {report['judged_on_pairs']}"
         + (" other pairs" if report["ranked_on_pairs"] != report["pairs"] else " (the same pairs)")
         + ".</p>",
@@ -96,7 +102,7 @@ def render_page(report: dict) -> str:
     head = ["SAE", "feature", "ref act"]
     for name in runs:
         head += [f"drift {name}", f"chosen {name}", f"rejected {name}"]
-    parts.append('<table class="sortable" id="features"><thead><tr>')
+    parts.append('<div class="wrap"><table class="sortable" id="features"><thead><tr>')
     parts += [f"<th>{html.escape(h)}</th>" for h in head]
     parts.append("</tr></thead><tbody>")
     for f in report["features"]:
@@ -105,7 +111,7 @@ def render_page(report: dict) -> str:
         for r in range(len(runs)):
             cells += [_cell(f["drift"][r]), _cell(f["change_chosen"][r]), _cell(f["change_rejected"][r])]
         parts.append(f'<tr id="row-{html.escape(f["sae"])}-{f["id"]}">' + "".join(cells) + "</tr>")
-    parts.append("</tbody></table><h2>The features, one by one</h2>")
+    parts.append("</tbody></table></div><h2>The features, one by one</h2>")
     links = {s["label"]: s.get("neuronpedia") for s in report["saes"]}
     for f in report["features"]:
         link = links.get(f["sae"])
