@@ -204,6 +204,15 @@ class TrainConfig(ScoringConfig):
         "most 1)",
         low=0,
     )
+    protect_share: float | None = _key(
+        None,
+        "with --protect: adapt lambda after every step so that the protection term stays this share of the margin "
+        "term (|beta x margin|), starting from --protect-coef; the share, not lambda, is what carries across "
+        "methods (FPO's beta of 0.1 makes its margin term 20x smaller than SimPO's)",
+        low=0,
+        low_open=True,
+        high=100,
+    )
     constraint_norm: str = _key(
         "none",
         "fpo: D as in the paper (none), or divided by the reference's mean squared "
@@ -317,6 +326,8 @@ class TrainConfig(ScoringConfig):
             raise ValueError(
                 f"target_share adapts the constraint's alpha, which methods fpo and tdpo2 have; {self.method} has none"
             )
+        if self.protect_share is not None and not self.protect:
+            raise ValueError("protect_share adapts the protection term's lambda: pass --protect FILE too")
         if self.protect and not (self.cache and self.sae):
             raise ValueError(
                 f"protect needs the SAE its features belong to (--sae) and a cache holding their reference values "

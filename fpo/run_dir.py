@@ -388,7 +388,7 @@ class Checkpointer:
             "inputs": self.inputs,
             "precision": self.precision.name,
         }
-        if self.controller is not None:
+        if self.controller is not None and self.controller.state_dict():
             state["controller"] = self.controller.state_dict()
         if with_state:
             state.update(

@@ -345,16 +345,21 @@ class Trainer:
             log=self.log,
             inputs=self.inputs,
         )
-        self.alpha = None  # --target-share: alpha adapted after every step, its state kept in each checkpoint
-        if cfg.target_share is not None:
-            self.alpha = self.checkpointer.controller = AlphaController(cfg.alpha, cfg.target_share)
+        # --target-share, --protect-share: alpha and lambda adapted after every step, their state in each checkpoint
+        self.alpha = AlphaController(cfg.alpha, cfg.target_share) if cfg.target_share is not None else None
+        self.protect_ctl = None
+        if cfg.protect_share is not None:
+            self.protect_ctl = AlphaController(cfg.protect_coef, cfg.protect_share)
+        self.checkpointer.controller = _Controllers(alpha=self.alpha, protect=self.protect_ctl)
         self.step, self.history = 0, []
         if self._resume_from is not None:
             saved = self._resume_state.get("controller")
             self.step, self.history = self.checkpointer.restore(self._resume_from, self._resume_state)
             self._resume_state = None
-            if self.alpha is not None and saved is not None:
-                self.alpha.load_state_dict(saved)
+            if saved is not None:
+                self.checkpointer.controller.load_state_dict(saved)
+            if self.protect_ctl is not None:
+                self.protect.coef = self.protect_ctl.alpha
 
     # ---- distributed wrapping -------------------------------------------------------------------
     def _wrap(self, module):
@@ -483,6 +488,10 @@ class Trainer:
             sums["alpha"] = torch.tensor(self.alpha.alpha, device=self.device)
             both = dist_utils.all_reduce_mean(torch.stack([sums["constraint_abs"], sums["margin_abs"]]).float())
             self.alpha.update(*both.tolist())
+        if self.protect_ctl is not None:  # lambda likewise, against |beta x margin|
+            sums["protect_coef"] = torch.tensor(self.protect.coef, device=self.device)
+            both = dist_utils.all_reduce_mean(torch.stack([sums["protect_term"], sums["reward_margin_abs"]]).float())
+            self.protect.coef = self.protect_ctl.update(*both.tolist())
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -615,6 +624,21 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+
+class _Controllers:
+    """The adapted parts of the loss a checkpoint keeps (--target-share's alpha, --protect-share's lambda)."""
+
+    def __init__(self, **controllers):
+        self.controllers = {k: c for k, c in controllers.items() if c is not None}
+
+    def state_dict(self) -> dict:
+        return {k: c.state_dict() for k, c in self.controllers.items()}
+
+    def load_state_dict(self, state: dict):
+        for k, c in self.controllers.items():
+            if k in state:
+                c.load_state_dict(state[k])
 
 
 def _compiled_graphs() -> int:

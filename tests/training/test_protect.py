@@ -231,3 +231,29 @@ def test_protect_refuses_a_cache_pooled_otherwise(tiny, tmp_path):
     cfg = run_config(tiny, cache, tmp_path / "r", "simpo", protect=protect, pooling="authors", packing="pack")
     with pytest.raises(ValueError, match="pooled the reference's features with pooling 'response'"):
         train(cfg, **QUIET)
+
+
+def test_protect_share_holds_the_term_at_its_share(tiny, tmp_path):
+    """--protect-share 0.1: lambda adapted after every step; each step logs the lambda it ran at, the late steps'
+    protection term is within 3x of 0.1 of the margin term (2 pairs a step are noisy; lambda 1 started it far
+    above), and a resume goes on from the controller's state."""
+    from fpo.alpha_control import phase_shares
+
+    protect = _protect_file(tiny, tmp_path / "p.json", [1, 5, 9, 17, 40])
+    cache = _cache(tiny, tmp_path / "c", protect=protect)
+    out = tmp_path / "r"
+    cfg = run_config(
+        tiny, cache, out, "simpo", protect=protect, protect_share=0.1, batch_size=2, max_steps=30, epochs=10,
+        lr=3e-4, save_every=15,
+    )  # fmt: skip
+    train(cfg, **QUIET)
+    hist = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert all("protect_coef" in h for h in hist)
+    as_constraint = [dict(h, constraint_abs=h["protect_term"], margin_abs=h["reward_margin_abs"]) for h in hist]
+    shares = phase_shares(as_constraint)
+    assert 0.1 / 3 < shares["late"] < 0.1 * 3 and shares["early"] > 3 * shares["late"], shares  # from lambda 1
+    train(dict(cfg, resume=str(out / "checkpoint-000015"), max_steps=16), **QUIET)
+    again = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert again[15]["protect_coef"] == pytest.approx(hist[15]["protect_coef"], rel=1e-6)
+    with pytest.raises(ValueError, match="protect_share adapts the protection term's lambda"):
+        train(dict(cfg, protect=None, sae=None, cache=None, output_dir=str(tmp_path / "x")), **QUIET)
