@@ -122,7 +122,10 @@ def run(args, log=print) -> dict:
         for method in args.methods:
             cfg = dict(config_of[method], cache=caches["train"], **sae, seed=seed)
             train(f"{method}-s{seed}", cfg)
-            train(f"{method}-protect-s{seed}", dict(cfg, protect=protect, protect_coef=coef))
+            on = dict(cfg, protect=protect, protect_coef=coef)
+            if args.protect_share is not None:  # lambda adapted to hold the term's share of the margin term
+                on["protect_share"] = args.protect_share
+            train(f"{method}-protect-s{seed}", on)
             train(f"{method}-2steps-s{seed}", dict(cfg, max_steps=2))
     for lam in sweep:
         if lam != coef:
@@ -223,6 +226,7 @@ def run(args, log=print) -> dict:
             protect=args.protect,
             methods=args.methods,
             target_share=args.target_share,
+            protect_share=args.protect_share,
         ),
         "protected": protected,
         "neighbours": {str(k): v for k, v in neighbours.items()},
@@ -327,7 +331,10 @@ def main(argv=None):
     p.add_argument("--work-dir", default="/tmp/fpo-evidence-protect")
     p.add_argument("--device", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--coef", type=float, default=1.0, help="lambda of the seeded runs")
+    p.add_argument(
+        "--coef", type=float, default=1.0, help="lambda of the seeded runs (their start, with --protect-share)"
+    )
+    p.add_argument("--protect-share", type=float, default=None, help="adapt the seeded runs' lambda to this share")
     p.add_argument("--sweep", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="lambdas of the trade-off")
     p.add_argument("--alpha", type=float, default=1.0, help="FPO's starting alpha (D over the reference scale)")
     p.add_argument("--target-share", type=float, default=0.1, help="FPO's constraint share, held by adapting alpha")
