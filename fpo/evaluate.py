@@ -6,12 +6,11 @@ from __future__ import annotations
 import torch
 
 from .config import EvalConfig
-from .feature_files import read_protect_file
 from .packing import attention_length_scale, collate, plan_micro_batches
 from .protection import ProtectTerm, protect_metrics
 from .reference_cache import ReferenceCache
 from .runtime import load_config_saes, load_items, load_model, start
-from .sae import cached_sae_keys, check_sae_fits
+from .sae import cached_sae_keys
 from .step import PolicyStats, reference_side
 
 __all__ = ["evaluate"]
@@ -121,13 +120,7 @@ def _protect_term(cfg: EvalConfig, saes, ref_cache, model, device):
             f"protect: the protected features' held-out drift needs their SAE (--sae) and a cache of these pairs "
             f"holding their reference values (`fpo precompute --protect {cfg.protect}`, then --cache)"
         )
-    protect = read_protect_file(cfg.protect, saes)
-    spec = saes[protect.index_in(saes)]
-    entry = ref_cache.protect_entry
-    if spec.layer is None and entry is not None:
-        spec.layer, spec.site = entry["layer"], entry["site"]
-    check_sae_fits(model, spec.sae, spec.layer)
-    return ProtectTerm.from_cache(protect, spec, ref_cache, 0.0, device)
+    return ProtectTerm.load(cfg.protect, saes, ref_cache, model, 0.0, device)
 
 
 def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, keys, items, device) -> dict:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fpo_kernels.protect import DIRECTIONS
+
 from .files import atomic_write_json
 
 __all__ = [
@@ -209,7 +211,7 @@ def _is_int(s: str) -> bool:
 # ------------------------------------------------------------------------------------------------
 # protected sets
 # ------------------------------------------------------------------------------------------------
-DIRECTION_NAMES = ("both", "no_increase", "no_decrease")
+DIRECTION_NAMES = tuple(DIRECTIONS)  # both, no_increase, no_decrease
 
 
 @dataclass(frozen=True)
@@ -245,8 +247,6 @@ class ProtectSet:
         }
 
     def direction_codes(self) -> torch.Tensor:
-        from fpo_kernels.protect import DIRECTIONS
-
         return torch.tensor([DIRECTIONS[d] for d in self.directions], dtype=torch.int8)
 
 

@@ -28,6 +28,7 @@ from .model import ActivationCapture, decoder_layers
 from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
 from .progress import progress_bar
 from .reference_cache import shard_is_sound, shard_name, write_shard
+from .sae import check_sae_fits
 
 __all__ = [
     "ProtectTerm",
@@ -223,6 +224,23 @@ class ProtectTerm:
             )
         threshold = spec.sae.threshold[torch.tensor(protect.ids, device=spec.sae.device)]
         return cls(protect, spec, protect_scales(torch.tensor(entry["mean"]), threshold), coef, device)
+
+    @classmethod
+    def load(cls, path, saes, cache, model, coef: float, device) -> ProtectTerm:
+        """The protect file at `path`, its SAE among `saes` (given the cache's layer and site where it has none,
+        refused where they differ), checked to fit `model`, against `cache`'s entry: what train and eval hold."""
+        protect = read_protect_file(path, saes)
+        spec = saes[protect.index_in(saes)]
+        entry = cache.protect_entry
+        if spec.layer is None and entry is not None:
+            spec.layer, spec.site = entry["layer"], entry["site"]
+        if entry is not None and (entry["layer"], entry["site"]) != (spec.layer, spec.site):
+            raise ValueError(
+                f"protect: the cache holds the protected values at layer {entry['layer']} ({entry['site']}), the "
+                f"run reads SAE '{spec.name}' at layer {spec.layer} ({spec.site}): pass --sae-layer {entry['layer']}"
+            )
+        check_sae_fits(model, spec.sae, spec.layer)
+        return cls.from_cache(protect, spec, cache, coef, device)
 
     def penalty(self, pooled: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """R [2P] of the policy's pooled protected features against the reference's."""

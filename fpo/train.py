@@ -25,7 +25,7 @@ import torch
 from . import distributed as dist_utils
 from .alpha_control import AlphaController
 from .config import TrainConfig, config_from_dict
-from .feature_files import read_feature_weights, read_protect_file
+from .feature_files import read_feature_weights
 from .files import atomic_write_json
 from .lora import add_adapters, describe_lora
 from .model import (
@@ -54,7 +54,7 @@ from .run_dir import (
 )
 from .run_log import RunLog
 from .runtime import load_config_saes, load_items, load_model, start
-from .sae import cached_sae_keys, check_sae_fits
+from .sae import cached_sae_keys
 from .step import PolicyStats, compute_loss, reference_side
 
 __all__ = ["train", "Trainer", "NonFiniteLossError"]
@@ -254,18 +254,8 @@ class Trainer:
                 f"{cfg.pooling!r}: pass --pooling {built}, or rebuild it with `fpo precompute --pooling {cfg.pooling}`"
             )
         saes = self.saes if self.saes else load_config_saes(cfg, self.runtime)
-        protect = read_protect_file(cfg.protect, saes)
-        spec = saes[protect.index_in(saes)]
-        entry = self.cache.protect_entry
-        if spec.layer is None and entry is not None:
-            spec.layer, spec.site = entry["layer"], entry["site"]
-        if entry is not None and (entry["layer"], entry["site"]) != (spec.layer, spec.site):
-            raise ValueError(
-                f"protect: the cache holds the protected values at layer {entry['layer']} ({entry['site']}), the "
-                f"run reads SAE '{spec.name}' at layer {spec.layer} ({spec.site}): pass --sae-layer {entry['layer']}"
-            )
-        check_sae_fits(self.model, spec.sae, spec.layer)
-        term = ProtectTerm.from_cache(protect, spec, self.cache, cfg.protect_coef, self.device)
+        term = ProtectTerm.load(cfg.protect, saes, self.cache, self.model, cfg.protect_coef, self.device)
+        protect, spec = term.protect, term.spec
         self.inputs["protect"] = protect.as_dict()
         self.log(
             f"[fpo] protect {cfg.protect}: {len(protect.ids)} features of SAE '{spec.name}' held near the reference "

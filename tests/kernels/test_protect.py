@@ -201,3 +201,20 @@ def test_nan_hidden_stays_nan_and_fp16_matches(device):
     h[1, 2] = float("nan")
     out = protected_features(h, sae, ids, mask=mask)
     assert out[0].isfinite().all() and out[1].isnan().all()
+
+
+def test_bf16_activations_as_a_gpu_step_gives_them(device):
+    """Under bf16 autocast the residual stream arrives in bf16: the op reads it in fp32 (values equal the oracle on
+    the same bf16 rows), and hands its gradient back in bf16."""
+    sae = random_sae(24, 60, device)
+    h = torch.randn(3, 9, 24).bfloat16().requires_grad_()
+    mask = random_mask(3, 9, device)
+    ids = torch.tensor([2, 17, 40])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = protected_features(h, sae, ids, mask=mask)
+    flat, spans = _flat(h.detach().double(), mask)
+    want = reference.protected_features_ref(flat, spans, sae, ids)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(got.sum(), h)
+    assert g.dtype == torch.bfloat16 and g.isfinite().all()

@@ -257,3 +257,14 @@ def test_protect_share_holds_the_term_at_its_share(tiny, tmp_path):
     assert again[15]["protect_coef"] == pytest.approx(hist[15]["protect_coef"], rel=1e-6)
     with pytest.raises(ValueError, match="protect_share adapts the protection term's lambda"):
         train(dict(cfg, protect=None, sae=None, cache=None, output_dir=str(tmp_path / "x")), **QUIET)
+
+
+def test_protect_trains_under_bf16_mixed(tiny, tmp_path):
+    """The precision a GPU run takes (bf16 autocast over the body): the term and its metrics stay finite."""
+    protect = _protect_file(tiny, tmp_path / "p.json", [1, 5, 9])
+    cache = _cache(tiny, tmp_path / "c", protect=protect)
+    out = tmp_path / "r"
+    train(run_config(tiny, cache, out, "simpo", protect=protect, precision="bf16-mixed"), **QUIET)
+    rec = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert all(r["protect_term"] >= 0 and r["protect_drift_chosen"] == r["protect_drift_chosen"] for r in rec)
+    assert rec[-1]["protect_drift_chosen"] > 0
