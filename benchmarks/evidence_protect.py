@@ -36,6 +36,7 @@ from fpo.feature_files import read_protect_file
 from fpo.features import feature_report
 from fpo.files import atomic_write_json, atomic_write_text
 from fpo.precompute import precompute
+from fpo_kernels.protect import GATES
 
 SETTINGS = {
     "cpu": dict(pairs=200, select_pairs=48, judge_pairs=64, steps=40, batch_size=2, max_length=128, lr=5e-5, warmup=4),
@@ -122,15 +123,17 @@ def run(args, log=print) -> dict:
         for method in args.methods:
             cfg = dict(config_of[method], cache=caches["train"], **sae, seed=seed)
             train(f"{method}-s{seed}", cfg)
-            on = dict(cfg, protect=protect, protect_coef=coef)
-            if args.protect_share is not None:  # lambda adapted to hold the term's share of the margin term
-                on["protect_share"] = args.protect_share
-            train(f"{method}-protect-s{seed}", on)
+            for gate in args.gates:
+                on = dict(cfg, protect=protect, protect_coef=coef, protect_gate=gate)
+                if args.protect_share is not None:  # lambda adapted to hold the term's share of the margin term
+                    on["protect_share"] = args.protect_share
+                train(f"{method}-protect-{gate}-s{seed}", on)
             train(f"{method}-2steps-s{seed}", dict(cfg, max_steps=2))
+    swept, gate0 = args.methods[0], args.gates[0]  # the sweep: the first method and gate, on the first seed
     for lam in sweep:
         if lam != coef:
-            cfg = dict(config_of["simpo"], cache=caches["train"], **sae, seed=seeds[0])
-            train(f"simpo-protect-l{lam:g}-s{seeds[0]}", dict(cfg, protect=protect, protect_coef=lam))
+            cfg = dict(config_of[swept], cache=caches["train"], **sae, seed=seeds[0], protect_gate=gate0)
+            train(f"{swept}-protect-{gate0}-l{lam:g}-s{seeds[0]}", dict(cfg, protect=protect, protect_coef=lam))
 
     # 3. judged on the judgement split
     eval_kw = dict(cache=caches["judge"], **sae, protect=protect, max_pairs=s["judge_pairs"], device=device,
@@ -165,13 +168,14 @@ def run(args, log=print) -> dict:
 
     pairs_judged = runs[names[0]]["eval"]["pairs"]
     rows, verdict = [], {}
-    for method in args.methods:
+    for method, gate in ((m, g) for m in args.methods for g in args.gates):
         checks = []
         for seed in seeds:
-            off, on, early = (runs[f"{method}{x}-s{seed}"] for x in ("", "-protect", "-2steps"))
+            off, on, early = (runs[f"{method}{x}-s{seed}"] for x in ("", f"-protect-{gate}", "-2steps"))
             acc_off, acc_on = off["eval"]["accuracy_reward"], on["eval"]["accuracy_reward"]
             row = {
                 "method": method,
+                "gate": gate,
                 "seed": seed,
                 "protected_ratio": on["protected"] / max(off["protected"], 1e-30),
                 "protected_chosen_ratio": on["protected_chosen"] / max(off["protected_chosen"], 1e-30),
@@ -197,7 +201,7 @@ def run(args, log=print) -> dict:
             rows.append(row)
             checks.append(row)
         ratios = [c["protected_ratio"] for c in checks]
-        verdict[method] = {
+        verdict[f"{method} ({gate})"] = {
             "accepted": all(c["pass"] for c in checks),
             "loss_driven": all(c["loss_driven"] for c in checks),
             "protected_ratio_mean": statistics.mean(ratios),
@@ -205,8 +209,8 @@ def run(args, log=print) -> dict:
         }
     sweep_rows = []
     for lam in sweep:
-        name = f"simpo-protect-s{seeds[0]}" if lam == coef else f"simpo-protect-l{lam:g}-s{seeds[0]}"
-        r, off = runs[name], runs[f"simpo-s{seeds[0]}"]
+        lam_tag = "" if lam == coef else f"-l{lam:g}"
+        r, off = runs[f"{swept}-protect-{gate0}{lam_tag}-s{seeds[0]}"], runs[f"{swept}-s{seeds[0]}"]
         sweep_rows.append(
             {
                 "lambda": lam,
@@ -225,6 +229,8 @@ def run(args, log=print) -> dict:
             alpha=args.alpha,
             protect=args.protect,
             methods=args.methods,
+            gates=args.gates,
+            swept=f"{swept} ({gate0})",
             target_share=args.target_share,
             protect_share=args.protect_share,
         ),
@@ -242,9 +248,10 @@ def run(args, log=print) -> dict:
         "environment": environment(),
     }
     os.makedirs(args.out, exist_ok=True)
-    _plot_sweep(sweep_rows, os.path.join(args.out, "evidence_protect.png"))
-    atomic_write_json(os.path.join(args.out, "evidence_protect.json"), result)
-    atomic_write_text(os.path.join(args.out, "evidence_protect.md"), _markdown(result))
+    stem = os.path.join(args.out, "evidence_protect" + (f"_{args.tag}" if args.tag else ""))
+    _plot_sweep(sweep_rows, stem + ".png", result["settings"]["swept"])
+    atomic_write_json(stem + ".json", result)
+    atomic_write_text(stem + ".md", _markdown(result))
     log(_markdown(result))
     return result
 
@@ -255,7 +262,7 @@ def _mean_late(history, key):
     return sum(vals) / len(vals) if vals else None
 
 
-def _plot_sweep(rows, path):
+def _plot_sweep(rows, path, swept):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,7 +275,7 @@ def _plot_sweep(rows, path):
     ax.plot(lam, [r["acc"] for r in rows], "^:", label="held-out reward accuracy")
     ax.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax.set(xscale="log", xlabel="lambda (--protect-coef)", ylabel="ratio, or accuracy",
-           title="SimPO with --protect: the lambda trade-off (one seed)")  # fmt: skip
+           title=f"{swept} with --protect: the lambda trade-off (one seed)")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -285,17 +292,19 @@ def _markdown(res) -> str:
         f"{s['max_length']} tokens, lr {s['lr']:g} (warmup {s['warmup']}), seeds {s['seeds']}; the "
         f"{len(res['protected'])} protected features ({res['protected']}) chosen from a SimPO run (seed 100) "
         f"on {s['select_pairs']} selection pairs; judged on {res['pairs_judged']} other held-out pairs. "
-        f"lambda {s['coef']:g}; FPO on D over the reference scale, alpha adapted to a constraint share of "
+        f"lambda {s['coef']:g}, gates {', '.join(s['gates'])} (the off tokens through which the term may raise a "
+        f"feature); FPO on D over the reference scale, alpha adapted to a constraint share of "
         f"{s['target_share']:g} (from {s['alpha']:g}).",
         "",
-        "| method | seed | protected drift on/off | chosen | rejected | others on/off | KL on/off | "
+        "| method | gate | seed | protected drift on/off | chosen | rejected | others on/off | KL on/off | "
         "acc off | acc on | 2-step / final drift | final / 2-step | protect share | pass |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
     for r in res["rows"]:
         lines.append(
-            f"| {r['method']} | {r['seed']} | {fmt(r['protected_ratio'])} | {fmt(r['protected_chosen_ratio'])} | "
+            f"| {r['method']} | {r['gate']} | {r['seed']} | {fmt(r['protected_ratio'])} | "
+            f"{fmt(r['protected_chosen_ratio'])} | "
             f"{fmt(r['protected_rejected_ratio'])} | {fmt(r['others_ratio'])} | {fmt(r['kl_ratio'])} | "
             f"{fmt(r['acc_off'])} | {fmt(r['acc_on'])} ± {fmt(r['acc_se'])} | {fmt(r['noise_floor_total'])} | "
             f"{fmt(r['growth'])} | {fmt(r['protect_share'])} | {'yes' if r['pass'] else 'no'} |"
@@ -307,7 +316,7 @@ def _markdown(res) -> str:
             f"| {m} | {'yes' if v['accepted'] else 'no'} | {'yes' if v['loss_driven'] else 'no'} | "
             f"{v['protected_ratio_mean']:.3g} ± {v['protected_ratio_sd']:.2g} |"
         )
-    lines += ["", "lambda sweep (SimPO, first seed):", "",
+    lines += ["", f"lambda sweep ({s['swept']}, first seed):", "",
               "| lambda | protected drift on/off | KL on/off | acc | share |", "|---|---|---|---|---|"]  # fmt: skip
     for r in res["sweep"]:
         lines.append(
@@ -340,6 +349,8 @@ def main(argv=None):
     p.add_argument("--target-share", type=float, default=0.1, help="FPO's constraint share, held by adapting alpha")
     p.add_argument("--protect", type=int, default=10, help="features protected")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--gates", nargs="+", default=["restore"], choices=GATES, help="--protect-gate of the runs")
+    p.add_argument("--tag", default="", help="written as evidence_protect_<tag>.{md,json,png}")
     for key in SETTINGS["cpu"]:
         p.add_argument("--" + key.replace("_", "-"), type=type(SETTINGS["cpu"][key]), default=None)
     p.add_argument("--keep-models", action="store_true")

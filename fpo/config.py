@@ -204,6 +204,13 @@ class TrainConfig(ScoringConfig):
         "most 1)",
         low=0,
     )
+    protect_gate: str = _key(
+        "restore",
+        "with --protect: the off tokens (a protected feature below its threshold) through which the term may raise "
+        "the feature: all of them (restore), those whose pre-activation is positive (near), or none, as JumpReLU "
+        "(jumprelu)",
+        ("restore", "near", "jumprelu"),
+    )
     protect_share: float | None = _key(
         None,
         "with --protect: adapt lambda after every step so that the protection term stays this share of the margin "

@@ -203,15 +203,15 @@ class ProtectTerm:
     """What a run protects: the set, its SAE (an SAESpec), lambda, and the per-feature scales, weights and
     directions R takes. `from_cache` builds it against a cache's entry, checked to agree."""
 
-    def __init__(self, protect: ProtectSet, spec, scale: torch.Tensor, coef: float, device):
-        self.protect, self.spec, self.coef = protect, spec, float(coef)
+    def __init__(self, protect: ProtectSet, spec, scale: torch.Tensor, coef: float, device, gate: str = "restore"):
+        self.protect, self.spec, self.coef, self.gate = protect, spec, float(coef), gate
         self.ids = torch.tensor(protect.ids, dtype=torch.long)
         self.scale = scale.float().to(device)
         self.weights = torch.tensor(protect.weights, dtype=torch.float32, device=device)
         self.direction = protect.direction_codes().to(device)
 
     @classmethod
-    def from_cache(cls, protect: ProtectSet, spec, cache, coef: float, device) -> ProtectTerm:
+    def from_cache(cls, protect: ProtectSet, spec, cache, coef: float, device, gate: str = "restore") -> ProtectTerm:
         entry = cache.protect_entry
         where = f"cache {cache.path}"
         fix = "run `fpo precompute` with the same arguments and --protect FILE to add them (the rest is kept)"
@@ -223,10 +223,10 @@ class ProtectTerm:
                 f"SAE {entry['sae']}; this run protects {len(protect.ids)} of {protect.sae}): {fix}"
             )
         threshold = spec.sae.threshold[torch.tensor(protect.ids, device=spec.sae.device)]
-        return cls(protect, spec, protect_scales(torch.tensor(entry["mean"]), threshold), coef, device)
+        return cls(protect, spec, protect_scales(torch.tensor(entry["mean"]), threshold), coef, device, gate)
 
     @classmethod
-    def load(cls, path, saes, cache, model, coef: float, device) -> ProtectTerm:
+    def load(cls, path, saes, cache, model, coef: float, device, gate: str = "restore") -> ProtectTerm:
         """The protect file at `path`, its SAE among `saes` (given the cache's layer and site where it has none,
         refused where they differ), checked to fit `model`, against `cache`'s entry: what train and eval hold."""
         protect = read_protect_file(path, saes)
@@ -240,7 +240,7 @@ class ProtectTerm:
                 f"run reads SAE '{spec.name}' at layer {spec.layer} ({spec.site}): pass --sae-layer {entry['layer']}"
             )
         check_sae_fits(model, spec.sae, spec.layer)
-        return cls.from_cache(protect, spec, cache, coef, device)
+        return cls.from_cache(protect, spec, cache, coef, device, gate)
 
     def penalty(self, pooled: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """R [2P] of the policy's pooled protected features against the reference's."""

@@ -129,6 +129,7 @@ class PolicyStats(nn.Module):
                     spec.sae,
                     self.protect.ids,
                     spans=batch.pool_spans.cpu(),
+                    gate=self.protect.gate,
                     check_inputs=self.check_inputs,
                 )
         if self.saes:

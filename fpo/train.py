@@ -254,7 +254,9 @@ class Trainer:
                 f"{cfg.pooling!r}: pass --pooling {built}, or rebuild it with `fpo precompute --pooling {cfg.pooling}`"
             )
         saes = self.saes if self.saes else load_config_saes(cfg, self.runtime)
-        term = ProtectTerm.load(cfg.protect, saes, self.cache, self.model, cfg.protect_coef, self.device)
+        term = ProtectTerm.load(
+            cfg.protect, saes, self.cache, self.model, cfg.protect_coef, self.device, cfg.protect_gate
+        )
         protect, spec = term.protect, term.spec
         self.inputs["protect"] = protect.as_dict()
         self.log(

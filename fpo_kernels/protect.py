@@ -4,9 +4,10 @@
 [n, d] x [d, |P|] product of the response rows with the protected encoder columns (|P| is tens of features), so
 nothing of size [tokens x width] exists. Its gradient differs from JumpReLU's in one way, by design: on a token
 where a protected feature is off, JumpReLU passes no gradient, so a feature the policy pushed below its
-threshold could never be pulled back. Here the off tokens pass the pre-activation's gradient when, and only
-when, the loss asks the feature to rise (a straight-through gate on the restoring side): the value is exact, a
-feature asked to fall moves only where it fires, and a suppressed feature is pulled back up.
+threshold could never be pulled back. The `gate` says which off tokens pass the pre-activation's gradient when,
+and only when, the loss asks the feature to rise (a straight-through gate on the restoring side): every off token
+("restore"), only those whose pre-activation is positive, where a ReLU would fire ("near"), or none, as JumpReLU
+("jumprelu"). The value is exact whatever the gate; a feature asked to fall moves only where it fires.
 
 `protection_penalty` turns the pooled values into R(y): per feature the change relative to a floored
 reference scale, one-sided where a direction says so, through a pseudo-Huber loss whose slope is at most 1,
@@ -23,10 +24,12 @@ import torch
 from ._dispatch import compile_boundary, no_autocast
 from .sae_weights import SAEWeights
 
-__all__ = ["protected_features", "protection_penalty", "DIRECTIONS"]
+__all__ = ["protected_features", "protection_penalty", "DIRECTIONS", "GATES"]
 
 # a protected feature may be held both ways, or only kept from rising or from falling
 DIRECTIONS = {"both": 0, "no_increase": 1, "no_decrease": -1}
+# the off tokens through which the loss may raise a protected feature (see the module's docstring)
+GATES = ("restore", "near", "jumprelu")
 
 
 def _rows_of(hidden, mask, spans):
@@ -67,7 +70,7 @@ def _rows_of(hidden, mask, spans):
 
 class _ProtectedFeatures(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, flat, rows, seq, counts, S, W, bias, threshold, restore):
+    def forward(ctx, flat, rows, seq, counts, S, W, bias, threshold, gate):
         dt = torch.float64 if flat.dtype == torch.float64 else torch.float32
         with no_autocast(flat):
             z = flat.detach()[rows].to(dt) @ W.to(dt).t() + bias.to(dt)  # [n, |P|] pre-activations
@@ -75,17 +78,19 @@ class _ProtectedFeatures(torch.autograd.Function):
             f = torch.where(on | z.isnan(), z, torch.zeros_like(z))  # a NaN stays NaN, never a silent 0
             inv_n = 1.0 / counts.clamp(min=1).to(dt)
             pooled = torch.zeros(S, W.shape[0], dtype=dt, device=flat.device).index_add_(0, seq, f) * inv_n[:, None]
-        ctx.save_for_backward(rows, seq, inv_n, on, W)
-        ctx.shape, ctx.dtype, ctx.restore = flat.shape, flat.dtype, restore
+        # the off tokens that may pass a rising gradient
+        may_rise = ~on if gate == "restore" else (~on & (z > 0)) if gate == "near" else torch.zeros_like(on)
+        ctx.save_for_backward(rows, seq, inv_n, on, may_rise, W)
+        ctx.shape, ctx.dtype = flat.shape, flat.dtype
         return pooled.float() if dt == torch.float32 else pooled
 
     @staticmethod
     def backward(ctx, grad):
-        rows, seq, inv_n, on, W = ctx.saved_tensors
+        rows, seq, inv_n, on, may_rise, W = ctx.saved_tensors
         with no_autocast(grad):
             g = (grad.to(inv_n.dtype) * inv_n[:, None])[seq]  # [n, |P|]: d pooled / d f on each row
-            # where the feature is off, its pre-activation's gradient passes only to raise it (restore)
-            passes = on | (g < 0) if ctx.restore else on
+            # where the feature is off, its pre-activation's gradient passes only to raise it, where the gate allows
+            passes = on | (may_rise & (g < 0))
             dz = torch.where(passes, g, torch.zeros_like(g))
             dx = dz @ W.to(dz.dtype)  # [n, d]
             d_flat = torch.zeros(ctx.shape, dtype=dx.dtype, device=dx.device).index_add_(0, rows, dx)
@@ -126,7 +131,7 @@ def protected_features(
     *,
     mask: torch.Tensor | None = None,
     spans: torch.Tensor | None = None,
-    restore: bool = True,
+    gate: str = "restore",
     check_inputs: bool = True,
 ) -> torch.Tensor:
     """The protected features' response-pooled activations, with a gradient that can restore a suppressed one.
@@ -137,14 +142,17 @@ def protected_features(
         feature_ids: [P] distinct feature ids, the protected set.
         mask: padded layout, [B, T], 1 on response tokens.
         spans: flat layout, [S, 2] (start, end) response rows.
-        restore: on a token where a feature is off, pass its pre-activation's gradient when the loss asks the
-            feature to rise (True), or pass nothing there as JumpReLU does (False).
+        gate: on a token where a feature is off, pass its pre-activation's gradient when the loss asks the
+            feature to rise: on every such token ("restore"), only where the pre-activation is positive ("near"),
+            or on none, as JumpReLU does ("jumprelu").
         check_inputs: False skips the checks that read values (for callers that validated their batch).
 
     Returns:
         [S, P] float32 (float64 for float64 hidden): the mean over each response's tokens of each protected
         feature's activation, exactly what `sae_pooled_features` gives for those columns.
     """
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     if check_inputs:
         _check(hidden, sae, feature_ids)
     flat, rows, seq, counts, S = _rows_of(hidden, mask, spans)
@@ -152,7 +160,7 @@ def protected_features(
         raise ValueError(f"response {int((counts == 0).nonzero()[0])} has no token (an empty response is bad data)")
     ids = feature_ids.to(sae.device).long()
     return _ProtectedFeatures.apply(
-        flat, rows, seq, counts, S, sae.W_enc_t[ids], sae.bias[ids], sae.threshold[ids], restore
+        flat, rows, seq, counts, S, sae.W_enc_t[ids], sae.bias[ids], sae.threshold[ids], gate
     )
 
 

@@ -31,7 +31,7 @@ def test_values_and_jumprelu_gradient_match_the_oracle(B, T, d, m, P, layout, de
     flat, spans = _flat(hidden, mask)
     kw = dict(mask=mask) if layout == "mask" else dict(spans=spans)
     x = hidden if layout == "mask" else flat
-    got = protected_features(x, sae, ids, restore=False, **kw)
+    got = protected_features(x, sae, ids, gate="jumprelu", **kw)
     want = reference.protected_features_ref(flat, spans, sae, ids)
     assert got.shape == (B, P)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)  # the SAE keeps its fused bias in fp32
@@ -41,16 +41,18 @@ def test_values_and_jumprelu_gradient_match_the_oracle(B, T, d, m, P, layout, de
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
-def test_restoring_gradient_passes_only_upward_on_off_tokens(device):
-    """restore=True: where the loss asks a feature to fall (g > 0) the gradient is JumpReLU's; where it asks it to
-    rise (g < 0), the off tokens pass the pre-activation's gradient too, computed here on its own."""
+@pytest.mark.parametrize("gate", ["restore", "near"])
+def test_restoring_gradient_passes_only_upward_on_off_tokens(gate, device):
+    """gate restore (every off token) or near (off tokens with a positive pre-activation): where the loss asks a
+    feature to fall (g > 0) the gradient is JumpReLU's; where it asks it to rise (g < 0), the gate's off tokens pass
+    the pre-activation's gradient too, computed here on its own."""
     B, T, d, m, P = 3, 15, 12, 50, 4
     sae = random_sae(d, m, device)
     hidden = torch.randn(B, T, d, dtype=torch.float64, requires_grad=True)
     mask = random_mask(B, T, device)
     ids = torch.randperm(m)[:P]
     g = torch.randn(B, P, dtype=torch.float64)
-    (got,) = torch.autograd.grad(protected_features(hidden, sae, ids, mask=mask), hidden, g)
+    (got,) = torch.autograd.grad(protected_features(hidden, sae, ids, mask=mask, gate=gate), hidden, g)
     flat, spans = _flat(hidden, mask)
     (jump,) = torch.autograd.grad(reference.protected_features_ref(flat, spans, sae, ids), hidden, g)
     # the off tokens' share, written out: d/dh of sum_s sum_i min(g_si, 0) / n_s * sum_{t off} z_ti
@@ -60,6 +62,8 @@ def test_restoring_gradient_passes_only_upward_on_off_tokens(device):
         x = x - sae.b_dec.double()
     z = x @ W.t() + sae.b_enc.double()[ids]  # [B, T, P]
     off = (z <= sae.threshold.double()[ids]) & mask[..., None]
+    if gate == "near":
+        off = off & (z > 0)
     n = mask.sum(1).double()
     coef = (g.clamp(max=0) / n[:, None])[:, None, :] * off  # [B, T, P]
     extra = coef @ W
@@ -83,7 +87,7 @@ def test_a_suppressed_feature_gets_a_gradient_back(device):
     assert grad.abs().sum() > 0
     cos = torch.nn.functional.cosine_similarity(-grad.flatten(), W[:, 2].to(grad), dim=0)
     assert cos > 0.999  # descent raises z_2
-    p_jump = protected_features(h, sae, ids, mask=mask, restore=False)
+    p_jump = protected_features(h, sae, ids, mask=mask, gate="jumprelu")
     R2 = protection_penalty(
         p_jump, torch.tensor([[1.0]], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
     )
@@ -121,7 +125,7 @@ def test_outside_top_k_and_cache_the_feature_gets_the_oracles_gradient_scaled_by
     for w0 in (1.0, 2.0, 4.0):
         weights = torch.tensor([w0, 1.0], dtype=torch.float64)
         R = protection_penalty(
-            protected_features(hidden, sae, ids, mask=mask, restore=False), ref, scale, weights=weights
+            protected_features(hidden, sae, ids, mask=mask, gate="jumprelu"), ref, scale, weights=weights
         )
         (g,) = torch.autograd.grad(R.sum(), hidden)
         # the oracle: the full float64 encode, then R written out
