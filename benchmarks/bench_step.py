@@ -218,7 +218,7 @@ class Step:
         device,
         precision="fp32",
         k=50,
-        K=256,
+        cache_k=256,
         grad_ckpt=False,
         body="eager",
         compile_backend="inductor",
@@ -276,10 +276,10 @@ class Step:
             pool_spans=spans,
         )
         pooled = torch.rand(B, m, generator=g) * (torch.rand(B, m, generator=g) < 0.02)
-        idx, val = pack_topk(pooled.to(device), K)
+        idx, val = pack_topk(pooled.to(device), cache_k)
         # the reference side as the cache gives it to the loss: [2P] statistics, chosen first
         self.cache = {"logp_sum": -torch.rand(B, device=device) * 500, "logp_mean": -torch.rand(B, device=device)}
-        self.ref_idx, self.ref_val = idx, val  # [2P, K], chosen first: what the trainer passes the op
+        self.ref_idx, self.ref_val = idx, val  # [2P, cache_k], chosen first: what the trainer passes the op
         self.tokens = B * T  # no padding
         self.stats = None
 

@@ -26,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fpo_kernels._dispatch import all_kernels
+from fpo_kernels.kernels import all_kernels
 
 H100 = dict(regs=65536, smem=228 * 1024, smem_reserved=1024, warps=64, blocks=32, max_regs_per_thread=255)
 SHAPES = dict(D=2304, F=16384, M=16384, K=50, V=256000)  # Gemma-2-2B with a 16k SAE, k = 50

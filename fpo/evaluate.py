@@ -52,7 +52,9 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
 
     accuracy_logp: fraction of pairs whose chosen response has the higher mean log-prob (needs nothing else);
     accuracy_reward: fraction whose implicit reward a - a_ref is higher for chosen (needs the cache; ties
-    count half, so an untrained policy scores 0.5); kl: mean sequential KL(pi_ref || pi) per response (needs
+    count half, so an untrained policy scores 0.5); reward_margin: the mean over pairs of that implicit reward's
+    margin, (a_w - a_w_ref) - (a_l - a_l_ref) in nats per token, one scale for every method (needs the cache);
+    kl: mean sequential KL(pi_ref || pi) per response (needs
     reference_model); d: mean FPO constraint over chosen and rejected (needs sae and a cache with features;
     several SAEs: sae, sae_layer and sae_weight as lists, d = sum of weight x d_sae as in training, and each
     SAE's own d as d[name@layer]);
@@ -126,7 +128,7 @@ def _protect_term(cfg: EvalConfig, saes, ref_cache, model, device):
 def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, keys, items, device) -> dict:
     """Per-pair and per-sequence scores of every batch, on the device, from the statistics a training step
     computes (fpo.step): acc_logp, acc_reward, kl, and one D list per SAE."""
-    scores = {"acc_logp": [], "acc_reward": [], "kl": [], "d": [[] for _ in keys]}
+    scores = {"acc_logp": [], "acc_reward": [], "reward_margin": [], "kl": [], "d": [[] for _ in keys]}
     row_scale = attention_length_scale(policy.model)
     chunks = (
         [items[b : b + cfg.batch_pairs] for b in range(0, len(items), cfg.batch_pairs)]
@@ -144,6 +146,7 @@ def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, k
             reward = mean - reference["logp_mean"]  # [2P], chosen first
             rw_, rl_ = reward[:P], reward[P:]
             scores["acc_reward"].append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())  # a tie counts half
+            scores["reward_margin"].append(rw_ - rl_)
         for out, d in zip(scores["d"], stats["d_each"] if keys else []):
             out.append(d)
         if "kl" in stats:
@@ -171,6 +174,7 @@ def _summary(cfg: EvalConfig, scores, saes, keys, ref_cache) -> dict:
     return {
         "accuracy_logp": mean_of(scores["acc_logp"]),
         "accuracy_reward": mean_of(scores["acc_reward"]),
+        "reward_margin": mean_of(scores["reward_margin"]),
         "kl": mean_of(scores["kl"]),
         "d": d,
         "d_over_scale": d_over_scale,

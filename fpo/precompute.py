@@ -40,7 +40,7 @@ def feature_key(index: int, spec) -> str:
 
 
 @torch.no_grad()
-def reference_stats(model, batch, saes=(), K=256, device="cpu", value_dtype=torch.float16):
+def reference_stats(model, batch, saes=(), cache_k=256, device="cpu", value_dtype=torch.float16):
     """Reference statistics of one fpo.packing.MicroBatch (any layout; 2P sequences,
     chosen first): log-prob sums and means, lengths, and each SAE's top-K pooled features (saes: SAESpecs,
     one hook per layer and site, one forward)."""
@@ -67,7 +67,7 @@ def reference_stats(model, batch, saes=(), K=256, device="cpu", value_dtype=torc
                 r.reshape(-1, r.shape[-1]), spec.sae, check_inputs=False, spans=batch.pool_spans.cpu()
             )
             key = feature_key(i, spec)
-            out["idx" + key], out["val" + key] = pack_topk(pooled, K, value_dtype)
+            out["idx" + key], out["val" + key] = pack_topk(pooled, cache_k, value_dtype)
     finally:
         for cap in caps.values():
             cap.remove()

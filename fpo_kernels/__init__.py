@@ -8,9 +8,10 @@ streams), chosen by the arguments passed.
 
 from importlib import metadata as _metadata
 
-from ._dispatch import pin_autotune
 from .cache import index_dtype_for, pack_topk, unpack_topk  # noqa: F401  (index_dtype_for: the cache's index dtype)
-from .logprobs import fused_linear_kl, fused_linear_logprobs, fused_linear_logprobs_kl
+from .kernels import pin_autotune
+from .kl import fused_linear_kl, fused_linear_logprobs_kl
+from .logprobs import fused_linear_logprobs
 from .preference import FusedLinearDPOLoss, FusedLinearFPOLoss, FusedLinearSimPOLoss, FusedLinearTDPOLoss
 from .protect import protected_features, protection_penalty
 from .sae_constraint import sae_feature_mse, sae_pooled_features

@@ -92,8 +92,8 @@ def dot_precision(dtype: torch.dtype):
 
 class Kernel:
     """One Triton kernel and its facts, written once beside it (each op module's KERNELS table) and read by
-    its launches, `pin_autotune`, the fake-launch observers (benchmarks.estimate_step), the compile report
-    (benchmarks.kernel_resources) and the tests.
+    its launches, `pin_autotune` (fpo_kernels.kernels), the fake-launch observers (benchmarks.estimate_step), the
+    compile report (benchmarks.kernel_resources) and the tests.
 
     args      every runtime argument in the kernel's signature order, with its Triton type: "*fp32" a pointer,
               "i32" an integer; "{dt}" stands for the operand dtype the kernel is compiled for.
@@ -185,19 +185,3 @@ class on_fake_launch:
 
     def __exit__(self, *exc):
         _fake_launch_observers.remove(self.observer)
-
-
-def pin_autotune() -> None:
-    """Every autotuned kernel keeps only its first configuration. Ranks that autotune independently may pick
-    different tiles, and different tiles sum in different orders: bitwise different pooled features, so
-    top-k ties could break differently on each rank. Data-parallel runs call this (fpo.distributed.init)."""
-    for kernel in all_kernels():
-        if kernel.configs:
-            kernel.jit.configs = kernel.jit.configs[:1]
-
-
-def all_kernels() -> list[Kernel]:
-    """Every op module's KERNELS, in one list."""
-    from . import logprobs, sae_constraint
-
-    return [*sae_constraint.KERNELS, *logprobs.KERNELS]

@@ -13,8 +13,8 @@ __all__ = [
     "sae_encode_ref",
     "sae_pooled_features_ref",
     "sae_feature_mse_ref",
-    "sae_pooled_features_varlen_ref",
-    "sae_feature_mse_varlen_ref",
+    "sae_pooled_features_spans_ref",
+    "sae_feature_mse_spans_ref",
     "fused_linear_logprobs_ref",
     "fused_linear_kl_ref",
     "fused_linear_logprobs_kl_ref",
@@ -79,7 +79,7 @@ def _span_rows(spans: torch.Tensor):
     return rows, seq
 
 
-def sae_pooled_features_varlen_ref(hidden: torch.Tensor, spans: torch.Tensor, sae) -> torch.Tensor:
+def sae_pooled_features_spans_ref(hidden: torch.Tensor, spans: torch.Tensor, sae) -> torch.Tensor:
     """[N, d], [S, 2] -> [S, m]: mean over each span's rows of the JumpReLU features."""
     rows, seq = _span_rows(spans)
     f = sae_encode_ref(hidden[rows], sae)  # [n, m]: only the response rows
@@ -112,12 +112,10 @@ def sae_feature_mse_ref(hidden, mask, sae, ref_indices, ref_values, k=50, select
     )
 
 
-def sae_feature_mse_varlen_ref(
-    hidden, spans, sae, ref_indices, ref_values, k=50, select="policy", feature_weights=None
-):
+def sae_feature_mse_spans_ref(hidden, spans, sae, ref_indices, ref_values, k=50, select="policy", feature_weights=None):
     """[S] D(y) of each span of flat hidden rows [N, d]."""
     return _constraint(
-        sae_pooled_features_varlen_ref(hidden, spans, sae), sae, ref_indices, ref_values, k, select, feature_weights
+        sae_pooled_features_spans_ref(hidden, spans, sae), sae, ref_indices, ref_values, k, select, feature_weights
     )
 
 
@@ -180,4 +178,4 @@ def pack_topk_ref(pooled: torch.Tensor, K: int):
 def protected_features_ref(hidden, spans, sae, feature_ids):
     """[N, d], [S, 2], [P] -> [S, P]: the full pooled encode, then the protected columns; autograd gives
     JumpReLU's own gradient (nothing through a token where a feature is off)."""
-    return sae_pooled_features_varlen_ref(hidden, spans, sae)[:, feature_ids.long()]
+    return sae_pooled_features_spans_ref(hidden, spans, sae)[:, feature_ids.long()]

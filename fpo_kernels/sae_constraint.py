@@ -679,13 +679,13 @@ def _flat_rows(hidden, mask, spans, sae, check_inputs):
 def _pooled_ref(hidden, mask, spans, sae):
     if spans is None:
         return reference.sae_pooled_features_ref(hidden, mask, sae)
-    return reference.sae_pooled_features_varlen_ref(hidden, spans.to(hidden.device), sae)
+    return reference.sae_pooled_features_spans_ref(hidden, spans.to(hidden.device), sae)
 
 
 def _mse_ref(hidden, mask, spans, sae, *args):
     if spans is None:
         return reference.sae_feature_mse_ref(hidden, mask, sae, *args)
-    return reference.sae_feature_mse_varlen_ref(hidden, spans.to(hidden.device), sae, *args)
+    return reference.sae_feature_mse_spans_ref(hidden, spans.to(hidden.device), sae, *args)
 
 
 def _spans(flat, mask, spans):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import compile_boundary
-from .logprobs import fused_linear_logprobs, fused_linear_logprobs_kl
+from .kl import fused_linear_logprobs_kl
+from .logprobs import fused_linear_logprobs
 
 __all__ = ["sequence_logprobs", "sequence_logprobs_kl", "prediction_rows"]
 

@@ -11,6 +11,10 @@ ROOT = os.path.dirname(TESTS)  # the repository
 DIST_DRIVER = os.path.join(TESTS, "dist_driver.py")
 
 
+# One tolerance table per dtype, for outputs compared with a float64 reference: (atol, rtol).
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-2), torch.bfloat16: (2e-2, 5e-2)}
+
+
 def random_sae(d, m, device="cpu", b_dec=True, apply_b_dec=True, dtype=torch.float32):
     """W_enc is rounded to `dtype`: the kernels multiply in the hidden states' dtype, and JumpReLU's jump
     would turn a rounding difference at a threshold into a whole feature's worth of error."""

@@ -9,7 +9,7 @@ import sys
 import pytest
 from helpers import ROOT
 
-from fpo_kernels._dispatch import all_kernels
+from fpo_kernels.kernels import all_kernels
 
 
 @pytest.mark.slow  # minutes: the full compile report, left out of the fast loop

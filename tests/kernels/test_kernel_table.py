@@ -8,10 +8,12 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import fpo_kernels.kl as kl
 import fpo_kernels.logprobs as lp
 import fpo_kernels.sae_constraint as sc
 from fpo_kernels import SAEWeights, fused_linear_logprobs, sae_feature_mse
-from fpo_kernels._dispatch import Kernel, all_kernels, launch, on_fake_launch
+from fpo_kernels._dispatch import Kernel, launch, on_fake_launch
+from fpo_kernels.kernels import all_kernels
 
 
 @triton.jit
@@ -46,9 +48,8 @@ def test_a_launch_names_every_argument():
 def test_every_kernel_is_in_a_table_and_launched_by_name():
     """The modules' tables hold every @triton.jit kernel they define; on fake tensors each op's launches reach
     the observers with exactly the table's arguments, tensors where the table says pointers."""
-    defined = {
-        name for m in (sc, lp) for name, v in vars(m).items() if name.endswith("_kernel") and hasattr(v, "arg_names")
-    }
+    modules = (sc, lp, kl)
+    defined = {n for m in modules for n, v in vars(m).items() if n.endswith("_kernel") and hasattr(v, "arg_names")}
     assert defined == {k.name for k in all_kernels()}
     heard = []
 
@@ -76,5 +77,5 @@ def test_every_kernel_is_in_a_table_and_launched_by_name():
         d_s.sum().backward()
         w = torch.empty(V, d, requires_grad=True)
         fused_linear_logprobs(h.reshape(N, d), w, torch.zeros(N, dtype=torch.long)).sum().backward()
-        lp.kl_fwd(h.reshape(N, d), w, h.reshape(N, d), w, torch.ones(N, dtype=torch.int8))
+        kl.kl_fwd(h.reshape(N, d), w, h.reshape(N, d), w, torch.ones(N, dtype=torch.int8))
     assert set(heard) == {k.name for k in all_kernels()} - {"_kl_bwd_kernel"}

@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import poison
 
+import fpo_kernels._vocab_head as vocab_head
 import fpo_kernels.logprobs as lpmod
 from fpo_kernels import (
     fused_linear_kl,
@@ -348,7 +349,7 @@ def test_backward_in_vocabulary_blocks(dtype, op, monkeypatch, device):
     """The backward walks (vocabulary block, token chunk) pairs: with blocks far smaller than the vocabulary
     and several chunks, gradients (fp32-accumulated across blocks and chunks) match the float64 reference."""
     poison(monkeypatch, lpmod)
-    monkeypatch.setattr(lpmod, "BACKWARD_BYTES", 16 * 300 * 6)  # 16-row chunks x 300-column blocks
+    monkeypatch.setattr(vocab_head, "BACKWARD_BYTES", 16 * 300 * 6)  # 16-row chunks x 300-column blocks
     N, d, V = 45, 24, 1000
     assert lpmod.backward_blocks(N, V, 6, 16) == (16, 256)
     hidden = torch.randn(N, d, device=device).to(dtype)

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import TOL
-from helpers import ROOT, poison, random_mask, random_sae
+from helpers import ROOT, TOL, poison, random_mask, random_sae
 
 import fpo_kernels.sae_constraint as sc
 from fpo_kernels import SAEWeights, pack_topk, reference, sae_feature_mse, sae_pooled_features
@@ -237,7 +236,7 @@ def test_varlen_matches_padded_and_reference(dtype, select, monkeypatch, device)
     sae = random_sae(d, m, device, dtype=dtype)
     hidden, spans, padded, mask = _stream(S, d, device, dtype)
     pooled = sae_pooled_features(hidden, sae, spans=spans)
-    _assert_close(pooled, reference.sae_pooled_features_varlen_ref(hidden.double(), spans, sae), dtype, "pooled")
+    _assert_close(pooled, reference.sae_pooled_features_spans_ref(hidden.double(), spans, sae), dtype, "pooled")
     assert torch.allclose(pooled, sae_pooled_features(padded, sae, mask=mask), rtol=1e-5, atol=1e-6)
     ref_idx, ref_val = _ref_cache(padded.float(), mask, sae, K=32)
     h = hidden.clone().requires_grad_()
@@ -245,7 +244,7 @@ def test_varlen_matches_padded_and_reference(dtype, select, monkeypatch, device)
     g = torch.randn(S, device=device)
     got.backward(g)
     href = hidden.double().requires_grad_()
-    want = reference.sae_feature_mse_varlen_ref(href, spans, sae, ref_idx, ref_val, k, select)
+    want = reference.sae_feature_mse_spans_ref(href, spans, sae, ref_idx, ref_val, k, select)
     want.backward(g.double())
     _assert_close(got, want, dtype, "D")
     assert _rel_rms(h.grad, href.grad) < (1e-4 if dtype == torch.float32 else 5e-3)
@@ -516,7 +515,7 @@ def test_unchecked_out_of_range_cache_indices_are_never_read(device):
     for select in ("reference", "policy"):
         got = sae_feature_mse(hidden, sae, idx, val, k=k, select=select, check_inputs=False, spans=spans)
         assert torch.isnan(got[1]) and torch.isfinite(got[[0, 2]]).all(), select
-        want = reference.sae_feature_mse_varlen_ref(hidden.double(), spans, sae, idx.clamp(max=m - 1), val, k, select)
+        want = reference.sae_feature_mse_spans_ref(hidden.double(), spans, sae, idx.clamp(max=m - 1), val, k, select)
         assert torch.allclose(got[[0, 2]].double(), want[[0, 2]], atol=1e-6), select
 
 
@@ -526,7 +525,7 @@ def test_pin_autotune_keeps_one_config(monkeypatch):
     import triton
 
     from fpo_kernels import pin_autotune
-    from fpo_kernels._dispatch import all_kernels
+    from fpo_kernels.kernels import all_kernels
 
     tuned = [k for k in all_kernels() if k.configs]
     assert {k.name for k in tuned} == {"_sae_pool_fwd_kernel", "_sae_gate_kernel", "_sae_dh_kernel"}

@@ -265,3 +265,21 @@ def test_lm_head_peers_match_float64_where_they_run_here():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.split()[-1] == "True", r.stderr[-2000:]
+
+
+def test_evidence_methods_reads_a_curve_at_a_gain_and_claims_only_what_every_seed_shows():
+    from benchmarks.evidence_methods import at_gain, paired_claim
+
+    curve = [
+        {"margin": 0.0, "d": 0.0},
+        {"margin": 0.02, "d": 1.0},
+        {"margin": 0.01, "d": 5.0},  # the margin fell back: the first crossing counts
+        {"margin": 0.06, "d": 9.0},
+    ]
+    assert at_gain(curve, 0.01, "d") == pytest.approx(0.5)
+    assert at_gain(curve, 0.04, "d") == pytest.approx(5.0 + 4.0 * (0.03 / 0.05))
+    assert at_gain(curve, 0.07, "d") is None  # never reached
+    c = paired_claim([0.5, 0.6, 0.55])
+    assert c["claimed"] and c["mean"] == pytest.approx(0.55)
+    assert not paired_claim([0.5, 1.2, 0.55])["claimed"]  # one seed on the other side of 1
+    assert not paired_claim([0.9, 0.5, 0.99])["claimed"]  # one sign, but the mean within 2 standard errors

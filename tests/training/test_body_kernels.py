@@ -14,6 +14,9 @@ from fpo.model import apply_body_kernels, load_model, transformers_patches_undon
 
 pytest.importorskip("liger_kernel")
 
+# the Liger kernels run under the Triton interpreter on the CPU
+pytestmark = pytest.mark.interpreter
+
 
 @pytest.fixture
 def restore_llama_rope():

@@ -14,8 +14,6 @@ from fpo.precompute import precompute
 from fpo.reference_cache import ReferenceCache
 from fpo.train import Trainer, train
 
-pytestmark = pytest.mark.usefixtures("no_interpreter")
-
 
 def test_precompute_rebuilds_a_corrupted_shard_and_cleans_leftovers(tiny, tmp_path):
     out = tmp_path / "c"

@@ -11,8 +11,6 @@ from run_setup import QUIET, run_config
 from fpo.config import config_from_dict
 from fpo.train import Trainer, train
 
-pytestmark = pytest.mark.usefixtures("no_interpreter")
-
 
 def _grads_after_one_step(cfg):
     """(the first step's metrics, the gradient of every trained parameter) of a run built from cfg."""

@@ -13,7 +13,6 @@ from fpo.precompute import precompute
 from fpo_kernels import SAEWeights
 from fpo_kernels.reference import pack_topk_ref, sae_pooled_features_ref
 
-pytestmark = pytest.mark.usefixtures("no_interpreter")
 LEN = dict(max_length=96, max_prompt_length=48)
 PAIRS, K, k = 6, 32, 8
 

@@ -18,7 +18,6 @@ from fpo.sae import load_saes
 from fpo.train import train
 from fpo_kernels import SAEWeights
 
-pytestmark = pytest.mark.usefixtures("no_interpreter")
 PAIRS = 5
 
 

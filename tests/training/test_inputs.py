@@ -17,8 +17,6 @@ from fpo.pairs import load_pairs, tokenize_pairs
 from fpo.precompute import precompute
 from fpo.train import Trainer, train
 
-pytestmark = pytest.mark.usefixtures("no_interpreter")
-
 
 @pytest.mark.parametrize(
     "key,value",

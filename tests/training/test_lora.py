@@ -21,7 +21,6 @@ from run_setup import LEN  # noqa: E402
 from test_train import _cfg, _torchrun  # noqa: E402
 
 peft = pytest.importorskip("peft")
-pytestmark = pytest.mark.usefixtures("no_interpreter")
 QUIET = dict(log=lambda *a, **k: None)
 
 

@@ -21,7 +21,7 @@ from fpo.step import PolicyStats
 from fpo.train import train
 from fpo_kernels import SAEWeights
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_interpreter")]
+pytestmark = pytest.mark.slow
 LEN = dict(max_length=96, max_prompt_length=48)
 LAYER_B, WIDTH_B, K_B = 8, 384, 24
 

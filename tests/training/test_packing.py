@@ -20,8 +20,6 @@ from fpo.pairs import load_pairs, tokenize_pairs
 from fpo.step import PolicyStats, compute_loss
 from fpo_kernels import SAEWeights, pack_topk, sae_pooled_features
 
-pytestmark = pytest.mark.usefixtures("no_interpreter")
-
 
 def _items(tok, n=3, max_length=64, max_prompt_length=32, max_tokens=None):
     return tokenize_pairs(load_pairs(assets.TRAIN_PAIRS, max_pairs=n), tok, max_length, max_prompt_length, max_tokens)

@@ -17,7 +17,6 @@ from fpo.step import PolicyStats
 from fpo.train import train
 from fpo_kernels import pack_topk, reference
 
-pytestmark = pytest.mark.usefixtures("no_interpreter")
 LEN = dict(max_length=64, max_prompt_length=32)
 
 

@@ -7,8 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import TOL
-from helpers import poison, random_sae
+from helpers import TOL, poison, random_sae
 
 import fpo_kernels.logprobs as lpmod
 from fpo.config import config_from_dict
@@ -91,7 +90,6 @@ def _total_change(w, w0):
     return sum((w[n].double() - w0[n].double()).abs().sum().item() for n in w0)
 
 
-@pytest.mark.usefixtures("no_interpreter")
 def test_bf16_mixed_keeps_the_updates_that_bf16_pure_loses(small, tmp_path):
     w0 = _initial(small)
     fp32, w32, _ = _run(small, tmp_path / "fp32", precision="fp32")
@@ -111,7 +109,6 @@ def test_bf16_mixed_keeps_the_updates_that_bf16_pure_loses(small, tmp_path):
     assert any("precision bf16-mixed" in line and "16 bytes" in line for line in log_m)
 
 
-@pytest.mark.usefixtures("no_interpreter")
 def test_bf16_compensated_tracks_the_fp32_run(small, tmp_path):
     """50 steps at lr 5e-7: the compensated optimizer's weights (bf16 value + Kahan compensation) move as far
     as the fp32 run's, and the bf16 weights themselves are the fp32 run's weights rounded to bf16."""
@@ -129,7 +126,6 @@ def test_bf16_compensated_tracks_the_fp32_run(small, tmp_path):
     assert any("precision bf16-compensated" in line and "10 bytes" in line for line in log_c)
 
 
-@pytest.mark.usefixtures("no_interpreter")
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-compensated", "bf16-pure"])
 def test_resume_is_exact_under_every_policy(small, tmp_path, precision):
     kw = dict(precision=precision, lr=1e-4, save_every=2)
@@ -144,7 +140,6 @@ def test_resume_is_exact_under_every_policy(small, tmp_path, precision):
     assert next(iter(wa.values())).dtype == resolve_precision(precision, "cpu").param_dtype
 
 
-@pytest.mark.usefixtures("no_interpreter")
 def test_save_dtype_and_precision_changes(small, tmp_path):
     run, w, _ = _run(small, tmp_path / "run", precision="bf16-mixed", save_dtype="bfloat16", lr=1e-4)
     final = tmp_path / "run" / "final"
@@ -215,6 +210,7 @@ def _rel_rms(got, want):
     return ((got.double() - want.double()).pow(2).mean().sqrt() / want.double().pow(2).mean().sqrt()).item()
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("entry", ["fp16 hidden, fp32 weight", "fp32 under fp16 autocast"])
 @pytest.mark.parametrize("chunk", [None, 8])
 def test_logprobs_mixed_entry(entry, chunk, monkeypatch, device):
@@ -243,6 +239,7 @@ def test_logprobs_mixed_entry(entry, chunk, monkeypatch, device):
     assert _rel_rms(h.grad, hr.grad) < 3 * tol and _rel_rms(w.grad, wr.grad) < 3 * tol
 
 
+@pytest.mark.interpreter
 def test_logprobs_kl_under_autocast(monkeypatch, device):
     """TDPO's pass with an fp32 policy and an fp32 reference under fp16 autocast: both models' GEMMs in
     fp16, against float64 on the rounded operands."""
@@ -266,6 +263,7 @@ def test_logprobs_kl_under_autocast(monkeypatch, device):
     assert _rel_rms(h.grad, hr.grad) < 3 * tol and _rel_rms(w.grad, wr.grad) < 3 * tol
 
 
+@pytest.mark.interpreter
 def test_sae_constraint_under_autocast(device):
     """An fp32 residual stream under fp16 autocast is encoded in fp16, as an nn.Linear there would be: the
     result equals the op on the fp16 residual, and float64 on it; the gradient comes back in fp32."""
@@ -283,12 +281,11 @@ def test_sae_constraint_under_autocast(device):
     same.sum().backward()
     assert torch.equal(got, same) and h.grad.dtype == torch.float32
     assert torch.equal(h.grad, h16.grad.float())
-    want = reference.sae_feature_mse_varlen_ref(hidden.half().double(), spans, sae, ref_idx, ref_val, 8, "policy", None)
+    want = reference.sae_feature_mse_spans_ref(hidden.half().double(), spans, sae, ref_idx, ref_val, 8, "policy", None)
     atol, rtol = TOL[torch.float16]
     assert torch.allclose(got.double(), want, atol=atol, rtol=rtol)
 
 
-@pytest.mark.usefixtures("no_interpreter")
 def test_reference_path_under_cpu_bf16_autocast():
     """CPU tensors without the interpreter take the plain-PyTorch path: under bf16 autocast its products use
     bf16-rounded operands and its log-softmax stays fp32 (autocast is off inside the op)."""

@@ -22,8 +22,6 @@ from fpo.sae import load_saes
 from fpo.train import train
 from fpo_kernels import reference
 
-pytestmark = pytest.mark.usefixtures("no_interpreter")
-
 
 def _protect_file(tiny, path, ids, **kw):
     [spec] = load_saes([(tiny["sae"], None, 1.0)])

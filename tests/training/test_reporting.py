@@ -14,10 +14,7 @@ from run_setup import QUIET, run_config
 from fpo.config import config_from_dict
 from fpo.train import Trainer, train
 
-pytestmark = [
-    pytest.mark.usefixtures("no_interpreter"),
-    pytest.mark.filterwarnings("ignore:Seems like `optimizer.step"),  # _watch_optimizer wraps it on purpose
-]
+pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step")  # _watch_optimizer wraps it on purpose
 
 
 def _history(out):

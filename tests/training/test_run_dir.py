@@ -13,8 +13,6 @@ from run_setup import LEN, QUIET, run_config
 from fpo.precompute import precompute
 from fpo.train import NonFiniteLossError, train
 
-pytestmark = pytest.mark.usefixtures("no_interpreter")
-
 
 class _Exploit:
     """Unpickling this runs a command: what a crafted trainer_state.pt could do."""

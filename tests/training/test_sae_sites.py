@@ -15,8 +15,6 @@ from fpo.reference_cache import ReferenceCache
 from fpo.sae import hook_site, load_sae
 from fpo_kernels import reference
 
-pytestmark = pytest.mark.usefixtures("no_interpreter")
-
 
 @pytest.mark.parametrize(
     "name,want",

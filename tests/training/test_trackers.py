@@ -14,8 +14,6 @@ from fpo.train import train
 sys.path.insert(0, os.path.dirname(__file__))
 from test_train import _cfg  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("no_interpreter")
-
 
 def test_every_tracker_gets_every_metric_line_and_the_config(tiny, tmp_path, monkeypatch):
     for lib in ("tensorboard", "mlflow", "trackio", "wandb"):

@@ -30,7 +30,6 @@ def _cfg(tiny, cache, tmp_path, method="fpo", **kw):
     return run_config(tiny, cache, tmp_path / method, method, **kw)
 
 
-@pytest.mark.usefixtures("no_interpreter")
 @pytest.mark.parametrize("method", ["fpo", "dpo", "simpo", "tdpo1", "tdpo2"])
 def test_every_method_trains(tiny, cache, tmp_path, method):
     before = load_model(tiny["model"]).state_dict()
@@ -45,6 +44,7 @@ def test_every_method_trains(tiny, cache, tmp_path, method):
     ]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("select,softcap,layout", [("policy", None, "off"), ("reference", 20.0, "share-prompt")])
 def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, softcap, layout):
     """PolicyStats through the Triton kernels (interpreter) vs the plain-PyTorch path: outputs and gradients."""
@@ -100,7 +100,6 @@ def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, s
         assert rel < 1e-3, (n, rel.item())
 
 
-@pytest.mark.usefixtures("no_interpreter")
 def test_resume_reproduces_the_uninterrupted_run(tiny, cache, tmp_path):
     full = train(
         _cfg(tiny, cache, tmp_path, max_steps=4, save_every=2, output_dir=str(tmp_path / "full")), log=lambda *a: None
@@ -171,7 +170,6 @@ def _torchrun(args, nproc=2, port=29621):
 
 
 @pytest.mark.dist
-@pytest.mark.usefixtures("no_interpreter")
 @pytest.mark.parametrize("fsdp,max_tokens", [(False, None), (True, None), (True, 130)])
 def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny, cache, tmp_path, fsdp, max_tokens):
     """DDP and FSDP2 on two gloo ranks; with a token budget each rank packs its own share of the step's
@@ -196,7 +194,6 @@ def test_two_ranks_equal_one_rank_with_twice_the_batch(tiny, cache, tmp_path, fs
 
 
 @pytest.mark.dist
-@pytest.mark.usefixtures("no_interpreter")
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_two_compiled_ranks_equal_one_eager_rank(tiny, cache, tmp_path, fsdp):
     """--compile under DDP and FSDP2 (the layers compiled before they are sharded or wrapped): the losses of one
@@ -212,7 +209,6 @@ def test_two_compiled_ranks_equal_one_eager_rank(tiny, cache, tmp_path, fsdp):
     assert json.loads(open(tmp_path / "two" / "metrics.jsonl").readline())["first_step_s"] > 0  # it compiled
 
 
-@pytest.mark.usefixtures("no_interpreter")
 @pytest.mark.parametrize("method", ["fpo", "tdpo2"])
 def test_layouts_and_token_budgets_train_alike(tiny, cache, tmp_path, method):
     """The whole loop (reference side included) in every layout, and with a token budget instead of a fixed
@@ -239,7 +235,6 @@ def test_layouts_and_token_budgets_train_alike(tiny, cache, tmp_path, method):
     )
 
 
-@pytest.mark.usefixtures("no_interpreter")
 def test_alpha_zero_fpo_gradient_is_length_normalised_dpo(tiny, cache, tmp_path):
     """With alpha = 0, FPO's gradient equals that of -log sigmoid(beta ((a_w - a_l) - g_ref)) with the cached margin."""
     trainer = Trainer(config_from_dict(_cfg(tiny, cache, tmp_path, alpha=0.0, max_grad_norm=None)), log=lambda *a: None)
@@ -266,7 +261,6 @@ def test_alpha_zero_fpo_gradient_is_length_normalised_dpo(tiny, cache, tmp_path)
     trainer.close()
 
 
-@pytest.mark.usefixtures("no_interpreter")
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny, cache, tmp_path, monkeypatch):
     """Losses turn NaN once checkpoint-000002 is written: the run stops at step 3 naming that checkpoint."""
     import fpo.train as tr
@@ -294,7 +288,6 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny, cache, tmp_
     assert ckpt.exists() and not (tmp_path / "simpo" / "checkpoint-000004").exists()
 
 
-@pytest.mark.usefixtures("no_interpreter")
 def test_bad_configs(tiny, cache, tmp_path):
     with pytest.raises(ValueError, match="unknown config keys"):
         config_from_dict(dict(_cfg(tiny, cache, tmp_path), learning_rate=1.0))
@@ -320,7 +313,6 @@ def test_bad_configs(tiny, cache, tmp_path):
     assert load_config(str(yaml_path), beta=3.0).lr == 1e-6
 
 
-@pytest.mark.usefixtures("no_interpreter")
 def test_gradient_checkpointing_gives_the_same_losses(tiny, cache, tmp_path):
     """Checkpointing recomputes block outputs (the residual hook fires again in backward): same numbers."""
     a = train(_cfg(tiny, cache, tmp_path, max_steps=2, output_dir=str(tmp_path / "plain")), log=lambda *a: None)
@@ -334,7 +326,6 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny, cache, tmp_path):
     assert a["last"]["d_chosen"] == pytest.approx(b["last"]["d_chosen"], rel=1e-4)
 
 
-@pytest.mark.usefixtures("no_interpreter")
 def test_constraint_norm_ref_divides_d_by_the_recorded_scale(tiny, cache, tmp_path):
     """constraint_norm 'ref': D / scale in the loss (the policy's statistics divide each SAE's D by its scale);
     alpha 0 gives the same loss either way; the share is reported per step; a cache without the recorded scale
@@ -380,7 +371,6 @@ def test_constraint_norm_ref_divides_d_by_the_recorded_scale(tiny, cache, tmp_pa
         train(_cfg(tiny, old, tmp_path, constraint_norm="ref", output_dir=str(tmp_path / "o2")), log=lambda *a: None)
 
 
-@pytest.mark.usefixtures("no_interpreter")
 def test_a_large_alpha_holds_d_down_more_than_alpha_zero(tiny, cache, tmp_path):
     """Two steps on one batch: the policy starts at the reference, where D is at its minimum (only the cache's
     rounding), so every update raises it; with a large alpha the rejected responses' D rises far less than with
@@ -419,7 +409,6 @@ def test_a_large_alpha_holds_d_down_more_than_alpha_zero(tiny, cache, tmp_path):
     assert drops[0.0] < 0 and drops[3e4] > 0.5 * drops[0.0]
 
 
-@pytest.mark.usefixtures("no_interpreter")
 def test_negligible_constraint_warns_and_step_one_logs_no_share(tiny, cache, tmp_path):
     """At the first step the policy is the reference and the margin is rounding noise: no share is logged there
     (it read 1e21). At the default log_every 10 the < 1% warning then fires once, judged on the ratio of the
@@ -435,7 +424,6 @@ def test_negligible_constraint_warns_and_step_one_logs_no_share(tiny, cache, tmp
     assert len(warned) == 1 and "at step 10" in warned[0] and "raise --alpha" in warned[0]
 
 
-@pytest.mark.usefixtures("no_interpreter")
 def test_end_of_run_says_where_things_are_and_their_sizes(tiny, cache, tmp_path):
     lines = []
     train(
@@ -481,7 +469,7 @@ def test_lr_schedules(name):
 
 
 @pytest.mark.parametrize("method", ["fpo", "tdpo2"])
-def test_target_share_holds_the_constraint_at_its_share(tiny, tiny_cache, tmp_path, no_interpreter, method):
+def test_target_share_holds_the_constraint_at_its_share(tiny, tiny_cache, tmp_path, method):
     """--target-share 0.1 from an alpha several times too small: each step logs its alpha, the late third's realised
     share is near 0.1, and a resume goes on as the run would have (the controller's state is in the checkpoint)."""
     from fpo.alpha_control import phase_shares
@@ -508,7 +496,7 @@ def test_target_share_needs_a_method_with_a_constraint(tiny, tmp_path):
         config_from_dict(run_config(tiny, None, tmp_path, "simpo", target_share=0.1))
 
 
-def test_max_steps_overrides_epochs_and_the_prompt_length_follows_max_length(tiny, tmp_path, no_interpreter):
+def test_max_steps_overrides_epochs_and_the_prompt_length_follows_max_length(tiny, tmp_path):
     """As in TRL: --max-steps 6 over 16 pairs in steps of 4 trains 6 steps (into the second epoch). A max length
     without a prompt length keeps the prompt to half of it, so `--max-length 256` alone is a valid command."""
     assert TrainConfig(model="m", dataset="d", method="simpo", max_length=256).max_prompt_length == 128

@@ -16,8 +16,6 @@ from fpo.step import PolicyStats  # noqa: E402
 from fpo_kernels import SAEWeights  # noqa: E402
 from fpo_kernels.losses import fpo_loss  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("no_interpreter")
-
 
 def _pairs():
     from datasets import Dataset
