@@ -33,6 +33,7 @@ import torch
 
 from benchmarks.common import environment, evidence_run, subset_jsonl, train_in_process
 from fpo import assets
+from fpo.alpha_control import phase_shares
 from fpo.evaluate import evaluate
 from fpo.features import feature_report
 from fpo.files import atomic_write_json, atomic_write_text
@@ -139,7 +140,7 @@ def run(args, log=print) -> dict:
                 "curve": curve,
                 "two_steps": point(os.path.join(early, "final"), 2),
                 "final": os.path.join(out, "final"),
-                "shares": _phase_shares(hist),
+                "shares": phase_shares(hist) if method == "fpo" else None,
                 "history": hist,
                 "seconds": time.time() - t0,
             }
@@ -218,17 +219,6 @@ def _mean_sd(xs):
     return {"mean": statistics.mean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0}
 
 
-def _phase_shares(history) -> dict | None:
-    """FPO's realised constraint share (|constraint term| / |beta x margin|) in the first, middle and last third
-    of the run."""
-    vals = [h["constraint_share"] for h in history if h.get("constraint_share") is not None]
-    if not vals:
-        return None
-    third = max(1, len(vals) // 3)
-    parts = (vals[:third], vals[third : len(vals) - third] or vals[third:], vals[len(vals) - third :])
-    return dict(zip(("early", "middle", "late"), (statistics.mean(p) for p in parts)))
-
-
 def _plot(res, path):
     import matplotlib
 
@@ -278,7 +268,8 @@ def markdown(res) -> str:
         shares = [res["runs"][f"{m}-s{seed}"]["shares"] for seed in s["seeds"]]
         share = "-"
         if all(shares):
-            share = " / ".join(f"{statistics.mean(x[p] for x in shares):.2g}" for p in ("early", "middle", "late"))
+            parts = [[x[p] for x in shares if x[p] is not None] for p in ("early", "middle", "late")]
+            share = " / ".join(f"{statistics.mean(v):.2g}" if v else "-" for v in parts)
         lines.append(
             f"| {m} | {ms(f['margin'])} | {ms(f['acc'])} | {ms(f['kl'])} | {ms(f['d'])} | {ms(f['drift_total'])} | "
             f"{ms(f['noise_floor_d'])} | {ms(f['noise_floor_kl'])} | {share} |"

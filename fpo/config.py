@@ -362,7 +362,11 @@ class TrainConfig(ScoringConfig):
 
     @property
     def lora_alpha_value(self) -> float:
-        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
+        if self.lora_alpha is not None:
+            return self.lora_alpha
+        if self.lora_r is None:
+            raise ValueError("lora_alpha_value: the run trains no LoRA adapters (lora_r is not set)")
+        return 2.0 * self.lora_r
 
 
 def sae_specs(sae, sae_layer=None, sae_weight=None) -> list:
@@ -446,7 +450,7 @@ class EvalConfig(ScoringConfig):
 class FeaturesConfig(CommandConfig):
     """`fpo features`' settings: the keyword arguments of fpo.features.feature_report and the command's flags."""
 
-    model: str | list = _key(
+    model: str | list = _key(  # type: ignore[assignment]  # a list: several runs side by side
         "",
         "a trained run's model (e.g. OUT/final: full weights or LoRA adapters, as `fpo eval` loads them); repeat "
         "--model for several runs side by side",

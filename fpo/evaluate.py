@@ -128,7 +128,7 @@ def _protect_term(cfg: EvalConfig, saes, ref_cache, model, device):
 def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, keys, items, device) -> dict:
     """Per-pair and per-sequence scores of every batch, on the device, from the statistics a training step
     computes (fpo.step): acc_logp, acc_reward, kl, and one D list per SAE."""
-    scores = {"acc_logp": [], "acc_reward": [], "reward_margin": [], "kl": [], "d": [[] for _ in keys]}
+    scores: dict[str, list] = {"acc_logp": [], "acc_reward": [], "reward_margin": [], "kl": [], "d": [[] for _ in keys]}
     row_scale = attention_length_scale(policy.model)
     chunks = (
         [items[b : b + cfg.batch_pairs] for b in range(0, len(items), cfg.batch_pairs)]

@@ -346,7 +346,7 @@ SEED_SUFFIX = re.compile(r"[-_.]?(?:s|seed)\d+$")
 
 def _groups(names) -> list[dict]:
     """Runs that differ only in a seed suffix (simpo-s0, simpo-s1, or simpo_seed2) form one group."""
-    by = {}
+    by: dict[str, list] = {}
     for k, name in enumerate(names):
         by.setdefault(SEED_SUFFIX.sub("", name) or name, []).append(k)
     return [{"name": g, "runs": ks} for g, ks in by.items() if len(ks) > 1]

@@ -133,7 +133,7 @@ def plan_micro_batches(items, layout: str, max_tokens: int, attention_scale=None
     Within a micro-batch the pairs keep their given order."""
     _check_layout(layout)
     order = sorted(range(len(items)), key=lambda i: (-pair_tokens(items[i], layout), i))
-    bins = []
+    bins: list = []
     for i in order:
         for members in bins:
             if micro_batch_tokens([items[j] for j in members] + [items[i]], layout, attention_scale) <= max_tokens:
@@ -411,8 +411,10 @@ def body_hidden(model, batch: MicroBatch, device) -> torch.Tensor:
 
     ids = batch.input_ids.to(device)
     if batch.layout == "off":
+        assert batch.attention_mask is not None  # the padded layout has one
         hidden = run_body(model, ids, batch.attention_mask.to(device))
     else:
+        assert batch.position_ids is not None  # the packed layouts have them
         pos = batch.position_ids.to(device)
         hidden = run_body(model, ids, attention_mask_for(model, batch.segment, batch.branch, pos), pos)
     return hidden.reshape(-1, hidden.shape[-1])

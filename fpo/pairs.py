@@ -149,7 +149,7 @@ def _load_dataset(path: str, split=None):
             raise ValueError(f"dataset {path} is a single saved split: --split is for a DatasetDict")
         return ds
     if os.path.isdir(path):  # a folder of one data file per split: train.jsonl, test_prefs.parquet, ...
-        files = {}
+        files: dict[str, str] = {}
         for n in sorted(os.listdir(path)):
             stem, ext = os.path.splitext(n)
             if ext.lower() not in DATA_EXTENSIONS:
@@ -287,7 +287,9 @@ def load_pairs(path: str, max_pairs: int | None = None, bad_rows: str = "error",
     ds = _load_dataset(os.fspath(path), split)
     if len(ds) == 0:
         raise ValueError(f"dataset {path} is empty")
-    pairs, skipped, identical = [], [], []
+    pairs: list = []
+    skipped: list = []
+    identical: list = []
     for row, rec in enumerate(ds):
         if max_pairs is not None and len(pairs) >= max_pairs:
             break

@@ -151,6 +151,7 @@ def precompute(model, dataset, out, *, tokenizer=None, model_name=None, log=prin
     saes = load_config_saes(cfg, rt)
     if cfg.cache_k is None:  # the default: 256 slots, never more than an SAE has features
         cfg = dataclasses.replace(cfg, cache_k=min([DEFAULT_CACHE_K] + [s.sae.width for s in saes]))
+    assert cfg.cache_k is not None  # set just above
     for spec in saes:
         check_sae_fits(model, spec.sae, spec.layer)
         if cfg.cache_k > spec.sae.width:  # each slot past the width would be stored, and always empty

@@ -377,13 +377,13 @@ class ReferenceCache:
 
     def lookup(self, ids, row_hash=None, device="cpu") -> dict:
         """Rows for example ids [P] -> dict of tensors on device (chosen_* / rejected_*)."""
-        rows = []
+        found = []
         for i in ids.tolist():
             r = self._row_of.get(int(i))
             if r is None:
                 raise CacheMismatchError(f"example id {i} is not in cache {self.path}: it was built for other rows")
-            rows.append(r)
-        rows = torch.tensor(rows, dtype=torch.long)
+            found.append(r)
+        rows = torch.tensor(found, dtype=torch.long)
         if row_hash is not None:
             bad = (self.data["row_hash"][rows] != row_hash.cpu()).nonzero().flatten()
             if bad.numel():

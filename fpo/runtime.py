@@ -66,6 +66,7 @@ def load_items(cfg: CommandConfig, tokenizer, rt: Runtime) -> list[TokenizedPair
     """The dataset's pairs (--split, --max-pairs, --bad-rows), tokenised and cut to --max-length,
     --max-prompt-length and --max-tokens as every command cuts them (a cache's rows then match the run's)."""
     pairs = load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=rt.log, split=cfg.split)
+    assert cfg.max_prompt_length is not None  # CommandConfig sets it from max_length
     return tokenize_pairs(pairs, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.max_tokens, log=rt.log)
 
 

@@ -27,6 +27,7 @@ from .alpha_control import AlphaController
 from .config import TrainConfig, config_from_dict
 from .feature_files import read_feature_weights
 from .files import atomic_write_json
+from .locking import DirectoryLock
 from .lora import add_adapters, describe_lora
 from .model import (
     apply_body_kernels,
@@ -68,7 +69,7 @@ class Trainer:
     """Holds everything a run needs; `fit()` runs it. Built by `train(cfg)`."""
 
     def __init__(self, cfg: TrainConfig, log=print):
-        self._lock = None
+        self._lock: DirectoryLock | None = None
         try:
             self._build(cfg, log)
         except BaseException:
@@ -90,7 +91,7 @@ class Trainer:
         self.rank, self.world, self.device, self.precision = rt.rank, rt.world, rt.device, rt.precision
         self.log = rt.log
         self._resume_from, self._resume_state = None, None
-        self.inputs = {}  # what the run reads from files, by content: a resume must find the same
+        self.inputs: dict[str, object] = {}  # what the run reads from files, by content: a resume must find the same
         if dist_utils.is_main():  # before any model loads: a bad directory fails in a second
             self._lock = claim_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite, self.log)
         if cfg.resume:
@@ -151,11 +152,12 @@ class Trainer:
 
     def _load_reference(self, cfg: TrainConfig):
         """The reference side: the cache and its SAEs (fpo, dpo), or TDPO's online reference model."""
-        self.cache = None
+        self.cache: ReferenceCache | None = None
         if cfg.cache:  # TrainConfig requires one for fpo and dpo
             self.cache = ReferenceCache(cfg.cache)
         self.saes, self.sae_keys = [], []  # SAESpecs, and the suffix of each one's tensors in the cache
         if cfg.method == "fpo":
+            assert self.cache is not None  # TrainConfig checked
             built = self.cache.meta["pooling"]
             if built != cfg.pooling:
                 raise ValueError(
@@ -173,7 +175,8 @@ class Trainer:
                     "does not fire; train it without --compile"
                 )
             self.sae_keys = cached_sae_keys(self.cache, self.saes, self.model, cfg.k, cfg.select)
-        self.feature_weights = [None] * len(self.saes)  # per SAE: [width] weights in D, or None for 1 everywhere
+        # per SAE: [width] weights in D, or None for 1 everywhere
+        self.feature_weights: list[torch.Tensor | None] = [None] * len(self.saes)
         if cfg.feature_weights:
             if cfg.method != "fpo":
                 raise ValueError(f"feature_weights weighs FPO's D; method {cfg.method} has no D")
@@ -185,8 +188,9 @@ class Trainer:
         if self._resume_state is not None:
             check_resumable_inputs(self.inputs, self._resume_state.get("inputs"))
         # constraint_norm "ref": each SAE's D divided by its recorded reference feature scale
+        cache = self.cache
         self.sae_scales = [
-            self.cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" else 1.0 for key in self.sae_keys
+            cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" and cache else 1.0 for key in self.sae_keys
         ]
         self.ref_model = None
         self.reference_is_base = (
@@ -344,13 +348,13 @@ class Trainer:
             self.protect_ctl = AlphaController(cfg.protect_coef, cfg.protect_share)
         self.checkpointer.controller = _Controllers(alpha=self.alpha, protect=self.protect_ctl)
         self.step, self.history = 0, []
-        if self._resume_from is not None:
+        if self._resume_from is not None and self._resume_state is not None:
             saved = self._resume_state.get("controller")
             self.step, self.history = self.checkpointer.restore(self._resume_from, self._resume_state)
             self._resume_state = None
             if saved is not None:
                 self.checkpointer.controller.load_state_dict(saved)
-            if self.protect_ctl is not None:
+            if self.protect_ctl is not None and self.protect is not None:
                 self.protect.coef = self.protect_ctl.alpha
 
     # ---- distributed wrapping -------------------------------------------------------------------

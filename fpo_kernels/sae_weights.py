@@ -48,6 +48,7 @@ class SAEWeights:
     name: str = "sae"
     activation: str = "jumprelu"
     k: int | None = None  # topk: features kept per token
+    neuronpedia_id: str | None = None  # where its features are described: https://www.neuronpedia.org/<id>/<feature>
     bias: torch.Tensor = field(init=False)
     _cast: dict = field(init=False, default_factory=dict, repr=False)
 

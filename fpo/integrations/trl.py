@@ -119,7 +119,7 @@ def log_trl_metrics(trainer, mode, outputs, inputs, logps, m):
     trainer._metrics[mode]["mean_token_accuracy"].append(token_mean(outputs.is_top1[:, -T:].float(), chosen))
 
 
-class FPOTrainer(_base()):
+class FPOTrainer(_base()):  # type: ignore[misc]  # TRL's DPOTrainer, imported when used
     """TRL's DPOTrainer with FPO's loss. Arguments beyond DPOTrainer's: sae (SAEWeights), sae_layer (the decoder
     block the SAE reads), sae_site (where in it: fpo.model.SITES, the block's output by default), alpha, k, select
     ("policy" or "reference"), cache_k (cached features per completion, >= k), d_scale (what D is divided by: 1, or
@@ -129,8 +129,8 @@ class FPOTrainer(_base()):
     def __init__(
         self,
         *args,
-        sae: SAEWeights = None,
-        sae_layer: int = None,
+        sae: SAEWeights | None = None,
+        sae_layer: int | None = None,
         sae_site: str = "resid_post",
         alpha: float = 0.5,
         k: int = 50,
@@ -287,7 +287,7 @@ class FPOTrainer(_base()):
         return (loss, outputs) if return_outputs else loss
 
 
-class TDPOTrainer(_base()):
+class TDPOTrainer(_base()):  # type: ignore[misc]  # TRL's DPOTrainer, imported when used
     """TRL's DPOTrainer with TDPO's loss (Zeng et al. 2024), variant 1 or 2: the policy's and TRL's reference
     model's final hidden states through our fused op, which gives both log-probs and the sequential KL from one
     pass over the logits. The reference must be online (precompute_ref_log_probs=False). One process: the

@@ -26,7 +26,7 @@ def test_ruff_lint_and_format_are_clean():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_mypy_is_clean_on_fpo_kernels():
+def test_mypy_is_clean_on_both_packages():
     r = _run(sys.executable, "-m", "mypy")  # files and settings: pyproject's [tool.mypy]
     assert r.returncode == 0, r.stdout + r.stderr
 
