@@ -41,7 +41,7 @@ from fpo.precompute import precompute
 from fpo.run_dir import checkpoints
 
 SETTINGS = {
-    "cpu": dict(pairs=200, eval_pairs=64, steps=40, every=10, batch_size=2, max_length=128, lr=5e-5, warmup=4),
+    "cpu": dict(pairs=200, eval_pairs=64, steps=40, every=20, batch_size=2, max_length=128, lr=5e-5, warmup=4),
     "cuda": dict(pairs=2000, eval_pairs=256, steps=200, every=25, batch_size=8, max_length=384, lr=1e-5, warmup=20),
 }
 METHODS = ("fpo", "simpo", "tdpo2")
@@ -162,54 +162,55 @@ def run(args, log=print) -> dict:
         for n in names:
             shutil.rmtree(os.path.dirname(runs[n]["final"]), ignore_errors=True)
 
-    # equal gain, per seed
-    matched = {}
-    for seed in args.seeds:
-        finals = [runs[f"{m}-s{seed}"]["curve"][-1]["margin"] for m in args.methods]
-        g = min(finals)
-        row = {"gain": g if g > 0 else None}
-        for m in args.methods:
-            curve = runs[f"{m}-s{seed}"]["curve"]
-            row[m] = {key: (at_gain(curve, g, key) if g > 0 else None) for key in METRICS}
-        matched[seed] = row
-    claims = {}
-    for a, b in PAIRS:
-        if a not in args.methods or b not in args.methods:
-            continue
-        for key in METRICS:
-            ratios = [
-                matched[seed][a][key] / matched[seed][b][key]
-                for seed in args.seeds
-                if matched[seed]["gain"] is not None
-                and matched[seed][a][key] is not None
-                and (matched[seed][b][key] or 0) > 0
-                and matched[seed][a][key] > 0
-            ]
-            claims[f"{key} {a}/{b}"] = paired_claim(ratios) if len(ratios) == len(args.seeds) else None
-    finals = {}
-    for m in args.methods:
-        rs = [runs[f"{m}-s{seed}"] for seed in args.seeds]
-        finals[m] = {key: _mean_sd([r["curve"][-1][key] for r in rs]) for key in ("margin", "acc", "kl", "d")} | {
-            "drift_total": _mean_sd([r["drift_total"] for r in rs]),
-            "noise_floor_d": _mean_sd([r["two_steps"]["d"] / max(r["curve"][-1]["d"], 1e-30) for r in rs]),
-            "noise_floor_kl": _mean_sd([r["two_steps"]["kl"] / max(r["curve"][-1]["kl"], 1e-30) for r in rs]),
-        }
-    result = {
-        "settings": dict(s, seeds=args.seeds, methods=args.methods, target_share=args.target_share),
-        "matched": {str(k): v for k, v in matched.items()},
-        "claims": claims,
-        "finals": finals,
-        "runs": {n: {k: v for k, v in r.items() if k not in ("final", "history")} for n, r in runs.items()},
-        "pairs_judged": s["eval_pairs"],
-        "seconds": time.time() - t_start,
-        "environment": environment(),
-    }
+    settings = dict(s, seeds=args.seeds, methods=args.methods, target_share=args.target_share)
+    result = summarise(runs, settings) | {"seconds": time.time() - t_start, "environment": environment()}
     os.makedirs(args.out, exist_ok=True)
     _plot(result, os.path.join(args.out, "evidence_methods.png"))
     atomic_write_json(os.path.join(args.out, "evidence_methods.json"), result)
     atomic_write_text(os.path.join(args.out, "evidence_methods.md"), markdown(result))
     log(markdown(result))
     return result
+
+
+def summarise(runs: dict, settings: dict) -> dict:
+    """The runs' curves read at equal gain per seed, the paired ratios and their claims, the final checkpoints'
+    means over seeds. runs: {"<method>-s<seed>": {"curve", "two_steps", "drift_total", "shares", ...}}."""
+    seeds, methods = settings["seeds"], settings["methods"]
+    matched = {}
+    for seed in seeds:
+        g = min(runs[f"{m}-s{seed}"]["curve"][-1]["margin"] for m in methods)
+        row: dict = {"gain": g if g > 0 else None}
+        for m in methods:
+            curve = runs[f"{m}-s{seed}"]["curve"]
+            row[m] = {key: (at_gain(curve, g, key) if g > 0 else None) for key in METRICS}
+        matched[seed] = row
+    claims = {}
+    for a, b in PAIRS:
+        if a not in methods or b not in methods:
+            continue
+        for key in METRICS:
+            ratios = [
+                matched[seed][a][key] / matched[seed][b][key]
+                for seed in seeds
+                if (matched[seed][a][key] or 0) > 0 and (matched[seed][b][key] or 0) > 0
+            ]
+            claims[f"{key} {a}/{b}"] = paired_claim(ratios) if len(ratios) == len(seeds) else None
+    finals = {}
+    for m in methods:
+        rs = [runs[f"{m}-s{seed}"] for seed in seeds]
+        finals[m] = {key: _mean_sd([r["curve"][-1][key] for r in rs]) for key in ("margin", "acc", "kl", "d")} | {
+            "drift_total": _mean_sd([r["drift_total"] for r in rs]),
+            "noise_floor_d": _mean_sd([r["two_steps"]["d"] / max(r["curve"][-1]["d"], 1e-30) for r in rs]),
+            "noise_floor_kl": _mean_sd([r["two_steps"]["kl"] / max(r["curve"][-1]["kl"], 1e-30) for r in rs]),
+        }
+    return {
+        "settings": settings,
+        "matched": {str(k): v for k, v in matched.items()},
+        "claims": claims,
+        "finals": finals,
+        "runs": {n: {k: v for k, v in r.items() if k not in ("final", "history")} for n, r in runs.items()},
+        "pairs_judged": settings["eval_pairs"],
+    }
 
 
 def _mean_sd(xs):

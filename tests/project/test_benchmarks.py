@@ -283,3 +283,29 @@ def test_evidence_methods_reads_a_curve_at_a_gain_and_claims_only_what_every_see
     assert c["claimed"] and c["mean"] == pytest.approx(0.55)
     assert not paired_claim([0.5, 1.2, 0.55])["claimed"]  # one seed on the other side of 1
     assert not paired_claim([0.9, 0.5, 0.99])["claimed"]  # one sign, but the mean within 2 standard errors
+
+
+def test_evidence_methods_summary_table_and_plot_from_synthetic_runs(tmp_path):
+    """The whole tail of the benchmark (equal gain, claims, finals, its markdown and plot) on made-up curves: FPO
+    reaches each gain with half SimPO's D in every seed."""
+    from benchmarks.evidence_methods import _plot, markdown, summarise
+
+    settings = dict(seeds=[0, 1, 2], methods=["fpo", "simpo"], eval_pairs=8, pairs=16, steps=4, every=2,
+                    batch_size=2, max_length=64, lr=1e-5, warmup=0, target_share=0.1)  # fmt: skip
+    runs = {}
+    for seed in settings["seeds"]:
+        for m, slope in (("fpo", 1.0), ("simpo", 2.0)):
+            curve = [{"step": 0, "margin": 0.0, "acc": 0.5, "kl": 0.0, "d": 0.0}]
+            for step in (2, 4):
+                g = 0.01 * step * (1 + seed) * (1.5 if m == "simpo" else 1.0)
+                curve.append({"step": step, "margin": g, "acc": 0.6, "kl": 3 * g, "d": slope * g})
+            runs[f"{m}-s{seed}"] = {"curve": curve, "two_steps": curve[1], "drift_total": 1.0, "shares": None}
+    res = summarise(runs, settings)
+    c = res["claims"]["d fpo/simpo"]
+    assert c["ratios"] == pytest.approx([0.5, 0.5, 0.5]) and c["claimed"]  # one side of 1 in every seed, no spread
+    assert res["claims"]["kl fpo/simpo"]["ratios"] == pytest.approx([1.0, 1.0, 1.0])
+    assert res["matched"]["0"]["gain"] == pytest.approx(0.04)  # FPO's final margin, the smaller
+    text = markdown(res)
+    assert "| d fpo/simpo | 0.5, 0.5, 0.5 |" in text
+    _plot(res, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
