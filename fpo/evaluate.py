@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .config import EvalConfig
-from .packing import attention_length_scale, collate, plan_micro_batches
+from .packing import Batching, attention_length_scale
 from .protection import ProtectTerm, protect_metrics
 from .reference_cache import ReferenceCache
 from .runtime import load_config_saes, load_items, load_model, start
@@ -129,15 +129,8 @@ def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, k
     """Per-pair and per-sequence scores of every batch, on the device, from the statistics a training step
     computes (fpo.step): acc_logp, acc_reward, kl, and one D list per SAE."""
     scores: dict[str, list] = {"acc_logp": [], "acc_reward": [], "reward_margin": [], "kl": [], "d": [[] for _ in keys]}
-    row_scale = attention_length_scale(policy.model)
-    chunks = (
-        [items[b : b + cfg.batch_pairs] for b in range(0, len(items), cfg.batch_pairs)]
-        if cfg.max_tokens is None
-        else plan_micro_batches(items, cfg.packing, cfg.max_tokens, row_scale)
-    )
-    for chunk in chunks:
+    for chunk, batch in Batching.of(cfg, pad_id, attention_length_scale(policy.model)).batches(items):
         P = len(chunk)
-        batch = collate(chunk, cfg.packing, pad_id, row_scale, cfg.pooling)
         reference, kw = reference_side(batch, device, ref_cache, keys, ref_model, autocast=policy.autocast)
         stats = policy(batch, **kw)
         mean = stats["logp_mean"]

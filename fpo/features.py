@@ -31,7 +31,7 @@ from .feature_files import ProtectSet, read_protect_file, write_feature_weights,
 from .feature_page import render_page
 from .files import atomic_write_json, atomic_write_text
 from .model import ActivationCapture, config_fingerprint
-from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
+from .packing import Batching, attention_length_scale, body_hidden
 from .progress import progress_bar
 from .run_dir import RUN_CONFIG
 from .runtime import load_config_saes, load_items, load_model, start
@@ -50,12 +50,6 @@ def run_name(path: str) -> str:
     return os.path.basename(os.path.dirname(p)) or base if base in ("final", "final-merged") else base
 
 
-def _chunks(cfg, items, scale):
-    if cfg.max_tokens is None:
-        return [items[b : b + cfg.batch_pairs] for b in range(0, len(items), cfg.batch_pairs)]
-    return plan_micro_batches(items, cfg.packing, cfg.max_tokens, scale)
-
-
 def _activations(model, batch, saes, rt):
     """{(layer, site): [N, d] flat activations} of one micro-batch, one forward for every SAE."""
     caps = {(s.layer, s.site): ActivationCapture(model, s.layer, s.site) for s in saes}
@@ -72,13 +66,12 @@ def _activations(model, batch, saes, rt):
             cap.remove()
 
 
-def _pass(model, items, saes, cfg, rt, pad_id, scale, desc, each):
+def _pass(model, items, saes, batching: Batching, rt, progress, desc, each):
     """One forward over every held-out pair: each(pair positions [P], pooled [2P, width] per SAE, the activations
     {(layer, site): [N, d]}, the micro-batch) per micro-batch."""
-    bar = progress_bar(len(items), desc=desc, unit="pair") if cfg.progress else None
+    bar = progress_bar(len(items), desc=desc, unit="pair") if progress else None
     position = {it.id: i for i, it in enumerate(items)}
-    for chunk in _chunks(cfg, items, scale):
-        batch = collate(chunk, cfg.packing, pad_id, scale, cfg.pooling)
+    for chunk, batch in batching.batches(items):
         acts = _activations(model, batch, saes, rt)
         pooled = [sae_pooled_features(acts[(s.layer, s.site)], s.sae, spans=batch.pool_spans) for s in saes]
         each([position[it.id] for it in chunk], pooled, acts, batch)
@@ -119,7 +112,8 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
             f"--top {cfg.protect} or more"
         )
     items = load_items(cfg, tokenizer, rt)
-    n, pad, scale = len(items), tokenizer.pad_token_id, attention_length_scale(ref_model)
+    n = len(items)
+    batching = Batching.of(cfg, tokenizer.pad_token_id, attention_length_scale(ref_model))
 
     # the reference: each response's pooled features, kept sparse (row side * n + pair), and each feature's
     # strongest held-out contexts, found in the same pass
@@ -132,7 +126,7 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
             for j, spec in enumerate(saes):
                 contexts[j].add(acts[(spec.layer, spec.site)], spec.sae, batch.pool_spans, pos)
 
-    _pass(ref_model, items, saes, cfg, rt, pad, scale, "features: reference", keep_reference)
+    _pass(ref_model, items, saes, batching, rt, cfg.progress, "features: reference", keep_reference)
 
     policy_rows = []  # per run, per SAE: the sparse rows
     for path, name in zip(cfg.models, names):
@@ -144,10 +138,9 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
             policy,
             items,
             saes,
-            cfg,
+            batching,
             rt,
-            pad,
-            scale,
+            cfg.progress,
             f"features: {name}",
             lambda pos, p, a, b, rows=rows: _keep_rows(rows, pos, p, n),
         )
@@ -229,7 +222,7 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
         tops.append(top)
         del ref, pol
     if cfg.html and contexts is not None:
-        _add_token_activations(report, items, saes, tops, ref_model, cfg, rt, tokenizer, scale)
+        _add_token_activations(report, items, saes, tops, ref_model, cfg, rt, tokenizer, batching)
     report["seconds"] = time.time() - t0
     report["settings"] = dict(vars(cfg))
     report["versions"] = _versions()
@@ -419,7 +412,7 @@ class _ContextHeap:
         return out
 
 
-def _add_token_activations(report, items, saes, tops, ref_model, cfg, rt, tokenizer, scale):
+def _add_token_activations(report, items, saes, tops, ref_model, cfg, rt, tokenizer, batching: Batching):
     """For the page: each listed context's tokens' activation of its feature under the reference and each run,
     from one more pass over only the pairs that hold a context (None on prompt tokens, which are not pooled)."""
     by_id = {it.id: it for it in items}
@@ -427,8 +420,7 @@ def _add_token_activations(report, items, saes, tops, ref_model, cfg, rt, tokeni
 
     def activations(model) -> dict:
         out = {}
-        for chunk in _chunks(cfg, need, scale):
-            batch = collate(chunk, cfg.packing, tokenizer.pad_token_id, scale, cfg.pooling)
+        for chunk, batch in batching.batches(need):
             acts = _activations(model, batch, saes, rt)
             for j, spec in enumerate(saes):
                 flat = acts[(spec.layer, spec.site)]

@@ -190,6 +190,39 @@ class MicroBatch:
         return mask
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How a command cuts its pairs into forwards, made once from its config: the layout, the rows the SAE
+    features are pooled over, pairs per forward or a token budget per forward, the pad id and the model's attention
+    row scale. `split` cuts pairs into micro-batches, `collate` lays one out, `batches` does both."""
+
+    layout: str
+    pooling: str
+    pad_id: int
+    pairs: int = 4
+    max_tokens: int | None = None
+    row_scale: float | None = None
+
+    @classmethod
+    def of(cls, cfg, pad_id: int, row_scale, pairs: int | None = None) -> Batching:
+        """From a command's config (packing, pooling, max_tokens and batch_pairs, or `pairs`)."""
+        return cls(cfg.packing, cfg.pooling, pad_id, pairs or cfg.batch_pairs, cfg.max_tokens, row_scale)
+
+    def split(self, items) -> list[list]:
+        """Pairs in micro-batches: `pairs` at a time in order, or by the token budget (plan_micro_batches)."""
+        if self.max_tokens is None:
+            return [items[b : b + self.pairs] for b in range(0, len(items), self.pairs)]
+        return plan_micro_batches(items, self.layout, self.max_tokens, self.row_scale)
+
+    def collate(self, chunk) -> MicroBatch:
+        return collate(chunk, self.layout, self.pad_id, self.row_scale, self.pooling)
+
+    def batches(self, items):
+        """(the micro-batch's pairs, its MicroBatch), for every micro-batch of `items`."""
+        for chunk in self.split(items):
+            yield chunk, self.collate(chunk)
+
+
 def collate(items, layout: str, pad_id: int, attention_scale=None, pooling: str = "response") -> MicroBatch:
     """P tokenised pairs -> one MicroBatch in the layout.
 

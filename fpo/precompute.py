@@ -20,7 +20,7 @@ from .feature_files import read_protect_file
 from .files import atomic_write_json, sha256_of
 from .locking import LOCK_NAME, DirectoryLock
 from .model import ActivationCapture, final_softcap, lm_head, model_fingerprint
-from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
+from .packing import Batching, attention_length_scale, body_hidden
 from .pairs import dataset_fingerprint, tokenizer_fingerprint
 from .progress import progress_bar
 from .protection import add_protected_values
@@ -300,17 +300,10 @@ def _compute_shards(cfg, model, tokenizer, items, saes, prec, device, shards, ra
     bar = None
     if cfg.progress and rank == 0:
         bar = progress_bar(sum(e - s for s, e in todo) * world, desc="precompute", unit="pair")
-    pad = tokenizer.pad_token_id
-    scale = attention_length_scale(model)
+    batching = Batching.of(cfg, tokenizer.pad_token_id, attention_length_scale(model))
     for s, e in todo:
         parts, order = [], []
-        chunks = (
-            [items[b : min(b + cfg.batch_pairs, e)] for b in range(s, e, cfg.batch_pairs)]
-            if cfg.max_tokens is None
-            else plan_micro_batches(items[s:e], cfg.packing, cfg.max_tokens, scale)
-        )
-        for chunk in chunks:
-            batch = collate(chunk, cfg.packing, pad, scale, cfg.pooling)  # d_factor applies to D, in training
+        for chunk, batch in batching.batches(items[s:e]):  # the batch's d_factor applies to D, in training
             with prec.autocast(device):
                 parts.append(reference_stats(model, batch, saes, cfg.cache_k, device, VALUE_DTYPES[cfg.value_dtype]))
             order += [it.id for it in chunk]

@@ -25,7 +25,7 @@ from fpo_kernels.protect import protected_features, protection_penalty
 from .feature_files import ProtectSet, read_protect_file
 from .files import atomic_write_json, sha256_of
 from .model import ActivationCapture, decoder_layers
-from .packing import attention_length_scale, body_hidden, collate, plan_micro_batches
+from .packing import Batching, attention_length_scale, body_hidden
 from .progress import progress_bar
 from .reference_cache import shard_is_sound, shard_name, write_shard
 from .sae import check_sae_fits
@@ -133,16 +133,10 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
     if len(todo) < len(shards):
         say(f"[fpo] protect: resuming, {len(shards) - len(todo)} of {len(shards)} shards already complete")
     bar = progress_bar(sum(e - s for s, e in todo), desc="protect", unit="pair") if cfg.progress else None
-    pad, scale = tokenizer.pad_token_id, attention_length_scale(model)
+    batching = Batching.of(cfg, tokenizer.pad_token_id, attention_length_scale(model))
     for s, e in todo:
-        chunks = (
-            [items[b : min(b + cfg.batch_pairs, e)] for b in range(s, e, cfg.batch_pairs)]
-            if cfg.max_tokens is None
-            else plan_micro_batches(items[s:e], cfg.packing, cfg.max_tokens, scale)
-        )
         chosen, rejected = {}, {}
-        for chunk in chunks:
-            batch = collate(chunk, cfg.packing, pad, scale, cfg.pooling)
+        for chunk, batch in batching.batches(items[s:e]):
             with rt.precision.autocast(rt.device):
                 v = reference_protected(model, batch, spec, list(protect.ids), rt.device)
             P = len(chunk)

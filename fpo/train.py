@@ -37,7 +37,7 @@ from .model import (
     final_softcap,
     model_fingerprint,
 )
-from .packing import attention_length_scale, collate, micro_batch_tokens, plan_micro_batches
+from .packing import Batching, attention_length_scale, micro_batch_tokens
 from .pairs import tokenizer_fingerprint
 from .precision import SAVE_DTYPES, describe_precision, make_optimizer
 from .protection import ProtectTerm
@@ -149,6 +149,7 @@ class Trainer:
         model.train()
         self.model = model
         self.row_scale = attention_length_scale(model)  # packed micro-batches as one stream (FlexAttention) or rows
+        self.batching = Batching.of(self.cfg, self.tokenizer.pad_token_id, self.row_scale, self.cfg.micro_batch_size)
 
     def _load_reference(self, cfg: TrainConfig):
         """The reference side: the cache and its SAEs (fpo, dpo), or TDPO's online reference model."""
@@ -399,12 +400,7 @@ class Trainer:
                 for j in range(self.accum)
             ]
         n = self.pairs_per_rank
-        plans = [
-            plan_micro_batches(
-                [self.items[i] for i in batch[r * n : (r + 1) * n]], cfg.packing, cfg.max_tokens, self.row_scale
-            )
-            for r in range(self.world)
-        ]
+        plans = [self.batching.split([self.items[i] for i in batch[r * n : (r + 1) * n]]) for r in range(self.world)]
         mine, target = plans[rank], max(len(p) for p in plans)
         while len(mine) < target:
             j = max(range(len(mine)), key=lambda i: len(mine[i]))
@@ -437,7 +433,7 @@ class Trainer:
     def _losses(self, items):
         """(losses [P], metrics, batch) of one micro-batch: the policy forward and the reference side."""
         cfg = self.cfg
-        batch = collate(items, cfg.packing, self.tokenizer.pad_token_id, self.row_scale, cfg.pooling)
+        batch = self.batching.collate(items)
         reference, kw = reference_side(
             batch,
             self.device,
