@@ -115,37 +115,8 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
     n = len(items)
     batching = Batching.of(cfg, tokenizer.pad_token_id, attention_length_scale(ref_model))
 
-    # the reference: each response's pooled features, kept sparse (row side * n + pair), and each feature's
-    # strongest held-out contexts, found in the same pass
-    ref_rows = [[None] * (2 * n) for _ in saes]
-    contexts = [_ContextHeap(s.sae.width, cfg.contexts) for s in saes] if cfg.contexts else None
-
-    def keep_reference(pos, pooled, acts, batch):
-        _keep_rows(ref_rows, pos, pooled, n)
-        if contexts is not None:
-            for j, spec in enumerate(saes):
-                contexts[j].add(acts[(spec.layer, spec.site)], spec.sae, batch.pool_spans, pos)
-
-    _pass(ref_model, items, saes, batching, rt, cfg.progress, "features: reference", keep_reference)
-
-    policy_rows = []  # per run, per SAE: the sparse rows
-    for path, name in zip(cfg.models, names):
-        policy, _ = load_model(path, cfg, rt, rt.precision.frozen_dtype, tokenizer)
-        policy.eval()
-        _check_started_from(path, policy, ref_model, cfg.reference, log)
-        rows = [[None] * (2 * n) for _ in saes]
-        _pass(
-            policy,
-            items,
-            saes,
-            batching,
-            rt,
-            cfg.progress,
-            f"features: {name}",
-            lambda pos, p, a, b, rows=rows: _keep_rows(rows, pos, p, n),
-        )
-        del policy
-        policy_rows.append(rows)
+    ref_rows, contexts = _reference_pass(ref_model, items, saes, batching, rt, cfg)
+    policy_rows = _run_passes(cfg, names, ref_model, tokenizer, items, saes, batching, rt, log)
 
     rank_pairs, judge_pairs = _split_pairs(n, cfg.rank_split)
     report = {
@@ -195,30 +166,9 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
         entry["summary"] = _summary_line(entry, names, report)
         report["saes"].append(entry)
         for c, i in enumerate(top):
-            report["features"].append(
-                {
-                    "sae": label,
-                    "id": i,
-                    "ref_chosen": judged["ref_mean"][0, i].item(),
-                    "ref_rejected": judged["ref_mean"][1, i].item(),
-                    "ref_freq": judged["ref_freq"][
-                        :, i
-                    ].tolist(),  # chosen, rejected: the share of responses where it fires
-                    "policy_chosen": judged["pol_mean"][:, 0, i].tolist(),
-                    "policy_rejected": judged["pol_mean"][:, 1, i].tolist(),
-                    "policy_freq": judged["pol_freq"][:, :, i].tolist(),  # per run: chosen, rejected
-                    "drift": drift[:, i].tolist(),
-                    "drift_chosen": judged["side_drift"][:, 0, i].tolist(),
-                    "drift_rejected": judged["side_drift"][:, 1, i].tolist(),
-                    "change_chosen": judged["change"][:, 0, i].tolist(),  # mean p - p_ref, signed
-                    "change_rejected": judged["change"][:, 1, i].tolist(),
-                    "change_ci_chosen": judged["ci"][:, 0, :, c].tolist(),  # per run: [2.5%, 97.5%] bootstrap
-                    "change_ci_rejected": judged["ci"][:, 1, :, c].tolist(),
-                    "rel_change_chosen": _relative(judged["change"][:, 0, i], judged["ref_mean"][0, i]),
-                    "rel_change_rejected": _relative(judged["change"][:, 1, i], judged["ref_mean"][1, i]),
-                    "contexts": [] if contexts is None else contexts[j].of(i, items, tokenizer, cfg),
-                }
-            )
+            entry = _feature_entry(label, i, c, judged, drift)
+            entry["contexts"] = [] if contexts is None else contexts[j].of(i, items, tokenizer, cfg)
+            report["features"].append(entry)
         tops.append(top)
         del ref, pol
     if cfg.html and contexts is not None:
@@ -227,6 +177,13 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
     report["settings"] = dict(vars(cfg))
     report["versions"] = _versions()
     _print_table(report, log)
+    _write_outputs(report, tops, cfg, log)
+    return report
+
+
+def _write_outputs(report, tops, cfg: FeaturesConfig, log):
+    """What the flags ask for: --json, --png, --html, and --weights-out / --protect-out from the first SAE's
+    top features."""
     if cfg.json:
         atomic_write_json(cfg.json, _clean_numbers(report))
         log(f"[fpo] features: {cfg.json}")
@@ -263,7 +220,64 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
             ),
         )
         log(f"[fpo] features: {cfg.protect_out} protects features {protected} (`fpo train --protect`)")
-    return report
+
+
+def _reference_pass(ref_model, items, saes, batching: Batching, rt, cfg: FeaturesConfig):
+    """(per SAE, each response's pooled reference features kept sparse at row side * n + pair; per SAE, each
+    feature's strongest held-out contexts or None), found in the one pass over the reference."""
+    n = len(items)
+    ref_rows = [[None] * (2 * n) for _ in saes]
+    contexts = [_ContextHeap(s.sae.width, cfg.contexts) for s in saes] if cfg.contexts else None
+
+    def keep_reference(pos, pooled, acts, batch):
+        _keep_rows(ref_rows, pos, pooled, n)
+        if contexts is not None:
+            for j, spec in enumerate(saes):
+                contexts[j].add(acts[(spec.layer, spec.site)], spec.sae, batch.pool_spans, pos)
+
+    _pass(ref_model, items, saes, batching, rt, cfg.progress, "features: reference", keep_reference)
+    return ref_rows, contexts
+
+
+def _run_passes(cfg: FeaturesConfig, names, ref_model, tokenizer, items, saes, batching: Batching, rt, log):
+    """Per run, per SAE: the sparse pooled rows of each response, one run loaded at a time."""
+    n = len(items)
+    policy_rows = []
+    for path, name in zip(cfg.models, names):
+        policy, _ = load_model(path, cfg, rt, rt.precision.frozen_dtype, tokenizer)
+        policy.eval()
+        _check_started_from(path, policy, ref_model, cfg.reference, log)
+        rows = [[None] * (2 * n) for _ in saes]
+        _pass(policy, items, saes, batching, rt, cfg.progress, f"features: {name}",
+              lambda pos, p, a, b, rows=rows: _keep_rows(rows, pos, p, n))  # fmt: skip
+        del policy
+        policy_rows.append(rows)
+    return policy_rows
+
+
+def _feature_entry(label, i, c, judged, drift) -> dict:
+    """One listed feature's numbers, judged on the judging half: the reference's and each run's mean and firing
+    frequency per side, the drift, the signed and relative change with its bootstrap interval (c: its column
+    in judged["ci"])."""
+    return {
+        "sae": label,
+        "id": i,
+        "ref_chosen": judged["ref_mean"][0, i].item(),
+        "ref_rejected": judged["ref_mean"][1, i].item(),
+        "ref_freq": judged["ref_freq"][:, i].tolist(),  # chosen, rejected: the share of responses where it fires
+        "policy_chosen": judged["pol_mean"][:, 0, i].tolist(),
+        "policy_rejected": judged["pol_mean"][:, 1, i].tolist(),
+        "policy_freq": judged["pol_freq"][:, :, i].tolist(),  # per run: chosen, rejected
+        "drift": drift[:, i].tolist(),
+        "drift_chosen": judged["side_drift"][:, 0, i].tolist(),
+        "drift_rejected": judged["side_drift"][:, 1, i].tolist(),
+        "change_chosen": judged["change"][:, 0, i].tolist(),  # mean p - p_ref, signed
+        "change_rejected": judged["change"][:, 1, i].tolist(),
+        "change_ci_chosen": judged["ci"][:, 0, :, c].tolist(),  # per run: [2.5%, 97.5%] bootstrap
+        "change_ci_rejected": judged["ci"][:, 1, :, c].tolist(),
+        "rel_change_chosen": _relative(judged["change"][:, 0, i], judged["ref_mean"][0, i]),
+        "rel_change_rejected": _relative(judged["change"][:, 1, i], judged["ref_mean"][1, i]),
+    }
 
 
 def _keep_rows(rows, pos, pooled, n):
