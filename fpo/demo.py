@@ -237,23 +237,8 @@ def _demo(d, methods, device, output_dir, seed, progress, keep_models, log) -> d
         f"[fpo demo] {next(stage)}/{stages} reference cache for {d['train_pairs']} training and "
         f"{d['eval_pairs']} held-out pairs"
     )
-    caches = {}
-    for name, f, n in (("train", train_file, d["train_pairs"]), ("eval", eval_file, d["eval_pairs"])):
-        caches[name] = os.path.join(output_dir, f"cache-{name}")
-        precompute(
-            model_dir,
-            f,
-            caches[name],
-            sae=assets.DEMO_SAE,
-            cache_k=256,
-            max_pairs=n,
-            device=device,
-            batch_pairs=4,
-            overwrite=True,
-            log=log,
-            progress=progress,
-            **lengths,
-        )
+    caches = _reference_caches(model_dir, {"train": train_file, "eval": eval_file}, d, output_dir, device,
+                               progress, log)  # fmt: skip
 
     eval_kw = dict(
         dataset=eval_file,
@@ -272,29 +257,7 @@ def _demo(d, methods, device, output_dir, seed, progress, keep_models, log) -> d
     runs = {}
     for name in methods:
         log(f"[fpo demo] {next(stage)}/{stages} training {name}, {d['steps']} steps")
-        method = "fpo" if name.startswith("fpo") else name
-        cfg = dict(
-            method=method,
-            model=model_dir,
-            dataset=train_file,
-            max_pairs=d["train_pairs"],
-            cache=caches["train"] if method in ("fpo", "dpo") else None,
-            sae=assets.DEMO_SAE if method == "fpo" else None,
-            batch_size=d["batch_size"],
-            micro_batch_size=min(2, d["batch_size"]),
-            max_steps=d["steps"],
-            epochs=1000,
-            lr=d["lr"],
-            warmup_steps=2,
-            seed=seed,
-            output_dir=os.path.join(output_dir, name),
-            overwrite=True,
-            log_every=1,
-            progress=progress,
-            device=device,
-            save_optimizer=False,
-            **lengths,
-        )
+        cfg = _run_config(name, model_dir, train_file, caches["train"], d, seed, output_dir, device, progress)
         hist, alpha = _train(name, cfg, output_dir, log)
         log(f"[fpo demo] {next(stage)}/{stages} held-out evaluation after {name}")
         final = os.path.join(cfg["output_dir"], "final")
@@ -322,10 +285,60 @@ def _demo(d, methods, device, output_dir, seed, progress, keep_models, log) -> d
             shutil.rmtree(os.path.join(output_dir, name, "final"), ignore_errors=True)
         log("[fpo demo] the trained models removed once evaluated (--keep-models keeps them)")
 
+    result = _write_results(d, methods, device, before, runs, features, output_dir, t_start, log)
+    log("")
+    log(f"A few dozen steps on {device} show the mechanics and the costs, not alignment quality.")
+    log(f"Written in {time.time() - t_start:.0f} s:")
+    for path in [os.path.join(output_dir, n) for n in ("demo.png", "demo.json", "features.json", "features.html")]:
+        log(f"  {path}")
+    return result
+
+
+def _reference_caches(model_dir, files: dict, d, output_dir, device, progress, log) -> dict:
+    """Stage 1: the reference's cache of the training and of the held-out pairs, {split: its folder}."""
+    caches = {}
+    for split, path in files.items():
+        caches[split] = os.path.join(output_dir, f"cache-{split}")
+        precompute(model_dir, path, caches[split], sae=assets.DEMO_SAE, cache_k=256, max_pairs=d[f"{split}_pairs"],
+                   device=device, batch_pairs=4, overwrite=True, log=log, progress=progress,
+                   max_length=d["max_length"], max_prompt_length=d["max_prompt_length"])  # fmt: skip
+    return caches
+
+
+def _run_config(name, model_dir, train_file, cache, d, seed, output_dir, device, progress) -> dict:
+    """One method's `fpo train` config: the demo's steps and pairs, the cache and SAE where the method reads
+    them (_train adds FPO's alpha)."""
+    method = "fpo" if name.startswith("fpo") else name
+    return dict(
+        method=method,
+        model=model_dir,
+        dataset=train_file,
+        max_pairs=d["train_pairs"],
+        cache=cache if method in ("fpo", "dpo") else None,
+        sae=assets.DEMO_SAE if method == "fpo" else None,
+        batch_size=d["batch_size"],
+        micro_batch_size=min(2, d["batch_size"]),
+        max_steps=d["steps"],
+        epochs=1000,
+        lr=d["lr"],
+        warmup_steps=2,
+        seed=seed,
+        output_dir=os.path.join(output_dir, name),
+        overwrite=True,
+        log_every=1,
+        progress=progress,
+        device=device,
+        save_optimizer=False,
+        max_length=d["max_length"],
+        max_prompt_length=d["max_prompt_length"],
+    )
+
+
+def _write_results(d, methods, device, before, runs, features, output_dir, t_start, log) -> dict:
+    """The last stage: the table (printed), demo.png and demo.json."""
     n_eval = before["pairs"] if "pairs" in before else d["eval_pairs"]
     rows = _table_rows(runs, before, n_eval)
-    png = os.path.join(output_dir, "demo.png")
-    _plot(runs, before, png, n_eval, features)
+    _plot(runs, before, os.path.join(output_dir, "demo.png"), n_eval, features)
     result = {
         "settings": d,
         "device": str(device),
@@ -339,11 +352,6 @@ def _demo(d, methods, device, output_dir, seed, progress, keep_models, log) -> d
     }
     atomic_write_json(os.path.join(output_dir, "demo.json"), result)
     _report(rows, device, n_eval, log)
-    log("")
-    log(f"A few dozen steps on {device} show the mechanics and the costs, not alignment quality.")
-    log(f"Written in {time.time() - t_start:.0f} s:")
-    for path in [png] + [os.path.join(output_dir, n) for n in ("demo.json", "features.json", "features.html")]:
-        log(f"  {path}")
     return result
 
 
