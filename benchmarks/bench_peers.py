@@ -338,7 +338,7 @@ def select_pairs(dataset, model, n, max_prompt_length, out_path):
     prompt), so only on such pairs does every trainer cut the same thing, the end of the response. Written to
     out_path as JSON lines; returns how many rows were passed over."""
     from fpo.model import load_tokenizer
-    from fpo.pairs import _prompt_ids, load_pairs
+    from fpo.pairs import load_pairs, prompt_ids
 
     tok = load_tokenizer(model)
     rows = [json.loads(line) for line in open(dataset) if line.strip()]
@@ -346,7 +346,7 @@ def select_pairs(dataset, model, n, max_prompt_length, out_path):
     for pair in load_pairs(dataset, bad_rows="skip", log=lambda *a: None):
         if len(kept) == n:
             break
-        if len(_prompt_ids(tok, pair.prompt)) <= max_prompt_length:
+        if len(prompt_ids(tok, pair.prompt)) <= max_prompt_length:
             kept.append(rows[pair.id])
         else:
             passed += 1

@@ -31,6 +31,7 @@ __all__ = [
     "TokenizedPair",
     "load_pairs",
     "tokenize_pairs",
+    "prompt_ids",
     "BadRowError",
     "dataset_fingerprint",
     "tokenizer_fingerprint",
@@ -345,7 +346,7 @@ def _bounded(tok, text: str, keep: int, tail: bool):
     return (part, ids) if len(ids) >= keep + TOKEN_MARGIN else (text, None)
 
 
-def _prompt_ids(tok, prompt, keep: int | None = None):
+def prompt_ids(tok, prompt, keep: int | None = None):
     """The prompt's token ids (chat template applied when the tokenizer has one); with keep, only its last keep
     tokens are guaranteed, and a message far longer than that is cut first."""
     if keep is not None:
@@ -400,7 +401,7 @@ def tokenize_pairs(
         raise ValueError(f"max_tokens ({max_tokens}) must exceed 2 x max_prompt_length ({2 * max_prompt_length})")
     out, cut = [], []
     for p in pairs:
-        prompt = _prompt_ids(tok, p.prompt, max_prompt_length)[-max_prompt_length:]
+        prompt = prompt_ids(tok, p.prompt, max_prompt_length)[-max_prompt_length:]
         room = max_length - len(prompt)
         chosen = _response_ids(tok, p.chosen, room)[:room]
         rejected = _response_ids(tok, p.rejected, room)[:room]

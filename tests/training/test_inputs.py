@@ -323,7 +323,7 @@ def test_huge_rows_are_tokenised_within_a_bound_and_exactly(tmp_path):
     import random
 
     from fpo import assets
-    from fpo.pairs import CHARS_PER_TOKEN, TOKEN_MARGIN, Pair, _prompt_ids, _response_ids
+    from fpo.pairs import CHARS_PER_TOKEN, TOKEN_MARGIN, Pair, _response_ids, prompt_ids
 
     tok = load_tokenizer(assets.ensure_demo_model(log=lambda *a: None))
     rng = random.Random(0)
@@ -364,7 +364,7 @@ def test_huge_rows_are_tokenised_within_a_bound_and_exactly(tmp_path):
     L, PL = 256, 96
     got = tokenize_pairs(pairs, Recording(), max_length=L, max_prompt_length=PL)
     for p, g in zip(pairs, got):  # the whole texts, tokenised whole
-        prompt = _prompt_ids(tok, p.prompt)[-PL:]
+        prompt = prompt_ids(tok, p.prompt)[-PL:]
         room = L - len(prompt)
         assert g.prompt_ids == tuple(prompt)
         assert g.chosen_ids == tuple(_response_ids(tok, p.chosen)[:room])
