@@ -315,7 +315,7 @@ class Step:
         c = self.cache
         if method.endswith("+protect"):
             base, protect = method.removesuffix("+protect"), self._protect()
-            saes = [(self.sae, self.layer, 1.0, 1.0)] if base == "fpo" else []
+            saes = [SAESpec(self.sae, self.layer, 1.0, "sae")] if base == "fpo" else []
             stats = PolicyStats(self.policy, saes=saes, k=self.k, protect=protect)
             try:
                 kw = dict(ref_features=[(self.ref_idx, self.ref_val)]) if saes else {}
@@ -326,7 +326,8 @@ class Step:
             R = protect.penalty(s["protect"], self._protect_ref)
             return losses + protect.coef * (R[: self.P] + R[self.P :]) / 2
         if method.startswith("fpo"):
-            self.stats = self.stats or PolicyStats(self.policy, saes=[(self.sae, self.layer, 1.0, 1.0)], k=self.k)
+            spec = SAESpec(self.sae, self.layer, 1.0, "sae")
+            self.stats = self.stats or PolicyStats(self.policy, saes=[spec], k=self.k)
             self.stats.select = "reference" if method == "fpo-ref" else "policy"
             s = self.stats(self.batch, ref_features=[(self.ref_idx, self.ref_val)])
             return preference_loss("fpo", s, c, beta=0.1)[0]

@@ -10,14 +10,16 @@ Every run keeps a checkpoint every --every steps; each is evaluated on held-out 
 margin (a_w - a_w_ref) - (a_l - a_l_ref) of the length-normalised log-prob, one scale for every method (the
 gain), reward accuracy, KL(ref || policy) and D. A 2-step run of each method and seed gives the noise floor.
 
-Equal gain: per seed, g* is the smallest final held-out margin among the methods; each run's D and KL at g*
-come from its curve (the reference at (0, 0, 0), then its checkpoints), linear between the two checkpoints
-that bracket g*. Per pair of methods the per-seed ratios at g*; an effect is claimed only where its sign holds
-in every seed and the mean log-ratio is more than 2 standard errors from 0. The final models' total feature
-drift (every feature's (p - p_ref)^2, summed) comes from `fpo features`.
+Equal gain: per seed, g* is the largest held-out margin that every method's run reached at a checkpoint (the
+smallest of the runs' highest margins); each run's D and KL at g* come from its curve (the reference at (0, 0, 0),
+then its checkpoints), linear between the two points where it first reached g*. Per pair of methods the
+per-seed ratios at g*; an effect is claimed only where its sign holds in every seed and the mean log-ratio is
+more than 2 standard errors from 0. The final models' total feature drift (every feature's (p - p_ref)^2,
+summed) comes from `fpo features`.
 
 Writes <out>/evidence_methods.{md,json,png}. Reports whatever comes out, no difference included.
-`python -m benchmarks.evidence_methods`; with a GPU it takes the GPU's settings.
+`python -m benchmarks.evidence_methods`; with a GPU it takes the GPU's settings. `--from-json FILE` reads the
+curves of an earlier run and writes the summary again (the analysis changed, the runs not).
 """
 
 from __future__ import annotations
@@ -178,7 +180,7 @@ def summarise(runs: dict, settings: dict) -> dict:
     seeds, methods = settings["seeds"], settings["methods"]
     matched = {}
     for seed in seeds:
-        g = min(runs[f"{m}-s{seed}"]["curve"][-1]["margin"] for m in methods)
+        g = min(max(p["margin"] for p in runs[f"{m}-s{seed}"]["curve"]) for m in methods)
         row: dict = {"gain": g if g > 0 else None}
         for m in methods:
             curve = runs[f"{m}-s{seed}"]["curve"]
@@ -211,6 +213,22 @@ def summarise(runs: dict, settings: dict) -> dict:
         "runs": {n: {k: v for k, v in r.items() if k not in ("final", "history")} for n, r in runs.items()},
         "pairs_judged": settings["eval_pairs"],
     }
+
+
+def resummarise(path, out, log=print) -> dict:
+    """The summary, markdown and plot of an earlier run's results file, from its curves (its runs, settings,
+    timing and environment kept)."""
+    import json
+
+    with open(path) as f:
+        old = json.load(f)
+    result = summarise(old["runs"], old["settings"]) | {k: old[k] for k in ("seconds", "environment") if k in old}
+    os.makedirs(out, exist_ok=True)
+    _plot(result, os.path.join(out, "evidence_methods.png"))
+    atomic_write_json(os.path.join(out, "evidence_methods.json"), result)
+    atomic_write_text(os.path.join(out, "evidence_methods.md"), markdown(result))
+    log(markdown(result))
+    return result
 
 
 def _mean_sd(xs):
@@ -275,7 +293,7 @@ def markdown(res) -> str:
             f"| {m} | {ms(f['margin'])} | {ms(f['acc'])} | {ms(f['kl'])} | {ms(f['d'])} | {ms(f['drift_total'])} | "
             f"{ms(f['noise_floor_d'])} | {ms(f['noise_floor_kl'])} | {share} |"
         )
-    lines += ["", "At equal gain, per seed (g*: the smallest final margin of the seed's runs):", "",
+    lines += ["", "At equal gain, per seed (g*: the largest held-out margin every run of the seed reached):", "",
               "| seed | g* | " + " | ".join(f"{m} D | {m} KL" for m in s["methods"]) + " |",
               "|---|---|" + "---|---|" * len(s["methods"])]  # fmt: skip
     for seed, row in res["matched"].items():
@@ -303,8 +321,12 @@ def main(argv=None):
     for key in SETTINGS["cpu"]:
         p.add_argument("--" + key.replace("_", "-"), type=type(SETTINGS["cpu"][key]), default=None)
     p.add_argument("--keep-models", action="store_true")
+    p.add_argument("--from-json", default=None, help="an earlier evidence_methods.json: summarise its runs again")
     args = p.parse_args(argv)
-    run(args)
+    if args.from_json:
+        resummarise(args.from_json, args.out)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

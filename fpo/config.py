@@ -335,6 +335,10 @@ class TrainConfig(ScoringConfig):
             )
         if self.protect_share is not None and not self.protect:
             raise ValueError("protect_share adapts the protection term's lambda: pass --protect FILE too")
+        if self.protect_gate != "restore" and not self.protect:
+            raise ValueError(
+                f"protect_gate {self.protect_gate!r} shapes the protection term's gradient: pass --protect FILE too"
+            )
         if self.protect and not (self.cache and self.sae):
             raise ValueError(
                 f"protect needs the SAE its features belong to (--sae) and a cache holding their reference values "

@@ -81,7 +81,7 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
         model,
         k=cfg.k,
         select=cfg.select,
-        saes=[x.hook for x in saes] if keys else [],
+        saes=saes if keys else [],
         autocast=prec.autocast,
         check_inputs=True,
         protect=protect,
@@ -100,7 +100,8 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
 
 
 def _saes_in_cache(cfg: EvalConfig, model, ref_cache, rt):
-    """(the SAE specs, the key of each one's tensors in the cache): keys only when the cache holds features."""
+    """(the SAE specs, the key of each one's tensors in the cache, also set on each spec): keys only when the cache
+    holds features."""
     pooled = ref_cache.meta["pooling"] if ref_cache is not None else None
     if pooled is not None and cfg.sae is not None and pooled != cfg.pooling:
         raise ValueError(
@@ -110,7 +111,10 @@ def _saes_in_cache(cfg: EvalConfig, model, ref_cache, rt):
     saes = load_config_saes(cfg, rt)
     if not (saes and ref_cache is not None and ref_cache.has_features):
         return saes, []
-    return saes, cached_sae_keys(ref_cache, saes, model, cfg.k, cfg.select)
+    keys = cached_sae_keys(ref_cache, saes, model, cfg.k, cfg.select)
+    for spec, key in zip(saes, keys):
+        spec.key = key
+    return saes, keys
 
 
 def _protect_term(cfg: EvalConfig, saes, ref_cache, model, device):
@@ -131,7 +135,7 @@ def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, k
     scores: dict[str, list] = {"acc_logp": [], "acc_reward": [], "reward_margin": [], "kl": [], "d": [[] for _ in keys]}
     for chunk, batch in Batching.of(cfg, pad_id, attention_length_scale(policy.model)).batches(items):
         P = len(chunk)
-        reference, kw = reference_side(batch, device, ref_cache, keys, ref_model, autocast=policy.autocast)
+        reference, kw = reference_side(batch, device, ref_cache, policy.saes, ref_model, autocast=policy.autocast)
         stats = policy(batch, **kw)
         mean = stats["logp_mean"]
         scores["acc_logp"].append((mean[:P] > mean[P:]).float())

@@ -11,6 +11,8 @@ import os
 import re
 from dataclasses import dataclass
 
+import torch
+
 from fpo_kernels import SAEWeights
 
 from .model import decoder_layers
@@ -95,19 +97,20 @@ def load_sae(spec: str, device="cpu"):
 
 @dataclass
 class SAESpec:
-    """One SAE of a run: its encoder, the decoder block it reads and where in it (site: fpo.model.SITES), its
-    weight in D, and the name its cached features go by (unique within a cache)."""
+    """One SAE of a run, the one record carried from the command to the step and the cache: its encoder, the
+    decoder block it reads and where in it (site: fpo.model.SITES), its weight in D, the name its cached
+    features go by (unique within a cache); once a run has read its cache, the suffix of its tensors there
+    (key: idx<key>, val<key>), what its D is divided by (scale: 1, or the recorded reference feature scale,
+    constraint_norm "ref") and its per-feature weights in D (feature_weights: [width], or None for 1)."""
 
     sae: SAEWeights
     layer: int | None
     weight: float
     name: str
     site: str = "resid_post"
-
-    @property
-    def hook(self) -> tuple:
-        """What PolicyStats takes of it, with the constraint's scale: (sae, layer, weight, scale, site)."""
-        return (self.sae, self.layer, self.weight, 1.0, self.site)
+    key: str | None = None
+    scale: float = 1.0
+    feature_weights: torch.Tensor | None = None
 
 
 def load_saes(specs, device="cpu") -> list:

@@ -23,17 +23,18 @@ from .config import TrainConfig
 from .model import ActivationCapture, final_softcap, lm_head
 from .packing import body_hidden
 from .protection import protect_metrics
+from .sae import SAESpec
 
 __all__ = ["PolicyStats", "reference_side", "compute_loss"]
 
 
 class PolicyStats(nn.Module):
     """Wraps the policy so that everything touching its weights (body, lm head) runs inside forward: DDP and FSDP2
-    see one forward. Returns per-sequence statistics for the 2P sequences of a micro-batch. saes = [(SAEWeights,
-    layer, weight, scale)] or [(SAEWeights, layer, weight, scale, site)] (site: where in the block the SAE reads,
-    fpo.model.SITES; resid_post when left out): D = sum of weight x D_sae / scale ("d"), and each SAE's own D
-    ("d_each", [n_saes, 2P]), one forward hook per layer and site. check_inputs: sae_feature_mse's checks of the
-    cached features (off in training, whose cache was checked once when the run started)."""
+    see one forward. Returns per-sequence statistics for the 2P sequences of a micro-batch. saes: fpo.sae.SAESpec
+    records (the encoder, its layer and site, its weight and scale in D, its feature weights): D = sum of weight x
+    D_sae / scale ("d"), and each SAE's own D ("d_each", [n_saes, 2P]), one forward hook per layer and site.
+    check_inputs: sae_feature_mse's checks of the cached features (off in training, whose cache was checked once
+    when the run started)."""
 
     def __init__(
         self,
@@ -45,7 +46,6 @@ class PolicyStats(nn.Module):
         autocast=None,
         adapters_off=None,
         check_inputs=False,
-        feature_weights=None,
         protect=None,
     ):
         super().__init__()
@@ -54,10 +54,12 @@ class PolicyStats(nn.Module):
         self.adapters_off = adapters_off  # LoRA: a context in which the model is the frozen base (TDPO's reference)
         self.autocast = autocast or (lambda device: nullcontext())  # the precision policy's forward context
         self.k, self.select = k, select
-        self.saes = [tuple(x) if len(x) == 5 else (*x, "resid_post") for x in saes]
-        self.feature_weights = list(feature_weights) if feature_weights is not None else [None] * len(self.saes)
+        self.saes = list(saes)
+        for x in self.saes:
+            if not isinstance(x, SAESpec):
+                raise TypeError(f"saes: fpo.sae.SAESpec records, got {type(x).__name__}")
         self.protect = protect  # fpo.protection.ProtectTerm: its features' pooled values, "protect" [2P, |P|]
-        points = {(x[1], x[4]) for x in self.saes}
+        points = {(x.layer, x.site) for x in self.saes}
         if protect is not None:
             points.add((protect.spec.layer, protect.spec.site))
         self.captures = {point: ActivationCapture(model, *point) for point in sorted(points, key=str)}
@@ -137,14 +139,12 @@ class PolicyStats(nn.Module):
                 raise ValueError(f"ref_features: one (indices, values) pair per SAE ({len(self.saes)}) is needed")
             each = []
             with record_function("fpo::sae_constraint"):
-                for (sae, layer, weight, scale, site), (idx, val), fw in zip(
-                    self.saes, ref_features, self.feature_weights
-                ):
-                    r = resid[(layer, site)]
+                for spec, (idx, val) in zip(self.saes, ref_features):
+                    r, fw = resid[(spec.layer, spec.site)], spec.feature_weights
                     # spans stay on the host: the kernels lay out their row tiles from them with no device sync
                     raw = sae_feature_mse(
                         r.reshape(-1, r.shape[-1]),
-                        sae,
+                        spec.sae,
                         idx,
                         val,
                         k=self.k,
@@ -153,7 +153,7 @@ class PolicyStats(nn.Module):
                         spans=batch.pool_spans.cpu(),
                         feature_weights=None if fw is None else fw.to(r.device),
                     )
-                    d, factor = raw * (weight / scale), batch.d_factor
+                    d, factor = raw * (spec.weight / spec.scale), batch.d_factor
                     if factor is not None:  # pooling "authors" (fpo.packing.pooling_rows)
                         d, raw = d * factor.to(d), raw * factor.to(raw)
                     each.append(raw)
@@ -162,15 +162,15 @@ class PolicyStats(nn.Module):
         return out
 
 
-def reference_side(batch, device, cache=None, sae_keys=(), ref_model=None, reference_is_base=False, autocast=None):
+def reference_side(batch, device, cache=None, saes=(), ref_model=None, reference_is_base=False, autocast=None):
     """(the reference's cached statistics in the [2P] layout or None, what PolicyStats takes of the reference):
-    the cached features of each SAE (its key in the cache, sae_keys), a reference model's final hidden states on
-    the batch's layout and its lm head (its log-probs then come with the KL, from one pass over both models'
-    logits), or, reference_is_base, the policy with its LoRA adapters off."""
+    the cached features of each SAE (saes: SAESpecs, by their key in the cache), a reference model's final hidden
+    states on the batch's layout and its lm head (its log-probs then come with the KL, from one pass over both
+    models' logits), or, reference_is_base, the policy with its LoRA adapters off."""
     reference = None if cache is None else cache.reference(batch.ids, batch.row_hash, device)
     kw = {}
-    if sae_keys:
-        kw["ref_features"] = [(reference["idx" + key], reference["val" + key]) for key in sae_keys]
+    if saes:
+        kw["ref_features"] = [(reference["idx" + spec.key], reference["val" + spec.key]) for spec in saes]
     if ref_model is not None:
         with torch.no_grad(), (autocast or (lambda d: nullcontext()))(device):
             rh = body_hidden(ref_model, batch, device)

@@ -156,7 +156,7 @@ class Trainer:
         self.cache: ReferenceCache | None = None
         if cfg.cache:  # TrainConfig requires one for fpo and dpo
             self.cache = ReferenceCache(cfg.cache)
-        self.saes, self.sae_keys = [], []  # SAESpecs, and the suffix of each one's tensors in the cache
+        self.saes = []  # SAESpecs, each with its key in the cache, its scale and its feature weights in D
         if cfg.method == "fpo":
             assert self.cache is not None  # TrainConfig checked
             built = self.cache.meta["pooling"]
@@ -175,24 +175,21 @@ class Trainer:
                     f"'{inside[0].name}' reads {inside[0].site}, inside a compiled decoder layer, where its hook "
                     "does not fire; train it without --compile"
                 )
-            self.sae_keys = cached_sae_keys(self.cache, self.saes, self.model, cfg.k, cfg.select)
-        # per SAE: [width] weights in D, or None for 1 everywhere
-        self.feature_weights: list[torch.Tensor | None] = [None] * len(self.saes)
+            keys = cached_sae_keys(self.cache, self.saes, self.model, cfg.k, cfg.select)
+            # constraint_norm "ref": each SAE's D divided by its recorded reference feature scale
+            for spec, key in zip(self.saes, keys):
+                spec.key = key
+                spec.scale = self.cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" else 1.0
         if cfg.feature_weights:
             if cfg.method != "fpo":
                 raise ValueError(f"feature_weights weighs FPO's D; method {cfg.method} has no D")
             j, weights, digest = read_feature_weights(cfg.feature_weights, self.saes)
-            self.feature_weights[j] = weights.to(self.device)
+            self.saes[j].feature_weights = weights.to(self.device)
             self.inputs["feature_weights"] = digest
             self._report_feature_weights(cfg, j, weights)
         self.protect = self._load_protect(cfg) if cfg.protect else None
         if self._resume_state is not None:
             check_resumable_inputs(self.inputs, self._resume_state.get("inputs"))
-        # constraint_norm "ref": each SAE's D divided by its recorded reference feature scale
-        cache = self.cache
-        self.sae_scales = [
-            cache.feature_scale(cfg.k, key) if cfg.constraint_norm == "ref" and cache else 1.0 for key in self.sae_keys
-        ]
         self.ref_model = None
         self.reference_is_base = (
             cfg.method.startswith("tdpo") and not cfg.reference_model and self.peft_model is not None
@@ -227,7 +224,8 @@ class Trainer:
         weight can act at all (a weight acts only on a feature D selects, and D's reference value of a feature
         outside the cached top-K is 0)."""
         moved = (weights != 1).nonzero().flatten().tolist()
-        spec, key = self.saes[j], self.sae_keys[j]
+        spec = self.saes[j]
+        key = spec.key
         self.log(
             f"[fpo] feature_weights {cfg.feature_weights}: {len(moved)} features of SAE '{spec.name}' weighted in D "
             f"(e.g. {', '.join(f'{i}: {weights[i]:g}' for i in moved[:5])})"
@@ -302,10 +300,9 @@ class Trainer:
             self.model,
             k=cfg.k,
             select=cfg.select,
-            saes=[(x.sae, x.layer, x.weight, sc, x.site) for x, sc in zip(self.saes, self.sae_scales)],
+            saes=self.saes,
             autocast=self.precision.autocast,
             adapters_off=self.peft_model.disable_adapter if self.peft_model is not None else None,
-            feature_weights=self.feature_weights,
             protect=self.protect,
         )
         if self._resume_from is not None and self.peft_model is not None:  # before any sharding: plain tensors
@@ -438,7 +435,7 @@ class Trainer:
             batch,
             self.device,
             self.cache,
-            self.sae_keys,
+            self.saes,
             self.ref_model,
             self.reference_is_base,
             self.precision.autocast,

@@ -304,8 +304,11 @@ def test_evidence_methods_summary_table_and_plot_from_synthetic_runs(tmp_path):
     c = res["claims"]["d fpo/simpo"]
     assert c["ratios"] == pytest.approx([0.5, 0.5, 0.5]) and c["claimed"]  # one side of 1 in every seed, no spread
     assert res["claims"]["kl fpo/simpo"]["ratios"] == pytest.approx([1.0, 1.0, 1.0])
-    assert res["matched"]["0"]["gain"] == pytest.approx(0.04)  # FPO's final margin, the smaller
+    assert res["matched"]["0"]["gain"] == pytest.approx(0.04)  # FPO's highest margin, the smaller
     text = markdown(res)
     assert "| d fpo/simpo | 0.5, 0.5, 0.5 |" in text
     _plot(res, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+    runs["fpo-s1"]["curve"][-1]["margin"] = -0.05  # fell back below 0 after reaching 0.04 at step 2
+    again = summarise(runs, settings)
+    assert again["matched"]["1"]["gain"] == pytest.approx(0.04) and again["claims"]["d fpo/simpo"] is not None

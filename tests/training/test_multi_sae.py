@@ -17,6 +17,7 @@ from fpo.packing import collate
 from fpo.pairs import load_pairs, tokenize_pairs
 from fpo.precompute import precompute
 from fpo.reference_cache import CacheMismatchError, ReferenceCache
+from fpo.sae import SAESpec
 from fpo.step import PolicyStats
 from fpo.train import train
 from fpo_kernels import SAEWeights
@@ -126,12 +127,12 @@ def test_two_saes_train_and_d_is_the_weighted_sum(assets_dir, tmp_path):
             stats.remove_hooks()
 
     d = d_of(
-        saes=[(sae_a, 15, weights[0], 1.0), (sae_b, LAYER_B, weights[1], 1.0)],
+        saes=[SAESpec(sae_a, 15, weights[0], "sae"), SAESpec(sae_b, LAYER_B, weights[1], "sae")],
         refs=[feats(assets_dir["cache_both"]), feats(assets_dir["cache_both"], key)],
     )
     parts = [
-        d_of(saes=[(sae_a, 15, 1.0, 1.0)], refs=[feats(assets_dir["cache_a"])]),
-        d_of(saes=[(sae_b, LAYER_B, 1.0, 1.0)], refs=[feats(assets_dir["cache_b"])]),
+        d_of(saes=[SAESpec(sae_a, 15, 1.0, "sae")], refs=[feats(assets_dir["cache_a"])]),
+        d_of(saes=[SAESpec(sae_b, LAYER_B, 1.0, "sae")], refs=[feats(assets_dir["cache_b"])]),
     ]
     assert parts[0].min() > 0 and parts[1].min() > 0
     assert torch.allclose(d, weights[0] * parts[0] + weights[1] * parts[1], rtol=1e-5, atol=1e-9)
@@ -163,7 +164,7 @@ def test_two_saes_train_and_d_is_the_weighted_sum(assets_dir, tmp_path):
     )
     try:
         cache = ReferenceCache(assets_dir["cache_both"])
-        assert [(x[2], x[3]) for x in trainer.policy.saes] == [
+        assert [(x.weight, x.scale) for x in trainer.policy.saes] == [
             (weights[0], cache.feature_scale(16)),
             (weights[1], cache.feature_scale(16, key)),
         ]

@@ -17,6 +17,7 @@ from fpo.packing import (
     plan_micro_batches,
 )
 from fpo.pairs import load_pairs, tokenize_pairs
+from fpo.sae import SAESpec
 from fpo.step import PolicyStats, compute_loss
 from fpo_kernels import SAEWeights, pack_topk, sae_pooled_features
 
@@ -159,7 +160,7 @@ def _all_method_stats(model_dir, ref_dir, sae, layer, layout, items, pad_id, ref
     batch = collate(items, layout, pad_id)
     with torch.no_grad():
         ref_hidden = body_hidden(ref_model, batch, "cpu")
-    ps = PolicyStats(policy, saes=[(sae, layer, 1.0, 1.0)], k=8, select="policy")
+    ps = PolicyStats(policy, saes=[SAESpec(sae, layer, 1.0, "sae")], k=8, select="policy")
     stats = ps(
         batch, ref_features=[(ref_idx, ref_val)], ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight.detach()
     )

@@ -12,7 +12,7 @@ from fpo.model import ActivationCapture, load_model, load_tokenizer, run_body
 from fpo.packing import collate
 from fpo.pairs import TokenizedPair, load_pairs, tokenize_pairs
 from fpo.precompute import precompute
-from fpo.sae import load_saes
+from fpo.sae import SAESpec, load_saes
 from fpo.step import PolicyStats
 from fpo.train import train
 from fpo_kernels import pack_topk, reference
@@ -79,7 +79,7 @@ def test_d_equals_the_hand_computation(tiny, pooling):
         ref_dense[s, ref_idx[s][keep].long()] = ref_val[s][keep].double() * scale[s]
     # D: the mean squared difference over the policy's top-k pooled features
     want = torch.stack([((pooled[s] - ref_dense[s])[pooled[s].topk(k).indices] ** 2).mean() for s in range(2 * P)])
-    stats = PolicyStats(model, saes=[(sae, layer, 1.0, 1.0)], k=k)
+    stats = PolicyStats(model, saes=[SAESpec(sae, layer, 1.0, "sae")], k=k)
     with torch.no_grad():
         got = stats(batch, ref_features=[(ref_idx, ref_val)])["d"]
     stats.remove_hooks()

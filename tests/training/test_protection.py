@@ -12,6 +12,7 @@ import tiny as t
 import torch
 from run_setup import LEN, QUIET, run_config
 
+from fpo.config import TrainConfig
 from fpo.feature_files import ProtectSet, read_protect_file, write_protect_file
 from fpo.features import feature_report
 from fpo.model import load_model, load_tokenizer
@@ -111,6 +112,15 @@ def test_train_refuses_what_does_not_match(tiny, tmp_path):
             train(dict(base, protect=str(bad)), **QUIET)
     with pytest.raises(ValueError, match="not a regular file"):
         train(dict(base, protect="/dev/zero"), **QUIET)
+    with pytest.raises(ValueError, match="protect_gate 'near' shapes the protection term's gradient"):
+        train(dict(base, protect=None, sae=None, cache=None, protect_gate="near"), **QUIET)
+    from fpo.train import Trainer
+
+    trainer = Trainer(TrainConfig(**dict(base, protect_gate="jumprelu")), log=lambda *a: None)
+    try:  # the gate reaches the op through the run's ProtectTerm
+        assert trainer.protect.gate == "jumprelu" and trainer.policy.protect.gate == "jumprelu"
+    finally:
+        trainer.close()
 
 
 def test_a_run_logs_the_term_and_resumes_only_with_the_same_file(tiny, tmp_path):

@@ -14,6 +14,7 @@ from fpo.config import TrainConfig, config_from_dict, load_config
 from fpo.model import load_model, load_tokenizer
 from fpo.packing import body_hidden, collate
 from fpo.pairs import load_pairs, tokenize_pairs
+from fpo.sae import SAESpec
 from fpo.step import PolicyStats
 from fpo.train import NonFiniteLossError, Trainer, train
 from fpo_kernels import SAEWeights, sequence_logprobs
@@ -69,7 +70,7 @@ def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, s
         with torch.no_grad():  # move the policy off the reference so the KL is not zero
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
-        ps = PolicyStats(model, saes=[(sae, 2, 1.0, 1.0)], k=5, select=select)
+        ps = PolicyStats(model, saes=[SAESpec(sae, 2, 1.0, "sae")], k=5, select=select)
         out = ps(
             batch,
             ref_features=[(ref_idx, ref_val)],
@@ -343,7 +344,7 @@ def test_constraint_norm_ref_divides_d_by_the_recorded_scale(tiny, cache, tmp_pa
     for norm in ("none", "ref"):  # the same first micro-batch, the same weights: D divided by the scale
         trainer = Trainer(TrainConfig(**_cfg(tiny, cache, tmp_path / norm, constraint_norm=norm)), log=lambda *a: None)
         try:
-            assert [x[3] for x in trainer.policy.saes] == ([1.0] if norm == "none" else [pytest.approx(scale)])
+            assert [x.scale for x in trainer.policy.saes] == ([1.0] if norm == "none" else [pytest.approx(scale)])
             with torch.no_grad():
                 _, metrics, _ = trainer._losses(trainer.micro_batches(0)[0])
             ds[norm] = metrics["constraint_abs"]

@@ -12,6 +12,7 @@ trl = pytest.importorskip("trl", reason="TRL is not installed (pip install 'fpo-
 from fpo import assets  # noqa: E402
 from fpo.model import load_model, load_tokenizer  # noqa: E402
 from fpo.packing import from_padded  # noqa: E402
+from fpo.sae import SAESpec
 from fpo.step import PolicyStats  # noqa: E402
 from fpo_kernels import SAEWeights  # noqa: E402
 from fpo_kernels.losses import fpo_loss  # noqa: E402
@@ -71,7 +72,7 @@ def test_fpo_in_trl_equals_our_loss(tmp_path):
     ref_sum = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).float()
 
     def ours(model):
-        stats = PolicyStats(model, saes=[(sae, 15, 1.0, 1.0)], k=16)
+        stats = PolicyStats(model, saes=[SAESpec(sae, 15, 1.0, "sae")], k=16)
         with torch.no_grad():
             s = stats(b, ref_features=[(ref_idx, ref_val)])
         stats.remove_hooks()
