@@ -38,6 +38,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 import fpo.step
+import fpo_kernels.kl as _kl
 import fpo_kernels.logprobs as _lp
 import fpo_kernels.sae_constraint as _sae
 from benchmarks.bench_step import (
@@ -259,7 +260,7 @@ def _estimate_policy(preset, pairs, seq_len, methods, grad_ckpt, spec, precision
             opt = make_optimizer(bench.policy, precision, "cpu")
             phases = [
                 ("sae", [(fpo.step, "sae_feature_mse"), (_sae, "sae_constraint_bwd"), (Step, "_naive_pooled")]),
-                ("lm head", [(_lp, "logprobs_fwd"), (_lp, "logprobs_bwd"), (_lp, "kl_fwd"), (_lp, "kl_bwd")]),
+                ("lm head", [(_lp, "logprobs_fwd"), (_lp, "logprobs_bwd"), (_kl, "kl_fwd"), (_kl, "kl_bwd")]),
                 ("optimizer", [(opt, "step")]),
             ]
             with contextlib.ExitStack() as stack:
