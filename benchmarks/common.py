@@ -128,6 +128,15 @@ def subset_jsonl(src, dst, n):
         g.writelines(line for i, line in enumerate(f) if i < n)
 
 
+def evidence_settings(settings: dict, args) -> tuple[str, dict, dict]:
+    """An evidence script's (device, settings, lengths): the device's row of `settings` ("cpu" or "cuda") with the
+    flags the user gave over it, and the sequence lengths every run and cache takes (the prompt half the length)."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    s = dict(settings["cuda" if device.startswith("cuda") else "cpu"])
+    s.update({k: v for k, v in vars(args).items() if k in s and v is not None})
+    return device, s, dict(max_length=s["max_length"], max_prompt_length=s["max_length"] // 2)
+
+
 def evidence_run(model, dataset, settings: dict, device, warmup: int, lengths: dict) -> dict:
     """The `fpo train` keys every evidence run shares: the settings' pairs, steps of batch_size pairs (micro-batches
     of at most 2), lr and warmup, one metric line a step, no optimizer state kept, epochs without limit (the steps

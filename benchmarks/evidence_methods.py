@@ -31,9 +31,7 @@ import shutil
 import statistics
 import time
 
-import torch
-
-from benchmarks.common import environment, evidence_run, subset_jsonl, train_in_process
+from benchmarks.common import environment, evidence_run, evidence_settings, subset_jsonl, train_in_process
 from fpo import assets
 from fpo.alpha_control import phase_shares
 from fpo.evaluate import evaluate
@@ -83,13 +81,10 @@ def paired_claim(ratios: list[float]) -> dict:
 
 
 def run(args, log=print) -> dict:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    s = dict(SETTINGS["cuda" if device.startswith("cuda") else "cpu"])
-    s.update({k: v for k, v in vars(args).items() if k in s and v is not None})
+    device, s, lengths = evidence_settings(SETTINGS, args)
     model = assets.ensure_demo_model(log)
     work = args.work_dir
     os.makedirs(work, exist_ok=True)
-    lengths = dict(max_length=s["max_length"], max_prompt_length=s["max_length"] // 2)
     sae = dict(sae=assets.DEMO_SAE)
     t_start = time.time()
 

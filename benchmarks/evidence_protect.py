@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from benchmarks.common import environment, evidence_run, subset_jsonl, train_in_process
+from benchmarks.common import environment, evidence_run, evidence_settings, subset_jsonl, train_in_process
 from fpo import assets
 from fpo.evaluate import evaluate
 from fpo.feature_files import read_protect_file
@@ -62,14 +62,11 @@ def _decoder_neighbours(ids, n=5) -> dict:
 
 
 def run(args, log=print) -> dict:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    s = dict(SETTINGS["cuda" if device.startswith("cuda") else "cpu"])
-    s.update({k: v for k, v in vars(args).items() if k in s and v is not None})
+    device, s, lengths = evidence_settings(SETTINGS, args)
     seeds, coef, sweep = args.seeds, args.coef, sorted(set(args.sweep) | {args.coef})
     model = assets.ensure_demo_model(log)
     work = args.work_dir
     os.makedirs(work, exist_ok=True)
-    lengths = dict(max_length=s["max_length"], max_prompt_length=s["max_length"] // 2)
     sae = dict(sae=assets.DEMO_SAE)
     t_start = time.time()
 
