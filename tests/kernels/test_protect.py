@@ -2,6 +2,8 @@
 gradient where the loss asks a feature to fall, the restoring gradient on tokens where it is off, and the
 bounded, per-feature-normalised penalty."""
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import random_mask, random_sae
@@ -51,7 +53,12 @@ def test_restoring_gradient_passes_only_upward_on_off_tokens(gate, device):
     hidden = torch.randn(B, T, d, dtype=torch.float64, requires_grad=True)
     mask = random_mask(B, T, device)
     ids = torch.randperm(m)[:P]
-    g = torch.randn(B, P, dtype=torch.float64)
+    # thresholds wide enough that the near band (0, theta] holds tokens, and a loss asking half the features to rise
+    # and half to fall: without them a draw can leave the off-token case unexercised
+    theta = sae.threshold.clone()
+    theta[ids] = 0.5 + 0.5 * torch.rand(P, device=theta.device)
+    sae = dataclasses.replace(sae, threshold=theta)
+    g = torch.randn(B, P, dtype=torch.float64).abs() * torch.tensor([-1.0, 1.0] * (P // 2), dtype=torch.float64)
     (got,) = torch.autograd.grad(protected_features(hidden, sae, ids, mask=mask, gate=gate), hidden, g)
     flat, spans = _flat(hidden, mask)
     (jump,) = torch.autograd.grad(reference.protected_features_ref(flat, spans, sae, ids), hidden, g)
