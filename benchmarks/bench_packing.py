@@ -130,7 +130,7 @@ def time_table(dataset, max_length, pairs_per_mb, steps, work, model_dir=None, s
         max_length=max_length,
         max_prompt_length=max_length // 2,
         max_pairs=n,
-        batch_pairs=pairs_per_mb,
+        micro_batch_size=pairs_per_mb,
         device="cpu",
         overwrite=True,
         progress=False,
@@ -183,8 +183,7 @@ def main(argv=None):
     p.add_argument("--sae", default=None, help="the SAE part 2 constrains with (default: the demo SAE)")
     p.add_argument("--out", default=None, help="write JSON and markdown here")
     args = p.parse_args(argv)
-    from fpo.model import load_model, load_tokenizer
-    from fpo.packing import attention_length_scale
+    from fpo.model import attention_length_scale, load_model, load_tokenizer
 
     tok = load_tokenizer(assets.ensure_demo_model())
     scale = attention_length_scale(load_model(assets.ensure_demo_model(), attn_implementation="sdpa"))

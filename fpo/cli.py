@@ -45,6 +45,34 @@ def _add_config_flags(p, config_class, config_file=False):
                 choices=list(choices) if choices else None,
                 metavar=None if choices else f.name.upper(),
             )
+    _add_renamed_flags(p, config_class)
+
+
+class _RenamedFlag(argparse.Action):
+    """A flag of an earlier release (fpo.config.RENAMED_KEYS): stored under the key's name now, with a warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"fpo: warning: {option_string} is now {new}; the old name will stop working", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_renamed_flags(p, config_class):
+    """The renamed keys' old flags, hidden from --help, for a config class that has the key."""
+    from .config import RENAMED_KEYS
+
+    names = {f.name: f for f in dataclasses.fields(config_class)}
+    for old, new in RENAMED_KEYS.items():
+        if new in names:
+            hint = typing.get_type_hints(config_class)[new]
+            p.add_argument(
+                "--" + old.replace("_", "-"),
+                dest=new,
+                type=hint,
+                default=None,
+                action=_RenamedFlag,
+                help=argparse.SUPPRESS,
+            )
 
 
 def _given(args, config_class) -> dict:

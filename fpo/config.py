@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 
 from .packing import LAYOUTS, POOLINGS
@@ -26,6 +27,7 @@ __all__ = [
     "ATTENTION",
     "RESUMABLE_CHANGES",
     "config_from_dict",
+    "renamed_keys",
 ]
 
 METHODS = ("fpo", "dpo", "simpo", "tdpo1", "tdpo2")
@@ -93,6 +95,7 @@ class CommandConfig:
         "sequence at max_tokens / 2 (a cache and the runs that read it must agree)",
         low=1,
     )
+    micro_batch_size: int = _key(4, "pairs per forward (unless --max-tokens is set)", low=1)
     packing: str = _key(
         "share-prompt",
         "micro-batch layout: padded (off), [prompt, response] segments (pack), or [prompt, chosen, rejected] "
@@ -427,7 +430,6 @@ class PrecomputeConfig(CommandConfig):
         "storage of the cached feature values (see the fidelity table in the README)",
         ("float16", "bfloat16", "float32"),
     )
-    batch_pairs: int = _key(4, "pairs per forward", low=1)
     shard_rows: int = _key(256, "pairs per cache shard (the unit of resume)", low=1)
     protect: str | None = _key(
         None,
@@ -444,7 +446,6 @@ class EvalConfig(ScoringConfig):
     """`fpo eval`'s settings: the keyword arguments of fpo.evaluate.evaluate and the command's flags. model and
     reference_model may also be loaded models in Python."""
 
-    batch_pairs: int = _key(4, "pairs per forward", low=1)
     entropy_samples: int = _key(0, "prompts to sample from, for the entropy column", low=0)
     max_new_tokens: int = _key(64, "tokens per sampled response", low=1)
     seed: int = _key(0, "seed of the sampling")
@@ -472,7 +473,6 @@ class FeaturesConfig(CommandConfig):
     bootstrap: int = _key(1000, "bootstrap resamples of the judged responses for each change's 95% interval", low=0)
     seed: int = _key(0, "seed of the bootstrap")
     context_tokens: int = _key(4, "tokens each side of a context's token", low=0)
-    batch_pairs: int = _key(4, "pairs per forward", low=1)
     json: str | None = _key(None, "write the report here (JSON)")
     png: str | None = _key(None, "write the picture here (PNG)")
     html: str | None = _key(
@@ -560,7 +560,24 @@ def _check_type(name, value, hint):
     raise ValueError(f"config value {name} must be {names}, got {type(value).__name__} {value!r}")
 
 
+RENAMED_KEYS = {"batch_pairs": "micro_batch_size"}  # 0.2 name -> its name now
+
+
+def renamed_keys(options: dict) -> dict:
+    """options with the keys of earlier releases under their names now (RENAMED_KEYS), each with a FutureWarning;
+    both names given is an error."""
+    out = dict(options)
+    for old, new in RENAMED_KEYS.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"{old} and {new} are one key (its name since 0.3 is {new}): give {new} only")
+            warnings.warn(f"{old} is now called {new}; the old name will stop working", FutureWarning, stacklevel=3)
+            out[new] = out.pop(old)
+    return out
+
+
 def config_from_dict(d: dict) -> TrainConfig:
+    d = renamed_keys(d)
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(d) - known)
     if unknown:

@@ -300,7 +300,7 @@ def _reference_caches(model_dir, files: dict, d, output_dir, device, progress, l
     for split, path in files.items():
         caches[split] = os.path.join(output_dir, f"cache-{split}")
         precompute(model_dir, path, caches[split], sae=assets.DEMO_SAE, cache_k=256, max_pairs=d[f"{split}_pairs"],
-                   device=device, batch_pairs=4, overwrite=True, log=log, progress=progress,
+                   device=device, micro_batch_size=4, overwrite=True, log=log, progress=progress,
                    max_length=d["max_length"], max_prompt_length=d["max_prompt_length"])  # fmt: skip
     return caches
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .config import EvalConfig
-from .packing import Batching, attention_length_scale
+from .config import EvalConfig, renamed_keys
+from .model import attention_length_scale
+from .packing import Batching
 from .protection import ProtectTerm, protect_metrics
 from .reference_cache import ReferenceCache
 from .runtime import load_config_saes, load_items, load_model, start
@@ -62,7 +63,7 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
     forward passes (fpo.packing); the metrics do not depend on it beyond rounding. bad_rows: as for training
     ("error" stops at a bad row, "skip" skips and reports it). precision: the forward's policy (fpo.precision),
     with bf16 weights under any bf16 policy: an evaluated model is frozen."""
-    cfg = EvalConfig(model=model, dataset=dataset, **options)
+    cfg = EvalConfig(model=model, dataset=dataset, **renamed_keys(options))
     rt = start(cfg, log, distributed=False)
     device, prec = rt.device, rt.precision
     model, tokenizer = load_model(model, cfg, rt, prec.frozen_dtype, tokenizer)

@@ -26,12 +26,12 @@ import torch
 from fpo_kernels import reference as ops_reference
 from fpo_kernels import sae_pooled_features
 
-from .config import FeaturesConfig
+from .config import FeaturesConfig, renamed_keys
 from .feature_files import ProtectSet, read_protect_file, write_feature_weights, write_protect_file
 from .feature_page import render_page
 from .files import atomic_write_json, atomic_write_text
-from .model import ActivationCapture, config_fingerprint
-from .packing import Batching, attention_length_scale, body_hidden
+from .model import ActivationCapture, attention_length_scale, body_hidden, config_fingerprint
+from .packing import Batching
 from .progress import progress_bar
 from .run_dir import RUN_CONFIG
 from .runtime import load_config_saes, load_items, load_model, start
@@ -86,7 +86,7 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
     fpo.config.FeaturesConfig's keys (the flags of `fpo features`). Returns what --json writes."""
     models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
     cfg = FeaturesConfig(
-        model=[os.fspath(m) for m in models], reference=os.fspath(reference), dataset=dataset, **options
+        model=[os.fspath(m) for m in models], reference=os.fspath(reference), dataset=dataset, **renamed_keys(options)
     )
     names = [run_name(m) for m in cfg.models]
     if len(set(names)) != len(names):

@@ -1,6 +1,6 @@
 """Loading causal LMs and reading what FPO needs from them: the residual stream after a decoder block
 (through a forward hook), the final hidden states from the model body (never full logits), the lm head
-weight and the final logit softcap."""
+weight and the final logit softcap; the body's forward over a micro-batch of any layout (fpo.packing)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ import hashlib
 import json
 import os
 import sys
+import typing
 
 import torch
 from torch import nn
+
+from .packed_attention import attention_mask_for
+
+if typing.TYPE_CHECKING:
+    from .packing import MicroBatch
 
 __all__ = [
     "load_model",
@@ -27,6 +33,8 @@ __all__ = [
     "transformers_patches_undone",
     "SITES",
     "run_body",
+    "body_hidden",
+    "attention_length_scale",
     "load_model_for_layout",
     "resolve_device",
 ]
@@ -368,7 +376,32 @@ class ActivationCapture:
 def run_body(model, input_ids, attention_mask=None, position_ids=None):
     """Final hidden states [B, T, d] (after the final norm) from the model body: no logits.
     attention_mask: a [B, T] padding mask, or a prepared 4-D mask / BlockMask / {layer kind: mask} for a
-    packed stream (fpo.packing.attention_mask_for), with its position_ids [B, T]."""
+    packed stream (fpo.packed_attention.attention_mask_for), with its position_ids [B, T]."""
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def body_hidden(model, batch: MicroBatch, device) -> torch.Tensor:
+    """Final hidden states of a micro-batch as flat rows [R * L, d], in the layout's row order (what pred_rows
+    and spans index)."""
+    ids = batch.input_ids.to(device)
+    if batch.layout == "off":
+        assert batch.attention_mask is not None  # the padded layout has one
+        hidden = run_body(model, ids, batch.attention_mask.to(device))
+    else:
+        assert batch.position_ids is not None  # the packed layouts have them
+        pos = batch.position_ids.to(device)
+        hidden = run_body(model, ids, attention_mask_for(model, batch.segment, batch.branch, pos), pos)
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def attention_length_scale(model) -> float | None:
+    """L0 such that a row of L tokens costs about L + L^2 / L0 in units of one token through the body's linear
+    layers: (6 x body parameters) per token against (12 x hidden size x layers) per attended pair, forward and
+    backward. None for FlexAttention, whose block sparsity makes one stream the cheapest layout."""
+    if getattr(model.config, "_attn_implementation", None) == "flex_attention":
+        return None
+    layers = decoder_layers(model)
+    body = sum(p.numel() for p in layers.parameters())
+    return body / (2 * model.config.hidden_size * len(layers))

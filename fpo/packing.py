@@ -1,4 +1,5 @@
-"""Micro-batch layouts for preference pairs, and the attention masks that go with them.
+"""Micro-batch layouts for preference pairs: data only (the attention masks they need are fpo.packed_attention's,
+the body's forward over them fpo.model.body_hidden).
 
     off           padded [2P, T]: chosen sequences then rejected, each [prompt, response, padding]
     pack          one token stream [1, N]: [prompt, chosen] and [prompt, rejected] as separate segments
@@ -31,16 +32,11 @@ __all__ = [
     "micro_batch_tokens",
     "plan_micro_batches",
     "collate",
-    "attention_mask_for",
-    "body_hidden",
     "from_padded",
-    "attention_length_scale",
-    "PACKED_ATTENTION",
 ]
 
 LAYOUTS = ("off", "pack", "share-prompt")
 POOLINGS = ("response", "authors")  # the rows the FPO constraint pools over: see pooling_rows
-PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")  # attention implementations that take our mask
 
 
 def _check_layout(layout):
@@ -92,19 +88,6 @@ def _place(lengths, attention_scale):
         if cap >= total:
             return best[1]
         cap *= 2
-
-
-def attention_length_scale(model) -> float | None:
-    """L0 such that a row of L tokens costs about L + L^2 / L0 in units of one token through the body's linear
-    layers: (6 x body parameters) per token against (12 x hidden size x layers) per attended pair, forward and
-    backward. None for FlexAttention, whose block sparsity makes one stream the cheapest layout."""
-    if getattr(model.config, "_attn_implementation", None) == "flex_attention":
-        return None
-    from .model import decoder_layers
-
-    layers = decoder_layers(model)
-    body = sum(p.numel() for p in layers.parameters())
-    return body / (2 * model.config.hidden_size * len(layers))
 
 
 def pair_tokens(item, layout: str) -> int:
@@ -205,8 +188,8 @@ class Batching:
 
     @classmethod
     def of(cls, cfg, pad_id: int, row_scale, pairs: int | None = None) -> Batching:
-        """From a command's config (packing, pooling, max_tokens and batch_pairs, or `pairs`)."""
-        return cls(cfg.packing, cfg.pooling, pad_id, pairs or cfg.batch_pairs, cfg.max_tokens, row_scale)
+        """From a command's config (packing, pooling, max_tokens and micro_batch_size, or `pairs`)."""
+        return cls(cfg.packing, cfg.pooling, pad_id, pairs or cfg.micro_batch_size, cfg.max_tokens, row_scale)
 
     def split(self, items) -> list[list]:
         """Pairs in micro-batches: `pairs` at a time in order, or by the token budget (plan_micro_batches)."""
@@ -354,105 +337,6 @@ def from_padded(input_ids, attention_mask, response_mask) -> MicroBatch:
     )
 
 
-# ------------------------------------------------------------------------------------------------
-# attention over a packed stream
-# ------------------------------------------------------------------------------------------------
-def _mask_windows(config):
-    """{layer kind: sliding window or None} for the kinds of attention layer a model has."""
-    window = getattr(config, "sliding_window", None)
-    kinds = getattr(config, "layer_types", None)
-    if not kinds:
-        sliding = window is not None and getattr(config, "use_sliding_window", True) is not False
-        kinds = ["sliding_attention" if sliding else "full_attention"]
-    out = {}
-    for kind in set(kinds):
-        if kind == "full_attention":
-            out[kind] = None
-        elif kind == "sliding_attention":
-            if not window:
-                raise ValueError("the model has sliding_attention layers but no sliding_window in its config")
-            out[kind] = int(window)
-        else:
-            raise ValueError(
-                f"packing: attention layers of kind {kind!r} are not supported (full_attention and "
-                "sliding_attention are); use --packing off"
-            )
-    return out
-
-
-def _visible(segment, branch, position, window):
-    """[R, L, L] bool, per row: query i may attend key j (same segment, j not after i, j in the prompt or in
-    i's own response, and within the sliding window measured in positions, as in the unshared sequence)."""
-    n = segment.shape[-1]
-    order = torch.arange(n, device=segment.device)
-    keep = (segment[:, :, None] == segment[:, None, :]) & (order[None, None, :] <= order[None, :, None])
-    keep &= (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
-    if window is not None:
-        keep &= (position[:, :, None] - position[:, None, :]) < window
-    return keep
-
-
-def _block_mask(segment, branch, position, window):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    R, n = segment.shape
-    seg, br, pos = segment.reshape(-1), branch.reshape(-1), position.reshape(-1)  # flat: 1-D gathers compile everywhere
-
-    def mask_mod(b, h, q, kv):
-        i, j = b * n + q, b * n + kv
-        keep = (seg[i] == seg[j]) & (kv <= q) & ((br[j] == 0) | (br[j] == br[i]))
-        if window is not None:
-            keep = keep & ((pos[i] - pos[j]) < window)
-        return keep
-
-    return create_block_mask(mask_mod, B=R, H=None, Q_LEN=n, KV_LEN=n, device=segment.device)
-
-
-def attention_mask_for(model, segment, branch, position_ids):
-    """The attention mask a packed micro-batch (rows [R, L]; segment and branch flat or [R, L]) needs, in
-    the form the model's attention implementation takes: an [R, 1, L, L] bool mask (sdpa), an additive
-    float mask (eager), or a FlexAttention BlockMask (flex_attention); one per layer kind ({kind: mask})
-    when the model mixes full and sliding-window layers. Any other implementation cannot take the mask:
-    a ValueError naming it."""
-    impl = getattr(model.config, "_attn_implementation", None) or "eager"
-    if impl not in PACKED_ATTENTION:
-        raise ValueError(
-            f"packing needs an attention implementation that takes a custom mask {PACKED_ATTENTION}; "
-            f"the model uses {impl!r}: load it with attn_implementation='sdpa' (or eager / "
-            "flex_attention), or train with --packing off"
-        )
-    position = position_ids
-    segment = segment.to(position.device).reshape(position.shape)
-    branch = branch.to(position.device).reshape(position.shape)
-    masks = {}
-    for kind, window in _mask_windows(model.config).items():
-        if impl == "flex_attention":
-            masks[kind] = _block_mask(segment, branch, position, window)
-            continue
-        keep = _visible(segment, branch, position, window)[:, None]
-        if impl == "eager":
-            dtype = next(model.parameters()).dtype
-            keep = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
-        masks[kind] = keep
-    return masks if len(masks) > 1 else next(iter(masks.values()))
-
-
-def body_hidden(model, batch: MicroBatch, device) -> torch.Tensor:
-    """Final hidden states of a micro-batch as flat rows [R * L, d], in the layout's row order (what pred_rows
-    and spans index)."""
-    from .model import run_body
-
-    ids = batch.input_ids.to(device)
-    if batch.layout == "off":
-        assert batch.attention_mask is not None  # the padded layout has one
-        hidden = run_body(model, ids, batch.attention_mask.to(device))
-    else:
-        assert batch.position_ids is not None  # the packed layouts have them
-        pos = batch.position_ids.to(device)
-        hidden = run_body(model, ids, attention_mask_for(model, batch.segment, batch.branch, pos), pos)
-    return hidden.reshape(-1, hidden.shape[-1])
-
-
 def pooling_rows(layout: str, spans: torch.Tensor, items, pooling: str):
     """(pool_spans [2P, 2], d_factor [2P] or None) of a micro-batch whose response spans are `spans`: the rows the
     SAE constraint pools over, and what D is multiplied by.
@@ -478,3 +362,21 @@ def pooling_rows(layout: str, spans: torch.Tensor, items, pooling: str):
         [len(it.prompt_ids) + max(len(it.chosen_ids), len(it.rejected_ids)) for it in items], dtype=torch.float64
     ).repeat(2)
     return spans, ((n / (T - 1)) ** 2).float()
+
+
+_MOVED = {
+    "attention_mask_for": "packed_attention",
+    "PACKED_ATTENTION": "packed_attention",
+    "body_hidden": "model",
+    "attention_length_scale": "model",
+}
+
+
+def __getattr__(name):  # 0.2's names, now beside the model
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        warnings.warn(f"fpo.packing.{name} is now fpo.{_MOVED[name]}.{name}", FutureWarning, stacklevel=2)
+        return getattr(importlib.import_module(f"fpo.{_MOVED[name]}"), name)
+    raise AttributeError(f"module 'fpo.packing' has no attribute {name!r}")

@@ -15,12 +15,12 @@ from fpo_kernels import index_dtype_for, pack_topk, sae_pooled_features, sequenc
 from fpo_kernels.cache import VALUE_DTYPES
 
 from . import distributed as dist_utils
-from .config import PrecomputeConfig
+from .config import PrecomputeConfig, renamed_keys
 from .feature_files import read_protect_file
 from .files import atomic_write_json, sha256_of
 from .locking import LOCK_NAME, DirectoryLock
-from .model import ActivationCapture, final_softcap, lm_head, model_fingerprint
-from .packing import Batching, attention_length_scale, body_hidden
+from .model import ActivationCapture, attention_length_scale, body_hidden, final_softcap, lm_head, model_fingerprint
+from .packing import Batching
 from .pairs import dataset_fingerprint, tokenizer_fingerprint
 from .progress import progress_bar
 from .protection import add_protected_values
@@ -135,11 +135,11 @@ def precompute(model, dataset, out, *, tokenizer=None, model_name=None, log=prin
     enough for DPO); sae_layer: the decoder block each SAE reads (default: from the SAE's hook name); precision:
     the forward's policy, as training runs it, with bf16 weights under any bf16 policy (a frozen model needs no
     master copy); value_dtype: how feature values are stored; packing: the micro-batch layout (the values do
-    not depend on it beyond rounding); max_tokens: a token budget per forward instead of batch_pairs pairs,
+    not depend on it beyond rounding); max_tokens: a token budget per forward instead of micro_batch_size pairs,
     which also caps each sequence at max_tokens // 2 tokens exactly as training with the same max_tokens does.
     A run that stops part-way resumes where it stopped when started again with the same arguments. Under
     torchrun each rank computes its share of the shards."""
-    cfg = PrecomputeConfig(model=model, dataset=dataset, out=os.fspath(out), **options)
+    cfg = PrecomputeConfig(model=model, dataset=dataset, out=os.fspath(out), **renamed_keys(options))
     if cfg.cache_k is not None and (not isinstance(cfg.cache_k, int) or isinstance(cfg.cache_k, bool)):
         raise ValueError(f"cache_k must be a positive integer, got {cfg.cache_k!r}")
     rt = start(cfg, log)

@@ -24,8 +24,8 @@ from fpo_kernels.protect import protected_features, protection_penalty
 
 from .feature_files import ProtectSet, read_protect_file
 from .files import atomic_write_json, sha256_of
-from .model import ActivationCapture, decoder_layers
-from .packing import Batching, attention_length_scale, body_hidden
+from .model import ActivationCapture, attention_length_scale, body_hidden, decoder_layers
+from .packing import Batching
 from .progress import progress_bar
 from .reference_cache import shard_is_sound, shard_name, write_shard
 from .sae import check_sae_fits

@@ -20,8 +20,7 @@ from fpo_kernels.losses import preference_loss
 from fpo_kernels.protect import protected_features
 
 from .config import TrainConfig
-from .model import ActivationCapture, final_softcap, lm_head
-from .packing import body_hidden
+from .model import ActivationCapture, body_hidden, final_softcap, lm_head
 from .protection import protect_metrics
 from .sae import SAESpec
 

@@ -31,13 +31,14 @@ from .locking import DirectoryLock
 from .lora import add_adapters, describe_lora
 from .model import (
     apply_body_kernels,
+    attention_length_scale,
     compile_body,
     config_fingerprint,
     enable_activation_checkpointing,
     final_softcap,
     model_fingerprint,
 )
-from .packing import Batching, attention_length_scale, micro_batch_tokens
+from .packing import Batching, micro_batch_tokens
 from .pairs import tokenizer_fingerprint
 from .precision import SAVE_DTYPES, describe_precision, make_optimizer
 from .protection import ProtectTerm
@@ -149,7 +150,7 @@ class Trainer:
         model.train()
         self.model = model
         self.row_scale = attention_length_scale(model)  # packed micro-batches as one stream (FlexAttention) or rows
-        self.batching = Batching.of(self.cfg, self.tokenizer.pad_token_id, self.row_scale, self.cfg.micro_batch_size)
+        self.batching = Batching.of(self.cfg, self.tokenizer.pad_token_id, self.row_scale)
 
     def _load_reference(self, cfg: TrainConfig):
         """The reference side: the cache and its SAEs (fpo, dpo), or TDPO's online reference model."""

@@ -105,3 +105,24 @@ def test_help_shows_ranges_and_protect_flags_need_an_output(tmp_path):
     assert "range (0, inf]" in " ".join(text.split())  # --lr
     with pytest.raises(SystemExit, match="--protect and --protect-weight say what"):
         main(["features", "--model", "m", "--reference", "r", "--dataset", "d", "--sae", "s", "--protect", "3"])
+
+
+def test_batch_pairs_is_micro_batch_size_with_a_warning(capsys):
+    """0.2's --batch-pairs / batch_pairs is the one key micro_batch_size: the old names still work, with a warning,
+    and both names at once are refused."""
+    from fpo.cli import build_parser
+    from fpo.config import EvalConfig, config_from_dict, renamed_keys
+
+    args = build_parser().parse_args(["eval", "--model", "m", "--dataset", "d", "--batch-pairs", "7"])
+    assert args.micro_batch_size == 7
+    assert "--batch-pairs is now --micro-batch-size" in capsys.readouterr().err
+    text = build_parser()._subparsers._group_actions[0].choices["precompute"].format_help()
+    assert "--micro-batch-size" in text and "--batch-pairs" not in text
+    with pytest.warns(FutureWarning, match="batch_pairs is now called micro_batch_size"):
+        assert EvalConfig(model="m", dataset="d", **renamed_keys({"batch_pairs": 3})).micro_batch_size == 3
+    with pytest.warns(FutureWarning):
+        assert (
+            config_from_dict({"model": "m", "dataset": "d", "method": "simpo", "batch_pairs": 5}).micro_batch_size == 5
+        )
+    with pytest.raises(ValueError, match="one key"):
+        renamed_keys({"batch_pairs": 3, "micro_batch_size": 2})

@@ -54,7 +54,7 @@ def test_eval_metrics_match_a_plain_computation(tiny, tmp_path, packing, precisi
         k=k,
         max_pairs=PAIRS,
         packing=packing,
-        batch_pairs=4,
+        micro_batch_size=4,
         precision=precision,
         **LEN,
     )

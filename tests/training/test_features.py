@@ -60,7 +60,7 @@ def test_numbers_match_sae_lens_and_contexts_a_plain_search(tiny, tmp_path):
         max_pairs=PAIRS,
         top=6,
         contexts=2,
-        batch_pairs=2,
+        micro_batch_size=2,
         rank_split=False,
         json=str(tmp_path / "f.json"),
         png=str(tmp_path / "f.png"),

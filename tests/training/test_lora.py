@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fpo.config import config_from_dict
-from fpo.model import load_model
-from fpo.packing import body_hidden, collate
+from fpo.model import body_hidden, load_model
+from fpo.packing import collate
 from fpo.precompute import precompute
 from fpo.train import Trainer, train
 from fpo_kernels import sequence_logprobs

@@ -55,7 +55,9 @@ def assets_dir(tmp_path_factory):
     try:
         for name, saes in (("both", [assets.DEMO_SAE, str(topk)]), ("a", [assets.DEMO_SAE]), ("b", [str(topk)])):
             out["cache_" + name] = str(root / f"cache-{name}")
-            precompute(model, pairs, out["cache_" + name], sae=saes, cache_k=32, batch_pairs=3, progress=False, **LEN)
+            precompute(
+                model, pairs, out["cache_" + name], sae=saes, cache_k=32, micro_batch_size=3, progress=False, **LEN
+            )
     finally:
         os.environ["TRITON_INTERPRET"] = old or "0"
     return out

@@ -6,11 +6,10 @@ import torch
 
 from fpo import assets
 from fpo.config import TrainConfig
-from fpo.model import load_model, load_tokenizer
+from fpo.model import body_hidden, load_model, load_tokenizer
+from fpo.packed_attention import attention_mask_for
 from fpo.packing import (
     LAYOUTS,
-    attention_mask_for,
-    body_hidden,
     collate,
     micro_batch_tokens,
     pair_tokens,
@@ -80,7 +79,7 @@ def test_rows_cost_no_more_than_a_stream_or_one_unit_per_row():
 
 def test_share_prompt_mask_by_hand():
     """One pair [p p c c r]: rejected sees the prompt and itself, never chosen; nothing crosses pairs."""
-    from fpo.packing import _visible
+    from fpo.packed_attention import _visible
 
     seg = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
     br = torch.tensor([0, 0, 1, 1, 2, 0, 1, 2])
@@ -269,7 +268,7 @@ def test_precompute_packed_equals_padded(tiny, tmp_path):
             max_length=64,
             max_prompt_length=32,
             shard_rows=7,
-            batch_pairs=3,
+            micro_batch_size=3,
             progress=False,
             **kw,
         )

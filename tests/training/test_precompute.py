@@ -17,7 +17,7 @@ from fpo.precompute import precompute
 from fpo.reference_cache import CacheMismatchError, ReferenceCache
 from fpo_kernels import SAEWeights, reference
 
-KW = dict(cache_k=32, max_length=64, max_prompt_length=32, shard_rows=5, batch_pairs=3, progress=False)
+KW = dict(cache_k=32, max_length=64, max_prompt_length=32, shard_rows=5, micro_batch_size=3, progress=False)
 
 
 def _tensors(path):

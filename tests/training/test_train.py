@@ -11,8 +11,8 @@ from helpers import DIST_DRIVER
 from run_setup import run_config
 
 from fpo.config import TrainConfig, config_from_dict, load_config
-from fpo.model import load_model, load_tokenizer
-from fpo.packing import body_hidden, collate
+from fpo.model import body_hidden, load_model, load_tokenizer
+from fpo.packing import collate
 from fpo.pairs import load_pairs, tokenize_pairs
 from fpo.sae import SAESpec
 from fpo.step import PolicyStats

@@ -161,8 +161,7 @@ def test_trl_version_pin_and_bad_arguments(monkeypatch, tmp_path):
 def test_tdpo_in_trl_equals_our_loss(variant, tmp_path):
     """After two steps, TRL's TDPO loss on a batch equals our own loss code (policy, online reference, KL)."""
     from fpo.integrations.trl import TDPOTrainer
-    from fpo.model import lm_head
-    from fpo.packing import body_hidden
+    from fpo.model import body_hidden, lm_head
     from fpo_kernels.losses import tdpo_loss
 
     model_dir = assets.ensure_demo_model()
