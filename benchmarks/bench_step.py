@@ -57,6 +57,7 @@ from fpo.sae import SAESpec
 from fpo.step import PolicyStats
 from fpo_kernels import SAEWeights, pack_topk
 from fpo_kernels.losses import preference_loss
+from fpo_kernels.sequence_stats import SequenceStats
 
 PRESETS = {
     "gemma2-2b": dict(
@@ -323,7 +324,7 @@ class Step:
             finally:
                 stats.remove_hooks()
             losses = preference_loss(base, s, c, beta=2.0 if base == "simpo" else 0.1)[0]
-            R = protect.penalty(s["protect"], self._protect_ref)
+            R = protect.penalty(s.protect, self._protect_ref)
             return losses + protect.coef * (R[: self.P] + R[self.P :]) / 2
         if method.startswith("fpo"):
             spec = SAESpec(self.sae, self.layer, 1.0, "sae")
@@ -336,7 +337,7 @@ class Step:
             with torch.no_grad():
                 rh = run_body(self.ref, self.ids, self.attn)
             s = plain(self.batch, ref_hidden=rh.reshape(-1, rh.shape[-1]), ref_weight=lm_head(self.ref)[0])
-            return preference_loss(method[:5], s, {"logp_sum": s["ref_logp_sum"]}, beta=0.1)[0]
+            return preference_loss(method[:5], s, SequenceStats(logp_sum=s.ref_logp_sum), beta=0.1)[0]
         s = plain(self.batch)
         return preference_loss(method, s, c, beta=2.0 if method == "simpo" else 0.1)[0]
 

@@ -121,7 +121,7 @@ def run(args, log=print) -> dict:
             cfg = dict(config_of[method], cache=caches["train"], **sae, seed=seed)
             train(f"{method}-s{seed}", cfg)
             for gate in args.gates:
-                on = dict(cfg, protect=protect, protect_coef=coef, protect_gate=gate)
+                on = dict(cfg, protect=protect, protect_coef=coef, **_term_keys(gate))
                 if args.protect_share is not None:  # lambda adapted to hold the term's share of the margin term
                     on["protect_share"] = args.protect_share
                 train(f"{method}-protect-{gate}-s{seed}", on)
@@ -129,7 +129,7 @@ def run(args, log=print) -> dict:
     swept, gate0 = args.methods[0], args.gates[0]  # the sweep: the first method and gate, on the first seed
     for lam in sweep:
         if lam != coef:
-            cfg = dict(config_of[swept], cache=caches["train"], **sae, seed=seeds[0], protect_gate=gate0)
+            cfg = dict(config_of[swept], cache=caches["train"], **sae, seed=seeds[0], **_term_keys(gate0))
             train(f"{swept}-protect-{gate0}-l{lam:g}-s{seeds[0]}", dict(cfg, protect=protect, protect_coef=lam))
 
     # 3. judged on the judgement split
@@ -253,6 +253,11 @@ def run(args, log=print) -> dict:
     return result
 
 
+def _term_keys(term: str) -> dict:
+    """fpo train's keys of one protection term: the pooled form with a gate, or the per-token form ("token")."""
+    return dict(protect_form="token") if term == "token" else dict(protect_gate=term)
+
+
 def _mean_late(history, key):
     """The mean of a logged metric over the second half of a run (None where it was never logged)."""
     vals = [h[key] for h in history[len(history) // 2 :] if h.get(key) is not None]
@@ -289,11 +294,12 @@ def _markdown(res) -> str:
         f"{s['max_length']} tokens, lr {s['lr']:g} (warmup {s['warmup']}), seeds {s['seeds']}; the "
         f"{len(res['protected'])} protected features ({res['protected']}) chosen from a SimPO run (seed 100) "
         f"on {s['select_pairs']} selection pairs; judged on {res['pairs_judged']} other held-out pairs. "
-        f"lambda {s['coef']:g}, gates {', '.join(s['gates'])} (the off tokens through which the term may raise a "
-        f"feature); FPO on D over the reference scale, alpha adapted to a constraint share of "
+        f"lambda {s['coef']:g}, terms {', '.join(s['gates'])} (token: the per-token form, R on every response "
+        f"token's pre-activations; otherwise the pooled form with that gate, the off tokens through which the term "
+        f"may raise a feature); FPO on D over the reference scale, alpha adapted to a constraint share of "
         f"{s['target_share']:g} (from {s['alpha']:g}).",
         "",
-        "| method | gate | seed | protected drift on/off | chosen | rejected | others on/off | KL on/off | "
+        "| method | term | seed | protected drift on/off | chosen | rejected | others on/off | KL on/off | "
         "acc off | acc on | 2-step / final drift | final / 2-step | protect share | pass |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -346,7 +352,13 @@ def main(argv=None):
     p.add_argument("--target-share", type=float, default=0.1, help="FPO's constraint share, held by adapting alpha")
     p.add_argument("--protect", type=int, default=10, help="features protected")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--gates", nargs="+", default=["restore"], choices=GATES, help="--protect-gate of the runs")
+    p.add_argument(
+        "--gates",
+        nargs="+",
+        default=["restore"],
+        choices=GATES + ("token",),
+        help="the protection terms run: the pooled form with this --protect-gate, or token (--protect-form token)",
+    )
     p.add_argument("--tag", default="", help="written as evidence_protect_<tag>.{md,json,png}")
     for key in SETTINGS["cpu"]:
         p.add_argument("--" + key.replace("_", "-"), type=type(SETTINGS["cpu"][key]), default=None)

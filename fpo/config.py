@@ -15,6 +15,9 @@ from .packing import LAYOUTS, POOLINGS
 from .precision import OPTIMIZERS, PRECISIONS, SAVE_DTYPES
 from .trackers import TRACKERS, tracker_names
 
+if typing.TYPE_CHECKING:
+    from fpo_kernels.losses import LossSettings
+
 __all__ = [
     "CommandConfig",
     "ScoringConfig",
@@ -214,6 +217,13 @@ class TrainConfig(ScoringConfig):
         "(jumprelu)",
         ("restore", "near", "jumprelu"),
     )
+    protect_form: str = _key(
+        "pooled",
+        "with --protect: what R compares with the reference's values: each response's pooled activations of the "
+        "protected features (pooled), or their pre-activations on every response token, which have a gradient "
+        "whether the feature fires or not (token; the cache holds them since `fpo precompute --protect` of 0.3)",
+        ("pooled", "token"),
+    )
     protect_share: float | None = _key(
         None,
         "with --protect: adapt lambda after every step so that the protection term stays this share of the margin "
@@ -342,6 +352,15 @@ class TrainConfig(ScoringConfig):
             raise ValueError(
                 f"protect_gate {self.protect_gate!r} shapes the protection term's gradient: pass --protect FILE too"
             )
+        if self.protect_form != "pooled" and not self.protect:
+            raise ValueError(
+                f"protect_form {self.protect_form!r} is the protection term's form: pass --protect FILE too"
+            )
+        if self.protect_form == "token" and self.protect_gate != "restore":
+            raise ValueError(
+                "protect_gate shapes the pooled form's gradient; the per-token form (protect_form 'token') compares "
+                "pre-activations, which pass a gradient on every token: leave --protect-gate out"
+            )
         if self.protect and not (self.cache and self.sae):
             raise ValueError(
                 f"protect needs the SAE its features belong to (--sae) and a cache holding their reference values "
@@ -363,6 +382,13 @@ class TrainConfig(ScoringConfig):
     @property
     def beta_value(self) -> float:
         return self.beta if self.beta is not None else _DEFAULT_BETA[self.method]
+
+    @property
+    def loss_settings(self) -> LossSettings:
+        """The loss's settings (fpo_kernels.losses.LossSettings), made once per run from these keys."""
+        from fpo_kernels.losses import LossSettings
+
+        return LossSettings(self.method, self.beta_value, alpha=self.alpha, gamma=self.gamma)
 
     def replace(self, **kw) -> TrainConfig:
         return dataclasses.replace(self, **kw)

@@ -138,19 +138,20 @@ def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, k
         P = len(chunk)
         reference, kw = reference_side(batch, device, ref_cache, policy.saes, ref_model, autocast=policy.autocast)
         stats = policy(batch, **kw)
-        mean = stats["logp_mean"]
+        mean = stats.get("logp_mean")
         scores["acc_logp"].append((mean[:P] > mean[P:]).float())
         if reference is not None:
-            reward = mean - reference["logp_mean"]  # [2P], chosen first
+            reward = mean - reference.get("logp_mean")  # [2P], chosen first
             rw_, rl_ = reward[:P], reward[P:]
             scores["acc_reward"].append((rw_ > rl_).float() + 0.5 * (rw_ == rl_).float())  # a tie counts half
             scores["reward_margin"].append(rw_ - rl_)
-        for out, d in zip(scores["d"], stats["d_each"] if keys else []):
+        for out, d in zip(scores["d"], stats.get("d_each") if keys else []):
             out.append(d)
-        if "kl" in stats:
-            scores["kl"].append(stats["kl"])
-        if "protect" in stats:
-            for name, v in protect_metrics(stats["protect"], reference["protect"], policy.protect.scale).items():
+        if stats.kl is not None:
+            scores["kl"].append(stats.kl)
+        if stats.protect is not None:
+            assert reference is not None and reference.protect is not None  # a protect set needs its cache
+            for name, v in protect_metrics(stats.protect, reference.protect, policy.protect.scale).items():
                 scores.setdefault(name, []).append(v)
     return scores
 

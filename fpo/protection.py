@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from fpo_kernels.protect import protected_features, protection_penalty
+from fpo_kernels.protect import protected_features, protected_preactivations, protection_penalty
 
 from .feature_files import ProtectSet, read_protect_file
 from .files import atomic_write_json, sha256_of
@@ -34,6 +34,8 @@ __all__ = [
     "ProtectTerm",
     "SCALE_FLOOR",
     "protect_scales",
+    "protect_token_scales",
+    "FORMS",
     "add_protected_values",
     "protect_shard_name",
     "protect_metrics",
@@ -43,6 +45,8 @@ __all__ = [
 # at ABS_FLOOR): a feature that rarely fires is not divided by ~0
 SCALE_FLOOR = 0.1
 ABS_FLOOR = 1e-4
+# the term's two forms: each response's pooled activations, or every response token's pre-activations
+FORMS = ("pooled", "token")
 
 
 def protect_shard_name(features_key: str, start: int, end: int) -> str:
@@ -61,6 +65,17 @@ def protect_scales(mean: torch.Tensor, threshold: torch.Tensor | None = None) ->
     return torch.maximum(mean, floor).float()
 
 
+def protect_token_scales(z_sum: torch.Tensor, z_sq: torch.Tensor, n: int) -> torch.Tensor:
+    """[P] the per-token form's scales: each protected pre-activation's standard deviation over the reference's
+    response tokens (from its sum and sum of squares over n tokens), floored at SCALE_FLOOR x the set's median and
+    at ABS_FLOOR."""
+    n = max(int(n), 1)
+    var = (z_sq / n - (z_sum / n) ** 2).clamp(min=0)
+    std = var.sqrt()
+    floor = max(SCALE_FLOOR * float(std.median()), ABS_FLOOR)
+    return std.clamp(min=floor).float()
+
+
 class _Stop(Exception):
     """Raised by a hook once the SAE's layer has run: the rest of the forward is not needed."""
 
@@ -77,9 +92,9 @@ def _stop_after(model, layer, site):
 
 
 @torch.no_grad()
-def reference_protected(model, batch, spec, ids, device) -> torch.Tensor:
-    """[2P, |ids|] the reference's pooled protected features of one micro-batch (chosen rows first); the forward
-    stops after the SAE's layer."""
+def reference_protected(model, batch, spec, ids, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The reference's protected features on one micro-batch, the forward stopped after the SAE's layer: their
+    pooled values [2P, |ids|] (chosen rows first), and each response's per-token pre-activations [n_s, |ids|]."""
     cap = ActivationCapture(model, spec.layer, spec.site)
     stop = _stop_after(model, spec.layer, spec.site)
     try:
@@ -91,8 +106,10 @@ def reference_protected(model, batch, spec, ids, device) -> torch.Tensor:
     finally:
         stop.remove()
         cap.remove()
-    flat = r.reshape(-1, r.shape[-1])
-    return protected_features(flat, spec.sae, torch.tensor(ids), spans=batch.pool_spans.cpu()).float().cpu()
+    flat, spans, fid = r.reshape(-1, r.shape[-1]), batch.pool_spans.cpu(), torch.tensor(ids)
+    pooled = protected_features(flat, spec.sae, fid, spans=spans).float().cpu()
+    z = protected_preactivations(flat, spec.sae, fid, spans=spans).float().cpu()
+    return pooled, list(z.split((spans[:, 1] - spans[:, 0]).tolist()))
 
 
 def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_keys, say) -> dict:
@@ -117,7 +134,12 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     old = meta.get("protect")
-    if isinstance(old, dict) and old.get("features_key") == fkey and _protect_files_sound(out, old):
+    if (
+        isinstance(old, dict)
+        and old.get("features_key") == fkey
+        and "token_scale" in old  # caches of 0.3.0's development had no per-token values
+        and _protect_files_sound(out, old)
+    ):
         say(f"[fpo] cache {out} already holds the reference's values of these {len(protect.ids)} protected features")
         return old
     if isinstance(old, dict) and old.get("features_key") != fkey:
@@ -135,30 +157,29 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
     bar = progress_bar(sum(e - s for s, e in todo), desc="protect", unit="pair") if cfg.progress else None
     batching = Batching.of(cfg, tokenizer.pad_token_id, attention_length_scale(model))
     for s, e in todo:
-        chosen, rejected = {}, {}
+        pooled: dict = {"chosen": {}, "rejected": {}}
+        tokens: dict = {"chosen": {}, "rejected": {}}
         for chunk, batch in batching.batches(items[s:e]):
             with rt.precision.autocast(rt.device):
-                v = reference_protected(model, batch, spec, list(protect.ids), rt.device)
+                v, z = reference_protected(model, batch, spec, list(protect.ids), rt.device)
             P = len(chunk)
             for k, it in enumerate(chunk):
-                chosen[it.id], rejected[it.id] = v[k], v[P + k]
+                for side, row in (("chosen", k), ("rejected", P + k)):
+                    pooled[side][it.id], tokens[side][it.id] = v[row], z[row]
             if bar is not None:
                 bar.update(len(chunk))
         ids = [it.id for it in items[s:e]]
-        write_shard(
-            out,
-            s,
-            e,
-            {
-                "ids": torch.tensor(ids, dtype=torch.long),
-                "chosen_protect": torch.stack([chosen[i] for i in ids]),
-                "rejected_protect": torch.stack([rejected[i] for i in ids]),
-            },
-            name=protect_shard_name(fkey, s, e),
-        )
+        tensors = {"ids": torch.tensor(ids, dtype=torch.long)}
+        for side in ("chosen", "rejected"):
+            tensors[f"{side}_protect"] = torch.stack([pooled[side][i] for i in ids])
+            # per token: the rows' pre-activations end to end, and each row's token count
+            tensors[f"{side}_protect_z"] = torch.cat([tokens[side][i] for i in ids])
+            tensors[f"{side}_protect_n"] = torch.tensor([len(tokens[side][i]) for i in ids], dtype=torch.long)
+        write_shard(out, s, e, tensors, name=protect_shard_name(fkey, s, e))
     if bar is not None:
         bar.close()
     total, n = torch.zeros(len(protect.ids), dtype=torch.float64), 0
+    z_sum, z_sq, n_tok = torch.zeros_like(total), torch.zeros_like(total), 0
     entry_shards = []
     for s, e in shards:
         name = protect_shard_name(fkey, s, e)
@@ -166,6 +187,9 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
         t = load_file(path)
         total += t["chosen_protect"].double().sum(0) + t["rejected_protect"].double().sum(0)
         n += 2 * (e - s)
+        for side in ("chosen", "rejected"):
+            zs = t[f"{side}_protect_z"].double()
+            z_sum, z_sq, n_tok = z_sum + zs.sum(0), z_sq + (zs * zs).sum(0), n_tok + zs.shape[0]
         entry_shards.append(
             {"file": name, "start": s, "end": e, "bytes": os.path.getsize(path), "sha256": sha256_of(path)}
         )
@@ -177,6 +201,8 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
         "site": spec.site,
         "ids": list(protect.ids),
         "mean": (total / max(n, 1)).tolist(),
+        # the per-token form's scales: each pre-activation's spread over the reference's response tokens
+        "token_scale": protect_token_scales(z_sum, z_sq, n_tok).tolist(),
         "shards": entry_shards,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -194,18 +220,36 @@ def _protect_files_sound(out, entry) -> bool:
 
 
 class ProtectTerm:
-    """What a run protects: the set, its SAE (an SAESpec), lambda, and the per-feature scales, weights and
-    directions R takes. `from_cache` builds it against a cache's entry, checked to agree."""
+    """What a run protects: the set, its SAE (an SAESpec), lambda, the form (pooled activations or per-token
+    pre-activations) and the per-feature scales, weights and directions R takes. `from_cache` builds it against a
+    cache's entry, checked to agree."""
 
-    def __init__(self, protect: ProtectSet, spec, scale: torch.Tensor, coef: float, device, gate: str = "restore"):
-        self.protect, self.spec, self.coef, self.gate = protect, spec, float(coef), gate
+    def __init__(
+        self,
+        protect: ProtectSet,
+        spec,
+        scale: torch.Tensor,
+        coef: float,
+        device,
+        gate: str = "restore",
+        form: str = "pooled",
+        token_scale: torch.Tensor | None = None,
+    ):
+        if form not in FORMS:
+            raise ValueError(f"protect form must be one of {FORMS}, got {form!r}")
+        if form == "token" and token_scale is None:
+            raise ValueError("the per-token form needs the pre-activations' scales (token_scale)")
+        self.protect, self.spec, self.coef, self.gate, self.form = protect, spec, float(coef), gate, form
         self.ids = torch.tensor(protect.ids, dtype=torch.long)
         self.scale = scale.float().to(device)
+        self.token_scale = None if token_scale is None else token_scale.float().to(device)
         self.weights = torch.tensor(protect.weights, dtype=torch.float32, device=device)
         self.direction = protect.direction_codes().to(device)
 
     @classmethod
-    def from_cache(cls, protect: ProtectSet, spec, cache, coef: float, device, gate: str = "restore") -> ProtectTerm:
+    def from_cache(
+        cls, protect: ProtectSet, spec, cache, coef: float, device, gate: str = "restore", form: str = "pooled"
+    ) -> ProtectTerm:
         entry = cache.protect_entry
         where = f"cache {cache.path}"
         fix = "run `fpo precompute` with the same arguments and --protect FILE to add them (the rest is kept)"
@@ -216,11 +260,20 @@ class ProtectTerm:
                 f"{where} holds the reference's values of another protected set ({len(entry['ids'])} features of "
                 f"SAE {entry['sae']}; this run protects {len(protect.ids)} of {protect.sae}): {fix}"
             )
+        if form == "token" and "token_scale" not in entry:
+            raise ValueError(
+                f"{where} holds the protected features' pooled values but not their per-token pre-activations, "
+                f"which --protect-form token compares against: {fix}"
+            )
         threshold = spec.sae.threshold[torch.tensor(protect.ids, device=spec.sae.device)]
-        return cls(protect, spec, protect_scales(torch.tensor(entry["mean"]), threshold), coef, device, gate)
+        token_scale = torch.tensor(entry["token_scale"]) if "token_scale" in entry else None
+        scale = protect_scales(torch.tensor(entry["mean"]), threshold)
+        return cls(protect, spec, scale, coef, device, gate, form, token_scale)
 
     @classmethod
-    def load(cls, path, saes, cache, model, coef: float, device, gate: str = "restore") -> ProtectTerm:
+    def load(
+        cls, path, saes, cache, model, coef: float, device, gate: str = "restore", form: str = "pooled"
+    ) -> ProtectTerm:
         """The protect file at `path`, its SAE among `saes` (given the cache's layer and site where it has none,
         refused where they differ), checked to fit `model`, against `cache`'s entry: what train and eval hold."""
         protect = read_protect_file(path, saes)
@@ -234,7 +287,7 @@ class ProtectTerm:
                 f"run reads SAE '{spec.name}' at layer {spec.layer} ({spec.site}): pass --sae-layer {entry['layer']}"
             )
         check_sae_fits(model, spec.sae, spec.layer)
-        return cls.from_cache(protect, spec, cache, coef, device, gate)
+        return cls.from_cache(protect, spec, cache, coef, device, gate, form)
 
     def penalty(self, pooled: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """R [2P] of the policy's pooled protected features against the reference's."""
@@ -242,6 +295,23 @@ class ProtectTerm:
         return protection_penalty(
             pooled, ref, self.scale, weights=self.weights, direction=self.direction, check_inputs=False
         )
+
+    def token_penalty(self, z: torch.Tensor, ref_z: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """R [S] of the per-token form: each response's mean over its tokens of R on the protected pre-activations
+        (z, ref_z [n, |P|], the responses' tokens end to end; lengths [S] their token counts, summing to n)."""
+        if z.shape != ref_z.shape:
+            raise ValueError(
+                f"protect: the policy's per-token pre-activations {tuple(z.shape)} and the cache's "
+                f"{tuple(ref_z.shape)} differ: the cache was built for other responses or lengths"
+            )
+        assert self.token_scale is not None  # form "token" has them (checked when made)
+        per_token = protection_penalty(
+            z, ref_z, self.token_scale, weights=self.weights, direction=self.direction, check_inputs=False
+        )
+        n = lengths.to(z.device)
+        seq = torch.repeat_interleave(torch.arange(len(n), device=z.device), n, output_size=z.shape[0])
+        total = torch.zeros(len(n), dtype=per_token.dtype, device=z.device).index_add_(0, seq, per_token)
+        return total / n.clamp(min=1).to(total)
 
 
 def protect_metrics(pooled: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> dict:

@@ -20,6 +20,8 @@ import os
 
 import torch
 
+from fpo_kernels.sequence_stats import SequenceStats
+
 from .files import atomic_write_text, sha256_of, temp_file
 
 __all__ = [
@@ -213,6 +215,7 @@ class ReferenceCache:
     def _load_protect(self, check_checksums: bool) -> dict | None:
         """meta.json's "protect" entry, its shards read into data["chosen_protect"] / ["rejected_protect"]
         [rows, |P|] (the reference's pooled values of the protected features, by row); None without one."""
+        self.protect_tokens: dict = {}
         entry = self.meta.get("protect")
         if entry is None:
             return None
@@ -244,7 +247,33 @@ class ReferenceCache:
             raise ValueError(f"cache {self.path}: the protected values' rows do not match the cache's rows: {fix}")
         for side, v in values.items():
             self.data[f"{side}_protect"] = v.float()
+        self.protect_tokens = {}
+        if "token_scale" in entry:  # the per-token form's values: each row's tokens end to end, and their counts
+            try:
+                for side in ("chosen", "rejected"):
+                    z = torch.cat([t[f"{side}_protect_z"] for t in parts]).float()
+                    n = torch.cat([t[f"{side}_protect_n"] for t in parts]).long()
+                    if n.shape != (len(ids),) or (n < 0).any() or int(n.sum()) != z.shape[0] or z.dim() != 2:
+                        raise ValueError
+                    if z.shape[1] != len(entry["ids"]) or not bool(z.isfinite().all()):
+                        raise ValueError
+                    self.protect_tokens[side] = (z, torch.cat([n.new_zeros(1), n.cumsum(0)]))
+            except (KeyError, RuntimeError, ValueError):
+                raise ValueError(
+                    f"cache {self.path}: the protected features' per-token values are damaged: {fix}"
+                ) from None
         return entry
+
+    def protect_tokens_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """[n, |P|] the reference's per-token protected pre-activations of cache rows (a pair each): the chosen
+        responses' tokens end to end, then the rejected ones' (the [2P] order)."""
+        if not self.protect_tokens:
+            raise ValueError(f"cache {self.path} holds no per-token protected values: rerun `fpo precompute --protect`")
+        out = []
+        for side in ("chosen", "rejected"):
+            z, off = self.protect_tokens[side]
+            out += [z[off[r] : off[r + 1]] for r in rows.tolist()]
+        return torch.cat(out)
 
     def _check_contents(self):
         """What training reads unchecked (the kernels skip their input checks in the loop): every feature index
@@ -367,13 +396,18 @@ class ReferenceCache:
                 "max_prompt_length or max_tokens truncation): rebuild it"
             )
 
-    def reference(self, ids, row_hash=None, device="cpu") -> dict:
-        """The reference side of P pairs in the [2P] layout the loss takes (chosen first): logp_sum,
-        logp_mean, len [2P] and each SAE's idx<key>, val<key> [2P, K]. On disk a row is a pair (chosen_* and
-        rejected_* columns, looked up by example id); a batch's statistics are its 2P sequences."""
+    def reference(self, ids, row_hash=None, device="cpu") -> SequenceStats:
+        """The reference side of P pairs in the [2P] layout the loss takes (chosen first): logp_sum, logp_mean,
+        length [2P], each SAE's cached features (indices, values [2P, K]) under its key, and the protected
+        features' values [2P, |P|] when the cache has them. On disk a row is a pair (chosen_* and rejected_*
+        columns, looked up by example id); a batch's statistics are its 2P sequences."""
         rows = self.lookup(ids, row_hash, device)
         names = [k.removeprefix("chosen_") for k in rows if k.startswith("chosen_")]
-        return {n: torch.cat([rows["chosen_" + n], rows["rejected_" + n]]) for n in names}
+        stats = SequenceStats.of({n: torch.cat([rows["chosen_" + n], rows["rejected_" + n]]) for n in names})
+        if self.protect_tokens:
+            at = torch.tensor([self._row_of[int(i)] for i in ids.tolist()], dtype=torch.long)
+            stats = stats.replace(protect_tokens=self.protect_tokens_of(at).to(device, non_blocking=True))
+        return stats
 
     def lookup(self, ids, row_hash=None, device="cpu") -> dict:
         """Rows for example ids [P] -> dict of tensors on device (chosen_* / rejected_*)."""

@@ -16,10 +16,10 @@ from torch import nn
 from torch.profiler import record_function
 
 from fpo_kernels import sae_feature_mse, sequence_logprobs, sequence_logprobs_kl
-from fpo_kernels.losses import preference_loss
-from fpo_kernels.protect import protected_features
+from fpo_kernels.losses import LossSettings
+from fpo_kernels.protect import protected_features, protected_preactivations
+from fpo_kernels.sequence_stats import SequenceStats
 
-from .config import TrainConfig
 from .model import ActivationCapture, body_hidden, final_softcap, lm_head
 from .protection import protect_metrics
 from .sae import SAESpec
@@ -57,7 +57,9 @@ class PolicyStats(nn.Module):
         for x in self.saes:
             if not isinstance(x, SAESpec):
                 raise TypeError(f"saes: fpo.sae.SAESpec records, got {type(x).__name__}")
-        self.protect = protect  # fpo.protection.ProtectTerm: its features' pooled values, "protect" [2P, |P|]
+        # fpo.protection.ProtectTerm: its features' pooled values, protect [2P, |P|], and in its per-token form
+        # their pre-activations on every response token, protect_tokens [n, |P|]
+        self.protect = protect
         points = {(x.layer, x.site) for x in self.saes}
         if protect is not None:
             points.add((protect.spec.layer, protect.spec.site))
@@ -93,7 +95,7 @@ class PolicyStats(nn.Module):
                 ref_weight, ref_bias = (None if t is None else t.detach() for t in lm_head(self.model))
             return self._stats(batch, dev, ref_hidden, ref_weight, ref_bias, ref_features)
 
-    def _stats(self, batch, dev, ref_hidden, ref_weight, ref_bias, ref_features):
+    def _stats(self, batch, dev, ref_hidden, ref_weight, ref_bias, ref_features) -> SequenceStats:
         hidden = body_hidden(self.model, batch, dev)  # [N, d] flat rows
         w, b = lm_head(self.model)
         rows, labels, seq = (t.to(dev) for t in (batch.pred_rows, batch.labels, batch.seq_ids))
@@ -113,26 +115,33 @@ class PolicyStats(nn.Module):
                     seq_ids=seq,
                     num_seqs=S,
                 )
-            out = {"logp_sum": total, "logp_mean": mean, "len": count, "ref_logp_sum": ref_total, "kl": kl}
+            out = dict(logp_sum=total, logp_mean=mean, length=count, ref_logp_sum=ref_total, kl=kl)
         else:
             with record_function("fpo::logprobs"):
                 total, mean, count = sequence_logprobs(
                     hidden, w, softcap=self.softcap, bias=b, rows=rows, labels=labels, seq_ids=seq, num_seqs=S
                 )
-            out = {"logp_sum": total, "logp_mean": mean, "len": count}
+            out = dict(logp_sum=total, logp_mean=mean, length=count)
         resid = {point: cap.pop() for point, cap in self.captures.items()}
         if self.protect is not None:
             spec = self.protect.spec
-            r = resid[(spec.layer, spec.site)]
+            flat, spans = resid[(spec.layer, spec.site)], batch.pool_spans.cpu()
+            flat = flat.reshape(-1, flat.shape[-1])
+            token_form = self.protect.form == "token"
             with record_function("fpo::protect"):
-                out["protect"] = protected_features(
-                    r.reshape(-1, r.shape[-1]),
-                    spec.sae,
-                    self.protect.ids,
-                    spans=batch.pool_spans.cpu(),
-                    gate=self.protect.gate,
-                    check_inputs=self.check_inputs,
-                )
+                if token_form:  # the term's input; the pooled values below are for the metrics only
+                    out["protect_tokens"] = protected_preactivations(
+                        flat, spec.sae, self.protect.ids, spans=spans, check_inputs=self.check_inputs
+                    )
+                with torch.no_grad() if token_form else nullcontext():
+                    out["protect"] = protected_features(
+                        flat,
+                        spec.sae,
+                        self.protect.ids,
+                        spans=spans,
+                        gate=self.protect.gate,
+                        check_inputs=self.check_inputs,
+                    )
         if self.saes:
             if ref_features is None or len(ref_features) != len(self.saes):
                 raise ValueError(f"ref_features: one (indices, values) pair per SAE ({len(self.saes)}) is needed")
@@ -158,7 +167,7 @@ class PolicyStats(nn.Module):
                     each.append(raw)
                     out["d"] = d if "d" not in out else out["d"] + d
             out["d_each"] = torch.stack(each)
-        return out
+        return SequenceStats(**out)
 
 
 def reference_side(batch, device, cache=None, saes=(), ref_model=None, reference_is_base=False, autocast=None):
@@ -169,7 +178,8 @@ def reference_side(batch, device, cache=None, saes=(), ref_model=None, reference
     reference = None if cache is None else cache.reference(batch.ids, batch.row_hash, device)
     kw = {}
     if saes:
-        kw["ref_features"] = [(reference["idx" + spec.key], reference["val" + spec.key]) for spec in saes]
+        assert reference is not None  # the runs that read features have a cache (checked when they start)
+        kw["ref_features"] = [reference.features[spec.key] for spec in saes]
     if ref_model is not None:
         with torch.no_grad(), (autocast or (lambda d: nullcontext()))(device):
             rh = body_hidden(ref_model, batch, device)
@@ -180,23 +190,33 @@ def reference_side(batch, device, cache=None, saes=(), ref_model=None, reference
     return reference, kw
 
 
-def compute_loss(cfg: TrainConfig, stats: dict, reference: dict | None, protect=None, alpha: float | None = None):
+def compute_loss(
+    settings: LossSettings,
+    stats: SequenceStats,
+    reference: SequenceStats | None,
+    protect=None,
+    alpha: float | None = None,
+):
     """(losses [P], metrics) of one micro-batch: the policy's statistics and the reference's, both in the [2P]
-    layout (chosen first), through the one loss adapter with the run's hyperparameters; with protect
+    layout (chosen first), through the run's loss settings (TrainConfig.loss_settings); with protect
     (fpo.protection.ProtectTerm), plus lambda x the mean of R over the pair's chosen and rejected responses. alpha:
-    the step's (an adapted one, --target-share), else the run's."""
-    alpha = cfg.alpha if alpha is None else alpha
-    losses, metrics = preference_loss(cfg.method, stats, reference, beta=cfg.beta_value, alpha=alpha, gamma=cfg.gamma)
+    the step's (an adapted one, --target-share), else the settings'."""
+    losses, metrics = settings(stats, reference, alpha=alpha)
     if protect is None:
         return losses, metrics
-    if "protect" not in stats or reference is None or "protect" not in reference:
+    if stats.protect is None or reference is None or reference.protect is None:
         raise ValueError("protect: the policy's and the cache's protected features are both needed")
-    R = protect.penalty(stats["protect"], reference["protect"])  # [2P]
+    if protect.form == "token":
+        if stats.protect_tokens is None or reference.protect_tokens is None or stats.length is None:
+            raise ValueError("protect form 'token': the policy's and the cache's per-token values are both needed")
+        R = protect.token_penalty(stats.protect_tokens, reference.protect_tokens, stats.length.long())  # [2P]
+    else:
+        R = protect.penalty(stats.protect, reference.protect)  # [2P]
     P = losses.shape[0]
     term = protect.coef * (R[:P] + R[P:]) / 2
     metrics.update(
         protect_term=term.detach(),
         reward_margin_abs=metrics["margin"].abs(),
-        **protect_metrics(stats["protect"], reference["protect"], protect.scale),
+        **protect_metrics(stats.protect, reference.protect, protect.scale),
     )
     return losses + term, metrics

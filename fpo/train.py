@@ -22,6 +22,8 @@ from contextlib import nullcontext
 
 import torch
 
+from fpo_kernels.sequence_stats import SequenceStats
+
 from . import distributed as dist_utils
 from .alpha_control import AlphaController
 from .config import TrainConfig, config_from_dict
@@ -151,6 +153,7 @@ class Trainer:
         self.model = model
         self.row_scale = attention_length_scale(model)  # packed micro-batches as one stream (FlexAttention) or rows
         self.batching = Batching.of(self.cfg, self.tokenizer.pad_token_id, self.row_scale)
+        self.loss_settings = self.cfg.loss_settings
 
     def _load_reference(self, cfg: TrainConfig):
         """The reference side: the cache and its SAEs (fpo, dpo), or TDPO's online reference model."""
@@ -259,13 +262,14 @@ class Trainer:
             )
         saes = self.saes if self.saes else load_config_saes(cfg, self.runtime)
         term = ProtectTerm.load(
-            cfg.protect, saes, self.cache, self.model, cfg.protect_coef, self.device, cfg.protect_gate
+            cfg.protect, saes, self.cache, self.model, cfg.protect_coef, self.device, cfg.protect_gate, cfg.protect_form
         )
         protect, spec = term.protect, term.spec
         self.inputs["protect"] = protect.as_dict()
         self.log(
             f"[fpo] protect {cfg.protect}: {len(protect.ids)} features of SAE '{spec.name}' held near the reference "
-            f"on chosen and rejected responses, lambda {cfg.protect_coef:g} (L = L_{cfg.method} + lambda x mean R)"
+            f"on chosen and rejected responses ({cfg.protect_form} form), lambda {cfg.protect_coef:g} "
+            f"(L = L_{cfg.method} + lambda x mean R)"
         )
         return term
 
@@ -430,7 +434,6 @@ class Trainer:
     # ---- one step -------------------------------------------------------------------------------
     def _losses(self, items):
         """(losses [P], metrics, batch) of one micro-batch: the policy forward and the reference side."""
-        cfg = self.cfg
         batch = self.batching.collate(items)
         reference, kw = reference_side(
             batch,
@@ -442,14 +445,12 @@ class Trainer:
             self.precision.autocast,
         )
         stats = self.wrapped(batch, **kw)
-        if "ref_logp_sum" in stats:  # TDPO: the reference's log-probs came with the KL
-            reference = {**(reference or {}), "logp_sum": stats["ref_logp_sum"]}
-        losses, metrics = compute_loss(cfg, stats, reference, self.protect, self.alpha.alpha if self.alpha else None)
-        P = batch.num_pairs  # TRL's logps/*: each response's summed log-prob
-        metrics["logps_chosen"], metrics["logps_rejected"] = (
-            stats["logp_sum"][:P].detach(),
-            stats["logp_sum"][P:].detach(),
-        )
+        if stats.ref_logp_sum is not None:  # TDPO: the reference's log-probs came with the KL
+            reference = (reference or SequenceStats()).replace(logp_sum=stats.ref_logp_sum)
+        alpha = self.alpha.alpha if self.alpha else None
+        losses, metrics = compute_loss(self.loss_settings, stats, reference, self.protect, alpha)
+        # TRL's logps/*: each response's summed log-prob
+        metrics["logps_chosen"], metrics["logps_rejected"] = (t.detach() for t in stats.pair("logp_sum"))
         return losses, metrics, batch
 
     def train_step(self, step):

@@ -12,17 +12,20 @@ from .cache import index_dtype_for, pack_topk, unpack_topk  # noqa: F401  (index
 from .kernels import pin_autotune
 from .kl import fused_linear_kl, fused_linear_logprobs_kl
 from .logprobs import fused_linear_logprobs
+from .losses import LossSettings, preference_loss
 from .preference import FusedLinearDPOLoss, FusedLinearFPOLoss, FusedLinearSimPOLoss, FusedLinearTDPOLoss
-from .protect import protected_features, protection_penalty
+from .protect import protected_features, protected_preactivations, protection_penalty
 from .sae_constraint import sae_feature_mse, sae_pooled_features
 from .sae_weights import SAEWeights
 from .sequence import prediction_rows, sequence_logprobs, sequence_logprobs_kl
+from .sequence_stats import SequenceStats
 
 __all__ = [
     "SAEWeights",
     "sae_pooled_features",
     "sae_feature_mse",
     "protected_features",
+    "protected_preactivations",
     "protection_penalty",
     "fused_linear_logprobs",
     "fused_linear_kl",
@@ -30,6 +33,9 @@ __all__ = [
     "sequence_logprobs",
     "sequence_logprobs_kl",
     "prediction_rows",
+    "SequenceStats",
+    "preference_loss",
+    "LossSettings",
     "pack_topk",
     "unpack_topk",
     "pin_autotune",

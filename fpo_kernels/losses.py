@@ -6,9 +6,13 @@ All: L = -log sigmoid(u) (DPO's other loss types and label smoothing as Liger-Ke
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .sequence_stats import SequenceStats
 
 __all__ = [
     "DPO_LOSS_TYPES",
@@ -20,6 +24,7 @@ __all__ = [
     "LOSSES",
     "METHODS",
     "preference_loss",
+    "LossSettings",
     "constraint_share",
     "MARGIN_FLOOR",
 ]
@@ -204,8 +209,8 @@ _NEEDS = {"simpo": (), "dpo": (), "fpo": ("d",), "tdpo1": ("kl",), "tdpo2": ("kl
 
 def preference_loss(
     method: str,
-    stats: dict,
-    reference: dict | None = None,
+    stats: SequenceStats | Mapping,
+    reference: SequenceStats | Mapping | None = None,
     *,
     beta: float,
     alpha: float = 0.5,
@@ -220,10 +225,10 @@ def preference_loss(
 
     Args:
         method: "fpo", "dpo", "simpo", "tdpo1" or "tdpo2".
-        stats: the policy's per-sequence statistics in the [2P] layout, chosen first (what the ops return):
-            "logp_sum" and / or "logp_mean" [2P], and "d" (fpo: the SAE constraint, already divided by any
-            scale) or "kl" (tdpo1, tdpo2).
-        reference: the reference's, the same layout: "logp_sum" (dpo, tdpo1, tdpo2) or "logp_mean" (fpo; dpo
+        stats: the policy's per-sequence statistics in the [2P] layout, chosen first (what the ops return), as a
+            SequenceStats or its dict form: logp_sum and / or logp_mean, and d (fpo: the SAE constraint, already
+            divided by any scale) or kl (tdpo1, tdpo2).
+        reference: the reference's, the same layout: logp_sum (dpo, tdpo1, tdpo2) or logp_mean (fpo; dpo
             with average_log_prob), from the cache or computed online; None for simpo.
         beta: the temperature.
         alpha: fpo's weight of D, tdpo2's of the KL.
@@ -239,17 +244,19 @@ def preference_loss(
     """
     if method not in LOSSES:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    stats = SequenceStats.of(stats)
+    reference = None if reference is None else SequenceStats.of(reference)
     mean = method in ("simpo", "fpo") if average_log_prob is None else average_log_prob
     key = "logp_mean" if mean else "logp_sum"
     for name in (key,) + _NEEDS[method]:
-        if name not in stats:
+        if getattr(stats, name) is None:
             raise ValueError(f"method {method}: stats has no {name!r} (the policy's [2P] statistics)")
-    if method != "simpo" and (reference is None or key not in reference):
+    if method != "simpo" and (reference is None or getattr(reference, key) is None):
         raise ValueError(f"method {method}: the reference's {key!r} [2P] is missing")
-    P = stats[key].shape[0] // 2
+    P = getattr(stats, key).shape[0] // 2
 
     def pair(where, name):  # [2P] -> chosen [P], rejected [P]
-        t = where[name]
+        t = getattr(where, name)
         if t.shape[0] != 2 * P:
             side = "stats" if where is stats else "reference"
             raise ValueError(f"{side}[{name!r}] must be [2P] = [{2 * P}], chosen first; got {tuple(t.shape)}")
@@ -266,3 +273,41 @@ def preference_loss(
         return fpo_loss(w, l, rw, rl, d_w, d_l, beta, alpha, label_smoothing)
     kl_w, kl_l = pair(stats, "kl")
     return tdpo_loss(w, l, rw, rl, kl_w, kl_l, beta, alpha, 1 if method == "tdpo1" else 2, label_smoothing)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """A run's loss settings, made once (from a config or by hand) and called on each micro-batch's statistics:
+    `settings(stats, reference)` is `preference_loss(settings.method, stats, reference, beta=..., ...)`, with the
+    step's alpha in place of the run's when one is given (an adapted alpha)."""
+
+    method: str
+    beta: float
+    alpha: float = 0.5
+    gamma: float = 0.5
+    label_smoothing: float = 0.0
+    loss_type: str = "sigmoid"
+    discopop_tau: float = 0.05
+    average_log_prob: bool | None = None
+
+    def __post_init__(self):
+        if self.method not in LOSSES:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be a positive number, got {self.beta!r}")
+
+    def __call__(
+        self, stats: SequenceStats | Mapping, reference: SequenceStats | Mapping | None = None, *, alpha=None
+    ) -> tuple[torch.Tensor, dict]:
+        return preference_loss(
+            self.method,
+            stats,
+            reference,
+            beta=self.beta,
+            alpha=self.alpha if alpha is None else alpha,
+            gamma=self.gamma,
+            label_smoothing=self.label_smoothing,
+            loss_type=self.loss_type,
+            discopop_tau=self.discopop_tau,
+            average_log_prob=self.average_log_prob,
+        )

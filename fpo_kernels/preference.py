@@ -37,6 +37,7 @@ from .losses import check_dpo_options, preference_loss
 from .sae_constraint import sae_feature_mse
 from .sae_weights import SAEWeights
 from .sequence import sequence_logprobs, sequence_logprobs_kl
+from .sequence_stats import SequenceStats
 
 __all__ = ["FusedLinearSimPOLoss", "FusedLinearDPOLoss", "FusedLinearTDPOLoss", "FusedLinearFPOLoss", "response_rows"]
 
@@ -183,7 +184,7 @@ class FusedLinearSimPOLoss(_FusedLinearPreference):
         logps = mean if self.average_log_prob else total
         losses, m = preference_loss(
             "simpo",
-            {"logp_sum": total, "logp_mean": mean},
+            SequenceStats(logp_sum=total, logp_mean=mean),
             beta=self.beta,
             gamma=self.gamma,
             label_smoothing=self.label_smoothing,
@@ -282,11 +283,11 @@ class FusedLinearDPOLoss(_FusedLinearPreference):
                 "use_ref_model: pass the reference as ref_input and ref_weight (online), or as "
                 "ref_chosen_logps and ref_rejected_logps (precomputed); or use_ref_model=False"
             )
-        key = "logp_mean" if self.average_log_prob else "logp_sum"
+        reference = SequenceStats(logp_mean=ref) if self.average_log_prob else SequenceStats(logp_sum=ref)
         losses, m = preference_loss(
             "dpo",
-            {"logp_sum": total, "logp_mean": mean},
-            {key: ref},
+            SequenceStats(logp_sum=total, logp_mean=mean),
+            reference,
             beta=self.beta,
             label_smoothing=self.label_smoothing,
             loss_type=self.loss_type,
@@ -354,8 +355,8 @@ class FusedLinearTDPOLoss(_FusedLinearPreference):
         P = S // 2
         losses, m = preference_loss(
             f"tdpo{self.variant}",
-            {"logp_sum": total, "kl": kl},
-            {"logp_sum": ref_total},
+            SequenceStats(logp_sum=total, kl=kl),
+            SequenceStats(logp_sum=ref_total),
             beta=self.beta,
             alpha=self.alpha,
             label_smoothing=self.label_smoothing,
@@ -443,8 +444,8 @@ class FusedLinearFPOLoss(_FusedLinearPreference):
         )
         losses, m = preference_loss(
             "fpo",
-            {"logp_mean": mean, "d": d},
-            {"logp_mean": ref},
+            SequenceStats(logp_mean=mean, d=d),
+            SequenceStats(logp_mean=ref),
             beta=self.beta,
             alpha=self.alpha,
             label_smoothing=self.label_smoothing,

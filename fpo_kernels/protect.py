@@ -9,9 +9,14 @@ and only when, the loss asks the feature to rise (a straight-through gate on the
 ("restore"), only those whose pre-activation is positive, where a ReLU would fire ("near"), or none, as JumpReLU
 ("jumprelu"). The value is exact whatever the gate; a feature asked to fall moves only where it fires.
 
-`protection_penalty` turns the pooled values into R(y): per feature the change relative to a floored
-reference scale, one-sided where a direction says so, through a pseudo-Huber loss whose slope is at most 1,
-so one sparse feature on one response cannot blow up a step; a weighted mean over the protected features.
+`protected_preactivations` is the per-token form: the protected features' pre-activations z = x W_P + b_P on every
+response token, [n, |P|], differentiable everywhere (a feature below its threshold still has a gradient), for a
+penalty against the reference's own per-token values.
+
+`protection_penalty` turns the pooled values (or per-token pre-activations) into R(y): per feature the change
+relative to a floored reference scale, one-sided where a direction says so, through a pseudo-Huber loss whose slope
+is at most 1, so one sparse feature on one response cannot blow up a step; a weighted mean over the protected
+features.
 
 The products are a handful of columns: plain PyTorch (cuBLAS on a GPU) is the fast path; the oracle is
 fpo_kernels.reference.protected_features_ref (the full encode, then the columns picked).
@@ -24,7 +29,7 @@ import torch
 from ._dispatch import compile_boundary, no_autocast
 from .sae_weights import SAEWeights
 
-__all__ = ["protected_features", "protection_penalty", "DIRECTIONS", "GATES"]
+__all__ = ["protected_features", "protected_preactivations", "protection_penalty", "DIRECTIONS", "GATES"]
 
 # a protected feature may be held both ways, or only kept from rising or from falling
 DIRECTIONS = {"both": 0, "no_increase": 1, "no_decrease": -1}
@@ -211,3 +216,35 @@ def protection_penalty(
         raise ValueError(f"weights must be [{P}], >= 0 and not all 0")
     w = weights.to(pooled.device, dt)
     return (rho * w).sum(1) / w.sum()
+
+
+@compile_boundary
+def protected_preactivations(
+    hidden: torch.Tensor,
+    sae: SAEWeights,
+    feature_ids: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    spans: torch.Tensor | None = None,
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """The protected features' pre-activations on every response token: the per-token form of protection.
+
+    Args:
+        hidden, sae, feature_ids, mask, spans: as for `protected_features`.
+        check_inputs: False skips the checks that read values.
+
+    Returns:
+        [n, P] float32 (float64 for float64 hidden): z = x W_enc[:, ids] + b (b_dec subtracted from x first where the
+        SAE does so), one row per response token, the responses in order (row-major over the mask, or span by span).
+        Plain autograd: the gradient is W_enc's columns on every token, whether the feature fires or not.
+    """
+    if check_inputs:
+        _check(hidden, sae, feature_ids)
+    flat, rows, _, counts, S = _rows_of(hidden, mask, spans)
+    if check_inputs and S and (counts == 0).any():
+        raise ValueError(f"response {int((counts == 0).nonzero()[0])} has no token (an empty response is bad data)")
+    ids = feature_ids.to(sae.device).long()
+    dt = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    with no_autocast(flat):
+        return flat[rows].to(dt) @ sae.W_enc_t[ids].to(dt).t() + sae.bias[ids].to(dt)

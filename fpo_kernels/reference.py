@@ -20,6 +20,7 @@ __all__ = [
     "fused_linear_logprobs_kl_ref",
     "pack_topk_ref",
     "protected_features_ref",
+    "protected_preactivations_ref",
 ]
 
 
@@ -179,3 +180,14 @@ def protected_features_ref(hidden, spans, sae, feature_ids):
     """[N, d], [S, 2], [P] -> [S, P]: the full pooled encode, then the protected columns; autograd gives
     JumpReLU's own gradient (nothing through a token where a feature is off)."""
     return sae_pooled_features_spans_ref(hidden, spans, sae)[:, feature_ids.long()]
+
+
+def protected_preactivations_ref(hidden, spans, sae, feature_ids):
+    """[N, d], [S, 2], [P] -> [n, P]: every row's full pre-activation (b_dec subtracted from the input, then
+    W_enc and b_enc, in float64), the protected columns, the spans' rows in order."""
+    x = hidden.double()
+    if sae.apply_b_dec_to_input:
+        x = x - sae.b_dec.double()
+    z = x @ sae.W_enc_t.double().t() + sae.b_enc.double()
+    rows = torch.cat([torch.arange(int(s), int(e)) for s, e in spans.tolist()])
+    return z[rows][:, feature_ids.long()]

@@ -25,6 +25,7 @@ import torch
 
 from fpo_kernels import SAEWeights, pack_topk, sae_feature_mse, sae_pooled_features, sequence_logprobs_kl
 from fpo_kernels.losses import constraint_share, preference_loss
+from fpo_kernels.sequence_stats import SequenceStats
 
 from ..model import ActivationCapture, decoder_layers, final_softcap, lm_head, run_body
 
@@ -262,8 +263,8 @@ class FPOTrainer(_base()):  # type: ignore[misc]  # TRL's DPOTrainer, imported w
         )
         losses, m = preference_loss(
             "fpo",
-            {"logp_mean": mean, "d": d},
-            {"logp_mean": ref_mean},
+            SequenceStats(logp_mean=mean, d=d),
+            SequenceStats(logp_mean=ref_mean),
             beta=self.beta,
             alpha=self.fpo_alpha,
             label_smoothing=self.fpo_label_smoothing,
@@ -336,8 +337,8 @@ class TDPOTrainer(_base()):  # type: ignore[misc]  # TRL's DPOTrainer, imported 
         )
         losses, m = preference_loss(
             f"tdpo{self.tdpo_variant}",
-            {"logp_sum": total, "kl": kl},
-            {"logp_sum": ref_total},
+            SequenceStats(logp_sum=total, kl=kl),
+            SequenceStats(logp_sum=ref_total),
             beta=self.beta,
             alpha=self.tdpo_alpha,
             label_smoothing=self.tdpo_label_smoothing,

@@ -8,6 +8,7 @@ import torch
 from fpo_kernels.losses import (
     LOSSES,
     MARGIN_FLOOR,
+    LossSettings,
     constraint_share,
     dpo_loss,
     fpo_loss,
@@ -15,6 +16,7 @@ from fpo_kernels.losses import (
     simpo_loss,
     tdpo_loss,
 )
+from fpo_kernels.sequence_stats import SequenceStats
 
 
 def nls(u):  # -log sigmoid(u)
@@ -210,3 +212,98 @@ def test_preference_loss_refuses_what_a_method_lacks():
         preference_loss("dpo", stats, None, beta=0.1)
     with pytest.raises(ValueError, match=r"reference\['logp_sum'\] must be \[2P\] = \[4\]"):
         preference_loss("dpo", stats, {"logp_sum": torch.zeros(6)}, beta=0.1)
+
+
+def _random_stats(P, n_saes=2, K=3):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    return SequenceStats(
+        logp_sum=r(2 * P),
+        logp_mean=r(2 * P),
+        length=torch.randint(1, 9, (2 * P,)),
+        d=r(2 * P).abs(),
+        kl=r(2 * P).abs(),
+        ref_logp_sum=r(2 * P),
+        d_each=r(n_saes, 2 * P).abs(),
+        protect=r(2 * P, 4),
+        features={
+            "": (torch.randint(0, 50, (2 * P, K)), r(2 * P, K)),
+            "@3": (torch.randint(0, 50, (2 * P, K)), r(2 * P, K)),
+        },
+    )
+
+
+def test_sequence_stats_dict_form_round_trips_and_names_what_is_wrong():
+    s = _random_stats(3)
+    d = s.as_dict()
+    assert set(d) == {
+        "logp_sum",
+        "logp_mean",
+        "len",
+        "d",
+        "kl",
+        "ref_logp_sum",
+        "d_each",
+        "protect",
+        "idx",
+        "val",
+        "idx@3",
+        "val@3",
+    }
+    back = SequenceStats.of(d)
+    for name in ("logp_sum", "logp_mean", "length", "d", "kl", "ref_logp_sum", "d_each", "protect"):
+        assert torch.equal(getattr(back, name), getattr(s, name)), name
+    assert back.features.keys() == s.features.keys()
+    assert all(torch.equal(a, b) for k in s.features for a, b in zip(back.features[k], s.features[k]))
+    assert SequenceStats.of(s) is s
+    chosen, rejected = s.pair("kl")
+    assert torch.equal(torch.cat([chosen, rejected]), s.kl) and chosen.shape == (3,)
+    with pytest.raises(ValueError, match="unknown statistic 'logps'"):
+        SequenceStats.of({"logps": torch.zeros(4)})
+    with pytest.raises(ValueError, match="both idx<key> and val<key>"):
+        SequenceStats.of({"idx@3": torch.zeros(4, 2)})
+    with pytest.raises(ValueError, match="no 'kl'"):
+        SequenceStats(logp_sum=torch.zeros(4)).pair("kl")
+    with pytest.raises(TypeError, match="SequenceStats or a dict"):
+        SequenceStats.of([torch.zeros(4)])
+
+
+def test_sequence_stats_tensors_are_found_by_ddp_and_pytree():
+    """DDP finds a forward's output tensors (to hook the backward) in dataclasses; pytree (FSDP, compile) once the
+    record is registered: every set tensor, none twice."""
+    from torch.nn.parallel.distributed import _find_tensors
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    s = _random_stats(2)
+    want = {id(t) for t in s.as_dict().values()}
+    assert {id(t) for t in _find_tensors(s)} == want
+    leaves, spec = tree_flatten(s)
+    assert {id(t) for t in leaves if isinstance(t, torch.Tensor)} == want
+    again = tree_unflatten(leaves, spec)
+    assert isinstance(again, SequenceStats) and again.d is s.d and again.features["@3"][1] is s.features["@3"][1]
+
+
+@pytest.mark.parametrize("method", list(LOSSES))
+def test_a_loss_on_the_record_equals_the_loss_on_its_dict_form(method):
+    """preference_loss takes SequenceStats or its dict form alike; LossSettings is preference_loss with its
+    settings given once, the step's alpha in place of the run's when one is passed."""
+    s, ref = _random_stats(3), _random_stats(3)
+    kw = dict(beta=0.7, alpha=0.4, gamma=0.3, label_smoothing=0.05)
+    reference = None if method == "simpo" else ref
+    want, want_m = preference_loss(method, s.as_dict(), None if reference is None else reference.as_dict(), **kw)
+    got, got_m = preference_loss(method, s, reference, **kw)
+    assert torch.equal(got, want) and got_m.keys() == want_m.keys()
+    settings = LossSettings(method, **kw)
+    assert torch.equal(settings(s, reference)[0], want)
+    other = preference_loss(method, s, reference, **dict(kw, alpha=2.5))[0]
+    assert torch.equal(settings(s, reference, alpha=2.5)[0], other)
+    if method in ("fpo", "tdpo2"):
+        assert not torch.equal(other, want)  # alpha acts
+
+
+def test_loss_settings_are_checked_when_made():
+    with pytest.raises(ValueError, match="method must be one of"):
+        LossSettings("ipo", 0.1)
+    for beta in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="beta must be a positive number"):
+            LossSettings("dpo", beta)

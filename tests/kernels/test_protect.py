@@ -9,7 +9,7 @@ import torch
 from helpers import random_mask, random_sae
 
 from fpo_kernels import SAEWeights, pack_topk, reference, sae_feature_mse
-from fpo_kernels.protect import protected_features, protection_penalty
+from fpo_kernels.protect import protected_features, protected_preactivations, protection_penalty
 
 
 def _spans_of(mask):
@@ -229,3 +229,41 @@ def test_bf16_activations_as_a_gpu_step_gives_them(device):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     (g,) = torch.autograd.grad(got.sum(), h)
     assert g.dtype == torch.bfloat16 and g.isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["mask", "spans"])
+def test_preactivations_match_the_oracle_with_a_gradient_on_every_token(dtype, layout, device):
+    """The per-token form: every response token's pre-activations of the protected features against the float64
+    full encode, and a gradient through every token (the feature firing or not), equal to the oracle's."""
+    B, T, d, m, P = 3, 17, 12, 60, 5
+    sae = random_sae(d, m, device)
+    hidden = torch.randn(B, T, d, device=device, dtype=dtype, requires_grad=True)
+    mask = random_mask(B, T, device)
+    ids = torch.randperm(m)[:P]
+    flat, spans = _flat(hidden, mask)
+    kw = dict(mask=mask) if layout == "mask" else dict(spans=spans)
+    got = protected_preactivations(hidden if layout == "mask" else flat, sae, ids, **kw)
+    want = reference.protected_preactivations_ref(flat, spans, sae, ids)
+    assert got.shape == (int(mask.sum()), P) and got.dtype == dtype
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, **tol)
+    g = torch.randn(got.shape, dtype=torch.float64)
+    (a,) = torch.autograd.grad(got, hidden, g.to(dtype))
+    (b,) = torch.autograd.grad(want, hidden, g)
+    torch.testing.assert_close(a.double(), b.double(), **tol)
+    off = want <= sae.threshold.double()[ids]
+    assert off.any() and (a.abs().sum(-1)[mask] > 0).all()  # off tokens included: every response row has one
+
+
+def test_preactivations_refuse_what_they_cannot_use():
+    sae = random_sae(8, 20)
+    h = torch.randn(2, 5, 8)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="feature_ids holds 20"):
+        protected_preactivations(h, sae, torch.tensor([20]), mask=mask)
+    with pytest.raises(ValueError, match="d_in=8"):
+        protected_preactivations(torch.randn(2, 5, 7), sae, torch.tensor([1]), mask=mask)
+    mask[1] = False
+    with pytest.raises(ValueError, match="response 1 has no token"):
+        protected_preactivations(h, sae, torch.tensor([1]), mask=mask)

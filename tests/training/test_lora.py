@@ -102,9 +102,9 @@ def test_lora_tdpo_reference_is_the_base_model_without_a_second_model(tiny, tmp_
                 seq_ids=batch.seq_ids,
                 num_seqs=batch.num_seqs,
             )
-        torch.testing.assert_close(stats["ref_logp_sum"], ref_sum, rtol=1e-5, atol=1e-4)
-        assert not torch.allclose(stats["logp_sum"], ref_sum, atol=1e-3)  # the policy is not the base
-        assert (stats["kl"] > 0).all()
+        torch.testing.assert_close(stats.ref_logp_sum, ref_sum, rtol=1e-5, atol=1e-4)
+        assert not torch.allclose(stats.logp_sum, ref_sum, atol=1e-3)  # the policy is not the base
+        assert (stats.kl > 0).all()
     finally:
         trainer.close()
 

@@ -124,7 +124,7 @@ def test_two_saes_train_and_d_is_the_weighted_sum(assets_dir, tmp_path):
         stats = PolicyStats(model, k=16, **{k: v for k, v in kw.items() if k != "refs"})
         try:
             with torch.no_grad():
-                return stats(batch, ref_features=kw["refs"])["d"]
+                return stats(batch, ref_features=kw["refs"]).d
         finally:
             stats.remove_hooks()
 

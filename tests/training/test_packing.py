@@ -18,7 +18,7 @@ from fpo.packing import (
 from fpo.pairs import load_pairs, tokenize_pairs
 from fpo.sae import SAESpec
 from fpo.step import PolicyStats, compute_loss
-from fpo_kernels import SAEWeights, pack_topk, sae_pooled_features
+from fpo_kernels import SAEWeights, SequenceStats, pack_topk, sae_pooled_features
 
 
 def _items(tok, n=3, max_length=64, max_prompt_length=32, max_tokens=None):
@@ -164,7 +164,7 @@ def _all_method_stats(model_dir, ref_dir, sae, layer, layout, items, pad_id, ref
         batch, ref_features=[(ref_idx, ref_val)], ref_hidden=ref_hidden, ref_weight=ref_model.lm_head.weight.detach()
     )
     ps.remove_hooks()
-    cache = {"logp_sum": stats["ref_logp_sum"].detach(), "logp_mean": (stats["ref_logp_sum"] / stats["len"]).detach()}
+    cache = SequenceStats(logp_sum=stats.ref_logp_sum.detach(), logp_mean=(stats.ref_logp_sum / stats.length).detach())
     named = dict(policy.named_parameters())
     watch = [
         n
@@ -173,12 +173,12 @@ def _all_method_stats(model_dir, ref_dir, sae, layer, layout, items, pad_id, ref
             ("layers.0.self_attn.q_proj.weight", "layers.1.mlp.down_proj.weight", "norm.weight", "embed_tokens.weight")
         )
     ]
-    out = {"stats": {k: v.detach() for k, v in stats.items()}, "loss": {}, "grad": {}}
+    out = {"stats": {k: v.detach() for k, v in stats.as_dict().items()}, "loss": {}, "grad": {}}
     for method in ("fpo", "dpo", "simpo", "tdpo1", "tdpo2"):
         cfg = TrainConfig(
             method=method, model="m", dataset="d", cache="c", sae="s", alpha=50.0 if method == "fpo" else 0.5
         )
-        losses, _ = compute_loss(cfg, stats, cache)
+        losses, _ = compute_loss(cfg.loss_settings, stats, cache)
         grads = torch.autograd.grad(losses.mean(), [named[n] for n in watch], retain_graph=True)
         out["loss"][method] = losses.detach()
         out["grad"][method] = dict(zip(watch, grads))

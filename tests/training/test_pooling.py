@@ -81,7 +81,7 @@ def test_d_equals_the_hand_computation(tiny, pooling):
     want = torch.stack([((pooled[s] - ref_dense[s])[pooled[s].topk(k).indices] ** 2).mean() for s in range(2 * P)])
     stats = PolicyStats(model, saes=[SAESpec(sae, layer, 1.0, "sae")], k=k)
     with torch.no_grad():
-        got = stats(batch, ref_features=[(ref_idx, ref_val)])["d"]
+        got = stats(batch, ref_features=[(ref_idx, ref_val)]).d
     stats.remove_hooks()
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
 

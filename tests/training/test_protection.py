@@ -53,7 +53,7 @@ def test_precompute_adds_exact_values_and_keeps_the_rest(tiny, tmp_path):
     [spec] = load_saes([(tiny["sae"], None, 1.0)])
     model = load_model(tiny["model"]).double()
     items = tokenize_pairs(load_pairs(tiny["pairs"]), load_tokenizer(tiny["model"]), **LEN)
-    got = rc.reference(torch.tensor([it.id for it in items]))["protect"]
+    got = rc.reference(torch.tensor([it.id for it in items])).protect
     for p, it in enumerate(items):
         for side, response in enumerate((it.chosen_ids, it.rejected_ids)):
             x = torch.tensor([list(it.prompt_ids) + list(response)])
@@ -276,3 +276,81 @@ def test_protect_trains_under_bf16_mixed(tiny, tmp_path):
     rec = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert all(r["protect_term"] >= 0 and r["protect_drift_chosen"] == r["protect_drift_chosen"] for r in rec)
     assert rec[-1]["protect_drift_chosen"] > 0
+
+
+def test_the_token_form_caches_every_token_and_its_term_is_r_on_them(tiny, tmp_path):
+    """The per-token form: the cache holds every response token's protected pre-activations (against transformers'
+    hidden states and the float64 encoder, the [2P] order), with their spread as scales; a step's term is lambda x
+    the mean over the pair's two responses of each response's token-mean of R, computed here in float64."""
+    ids = [1, 5, 9, 150]
+    protect = _protect_file(tiny, tmp_path / "p.json", ids)
+    cache = _cache(tiny, tmp_path / "c", shard_rows=6, protect=protect)
+    rc = ReferenceCache(cache)
+    entry = rc.protect_entry
+    assert len(entry["token_scale"]) == len(ids) and min(entry["token_scale"]) > 0
+    [spec] = load_saes([(tiny["sae"], None, 1.0)])
+    model = load_model(tiny["model"]).double()
+    items = tokenize_pairs(load_pairs(tiny["pairs"]), load_tokenizer(tiny["model"]), **LEN)[:5]
+    got = rc.reference(torch.tensor([it.id for it in items])).protect_tokens
+    want = []
+    for side in (0, 1):
+        for it in items:
+            response = (it.chosen_ids, it.rejected_ids)[side]
+            x = torch.tensor([list(it.prompt_ids) + list(response)])
+            with torch.no_grad():
+                h = model(input_ids=x, output_hidden_states=True).hidden_states[t.SAE_LAYER + 1][0]
+            rows = h[len(it.prompt_ids) :]
+            want.append(
+                reference.protected_preactivations_ref(
+                    rows, torch.tensor([[0, len(rows)]]), spec.sae, torch.tensor(ids)
+                )
+            )
+    torch.testing.assert_close(got.double(), torch.cat(want), rtol=1e-4, atol=1e-5)
+
+    from fpo.step import compute_loss
+    from fpo.train import Trainer
+
+    base = run_config(tiny, cache, tmp_path / "r", "simpo", protect=protect, protect_form="token", protect_coef=2.0)
+    trainer = Trainer(TrainConfig(**base), log=lambda *a: None)
+    try:
+        with torch.no_grad():  # move the policy off the reference, so that R is not 0
+            for p in trainer.model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        batch = trainer.batching.collate(trainer.micro_batches(0)[0])
+        ref = trainer.cache.reference(batch.ids, batch.row_hash)
+        stats = trainer.policy(batch)
+        plain, _ = compute_loss(trainer.loss_settings, stats, ref)
+        total, metrics = compute_loss(trainer.loss_settings, stats, ref, trainer.protect)
+        z, rz = stats.protect_tokens.double(), ref.protect_tokens.double()
+        delta = (z - rz) / torch.tensor(entry["token_scale"], dtype=torch.float64)
+        per_token = (torch.sqrt(1 + delta**2) - 1).mean(1)
+        R = torch.stack([x.mean() for x in per_token.split(stats.length.long().tolist())])
+        P = batch.num_pairs
+        torch.testing.assert_close((total - plain).double(), 2.0 * (R[:P] + R[P:]) / 2, rtol=1e-5, atol=1e-7)
+        assert (R > 0).all()
+        torch.testing.assert_close(metrics["protect_term"], (total - plain).detach())
+    finally:
+        trainer.close()
+    out = train(dict(base, output_dir=str(tmp_path / "r2")), **QUIET)
+    assert out["last"]["protect_term"] > 0
+
+
+def test_the_token_form_refuses_what_it_cannot_use(tiny, tmp_path):
+    protect = _protect_file(tiny, tmp_path / "p.json", [1, 5])
+    cache = _cache(tiny, tmp_path / "c", protect=protect)
+    base = run_config(tiny, cache, tmp_path / "r", "simpo", protect=protect, protect_form="token")
+    with pytest.raises(ValueError, match="protect_form 'token' is the protection term's form: pass --protect"):
+        train(dict(base, protect=None, sae=None, cache=None), **QUIET)
+    with pytest.raises(ValueError, match="leave --protect-gate out"):
+        train(dict(base, protect_gate="near"), **QUIET)
+    meta_path = os.path.join(cache, "meta.json")  # a cache whose protected values predate the per-token form
+    meta = json.load(open(meta_path))
+    del meta["protect"]["token_scale"]
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(ValueError, match="not their per-token pre-activations"):
+        train(base, **QUIET)
+    train(dict(base, protect_form="pooled", output_dir=str(tmp_path / "pooled")), **QUIET)  # the pooled form reads it
+    said = []  # precompute --protect sees it lacks them and computes the set again
+    _cache(tiny, tmp_path / "c", protect=protect, log=said.append)
+    assert not any("already holds" in s for s in said)
+    assert "token_scale" in ReferenceCache(cache).protect_entry

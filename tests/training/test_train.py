@@ -17,7 +17,7 @@ from fpo.pairs import load_pairs, tokenize_pairs
 from fpo.sae import SAESpec
 from fpo.step import PolicyStats
 from fpo.train import NonFiniteLossError, Trainer, train
-from fpo_kernels import SAEWeights, sequence_logprobs
+from fpo_kernels import SAEWeights, SequenceStats, sequence_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,9 @@ def test_fused_path_equals_reference_path(tiny, tmp_path, monkeypatch, select, s
             ref_hidden=ref_hidden,
             ref_weight=ref_model.lm_head.weight.detach(),
         )
-        (out["logp_sum"].sum() * 0.01 + out["d"].sum() * 10 + out["kl"].sum() * 0.1).backward()
+        (out.logp_sum.sum() * 0.01 + out.d.sum() * 10 + out.kl.sum() * 0.1).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append(({k: v.detach() for k, v in out.items()}, grads))
+        results.append(({k: v.detach() for k, v in out.as_dict().items()}, grads))
         ps.remove_hooks()
     (fo, fg), (ro, rg) = results
     for k in ro:
@@ -244,8 +244,8 @@ def test_alpha_zero_fpo_gradient_is_length_normalised_dpo(tiny, cache, tmp_path)
     from fpo.train import compute_loss
 
     ref = trainer.cache.reference(batch.ids, batch.row_hash)  # [2P], chosen first
-    stats = trainer.policy(batch, ref_features=[(ref["idx"], ref["val"])])
-    loss, _ = compute_loss(trainer.cfg, stats, ref)
+    stats = trainer.policy(batch, ref_features=[ref.features[""]])
+    loss, _ = compute_loss(trainer.cfg.loss_settings, stats, ref)
     loss.mean().backward()
     g_fpo = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
     trainer.model.zero_grad()
@@ -254,7 +254,7 @@ def test_alpha_zero_fpo_gradient_is_length_normalised_dpo(tiny, cache, tmp_path)
         input_ids=batch.input_ids, attention_mask=batch.attention_mask
     ).last_hidden_state
     _, mean, _ = sequence_logprobs(hidden, w, input_ids=batch.input_ids, response_mask=batch.response_mask)
-    g_ref = ref["logp_mean"][:2] - ref["logp_mean"][2:]
+    g_ref = ref.logp_mean[:2] - ref.logp_mean[2:]
     want = -torch.nn.functional.logsigmoid(0.1 * ((mean[:2] - mean[2:]) - g_ref))
     want.mean().backward()
     for n, p in trainer.model.named_parameters():
@@ -338,8 +338,8 @@ def test_constraint_norm_ref_divides_d_by_the_recorded_scale(tiny, cache, tmp_pa
     scale = c.feature_scale(16)
     vals = torch.cat([c.data["chosen_val"], c.data["rejected_val"]]).double()[:, :16]
     assert scale == pytest.approx((vals**2).mean().item(), rel=1e-6)  # the mean squared top-16 value
-    stats = {k: torch.randn(4, dtype=torch.float64) for k in ("logp_sum", "logp_mean")}
-    ref = {"logp_mean": torch.randn(4, dtype=torch.float64)}
+    stats = SequenceStats(logp_sum=torch.randn(4, dtype=torch.float64), logp_mean=torch.randn(4, dtype=torch.float64))
+    ref = SequenceStats(logp_mean=torch.randn(4, dtype=torch.float64))
     ds = {}
     for norm in ("none", "ref"):  # the same first micro-batch, the same weights: D divided by the scale
         trainer = Trainer(TrainConfig(**_cfg(tiny, cache, tmp_path / norm, constraint_norm=norm)), log=lambda *a: None)
@@ -355,8 +355,8 @@ def test_constraint_norm_ref_divides_d_by_the_recorded_scale(tiny, cache, tmp_pa
         cfg = TrainConfig(**_cfg(tiny, cache, tmp_path, alpha=alpha))
         d = (torch.rand(4, dtype=torch.float64) * 0.01).requires_grad_()
         if alpha == 0.0:  # alpha 0: D, scaled or not, leaves the loss as it is
-            base, _ = compute_loss(cfg, dict(stats, d=d), ref)
-            normed, _ = compute_loss(cfg, dict(stats, d=d / scale), ref)
+            base, _ = compute_loss(cfg.loss_settings, stats.replace(d=d), ref)
+            normed, _ = compute_loss(cfg.loss_settings, stats.replace(d=d / scale), ref)
             assert torch.equal(base, normed)
     out = train(_cfg(tiny, cache, tmp_path, constraint_norm="ref", alpha=2.0), log=lambda *a: None)
     assert out["last"]["constraint_share"] == pytest.approx(out["last"]["constraint_abs"] / out["last"]["margin_abs"])

@@ -76,14 +76,14 @@ def test_fpo_in_trl_equals_our_loss(tmp_path):
         with torch.no_grad():
             s = stats(b, ref_features=[(ref_idx, ref_val)])
         stats.remove_hooks()
-        ref_mean = ref_sum / s["len"]
+        ref_mean = ref_sum / s.length
         loss, _ = fpo_loss(
-            s["logp_mean"][:2],
-            s["logp_mean"][2:],
+            s.logp_mean[:2],
+            s.logp_mean[2:],
             ref_mean[:2],
             ref_mean[2:],
-            s["d"][:2],
-            s["d"][2:],
+            s.d[:2],
+            s.d[2:],
             0.1,
             200.0,
             label_smoothing=0.1,
@@ -91,7 +91,7 @@ def test_fpo_in_trl_equals_our_loss(tmp_path):
         return s, loss.mean()
 
     start, start_loss = ours(load_model(model_dir))
-    assert torch.allclose(start["logp_sum"], ref_sum, rtol=1e-5, atol=1e-4)  # TRL's reference column is ours
+    assert torch.allclose(start.logp_sum, ref_sum, rtol=1e-5, atol=1e-4)  # TRL's reference column is ours
     before = trainer.evaluate()  # eval at init works
     assert before["eval_loss"] == pytest.approx(start_loss.item(), rel=1e-5) and "eval_fpo/d_chosen" in before
     held_out = trainer.evaluate(eval_dataset=_pairs(), metric_key_prefix="held")  # a new dataset: features made
@@ -108,8 +108,8 @@ def test_fpo_in_trl_equals_our_loss(tmp_path):
         "fpo/mean_logps/chosen",
     } <= set(logs[0])
     # TRL's names keep TRL's meanings: logps/* are summed log-probs (the first step's batch is both pairs)
-    assert logs[0]["logps/chosen"] == pytest.approx(start["logp_sum"][:2].mean().item(), rel=1e-4)
-    assert logs[0]["fpo/mean_logps/chosen"] == pytest.approx(start["logp_mean"][:2].mean().item(), rel=1e-4)
+    assert logs[0]["logps/chosen"] == pytest.approx(start.logp_sum[:2].mean().item(), rel=1e-4)
+    assert logs[0]["fpo/mean_logps/chosen"] == pytest.approx(start.logp_mean[:2].mean().item(), rel=1e-4)
     with pytest.raises(ValueError, match="after training has started"):  # TRL's rule: the reference is gone
         trainer.evaluate(eval_dataset=_pairs())
     assert "fpo/constraint_share" in logs[1]  # step 1's margin is ~0: no ratio over it is logged there
@@ -184,14 +184,14 @@ def test_tdpo_in_trl_equals_our_loss(variant, tmp_path):
         s = PolicyStats(trainer.model)(b, ref_hidden=body_hidden(ref, b, "cpu"), ref_weight=lm_head(ref)[0])
         got = trainer._compute_loss(trainer.model, batch, False)
     want, _ = tdpo_loss(
-        s["logp_sum"][:2],
-        s["logp_sum"][2:],
-        s["ref_logp_sum"][:2],
-        s["ref_logp_sum"][2:],
-        s["kl"][:2],
-        s["kl"][2:],
+        s.logp_sum[:2],
+        s.logp_sum[2:],
+        s.ref_logp_sum[:2],
+        s.ref_logp_sum[2:],
+        s.kl[:2],
+        s.kl[2:],
         0.1,
         0.5,
         variant,
     )
-    assert s["kl"].min() > 0 and got.item() == pytest.approx(want.mean().item(), rel=1e-5)
+    assert s.kl.min() > 0 and got.item() == pytest.approx(want.mean().item(), rel=1e-5)
