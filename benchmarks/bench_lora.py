@@ -22,7 +22,7 @@ from fpo.precompute import precompute
 from fpo.train import Trainer
 
 from .common import environment
-from .estimate_step import StepTracer
+from .step_tracer import StepTracer
 
 GB = 2**30
 

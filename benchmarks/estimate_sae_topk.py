@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.bench_sae_constraint import TOPK_K_GPU, TOPK_SHAPES_GPU, naive_topk_feature_mse
 from benchmarks.common import environment, write_results
-from benchmarks.estimate_step import H100_SXM, StepTracer
+from benchmarks.step_tracer import H100_SXM, StepTracer
 from fpo_kernels import SAEWeights, sae_feature_mse, sae_topk
 from fpo_kernels._dispatch import on_fake_launch
 

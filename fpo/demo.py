@@ -21,10 +21,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 
 import torch
 
 from . import assets
+from ._types import Log
 from .alpha_control import phase_shares
 from .evaluate import evaluate
 from .features import feature_report
@@ -160,20 +162,20 @@ def _ratio(x, y):
 
 
 def demo(
-    methods=("fpo", "simpo", "tdpo2"),
-    steps=None,
-    train_pairs=None,
-    eval_pairs=None,
-    device=None,
-    output_dir="runs/demo",
-    lr=None,
-    max_length=None,
-    batch_size=None,
-    seed=0,
-    progress=True,
-    entropy_samples=None,
-    keep_models=False,
-    log=print,
+    methods: Sequence[str] = ("fpo", "simpo", "tdpo2"),
+    steps: int | None = None,
+    train_pairs: int | None = None,
+    eval_pairs: int | None = None,
+    device: str | None = None,
+    output_dir: str = "runs/demo",
+    lr: float | None = None,
+    max_length: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    entropy_samples: int | None = None,
+    keep_models: bool = False,
+    log: Log = print,
 ) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     d = _settings(

@@ -3,8 +3,12 @@ mean per-token entropy of sampled responses (the FPO paper's diversity measure).
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 
+from ._types import Log, Model, PathLike, Tokenizer
 from .config import EvalConfig, renamed_keys
 from .model import attention_length_scale
 from .packing import Batching
@@ -47,7 +51,14 @@ def _sample_entropy(model, tok, items, n, max_new_tokens, device, seed):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
+def evaluate(
+    model: PathLike | Model,
+    dataset: PathLike,
+    *,
+    tokenizer: Tokenizer | None = None,
+    log: Log = print,
+    **options: Any,
+) -> dict:
     """Metrics on held-out pairs; options: fpo.config.EvalConfig's keys (the flags of `fpo eval`, with their
     defaults and help there).
 
@@ -63,7 +74,8 @@ def evaluate(model, dataset, *, tokenizer=None, log=print, **options) -> dict:
     forward passes (fpo.packing); the metrics do not depend on it beyond rounding. bad_rows: as for training
     ("error" stops at a bad row, "skip" skips and reports it). precision: the forward's policy (fpo.precision),
     with bf16 weights under any bf16 policy: an evaluated model is frozen."""
-    cfg = EvalConfig(model=model, dataset=dataset, **renamed_keys(options))
+    model = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model
+    cfg = EvalConfig(model=model, dataset=os.fspath(dataset), **renamed_keys(options))
     rt = start(cfg, log, distributed=False)
     device, prec = rt.device, rt.precision
     model, tokenizer = load_model(model, cfg, rt, prec.frozen_dtype, tokenizer)
@@ -150,7 +162,8 @@ def _score(cfg: EvalConfig, policy: PolicyStats, pad_id, ref_model, ref_cache, k
         if stats.kl is not None:
             scores["kl"].append(stats.kl)
         if stats.protect is not None:
-            assert reference is not None and reference.protect is not None  # a protect set needs its cache
+            # a protect set needs its cache
+            assert reference is not None and reference.protect is not None and policy.protect is not None
             for name, v in protect_metrics(stats.protect, reference.protect, policy.protect.scale).items():
                 scores.setdefault(name, []).append(v)
     return scores

@@ -19,13 +19,19 @@ import json
 import math
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from fpo_kernels.protect import DIRECTIONS
 
+from ._types import PathLike
 from .files import atomic_write_json
+
+if TYPE_CHECKING:
+    from .sae import SAESpec
 
 __all__ = [
     "MAX_BYTES",
@@ -42,7 +48,7 @@ MAX_BYTES = 16 << 20  # far above any real file of either kind (a weight for eac
 MAX_WEIGHT = 1e6  # beyond this a weight only overflows float32 sums; no use of either file needs more
 
 
-def read_small_file(path, what: str) -> str:
+def read_small_file(path: PathLike, what: str) -> str:
     """The UTF-8 text of a regular file of at most MAX_BYTES (a leading byte-order mark dropped): a FIFO, a
     device such as /dev/zero or a directory is refused before anything is read."""
     try:
@@ -151,14 +157,14 @@ def _layer(doc, what):
 # ------------------------------------------------------------------------------------------------
 # feature weights in D
 # ------------------------------------------------------------------------------------------------
-def write_feature_weights(path, sae_fingerprint: str, weights: dict[int, float], note: str = ""):
+def write_feature_weights(path: PathLike, sae_fingerprint: str, weights: dict[int, float], note: str = "") -> None:
     """A --feature-weights file (JSON): the SAE it is for, and {feature id: weight}; unlisted features weigh 1."""
     atomic_write_json(
         path, {"sae": sae_fingerprint, "note": note, "weights": {str(i): float(w) for i, w in sorted(weights.items())}}
     )
 
 
-def read_feature_weights(path, saes) -> tuple[int, torch.Tensor, str]:
+def read_feature_weights(path: PathLike, saes: Sequence[SAESpec]) -> tuple[int, torch.Tensor, str]:
     """(the index among `saes` the file is for, weights [width] float32, the SHA-256 of the file's bytes): JSON
     or CSV, told apart by content; unlisted features weigh 1; an id listed twice is refused."""
     what = f"feature_weights {path}"
@@ -226,7 +232,7 @@ class ProtectSet:
     note: str = ""
     layer: int | None = None  # the SAE's block, where one SAE's weights are read at several
 
-    def index_in(self, saes) -> int:
+    def index_in(self, saes: Sequence[SAESpec]) -> int:
         """Which of the run's SAEs the set belongs to."""
         return _sae_index(self.sae, saes, "protect set", self.layer)
 
@@ -250,11 +256,11 @@ class ProtectSet:
         return torch.tensor([DIRECTIONS[d] for d in self.directions], dtype=torch.int8)
 
 
-def write_protect_file(path, protect: ProtectSet):
+def write_protect_file(path: PathLike, protect: ProtectSet) -> None:
     atomic_write_json(path, protect.as_dict())
 
 
-def read_protect_file(path, saes=None, width: int | None = None) -> ProtectSet:
+def read_protect_file(path: PathLike, saes: Sequence[SAESpec] | None = None, width: int | None = None) -> ProtectSet:
     """A ProtectSet from a protect file. With `saes` (SAESpecs), its SAE must be one of them (a file that names
     none is taken for the only one); its ids are checked against that SAE's width (or `width`)."""
     what = f"protect {path}"

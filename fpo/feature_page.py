@@ -14,7 +14,7 @@ import html
 __all__ = ["render_page", "fmt"]
 
 
-def fmt(x) -> str:
+def fmt(x: float | None) -> str:
     """A number as the page shows it: 4 significant digits, '-' for none."""
     return "-" if x is None else f"{x:.4g}"
 

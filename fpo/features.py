@@ -20,12 +20,14 @@ import re
 import sys
 import textwrap
 import time
+from typing import Any
 
 import torch
 
 from fpo_kernels import reference as ops_reference
 from fpo_kernels import sae_pooled_features
 
+from ._types import Log, PathLike, Tokenizer
 from .config import FeaturesConfig, renamed_keys
 from .feature_files import ProtectSet, read_protect_file, write_feature_weights, write_protect_file
 from .feature_page import render_page
@@ -81,12 +83,23 @@ def _pass(model, items, saes, batching: Batching, rt, progress, desc, each):
         bar.close()
 
 
-def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **options) -> dict:
+def feature_report(
+    models: PathLike | list[PathLike],
+    reference: PathLike,
+    dataset: PathLike,
+    *,
+    tokenizer: Tokenizer | None = None,
+    log: Log = print,
+    **options: Any,
+) -> dict:
     """The per-feature report of one or several trained runs against the model they started from; options:
     fpo.config.FeaturesConfig's keys (the flags of `fpo features`). Returns what --json writes."""
     models = [models] if isinstance(models, (str, os.PathLike)) else list(models)
     cfg = FeaturesConfig(
-        model=[os.fspath(m) for m in models], reference=os.fspath(reference), dataset=dataset, **renamed_keys(options)
+        model=[os.fspath(m) for m in models],
+        reference=os.fspath(reference),
+        dataset=os.fspath(dataset),
+        **renamed_keys(options),
     )
     names = [run_name(m) for m in cfg.models]
     if len(set(names)) != len(names):
@@ -119,7 +132,7 @@ def feature_report(models, reference, dataset, *, tokenizer=None, log=print, **o
     policy_rows = _run_passes(cfg, names, ref_model, tokenizer, items, saes, batching, rt, log)
 
     rank_pairs, judge_pairs = _split_pairs(n, cfg.rank_split)
-    report = {
+    report: dict[str, Any] = {
         "reference": cfg.reference,
         "runs": names,
         "models": list(cfg.models),
@@ -624,7 +637,7 @@ def _headers(runs, width=16) -> list[str]:
     return [f"#{i + 1} {printable(name)}"[:width] for i, name in enumerate(runs)]
 
 
-def plot_features(report, path):
+def plot_features(report: dict, path: PathLike) -> None:
     """One row per SAE: the top features' drift by run (bars), and every firing feature's mean signed change
     against its reference activation (one colour per run, the largest changes labelled)."""
     import matplotlib

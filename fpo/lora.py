@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from ._types import Model
 from .distributed import local_shard
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .precision import Precision
 
 __all__ = [
     "add_adapters",
@@ -42,7 +49,9 @@ def _peft():
     return peft
 
 
-def add_adapters(model, r: int, alpha: float, dropout: float, target_modules, dtype: torch.dtype):
+def add_adapters(
+    model: Model, r: int, alpha: float, dropout: float, target_modules: str | list[str], dtype: torch.dtype
+):
     """Inject LoRA adapters of rank r into `model` (in place) and return the PeftModel around it. Every base
     weight is frozen; the adapters are created in `dtype` (the precision policy's trained dtype)."""
     peft = _peft()
@@ -107,7 +116,7 @@ def adapter_weights(state_dict: dict) -> dict:
     return {_saved_name(k): v for k, v in state_dict.items() if _is_adapter_key(k)}
 
 
-def load_adapter_weights(model, weights: dict, where: str):
+def load_adapter_weights(model: Model, weights: dict, where: str) -> None:
     """Load adapter_model.safetensors' tensors into the injected model; every adapter must be there."""
     renamed = {}
     for k, v in weights.items():
@@ -147,7 +156,7 @@ def merged_weights(state_dict: dict, scale: float, dtype: torch.dtype = torch.fl
     return out
 
 
-def save_adapter_config(peft_model, folder: str, base: str):
+def save_adapter_config(peft_model: Model, folder: str, base: str) -> None:
     """adapter_config.json, naming the base model by its absolute path when it is a local folder (so that
     AutoPeftModelForCausalLM finds it from anywhere)."""
     config = peft_model.peft_config[ADAPTER]
@@ -159,7 +168,9 @@ def save_adapter_config(peft_model, folder: str, base: str):
         config.base_model_name_or_path = saved
 
 
-def describe_lora(cfg, trained, all_params, precision) -> str:
+def describe_lora(
+    cfg: TrainConfig, trained: Sequence[torch.Tensor], all_params: Sequence[torch.Tensor], precision: Precision
+) -> str:
     """The line a LoRA run logs once: the adapters' size against the model's (under FSDP: this rank's shards)."""
     n = sum(local_shard(p).numel() for p in trained)
     total = sum(local_shard(p).numel() for p in all_params)

@@ -10,10 +10,12 @@ import json
 import os
 import sys
 import typing
+from typing import Any
 
 import torch
 from torch import nn
 
+from ._types import Device, Log, Model, Tokenizer
 from .packed_attention import attention_mask_for
 
 if typing.TYPE_CHECKING:
@@ -63,7 +65,7 @@ def _quiet_library_bars():
     hf_logging.disable_progress_bar()
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str) -> Tokenizer:
     from transformers import AutoTokenizer
 
     folder, gguf = _gguf_split(os.fspath(name_or_path))
@@ -79,14 +81,19 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def load_model(name_or_path: str, dtype=torch.float32, device="cpu", attn_implementation=None):
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    device: Device = "cpu",
+    attn_implementation: str | None = None,
+) -> Model:
     """AutoModelForCausalLM from a local folder, a .gguf file (dequantized), or a hub name when online.
     attn_implementation: None (the model's default), "sdpa", "eager" or "flex_attention"."""
     from transformers import AutoModelForCausalLM
 
     _quiet_library_bars()
     folder, gguf = _gguf_split(os.fspath(name_or_path))
-    kw = dict(dtype=dtype)
+    kw: dict[str, Any] = dict(dtype=dtype)
     if attn_implementation is not None:
         kw["attn_implementation"] = attn_implementation
     try:
@@ -116,7 +123,7 @@ def load_model(name_or_path: str, dtype=torch.float32, device="cpu", attn_implem
     return model.to(device)
 
 
-def resolve_device(device=None) -> torch.device:
+def resolve_device(device: Device | None = None) -> torch.device:
     """The device a command runs on: the one asked for, checked, else cuda when available, else cpu."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -150,7 +157,14 @@ def default_attention(device, packing: str):
     return "flex_attention"
 
 
-def load_model_for_layout(name_or_path, dtype, device, packing: str, attn_implementation=None, log=print):
+def load_model_for_layout(
+    name_or_path: str,
+    dtype: torch.dtype,
+    device: Device,
+    packing: str,
+    attn_implementation: str | None = None,
+    log: Log = print,
+) -> Model:
     """load_model with the attention implementation a layout needs: the one asked for, else
     default_attention's choice, falling back to the model's own default where that is not available."""
     if attn_implementation is not None:
@@ -165,7 +179,7 @@ def load_model_for_layout(name_or_path, dtype, device, packing: str, attn_implem
         return load_model(name_or_path, dtype, device)
 
 
-def decoder_layers(model) -> nn.ModuleList:
+def decoder_layers(model: Model) -> nn.ModuleList:
     body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
     for name in ("layers", "h", "blocks"):
         layers = getattr(body, name, None)
@@ -174,7 +188,7 @@ def decoder_layers(model) -> nn.ModuleList:
     raise ValueError(f"could not find the decoder layers of {type(model).__name__}")
 
 
-def lm_head(model):
+def lm_head(model: Model) -> tuple[torch.Tensor, torch.Tensor | None]:
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings (lm head)")
@@ -190,7 +204,7 @@ def enable_activation_checkpointing(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def compile_body(model, backend: str = "inductor", checkpoint: bool = False):
+def compile_body(model: Model, backend: str = "inductor", checkpoint: bool = False):
     """Regional compilation: torch.compile on each decoder layer (in place; nn.Module.compile), the way
     transformers and TRL compile a model for training. Identical layers reuse one compiled graph (their
     parameters are graph inputs), so compile time does not grow with depth; the embeddings, the final norm and
@@ -227,7 +241,7 @@ LIGER_BODY = dict(rope=True, rms_norm=True, swiglu=True, geglu=True, layer_norm=
 LIGER_HEAD = dict(cross_entropy=False, fused_linear_cross_entropy=False)
 
 
-def apply_body_kernels(model, kernels: str) -> list[str]:
+def apply_body_kernels(model: Model, kernels: str) -> list[str]:
     """Liger's RMSNorm, RoPE and SwiGLU / GeGLU kernels on the model's body (in place, the way liger-kernel
     patches a loaded model), never its fused linear cross-entropy. Returns the kernels applied. An architecture
     liger-kernel does not cover, or liger-kernel missing, is a ValueError saying so."""
@@ -272,12 +286,12 @@ def transformers_patches_undone():
                     setattr(module, key, value)
 
 
-def final_softcap(model):
+def final_softcap(model: Model) -> float | None:
     c = getattr(model.config, "final_logit_softcapping", None)
     return float(c) if c else None
 
 
-def config_fingerprint(model) -> str:
+def config_fingerprint(model: Model) -> str:
     """Hash of the model config, less the keys that do not change the function (path, dtype, cache)."""
     cfg = model.config.to_dict()
     for k in (
@@ -292,7 +306,7 @@ def config_fingerprint(model) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def model_fingerprint(model, name: str) -> dict:
+def model_fingerprint(model: Model, name: str) -> dict:
     """Name, a config hash and weights hashes (a strided sample of every tensor: cheap and content-bound).
     weights_bf16 hashes the sample rounded to bf16, so a model loaded in bf16 (a frozen reference) and the same
     checkpoint loaded in fp32 (the policy's master weights) agree; weights hashes it as loaded."""
@@ -340,7 +354,7 @@ class ActivationCapture:
     the block (resid_post) or entering it (resid_pre: the embeddings for block 0), or what the block's MLP
     (mlp_out) or attention (attn_out) adds to the residual stream."""
 
-    def __init__(self, model, layer: int, site: str = "resid_post"):
+    def __init__(self, model: Model, layer: int, site: str = "resid_post"):
         layers = decoder_layers(model)
         if not isinstance(layer, int) or not 0 <= layer < len(layers):
             raise ValueError(
@@ -373,7 +387,12 @@ class ActivationCapture:
         self._h.remove()
 
 
-def run_body(model, input_ids, attention_mask=None, position_ids=None):
+def run_body(
+    model: Model,
+    input_ids: torch.Tensor,
+    attention_mask: Any = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Final hidden states [B, T, d] (after the final norm) from the model body: no logits.
     attention_mask: a [B, T] padding mask, or a prepared 4-D mask / BlockMask / {layer kind: mask} for a
     packed stream (fpo.packed_attention.attention_mask_for), with its position_ids [B, T]."""
@@ -382,7 +401,7 @@ def run_body(model, input_ids, attention_mask=None, position_ids=None):
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
-def body_hidden(model, batch: MicroBatch, device) -> torch.Tensor:
+def body_hidden(model: Model, batch: MicroBatch, device: Device) -> torch.Tensor:
     """Final hidden states of a micro-batch as flat rows [R * L, d], in the layout's row order (what pred_rows
     and spans index)."""
     ids = batch.input_ids.to(device)
@@ -392,11 +411,12 @@ def body_hidden(model, batch: MicroBatch, device) -> torch.Tensor:
     else:
         assert batch.position_ids is not None  # the packed layouts have them
         pos = batch.position_ids.to(device)
+        assert batch.segment is not None and batch.branch is not None  # so do their segment and branch ids
         hidden = run_body(model, ids, attention_mask_for(model, batch.segment, batch.branch, pos), pos)
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def attention_length_scale(model) -> float | None:
+def attention_length_scale(model: Model) -> float | None:
     """L0 such that a row of L tokens costs about L + L^2 / L0 in units of one token through the body's linear
     layers: (6 x body parameters) per token against (12 x hidden size x layers) per attended pair, forward and
     backward. None for FlexAttention, whose block sparsity makes one stream the cheapest layout."""

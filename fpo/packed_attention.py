@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ._types import Model
+
 __all__ = ["attention_mask_for", "PACKED_ATTENTION"]
 
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")  # attention implementations that take our mask
@@ -62,7 +64,7 @@ def _block_mask(segment, branch, position, window):
     return create_block_mask(mask_mod, B=R, H=None, Q_LEN=n, KV_LEN=n, device=segment.device)
 
 
-def attention_mask_for(model, segment, branch, position_ids):
+def attention_mask_for(model: Model, segment: torch.Tensor, branch: torch.Tensor, position_ids: torch.Tensor):
     """The attention mask a packed micro-batch (rows [R, L]; segment and branch flat or [R, L]) needs, in
     the form the model's attention implementation takes: an [R, 1, L, L] bool mask (sdpa), an additive
     float mask (eager), or a FlexAttention BlockMask (flex_attention); one per layer kind ({kind: mask})

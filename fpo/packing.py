@@ -19,9 +19,14 @@ Micro-batches by token budget (max_tokens): the pairs are placed first-fit in or
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .pairs import TokenizedPair
 
 __all__ = [
     "LAYOUTS",
@@ -90,14 +95,14 @@ def _place(lengths, attention_scale):
         cap *= 2
 
 
-def pair_tokens(item, layout: str) -> int:
+def pair_tokens(item: TokenizedPair, layout: str) -> int:
     """Tokens one pair occupies in a layout (for off: alone in its micro-batch, padding included)."""
     _check_layout(layout)
     lp, lc, lr = _lengths(item)
     return 2 * (lp + max(lc, lr)) if layout == "off" else sum(_units(item, layout))
 
 
-def micro_batch_tokens(items, layout: str, attention_scale=None) -> int:
+def micro_batch_tokens(items: Sequence[TokenizedPair], layout: str, attention_scale: float | None = None) -> int:
     """Tokens through the model body for one micro-batch, padding included; attention_scale: how packed
     layouts are split into rows (_place; None: one stream)."""
     _check_layout(layout)
@@ -110,7 +115,9 @@ def micro_batch_tokens(items, layout: str, attention_scale=None) -> int:
     return len(rows) * max(sum(lengths[i] for i in r) for r in rows)
 
 
-def plan_micro_batches(items, layout: str, max_tokens: int, attention_scale=None) -> list[list]:
+def plan_micro_batches(
+    items: Sequence[TokenizedPair], layout: str, max_tokens: int, attention_scale: float | None = None
+) -> list[list]:
     """Split pairs into micro-batches of at most max_tokens tokens each (first-fit decreasing; a pair is
     never split, so a pair larger than the budget, which truncation rules out, would sit alone).
     Within a micro-batch the pairs keep their given order."""
@@ -206,7 +213,13 @@ class Batching:
             yield chunk, self.collate(chunk)
 
 
-def collate(items, layout: str, pad_id: int, attention_scale=None, pooling: str = "response") -> MicroBatch:
+def collate(
+    items: Sequence[TokenizedPair],
+    layout: str,
+    pad_id: int,
+    attention_scale: float | None = None,
+    pooling: str = "response",
+) -> MicroBatch:
     """P tokenised pairs -> one MicroBatch in the layout.
 
     attention_scale (packed layouts): None for one row [1, N] (FlexAttention skips the masked blocks), or
@@ -297,7 +310,7 @@ def collate(items, layout: str, pad_id: int, attention_scale=None, pooling: str 
     )
 
 
-def from_padded(input_ids, attention_mask, response_mask) -> MicroBatch:
+def from_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor) -> MicroBatch:
     """A micro-batch in the "off" layout from padded tensors a caller already has: input_ids,
     attention_mask, response_mask [2P, T] (chosen rows first, one contiguous response per row, after at
     least one prompt token). Run it where the tensors live on the host: on a GPU it is a device sync."""
@@ -337,7 +350,9 @@ def from_padded(input_ids, attention_mask, response_mask) -> MicroBatch:
     )
 
 
-def pooling_rows(layout: str, spans: torch.Tensor, items, pooling: str):
+def pooling_rows(
+    layout: str, spans: torch.Tensor, items: Sequence[TokenizedPair], pooling: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(pool_spans [2P, 2], d_factor [2P] or None) of a micro-batch whose response spans are `spans`: the rows the
     SAE constraint pools over, and what D is multiplied by.
 

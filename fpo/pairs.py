@@ -22,9 +22,13 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from ._types import Log, Tokenizer
 
 __all__ = [
     "Pair",
@@ -280,7 +284,9 @@ def _as_prompt(rec, row):
     return prompt
 
 
-def load_pairs(path: str, max_pairs: int | None = None, bad_rows: str = "error", log=print, split=None) -> list[Pair]:
+def load_pairs(
+    path: str, max_pairs: int | None = None, bad_rows: str = "error", log: Log = print, split: str | None = None
+) -> list[Pair]:
     """Read preference pairs; columns prompt / chosen / rejected as strings or chat message lists. split: for a
     saved DatasetDict or a folder of one file per split (default: train, or the only split)."""
     if bad_rows not in ("error", "skip"):
@@ -346,7 +352,7 @@ def _bounded(tok, text: str, keep: int, tail: bool):
     return (part, ids) if len(ids) >= keep + TOKEN_MARGIN else (text, None)
 
 
-def prompt_ids(tok, prompt, keep: int | None = None):
+def prompt_ids(tok: Tokenizer, prompt: Any, keep: int | None = None) -> list[int]:
     """The prompt's token ids (chat template applied when the tokenizer has one); with keep, only its last keep
     tokens are guaranteed, and a message far longer than that is cut first."""
     if keep is not None:
@@ -385,7 +391,12 @@ def _hash_ids(*seqs) -> int:
 
 
 def tokenize_pairs(
-    pairs, tok, max_length: int = 512, max_prompt_length: int = 256, max_tokens: int | None = None, log=None
+    pairs: Sequence[Pair],
+    tok: Tokenizer,
+    max_length: int = 512,
+    max_prompt_length: int = 256,
+    max_tokens: int | None = None,
+    log: Log | None = None,
 ) -> list[TokenizedPair]:
     """Token ids of each pair under the truncation rule (module docstring). With a token budget per
     micro-batch (max_tokens), the rule runs with max_length capped at max_tokens // 2, so that every pair
@@ -428,7 +439,7 @@ def dataset_fingerprint(items: list[TokenizedPair]) -> str:
     return h.hexdigest()[:16]
 
 
-def tokenizer_fingerprint(tok) -> str:
+def tokenizer_fingerprint(tok: Tokenizer) -> str:
     h = hashlib.sha256()
     h.update(str(len(tok)).encode())
     h.update(str(getattr(tok, "chat_template", "") or "").encode())

@@ -17,11 +17,13 @@ bf16 policy their weights are bf16, and under bf16-mixed their forward runs unde
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from ._types import Device
 from .distributed import local_shard
 
 __all__ = [
@@ -54,7 +56,7 @@ class Precision:
         """Weights of a model that is never trained (a reference, an evaluated policy): no master copy needed."""
         return torch.float32 if self.name == "fp32" else torch.bfloat16
 
-    def autocast(self, device):
+    def autocast(self, device: Device) -> AbstractContextManager:
         """The forward's context: bf16 autocast under bf16-mixed, nothing otherwise."""
         if self.autocast_dtype is None:
             return nullcontext()
@@ -68,7 +70,7 @@ class Precision:
         return b * (2 + states) + (2 if self.name == "bf16-compensated" else 0)
 
 
-def resolve_precision(name: str, device) -> Precision:
+def resolve_precision(name: str, device: Device) -> Precision:
     """`auto` is bf16-mixed on CUDA and fp32 elsewhere."""
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {name!r}")
@@ -82,15 +84,15 @@ def resolve_precision(name: str, device) -> Precision:
 
 
 def make_optimizer(
-    params,
+    params: Iterable[torch.Tensor],
     precision: Precision,
     optimizer: str,
     lr: float,
     weight_decay: float = 0.0,
-    betas=(0.9, 0.999),
+    betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    device="cpu",
-):
+    device: Device = "cpu",
+) -> torch.optim.Optimizer:
     """The run's optimizer. adam: Adam (L2 weight decay, as torch's); adamw: AdamW (decoupled weight decay,
     scaled by lr as torch's); rmsprop: torch's RMSprop (alpha 0.99; betas unused).
     bf16-compensated takes torch-optimi's Adam /
@@ -129,10 +131,12 @@ def make_optimizer(
     if optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, eps=eps, weight_decay=weight_decay, foreach=True)
     cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, **impl)
+    return cls(params, lr=lr, betas=(betas[0], betas[1]), eps=eps, weight_decay=weight_decay, **impl)
 
 
-def updates_round_away(params, lr: float, dtype=torch.bfloat16) -> tuple[bool, float]:
+def updates_round_away(
+    params: Iterable[torch.Tensor], lr: float, dtype: torch.dtype = torch.bfloat16
+) -> tuple[bool, float]:
     """(lr below the dtype's resolution of the median |weight|, that median): Adam moves a weight by about lr
     a step, and a bf16 weight w moves only by steps of about 2^-8 |w|, so below that most updates round
     away. The median comes from a strided sample of every parameter."""
@@ -147,7 +151,9 @@ def updates_round_away(params, lr: float, dtype=torch.bfloat16) -> tuple[bool, f
     return lr < spacing / 2 * median, median
 
 
-def describe_precision(prec: Precision, params, optimizer: str, lr: float, trained: str = "") -> list[str]:
+def describe_precision(
+    prec: Precision, params: Sequence[torch.Tensor], optimizer: str, lr: float, trained: str = ""
+) -> list[str]:
     """What the precision policy costs the trained parameters (under FSDP: this rank's shards), and under
     bf16-pure a warning when lr is below the bf16 resolution of the typical weight (most updates would round
     away). The lines a run logs once."""

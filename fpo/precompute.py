@@ -8,6 +8,8 @@ import dataclasses
 import errno
 import os
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +17,7 @@ from fpo_kernels import index_dtype_for, pack_topk, sae_pooled_features, sequenc
 from fpo_kernels.cache import VALUE_DTYPES
 
 from . import distributed as dist_utils
+from ._types import Device, Log, Model, PathLike, Tokenizer
 from .config import PrecomputeConfig, renamed_keys
 from .feature_files import read_protect_file
 from .files import atomic_write_json, sha256_of
@@ -28,6 +31,10 @@ from .reference_cache import FORMAT_VERSION, is_cache_file, shard_is_sound, shar
 from .runtime import load_config_saes, load_items, load_model, start
 from .sae import check_sae_fits
 
+if TYPE_CHECKING:
+    from .packing import MicroBatch
+    from .sae import SAESpec
+
 __all__ = ["precompute", "reference_stats", "DEFAULT_CACHE_K"]
 
 DEFAULT_CACHE_K = 256  # the reference's top pooled features cached per response, unless an SAE is narrower
@@ -40,11 +47,20 @@ def feature_key(index: int, spec) -> str:
 
 
 @torch.no_grad()
-def reference_stats(model, batch, saes=(), cache_k=256, device="cpu", value_dtype=torch.float16):
+def reference_stats(
+    model: Model,
+    batch: MicroBatch,
+    saes: Sequence[SAESpec] = (),
+    cache_k: int = 256,
+    device: Device = "cpu",
+    value_dtype: torch.dtype = torch.float16,
+) -> dict[str, torch.Tensor]:
     """Reference statistics of one fpo.packing.MicroBatch (any layout; 2P sequences,
     chosen first): log-prob sums and means, lengths, and each SAE's top-K pooled features (saes: SAESpecs,
     one hook per layer and site, one forward)."""
-    caps = {(s.layer, s.site): ActivationCapture(model, s.layer, s.site) for s in saes}
+    if any(s.layer is None for s in saes):
+        raise ValueError("reference_stats: every SAE's layer must be known (SAESpec.layer)")
+    caps = {(s.layer, s.site): ActivationCapture(model, s.layer, s.site) for s in saes}  # type: ignore[arg-type]
     try:
         hidden = body_hidden(model, batch, device)
         w, b = lm_head(model)
@@ -125,7 +141,16 @@ def _read_settings(path) -> dict:
     return old
 
 
-def precompute(model, dataset, out, *, tokenizer=None, model_name=None, log=print, **options) -> dict:
+def precompute(
+    model: PathLike | Model,
+    dataset: PathLike,
+    out: PathLike,
+    *,
+    tokenizer: Tokenizer | None = None,
+    model_name: str | None = None,
+    log: Log = print,
+    **options: Any,
+) -> dict:
     """Build the reference cache in directory `out`; returns the summary it prints.
 
     model: a path / hub name / .gguf, or a loaded model (then pass tokenizer and model_name); dataset: a local
@@ -139,7 +164,8 @@ def precompute(model, dataset, out, *, tokenizer=None, model_name=None, log=prin
     which also caps each sequence at max_tokens // 2 tokens exactly as training with the same max_tokens does.
     A run that stops part-way resumes where it stopped when started again with the same arguments. Under
     torchrun each rank computes its share of the shards."""
-    cfg = PrecomputeConfig(model=model, dataset=dataset, out=os.fspath(out), **renamed_keys(options))
+    model = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model
+    cfg = PrecomputeConfig(model=model, dataset=os.fspath(dataset), out=os.fspath(out), **renamed_keys(options))
     if cfg.cache_k is not None and (not isinstance(cfg.cache_k, int) or isinstance(cfg.cache_k, bool)):
         raise ValueError(f"cache_k must be a positive integer, got {cfg.cache_k!r}")
     rt = start(cfg, log)

@@ -37,7 +37,7 @@ class _Lines:
         pass
 
 
-def progress_bar(total, initial=0, desc="", unit="it"):
+def progress_bar(total: int, initial: int = 0, desc: str = "", unit: str = "it"):
     """tqdm on a terminal, plain lines otherwise."""
     if sys.stdout.isatty():
         from tqdm.auto import tqdm

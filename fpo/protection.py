@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from fpo_kernels.protect import protected_features, protected_preactivations, protection_penalty
 
+from ._types import Device, Log, Model, PathLike, Tokenizer
 from .feature_files import ProtectSet, read_protect_file
 from .files import atomic_write_json, sha256_of
 from .model import ActivationCapture, attention_length_scale, body_hidden, decoder_layers
@@ -29,6 +32,13 @@ from .packing import Batching
 from .progress import progress_bar
 from .reference_cache import shard_is_sound, shard_name, write_shard
 from .sae import check_sae_fits
+
+if TYPE_CHECKING:
+    from .config import PrecomputeConfig
+    from .pairs import TokenizedPair
+    from .reference_cache import ReferenceCache
+    from .runtime import Runtime
+    from .sae import SAESpec
 
 __all__ = [
     "ProtectTerm",
@@ -112,7 +122,17 @@ def reference_protected(model, batch, spec, ids, device) -> tuple[torch.Tensor, 
     return pooled, list(z.split((spans[:, 1] - spans[:, 0]).tolist()))
 
 
-def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_keys, say) -> dict:
+def add_protected_values(
+    cfg: PrecomputeConfig,
+    model: Model,
+    tokenizer: Tokenizer,
+    items: Sequence[TokenizedPair],
+    saes: Sequence[SAESpec],
+    rt: Runtime,
+    shards: Sequence[tuple[int, int]],
+    sae_keys: Sequence[str],
+    say: Log,
+) -> dict:
     """Add (or replace) the protected set's reference values in the complete cache cfg.out; returns meta.json's
     "protect" entry. The caller holds the cache's lock. Shards already written for this set and matching their
     checksums are kept (resume)."""
@@ -121,6 +141,8 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
     from safetensors.torch import load_file
 
     out = cfg.out
+    if cfg.protect is None:
+        raise ValueError("add_protected_values: cfg.protect names no protect file")
     protect = read_protect_file(cfg.protect, saes)
     j = protect.index_in(saes)
     spec = saes[j]
@@ -178,7 +200,7 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
         write_shard(out, s, e, tensors, name=protect_shard_name(fkey, s, e))
     if bar is not None:
         bar.close()
-    total, n = torch.zeros(len(protect.ids), dtype=torch.float64), 0
+    total, n_resp = torch.zeros(len(protect.ids), dtype=torch.float64), 0
     z_sum, z_sq, n_tok = torch.zeros_like(total), torch.zeros_like(total), 0
     entry_shards = []
     for s, e in shards:
@@ -186,7 +208,7 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
         path = os.path.join(out, name)
         t = load_file(path)
         total += t["chosen_protect"].double().sum(0) + t["rejected_protect"].double().sum(0)
-        n += 2 * (e - s)
+        n_resp += 2 * (e - s)
         for side in ("chosen", "rejected"):
             zs = t[f"{side}_protect_z"].double()
             z_sum, z_sq, n_tok = z_sum + zs.sum(0), z_sq + (zs * zs).sum(0), n_tok + zs.shape[0]
@@ -200,7 +222,7 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
         "layer": spec.layer,
         "site": spec.site,
         "ids": list(protect.ids),
-        "mean": (total / max(n, 1)).tolist(),
+        "mean": (total / max(n_resp, 1)).tolist(),
         # the per-token form's scales: each pre-activation's spread over the reference's response tokens
         "token_scale": protect_token_scales(z_sum, z_sq, n_tok).tolist(),
         "shards": entry_shards,
@@ -208,7 +230,7 @@ def add_protected_values(cfg, model, tokenizer, items, saes, rt, shards, sae_key
     }
     meta["protect"] = entry
     atomic_write_json(meta_path, meta)
-    say(f"[fpo] cache {out}: the reference's values of {len(protect.ids)} protected features on {n} responses")
+    say(f"[fpo] cache {out}: the reference's values of {len(protect.ids)} protected features on {n_resp} responses")
     return entry
 
 
@@ -227,10 +249,10 @@ class ProtectTerm:
     def __init__(
         self,
         protect: ProtectSet,
-        spec,
+        spec: SAESpec,
         scale: torch.Tensor,
         coef: float,
-        device,
+        device: Device,
         gate: str = "restore",
         form: str = "pooled",
         token_scale: torch.Tensor | None = None,
@@ -248,7 +270,14 @@ class ProtectTerm:
 
     @classmethod
     def from_cache(
-        cls, protect: ProtectSet, spec, cache, coef: float, device, gate: str = "restore", form: str = "pooled"
+        cls,
+        protect: ProtectSet,
+        spec: SAESpec,
+        cache: ReferenceCache,
+        coef: float,
+        device: Device,
+        gate: str = "restore",
+        form: str = "pooled",
     ) -> ProtectTerm:
         entry = cache.protect_entry
         where = f"cache {cache.path}"
@@ -272,7 +301,15 @@ class ProtectTerm:
 
     @classmethod
     def load(
-        cls, path, saes, cache, model, coef: float, device, gate: str = "restore", form: str = "pooled"
+        cls,
+        path: PathLike,
+        saes: Sequence[SAESpec],
+        cache: ReferenceCache,
+        model: Model,
+        coef: float,
+        device: Device,
+        gate: str = "restore",
+        form: str = "pooled",
     ) -> ProtectTerm:
         """The protect file at `path`, its SAE among `saes` (given the cache's layer and site where it has none,
         refused where they differ), checked to fit `model`, against `cache`'s entry: what train and eval hold."""

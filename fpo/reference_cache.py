@@ -17,12 +17,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from fpo_kernels.sequence_stats import SequenceStats
 
+from ._types import Device, Log, PathLike
 from .files import atomic_write_text, sha256_of, temp_file
+
+if TYPE_CHECKING:
+    from .pairs import TokenizedPair
 
 __all__ = [
     "ReferenceCache",
@@ -46,7 +52,7 @@ def shard_name(start: int, end: int) -> str:
     return f"shard-{start:09d}-{end:09d}.safetensors"
 
 
-def write_shard(directory, start, end, tensors: dict, name: str | None = None):
+def write_shard(directory: str, start: int, end: int, tensors: dict, name: str | None = None) -> str:
     """Write a shard (shard_name(start, end), or `name`) under a temporary name, record its checksum beside it
     (<shard>.sha256), then rename: a resumed precompute checks every existing shard against the checksum recorded
     when it was written."""
@@ -76,7 +82,7 @@ def is_cache_file(name: str) -> bool:
     )
 
 
-def shard_is_sound(out, name, say=None) -> bool:
+def shard_is_sound(out: str, name: str, say: Log | None = None) -> bool:
     """A shard counts as done only if it matches the checksum recorded when it was written; one that does
     not (or has none) is removed, to be rebuilt."""
     path = os.path.join(out, name)
@@ -91,7 +97,7 @@ def shard_is_sound(out, name, say=None) -> bool:
     return False
 
 
-def recorded_checksum(directory, name) -> str | None:
+def recorded_checksum(directory: str, name: str) -> str | None:
     """The checksum recorded in <shard>.sha256 when the shard was written; None if there is none."""
     path = os.path.join(directory, name + ".sha256")
     if not os.path.exists(path):
@@ -154,7 +160,7 @@ class ReferenceCache:
     `verify(...)` compares meta.json with what training uses and raises on the first mismatch;
     `lookup(ids, row_hash, device)` checks each row's token hash too."""
 
-    def __init__(self, path, check_checksums: bool = True):
+    def __init__(self, path: PathLike, check_checksums: bool = True):
         self.path = os.fspath(path)
         meta_path = os.path.join(self.path, "meta.json")
         if not os.path.exists(meta_path):
@@ -320,7 +326,7 @@ class ReferenceCache:
         index_dtype, feature_scale}], key being the suffix of their tensors (chosen_idx<key>, ...)."""
         return self.meta["saes"]
 
-    def find_sae(self, fingerprint: str, layer, name: str = "sae", site: str = "resid_post") -> dict:
+    def find_sae(self, fingerprint: str, layer: int | None, name: str = "sae", site: str = "resid_post") -> dict:
         """The cache's entry for the SAE with this fingerprint at this layer and site, or an error naming it."""
         for entry in self.saes:
             if entry["fingerprint"] == fingerprint and entry["layer"] == layer and entry["site"] == site:
@@ -378,7 +384,7 @@ class ReferenceCache:
                     f"{want!r} now. Rebuild it with `fpo precompute`."
                 )
 
-    def check_rows(self, items):
+    def check_rows(self, items: Sequence[TokenizedPair]) -> None:
         """Every tokenised pair (fpo.pairs.TokenizedPair) must have its row in the cache, built from the same
         token ids: checked once at start-up, so a mismatch stops a run before its first step."""
         missing = [it.id for it in items if int(it.id) not in self._row_of]
@@ -396,7 +402,9 @@ class ReferenceCache:
                 "max_prompt_length or max_tokens truncation): rebuild it"
             )
 
-    def reference(self, ids, row_hash=None, device="cpu") -> SequenceStats:
+    def reference(
+        self, ids: torch.Tensor, row_hash: torch.Tensor | None = None, device: Device = "cpu"
+    ) -> SequenceStats:
         """The reference side of P pairs in the [2P] layout the loss takes (chosen first): logp_sum, logp_mean,
         length [2P], each SAE's cached features (indices, values [2P, K]) under its key, and the protected
         features' values [2P, |P|] when the cache has them. On disk a row is a pair (chosen_* and rejected_*
@@ -409,7 +417,7 @@ class ReferenceCache:
             stats = stats.replace(protect_tokens=self.protect_tokens_of(at).to(device, non_blocking=True))
         return stats
 
-    def lookup(self, ids, row_hash=None, device="cpu") -> dict:
+    def lookup(self, ids: torch.Tensor, row_hash: torch.Tensor | None = None, device: Device = "cpu") -> dict:
         """Rows for example ids [P] -> dict of tensors on device (chosen_* / rejected_*)."""
         found = []
         for i in ids.tolist():

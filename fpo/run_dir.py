@@ -11,14 +11,21 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import distributed as dist_utils
+from ._types import Log, Model, PathLike, Tokenizer
 from .config import RESUMABLE_CHANGES
 from .files import atomic_write_json, sha256_of, temp_dir
 from .locking import DirectoryLock
 from .lora import ADAPTER_WEIGHTS, adapter_weights, load_adapter_weights, merged_weights, save_adapter_config
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .precision import Precision
 
 __all__ = [
     "RUN_FILES",
@@ -45,12 +52,12 @@ RUN_CONFIG = "run_config.json"  # in every checkpoint and final folder: the run'
 REPLACED = ".replaced"  # a model folder moved aside while its successor is renamed into place (write_folder)
 
 
-def checkpoints(d) -> list[str]:
+def checkpoints(d: PathLike) -> list[str]:
     """The finished checkpoint-* folders in d, oldest first."""
     return sorted(n for n in os.listdir(d) if re.fullmatch(r"checkpoint-\d+", n)) if os.path.isdir(d) else []
 
 
-def claim_output_dir(d, resume, overwrite, log) -> DirectoryLock:
+def claim_output_dir(d: str, resume: str | None, overwrite: bool, log: Log) -> DirectoryLock:
     """output_dir must be writable, and must not hold another run unless this run resumes it or was told to
     replace it (overwrite, which removes only a run's own files). Returns the directory's lock, held for the run."""
     if os.path.lexists(d) and not os.path.isdir(d):
@@ -110,7 +117,7 @@ def _finish_interrupted_writes(d, log):
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
-def find_checkpoint(output_dir, where) -> str:
+def find_checkpoint(output_dir: str, where: str) -> str:
     """The checkpoint folder `where` names: a path, or 'latest' in output_dir."""
     if where != "latest":
         return where
@@ -123,7 +130,7 @@ def find_checkpoint(output_dir, where) -> str:
     return os.path.join(output_dir, found[-1])
 
 
-def read_state(where, precision, device_type) -> dict:
+def read_state(where: str, precision: str, device_type: str) -> dict:
     """trainer_state.pt through torch.load(weights_only=True): tensors, numbers, strings and containers
     only, so a crafted file cannot run code. Every file is checked against the checksums recorded when the
     checkpoint was written first; the checkpoint must have been trained under `precision`."""
@@ -181,7 +188,7 @@ def check_resumable_inputs(inputs: dict, saved: dict | None):
             )
 
 
-def check_resumable(cfg, saved: dict):
+def check_resumable(cfg: TrainConfig, saved: dict) -> None:
     """The resumed run must be the saved run: every key but RESUMABLE_CHANGES equal."""
     keys = dataclasses.asdict(cfg)
     for key, value in sorted(keys.items(), key=lambda kv: kv[0] != "method"):  # another method: say that first
@@ -195,7 +202,7 @@ def check_resumable(cfg, saved: dict):
             )
 
 
-def write_folder(path, write, output_dir):
+def write_folder(path: str, write: Callable[[str], None], output_dir: str) -> None:
     """Write a model folder at `path` whole or not at all: `write(tmp)` fills a fresh temporary folder (an
     unpredictable name, so nothing planted there is written through), checksums are recorded, and it is renamed
     into place. A failure (a full disk) removes the temporary and names the previous checkpoint, still intact."""
@@ -233,7 +240,7 @@ def write_folder(path, write, output_dir):
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def write_checksums(folder):
+def write_checksums(folder: str) -> None:
     """sha256 of every file of a checkpoint, recorded beside them (checked before a resume)."""
     sums = {
         n: sha256_of(os.path.join(folder, n))
@@ -243,7 +250,7 @@ def write_checksums(folder):
     atomic_write_json(os.path.join(folder, CHECKSUMS), sums)
 
 
-def verify_checksums(folder):
+def verify_checksums(folder: str) -> None:
     """Every file checksums.json lists must be there and match (checkpoints written before checksums.json
     existed are read as they are)."""
     path = os.path.join(folder, CHECKSUMS)
@@ -271,7 +278,7 @@ def verify_checksums(folder):
             )
 
 
-def set_config_dtype(path, dtype):
+def set_config_dtype(path: str, dtype: torch.dtype) -> None:
     """config.json's dtype set to the saved weights' (save_pretrained records the live model's)."""
     with open(path) as f:
         config = json.load(f)
@@ -287,7 +294,7 @@ def _size(*paths) -> str:
     return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
 
 
-def written(final, output_dir, optimizer_state: bool) -> str:
+def written(final: str, output_dir: str, optimizer_state: bool) -> str:
     """Where a finished run's files are, and their sizes; optimizer_state: whether trainer_state.pt holds the
     optimizer, scheduler and RNG (without them it holds the step, history and config only)."""
     weights = [os.path.join(final, n) for n in os.listdir(final) if n.endswith(".safetensors")]
@@ -312,7 +319,7 @@ def written(final, output_dir, optimizer_state: bool) -> str:
     return "\n".join(lines)
 
 
-def load_adapters(model, where):
+def load_adapters(model: Model, where: str) -> None:
     """A LoRA checkpoint's adapter weights into `model` (before any sharding: plain tensors)."""
     from safetensors.torch import load_file
 
@@ -338,19 +345,19 @@ class Checkpointer:
     optimizer trains (FSDP-sharded when `sharded`); `peft_model` is set for a LoRA run (the adapters are
     saved, the base is the run's --model)."""
 
-    cfg: object
+    cfg: TrainConfig
     model: torch.nn.Module
     policy: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: object
-    tokenizer: object
-    peft_model: object
-    precision: object
+    scheduler: Any
+    tokenizer: Tokenizer
+    peft_model: Any
+    precision: Precision
     sharded: bool
-    log: object = print
+    log: Log = print
     saved_optimizer_state: bool = False  # whether the last save wrote the optimizer, scheduler and RNG
     inputs: dict = dataclasses.field(default_factory=dict)  # the loss's inputs read from files, by content
-    controller: object = None  # a state_dict()-able part of the loss that changes as the run goes (AlphaController)
+    controller: Any = None  # a state_dict()-able part of the loss that changes as the run goes (AlphaController)
 
     def _state_dicts(self):
         if self.sharded:
@@ -368,7 +375,14 @@ class Checkpointer:
             return msd, osd
         return self.model.state_dict(), self.optimizer.state_dict()
 
-    def save(self, step, history, name=None, with_state=True, dtype=None):
+    def save(
+        self,
+        step: int,
+        history: list,
+        name: str | None = None,
+        with_state: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> str:
         """output_dir/checkpoint-<step>: the model (save_pretrained) and trainer_state.pt (optimizer,
         scheduler, RNG, step; with_state False: step, history and config only). Written under a temporary
         name and renamed: never half a checkpoint; a full disk leaves the previous one intact.
@@ -427,10 +441,11 @@ class Checkpointer:
         self.saved_optimizer_state = with_state  # what written() may announce
         return path
 
-    def save_merged(self, dtype):
+    def save_merged(self, dtype: torch.dtype) -> str:
         """output_dir/final-merged: the adapters merged into the base weights (computed in fp32), saved in
         `dtype` as a plain model; written under a temporary name and renamed."""
         msd, _ = self._state_dicts()
+        assert self.cfg.lora_r is not None  # a LoRA run's
         merged = merged_weights(msd, self.cfg.lora_alpha_value / self.cfg.lora_r, dtype)
         path = os.path.join(self.cfg.output_dir, "final-merged")
 
@@ -448,7 +463,7 @@ class Checkpointer:
         dist_utils.barrier()
         return path
 
-    def restore(self, where, state):
+    def restore(self, where: str, state: dict):
         """The weights (LoRA: already loaded by load_adapters, before wrapping), optimizer, scheduler and RNG
         of checkpoint `where`, whose trainer_state.pt read_state returned as `state`. Returns (step, history)."""
         from safetensors.torch import load_file

@@ -10,15 +10,21 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fpo_kernels.losses import constraint_share
 
 from . import distributed as dist_utils
+from ._types import Device, Log
 from .files import atomic_write_text
 from .progress import progress_bar
 from .trackers import open_trackers
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 __all__ = ["RunLog", "peak_memory_mb", "SHARE_CHECK_STEP", "RECORD_NAMES"]
 
@@ -36,7 +42,8 @@ RECORD_NAMES = {
 }
 
 
-def peak_memory_mb(device) -> float:
+def peak_memory_mb(device: Device) -> float:
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS on Linux
@@ -46,7 +53,17 @@ class RunLog:
     """history: the run's list of metric records (a resumed run's, from its checkpoint), appended to in place.
     Only the main rank writes; every rank takes part in the metrics' all-reduce."""
 
-    def __init__(self, cfg, history: list, step: int, total_steps: int, steps_per_epoch: int, world: int, device, log):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        history: list,
+        step: int,
+        total_steps: int,
+        steps_per_epoch: int,
+        world: int,
+        device: torch.device,
+        log: Log,
+    ):
         self.cfg, self.history, self.total_steps, self.world, self.device, self.log = (
             cfg,
             history,
@@ -82,7 +99,14 @@ class RunLog:
         if self.bar is not None:
             self.bar.update(1)
 
-    def flush(self, pending, t_start, tokens, on_nonfinite, timed=True):
+    def flush(
+        self,
+        pending: list[tuple[int, dict[str, torch.Tensor], float]],
+        t_start: float,
+        tokens: int,
+        on_nonfinite: Callable[[str], None],
+        timed: bool = True,
+    ) -> None:
         """Read the pending steps' device metrics [(step, {name: tensor}, the lr the step ran at)] once, check them
         (on_nonfinite(what) raises), write them. timed False (a compiled run's first step, compilation included):
         no step time or throughput is recorded, only first_step_s."""
@@ -93,7 +117,7 @@ class RunLog:
         stacked = dist_utils.all_reduce_mean(stacked).cpu()
         elapsed = time.time() - t_start
         for (step, _, lr), row in zip(pending, stacked.tolist()):
-            rec = {"step": step, "epoch": step / self.steps_per_epoch}
+            rec: dict[str, Any] = {"step": step, "epoch": step / self.steps_per_epoch}
             rec.update((RECORD_NAMES.get(k, k), v) for k, v in zip(keys, row))
             for k in ("tokens_processed", "response_tokens"):  # totals over ranks, not means
                 rec[k] = round(rec[k] * self.world)

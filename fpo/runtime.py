@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed as dist_utils
+from ._types import Model, Tokenizer
 from .config import CommandConfig
 from .model import load_model_for_layout, load_tokenizer, resolve_device
 from .pairs import TokenizedPair, load_pairs, tokenize_pairs
@@ -47,7 +48,14 @@ def start(cfg: CommandConfig, log: Callable[..., None] = print, distributed: boo
     return Runtime(rank, world, device, resolve_precision(cfg.precision, device), log if rank == 0 else _silent)
 
 
-def load_model(spec, cfg: CommandConfig, rt: Runtime, dtype: torch.dtype, tokenizer=None, attn_implementation=None):
+def load_model(
+    spec: str | Model,
+    cfg: CommandConfig,
+    rt: Runtime,
+    dtype: torch.dtype,
+    tokenizer: Tokenizer | None = None,
+    attn_implementation: str | None = None,
+) -> tuple[Model, Tokenizer]:
     """(model, tokenizer): a model named by a path or hub name, loaded in dtype on the run's device with the
     attention the layout needs (attn_implementation, else --attn-implementation, else the layout's default),
     with its tokenizer unless one is given; or a model already loaded, whose tokenizer must be given."""
@@ -62,7 +70,7 @@ def load_model(spec, cfg: CommandConfig, rt: Runtime, dtype: torch.dtype, tokeni
     return spec, tokenizer
 
 
-def load_items(cfg: CommandConfig, tokenizer, rt: Runtime) -> list[TokenizedPair]:
+def load_items(cfg: CommandConfig, tokenizer: Tokenizer, rt: Runtime) -> list[TokenizedPair]:
     """The dataset's pairs (--split, --max-pairs, --bad-rows), tokenised and cut to --max-length,
     --max-prompt-length and --max-tokens as every command cuts them (a cache's rows then match the run's)."""
     pairs = load_pairs(cfg.dataset, cfg.max_pairs, cfg.bad_rows, log=rt.log, split=cfg.split)

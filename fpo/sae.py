@@ -9,13 +9,19 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from fpo_kernels import SAEWeights
 
+from ._types import Device, Model
 from .model import decoder_layers
+
+if TYPE_CHECKING:
+    from .reference_cache import ReferenceCache
 
 __all__ = ["load_sae", "load_saes", "hook_site", "SAESpec", "check_sae_fits", "cached_sae_keys"]
 
@@ -55,7 +61,7 @@ def hook_site(hook_name: str | None) -> tuple[int | None, str]:
     return int(m.group(1)), _SITE_OF[rest]
 
 
-def load_sae(spec: str, device="cpu"):
+def load_sae(spec: str, device: Device = "cpu") -> tuple[SAEWeights, int | None, str]:
     """spec: a path (sae-lens dir, .safetensors, params.npz) or 'release:sae_id' (sae-lens, needs a hub).
     Returns (SAEWeights, layer or None, site): where the SAE was trained, from its hook name."""
     spec = os.fspath(spec)
@@ -113,7 +119,7 @@ class SAESpec:
     feature_weights: torch.Tensor | None = None
 
 
-def load_saes(specs, device="cpu") -> list:
+def load_saes(specs: Sequence[tuple], device: Device = "cpu") -> list[SAESpec]:
     """[(spec or SAEWeights, layer or None, weight)] -> [SAESpec]. A layer given wins over the SAE's own; two
     SAEs with one name on one layer are an error (their cached features could not be told apart)."""
     out = []
@@ -133,7 +139,7 @@ def load_saes(specs, device="cpu") -> list:
     return out
 
 
-def check_sae_fits(model, sae: SAEWeights, layer):
+def check_sae_fits(model: Model, sae: SAEWeights, layer: int | None) -> None:
     hidden = model.config.hidden_size
     if sae.d_in != hidden:
         raise ValueError(
@@ -148,7 +154,9 @@ def check_sae_fits(model, sae: SAEWeights, layer):
         raise ValueError(f"sae_layer {layer} is outside the model's {n} decoder layers [0, {n})")
 
 
-def cached_sae_keys(cache, saes, model, k, select="policy") -> list[str]:
+def cached_sae_keys(
+    cache: ReferenceCache, saes: Sequence[SAESpec], model: Model, k: int, select: str = "policy"
+) -> list[str]:
     """The key of each SAE's tensors in `cache`, for a run or an eval that compares against them: one SAE
     without a layer takes the cache's; each must fit the model and be in the cache; k must not exceed the
     cache's cache_k."""
@@ -158,7 +166,7 @@ def cached_sae_keys(cache, saes, model, k, select="policy") -> list[str]:
     for spec in saes:
         check_sae_fits(model, spec.sae, spec.layer)
         keys.append(cache.find_sae(spec.sae.fingerprint(), spec.layer, spec.name, spec.site)["key"])
-    if k > cache.cache_k:
+    if cache.cache_k is not None and k > cache.cache_k:
         raise ValueError(
             f"k ({k}) exceeds the cache's cache_k ({cache.cache_k}): "
             + (

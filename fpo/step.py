@@ -9,7 +9,9 @@ against, a reference model's final hidden states); compute_loss gives the run's 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,9 +22,15 @@ from fpo_kernels.losses import LossSettings
 from fpo_kernels.protect import protected_features, protected_preactivations
 from fpo_kernels.sequence_stats import SequenceStats
 
+from ._types import Device, Model
 from .model import ActivationCapture, body_hidden, final_softcap, lm_head
 from .protection import protect_metrics
 from .sae import SAESpec
+
+if TYPE_CHECKING:
+    from .packing import MicroBatch
+    from .protection import ProtectTerm
+    from .reference_cache import ReferenceCache
 
 __all__ = ["PolicyStats", "reference_side", "compute_loss"]
 
@@ -37,15 +45,15 @@ class PolicyStats(nn.Module):
 
     def __init__(
         self,
-        model,
+        model: Model,
         *,
-        saes=(),
-        k=50,
-        select="policy",
-        autocast=None,
-        adapters_off=None,
-        check_inputs=False,
-        protect=None,
+        saes: Sequence[SAESpec] = (),
+        k: int = 50,
+        select: str = "policy",
+        autocast: Callable[[torch.device], AbstractContextManager] | None = None,
+        adapters_off: Callable[[], AbstractContextManager] | None = None,
+        check_inputs: bool = False,
+        protect: ProtectTerm | None = None,
     ):
         super().__init__()
         self.check_inputs = check_inputs
@@ -63,7 +71,12 @@ class PolicyStats(nn.Module):
         points = {(x.layer, x.site) for x in self.saes}
         if protect is not None:
             points.add((protect.spec.layer, protect.spec.site))
-        self.captures = {point: ActivationCapture(model, *point) for point in sorted(points, key=str)}
+        if any(layer is None for layer, _ in points):
+            raise ValueError("saes, protect: every SAE's layer must be known (SAESpec.layer)")
+        self.captures = {
+            point: ActivationCapture(model, *point)  # type: ignore[arg-type]  # layers checked above
+            for point in sorted(points, key=str)
+        }
         self.softcap = final_softcap(model)
 
     def remove_hooks(self):
@@ -72,14 +85,14 @@ class PolicyStats(nn.Module):
 
     def forward(
         self,
-        batch,
+        batch: MicroBatch,
         *,
-        ref_features=None,
-        ref_hidden=None,
-        ref_weight=None,
-        ref_bias=None,
-        reference_without_adapters=False,
-    ):
+        ref_features: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        ref_hidden: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+        reference_without_adapters: bool = False,
+    ) -> SequenceStats:
         """batch: an fpo.packing.MicroBatch (any layout). ref_features: [(ref_idx, ref_val)] per SAE, in
         order. With ref_hidden (TDPO: the reference's final hidden states on
         the same layout, flat [N, d_ref]), the reference's log-probs and the KL come from the same pass over
@@ -88,6 +101,8 @@ class PolicyStats(nn.Module):
         dev = next(self.model.parameters()).device
         with self.autocast(dev):
             if reference_without_adapters:
+                if self.adapters_off is None:
+                    raise ValueError("reference_without_adapters needs adapters_off (a LoRA policy's)")
                 with torch.no_grad(), self.adapters_off():
                     ref_hidden = body_hidden(self.model, batch, dev)
                 for cap in self.captures.values():  # the reference pass is not the policy's residual stream
@@ -170,18 +185,30 @@ class PolicyStats(nn.Module):
         return SequenceStats(**out)
 
 
-def reference_side(batch, device, cache=None, saes=(), ref_model=None, reference_is_base=False, autocast=None):
+def reference_side(
+    batch: MicroBatch,
+    device: Device,
+    cache: ReferenceCache | None = None,
+    saes: Sequence[SAESpec] = (),
+    ref_model: Model | None = None,
+    reference_is_base: bool = False,
+    autocast: Callable[[torch.device], AbstractContextManager] | None = None,
+) -> tuple[SequenceStats | None, dict]:
     """(the reference's cached statistics in the [2P] layout or None, what PolicyStats takes of the reference):
     the cached features of each SAE (saes: SAESpecs, by their key in the cache), a reference model's final hidden
     states on the batch's layout and its lm head (its log-probs then come with the KL, from one pass over both
     models' logits), or, reference_is_base, the policy with its LoRA adapters off."""
-    reference = None if cache is None else cache.reference(batch.ids, batch.row_hash, device)
-    kw = {}
+    reference = None
+    if cache is not None:
+        if batch.ids is None:
+            raise ValueError("cache: the batch has no example ids to look its rows up by (from_padded makes none)")
+        reference = cache.reference(batch.ids, batch.row_hash, device)
+    kw: dict[str, Any] = {}
     if saes:
         assert reference is not None  # the runs that read features have a cache (checked when they start)
-        kw["ref_features"] = [reference.features[spec.key] for spec in saes]
+        kw["ref_features"] = [reference.features[spec.key] for spec in saes]  # type: ignore[index]
     if ref_model is not None:
-        with torch.no_grad(), (autocast or (lambda d: nullcontext()))(device):
+        with torch.no_grad(), (autocast or (lambda d: nullcontext()))(torch.device(device)):
             rh = body_hidden(ref_model, batch, device)
         rw, rb = lm_head(ref_model)
         kw.update(ref_hidden=rh, ref_weight=rw.detach(), ref_bias=None if rb is None else rb.detach())
@@ -194,9 +221,9 @@ def compute_loss(
     settings: LossSettings,
     stats: SequenceStats,
     reference: SequenceStats | None,
-    protect=None,
+    protect: ProtectTerm | None = None,
     alpha: float | None = None,
-):
+) -> tuple[torch.Tensor, dict]:
     """(losses [P], metrics) of one micro-batch: the policy's statistics and the reference's, both in the [2P]
     layout (chosen first), through the run's loss settings (TrainConfig.loss_settings); with protect
     (fpo.protection.ProtectTerm), plus lambda x the mean of R over the pair's chosen and rejected responses. alpha:

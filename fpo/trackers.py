@@ -133,7 +133,7 @@ def tracker_names(report_to) -> list[str]:
 class Trackers:
     """The run's trackers as one: log(record, step) sends the numeric metrics of a metrics.jsonl line."""
 
-    def __init__(self, backends):
+    def __init__(self, backends: list):
         self.backends = backends
 
     def log(self, record: dict, step: int):
@@ -151,7 +151,7 @@ class Trackers:
         self.backends = []
 
 
-def open_trackers(report_to, out_dir: str, run_name: str, config: dict) -> Trackers:
+def open_trackers(report_to: str | list[str] | None, out_dir: str, run_name: str, config: dict) -> Trackers:
     """Start every tracker report_to names (a missing library is an error naming its extra); each one
     started is closed again if a later one fails."""
     started = []

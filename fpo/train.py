@@ -19,12 +19,14 @@ from __future__ import annotations
 import os
 import time
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 
 from fpo_kernels.sequence_stats import SequenceStats
 
 from . import distributed as dist_utils
+from ._types import Log
 from .alpha_control import AlphaController
 from .config import TrainConfig, config_from_dict
 from .feature_files import read_feature_weights
@@ -71,7 +73,7 @@ class NonFiniteLossError(FloatingPointError):
 class Trainer:
     """Holds everything a run needs; `fit()` runs it. Built by `train(cfg)`."""
 
-    def __init__(self, cfg: TrainConfig, log=print):
+    def __init__(self, cfg: TrainConfig, log: Log = print):
         self._lock: DirectoryLock | None = None
         try:
             self._build(cfg, log)
@@ -261,6 +263,7 @@ class Trainer:
                 f"{cfg.pooling!r}: pass --pooling {built}, or rebuild it with `fpo precompute --pooling {cfg.pooling}`"
             )
         saes = self.saes if self.saes else load_config_saes(cfg, self.runtime)
+        assert cfg.protect is not None  # checked by the caller
         term = ProtectTerm.load(
             cfg.protect, saes, self.cache, self.model, cfg.protect_coef, self.device, cfg.protect_gate, cfg.protect_form
         )
@@ -383,7 +386,7 @@ class Trainer:
         return DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ---- data -----------------------------------------------------------------------------------
-    def micro_batches(self, step, rank=None):
+    def micro_batches(self, step: int, rank: int | None = None) -> list:
         """The micro-batches a rank runs at optimizer step `step`: a deterministic function of the step.
         With max_tokens, each rank packs its share of the step's pairs into micro-batches of at most
         max_tokens tokens, and every rank runs as many micro-batches as the rank that needs the most
@@ -453,10 +456,10 @@ class Trainer:
         metrics["logps_chosen"], metrics["logps_rejected"] = (t.detach() for t in stats.pair("logp_sum"))
         return losses, metrics, batch
 
-    def train_step(self, step):
+    def train_step(self, step: int):
         """One optimizer step: (the step's metrics on the device, tokens through the body, the lr it ran at)."""
         cfg = self.cfg
-        sums = {}
+        sums: dict[str, torch.Tensor] = {}
         tokens = {"tokens_processed": 0, "response_tokens": 0}
         mbs = self.micro_batches(step)
         for j, items in enumerate(mbs):
@@ -479,7 +482,7 @@ class Trainer:
             sums["alpha"] = torch.tensor(self.alpha.alpha, device=self.device)
             both = dist_utils.all_reduce_mean(torch.stack([sums["constraint_abs"], sums["margin_abs"]]).float())
             self.alpha.update(*both.tolist())
-        if self.protect_ctl is not None:  # lambda likewise, against |beta x margin|
+        if self.protect_ctl is not None and self.protect is not None:  # lambda likewise, against |beta x margin|
             sums["protect_coef"] = torch.tensor(self.protect.coef, device=self.device)
             both = dist_utils.all_reduce_mean(torch.stack([sums["protect_term"], sums["reward_margin_abs"]]).float())
             self.protect.coef = self.protect_ctl.update(*both.tolist())
@@ -506,7 +509,7 @@ class Trainer:
                 torch.cuda.set_rng_state_all(rng[1])
         return dist_utils.all_reduce_mean(ok).item() == 1.0
 
-    def save_checkpoint(self, name=None, with_state=True, dtype=None):
+    def save_checkpoint(self, name: str | None = None, with_state: bool = True, dtype: torch.dtype | None = None):
         """output_dir/checkpoint-<step> (or `name`): see Checkpointer.save."""
         return self.checkpointer.save(self.step, self.history, name, with_state, dtype)
 
@@ -657,7 +660,7 @@ def make_scheduler(optimizer, name: str, warmup: int, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: decay(s + 1))
 
 
-def train(config: TrainConfig | dict | None = None, log=print, **overrides) -> dict:
+def train(config: TrainConfig | dict | None = None, log: Log = print, **overrides: Any) -> dict:
     """Train with a TrainConfig (or a dict of its fields) plus keyword overrides; returns the summary."""
     if config is None:
         config = {}

@@ -21,6 +21,8 @@ DPOConfig's loss options are honoured (label_smoothing) or refused by name (chec
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fpo_kernels import SAEWeights, pack_topk, sae_feature_mse, sae_pooled_features, sequence_logprobs_kl
@@ -56,7 +58,7 @@ def _base():
     return check_trl().DPOTrainer
 
 
-def check_loss_options(args, who: str):
+def check_loss_options(args: Any, who: str) -> float:
     """Every DPOConfig option that changes the loss is honoured or refused here, by name: FPO's and TDPO's loss
     is a sigmoid of their own margin u, with TRL's label_smoothing (the conservative -(1-eps) log sigmoid(u) -
     eps log sigmoid(-u)); DPO's other loss types, their weights, LD-DPO, f-DPO, WPO weighting and padding-free

@@ -1,11 +1,11 @@
 """Memory claims at real sizes, without a GPU: the ops run on fake tensors (FakeTensorMode), where they take
-their GPU path with the Triton launches skipped, and benchmarks.estimate_step.StepTracer counts live bytes."""
+their GPU path with the Triton launches skipped, and benchmarks.step_tracer.StepTracer counts live bytes."""
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from benchmarks.estimate_step import GEMM_EFFICIENCY, H100_SXM, StepTracer
+from benchmarks.step_tracer import GEMM_EFFICIENCY, H100_SXM, StepTracer
 from fpo_kernels import SAEWeights, fused_linear_logprobs, reference, sae_feature_mse
 from fpo_kernels._dispatch import on_fake_launch
 from fpo_kernels.logprobs import backward_blocks, default_chunk_size
