@@ -121,7 +121,8 @@ def test_constraint_forward_backward_match_reference(B, T, d, m, select, dtype, 
         p = pooled.gather(1, idx)
         diff = p - reference._dense_reference(ref_idx, ref_val, m, torch.float64).gather(1, idx)
         cond = (p.abs().max() / diff.pow(2).mean().sqrt()).item()
-        tol = max(1e-4, 2e-6 * cond) if dtype == torch.float32 else 5e-3
+        # fp16: the gradient's own rounding (5e-3), and the same fp32 cancellation as above
+        tol = max(1e-4 if dtype == torch.float32 else 5e-3, 2e-6 * cond)
         assert _rel_rms(h.grad, href.grad) < tol, f"grad k={k}, condition {cond:.3g}"
         # gradient only on response tokens
         assert (h.grad[~mask] == 0).all()
