@@ -170,6 +170,8 @@ RATIO_PAIRS = (
     ("simpo", "simpo-liger"),
     ("simpo+protect", "simpo"),
     ("fpo+protect", "fpo"),
+    ("simpo+protect-token", "simpo"),
+    ("fpo+protect-token", "fpo"),
     ("fpo+compile", "fpo"),
     ("simpo+compile", "simpo"),
     ("fpo+liger-body", "fpo"),
@@ -300,22 +302,29 @@ class Step:
             torch.cuda.empty_cache()
 
     # ---- the losses of one step ---------------------------------------------------------------
-    def _protect(self):
+    def _protect(self, form):
         """A protected set of PROTECTED features (ids spread over the width) with random reference values, as
-        `fpo train --protect` runs it: the term's cost, beside the same method without it."""
-        if getattr(self, "_protect_term", None) is None:
+        `fpo train --protect --protect-form FORM` runs it: the term's cost, beside the same method without it."""
+        terms = self.__dict__.setdefault("_protect_terms", {})
+        if form not in terms:
             m = self.sae.width
             ids = tuple(range(0, m, max(1, m // PROTECTED)))[:PROTECTED]
             spec = SAESpec(self.sae, self.layer, 1.0, "sae")
             ps = ProtectSet(None, ids, (1.0,) * len(ids), ("both",) * len(ids))
-            self._protect_term = ProtectTerm(ps, spec, torch.full((len(ids),), 0.5), 1.0, self.device)
-            self._protect_ref = torch.rand(2 * self.P, len(ids), device=self.device)
-        return self._protect_term
+            scale = torch.full((len(ids),), 0.5)
+            terms[form] = ProtectTerm(ps, spec, scale, 1.0, self.device, form=form, token_scale=scale)
+            n = int(self.batch.pool_spans[:, 1].sum() - self.batch.pool_spans[:, 0].sum())  # response tokens
+            rows = 2 * self.P if form == "pooled" else n
+            self._protect_ref = getattr(self, "_protect_ref", {})
+            self._protect_ref[form] = torch.rand(rows, len(ids), device=self.device)
+        return terms[form]
 
     def _ours(self, method):
         c = self.cache
-        if method.endswith("+protect"):
-            base, protect = method.removesuffix("+protect"), self._protect()
+        if method.endswith(("+protect", "+protect-token")):
+            base, _, tail = method.partition("+")
+            form = "token" if tail == "protect-token" else "pooled"
+            protect = self._protect(form)
             saes = [SAESpec(self.sae, self.layer, 1.0, "sae")] if base == "fpo" else []
             stats = PolicyStats(self.policy, saes=saes, k=self.k, protect=protect)
             try:
@@ -324,7 +333,11 @@ class Step:
             finally:
                 stats.remove_hooks()
             losses = preference_loss(base, s, c, beta=2.0 if base == "simpo" else 0.1)[0]
-            R = protect.penalty(s.protect, self._protect_ref)
+            if form == "token":
+                assert s.protect_tokens is not None and s.length is not None
+                R = protect.token_penalty(s.protect_tokens, self._protect_ref[form], s.length.long())
+            else:
+                R = protect.penalty(s.protect, self._protect_ref[form])
             return losses + protect.coef * (R[: self.P] + R[self.P :]) / 2
         if method.startswith("fpo"):
             spec = SAESpec(self.sae, self.layer, 1.0, "sae")

@@ -50,7 +50,7 @@ if [ "$PART" = quick ]; then
   # 2. one training step per method, Gemma-2-2B config, 2 pairs x 1024 tokens, bf16-mixed (+ rows under other policies)
   #    (last: SimPO and FPO with --protect's term on 20 features, its cost beside each method without it)
   stage step 120 python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 --precision bf16-mixed \
-    --methods fpo,fpo-ref,simpo,dpo,tdpo2-lean,tdpo2-authors,fpo-authors,simpo-liger,simpo+protect,fpo+protect \
+    --methods fpo,fpo-ref,simpo,dpo,tdpo2-lean,tdpo2-authors,fpo-authors,simpo-liger,simpo+protect,fpo+protect,simpo+protect-token,fpo+protect-token \
     2>&1 | tee "$OUT/bench_step.log"
   #    the body eager, under Liger's kernels and compiled (the first step, compilation, reported apart)
   stage body 70 python -m benchmarks.bench_step --out "$OUT" --pairs 2 --seq-len 1024 --precision bf16-mixed \

@@ -38,6 +38,19 @@ def test_step_benchmark_ratios(tmp_path):
     assert (tmp_path / "bench_step_tiny_2x64.png").exists()
 
 
+def test_step_benchmark_protection_rows(tmp_path):
+    """The +protect rows (the pooled form) and +protect-token rows (the per-token form) run beside their method,
+    with their ratio to it, as run_gpu.sh's step stage asks for them."""
+    from benchmarks import bench_step
+
+    methods = "simpo,fpo,simpo+protect,fpo+protect,simpo+protect-token,fpo+protect-token"
+    rows, ratios = bench_step.main(
+        ["--steps", "2", "--methods", methods, "--no-other-policies", "--out", str(tmp_path)]
+    )
+    assert [r["method"] for r in rows] == methods.split(",") and all(r["step_ms"] > 0 for r in rows)
+    assert {"simpo+protect-token/simpo step_ms", "fpo+protect-token/fpo step_ms"} <= set(ratios["2x64"])
+
+
 def test_step_benchmark_body_rows(tmp_path):
     """--body: the methods again with the body compiled per decoder layer (as fpo train --compile), in the same
     run, each row on disk as it is measured; the first step (compilation) reported apart."""
