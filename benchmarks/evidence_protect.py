@@ -121,7 +121,8 @@ def run(args, log=print) -> dict:
             cfg = dict(config_of[method], cache=caches["train"], **sae, seed=seed)
             train(f"{method}-s{seed}", cfg)
             for gate in args.gates:
-                on = dict(cfg, protect=protect, protect_coef=coef, **_term_keys(gate))
+                lam = args.fpo_coef if method == "fpo" and args.fpo_coef is not None else coef
+                on = dict(cfg, protect=protect, protect_coef=lam, **_term_keys(gate))
                 if args.protect_share is not None:  # lambda adapted to hold the term's share of the margin term
                     on["protect_share"] = args.protect_share
                 train(f"{method}-protect-{gate}-s{seed}", on)
@@ -222,6 +223,7 @@ def run(args, log=print) -> dict:
             s,
             seeds=seeds,
             coef=coef,
+            fpo_coef=args.fpo_coef,
             sweep=sweep,
             alpha=args.alpha,
             protect=args.protect,
@@ -294,7 +296,9 @@ def _markdown(res) -> str:
         f"{s['max_length']} tokens, lr {s['lr']:g} (warmup {s['warmup']}), seeds {s['seeds']}; the "
         f"{len(res['protected'])} protected features ({res['protected']}) chosen from a SimPO run (seed 100) "
         f"on {s['select_pairs']} selection pairs; judged on {res['pairs_judged']} other held-out pairs. "
-        f"lambda {s['coef']:g}, terms {', '.join(s['gates'])} (token: the per-token form, R on every response "
+        f"lambda {s['coef']:g}"
+        + (f" (FPO: {s['fpo_coef']:g})" if s.get("fpo_coef") is not None else "")
+        + f", terms {', '.join(s['gates'])} (token: the per-token form, R on every response "
         f"token's pre-activations; otherwise the pooled form with that gate, the off tokens through which the term "
         f"may raise a feature); FPO on D over the reference scale, alpha adapted to a constraint share of "
         f"{s['target_share']:g} (from {s['alpha']:g}).",
@@ -345,6 +349,12 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument(
         "--coef", type=float, default=1.0, help="lambda of the seeded runs (their start, with --protect-share)"
+    )
+    p.add_argument(
+        "--fpo-coef",
+        type=float,
+        default=None,
+        help="FPO's lambda when it differs from --coef (its beta of 0.1 makes its margin term 20x smaller than SimPO's)",
     )
     p.add_argument("--protect-share", type=float, default=None, help="adapt the seeded runs' lambda to this share")
     p.add_argument("--sweep", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="lambdas of the trade-off")
