@@ -354,7 +354,7 @@ def main(argv=None):
         "--fpo-coef",
         type=float,
         default=None,
-        help="FPO's lambda when it differs from --coef (its beta of 0.1 makes its margin term 20x smaller than SimPO's)",
+        help="FPO's lambda where it differs from --coef (its beta of 0.1 makes its margin term 20x smaller)",
     )
     p.add_argument("--protect-share", type=float, default=None, help="adapt the seeded runs' lambda to this share")
     p.add_argument("--sweep", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="lambdas of the trade-off")
