@@ -231,7 +231,11 @@ def protected_preactivations(
     """The protected features' pre-activations on every response token: the per-token form of protection.
 
     Args:
-        hidden, sae, feature_ids, mask, spans: as for `protected_features`.
+        hidden: the residual stream at the SAE's layer: [B, T, d] with `mask`, or flat rows [N, d] with `spans`.
+        sae: a JumpReLU, ReLU or BatchTopK encoder (TopK is refused).
+        feature_ids: [P] distinct feature ids, the protected set.
+        mask: padded layout, [B, T], 1 on response tokens.
+        spans: flat layout, [S, 2] (start, end) response rows.
         check_inputs: False skips the checks that read values.
 
     Returns:
