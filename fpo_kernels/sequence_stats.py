@@ -95,8 +95,9 @@ class SequenceStats:
         P = t.shape[0] // 2
         return t[:P], t[P:]
 
-    def replace(self, **changes) -> SequenceStats:
-        return dataclasses.replace(self, **changes)
+    def replace(self, **changes: torch.Tensor | None) -> SequenceStats:
+        """A copy with the named fields changed (dataclasses.replace)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
 if hasattr(_pytree, "register_dataclass"):  # DDP, FSDP and torch.compile find the tensors inside
